@@ -1,0 +1,29 @@
+"""Test set-up: without a GPU, Numba runs in its CUDA simulator and `gpu`-marked tests are skipped.
+
+The simulator is chosen here, before any test imports numba.cuda, by the same call notebooks make.
+"""
+import numpy as np
+import pytest
+
+import flashlib
+
+HAS_GPU = flashlib.setup(verbose=False)
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_GPU:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (none here); runs on the device machine with -m gpu")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(20221130)
+
+
+def qkv(rng, B, H, Nq, Nk, d, dtype=np.float32, scale=1.0):
+    """Random q (B, H, Nq, d) and k, v (B, H, Nk, d) of the given dtype."""
+    return tuple((scale * rng.standard_normal((B, H, n, d))).astype(dtype) for n in (Nq, Nk, Nk))

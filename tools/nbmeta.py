@@ -1,0 +1,57 @@
+"""Normalise notebooks for the repository: strip outputs, set Colab GPU metadata, write the set-up cell.
+Run it on every notebook you add or edit, before committing (tests/test_notebooks.py checks the result).
+
+    python tools/nbmeta.py notebooks/*.ipynb
+"""
+import json
+import pathlib
+import re
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SETUP_MARK = "# Set-up"
+SETUP = """# Set-up: in Colab, install flashlib (Colab already has torch, CuPy and Numba). Without a GPU,
+# flashlib.setup() selects Numba's CUDA simulator and GPU figures come from recorded runs.
+import sys
+if "google.colab" in sys.modules:
+    %pip install -q --no-deps "flashlib @ git+{url}"
+import flashlib
+GPU = flashlib.setup()"""
+
+META = {
+    "accelerator": "GPU",
+    "colab": {"provenance": [], "gpuType": "T4"},
+    "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
+    "language_info": {"name": "python"},
+}
+
+
+def repository_url():
+    return re.search(r"^\s+url:\s*(\S+)", (ROOT / "_config.yml").read_text(), re.M).group(1)
+
+
+def setup_source():
+    return SETUP.format(url=repository_url())
+
+
+def normalise(path):
+    nb = json.load(open(path))
+    code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    cell = {"cell_type": "code", "metadata": {}, "source": setup_source(), "outputs": [], "execution_count": None}
+    if code and "".join(code[0]["source"]).startswith(SETUP_MARK):
+        code[0]["source"] = cell["source"]
+    else:
+        first_code = nb["cells"].index(code[0]) if code else len(nb["cells"])
+        nb["cells"].insert(min(first_code, 1), cell)
+    for c in nb["cells"]:
+        if c["cell_type"] == "code":
+            c["outputs"], c["execution_count"] = [], None
+        c.get("metadata", {}).pop("execution", None)
+    nb["metadata"] = {**{k: v for k, v in nb.get("metadata", {}).items() if k not in ("widgets",)}, **META}
+    json.dump(nb, open(path, "w"), indent=1, ensure_ascii=False)
+    open(path, "a").write("\n")
+
+
+if __name__ == "__main__":
+    for p in sys.argv[1:]:
+        normalise(p)
