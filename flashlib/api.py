@@ -13,6 +13,7 @@ import importlib
 import numpy as np
 
 from . import reference, tiled
+from .env import simulated
 from ._arrays import DTYPES, dtype_name, kind_of, like, on_gpu, to_cupy, to_numba, to_numpy
 
 BACKENDS = ("reference", "tiled", "numba", "cupy")
@@ -76,9 +77,9 @@ def _validate(q, k, v, causal, scale):
 
 def _choose(backend, x, dt):
     if backend == "auto":
-        if dt != "float64" and (on_gpu(x) or _unavailable_reason("cupy") is None):
-            for b in ("cupy", "numba") if dt != "float32" else ("numba", "cupy"):
-                if _unavailable_reason(b) is None and not _simulated(b):
+        if dt != "float64":                        # the kernels take float32 (both) and fp16/bf16 (cupy)
+            for b in ("numba", "cupy") if dt == "float32" else ("cupy",):
+                if _unavailable_reason(b) is None and not (b == "numba" and simulated()):
                     return b
         return "reference"
     if backend not in BACKENDS:
@@ -86,14 +87,7 @@ def _choose(backend, x, dt):
     why = _unavailable_reason(backend)
     if why:
         raise RuntimeError(f"backend {backend!r} is not available: {why}. Available here: {', '.join(available_backends())}")
-    if on_gpu(x) and backend in ("reference", "tiled"):
-        return backend  # runs on the host copy; fine for checking, slow for real work
     return backend
-
-
-def _simulated(b):
-    import os
-    return b == "numba" and os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
 
 
 def _host(fn, arrays, dt, x):

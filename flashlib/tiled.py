@@ -28,9 +28,9 @@ def block(t, i, B):
     return t[..., i * B:(i + 1) * B, :]
 
 
-def tile_visible(i, j, Br, Bc, causal):
+def tile_visible(i, j, Br, Bc, Nq, causal):
     """False when causal masking hides the whole tile (i, j): its first key comes after its last query."""
-    return not causal or j * Bc <= i * Br + Br - 1
+    return not causal or j * Bc <= min((i + 1) * Br, Nq) - 1
 
 
 def tile_scores(Qi, Kj, i, j, Br, Bc, causal, scale):
@@ -67,6 +67,12 @@ def _step(trace, hbm, **state):
         trace.append({k: (np.copy(v) if isinstance(v, np.ndarray) else v) for k, v in state.items()})
 
 
+def _amend(trace, hbm, written):
+    """Add writes that end a loop (O_i at the end of FA2's row loop, dK_j, dV_j in the backward) to the last step."""
+    if trace:
+        trace[-1].update(written=trace[-1]["written"] + written, hbm_written=hbm.written)
+
+
 def fa1_forward(q, k, v, causal=False, scale=None, Br=16, Bc=16, trace=None, itemsize=4):
     """Algorithm 1 of FlashAttention. q (..., Nq, d), k, v (..., Nk, d) -> O (..., Nq, d), lse (..., Nq)."""
     q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
@@ -79,19 +85,19 @@ def fa1_forward(q, k, v, causal=False, scale=None, Br=16, Bc=16, trace=None, ite
     m = np.full(q.shape[:-1] + (1,), -np.inf)
     hbm.store(O, l, m)
     for j in range(Tc):                            # line 5: outer loop over K/V blocks
-        active = [i for i in range(Tr) if tile_visible(i, j, Br, Bc, causal)]
+        active = [i for i in range(Tr) if tile_visible(i, j, Br, Bc, Nq, causal)]
         Kj, Vj = block(k, j, Bc), block(v, j, Bc)
         if active:
             hbm.load(Kj, Vj)                       # line 6
         for i in range(Tr):                        # line 7: inner loop over Q blocks
             if i not in active:
-                _step(trace, hbm, algo="fa1", i=i, j=j, skipped=True)
+                _step(trace, hbm, algo="fa1", i=i, j=j, skipped=True, loaded=(), written=())
                 continue
             Qi, Oi, li, mi = block(q, i, Br), block(O, i, Br), block(l, i, Br), block(m, i, Br)
             hbm.load(Qi, Oi, li, mi)               # line 8
             S = tile_scores(Qi, Kj, i, j, Br, Bc, causal, scale)          # line 9
-            m_t = _finite(S.max(axis=-1, keepdims=True))                 # line 10: tile-local max, sum
-            P_t = np.exp(S - m_t)
+            m_t = S.max(axis=-1, keepdims=True)                          # line 10: tile-local max, sum
+            P_t = np.exp(S - _finite(m_t))
             l_t = P_t.sum(axis=-1, keepdims=True)
             m_new = np.maximum(mi, m_t)                                   # line 11
             l_new = np.exp(mi - m_new) * li + np.exp(m_t - m_new) * l_t
@@ -120,8 +126,8 @@ def fa2_forward(q, k, v, causal=False, scale=None, Br=16, Bc=16, trace=None, ite
         li = np.zeros(Qi.shape[:-1] + (1,))
         mi = np.full(Qi.shape[:-1] + (1,), -np.inf)
         for j in range(Tc):
-            if not tile_visible(i, j, Br, Bc, causal):
-                _step(trace, hbm, algo="fa2", i=i, j=j, skipped=True)
+            if not tile_visible(i, j, Br, Bc, Nq, causal):
+                _step(trace, hbm, algo="fa2", i=i, j=j, skipped=True, loaded=(), written=())
                 continue
             Kj, Vj = block(k, j, Bc), block(v, j, Bc)
             hbm.load(Kj, Vj)
@@ -137,8 +143,7 @@ def fa2_forward(q, k, v, causal=False, scale=None, Br=16, Bc=16, trace=None, ite
         block(O, i, Br)[...] = Oi / li             # deferred normalisation
         lse[..., i * Br:(i + 1) * Br] = (mi + np.log(li))[..., 0]
         hbm.store(block(O, i, Br), lse[..., i * Br:(i + 1) * Br])
-        if trace is not None and trace and trace[-1]["i"] == i and not trace[-1]["skipped"]:
-            trace[-1].update(written=("O", "lse"), hbm_written=hbm.written)
+        _amend(trace, hbm, ("O", "lse"))
     return O, lse
 
 
@@ -156,15 +161,14 @@ def backward(q, k, v, o, lse, do, causal=False, scale=None, Br=16, Bc=16, trace=
     dq, dk, dv = np.zeros(q.shape), np.zeros(k.shape), np.zeros(v.shape)
     hbm.store(dq)
     for j in range(Tc):                            # outer loop over K/V blocks: dK_j, dV_j stay on chip
-        active = [i for i in range(Tr) if tile_visible(i, j, Br, Bc, causal)]
-        if not active:
-            continue
+        active = [i for i in range(Tr) if tile_visible(i, j, Br, Bc, Nq, causal)]
         Kj, Vj = block(k, j, Bc), block(v, j, Bc)
-        hbm.load(Kj, Vj)
+        if active:                                 # keys no query may see: dK_j = dV_j = 0, nothing moved
+            hbm.load(Kj, Vj)
         dKj, dVj = np.zeros(Kj.shape), np.zeros(Vj.shape)
         for i in range(Tr):
             if i not in active:
-                _step(trace, hbm, algo="bwd", i=i, j=j, skipped=True)
+                _step(trace, hbm, algo="bwd", i=i, j=j, skipped=True, loaded=(), written=())
                 continue
             Qi, dOi, lse_i, Di, dQi = block(q, i, Br), block(do, i, Br), block(lse, i, Br), block(D, i, Br), block(dq, i, Br)
             hbm.load(Qi, dOi, lse_i, Di, dQi)
@@ -179,5 +183,7 @@ def backward(q, k, v, o, lse, do, causal=False, scale=None, Br=16, Bc=16, trace=
             _step(trace, hbm, algo="bwd", i=i, j=j, skipped=False, loaded=("Q", "dO", "lse", "D", "dQ"),
                   written=("dQ",), S=S, P=P, dS=dS)
         block(dk, j, Bc)[...], block(dv, j, Bc)[...] = dKj, dVj
-        hbm.store(dKj, dVj)
+        if active:
+            hbm.store(dKj, dVj)
+            _amend(trace, hbm, ("dK", "dV"))
     return dq, dk, dv

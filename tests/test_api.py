@@ -1,0 +1,90 @@
+"""flashlib.attention / attention_backward: results, array kinds, and the bad-input table."""
+import numpy as np
+import pytest
+import torch
+
+import flashlib
+from flashlib import reference as R
+from tests.conftest import qkv
+
+
+@pytest.mark.parametrize("backend", ["reference", "tiled"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_host_backends_forward_and_backward(rng, backend, causal):
+    q, k, v = qkv(rng, 2, 3, 21, 34, 10)
+    o, lse = flashlib.attention(q, k, v, causal=causal, scale=0.2, backend=backend, return_lse=True)
+    ref_o, ref_lse = R.attention_forward(q, k, v, causal, 0.2)
+    assert o.dtype == np.float32 and lse.dtype == np.float32 and lse.shape == (2, 3, 21)
+    np.testing.assert_allclose(o, ref_o, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(lse, ref_lse, rtol=1e-5)
+    do = rng.standard_normal(o.shape).astype(np.float32)
+    grads = flashlib.attention_backward(q, k, v, o, lse, do, causal=causal, scale=0.2, backend=backend)
+    for g, want in zip(grads, R.attention_backward(q, k, v, ref_o, ref_lse, do, causal, 0.2)):
+        assert g.dtype == np.float32
+        np.testing.assert_allclose(g, want, rtol=1e-4, atol=1e-5)
+
+
+def test_returns_the_callers_kind_and_dtype(rng):
+    q, k, v = (torch.tensor(a) for a in qkv(rng, 1, 2, 9, 9, 8))
+    o = flashlib.attention(q, k, v, backend="tiled")
+    assert isinstance(o, torch.Tensor) and o.dtype == torch.float32
+    np.testing.assert_allclose(o.numpy(), torch.nn.functional.scaled_dot_product_attention(q, k, v), rtol=1e-5, atol=1e-6)
+    qb = q.to(torch.bfloat16)
+    assert flashlib.attention(qb, qb, qb, backend="reference").dtype == torch.bfloat16
+    q64 = np.asarray(q, np.float64)
+    assert flashlib.attention(q64, q64, q64).dtype == np.float64
+
+
+def test_auto_uses_reference_without_gpu(rng):
+    if flashlib.gpu_count():
+        pytest.skip("a GPU is present")
+    q, k, v = qkv(rng, 1, 1, 5, 5, 4)
+    np.testing.assert_allclose(flashlib.attention(q, k, v), R.attention_forward(q, k, v)[0], rtol=1e-6)
+
+
+def _arrays(shape_q=(1, 2, 8, 4), shape_k=(1, 2, 8, 4), shape_v=None, dtype=np.float32):
+    z = lambda s: np.zeros(s, dtype)
+    return z(shape_q), z(shape_k), z(shape_v or shape_k)
+
+
+BAD = [
+    ("rank", dict(args=_arrays((2, 8, 4), (2, 8, 4))), ValueError, "4 dimensions"),
+    ("empty", dict(args=_arrays((1, 2, 0, 4), (1, 2, 8, 4))), ValueError, "empty"),
+    ("batch", dict(args=_arrays((2, 2, 8, 4), (1, 2, 8, 4))), ValueError, "batch and heads"),
+    ("kv length", dict(args=_arrays((1, 2, 8, 4), (1, 2, 8, 4), (1, 2, 9, 4))), ValueError, "same sequence length"),
+    ("head dim", dict(args=_arrays((1, 2, 8, 4), (1, 2, 8, 5))), ValueError, "head_dim"),
+    ("dtype", dict(args=_arrays(dtype=np.int32)), TypeError, "unsupported dtype int32"),
+    ("mixed dtype", dict(args=(np.zeros((1, 1, 2, 2), np.float32), np.zeros((1, 1, 2, 2)), np.zeros((1, 1, 2, 2)))),
+     TypeError, "one dtype"),
+    ("mixed kinds", dict(args=(torch.zeros(1, 1, 2, 2), np.zeros((1, 1, 2, 2), np.float32),
+                               np.zeros((1, 1, 2, 2), np.float32))), TypeError, "same kind"),
+    ("not an array", dict(args=([[1.0]], [[1.0]], [[1.0]])), TypeError, "expected a NumPy"),
+    ("scale", dict(args=_arrays(), scale=-1.0), ValueError, "scale"),
+    ("scale nan", dict(args=_arrays(), scale=float("nan")), ValueError, "scale"),
+    ("causal", dict(args=_arrays(), causal="yes"), TypeError, "causal"),
+    ("backend", dict(args=_arrays(), backend="triton"), ValueError, "unknown backend 'triton'"),
+]
+
+
+@pytest.mark.parametrize("name,kw,exc,msg", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_gets_a_clear_error(name, kw, exc, msg):
+    kw = dict(kw)
+    with pytest.raises(exc, match=msg):
+        flashlib.attention(*kw.pop("args"), **kw)
+
+
+def test_unavailable_backend_names_the_available_ones():
+    missing = [b for b in flashlib.BACKENDS if b not in flashlib.available_backends()]
+    if not missing:
+        pytest.skip("every backend is available here")
+    with pytest.raises(RuntimeError, match="Available here: reference, tiled"):
+        flashlib.attention(*_arrays(), backend=missing[0])
+
+
+def test_backward_checks_its_extra_arguments(rng):
+    q, k, v = qkv(rng, 1, 1, 6, 7, 4)
+    o, lse = flashlib.attention(q, k, v, return_lse=True)
+    with pytest.raises(ValueError, match="lse must have shape"):
+        flashlib.attention_backward(q, k, v, o, lse[..., :3], o)
+    with pytest.raises(ValueError, match="do must have q's shape"):
+        flashlib.attention_backward(q, k, v, o, lse, o[..., :3, :])
