@@ -37,7 +37,7 @@ def setup_source():
 def normalise(path):
     nb = json.load(open(path))
     code = [c for c in nb["cells"] if c["cell_type"] == "code"]
-    cell = {"cell_type": "code", "metadata": {}, "source": setup_source(), "outputs": [], "execution_count": None}
+    cell = {"cell_type": "code", "id": "setup", "metadata": {}, "source": setup_source(), "outputs": [], "execution_count": None}
     if code and "".join(code[0]["source"]).startswith(SETUP_MARK):
         code[0]["source"] = cell["source"]
     else:
