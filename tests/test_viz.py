@@ -1,0 +1,104 @@
+"""The visualizations render headless (Agg) from flashlib.tiled's trace, one frame per step."""
+import matplotlib
+
+matplotlib.use("Agg")
+
+import numpy as np
+import pytest
+
+from flashlib import iomodel
+from flashlib.viz import matmul_tiles, softmax_anim, sparsity, stepthrough
+
+
+def qkv2(rng, Nq=48, Nk=48, d=8):
+    return rng.standard_normal((Nq, d)), rng.standard_normal((Nk, d)), rng.standard_normal((Nk, d))
+
+
+def suptitle(fig):
+    return fig._suptitle.get_text()
+
+
+CASES = [("fa1", False, 48, 48), ("fa2", False, 48, 40), ("fa1", True, 48, 48), ("fa2", True, 40, 48),
+         ("bwd", False, 48, 48), ("bwd", True, 40, 33)]
+
+
+@pytest.mark.parametrize("algo,causal,Nq,Nk", CASES)
+def test_record_and_draw_every_step(rng, algo, causal, Nq, Nk):
+    q, k, v = qkv2(rng, Nq, Nk)
+    rec = stepthrough.record(algo, q, k, v, causal=causal, Br=16, Bc=16)
+    Tr, Tc = -(-Nq // 16), -(-Nk // 16)
+    # one step per (i, j) tile; backward omits K/V blocks that no query sees
+    assert len(rec["steps"]) == (Tr * Tc if algo != "bwd" or not causal else
+                                 Tr * sum(any(j * 16 <= min((i + 1) * 16, Nq) - 1 for i in range(Tr))
+                                          for j in range(Tc)))
+    assert any(s["skipped"] for s in rec["steps"]) == (causal and Tc > 1)
+    fig = None
+    for n in range(len(rec["steps"])):
+        fig = stepthrough.draw_step(fig, rec, n)
+        assert f"step {n + 1}/{len(rec['steps'])}:" in suptitle(fig)
+        assert f"i = {rec['steps'][n]['i']}, j = {rec['steps'][n]['j']}" in suptitle(fig)
+    fig.canvas.draw()
+
+
+def test_counter_ends_at_iomodel_totals(rng):
+    q, k, v = qkv2(rng, 64, 64, 16)
+    for algo, fn in (("fa1", iomodel.fa1_hbm_bytes), ("fa2", iomodel.fa2_hbm_bytes)):
+        rec = stepthrough.record(algo, q, k, v, causal=True)
+        last = rec["steps"][-1]
+        assert (last["hbm_read"], last["hbm_written"]) == fn(64, 64, 16, 16, 16, True) == rec["total"]
+        assert rec["standard"] == iomodel.standard_hbm_bytes(64, 64, 16)
+
+
+def test_player_frames_and_embed_limit(rng):
+    q, k, v = qkv2(rng, 64, 64, 16)
+    rec = stepthrough.record("fa2", q, k, v, causal=True)
+    html = stepthrough.player(rec)
+    assert html.count("data:image/png;base64") == len(rec["steps"]) == 16
+    assert len(html.encode()) < stepthrough.embed_limit_bytes()
+
+
+def test_slider_redraws_the_chosen_step(rng):
+    q, k, v = qkv2(rng)
+    rec = stepthrough.record("fa1", q, k, v)
+    box = stepthrough.slider(rec)
+    first = box.image.value
+    assert "step 1/9:" in suptitle(box.figure)
+    box.slider.value = 4                       # fires the observer as a user's drag would
+    assert "step 5/9:" in suptitle(box.figure) and "i = 1, j = 1" in suptitle(box.figure)
+    assert box.image.value != first and box.image.value[:4] == b"\x89PNG"
+
+
+def test_block_sparse_record(rng):
+    q, k, v = qkv2(rng, 64, 64)
+    mask = sparsity.local_global_mask(4, local=1)
+    rec = stepthrough.record("fa2", q, k, v, block_mask=mask)
+    assert [not s["skipped"] for s in rec["steps"]] == list(mask.ravel())
+    assert "block-sparse" in suptitle(stepthrough.draw_step(None, rec, 3))
+    with pytest.raises(ValueError):
+        stepthrough.record("fa1", q, k, v, block_mask=mask)
+
+
+def test_softmax_animation(rng):
+    x = np.array([0.5, 2.0, 1.0, 3.0, -1.0])
+    fig = softmax_anim.new_figure()
+    softmax_anim.draw_softmax_step(fig, x, 3)
+    assert "key 4/5: m = 3.00" in suptitle(fig) and "max grew" in suptitle(fig)
+    softmax_anim.draw_softmax_step(fig, x, 2)
+    assert "did not change" in suptitle(fig)
+    assert softmax_anim.softmax_player(x).count("data:image/png;base64") == len(x)
+
+
+def test_matmul_tiles():
+    assert matmul_tiles.global_loads(64, 16) == {"naive": 2 * 64 ** 3, "tiled": 2 * 64 ** 3 // 16}
+    n_frames = len(matmul_tiles.frames(64, 16))
+    assert n_frames == 8
+    assert matmul_tiles.matmul_player(64, 16).count("data:image/png;base64") == n_frames
+
+
+def test_sparsity_mask_drawing():
+    import matplotlib.pyplot as plt
+    mask = np.ones((4, 4), bool)
+    fig, ax = plt.subplots()
+    assert sparsity.draw_mask(ax, mask, causal=True) == pytest.approx(10 / 16)
+    assert sparsity.tile_status(mask, causal=True)[0, 1] == -1
+    plt.close(fig)
