@@ -1,0 +1,217 @@
+"""The CuPy ladder beside PyTorch SDPA (each backend pinned) and naive attention, on the present GPU.
+
+    python benchmarks/cupy_bench.py [--out DIR] [--quick]    # the grid; writes <DIR or benchmarks/results>/cupy_<gpu>.json
+    python benchmarks/cupy_bench.py --precompile              # compile every kernel instance in parallel (CuPy disk cache)
+    python benchmarks/cupy_bench.py --smoke                   # each kernel once at small shapes (for compute-sanitizer)
+    python benchmarks/cupy_bench.py --sweep                   # rung-3 tile sizes at N=4096
+
+Shapes: B*H*N = 16*16384 tokens, H = 16; FLOPs = 4*B*H*N^2*d (half for causal); forward+backward counts 3.5x.
+"""
+import argparse
+import concurrent.futures
+import math
+import multiprocessing
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from flashlib import bench  # noqa: E402
+from flashlib import cupy_kernels as ck  # noqa: E402
+
+NS = (512, 1024, 2048, 4096, 8192, 16384)
+SWEEP_TILES = [(4, 64), (4, 128), (8, 64), (8, 32), (4, 32), (8, 128)]
+
+
+def _compile(job):
+    f, name = job
+    try:
+        ck._kernel(f, name)
+        return None
+    except Exception as e:  # report, do not stop the others
+        return f"{name}: {type(e).__name__}: {str(e)[:500]}"
+
+
+def precompile(extra=()):
+    jobs = [(f, n) for f, names in ck.instances(ck.device_cc()).items() for n in names] + list(extra)
+    with concurrent.futures.ProcessPoolExecutor(min(16, os.cpu_count() or 1), mp_context=multiprocessing.get_context("spawn")) as ex:
+        errs = [e for e in ex.map(_compile, jobs) if e]
+    print(f"compiled {len(jobs)} kernel instances, {len(errs)} failed", *errs, sep="\n")
+
+
+def sweep_jobs():
+    jobs = []
+    for dtype in ("float16",):
+        for d in (64, 128):
+            for causal in (False, True):
+                for tiles in SWEEP_TILES:
+                    try:
+                        cfg = ck.choose_config(dtype, d, ck.device_cc(), causal, "tuned", tiles)
+                    except ValueError:
+                        continue
+                    jobs.append((cfg.file, cfg.kernel))
+    return jobs
+
+
+def _inputs(B, H, N, d, dtype, seed=0):
+    import torch
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    return [torch.randn(B, H, N, d, device="cuda", generator=g).to(getattr(torch, dtype)) for _ in range(4)]
+
+
+def _cupy(t):
+    from flashlib._arrays import to_cupy
+    return to_cupy(t)
+
+
+def smoke():
+    """Each kernel once, small ragged shapes (compute-sanitizer runs this)."""
+    import cupy as cp
+    for dtype in ("float16", "bfloat16", "float32"):
+        for d in (32, 64, 96, 128):
+            for causal in (False, True):
+                q, k, v, do = (_cupy(t) for t in _inputs(1, 2, 70, d, dtype))
+                k, v = k[:, :, :53], v[:, :, :53]
+                rungs = ["fp32"] if dtype == "float32" else ["tc", "tuned"] + (["sm75"] if dtype == "float16" else [])
+                for r in rungs:
+                    o, lse = ck.forward(q, k, v, causal=causal, scale=0.1, dtype=dtype, rung=r)
+                for r in ["bwd_fp32"] + (["bwd_tc"] if dtype != "float32" else []):
+                    ck.backward(q, k, v, o, lse, do, causal=causal, scale=0.1, dtype=dtype, rung=r)
+    cp.cuda.Device().synchronize()
+    print("smoke: every kernel ran")
+
+
+def _sdpa(backend):
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    b = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+         "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[backend]
+
+    def f(q, k, v, causal):
+        with sdpa_kernel([b]):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    return f
+
+
+def _naive(q, k, v, causal):
+    import torch
+    S = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5)
+    if causal:
+        S = S.masked_fill(~torch.ones(S.shape[-2:], dtype=torch.bool, device=q.device).tril(), float("-inf"))
+    return torch.softmax(S, dim=-1) @ v
+
+
+def _time(fn, N):
+    rep = 10 if N <= 4096 else 5
+    return bench.time_cuda(fn, warmup=2, repeat=rep)
+
+
+def measure(dtype, d, causal, N, impls, with_bwd=True):
+    """Rows {impl, fwd_ms, fwd_tflops, fwdbwd_ms, fwdbwd_tflops} for one shape."""
+    import torch
+    H = 16
+    B = max(1, 16384 // N)
+    q, k, v, do = _inputs(B, H, N, d, dtype)
+    flops = 4 * B * H * N * N * d * (0.5 if causal else 1.0)
+    qc, kc, vc, doc = (_cupy(t) for t in (q, k, v, do))
+    scale = d ** -0.5
+    rows = []
+    for impl in impls:
+        row = dict(dtype=dtype, d=d, n=N, B=B, H=H, causal=causal, impl=impl)
+        try:
+            if impl in ck.FORWARD_RUNGS or impl.startswith("tuned"):
+                rung, tiles = impl, None
+                if impl.startswith("tuned_"):
+                    rung, tiles = "tuned", tuple(int(x) for x in impl.split("_")[1:])
+                fwd = lambda: ck.forward(qc, kc, vc, causal=causal, scale=scale, dtype=dtype, rung=rung, tiles=tiles)
+                row["fwd_ms"] = _time(fwd, N)
+                brung = "bwd_fp32" if impl == "fp32" or impl == "sm75" else "bwd_tc"
+                if with_bwd and not impl.startswith("tuned_") and (brung == "bwd_tc" or N <= 2048):
+                    row["bwd_rung"] = brung
+
+                    def fb():
+                        o, lse = fwd()
+                        ck.backward(qc, kc, vc, o, lse, doc, causal=causal, scale=scale, dtype=dtype, rung=brung)
+                    row["fwdbwd_ms"] = _time(fb, N)
+            else:
+                f = _naive if impl == "naive" else _sdpa(impl)
+                with torch.no_grad():
+                    row["fwd_ms"] = _time(lambda: f(q, k, v, causal), N)
+                if with_bwd:
+                    qg, kg, vg = (t.detach().clone().requires_grad_() for t in (q, k, v))
+                    row["fwdbwd_ms"] = _time(lambda: f(qg, kg, vg, causal).backward(do), N)
+        except Exception as e:  # e.g. out of memory, a backend that refuses the shape
+            row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+        for key, mult in (("fwd", 1.0), ("fwdbwd", 3.5)):
+            if f"{key}_ms" in row:
+                row[f"{key}_tflops"] = mult * flops / (row[f"{key}_ms"] * 1e-3) / 1e12
+        rows.append(row)
+        torch.cuda.empty_cache()
+    return rows
+
+
+def table(rows):
+    """Markdown: one line per (shape, impl) with TFLOP/s and the share of SDPA flash."""
+    out = ["| dtype | d | causal | N | impl | fwd TFLOP/s | x flash | fwd+bwd TFLOP/s | x flash |", "|" + "---|" * 9]
+    flash = {(r["dtype"], r["d"], r["causal"], r["n"]): r for r in rows if r["impl"] == "flash"}
+    for r in rows:
+        f = flash.get((r["dtype"], r["d"], r["causal"], r["n"]), {})
+        cells = []
+        for key in ("fwd", "fwdbwd"):
+            t = r.get(f"{key}_tflops")
+            ft = f.get(f"{key}_tflops")
+            cells += [f"{t:.1f}" if t else "-", f"{t / ft:.2f}" if t and ft else "-"]
+        out.append(f"| {r['dtype']} | {r['d']} | {'yes' if r['causal'] else 'no'} | {r['n']} | {r['impl']} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--precompile", action="store_true")
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="N = 1024, 4096, 16384 only")
+    a = ap.parse_args()
+    if a.precompile:
+        return precompile(sweep_jobs())
+    if a.smoke:
+        return smoke()
+    rows = []
+    if a.sweep:
+        for d in (64, 128):
+            for causal in (False, True):
+                impls = ["flash"] + ["tuned_%d_%d" % t for t in SWEEP_TILES]
+                rows += measure("float16", d, causal, 4096, impls, with_bwd=False)
+        print(table(rows))
+        return bench.save("cupy_sweep_" + _gpu_tag(), rows, directory=a.out)
+    for dtype in ("float16", "bfloat16"):
+        for d in (64, 128):
+            for causal in (False, True):
+                for N in ((1024, 4096, 16384) if a.quick else NS):
+                    impls = ["tc", "tuned"] + (["sm75"] if dtype == "float16" else [])
+                    impls += ["flash", "cudnn", "efficient"]
+                    if N <= 4096:
+                        impls += ["math", "naive"]
+                    if N <= 2048 and dtype == "float16":
+                        impls = ["fp32"] + impls
+                    rows += measure(dtype, d, causal, N, impls)
+                    bench.save("cupy_" + _gpu_tag(), rows, directory=a.out, partial=True)  # survives a timeout
+                    print(table([r for r in rows if r["n"] == N and r["d"] == d and r["causal"] == causal and r["dtype"] == dtype]).split("\n", 2)[2], flush=True)
+    print(table(rows))
+    path = bench.save("cupy_" + _gpu_tag(), rows, directory=a.out, tuned_tiles=ck.TUNED_TILES,
+                      flops="4*B*H*N^2*d, half when causal; fwd+bwd = 3.5x")
+    print("saved", path)
+
+
+def _gpu_tag():
+    import cupy as cp
+    name = cp.cuda.runtime.getDeviceProperties(0)["name"].decode().lower()
+    for tag in ("h100", "h200", "a100", "l4", "t4", "a10"):
+        if tag in name:
+            return tag
+    return "gpu"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,243 @@
+"""Layer 5: FlashAttention-2 in CUDA C, compiled at first use by CuPy (NVRTC) and launched from Python.
+
+The kernels form a numbered ladder (each .cu file's header says grid, block, and what lives where):
+
+  rung 1  'fp32'      fa2_fp32.cu   float32 on CUDA cores, online softmax, deferred normalisation
+  rung 2  'tc'        fa2_tc.cu     Tensor Cores (mma.sync m16n8k16, ldmatrix), fp16/bf16, S/P/O in registers
+  rung 3  'tuned'     fa2_tc.cu     + cp.async double buffering, exp2 with folded scale, tiles per head dim
+  rung 4  'sm75'      fa2_tc.cu     the T4 path: two m16n8k8 per k16, no cp.async, fp16 only
+  rung 5  'bwd_fp32'  fa2_bwd.cu    backward on CUDA cores in fp32 arithmetic (any input dtype; float32, sm_75)
+          'bwd_tc'    fa2_bwd_tc.cu backward on Tensor Cores, fp16/bf16, sm_80+, dQ by fp32 atomics
+
+`forward` / `backward` follow flashlib's backend contract: CuPy arrays in and out, q (B, H, Nq, d), k and v
+(B, H, Nk, d); o like q and lse float32 (B, H, Nq). bfloat16 travels as 16-bit integers (its bits) and comes back
+the same way. The host logic (`choose_config`, `check_inputs`) is pure Python and runs without a GPU; CuPy is
+imported and the .cu files compiled only when a kernel is first launched.
+"""
+import functools
+import math
+import os
+import pathlib
+from collections import namedtuple
+
+HERE = pathlib.Path(__file__).resolve().parent
+HEAD_DIMS = (32, 64, 96, 128)
+DTYPES = ("float32", "float16", "bfloat16")
+FORWARD_RUNGS = ("fp32", "tc", "tuned", "sm75")
+BACKWARD_RUNGS = ("bwd_fp32", "bwd_tc")
+CTYPE = {"float32": "float", "float16": "__half", "bfloat16": "__nv_bfloat16"}
+# largest dynamic shared memory per block (opt-in) by compute capability, CUDA C Programming Guide table 21
+SMEM_LIMIT = {75: 64 * 1024, 80: 163 * 1024, 86: 99 * 1024, 87: 163 * 1024, 89: 99 * 1024, 90: 227 * 1024,
+              100: 227 * 1024, 120: 99 * 1024}
+# rung 3 tiles (warps NW, so Br = 16*NW; keys per tile Bc) per head dim, chosen on an H100 (benchmarks/cupy_bench.py)
+# (sweep at N=4096, fp16, 2026-11: d=64 (4, 128) 220 TFLOP/s, d=128 (8, 128) 273; d=32 and 96 not swept)
+TUNED_TILES = {32: (4, 128), 64: (4, 128), 96: (8, 128), 128: (8, 128)}
+FALLBACK_TILES = ((8, 64), (4, 64), (4, 32))  # for GPUs with less shared memory (sm_80: 163 KB, sm_86/89: 99 KB)
+# rung 5 Tensor Core backward: (warps NW, so Bc = 16*NW keys per block; Br query rows per step) per head dim
+BWD_TILES = {32: (4, 64), 64: (8, 64), 96: (8, 32), 128: (8, 32)}
+
+Config = namedtuple("Config", "rung file kernel Br Bc warps smem")
+
+
+def _cc_int(cc):
+    """(9, 0), '90', 90 or 9.0 -> 90."""
+    if isinstance(cc, (tuple, list)):
+        return 10 * int(cc[0]) + int(cc[1])
+    if isinstance(cc, float):
+        return int(round(cc * 10))
+    return int(cc)
+
+
+def default_rung(dtype, cc, direction="forward"):
+    """The rung `forward`/`backward` use for this dtype on a GPU of compute capability cc."""
+    cc = _cc_int(cc)
+    if direction == "backward":
+        return "bwd_tc" if dtype != "float32" and cc >= 80 else "bwd_fp32"
+    if dtype == "float32":
+        return "fp32"
+    return "tuned" if cc >= 80 else "sm75"
+
+
+def choose_config(dtype, d, cc, causal=False, rung=None, tiles=None):
+    """Pick the kernel for (dtype, head dim d, compute capability cc): Config(rung, file, kernel, Br, Bc, warps, smem).
+
+    `kernel` is the C++ name expression CuPy instantiates, smem the dynamic shared memory in bytes. rung=None picks
+    `default_rung`; tiles overrides the tile size: (warps, Bc) for the Tensor Core forward rungs, (warps, Br) for
+    bwd_tc. Raises ValueError for
+    what cannot run: unknown dtype or rung, a head dim outside HEAD_DIMS, bf16 below sm_80, cc below 7.5, a
+    sm_80 rung on sm_75, or tiles that do not fit the GPU's shared memory.
+    """
+    cc = _cc_int(cc)
+    if dtype not in DTYPES:
+        raise ValueError(f"the cupy backend takes dtype float32, float16 or bfloat16, got {dtype!r}")
+    if d not in HEAD_DIMS:
+        raise ValueError(f"the cupy backend takes head_dim in {HEAD_DIMS}, got {d}")
+    if cc < 75:
+        raise ValueError(f"the cupy backend needs compute capability 7.5 or newer (Turing), got {cc / 10:.1f}")
+    if dtype == "bfloat16" and cc < 80:
+        raise ValueError(f"bfloat16 needs compute capability 8.0 or newer (Ampere); this GPU is {cc / 10:.1f}: use float16")
+    rung = rung or default_rung(dtype, cc)
+    c = "true" if causal else "false"
+    T = CTYPE[dtype]
+    if rung == "fp32":
+        Br = 32 if d <= 64 else 16
+        return Config(rung, "fa2_fp32.cu", f"fa2_fp32<{T}, {d}, {c}>", Br, 32, 8, 0)
+    if rung == "bwd_fp32":
+        BT = 32 if d <= 64 else 16
+        return Config(rung, "fa2_bwd.cu", f"fa2_bwd_fp32<{T}, {d}, {c}>", BT, BT, 8, 0)
+    if rung not in FORWARD_RUNGS + BACKWARD_RUNGS:
+        raise ValueError(f"unknown rung {rung!r}; choose one of {FORWARD_RUNGS + BACKWARD_RUNGS}")
+    if dtype == "float32":
+        raise ValueError(f"rung {rung!r} runs on Tensor Cores and takes float16 or bfloat16; float32 uses 'fp32'/'bwd_fp32'")
+    if rung == "sm75" and dtype != "float16":
+        raise ValueError("the sm75 rung (m16n8k8) takes float16 only")
+    if rung in ("tc", "tuned", "bwd_tc") and cc < 80:
+        raise ValueError(f"rung {rung!r} needs compute capability 8.0+ (m16n8k16, cp.async); on {cc / 10:.1f} use 'sm75'")
+    limit = SMEM_LIMIT.get(cc, 99 * 1024 if cc >= 80 else 48 * 1024)
+    if rung == "bwd_tc":
+        nw, Br = tiles or BWD_TILES[d]
+        if tiles is None and smem_backward(d, nw, Br) > limit:
+            nw, Br = 4, 32
+        cfg = Config(rung, "fa2_bwd_tc.cu", f"fa2_bwd_tc<{T}, {d}, {nw}, {Br}, {c}>", Br, 16 * nw, nw,
+                     smem_backward(d, nw, Br))
+    else:
+        if tiles is not None:
+            nw, Bc = tiles
+        elif rung == "tuned":
+            nw, Bc = next(t for t in (TUNED_TILES[d],) + FALLBACK_TILES if smem_forward(d, *t, 2) <= limit)
+        else:
+            nw, Bc = 4, (64 if d <= 64 or rung == "tc" else 32)
+        tuned, k8 = rung == "tuned", rung == "sm75"
+        smem = smem_forward(d, nw, Bc, 2 if tuned else 1)
+        kernel = f"fa2_tc<{T}, {d}, {nw}, {Bc}, {c}, {str(tuned).lower()}, {str(k8).lower()}>"
+        cfg = Config(rung, "fa2_tc.cu", kernel, 16 * nw, Bc, nw, smem)
+    if cfg.smem > limit:
+        raise ValueError(f"{cfg.kernel} needs {cfg.smem} bytes of shared memory; compute capability {cc / 10:.1f} "
+                         f"allows {limit}")
+    return cfg
+
+
+def smem_forward(d, nw, Bc, stages):
+    """Bytes of dynamic shared memory of fa2_tc: Q tile (16*nw rows) and `stages` K and V tiles, rows of d+8."""
+    return 2 * (d + 8) * (16 * nw + 2 * stages * Bc)
+
+
+def smem_backward(d, nw, Br):
+    """Bytes of dynamic shared memory of fa2_bwd_tc: K, V (16*nw rows), Q, dO (Br rows), dS^T, lse and Dlt."""
+    Bc = 16 * nw
+    return 2 * (2 * Bc * (d + 8) + 2 * Br * (d + 8) + Bc * (Br + 8)) + 2 * 4 * Br
+
+
+def instances(cc):
+    """{file: [kernel name expressions]} that this library can launch on compute capability cc (for compile tests)."""
+    cc = _cc_int(cc)
+    out = {}
+    for dtype in DTYPES:
+        if dtype == "bfloat16" and cc < 80:
+            continue
+        T = CTYPE[dtype]
+        if dtype != "float32":
+            out.setdefault("fa2_bwd.cu", set()).add(f"bwd_convert_dq<{T}>")
+        for d in HEAD_DIMS:
+            out.setdefault("fa2_bwd.cu", set()).add(f"bwd_dot_do_o<{T}, {d}>")
+            for causal in (False, True):
+                for rung in FORWARD_RUNGS + BACKWARD_RUNGS:
+                    try:
+                        cfg = choose_config(dtype, d, cc, causal, rung)
+                    except ValueError:
+                        continue
+                    out.setdefault(cfg.file, set()).add(cfg.kernel)
+    return {f: sorted(v) for f, v in out.items()}
+
+
+def check_inputs(q, k, v, dtype):
+    """Shapes (B, H, N, d), one dtype as stored in CuPy (bfloat16 as 16-bit integers); returns (B, H, Nq, Nk, d)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"the cupy backend takes dtype float32, float16 or bfloat16, got {dtype!r}")
+    want = {"float32": ("float32",), "float16": ("float16",), "bfloat16": ("int16", "uint16")}[dtype]
+    for name, a in (("q", q), ("k", k), ("v", v)):
+        if len(a.shape) != 4:
+            raise ValueError(f"{name} must be (B, H, N, d), got shape {tuple(a.shape)}")
+        if str(a.dtype) not in want:
+            raise ValueError(f"{name} has dtype {a.dtype}; dtype={dtype!r} expects {' or '.join(want)}")
+    B, H, Nq, d = q.shape
+    Nk = k.shape[2]
+    if tuple(k.shape) != (B, H, Nk, d) or tuple(v.shape) != (B, H, Nk, d):
+        raise ValueError(f"k and v must be (B, H, Nk, d) = ({B}, {H}, Nk, {d}); got {tuple(k.shape)}, {tuple(v.shape)}")
+    if d not in HEAD_DIMS:
+        raise ValueError(f"the cupy backend takes head_dim in {HEAD_DIMS}, got {d}")
+    return B, H, Nq, Nk, d
+
+
+# ---------------------------------------------------------------- GPU side (CuPy imported lazily)
+
+@functools.lru_cache(maxsize=None)
+def _kernel(file, name, smem=0):
+    """Compile `file` with the one template instance `name` (NVRTC, cached by CuPy on disk) and return it."""
+    import cupy as cp
+    src = (HERE / file).read_text()
+    mod = cp.RawModule(code=src, options=("-std=c++17", f"-I{HERE}"), name_expressions=[name])
+    fn = mod.get_function(name)
+    if smem > 48 * 1024:
+        fn.max_dynamic_shared_size_bytes = smem
+    return fn
+
+
+def device_cc():
+    import cupy as cp
+    return _cc_int(cp.cuda.Device().compute_capability)
+
+
+def _rung_override(direction):
+    r = os.environ.get("FLASHLIB_CUPY_RUNG")
+    if r and (r in FORWARD_RUNGS if direction == "forward" else r in BACKWARD_RUNGS):
+        return r
+    return None
+
+
+def forward(q, k, v, *, causal, scale, dtype, rung=None, tiles=None):
+    """FlashAttention-2 forward. q: (B, H, Nq, d), k, v: (B, H, Nk, d) CuPy arrays of `dtype` (bfloat16 as int16
+    bits). Returns o (B, H, Nq, d), q's dtype, and lse (B, H, Nq) float32.
+
+    rung: one of FORWARD_RUNGS (default: by dtype and compute capability, or env FLASHLIB_CUPY_RUNG, e.g. 'sm75'
+    to run the T4 path on a newer GPU).
+    """
+    import cupy as cp
+    B, H, Nq, Nk, d = check_inputs(q, k, v, dtype)
+    cfg = choose_config(dtype, d, device_cc(), bool(causal), rung or _rung_override("forward"), tiles)
+    q, k, v = (cp.ascontiguousarray(a) for a in (q, k, v))
+    o = cp.empty_like(q)
+    lse = cp.empty((B, H, Nq), dtype=cp.float32)
+    fn = _kernel(cfg.file, cfg.kernel, cfg.smem)
+    grid = (math.ceil(Nq / cfg.Br), B * H)
+    fn(grid, (32 * cfg.warps,), (q, k, v, o, lse, cp.int32(Nq), cp.int32(Nk), cp.float32(scale)), shared_mem=cfg.smem)
+    return o, lse
+
+
+def backward(q, k, v, o, lse, do, *, causal, scale, dtype, rung=None):
+    """FlashAttention-2 backward. q, o, do: (B, H, Nq, d), k, v: (B, H, Nk, d), lse (B, H, Nq) float32.
+    Returns dq, dk, dv in q's dtype. rung: 'bwd_tc' (fp16/bf16 on sm_80+, the default there) or 'bwd_fp32'."""
+    import cupy as cp
+    B, H, Nq, Nk, d = check_inputs(q, k, v, dtype)
+    if tuple(o.shape) != tuple(q.shape) or tuple(do.shape) != tuple(q.shape) or tuple(lse.shape) != (B, H, Nq):
+        raise ValueError(f"o and do must be {tuple(q.shape)} and lse {(B, H, Nq)}")
+    cc = device_cc()
+    rung = rung or _rung_override("backward") or default_rung(dtype, cc, "backward")
+    cfg = choose_config(dtype, d, cc, bool(causal), rung)
+    q, k, v, o, do = (cp.ascontiguousarray(a) for a in (q, k, v, o, do))
+    lse = cp.ascontiguousarray(lse, dtype=cp.float32)
+    T = CTYPE[dtype]
+    rows = B * H * Nq
+    Dlt = cp.empty((B, H, Nq), dtype=cp.float32)
+    _kernel("fa2_bwd.cu", f"bwd_dot_do_o<{T}, {d}>")((math.ceil(rows / 8),), (256,), (do, o, Dlt, cp.int32(rows)))
+    dq_acc = cp.zeros(q.shape, dtype=cp.float32)
+    dk, dv = cp.empty_like(k), cp.empty_like(v)
+    fn = _kernel(cfg.file, cfg.kernel, cfg.smem)
+    fn((math.ceil(Nk / cfg.Bc), B * H), (32 * cfg.warps,),
+       (q, k, v, do, lse, Dlt, dq_acc, dk, dv, cp.int32(Nq), cp.int32(Nk), cp.float32(scale)), shared_mem=cfg.smem)
+    if dtype == "float32":
+        return dq_acc, dk, dv
+    dq = cp.empty_like(q)
+    n = dq.size
+    _kernel("fa2_bwd.cu", f"bwd_convert_dq<{T}>")((min(math.ceil(n / 256), 65535),), (256,), (dq_acc, dq, cp.uint64(n)))
+    return dq, dk, dv

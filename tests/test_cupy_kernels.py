@@ -1,0 +1,324 @@
+"""flashlib.cupy_kernels: host logic (CPU), nvcc/ptxas compile checks (CPU, needs nvcc), correctness (GPU).
+
+GPU tests follow FlashAttention's rule: the error against the float64 reference is at most 2x (forward) / 3x
+(gradients) the error of naive attention computed in the same precision on the GPU (PyTorch), plus a tiny atol.
+Every CuPy allocation is filled with NaN bits first, so an output element a kernel forgets to write fails.
+"""
+import concurrent.futures
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import zlib
+
+import numpy as np
+import pytest
+
+import flashlib
+from flashlib import cupy_kernels as ck
+from flashlib import reference
+
+# ------------------------------------------------------------------ host logic, no GPU
+
+
+def test_import_does_not_need_cupy_or_gpu():
+    code = "import sys, flashlib.cupy_kernels as c; assert 'cupy' not in sys.modules; print(c.choose_config('float16', 64, 75).rung)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "sm75"
+
+
+@pytest.mark.parametrize("dtype,cc,rung", [("float32", 90, "fp32"), ("float16", 90, "tuned"), ("bfloat16", 80, "tuned"),
+                                           ("float16", 75, "sm75"), ("float32", 75, "fp32"), ("float16", (8, 6), "tuned")])
+def test_default_forward_rung(dtype, cc, rung):
+    for d in ck.HEAD_DIMS:
+        cfg = ck.choose_config(dtype, d, cc)
+        assert cfg.rung == rung
+        assert cfg.smem <= ck.SMEM_LIMIT[ck._cc_int(cc)]
+        if rung != "fp32":
+            assert cfg.Br == 16 * cfg.warps and cfg.kernel.startswith("fa2_tc<")
+
+
+def test_backward_rungs():
+    assert ck.default_rung("float16", 90, "backward") == "bwd_tc"
+    assert ck.default_rung("bfloat16", 80, "backward") == "bwd_tc"
+    assert ck.default_rung("float16", 75, "backward") == "bwd_fp32"
+    assert ck.default_rung("float32", 90, "backward") == "bwd_fp32"
+    cfg = ck.choose_config("float16", 128, 90, causal=True, rung="bwd_tc")
+    nw, Br = ck.BWD_TILES[128]
+    assert cfg.kernel == f"fa2_bwd_tc<__half, 128, {nw}, {Br}, true>" and cfg.Bc == 16 * nw and cfg.Br == Br
+    assert ck.choose_config("float16", 128, 86, rung="bwd_tc").smem <= ck.SMEM_LIMIT[86]
+
+
+def test_kernel_names_and_tiles():
+    cfg = ck.choose_config("bfloat16", 64, 90, causal=True)
+    nw, Bc = ck.TUNED_TILES[64]
+    assert cfg.kernel == f"fa2_tc<__nv_bfloat16, 64, {nw}, {Bc}, true, true, false>"
+    assert cfg.smem == ck.smem_forward(64, nw, Bc, 2)
+    assert ck.choose_config("float16", 96, 75).kernel.endswith("false, false, true>")
+    assert ck.choose_config("float16", 128, 90, rung="tc", tiles=(2, 32)).Br == 32
+    # tiles that fit an H100 but not an RTX (sm_86) are replaced by smaller ones there
+    assert ck.choose_config("float16", 128, 86).smem <= ck.SMEM_LIMIT[86]
+
+
+@pytest.mark.parametrize("args,match", [
+    (("float64", 64, 90), "dtype"), (("float16", 80, 90), "head_dim"), (("float16", 256, 90), "head_dim"),
+    (("float16", 64, 70), "7.5"), (("bfloat16", 64, 75), "bfloat16 needs"), (("float16", 64, 75, False, "tuned"), "8.0"),
+    (("float16", 64, 75, False, "bwd_tc"), "8.0"), (("bfloat16", 64, 90, False, "sm75"), "float16 only"),
+    (("float32", 64, 90, False, "tc"), "Tensor Cores"), (("float16", 64, 90, False, "fastest"), "unknown rung"),
+    (("float16", 128, 86, False, "tuned", (8, 128)), "shared memory"),
+])
+def test_choose_config_errors(args, match):
+    with pytest.raises(ValueError, match=match):
+        ck.choose_config(*args)
+
+
+def test_check_inputs_without_gpu():
+    q = np.zeros((2, 3, 5, 64), np.float16)
+    k = np.zeros((2, 3, 7, 64), np.float16)
+    assert ck.check_inputs(q, k, k, "float16") == (2, 3, 5, 7, 64)
+    with pytest.raises(ValueError, match="expects float16"):
+        ck.check_inputs(q.astype(np.float32), k, k, "float16")
+    with pytest.raises(ValueError, match="int16"):
+        ck.check_inputs(q, k, k, "bfloat16")
+    assert ck.check_inputs(q.view(np.int16), k.view(np.int16), k.view(np.int16), "bfloat16")[3] == 7
+    with pytest.raises(ValueError, match="head_dim"):
+        ck.check_inputs(q[..., :48], k[..., :48], k[..., :48], "float16")
+    with pytest.raises(ValueError, match="k and v"):
+        ck.check_inputs(q, k, k[:, :, :3], "float16")
+
+
+def test_instances_per_architecture():
+    i75, i90 = ck.instances(75), ck.instances(90)
+    assert "fa2_bwd_tc.cu" not in i75 and not any("bfloat16" in k for ks in i75.values() for k in ks)
+    assert all(k.endswith("true>") for k in i75["fa2_tc.cu"])  # only the K8 (sm75) forward
+    assert len(i90["fa2_tc.cu"]) == 2 * 4 * 2 * 2 + 4 * 2  # fp16/bf16 x d x causal x (tc, tuned) + sm75
+
+
+# ------------------------------------------------------------------ nvcc / ptxas, no GPU
+
+NVCC = shutil.which("nvcc")
+# every instance for the archs we run on (sm_90) or most users have (sm_75 T4, sm_80 A100); the fp16 Tensor Core
+# kernels for sm_86 / sm_89 (bf16 is the same code), to keep the whole check to a couple of minutes on 2 cores
+ARCHS = (75, 80, 86, 89, 90)
+
+
+def _compile_jobs():
+    jobs = []
+    for cc in ARCHS:
+        for f, names in ck.instances(cc).items():
+            if cc in (86, 89):
+                if f not in ("fa2_tc.cu", "fa2_bwd_tc.cu"):
+                    continue
+                names = [n for n in names if "__half" in n]
+            jobs.append((cc, f, names))
+    return jobs
+
+
+def _parse_ptxas(log):
+    """{mangled kernel name: (registers, spill bytes)} from `ptxas -v` output."""
+    res, cur = {}, None
+    for line in log.splitlines():
+        m = re.search(r"Function properties for (\S+)", line)
+        if m:
+            cur = m.group(1)
+            res[cur] = [None, 0]
+        m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m and cur:
+            res[cur][1] = int(m.group(1)) + int(m.group(2))
+        m = re.search(r"Compiling entry function '(\S+)'", line)
+        if m:
+            cur = m.group(1)
+            res.setdefault(cur, [None, 0])
+        m = re.search(r"Used (\d+) registers", line)
+        if m and cur:
+            res[cur][0] = int(m.group(1))
+    return res
+
+
+def _nvcc(job, tmp):
+    cc, f, names = job
+    src = os.path.join(tmp, f"sm{cc}_{f}")
+    with open(src, "w") as fh:  # taking each instance's address instantiates it, as NVRTC's name_expressions do
+        fh.write(f'#include "{f}"\nvoid* flashlib_instances[] = {{\n' + ",\n".join(f"  (void*)&{n}" for n in names) + "\n};\n")
+    cmd = [NVCC, "-std=c++17", f"-arch=sm_{cc}", "-cubin", f"-I{ck.HERE}", "-Xptxas", "-v", "-o", src + ".cubin", src]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    return job, out.returncode, out.stdout + out.stderr
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    if NVCC is None:
+        pytest.skip("nvcc not found on PATH")
+    with tempfile.TemporaryDirectory() as tmp, concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 2) as ex:
+        return list(ex.map(lambda j: _nvcc(j, tmp), _compile_jobs()))
+
+
+def test_every_kernel_compiles_without_spills(compiled):
+    lines, failures = [], []
+    for (cc, f, names), rc, log in compiled:
+        if rc != 0:
+            failures.append(f"sm_{cc} {f}: nvcc failed\n{log[-3000:]}")
+            continue
+        info = _parse_ptxas(log)
+        assert len(info) >= len(names), f"sm_{cc} {f}: {len(info)} kernels in the cubin, {len(names)} asked for"
+        for name, (regs, spill) in info.items():
+            if spill:  # the Tensor Core kernels must not spill; the CUDA-core ones do not either
+                failures.append(f"sm_{cc} {f}: {name} spills {spill} bytes to local memory ({regs} registers)")
+            lines.append(f"sm_{cc} {regs:4d} regs {spill:4d} B spill  {name}")
+    print("\n".join(sorted(lines)))  # the register report (pytest -s shows it)
+    assert not failures, "\n".join(failures)
+
+
+# ------------------------------------------------------------------ GPU correctness
+
+SHAPES = [  # (B, H, Nq, Nk, d, causal)
+    (1, 1, 1, 1, 64, False), (2, 3, 77, 131, 32, True), (1, 2, 200, 65, 64, False), (1, 2, 200, 65, 64, True),
+    (1, 1, 129, 257, 96, True), (2, 1, 255, 255, 128, True), (1, 2, 64, 300, 128, False), (1, 1, 300, 17, 96, False),
+    (1, 2, 333, 333, 32, False),
+]
+ATOL = {"float16": 1e-4, "bfloat16": 5e-4}
+
+
+@pytest.fixture
+def poisoned():
+    """Every CuPy allocation in the test starts as 0xFF bytes: NaN in float32/float16/bfloat16."""
+    import cupy as cp
+    pool = cp.get_default_memory_pool()
+
+    def alloc(size):
+        mem = pool.malloc(size)
+        mem.memset_async(0xFF, size)
+        return mem
+
+    cp.cuda.set_allocator(alloc)
+    yield
+    cp.cuda.Device().synchronize()
+    cp.cuda.set_allocator(pool.malloc)
+
+
+def _torch_inputs(shape, dtype, seed):
+    import torch
+    B, H, Nq, Nk, d, _ = shape
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    mk = lambda n: torch.randn(B, H, n, d, device="cuda", generator=g).to(getattr(torch, dtype))
+    return mk(Nq), mk(Nk), mk(Nk), mk(Nq)
+
+
+def _naive(q, k, v, causal, scale):
+    """Attention in q's precision with PyTorch ops (matmul, softmax, matmul): the error yardstick."""
+    import torch
+    S = (q @ k.transpose(-1, -2)) * scale
+    if causal:
+        mask = torch.ones(S.shape[-2:], dtype=torch.bool, device=q.device).tril()
+        S = S.masked_fill(~mask, float("-inf"))
+    return torch.softmax(S, dim=-1) @ v
+
+
+def _f64(t):
+    return t.detach().double().cpu().numpy()
+
+
+def _err(a, b):
+    return float(np.abs(_f64(a) - b).max())
+
+
+def _backend_call(fn, arrays, dtype, causal, scale, **kw):
+    """Call ck.forward/backward on CuPy views of torch tensors (bf16 as int16 bits), results back as torch."""
+    from flashlib._arrays import like, to_cupy
+    outs = fn(*[to_cupy(a) for a in arrays], causal=causal, scale=scale, dtype=dtype, **kw)
+    return [like(y, arrays[0], dtype if len(y.shape) == 4 else "float32") for y in outs]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype,rung", [("float16", "tc"), ("bfloat16", "tc"), ("float16", "tuned"),
+                                        ("bfloat16", "tuned"), ("float16", "sm75"), ("float16", "fp32")])
+def test_forward_matches_reference(shape, dtype, rung, poisoned):
+    causal, d = shape[5], shape[4]
+    scale = 1 / np.sqrt(d)
+    q, k, v, _ = _torch_inputs(shape, dtype, seed=zlib.crc32(repr((shape, dtype)).encode()))
+    o, lse = _backend_call(ck.forward, (q, k, v), dtype, causal, scale, rung=rung)
+    o_ref, lse_ref = reference.attention_forward(_f64(q), _f64(k), _f64(v), causal, scale)
+    bound = 2 * _err(_naive(q, k, v, causal, scale), o_ref) + ATOL[dtype]
+    assert o.dtype == q.dtype and o.shape == q.shape
+    assert _err(o, o_ref) <= bound, (_err(o, o_ref), bound)
+    assert _err(lse, lse_ref) <= 2e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_forward_float32(shape, poisoned):
+    causal, d = shape[5], shape[4]
+    q, k, v, _ = _torch_inputs(shape, "float32", seed=7)
+    o, lse = _backend_call(ck.forward, (q, k, v), "float32", causal, 0.3)
+    o_ref, lse_ref = reference.attention_forward(_f64(q), _f64(k), _f64(v), causal, 0.3)
+    assert _err(o, o_ref) <= 1e-5 * max(1.0, np.abs(o_ref).max())
+    assert _err(lse, lse_ref) <= 1e-5 * max(1.0, np.abs(lse_ref).max())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype,rung", [("float16", "bwd_tc"), ("bfloat16", "bwd_tc"), ("float16", "bwd_fp32"),
+                                        ("bfloat16", "bwd_fp32"), ("float32", "bwd_fp32")])
+def test_backward_matches_reference(shape, dtype, rung, poisoned):
+    import torch
+    causal, d = shape[5], shape[4]
+    scale = 1 / np.sqrt(d)
+    q, k, v, do = _torch_inputs(shape, dtype, seed=zlib.crc32(repr((shape, dtype, 1)).encode()))
+    o, lse = _backend_call(ck.forward, (q, k, v), dtype, causal, scale)
+    dq, dk, dv = _backend_call(ck.backward, (q, k, v, o, lse, do), dtype, causal, scale, rung=rung)
+    o64, lse64 = reference.attention_forward(_f64(q), _f64(k), _f64(v), causal, scale)
+    refs = reference.attention_backward(_f64(q), _f64(k), _f64(v), o64, lse64, _f64(do), causal, scale)
+    if dtype == "float32":
+        for got, ref in zip((dq, dk, dv), refs):
+            assert _err(got, ref) <= 1e-4 * max(1.0, np.abs(ref).max())
+        return
+    qn, kn, vn = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    _naive(qn, kn, vn, causal, scale).backward(do)
+    for name, got, naive, ref in zip("qkv", (dq, dk, dv), (qn.grad, kn.grad, vn.grad), refs):
+        assert got.dtype == q.dtype
+        bound = 3 * _err(naive, ref) + ATOL[dtype]
+        assert _err(got, ref) <= bound, (name, _err(got, ref), bound)
+    assert torch.isfinite(dq).all()
+
+
+@pytest.mark.gpu
+def test_sm75_path_forced_by_env(monkeypatch, poisoned):
+    monkeypatch.setenv("FLASHLIB_CUPY_RUNG", "sm75")
+    shape = (1, 2, 100, 90, 64, True)
+    q, k, v, _ = _torch_inputs(shape, "float16", seed=3)
+    calls = []
+    real = ck._kernel
+    monkeypatch.setattr(ck, "_kernel", lambda f, n, s=0: calls.append(n) or real(f, n, s))
+    o, _ = _backend_call(ck.forward, (q, k, v), "float16", True, 0.125)
+    assert calls and calls[0] == ck.choose_config("float16", 64, 75, True).kernel
+    o_ref, _ = reference.attention_forward(_f64(q), _f64(k), _f64(v), True, 0.125)
+    assert _err(o, o_ref) <= 2 * _err(_naive(q, k, v, True, 0.125), o_ref) + 1e-4
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_api_with_torch_and_cupy(dtype, poisoned):
+    import cupy as cp
+    import torch
+    shape = (2, 2, 97, 113, 64, True)
+    q, k, v, do = _torch_inputs(shape, dtype, seed=11)
+    o_ref, lse_ref = reference.attention_forward(_f64(q), _f64(k), _f64(v), True, 0.125)
+    bound = 2 * _err(_naive(q, k, v, True, 0.125), o_ref) + ATOL[dtype]
+    o, lse = flashlib.attention(q, k, v, causal=True, scale=0.125, backend="cupy", return_lse=True)
+    assert isinstance(o, torch.Tensor) and o.dtype == q.dtype and o.is_cuda
+    assert _err(o, o_ref) <= bound
+    dq, dk, dv = flashlib.attention_backward(q, k, v, o, lse, do, causal=True, scale=0.125, backend="cupy")
+    assert isinstance(dq, torch.Tensor) and dq.dtype == q.dtype
+    if dtype == "float16":  # CuPy arrays in, CuPy arrays out, zero-copy
+        qc, kc, vc = (cp.from_dlpack(t) for t in (q, k, v))
+        oc = flashlib.attention(qc, kc, vc, causal=True, scale=0.125, backend="cupy")
+        assert isinstance(oc, cp.ndarray) and oc.dtype == cp.float16
+        assert _err(torch.from_dlpack(oc), o_ref) <= bound
+        # a non-contiguous view (a transpose of (B, N, H, d) storage) gives the same result
+        qt = q.transpose(1, 2).contiguous().transpose(1, 2)
+        assert not qt.is_contiguous()
+        assert torch.equal(flashlib.attention(qt, k, v, causal=True, scale=0.125, backend="cupy"), o)
