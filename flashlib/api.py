@@ -75,7 +75,8 @@ def _validate(q, k, v, causal, scale):
     return dt, float(scale)
 
 
-def _choose(backend, x, dt):
+def choose_backend(backend, x, dt):
+    """The backend that runs for `backend` ('auto' or a name) on array x of dtype name dt; errors if unavailable."""
     if backend == "auto":
         if dt != "float64":                        # the kernels take float32 (both) and fp16/bf16 (cupy)
             for b in ("numba", "cupy") if dt == "float32" else ("cupy",):
@@ -108,7 +109,7 @@ def attention(q, k, v, causal=False, scale=None, backend="auto", return_lse=Fals
     (float64 for float64 input).
     """
     dt, scale = _validate(q, k, v, causal, scale)
-    name = _choose(backend, q, dt)
+    name = choose_backend(backend, q, dt)
     if name in ("reference", "tiled"):
         fwd = reference.attention_forward if name == "reference" else tiled.fa2_forward
         o, lse = _host(lambda q_, k_, v_: fwd(q_, k_, v_, causal=causal, scale=scale), (q, k, v), dt, q)
@@ -129,7 +130,7 @@ def attention_backward(q, k, v, o, lse, do, causal=False, scale=None, backend="a
             raise ValueError(f"{name} must have q's shape {tuple(q.shape)}, got {tuple(a.shape)}")
     if tuple(lse.shape) != tuple(q.shape[:3]):
         raise ValueError(f"lse must have shape (B, H, Nq) = {tuple(q.shape[:3])}, got {tuple(lse.shape)}")
-    name = _choose(backend, q, dt)
+    name = choose_backend(backend, q, dt)
     if name in ("reference", "tiled"):
         bwd = reference.attention_backward if name == "reference" else tiled.backward
         return tuple(_host(lambda *a: bwd(*a, causal=causal, scale=scale), (q, k, v, o, lse, do), dt, q))
