@@ -154,5 +154,27 @@ def main(argv=None):
     gpu = torch.cuda.get_device_name().split()[1].lower() if " " in torch.cuda.get_device_name() else "gpu"
     path = save(a.name or f"attention_{gpu}{'_quick' if a.quick else ''}", rows, directory=a.out, memory=mem)
     print(table(rows, "fwd_tflops"), "\n\nforward+backward TFLOP/s\n", table(rows, "fwdbwd_tflops"), sep="\n")
+    for png in plots(rows, mem, path.with_suffix("")):
+        print(f"plot: {png}")
     print(f"\nwritten: {path}")
     return path
+
+
+def plots(rows, mem, stem):
+    """Runtime and TFLOP/s against N for each (dtype, d), and memory against N: PNG files beside the JSON."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from ..viz import bench as vb
+    out = []
+    for dt, d in sorted({(r["dtype"], r["d"]) for r in rows}):
+        fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+        vb.runtime_vs_n({"rows": rows}, dt, d, False, "fwd_ms", ax=axes[0])
+        vb.runtime_vs_n({"rows": rows}, dt, d, False, "fwd_tflops", ax=axes[1])
+        out.append(stem.parent / f"{stem.name}_{dt}_d{d}.png")
+        fig.tight_layout(); fig.savefig(out[-1], dpi=100); plt.close(fig)
+    if mem:
+        ax = vb.memory_vs_n(mem, title="one forward, B = 1, H = 16")
+        out.append(stem.parent / f"{stem.name}_memory.png")
+        ax.figure.savefig(out[-1], dpi=100); plt.close(ax.figure)
+    return out
