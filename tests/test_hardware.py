@@ -28,6 +28,14 @@ def test_table_rows_have_fields_and_consistent_bandwidth(g):
     if g["fp16_tensor_sparse_tflops"] and g["fp16_tensor_tflops"]:
         assert g["fp16_tensor_sparse_tflops"] == pytest.approx(2 * g["fp16_tensor_tflops"], rel=0.01)
     assert g["cuda_cores"] == hardware.cores_per_sm(g["cc"]) * g["sms"]
+    # Tensor Cores per SM: 8 on Volta and Turing, 4 from Ampere on; one RT core per SM where there are any
+    tc_per_sm = {"Volta": 8, "Turing": 8}.get(g["arch"], 4)
+    assert g["tensor_cores"] == tc_per_sm * g["sms"]
+    assert g["rt_cores"] in (0, g["sms"])
+    # where the board's figures were checked, and which were not: named fields of the row, explained in NOTES
+    assert g["checked"] and set(g["unconfirmed"]) <= set(g)
+    if g["unconfirmed"]:
+        assert g["name"] in hardware.NOTES
 
 
 def test_the_table_has_the_gpus_the_book_names():
