@@ -9,9 +9,13 @@ Block (Br,): thread t owns query row i*Br + t: its O accumulator (a local array 
 Shared memory: Qs (Br x D+1), Ks (Bc x D+1), Vs (Bc x D) and the score/probability rows Ps (Br x Bc+1).
 No warp shuffles: this kernel runs in Numba's CUDA simulator too.
 Causal: the j loop stops at the last tile the mask leaves visible; the rest is never computed.
+Block-sparse: an optional (Tr, Tc) block mask turns tiles off; an off tile is neither loaded nor computed (the
+block-sparse FlashAttention of Dao et al. 2022, Section 3.3), and a row that sees no key gets O = 0, lse = -inf.
 """
 import functools
 import math
+
+import numpy as np
 
 from numba import cuda, float32
 
@@ -29,7 +33,7 @@ def tiles(D):
 def make_fa2(Br, Bc, D):
     D1, Bc1 = D + 1, Bc + 1                          # padded row lengths (compile-time constants)
     @cuda.jit
-    def fa2_forward(q, k, v, O, lse, causal, scale, trace, tracing):
+    def fa2_forward(q, k, v, O, lse, causal, scale, trace, tracing, block_mask, sparse):
         Qs = cuda.shared.array((Br, D1), float32)
         Ks = cuda.shared.array((Bc, D1), float32)
         Vs = cuda.shared.array((Bc, D), float32)
@@ -52,6 +56,8 @@ def make_fa2(Br, Bc, D):
         if causal:
             Tc = min(Tc, (i * Br + Br - 1) // Bc + 1)    # tiles after this one are fully masked: skipped
         for j in range(Tc):
+            if sparse and block_mask[i, j] == 0:         # the same for every thread of the block: no divergence
+                continue
             if tracing and t == 0:
                 trace[i + cuda.gridDim.x * bh, j, 0] = i
                 trace[i + cuda.gridDim.x * bh, j, 1] = j
@@ -93,10 +99,12 @@ def make_fa2(Br, Bc, D):
     return fa2_forward
 
 
-def fa2_forward(q, k, v, *, causal=False, scale=None, Br=None, Bc=None, o=None, lse=None, trace=None):
+def fa2_forward(q, k, v, *, causal=False, scale=None, Br=None, Bc=None, o=None, lse=None, trace=None,
+                block_mask=None):
     """FA2 loop order, one thread per query row. Shapes as fa1_forward.
 
     trace: optional int32 device array (Tr*B*H, Tc, 2); block (i, bh) writes row i + Tr*bh with the (i, j) it visits.
+    block_mask: optional (Tr, Tc) bool array (NumPy or device) of the tiles to compute, as flashlib.block_sparse.
     """
     q, k, v = (device(a) for a in (q, k, v))
     check_arrays(q, k, v)
@@ -106,5 +114,18 @@ def fa2_forward(q, k, v, *, causal=False, scale=None, Br=None, Bc=None, o=None, 
     Br, Bc = Br or Br0, Bc or Bc0
     o, lse = out_arrays(q, o, lse)
     tr, tracing = trace_arrays(trace)
-    make_fa2(Br, Bc, D)[(n_blocks(Nq, Br), B * H), (Br,)](q, k, v, o, lse, bool(causal), scale_of(scale, d), tr, tracing)
+    mask, sparse = _block_mask(block_mask, n_blocks(Nq, Br), n_blocks(k.shape[2], Bc))
+    make_fa2(Br, Bc, D)[(n_blocks(Nq, Br), B * H), (Br,)](q, k, v, o, lse, bool(causal), scale_of(scale, d), tr, tracing,
+                                                          mask, sparse)
     return o, lse
+
+
+def _block_mask(block_mask, Tr, Tc):
+    """(device uint8 mask, True) for a (Tr, Tc) block mask; a 1 x 1 placeholder and False for None."""
+    if block_mask is None:
+        return cuda.to_device(np.ones((1, 1), np.uint8)), False
+    shape = tuple(block_mask.shape)
+    if shape != (Tr, Tc):
+        raise ValueError(f"block_mask must have shape (Tr, Tc) = ({Tr}, {Tc}) for these tiles, got {shape}")
+    host = block_mask.copy_to_host() if hasattr(block_mask, "copy_to_host") else np.asarray(block_mask)
+    return cuda.to_device(np.ascontiguousarray(host, dtype=np.uint8)), True

@@ -33,7 +33,7 @@ def kernels():
                     f"void({A4}, {A4}, {A4}, {A4}, {A3}, {A3}, {A3}, boolean, float32, {TR}, boolean)", Br))
         Br, Bc = fa2.tiles(D)
         out.append((f"fa2_forward D={D}", fa2.make_fa2(Br, Bc, D).py_func,
-                    f"void({A4}, {A4}, {A4}, {A4}, {A3}, boolean, float32, {TR}, boolean)", Br))
+                    f"void({A4}, {A4}, {A4}, {A4}, {A3}, boolean, float32, {TR}, boolean, uint8[:, ::1], boolean)", Br))
         cfg = fa2_fast.config(D, sim=False)
         kern, nt = fa2_fast.make_fa2_fast(D=D, SHFL=True, **dict(zip(("Br", "Bc", "TM", "TN", "NKV"), cfg)))
         out.append((f"fa2_forward_fast D={D}", kern.py_func,
