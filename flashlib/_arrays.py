@@ -45,13 +45,17 @@ def to_numpy(x):
 
 
 def to_numba(x):
-    """A Numba device array viewing x (GPU arrays) or holding a copy of it (NumPy)."""
+    """A Numba device array viewing x (GPU arrays) or holding a copy of it (host arrays). bfloat16 travels as its
+    int16 bits, as for CuPy."""
     from numba import cuda
     if kind_of(x) == "numpy":
         return cuda.to_device(np.ascontiguousarray(x))
-    if kind_of(x) == "torch" and not x.is_cuda:
-        return cuda.to_device(np.ascontiguousarray(x.detach().numpy()))
-    return cuda.as_cuda_array(x.detach() if kind_of(x) == "torch" else x)
+    if kind_of(x) == "torch":
+        t = x.detach()
+        if dtype_name(t) == "bfloat16":                  # not exported by __cuda_array_interface__: its bits are
+            t = t.view(__import__("torch").int16)
+        return cuda.as_cuda_array(t) if t.is_cuda else cuda.to_device(np.ascontiguousarray(t.numpy()))
+    return cuda.as_cuda_array(x)
 
 
 def to_cupy(x):

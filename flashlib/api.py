@@ -4,7 +4,7 @@ Inputs are (batch, heads, seq, head_dim) arrays of NumPy, CuPy, PyTorch or Numba
 caller's kind of array. `backend` names one implementation:
   reference  float64 NumPy, materialises the N x N matrix (flashlib.reference)
   tiled      FlashAttention-2 in NumPy, tile by tile (flashlib.tiled)
-  numba      Numba-CUDA kernels, float32 (flashlib.numba_kernels)
+  numba      Numba-CUDA kernels: float32 forward and backward; fp16/bf16 forward on Tensor Cores (flashlib.numba_kernels)
   cupy       CUDA C kernels through CuPy: float32 on CUDA cores, fp16/bf16 on Tensor Cores (flashlib.cupy_kernels)
   auto       a GPU backend when a GPU and a GPU dtype are present, else reference
 """

@@ -23,9 +23,20 @@ def head_bucket(d):
     raise ValueError(f"head_dim {d} is not supported by the numba kernels: head dims 1..{MAX_HEAD_DIM} are accepted")
 
 
-def check_dtype(dtype):
-    if str(dtype) != "float32":
-        raise ValueError(f"the numba backend accepts float32 only, got {dtype}; use backend='cupy' for float16/bfloat16")
+TC_DTYPES = ("float16", "bfloat16")                   # the Tensor Core variant 'tc' (fa2_tc.py) only
+
+
+def check_dtype(dtype, variant=None):
+    """float32 for every variant but 'tc', which takes float16 or bfloat16 (variant None: the float32 kernels)."""
+    dtype = str(dtype)
+    if variant == "tc":
+        if dtype not in TC_DTYPES:
+            raise ValueError(f"the numba variant 'tc' (Tensor Cores) accepts float16 or bfloat16, got {dtype}; "
+                             "float32 runs on the other variants")
+    elif dtype != "float32":
+        where = "the numba backend" if variant is None else f"the numba variant {variant!r}"
+        raise ValueError(f"{where} accepts float32 only, got {dtype}; float16/bfloat16 run on Tensor Cores with "
+                         "variant='tc' (forward only) or backend='cupy'")
 
 
 def check_arrays(*arrays):

@@ -1,0 +1,516 @@
+"""flashlib.numba_kernels.mma and fa2_tc: Tensor Cores from Numba.
+
+Numba's simulator cannot run PTX, so without a GPU these kernels are checked three ways:
+  * the fragment layouts (mma.a_index, b_index, c_index, ldmatrix_index) and a NumPy model of a warp built on them
+    against NumPy matrix products, and one NumPy warp running fa2_tc's exact steps (ldmatrix addresses, mma
+    fragments, shuffles, P from S's accumulators as the A operand of P V) against the float64 reference;
+  * `cuda.compile_ptx` + `ptxas -v` for every kernel instance (a subprocess without the simulator): the mma.sync
+    instructions are there, fully unrolled, no local memory, no spills;
+  * argument checks.
+`gpu` tests run the intrinsics alone and the attention kernel against the float64 reference on a real GPU.
+"""
+import ast
+import inspect
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import zlib
+
+import numpy as np
+import pytest
+
+from flashlib import reference
+from tests.conftest import HAS_GPU, qkv
+
+from flashlib import numba_kernels as nk  # noqa: E402  (after conftest chose the simulator or the GPU)
+from flashlib.numba_kernels import fa2_tc, mma  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ---------------------------------------------------------------- fragment layouts
+@pytest.mark.parametrize("shape", mma.SHAPES)
+def test_layouts_cover_each_element_once(shape):
+    K = 16 if shape == "m16n8k16" else 8
+    for index, n, dims in ((mma.a_index, K // 2, (16, K)), (mma.b_index, K // 4, (K, 8))):
+        seen = [index(lane, i, shape) for lane in range(32) for i in range(n)]
+        assert sorted(seen) == [(r, c) for r in range(dims[0]) for c in range(dims[1])]
+    seen = [mma.c_index(lane, i) for lane in range(32) for i in range(4)]
+    assert sorted(seen) == [(r, c) for r in range(16) for c in range(8)]
+    with pytest.raises(ValueError):
+        mma.a_index(32, 0, shape)
+
+
+def test_layouts_match_the_ptx_isa_tables():
+    # PTX ISA, "Matrix fragments for mma.m16n8k16 with floating point type": spot values from its figures
+    assert mma.a_index(0, 0) == (0, 0) and mma.a_index(5, 3) == (9, 3) and mma.a_index(31, 7) == (15, 15)
+    assert mma.a_index(6, 4) == (1, 12)
+    assert mma.b_index(0, 0) == (0, 0) and mma.b_index(5, 2) == (10, 1) and mma.b_index(31, 3) == (15, 7)
+    assert mma.c_index(0, 0) == (0, 0) and mma.c_index(7, 3) == (9, 7) and mma.c_index(31, 2) == (15, 6)
+    assert mma.a_index(7, 2, "m16n8k8") == (9, 6) and mma.b_index(7, 1, "m16n8k8") == (7, 1)
+    assert mma.ldmatrix_index(9, 1) == (0, 2, 3) and mma.ldmatrix_index(9, 7, trans=True) == (3, 3, 2)
+
+
+@pytest.mark.parametrize("shape,dtype", [("m16n8k16", "float16"), ("m16n8k16", "bfloat16"), ("m16n8k8", "float16")])
+def test_mma_model_is_a_matrix_product(rng, shape, dtype):
+    K = 16 if shape == "m16n8k16" else 8
+    A = mma.from_bits(mma.to_bits(rng.standard_normal((16, K)), dtype), dtype)
+    B = mma.from_bits(mma.to_bits(rng.standard_normal((K, 8)), dtype), dtype)
+    C = rng.standard_normal((16, 8)).astype(np.float32)
+    D = mma.mma_model(mma.fragments(A, "a", shape, dtype), mma.fragments(B, "b", shape, dtype), mma.c_fragments(C),
+                      shape, dtype)
+    np.testing.assert_allclose(mma.gather_c(D), A.astype(np.float64) @ B + C, rtol=1e-6, atol=1e-5)
+
+
+def test_k16_step_is_two_k8_steps(rng):
+    """The sm_75 path: (a0, a1, b0) then (a2, a3, b1) of the m16n8k16 fragments give the same D."""
+    A = mma.from_bits(mma.to_bits(rng.standard_normal((16, 16))))
+    B = mma.from_bits(mma.to_bits(rng.standard_normal((16, 8))))
+    a, b = mma.fragments(A, "a"), mma.fragments(B, "b")
+    d = mma.mma_model(a[:, 0:2], b[:, 0:1], np.zeros((32, 4)), "m16n8k8")
+    d = mma.mma_model(a[:, 2:4], b[:, 1:2], d, "m16n8k8")
+    np.testing.assert_allclose(mma.gather_c(d), A.astype(np.float64) @ B, rtol=1e-6, atol=1e-5)
+
+
+def test_p_accumulators_are_the_a_operand():
+    """C fragments of key n-tiles 2kk, 2kk+1 are, register for register in the same lane, the A fragment of the
+    16-key k-step kk (what lets P stay in registers between S = Q K^T and O += P V)."""
+    for lane in range(32):
+        for i in range(8):
+            u, c = mma.a_from_c(i)
+            row, col = mma.c_index(lane, c)
+            assert mma.a_index(lane, i) == (row, col + 8 * u)
+
+
+def test_packing_order(rng):
+    x = rng.standard_normal(64).astype(np.float32)
+    w = mma._words(mma.to_bits(x).reshape(32, 2))[:, 0]
+    assert (w & 0xFFFF == mma.to_bits(x[0::2])).all() and (w >> 16 == mma.to_bits(x[1::2])).all()
+    np.testing.assert_allclose(mma.from_bits(mma.to_bits(x, "bfloat16"), "bfloat16"), x, rtol=2 ** -8)
+
+
+# ---------------------------------------------------------------- ldmatrix addresses of the kernel
+def _tile(rng, rows, D):
+    return mma.to_bits(rng.standard_normal((rows, D)))
+
+
+def test_ldmatrix_addresses_give_the_fragments(rng):
+    D, Bc, NW = 32, 32, 2
+    Q, K, V = _tile(rng, 16 * NW, D), _tile(rng, Bc, D), _tile(rng, Bc, D)
+    for warp in range(NW):
+        for kk in range(D // 16):
+            got = mma.ldmatrix_model(Q, [fa2_tc.q_ldm(lane, warp, kk) for lane in range(32)])
+            want = mma.fragments(mma.from_bits(Q[16 * warp:16 * warp + 16, 16 * kk:16 * kk + 16]), "a")
+            np.testing.assert_array_equal(got, want)
+    for kk in range(D // 16):                        # K: B[k][n] = K[key n][dim k]
+        for nn in range(Bc // 16):
+            got = mma.ldmatrix_model(K, [fa2_tc.k_ldm(lane, nn, kk) for lane in range(32)])
+            for u in range(2):
+                Bm = mma.from_bits(K[16 * nn + 8 * u:16 * nn + 8 * u + 8, 16 * kk:16 * kk + 16]).T
+                np.testing.assert_array_equal(got[:, 2 * u:2 * u + 2], mma.fragments(Bm, "b"))
+    for kk in range(Bc // 16):                       # V (.trans): B[k][n] = V[key k][dim n]
+        for nn in range(D // 16):
+            got = mma.ldmatrix_model(V, [fa2_tc.v_ldm(lane, kk, nn) for lane in range(32)], trans=True)
+            for u in range(2):
+                Bm = mma.from_bits(V[16 * kk:16 * kk + 16, 16 * nn + 8 * u:16 * nn + 8 * u + 8])
+                np.testing.assert_array_equal(got[:, 2 * u:2 * u + 2], mma.fragments(Bm, "b"))
+
+
+def test_kernel_spells_the_same_addresses():
+    """The kernel writes the ldmatrix address expressions inline; evaluate them and compare with q_ldm etc."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(fa2_tc.make_fa2_tc)))
+    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)
+             and n.func.attr.startswith("ldmatrix_x4")]
+    assert len(calls) == 3
+    # row expression prefix -> (address function, names of its 2nd and 3rd arguments)
+    fns = {"16 * warp": (fa2_tc.q_ldm, "warp", "kk"), "kb": (fa2_tc.k_ldm, "nn", "kk"),
+           "vb": (fa2_tc.v_ldm, "kk", "nn")}
+    for call in calls:
+        row, col = (ast.unparse(a) for a in call.args[1:3])
+        fn, xn, yn = fns[next(key for key in fns if row.startswith(key))]
+        for lane in range(32):
+            for x in range(3):
+                for y in range(3):
+                    env = {"lane": lane, xn: x, yn: y, "kb": 0, "vb": 0}
+                    r, c = fn(lane, x, y)
+                    assert (eval(row, {}, env), eval(col, {}, env)) == (r, c >> 1), (row, lane, x, y)
+
+
+# ---------------------------------------------------------------- one warp of fa2_tc, in NumPy
+def warp_model_forward(Q, K, V, causal, scale, Bc, NW, dtype="float16", k8=False):
+    """Every warp of every block of fa2_tc, fragment by fragment: 16-bit tiles in 'shared memory', registers per
+    lane, ldmatrix / mma / shfl_xor modelled by mma.py. Q: (Nq, D), K, V: (Nk, D) values representable in dtype.
+    Returns (O rounded to dtype, lse)."""
+    Nq, D = Q.shape
+    Nk = K.shape[0]
+    Br, KD, NB, KB, ND = 16 * NW, D // 16, Bc // 8, Bc // 16, D // 8
+    sl = scale * fa2_tc.LOG2E
+    shape = "m16n8k8" if k8 else "m16n8k16"
+    lanes = np.arange(32)
+    g, t = lanes >> 2, lanes & 3
+    O = np.full((Nq, D), np.nan)
+    lse = np.full(Nq, np.nan)
+
+    def mma16(a, b0b1, c):
+        if not k8:
+            return mma.mma_model(a, b0b1, c, shape, dtype)
+        c = mma.mma_model(a[:, 0:2], b0b1[:, 0:1], c, shape, dtype)
+        return mma.mma_model(a[:, 2:4], b0b1[:, 1:2], c, shape, dtype)
+
+    def smem(X, r0, rows):
+        s = np.zeros((rows, D), np.uint16)
+        n = max(0, min(rows, X.shape[0] - r0))
+        s[:n] = mma.to_bits(X[r0:r0 + n], dtype)
+        return s
+
+    for i in range(-(-Nq // Br)):
+        q0 = i * Br
+        Qs = smem(Q, q0, Br)
+        kv_end = min(Nk, q0 + Br) if causal else Nk
+        for warp in range(NW):
+            qw = q0 + 16 * warp
+            qf = [mma.ldmatrix_model(Qs, [fa2_tc.q_ldm(ln, warp, kk) for ln in lanes]) for kk in range(KD)]
+            m, l = np.full((32, 2), -np.inf), np.zeros((32, 2))
+            acc = np.zeros((ND, 32, 4))
+            for j in range(-(-kv_end // Bc)):
+                kv0 = j * Bc
+                if causal and kv0 > qw + 15:
+                    continue
+                Ks, Vs = smem(K, kv0, Bc), smem(V, kv0, Bc)
+                s = np.zeros((NB, 32, 4))
+                for kk in range(KD):
+                    for nn in range(NB // 2):
+                        b = mma.ldmatrix_model(Ks, [fa2_tc.k_ldm(ln, nn, kk) for ln in lanes])
+                        for u in range(2):
+                            s[2 * nn + u] = mma16(qf[kk], b[:, 2 * u:2 * u + 2], s[2 * nn + u])
+                for n in range(NB):
+                    for e in range(4):
+                        col, row = kv0 + 8 * n + 2 * t + (e & 1), qw + g + 8 * (e >> 1)
+                        s[n, :, e] = np.where((col >= Nk) | (causal & (col > row)), -np.inf, s[n, :, e])
+                mx = np.stack([s[:, :, 2 * h:2 * h + 2].max(axis=(0, 2)) for h in range(2)], axis=1)
+                mx = np.maximum(mx, mx[lanes ^ 1])   # cuda.shfl_xor_sync(mask, x, 1), then 2
+                mx = np.maximum(mx, mx[lanes ^ 2])
+                m_new = np.maximum(m, mx * sl)
+                base = np.where(m_new == -np.inf, 0.0, m_new)
+                alpha = np.exp2(m - base)
+                m, l = m_new, l * alpha
+                acc *= np.repeat(alpha, 2, axis=1)[None]
+                p = np.exp2(s * sl - np.repeat(base, 2, axis=1)[None])
+                l += p[:, :, 0:2].sum(axis=(0, 2))[:, None] * [1, 0] + p[:, :, 2:4].sum(axis=(0, 2))[:, None] * [0, 1]
+                for kk in range(KB):                 # A fragment of P from the C registers (mma.a_from_c)
+                    elems = np.stack([p[2 * kk + mma.a_from_c(e)[0], :, mma.a_from_c(e)[1]] for e in range(8)], 1)
+                    a = mma._words(mma.to_bits(elems, dtype))
+                    for nn in range(ND // 2):
+                        b = mma.ldmatrix_model(Vs, [fa2_tc.v_ldm(ln, kk, nn) for ln in lanes], trans=True)
+                        for u in range(2):
+                            acc[2 * nn + u] = mma16(a, b[:, 2 * u:2 * u + 2], acc[2 * nn + u])
+            l = l + l[lanes ^ 1]
+            l = l + l[lanes ^ 2]
+            for lane in range(32):
+                for h in range(2):
+                    row = qw + lane // 4 + 8 * h
+                    if row >= Nq:
+                        continue
+                    lse[row] = m[lane, h] * math.log(2.0) + math.log(l[lane, h])
+                    for n in range(ND):
+                        for e in (2 * h, 2 * h + 1):
+                            r, c = mma.c_index(lane, e)
+                            O[row, 8 * n + c] = mma.from_bits(mma.to_bits(acc[n, lane, e] / l[lane, h], dtype), dtype)
+    return O, lse
+
+
+def naive_low_precision(Q, K, V, causal, scale, dtype):
+    """softmax(Q K^T * scale) V with every intermediate rounded to dtype (the yardstick of the FlashAttention rule)."""
+    rnd = lambda x: mma.from_bits(mma.to_bits(x, dtype), dtype).astype(np.float64)
+    S = rnd(rnd(Q.astype(np.float64) @ K.T) * scale)
+    if causal:
+        S = np.where(np.tril(np.ones(S.shape, bool)), S, -np.inf)
+    P = rnd(np.exp(S - S.max(1, keepdims=True)) / np.exp(S - S.max(1, keepdims=True)).sum(1, keepdims=True))
+    return rnd(P @ V)
+
+
+@pytest.mark.parametrize("dtype,k8,D,Bc,NW", [("float16", False, 32, 32, 2), ("bfloat16", False, 32, 16, 1),
+                                              ("float16", True, 16, 32, 2)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_warp_model_matches_reference(rng, dtype, k8, D, Bc, NW, causal):
+    Nq, Nk = (37, 45) if not causal else (45, 37)    # ragged tiles in both; causal with Nq > Nk
+    Q, K, V = (mma.from_bits(mma.to_bits(rng.standard_normal((n, D)), dtype), dtype) for n in (Nq, Nk, Nk))
+    scale = 1 / math.sqrt(D)
+    O, lse = warp_model_forward(Q, K, V, causal, scale, Bc, NW, dtype, k8)
+    O_ref, lse_ref = reference.attention_forward(Q[None, None], K[None, None], V[None, None], causal, scale)
+    O_ref, lse_ref = O_ref[0, 0], lse_ref[0, 0]
+    bound = 2 * np.abs(naive_low_precision(Q, K, V, causal, scale, dtype) - O_ref).max() + 1e-4
+    assert np.isfinite(O).all() and np.isfinite(lse).all()
+    assert np.abs(O - O_ref).max() <= bound, (np.abs(O - O_ref).max(), bound)
+    np.testing.assert_allclose(lse, lse_ref, rtol=0, atol=1e-3)
+
+
+# ---------------------------------------------------------------- arguments
+def test_rejects_what_it_cannot_do(rng):
+    q16 = [a.astype(np.float16) for a in qkv(rng, 1, 1, 8, 8, 64)]
+    with pytest.raises(ValueError, match="float32"):
+        nk.forward(*q16, causal=False, scale=None, dtype="float16", variant="fa2_fast")
+    with pytest.raises(ValueError, match="float16 or bfloat16"):
+        nk.forward(*qkv(rng, 1, 1, 8, 8, 64), causal=False, scale=None, dtype="float32", variant="tc")
+    with pytest.raises(ValueError, match="head_dim"):
+        nk.forward(*[a.astype(np.float16) for a in qkv(rng, 1, 1, 8, 8, 48)], causal=False, scale=None,
+                   dtype="float16", variant="tc")
+    with pytest.raises(ValueError, match="expects int16 or uint16"):
+        nk.forward(*q16, causal=False, scale=None, dtype="bfloat16", variant="tc")
+    with pytest.raises(ValueError, match="float16 only"):
+        fa2_tc.check(64, "bfloat16", k8=True)
+    with pytest.raises(ValueError, match="8.0"):
+        fa2_tc.check(64, "bfloat16", cc=(7, 5))
+    with pytest.raises(ValueError, match="7.5"):
+        fa2_tc.check(64, "float16", cc=(7, 0))
+    with pytest.raises(ValueError, match="48 KB"):
+        fa2_tc.config(128, (9, 0), "float16", tiles=(4, 64, 2))
+    with pytest.raises(ValueError, match="cp.async"):
+        fa2_tc.config(64, (7, 5), "float16", tiles=(4, 64, 2))
+    assert fa2_tc.config(64, (7, 5), "float16") == (*fa2_tc.TILES_SM75[64], True)
+    assert fa2_tc.config(128, (9, 0), "bfloat16") == (*fa2_tc.TILES[128], False)
+    if not HAS_GPU:
+        with pytest.raises(RuntimeError, match="simulator"):
+            nk.forward(*q16, causal=False, scale=None, dtype="float16")
+
+
+# ---------------------------------------------------------------- PTX and ptxas, without a GPU
+PTX_SCRIPT = """
+import json
+from numba import cuda
+from flashlib.numba_kernels import fa2_tc, ptx
+rows = fa2_tc.ptx_report()
+kern = fa2_tc.make_fa2_tc(64, 4, 64, 2, "float16", False)[0]       # m16n8k16 has no sm_75 form: ptxas refuses
+text = cuda.compile_ptx(kern.py_func, fa2_tc.SIG, cc=(7, 5))[0]
+try:
+    ptx.ptxas(text, (7, 5))
+    k16_on_75 = "accepted"
+except RuntimeError as e:
+    k16_on_75 = str(e)
+print(json.dumps({"rows": rows, "k16_on_75": k16_on_75}))
+"""
+
+
+@pytest.fixture(scope="module")
+def ptx_rows():
+    if shutil.which("ptxas") is None:
+        pytest.skip("ptxas is not on PATH (install the CUDA toolkit to check the PTX)")
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}  # compile_ptx needs the real target
+    r = subprocess.run([sys.executable, "-c", PTX_SCRIPT], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_ptx_has_mma_and_no_local_memory(ptx_rows):
+    rows = ptx_rows["rows"]
+    assert {(r["kernel"].split(" D=")[0], r["cc"]) for r in rows} == {
+        ("fa2_tc float16", "8.0"), ("fa2_tc float16", "9.0"), ("fa2_tc bfloat16", "8.0"), ("fa2_tc bfloat16", "9.0"),
+        ("fa2_tc_k8 float16", "7.5"), ("fa2_tc_k8 float16", "8.0")}
+    assert {int(r["kernel"].split("D=")[1]) for r in rows} == set(fa2_tc.HEAD_DIMS)
+    for r in rows:
+        where = f"{r['kernel']} sm_{r['cc']}: {r}"
+        D = int(r["kernel"].split("D=")[1])
+        NW, Bc, NSTAGE = r["tiles"]
+        k8 = "k8" in r["kernel"]
+        per_tile = (D // 16) * (Bc // 8) + (Bc // 16) * (D // 8)      # Q K^T and P V mma per 16-deep step
+        # every loop over fragments fully unrolled: one mma per (k-step, n-tile), two on the k8 path
+        assert (r["mma_k8"], r["mma_k16"]) == ((2 * per_tile, 0) if k8 else (0, per_tile)), where
+        assert r["bf16"] == (per_tile if "bfloat16" in r["kernel"] else 0), where
+        assert r["ldmatrix"] == D // 16 + (D // 16) * (Bc // 16) + (Bc // 16) * (D // 16), where
+        assert r["ldmatrix_trans"] == (Bc // 16) * (D // 16), where
+        assert (r["cp_async"] > 0) == (NSTAGE == 2), where
+        assert r["shfl"] >= 8, where                 # row max and row sum over the 4 lanes of a row, 2 rows
+        assert r["stack"] == 0 and r["spill_stores"] == 0 and r["spill_loads"] == 0, where
+        assert r["smem"] == fa2_tc.smem_bytes(D, Bc, NSTAGE) <= 48 * 1024 and r["smem_align16"], where
+        assert r["registers"] * r["threads"] <= 65536 and r["registers"] <= 255, where
+    assert "ptxas failed for sm_75" in ptx_rows["k16_on_75"], ptx_rows["k16_on_75"]
+
+
+# ---------------------------------------------------------------- real GPU: the intrinsics alone
+def _intrinsic_kernels():
+    from numba import cuda, float32, uint32
+
+    @cuda.jit
+    def mma_k16(a, b, c, d, bf16):                  # a (32, 4), b (32, 2) uint32 registers; c, d (32, 4) float32
+        ln = cuda.threadIdx.x
+        if bf16:
+            x = mma.mma_m16n8k16_bf16(a[ln, 0], a[ln, 1], a[ln, 2], a[ln, 3], b[ln, 0], b[ln, 1],
+                                      c[ln, 0], c[ln, 1], c[ln, 2], c[ln, 3])
+        else:
+            x = mma.mma_m16n8k16_f16(a[ln, 0], a[ln, 1], a[ln, 2], a[ln, 3], b[ln, 0], b[ln, 1],
+                                     c[ln, 0], c[ln, 1], c[ln, 2], c[ln, 3])
+        for i in range(4):
+            d[ln, i] = x[i]
+
+    @cuda.jit
+    def mma_k8(a, b, c, d):
+        ln = cuda.threadIdx.x
+        x = mma.mma_m16n8k8_f16(a[ln, 0], a[ln, 1], b[ln, 0], c[ln, 0], c[ln, 1], c[ln, 2], c[ln, 3])
+        for i in range(4):
+            d[ln, i] = x[i]
+
+    @cuda.jit
+    def ldm(src, rows, cols, out, out_t, packed):   # src (16, 8) uint32 = a 16x16 16-bit tile
+        sm = cuda.shared.array((16, 12), uint32, alignment=16)   # padded rows, as in the kernel
+        ln = cuda.threadIdx.x
+        if ln < 16:
+            mma.store16(sm, ln, 0, mma.load16(src, ln, 0))
+            mma.store16(sm, ln, 4, mma.load16(src, ln, 4))
+        cuda.syncthreads()
+        x = mma.ldmatrix_x4(sm, rows[ln], cols[ln])
+        y = mma.ldmatrix_x4_trans(sm, rows[ln], cols[ln])
+        for i in range(4):
+            out[ln, i] = x[i]
+            out_t[ln, i] = y[i]
+        packed[ln, 0] = mma.pack_f16x2(float32(ln) + float32(0.25), float32(-ln))
+        packed[ln, 1] = mma.pack_bf16x2(float32(ln) + float32(0.25), float32(-ln))
+    return mma_k16, mma_k8, ldm
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape,dtype", [("m16n8k16", "float16"), ("m16n8k16", "bfloat16"), ("m16n8k8", "float16")])
+def test_gpu_intrinsic_mma(rng, shape, dtype):
+    from numba import cuda
+    mma_k16, mma_k8, _ = _intrinsic_kernels()
+    K = 16 if shape == "m16n8k16" else 8
+    for _ in range(5):
+        A = mma.from_bits(mma.to_bits(rng.standard_normal((16, K)), dtype), dtype)
+        B = mma.from_bits(mma.to_bits(rng.standard_normal((K, 8)), dtype), dtype)
+        C = rng.standard_normal((16, 8)).astype(np.float32)
+        a, b, c = mma.fragments(A, "a", shape, dtype), mma.fragments(B, "b", shape, dtype), mma.c_fragments(C)
+        d = cuda.to_device(np.full((32, 4), np.nan, np.float32))
+        if K == 16:
+            mma_k16[1, 32](a, b, c, d, dtype == "bfloat16")
+        else:
+            mma_k8[1, 32](a, b, c, d)
+        np.testing.assert_allclose(mma.gather_c(d.copy_to_host()), A.astype(np.float64) @ B + C, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_gpu_intrinsic_ldmatrix_and_pack(rng):
+    from numba import cuda
+    _, _, ldm = _intrinsic_kernels()
+    T = mma.to_bits(rng.standard_normal((16, 16)))
+    addrs = [fa2_tc.q_ldm(lane, 0, 0) for lane in range(32)]        # four 8x8 quadrants
+    rows = np.array([r for r, _ in addrs], np.int32)
+    cols = np.array([c // 2 for _, c in addrs], np.int32)
+    out, out_t = (cuda.to_device(np.zeros((32, 4), np.uint32)) for _ in range(2))
+    packed = cuda.to_device(np.zeros((32, 2), np.uint32))
+    ldm[1, 32](np.ascontiguousarray(T).view(np.uint32), rows, cols, out, out_t, packed)
+    np.testing.assert_array_equal(out.copy_to_host(), mma.ldmatrix_model(T, addrs))
+    np.testing.assert_array_equal(out_t.copy_to_host(), mma.ldmatrix_model(T, addrs, trans=True))
+    p = packed.copy_to_host()
+    x = np.arange(32, dtype=np.float32)
+    for col, dt in ((0, "float16"), (1, "bfloat16")):
+        np.testing.assert_array_equal(p[:, col] & 0xFFFF, mma.to_bits(x + 0.25, dt))
+        np.testing.assert_array_equal(p[:, col] >> 16, mma.to_bits(-x, dt))
+
+
+# ---------------------------------------------------------------- real GPU: the attention kernel
+GPU_SHAPES = [(1, 1, 1, 1, 64), (2, 3, 77, 131, 64), (1, 2, 1000, 999, 64), (1, 1, 513, 2049, 128),
+              (1, 2, 2048, 1500, 128), (1, 1, 4096, 4096, 128), (1, 1, 4096, 4096, 64), (2, 1, 300, 300, 32),
+              (1, 1, 129, 65, 96), (1, 1, 64, 64, 128), (3, 2, 17, 333, 128)]
+ATOL = {"float16": 1e-4, "bfloat16": 5e-4}
+
+
+def _torch_inputs(shape, dtype, seed):
+    import torch
+    B, H, Nq, Nk, d = shape
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    mk = lambda n: torch.randn(B, H, n, d, device="cuda", generator=gen).to(getattr(torch, dtype))
+    return mk(Nq), mk(Nk), mk(Nk)
+
+
+def _naive_torch(q, k, v, causal, scale):
+    import torch
+    S = (q @ k.transpose(-1, -2)) * scale
+    if causal:
+        S = S.masked_fill(~torch.ones(S.shape[-2:], dtype=torch.bool, device=q.device).tril(), float("-inf"))
+    return torch.softmax(S, dim=-1) @ v
+
+
+def _f64(t):
+    import torch
+    return t.detach().to(torch.float64).cpu().numpy()
+
+
+def _run_tc(q, k, v, causal, scale, dtype, **kw):
+    """fa2_forward_tc on Numba views of torch tensors (bf16 as int16 bits), outputs NaN-poisoned; torch results."""
+    import torch
+    from numba import cuda
+    bits = (lambda t: t.view(torch.int16)) if dtype == "bfloat16" else (lambda t: t)
+    o = torch.full_like(q, float("nan"))
+    lse = torch.full(q.shape[:3], float("nan"), device="cuda", dtype=torch.float32)
+    nq, nk_, nv, no = (cuda.as_cuda_array(bits(t)) for t in (q, k, v, o))
+    fa2_tc.fa2_forward_tc(nq, nk_, nv, causal=causal, scale=scale, dtype=dtype, o=no, lse=cuda.as_cuda_array(lse), **kw)
+    cuda.synchronize()
+    return o, lse
+
+
+def _check_against_reference(q, k, v, o, lse, causal, scale, dtype):
+    o_ref, lse_ref = reference.attention_forward(_f64(q), _f64(k), _f64(v), causal, scale)
+    bound = 2 * np.abs(_f64(_naive_torch(q, k, v, causal, scale)) - o_ref).max() + ATOL[dtype]
+    err = np.abs(_f64(o) - o_ref).max()
+    assert np.isfinite(_f64(o)).all() and np.isfinite(_f64(lse)).all()
+    assert err <= bound, (err, bound)
+    assert np.abs(_f64(lse) - lse_ref).max() <= 2e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_gpu_forward_matches_reference(shape, dtype, causal):
+    q, k, v = _torch_inputs(shape, dtype, seed=zlib.crc32(repr((shape, dtype, causal)).encode()))
+    scale = 1 / math.sqrt(shape[4])
+    o, lse = _run_tc(q, k, v, causal, scale, dtype)
+    _check_against_reference(q, k, v, o, lse, causal, scale, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("variant", ["k8", "tiles_a", "tiles_b"])
+def test_gpu_forward_other_paths(d, causal, variant):
+    """The sm_75 path (m16n8k8, forced on a newer GPU) and the tile configurations the benchmark sweeps."""
+    shape = (2, 2, 333, 517, d)
+    q, k, v = _torch_inputs(shape, "float16", seed=7)
+    kw = {"k8": dict(k8=True), "tiles_a": dict(tiles=(4, 64, 1)), "tiles_b": dict(tiles=(2, 32, 2))}[variant]
+    o, lse = _run_tc(q, k, v, causal, 0.125, "float16", **kw)
+    _check_against_reference(q, k, v, o, lse, causal, 0.125, "float16")
+
+
+@pytest.mark.gpu
+def test_gpu_strided_inputs_and_scale_and_large_scores():
+    import torch
+    q, k, v = _torch_inputs((2, 3, 200, 300, 64), "float16", seed=3)
+    q = (q * 4).transpose(1, 2).contiguous().transpose(1, 2)   # strided view, scores of order 100
+    assert not q.is_contiguous()
+    o, lse = _run_tc(q, k, v, True, 0.7, "float16")
+    _check_against_reference(q, k, v, o, lse, True, 0.7, "float16")
+    assert o.dtype == torch.float16
+
+
+@pytest.mark.gpu
+def test_gpu_backend_contract_float16():
+    """flashlib.attention(..., backend='numba') with fp16 torch tensors runs the tc variant."""
+    import flashlib
+    import torch
+    q, k, v = _torch_inputs((1, 2, 100, 120, 64), "float16", seed=5)
+    o, lse = flashlib.attention(q, k, v, causal=True, backend="numba", return_lse=True)
+    assert isinstance(o, torch.Tensor) and o.dtype == torch.float16 and o.is_cuda
+    _check_against_reference(q, k, v, o, lse, True, 1 / 8, "float16")
+
+
+@pytest.mark.gpu
+def test_gpu_backend_contract_bfloat16():
+    import flashlib
+    import torch
+    q, k, v = _torch_inputs((1, 2, 100, 120, 64), "bfloat16", seed=6)
+    o, lse = flashlib.attention(q, k, v, causal=False, backend="numba", return_lse=True)
+    assert isinstance(o, torch.Tensor) and o.dtype == torch.bfloat16
+    _check_against_reference(q, k, v, o, lse, False, 1 / 8, "bfloat16")
