@@ -7,7 +7,6 @@ TFLOP/s = 4*B*H*Nq*Nk*d / t, half for causal; fwd+bwd counts 3.5x the forward (b
 B*H*N = 16 * 16384 tokens at every N. All float32, TF32 matmuls off (PyTorch's default).
 """
 import argparse
-import math
 import sys
 import time
 
@@ -49,11 +48,7 @@ def main():
     t_start = time.time()
     rows, notes = [], {}
 
-    def naive(q, k, v, causal):
-        S = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
-        if causal:
-            S = S.masked_fill(torch.ones(S.shape[-2:], dtype=torch.bool, device=dev).triu(1), float("-inf"))
-        return torch.softmax(S, dim=-1) @ v
+    from flashlib.gpt import naive_attention as naive
 
     def sdpa(backend):
         def f(q, k, v, causal):

@@ -25,15 +25,6 @@ def flops(B, H, N, d, causal, backward=False):
     return f * (3.5 if backward else 1.0)
 
 
-def naive(q, k, v, causal, scale):
-    """Matmul, softmax, matmul in the input dtype: the N x N matrix is written to and read from HBM."""
-    import torch
-    S = (q @ k.transpose(-1, -2)) * scale
-    if causal:
-        S = S.masked_fill(torch.ones(S.shape[-2:], dtype=torch.bool, device=S.device).triu(1), float("-inf"))
-    return torch.softmax(S, dim=-1) @ v
-
-
 def implementations(dtype):
     """name -> (forward(q, k, v, causal, scale), forward+backward(q, k, v, do, causal, scale)) for this dtype."""
     import torch
@@ -48,7 +39,8 @@ def implementations(dtype):
             fwd(q, k, v, causal, scale).backward(do)
         return fwd, fb
 
-    impls = {"naive": torch_pair(naive)}
+    from ..gpt import naive_attention
+    impls = {"naive": torch_pair(naive_attention)}
     for name in SDPA:
         backend = getattr(SDPBackend, {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION",
                                        "efficient": "EFFICIENT_ATTENTION", "math": "MATH"}[name])
