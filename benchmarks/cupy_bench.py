@@ -9,7 +9,6 @@ Shapes: B*H*N = 16*16384 tokens, H = 16; FLOPs = 4*B*H*N^2*d (half for causal); 
 """
 import argparse
 import concurrent.futures
-import math
 import multiprocessing
 import os
 import sys
@@ -81,16 +80,8 @@ def smoke():
 
 
 def _sdpa(backend):
-    import torch
-    import torch.nn.functional as F
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    b = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
-         "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[backend]
-
-    def f(q, k, v, causal):
-        with sdpa_kernel([b]):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-    return f
+    from flashlib.torch import sdpa_pinned
+    return lambda q, k, v, causal: sdpa_pinned(backend, q, k, v, is_causal=causal)
 
 
 def _naive(q, k, v, causal):

@@ -35,9 +35,7 @@ def main():
     args = ap.parse_args()
 
     import torch
-    import torch.nn.functional as F
     from numba import cuda
-    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from flashlib import numba_kernels as nk
     from flashlib._arrays import to_numba
@@ -50,15 +48,13 @@ def main():
 
     from flashlib.gpt import naive_attention as naive
 
-    def sdpa(backend):
-        def f(q, k, v, causal):
-            with sdpa_kernel(backend):
-                return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-        return f
+    from flashlib.torch import sdpa_pinned
 
-    torch_methods = {"sdpa_efficient": sdpa(SDPBackend.EFFICIENT_ATTENTION), "sdpa_math": sdpa(SDPBackend.MATH),
-                     "sdpa_flash": sdpa(SDPBackend.FLASH_ATTENTION), "sdpa_cudnn": sdpa(SDPBackend.CUDNN_ATTENTION),
-                     "naive_torch": naive}
+    def sdpa(backend):
+        return lambda q, k, v, causal: sdpa_pinned(backend, q, k, v, is_causal=causal)
+
+    torch_methods = {f"sdpa_{b}": sdpa(b) for b in ("efficient", "math", "flash", "cudnn")}
+    torch_methods["naive_torch"] = naive
 
     def record(method, mode, N, d, causal, BH, fn, reps):
         try:

@@ -27,11 +27,8 @@ def flops(B, H, N, d, causal, backward=False):
 
 def implementations(dtype):
     """name -> (forward(q, k, v, causal, scale), forward+backward(q, k, v, do, causal, scale)) for this dtype."""
-    import torch
-    import torch.nn.functional as F
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     import flashlib
+    from ..torch import sdpa_pinned
 
     def torch_pair(fwd):
         def fb(q, k, v, do, causal, scale):
@@ -42,12 +39,8 @@ def implementations(dtype):
     from ..gpt import naive_attention
     impls = {"naive": torch_pair(naive_attention)}
     for name in SDPA:
-        backend = getattr(SDPBackend, {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION",
-                                       "efficient": "EFFICIENT_ATTENTION", "math": "MATH"}[name])
-
-        def sdpa(q, k, v, causal, scale, backend=backend):
-            with sdpa_kernel(backend):
-                return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+        def sdpa(q, k, v, causal, scale, name=name):
+            return sdpa_pinned(name, q, k, v, is_causal=causal, scale=scale)
         impls[f"sdpa-{name}"] = torch_pair(sdpa)
     for b in flashlib.available_backends():
         if b in ("numba", "cupy") and not (b == "numba" and dtype != "float32"):
