@@ -14,9 +14,9 @@ Causal: tiles whose first key comes after their last query are skipped, not comp
 import functools
 import math
 
-from numba import cuda, float32, int32
+from numba import cuda, float32
 
-from ._common import check_arrays, check_dtype, device, head_bucket, n_blocks, out_arrays, scale_of, trace_arrays
+from ._common import check_arrays, device, head_bucket, out_arrays, scale_of, trace_arrays
 
 NEG_INF = float32(-math.inf)
 

@@ -6,7 +6,6 @@ A naive kernel gives each thread one C element, read from a row of A and a colum
 the block loads the A tile (bi, k) and the B tile (k, bj) into shared memory once (2 T^2 loads) and every
 one of its T^2 threads reads them from there: 2 n^3 / T global loads in all, T times fewer.
 """
-import numpy as np
 from matplotlib.patches import Rectangle
 
 from .stepthrough import animate
