@@ -102,3 +102,12 @@ def test_sparsity_mask_drawing():
     assert sparsity.draw_mask(ax, mask, causal=True) == pytest.approx(10 / 16)
     assert sparsity.tile_status(mask, causal=True)[0, 1] == -1
     plt.close(fig)
+
+
+def test_mma_fragment_figure_covers_every_element_once():
+    from flashlib.viz import fragments
+    from flashlib.numba_kernels.mma import a_index
+    lane, elem = fragments._grid(a_index, 16, 16, 8)
+    assert (lane >= 0).all() and sorted(zip(lane.ravel(), elem.ravel())) == [(l, e) for l in range(32) for e in range(8)]
+    fig = fragments.mma_layout()
+    assert len(fig.axes) == 3 and "lane" in fig._suptitle.get_text()
