@@ -47,5 +47,6 @@ def _describe(has_gpu):
         from numba import cuda
         dev = cuda.get_current_device()
         return f"GPU: {dev.name.decode() if isinstance(dev.name, bytes) else dev.name}, compute capability {dev.compute_capability}"
-    return ("No CUDA GPU here: Numba kernels run in its CUDA simulator at small sizes, CuPy kernels are compiled "
-            "but not launched, and GPU figures come from runs recorded in benchmarks/results/.")
+    return ("No CUDA GPU here: Numba kernels run in its CUDA simulator at small sizes,\n"
+            "CuPy kernels are compiled but not launched, and GPU figures come from runs\n"
+            "recorded in benchmarks/results/.")

@@ -10,8 +10,9 @@ import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SETUP_MARK = "# Set-up"
-SETUP = """# Set-up: in Colab, install flashlib (Colab already has torch, CuPy and Numba). Without a GPU,
-# flashlib.setup() selects Numba's CUDA simulator and GPU figures come from recorded runs.
+SETUP = """# Set-up. In Colab: install flashlib (Colab has torch, CuPy, Numba).
+# Without a GPU, flashlib.setup() selects Numba's CUDA simulator
+# and the GPU figures come from recorded runs.
 import sys
 if "google.colab" in sys.modules:
     %pip install -q --no-deps "flashlib @ git+{url}"
