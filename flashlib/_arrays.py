@@ -81,12 +81,13 @@ def like(y, x, dtype):
     if k == "torch":
         import torch
         yk = kind_of(y)
-        if yk == "numpy":
-            return torch.from_numpy(np.ascontiguousarray(y)).to(device=x.device, dtype=getattr(torch, dtype))
-        t = torch.from_dlpack(y) if yk == "cupy" else torch.as_tensor(y, device=x.device)
-        if dtype == "bfloat16" and t.dtype == torch.int16:
-            return t.view(torch.bfloat16)
-        return t.to(getattr(torch, dtype))
+        if yk != "numpy" and x.is_cuda:                  # GPU to GPU: no copy
+            t = torch.from_dlpack(y) if yk == "cupy" else torch.as_tensor(y, device=x.device)
+        else:                                            # a host caller gets a host tensor back
+            t = torch.from_numpy(np.ascontiguousarray(to_numpy(y)))
+        if dtype == "bfloat16" and t.dtype in (torch.int16, torch.uint16):
+            t = t.view(torch.bfloat16)
+        return t.to(device=x.device, dtype=getattr(torch, dtype))
     if k == "numpy":
         return to_numpy(y).astype(dtype, copy=False)
     if k == "cupy":

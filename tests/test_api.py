@@ -88,3 +88,13 @@ def test_backward_checks_its_extra_arguments(rng):
         flashlib.attention_backward(q, k, v, o, lse[..., :3], o)
     with pytest.raises(ValueError, match="do must have q's shape"):
         flashlib.attention_backward(q, k, v, o, lse, o[..., :3, :])
+
+
+def test_host_torch_tensors_come_back_on_the_host_from_a_device_backend(rng):
+    """A CPU tensor sent to the numba backend (the simulator here, the GPU on a GPU machine) returns on the CPU."""
+    if "numba" not in flashlib.available_backends():
+        pytest.skip("no numba backend here")
+    q, k, v = (torch.tensor(a) for a in qkv(rng, 1, 1, 9, 7, 4))
+    o, lse = flashlib.attention(q, k, v, backend="numba", return_lse=True)
+    assert o.device.type == "cpu" and lse.device.type == "cpu" and o.dtype == torch.float32
+    np.testing.assert_allclose(o.numpy(), R.attention_forward(q.numpy(), k.numpy(), v.numpy())[0], rtol=1e-5, atol=1e-6)
