@@ -11,3 +11,4 @@ timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tail -4
 timeout 120 python3 benchmarks/numba_tc_bench.py --out "$OUT" --quick 2>&1 | tail -15
 timeout 60 python3 benchmarks/block_sparse_bench.py --out "$OUT" 2>&1 | tail -5
 timeout 60 python3 benchmarks/matmul_bench.py --out "$OUT" 2>&1 | tail -5
+timeout 60 python3 benchmarks/api_overhead.py --out "$OUT" 2>&1 | tail -12
