@@ -17,6 +17,14 @@ def expand(block_mask, Nq, Nk, Br, Bc):
     return np.kron(np.asarray(block_mask, bool), np.ones((Br, Bc), bool))[:Nq, :Nk]
 
 
+def random_mask(Tr, Tc, density, seed=0):
+    """A (Tr, Tc) block mask keeping each tile with probability `density`, plus one tile per row block (the
+    diagonal one) so that every query sees some key."""
+    m = np.random.default_rng(seed).random((Tr, Tc)) < density
+    m[np.arange(Tr), np.minimum(np.arange(Tr), Tc - 1)] = True
+    return m
+
+
 def fa2_forward(q, k, v, block_mask, causal=False, scale=None, Br=16, Bc=16, trace=None, itemsize=4):
     """q (..., Nq, d), k, v (..., Nk, d), block_mask (Tr, Tc) bool -> O (..., Nq, d), lse (..., Nq)."""
     q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))

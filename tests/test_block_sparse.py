@@ -73,3 +73,12 @@ def test_numba_kernel_skips_the_masked_tiles(rng, causal):
     assert visits and all(mask[i, j] for i, j in visits)
     with pytest.raises(ValueError, match="block_mask must have shape"):
         fa2_forward(q, k, v, Br=Br, Bc=Bc, block_mask=mask[:, :3])
+
+
+def test_random_mask_density_and_rows():
+    from flashlib.block_sparse import random_mask
+    m = random_mask(64, 48, 0.25, seed=1)
+    assert m.shape == (64, 48) and m.dtype == bool
+    assert m.any(axis=1).all()                                   # every row block keeps a tile
+    assert abs(m.mean() - 0.25) < 0.05
+    assert (random_mask(64, 48, 0.25, seed=1) == m).all() and not (random_mask(64, 48, 0.25, seed=2) == m).all()
