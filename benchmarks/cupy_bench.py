@@ -1,9 +1,11 @@
 """The CuPy ladder beside PyTorch SDPA (each backend pinned) and naive attention, on the present GPU.
 
     python benchmarks/cupy_bench.py [--out DIR] [--quick]    # the grid; writes <DIR or benchmarks/results>/cupy_<gpu>.json
-    python benchmarks/cupy_bench.py --precompile              # compile every kernel instance in parallel (CuPy disk cache)
+    python benchmarks/cupy_bench.py --precompile [--sweep] [--bwd-sweep]  # compile in parallel (CuPy disk cache) the
+                                                              # library's and the tests' instances [and the sweeps']
     python benchmarks/cupy_bench.py --smoke                   # each kernel once at small shapes (for compute-sanitizer)
-    python benchmarks/cupy_bench.py --sweep                   # rung-3 tile sizes at N=4096
+    python benchmarks/cupy_bench.py --bwd-sweep               # Tensor Core backward tiles, backward alone, N=4096, 16384
+    python benchmarks/cupy_bench.py --sweep                   # rung-3 tiles at N=4096, 16384 (and |o - flash's o|)
 
 Shapes: B*H*N = 16*16384 tokens, H = 16; FLOPs = 4*B*H*N^2*d (half for causal); forward+backward counts 3.5x.
 """
@@ -18,7 +20,14 @@ from flashlib import bench  # noqa: E402
 from flashlib import cupy_kernels as ck  # noqa: E402
 
 NS = (512, 1024, 2048, 4096, 8192, 16384)
-SWEEP_TILES = [(4, 64), (4, 128), (8, 64), (8, 32), (4, 32), (8, 128)]
+# rung-3 tiles to sweep per head dim: (warps, Bc, query rows per warp, Q in registers)
+SWEEP_TILES = {64: [(4, 128, 16, 1), (4, 64, 32, 1), (4, 64, 32, 0), (4, 128, 32, 0), (4, 128, 32, 1), (8, 64, 32, 1)],
+               128: [(8, 128, 16, 1), (4, 32, 32, 0), (4, 48, 32, 0), (4, 64, 32, 0), (8, 32, 32, 0), (8, 64, 32, 0)]}
+
+# Tensor Core backward tiles to sweep per head dim: (warps, key m-tiles per warp, Br, BRC, K/V in registers)
+BWD_SWEEP_TILES = {64: [(4, 2, 64, 32, False), (8, 1, 64, 64, True), (8, 1, 64, 64, False), (8, 1, 128, 64, True),
+                        (8, 1, 64, 32, True), (4, 1, 64, 64, True)],
+                   128: [(8, 1, 64, 64, False), (8, 1, 64, 32, False), (4, 1, 64, 32, False), (8, 1, 32, 32, False)]}
 
 
 def _compile(job):
@@ -42,13 +51,67 @@ def sweep_jobs():
     for dtype in ("float16",):
         for d in (64, 128):
             for causal in (False, True):
-                for tiles in SWEEP_TILES:
+                for tiles in SWEEP_TILES[d]:
                     try:
                         cfg = ck.choose_config(dtype, d, ck.device_cc(), causal, "tuned", tiles)
                     except ValueError:
                         continue
                     jobs.append((cfg.file, cfg.kernel))
     return jobs
+
+
+def test_jobs():
+    """The instances tests/test_cupy_kernels.py launches beyond the library's defaults: every tile the tuned rung can
+    choose (TUNED_TILES, FALLBACK_TILES) and the backward tilings it checks."""
+    cc, jobs = ck.device_cc(), set()
+    for dt in ("float16", "bfloat16"):
+        for d in ck.HEAD_DIMS:
+            for c in (False, True):
+                for t in set(ck.TUNED_TILES[d] + ck.FALLBACK_TILES):
+                    jobs.add(("fa2_tc.cu", ck.choose_config(dt, d, cc, c, "tuned", t).kernel))
+    bwd = [(64, (4, 2, 64, 32, False)), (64, (8, 1, 128, 64, True)), (64, (8, 1, 64, 64, False)),
+           (128, (4, 1, 64, 32, False)), (128, (8, 1, 32, 32, False)), (128, (8, 1, 64, 64, False)),
+           (96, (4, 1, 32, 32, False))]
+    for d, t in bwd:
+        for c in (False, True):
+            jobs.add(("fa2_bwd_tc.cu", ck.choose_config("float16", d, cc, c, "bwd_tc", t).kernel))
+    return sorted(jobs)
+
+
+def bwd_sweep_jobs():
+    return [(f, ck.choose_config(dt, d, ck.device_cc(), c, "bwd_tc", t).kernel) for dt in ("float16",)
+            for d, ts in BWD_SWEEP_TILES.items() for c in (False, True) for t in ts for f in ("fa2_bwd_tc.cu",)]
+
+
+def bwd_sweep(out=None):
+    """Backward alone (ck.backward: pre-pass, kernel, dQ conversion) for each tile of BWD_SWEEP_TILES, beside SDPA
+    flash's backward (its forward+backward minus its forward); TFLOP/s = 2.5x the forward's FLOPs."""
+    import torch
+    rows = []
+    for d, tiles in BWD_SWEEP_TILES.items():
+        for causal in (False, True):
+            for N in (4096, 16384):
+                H, B = 16, 16384 // N
+                q, k, v, do = _inputs(B, H, N, d, "float16")
+                qc, kc, vc, doc = (_cupy(t) for t in (q, k, v, do))
+                scale = d ** -0.5
+                flops = 2.5 * 4 * B * H * N * N * d * (0.5 if causal else 1.0)
+                with torch.no_grad():
+                    fwd = _time(lambda: _sdpa("flash")(q, k, v, causal), N)
+                qg, kg, vg = (t.detach().clone().requires_grad_() for t in (q, k, v))
+                fb = _time(lambda: _sdpa("flash")(qg, kg, vg, causal).backward(do), N)
+                row = dict(d=d, causal=causal, n=N, B=B, H=H, flash_bwd_ms=fb - fwd)
+                o, lse = ck.forward(qc, kc, vc, causal=causal, scale=scale, dtype="float16")
+                for t in tiles:
+                    ms = _time(lambda: ck.backward(qc, kc, vc, o, lse, doc, causal=causal, scale=scale,
+                                                   dtype="float16", rung="bwd_tc", tiles=t), N)
+                    row["_".join(str(int(x)) for x in t)] = ms
+                print(f"d={d} causal={causal} N={N}: bwd TFLOP/s " + " ".join(
+                    f"{key}: {flops / (ms * 1e-3) / 1e12:.0f}" for key, ms in row.items() if key.endswith("ms") or key[0].isdigit()))
+                rows.append(row)
+                torch.cuda.empty_cache()
+    return bench.save("cupy_bwd_sweep_" + _gpu_tag(), rows, directory=out, tiles=BWD_SWEEP_TILES,
+                      flops="backward = 2.5 * 4*B*H*N^2*d, half when causal")
 
 
 def _inputs(B, H, N, d, dtype, seed=0):
@@ -97,8 +160,9 @@ def _time(fn, N):
     return bench.time_cuda(fn, warmup=2, repeat=rep)
 
 
-def measure(dtype, d, causal, N, impls, with_bwd=True):
-    """Rows {impl, fwd_ms, fwd_tflops, fwdbwd_ms, fwdbwd_tflops} for one shape."""
+def measure(dtype, d, causal, N, impls, with_bwd=True, check=False):
+    """Rows {impl, fwd_ms, fwd_tflops, fwdbwd_ms, fwdbwd_tflops} for one shape; check: also max |o - o of SDPA
+    flash| of each CuPy forward (err_vs_flash)."""
     import torch
     H = 16
     B = max(1, 16384 // N)
@@ -116,6 +180,12 @@ def measure(dtype, d, causal, N, impls, with_bwd=True):
                     rung, tiles = "tuned", tuple(int(x) for x in impl.split("_")[1:])
                 fwd = lambda: ck.forward(qc, kc, vc, causal=causal, scale=scale, dtype=dtype, rung=rung, tiles=tiles)
                 row["fwd_ms"] = _time(fwd, N)
+                if check:
+                    from flashlib._arrays import like
+                    with torch.no_grad():
+                        o_flash = _sdpa("flash")(q, k, v, causal)
+                    row["err_vs_flash"] = float((like(fwd()[0], q, dtype).float() - o_flash.float()).abs().max())
+                    del o_flash
                 brung = "bwd_fp32" if impl == "fp32" or impl == "sm75" else "bwd_tc"
                 if with_bwd and not impl.startswith("tuned_") and (brung == "bwd_tc" or N <= 2048):
                     row["bwd_rung"] = brung
@@ -162,19 +232,26 @@ def main():
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--precompile", action="store_true")
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--bwd-sweep", action="store_true")
     ap.add_argument("--quick", action="store_true", help="N = 1024, 4096, 16384 only")
     a = ap.parse_args()
     if a.precompile:
-        return precompile(sweep_jobs())
+        extra = test_jobs() + (sweep_jobs() if a.sweep else []) + (bwd_sweep_jobs() if a.bwd_sweep else [])
+        return precompile(sorted(set(extra)))
     if a.smoke:
         return smoke()
+    if a.bwd_sweep:
+        return bwd_sweep(a.out)
     rows = []
     if a.sweep:
         for d in (64, 128):
             for causal in (False, True):
-                impls = ["flash"] + ["tuned_%d_%d" % t for t in SWEEP_TILES]
-                rows += measure("float16", d, causal, 4096, impls, with_bwd=False)
+                for N in (4096, 16384):
+                    impls = ["flash", "tuned"] + ["tuned_" + "_".join(map(str, t)) for t in SWEEP_TILES[d]]
+                    rows += measure("float16", d, causal, N, impls, with_bwd=False, check=True)
         print(table(rows))
+        print("max |o - o of SDPA flash|:", {f"{r['d']} {r['causal']} {r['n']} {r['impl']}": round(r["err_vs_flash"], 5)
+                                             for r in rows if "err_vs_flash" in r})
         return bench.save("cupy_sweep_" + _gpu_tag(), rows, directory=a.out)
     for dtype in ("float16", "bfloat16"):
         for d in (64, 128):

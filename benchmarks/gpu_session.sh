@@ -1,14 +1,33 @@
 #!/usr/bin/env bash
-# One device-machine call that checks every kernel and records what the book still lacks, results under $OUT.
-# On the H100 device image (see ../shared/device/README.md), carry .whl and run:
-#   bash benchmarks/gpu_session.sh <flashlib commit>
+# Device-machine calls that check every kernel and record the benchmarks, results under $OUT. On the device image
+# (see ../shared/device/README.md), carry .whl (numpy 2.4 from ../shared/device/fetch-wheels.sh, plus pytest-xdist
+# and execnet) and run, within one warm lease:
+#   bash benchmarks/gpu_session.sh tests <flashlib commit>   # every gpu test, compute-sanitizer      (~7 min)
+#   bash benchmarks/gpu_session.sh bench <flashlib commit>   # the benchmarks still to be recorded    (~8 min)
 set -u
+phase=${1:?tests or bench}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   && export PYTHONPATH=/tmp/site:$PWD || exit 1
-export PYTHONUNBUFFERED=1 FLASHLIB_COMMIT=${1:-unknown} OUT=${OUT:-/tmp/out}
+export PYTHONUNBUFFERED=1 FLASHLIB_COMMIT=${2:-unknown} OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
-timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tail -40 | tee "$OUT/gpu_tests.txt"
-timeout 120 python3 benchmarks/numba_tc_bench.py --out "$OUT" --quick 2>&1 | tail -15
-timeout 60 python3 benchmarks/block_sparse_bench.py --out "$OUT" 2>&1 | tail -5
-timeout 60 python3 benchmarks/matmul_bench.py --out "$OUT" 2>&1 | tail -5
-timeout 60 python3 benchmarks/api_overhead.py --out "$OUT" 2>&1 | tail -12
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+log() { tee -a "$OUT/$phase.txt"; }
+if [ "$phase" = tests ]; then
+  # CuPy's instances compile on the CPUs (NVRTC, disk cache) while the Numba tests run
+  (timeout 240 python3 benchmarks/cupy_bench.py --precompile > "$OUT/precompile.txt" 2>&1) &
+  timeout 270 python3 -m pytest -q -m gpu -p no:cacheprovider -n 6 --dist loadfile \
+    tests/test_numba_tf32.py tests/test_numba_bwd_tf32.py tests/test_numba_tc.py tests/test_numba_kernels.py \
+    tests/test_hardware.py tests/test_torch.py 2>&1 | tail -25 | log
+  wait
+  tail -3 "$OUT/precompile.txt" | log
+  timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider -n 4 tests/test_cupy_kernels.py 2>&1 | tail -25 | log
+  for tool in memcheck racecheck; do
+    timeout 60 compute-sanitizer --tool $tool python3 -m flashlib.numba_kernels.selfcheck --tc 2>&1 | tail -6 | log
+  done
+  timeout 60 compute-sanitizer --tool memcheck python3 benchmarks/cupy_bench.py --smoke 2>&1 | tail -4 | log
+else
+  timeout 200 python3 benchmarks/cupy_bench.py --out "$OUT" --quick 2>&1 | tail -3 | log
+  timeout 120 python3 benchmarks/numba_tf32_bench.py --out "$OUT" 2>&1 | tail -3 | log
+  timeout 120 python3 benchmarks/numba_bwd_tf32_bench.py --out "$OUT" 2>&1 | tail -30 | log
+  timeout 110 python3 benchmarks/numba_tc_bench.py --out "$OUT" --quick --no-cupy 2>&1 | tail -30 | log
+fi

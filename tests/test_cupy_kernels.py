@@ -38,7 +38,7 @@ def test_default_forward_rung(dtype, cc, rung):
         assert cfg.rung == rung
         assert cfg.smem <= ck.SMEM_LIMIT[ck._cc_int(cc)]
         if rung != "fp32":
-            assert cfg.Br == 16 * cfg.warps and cfg.kernel.startswith("fa2_tc<")
+            assert cfg.Br in (16 * cfg.warps, 32 * cfg.warps) and cfg.kernel.startswith("fa2_tc<")
 
 
 def test_backward_rungs():
@@ -47,18 +47,32 @@ def test_backward_rungs():
     assert ck.default_rung("float16", 75, "backward") == "bwd_fp32"
     assert ck.default_rung("float32", 90, "backward") == "bwd_fp32"
     cfg = ck.choose_config("float16", 128, 90, causal=True, rung="bwd_tc")
-    nw, Br = ck.BWD_TILES[128]
-    assert cfg.kernel == f"fa2_bwd_tc<__half, 128, {nw}, {Br}, true>" and cfg.Bc == 16 * nw and cfg.Br == Br
-    assert ck.choose_config("float16", 128, 86, rung="bwd_tc").smem <= ck.SMEM_LIMIT[86]
+    nw, kw, Br, brc, kvreg = ck.BWD_TILES[128]
+    assert cfg.kernel == f"fa2_bwd_tc<__half, 128, {nw}, {kw}, {Br}, {brc}, {str(kvreg).lower()}, true>"
+    assert cfg.Bc == 16 * kw * nw and cfg.Br == Br and cfg.smem == ck.smem_backward(128, nw, kw, Br)
+    for d in ck.HEAD_DIMS:
+        for cc in (80, 86, 89, 90):  # the table's tiles, or smaller ones where the shared memory is smaller
+            cfg = ck.choose_config("bfloat16", d, cc, rung="bwd_tc")
+            assert cfg.smem <= ck.SMEM_LIMIT[cc] and cfg.Bc % cfg.warps == 0
+    assert ck.choose_config("float16", 128, 86, rung="bwd_tc").Bc < ck.choose_config("float16", 128, 90, rung="bwd_tc").Bc
+    # the tile override: (warps, KW, Br, BRC, KVREG)
+    cfg = ck.choose_config("float16", 64, 90, rung="bwd_tc", tiles=(4, 2, 64, 32, False))
+    assert cfg.Bc == 128 and cfg.warps == 4 and cfg.kernel.endswith("4, 2, 64, 32, false, false>")
+    with pytest.raises(ValueError, match="shared memory"):
+        ck.choose_config("float16", 128, 86, rung="bwd_tc", tiles=(8, 1, 64, 32, False))
 
 
 def test_kernel_names_and_tiles():
     cfg = ck.choose_config("bfloat16", 64, 90, causal=True)
-    nw, Bc = ck.TUNED_TILES[64]
-    assert cfg.kernel == f"fa2_tc<__nv_bfloat16, 64, {nw}, {Bc}, true, true, false>"
-    assert cfg.smem == ck.smem_forward(64, nw, Bc, 2)
-    assert ck.choose_config("float16", 96, 75).kernel.endswith("false, false, true>")
+    nw, Bc, rw, qreg = ck.TUNED_TILES[64][True]
+    assert cfg.kernel == f"fa2_tc<__nv_bfloat16, 64, {nw}, {Bc}, true, true, false, {rw // 16}, {str(qreg).lower()}>"
+    assert cfg.smem == ck.smem_forward(64, nw, Bc, 2, rw, qreg) and cfg.Br == rw * nw
+    assert ck.choose_config("float16", 96, 75).kernel.endswith("false, false, true, 1, true>")
     assert ck.choose_config("float16", 128, 90, rung="tc", tiles=(2, 32)).Br == 32
+    cfg = ck.choose_config("float16", 128, 90, rung="tuned", tiles=(4, 64, 32, 0))
+    assert cfg.Br == 128 and cfg.kernel.endswith("true, false, 2, false>")
+    # Q, two stages of K and V, the row sums (L_SMEM); two blocks fit an H100 SM (228 KB, 1 KB reserved per block)
+    assert cfg.smem == 2 * 136 * (128 + 4 * 64) + 4 * 128 * 4 and 2 * (cfg.smem + 1024) <= 228 * 1024
     # tiles that fit an H100 but not an RTX (sm_86) are replaced by smaller ones there
     assert ck.choose_config("float16", 128, 86).smem <= ck.SMEM_LIMIT[86]
 
@@ -69,6 +83,7 @@ def test_kernel_names_and_tiles():
     (("float16", 64, 75, False, "bwd_tc"), "8.0"), (("bfloat16", 64, 90, False, "sm75"), "float16 only"),
     (("float32", 64, 90, False, "tc"), "Tensor Cores"), (("float16", 64, 90, False, "fastest"), "unknown rung"),
     (("float16", 128, 86, False, "tuned", (8, 128)), "shared memory"),
+    (("float16", 64, 90, False, "tuned", (4, 64, 64)), "16 or 32"),
 ])
 def test_choose_config_errors(args, match):
     with pytest.raises(ValueError, match=match):
@@ -248,6 +263,25 @@ def test_forward_matches_reference(shape, dtype, rung, poisoned):
     assert _err(lse, lse_ref) <= 2e-3
 
 
+# every tile the tuned rung can choose (TUNED_TILES on an H100, FALLBACK_TILES on GPUs with less shared memory)
+TILE_CHOICES = sorted({(d, tuple(t)) for d in ck.HEAD_DIMS for t in ck.TUNED_TILES[d] + ck.FALLBACK_TILES})
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d,tiles", TILE_CHOICES, ids=str)
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_tuned_tile_choices_match_reference(d, tiles, dtype, poisoned):
+    scale = 1 / np.sqrt(d)
+    for shape in [(1, 2, 300, 333, d, True), (2, 1, 129, 65, d, False), (1, 1, 200, 521, d, True)]:
+        causal = shape[5]
+        q, k, v, _ = _torch_inputs(shape, dtype, seed=zlib.crc32(repr((shape, dtype, tiles)).encode()))
+        o, lse = _backend_call(ck.forward, (q, k, v), dtype, causal, scale, rung="tuned", tiles=tiles)
+        o_ref, lse_ref = reference.attention_forward(_f64(q), _f64(k), _f64(v), causal, scale)
+        bound = 2 * _err(_naive(q, k, v, causal, scale), o_ref) + ATOL[dtype]
+        assert _err(o, o_ref) <= bound, (shape, _err(o, o_ref), bound)
+        assert _err(lse, lse_ref) <= 2e-3
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_forward_float32(shape, poisoned):
@@ -283,6 +317,34 @@ def test_backward_matches_reference(shape, dtype, rung, poisoned):
         bound = 3 * _err(naive, ref) + ATOL[dtype]
         assert _err(got, ref) <= bound, (name, _err(got, ref), bound)
     assert torch.isfinite(dq).all()
+
+
+BWD_TILE_VARIANTS = [  # (shape, tiles): other tilings of fa2_bwd_tc than the defaults (two key m-tiles per warp,
+    # Br = 128, register chunks, 4 warps, Br = 32), ragged and causal
+    ((1, 2, 200, 65, 64, True), (4, 2, 64, 32, False)), ((2, 1, 130, 257, 64, False), (4, 2, 64, 32, False)),
+    ((1, 2, 300, 190, 64, True), (8, 1, 128, 64, True)), ((1, 1, 100, 333, 64, False), (8, 1, 64, 64, False)),
+    ((1, 2, 255, 190, 128, True), (4, 1, 64, 32, False)), ((1, 1, 100, 333, 128, False), (8, 1, 32, 32, False)),
+    ((1, 2, 255, 190, 128, True), (8, 1, 64, 64, False)), ((1, 1, 129, 70, 96, True), (4, 1, 32, 32, False)),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape,tiles", BWD_TILE_VARIANTS, ids=str)
+def test_backward_tile_variants(shape, tiles, poisoned):
+    """The tile override of the Tensor Core backward, against float64 with the FlashAttention rule."""
+    import torch
+    causal = shape[5]
+    dtype = "float16"
+    q, k, v, do = _torch_inputs(shape, dtype, seed=zlib.crc32(repr((shape, tiles)).encode()))
+    o64, lse64 = reference.attention_forward(_f64(q), _f64(k), _f64(v), causal, 0.1)
+    refs = reference.attention_backward(_f64(q), _f64(k), _f64(v), o64, lse64, _f64(do), causal, 0.1)
+    o, lse = torch.from_numpy(o64).to(q), torch.from_numpy(lse64).float().cuda()
+    dq, dk, dv = _backend_call(ck.backward, (q, k, v, o, lse, do), dtype, causal, 0.1, rung="bwd_tc", tiles=tiles)
+    qn, kn, vn = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    _naive(qn, kn, vn, causal, 0.1).backward(do)
+    for name, got, naive, ref in zip("qkv", (dq, dk, dv), (qn.grad, kn.grad, vn.grad), refs):
+        bound = 3 * _err(naive, ref) + ATOL[dtype]
+        assert _err(got, ref) <= bound, (name, _err(got, ref), bound)
 
 
 @pytest.mark.gpu

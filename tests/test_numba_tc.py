@@ -121,33 +121,48 @@ def test_ldmatrix_addresses_give_the_fragments(rng):
 
 
 def test_kernel_spells_the_same_addresses():
-    """The kernel writes the ldmatrix address expressions inline; evaluate them and compare with q_ldm etc."""
-    tree = ast.parse(textwrap.dedent(inspect.getsource(fa2_tc.make_fa2_tc)))
-    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)
-             and n.func.attr.startswith("ldmatrix_x4")]
-    assert len(calls) == 3
-    # row expression prefix -> (address function, names of its 2nd and 3rd arguments)
-    fns = {"16 * warp": (fa2_tc.q_ldm, "warp", "kk"), "kb": (fa2_tc.k_ldm, "nn", "kk"),
-           "vb": (fa2_tc.v_ldm, "kk", "nn")}
-    for call in calls:
-        row, col = (ast.unparse(a) for a in call.args[1:3])
-        fn, xn, yn = fns[next(key for key in fns if row.startswith(key))]
+    """The kernel writes the ldmatrix addresses inline: Q's as (row, col) per k-step, K's and V's as one base address
+    per lane (shared_u32_at) plus constant byte offsets per fragment. Evaluate them and compare with q_ldm etc."""
+    src = textwrap.dedent(inspect.getsource(fa2_tc.make_fa2_tc))
+    tree = ast.parse(src)
+    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)]
+    q_calls = [c for c in calls if c.func.attr == "ldmatrix_x4"]
+    assert len(q_calls) == 1
+    row, col = (ast.unparse(a) for a in q_calls[0].args[1:3])
+    for MR in (1, 2):
         for lane in range(32):
-            for x in range(3):
-                for y in range(3):
-                    env = {"lane": lane, xn: x, yn: y, "kb": 0, "vb": 0}
-                    r, c = fn(lane, x, y)
-                    assert (eval(row, {}, env), eval(col, {}, env)) == (r, c >> 1), (row, lane, x, y)
+            for warp in range(3):
+                for mr in range(MR):
+                    for kk in range(3):
+                        env = {"lane": lane, "warp": warp, "mr": mr, "kk": kk, "MR": MR}
+                        r, c = fa2_tc.q_ldm(lane, MR * warp + mr, kk)       # m-tile MR*warp + mr of the block
+                        assert (eval(row, {}, env), eval(col, {}, env)) == (r, c >> 1)
+    # bases: ka = shared_u32_at(sm, row, col) is K fragment (0, 0); va the same for V, NSTAGE*Bc rows down
+    bases = {ast.unparse(n.targets[0]): n.value for n in ast.walk(tree) if isinstance(n, ast.Assign)
+             and isinstance(n.value, ast.Call) and ast.unparse(n.value.func) == "mma.shared_u32_at"}
+    for name, fn, extra in (("ka", fa2_tc.k_ldm, 0), ("va", fa2_tc.v_ldm, 1000)):
+        row, col = (ast.unparse(a) for a in bases[name].args[1:3])
+        for lane in range(32):
+            env = {"lane": lane, "NSTAGE": 1, "Bc": 1000}
+            r, c = fn(lane, 0, 0)
+            assert (eval(row, {}, env), eval(col, {}, env)) == (r + extra, c >> 1), (name, lane)
+            for x in range(4):                       # fragment (x, y) = fragment (0, 0) + 16x rows + 16y elements
+                for y in range(4):
+                    assert fn(lane, x, y) == (r + 16 * x, c + 16 * y)
+    # ... and the kernel adds exactly those offsets (ROW bytes per row, 2 bytes per element)
+    assert "mma.ldmatrix_x4_at(kst + (16 * ROW) * nn + 32 * kk)" in src       # k_ldm(lane, nn, kk)
+    assert "mma.ldmatrix_x4_trans_at(vst + (16 * ROW) * kk + 32 * nn)" in src  # v_ldm(lane, kk, nn)
 
 
 # ---------------------------------------------------------------- one warp of fa2_tc, in NumPy
-def warp_model_forward(Q, K, V, causal, scale, Bc, NW, dtype="float16", k8=False):
+def warp_model_forward(Q, K, V, causal, scale, Bc, NW, dtype="float16", k8=False, MR=1):
     """Every warp of every block of fa2_tc, fragment by fragment: 16-bit tiles in 'shared memory', registers per
-    lane, ldmatrix / mma / shfl_xor modelled by mma.py. Q: (Nq, D), K, V: (Nk, D) values representable in dtype.
-    Returns (O rounded to dtype, lse)."""
+    lane, ldmatrix / mma / shfl_xor modelled by mma.py; each warp holds MR m-tiles of 16 rows (modelled one after
+    the other: they share the warp's K/V fragments, not their arithmetic). Q: (Nq, D), K, V: (Nk, D) values
+    representable in dtype. Returns (O rounded to dtype, lse)."""
     Nq, D = Q.shape
     Nk = K.shape[0]
-    Br, KD, NB, KB, ND = 16 * NW, D // 16, Bc // 8, Bc // 16, D // 8
+    Br, KD, NB, KB, ND = 16 * NW * MR, D // 16, Bc // 8, Bc // 16, D // 8
     sl = scale * fa2_tc.LOG2E
     shape = "m16n8k8" if k8 else "m16n8k16"
     lanes = np.arange(32)
@@ -171,14 +186,15 @@ def warp_model_forward(Q, K, V, causal, scale, Bc, NW, dtype="float16", k8=False
         q0 = i * Br
         Qs = smem(Q, q0, Br)
         kv_end = min(Nk, q0 + Br) if causal else Nk
-        for warp in range(NW):
-            qw = q0 + 16 * warp
-            qf = [mma.ldmatrix_model(Qs, [fa2_tc.q_ldm(ln, warp, kk) for ln in lanes]) for kk in range(KD)]
+        for warp, mr in ((w, r) for w in range(NW) for r in range(MR)):
+            qw = q0 + 16 * (MR * warp + mr)          # this m-tile's first row
+            last = q0 + 16 * MR * warp + 16 * MR - 1     # the warp's last row: it skips tiles right of it
+            qf = [mma.ldmatrix_model(Qs, [fa2_tc.q_ldm(ln, MR * warp + mr, kk) for ln in lanes]) for kk in range(KD)]
             m, l = np.full((32, 2), -np.inf), np.zeros((32, 2))
             acc = np.zeros((ND, 32, 4))
             for j in range(-(-kv_end // Bc)):
                 kv0 = j * Bc
-                if causal and kv0 > qw + 15:
+                if causal and kv0 > last:
                     continue
                 Ks, Vs = smem(K, kv0, Bc), smem(V, kv0, Bc)
                 s = np.zeros((NB, 32, 4))
@@ -233,14 +249,14 @@ def naive_low_precision(Q, K, V, causal, scale, dtype):
     return rnd(P @ V)
 
 
-@pytest.mark.parametrize("dtype,k8,D,Bc,NW", [("float16", False, 32, 32, 2), ("bfloat16", False, 32, 16, 1),
-                                              ("float16", True, 16, 32, 2)])
+@pytest.mark.parametrize("dtype,k8,D,Bc,NW,MR", [("float16", False, 32, 32, 2, 1), ("bfloat16", False, 32, 16, 1, 1),
+                                                 ("float16", True, 16, 32, 2, 1), ("float16", False, 16, 16, 1, 2)])
 @pytest.mark.parametrize("causal", [False, True])
-def test_warp_model_matches_reference(rng, dtype, k8, D, Bc, NW, causal):
+def test_warp_model_matches_reference(rng, dtype, k8, D, Bc, NW, MR, causal):
     Nq, Nk = (37, 45) if not causal else (45, 37)    # ragged tiles in both; causal with Nq > Nk
     Q, K, V = (mma.from_bits(mma.to_bits(rng.standard_normal((n, D)), dtype), dtype) for n in (Nq, Nk, Nk))
     scale = 1 / math.sqrt(D)
-    O, lse = warp_model_forward(Q, K, V, causal, scale, Bc, NW, dtype, k8)
+    O, lse = warp_model_forward(Q, K, V, causal, scale, Bc, NW, dtype, k8, MR)
     O_ref, lse_ref = reference.attention_forward(Q[None, None], K[None, None], V[None, None], causal, scale)
     O_ref, lse_ref = O_ref[0, 0], lse_ref[0, 0]
     bound = 2 * np.abs(naive_low_precision(Q, K, V, causal, scale, dtype) - O_ref).max() + 1e-4
@@ -276,6 +292,52 @@ def test_rejects_what_it_cannot_do(rng):
     if not HAS_GPU:
         with pytest.raises(RuntimeError, match="simulator"):
             nk.forward(*q16, causal=False, scale=None, dtype="float16")
+
+
+@pytest.mark.skipif(HAS_GPU, reason="the simulator's arrays: on a GPU, test_gpu_strided_inputs_and_scale... covers it")
+def test_host_path_with_strided_arrays_in_the_simulator():
+    """fa2_tc.run (everything fa2_forward_tc does around the launch) with a Python stand-in for the kernel that
+    copies Q's words into O's and writes row numbers into lse: strided q, o and lse must come out right, the kernel
+    must see contiguous (B*H*N, d/2) word views and (B*H, Nq) rows."""
+    from numba import cuda
+    B, H, Nq, Nk, d = 1, 2, 5, 3, 32
+    rng = np.random.default_rng(0)
+    q_host = rng.standard_normal((B, H, Nq, d)).astype(np.float16)
+    q = cuda.to_device(np.ascontiguousarray(q_host.transpose(0, 2, 1, 3))).transpose((0, 2, 1, 3))   # strided view
+    k, v = (cuda.to_device(rng.standard_normal((B, H, Nk, d)).astype(np.float16)) for _ in range(2))
+    o = cuda.to_device(np.zeros((B, Nq, H, d), np.float16)).transpose((0, 2, 1, 3))
+    lse = cuda.to_device(np.zeros((B, H, 2 * Nq), np.float32))[:, :, ::2]
+    assert not (q.is_c_contiguous() or o.is_c_contiguous() or lse.is_c_contiguous())
+    seen = []
+
+    def launch(qw, kw, vw, ow, lse_rows, Nq_, Nk_, causal, sl):
+        seen.append((qw.shape, kw.shape, vw.shape, ow.shape, lse_rows.shape, int(Nq_), int(Nk_), causal, float(sl)))
+        assert qw.dtype == np.uint32 and qw.is_c_contiguous() and lse_rows.is_c_contiguous()
+        ow.copy_to_device(qw)
+        lse_rows.copy_to_device(np.arange(B * H * Nq, dtype=np.float32).reshape(B * H, Nq))
+
+    o2, lse2 = fa2_tc.run(launch, q, k, v, o, lse, True, 0.5)
+    assert o2 is o and lse2 is lse
+    assert seen == [((B * H * Nq, d // 2), (B * H * Nk, d // 2), (B * H * Nk, d // 2), (B * H * Nq, d // 2),
+                     (B * H, Nq), Nq, Nk, True, pytest.approx(0.5 * fa2_tc.LOG2E))]
+    np.testing.assert_array_equal(o.copy_to_host(), q_host)
+    np.testing.assert_array_equal(lse.copy_to_host(), np.arange(B * H * Nq, dtype=np.float32).reshape(B, H, Nq))
+    o3, lse3 = fa2_tc.run(launch, q, k, v, None, None, False, 0.5)    # outputs allocated: contiguous
+    assert o3.is_c_contiguous() and o3.shape == q.shape and o3.dtype == np.float16 and lse3.shape == (B, H, Nq)
+    np.testing.assert_array_equal(o3.copy_to_host(), q_host)
+    with pytest.raises(ValueError, match="lse must be"):
+        fa2_tc.run(launch, q, k, v, None, cuda.to_device(np.zeros((B, H, Nq + 1), np.float32)), False, 0.5)
+
+
+def test_tiles_and_the_kernel_lookup_are_cached():
+    assert fa2_tc.tiles_of((4, 64, 2)) == (4, 64, 2, 1, 0) and fa2_tc.tiles_of([2, 32, 2, 2]) == (2, 32, 2, 2, 0)
+    with pytest.raises(ValueError):
+        fa2_tc.tiles_of((4, 64))
+    assert fa2_tc.config(64, (9, 0), "float16", tiles=(4, 32, 2, 2, 0)) == (4, 32, 2, 2, 0, False)
+    with pytest.raises(ValueError, match="48 KB"):                  # Br = 16*NW*MR rows must fit the stages
+        fa2_tc.config(64, (9, 0), "float16", tiles=(8, 32, 1, 2))
+    assert fa2_tc.factory_args(64, (4, 64, 2), "float16", False) == (64, 4, 64, 2, "float16", False, 1, 0)
+    assert fa2_tc.jit_options(4, 0) == {} and fa2_tc.jit_options(4, 3) == {"launch_bounds": (128, 3)}
 
 
 # ---------------------------------------------------------------- PTX and ptxas, without a GPU
@@ -315,18 +377,22 @@ def test_ptx_has_mma_and_no_local_memory(ptx_rows):
         where = f"{r['kernel']} sm_{r['cc']}: {r}"
         D = int(r["kernel"].split("D=")[1])
         NW, Bc, NSTAGE = r["tiles"]
+        MR = r["mr"]
         k8 = "k8" in r["kernel"]
-        per_tile = (D // 16) * (Bc // 8) + (Bc // 16) * (D // 8)      # Q K^T and P V mma per 16-deep step
+        per_tile = MR * ((D // 16) * (Bc // 8) + (Bc // 16) * (D // 8))   # Q K^T and P V mma per 16-deep step
         # every loop over fragments fully unrolled: one mma per (k-step, n-tile), two on the k8 path
         assert (r["mma_k8"], r["mma_k16"]) == ((2 * per_tile, 0) if k8 else (0, per_tile)), where
         assert r["bf16"] == (per_tile if "bfloat16" in r["kernel"] else 0), where
-        assert r["ldmatrix"] == D // 16 + (D // 16) * (Bc // 16) + (Bc // 16) * (D // 16), where
+        # Q once per m-tile; one K (V) fragment feeds the warp's MR m-tiles
+        assert r["ldmatrix"] == MR * (D // 16) + (D // 16) * (Bc // 16) + (Bc // 16) * (D // 16), where
         assert r["ldmatrix_trans"] == (Bc // 16) * (D // 16), where
         assert (r["cp_async"] > 0) == (NSTAGE == 2), where
         assert r["shfl"] >= 8, where                 # row max and row sum over the 4 lanes of a row, 2 rows
         assert r["stack"] == 0 and r["spill_stores"] == 0 and r["spill_loads"] == 0, where
         assert r["smem"] == fa2_tc.smem_bytes(D, Bc, NSTAGE) <= 48 * 1024 and r["smem_align16"], where
         assert r["registers"] * r["threads"] <= 65536 and r["registers"] <= 255, where
+        if r["minb"]:                                # launch bounds honoured: MINB blocks fit the register file
+            assert r["registers"] * r["threads"] * r["minb"] <= 65536, where
     assert "ptxas failed for sm_75" in ptx_rows["k16_on_75"], ptx_rows["k16_on_75"]
 
 
@@ -366,8 +432,10 @@ def _intrinsic_kernels():
         for i in range(4):
             out[ln, i] = x[i]
             out_t[ln, i] = y[i]
-        packed[ln, 0] = mma.pack_f16x2(float32(ln) + float32(0.25), float32(-ln))
-        packed[ln, 1] = mma.pack_bf16x2(float32(ln) + float32(0.25), float32(-ln))
+        # -float32(ln), not float32(-ln): the latter negates the integer, so lane 0 would pack +0.0, while the
+        # test expects the bits of -0.0 (that was the H100 failure: the conversions keep the sign of zero)
+        packed[ln, 0] = mma.pack_f16x2(float32(ln) + float32(0.25), -float32(ln))
+        packed[ln, 1] = mma.pack_bf16x2(float32(ln) + float32(0.25), -float32(ln))
     return mma_k16, mma_k8, ldm
 
 
@@ -406,8 +474,9 @@ def test_gpu_intrinsic_ldmatrix_and_pack(rng):
     p = packed.copy_to_host()
     x = np.arange(32, dtype=np.float32)
     for col, dt in ((0, "float16"), (1, "bfloat16")):
-        np.testing.assert_array_equal(p[:, col] & 0xFFFF, mma.to_bits(x + 0.25, dt))
-        np.testing.assert_array_equal(p[:, col] >> 16, mma.to_bits(-x, dt))
+        np.testing.assert_array_equal(p[:, col] & 0xFFFF, mma.to_bits(x + 0.25, dt), err_msg=dt)
+        np.testing.assert_array_equal(p[:, col] >> 16, mma.to_bits(-x, dt), err_msg=dt)   # lane 0: -0.0, 0x8000
+    assert p[0, 0] >> 16 == 0x8000 and p[0, 1] >> 16 == 0x8000
 
 
 # ---------------------------------------------------------------- real GPU: the attention kernel
@@ -474,12 +543,14 @@ def test_gpu_forward_matches_reference(shape, dtype, causal):
 @pytest.mark.gpu
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("variant", ["k8", "tiles_a", "tiles_b"])
+@pytest.mark.parametrize("variant", ["k8", "tiles_a", "tiles_b", "mr2", "minb"])
 def test_gpu_forward_other_paths(d, causal, variant):
-    """The sm_75 path (m16n8k8, forced on a newer GPU) and the tile configurations the benchmark sweeps."""
+    """The sm_75 path (m16n8k8, forced on a newer GPU) and the tile configurations the benchmark sweeps: one
+    stage, two warps, two m-tiles per warp, launch bounds."""
     shape = (2, 2, 333, 517, d)
     q, k, v = _torch_inputs(shape, "float16", seed=7)
-    kw = {"k8": dict(k8=True), "tiles_a": dict(tiles=(4, 64, 1)), "tiles_b": dict(tiles=(2, 32, 2))}[variant]
+    kw = {"k8": dict(k8=True), "tiles_a": dict(tiles=(4, 64, 1)), "tiles_b": dict(tiles=(2, 32, 2)),
+          "mr2": dict(tiles=(4, 32, 2, 2)), "minb": dict(tiles=(4, 32, 2, 1, 3))}[variant]
     o, lse = _run_tc(q, k, v, causal, 0.125, "float16", **kw)
     _check_against_reference(q, k, v, o, lse, causal, 0.125, "float16")
 
@@ -490,9 +561,17 @@ def test_gpu_strided_inputs_and_scale_and_large_scores():
     q, k, v = _torch_inputs((2, 3, 200, 300, 64), "float16", seed=3)
     q = (q * 4).transpose(1, 2).contiguous().transpose(1, 2)   # strided view, scores of order 100
     assert not q.is_contiguous()
-    o, lse = _run_tc(q, k, v, True, 0.7, "float16")
+    o, lse = _run_tc(q, k, v, True, 0.7, "float16")   # o = full_like(q): strided too
+    assert not o.is_contiguous()
     _check_against_reference(q, k, v, o, lse, True, 0.7, "float16")
     assert o.dtype == torch.float16
+    from numba import cuda                           # a strided lse (every other element of a larger array)
+    lse2 = torch.full((2, 3, 400), float("nan"), device="cuda")[:, :, ::2]
+    o2, _ = fa2_tc.fa2_forward_tc(*(cuda.as_cuda_array(t) for t in (q, k, v)), causal=True, scale=0.7,
+                                  lse=cuda.as_cuda_array(lse2))
+    cuda.synchronize()
+    torch.testing.assert_close(lse2, lse, rtol=0, atol=0)
+    torch.testing.assert_close(torch.as_tensor(o2, device="cuda"), o, rtol=0, atol=0)
 
 
 @pytest.mark.gpu

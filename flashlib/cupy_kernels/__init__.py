@@ -4,7 +4,8 @@ The kernels form a numbered ladder (each .cu file's header says grid, block, and
 
   rung 1  'fp32'      fa2_fp32.cu   float32 on CUDA cores, online softmax, deferred normalisation
   rung 2  'tc'        fa2_tc.cu     Tensor Cores (mma.sync m16n8k16, ldmatrix), fp16/bf16, S/P/O in registers
-  rung 3  'tuned'     fa2_tc.cu     + cp.async double buffering, exp2 with folded scale, tiles per head dim
+  rung 3  'tuned'     fa2_tc.cu     + cp.async double buffering, exp2 with folded scale, 32 query rows per warp,
+                                    2 blocks per SM, tiles per head dim
   rung 4  'sm75'      fa2_tc.cu     the T4 path: two m16n8k8 per k16, no cp.async, fp16 only
   rung 5  'bwd_fp32'  fa2_bwd.cu    backward on CUDA cores in fp32 arithmetic (any input dtype; float32, sm_75)
           'bwd_tc'    fa2_bwd_tc.cu backward on Tensor Cores, fp16/bf16, sm_80+, dQ by fp32 atomics
@@ -29,12 +30,24 @@ CTYPE = {"float32": "float", "float16": "__half", "bfloat16": "__nv_bfloat16"}
 # largest dynamic shared memory per block (opt-in) by compute capability, CUDA C Programming Guide table 21
 SMEM_LIMIT = {75: 64 * 1024, 80: 163 * 1024, 86: 99 * 1024, 87: 163 * 1024, 89: 99 * 1024, 90: 227 * 1024,
               100: 227 * 1024, 120: 99 * 1024}
-# rung 3 tiles (warps NW, so Br = 16*NW; keys per tile Bc) per head dim, chosen on an H100 (benchmarks/cupy_bench.py)
-# (sweep at N=4096, fp16, 2026-11: d=64 (4, 128) 220 TFLOP/s, d=128 (8, 128) 273; d=32 and 96 not swept)
-TUNED_TILES = {32: (4, 128), 64: (4, 128), 96: (8, 128), 128: (8, 128)}
-FALLBACK_TILES = ((8, 64), (4, 64), (4, 32))  # for GPUs with less shared memory (sm_80: 163 KB, sm_86/89: 99 KB)
-# rung 5 Tensor Core backward: (warps NW, so Bc = 16*NW keys per block; Br query rows per step) per head dim
-BWD_TILES = {32: (4, 64), 64: (8, 64), 96: (8, 32), 128: (8, 32)}
+# rung 3 tiles per head dim, (non-causal, causal), each (warps NW, keys per tile Bc, query rows per warp RW in
+# {16, 32}, Q fragments kept in registers), so Br = RW*NW. d = 64 and 128 chosen on an H100 (benchmarks/cupy_bench.py
+# --sweep, fp16, 2026-11-25; x SDPA flash at N = 4096 / 16384): d=64 non-causal (4, 128, 32, False) 0.89 / 0.99,
+# causal (4, 64, 32, False) 0.91 / 0.87; d=128 (4, 64, 32, False) 0.91 / 0.91 and causal 0.84 / 0.87 (the tiles as
+# committed before: 0.81-0.83 at d=64 non-causal, 0.75-0.80 causal, 0.82-0.86 at d=128). d = 32 and 96 not swept.
+# Every choice compiles without register spills for sm_80 ... sm_90 (tests/test_cupy_kernels.py).
+TUNED_TILES = {32: ((4, 64, 32, True),) * 2, 64: ((4, 128, 32, False), (4, 64, 32, False)),
+               96: ((4, 32, 32, False),) * 2, 128: ((4, 64, 32, False),) * 2}
+# for GPUs with less shared memory (sm_80: 163 KB, sm_86/89: 99 KB): the first that fits
+FALLBACK_TILES = ((4, 32, 32, False), (4, 64, 16, True), (4, 32, 16, True))
+# rung 5 Tensor Core backward, per head dim: (warps NW, key m-tiles per warp KW, so Bc = 16*KW*NW keys per block;
+# Br query rows per Q tile; BRC query rows per register chunk; KVREG: K/V fragments kept in registers).
+# Swept on an H100 (fp16, N = 4096 and 16384, causal and not; backward alone, TFLOP/s = 2.5x the forward's FLOPs):
+# d=64 (4, 2, 64, 32, F) 213-287 (SDPA flash 198-274), (8, 1, 128, 64, T) 194-245, (8, 1, 64, 64, T) 187-232;
+# d=128 (8, 1, 64, 64, F) 205-260 (flash 230-301), (8, 1, 64, 32, F) 194-241, (4, 1, 64, 32, F) 185-213.
+# d=32 and 96: not swept (tiles checked for correctness on the H100).
+BWD_TILES = {32: (8, 1, 64, 64, True), 64: (4, 2, 64, 32, False), 96: (8, 1, 64, 32, False), 128: (8, 1, 64, 64, False)}
+BWD_FALLBACK_TILES = ((4, 1, 64, 32, False), (4, 1, 32, 32, False))  # less shared memory (sm_86/89: 99 KB)
 
 Config = namedtuple("Config", "rung file kernel Br Bc warps smem")
 
@@ -62,8 +75,8 @@ def choose_config(dtype, d, cc, causal=False, rung=None, tiles=None):
     """Pick the kernel for (dtype, head dim d, compute capability cc): Config(rung, file, kernel, Br, Bc, warps, smem).
 
     `kernel` is the C++ name expression CuPy instantiates, smem the dynamic shared memory in bytes. rung=None picks
-    `default_rung`; tiles overrides the tile size: (warps, Bc) for the Tensor Core forward rungs, (warps, Br) for
-    bwd_tc. Raises ValueError for
+    `default_rung`; tiles overrides the tile size: (warps, Bc[, rows per warp 16 or 32[, Q in registers]]) for the
+    Tensor Core forward rungs, (warps, KW, Br, BRC, KVREG) as in BWD_TILES for bwd_tc. Raises ValueError for
     what cannot run: unknown dtype or rung, a head dim outside HEAD_DIMS, bf16 below sm_80, cc below 7.5, a
     sm_80 rung on sm_75, or tiles that do not fit the GPU's shared memory.
     """
@@ -95,37 +108,51 @@ def choose_config(dtype, d, cc, causal=False, rung=None, tiles=None):
         raise ValueError(f"rung {rung!r} needs compute capability 8.0+ (m16n8k16, cp.async); on {cc / 10:.1f} use 'sm75'")
     limit = SMEM_LIMIT.get(cc, 99 * 1024 if cc >= 80 else 48 * 1024)
     if rung == "bwd_tc":
-        nw, Br = tiles or BWD_TILES[d]
-        if tiles is None and smem_backward(d, nw, Br) > limit:
-            nw, Br = 4, 32
-        cfg = Config(rung, "fa2_bwd_tc.cu", f"fa2_bwd_tc<{T}, {d}, {nw}, {Br}, {c}>", Br, 16 * nw, nw,
-                     smem_backward(d, nw, Br))
+        if tiles is None:
+            tiles = next(t for t in (BWD_TILES[d],) + BWD_FALLBACK_TILES if smem_backward(d, t[0], t[1], t[2]) <= limit)
+        nw, kw, Br, brc, kvreg = tiles
+        kernel = f"fa2_bwd_tc<{T}, {d}, {nw}, {kw}, {Br}, {brc}, {str(bool(kvreg)).lower()}, {c}>"
+        cfg = Config(rung, "fa2_bwd_tc.cu", kernel, Br, 16 * kw * nw, nw, smem_backward(d, nw, kw, Br))
     else:
         if tiles is not None:
-            nw, Bc = tiles
+            nw, Bc, rw, qreg = _forward_tiles(tiles)
         elif rung == "tuned":
-            nw, Bc = next(t for t in (TUNED_TILES[d],) + FALLBACK_TILES if smem_forward(d, *t, 2) <= limit)
+            nw, Bc, rw, qreg = next(t for t in (TUNED_TILES[d][bool(causal)],) + FALLBACK_TILES
+                                    if smem_forward(d, t[0], t[1], 2, t[2], t[3]) <= limit)
         else:
-            nw, Bc = 4, (64 if d <= 64 or rung == "tc" else 32)
+            nw, Bc, rw, qreg = 4, (64 if d <= 64 or rung == "tc" else 32), 16, True
+        if rw not in (16, 32):
+            raise ValueError(f"a warp owns 16 or 32 query rows, got {rw}")
         tuned, k8 = rung == "tuned", rung == "sm75"
-        smem = smem_forward(d, nw, Bc, 2 if tuned else 1)
-        kernel = f"fa2_tc<{T}, {d}, {nw}, {Bc}, {c}, {str(tuned).lower()}, {str(k8).lower()}>"
-        cfg = Config(rung, "fa2_tc.cu", kernel, 16 * nw, Bc, nw, smem)
+        smem = smem_forward(d, nw, Bc, 2 if tuned else 1, rw, qreg)
+        low = lambda b: str(bool(b)).lower()
+        kernel = f"fa2_tc<{T}, {d}, {nw}, {Bc}, {c}, {low(tuned)}, {low(k8)}, {rw // 16}, {low(qreg)}>"
+        cfg = Config(rung, "fa2_tc.cu", kernel, rw * nw, Bc, nw, smem)
     if cfg.smem > limit:
         raise ValueError(f"{cfg.kernel} needs {cfg.smem} bytes of shared memory; compute capability {cc / 10:.1f} "
                          f"allows {limit}")
     return cfg
 
 
-def smem_forward(d, nw, Bc, stages):
-    """Bytes of dynamic shared memory of fa2_tc: Q tile (16*nw rows) and `stages` K and V tiles, rows of d+8."""
-    return 2 * (d + 8) * (16 * nw + 2 * stages * Bc)
+def _forward_tiles(tiles):
+    """(warps, Bc[, rows per warp[, Q in registers]]) -> all four; rows per warp default 16, Q in registers."""
+    t = tuple(tiles)
+    return t[0], t[1], (t[2] if len(t) > 2 else 16), bool(t[3]) if len(t) > 3 else True
 
 
-def smem_backward(d, nw, Br):
-    """Bytes of dynamic shared memory of fa2_bwd_tc: K, V (16*nw rows), Q, dO (Br rows), dS^T, lse and Dlt."""
-    Bc = 16 * nw
-    return 2 * (2 * Bc * (d + 8) + 2 * Br * (d + 8) + Bc * (Br + 8)) + 2 * 4 * Br
+def smem_forward(d, nw, Bc, stages, rw=16, qreg=True):
+    """Bytes of dynamic shared memory of fa2_tc: Q tile (rw*nw rows) and `stages` K and V tiles, rows of d+8; and
+    where the kernel keeps its row sums in shared memory (L_SMEM: rung 3, 32 rows per warp, Q not in registers,
+    d >= 128) 2*(rw/16) floats per thread."""
+    l_smem = stages == 2 and rw == 32 and not qreg and d >= 128
+    return 2 * (d + 8) * (rw * nw + 2 * stages * Bc) + (4 * 32 * nw * 2 * (rw // 16) if l_smem else 0)
+
+
+def smem_backward(d, nw, kw, Br):
+    """Bytes of dynamic shared memory of fa2_bwd_tc: K, V (Bc = 16*kw*nw rows), two stages of Q, dO (Br rows),
+    dS^T (Bc x Br+8), two stages of lse and Dlt (Br floats)."""
+    Bc = 16 * kw * nw
+    return 2 * (2 * Bc * (d + 8) + 4 * Br * (d + 8) + Bc * (Br + 8)) + 4 * 4 * Br
 
 
 def instances(cc):
@@ -214,23 +241,24 @@ def forward(q, k, v, *, causal, scale, dtype, rung=None, tiles=None):
     return o, lse
 
 
-def backward(q, k, v, o, lse, do, *, causal, scale, dtype, rung=None):
+def backward(q, k, v, o, lse, do, *, causal, scale, dtype, rung=None, tiles=None):
     """FlashAttention-2 backward. q, o, do: (B, H, Nq, d), k, v: (B, H, Nk, d), lse (B, H, Nq) float32.
-    Returns dq, dk, dv in q's dtype. rung: 'bwd_tc' (fp16/bf16 on sm_80+, the default there) or 'bwd_fp32'."""
+    Returns dq, dk, dv in q's dtype. rung: 'bwd_tc' (fp16/bf16 on sm_80+, the default there) or 'bwd_fp32';
+    tiles: bwd_tc's (warps, KW, Br, BRC, KVREG), default BWD_TILES[d]."""
     import cupy as cp
     B, H, Nq, Nk, d = check_inputs(q, k, v, dtype)
     if tuple(o.shape) != tuple(q.shape) or tuple(do.shape) != tuple(q.shape) or tuple(lse.shape) != (B, H, Nq):
         raise ValueError(f"o and do must be {tuple(q.shape)} and lse {(B, H, Nq)}")
     cc = device_cc()
     rung = rung or _rung_override("backward") or default_rung(dtype, cc, "backward")
-    cfg = choose_config(dtype, d, cc, bool(causal), rung)
+    cfg = choose_config(dtype, d, cc, bool(causal), rung, tiles)
     q, k, v, o, do = (cp.ascontiguousarray(a) for a in (q, k, v, o, do))
     lse = cp.ascontiguousarray(lse, dtype=cp.float32)
     T = CTYPE[dtype]
     rows = B * H * Nq
     Dlt = cp.empty((B, H, Nq), dtype=cp.float32)
-    _kernel("fa2_bwd.cu", f"bwd_dot_do_o<{T}, {d}>")((math.ceil(rows / 8),), (256,), (do, o, Dlt, cp.int32(rows)))
-    dq_acc = cp.zeros(q.shape, dtype=cp.float32)
+    dq_acc = cp.empty(q.shape, dtype=cp.float32)  # set to zero by the pre-pass
+    _kernel("fa2_bwd.cu", f"bwd_dot_do_o<{T}, {d}>")((math.ceil(rows / 8),), (256,), (do, o, Dlt, dq_acc, cp.int32(rows)))
     dk, dv = cp.empty_like(k), cp.empty_like(v)
     fn = _kernel(cfg.file, cfg.kernel, cfg.smem)
     fn((math.ceil(Nk / cfg.Bc), B * H), (32 * cfg.warps,),

@@ -116,3 +116,40 @@ __device__ __forceinline__ void load_tile(T* sm, const T* gm, int rows, int n_va
         }
     }
 }
+
+// ---- ldmatrix from a 32-bit shared-memory address (base + byte offset): unrolled loops then need one base register
+// per operand and ptxas folds the constant offsets into the instructions' immediate field ----
+__device__ __forceinline__ void ldmatrix_x4_a(u32* r, u32 addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans_a(u32* r, u32 addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+}
+// x, unchanged, but opaque to the compiler: values computed from it inside a loop are not hoisted out of the loop
+// (hoisting 16 loop-invariant ldmatrix addresses would cost 16 registers each thread)
+__device__ __forceinline__ u32 opaque(u32 x) {
+    asm volatile("" : "+r"(x));
+    return x;
+}
+
+// 4-byte global -> shared copy (cp.async.ca: only .ca takes 4 and 8 bytes); src_bytes = 0 writes a zero
+__device__ __forceinline__ void cp_async4(void* dst, const void* src, int src_bytes) {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(src_bytes));
+#else
+    *reinterpret_cast<float*>(dst) = src_bytes ? *reinterpret_cast<const float*>(src) : 0.f;
+#endif
+}
+
+// p[0] += a, p[1] += b in global memory (p 8-byte aligned): one vector reduction on sm_90 (red.global.add.v2.f32),
+// two atomicAdd before
+__device__ __forceinline__ void atomic_add_f32x2(float* p, float a, float b) {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(p), "f"(a), "f"(b) : "memory");
+#else
+    atomicAdd(p, a);
+    atomicAdd(p + 1, b);
+#endif
+}

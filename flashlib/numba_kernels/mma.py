@@ -15,6 +15,8 @@ instructions for the CuPy kernels). The intrinsics here, each one instruction (P
   pack_f16x2(x, y), pack_bf16x2(x, y)          two float32 -> one 32-bit register of two 16-bit values
   exp2_approx(x)                               2**x in one ex2.approx.ftz.f32
   shared_u32_at(smem, row, col)                the 32-bit shared-state-space address of smem[row, col]
+  ldmatrix_x4_at(addr), ldmatrix_x4_trans_at(addr), cp_async16_at(saddr, gaddr, nbytes), global_i64_at(...)
+                                               the same on byte addresses the kernel computed (no per-call indexing)
 
 Every mma is a *warp-wide* instruction: the 32 lanes together hold A, B and C, each lane a few registers. Which lane
 holds which element is fixed by the ISA ("Matrix fragments for mma.m16n8k16 / m16n8k8"); the pure-Python functions
@@ -282,6 +284,56 @@ def _make_ldmatrix(trans):
 
 ldmatrix_x4 = _make_ldmatrix(False)          # this lane supplies the address of row (lane % 8) of matrix lane // 8
 ldmatrix_x4_trans = _make_ldmatrix(True)
+
+
+# The same instructions on addresses computed by the kernel. A kernel that indexes smem[row, col] for every
+# fragment pays a 64-bit address computation per ldmatrix (Numba's array indexing); computing each lane's 32-bit
+# .shared address once (shared_u32_at) and adding compile-time byte offsets costs nothing per fragment: ptxas folds
+# the constant into the instruction (LDSM [R + imm]).
+def _make_ldmatrix_at(trans):
+    text = f"ldmatrix.sync.aligned.m8n8.x4{'.trans' if trans else ''}.shared.b16 {{$0,$1,$2,$3}}, [$4];"
+
+    def ldm(typingctx, addr):
+        if not isinstance(addr, types.Integer):
+            return None
+
+        def codegen(context, builder, sig, args):
+            a = context.cast(builder, args[0], sig.args[0], types.uint32)
+            r = _asm(builder, ir.LiteralStructType([_i32] * 4), [a], text, "=r,=r,=r,=r,r")
+            return _tuple(context, builder, sig.return_type, r, 4)
+        return U4(addr), codegen
+    return intrinsic(ldm)
+
+
+ldmatrix_x4_at = _make_ldmatrix_at(False)    # addr: the .shared byte address this lane supplies (an integer)
+ldmatrix_x4_trans_at = _make_ldmatrix_at(True)
+
+
+@intrinsic
+def global_i64_at(typingctx, gmem, row, col):
+    """The (generic = global) byte address of gmem[row, col], as an int64 (int64 so that adding Python ints stays
+    integer in Numba: uint64 + int64 would be float64)."""
+    if not _is_u32_2d(gmem):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.ptrtoint(_item_ptr(context, builder, sig.args[0], args[0], args[1:], sig.args[1:]), _i64)
+    return types.int64(gmem, row, col), codegen
+
+
+@intrinsic
+def cp_async16_at(typingctx, saddr, gaddr, nbytes):
+    """cp.async.cg.shared.global of 16 bytes from global byte address gaddr to .shared byte address saddr (both
+    integers, 16-byte aligned); nbytes < 16 zero-fills the rest (0: reads nothing)."""
+    if not all(isinstance(a, types.Integer) for a in (saddr, gaddr, nbytes)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        s, g, n = (context.cast(builder, v, t, w) for v, t, w in
+                   zip(args, sig.args, (types.uint32, types.int64, types.uint32)))
+        _asm(builder, ir.VoidType(), [s, g, n], "cp.async.cg.shared.global [$0], [$1], 16, $2;", "r,l,r,~{memory}")
+        return context.get_dummy_value()
+    return types.void(saddr, gaddr, nbytes), codegen
 
 
 @intrinsic
