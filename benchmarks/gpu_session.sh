@@ -12,15 +12,17 @@ export PYTHONUNBUFFERED=1 FLASHLIB_COMMIT=${2:-unknown} OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 log() { tee -a "$OUT/$phase.txt"; }
+XN=(); XC=()   # with pytest-xdist carried: the Numba test files in parallel, the CuPy tests in 4 workers
+python3 -c "import xdist" 2>/dev/null && XN=(-n 6 --dist loadfile) && XC=(-n 4)
 if [ "$phase" = tests ]; then
   # CuPy's instances compile on the CPUs (NVRTC, disk cache) while the Numba tests run
   (timeout 240 python3 benchmarks/cupy_bench.py --precompile > "$OUT/precompile.txt" 2>&1) &
-  timeout 270 python3 -m pytest -q -m gpu -p no:cacheprovider -n 6 --dist loadfile \
+  timeout 270 python3 -m pytest -q -m gpu -p no:cacheprovider "${XN[@]}" \
     tests/test_numba_tf32.py tests/test_numba_bwd_tf32.py tests/test_numba_tc.py tests/test_numba_kernels.py \
     tests/test_hardware.py tests/test_torch.py 2>&1 | tail -25 | log
   wait
   tail -3 "$OUT/precompile.txt" | log
-  timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider -n 4 tests/test_cupy_kernels.py 2>&1 | tail -25 | log
+  timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider "${XC[@]}" tests/test_cupy_kernels.py 2>&1 | tail -25 | log
   for tool in memcheck racecheck; do
     timeout 60 compute-sanitizer --tool $tool python3 -m flashlib.numba_kernels.selfcheck --tc 2>&1 | tail -6 | log
   done
