@@ -17,16 +17,16 @@ python3 -c "import xdist" 2>/dev/null && XN=(-n 6 --dist loadfile) && XC=(-n 4)
 if [ "$phase" = tests ]; then
   # CuPy's instances compile on the CPUs (NVRTC, disk cache) while the Numba tests run
   (timeout 240 python3 benchmarks/cupy_bench.py --precompile > "$OUT/precompile.txt" 2>&1) &
-  timeout 270 python3 -m pytest -q -m gpu -p no:cacheprovider "${XN[@]}" \
+  timeout 250 python3 -m pytest -q -m gpu -p no:cacheprovider "${XN[@]}" \
     tests/test_numba_tf32.py tests/test_numba_bwd_tf32.py tests/test_numba_tc.py tests/test_numba_kernels.py \
     tests/test_hardware.py tests/test_torch.py 2>&1 | tail -25 | log
   wait
   tail -3 "$OUT/precompile.txt" | log
-  timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider "${XC[@]}" tests/test_cupy_kernels.py 2>&1 | tail -25 | log
+  timeout 180 python3 -m pytest -q -m gpu -p no:cacheprovider "${XC[@]}" tests/test_cupy_kernels.py 2>&1 | tail -25 | log
   for tool in memcheck racecheck; do
-    timeout 60 compute-sanitizer --tool $tool python3 -m flashlib.numba_kernels.selfcheck --tc 2>&1 | tail -6 | log
+    timeout 50 compute-sanitizer --tool $tool python3 -m flashlib.numba_kernels.selfcheck --tc 2>&1 | tail -6 | log
   done
-  timeout 60 compute-sanitizer --tool memcheck python3 benchmarks/cupy_bench.py --smoke 2>&1 | tail -4 | log
+  timeout 50 compute-sanitizer --tool memcheck python3 benchmarks/cupy_bench.py --smoke 2>&1 | tail -4 | log
 else
   timeout 200 python3 benchmarks/cupy_bench.py --out "$OUT" --quick 2>&1 | tail -3 | log
   timeout 120 python3 benchmarks/numba_tf32_bench.py --out "$OUT" 2>&1 | tail -3 | log
