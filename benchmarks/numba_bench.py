@@ -45,6 +45,7 @@ def main():
         return sweep(nk, to_numba, torch)
     t_start = time.time()
     rows, notes = [], {}
+    cc = cuda.get_current_device().compute_capability
 
     from flashlib.gpt import naive_attention as naive
 
@@ -80,19 +81,20 @@ def main():
                 g = torch.Generator(device=dev).manual_seed(0)
                 q, k, v, do = (torch.randn(B, H, N, d, device=dev, generator=g) for _ in range(4))
                 nq, nk_, nv, ndo = (to_numba(x) for x in (q, k, v, do))
-                variants = ["fa2_fast"] + (["fa2"] if N <= 4096 else []) + (["fa1"] if N <= 1024 else [])
+                default = nk.default_variant("float32", d, cc)   # tf32x3 on sm_80+, else fa2_fast
+                variants = ([default] if default != "fa2_fast" else []) + ["fa2_fast"] + (["fa2"] if N <= 4096 else [])
+                variants += ["fa1"] if N <= 1024 else []
                 for var in variants:
-                    if over and var != "fa2_fast":
+                    if over and var not in (default, "fa2_fast"):
                         continue
                     record(f"numba_{var}", "fwd", N, d, causal, BH,
                            lambda: nk.forward(nq, nk_, nv, causal=causal, scale=None, dtype="float32", variant=var),
                            reps if var != "fa1" else 2)
                 o, lse = nk.forward(nq, nk_, nv, causal=causal, scale=None, dtype="float32")
-                if N <= 8192 and not over:
-                    def fb():
-                        o, lse = nk.forward(nq, nk_, nv, causal=causal, scale=None, dtype="float32")
-                        nk.backward(nq, nk_, nv, o, lse, ndo, causal=causal, scale=None, dtype="float32")
-                    record("numba_fa2_fast+bwd", "fwd+bwd", N, d, causal, BH, fb, max(2, reps // 3))
+                def fb():
+                    o, lse = nk.forward(nq, nk_, nv, causal=causal, scale=None, dtype="float32")
+                    nk.backward(nq, nk_, nv, o, lse, ndo, causal=causal, scale=None, dtype="float32")
+                record(f"numba_{default}+bwd", "fwd+bwd", N, d, causal, BH, fb, max(2, reps // 3))
                 del o, lse
                 for name, f in torch_methods.items():
                     if name in ("sdpa_flash", "sdpa_cudnn") and (N, d, causal) != (1024, 64, False):
@@ -100,7 +102,7 @@ def main():
                     if over and name in ("sdpa_math", "naive_torch"):
                         continue
                     record(name, "fwd", N, d, causal, BH, lambda: f(q, k, v, causal), reps)
-                    if name in ("sdpa_efficient", "naive_torch") and N <= 8192 and not over:
+                    if name in ("sdpa_efficient", "naive_torch") and not over:
                         qq, kk, vv = (x.detach().requires_grad_() for x in (q, k, v))
                         def fbt():
                             f(qq, kk, vv, causal).backward(do)
@@ -112,6 +114,7 @@ def main():
     # peak extra memory (beyond q, k, v) of one forward at B*H = 16, d = 64, up to N = 65536
     mem = []
     ctx = cuda.current_context()
+    default = nk.default_variant("float32", 64, cc)
     for N in (1024, 4096, 16384, 32768, 65536):
         g = torch.Generator(device=dev).manual_seed(0)
         q, k, v = (torch.randn(1, 16, N, 64, device=dev, generator=g) for _ in range(3))
@@ -121,7 +124,7 @@ def main():
         o, lse = nk.forward(nq, nk_, nv, causal=False, scale=None, dtype="float32")
         cuda.synchronize()
         extra = free0 - ctx.get_memory_info()[0]        # Numba allocates outside torch's allocator
-        mem.append(dict(method="numba_fa2_fast", N=N, extra_bytes=int(max(extra, o.nbytes + lse.nbytes)),
+        mem.append(dict(method=f"numba_{default}", N=N, extra_bytes=int(max(extra, o.nbytes + lse.nbytes)),
                         note="free-memory drop (driver granularity); at least O + lse"))
         del o, lse
         for name in ("sdpa_efficient", "sdpa_math", "naive_torch"):
