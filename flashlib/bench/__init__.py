@@ -101,3 +101,6 @@ def describe(result):
     return (f"Recorded on {i.get('gpu')} (driver {i.get('driver')}), {i.get('date', '')[:10]}, "
             f"torch {i.get('torch')}, CuPy {i.get('cupy')}, numba-cuda {i.get('numba_cuda')}, "
             f"flashlib {i.get('flashlib_commit')}.")
+
+
+from . import micro  # noqa: E402,F401  (bench.micro.* in the chapters; imported last: it uses save, load above)
