@@ -2,6 +2,12 @@
 
 The simulator is chosen here, before any test imports numba.cuda, by the same call notebooks make.
 """
+import json
+import os
+import shutil
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -27,3 +33,15 @@ def rng():
 def qkv(rng, B, H, Nq, Nk, d, dtype=np.float32, scale=1.0):
     """Random q (B, H, Nq, d) and k, v (B, H, Nk, d) of the given dtype."""
     return tuple((scale * rng.standard_normal((B, H, n, d))).astype(dtype) for n in (Nq, Nk, Nk))
+
+
+def ptx_script_rows(script):
+    """Run `script` (it prints JSON on its last line) in a subprocess without the simulator, where
+    cuda.compile_ptx works with no GPU; skip when ptxas (the CUDA toolkit) is not on PATH."""
+    if shutil.which("ptxas") is None:
+        pytest.skip("ptxas is not on PATH (install the CUDA toolkit to check the PTX)")
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}  # compile_ptx needs the real target
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=root)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])

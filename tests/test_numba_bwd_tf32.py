@@ -11,14 +11,9 @@ Without a GPU (the simulator cannot run PTX):
 outputs NaN-poisoned. Tolerance: |x - ref| <= 1e-4 |ref| + 5e-5 max(1, max|ref|), the same bound the CUDA-core
 backward meets (tests/test_numba_kernels.py): 3xTF32 products are float32-accurate (~1e-6 relative).
 """
-import ast
 import inspect
-import json
 import math
 import os
-import shutil
-import subprocess
-import sys
 import textwrap
 import zlib
 
@@ -26,7 +21,7 @@ import numpy as np
 import pytest
 
 from flashlib import reference
-from tests.conftest import HAS_GPU, qkv
+from tests.conftest import HAS_GPU, ptx_script_rows, qkv
 
 from flashlib import numba_kernels as nk  # noqa: E402  (after conftest chose the simulator or the GPU)
 from flashlib.numba_kernels import fa2_bwd_tf32 as bt, fa2_tf32  # noqa: E402
@@ -202,12 +197,7 @@ print(json.dumps(fa2_bwd_tf32.ptx_report()))
 
 @pytest.fixture(scope="module")
 def ptx_rows():
-    if shutil.which("ptxas") is None:
-        pytest.skip("ptxas is not on PATH (install the CUDA toolkit to check the PTX)")
-    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}  # compile_ptx needs the real target
-    r = subprocess.run([sys.executable, "-c", PTX_SCRIPT], capture_output=True, text=True, env=env, cwd=ROOT)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    return ptx_script_rows(PTX_SCRIPT)
 
 
 def test_ptx_has_tf32_mma_unrolled_and_no_local_memory(ptx_rows):

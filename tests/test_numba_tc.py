@@ -11,12 +11,8 @@ Numba's simulator cannot run PTX, so without a GPU these kernels are checked thr
 """
 import ast
 import inspect
-import json
 import math
 import os
-import shutil
-import subprocess
-import sys
 import textwrap
 import zlib
 
@@ -24,7 +20,7 @@ import numpy as np
 import pytest
 
 from flashlib import reference
-from tests.conftest import HAS_GPU, qkv
+from tests.conftest import HAS_GPU, ptx_script_rows, qkv
 
 from flashlib import numba_kernels as nk  # noqa: E402  (after conftest chose the simulator or the GPU)
 from flashlib.numba_kernels import fa2_tc, mma  # noqa: E402
@@ -359,12 +355,7 @@ print(json.dumps({"rows": rows, "k16_on_75": k16_on_75}))
 
 @pytest.fixture(scope="module")
 def ptx_rows():
-    if shutil.which("ptxas") is None:
-        pytest.skip("ptxas is not on PATH (install the CUDA toolkit to check the PTX)")
-    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}  # compile_ptx needs the real target
-    r = subprocess.run([sys.executable, "-c", PTX_SCRIPT], capture_output=True, text=True, env=env, cwd=ROOT)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    return ptx_script_rows(PTX_SCRIPT)
 
 
 def test_ptx_has_mma_and_no_local_memory(ptx_rows):

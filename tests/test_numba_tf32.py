@@ -13,18 +13,14 @@ Without a GPU (Numba's simulator cannot run PTX):
 Tolerances on the GPU (inputs N(0, 1), |O| < ~4): max |O - O_ref| <= 2e-5 and max |lse - lse_ref| <= 2e-5, with
 O and lse NaN-poisoned before the launch. (float32 naive attention is ~1e-6 off; one TF32 product ~1e-3.)
 """
-import json
 import math
 import os
-import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from flashlib import reference
-from tests.conftest import HAS_GPU, qkv
+from tests.conftest import HAS_GPU, ptx_script_rows, qkv
 
 from flashlib import numba_kernels as nk  # noqa: E402  (after conftest chose the simulator or the GPU)
 from flashlib.numba_kernels import fa2_tf32 as tf  # noqa: E402
@@ -177,12 +173,7 @@ print(json.dumps(fa2_tf32.ptx_report(extra=extra)))
 
 @pytest.fixture(scope="module")
 def ptx_rows():
-    if shutil.which("ptxas") is None:
-        pytest.skip("ptxas is not on PATH (install the CUDA toolkit to check the PTX)")
-    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}  # compile_ptx needs the real target
-    r = subprocess.run([sys.executable, "-c", PTX_SCRIPT], capture_output=True, text=True, env=env, cwd=ROOT)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    return ptx_script_rows(PTX_SCRIPT)
 
 
 def test_ptx_has_tf32_mma_and_no_local_memory(ptx_rows):
