@@ -274,11 +274,7 @@ def main():
 
 def _gpu_tag():
     import cupy as cp
-    name = cp.cuda.runtime.getDeviceProperties(0)["name"].decode().lower()
-    for tag in ("h100", "h200", "a100", "l4", "t4", "a10"):
-        if tag in name:
-            return tag
-    return "gpu"
+    return bench.gpu_tag(cp.cuda.runtime.getDeviceProperties(0)["name"].decode())
 
 
 if __name__ == "__main__":

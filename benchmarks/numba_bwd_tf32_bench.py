@@ -129,9 +129,8 @@ def main():
         cell = {r["method"]: r for r in rows if (r["N"], r["d"], r["causal"], r["mode"]) == key}
         print("| " + " | ".join(map(str, key)) + " | "
               + " | ".join(f"{cell[m]['tflops']:.1f}" if m in cell else "" for m in methods) + " |")
-    gpu = torch.cuda.get_device_name().lower()
-    tag = next((t for t in ("h100", "h200", "a100", "l4", "t4", "a10") if t in gpu), "gpu")
-    path = bench.save("numba_bwd_tf32_" + tag, rows, directory=args.out, tokens=TOKENS, allow_tf32=False,
+    path = bench.save("numba_bwd_tf32_" + bench.gpu_tag(torch.cuda.get_device_name()), rows, directory=args.out,
+                      tokens=TOKENS, allow_tf32=False,
                       tiles={str(k): v for k, v in bt.TILES.items()},
                       flops="4*B*H*N^2*d (half causal); bwd 2.5x, fwd+bwd 3.5x",
                       target="backward >= 0.5x sdpa_efficient's backward (float32)")

@@ -172,8 +172,7 @@ def table(rows):
 
 def _gpu_tag():
     import torch
-    name = torch.cuda.get_device_name().lower()
-    return next((tag for tag in ("h100", "h200", "a100", "l4", "t4", "a10") if tag in name), "gpu")
+    return bench.gpu_tag(torch.cuda.get_device_name())
 
 
 def main():

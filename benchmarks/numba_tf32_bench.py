@@ -110,7 +110,7 @@ def main():
     from flashlib import numba_kernels as nk
     from flashlib.numba_kernels import fa2_tf32 as tf
     torch.backends.cuda.matmul.allow_tf32 = False          # naive torch in true float32
-    name = "numba_tf32_" + bench_tag(torch)
+    name = "numba_tf32_" + bench.gpu_tag(torch.cuda.get_device_name())
     rows = [] if a.no_accuracy else accuracy(nk, tf, cuda)
     for d in (64, 128):
         for causal in (False, True):
@@ -121,11 +121,6 @@ def main():
                       flops="4*B*H*N^2*d, half when causal; forward only", allow_tf32=False,
                       target=">= 1.0x naive_torch, toward 0.75x sdpa_efficient (float32)")
     print("saved", path)
-
-
-def bench_tag(torch):
-    n = torch.cuda.get_device_name().lower()
-    return next((t for t in ("h100", "h200", "a100", "l4", "t4", "a10") if t in n), "gpu")
 
 
 if __name__ == "__main__":

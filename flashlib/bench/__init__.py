@@ -82,6 +82,14 @@ def provenance():
     return info
 
 
+GPU_TAGS = ("h100", "h200", "a100", "l4", "t4", "a10")
+
+
+def gpu_tag(name):
+    """The short tag a result file is named after ('h100' for 'NVIDIA H100 80GB HBM3'), or 'gpu'."""
+    return next((t for t in GPU_TAGS if t in name.lower()), "gpu")
+
+
 def save(name, rows, directory=None, **info):
     """Write {'info': provenance + info, 'rows': rows} to <directory or benchmarks/results>/<name>.json."""
     path = pathlib.Path(directory or RESULTS) / f"{name}.json"
