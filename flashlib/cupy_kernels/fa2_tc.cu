@@ -39,6 +39,124 @@
 
 #define NEG_INF __int_as_float(0xff800000)
 
+// One K/V tile of Algorithm 1's inner loop for one warp (S = Q K^T, online softmax, O += P V), from the K/V stage at
+// k_addr / v_addr. MASK: set S to -inf for keys >= Nk and, causal, keys right of the row (the kernel calls the MASK
+// instance only for the ragged last tile and the tiles the causal diagonal crosses).
+template <typename T, int D, int NW, int Bc, bool CAUSAL, bool TUNED, bool K8, int MT, bool QREG>
+__device__ __forceinline__ void attend_tile(float (&o)[MT][D / 8][4], float (&m)[MT][2], float (&l)[MT][2],
+                                            const u32 (&qf)[QREG ? MT : 1][QREG ? D / 16 : 1][4], float* lsm,
+                                            u32 q_addr, u32 k_addr, u32 v_addr, int kv0, int qw, int Nk, float sl,
+                                            bool mask) {
+    constexpr int RW = 16 * MT, LD = D + 8;
+    constexpr bool L_SMEM = TUNED && MT == 2 && !QREG && D >= 128;
+    typedef Mma<T, K8> MMA;
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const bool active = !(CAUSAL && kv0 > qw + RW - 1);  // else every key of the tile is right of all RW rows
+    if (active) {
+        float s[MT][Bc / 8][4];
+        // S = Q K^T (RW x Bc per warp), fp32 accumulators; each K fragment feeds MT x 2 mma
+#pragma unroll
+        for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+            for (int n = 0; n < Bc / 8; n++) s[mt][n][0] = s[mt][n][1] = s[mt][n][2] = s[mt][n][3] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < D / 16; kk++) {
+            u32 a[MT][4];
+            if (!QREG) {
+#pragma unroll
+                for (int mt = 0; mt < MT; mt++)
+                    ldmatrix_x4_a(a[mt], q_addr + 2 * (16 * mt * LD + kk * 16));
+            }
+#pragma unroll
+            for (int nn = 0; nn < Bc / 16; nn++) {
+                u32 b[4];  // B fragments of key n-tiles 2nn (b[0], b[1]) and 2nn+1 (b[2], b[3])
+                ldmatrix_x4_a(b, k_addr + 2 * (nn * 16 * LD + kk * 16));
+#pragma unroll
+                for (int mt = 0; mt < MT; mt++) {
+                    const u32* af = QREG ? qf[QREG ? mt : 0][QREG ? kk : 0] : a[mt];
+                    MMA::run(s[mt][2 * nn], af, b);
+                    MMA::run(s[mt][2 * nn + 1], af, b + 2);
+                }
+            }
+        }
+        // mask (ragged last tile, causal diagonal): one branch for the whole tile, taken by every warp alike
+        if (mask) {
+#pragma unroll
+            for (int mt = 0; mt < MT; mt++) {
+#pragma unroll
+                for (int h = 0; h < 2; h++) {
+                    // element (n, e) holds key kv0 + 2t + 8n + (e&1): visible iff 8n + (e&1) < lim
+                    const int lim = (CAUSAL ? min(Nk, qw + 16 * mt + g + 8 * h + 1) : Nk) - kv0 - 2 * t;
+#pragma unroll
+                    for (int n = 0; n < Bc / 8; n++) {
+                        if (n * 8 >= lim) s[mt][n][2 * h] = NEG_INF;
+                        if (n * 8 + 1 >= lim) s[mt][n][2 * h + 1] = NEG_INF;
+                    }
+                }
+            }
+        }
+        // scale, row max over the quad of threads sharing a row, online softmax
+        u32 pa[MT][Bc / 16][4];  // P, the A fragments of O += P V
+#pragma unroll
+        for (int mt = 0; mt < MT; mt++) {
+            float mx[2] = {NEG_INF, NEG_INF};
+#pragma unroll
+            for (int n = 0; n < Bc / 8; n++) {
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    if (!TUNED) s[mt][n][e] *= sl;  // rung 3 scales inside the exp2's FFMA
+                    mx[e >> 1] = fmaxf(mx[e >> 1], s[mt][n][e]);
+                }
+            }
+            float base[2], alpha[2], rowsum[2] = {0.f, 0.f};
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
+                mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
+                float m_new = fmaxf(m[mt][h], TUNED ? mx[h] * sl : mx[h]);
+                base[h] = m_new == NEG_INF ? 0.f : m_new;  // no visible key yet: P = 0, alpha = 0, no NaN
+                alpha[h] = TUNED ? fast_exp2(m[mt][h] - base[h]) : expf(m[mt][h] - base[h]);
+                m[mt][h] = m_new;
+                l[mt][h] *= alpha[h];
+#pragma unroll
+                for (int n = 0; n < D / 8; n++) o[mt][n][2 * h] *= alpha[h], o[mt][n][2 * h + 1] *= alpha[h];
+            }
+#pragma unroll
+            for (int n = 0; n < Bc / 8; n++) {
+                float p[4];
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    p[e] = TUNED ? fast_exp2(fmaf(s[mt][n][e], sl, -base[e >> 1])) : expf(s[mt][n][e] - base[e >> 1]);
+                    // this thread's part of the row sum; the quad's parts are summed once at the end
+                    if (L_SMEM) rowsum[e >> 1] += p[e];
+                    else l[mt][e >> 1] += p[e];
+                }
+                // P rounded to T at once (half the registers of fp32 S): C tile n is half of A fragment n/2
+                pa[mt][n / 2][2 * (n & 1)] = pack2<T>(p[0], p[1]);
+                pa[mt][n / 2][2 * (n & 1) + 1] = pack2<T>(p[2], p[3]);
+            }
+            if (L_SMEM) {
+#pragma unroll
+                for (int h = 0; h < 2; h++) lsm[(2 * mt + h) * NW * 32] = lsm[(2 * mt + h) * NW * 32] * alpha[h] + rowsum[h];
+            }
+        }
+        // O += P V: P's C fragments, rounded to T, are the A fragments; each V fragment feeds MT x 2 mma
+#pragma unroll
+        for (int kk = 0; kk < Bc / 16; kk++) {
+#pragma unroll
+            for (int nn = 0; nn < D / 16; nn++) {
+                u32 b[4];  // B fragments of d n-tiles 2nn and 2nn+1, keys kk*16 .. kk*16+15
+                ldmatrix_x4_trans_a(b, v_addr + 2 * (kk * 16 * LD + nn * 16));
+#pragma unroll
+                for (int mt = 0; mt < MT; mt++) {
+                    MMA::run(o[mt][2 * nn], pa[mt][kk], b);
+                    MMA::run(o[mt][2 * nn + 1], pa[mt][kk], b + 2);
+                }
+            }
+        }
+    }
+}
+
 template <typename T, int D, int NW, int Bc, bool CAUSAL, bool TUNED, bool K8, int MT, bool QREG>
 __global__ void __launch_bounds__(NW * 32, NW <= 4 ? 2 : 1) fa2_tc(const T* __restrict__ Q, const T* __restrict__ K,
                                                   const T* __restrict__ V, T* __restrict__ O, float* __restrict__ L,
@@ -46,7 +164,6 @@ __global__ void __launch_bounds__(NW * 32, NW <= 4 ? 2 : 1) fa2_tc(const T* __re
     static_assert(D % 16 == 0 && Bc % 16 == 0, "d and Bc must be multiples of 16");
     static_assert(MT == 1 || MT == 2, "a warp owns 16 or 32 query rows");
     constexpr int RW = 16 * MT, Br = RW * NW, LD = D + 8, NT = NW * 32, NSTAGE = TUNED ? 2 : 1;
-    typedef Mma<T, K8> MMA;
     extern __shared__ __align__(16) unsigned char smem_raw[];
     T* Qs = reinterpret_cast<T*>(smem_raw);
     T* Ks = Qs + Br * LD;               // NSTAGE x Bc x LD
@@ -60,6 +177,8 @@ __global__ void __launch_bounds__(NW * 32, NW <= 4 ? 2 : 1) fa2_tc(const T* __re
 
     const int kv_end = CAUSAL ? min(Nk, q0 + Br) : Nk;
     const int n_tiles = (kv_end + Bc - 1) / Bc;
+    // tiles 0 .. n_full-1 are whole (no key >= Nk) and, causal, have every key <= q0 (visible to all Br rows)
+    const int n_full = min(Nk / Bc, CAUSAL ? (q0 + 1) / Bc : n_tiles);
     // rung 3 works in base 2: P = exp2(S * sl - m) with sl = scale * log2(e), one FFMA and one MUFU.EX2 per
     // element (m is kept in units of S * sl); rung 2 with S * scale and expf
     const float sl = TUNED ? scale * 1.4426950408889634f : scale;
@@ -113,103 +232,10 @@ __global__ void __launch_bounds__(NW * 32, NW <= 4 ? 2 : 1) fa2_tc(const T* __re
                     ldmatrix_x4(qf[QREG ? mt : 0][QREG ? kk : 0], Qw + (16 * mt + (lane & 15)) * LD + kk * 16 + (lane >> 4) * 8);
         }
         // this lane's ldmatrix row addresses (bytes, shared space) for the first 16x16 block of K, V and its Q rows;
-        // the unrolled loops below add constant offsets
-        const u32 q_addr = opaque(q_lane), k_addr = k_lane + st * (Bc * LD * 2), v_addr = v_lane + st * (Bc * LD * 2);
-        const bool active = !(CAUSAL && kv0 > qw + RW - 1);  // else every key of the tile is right of all RW rows
-        if (active) {
-            float s[MT][Bc / 8][4];
-            // S = Q K^T (RW x Bc per warp), fp32 accumulators; each K fragment feeds MT x 2 mma
-#pragma unroll
-            for (int mt = 0; mt < MT; mt++)
-#pragma unroll
-                for (int n = 0; n < Bc / 8; n++) s[mt][n][0] = s[mt][n][1] = s[mt][n][2] = s[mt][n][3] = 0.f;
-#pragma unroll
-            for (int kk = 0; kk < D / 16; kk++) {
-                u32 a[MT][4];
-                if (!QREG) {
-#pragma unroll
-                    for (int mt = 0; mt < MT; mt++)
-                        ldmatrix_x4_a(a[mt], q_addr + 2 * (16 * mt * LD + kk * 16));
-                }
-#pragma unroll
-                for (int nn = 0; nn < Bc / 16; nn++) {
-                    u32 b[4];  // B fragments of key n-tiles 2nn (b[0], b[1]) and 2nn+1 (b[2], b[3])
-                    ldmatrix_x4_a(b, k_addr + 2 * (nn * 16 * LD + kk * 16));
-#pragma unroll
-                    for (int mt = 0; mt < MT; mt++) {
-                        const u32* af = QREG ? qf[QREG ? mt : 0][QREG ? kk : 0] : a[mt];
-                        MMA::run(s[mt][2 * nn], af, b);
-                        MMA::run(s[mt][2 * nn + 1], af, b + 2);
-                    }
-                }
-            }
-            // scale, mask (ragged last tile, causal diagonal), row max over the quad of threads sharing a row
-            u32 pa[MT][Bc / 16][4];  // P, the A fragments of O += P V
-            const bool need_mask = kv0 + Bc > Nk || (CAUSAL && kv0 + Bc - 1 > qw);
-#pragma unroll
-            for (int mt = 0; mt < MT; mt++) {
-                float mx[2] = {NEG_INF, NEG_INF};
-                int lim[2];  // element (n, e) holds key kv0 + 2t + 8n + (e&1): visible iff 8n + (e&1) < lim[e/2]
-#pragma unroll
-                for (int h = 0; h < 2; h++)
-                    lim[h] = (CAUSAL ? min(Nk, qw + 16 * mt + g + 8 * h + 1) : Nk) - kv0 - 2 * t;
-#pragma unroll
-                for (int n = 0; n < Bc / 8; n++) {
-#pragma unroll
-                    for (int e = 0; e < 4; e++) {
-                        float x = TUNED ? s[mt][n][e] : s[mt][n][e] * sl;  // rung 3 scales inside the exp2's FFMA
-                        if (need_mask && n * 8 + (e & 1) >= lim[e >> 1]) x = NEG_INF;
-                        s[mt][n][e] = x;
-                        mx[e >> 1] = fmaxf(mx[e >> 1], x);
-                    }
-                }
-                float base[2], alpha[2], rowsum[2] = {0.f, 0.f};
-#pragma unroll
-                for (int h = 0; h < 2; h++) {
-                    mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
-                    mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
-                    float m_new = fmaxf(m[mt][h], TUNED ? mx[h] * sl : mx[h]);
-                    base[h] = m_new == NEG_INF ? 0.f : m_new;  // no visible key yet: P = 0, alpha = 0, no NaN
-                    alpha[h] = TUNED ? fast_exp2(m[mt][h] - base[h]) : expf(m[mt][h] - base[h]);
-                    m[mt][h] = m_new;
-                    l[mt][h] *= alpha[h];
-#pragma unroll
-                    for (int n = 0; n < D / 8; n++) o[mt][n][2 * h] *= alpha[h], o[mt][n][2 * h + 1] *= alpha[h];
-                }
-#pragma unroll
-                for (int n = 0; n < Bc / 8; n++) {
-                    float p[4];
-#pragma unroll
-                    for (int e = 0; e < 4; e++) {
-                        p[e] = TUNED ? fast_exp2(fmaf(s[mt][n][e], sl, -base[e >> 1])) : expf(s[mt][n][e] - base[e >> 1]);
-                        // this thread's part of the row sum; the quad's parts are summed once at the end
-                        if (L_SMEM) rowsum[e >> 1] += p[e];
-                        else l[mt][e >> 1] += p[e];
-                    }
-                    // P rounded to T at once (half the registers of fp32 S): C tile n is half of A fragment n/2
-                    pa[mt][n / 2][2 * (n & 1)] = pack2<T>(p[0], p[1]);
-                    pa[mt][n / 2][2 * (n & 1) + 1] = pack2<T>(p[2], p[3]);
-                }
-                if (L_SMEM) {
-#pragma unroll
-                    for (int h = 0; h < 2; h++) lsm[(2 * mt + h) * NT] = lsm[(2 * mt + h) * NT] * alpha[h] + rowsum[h];
-                }
-            }
-            // O += P V: P's C fragments, rounded to T, are the A fragments; each V fragment feeds MT x 2 mma
-#pragma unroll
-            for (int kk = 0; kk < Bc / 16; kk++) {
-#pragma unroll
-                for (int nn = 0; nn < D / 16; nn++) {
-                    u32 b[4];  // B fragments of d n-tiles 2nn and 2nn+1, keys kk*16 .. kk*16+15
-                    ldmatrix_x4_trans_a(b, v_addr + 2 * (kk * 16 * LD + nn * 16));
-#pragma unroll
-                    for (int mt = 0; mt < MT; mt++) {
-                        MMA::run(o[mt][2 * nn], pa[mt][kk], b);
-                        MMA::run(o[mt][2 * nn + 1], pa[mt][kk], b + 2);
-                    }
-                }
-            }
-        }
+        // the unrolled loops of attend_tile add constant offsets. Tiles before n_full need no mask.
+        const u32 st_off = st * (Bc * LD * 2);
+        attend_tile<T, D, NW, Bc, CAUSAL, TUNED, K8, MT, QREG>(o, m, l, qf, lsm, opaque(q_lane), k_lane + st_off,
+                                                              v_lane + st_off, kv0, qw, Nk, sl, j >= n_full);
         if (!TUNED) __syncthreads();  // all warps are done with this stage before it is refilled
     }
     // epilogue: finish the row sums, divide once, stage the warp's O rows in its own rows of Qs (no other warp reads
