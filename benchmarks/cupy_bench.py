@@ -3,10 +3,11 @@
     python benchmarks/cupy_bench.py [--out DIR] [--quick]    # the grid; writes <DIR or benchmarks/results>/cupy_<gpu>.json
     python benchmarks/cupy_bench.py --precompile [--sweep] [--bwd-sweep]  # compile in parallel (CuPy disk cache) the
                                                               # library's and the tests' instances [and the sweeps']
-    python benchmarks/cupy_bench.py --smoke                   # each kernel once at small shapes (for compute-sanitizer)
+    python benchmarks/cupy_bench.py --smoke [RUNG ...]        # each kernel once at small shapes (for compute-sanitizer)
     python benchmarks/cupy_bench.py --bwd-sweep               # Tensor Core backward tiles, backward alone, N=4096, 16384
     python benchmarks/cupy_bench.py --sweep                   # rung-3 tiles at N=4096, 16384 (and |o - flash's o|)
 
+On Hopper (compute capability 9.0) the grid also times rung 6, 'wgmma' (its backward: bwd_tc).
 Shapes: B*H*N = 16*16384 tokens, H = 16; FLOPs = 4*B*H*N^2*d (half for causal); forward+backward counts 3.5x.
 """
 import argparse
@@ -40,7 +41,8 @@ def _compile(job):
 
 
 def precompile(extra=()):
-    jobs = [(f, n) for f, names in ck.instances(ck.device_cc()).items() for n in names] + list(extra)
+    # (fa2_wgmma.cu is compiled by NVRTC directly, without CuPy's disk cache: nothing to gain in other processes)
+    jobs = [(f, n) for f, names in ck.instances(ck.device_cc()).items() if f != "fa2_wgmma.cu" for n in names] + list(extra)
     with concurrent.futures.ProcessPoolExecutor(min(16, os.cpu_count() or 1), mp_context=multiprocessing.get_context("spawn")) as ex:
         errs = [e for e in ex.map(_compile, jobs) if e]
     print(f"compiled {len(jobs)} kernel instances, {len(errs)} failed", *errs, sep="\n")
@@ -125,8 +127,8 @@ def _cupy(t):
     return to_cupy(t)
 
 
-def smoke():
-    """Each kernel once, small ragged shapes (compute-sanitizer runs this)."""
+def smoke(only=()):
+    """Each kernel once, small ragged shapes (compute-sanitizer runs this); only: just these forward rungs."""
     import cupy as cp
     for dtype in ("float16", "bfloat16", "float32"):
         for d in (32, 64, 96, 128):
@@ -134,9 +136,11 @@ def smoke():
                 q, k, v, do = (_cupy(t) for t in _inputs(1, 2, 70, d, dtype))
                 k, v = k[:, :, :53], v[:, :, :53]
                 rungs = ["fp32"] if dtype == "float32" else ["tc", "tuned"] + (["sm75"] if dtype == "float16" else [])
-                for r in rungs:
+                if dtype != "float32" and ck.device_cc() == 90 and d in ck.WGMMA_HEAD_DIMS:
+                    rungs.append("wgmma")
+                for r in [r for r in rungs if r in only] if only else rungs:
                     o, lse = ck.forward(q, k, v, causal=causal, scale=0.1, dtype=dtype, rung=r)
-                for r in ["bwd_fp32"] + (["bwd_tc"] if dtype != "float32" else []):
+                for r in [] if only else ["bwd_fp32"] + (["bwd_tc"] if dtype != "float32" else []):
                     ck.backward(q, k, v, o, lse, do, causal=causal, scale=0.1, dtype=dtype, rung=r)
     cp.cuda.Device().synchronize()
     print("smoke: every kernel ran")
@@ -229,7 +233,7 @@ def table(rows):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
-    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--smoke", nargs="*", metavar="RUNG", help="each kernel once (or only these forward rungs)")
     ap.add_argument("--precompile", action="store_true")
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--bwd-sweep", action="store_true")
@@ -238,8 +242,8 @@ def main():
     if a.precompile:
         extra = test_jobs() + (sweep_jobs() if a.sweep else []) + (bwd_sweep_jobs() if a.bwd_sweep else [])
         return precompile(sorted(set(extra)))
-    if a.smoke:
-        return smoke()
+    if a.smoke is not None:
+        return smoke(a.smoke)
     if a.bwd_sweep:
         return bwd_sweep(a.out)
     rows = []
@@ -258,6 +262,7 @@ def main():
             for causal in (False, True):
                 for N in ((1024, 4096, 16384) if a.quick else NS):
                     impls = ["tc", "tuned"] + (["sm75"] if dtype == "float16" else [])
+                    impls += ["wgmma"] if ck.device_cc() == 90 else []
                     impls += ["flash", "cudnn", "efficient"]
                     if N <= 4096:
                         impls += ["math", "naive"]
@@ -267,7 +272,7 @@ def main():
                     bench.save("cupy_" + _gpu_tag(), rows, directory=a.out, partial=True)  # survives a timeout
                     print(table([r for r in rows if r["n"] == N and r["d"] == d and r["causal"] == causal and r["dtype"] == dtype]).split("\n", 2)[2], flush=True)
     print(table(rows))
-    path = bench.save("cupy_" + _gpu_tag(), rows, directory=a.out, tuned_tiles=ck.TUNED_TILES,
+    path = bench.save("cupy_" + _gpu_tag(), rows, directory=a.out, tuned_tiles=ck.TUNED_TILES, wgmma_tiles=ck.WGMMA_TILES,
                       flops="4*B*H*N^2*d, half when causal; fwd+bwd = 3.5x")
     print("saved", path)
 

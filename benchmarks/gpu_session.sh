@@ -27,6 +27,9 @@ if [ "$phase" = tests ]; then
     timeout 50 compute-sanitizer --tool $tool python3 -m flashlib.numba_kernels.selfcheck --tc 2>&1 | tail -6 | log
   done
   timeout 50 compute-sanitizer --tool memcheck python3 benchmarks/cupy_bench.py --smoke 2>&1 | tail -4 | log
+  for tool in racecheck synccheck; do  # the Hopper rung's barriers and shared-memory reuse
+    timeout 60 compute-sanitizer --tool $tool python3 benchmarks/cupy_bench.py --smoke wgmma 2>&1 | tail -4 | log
+  done
 else
   timeout 200 python3 benchmarks/cupy_bench.py --out "$OUT" --quick 2>&1 | tail -3 | log
   timeout 120 python3 benchmarks/numba_tf32_bench.py --out "$OUT" 2>&1 | tail -3 | log

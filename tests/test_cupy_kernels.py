@@ -31,14 +31,32 @@ def test_import_does_not_need_cupy_or_gpu():
 
 
 @pytest.mark.parametrize("dtype,cc,rung", [("float32", 90, "fp32"), ("float16", 90, "tuned"), ("bfloat16", 80, "tuned"),
-                                           ("float16", 75, "sm75"), ("float32", 75, "fp32"), ("float16", (8, 6), "tuned")])
+                                           ("float16", 75, "sm75"), ("float32", 75, "fp32"), ("float16", (8, 6), "tuned"),
+                                           ("bfloat16", 100, "tuned")])
 def test_default_forward_rung(dtype, cc, rung):
     for d in ck.HEAD_DIMS:
         cfg = ck.choose_config(dtype, d, cc)
-        assert cfg.rung == rung
+        if cc == 90 and dtype != "float32" and d in ck.WGMMA_HEAD_DIMS:  # Hopper: the wgmma rung where it exists
+            assert cfg.rung == "wgmma" and cfg.kernel.startswith("fa2_wgmma<") and cfg.Br == 64 * cfg.warps // 4
+        else:
+            assert cfg.rung == rung
         assert cfg.smem <= ck.SMEM_LIMIT[ck._cc_int(cc)]
-        if rung != "fp32":
+        if cfg.rung not in ("fp32", "wgmma"):
             assert cfg.Br in (16 * cfg.warps, 32 * cfg.warps) and cfg.kernel.startswith("fa2_tc<")
+
+
+def test_wgmma_config():
+    cfg = ck.choose_config("bfloat16", 128, 90, causal=True, rung="wgmma", tiles=(1, 64))
+    assert cfg.kernel == "fa2_wgmma<__nv_bfloat16, 128, 64, 1, true>" and (cfg.Br, cfg.Bc, cfg.warps) == (64, 64, 4)
+    assert cfg.smem == 2 * 128 * (64 + 4 * 64) + 1024 == ck.smem_wgmma(128, 1, 64)
+    for d in ck.WGMMA_HEAD_DIMS:  # the chosen tiles fit the H100's shared memory
+        assert ck.choose_config("float16", d, 90).smem <= ck.SMEM_LIMIT[90]
+    with pytest.raises(ValueError, match="Hopper"):
+        ck.choose_config("float16", 64, 80, rung="wgmma")
+    with pytest.raises(ValueError, match="head_dim"):
+        ck.choose_config("float16", 96, 90, rung="wgmma")
+    with pytest.raises(ValueError, match="warpgroups"):
+        ck.choose_config("float16", 64, 90, rung="wgmma", tiles=(3, 64))
 
 
 def test_backward_rungs():
@@ -63,7 +81,7 @@ def test_backward_rungs():
 
 
 def test_kernel_names_and_tiles():
-    cfg = ck.choose_config("bfloat16", 64, 90, causal=True)
+    cfg = ck.choose_config("bfloat16", 64, 90, causal=True, rung="tuned")
     nw, Bc, rw, qreg = ck.TUNED_TILES[64][True]
     assert cfg.kernel == f"fa2_tc<__nv_bfloat16, 64, {nw}, {Bc}, true, true, false, {rw // 16}, {str(qreg).lower()}>"
     assert cfg.smem == ck.smem_forward(64, nw, Bc, 2, rw, qreg) and cfg.Br == rw * nw
@@ -75,6 +93,7 @@ def test_kernel_names_and_tiles():
     assert cfg.smem == 2 * 136 * (128 + 4 * 64) + 4 * 128 * 4 and 2 * (cfg.smem + 1024) <= 228 * 1024
     # tiles that fit an H100 but not an RTX (sm_86) are replaced by smaller ones there
     assert ck.choose_config("float16", 128, 86).smem <= ck.SMEM_LIMIT[86]
+    assert ck.choose_config("float16", 96, 90).kernel.startswith("fa2_tc<")  # no wgmma for d = 96: rung 3
 
 
 @pytest.mark.parametrize("args,match", [
@@ -110,6 +129,7 @@ def test_instances_per_architecture():
     assert "fa2_bwd_tc.cu" not in i75 and not any("bfloat16" in k for ks in i75.values() for k in ks)
     assert all(k.endswith("true>") for k in i75["fa2_tc.cu"])  # only the K8 (sm75) forward
     assert len(i90["fa2_tc.cu"]) == 2 * 4 * 2 * 2 + 4 * 2  # fp16/bf16 x d x causal x (tc, tuned) + sm75
+    assert len(i90["fa2_wgmma.cu"]) == 2 * 2 * 2 and "fa2_wgmma.cu" not in ck.instances(80)  # fp16/bf16 x d x causal
 
 
 # ------------------------------------------------------------------ nvcc / ptxas, no GPU
@@ -158,7 +178,8 @@ def _nvcc(job, tmp):
     src = os.path.join(tmp, f"sm{cc}_{f}")
     with open(src, "w") as fh:  # taking each instance's address instantiates it, as NVRTC's name_expressions do
         fh.write(f'#include "{f}"\nvoid* flashlib_instances[] = {{\n' + ",\n".join(f"  (void*)&{n}" for n in names) + "\n};\n")
-    cmd = [NVCC, "-std=c++17", f"-arch=sm_{cc}", "-cubin", f"-I{ck.HERE}", "-Xptxas", "-v", "-o", src + ".cubin", src]
+    arch = "sm_90a" if f == "fa2_wgmma.cu" else f"sm_{cc}"  # wgmma exists only in sm_90a code
+    cmd = [NVCC, "-std=c++17", f"-arch={arch}", "-cubin", f"-I{ck.HERE}", "-Xptxas", "-v", "-o", src + ".cubin", src]
     out = subprocess.run(cmd, capture_output=True, text=True)
     return job, out.returncode, out.stdout + out.stderr
 
@@ -250,10 +271,17 @@ def _backend_call(fn, arrays, dtype, causal, scale, **kw):
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype,rung", [("float16", "tc"), ("bfloat16", "tc"), ("float16", "tuned"),
-                                        ("bfloat16", "tuned"), ("float16", "sm75"), ("float16", "fp32")])
+                                        ("bfloat16", "tuned"), ("float16", "sm75"), ("float16", "fp32"),
+                                        ("float16", "wgmma"), ("bfloat16", "wgmma")])
 def test_forward_matches_reference(shape, dtype, rung, poisoned):
     causal, d = shape[5], shape[4]
     scale = 1 / np.sqrt(d)
+    if rung == "wgmma" and ck.device_cc() != 90:
+        pytest.skip("the wgmma rung runs on Hopper (compute capability 9.0) only")
+    if rung == "wgmma" and d not in ck.WGMMA_HEAD_DIMS:
+        with pytest.raises(ValueError, match="head_dim"):
+            ck.choose_config(dtype, d, 90, causal, rung)
+        return
     q, k, v, _ = _torch_inputs(shape, dtype, seed=zlib.crc32(repr((shape, dtype)).encode()))
     o, lse = _backend_call(ck.forward, (q, k, v), dtype, causal, scale, rung=rung)
     o_ref, lse_ref = reference.attention_forward(_f64(q), _f64(k), _f64(v), causal, scale)
@@ -276,6 +304,24 @@ def test_tuned_tile_choices_match_reference(d, tiles, dtype, poisoned):
         causal = shape[5]
         q, k, v, _ = _torch_inputs(shape, dtype, seed=zlib.crc32(repr((shape, dtype, tiles)).encode()))
         o, lse = _backend_call(ck.forward, (q, k, v), dtype, causal, scale, rung="tuned", tiles=tiles)
+        o_ref, lse_ref = reference.attention_forward(_f64(q), _f64(k), _f64(v), causal, scale)
+        bound = 2 * _err(_naive(q, k, v, causal, scale), o_ref) + ATOL[dtype]
+        assert _err(o, o_ref) <= bound, (shape, _err(o, o_ref), bound)
+        assert _err(lse, lse_ref) <= 2e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d", ck.WGMMA_HEAD_DIMS)
+@pytest.mark.parametrize("tiles", [(1, 64), (2, 64), (1, 128), (2, 128)], ids=str)
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_wgmma_tiles_match_reference(d, tiles, dtype, poisoned):
+    if ck.device_cc() != 90:
+        pytest.skip("the wgmma rung runs on Hopper (compute capability 9.0) only")
+    scale = 1 / np.sqrt(d)
+    for shape in [(1, 2, 300, 333, d, True), (2, 1, 129, 65, d, False), (1, 1, 200, 521, d, True), (1, 1, 64, 640, d, False)]:
+        causal = shape[5]
+        q, k, v, _ = _torch_inputs(shape, dtype, seed=zlib.crc32(repr((shape, dtype, tiles)).encode()))
+        o, lse = _backend_call(ck.forward, (q, k, v), dtype, causal, scale, rung="wgmma", tiles=tiles)
         o_ref, lse_ref = reference.attention_forward(_f64(q), _f64(k), _f64(v), causal, scale)
         bound = 2 * _err(_naive(q, k, v, causal, scale), o_ref) + ATOL[dtype]
         assert _err(o, o_ref) <= bound, (shape, _err(o, o_ref), bound)

@@ -9,6 +9,8 @@ The kernels form a numbered ladder (each .cu file's header says grid, block, and
   rung 4  'sm75'      fa2_tc.cu     the T4 path: two m16n8k8 per k16, no cp.async, fp16 only
   rung 5  'bwd_fp32'  fa2_bwd.cu    backward on CUDA cores in fp32 arithmetic (any input dtype; float32, sm_75)
           'bwd_tc'    fa2_bwd_tc.cu backward on Tensor Cores, fp16/bf16, sm_80+, dQ by fp32 atomics
+  rung 6  'wgmma'     fa2_wgmma.cu  Hopper only (sm_90a): the forward on warpgroup MMA, K and V read by the Tensor
+                                    Cores straight from shared memory; d = 64 and 128
 
 `forward` / `backward` follow flashlib's backend contract: CuPy arrays in and out, q (B, H, Nq, d), k and v
 (B, H, Nk, d); o like q and lse float32 (B, H, Nq). bfloat16 travels as 16-bit integers (its bits) and comes back
@@ -24,7 +26,7 @@ from collections import namedtuple
 HERE = pathlib.Path(__file__).resolve().parent
 HEAD_DIMS = (32, 64, 96, 128)
 DTYPES = ("float32", "float16", "bfloat16")
-FORWARD_RUNGS = ("fp32", "tc", "tuned", "sm75")
+FORWARD_RUNGS = ("fp32", "tc", "tuned", "sm75", "wgmma")
 BACKWARD_RUNGS = ("bwd_fp32", "bwd_tc")
 CTYPE = {"float32": "float", "float16": "__half", "bfloat16": "__nv_bfloat16"}
 # largest dynamic shared memory per block (opt-in) by compute capability, CUDA C Programming Guide table 21
@@ -36,8 +38,10 @@ SMEM_LIMIT = {75: 64 * 1024, 80: 163 * 1024, 86: 99 * 1024, 87: 163 * 1024, 89: 
 # causal (4, 64, 32, False) 0.91 / 0.87; d=128 (4, 64, 32, False) 0.91 / 0.91 and causal 0.84 / 0.87 (the tiles as
 # committed before: 0.81-0.83 at d=64 non-causal, 0.75-0.80 causal, 0.82-0.86 at d=128). d = 32 and 96 not swept.
 # Every choice compiles without register spills for sm_80 ... sm_90 (tests/test_cupy_kernels.py).
+# d = 128 causal: (4, 32, 32, False) since the mask moved into one branch per tile (2026-12-01), which left
+# (4, 64, 32, False) 12-24 bytes of spill on sm_90 (no more registers to give at 2 blocks per SM).
 TUNED_TILES = {32: ((4, 64, 32, True),) * 2, 64: ((4, 128, 32, False), (4, 64, 32, False)),
-               96: ((4, 32, 32, False),) * 2, 128: ((4, 64, 32, False),) * 2}
+               96: ((4, 32, 32, False),) * 2, 128: ((4, 64, 32, False), (4, 32, 32, False))}
 # for GPUs with less shared memory (sm_80: 163 KB, sm_86/89: 99 KB): the first that fits
 FALLBACK_TILES = ((4, 32, 32, False), (4, 64, 16, True), (4, 32, 16, True))
 # rung 5 Tensor Core backward, per head dim: (warps NW, key m-tiles per warp KW, so Bc = 16*KW*NW keys per block;
@@ -48,6 +52,14 @@ FALLBACK_TILES = ((4, 32, 32, False), (4, 64, 16, True), (4, 32, 16, True))
 # d=32 and 96: not swept (tiles checked for correctness on the H100).
 BWD_TILES = {32: (8, 1, 64, 64, True), 64: (4, 2, 64, 32, False), 96: (8, 1, 64, 32, False), 128: (8, 1, 64, 64, False)}
 BWD_FALLBACK_TILES = ((4, 1, 64, 32, False), (4, 1, 32, 32, False))  # less shared memory (sm_86/89: 99 KB)
+
+# rung 6 tiles per head dim, (non-causal, causal), each (warpgroups NWG, keys per tile Bc), Br = 64*NWG. Chosen on an
+# H200 (fp16, N = 4096 / 16384, TFLOP/s, SDPA flash in the same run; benchmarks/results/logs/wgmma_explore_h200.txt):
+# d=64 (2, 64) 324 / 333, causal 287 / 317 (flash 274 / 291, 244 / 277); (1, 64) 283 / 283, (2, 128) 260 / 269;
+# d=128 (2, 128) 364 / 379, causal 339 / 384 (flash 347 / 345, 290 / 304); (2, 64) 331 / 341, (1, 64) 316 / 315.
+# Three warpgroups would need more than the 168 registers a thread 384 threads leave (ptxas serialises the wgmma).
+WGMMA_TILES = {64: ((2, 64), (2, 64)), 128: ((2, 128), (2, 128))}
+WGMMA_HEAD_DIMS = (64, 128)
 
 Config = namedtuple("Config", "rung file kernel Br Bc warps smem")
 
@@ -61,13 +73,16 @@ def _cc_int(cc):
     return int(cc)
 
 
-def default_rung(dtype, cc, direction="forward"):
-    """The rung `forward`/`backward` use for this dtype on a GPU of compute capability cc."""
+def default_rung(dtype, cc, direction="forward", d=None):
+    """The rung `forward`/`backward` use for this dtype (and head dim d) on a GPU of compute capability cc: on Hopper
+    (9.0) the wgmma forward for the head dims it has, else rung 3 (sm_80+) or the T4 path."""
     cc = _cc_int(cc)
     if direction == "backward":
         return "bwd_tc" if dtype != "float32" and cc >= 80 else "bwd_fp32"
     if dtype == "float32":
         return "fp32"
+    if cc == 90 and d in WGMMA_HEAD_DIMS:
+        return "wgmma"
     return "tuned" if cc >= 80 else "sm75"
 
 
@@ -76,9 +91,9 @@ def choose_config(dtype, d, cc, causal=False, rung=None, tiles=None):
 
     `kernel` is the C++ name expression CuPy instantiates, smem the dynamic shared memory in bytes. rung=None picks
     `default_rung`; tiles overrides the tile size: (warps, Bc[, rows per warp 16 or 32[, Q in registers]]) for the
-    Tensor Core forward rungs, (warps, KW, Br, BRC, KVREG) as in BWD_TILES for bwd_tc. Raises ValueError for
-    what cannot run: unknown dtype or rung, a head dim outside HEAD_DIMS, bf16 below sm_80, cc below 7.5, a
-    sm_80 rung on sm_75, or tiles that do not fit the GPU's shared memory.
+    Tensor Core forward rungs, (warpgroups, Bc) for wgmma, (warps, KW, Br, BRC, KVREG) as in BWD_TILES for bwd_tc.
+    Raises ValueError for what cannot run: unknown dtype or rung, a head dim outside HEAD_DIMS (WGMMA_HEAD_DIMS for
+    wgmma), bf16 below sm_80, cc below 7.5, a sm_80 rung on sm_75, wgmma off Hopper, or tiles that do not fit.
     """
     cc = _cc_int(cc)
     if dtype not in DTYPES:
@@ -89,7 +104,7 @@ def choose_config(dtype, d, cc, causal=False, rung=None, tiles=None):
         raise ValueError(f"the cupy backend needs compute capability 7.5 or newer (Turing), got {cc / 10:.1f}")
     if dtype == "bfloat16" and cc < 80:
         raise ValueError(f"bfloat16 needs compute capability 8.0 or newer (Ampere); this GPU is {cc / 10:.1f}: use float16")
-    rung = rung or default_rung(dtype, cc)
+    rung = rung or default_rung(dtype, cc, d=d)
     c = "true" if causal else "false"
     T = CTYPE[dtype]
     if rung == "fp32":
@@ -107,7 +122,18 @@ def choose_config(dtype, d, cc, causal=False, rung=None, tiles=None):
     if rung in ("tc", "tuned", "bwd_tc") and cc < 80:
         raise ValueError(f"rung {rung!r} needs compute capability 8.0+ (m16n8k16, cp.async); on {cc / 10:.1f} use 'sm75'")
     limit = SMEM_LIMIT.get(cc, 99 * 1024 if cc >= 80 else 48 * 1024)
-    if rung == "bwd_tc":
+    if rung == "wgmma":
+        if cc != 90:
+            raise ValueError(f"rung 'wgmma' is Hopper's (compute capability 9.0, sm_90a code); this GPU is {cc / 10:.1f}: "
+                             "use 'tuned'")
+        if d not in WGMMA_HEAD_DIMS:
+            raise ValueError(f"rung 'wgmma' takes head_dim in {WGMMA_HEAD_DIMS}, got {d}: use 'tuned'")
+        nwg, Bc = tiles if tiles is not None else WGMMA_TILES[d][bool(causal)]
+        if nwg not in (1, 2) or Bc not in (64, 128):
+            raise ValueError(f"rung 'wgmma' takes tiles (warpgroups 1 or 2, Bc 64 or 128), got ({nwg}, {Bc})")
+        kernel = f"fa2_wgmma<{T}, {d}, {Bc}, {nwg}, {c}>"
+        cfg = Config(rung, "fa2_wgmma.cu", kernel, 64 * nwg, Bc, 4 * nwg, smem_wgmma(d, nwg, Bc))
+    elif rung == "bwd_tc":
         if tiles is None:
             tiles = next(t for t in (BWD_TILES[d],) + BWD_FALLBACK_TILES if smem_backward(d, t[0], t[1], t[2]) <= limit)
         nw, kw, Br, brc, kvreg = tiles
@@ -146,6 +172,12 @@ def smem_forward(d, nw, Bc, stages, rw=16, qreg=True):
     d >= 128) 2*(rw/16) floats per thread."""
     l_smem = stages == 2 and rw == 32 and not qreg and d >= 128
     return 2 * (d + 8) * (rw * nw + 2 * stages * Bc) + (4 * 32 * nw * 2 * (rw // 16) if l_smem else 0)
+
+
+def smem_wgmma(d, nwg, Bc):
+    """Bytes of dynamic shared memory of fa2_wgmma: the Q tile (64*nwg rows) and two stages of K and V (Bc rows),
+    rows of d elements (no padding: the swizzled layout has no bank conflicts), and 1 KB to align them to 1024."""
+    return 2 * d * (64 * nwg + 4 * Bc) + 1024
 
 
 def smem_backward(d, nw, kw, Br):
@@ -202,12 +234,54 @@ def check_inputs(q, k, v, dtype):
 def _kernel(file, name, smem=0):
     """Compile `file` with the one template instance `name` (NVRTC, cached by CuPy on disk) and return it."""
     import cupy as cp
+    if file == "fa2_wgmma.cu":
+        return _kernel_sm90a(file, name, smem)
     src = (HERE / file).read_text()
     mod = cp.RawModule(code=src, options=("-std=c++17", f"-I{HERE}"), name_expressions=[name])
     fn = mod.get_function(name)
     if smem > 48 * 1024:
         fn.max_dynamic_shared_size_bytes = smem
     return fn
+
+
+def _kernel_sm90a(file, name, smem):
+    """Compile for sm_90a (wgmma exists only there) with NVRTC directly: CuPy adds its own -arch=sm_90 and NVRTC
+    refuses two. Not cached on disk (a few seconds a kernel, once per process)."""
+    import cupy as cp
+    from cupy_backends.cuda.libs import nvrtc
+    prog = nvrtc.createProgram((HERE / file).read_text(), file, (), ())
+    includes = tuple(f"-I{d}" for d in _cuda_include_dirs())
+    try:
+        nvrtc.addNameExpression(prog, name)
+        try:
+            nvrtc.compileProgram(prog, ("-std=c++17", f"-I{HERE}", *includes, "-arch=sm_90a", "-ftz=true"))
+        except nvrtc.NVRTCError as e:
+            raise RuntimeError(f"NVRTC failed on {name}:\n{nvrtc.getProgramLog(prog)}") from e
+        cubin, lowered = nvrtc.getCUBIN(prog), nvrtc.getLoweredName(prog, name)
+    finally:
+        nvrtc.destroyProgram(prog)
+    mod = cp.cuda.function.Module()
+    mod.load(cubin)
+    fn = mod.get_function(lowered)
+    if smem > 48 * 1024:
+        cp.cuda.driver.funcSetAttribute(fn.ptr, cp.cuda.driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem)
+    return fn
+
+
+def _cuda_include_dirs():
+    """Where cuda_fp16.h lives (CuPy's own NVRTC calls add this for us): the CUDA toolkit CuPy found, else the pip
+    wheels' include folders (nvidia/cu13 for CUDA 13, nvidia/cuda_runtime for CUDA 12)."""
+    import importlib.util
+    import cupy as cp
+    roots = [cp.cuda.get_cuda_path()]
+    for mod in ("nvidia.cu13", "nvidia.cuda_runtime"):
+        try:
+            spec = importlib.util.find_spec(mod)
+        except ImportError:
+            spec = None
+        roots += list(spec.submodule_search_locations or []) if spec else []
+    dirs = dict.fromkeys(os.path.join(r, "include") for r in roots if r)
+    return [d for d in dirs if os.path.exists(os.path.join(d, "cuda_fp16.h"))]
 
 
 def device_cc():
