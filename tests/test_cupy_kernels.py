@@ -153,16 +153,17 @@ def _compile_jobs():
 
 
 def _parse_ptxas(log):
-    """{mangled kernel name: (registers, spill bytes)} from `ptxas -v` output."""
+    """{mangled kernel name: (registers, spill bytes)} from `ptxas -v` output; a stack frame counts as spill too
+    (a register array indexed at run time lives there: local memory all the same)."""
     res, cur = {}, None
     for line in log.splitlines():
         m = re.search(r"Function properties for (\S+)", line)
         if m:
             cur = m.group(1)
             res[cur] = [None, 0]
-        m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
         if m and cur:
-            res[cur][1] = int(m.group(1)) + int(m.group(2))
+            res[cur][1] = int(m.group(1)) + int(m.group(2)) + int(m.group(3))
         m = re.search(r"Compiling entry function '(\S+)'", line)
         if m:
             cur = m.group(1)

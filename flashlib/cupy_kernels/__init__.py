@@ -38,10 +38,12 @@ SMEM_LIMIT = {75: 64 * 1024, 80: 163 * 1024, 86: 99 * 1024, 87: 163 * 1024, 89: 
 # causal (4, 64, 32, False) 0.91 / 0.87; d=128 (4, 64, 32, False) 0.91 / 0.91 and causal 0.84 / 0.87 (the tiles as
 # committed before: 0.81-0.83 at d=64 non-causal, 0.75-0.80 causal, 0.82-0.86 at d=128). d = 32 and 96 not swept.
 # Every choice compiles without register spills for sm_80 ... sm_90 (tests/test_cupy_kernels.py).
-# d = 128 causal: (4, 32, 32, False) since the mask moved into one branch per tile (2026-12-01), which left
-# (4, 64, 32, False) 12-24 bytes of spill on sm_90 (no more registers to give at 2 blocks per SM).
+# d = 128 causal: (4, 48, 32, False) since the mask moved into one branch per tile (2026-12-01), which left
+# (4, 64, 32, False) 12-24 bytes of spill on sm_90. H200, fp16, x SDPA flash at N = 4096 / 16384
+# (logs/tuned_d128_causal_sweep_h200.txt): (4, 48, 32, 0) 0.88 / 0.93, (4, 64, 32, 0) 0.87 / 0.99 (spills),
+# (4, 32, 32, 0) 0.77 / 0.86, (4, 64, 16, 1) 0.81 / 0.85, (8, 64, 16, 1) 0.78 / 0.83.
 TUNED_TILES = {32: ((4, 64, 32, True),) * 2, 64: ((4, 128, 32, False), (4, 64, 32, False)),
-               96: ((4, 32, 32, False),) * 2, 128: ((4, 64, 32, False), (4, 32, 32, False))}
+               96: ((4, 32, 32, False),) * 2, 128: ((4, 64, 32, False), (4, 48, 32, False))}
 # for GPUs with less shared memory (sm_80: 163 KB, sm_86/89: 99 KB): the first that fits
 FALLBACK_TILES = ((4, 32, 32, False), (4, 64, 16, True), (4, 32, 16, True))
 # rung 5 Tensor Core backward, per head dim: (warps NW, key m-tiles per warp KW, so Bc = 16*KW*NW keys per block;
