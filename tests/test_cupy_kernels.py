@@ -109,6 +109,22 @@ def test_choose_config_errors(args, match):
         ck.choose_config(*args)
 
 
+def test_sw128_layout_is_conflict_free():
+    """The swizzled layout of rung 6: a permutation of the tile's 16-byte chunks in which the 8 chunks one thread
+    group copies (one 128-byte row) and the 8 rows one ldmatrix phase reads (one chunk column) each fall in the
+    8 distinct 16-byte bank groups of a 128-byte shared-memory wavefront."""
+    for rows, d in ((64, 64), (128, 128), (64, 128)):
+        offs = [ck.sw128(r, c, rows) for r in range(rows) for c in range(0, d, 8)]
+        assert sorted(offs) == list(range(0, rows * d * 2, 16))
+        for r in range(rows):
+            for c0 in range(0, d, 64):
+                assert len({ck.sw128(r, c, rows) % 128 for c in range(c0, c0 + 64, 8)}) == 8
+        for r0 in range(0, rows, 8):
+            for c in range(0, d, 8):
+                assert len({ck.sw128(r, c, rows) % 128 for r in range(r0, r0 + 8)}) == 8
+    assert ck.sw128(1, 0, 64) == 128 + 16 and ck.sw128(0, 64, 64) == 64 * 128  # row 1's chunk 0 sits in slot 1
+
+
 def test_check_inputs_without_gpu():
     q = np.zeros((2, 3, 5, 64), np.float16)
     k = np.zeros((2, 3, 7, 64), np.float16)

@@ -56,7 +56,7 @@ BWD_TILES = {32: (8, 1, 64, 64, True), 64: (4, 2, 64, 32, False), 96: (8, 1, 64,
 BWD_FALLBACK_TILES = ((4, 1, 64, 32, False), (4, 1, 32, 32, False))  # less shared memory (sm_86/89: 99 KB)
 
 # rung 6 tiles per head dim, (non-causal, causal), each (warpgroups NWG, keys per tile Bc), Br = 64*NWG. Chosen on an
-# H200 (fp16, N = 4096 / 16384, TFLOP/s, SDPA flash in the same run; benchmarks/results/logs/wgmma_explore_h200.txt):
+# H200 (fp16, N = 4096 / 16384, TFLOP/s, SDPA flash in the same run; benchmarks/results/logs/wgmma_explore_3_swizzled_h200.txt):
 # d=64 (2, 64) 324 / 333, causal 287 / 317 (flash 274 / 291, 244 / 277); (1, 64) 283 / 283, (2, 128) 260 / 269;
 # d=128 (2, 128) 364 / 379, causal 339 / 384 (flash 347 / 345, 290 / 304); (2, 64) 331 / 341, (1, 64) 316 / 315.
 # Three warpgroups would need more than the 168 registers a thread 384 threads leave (ptxas serialises the wgmma).
@@ -180,6 +180,13 @@ def smem_wgmma(d, nwg, Bc):
     """Bytes of dynamic shared memory of fa2_wgmma: the Q tile (64*nwg rows) and two stages of K and V (Bc rows),
     rows of d elements (no padding: the swizzled layout has no bank conflicts), and 1 KB to align them to 1024."""
     return 2 * d * (64 * nwg + 4 * Bc) + 1024
+
+
+def sw128(r, c, rows):
+    """Byte offset of element (r, c) of a 16-bit tile with `rows` rows in the 128-byte-swizzled shared-memory layout
+    of rung 6 (fa2_wgmma.cu's sw128, for c a multiple of 8): blocks of 64 columns, rows of 128 bytes, and within each
+    8-row atom the 16-byte chunk c//8 % 8 of row r stored at chunk position (c//8 % 8) ^ (r % 8)."""
+    return (c // 64) * rows * 128 + r * 128 + ((((c // 8) % 8) ^ (r % 8)) << 4)
 
 
 def smem_backward(d, nw, kw, Br):
