@@ -4,8 +4,8 @@
 //
 // Same algorithm as rung 3 (FlashAttention-2 forward, split-Q, online softmax in registers, cp.async double
 // buffering of K/V tiles), but the two products run as wgmma.mma_async: one instruction multiplies a 64 x 16 A by a
-// 16 x 64 B for a whole warpgroup (4 warps, 128 threads) and reads B straight from shared memory through a matrix
-// descriptor, with no ldmatrix in between. This is what FlashAttention-3 builds on (Shah et al. 2024); FA3's other
+// 16 x N B (N = 64 or 128) for a whole warpgroup (4 warps, 128 threads) and reads B straight from shared memory
+// through a matrix descriptor, with no ldmatrix in between. This is what FlashAttention-3 builds on (Shah et al. 2024); FA3's other
 // tricks (TMA, warp specialisation, ping-pong scheduling between warpgroups, FP8) are left out.
 // Grid (Tr = ceil(Nq/Br), B*H); block NWG warpgroups (NWG*128 threads); each warpgroup owns 64 query rows, Br = 64*NWG.
 // Shared memory (dynamic, aligned here to 1024 bytes): Qs (Br x D), then 2 stages of Ks (Bc x D) and Vs (Bc x D), all
@@ -35,7 +35,7 @@ __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_grou
 template <int N> __device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory"); }
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 // Registers wgmma reads or writes, pinned in program order: before wgmma_fence, so that the compiler computes them
-// before it (else ptxas must insert its own fence and serialises the wgmma), and after wgmma_wait0, so that nothing
+// before it (else ptxas must insert its own fence and serialises the wgmma), and after wgmma_wait, so that nothing
 // reads an accumulator before the wait
 template <int N> __device__ __forceinline__ void fence_regs(float* r) {
 #pragma unroll
