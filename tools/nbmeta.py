@@ -1,8 +1,10 @@
-"""Normalise notebooks for the repository: strip outputs, set Colab GPU metadata, write the set-up cell.
+"""Normalise notebooks for the repository: strip outputs, set Colab GPU metadata, write the set-up cell, give every
+cell an id.
 Run it on every notebook you add or edit, before committing (tests/test_notebooks.py checks the result).
 
     python tools/nbmeta.py notebooks/*.ipynb
 """
+import hashlib
 import json
 import pathlib
 import re
@@ -44,10 +46,17 @@ def normalise(path):
     else:
         first_code = nb["cells"].index(code[0]) if code else len(nb["cells"])
         nb["cells"].insert(min(first_code, 1), cell)
-    for c in nb["cells"]:
+    ids = {c.get("id") for c in nb["cells"]}
+    for i, c in enumerate(nb["cells"]):
         if c["cell_type"] == "code":
             c["outputs"], c["execution_count"] = [], None
         c.get("metadata", {}).pop("execution", None)
+        if not c.get("id"):  # nbformat 4.5 wants an id on every cell: one from the cell's text, unique in the notebook
+            n, new = 0, None
+            while new is None or new in ids:
+                new, n = hashlib.sha1(f"{i} {n} {''.join(c['source'])}".encode()).hexdigest()[:8], n + 1
+            c["id"] = new
+            ids.add(new)
     nb["metadata"] = {**{k: v for k, v in nb.get("metadata", {}).items() if k not in ("widgets",)}, **META}
     json.dump(nb, open(path, "w"), indent=1, ensure_ascii=False)
     open(path, "a").write("\n")
