@@ -312,19 +312,24 @@ def test_forward_matches_reference(shape, dtype, rung, poisoned):
 TILE_CHOICES = sorted({(d, tuple(t)) for d in ck.HEAD_DIMS for t in ck.TUNED_TILES[d] + ck.FALLBACK_TILES})
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("d,tiles", TILE_CHOICES, ids=str)
-@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-def test_tuned_tile_choices_match_reference(d, tiles, dtype, poisoned):
+def _check_tiles(rung, d, tiles, dtype, shapes):
+    """The forward of `rung` with `tiles` against float64 on ragged (Nq, Nk, causal) shapes, FlashAttention's rule."""
     scale = 1 / np.sqrt(d)
-    for shape in [(1, 2, 300, 333, d, True), (2, 1, 129, 65, d, False), (1, 1, 200, 521, d, True)]:
-        causal = shape[5]
+    for Nq, Nk, causal in shapes:
+        shape = (1 + (Nq % 2), 2 - (Nq % 2), Nq, Nk, d, causal)
         q, k, v, _ = _torch_inputs(shape, dtype, seed=zlib.crc32(repr((shape, dtype, tiles)).encode()))
-        o, lse = _backend_call(ck.forward, (q, k, v), dtype, causal, scale, rung="tuned", tiles=tiles)
+        o, lse = _backend_call(ck.forward, (q, k, v), dtype, causal, scale, rung=rung, tiles=tiles)
         o_ref, lse_ref = reference.attention_forward(_f64(q), _f64(k), _f64(v), causal, scale)
         bound = 2 * _err(_naive(q, k, v, causal, scale), o_ref) + ATOL[dtype]
         assert _err(o, o_ref) <= bound, (shape, _err(o, o_ref), bound)
         assert _err(lse, lse_ref) <= 2e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d,tiles", TILE_CHOICES, ids=str)
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_tuned_tile_choices_match_reference(d, tiles, dtype, poisoned):
+    _check_tiles("tuned", d, tiles, dtype, [(300, 333, True), (129, 65, False), (200, 521, True)])
 
 
 @pytest.mark.gpu
@@ -334,15 +339,7 @@ def test_tuned_tile_choices_match_reference(d, tiles, dtype, poisoned):
 def test_wgmma_tiles_match_reference(d, tiles, dtype, poisoned):
     if ck.device_cc() != 90:
         pytest.skip("the wgmma rung runs on Hopper (compute capability 9.0) only")
-    scale = 1 / np.sqrt(d)
-    for shape in [(1, 2, 300, 333, d, True), (2, 1, 129, 65, d, False), (1, 1, 200, 521, d, True), (1, 1, 64, 640, d, False)]:
-        causal = shape[5]
-        q, k, v, _ = _torch_inputs(shape, dtype, seed=zlib.crc32(repr((shape, dtype, tiles)).encode()))
-        o, lse = _backend_call(ck.forward, (q, k, v), dtype, causal, scale, rung="wgmma", tiles=tiles)
-        o_ref, lse_ref = reference.attention_forward(_f64(q), _f64(k), _f64(v), causal, scale)
-        bound = 2 * _err(_naive(q, k, v, causal, scale), o_ref) + ATOL[dtype]
-        assert _err(o, o_ref) <= bound, (shape, _err(o, o_ref), bound)
-        assert _err(lse, lse_ref) <= 2e-3
+    _check_tiles("wgmma", d, tiles, dtype, [(300, 333, True), (129, 65, False), (200, 521, True), (64, 640, False)])
 
 
 @pytest.mark.gpu
