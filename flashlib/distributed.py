@@ -114,6 +114,24 @@ def schedule(P, n, layout, causal):
             for s in range(P)]
 
 
+def step_seconds(n, d, heads, tflops, link_GBps, itemsize=2, work=1.0, backward=False):
+    """The link-level IO model of one ring step on one GPU: (compute s, transfer s).
+
+    Compute: 4 n^2 d FLOPs per head for the block (x work, the fraction of the block computed; x2.5 backward) at
+    `tflops`. Transfer: K and V of n positions sent on, plus the float32 dK, dV accumulators in the backward, over
+    a link of `link_GBps` in one direction. The transfer hides when compute >= transfer."""
+    f = 4 * n * n * d * heads * work * (2.5 if backward else 1.0)
+    sent = 2 * n * d * heads * (itemsize + (4 if backward else 0))
+    return f / (tflops * 1e12), sent / (link_GBps * 1e9)
+
+
+def hiding_length(tflops, link_GBps, itemsize=2, work=1.0, backward=False):
+    """The smallest local length n at which a step's compute covers its transfer (step_seconds equal):
+    forward n = b F / (2 W work); backward n = (b + 4) F / (5 W work)."""
+    per_n = step_seconds(1, 1, 1, tflops, link_GBps, itemsize, work, backward)    # both terms scale with d, heads
+    return per_n[1] / per_n[0]
+
+
 # ----- bookkeeping the tests read --------------------------------------------------------------------------------
 class BlockTracker:
     """Counts the K/V blocks a rank holds (the one it computes on, the one arriving); raises past `limit`."""
@@ -454,9 +472,37 @@ def selfcheck(rank, P, n=16, B=1, d=8, seed=0):
             o.backward(shard(do, layout=layout).to(device, torch.float32))
             got = [o.detach()] + [t.grad for t in loc]
             err = [float((a.double().cpu() - shard(w, layout=layout)).abs().max()) for a, w in zip(got, want)]
-            rows.append(dict(rank=rank, method=method, layout=layout, causal=causal, device=device,
+            sent = (sum(STATS["forward"]["bytes"].values()) if method == "ring" else STATS["ulysses_forward"]["bytes"])
+            rows.append(dict(rank=rank, method=method, layout=layout, causal=causal, device=device, fwd_bytes_sent=sent,
                              **dict(zip(("O", "dQ", "dK", "dV"), err))))
     return rows
+
+
+def torch_context_parallel(rank, P, n=16, H=4, d=8, seed=0):
+    """PyTorch's own ring, torch.distributed.tensor.experimental.context_parallel, on causal SDPA: returns
+    max |O - SDPA on the full tensors| on this rank, or the error it raises here (it has no CPU kernels in
+    torch 2.13: SDPA's CPU op has no sharding rule)."""
+    import torch.nn.functional as F
+    cuda = dist.get_backend() == "nccl"
+    g = torch.Generator().manual_seed(seed)
+    dtype = torch.bfloat16 if cuda else torch.float32
+    q, k, v = (torch.randn(1, H, P * n, d, generator=g).to("cuda" if cuda else "cpu", dtype) for _ in range(3))
+    want = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor.experimental import context_parallel
+        from torch.distributed.tensor.experimental._attention import context_parallel_unshard
+        mesh = init_device_mesh("cuda" if cuda else "cpu", (P,))
+        with context_parallel(mesh, buffers=[q, k, v], buffer_seq_dims=[2, 2, 2]):   # shards q, k, v in place
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        (full,) = context_parallel_unshard(mesh, [o], [2])
+        return f"max |O - SDPA| = {float((full.float() - want.float()).abs().max()):.1e} ({dtype})"
+    except Exception as e:  # noqa: BLE001  (report what PyTorch says where it cannot run)
+        return f"{type(e).__name__}: {e}"
+
+
+def _demo(rank, P):
+    return selfcheck(rank, P), torch_context_parallel(rank, P)
 
 
 def main(argv=None):
@@ -467,16 +513,20 @@ def main(argv=None):
     ap.add_argument("--backend", default=None, help="nccl or gloo (default: nccl if there are P GPUs)")
     a = ap.parse_args(argv)
     backend = a.backend or default_backend(a.nproc)
-    rows = [r for ranks in launch(selfcheck, a.nproc, backend=backend) for r in ranks]
-    worst = {}
+    results = launch(_demo, a.nproc, backend=backend)
+    rows = [r for ranks, _ in results for r in ranks]
+    worst, sent = {}, {}
     for r in rows:
         key = (r["method"], r["layout"], r["causal"])
         worst[key] = max(worst.get(key, 0.0), r["O"], r["dQ"], r["dK"], r["dV"])
+        sent[key] = r["fwd_bytes_sent"]
     print(f"{a.nproc} processes, {backend}, float32 against the float64 reference on the full tensors:")
     for (method, layout, causal), e in worst.items():
-        print(f"  {method:8s} {layout:10s} causal={causal!s:5s}  max |error| over O, dQ, dK, dV: {e:.1e}")
+        print(f"  {method:8s} {layout:10s} causal={causal!s:5s}  max |error| over O, dQ, dK, dV: {e:.1e}   "
+              f"forward bytes sent per rank: {sent[method, layout, causal]}")
     ok = max(worst.values()) < 1e-4
     print("all within 1e-4" if ok else "FAILED: an error above 1e-4")
+    print("torch context_parallel (causal SDPA), rank 0:", results[0][1])
     return 0 if ok else 1
 
 
