@@ -36,10 +36,18 @@ def step_pairs(P, n, layout, causal):
     return out
 
 
-def draw_schedule(ax, P, layout, causal, n=16):
-    """Steps x ranks: the K/V block each rank holds (text) and the share of it computed (colour). A step lasts as
-    long as its busiest rank; the title gives the ring's time in full-block steps and the ranks' idle share."""
+def schedule_work(P, layout, causal, n=16):
+    """(steps, ranks) array of block_work, and the ring's time in full-block units (a step lasts as long as its
+    busiest rank) and the share of rank-steps left idle."""
     work = np.array([[block_work(plan, n) for _, plan in row] for row in fd.schedule(P, n, layout, causal)])
+    steps = work.max(axis=1).sum()
+    return work, steps, 1 - work.sum() / (P * steps)
+
+
+def draw_schedule(ax, P, layout, causal, n=16):
+    """Steps x ranks: the K/V block each rank holds (text) and the share of it computed (colour); the title gives
+    schedule_work's time and idle share, which are returned."""
+    work, steps, idle = schedule_work(P, layout, causal, n)
     ax.imshow(work, cmap="Blues", vmin=0, vmax=1.3)
     for s, row in enumerate(fd.schedule(P, n, layout, causal)):
         for r, (src, plan) in enumerate(row):
@@ -47,8 +55,6 @@ def draw_schedule(ax, P, layout, causal, n=16):
                     color="k" if plan else "#999999")
     ax.set_xticks(range(P), [f"rank {r}" for r in range(P)], fontsize=7)
     ax.set_yticks(range(P), [f"step {s}" for s in range(P)], fontsize=7)
-    steps = work.max(axis=1).sum()
-    idle = 1 - work.sum() / (P * steps)
     ax.set_title(f"{layout}{', causal' if causal else ''}: {steps:.2f} block-times, {idle:.0%} idle", fontsize=9)
     return steps, idle
 
