@@ -247,3 +247,35 @@ def test_ring_bench_runs_on_cpu_processes(tmp_path):
         assert row["max_err"] < 1e-4
         for key in ("ring_fwd_tflops", "ring_fwdbwd_tflops", "single_fwd_tflops", "single_fwdbwd_tflops"):
             assert row[key] > 0
+
+
+# ----- the book's pictures and the link model ------------------------------------------------------------------
+def test_viz_ring_counts_idle_ranks_and_covers_the_mask():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from flashlib.viz import ring
+    n = 16
+    diag = (n + 1) / (2 * n)                                      # share of a block under a causal diagonal
+    _, steps, idle = ring.schedule_work(4, "contiguous", False, n)
+    assert steps == 4 and idle == 0
+    _, steps, idle = ring.schedule_work(4, "contiguous", True, n)
+    assert steps == pytest.approx(diag + 3) and idle > 0.4        # the last rank works every step, rank 0 once
+    _, steps, idle = ring.schedule_work(4, "zigzag", True, n)
+    assert steps == pytest.approx(diag + 3 * 0.5) and idle == pytest.approx(0, abs=0.02)
+    for layout in fd.LAYOUTS:
+        st = ring.step_pairs(3, 4, layout, causal=True)
+        assert ((st >= 0) == reference.causal_mask(12, 12)).all()
+    fig = ring.draw_steps(3, 4, "zigzag", True)
+    fig2, ax = plt.subplots()
+    ring.draw_link_model(ax, {"link": 100.0}, {"kernel": 100.0}, lengths=[256, 4096])
+    plt.close(fig), plt.close(fig2)
+
+
+def test_hiding_length_is_where_compute_meets_transfer():
+    F, W, b = 400.0, 200.0, 2
+    assert fd.hiding_length(F, W, b) == pytest.approx(b * F * 1e12 / (2 * W * 1e9))
+    assert fd.hiding_length(F, W, b, work=0.5) == pytest.approx(2 * fd.hiding_length(F, W, b))
+    n = fd.hiding_length(F, W, b, backward=True)
+    c, t = fd.step_seconds(n, 64, 8, F, W, b, backward=True)
+    assert c == pytest.approx(t) and n == pytest.approx((b + 4) * F * 1e12 / (5 * W * 1e9))
