@@ -122,7 +122,7 @@ def main(argv=None):
     if "RANK" in os.environ:                                # torchrun: this process is one rank
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
-            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+            fd.use_gpu(int(os.environ["LOCAL_RANK"]))
         dist.init_process_group(backend)
         rows, P = run(dist.get_rank(), dist.get_world_size(), a), dist.get_world_size()
         if dist.get_rank() == 0:

@@ -10,8 +10,8 @@ Ring attention (Liu, Zaharia and Abbeel 2023): rank r keeps its query shard Q_r 
 float32 and, in P steps, attends to the K/V block it holds while it sends that block to rank r+1 and receives the
 next one from rank r-1 (`batch_isend_irecv`, started before the block's compute and waited after it). Step s holds
 the block of rank (r - s) mod P. Each block is folded in with `online_softmax.merge`, the merge of chapter 7.
-The backward sends K/V around again, recomputing P from the saved lse, and the dK/dV partials of each block
-travel with it and arrive at the block's owner one step after the last visit.
+The backward sends K/V around again, recomputing P from the saved lse; the dK/dV partials of each block follow
+it and, one hop after the last visit, arrive at the block's owner.
 
 Layouts (`LAYOUTS`): "contiguous" gives rank r the positions [r n, (r+1) n); "zigzag" cuts the sequence into 2P
 chunks and gives rank r the chunks r and 2P-1-r, so that every rank has the same causal work (the load balance of
@@ -27,12 +27,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from . import online_softmax
+from . import online_softmax, reference
 from .api import attention, attention_backward
 from .torch import cupy_allocates_from_torch, flash_attention, resolve_backend
 
 LAYOUTS = ("contiguous", "zigzag")
-STATS = {}   # phase ('forward', 'backward', 'ulysses') -> counters of the latest call on this rank
+STATS = {}   # phase (forward, backward, ulysses_forward, ulysses_backward) -> counters of the latest call, this rank
 
 
 # ----- layouts: which positions a rank holds -------------------------------------------------------------------
@@ -154,12 +154,13 @@ def _new_stats(phase):
     return STATS[phase]
 
 
-def _exchange(sends, recvs, nxt, prv, group, stats, step):
+def _exchange(sends, recvs, nxt, prv, group, stats, key):
     """Send each tensor of `sends` to rank nxt and receive each of `recvs` from prv, asynchronously; returns the
-    requests. Every point-to-point message of the ring goes through here and is counted in `stats`."""
+    requests. Every point-to-point message of the ring goes through here and is counted in `stats` under `key`,
+    (what, step) with what 'kv' or 'dkv': messages (each isend and irecv) and bytes sent."""
     ops = [dist.P2POp(dist.isend, t, nxt, group) for t in sends] + [dist.P2POp(dist.irecv, t, prv, group) for t in recvs]
-    stats["messages"][step] = stats["messages"].get(step, 0) + len(ops)
-    stats["bytes"][step] = stats["bytes"].get(step, 0) + sum(t.numel() * t.element_size() for t in sends)
+    stats["messages"][key] = stats["messages"].get(key, 0) + len(ops)
+    stats["bytes"][key] = stats["bytes"].get(key, 0) + sum(t.numel() * t.element_size() for t in sends)
     return dist.batch_isend_irecv(ops)
 
 
@@ -256,8 +257,8 @@ def _ring_forward(q, k, v, causal, scale, group, layout, backend):
 
 
 def _ring_backward(q, k, v, o, lse, do, causal, scale, group, layout, backend):
-    """dQ stays home; K/V go round as in the forward; the dK/dV accumulator of each block travels one step behind
-    its block and reaches the block's owner after step P-1."""
+    """dQ stays home; K/V go round as in the forward. The float32 dK/dV accumulator of each block follows the
+    block round the ring, sent on once a rank has added its share, and makes one hop more: home to its owner."""
     rank, P, nxt, prv = _peers(group)
     n, stats, held, dt = q.shape[2], _new_stats("backward"), BlockTracker(), _acc_dtype(q)
     dq = torch.zeros(q.shape, dtype=dt, device=q.device)
@@ -324,7 +325,7 @@ def _prepare(q, k, v, scale, backend):
     backend = resolve_backend(q, backend)
     if backend == "cupy" and q.is_cuda:
         cupy_allocates_from_torch()
-    scale = 1.0 / float(q.shape[3]) ** 0.5 if scale is None else scale
+    scale = reference.default_scale(q.shape[3]) if scale is None else scale
     return q.contiguous(), k.contiguous(), v.contiguous(), scale, backend
 
 
@@ -333,9 +334,9 @@ def ring_attention(q, k, v, *, causal=False, scale=None, group=None, layout="con
 
     q, k, v: this rank's shards (B, H, n, d) of the full (B, H, P n, d) tensors, placed as `layout` says (see
     `shard`). Returns O (B, H, n, d) in q's dtype; differentiable."""
-    rank, P = _group_info(group)
-    _check_layout(layout, q.shape[2] if q.ndim == 4 else 0, P)
+    _, P = _group_info(group)
     q, k, v, scale, backend = _prepare(q, k, v, scale, backend)
+    _check_layout(layout, q.shape[2], P)
     return RingAttention.apply(q, k, v, causal, scale, group, layout, backend)
 
 
@@ -392,9 +393,9 @@ def ulysses_attention(q, k, v, *, causal=False, scale=None, group=None, backend=
     """DeepSpeed-Ulysses: all-to-all q, k, v from sequence shards to head groups, attend over the whole sequence
     for H/P heads with flashlib's kernel, all-to-all O back. q, k, v: (B, H, n, d) shards; H (and the K/V heads)
     must be multiples of P. Returns this rank's O shard (B, H, n, d); differentiable."""
-    rank, P = _group_info(group)
-    _check_layout(layout, q.shape[2] if q.ndim == 4 else 0, P)
+    _, P = _group_info(group)
     q, k, v, scale, backend = _prepare(q, k, v, scale, backend)
+    _check_layout(layout, q.shape[2], P)
     for name, t in (("q", q), ("k", k)):
         if t.shape[1] % P:
             raise ValueError(f"ulysses_attention gives each of the P = {P} ranks H/P heads: {name} has "
@@ -413,12 +414,30 @@ def _free_port():
         return sock.getsockname()[1]
 
 
+def use_gpu(index):
+    """Make GPU `index` this process's current device for torch, CuPy and Numba: flashlib's kernels launch on
+    the current device, so with one process per GPU each process must choose its own."""
+    torch.cuda.set_device(index)
+    try:
+        import cupy
+        cupy.cuda.Device(index).use()
+    except ImportError:
+        pass
+    from .env import simulated
+    if not simulated():
+        try:
+            from numba import cuda
+            cuda.select_device(index)
+        except Exception:  # noqa: BLE001  (no usable Numba CUDA here: the cupy backend still works)
+            pass
+
+
 def _worker(rank, P, backend, port, fn, args, out_dir):
     import os
     import pickle
     torch.set_num_threads(1)                                # P processes share the cores
     if backend == "nccl":
-        torch.cuda.set_device(rank)
+        use_gpu(rank)
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=P)
     try:
         result = fn(rank, P, *args)
@@ -455,7 +474,6 @@ def selfcheck(rank, P, n=16, B=1, d=8, seed=0):
     """Ring (both layouts, causal and not) and Ulysses on random tensors against the float64 reference on the full
     tensors (H = 2P heads, so that Ulysses can split them); returns rows of max |error| for O, dQ, dK, dV on this
     rank. Runs on cuda:rank under NCCL."""
-    from . import reference
     H = 2 * P
     device = f"cuda:{rank}" if dist.get_backend() == "nccl" else "cpu"
     g = torch.Generator().manual_seed(seed)
