@@ -67,6 +67,8 @@ def draw_pairs(ax, P, n, layout, causal, step=None):
     if step is None:
         img = np.ones(st.shape + (4,))
         img[st >= 0] = colors[st[st >= 0]]
+        ax.legend(handles=[plt.Rectangle((0, 0), 1, 1, color=colors[s], label=f"step {s}") for s in range(P)],
+                  fontsize=7, loc="upper right")
     else:
         img = np.ones(st.shape + (4,))
         img[(st >= 0) & (st < step)] = (0.8, 0.8, 0.8, 1)
