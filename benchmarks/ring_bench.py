@@ -1,0 +1,139 @@
+"""Ring attention on P GPUs against the single-GPU flashlib kernel at the same per-GPU length.
+
+    torchrun --nproc-per-node 8 benchmarks/ring_bench.py [--out DIR]   # NCCL, one GPU per process
+    python benchmarks/ring_bench.py --nproc 2 --lengths 8 16 --heads 2 --dim 8 --repeat 1 --out DIR
+                                                                       # gloo on CPU processes (the test)
+
+For every per-GPU length n = N/P (default 4k to 64k), layout (contiguous, zigzag) and causal flag it times
+`flashlib.distributed.ring_attention` forward and forward + backward, and `flashlib.attention` /
+`flashlib.torch.flash_attention` on one GPU at length n, and reports per-GPU TFLOP/s. FLOPs per GPU: the full
+problem's 4 B H N^2 d (half when causal, flashlib.bench.grid.flops) divided by P; the single-GPU kernel does the
+same count at length n; forward + backward counts 3.5x the forward. A ring at 100% of the single-GPU figure hides
+every transfer and merge. Each row also checks the ring's O against the float64 reference at a small length
+(check_n_local per rank, P * check_n_local <= 2048; max_err).
+Writes ring_<gpu>x<P>.json (ring_cpux<P>.json on CPUs) through flashlib.bench.save, provenance included.
+"""
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+import flashlib  # noqa: E402
+from flashlib import bench, reference  # noqa: E402
+from flashlib import distributed as fd  # noqa: E402
+from flashlib.bench.grid import flops  # noqa: E402
+from flashlib.torch import flash_attention  # noqa: E402
+
+LENGTHS = (4096, 8192, 16384, 32768, 65536)
+
+
+def _time(fn, device, repeat):
+    """Median ms of fn() on this rank (CUDA events on a GPU), then the slowest rank's: the ring waits for it."""
+    if device.type == "cuda":
+        ms = bench.time_cuda(fn, warmup=1, repeat=repeat)
+    else:
+        fn()
+        times = []
+        for _ in range(repeat):
+            dist.barrier()
+            t0 = time.perf_counter()
+            fn()
+            times.append(1e3 * (time.perf_counter() - t0))
+        ms = sorted(times)[len(times) // 2]
+    t = torch.tensor([ms], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t)
+
+
+def _check(P, n, a, layout, causal, device, dtype):
+    """max |O - reference| of the ring on random full tensors (same seed on every rank), the largest over ranks."""
+    g = torch.Generator().manual_seed(n)
+    q, k, v = (torch.randn(a.batch, a.heads, P * n, a.dim, generator=g, dtype=torch.float64) for _ in range(3))
+    O, _ = reference.attention_forward(q.numpy(), k.numpy(), v.numpy(), causal=causal)
+    o = fd.ring_attention(*(fd.shard(t, layout=layout).to(device, dtype) for t in (q, k, v)), causal=causal,
+                          layout=layout)
+    err = torch.tensor([float((o.double().cpu() - fd.shard(torch.from_numpy(O), layout=layout)).abs().max())])
+    dist.all_reduce(err, op=dist.ReduceOp.MAX)
+    return float(err)
+
+
+def run(rank, P, a):
+    device = torch.device(f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu")
+    dtype = getattr(torch, a.dtype or ("float16" if device.type == "cuda" else "float32"))
+    rows = []
+    for n in a.lengths:
+        nc = min(n, 2 * max(1, 1024 // P))                 # the reference check runs at P * nc <= 2048 positions
+        g = torch.Generator(device=device).manual_seed(1000 * rank + n)
+        q, k, v, do = (torch.randn(a.batch, a.heads, n, a.dim, generator=g, device=device, dtype=dtype)
+                       for _ in range(4))
+        qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
+
+        def fwdbwd(attn):
+            for t in (qg, kg, vg):
+                t.grad = None
+            attn(qg, kg, vg).backward(do)
+        for causal in (False, True):
+            single_f = _time(lambda: flashlib.attention(q, k, v, causal=causal), device, a.repeat)
+            single_fb = _time(lambda: fwdbwd(lambda *t: flash_attention(*t, causal=causal)), device, a.repeat)
+            for layout in fd.LAYOUTS:
+                ring = lambda *t: fd.ring_attention(*t, causal=causal, layout=layout)   # noqa: E731
+                ring_f = _time(lambda: ring(q, k, v), device, a.repeat)
+                ring_fb = _time(lambda: fwdbwd(ring), device, a.repeat)
+                f_ring = flops(a.batch, a.heads, P * n, a.dim, causal) / P
+                f_one = flops(a.batch, a.heads, n, a.dim, causal)
+                rows.append(dict(
+                    n_local=n, N=P * n, layout=layout, causal=causal, dtype=str(dtype).replace("torch.", ""),
+                    ring_fwd_ms=ring_f, ring_fwdbwd_ms=ring_fb, single_fwd_ms=single_f, single_fwdbwd_ms=single_fb,
+                    ring_fwd_tflops=f_ring / ring_f / 1e9, ring_fwdbwd_tflops=3.5 * f_ring / ring_fb / 1e9,
+                    single_fwd_tflops=f_one / single_f / 1e9, single_fwdbwd_tflops=3.5 * f_one / single_fb / 1e9,
+                    check_n_local=nc, max_err=_check(P, nc, a, layout, causal, device, dtype)))
+                if rank == 0:
+                    r = rows[-1]
+                    print(f"n/P={n:6d} {layout:10s} causal={causal!s:5s} ring {r['ring_fwd_tflops']:8.3g} / "
+                          f"{r['ring_fwdbwd_tflops']:8.3g}  one GPU {r['single_fwd_tflops']:8.3g} / "
+                          f"{r['single_fwdbwd_tflops']:8.3g} TFLOP/s (fwd / fwd+bwd)", flush=True)
+    return rows
+
+
+def save(rows, P, backend, a):
+    info = bench.provenance()
+    tag = bench.gpu_tag(info["gpu"]) if info.get("gpu") and backend == "nccl" else "cpu"
+    nccl = ".".join(map(str, torch.cuda.nccl.version())) if backend == "nccl" else None
+    path = bench.save(f"ring_{tag}x{P}", rows, directory=a.out, world_size=P, dist_backend=backend, nccl=nccl,
+                      shapes=f"B = {a.batch}, H = {a.heads}, d = {a.dim}; n = N/P per GPU",
+                      flops="per GPU: 4 B H N^2 d / P (half when causal), x3.5 fwd+bwd; one GPU: the same at N = n",
+                      script="benchmarks/ring_bench.py")
+    print("wrote", path)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--nproc", type=int, default=2, help="processes to start when not run under torchrun")
+    ap.add_argument("--lengths", type=int, nargs="+", default=LENGTHS, help="per-GPU lengths n = N/P")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--dim", type=int, default=128)
+    ap.add_argument("--dtype", default=None, help="float16 on GPUs, float32 on CPUs unless given")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--out", default=None, help="directory for the record (default: benchmarks/results)")
+    a = ap.parse_args(argv)
+    if "RANK" in os.environ:                                # torchrun: this process is one rank
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            fd.use_gpu(int(os.environ["LOCAL_RANK"]))
+        dist.init_process_group(backend)
+        rows, P = run(dist.get_rank(), dist.get_world_size(), a), dist.get_world_size()
+        if dist.get_rank() == 0:
+            save(rows, P, backend, a)
+        dist.destroy_process_group()
+    else:
+        backend = fd.default_backend(a.nproc)
+        save(fd.launch(run, a.nproc, a, backend=backend)[0], a.nproc, backend, a)
+
+
+if __name__ == "__main__":
+    main()
