@@ -98,8 +98,8 @@ def check_record(result, path=None):
 
     Holds when: the commit is in the history of HEAD and was made before the run; the tree was not dirty; and
     the code it measured is the commit's: with stored source hashes, every hash equals the file's at the commit;
-    for older records without them, no kernel source changed between the commit and the commit that wrote the
-    record (which would mean the run measured code not yet committed, or newer than the label)."""
+    for older records without them, no kernel source changed between the commit and the first commit after it
+    that wrote the record (which would mean the run measured code not yet committed, or newer than the label)."""
     info, why = result["info"], []
     commit = str(info.get("flashlib_commit", "")).strip()
     if _git("merge-base", "--is-ancestor", commit, "HEAD") is None:
@@ -115,8 +115,9 @@ def check_record(result, path=None):
         differ = [p for p, h in stored.items() if at_commit.get(p) != h]
         if differ:
             why.append(f"{len(differ)} kernel source(s) measured differ from commit {commit}: {', '.join(differ[:5])}")
-    elif path is not None:
-        writer = (_git("log", "-1", "--format=%H", "--", _relative(path)) or "").strip()
+    elif path is not None:                       # the first commit after `commit` that wrote the file
+        writer = next(iter((_git("log", "--reverse", "--format=%H", f"{commit}..HEAD", "--", _relative(path))
+                            or "").split()), "")
         changed = _changed_sources(commit, writer) if writer else []
         if changed:
             why.append(f"kernel sources changed between {commit} and the commit that wrote the record "
