@@ -138,3 +138,32 @@ def test_record_status_of_an_old_record_asks_git():
     st = records.record_status("cupy_h200")
     assert st["how"] == "git history" and isinstance(st["changed"], bool) and st["provenance_problems"] == []
     assert records.record_status("numba_tf32_h100")["superseded"]
+
+
+def test_numba_peak_counts_what_the_call_holds_beyond_its_inputs():
+    """The Numba side of flashlib.bench.memory on a stand-in for Numba's memory manager (same `allocations`
+    table and memalloc method); the GPU run reads the real one."""
+    import types
+    from flashlib.bench.memory import NumbaPeak
+
+    class Manager:
+        def __init__(self):
+            self.allocations, self.n = {}, 0
+
+        def memalloc(self, size):
+            self.n += 1
+            self.allocations[self.n] = types.SimpleNamespace(size=size)
+            return self.n
+
+        def free(self, key):
+            del self.allocations[key]
+
+    m = Manager()
+    m.memalloc(1000)                                   # an input, allocated before the call
+    with NumbaPeak(m) as peak:
+        a, b = m.memalloc(10), m.memalloc(20)          # 30 held at once
+        m.free(a), m.free(b)
+        m.memalloc(5)
+    assert peak.peak == 30 and "memalloc" not in vars(m)
+    m.memalloc(7)
+    assert peak.peak == 30                             # no longer counting
