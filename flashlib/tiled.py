@@ -11,8 +11,8 @@ the last block of each may be shorter (ragged). Leading axes (batch, heads) ride
 
 Each takes `trace=`, a list to which one dict per (i, j) step is appended (see `_step`): which tiles were read
 from HBM, the S and P tiles, m, l and the O rows after the step, and the HBM bytes read/written so far
-(counting `itemsize` bytes per element: 4 for float32). Tiles that causal masking leaves empty are skipped,
-not computed, and appear in the trace with skipped=True.
+(counting `itemsize` bytes per element: 4 for float32). Tiles that causal masking (or fa2_forward's block_mask)
+leaves empty are skipped, not computed, and appear in the trace with skipped=True.
 
 Grouped-query attention (k, v with H_kv heads dividing q's H): the query heads of a kv head are one axis of a
 group, (..., H_kv, g, N, d), and K_j, V_j broadcast over it (`reference.group`); trace tiles keep that shape and

@@ -12,6 +12,7 @@ import json
 import pathlib
 import platform
 import subprocess
+import warnings
 
 RESULTS = pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 
@@ -83,10 +84,15 @@ def gpu_tag(name):
 
 
 def save(name, rows, directory=None, **info):
-    """Write {'info': provenance + info, 'rows': rows} to <directory or benchmarks/results>/<name>.json."""
+    """Write {'info': provenance + info, 'rows': rows} to <directory or benchmarks/results>/<name>.json.
+    Warns when the tree had uncommitted changes: such a record fails test_bench until it is re-recorded."""
     path = pathlib.Path(directory or RESULTS) / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"info": {**provenance(), **info}, "rows": rows}, indent=1, default=str) + "\n")
+    meta = {**provenance(), **info}
+    if meta.get("flashlib_dirty"):
+        warnings.warn(f"{name}: measured with uncommitted changes ({', '.join(meta['flashlib_dirty_files'][:5])}); "
+                      "commit, then record again", stacklevel=2)
+    path.write_text(json.dumps({"info": meta, "rows": rows}, indent=1, default=str) + "\n")
     return path
 
 
