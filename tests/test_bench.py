@@ -131,6 +131,8 @@ def test_save_records_the_code_and_record_status_compares_it(monkeypatch, tmp_pa
     path.write_text(json.dumps(r))
     st = records.record_status("probe_gpu")
     assert st["changed"] is True and st["changed_sources"] == ["flashlib/tiled.py"] and st["superseded"] == "a test"
+    assert st["changed_by_area"] == {"cupy_kernels": [], "numba_kernels": [], "numpy": ["flashlib/tiled.py"]}
+    assert [s["name"] for s in records.statuses()] == ["probe_gpu"]
 
 
 @pytest.mark.skipif(not IN_GIT, reason="needs the git checkout")

@@ -4,13 +4,15 @@
   by `flashlib.bench.save` in each record's info.
 - `kernel_sources()`: sha256 per kernel source file (`KERNEL_SOURCES`) and one digest over all of them.
 - `check_record(result)`: the reasons a record's provenance does not hold (an empty list when it does).
-- `record_status(name)`: for the status page, whether the kernel sources a record measured have changed since.
+- `record_status(name)`: for the status page, whether the kernel sources a record measured have changed since;
+  `statuses()`: the same for every recorded result.
 
 In a git checkout the commit and the dirty flag come from git. Elsewhere (a wheel on Colab, the copy on the GPU
 machine) the commit is $FLASHLIB_COMMIT and dirty is None: unknown. The source hashes are what settles it then:
 `check_record` compares them with the files at the named commit.
 """
 import datetime
+import functools
 import hashlib
 import os
 import pathlib
@@ -40,13 +42,22 @@ def kernel_sources():
     return {"files": files, "digest": _digest(files)}
 
 
-def _git(*args):
-    """stdout of git in ROOT, or None when ROOT is not the top of a git checkout (or git is missing)."""
+@functools.lru_cache(maxsize=4)
+def _is_checkout(root):
+    """True when root is the top of a git checkout (not, say, site-packages inside some other repository)."""
     try:
-        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=ROOT, capture_output=True, text=True,
+        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=root, capture_output=True, text=True,
                              check=True).stdout.strip()
-        if pathlib.Path(top).resolve() != ROOT.resolve():      # e.g. site-packages inside some other repository
-            return None
+    except (OSError, subprocess.CalledProcessError):
+        return False
+    return pathlib.Path(top).resolve() == pathlib.Path(root).resolve()
+
+
+def _git(*args):
+    """stdout of git in ROOT, or None when ROOT is not a git checkout or the command fails."""
+    if not _is_checkout(ROOT):
+        return None
+    try:
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError):
         return None
@@ -145,7 +156,8 @@ def record_status(name):
 
     Returns {'name', 'commit', 'date', 'superseded' (the reason, or None), 'provenance_problems' (check_record's
     list; None when git is not available), 'how' ('hashes' | 'git history' | 'unknown'), 'changed_sources' (the
-    kernel source files that differ now; None when unknown) and 'changed' (bool, or None when unknown)}.
+    kernel source files that differ now; None when unknown), 'changed' (bool, or None when unknown) and
+    'changed_by_area' ({'cupy_kernels': [...], 'numba_kernels': [...], 'numpy': [...]}, or None)}.
     Records with stored hashes compare them with the current files; older ones ask git which kernel sources
     changed after the record's commit (working tree included).
     """
@@ -163,5 +175,15 @@ def record_status(name):
         changed = _changed_sources(commit) if _git("rev-parse", "--verify", "--quiet", f"{commit}^{{commit}}") else None
         status.update(how="git history" if changed is not None else "unknown", changed_sources=changed)
     status["changed"] = None if status["changed_sources"] is None else bool(status["changed_sources"])
+    status["changed_by_area"] = None if changed is None else {
+        area: [p for p in changed if p.startswith(f"flashlib/{area}/")] for area in ("cupy_kernels", "numba_kernels")}
+    if changed is not None:
+        status["changed_by_area"]["numpy"] = [p for p in changed if p.count("/") == 1]
     status["provenance_problems"] = check_record(result, RESULTS / f"{name}.json") if _git("rev-parse", "HEAD") else None
     return status
+
+
+def statuses():
+    """record_status of every recorded result, in name order."""
+    from . import RESULTS
+    return [record_status(p.stem) for p in sorted(RESULTS.glob("*.json"))]
