@@ -22,7 +22,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1]       # .../flashlib
 ROOT = PACKAGE.parent                                        # the checkout (or site-packages for a wheel)
 KERNEL_SOURCES = ("cupy_kernels/*.cu", "cupy_kernels/*.cuh", "cupy_kernels/*.py", "numba_kernels/*.py",
                   "reference.py", "tiled.py", "block_sparse.py", "online_softmax.py")
-IGNORED_WHEN_DIRTY = ("benchmarks/results/", "flashlib/data/", "logs/", ".log")   # untracked outputs of a run
+IGNORED_WHEN_DIRTY = ("benchmarks/results/", "logs/", ".log")   # untracked outputs of a run (and bench.RESULTS)
 
 
 def _sha256(data):
@@ -65,10 +65,14 @@ def _git(*args):
 
 def _dirty_files(porcelain):
     """Paths `git status --porcelain` lists, less untracked results and logs."""
+    from . import RESULTS
+    ignored = IGNORED_WHEN_DIRTY
+    if pathlib.Path(RESULTS).resolve().is_relative_to(ROOT.resolve()):
+        ignored += (_relative(RESULTS) + "/",)
     out = []
     for line in porcelain.splitlines():
         status, path = line[:2], line[3:]
-        if status == "??" and any(s in path for s in IGNORED_WHEN_DIRTY):
+        if status == "??" and any(s in path for s in ignored):
             continue
         out.append(path)
     return out
