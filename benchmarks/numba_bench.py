@@ -111,32 +111,22 @@ def main():
                 del q, k, v, do, nq, nk_, nv, ndo
                 torch.cuda.empty_cache()
 
-    # peak extra memory (beyond q, k, v) of one forward at B*H = 16, d = 64, up to N = 65536
+    # peak extra memory (beyond q, k, v) of one forward at B*H = 16, d = 64, up to N = 65536: allocator peaks
+    # around the call (flashlib.bench.memory), never the outputs' sizes
+    from flashlib.bench.memory import peak_extra_bytes
     mem = []
-    ctx = cuda.current_context()
     default = nk.default_variant("float32", 64, cc)
     for N in (1024, 4096, 16384, 32768, 65536):
         g = torch.Generator(device=dev).manual_seed(0)
         q, k, v = (torch.randn(1, 16, N, 64, device=dev, generator=g) for _ in range(3))
         nq, nk_, nv = (to_numba(x) for x in (q, k, v))
-        torch.cuda.synchronize()
-        free0 = ctx.get_memory_info()[0]
-        o, lse = nk.forward(nq, nk_, nv, causal=False, scale=None, dtype="float32")
-        cuda.synchronize()
-        extra = free0 - ctx.get_memory_info()[0]        # Numba allocates outside torch's allocator
-        mem.append(dict(method=f"numba_{default}", N=N, extra_bytes=int(max(extra, o.nbytes + lse.nbytes)),
-                        note="free-memory drop (driver granularity); at least O + lse"))
-        del o, lse
+        m = peak_extra_bytes(lambda: nk.forward(nq, nk_, nv, causal=False, scale=None, dtype="float32"))
+        mem.append(dict(method=f"numba_{default}", N=N, extra_bytes=m["bytes"], torch_bytes=m["torch"],
+                        numba_bytes=m["numba"], note="allocator peaks (flashlib.bench.memory.peak_extra_bytes)"))
         for name in ("sdpa_efficient", "sdpa_math", "naive_torch"):
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
             try:
-                out = torch_methods[name](q, k, v, False)
-                torch.cuda.synchronize()
-                extra, err = torch.cuda.max_memory_allocated() - base, None
-                del out
-            except torch.OutOfMemoryError as e:
+                extra, err = peak_extra_bytes(lambda: torch_methods[name](q, k, v, False))["bytes"], None
+            except torch.OutOfMemoryError:
                 extra, err = None, "OutOfMemoryError"
             torch.cuda.empty_cache()
             mem.append(dict(method=name, N=N, extra_bytes=extra, error=err))

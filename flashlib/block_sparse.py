@@ -3,13 +3,13 @@
 `block_mask` (Tr, Tc) bool says which tiles (i, j) of S = Q K^T are computed; a skipped tile is never loaded
 from HBM, so work and traffic fall with the fraction of tiles kept. This is the idea of block-sparse
 FlashAttention (Dao et al. 2022, Section 3.3, Algorithm 5, written there in Algorithm 1's loop order); here it
-is written in FlashAttention-2's loop order with flashlib.tiled's helpers. Rows that see no key get O = 0 and
+is FlashAttention-2's loop order: `flashlib.tiled.fa2_forward(block_mask=...)`. Rows that see no key get O = 0 and
 lse = -inf (FlashAttention's convention for an all-masked row).
 """
 import numpy as np
 
-from .reference import default_scale
-from .tiled import _HBM, _step, block, n_blocks, tile_scores, tile_visible
+from . import tiled
+from .tiled import n_blocks, tile_visible
 
 
 def expand(block_mask, Nq, Nk, Br, Bc):
@@ -26,49 +26,10 @@ def random_mask(Tr, Tc, density, seed=0):
 
 
 def fa2_forward(q, k, v, block_mask, causal=False, scale=None, Br=16, Bc=16, trace=None, itemsize=4):
-    """q (..., Nq, d), k, v (..., Nk, d), block_mask (Tr, Tc) bool -> O (..., Nq, d), lse (..., Nq)."""
-    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
-    scale = default_scale(q.shape[-1]) if scale is None else scale
-    Nq, Nk = q.shape[-2], k.shape[-2]
-    Tr, Tc = n_blocks(Nq, Br), n_blocks(Nk, Bc)
-    block_mask = np.asarray(block_mask, bool)
-    if block_mask.shape != (Tr, Tc):
-        raise ValueError(f"block_mask must have shape (Tr, Tc) = ({Tr}, {Tc}), got {block_mask.shape}")
-    hbm = _HBM(itemsize)
-    O = np.empty(q.shape)
-    lse = np.empty(q.shape[:-1])
-    for i in range(Tr):
-        Qi = block(q, i, Br)
-        hbm.load(Qi)
-        Oi = np.zeros(Qi.shape)
-        li = np.zeros(Qi.shape[:-1] + (1,))
-        mi = np.full(Qi.shape[:-1] + (1,), -np.inf)
-        first = True
-        for j in range(Tc):
-            if not (block_mask[i, j] and tile_visible(i, j, Br, Bc, Nq, causal)):
-                _step(trace, hbm, algo="fa2", i=i, j=j, skipped=True)
-                continue
-            Kj, Vj = block(k, j, Bc), block(v, j, Bc)
-            hbm.load(Kj, Vj)
-            S = tile_scores(Qi, Kj, i, j, Br, Bc, causal, scale)
-            m_new = np.maximum(mi, S.max(axis=-1, keepdims=True))
-            m_safe = np.where(np.isneginf(m_new), 0.0, m_new)     # a row with no key yet: exp(-inf) = 0, not nan
-            P_t = np.exp(S - m_safe)
-            alpha = np.exp(mi - m_safe)
-            li = alpha * li + P_t.sum(axis=-1, keepdims=True)
-            Oi = alpha * Oi + P_t @ Vj
-            mi = m_new
-            with np.errstate(invalid="ignore", divide="ignore"):
-                _step(trace, hbm, algo="fa2", i=i, j=j, skipped=False, loaded=(("Q",) if first else ()) + ("K", "V"),
-                      written=(), S=S, P=P_t, m=mi[..., 0], l=li[..., 0], O=np.where(li > 0, Oi / li, 0.0))
-            first = False
-        with np.errstate(invalid="ignore", divide="ignore"):
-            block(O, i, Br)[...] = np.where(li > 0, Oi / li, 0.0)
-            lse[..., i * Br:(i + 1) * Br] = np.where(li > 0, mi + np.log(li), -np.inf)[..., 0]
-        hbm.store(block(O, i, Br), lse[..., i * Br:(i + 1) * Br])
-        if trace is not None and trace and trace[-1]["i"] == i:     # the row's last step also writes O_i, lse_i
-            trace[-1].update(written=("O", "lse"), hbm_written=hbm.written)
-    return O, lse
+    """q (..., H, Nq, d), k, v (..., H_kv, Nk, d), block_mask (Tr, Tc) bool -> O (..., H, Nq, d), lse (..., H, Nq).
+
+    flashlib.tiled.fa2_forward with the block mask: one FA2 forward in flashlib, not two."""
+    return tiled.fa2_forward(q, k, v, causal, scale, Br, Bc, trace=trace, itemsize=itemsize, block_mask=block_mask)
 
 
 def hbm_bytes(Nq, Nk, d, Br, Bc, block_mask, causal=False, itemsize=4):

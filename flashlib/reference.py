@@ -1,9 +1,17 @@
 """Layer 1: standard attention in float64 NumPy, the truth every other implementation is tested against.
 
-Shapes follow PyTorch's SDPA: q (..., Nq, d), k and v (..., Nk, d); the leading axes are (batch, heads).
+Shapes follow PyTorch's SDPA: q (..., H, Nq, d), k and v (..., H_kv, Nk, d); the leading axes are (batch, heads).
 `causal=True` means what PyTorch's `is_causal` means: query i sees keys 0..i (top-left aligned, also when
-Nq != Nk). The scale defaults to 1/sqrt(d).
+Nq != Nk). The scale defaults to 1/sqrt(d). `mask`, a bool array broadcastable to the scores (..., H, Nq, Nk),
+True where a query may see a key, hides more keys.
+
+Conventions shared by every backend in flashlib:
+- Grouped-query attention: H_kv may divide H; query head h uses kv head h // (H // H_kv) (SDPA's `enable_gqa`,
+  `repeat_interleave` order), and dK, dV are summed over the query heads sharing a kv head.
+- A query row that sees no key (all its scores -inf) gives O = 0 and lse = -inf, and adds 0 to dQ, dK, dV.
 """
+import numbers
+
 import numpy as np
 
 
@@ -11,54 +19,112 @@ def default_scale(d):
     return 1.0 / np.sqrt(d)
 
 
+def check_block_size(name, value):
+    """`value` as an int if it is a positive integer (a Python or NumPy int, not a bool); else a clear error."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be a positive int (a block or chunk length), got {value!r} "
+                        f"of type {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be a positive int (a block or chunk length, at least 1), got {value}")
+    return int(value)
+
+
+def kv_group(q_shape, k_shape, v_shape=None):
+    """g = H // H_kv, the number of query heads that share one k/v head (1 when the heads match).
+
+    The heads are axis -3. Raises ValueError when H_kv does not divide H or the other leading axes differ.
+    """
+    if v_shape is not None and len(v_shape) >= 3 and len(k_shape) >= 3 and v_shape[-3] != k_shape[-3]:
+        raise ValueError(f"k and v must have the same number of heads, got shapes {tuple(k_shape)} and {tuple(v_shape)}")
+    if len(q_shape) < 3 or len(k_shape) < 3 or q_shape[-3] == k_shape[-3]:
+        return 1
+    H, H_kv = q_shape[-3], k_shape[-3]
+    if H % H_kv or tuple(q_shape[:-3]) != tuple(k_shape[:-3]):
+        raise ValueError(f"grouped-query attention needs k/v heads dividing q's heads and equal batch axes: "
+                         f"q {tuple(q_shape)}, k {tuple(k_shape)} (heads are axis -3)")
+    return H // H_kv
+
+
+def group(x, g):
+    """(..., H, N, e) -> (..., H // g, g, N, e): the query heads of each kv head side by side (a view if it can)."""
+    return x if g == 1 else x.reshape(x.shape[:-3] + (x.shape[-3] // g, g) + x.shape[-2:])
+
+
+def ungroup(x, g):
+    """The inverse of `group`: (..., H // g, g, N, e) -> (..., H, N, e)."""
+    return x if g == 1 else x.reshape(x.shape[:-4] + (-1,) + x.shape[-2:])
+
+
+def shared(x, g):
+    """A kv array (..., H_kv, N, e) as (..., H_kv, 1, N, e), so it broadcasts over the g query heads of a group."""
+    return x if g == 1 else x[..., None, :, :]
+
+
+def kv_sum(x, g):
+    """A per-query-head gradient (..., H_kv, g, N, e) summed over each group: (..., H_kv, N, e)."""
+    return x if g == 1 else x.sum(axis=-3)
+
+
 def causal_mask(Nq, Nk):
     """(Nq, Nk) bool, True where query i may attend key j (j <= i, top-left aligned)."""
     return np.arange(Nk)[None, :] <= np.arange(Nq)[:, None]
 
 
-def scores(q, k, causal=False, scale=None):
-    """S = scale * Q K^T in float64, with masked entries set to -inf: (..., Nq, Nk)."""
+def scores(q, k, causal=False, scale=None, mask=None):
+    """S = scale * Q K^T in float64, with masked entries set to -inf: (..., H, Nq, Nk)."""
     q, k = np.asarray(q, np.float64), np.asarray(k, np.float64)
+    g = kv_group(q.shape, k.shape)
     scale = default_scale(q.shape[-1]) if scale is None else scale
-    S = scale * (q @ np.swapaxes(k, -1, -2))
+    S = scale * ungroup(group(q, g) @ np.swapaxes(shared(k, g), -1, -2), g)
     if causal:
         S = np.where(causal_mask(S.shape[-2], S.shape[-1]), S, -np.inf)
+    if mask is not None:
+        S = np.where(mask, S, -np.inf)
     return S
 
 
-def attention_forward(q, k, v, causal=False, scale=None):
-    """Standard attention. Returns O (..., Nq, d) and lse = log(sum_j exp(S_ij)) (..., Nq), float64.
+def softmax_rows(S):
+    """P = softmax(S) along the last axis and lse = logsumexp(S), safe (row max subtracted); a row that is
+    all -inf gives P = 0 and lse = -inf."""
+    m = S.max(axis=-1, keepdims=True)
+    E = np.exp(S - np.where(np.isneginf(m), 0.0, m))   # exp(-inf) = 0 for masked entries, never -inf - -inf
+    l = E.sum(axis=-1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        P = np.where(l > 0, E / l, 0.0)
+        lse = np.where(l > 0, m + np.log(l), -np.inf)[..., 0]
+    return P, lse
+
+
+def attention_forward(q, k, v, causal=False, scale=None, mask=None):
+    """Standard attention. Returns O (..., H, Nq, d) and lse = log(sum_j exp(S_ij)) (..., H, Nq), float64.
 
     The N x N matrices S and P are materialised in full: this is the algorithm FlashAttention avoids.
     """
-    S = scores(q, k, causal, scale)
-    m = S.max(axis=-1, keepdims=True)          # safe softmax: subtract the row max
-    E = np.exp(S - m)
-    l = E.sum(axis=-1, keepdims=True)
-    P = E / l
-    O = P @ np.asarray(v, np.float64)
-    lse = (m + np.log(l))[..., 0]
+    g = kv_group(np.shape(q), np.shape(k), np.shape(v))
+    P, lse = softmax_rows(scores(q, k, causal, scale, mask))
+    O = ungroup(group(P, g) @ shared(np.asarray(v, np.float64), g), g)
     return O, lse
 
 
-def attention_backward(q, k, v, o, lse, do, causal=False, scale=None):
+def attention_backward(q, k, v, o, lse, do, causal=False, scale=None, mask=None):
     """Gradients of attention given dO. Returns (dq, dk, dv) in float64.
 
-    P is rebuilt from the logsumexp (P = exp(S - lse)), as FlashAttention's backward does, and
-    dS = P * (dP - D) with D = rowsum(dO * O) (FlashAttention-2, Algorithm 2).
+    dS = P * (dP - D) with D = rowsum(dO * O) (FlashAttention-2, Algorithm 2). FlashAttention rebuilds P as
+    exp(S - lse); the reference instead rebuilds it from S alone, in float64 (`softmax_rows`), and only checks
+    lse's shape. A float32 lse is off by up to |lse| * 6e-8, which multiplies every P by up to exp(that): at
+    |S| ~ 1e3 that is a 1e-4 error in dV, and at |S| ~ 1e20 exp(S - lse) is 0 or inf.
     """
     q, k, v, o, do = (np.asarray(x, np.float64) for x in (q, k, v, o, do))
+    if np.shape(lse) != o.shape[:-1]:
+        raise ValueError(f"lse must have shape {o.shape[:-1]} (o's without head_dim), got {np.shape(lse)}")
+    g = kv_group(q.shape, k.shape, v.shape)
     scale = default_scale(q.shape[-1]) if scale is None else scale
-    P = np.exp(scores(q, k, causal, scale) - np.asarray(lse, np.float64)[..., None])
-    dV = np.swapaxes(P, -1, -2) @ do
-    dP = do @ np.swapaxes(v, -1, -2)
+    P, _ = softmax_rows(scores(q, k, causal, scale, mask))
+    swap = lambda x: np.swapaxes(x, -1, -2)
+    dV = kv_sum(swap(group(P, g)) @ group(do, g), g)
+    dP = ungroup(group(do, g) @ swap(shared(v, g)), g)
     D = (do * o).sum(axis=-1, keepdims=True)
     dS = P * (dP - D)
-    dQ = scale * (dS @ k)
-    dK = scale * (np.swapaxes(dS, -1, -2) @ q)
+    dQ = scale * ungroup(group(dS, g) @ shared(k, g), g)
+    dK = scale * kv_sum(swap(group(dS, g)) @ group(q, g), g)
     return dQ, dK, dV
-
-
-def attention_memory_bytes(N, d, B=1, H=1, itemsize=4):
-    """Bytes standard attention keeps in memory: Q, K, V, O plus the N x N matrices S and P."""
-    return B * H * (4 * N * d + 2 * N * N) * itemsize

@@ -11,12 +11,17 @@ the last block of each may be shorter (ragged). Leading axes (batch, heads) ride
 
 Each takes `trace=`, a list to which one dict per (i, j) step is appended (see `_step`): which tiles were read
 from HBM, the S and P tiles, m, l and the O rows after the step, and the HBM bytes read/written so far
-(counting `itemsize` bytes per element: 4 for float32). Tiles that causal masking leaves empty are skipped,
-not computed, and appear in the trace with skipped=True.
+(counting `itemsize` bytes per element: 4 for float32). Tiles that causal masking (or fa2_forward's block_mask)
+leaves empty are skipped, not computed, and appear in the trace with skipped=True.
+
+Grouped-query attention (k, v with H_kv heads dividing q's H): the query heads of a kv head are one axis of a
+group, (..., H_kv, g, N, d), and K_j, V_j broadcast over it (`reference.group`); trace tiles keep that shape and
+K/V traffic is counted once per kv head. A row that sees no key gives O = 0, lse = -inf and zero gradients.
+Br, Bc must be positive ints.
 """
 import numpy as np
 
-from .reference import default_scale
+from .reference import check_block_size, default_scale, group, kv_group, kv_sum, shared, ungroup
 
 
 def n_blocks(N, B):
@@ -73,18 +78,35 @@ def _amend(trace, hbm, written):
         trace[-1].update(written=trace[-1]["written"] + written, hbm_written=hbm.written)
 
 
-def fa1_forward(q, k, v, causal=False, scale=None, Br=16, Bc=16, trace=None, itemsize=4):
-    """Algorithm 1 of FlashAttention. q (..., Nq, d), k, v (..., Nk, d) -> O (..., Nq, d), lse (..., Nq)."""
+def _setup(q, k, v, scale, Br, Bc):
+    """float64 inputs (q grouped, k and v shared for GQA), g, the scale and the numbers of blocks Tr, Tc."""
+    Br, Bc = check_block_size("Br", Br), check_block_size("Bc", Bc)
     q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    g = kv_group(q.shape, k.shape, v.shape)
     scale = default_scale(q.shape[-1]) if scale is None else scale
-    Nq, Nk = q.shape[-2], k.shape[-2]
-    Tr, Tc = n_blocks(Nq, Br), n_blocks(Nk, Bc)
+    return group(q, g), shared(k, g), shared(v, g), g, scale, n_blocks(q.shape[-2], Br), n_blocks(k.shape[-2], Bc)
+
+
+def _lse(m, l):
+    """m + log(l), and -inf for a row that saw no key (l = 0)."""
+    return np.where(l > 0, m + np.log(np.where(l > 0, l, 1.0)), -np.inf)
+
+
+def _divide(O, l):
+    """O / l, and 0 for a row that saw no key (l = 0)."""
+    return O / np.where(l > 0, l, 1.0)
+
+
+def fa1_forward(q, k, v, causal=False, scale=None, Br=16, Bc=16, trace=None, itemsize=4):
+    """Algorithm 1 of FlashAttention. q (..., H, Nq, d), k, v (..., H_kv, Nk, d) -> O (..., H, Nq, d), lse (..., H, Nq)."""
+    q, k, v, g, scale, Tr, Tc = _setup(q, k, v, scale, Br, Bc)   # line 1: Br, Bc given (iomodel.paper_block_sizes)
+    Nq = q.shape[-2]
     hbm = _HBM(itemsize)
     O = np.zeros(q.shape)                          # line 2: O, l, m initialised in HBM
     l = np.zeros(q.shape[:-1] + (1,))
     m = np.full(q.shape[:-1] + (1,), -np.inf)
     hbm.store(O, l, m)
-    for j in range(Tc):                            # line 5: outer loop over K/V blocks
+    for j in range(Tc):                            # line 5: outer loop over K/V blocks (lines 3-4: `block`)
         active = [i for i in range(Tr) if tile_visible(i, j, Br, Bc, Nq, causal)]
         Kj, Vj = block(k, j, Bc), block(v, j, Bc)
         if active:
@@ -99,67 +121,75 @@ def fa1_forward(q, k, v, causal=False, scale=None, Br=16, Bc=16, trace=None, ite
             m_t = S.max(axis=-1, keepdims=True)                          # line 10: tile-local max, sum
             P_t = np.exp(S - _finite(m_t))
             l_t = P_t.sum(axis=-1, keepdims=True)
-            m_new = np.maximum(mi, m_t)                                   # line 11
+            m_new = _finite(np.maximum(mi, m_t))                          # line 11 (0 while the row saw no key)
             l_new = np.exp(mi - m_new) * li + np.exp(m_t - m_new) * l_t
-            Oi[...] = (li * np.exp(mi - m_new) * Oi + np.exp(m_t - m_new) * (P_t @ Vj)) / l_new  # line 12
-            li[...], mi[...] = l_new, m_new                               # line 13
+            Oi[...] = _divide(li * np.exp(mi - m_new) * Oi + np.exp(m_t - m_new) * (P_t @ Vj), l_new)  # line 12
+            li[...], mi[...] = l_new, np.maximum(mi, m_t)                 # line 13
             hbm.store(Oi, li, mi)
             _step(trace, hbm, algo="fa1", i=i, j=j, skipped=False,
                   loaded=(("K", "V") if i == active[0] else ()) + ("Q", "O", "l", "m"),
                   written=("O", "l", "m"), S=S, P=P_t, m=mi[..., 0], l=li[..., 0], O=Oi)
-    return O, (m + np.log(l))[..., 0]
+    return ungroup(O, g), ungroup(_lse(m, l), g)[..., 0]
 
 
-def fa2_forward(q, k, v, causal=False, scale=None, Br=16, Bc=16, trace=None, itemsize=4):
-    """FlashAttention-2's forward. q (..., Nq, d), k, v (..., Nk, d) -> O (..., Nq, d), lse (..., Nq)."""
-    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
-    scale = default_scale(q.shape[-1]) if scale is None else scale
-    Nq, Nk = q.shape[-2], k.shape[-2]
-    Tr, Tc = n_blocks(Nq, Br), n_blocks(Nk, Bc)
+def fa2_forward(q, k, v, causal=False, scale=None, Br=16, Bc=16, trace=None, itemsize=4, block_mask=None):
+    """FlashAttention-2's forward. q (..., H, Nq, d), k, v (..., H_kv, Nk, d) -> O (..., H, Nq, d), lse (..., H, Nq).
+
+    block_mask (Tr, Tc) bool, if given, also skips the tiles it turns off (block-sparse FlashAttention).
+    """
+    q, k, v, g, scale, Tr, Tc = _setup(q, k, v, scale, Br, Bc)
+    Nq = q.shape[-2]
+    keep = _block_mask(block_mask, Tr, Tc)
     hbm = _HBM(itemsize)
     O = np.empty(q.shape)
-    lse = np.empty(q.shape[:-1])
+    lse = np.empty(q.shape[:-1] + (1,))
     for i in range(Tr):                            # outer loop over Q blocks: one thread block each on a GPU
         Qi = block(q, i, Br)
         hbm.load(Qi)
         Oi = np.zeros(Qi.shape)                    # on chip: O_i, l_i, m_i never go back to HBM until the end
         li = np.zeros(Qi.shape[:-1] + (1,))
         mi = np.full(Qi.shape[:-1] + (1,), -np.inf)
+        first = True
         for j in range(Tc):
-            if not tile_visible(i, j, Br, Bc, Nq, causal):
+            if not (keep[i, j] and tile_visible(i, j, Br, Bc, Nq, causal)):
                 _step(trace, hbm, algo="fa2", i=i, j=j, skipped=True, loaded=(), written=())
                 continue
             Kj, Vj = block(k, j, Bc), block(v, j, Bc)
             hbm.load(Kj, Vj)
             S = tile_scores(Qi, Kj, i, j, Br, Bc, causal, scale)
             m_new = np.maximum(mi, S.max(axis=-1, keepdims=True))
-            P_t = np.exp(S - m_new)                # unnormalised: divided by l only once, after the loop
-            alpha = np.exp(mi - m_new)
+            P_t = np.exp(S - _finite(m_new))       # unnormalised: divided by l only once, after the loop
+            alpha = np.exp(mi - _finite(m_new))    # e^(m_i^(j-1) - m_i^(j)); _finite: a row with no key yet
             li = alpha * li + P_t.sum(axis=-1, keepdims=True)
             Oi = alpha * Oi + P_t @ Vj
             mi = m_new
-            _step(trace, hbm, algo="fa2", i=i, j=j, skipped=False, loaded=(("Q",) if j == 0 else ()) + ("K", "V"),
-                  written=(), S=S, P=P_t, m=mi[..., 0], l=li[..., 0], O=Oi / li)
-        block(O, i, Br)[...] = Oi / li             # deferred normalisation
-        lse[..., i * Br:(i + 1) * Br] = (mi + np.log(li))[..., 0]
-        hbm.store(block(O, i, Br), lse[..., i * Br:(i + 1) * Br])
+            _step(trace, hbm, algo="fa2", i=i, j=j, skipped=False, loaded=(("Q",) if first else ()) + ("K", "V"),
+                  written=(), S=S, P=P_t, m=mi[..., 0], l=li[..., 0], O=_divide(Oi, li))
+            first = False
+        block(O, i, Br)[...] = _divide(Oi, li)     # deferred normalisation
+        block(lse, i, Br)[...] = _lse(mi, li)      # L_i = m_i + log(l_i), kept for the backward
+        hbm.store(block(O, i, Br), block(lse, i, Br))
         _amend(trace, hbm, ("O", "lse"))
-    return O, lse
+    return ungroup(O, g), ungroup(lse, g)[..., 0]
 
 
 def backward(q, k, v, o, lse, do, causal=False, scale=None, Br=16, Bc=16, trace=None, itemsize=4):
-    """FlashAttention-2's backward: (dq, dk, dv), P recomputed from lse. Shapes as in fa2_forward."""
-    q, k, v, o, do = (np.asarray(a, np.float64) for a in (q, k, v, o, do))
-    lse = np.asarray(lse, np.float64)[..., None]
-    scale = default_scale(q.shape[-1]) if scale is None else scale
-    Nq, Nk = q.shape[-2], k.shape[-2]
-    Tr, Tc = n_blocks(Nq, Br), n_blocks(Nk, Bc)
+    """FlashAttention-2's backward: (dq, dk, dv), P recomputed from lse. Shapes as in fa2_forward.
+
+    P = exp(S - L_i) is only as good as lse: a ValueError says so when a row's P does not sum to 1 (a float32
+    lse at |scores| >~ 1e3, or an lse from other inputs); flashlib.reference rebuilds P from S instead.
+    """
+    q, k, v, g, scale, Tr, Tc = _setup(q, k, v, scale, Br, Bc)
+    o, do = (group(np.asarray(a, np.float64), g) for a in (o, do))
+    lse = group(np.asarray(lse, np.float64)[..., None], g)
+    Nq = q.shape[-2]
     hbm = _HBM(itemsize)
     hbm.load(do, o)
     D = (do * o).sum(axis=-1, keepdims=True)       # pre-pass: D_i = rowsum(dO_i * O_i)
     hbm.store(D)
     dq, dk, dv = np.zeros(q.shape), np.zeros(k.shape), np.zeros(v.shape)
     hbm.store(dq)
+    P_sum = np.zeros(lse.shape)                    # rowsum(P) over all j: 1 when lse fits the scores
     for j in range(Tc):                            # outer loop over K/V blocks: dK_j, dV_j stay on chip
         active = [i for i in range(Tr) if tile_visible(i, j, Br, Bc, Nq, causal)]
         Kj, Vj = block(k, j, Bc), block(v, j, Bc)
@@ -173,12 +203,13 @@ def backward(q, k, v, o, lse, do, causal=False, scale=None, Br=16, Bc=16, trace=
             Qi, dOi, lse_i, Di, dQi = block(q, i, Br), block(do, i, Br), block(lse, i, Br), block(D, i, Br), block(dq, i, Br)
             hbm.load(Qi, dOi, lse_i, Di, dQi)
             S = tile_scores(Qi, Kj, i, j, Br, Bc, causal, scale)
-            P = np.exp(S - lse_i)                  # recomputation: P was never stored
-            dVj += np.swapaxes(P, -1, -2) @ dOi
+            P = np.where(np.isneginf(lse_i), 0.0, np.exp(S - _finite(lse_i)))   # recomputation: P was never stored
+            block(P_sum, i, Br)[...] += P.sum(axis=-1, keepdims=True)
+            dVj += _per_kv(np.swapaxes(P, -1, -2) @ dOi, g)
             dP = dOi @ np.swapaxes(Vj, -1, -2)
             dS = P * (dP - Di)
             dQi += scale * (dS @ Kj)               # a GPU kernel adds this with atomics or in a second pass
-            dKj += scale * (np.swapaxes(dS, -1, -2) @ Qi)
+            dKj += scale * _per_kv(np.swapaxes(dS, -1, -2) @ Qi, g)
             hbm.store(dQi)
             _step(trace, hbm, algo="bwd", i=i, j=j, skipped=False, loaded=("Q", "dO", "lse", "D", "dQ"),
                   written=("dQ",), S=S, P=P, dS=dS)
@@ -186,4 +217,32 @@ def backward(q, k, v, o, lse, do, causal=False, scale=None, Br=16, Bc=16, trace=
         if active:
             hbm.store(dKj, dVj)
             _amend(trace, hbm, ("dK", "dV"))
-    return dq, dk, dv
+    _check_lse(P_sum, lse)
+    return ungroup(dq, g), kv_sum(dk, g), kv_sum(dv, g)
+
+
+def _block_mask(block_mask, Tr, Tc):
+    """The (Tr, Tc) bool tiles to compute (all when block_mask is None)."""
+    if block_mask is None:
+        return np.ones((Tr, Tc), bool)
+    block_mask = np.asarray(block_mask)
+    if block_mask.shape != (Tr, Tc) or block_mask.dtype != bool:
+        raise ValueError(f"block_mask must be a bool array of shape (Tr, Tc) = ({Tr}, {Tc}), "
+                         f"got {block_mask.dtype} {block_mask.shape}")
+    return block_mask
+
+
+def _per_kv(x, g):
+    """A (..., H_kv, g, Bc, d) tile of per-query-head gradients summed over the group, keeping the axis."""
+    return x if g == 1 else x.sum(axis=-3, keepdims=True)
+
+
+def _check_lse(P_sum, lse, tol=1e-4):
+    """Raise when exp(S - lse) does not sum to 1 in some row that sees a key: the gradients would be off by as much."""
+    bad = np.isfinite(lse) & ~(np.abs(P_sum - 1) <= tol)
+    if bad.any():
+        worst = P_sum[bad].flat[np.argmax(np.abs(P_sum[bad] - 1))]
+        raise ValueError(f"lse does not fit the scores: exp(S - lse) sums to {worst:.6g} instead of 1 in "
+                         f"{int(bad.sum())} row(s) (|lse| up to {np.abs(lse[bad]).max():.3g}); the gradients would "
+                         f"be off by as much. A float32 lse is too coarse beyond |lse| ~ 1e3: pass the forward's "
+                         f"float64 lse, or use flashlib.reference.attention_backward, which rebuilds P from S")

@@ -44,3 +44,128 @@ def test_command_line_says_it_needs_a_gpu():
         pytest.skip("a GPU is present")
     out = subprocess.run([sys.executable, "-m", "flashlib.bench", "--quick"], capture_output=True, text=True)
     assert out.returncode != 0 and "needs a CUDA GPU" in out.stderr
+
+
+from flashlib.bench import records  # noqa: E402
+
+IN_GIT = records._git("rev-parse", "HEAD") is not None
+
+
+@pytest.mark.skipif(not IN_GIT, reason="needs the git checkout")
+@pytest.mark.parametrize("path", RECORDED, ids=[p.stem for p in RECORDED])
+def test_every_record_proves_which_code_it_measured_or_is_marked_superseded(path):
+    r = json.loads(path.read_text())
+    problems = records.check_record(r, path)
+    assert not problems or r.get("superseded"), f"{path.name}: {problems}"
+    if r.get("superseded"):                                        # and wherever the book shows it, it says so
+        assert f"Superseded: {r['superseded']}" in bench.describe(r)
+    for col, why in r.get("superseded_columns", {}).items():
+        assert col in bench.describe(r) and why in bench.describe(r)
+
+
+@pytest.mark.skipif(not IN_GIT, reason="needs the git checkout")
+def test_the_code_state_of_this_checkout():
+    s = records.code_state()
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                          cwd=records.ROOT).stdout.strip()
+    assert s["flashlib_commit"] == head and s["flashlib_commit_source"] == "git"
+    assert isinstance(s["flashlib_dirty"], bool)
+    files = s["kernel_sources"]["files"]
+    for p in ("flashlib/cupy_kernels/fa2_tc.cu", "flashlib/cupy_kernels/flash_common.cuh",
+              "flashlib/numba_kernels/fa2.py", "flashlib/tiled.py", "flashlib/reference.py"):
+        assert len(files[p]) == 64
+    assert records.kernel_sources() == s["kernel_sources"]           # stable
+    touched = dict(files, **{"flashlib/tiled.py": "0" * 64})
+    assert records._digest(touched) != s["kernel_sources"]["digest"]
+    assert records._dirty_files("?? benchmarks/results/x.json\n?? benchmarks/results/logs/a.log\n M flashlib/tiled.py\n"
+                                "?? scratch.py\n") == ["flashlib/tiled.py", "scratch.py"]
+
+
+@pytest.mark.skipif(not IN_GIT, reason="needs the git checkout")
+def test_check_record_refuses_what_it_cannot_prove():
+    if records._changed_sources("HEAD"):
+        pytest.skip("kernel sources have uncommitted changes here")
+    head = records._git("rev-parse", "--short", "HEAD").strip()
+    date = records._git("log", "-1", "--format=%cI", "HEAD").strip()
+    good = {"info": {"flashlib_commit": head, "flashlib_dirty": False, "date": date,
+                     "kernel_sources": records.kernel_sources()}, "rows": [{}]}
+    assert records.check_record(good) == []
+    unknown = json.loads(json.dumps(good))
+    unknown["info"]["flashlib_dirty"] = None                         # a wheel: the hashes settle it
+    assert records.check_record(unknown) == []
+    bad = json.loads(json.dumps(good))
+    bad["info"]["kernel_sources"]["files"]["flashlib/tiled.py"] = "0" * 64
+    assert "differ from commit" in " ".join(records.check_record(bad))
+    bad = json.loads(json.dumps(good))
+    bad["info"].update(flashlib_dirty=True, flashlib_dirty_files=["flashlib/tiled.py"])
+    assert "dirty" in " ".join(records.check_record(bad))
+    bad = json.loads(json.dumps(good))
+    bad["info"]["flashlib_commit"] = "wip"
+    assert "not a commit" in " ".join(records.check_record(bad))
+    bad = json.loads(json.dumps(good))
+    bad["info"]["date"] = "2000-01-01T00:00:00+00:00"
+    assert "after the run" in " ".join(records.check_record(bad))
+
+
+def test_outside_a_checkout_the_commit_comes_from_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setattr(records, "ROOT", tmp_path)                   # as for a wheel in site-packages
+    monkeypatch.setenv("FLASHLIB_COMMIT", "abc1234")
+    s = records.code_state()
+    assert (s["flashlib_commit"], s["flashlib_commit_source"], s["flashlib_dirty"]) == ("abc1234", "FLASHLIB_COMMIT", None)
+    monkeypatch.delenv("FLASHLIB_COMMIT")
+    assert records.code_state()["flashlib_commit"] == "unknown"
+    assert records.code_state()["kernel_sources"]["files"]           # hashed from the installed package anyway
+
+
+def test_save_records_the_code_and_record_status_compares_it(monkeypatch, tmp_path):
+    path = bench.save("probe_gpu", [{"x": 1}], directory=tmp_path, note="test")
+    r = json.loads(path.read_text())
+    for key in ("flashlib_commit", "flashlib_commit_source", "flashlib_dirty", "kernel_sources"):
+        assert key in r["info"]
+    monkeypatch.setattr(bench, "RESULTS", tmp_path)
+    monkeypatch.setattr(bench, "load", lambda name: json.loads((tmp_path / f"{name}.json").read_text()))
+    st = records.record_status("probe_gpu")
+    assert st["how"] == "hashes" and st["changed"] is False and st["changed_sources"] == []
+    r["info"]["kernel_sources"]["files"]["flashlib/tiled.py"] = "0" * 64
+    r["superseded"] = "a test"
+    path.write_text(json.dumps(r))
+    st = records.record_status("probe_gpu")
+    assert st["changed"] is True and st["changed_sources"] == ["flashlib/tiled.py"] and st["superseded"] == "a test"
+    assert st["changed_by_area"] == {"cupy_kernels": [], "numba_kernels": [], "numpy": ["flashlib/tiled.py"]}
+    assert [s["name"] for s in records.statuses()] == ["probe_gpu"]
+
+
+@pytest.mark.skipif(not IN_GIT, reason="needs the git checkout")
+def test_record_status_of_an_old_record_asks_git():
+    st = records.record_status("cupy_h200")
+    assert st["how"] == "git history" and isinstance(st["changed"], bool) and st["provenance_problems"] == []
+    assert records.record_status("numba_tf32_h100")["superseded"]
+
+
+def test_numba_peak_counts_what_the_call_holds_beyond_its_inputs():
+    """The Numba side of flashlib.bench.memory on a stand-in for Numba's memory manager (same `allocations`
+    table and memalloc method); the GPU run reads the real one."""
+    import types
+    from flashlib.bench.memory import NumbaPeak
+
+    class Manager:
+        def __init__(self):
+            self.allocations, self.n = {}, 0
+
+        def memalloc(self, size):
+            self.n += 1
+            self.allocations[self.n] = types.SimpleNamespace(size=size)
+            return self.n
+
+        def free(self, key):
+            del self.allocations[key]
+
+    m = Manager()
+    m.memalloc(1000)                                   # an input, allocated before the call
+    with NumbaPeak(m) as peak:
+        a, b = m.memalloc(10), m.memalloc(20)          # 30 held at once
+        m.free(a), m.free(b)
+        m.memalloc(5)
+    assert peak.peak == 30 and "memalloc" not in vars(m)
+    m.memalloc(7)
+    assert peak.peak == 30                             # no longer counting

@@ -6,13 +6,9 @@ from flashlib import block_sparse, reference, tiled
 
 
 def dense_masked(q, k, v, block_mask, causal, Br, Bc):
-    S = reference.scores(q, k, causal)
-    S = np.where(block_sparse.expand(block_mask, q.shape[-2], k.shape[-2], Br, Bc), S, -np.inf)
-    m = S.max(axis=-1, keepdims=True)
-    E = np.where(np.isneginf(S), 0.0, np.exp(S - np.where(np.isneginf(m), 0.0, m)))
-    l = E.sum(axis=-1, keepdims=True)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(l > 0, (E @ v) / l, 0.0), np.where(l > 0, m + np.log(l), -np.inf)[..., 0]
+    """The float64 reference with the block mask expanded to an element mask."""
+    mask = block_sparse.expand(block_mask, q.shape[-2], k.shape[-2], Br, Bc)
+    return reference.attention_forward(q, k, v, causal, mask=mask)
 
 
 @pytest.mark.parametrize("Nq,Nk,causal", [(48, 48, False), (37, 50, True), (64, 29, False), (1, 17, True)])
@@ -21,9 +17,12 @@ def test_matches_dense_masked(rng, Nq, Nk, causal):
     q, k, v = (rng.standard_normal((2, n, 5)) for n in (Nq, Nk, Nk))
     mask = rng.random((tiled.n_blocks(Nq, Br), tiled.n_blocks(Nk, Bc))) < 0.5
     mask[0, 0] = True
+    mask[-1, :] = mask.shape[0] == 1                   # the last row block sees no key (when there are two)
     trace = []
     O, lse = block_sparse.fa2_forward(q, k, v, mask, causal, Br=Br, Bc=Bc, trace=trace)
     O_ref, lse_ref = dense_masked(q, k, v, mask, causal, Br, Bc)
+    if mask.shape[0] > 1:                              # the -inf rule: O = 0, lse = -inf
+        assert (O[..., -1, :] == 0).all() and np.isneginf(lse[..., -1]).all()
     np.testing.assert_allclose(O, O_ref, rtol=1e-12, atol=1e-12)
     np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(lse_ref))
     fin = np.isfinite(lse_ref)
@@ -82,3 +81,17 @@ def test_random_mask_density_and_rows():
     assert m.any(axis=1).all()                                   # every row block keeps a tile
     assert abs(m.mean() - 0.25) < 0.05
     assert (random_mask(64, 48, 0.25, seed=1) == m).all() and not (random_mask(64, 48, 0.25, seed=2) == m).all()
+
+
+def test_grouped_query_attention_and_block_sizes(rng):
+    q, k, v = rng.standard_normal((1, 4, 21, 3)), rng.standard_normal((1, 2, 18, 3)), rng.standard_normal((1, 2, 18, 3))
+    mask = rng.random((3, 3)) < 0.6
+    mask[:, 0] = True
+    O, lse = block_sparse.fa2_forward(q, k, v, mask, Br=8, Bc=8)
+    want_o, want_lse = dense_masked(q, k, v, mask, False, 8, 8)
+    np.testing.assert_allclose(O, want_o, rtol=1e-12)
+    np.testing.assert_allclose(lse, want_lse, rtol=1e-12)
+    with pytest.raises(ValueError, match="Br must be a positive int"):
+        block_sparse.fa2_forward(q, k, v, mask, Br=-8, Bc=8)
+    with pytest.raises(ValueError, match="bool array"):
+        block_sparse.fa2_forward(q, k, v, mask.astype(int), Br=8, Bc=8)

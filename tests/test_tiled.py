@@ -106,3 +106,74 @@ def test_flash_moves_fewer_bytes_than_standard_and_follows_theorem2():
     # doubling M roughly halves FlashAttention's traffic (the N^2 d^2 / M term dominates)
     Br2, Bc2 = iomodel.paper_block_sizes(2 * M, d)
     assert 0.4 < sum(iomodel.fa1_hbm_bytes(N, N, d, Br2, Bc2)) / fa1 < 0.65
+
+
+@pytest.mark.parametrize("H,H_kv", [(4, 2), (3, 1)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_grouped_query_attention_equals_repeat_then_sum(rng, H, H_kv, causal):
+    from tests.test_reference import repeat_then_sum
+    q = rng.standard_normal((2, H, 11, 6))
+    k, v = rng.standard_normal((2, H_kv, 13, 6)), rng.standard_normal((2, H_kv, 13, 6))
+    do = rng.standard_normal(q.shape)
+    g = H // H_kv
+    want_o, want_lse = repeat_then_sum(R.attention_forward, q, k, v, causal, g=g)
+    for fwd in (T.fa1_forward, T.fa2_forward):
+        o, lse = fwd(q, k, v, causal, Br=4, Bc=5)
+        np.testing.assert_allclose(o, want_o, rtol=1e-12, atol=1e-13)
+        np.testing.assert_allclose(lse, want_lse, rtol=1e-13)
+    grads = T.backward(q, k, v, want_o, want_lse, do, causal, Br=4, Bc=5)
+    want = repeat_then_sum(R.attention_backward, q, k, v, want_o, want_lse, do, causal, g=g)
+    for mine, theirs in zip(grads, want):
+        assert mine.shape == theirs.shape
+        np.testing.assert_allclose(mine, theirs, rtol=1e-11, atol=1e-13)
+
+
+def test_a_row_that_sees_no_key_gives_zero_and_minus_inf(rng):
+    """The -inf rule in both forward forms and the backward: O = 0, lse = -inf, zero gradients from that row."""
+    from tests.test_reference import rows_without_keys
+    q, k, v, _ = rows_without_keys(rng, Nq=9, Nk=7)
+    do = rng.standard_normal(q.shape)
+    with np.errstate(over="ignore"):
+        o, lse = R.attention_forward(q, k, v)
+        want = R.attention_backward(q, k, v, o, lse, do)
+        assert (o[..., 0, :] == 0).all() and np.isneginf(lse[..., 0]).all()
+        with np.errstate(invalid="raise"):
+            for fwd in (T.fa1_forward, T.fa2_forward):
+                o2, lse2 = fwd(q, k, v, Br=4, Bc=3)
+                np.testing.assert_array_equal(o2[..., 0, :], 0.0)
+                assert np.isneginf(lse2[..., 0]).all()
+                np.testing.assert_allclose(o2, o, rtol=1e-12, atol=1e-14)
+                np.testing.assert_allclose(lse2[..., 1:], lse[..., 1:], rtol=1e-13)
+            grads = T.backward(q, k, v, o, lse, do, Br=4, Bc=3)
+    for mine, theirs in zip(grads, want):
+        assert np.isfinite(mine).all()
+        np.testing.assert_allclose(mine, theirs, rtol=1e-11, atol=1e-13)
+    assert (grads[0][..., 0, :] == 0).all()
+
+
+@pytest.mark.parametrize("fn", ["fa1_forward", "fa2_forward", "backward"])
+@pytest.mark.parametrize("arg,value,err", [("Br", -16, ValueError), ("Bc", -16, ValueError), ("Br", 0, ValueError),
+                                           ("Bc", 0, ValueError), ("Br", 16.0, TypeError), ("Bc", "16", TypeError),
+                                           ("Br", True, TypeError), ("Bc", None, TypeError)])
+def test_block_sizes_must_be_positive_ints(rng, fn, arg, value, err):
+    """Issue 17.5: Br=-16 returned uninitialised memory, Bc=-16 nan, Br=0 a bare ZeroDivisionError."""
+    q, k, v = (rng.standard_normal((1, 1, 20, 4)) for _ in range(3))
+    o, lse = R.attention_forward(q, k, v)
+    args = (q, k, v, o, lse, o) if fn == "backward" else (q, k, v)
+    with pytest.raises(err, match=f"{arg} must be a positive int"):
+        getattr(T, fn)(*args, **{arg: value})
+    out = getattr(T, fn)(*args, **{arg: np.int64(7)})            # NumPy ints are fine
+    np.testing.assert_allclose(out[0], (R.attention_backward(*args) if fn == "backward" else (o,))[0], rtol=1e-10)
+
+
+def test_backward_says_when_lse_does_not_fit_the_scores(rng):
+    """Issue 17.6: with a float32 lse and |scores| ~ 1e20, exp(S - lse) is 0 or inf and dV came back 0 silently."""
+    q = 1e20 * rng.standard_normal((1, 1, 8, 4))
+    k, v, do = (rng.standard_normal((1, 1, 8, 4)) for _ in range(3))
+    o, lse = R.attention_forward(q, k, v)
+    T.backward(q, k, v, o, lse, do)                              # the float64 lse fits
+    with pytest.raises(ValueError, match="lse does not fit the scores"), np.errstate(over="ignore", invalid="ignore"):
+        T.backward(q, k, v, o, lse.astype(np.float32), do)
+    o, lse = R.attention_forward(q / 1e20, k, v)
+    with pytest.raises(ValueError, match="lse does not fit the scores"):
+        T.backward(q / 1e20, k, v, o, lse + 0.01, do)            # an lse from other inputs

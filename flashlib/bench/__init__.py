@@ -1,16 +1,18 @@
 """Layer 8: timing, provenance and recorded results, shared by every benchmark in flashlib.
 
 - `time_cuda(fn)`: the one timing helper: CUDA events around `fn()` after warm-up, median of repeats, in ms.
-- `provenance()`: GPU, driver/CUDA, library versions, date and flashlib commit, stored with every result.
+- `provenance()`: GPU, driver/CUDA, library versions, date, and the code measured (flashlib commit, dirty flag,
+  kernel source hashes: `bench.records`), stored with every result.
 - `save(name, rows, **info)` / `load(name)`: JSON files under benchmarks/results/, which the book reads when it
-  is built on a machine without a GPU.
+  is built on a machine without a GPU. A record whose provenance does not hold carries `"superseded": "<why>"`
+  (`load(name).get("superseded")`), and `describe` says so.
 """
 import datetime
 import json
-import os
 import pathlib
 import platform
 import subprocess
+import warnings
 
 RESULTS = pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 
@@ -46,20 +48,11 @@ def _version(mod):
         return None
 
 
-def _commit():
-    if os.environ.get("FLASHLIB_COMMIT"):
-        return os.environ["FLASHLIB_COMMIT"]
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=RESULTS.parents[1], check=True).stdout.strip()
-    except Exception:
-        return "unknown"
-
-
 def provenance():
-    """Where and when a result was measured: GPU, driver, CUDA, versions, date, flashlib commit."""
+    """Where and when a result was measured: GPU, driver, CUDA, versions, date, and the code (code_state())."""
+    from .records import code_state
     info = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "flashlib_commit": _commit(), "python": platform.python_version(),
+            **code_state(), "python": platform.python_version(),
             **{m: _version(m) for m in ("numpy", "numba", "cupy", "torch")}}
     try:
         from importlib.metadata import version
@@ -91,10 +84,15 @@ def gpu_tag(name):
 
 
 def save(name, rows, directory=None, **info):
-    """Write {'info': provenance + info, 'rows': rows} to <directory or benchmarks/results>/<name>.json."""
+    """Write {'info': provenance + info, 'rows': rows} to <directory or benchmarks/results>/<name>.json.
+    Warns when the tree had uncommitted changes: such a record fails test_bench until it is re-recorded."""
     path = pathlib.Path(directory or RESULTS) / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"info": {**provenance(), **info}, "rows": rows}, indent=1, default=str) + "\n")
+    meta = {**provenance(), **info}
+    if meta.get("flashlib_dirty"):
+        warnings.warn(f"{name}: measured with uncommitted changes ({', '.join(meta['flashlib_dirty_files'][:5])}); "
+                      "commit, then record again", stacklevel=2)
+    path.write_text(json.dumps({"info": meta, "rows": rows}, indent=1, default=str) + "\n")
     return path
 
 
@@ -108,7 +106,9 @@ def describe(result):
     i = result["info"]
     return (f"Recorded on {i.get('gpu')} (driver {i.get('driver')}), {i.get('date', '')[:10]}, "
             f"torch {i.get('torch')}, CuPy {i.get('cupy')}, numba-cuda {i.get('numba_cuda')}, "
-            f"flashlib {i.get('flashlib_commit')}.")
+            f"flashlib {i.get('flashlib_commit')}{' (uncommitted changes)' if i.get('flashlib_dirty') else ''}."
+            + (f" Superseded: {result['superseded']}" if result.get("superseded") else "")
+            + "".join(f" The {col} column is superseded: {why}" for col, why in result.get("superseded_columns", {}).items()))
 
 
 from . import micro  # noqa: E402,F401  (bench.micro.* in the chapters; imported last: it uses save, load above)

@@ -55,18 +55,10 @@ def implementations(dtype):
 
 
 def peak_extra_mb(fn):
-    """Peak device memory one call adds, in MB: torch's allocator peak, or the drop in free memory when the
-    memory came from another allocator (Numba, CuPy), whichever is larger."""
-    import torch
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    base, free0 = torch.cuda.memory_allocated(), torch.cuda.mem_get_info()[0]
-    out = fn()
-    torch.cuda.synchronize()
-    extra = max(torch.cuda.max_memory_allocated() - base, free0 - torch.cuda.mem_get_info()[0])
-    del out
-    return extra / 1e6
+    """Peak device memory one call adds, in MB: allocator peaks around the call, inputs excluded
+    (flashlib.bench.memory.peak_extra_bytes; CuPy and Numba allocations included)."""
+    from .memory import peak_extra_bytes
+    return peak_extra_bytes(fn)["bytes"] / 1e6
 
 
 def run(grid, repeat=10, out=None, progress=True):
