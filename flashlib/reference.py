@@ -95,6 +95,29 @@ def softmax_rows(S):
     return P, lse
 
 
+def probabilities(S, lse):
+    """P rebuilt from the scores S (..., Nq, Nk) and a given logsumexp lse (..., Nq), in float64.
+
+    Where lse is S's own row logsumexp up to float32 rounding (|lse - lse_S| <= 1e-6 + 2^-22 |lse_S|), P is the
+    exact softmax: a float32 lse carries |lse| * 6e-8 of rounding, which exp(S - lse) would put into every P (a
+    1e-4 error in dV at |S| ~ 1e3; 0 or inf at 1e20). Where lse is larger, k and v are one block of a longer row
+    (ring attention passes the global lse) and P = exp(S - lse). An lse below the scores' own is an error.
+    """
+    P_own, lse_own = softmax_rows(S)
+    lse = np.asarray(lse, np.float64)
+    seen = np.isfinite(lse_own)
+    tol = 1e-6 + 2.0 ** -22 * np.abs(np.where(seen, lse_own, 0.0))
+    bad = seen & ~(lse >= lse_own - tol)                   # smaller, nan or -inf where the row sees keys
+    if bad.any():
+        raise ValueError(f"lse does not fit the scores: in {int(bad.sum())} row(s) it is below the rows' own "
+                         f"logsumexp (e.g. {lse[bad].flat[0]:.6g} < {lse_own[bad].flat[0]:.6g}); pass the lse that "
+                         f"the forward returned for these q, k, v")
+    own = ~seen | (np.abs(lse - lse_own) <= tol)
+    with np.errstate(over="ignore", invalid="ignore"):
+        P_part = np.exp(S - np.where(own, 0.0, lse)[..., None])
+    return np.where(own[..., None], P_own, P_part)
+
+
 def attention_forward(q, k, v, causal=False, scale=None, mask=None):
     """Standard attention. Returns O (..., H, Nq, d) and lse = log(sum_j exp(S_ij)) (..., H, Nq), float64.
 
@@ -109,17 +132,16 @@ def attention_forward(q, k, v, causal=False, scale=None, mask=None):
 def attention_backward(q, k, v, o, lse, do, causal=False, scale=None, mask=None):
     """Gradients of attention given dO. Returns (dq, dk, dv) in float64.
 
-    dS = P * (dP - D) with D = rowsum(dO * O) (FlashAttention-2, Algorithm 2). FlashAttention rebuilds P as
-    exp(S - lse); the reference instead rebuilds it from S alone, in float64 (`softmax_rows`), and only checks
-    lse's shape. A float32 lse is off by up to |lse| * 6e-8, which multiplies every P by up to exp(that): at
-    |S| ~ 1e3 that is a 1e-4 error in dV, and at |S| ~ 1e20 exp(S - lse) is 0 or inf.
+    dS = P * (dP - D) with D = rowsum(dO * O) (FlashAttention-2, Algorithm 2). P is rebuilt from S and lse by
+    `probabilities`: exactly (in float64) where lse is this row's own logsumexp, rounded or not, and as
+    exp(S - lse) where lse is larger, the logsumexp of a longer row of which k, v are one block (ring attention).
     """
     q, k, v, o, do = (np.asarray(x, np.float64) for x in (q, k, v, o, do))
     if np.shape(lse) != o.shape[:-1]:
         raise ValueError(f"lse must have shape {o.shape[:-1]} (o's without head_dim), got {np.shape(lse)}")
     g = kv_group(q.shape, k.shape, v.shape)
     scale = default_scale(q.shape[-1]) if scale is None else scale
-    P, _ = softmax_rows(scores(q, k, causal, scale, mask))
+    P = probabilities(scores(q, k, causal, scale, mask), lse)
     swap = lambda x: np.swapaxes(x, -1, -2)
     dV = kv_sum(swap(group(P, g)) @ group(do, g), g)
     dP = ungroup(group(do, g) @ swap(shared(v, g)), g)

@@ -158,7 +158,7 @@ def test_torch_cpu_sdpa_also_gives_zero_for_a_row_without_keys():
 def test_dv_with_a_float32_lse_and_large_scores(rng, magnitude):
     """Issue 17.6: the lse a float32 forward returns is rounded to float32; rebuilding P = exp(S - lse) from it put
     that rounding (|lse| * 6e-8) into every P: dV off by 1e-4 at |S| ~ 1e3, and 0 or nan at 1e20. The reference
-    rebuilds P from S in float64 and must be at least as accurate as torch's float32 autograd."""
+    snaps an lse that is the rows' own, rounded, to the exact one and must be as accurate as torch's float32 autograd."""
     q = (magnitude * rng.standard_normal((1, 2, 8, 4))).astype(np.float32)
     k, v, do = (rng.standard_normal((1, 2, 8, 4)).astype(np.float32) for _ in range(3))
     o, lse = R.attention_forward(q, k, v)

@@ -176,4 +176,4 @@ def test_backward_says_when_lse_does_not_fit_the_scores(rng):
         T.backward(q, k, v, o, lse.astype(np.float32), do)
     o, lse = R.attention_forward(q / 1e20, k, v)
     with pytest.raises(ValueError, match="lse does not fit the scores"):
-        T.backward(q / 1e20, k, v, o, lse + 0.01, do)            # an lse from other inputs
+        T.backward(q / 1e20, k, v, o, lse - 0.01, do)            # an lse below the scores' own
