@@ -111,8 +111,8 @@ def _elements(rec, name, i, j):
 def tensor_bytes(rec, step):
     """{tensor: [bytes read, bytes written]} between HBM and SRAM after steps 0..step, from the names each step
     of the trace loaded and wrote and the tiles' shapes (plus the writes and reads before the first step:
-    FA1 initialises O, l, m in HBM; the backward's pre-pass reads dO, O and writes D, zeroes dQ; its K_j, V_j are
-    read at the start of each column that has a visible tile)."""
+    FA1 initialises O, l, m in HBM; the backward's pre-pass reads dO, O and writes D, zeroes dQ; FA1's and the backward's
+    K_j, V_j are read at the start of each column that has a visible tile)."""
     out = {t: [0, 0] for t in TENSORS[rec["algo"]]}
     Nq, d, it = rec["Nq"], rec["d"], rec["itemsize"]
     if rec["algo"] == "fa1":
@@ -121,12 +121,14 @@ def tensor_bytes(rec, step):
         out["dO"][0], out["O"][0], out["D"][1], out["dQ"][1] = Nq * d * it, Nq * d * it, Nq * it, Nq * d * it
     seen, active = set(), {st["j"] for st in rec["steps"] if not st["skipped"]}
     for st in rec["steps"][:step + 1]:
-        if rec["algo"] == "bwd" and st["j"] in active and st["j"] not in seen:   # K_j, V_j: once per column
+        kv_outer = rec["algo"] in ("fa1", "bwd")            # K_j, V_j read once, before column j's inner loop
+        if kv_outer and st["j"] in active and st["j"] not in seen:
             seen.add(st["j"])
             for name in ("K", "V"):
                 out[name][0] += _elements(rec, name, st["i"], st["j"]) * it
         for name in st.get("loaded", ()):
-            out[name][0] += _elements(rec, name, st["i"], st["j"]) * it
+            if not (kv_outer and name in ("K", "V")):
+                out[name][0] += _elements(rec, name, st["i"], st["j"]) * it
         for name in st.get("written", ()):
             out[name][1] += _elements(rec, name, st["i"], st["j"]) * it
     return out
