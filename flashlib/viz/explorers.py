@@ -20,7 +20,7 @@ from matplotlib.figure import Figure
 
 from .. import hardware
 from . import stepthrough, waves
-from .stepthrough import FONT
+from .stepthrough import FONT, WIDTH
 
 # Per-SM limits by compute capability (CUDA C++ Programming Guide, "Technical Specifications per Compute
 # Capability"): resident threads and blocks per SM, and the largest shared memory one block may opt in to (KiB).
@@ -44,13 +44,14 @@ class live:
         if isinstance(bundle, tuple):
             bundle = bundle[0]
         bundle = dict(bundle)
-        bundle["image/png"] = base64.b64encode(stepthrough.png(self.static)).decode("ascii")
+        bundle["image/png"] = base64.b64encode(stepthrough.png(self.static, stepthrough.DPI)).decode("ascii")
         bundle["text/plain"] = "(interactive in a live notebook; the default view is shown as a figure)"
         return bundle
 
 
-def _figure(figsize, dpi=96):
-    fig = Figure(figsize=figsize, dpi=dpi)
+def figure(height, dpi=96):
+    """A Figure as wide as the step-through frames (WIDTH inches), `height` inches tall."""
+    fig = Figure(figsize=(WIDTH, height), dpi=dpi)
     FigureCanvasAgg(fig)
     return fig
 
@@ -128,7 +129,7 @@ def draw_roofline(fig, gpu="H100", N=4096, d=64, dtype="float16"):
 
 def roofline_explorer(gpu="H100", N=4096, d=64, dtype="float16"):
     import ipywidgets as w
-    fig = _figure((8, 4.6))
+    fig = figure(4.4)
     controls = dict(gpu=w.Dropdown(options=[g["name"] for g in hardware.GPUS], value=gpu, description="GPU"),
                     N=w.SelectionSlider(options=[2 ** p for p in range(8, 16)], value=N, description="N"),
                     d=w.Dropdown(options=[32, 64, 128, 256], value=d, description="d"),
@@ -218,7 +219,7 @@ def draw_sram(fig, gpu="A100", Br=128, Bc=64, d=64, dtype="float16", warps=4, N=
 
 def sram_explorer(gpu="A100", Br=128, Bc=64, d=64, dtype="float16", warps=4, N=4096, heads=16):
     import ipywidgets as w
-    fig = _figure((8, 4.2))
+    fig = figure(4.0)
     controls = dict(gpu=w.Dropdown(options=[g["name"] for g in hardware.GPUS if g["cc"] in SM_LIMITS], value=gpu,
                                    description="GPU"),
                     Br=w.Dropdown(options=[16, 32, 64, 128, 256], value=Br, description="B_r"),

@@ -8,9 +8,9 @@ one of its T^2 threads reads them from there: 2 n^3 / T global loads in all, T t
 """
 from matplotlib.patches import Rectangle
 
-from .stepthrough import DPI, animate
+from .stepthrough import DPI, WIDTH, animate
 
-FIGSIZE = (8, 3.8)
+FIGSIZE = (WIDTH, 3.6)
 
 
 def global_loads(n, T):

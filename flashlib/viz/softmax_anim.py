@@ -6,9 +6,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from ..online_softmax import online_softmax
-from .stepthrough import DPI, animate
+from .stepthrough import DPI, WIDTH, animate
 
-FIGSIZE = (8, 4.6)
+FIGSIZE = (WIDTH, 4.4)
 
 
 def draw_softmax_step(fig, x, step):

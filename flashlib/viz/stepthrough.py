@@ -28,11 +28,13 @@ from matplotlib.patches import Patch, Rectangle
 
 from .. import block_sparse, iomodel, reference, tiled
 
-# Frames are drawn FIGSIZE[0] = 8 inches wide at DPI = 190 (1520 px, twice the book's ~750 px column) and shown at
-# the column's width, so one point of font is 750 / (72 * 8) = 1.3 px on screen: FONT = 8 pt shows as 10.4 px.
-FIGSIZE = (8, 7.4)
-DPI = 190
-COLUMN_PX = 750
+# Frames are drawn WIDTH = 7.5 inches wide at DPI = 200 (1500 px, twice the column) and shown at the width of the
+# book's content column, COLUMN_PX = 688 px in a 1280 px window (measured in Chromium), so one point of font shows
+# as 688 / (72 * 7.5) = 1.27 px: FONT = 8 pt is 10.2 px on screen.
+WIDTH = 7.5
+FIGSIZE = (WIDTH, 7.0)
+DPI = 200
+COLUMN_PX = 688
 FONT = 8
 LOADED, KEPT, WRITTEN = "#f28e2b", "#ffd8a8", "#1f77b4"   # loaded into SRAM now / still in SRAM / written back
 TITLES = {"fa1": "FlashAttention, Algorithm 1: outer loop over K/V blocks j, inner over Q blocks i",
@@ -180,8 +182,8 @@ def _matrix(ax, X, B, t_sram, name, loaded, kept, written, cmap="Greys", lim=Non
     if t_sram is not None:
         rows = min(B, N - t_sram * B)
         face = LOADED if loaded else KEPT if kept else "none"
+        face = matplotlib.colors.to_rgba(face, 0.5 if cmap == "Greys" and face != "none" else 0.0)
         ax.add_patch(Rectangle((-0.5, t_sram * B - 0.5), X.shape[1], rows, facecolor=face,
-                               alpha=0.5 if cmap == "Greys" else 0.0,
                                edgecolor=WRITTEN if written else LOADED, lw=3 if written else 2))
     ax.set_title(name, fontsize=FONT)
     ax.set_xticks([])
@@ -299,7 +301,7 @@ def draw_step(fig_or_axes, rec, step):
     st = rec["steps"][step]
     algo, i, j, Br, Bc = rec["algo"], st["i"], st["j"], rec["Br"], rec["Bc"]
     status, order, O, m_prev = _replay(rec, step)
-    gs = fig.add_gridspec(3, 4, height_ratios=[1.15, 1, 0.95], hspace=0.75, wspace=0.45,
+    gs = fig.add_gridspec(3, 4, height_ratios=[1.15, 1, 1.5 if algo == "bwd" else 0.95], hspace=0.75, wspace=0.45,
                           left=0.08, right=0.97, top=0.87, bottom=0.11)
     live = not st["skipped"]
     loaded, written = st.get("loaded", ()), st.get("written", ())
@@ -360,7 +362,7 @@ def draw_step(fig_or_axes, rec, step):
 def compare_step(fig_or_axes, rec1, rec2, step):
     """Two records of the same input and tiles (FA1 and FA2) at the same step number, one row each: tile map,
     O as it stands, and the per-tensor HBM counters on one scale, so their divergence shows."""
-    fig = _figure(fig_or_axes, (8, 6.4))
+    fig = _figure(fig_or_axes, (WIDTH, 6.0))
     fig.clear()
     gs = fig.add_gridspec(2, 3, width_ratios=[0.8, 0.8, 2], hspace=0.7, wspace=0.45, left=0.08, right=0.97,
                           top=0.86, bottom=0.09)
@@ -428,7 +430,7 @@ def compare_player(rec1, rec2, dpi=DPI, interval=900):
     if len(rec1["steps"]) != len(rec2["steps"]):
         raise ValueError(f"the records have {len(rec1['steps'])} and {len(rec2['steps'])} steps; compare_player "
                          "needs the same tiles (same N, Br, Bc, causal)")
-    return animate(lambda fig, s: compare_step(fig, rec1, rec2, s), len(rec1["steps"]), figsize=(8, 6.4), dpi=dpi,
+    return animate(lambda fig, s: compare_step(fig, rec1, rec2, s), len(rec1["steps"]), figsize=(WIDTH, 6.0), dpi=dpi,
                    interval=interval)
 
 
@@ -442,9 +444,9 @@ def min_font_px(fig, column_px=COLUMN_PX):
     return min(sizes) * column_px / (72 * fig.get_figwidth())
 
 
-def png(fig):
+def png(fig, dpi=None):
     buf = io.BytesIO()
-    fig.savefig(buf, format="png")
+    fig.savefig(buf, format="png", dpi=dpi)
     return buf.getvalue()
 
 

@@ -11,7 +11,7 @@ import math
 import numpy as np
 from matplotlib.colors import ListedColormap
 
-from .stepthrough import FONT, animate
+from .stepthrough import FONT, WIDTH, animate
 
 
 def wave_of(blocks, sms, per_sm):
@@ -72,5 +72,5 @@ def draw_wave_frame(fig, blocks, sms, per_sm, wave, label=""):
 
 def waves_player(blocks, sms, per_sm, label="", interval=1200):
     n = wave_of(blocks, sms, per_sm)[0]
-    return animate(lambda fig, w: draw_wave_frame(fig, blocks, sms, per_sm, w, label), n, figsize=(8, 3.2),
+    return animate(lambda fig, w: draw_wave_frame(fig, blocks, sms, per_sm, w, label), n, figsize=(WIDTH, 3.0),
                    interval=interval)
