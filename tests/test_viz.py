@@ -54,7 +54,8 @@ def test_player_frames_and_embed_limit(rng):
     rec = stepthrough.record("fa2", q, k, v, causal=True)
     html = stepthrough.player(rec)
     assert html.count("data:image/png;base64") == len(rec["steps"]) == 16
-    assert len(html.encode()) < stepthrough.embed_limit_bytes()
+    assert len(html.encode()) < min(stepthrough.embed_limit_bytes(), 2 * 2 ** 20)   # 2x frames, palette PNGs
+    assert 'style="width: 100%' in html                                             # as wide as the column
 
 
 def test_slider_redraws_the_chosen_step(rng):
@@ -169,7 +170,7 @@ def test_backward_gradients_replayed_from_the_trace(rng):
 def test_compare_player(rng):
     q, k, v = stepthrough.structured_inputs(32, 8)
     r1, r2 = (stepthrough.record(a, q, k, v) for a in ("fa1", "fa2"))
-    html = stepthrough.compare_player(r1, r2)
+    html = stepthrough.compare_player(r1, r2, dpi=40)
     assert html.count("data:image/png;base64") == 4 and 'style="width: 100%' in html
     with pytest.raises(ValueError, match="same tiles"):
         stepthrough.compare_player(r1, stepthrough.record("fa2", q, k, v, Br=8))
