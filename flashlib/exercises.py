@@ -390,8 +390,8 @@ def check_backward(fn, strict=False, seed=0):
             q, k, v, do = (rng.standard_normal((n, d)) for n in (Nq, Nk, Nk, Nq))
             q *= s
             o, lse = reference.attention_forward(q, k, v, c)
-            got = _unpack(fn(q, k, v, o, lse, do.copy(), c, Br, Bc), 3, ("dq", "dk", "dv"))
             expected = reference.attention_backward(q, k, v, o, lse, do, c)
+            got = _unpack(fn(*(a.copy() for a in (q, k, v, o, lse, do)), c, Br, Bc), 3, ("dq", "dk", "dv"))
             return _first(*(_compare(n, g, e) for n, g, e in zip(("dq", "dk", "dv"), got, expected)))
         return run
 
@@ -431,8 +431,8 @@ def check_causal_skip(fn, strict=False, seed=0):
     def case(Nq, Nk, d, Br, Bc):
         def run():
             q, k, v = (rng.standard_normal((n, d)) for n in (Nq, Nk, Nk))
-            O, lse, computed = _unpack(fn(q, k, v, Br, Bc), 3, ("O", "lse", "computed"))
             Oe, le = attention(q, k, v, True)
+            O, lse, computed = _unpack(fn(q.copy(), k.copy(), v.copy(), Br, Bc), 3, ("O", "lse", "computed"))
             visible = {(i, j) for i in range(tiled.n_blocks(Nq, Br)) for j in range(tiled.n_blocks(Nk, Bc))
                        if tiled.tile_visible(i, j, Br, Bc, Nq, True)}
             done = [tuple(int(x) for x in t) for t in computed]
