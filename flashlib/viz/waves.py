@@ -8,8 +8,10 @@ tail, when some SMs sit idle.
 """
 import math
 
+import matplotlib
 import numpy as np
-from matplotlib.colors import ListedColormap
+from matplotlib.collections import PatchCollection
+from matplotlib.patches import Rectangle
 
 from .stepthrough import FONT, WIDTH, animate
 
@@ -31,9 +33,17 @@ def draw_waves(ax, blocks, sms, per_sm, wave=None):
     ones green, the waiting ones white."""
     n, last, share = wave_of(blocks, sms, per_sm)
     cols = min(sms, 22)
-    rows_of_sms = math.ceil(sms / cols)
-    grid = np.full((rows_of_sms * (per_sm + 1), cols), np.nan)
     slots = sms * per_sm
+    if wave is None:
+        colors = matplotlib.colormaps["Blues"](np.linspace(0, 0.9, n + 1))
+        title = (f"{blocks:,} blocks on {sms} SMs x {per_sm} slots: {n} wave{'s' if n > 1 else ''}, "
+                 f"the last {share:.0%} full\n(darker: a slot busy in more waves)")
+    else:
+        colors = {0: "#ffffff", 1: "#b7e4c7", 3: "#f28e2b"}
+        running = min(slots, blocks - wave * slots)
+        title = (f"wave {wave + 1}/{n}: blocks {wave * slots}..{wave * slots + running - 1} run "
+                 f"({running} of {slots} slots)")
+    boxes, faces = [], []
     for s in range(sms):
         for r in range(per_sm):
             busy = sum(1 for w in range(n) if w * slots + r * sms + s < blocks)
@@ -41,22 +51,14 @@ def draw_waves(ax, blocks, sms, per_sm, wave=None):
                 value = busy
             else:                                   # 3 running now, 1 its blocks finished, 0 never used
                 value = 3 if wave * slots + r * sms + s < blocks else 1 if busy else 0
-            grid[(s // cols) * (per_sm + 1) + r, s % cols] = value
-    if wave is None:
-        cmap = ListedColormap(["#ffffff", "#c6dbef", "#6baed6", "#2171b5", "#08306b"][:n + 1])
-        ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=-0.5, vmax=n + 0.5, aspect="auto",
-                  interpolation="nearest")
-        title = (f"{blocks:,} blocks on {sms} SMs x {per_sm} slots: {n} wave{'s' if n > 1 else ''}, "
-                 f"the last {share:.0%} full\n(darker: a slot busy in more waves)")
-    else:
-        cmap = ListedColormap(["#ffffff", "#b7e4c7", "#ffffff", "#f28e2b"])   # index 2 unused
-        ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=-0.5, vmax=3.5, aspect="auto", interpolation="nearest")
-        running = min(slots, blocks - wave * slots)
-        title = f"wave {wave + 1}/{n}: blocks {wave * slots}..{wave * slots + running - 1} run ({running} of {slots} slots)"
-    ax.set_xticks([])
-    ax.set_yticks([])
-    ax.set_xlabel(f"SMs ({cols} per row), each a column of {per_sm} resident block slot{'s' if per_sm > 1 else ''}",
-                  fontsize=FONT)
+            boxes.append(Rectangle((s % cols, (s // cols) * (per_sm + 0.6) + r), 0.9, 0.9))
+            faces.append(colors[value])
+    ax.add_collection(PatchCollection(boxes, facecolors=faces, edgecolors="0.5", linewidths=0.5))
+    ax.set_xlim(-0.2, cols)
+    ax.set_ylim(math.ceil(sms / cols) * (per_sm + 0.6), -0.2)
+    ax.set_axis_off()
+    ax.text(0.5, -0.04, f"SMs ({cols} per row), each a column of {per_sm} resident block slot"
+            f"{'s' if per_sm > 1 else ''}", fontsize=FONT, ha="center", va="top", transform=ax.transAxes)
     ax.set_title(title, fontsize=FONT)
     return n
 
