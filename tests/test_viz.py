@@ -54,7 +54,8 @@ def test_player_frames_and_embed_limit(rng):
     rec = stepthrough.record("fa2", q, k, v, causal=True)
     html = stepthrough.player(rec)
     assert html.count("data:image/png;base64") == len(rec["steps"]) == 16
-    assert len(html.encode()) < stepthrough.embed_limit_bytes()
+    assert len(html.encode()) < min(stepthrough.embed_limit_bytes(), 2 * 2 ** 20)   # 2x frames, palette PNGs
+    assert 'style="width: 100%' in html                                             # as wide as the column
 
 
 def test_slider_redraws_the_chosen_step(rng):
@@ -85,14 +86,14 @@ def test_softmax_animation(rng):
     assert "key 4/5: m = 3.00" in suptitle(fig) and "max grew" in suptitle(fig)
     softmax_anim.draw_softmax_step(fig, x, 2)
     assert "did not change" in suptitle(fig)
-    assert softmax_anim.softmax_player(x).count("data:image/png;base64") == len(x)
+    assert softmax_anim.softmax_player(x, dpi=40).count("data:image/png;base64") == len(x)
 
 
 def test_matmul_tiles():
     assert matmul_tiles.global_loads(64, 16) == {"naive": 2 * 64 ** 3, "tiled": 2 * 64 ** 3 // 16}
     n_frames = len(matmul_tiles.frames(64, 16))
     assert n_frames == 8
-    assert matmul_tiles.matmul_player(64, 16).count("data:image/png;base64") == n_frames
+    assert matmul_tiles.matmul_player(64, 16, dpi=40).count("data:image/png;base64") == n_frames
 
 
 def test_sparsity_mask_drawing():
@@ -111,3 +112,99 @@ def test_mma_fragment_figure_covers_every_element_once():
     assert (lane >= 0).all() and sorted(zip(lane.ravel(), elem.ravel())) == [(l, e) for l in range(32) for e in range(8)]
     fig = fragments.mma_layout()
     assert len(fig.axes) == 3 and "lane" in fig._suptitle.get_text()
+
+
+# ----- legibility, per-tensor counters, the side-by-side and backward players, waves, explorers ----------------
+
+def test_frames_are_legible_at_the_column_width(rng):
+    """Text >= 10 px on screen when a frame is shown 750 px wide, drawn at >= 2x (>= 1500 px wide)."""
+    q, k, v = stepthrough.structured_inputs(48, 8)
+    figs = [stepthrough.draw_step(None, stepthrough.record(a, q, k, v, causal=True), 2) for a in ("fa1", "fa2", "bwd")]
+    figs.append(stepthrough.compare_step(None, stepthrough.record("fa1", q, k, v), stepthrough.record("fa2", q, k, v), 3))
+    figs.append(softmax_anim.draw_softmax_step(softmax_anim.new_figure(), np.array([0.5, 2.0, 1.0]), 1))
+    for fig in figs:
+        fig.canvas.draw()
+        assert stepthrough.min_font_px(fig) >= 10
+        assert fig.get_figwidth() * stepthrough.DPI >= 2 * stepthrough.COLUMN_PX
+
+
+def test_structured_inputs_show_a_diagonal_and_large_keys():
+    from flashlib import reference
+    q, k, v = stepthrough.structured_inputs(64, 16, sinks=(6, 41))
+    S = reference.scores(q, k)
+    top2 = np.argsort(S, axis=1)[:, -2:]
+    own = np.mean([i in top2[i] or S[i, i] > np.median(S[i]) + 2 for i in range(64)])
+    assert own > 0.9                                            # the diagonal stands out
+    assert (np.isin(S.argmax(1), (6, 41)) | (S.argmax(1) == np.arange(64))).mean() > 0.9
+    rec = stepthrough.record("fa2", q, k, v)
+    rescaled = [st for st in rec["steps"] if st["j"] == 2 and np.any(st["m"] > 0)]   # key 41 arrives in tile 2
+    assert rescaled
+
+
+@pytest.mark.parametrize("algo,causal,Nq,Nk", CASES + [("fa2", False, 40, 33)])
+def test_per_tensor_counters_add_up_to_the_trace(rng, algo, causal, Nq, Nk):
+    q, k, v = qkv2(rng, Nq, Nk)
+    rec = stepthrough.record(algo, q, k, v, causal=causal, Br=16, Bc=16)
+    for n, st in enumerate(rec["steps"]):
+        per = stepthrough.tensor_bytes(rec, n)
+        assert sum(r for r, _ in per.values()) == st["hbm_read"]
+        assert sum(w for _, w in per.values()) == st["hbm_written"]
+    final = stepthrough.tensor_bytes(rec, len(rec["steps"]) - 1)
+    if algo == "fa1" and not causal:                            # ch08 exercise 1: Q read T_c times, K and V once
+        Tc = -(-Nk // 16)
+        assert final["Q"][0] == Tc * Nq * 8 * 4 and final["K"][0] == Nk * 8 * 4 == final["V"][0]
+
+
+def test_backward_gradients_replayed_from_the_trace(rng):
+    from flashlib import reference
+    q, k, v = qkv2(rng, 40, 33)
+    rec = stepthrough.record("bwd", q, k, v, causal=True)
+    o, lse = reference.attention_forward(q, k, v, True)
+    expected = reference.attention_backward(q, k, v, o, lse, rec["do"], True)
+    for got, want in zip(stepthrough.gradients(rec, len(rec["steps"]) - 1), expected):
+        np.testing.assert_allclose(got, want, atol=1e-12)
+    dq, dk, dv = stepthrough.gradients(rec, 0)                  # after one tile: only block 0's rows and keys
+    assert np.abs(dv[16:]).max() == 0 and np.abs(dv[:16]).max() > 0
+
+
+def test_compare_player(rng):
+    q, k, v = stepthrough.structured_inputs(32, 8)
+    r1, r2 = (stepthrough.record(a, q, k, v) for a in ("fa1", "fa2"))
+    html = stepthrough.compare_player(r1, r2, dpi=40)
+    assert html.count("data:image/png;base64") == 4 and 'style="width: 100%' in html
+    with pytest.raises(ValueError, match="same tiles"):
+        stepthrough.compare_player(r1, stepthrough.record("fa2", q, k, v, Br=8))
+
+
+def test_waves():
+    from flashlib.viz import waves
+    assert waves.wave_of(1024, 132, 2) == (4, 1024 - 3 * 264, (1024 - 3 * 264) / 264)
+    assert waves.wave_of(16, 132, 1)[0] == 1
+    with pytest.raises(ValueError):
+        waves.wave_of(0, 132, 1)
+    assert waves.waves_player(300, 132, 1).count("data:image/png;base64") == 3
+
+
+def test_explorers_redraw_and_fall_back_to_a_figure():
+    from flashlib.viz import explorers
+    box = explorers.stepthrough_explorer("fa1", N=32)
+    first = box.holder.children[0]
+    box.controls["algo"].value = "bwd"
+    assert box.holder.children[0] is not first and "backward" in suptitle(box.holder.children[0].figure)
+    roof = explorers.roofline_explorer()
+    before = roof.image.value
+    roof.controls["gpu"].value = "T4"
+    assert roof.image.value != before and "Tesla T4" in roof.figure.axes[0].get_title()
+    sram = explorers.sram_explorer()
+    sram.controls["Br"].value = 64
+    assert "B_r = 64" in sram.figure._suptitle.get_text()
+    bundle = explorers.live(sram, sram.figure)._repr_mimebundle_()
+    assert {"image/png", "application/vnd.jupyter.widget-view+json"} <= set(bundle)
+
+
+def test_sram_budget():
+    from flashlib.viz import explorers
+    b = explorers.sram_budget("A100", 128, 64, 64, "float16", 4)
+    assert b["smem_total"] == (128 + 2 * 64) * 64 * 2 and b["fits"] and b["blocks"] >= 1
+    assert b["limiter"] in ("registers", "shared memory", "threads", "blocks")
+    assert not explorers.sram_budget("T4", 256, 256, 256, "float32", 4)["fits"]

@@ -8,9 +8,9 @@ one of its T^2 threads reads them from there: 2 n^3 / T global loads in all, T t
 """
 from matplotlib.patches import Rectangle
 
-from .stepthrough import animate
+from .stepthrough import DPI, WIDTH, animate
 
-FIGSIZE = (10, 4.2)
+FIGSIZE = (WIDTH, 3.6)
 
 
 def global_loads(n, T):
@@ -45,10 +45,10 @@ def draw_matmul_step(fig, n, T, step, blocks=((0, 0), (1, 2))):
     (bi, bj), k = frames(n, T, blocks)[step]
     done = [b for b in blocks[:blocks.index((bi, bj))]]
     fig.clear()
-    axA, axB, axC, axN = fig.subplots(1, 4, gridspec_kw=dict(width_ratios=[1, 1, 1, 1.3], wspace=0.35))
-    _grid(axA, n, T, f"A: tile ({bi}, {k}) -> shared", (bi, k), "#f28e2b")
-    _grid(axB, n, T, f"B: tile ({k}, {bj}) -> shared", (k, bj), "#f28e2b")
-    _grid(axC, n, T, f"C tile ({bi}, {bj}) += A_tile B_tile", (bi, bj), "#4e79a7", filled=done)
+    axA, axB, axC, axN = fig.subplots(1, 4, gridspec_kw=dict(width_ratios=[1, 1, 1, 1.1], wspace=0.45))
+    _grid(axA, n, T, f"A tile ({bi}, {k})\n-> shared memory", (bi, k), "#f28e2b")
+    _grid(axB, n, T, f"B tile ({k}, {bj})\n-> shared memory", (k, bj), "#f28e2b")
+    _grid(axC, n, T, f"C tile ({bi}, {bj})\n+= A tile x B tile", (bi, bj), "#4e79a7", filled=done)
     steps = k + 1
     tiled, naive = steps * 2 * T * T, steps * 2 * T * T * T
     axN.barh([0, 1], [naive, tiled], color=["#999999", "#f28e2b"])
@@ -56,14 +56,16 @@ def draw_matmul_step(fig, n, T, step, blocks=((0, 0), (1, 2))):
     axN.invert_yaxis()
     for y, val in ((0, naive), (1, tiled)):
         axN.text(val, y, f" {val:,}", va="center", fontsize=8)
-    axN.set_xlim(0, 1.4 * n * 2 * T * T)
-    axN.set_title(f"global loads by this block so far\n(each shared element is used {T} times)", fontsize=9)
-    axN.tick_params(labelsize=7)
+    axN.set_xlim(0, 1.6 * n * 2 * T * T)
+    axN.xaxis.set_major_formatter(lambda x, _: f"{x / 1000:.0f}k")
+    axN.set_title(f"global loads by this\nblock so far", fontsize=9)
+    axN.tick_params(labelsize=8)
     fig.suptitle(f"C block ({bi}, {bj}), step k = {k} of {-(-n // T)}: the block's {T}x{T} threads read both "
-                 f"tiles from shared memory", fontsize=10)
+                 f"tiles\nfrom shared memory, each shared element {T} times", fontsize=10)
+    fig.subplots_adjust(left=0.02, right=0.88, top=0.72, bottom=0.1)
     return fig
 
 
-def matmul_player(n=64, T=16, blocks=((0, 0), (1, 2)), dpi=60, interval=900):
+def matmul_player(n=64, T=16, blocks=((0, 0), (1, 2)), dpi=DPI, interval=900):
     return animate(lambda fig, s: draw_matmul_step(fig, n, T, s, blocks), len(frames(n, T, blocks)),
                    figsize=FIGSIZE, dpi=dpi, interval=interval)

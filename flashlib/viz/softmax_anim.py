@@ -6,9 +6,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from ..online_softmax import online_softmax
-from .stepthrough import animate
+from .stepthrough import DPI, WIDTH, animate
 
-FIGSIZE = (9, 4.6)
+FIGSIZE = (WIDTH, 4.4)
 
 
 def draw_softmax_step(fig, x, step):
@@ -45,7 +45,7 @@ def draw_softmax_step(fig, x, step):
     return fig
 
 
-def softmax_player(x, dpi=60, interval=900):
+def softmax_player(x, dpi=DPI, interval=900):
     """HTML frame player, one frame per key of x (n,)."""
     return animate(lambda fig, s: draw_softmax_step(fig, x, s), len(x), figsize=FIGSIZE, dpi=dpi,
                    interval=interval)
