@@ -169,7 +169,7 @@ def test_hopper_sm_diagram_has_four_quarters_and_their_units():
     for q in range(1, 5):
         assert f"quarter {q}" in text
     for part in ("INT32\nx 16", "FP32 x 32", "FP64\nx 16", "Tensor Core", "register file: 16,384 x 32-bit",
-                 "warp scheduler", "256 KB L1 data cache / shared memory", "228 KB"):
+                 "warp scheduler", "256 KiB L1 data cache / shared memory", "228 KiB"):
         assert text.count(part) == (1 if "L1" in part or "228" in part else 4), part
 
 

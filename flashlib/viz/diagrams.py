@@ -129,7 +129,7 @@ def _sm_quarter(ax, x0, y0, q):
     _box(ax, x0, y0, 8.2, 5.5)
     ax.text(x0 + 4.1, y0 + 5.15, f"quarter {q}", ha="center", va="center", fontsize=FONT, weight="bold")
     _box(ax, x0 + 0.2, y0 + 4.05, 7.8, 0.7, "warp scheduler: 1 instruction / clock", "sky", fontsize=SMALL)
-    _box(ax, x0 + 0.2, y0 + 3.25, 7.8, 0.7, "register file: 16,384 x 32-bit (64 KB)", "yellow", fontsize=SMALL)
+    _box(ax, x0 + 0.2, y0 + 3.25, 7.8, 0.7, "register file: 16,384 x 32-bit (64 KiB)", "yellow", fontsize=SMALL)
     for dx, w, text, color, tc in ((0.2, 1.7, "INT32\nx 16", "purple", "black"),
                                    (2.0, 2.6, "FP32 x 32\n(CUDA\ncores)", "green", "white"),
                                    (4.7, 1.7, "FP64\nx 16", "blue", "white"),
@@ -142,13 +142,13 @@ def _sm_quarter(ax, x0, y0, q):
 def hopper_sm():
     """One Hopper SM (H100), after the Hopper whitepaper's SM figure: four quarters, each with a warp scheduler,
     a 16,384 x 32-bit register file, 16 INT32, 32 FP32 and 16 FP64 lanes, a Tensor Core, load/store units and
-    special-function units; the 256 KB L1 data cache / shared memory (up to 228 KB of it shared) and the Tensor
+    special-function units; the 256 KiB L1 data cache / shared memory (up to 228 KiB of it shared) and the Tensor
     Memory Accelerator serve all four."""
     fig, ax = _canvas(8.5, 7.4, 17, 14.8, "One Hopper SM (H100): four quarters around one L1 / shared memory")
     for q in range(4):
         _sm_quarter(ax, 0.2 + (q % 2) * 8.4, 8.5 - (q // 2) * 5.8, q + 1)
     _box(ax, 0.2, 0.1, 16.6, 2.4, "", "vermillion")
-    ax.text(8.5, 1.7, "256 KB L1 data cache / shared memory (up to 228 KB as shared memory)", ha="center",
+    ax.text(8.5, 1.7, "256 KiB L1 data cache / shared memory (up to 228 KiB as shared memory)", ha="center",
             va="center", fontsize=FONT, weight="bold", color="white")
     ax.text(8.5, 0.8, "shared by the four quarters; the Tensor Memory Accelerator (TMA) copies tiles into it",
             ha="center", va="center", fontsize=SMALL, color="white")
