@@ -23,7 +23,7 @@ WHITEPAPERS = {
 
 # One row per board (the SKU matters: an H100 PCIe is not an H100 SXM5). Units: GB (10^9 bytes), GB/s,
 # TFLOPS, W. `bus_bits` x `gbps_per_pin` / 8 must give `bandwidth_GBps` within a few percent (a test checks);
-# `gbps_per_pin` is the memory's effective data rate per pin (GDDR6: 10-14 Gbit/s; HBM: 1.75-6.25 Gbit/s),
+# `gbps_per_pin` is the memory's effective data rate per pin (GDDR6: 10-20 Gbit/s; HBM: 1.75-6.25 Gbit/s),
 # which datasheets rarely print: where no page states it, it is bandwidth x 8 / bus width (NOTES says where).
 # `host_link` bandwidths are the datasheets' figures, both directions added (half of it each way).
 GPUS = [
@@ -186,7 +186,8 @@ def attention_parts(N, d, itemsize=2, Br=128, Bc=128):
     """FLOPs and HBM bytes of one (batch, head) of attention, split the way standard attention runs it.
 
     Returns {part: (flops, bytes)} for QK^T, softmax, PV, standard attention as a whole (S and P written and
-    read back), and the fused kernel twice: counting every re-read of a K/V tile from HBM (FlashAttention-2's
+    read back: four N x N crossings), the same with the scale applied to S by a kernel of its own (six), and the
+    fused kernel twice: counting every re-read of a K/V tile from HBM (FlashAttention-2's
     IO model, flashlib.iomodel), and with compulsory traffic only (Q, K, V read and O written once, the ideal
     when re-reads hit L2). Softmax counts 5 FLOPs per score (max, subtract, exp, sum, divide).
     """
@@ -198,6 +199,10 @@ def attention_parts(N, d, itemsize=2, Br=128, Bc=128):
         "PV": (mm, itemsize * (N * N + 2 * N * d)),
     }
     parts["standard attention"] = (sum(f for f, _ in parts.values()), sum(b for _, b in parts.values()))
+    # `softmax((q @ k^T) * scale) @ v`: the scale is an elementwise kernel of its own, one more N x N round trip
+    # (six N x N crossings instead of four); its N^2 multiplies are not counted, as in the fused kernel.
+    flops, nbytes = parts["standard attention"]
+    parts["standard attention, scale as its own kernel"] = (flops, nbytes + itemsize * 2 * N * N)
     r, w = fa2_hbm_bytes(N, N, d, Br, Bc, itemsize=itemsize)
     parts["fused, K/V re-read from HBM"] = (2 * mm + 5 * N * N, r + w)
     parts["fused, compulsory traffic"] = (2 * mm + 5 * N * N, itemsize * 4 * N * d)

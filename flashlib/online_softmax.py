@@ -70,7 +70,8 @@ def online_softmax(x, trace=None):
 
 
 def chunked_attention(q, k, v, chunk=64, scale=None):
-    """Attention over key chunks with (m, l, acc) merged chunk by chunk (Rabe & Staats 2021).
+    """Attention over key chunks with (m, l, acc) merged chunk by chunk: the incremental form of Rabe & Staats
+    (2021), whose implementation instead summarises every chunk and combines the summaries at the end.
 
     Memory is O(Nq * chunk) for the scores instead of O(Nq * Nk). q (..., Nq, d), k/v (..., Nk, d).
     chunk must be a positive int.

@@ -208,3 +208,72 @@ def test_sram_budget():
     assert b["smem_total"] == (128 + 2 * 64) * 64 * 2 and b["fits"] and b["blocks"] >= 1
     assert b["limiter"] in ("registers", "shared memory", "threads", "blocks")
     assert not explorers.sram_budget("T4", 256, 256, 256, "float32", 4)["fits"]
+
+# ---- the hardware diagrams (flashlib.viz.diagrams) ------------------------------------------------------------
+COLUMN_PX = 700        # a conservative width of the book's text column: figures are shown scaled to it
+
+
+def _texts(fig):
+    fig.canvas.draw()
+    return [t for t in fig.findobj(lambda a: hasattr(a, "get_text") and hasattr(a, "get_fontsize"))
+            if t.get_visible() and t.get_text().strip()]
+
+
+def _check_legible_and_apart(fig):
+    """Every text is >= 10 px tall at the column width, inside the figure, and overlaps no other text."""
+    renderer = fig.canvas.get_renderer()
+    px_per_pt = COLUMN_PX / fig.get_figwidth() / 72
+    texts = _texts(fig)
+    boxes = []
+    for t in texts:
+        assert t.get_fontsize() * px_per_pt >= 10, (t.get_text(), t.get_fontsize())
+        bb = t.get_window_extent(renderer)
+        assert fig.bbox.contains(bb.x0, bb.y0) and fig.bbox.contains(bb.x1, bb.y1), t.get_text()
+        boxes.append((bb.shrunk(0.98, 0.9), t.get_text()))
+    for i, (a, ta) in enumerate(boxes):
+        for b, tb in boxes[i + 1:]:
+            assert not a.overlaps(b), (ta, tb)
+    return [t.get_text() for t in texts]
+
+
+def test_host_device_diagram_names_the_three_steps():
+    from flashlib import hardware
+    from flashlib.viz import diagrams
+    text = " | ".join(_check_legible_and_apart(diagrams.host_device(hardware.pcie_bandwidth(5, 16), 3350, "H100")))
+    for part in ("(1) copy the data in", "(2) launch kernels", "(3) copy the results back", "bottleneck",
+                 "63 GB/s each way", "3,350 GB/s", "CPU", "main memory", "GPU memory", "Tensor Cores", "CUDA"):
+        assert part in text, part
+
+
+@pytest.mark.parametrize("hbm,gddr", [("H100", "T4"), ("H200", "L4"), ("A100", "RTX 4000 SFF Ada")])
+def test_hbm_vs_gddr_diagram_takes_its_numbers_from_the_table(hbm, gddr):
+    from flashlib import hardware
+    from flashlib.viz import diagrams
+    texts = _check_legible_and_apart(diagrams.hbm_vs_gddr(hbm, gddr))
+    text = " | ".join(texts)
+    h, g = hardware.gpu(hbm), hardware.gpu(gddr)
+    assert f"{h['bus_bits'] // 1024} stacks x 1024 bit = {h['bus_bits']:,}-bit bus" in text
+    assert f"{g['bus_bits'] // 32} chips x 32 bit" in text and f"= {g['bus_bits']}-bit bus" in text
+    for r in (h, g):
+        assert f"= {r['bandwidth_GBps']:,} GB/s" in text and r["memory_type"] in text
+    assert texts.count("HBM") == h["bus_bits"] // 1024 and texts.count(g["memory_type"]) == g["bus_bits"] // 32
+
+
+def test_hopper_sm_diagram_has_four_quarters_and_their_units():
+    from flashlib.viz import diagrams
+    text = " | ".join(_check_legible_and_apart(diagrams.hopper_sm()))
+    for q in range(1, 5):
+        assert f"quarter {q}" in text
+    for part in ("INT32\nx 16", "FP32 x 32", "FP64\nx 16", "Tensor Core", "register file: 16,384 x 32-bit",
+                 "warp scheduler", "256 KiB L1 data cache / shared memory", "228 KiB"):
+        assert text.count(part) == (1 if "L1" in part or "228" in part else 4), part
+
+
+def test_bank_diagram_counts_the_conflict_and_the_padding_fix():
+    import matplotlib.pyplot as plt
+    from flashlib.viz import diagrams
+    text = " | ".join(_check_legible_and_apart(diagrams.shared_memory_banks()))
+    assert "32 passes: a 32-way conflict" in text and "1 pass: no conflict" in text
+    fig, ax = plt.subplots()
+    assert [diagrams._bank_panel(ax, 0, w, "") for w in (32, 33, 34, 16)] == [32, 1, 2, 16]
+    plt.close(fig)
