@@ -240,6 +240,8 @@ def test_bad_input_gets_a_clear_error():
         assert m is not None and want in m, (m, want)
     with pytest.raises(RuntimeError, match="not initialised"):
         fd.ring_attention(torch.randn(1, 1, 2, 2), torch.randn(1, 1, 2, 2), torch.randn(1, 1, 2, 2))
+    with pytest.raises(ValueError, match="one process per GPU"):
+        fd.launch(_bad_inputs, torch.cuda.device_count() + 1, backend="nccl")
 
 
 # ----- the benchmark runs end to end on gloo -------------------------------------------------------------------
@@ -302,8 +304,9 @@ NAMES = ("O", "dQ", "dK", "dV")
 
 
 def _poison_torch_cache(dev):
-    """Fill the caching allocator's small blocks with NaN and free them: later allocations (the cupy kernels'
-    outputs, the receive buffers) start as NaN, so an element nobody writes fails the finite check."""
+    """Fill 64 MiB of the caching allocator's small blocks with NaN and free them: later small allocations (the
+    cupy kernels' outputs, the state, the receive buffers) come from those blocks and start as NaN, so an element
+    nobody writes fails the finite check. (The numba backend's outputs come from Numba's own allocator.)"""
     blocks = [torch.full((1 << 18,), float("nan"), device=dev) for _ in range(64)]     # 64 x 1 MiB
     del blocks
 
