@@ -128,6 +128,32 @@ def save(rows, P, backend, a):
     print("wrote", path)
 
 
+def precompile(dims):
+    """Compile, on all cores into CuPy's disk cache, the default CuPy instances (forward, backward, fp32/fp16/bf16,
+    causal and not) for head dims `dims`: the kernels the ring and the gpu tests launch. The Hopper wgmma forward
+    has no disk cache (compiled in each process) and is left out."""
+    import concurrent.futures
+    import multiprocessing
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import cupy_bench
+    from flashlib import cupy_kernels as ck
+    cc, t0, jobs = ck.device_cc(), time.time(), set()
+    for d in dims:
+        for dt in ck.DTYPES:
+            jobs.add(("fa2_bwd.cu", f"bwd_dot_do_o<{ck.CTYPE[dt]}, {d}>"))
+            if dt != "float32":
+                jobs.add(("fa2_bwd.cu", f"bwd_convert_dq<{ck.CTYPE[dt]}>"))
+            for causal in (False, True):
+                for rung in (None, ck.default_rung(dt, cc, "backward")):
+                    cfg = ck.choose_config(dt, d, cc, causal, rung)
+                    if cfg.file != "fa2_wgmma.cu":
+                        jobs.add((cfg.file, cfg.kernel))
+    with concurrent.futures.ProcessPoolExecutor(min(16, os.cpu_count() or 1),
+                                                mp_context=multiprocessing.get_context("spawn")) as ex:
+        errs = [e for e in ex.map(cupy_bench._compile, sorted(jobs)) if e]
+    print(f"precompiled {len(jobs)} CuPy instances in {time.time() - t0:.0f} s, {len(errs)} failed", *errs, sep="\n")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--nproc", type=int, default=2, help="processes to start when not run under torchrun")
@@ -138,7 +164,11 @@ def main(argv=None):
     ap.add_argument("--dtype", default=None, help="float16 on GPUs, float32 on CPUs unless given")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--out", default=None, help="directory for the record (default: benchmarks/results)")
+    ap.add_argument("--precompile", type=int, nargs="+", metavar="D", help="only compile the CuPy kernels for these "
+                    "head dims (on a GPU machine, before a run) and exit")
     a = ap.parse_args(argv)
+    if a.precompile:
+        return precompile(a.precompile)
     if "RANK" in os.environ:                                # torchrun: this process is one rank
         backend = fd.init_from_env()                        # NCCL on GPU LOCAL_RANK where there is CUDA
         rows, P = run(dist.get_rank(), dist.get_world_size(), a), dist.get_world_size()

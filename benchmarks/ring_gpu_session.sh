@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# flashlib.distributed on the GPUs of one machine through NCCL, results under $OUT (about 3-4 minutes on one H200).
+# flashlib.distributed on the GPUs of one machine through NCCL, results under $OUT (a few minutes on one H200).
 #   (a) the gpu tests of tests/test_distributed.py: ring (contiguous, zigzag) and Ulysses, forward and gradients
 #       against float64, fp16/bf16 under the FlashAttention rule, fp32 on the numba and cupy backends, at every
 #       world size of (1, 2, 4) that the GPUs allow (one GPU: world size 1, the ring's single local block);
@@ -17,8 +17,11 @@ GPUS=$(nvidia-smi -L | wc -l)
 { date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader; nvidia-smi topo -m
   python3 -c "import torch; print('torch', torch.__version__, 'NCCL', torch.cuda.nccl.version(), 'GPUs', torch.cuda.device_count())"
 } 2>&1 | log
+# CuPy's instances that (a) and (b) launch (d = 96 and 128), compiled first on all cores into CuPy's disk cache
+timeout 60 python3 benchmarks/ring_bench.py --precompile 96 128 2>&1 | tail -5 | log
 echo "== (a) pytest -m gpu tests/test_distributed.py" | log
-timeout 170 python3 -m pytest -q -m gpu -p no:cacheprovider -rA tests/test_distributed.py 2>&1 | tail -30 | log
+timeout ${TESTS_S:-110} python3 -m pytest -q -m gpu -p no:cacheprovider -rA --durations=5 tests/test_distributed.py \
+  2>&1 | tail -30 | log
 echo "== (b) ring_bench.py, $GPUS process(es) on NCCL" | log
-timeout 180 python3 -m torch.distributed.run --standalone --nproc-per-node "$GPUS" benchmarks/ring_bench.py \
+timeout ${BENCH_S:-90} python3 -m torch.distributed.run --standalone --nproc-per-node "$GPUS" benchmarks/ring_bench.py \
   --lengths 4096 8192 16384 --out "$OUT" 2>&1 | tail -20 | log
