@@ -11,7 +11,7 @@ problem's 4 B H N^2 d (half when causal, flashlib.bench.grid.flops) divided by P
 same count at length n; forward + backward counts 3.5x the forward. A ring at 100% of the single-GPU figure hides
 every transfer and merge. Each row also checks the ring's O against the float64 reference at a small length
 (check_n_local per rank, P * check_n_local <= 2048; max_err).
-Writes ring_<gpu>x<P>.json (ring_cpux<P>.json on CPUs) through flashlib.bench.save, provenance included and,
+Writes ring_<gpu>_p<P>.json (ring_cpu_p<P>.json on CPUs) through flashlib.bench.save, provenance included and,
 on NCCL, the NCCL version and `nvidia-smi topo -m`. With P = 1 (one GPU) the ring is one local block: the
 record then measures the ring's own overhead (the merge, the float32 state) against the bare kernel, not scaling.
 """
@@ -120,7 +120,7 @@ def save(rows, P, backend, a):
     info = bench.provenance()
     tag = bench.gpu_tag(info["gpu"]) if info.get("gpu") and backend == "nccl" else "cpu"
     nccl, topo = _nccl_and_topology(backend)
-    path = bench.save(f"ring_{tag}x{P}", rows, directory=a.out, world_size=P, dist_backend=backend, nccl=nccl,
+    path = bench.save(f"ring_{tag}_p{P}", rows, directory=a.out, world_size=P, dist_backend=backend, nccl=nccl,
                       topology=topo, nvls=os.environ.get("NCCL_NVLS_ENABLE"),
                       shapes=f"B = {a.batch}, H = {a.heads}, d = {a.dim}; n = N/P per GPU",
                       flops="per GPU: 4 B H N^2 d / P (half when causal), x3.5 fwd+bwd; one GPU: the same at N = n",

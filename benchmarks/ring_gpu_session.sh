@@ -4,7 +4,7 @@
 #       against float64, fp16/bf16 under the FlashAttention rule, fp32 on the numba and cupy backends, at every
 #       world size of (1, 2, 4) that the GPUs allow (one GPU: world size 1, the ring's single local block);
 #   (b) benchmarks/ring_bench.py under torchrun, one process per GPU, N/P = 4k, 8k, 16k, recorded as
-#       ring_<gpu>x<P>.json through flashlib.bench.save (NCCL version and `nvidia-smi topo -m` inside).
+#       ring_<gpu>_p<P>.json through flashlib.bench.save (NCCL version and `nvidia-smi topo -m` inside).
 # On the device image, from the tree's root with flashlib on PYTHONPATH and FLASHLIB_COMMIT set (as
 # benchmarks/gpu_session.sh is run):   bash benchmarks/ring_gpu_session.sh
 # NVLink multicast stays off (NCCL_NVLS_ENABLE=0): on shared hosts it can take the GPUs out of service.
