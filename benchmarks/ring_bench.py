@@ -1,6 +1,6 @@
 """Ring attention on P GPUs against the single-GPU flashlib kernel at the same per-GPU length.
 
-    torchrun --nproc-per-node 8 benchmarks/ring_bench.py [--out DIR]   # NCCL, one GPU per process
+    NCCL_NVLS_ENABLE=0 torchrun --nproc-per-node 8 benchmarks/ring_bench.py [--out DIR]   # NCCL, a GPU each
     python benchmarks/ring_bench.py --nproc 2 --lengths 8 16 --heads 2 --dim 8 --repeat 1 --out DIR
                                                                        # gloo on CPU processes (the test)
 
@@ -11,10 +11,13 @@ problem's 4 B H N^2 d (half when causal, flashlib.bench.grid.flops) divided by P
 same count at length n; forward + backward counts 3.5x the forward. A ring at 100% of the single-GPU figure hides
 every transfer and merge. Each row also checks the ring's O against the float64 reference at a small length
 (check_n_local per rank, P * check_n_local <= 2048; max_err).
-Writes ring_<gpu>x<P>.json (ring_cpux<P>.json on CPUs) through flashlib.bench.save, provenance included.
+Writes ring_<gpu>_p<P>.json (ring_cpu_p<P>.json on CPUs) through flashlib.bench.save, provenance included and,
+on NCCL, the NCCL version and `nvidia-smi topo -m`. With P = 1 (one GPU) the ring is one local block: the
+record then measures the ring's own overhead (the merge, the float32 state) against the bare kernel, not scaling.
 """
 import argparse
 import os
+import subprocess
 import sys
 import time
 
@@ -44,7 +47,7 @@ def _time(fn, device, repeat):
             fn()
             times.append(1e3 * (time.perf_counter() - t0))
         ms = sorted(times)[len(times) // 2]
-    t = torch.tensor([ms], dtype=torch.float64)
+    t = torch.tensor([ms], dtype=torch.float64, device=device)        # NCCL reduces GPU tensors only
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return float(t)
 
@@ -56,13 +59,14 @@ def _check(P, n, a, layout, causal, device, dtype):
     O, _ = reference.attention_forward(q.numpy(), k.numpy(), v.numpy(), causal=causal)
     o = fd.ring_attention(*(fd.shard(t, layout=layout).to(device, dtype) for t in (q, k, v)), causal=causal,
                           layout=layout)
-    err = torch.tensor([float((o.double().cpu() - fd.shard(torch.from_numpy(O), layout=layout)).abs().max())])
+    err = torch.tensor([float((o.double().cpu() - fd.shard(torch.from_numpy(O), layout=layout)).abs().max())],
+                       device=device)
     dist.all_reduce(err, op=dist.ReduceOp.MAX)
     return float(err)
 
 
 def run(rank, P, a):
-    device = torch.device(f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu")
+    device = fd.rank_device()
     dtype = getattr(torch, a.dtype or ("float16" if device.type == "cuda" else "float32"))
     rows = []
     for n in a.lengths:
@@ -99,15 +103,55 @@ def run(rank, P, a):
     return rows
 
 
+def _nccl_and_topology(backend):
+    """(NCCL version, `nvidia-smi topo -m`) under NCCL, else (None, None)."""
+    if backend != "nccl":
+        return None, None
+    v = torch.cuda.nccl.version()
+    version = ".".join(map(str, v)) if isinstance(v, tuple) else str(v)
+    try:
+        topo = subprocess.run(["nvidia-smi", "topo", "-m"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        topo = f"nvidia-smi topo -m failed: {e}"
+    return version, topo
+
+
 def save(rows, P, backend, a):
     info = bench.provenance()
     tag = bench.gpu_tag(info["gpu"]) if info.get("gpu") and backend == "nccl" else "cpu"
-    nccl = ".".join(map(str, torch.cuda.nccl.version())) if backend == "nccl" else None
-    path = bench.save(f"ring_{tag}x{P}", rows, directory=a.out, world_size=P, dist_backend=backend, nccl=nccl,
+    nccl, topo = _nccl_and_topology(backend)
+    path = bench.save(f"ring_{tag}_p{P}", rows, directory=a.out, world_size=P, dist_backend=backend, nccl=nccl,
+                      topology=topo, nvls=os.environ.get("NCCL_NVLS_ENABLE"),
                       shapes=f"B = {a.batch}, H = {a.heads}, d = {a.dim}; n = N/P per GPU",
                       flops="per GPU: 4 B H N^2 d / P (half when causal), x3.5 fwd+bwd; one GPU: the same at N = n",
                       script="benchmarks/ring_bench.py")
     print("wrote", path)
+
+
+def precompile(dims):
+    """Compile, on all cores into CuPy's disk cache, the default CuPy instances (forward, backward, fp32/fp16/bf16,
+    causal and not) for head dims `dims`: the kernels the ring and the gpu tests launch. The Hopper wgmma forward
+    has no disk cache (compiled in each process) and is left out."""
+    import concurrent.futures
+    import multiprocessing
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import cupy_bench
+    from flashlib import cupy_kernels as ck
+    cc, t0, jobs = ck.device_cc(), time.time(), set()
+    for d in dims:
+        for dt in ck.DTYPES:
+            jobs.add(("fa2_bwd.cu", f"bwd_dot_do_o<{ck.CTYPE[dt]}, {d}>"))
+            if dt != "float32":
+                jobs.add(("fa2_bwd.cu", f"bwd_convert_dq<{ck.CTYPE[dt]}>"))
+            for causal in (False, True):
+                for rung in (None, ck.default_rung(dt, cc, "backward")):
+                    cfg = ck.choose_config(dt, d, cc, causal, rung)
+                    if cfg.file != "fa2_wgmma.cu":
+                        jobs.add((cfg.file, cfg.kernel))
+    with concurrent.futures.ProcessPoolExecutor(min(16, os.cpu_count() or 1),
+                                                mp_context=multiprocessing.get_context("spawn")) as ex:
+        errs = [e for e in ex.map(cupy_bench._compile, sorted(jobs)) if e]
+    print(f"precompiled {len(jobs)} CuPy instances in {time.time() - t0:.0f} s, {len(errs)} failed", *errs, sep="\n")
 
 
 def main(argv=None):
@@ -120,12 +164,13 @@ def main(argv=None):
     ap.add_argument("--dtype", default=None, help="float16 on GPUs, float32 on CPUs unless given")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--out", default=None, help="directory for the record (default: benchmarks/results)")
+    ap.add_argument("--precompile", type=int, nargs="+", metavar="D", help="only compile the CuPy kernels for these "
+                    "head dims (on a GPU machine, before a run) and exit")
     a = ap.parse_args(argv)
+    if a.precompile:
+        return precompile(a.precompile)
     if "RANK" in os.environ:                                # torchrun: this process is one rank
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
-            fd.use_gpu(int(os.environ["LOCAL_RANK"]))
-        dist.init_process_group(backend)
+        backend = fd.init_from_env()                        # NCCL on GPU LOCAL_RANK where there is CUDA
         rows, P = run(dist.get_rank(), dist.get_world_size(), a), dist.get_world_size()
         if dist.get_rank() == 0:
             save(rows, P, backend, a)

@@ -1,7 +1,7 @@
 """flashlib: FlashAttention from the silicon up.
 
 Layers (each imports only those above it): reference -> tiled -> iomodel, hardware -> numba_kernels,
-cupy_kernels -> api -> viz -> bench. `import flashlib` never imports numba.cuda or CuPy, so a notebook
+cupy_kernels -> api -> torch -> distributed (ring attention, Ulysses on torch.distributed) -> viz -> bench. `import flashlib` never imports numba.cuda or CuPy, so a notebook
 can call `flashlib.setup()` first to pick Numba's CUDA simulator when no GPU is present.
 """
 from . import online_softmax, reference, tiled

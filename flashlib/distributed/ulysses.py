@@ -1,0 +1,75 @@
+"""DeepSpeed-Ulysses: all-to-all from sequence shards to head groups, attention over the whole sequence, and back."""
+import torch
+import torch.distributed as dist
+
+from ..torch import flash_attention
+from ._common import STATS, group_info, prepare
+from .layouts import check_layout, gather_order, positions
+
+
+def _all_to_all(parts, group, phase):
+    """dist.all_to_all, counted: parts[p] goes to rank p; returns what each rank sent us. Alone (P = 1) a rank
+    keeps its one part and makes no collective."""
+    rank, P = group_info(group)
+    if P == 1:
+        return list(parts)
+    outs = [torch.empty_like(p) for p in parts]
+    STATS.setdefault(phase, {"collectives": 0, "bytes": 0})
+    STATS[phase]["collectives"] += 1
+    STATS[phase]["bytes"] += sum(p.numel() * p.element_size() for i, p in enumerate(parts) if i != rank)
+    dist.all_to_all(outs, parts, group=group)
+    return outs
+
+
+def _seq_to_heads(x, group, layout, phase):
+    """(B, H, n, d) sequence-sharded -> (B, H/P, P n, d): rank p gets head group p over the whole sequence."""
+    _, P = group_info(group)
+    y = torch.cat(_all_to_all([c.contiguous() for c in x.chunk(P, dim=1)], group, phase), dim=2)
+    return y if layout == "contiguous" else y.index_select(2, gather_order(P, x.shape[2], layout).to(y.device))
+
+
+def _heads_to_seq(y, group, layout, phase):
+    """The inverse of _seq_to_heads: (B, H/P, P n, d) -> (B, H, n, d)."""
+    _, P = group_info(group)
+    n = y.shape[2] // P
+    parts = [y.index_select(2, torch.tensor(positions(p, P, n, layout), device=y.device)) for p in range(P)]
+    return torch.cat(_all_to_all(parts, group, phase), dim=1)
+
+
+class _SeqToHeads(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, layout):
+        ctx.args = (group, layout)
+        return _seq_to_heads(x, group, layout, "ulysses_forward")
+
+    @staticmethod
+    def backward(ctx, g):                        # an all-to-all is a permutation: its adjoint is the inverse one
+        return _heads_to_seq(g.contiguous(), *ctx.args, "ulysses_backward"), None, None
+
+
+class _HeadsToSeq(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y, group, layout):
+        ctx.args = (group, layout)
+        return _heads_to_seq(y, group, layout, "ulysses_forward")
+
+    @staticmethod
+    def backward(ctx, g):
+        return _seq_to_heads(g.contiguous(), *ctx.args, "ulysses_backward"), None, None
+
+
+def ulysses_attention(q, k, v, *, causal=False, scale=None, group=None, backend="auto", layout="contiguous"):
+    """DeepSpeed-Ulysses: all-to-all q, k, v from sequence shards to head groups, attend over the whole sequence
+    for H/P heads with flashlib's kernel, all-to-all O back. q, k, v: (B, H, n, d) shards; H (and the K/V heads)
+    must be multiples of P. Returns this rank's O shard (B, H, n, d); differentiable."""
+    _, P = group_info(group)
+    q, k, v, scale, backend = prepare(q, k, v, scale, backend)
+    check_layout(layout, q.shape[2], P)
+    for name, t in (("q", q), ("k", k)):
+        if t.shape[1] % P:
+            raise ValueError(f"ulysses_attention gives each of the P = {P} ranks H/P heads: {name} has "
+                             f"{t.shape[1]} heads, not a multiple of {P}; use ring_attention, which has no such limit")
+    STATS["ulysses_forward"] = {"collectives": 0, "bytes": 0}
+    STATS["ulysses_backward"] = {"collectives": 0, "bytes": 0}
+    qh, kh, vh = (_SeqToHeads.apply(t, group, layout) for t in (q, k, v))
+    return _HeadsToSeq.apply(flash_attention(qh, kh, vh, causal=causal, scale=scale, backend=backend), group, layout)
