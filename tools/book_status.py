@@ -65,6 +65,19 @@ def changed_since(commit, paths):
     return (f"yes: {n} commit{'s' if n > 1 else ''} since" if n else "no") + note
 
 
+def sources_changed(name, info):
+    """The status column: a record that stored its kernel-source hashes is compared with the files now
+    (flashlib.bench.records); an older one asks git for commits touching what it measured. Superseded records say so."""
+    from flashlib.bench import records
+    st = records.record_status(name)
+    if st["how"] == "hashes":
+        n = len(st["changed_sources"])
+        text = f"yes: {n} kernel source file{'s' if n > 1 else ''} differ" if n else "no (source hashes match)"
+    else:
+        text = changed_since(info.get("flashlib_commit"), measured_sources(name))
+    return text + (" · **superseded** (the record says why)" if st["superseded"] else "")
+
+
 def chapter_records(nb_path, names):
     """Record names quoted in a notebook's code cells, in order of first use."""
     from flashlib.bench import micro
@@ -92,7 +105,7 @@ def table():
         for r in recs:
             i = bench.load(r)["info"]
             lines.append(f"| {title} | `{r}.json` | {i.get('gpu')} | {str(i.get('date', ''))[:10]} | "
-                         f"`{i.get('flashlib_commit')}` | {changed_since(i.get('flashlib_commit'), measured_sources(r))} |")
+                         f"`{i.get('flashlib_commit')}` | {sources_changed(r, i)} |")
             title = ""
     return "\n".join(lines) + "\n"
 
