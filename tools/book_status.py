@@ -94,8 +94,9 @@ def table():
     from flashlib import bench
     names = {p.stem for p in pathlib.Path(bench.RESULTS).glob("*.json")}
     head = _git("rev-parse", "--short", "HEAD") or "unknown"
-    lines = [f"Built from commit `{head}`. \"Sources changed since\" lists commits after the record's commit that touch "
-             "the benchmark script or the kernels the record measured.", "",
+    lines = [f"Built from commit `{head}`. \"Sources changed since\": for a record that stored its kernel-source "
+             "hashes, whether those files differ now; for an older one, the commits after its commit that touch the "
+             "benchmark script or the kernels it measured. A superseded record's file says why it no longer stands.", "",
              "| chapter | recorded run | GPU | date | commit | sources changed since |", "|---|---|---|---|---|---|"]
     for nb in sorted((ROOT / "notebooks").glob("*.ipynb")):
         recs = chapter_records(nb, names)
