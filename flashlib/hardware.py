@@ -89,7 +89,7 @@ GPUS = [
          checked=["https://archive-lib.hpctech.co.jp/gpuproduct/nvidia-h100.html",
                   "https://prohardver.hu/hir/nvidia_reszletezte_h100_gyorsitok_specifikacio.html",
                   "https://glennklockwood.com/garden/processors/h100",
-                  "benchmarks/results/hardware_h100.json"],
+                  "flashlib/data/results/hardware_h100.json"],
          unconfirmed=()),
     dict(name="H200", sku="H200 SXM 141GB", arch="Hopper", cc="9.0", year=2024,
          memory_GB=141, memory_type="HBM3e", bus_bits=6144, gbps_per_pin=6.25, bandwidth_GBps=4800,

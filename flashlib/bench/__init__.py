@@ -2,17 +2,19 @@
 
 - `time_cuda(fn)`: the one timing helper: CUDA events around `fn()` after warm-up, median of repeats, in ms.
 - `provenance()`: GPU, driver/CUDA, library versions, date and flashlib commit, stored with every result.
-- `save(name, rows, **info)` / `load(name)`: JSON files under benchmarks/results/, which the book reads when it
-  is built on a machine without a GPU.
+- `save(name, rows, **info)` / `load(name)`: JSON files in `RESULTS` (flashlib/data/results/, package data, so the
+  installed wheel carries them), which the book and Colab read where there is no GPU.
 """
 import datetime
+import importlib.resources
 import json
 import os
 import pathlib
 import platform
 import subprocess
 
-RESULTS = pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / "results"
+# The recorded results are package data: the same folder from a checkout, an editable install and a wheel.
+RESULTS = pathlib.Path(str(importlib.resources.files("flashlib").joinpath("data", "results")))
 
 
 def time_cuda(fn, warmup=3, repeat=10):
@@ -91,7 +93,7 @@ def gpu_tag(name):
 
 
 def save(name, rows, directory=None, **info):
-    """Write {'info': provenance + info, 'rows': rows} to <directory or benchmarks/results>/<name>.json."""
+    """Write {'info': provenance + info, 'rows': rows} to <directory or RESULTS>/<name>.json."""
     path = pathlib.Path(directory or RESULTS) / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"info": {**provenance(), **info}, "rows": rows}, indent=1, default=str) + "\n")
@@ -99,8 +101,12 @@ def save(name, rows, directory=None, **info):
 
 
 def load(name):
-    """The recorded result `name` from benchmarks/results/: a dict with 'info' and 'rows'."""
-    return json.loads((RESULTS / f"{name}.json").read_text())
+    """The recorded result `name` from RESULTS: a dict with 'info' and 'rows'."""
+    path = RESULTS / f"{name}.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no recorded result named {name!r} in {RESULTS}; recorded: "
+                                + ", ".join(sorted(p.stem for p in RESULTS.glob("*.json"))))
+    return json.loads(path.read_text())
 
 
 def describe(result):
