@@ -12,12 +12,14 @@ import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SETUP_MARK = "# Set-up"
+# The set-up cell installs the book's own release: the tag v<flashlib.__version__> of the one repository URL in
+# _config.yml. --no-deps: Colab has flashlib's dependencies (pyproject.toml says which; tests/test_colab.py checks).
 SETUP = """# Set-up. In Colab: install flashlib (Colab has torch, CuPy, Numba).
 # Without a GPU, flashlib.setup() selects Numba's CUDA simulator
 # and the GPU figures come from recorded runs.
 import sys
 if "google.colab" in sys.modules:
-    %pip install -q --no-deps "flashlib @ git+{url}"
+    %pip install -q --no-deps "flashlib @ git+{url}@{tag}"
 import flashlib
 GPU = flashlib.setup()"""
 
@@ -33,8 +35,13 @@ def repository_url():
     return re.search(r"^\s+url:\s*(\S+)", (ROOT / "_config.yml").read_text(), re.M).group(1)
 
 
+def release_tag():
+    """'v' + flashlib.__version__, read from flashlib/__init__.py (the tag a release of the book carries)."""
+    return "v" + re.search(r'^__version__ = "([^"]+)"', (ROOT / "flashlib" / "__init__.py").read_text(), re.M).group(1)
+
+
 def setup_source():
-    return SETUP.format(url=repository_url())
+    return SETUP.format(url=repository_url(), tag=release_tag())
 
 
 def normalise(path):
