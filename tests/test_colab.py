@@ -160,7 +160,8 @@ def notebook_imports():
         for cell in json.loads(path.read_text())["cells"]:
             if cell["cell_type"] != "code":
                 continue
-            src = "\n".join(l for l in "".join(cell["source"]).splitlines() if not l.lstrip().startswith(("%", "!")))
+            src = "\n".join(l[:len(l) - len(l.lstrip())] + "pass" if l.lstrip().startswith(("%", "!")) else l
+                            for l in "".join(cell["source"]).splitlines())
             for node in ast.walk(ast.parse(src)):
                 if isinstance(node, ast.Import):
                     names |= {a.name.split(".")[0] for a in node.names}
@@ -258,9 +259,9 @@ def test_t4_kernels_compile_under_colab_versions(colab_python, tmp_path):
     assert {f"fa2_tc_k8 float16 D={d}" for d in fa2_tc.HEAD_DIMS} <= set(rows)
     assert {f"fa2_forward_fast D={d}" for d in HEAD_DIMS} | {f"fa2_backward D={d}" for d in HEAD_DIMS} <= set(rows)
     for name, row in rows.items():
-        assert row["stack"] == 0 and row["spill_stores"] == 0, (name, row)
+        assert row["spill_stores"] == row["spill_loads"] == 0, (name, row)
         assert row["registers"] * row["threads"] <= 65536 and row["smem"] <= 48 * 1024, (name, row)
         if name.startswith("fa2_tc_k8"):
-            assert row["k8"] > 0 and row["k16"] == row["cp_async"] == row["bf16"] == row["tf32"] == 0, (name, row)
+            assert row["stack"] == 0 and row["k8"] > 0 and row["k16"] == row["cp_async"] == row["bf16"] == row["tf32"] == 0, (name, row)
         else:
             assert row["mma"] == 0, (name, row)                          # CUDA cores only

@@ -1,0 +1,96 @@
+"""The one array-conversion helper: NumPy, CuPy, PyTorch and Numba device arrays, zero-copy on the GPU.
+
+GPU arrays move between libraries through DLPack / `__cuda_array_interface__` without copying; NumPy
+arrays are copied to the device and the results copied back.
+"""
+import numpy as np
+
+DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+def kind_of(x):
+    """'numpy', 'torch', 'cupy' or 'numba' (a Numba device array)."""
+    mod = type(x).__module__.split(".")[0]
+    if mod == "torch":
+        return "torch"
+    if mod == "cupy":
+        return "cupy"
+    if mod == "numba" or (mod != "numpy" and hasattr(x, "__cuda_array_interface__")):
+        return "numba"
+    if isinstance(x, np.ndarray):
+        return "numpy"
+    raise TypeError(f"expected a NumPy, CuPy or PyTorch array or a Numba device array, got {type(x).__name__}")
+
+
+def dtype_name(x):
+    """The element type as a string: 'float32', 'float16', 'bfloat16', ... (torch and NumPy spell them alike)."""
+    return str(x.dtype).replace("torch.", "")
+
+
+def on_gpu(x):
+    k = kind_of(x)
+    return k in ("cupy", "numba") or (k == "torch" and x.is_cuda)
+
+
+def to_numpy(x):
+    k = kind_of(x)
+    if k == "torch":
+        t = x.detach().cpu()
+        return (t.float() if dtype_name(x) == "bfloat16" else t).numpy()
+    if k == "cupy":
+        return x.get()
+    if k == "numba":
+        return x.copy_to_host()
+    return np.asarray(x)
+
+
+def to_numba(x):
+    """A Numba device array viewing x (GPU arrays) or holding a copy of it (host arrays). bfloat16 travels as its
+    int16 bits, as for CuPy."""
+    from numba import cuda
+    if kind_of(x) == "numpy":
+        return cuda.to_device(np.ascontiguousarray(x))
+    if kind_of(x) == "torch":
+        t = x.detach()
+        if dtype_name(t) == "bfloat16":                  # not exported by __cuda_array_interface__: its bits are
+            t = t.view(__import__("torch").int16)
+        return cuda.as_cuda_array(t) if t.is_cuda else cuda.to_device(np.ascontiguousarray(t.numpy()))
+    return cuda.as_cuda_array(x)
+
+
+def to_cupy(x):
+    """A CuPy array viewing x (GPU arrays) or holding a copy (host arrays). bfloat16 travels as its uint16 bits."""
+    import cupy as cp
+    k = kind_of(x)
+    if k == "torch":
+        t = x.detach()
+        if t.dtype.is_floating_point and dtype_name(t) == "bfloat16":
+            t = t.view(__import__("torch").int16)
+        return cp.from_dlpack(t) if t.is_cuda else cp.asarray(t.numpy())
+    if k == "numba":
+        return cp.asarray(x)
+    return cp.asarray(x)
+
+
+def like(y, x, dtype):
+    """Backend result y (NumPy, CuPy or Numba array) as the caller's kind of array on x's device, of `dtype`.
+
+    CuPy has no bfloat16: a bfloat16 result arrives as uint16 bits and is viewed back here.
+    """
+    k = kind_of(x)
+    if k == "torch":
+        import torch
+        yk = kind_of(y)
+        if yk != "numpy" and x.is_cuda:                  # GPU to GPU: no copy
+            t = torch.from_dlpack(y) if yk == "cupy" else torch.as_tensor(y, device=x.device)
+        else:                                            # a host caller gets a host tensor back
+            t = torch.from_numpy(np.ascontiguousarray(to_numpy(y)))
+        if dtype == "bfloat16" and t.dtype in (torch.int16, torch.uint16):
+            t = t.view(torch.bfloat16)
+        return t.to(device=x.device, dtype=getattr(torch, dtype))
+    if k == "numpy":
+        return to_numpy(y).astype(dtype, copy=False)
+    if k == "cupy":
+        import cupy as cp
+        return cp.asarray(y).astype(dtype, copy=False)
+    return y if kind_of(y) == "numba" else to_numba(np.asarray(y).astype(dtype, copy=False))

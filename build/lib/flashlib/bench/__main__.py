@@ -1,0 +1,3 @@
+from .grid import main
+
+main()

@@ -1,0 +1,172 @@
+"""The attention benchmark grid: flashlib's backends beside PyTorch SDPA (each backend pinned) and naive attention.
+
+    python -m flashlib.bench [--quick] [--out DIR]
+
+For every (dtype, d, N, causal) it times the forward and forward+backward of each implementation with CUDA
+events (median after warm-up) and measures the peak extra device memory of one forward. Shapes keep
+B * H * N = 16 * 16384 tokens (H = 16), so every N does comparable work. FLOPs: 4 B H N^2 d forward (half when
+causal); forward+backward counts 3.5x the forward, as FlashAttention-2's paper does.
+"""
+import argparse
+import math
+
+from . import save, time_cuda
+
+FULL = dict(dtypes=("float16", "bfloat16", "float32"), ds=(64, 128), Ns=(512, 1024, 2048, 4096, 8192, 16384),
+            causals=(False, True))
+QUICK = dict(dtypes=("float16", "float32"), ds=(64,), Ns=(1024, 4096), causals=(False, True))
+SDPA = ("flash", "cudnn", "efficient", "math")
+
+
+def progress_bar(items, desc, disable=False):
+    """`items` with a tqdm progress bar where tqdm is installed (it is optional: flashlib does not depend on it)."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return items
+    return tqdm(items, desc=desc, disable=disable)
+
+
+def flops(B, H, N, d, causal, backward=False):
+    f = 4 * B * H * N * N * d / (2 if causal else 1)
+    return f * (3.5 if backward else 1.0)
+
+
+def implementations(dtype):
+    """name -> (forward(q, k, v, causal, scale), forward+backward(q, k, v, do, causal, scale)) for this dtype."""
+    import flashlib
+    from ..torch import sdpa_pinned
+
+    def torch_pair(fwd):
+        def fb(q, k, v, do, causal, scale):
+            q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+            fwd(q, k, v, causal, scale).backward(do)
+        return fwd, fb
+
+    from ..gpt import naive_attention
+    impls = {"naive": torch_pair(naive_attention)}
+    for name in SDPA:
+        def sdpa(q, k, v, causal, scale, name=name):
+            return sdpa_pinned(name, q, k, v, is_causal=causal, scale=scale)
+        impls[f"sdpa-{name}"] = torch_pair(sdpa)
+    for b in flashlib.available_backends():
+        if b in ("numba", "cupy") and not (b == "numba" and dtype != "float32"):
+            def fwd(q, k, v, causal, scale, b=b):
+                return flashlib.attention(q, k, v, causal=causal, scale=scale, backend=b)
+
+            def fb(q, k, v, do, causal, scale, b=b):
+                o, lse = flashlib.attention(q, k, v, causal=causal, scale=scale, backend=b, return_lse=True)
+                return flashlib.attention_backward(q, k, v, o, lse, do, causal=causal, scale=scale, backend=b)
+            impls[f"flashlib-{b}"] = (fwd, fb)
+    return impls
+
+
+def peak_extra_mb(fn):
+    """Peak device memory one call adds, in MB: torch's allocator peak, or the drop in free memory when the
+    memory came from another allocator (Numba, CuPy), whichever is larger."""
+    import torch
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base, free0 = torch.cuda.memory_allocated(), torch.cuda.mem_get_info()[0]
+    out = fn()
+    torch.cuda.synchronize()
+    extra = max(torch.cuda.max_memory_allocated() - base, free0 - torch.cuda.mem_get_info()[0])
+    del out
+    return extra / 1e6
+
+
+def run(grid, repeat=10, out=None, progress=True):
+    import torch
+    rows, cases = [], [(dt, d, N, c) for dt in grid["dtypes"] for d in grid["ds"] for N in grid["Ns"]
+                       for c in grid["causals"]]
+    for dt, d, N, causal in progress_bar(cases, "attention grid", disable=not progress):
+        B, H = max(1, 16384 // N), 16
+        g = torch.Generator(device="cuda").manual_seed(0)
+        q, k, v, do = (torch.randn(B, H, N, d, device="cuda", dtype=getattr(torch, dt), generator=g)
+                       for _ in range(4))
+        scale = 1 / math.sqrt(d)
+        for name, (fwd, fb) in implementations(dt).items():
+            row = dict(dtype=dt, d=d, n=N, B=B, H=H, causal=causal, impl=name)
+            try:
+                row["fwd_ms"] = time_cuda(lambda: fwd(q, k, v, causal, scale), repeat=repeat)
+                row["fwd_tflops"] = flops(B, H, N, d, causal) / row["fwd_ms"] / 1e9
+                row["peak_extra_MB"] = peak_extra_mb(lambda: fwd(q, k, v, causal, scale))
+                row["fwdbwd_ms"] = time_cuda(lambda: fb(q, k, v, do, causal, scale), repeat=max(3, repeat // 2))
+                row["fwdbwd_tflops"] = flops(B, H, N, d, causal, True) / row["fwdbwd_ms"] / 1e9
+            except Exception as e:  # a backend that refuses this case (e.g. flash in fp32) or runs out of memory
+                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                torch.cuda.empty_cache()
+            rows.append(row)
+    return rows
+
+
+def memory_sweep(Ns=(1024, 4096, 16384, 32768, 65536), d=64, dtype="float16"):
+    """Peak extra memory of one forward, B = 1, H = 16, up to N where naive attention runs out of memory."""
+    import torch
+    rows = []
+    for N in Ns:
+        q = torch.randn(1, 16, N, d, device="cuda", dtype=getattr(torch, dtype))
+        for name, (fwd, _) in implementations(dtype).items():
+            if name == "sdpa-math" and N > 16384:
+                continue
+            try:
+                rows.append(dict(n=N, d=d, dtype=dtype, impl=name,
+                                 peak_extra_MB=peak_extra_mb(lambda: fwd(q, q, q, False, d ** -0.5))))
+            except Exception as e:
+                rows.append(dict(n=N, d=d, dtype=dtype, impl=name, error=f"{type(e).__name__}"))
+                torch.cuda.empty_cache()
+    return rows
+
+
+def table(rows, key="fwd_tflops"):
+    """Markdown table: one line per case, one column per implementation."""
+    impls = sorted({r["impl"] for r in rows})
+    cases = sorted({(r["dtype"], r["d"], r["n"], r["causal"]) for r in rows})
+    by = {(r["dtype"], r["d"], r["n"], r["causal"], r["impl"]): r for r in rows}
+    lines = ["| dtype | d | N | causal | " + " | ".join(impls) + " |", "|---" * (4 + len(impls)) + "|"]
+    for c in cases:
+        cells = [f"{by[c + (i,)][key]:.1f}" if key in by.get(c + (i,), {}) else "-" for i in impls]
+        lines.append(f"| {c[0]} | {c[1]} | {c[2]} | {c[3]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="a small grid (a minute or two)")
+    ap.add_argument("--out", default=None, help="directory for the JSON (default flashlib.bench.RESULTS)")
+    ap.add_argument("--name", default=None, help="file name (default attention_<gpu>[_quick])")
+    ap.add_argument("--no-memory", action="store_true", help="skip the memory sweep up to N = 65536")
+    a = ap.parse_args(argv)
+    import torch
+    if not torch.cuda.is_available():
+        raise SystemExit("flashlib.bench needs a CUDA GPU (torch.cuda.is_available() is False)")
+    rows = run(QUICK if a.quick else FULL, repeat=5 if a.quick else 10)
+    mem = [] if a.no_memory or a.quick else memory_sweep()
+    gpu = torch.cuda.get_device_name().split()[1].lower() if " " in torch.cuda.get_device_name() else "gpu"
+    path = save(a.name or f"attention_{gpu}{'_quick' if a.quick else ''}", rows, directory=a.out, memory=mem)
+    print(table(rows, "fwd_tflops"), "\n\nforward+backward TFLOP/s\n", table(rows, "fwdbwd_tflops"), sep="\n")
+    for png in plots(rows, mem, path.with_suffix("")):
+        print(f"plot: {png}")
+    print(f"\nwritten: {path}")
+    return path
+
+
+def plots(rows, mem, stem):
+    """Runtime and TFLOP/s against N for each (dtype, d), and memory against N: PNG files beside the JSON."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from ..viz import bench as vb
+    out = []
+    for dt, d in sorted({(r["dtype"], r["d"]) for r in rows}):
+        fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+        vb.runtime_vs_n({"rows": rows}, dt, d, False, "fwd_ms", ax=axes[0])
+        vb.runtime_vs_n({"rows": rows}, dt, d, False, "fwd_tflops", ax=axes[1])
+        out.append(stem.parent / f"{stem.name}_{dt}_d{d}.png")
+        fig.tight_layout(); fig.savefig(out[-1], dpi=100); plt.close(fig)
+    if mem:
+        ax = vb.memory_vs_n(mem, title="one forward, B = 1, H = 16")
+        out.append(stem.parent / f"{stem.name}_memory.png")
+        ax.figure.savefig(out[-1], dpi=100); plt.close(ax.figure)
+    return out

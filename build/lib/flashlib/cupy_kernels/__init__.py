@@ -1,0 +1,354 @@
+"""Layer 5: FlashAttention-2 in CUDA C, compiled at first use by CuPy (NVRTC) and launched from Python.
+
+The kernels form a numbered ladder (each .cu file's header says grid, block, and what lives where):
+
+  rung 1  'fp32'      fa2_fp32.cu   float32 on CUDA cores, online softmax, deferred normalisation
+  rung 2  'tc'        fa2_tc.cu     Tensor Cores (mma.sync m16n8k16, ldmatrix), fp16/bf16, S/P/O in registers
+  rung 3  'tuned'     fa2_tc.cu     + cp.async double buffering, exp2 with folded scale, 32 query rows per warp,
+                                    2 blocks per SM, tiles per head dim
+  rung 4  'sm75'      fa2_tc.cu     the T4 path: two m16n8k8 per k16, no cp.async, fp16 only
+  rung 5  'bwd_fp32'  fa2_bwd.cu    backward on CUDA cores in fp32 arithmetic (any input dtype; float32, sm_75)
+          'bwd_tc'    fa2_bwd_tc.cu backward on Tensor Cores, fp16/bf16, sm_80+, dQ by fp32 atomics
+  rung 6  'wgmma'     fa2_wgmma.cu  Hopper only (sm_90a): the forward on warpgroup MMA, K and V read by the Tensor
+                                    Cores straight from shared memory; d = 64 and 128
+
+`forward` / `backward` follow flashlib's backend contract: CuPy arrays in and out, q (B, H, Nq, d), k and v
+(B, H, Nk, d); o like q and lse float32 (B, H, Nq). bfloat16 travels as 16-bit integers (its bits) and comes back
+the same way. The host logic (`choose_config`, `check_inputs`) is pure Python and runs without a GPU; CuPy is
+imported and the .cu files compiled only when a kernel is first launched.
+"""
+import functools
+import math
+import os
+import pathlib
+from collections import namedtuple
+
+HERE = pathlib.Path(__file__).resolve().parent
+HEAD_DIMS = (32, 64, 96, 128)
+DTYPES = ("float32", "float16", "bfloat16")
+FORWARD_RUNGS = ("fp32", "tc", "tuned", "sm75", "wgmma")
+BACKWARD_RUNGS = ("bwd_fp32", "bwd_tc")
+CTYPE = {"float32": "float", "float16": "__half", "bfloat16": "__nv_bfloat16"}
+# largest dynamic shared memory per block (opt-in) by compute capability, CUDA C Programming Guide table 21
+SMEM_LIMIT = {75: 64 * 1024, 80: 163 * 1024, 86: 99 * 1024, 87: 163 * 1024, 89: 99 * 1024, 90: 227 * 1024,
+              100: 227 * 1024, 120: 99 * 1024}
+# rung 3 tiles per head dim, (non-causal, causal), each (warps NW, keys per tile Bc, query rows per warp RW in
+# {16, 32}, Q fragments kept in registers), so Br = RW*NW. d = 64 and 128 chosen on an H100 (benchmarks/cupy_bench.py
+# --sweep, fp16, 2026-11-25; x SDPA flash at N = 4096 / 16384): d=64 non-causal (4, 128, 32, False) 0.89 / 0.99,
+# causal (4, 64, 32, False) 0.91 / 0.87; d=128 (4, 64, 32, False) 0.91 / 0.91 and causal 0.84 / 0.87 (the tiles as
+# committed before: 0.81-0.83 at d=64 non-causal, 0.75-0.80 causal, 0.82-0.86 at d=128). d = 32 and 96 not swept.
+# Every choice compiles without register spills for sm_80 ... sm_90 (tests/test_cupy_kernels.py).
+# d = 128 causal: (4, 48, 32, False) since the mask moved into one branch per tile (2026-12-01), which left
+# (4, 64, 32, False) 12-24 bytes of spill on sm_90. H200, fp16, x SDPA flash at N = 4096 / 16384
+# (logs/tuned_d128_causal_sweep_h200.txt): (4, 48, 32, 0) 0.88 / 0.93, (4, 64, 32, 0) 0.87 / 0.99 (spills),
+# (4, 32, 32, 0) 0.77 / 0.86, (4, 64, 16, 1) 0.81 / 0.85, (8, 64, 16, 1) 0.78 / 0.83.
+TUNED_TILES = {32: ((4, 64, 32, True),) * 2, 64: ((4, 128, 32, False), (4, 64, 32, False)),
+               96: ((4, 32, 32, False),) * 2, 128: ((4, 64, 32, False), (4, 48, 32, False))}
+# for GPUs with less shared memory (sm_80: 163 KB, sm_86/89: 99 KB): the first that fits
+FALLBACK_TILES = ((4, 32, 32, False), (4, 64, 16, True), (4, 32, 16, True))
+# rung 5 Tensor Core backward, per head dim: (warps NW, key m-tiles per warp KW, so Bc = 16*KW*NW keys per block;
+# Br query rows per Q tile; BRC query rows per register chunk; KVREG: K/V fragments kept in registers).
+# Swept on an H100 (fp16, N = 4096 and 16384, causal and not; backward alone, TFLOP/s = 2.5x the forward's FLOPs):
+# d=64 (4, 2, 64, 32, F) 213-287 (SDPA flash 198-274), (8, 1, 128, 64, T) 194-245, (8, 1, 64, 64, T) 187-232;
+# d=128 (8, 1, 64, 64, F) 205-260 (flash 230-301), (8, 1, 64, 32, F) 194-241, (4, 1, 64, 32, F) 185-213.
+# d=32 and 96: not swept (tiles checked for correctness on the H100).
+BWD_TILES = {32: (8, 1, 64, 64, True), 64: (4, 2, 64, 32, False), 96: (8, 1, 64, 32, False), 128: (8, 1, 64, 64, False)}
+BWD_FALLBACK_TILES = ((4, 1, 64, 32, False), (4, 1, 32, 32, False))  # less shared memory (sm_86/89: 99 KB)
+
+# rung 6 tiles per head dim, (non-causal, causal), each (warpgroups NWG, keys per tile Bc), Br = 64*NWG. Chosen on an
+# H200 (fp16, N = 4096 / 16384, TFLOP/s, SDPA flash in the same run; benchmarks/results/logs/wgmma_explore_3_swizzled_h200.txt):
+# d=64 (2, 64) 324 / 333, causal 287 / 317 (flash 274 / 291, 244 / 277); (1, 64) 283 / 283, (2, 128) 260 / 269;
+# d=128 (2, 128) 364 / 379, causal 339 / 384 (flash 347 / 345, 290 / 304); (2, 64) 331 / 341, (1, 64) 316 / 315.
+# Three warpgroups would need more than the 168 registers a thread 384 threads leave (ptxas serialises the wgmma).
+WGMMA_TILES = {64: ((2, 64), (2, 64)), 128: ((2, 128), (2, 128))}
+WGMMA_HEAD_DIMS = (64, 128)
+
+Config = namedtuple("Config", "rung file kernel Br Bc warps smem")
+
+
+def _cc_int(cc):
+    """(9, 0), '90', 90 or 9.0 -> 90."""
+    if isinstance(cc, (tuple, list)):
+        return 10 * int(cc[0]) + int(cc[1])
+    if isinstance(cc, float):
+        return int(round(cc * 10))
+    return int(cc)
+
+
+def default_rung(dtype, cc, direction="forward", d=None):
+    """The rung `forward`/`backward` use for this dtype (and head dim d) on a GPU of compute capability cc: on Hopper
+    (9.0) the wgmma forward for the head dims it has, else rung 3 (sm_80+) or the T4 path."""
+    cc = _cc_int(cc)
+    if direction == "backward":
+        return "bwd_tc" if dtype != "float32" and cc >= 80 else "bwd_fp32"
+    if dtype == "float32":
+        return "fp32"
+    if cc == 90 and d in WGMMA_HEAD_DIMS:
+        return "wgmma"
+    return "tuned" if cc >= 80 else "sm75"
+
+
+def choose_config(dtype, d, cc, causal=False, rung=None, tiles=None):
+    """Pick the kernel for (dtype, head dim d, compute capability cc): Config(rung, file, kernel, Br, Bc, warps, smem).
+
+    `kernel` is the C++ name expression CuPy instantiates, smem the dynamic shared memory in bytes. rung=None picks
+    `default_rung`; tiles overrides the tile size: (warps, Bc[, rows per warp 16 or 32[, Q in registers]]) for the
+    Tensor Core forward rungs, (warpgroups, Bc) for wgmma, (warps, KW, Br, BRC, KVREG) as in BWD_TILES for bwd_tc.
+    Raises ValueError for what cannot run: unknown dtype or rung, a head dim outside HEAD_DIMS (WGMMA_HEAD_DIMS for
+    wgmma), bf16 below sm_80, cc below 7.5, a sm_80 rung on sm_75, wgmma off Hopper, or tiles that do not fit.
+    """
+    cc = _cc_int(cc)
+    if dtype not in DTYPES:
+        raise ValueError(f"the cupy backend takes dtype float32, float16 or bfloat16, got {dtype!r}")
+    if d not in HEAD_DIMS:
+        raise ValueError(f"the cupy backend takes head_dim in {HEAD_DIMS}, got {d}")
+    if cc < 75:
+        raise ValueError(f"the cupy backend needs compute capability 7.5 or newer (Turing), got {cc / 10:.1f}")
+    if dtype == "bfloat16" and cc < 80:
+        raise ValueError(f"bfloat16 needs compute capability 8.0 or newer (Ampere); this GPU is {cc / 10:.1f}: use float16")
+    rung = rung or default_rung(dtype, cc, d=d)
+    c = "true" if causal else "false"
+    T = CTYPE[dtype]
+    if rung == "fp32":
+        Br = 32 if d <= 64 else 16
+        return Config(rung, "fa2_fp32.cu", f"fa2_fp32<{T}, {d}, {c}>", Br, 32, 8, 0)
+    if rung == "bwd_fp32":
+        BT = 32 if d <= 64 else 16
+        return Config(rung, "fa2_bwd.cu", f"fa2_bwd_fp32<{T}, {d}, {c}>", BT, BT, 8, 0)
+    if rung not in FORWARD_RUNGS + BACKWARD_RUNGS:
+        raise ValueError(f"unknown rung {rung!r}; choose one of {FORWARD_RUNGS + BACKWARD_RUNGS}")
+    if dtype == "float32":
+        raise ValueError(f"rung {rung!r} runs on Tensor Cores and takes float16 or bfloat16; float32 uses 'fp32'/'bwd_fp32'")
+    if rung == "sm75" and dtype != "float16":
+        raise ValueError("the sm75 rung (m16n8k8) takes float16 only")
+    if rung in ("tc", "tuned", "bwd_tc") and cc < 80:
+        raise ValueError(f"rung {rung!r} needs compute capability 8.0+ (m16n8k16, cp.async); on {cc / 10:.1f} use 'sm75'")
+    limit = SMEM_LIMIT.get(cc, 99 * 1024 if cc >= 80 else 48 * 1024)
+    if rung == "wgmma":
+        if cc != 90:
+            raise ValueError(f"rung 'wgmma' is Hopper's (compute capability 9.0, sm_90a code); this GPU is {cc / 10:.1f}: "
+                             "use 'tuned'")
+        if d not in WGMMA_HEAD_DIMS:
+            raise ValueError(f"rung 'wgmma' takes head_dim in {WGMMA_HEAD_DIMS}, got {d}: use 'tuned'")
+        nwg, Bc = tiles if tiles is not None else WGMMA_TILES[d][bool(causal)]
+        if nwg not in (1, 2) or Bc not in (64, 128):
+            raise ValueError(f"rung 'wgmma' takes tiles (warpgroups 1 or 2, Bc 64 or 128), got ({nwg}, {Bc})")
+        kernel = f"fa2_wgmma<{T}, {d}, {Bc}, {nwg}, {c}>"
+        cfg = Config(rung, "fa2_wgmma.cu", kernel, 64 * nwg, Bc, 4 * nwg, smem_wgmma(d, nwg, Bc))
+    elif rung == "bwd_tc":
+        if tiles is None:
+            tiles = next(t for t in (BWD_TILES[d],) + BWD_FALLBACK_TILES if smem_backward(d, t[0], t[1], t[2]) <= limit)
+        nw, kw, Br, brc, kvreg = tiles
+        kernel = f"fa2_bwd_tc<{T}, {d}, {nw}, {kw}, {Br}, {brc}, {str(bool(kvreg)).lower()}, {c}>"
+        cfg = Config(rung, "fa2_bwd_tc.cu", kernel, Br, 16 * kw * nw, nw, smem_backward(d, nw, kw, Br))
+    else:
+        if tiles is not None:
+            nw, Bc, rw, qreg = _forward_tiles(tiles)
+        elif rung == "tuned":
+            nw, Bc, rw, qreg = next(t for t in (TUNED_TILES[d][bool(causal)],) + FALLBACK_TILES
+                                    if smem_forward(d, t[0], t[1], 2, t[2], t[3]) <= limit)
+        else:
+            nw, Bc, rw, qreg = 4, (64 if d <= 64 or rung == "tc" else 32), 16, True
+        if rw not in (16, 32):
+            raise ValueError(f"a warp owns 16 or 32 query rows, got {rw}")
+        tuned, k8 = rung == "tuned", rung == "sm75"
+        smem = smem_forward(d, nw, Bc, 2 if tuned else 1, rw, qreg)
+        low = lambda b: str(bool(b)).lower()
+        kernel = f"fa2_tc<{T}, {d}, {nw}, {Bc}, {c}, {low(tuned)}, {low(k8)}, {rw // 16}, {low(qreg)}>"
+        cfg = Config(rung, "fa2_tc.cu", kernel, rw * nw, Bc, nw, smem)
+    if cfg.smem > limit:
+        raise ValueError(f"{cfg.kernel} needs {cfg.smem} bytes of shared memory; compute capability {cc / 10:.1f} "
+                         f"allows {limit}")
+    return cfg
+
+
+def _forward_tiles(tiles):
+    """(warps, Bc[, rows per warp[, Q in registers]]) -> all four; rows per warp default 16, Q in registers."""
+    t = tuple(tiles)
+    return t[0], t[1], (t[2] if len(t) > 2 else 16), bool(t[3]) if len(t) > 3 else True
+
+
+def smem_forward(d, nw, Bc, stages, rw=16, qreg=True):
+    """Bytes of dynamic shared memory of fa2_tc: Q tile (rw*nw rows) and `stages` K and V tiles, rows of d+8; and
+    where the kernel keeps its row sums in shared memory (L_SMEM: rung 3, 32 rows per warp, Q not in registers,
+    d >= 128) 2*(rw/16) floats per thread."""
+    l_smem = stages == 2 and rw == 32 and not qreg and d >= 128
+    return 2 * (d + 8) * (rw * nw + 2 * stages * Bc) + (4 * 32 * nw * 2 * (rw // 16) if l_smem else 0)
+
+
+def smem_wgmma(d, nwg, Bc):
+    """Bytes of dynamic shared memory of fa2_wgmma: the Q tile (64*nwg rows) and two stages of K and V (Bc rows),
+    rows of d elements (no padding: the swizzled layout has no bank conflicts), and 1 KB to align them to 1024."""
+    return 2 * d * (64 * nwg + 4 * Bc) + 1024
+
+
+def sw128(r, c, rows):
+    """Byte offset of element (r, c) of a 16-bit tile with `rows` rows in the 128-byte-swizzled shared-memory layout
+    of rung 6 (fa2_wgmma.cu's sw128, for c a multiple of 8): blocks of 64 columns, rows of 128 bytes, and within each
+    8-row atom the 16-byte chunk c//8 % 8 of row r stored at chunk position (c//8 % 8) ^ (r % 8)."""
+    return (c // 64) * rows * 128 + r * 128 + ((((c // 8) % 8) ^ (r % 8)) << 4)
+
+
+def smem_backward(d, nw, kw, Br):
+    """Bytes of dynamic shared memory of fa2_bwd_tc: K, V (Bc = 16*kw*nw rows), two stages of Q, dO (Br rows),
+    dS^T (Bc x Br+8), two stages of lse and Dlt (Br floats)."""
+    Bc = 16 * kw * nw
+    return 2 * (2 * Bc * (d + 8) + 4 * Br * (d + 8) + Bc * (Br + 8)) + 4 * 4 * Br
+
+
+def instances(cc):
+    """{file: [kernel name expressions]} that this library can launch on compute capability cc (for compile tests)."""
+    cc = _cc_int(cc)
+    out = {}
+    for dtype in DTYPES:
+        if dtype == "bfloat16" and cc < 80:
+            continue
+        T = CTYPE[dtype]
+        if dtype != "float32":
+            out.setdefault("fa2_bwd.cu", set()).add(f"bwd_convert_dq<{T}>")
+        for d in HEAD_DIMS:
+            out.setdefault("fa2_bwd.cu", set()).add(f"bwd_dot_do_o<{T}, {d}>")
+            for causal in (False, True):
+                for rung in FORWARD_RUNGS + BACKWARD_RUNGS:
+                    try:
+                        cfg = choose_config(dtype, d, cc, causal, rung)
+                    except ValueError:
+                        continue
+                    out.setdefault(cfg.file, set()).add(cfg.kernel)
+    return {f: sorted(v) for f, v in out.items()}
+
+
+def check_inputs(q, k, v, dtype):
+    """Shapes (B, H, N, d), one dtype as stored in CuPy (bfloat16 as 16-bit integers); returns (B, H, Nq, Nk, d)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"the cupy backend takes dtype float32, float16 or bfloat16, got {dtype!r}")
+    want = {"float32": ("float32",), "float16": ("float16",), "bfloat16": ("int16", "uint16")}[dtype]
+    for name, a in (("q", q), ("k", k), ("v", v)):
+        if len(a.shape) != 4:
+            raise ValueError(f"{name} must be (B, H, N, d), got shape {tuple(a.shape)}")
+        if str(a.dtype) not in want:
+            raise ValueError(f"{name} has dtype {a.dtype}; dtype={dtype!r} expects {' or '.join(want)}")
+    B, H, Nq, d = q.shape
+    Nk = k.shape[2]
+    if tuple(k.shape) != (B, H, Nk, d) or tuple(v.shape) != (B, H, Nk, d):
+        raise ValueError(f"k and v must be (B, H, Nk, d) = ({B}, {H}, Nk, {d}); got {tuple(k.shape)}, {tuple(v.shape)}")
+    if d not in HEAD_DIMS:
+        raise ValueError(f"the cupy backend takes head_dim in {HEAD_DIMS}, got {d}")
+    return B, H, Nq, Nk, d
+
+
+# ---------------------------------------------------------------- GPU side (CuPy imported lazily)
+
+@functools.lru_cache(maxsize=None)
+def _kernel(file, name, smem=0):
+    """Compile `file` with the one template instance `name` (NVRTC, cached by CuPy on disk) and return it."""
+    import cupy as cp
+    if file == "fa2_wgmma.cu":
+        return _kernel_sm90a(file, name, smem)
+    src = (HERE / file).read_text()
+    mod = cp.RawModule(code=src, options=("-std=c++17", f"-I{HERE}"), name_expressions=[name])
+    fn = mod.get_function(name)
+    if smem > 48 * 1024:
+        fn.max_dynamic_shared_size_bytes = smem
+    return fn
+
+
+def _kernel_sm90a(file, name, smem):
+    """Compile for sm_90a (wgmma exists only there) with NVRTC directly: CuPy adds its own -arch=sm_90 and NVRTC
+    refuses two. Not cached on disk (a few seconds a kernel, once per process)."""
+    import cupy as cp
+    from cupy_backends.cuda.libs import nvrtc
+    prog = nvrtc.createProgram((HERE / file).read_text(), file, (), ())
+    includes = tuple(f"-I{d}" for d in _cuda_include_dirs())
+    try:
+        nvrtc.addNameExpression(prog, name)
+        try:
+            nvrtc.compileProgram(prog, ("-std=c++17", f"-I{HERE}", *includes, "-arch=sm_90a", "-ftz=true"))
+        except nvrtc.NVRTCError as e:
+            raise RuntimeError(f"NVRTC failed on {name}:\n{nvrtc.getProgramLog(prog)}") from e
+        cubin, lowered = nvrtc.getCUBIN(prog), nvrtc.getLoweredName(prog, name)
+    finally:
+        nvrtc.destroyProgram(prog)
+    mod = cp.cuda.function.Module()
+    mod.load(cubin)
+    fn = mod.get_function(lowered)
+    if smem > 48 * 1024:
+        cp.cuda.driver.funcSetAttribute(fn.ptr, cp.cuda.driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem)
+    return fn
+
+
+def _cuda_include_dirs():
+    """Where cuda_fp16.h lives (CuPy's own NVRTC calls add this for us): the CUDA toolkit CuPy found, else the pip
+    wheels' include folders (nvidia/cu13 for CUDA 13, nvidia/cuda_runtime for CUDA 12)."""
+    import importlib.util
+    import cupy as cp
+    roots = [cp.cuda.get_cuda_path()]
+    for mod in ("nvidia.cu13", "nvidia.cuda_runtime"):
+        try:
+            spec = importlib.util.find_spec(mod)
+        except ImportError:
+            spec = None
+        roots += list(spec.submodule_search_locations or []) if spec else []
+    dirs = dict.fromkeys(os.path.join(r, "include") for r in roots if r)
+    return [d for d in dirs if os.path.exists(os.path.join(d, "cuda_fp16.h"))]
+
+
+def device_cc():
+    import cupy as cp
+    return _cc_int(cp.cuda.Device().compute_capability)
+
+
+def _rung_override(direction):
+    r = os.environ.get("FLASHLIB_CUPY_RUNG")
+    if r and (r in FORWARD_RUNGS if direction == "forward" else r in BACKWARD_RUNGS):
+        return r
+    return None
+
+
+def forward(q, k, v, *, causal, scale, dtype, rung=None, tiles=None):
+    """FlashAttention-2 forward. q: (B, H, Nq, d), k, v: (B, H, Nk, d) CuPy arrays of `dtype` (bfloat16 as int16
+    bits). Returns o (B, H, Nq, d), q's dtype, and lse (B, H, Nq) float32.
+
+    rung: one of FORWARD_RUNGS (default: by dtype and compute capability, or env FLASHLIB_CUPY_RUNG, e.g. 'sm75'
+    to run the T4 path on a newer GPU).
+    """
+    import cupy as cp
+    B, H, Nq, Nk, d = check_inputs(q, k, v, dtype)
+    cfg = choose_config(dtype, d, device_cc(), bool(causal), rung or _rung_override("forward"), tiles)
+    q, k, v = (cp.ascontiguousarray(a) for a in (q, k, v))
+    o = cp.empty_like(q)
+    lse = cp.empty((B, H, Nq), dtype=cp.float32)
+    fn = _kernel(cfg.file, cfg.kernel, cfg.smem)
+    grid = (math.ceil(Nq / cfg.Br), B * H)
+    fn(grid, (32 * cfg.warps,), (q, k, v, o, lse, cp.int32(Nq), cp.int32(Nk), cp.float32(scale)), shared_mem=cfg.smem)
+    return o, lse
+
+
+def backward(q, k, v, o, lse, do, *, causal, scale, dtype, rung=None, tiles=None):
+    """FlashAttention-2 backward. q, o, do: (B, H, Nq, d), k, v: (B, H, Nk, d), lse (B, H, Nq) float32.
+    Returns dq, dk, dv in q's dtype. rung: 'bwd_tc' (fp16/bf16 on sm_80+, the default there) or 'bwd_fp32';
+    tiles: bwd_tc's (warps, KW, Br, BRC, KVREG), default BWD_TILES[d]."""
+    import cupy as cp
+    B, H, Nq, Nk, d = check_inputs(q, k, v, dtype)
+    if tuple(o.shape) != tuple(q.shape) or tuple(do.shape) != tuple(q.shape) or tuple(lse.shape) != (B, H, Nq):
+        raise ValueError(f"o and do must be {tuple(q.shape)} and lse {(B, H, Nq)}")
+    cc = device_cc()
+    rung = rung or _rung_override("backward") or default_rung(dtype, cc, "backward")
+    cfg = choose_config(dtype, d, cc, bool(causal), rung, tiles)
+    q, k, v, o, do = (cp.ascontiguousarray(a) for a in (q, k, v, o, do))
+    lse = cp.ascontiguousarray(lse, dtype=cp.float32)
+    T = CTYPE[dtype]
+    rows = B * H * Nq
+    Dlt = cp.empty((B, H, Nq), dtype=cp.float32)
+    dq_acc = cp.empty(q.shape, dtype=cp.float32)  # set to zero by the pre-pass
+    _kernel("fa2_bwd.cu", f"bwd_dot_do_o<{T}, {d}>")((math.ceil(rows / 8),), (256,), (do, o, Dlt, dq_acc, cp.int32(rows)))
+    dk, dv = cp.empty_like(k), cp.empty_like(v)
+    fn = _kernel(cfg.file, cfg.kernel, cfg.smem)
+    fn((math.ceil(Nk / cfg.Bc), B * H), (32 * cfg.warps,),
+       (q, k, v, do, lse, Dlt, dq_acc, dk, dv, cp.int32(Nq), cp.int32(Nk), cp.float32(scale)), shared_mem=cfg.smem)
+    if dtype == "float32":
+        return dq_acc, dk, dv
+    dq = cp.empty_like(q)
+    n = dq.size
+    _kernel("fa2_bwd.cu", f"bwd_convert_dq<{T}>")((min(math.ceil(n / 256), 65535),), (256,), (dq_acc, dq, cp.uint64(n)))
+    return dq, dk, dv

@@ -1,0 +1,302 @@
+// fa2_wgmma.cu: rung 6 of the CuPy ladder, the FlashAttention-2 forward on Hopper's warpgroup MMA (sm_90a only).
+//
+//   fa2_wgmma<T, D, Bc, NWG, CAUSAL>     T = __half or __nv_bfloat16, D = 64 or 128, Bc = 64 or 128 keys per tile
+//
+// Same algorithm as rung 3 (FlashAttention-2 forward, split-Q, online softmax in registers, cp.async double
+// buffering of K/V tiles), but the two products run as wgmma.mma_async: one instruction multiplies a 64 x 16 A by a
+// 16 x N B (N = 64 or 128) for a whole warpgroup (4 warps, 128 threads) and reads B straight from shared memory
+// through a matrix descriptor, with no ldmatrix in between. This is what FlashAttention-3 builds on (Shah et al. 2024); FA3's other
+// tricks (TMA, warp specialisation, ping-pong scheduling between warpgroups, FP8) are left out.
+// Grid (Tr = ceil(Nq/Br), B*H); block NWG warpgroups (NWG*128 threads); each warpgroup owns 64 query rows, Br = 64*NWG.
+// Shared memory (dynamic, aligned here to 1024 bytes): Qs (Br x D), then 2 stages of Ks (Bc x D) and Vs (Bc x D), all
+//   in the 128-byte-swizzled layout that wgmma reads (and TMA would write; see sw128 below): rows of 128 bytes (64
+//   columns; d = 128 is two such blocks), the 16-byte chunks of each row permuted by XOR with row % 8. Loading whole
+//   128-byte rows keeps L2 requests to full cache lines, and the permutation keeps every 8 consecutive chunks a
+//   thread group writes, and every 8 rows ldmatrix reads, in distinct shared-memory banks.
+// Operands (PTX ISA, "Asynchronous Warpgroup Level Matrix Multiply-Accumulate"):
+//   S = Q K^T   A = Q in registers (loaded once by ldmatrix: warp w of the warpgroup holds rows 16w..16w+15 in the
+//               layout of mma.m16n8k16's A); B = K from shared memory, "K-major" (d contiguous), no transpose.
+//   O += P V    A = P in registers: wgmma's accumulator layout per warp is mma.m16n8k16's C layout repeated over the
+//               N/8 column chunks, so P is packed from S's registers exactly as in rung 2; B = V from shared memory,
+//               keys x d with d contiguous ("MN-major"), read transposed (imm-trans-b = 1).
+// Registers of one thread (warp w, g = lane/4, t = lane%4; rows r = 16w + g and r + 8 of the warpgroup's 64):
+//   qf[D/16][4] Q's A fragments; s[Bc/2] S then P (4 per 8-key chunk n: keys 8n + 2t, 8n + 2t + 1 of rows r, r+8);
+//   o[D/2] the unnormalised O rows; m, l running max (in units of S * scale * log2 e) and this thread's row sums.
+// wgmma is asynchronous: after issuing, the warpgroup commits the group and waits for it before touching the
+//   accumulators; shared memory written by cp.async (the generic proxy) is made visible to wgmma (the async proxy)
+//   with fence.proxy.async before the barrier.
+#include "flash_common.cuh"
+
+#define NEG_INF __int_as_float(0xff800000)
+
+// ---- wgmma helpers (sm_90a) ----
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N> __device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory"); }
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+// Registers wgmma reads or writes, pinned in program order: before wgmma_fence, so that the compiler computes them
+// before it (else ptxas must insert its own fence and serialises the wgmma), and after wgmma_wait, so that nothing
+// reads an accumulator before the wait
+template <int N> __device__ __forceinline__ void fence_regs(float* r) {
+#pragma unroll
+    for (int i = 0; i < N; i++) asm volatile("" : "+f"(r[i])::"memory");
+}
+template <int N> __device__ __forceinline__ void fence_regs(u32* r) {
+#pragma unroll
+    for (int i = 0; i < N; i++) asm volatile("" : "+r"(r[i])::"memory");
+}
+
+// shared-memory matrix descriptor (PTX ISA, "Matrix Descriptor Format"): start address, leading- and stride-dimension
+// byte offsets (LBO, SBO), all in units of 16 bytes; layout type 1 in bits 62-63 = 128-byte swizzle
+__device__ __forceinline__ unsigned long long smem_desc_sw128(u32 addr, u32 lbo, u32 sbo) {
+    return (unsigned long long)((addr & 0x3FFFF) >> 4) | ((unsigned long long)(lbo >> 4) << 16) |
+           ((unsigned long long)(sbo >> 4) << 32) | (1ull << 62);
+}
+
+// the accumulator operand lists of m64n64k16 (32 registers a thread) and m64n128k16 (64)
+#define WG_ACC32 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, " \
+    "%21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
+#define WG_ACC64 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, " \
+    "%21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, " \
+    "%40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, " \
+    "%59, %60, %61, %62, %63}"
+#define WG_OUT32(d) "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
+    "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), \
+    "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), \
+    "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), \
+    "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+#define WG_OUT64(d) "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
+    "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), \
+    "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), \
+    "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), \
+    "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), \
+    "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), \
+    "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), \
+    "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), \
+    "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+#define WG_RS64(TYPES) \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %38, 0;\n" \
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32." TYPES " " WG_ACC32 ", {%32, %33, %34, %35}, %36, p, 1, 1, %37;\n}\n" \
+                 : WG_OUT32(d) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "n"(TB), "n"(ACC))
+#define WG_RS128(TYPES) \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %70, 0;\n" \
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32." TYPES " " WG_ACC64 ", {%64, %65, %66, %67}, %68, p, 1, 1, %69;\n}\n" \
+                 : WG_OUT64(d) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "n"(TB), "n"(ACC))
+
+// d (64 x N fp32, N/2 a thread) = A (64 x 16, registers) * B (16 x N, shared memory descriptor) + (ACC ? d : 0);
+// TB: B transposed. N = 64 or 128: the wider instruction sends A from the registers half as often per FLOP
+template <typename T> struct Wgmma;
+template <> struct Wgmma<__half> {
+    template <int N, int TB, int ACC> static __device__ __forceinline__ void rs(float* d, const u32* a, unsigned long long desc) {
+        if constexpr (N == 128) WG_RS128("f16.f16");
+        else WG_RS64("f16.f16");
+    }
+};
+template <> struct Wgmma<__nv_bfloat16> {
+    template <int N, int TB, int ACC> static __device__ __forceinline__ void rs(float* d, const u32* a, unsigned long long desc) {
+        if constexpr (N == 128) WG_RS128("bf16.bf16");
+        else WG_RS64("bf16.bf16");
+    }
+};
+
+// Byte offset of element (r, c) (c a multiple of 8: the start of a 16-byte chunk) in a tile of R rows stored in the
+// 128-byte-swizzled layout: the tile is cut into blocks of 64 columns (128 bytes a row), each block R rows of 128
+// bytes, and within every 8-row, 1024-byte atom, chunk c/8 of row r is stored at chunk position (c/8) ^ (r%8)
+template <int R> __device__ __forceinline__ int sw128(int r, int c) {
+    return (c >> 6) * (R * 128) + r * 128 + ((((c >> 3) & 7) ^ (r & 7)) << 4);
+}
+
+// rows x D tile (rows = R), row-major in global memory, into the swizzled layout: 16 bytes a thread and step, 8
+// threads per 128-byte line of a row (whole cache lines from L2, and 8 distinct 16-byte bank groups in shared
+// memory); rows >= n_valid are zero-filled
+template <int D, int R, typename T>
+__device__ __forceinline__ void load_sw128(unsigned char* sm, const T* gm, int n_valid, int tid, int nthreads) {
+    constexpr int C = D / 8;
+    for (int i = tid; i < R * C; i += nthreads) {
+        const int r = i / C, c = (i % C) * 8;
+        const bool ok = r < n_valid;
+        cp_async16(sm + sw128<R>(r, c), gm + (size_t)(ok ? r : 0) * D + c, ok ? 16 : 0);
+    }
+}
+
+template <typename T, int D, int Bc, int NWG, bool CAUSAL>
+__global__ void __launch_bounds__(NWG * 128, NWG == 1 ? 2 : 1) fa2_wgmma(const T* __restrict__ Q, const T* __restrict__ K,
+                                                          const T* __restrict__ V, T* __restrict__ O, float* __restrict__ L,
+                                                          int Nq, int Nk, float scale) {
+    static_assert((D == 64 || D == 128) && (Bc == 64 || Bc == 128), "one m64n64 or m64n128 wgmma per k-step");
+    constexpr int Br = 64 * NWG, NT = NWG * 128, TILE = Bc * D * 2;  // TILE: bytes of one K or V stage
+    extern __shared__ __align__(128) unsigned char smem_raw[];
+    // the swizzle pattern repeats every 1024 bytes and wgmma expects its atoms 1024-byte aligned
+    unsigned char* Qs = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
+    unsigned char* Ks = Qs + Br * D * 2;  // 2 stages of Bc x D
+    unsigned char* Vs = Ks + 2 * TILE;    // 2 stages of Bc x D
+
+    const int tid = threadIdx.x, lane = tid & 31, w = (tid >> 5) & 3, wg = tid >> 7, g = lane >> 2, t = lane & 3;
+    const int q0 = (CAUSAL ? gridDim.x - 1 - blockIdx.x : blockIdx.x) * Br, qg = q0 + 64 * wg;
+    const size_t bh = blockIdx.y;
+    Q += (bh * Nq + q0) * D; K += bh * Nk * D; V += bh * Nk * D;
+    const int kv_end = CAUSAL ? min(Nk, q0 + Br) : Nk;
+    const int n_tiles = (kv_end + Bc - 1) / Bc;
+    const int n_full = min(Nk / Bc, CAUSAL ? (q0 + 1) / Bc : n_tiles);  // tiles that need no mask
+    const float sl = scale * 1.4426950408889634f;
+
+    load_sw128<D, Br>(Qs, Q, Nq - q0, tid, NT);
+    load_sw128<D, Bc>(Ks, K, Nk, tid, NT);
+    cp_async_commit();
+
+    u32 qf[D / 16][4], pa[Bc / 16][4];
+    float s[Bc / 2], o[D / 2], m[2] = {NEG_INF, NEG_INF}, l[2] = {0.f, 0.f}, alpha[2];
+#pragma unroll
+    for (int i = 0; i < D / 2; i++) o[i] = 0.f;
+    const u32 ks0 = smem_addr(Ks), vs0 = smem_addr(Vs);
+
+    // Software pipeline (FlashAttention-3's intra-warpgroup overlap): step j issues S_j = Q K_j^T and, behind it,
+    // O += P_{j-1} V_{j-1}; the softmax of S_j runs on the CUDA cores while the Tensor Cores still work on
+    // P_{j-1} V_{j-1}; only then is O rescaled by alpha_j. Loads run one step ahead: step j brings K_{j+1} and V_j,
+    // so K_j and V_{j-1} are in shared memory at step j. The first step (no P V yet) and the last (no S) are peeled
+    // off, so that no wgmma sits under a branch: ptxas then keeps them in flight instead of serialising them.
+    auto begin_step = [&](int j) {
+        cp_async_wait<0>();
+        fence_proxy_async();  // the cp.async writes, visible to wgmma's reads
+        __syncthreads();      // every thread's part landed; every warpgroup is done with S_{j-1} and P_{j-2} V_{j-2}
+        if (j < n_tiles) {
+            if (j + 1 < n_tiles)
+                load_sw128<D, Bc>(Ks + ((j + 1) & 1) * TILE, K + (size_t)(j + 1) * Bc * D, Nk - (j + 1) * Bc, tid, NT);
+            load_sw128<D, Bc>(Vs + (j & 1) * TILE, V + (size_t)j * Bc * D, Nk - j * Bc, tid, NT);
+            cp_async_commit();
+        }
+    };
+    // S_j = Q K_j^T: one m64n{Bc}k16 wgmma per 16-column step kk of d. K is K-major, 128-byte swizzle: the step
+    // starts 32 bytes further in the row (kk%4) of its 64-column block (kk/4); SBO = 1024 (next 8 keys), LBO unused
+    auto issue_s = [&](int j) {
+        const u32 kst = ks0 + (j & 1) * TILE;
+#pragma unroll
+        for (int kk = 0; kk < D / 16; kk++) {
+            const unsigned long long desc = smem_desc_sw128(kst + (kk >> 2) * (Bc * 128) + (kk & 3) * 32, 16, 1024);
+            if (kk == 0) Wgmma<T>::template rs<Bc, 0, 0>(s, qf[kk], desc);  // S = Q K^T, not += (no zeroing)
+            else Wgmma<T>::template rs<Bc, 0, 1>(s, qf[kk], desc);
+        }
+        wgmma_commit();
+    };
+    // O += P_j V_j: one m64n{D}k16 wgmma per 16-key step kk (16 rows of V, 2048 bytes). V is MN-major, 128-byte
+    // swizzle: LBO = the stride between its 64-column blocks of d (Bc * 128 bytes), SBO = 1024 (next 8 keys)
+    auto issue_pv = [&](int j) {
+        const u32 vst = vs0 + (j & 1) * TILE;
+#pragma unroll
+        for (int kk = 0; kk < Bc / 16; kk++)
+            Wgmma<T>::template rs<D, 1, 1>(o, pa[kk], smem_desc_sw128(vst + kk * 2048, Bc * 128, 1024));
+        wgmma_commit();
+    };
+    // before a step's wgmma: Q, P and O pinned ahead of the fence (nothing may define a register a wgmma reads while
+    // one of the step is in flight, else ptxas serialises every wgmma: hence P is converted only after the wait)
+    auto arrive = [&]() {
+        fence_regs<D / 4>(&qf[0][0]);
+        fence_regs<D / 2>(o);
+        fence_regs<Bc / 4>(&pa[0][0]);
+        wgmma_fence();
+    };
+    // mask (ragged last tile, causal diagonal) and online softmax of S_j in base 2, as rung 3: P_j (fp32) in place of
+    // S_j, the factor for the old O in alpha
+    auto softmax = [&](int j) {
+        fence_regs<Bc / 2>(s);
+        const int kv0 = j * Bc;
+        if (j >= n_full) {
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                const int lim = (CAUSAL ? min(Nk, qg + 16 * w + g + 8 * h + 1) : Nk) - kv0 - 2 * t;
+#pragma unroll
+                for (int n = 0; n < Bc / 8; n++) {
+                    if (n * 8 >= lim) s[4 * n + 2 * h] = NEG_INF;
+                    if (n * 8 + 1 >= lim) s[4 * n + 2 * h + 1] = NEG_INF;
+                }
+            }
+        }
+        float base[2];
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            float mx = NEG_INF;
+#pragma unroll
+            for (int n = 0; n < Bc / 8; n++) mx = fmaxf(mx, fmaxf(s[4 * n + 2 * h], s[4 * n + 2 * h + 1]));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            const float m_new = fmaxf(m[h], mx * sl);
+            base[h] = m_new == NEG_INF ? 0.f : m_new;  // no visible key yet: P = 0, alpha = 0, no NaN
+            alpha[h] = fast_exp2(m[h] - base[h]);
+            m[h] = m_new;
+            l[h] *= alpha[h];
+        }
+#pragma unroll
+        for (int i = 0; i < Bc / 2; i++) {
+            s[i] = fast_exp2(fmaf(s[i], sl, -base[(i >> 1) & 1]));
+            l[(i >> 1) & 1] += s[i];
+        }
+    };
+    // once no wgmma is in flight: O rescaled by alpha, P rounded to T into the A fragments of the next P V
+    // (the C fragments of 8-key chunks 2kk and 2kk+1 are the A fragment of 16-key step kk, as in rung 2)
+    auto rescale_and_pack = [&]() {
+#pragma unroll
+        for (int i = 0; i < D / 2; i++) o[i] *= alpha[(i >> 1) & 1];
+#pragma unroll
+        for (int n = 0; n < Bc / 8; n++) {
+            pa[n / 2][2 * (n & 1)] = pack2<T>(s[4 * n], s[4 * n + 1]);
+            pa[n / 2][2 * (n & 1) + 1] = pack2<T>(s[4 * n + 2], s[4 * n + 3]);
+        }
+    };
+
+    begin_step(0);
+    {  // Q's A fragments: matrix i = lane/8 of ldmatrix.x4 is (rows +8*(i&1), columns +8*(i>>1))
+        const int r = 64 * wg + 16 * w + (lane & 7) + 8 * ((lane >> 3) & 1);
+#pragma unroll
+        for (int kk = 0; kk < D / 16; kk++) {
+            ldmatrix_x4_a(qf[kk], smem_addr(Qs) + sw128<Br>(r, 16 * kk + 8 * (lane >> 4)));
+        }
+    }
+    arrive();
+    issue_s(0);
+    wgmma_wait<0>();
+    softmax(0);
+    rescale_and_pack();  // (O is still zero)
+    for (int j = 1; j < n_tiles; j++) {
+        begin_step(j);
+        arrive();
+        issue_s(j);
+        issue_pv(j - 1);
+        wgmma_wait<1>();  // S_j is done; P_{j-1} V_{j-1} may still run while the softmax of S_j does
+        softmax(j);
+        wgmma_wait<0>();
+        fence_regs<D / 2>(o);
+        rescale_and_pack();
+    }
+    begin_step(n_tiles);  // V of the last tile has landed
+    arrive();
+    issue_pv(n_tiles - 1);
+    wgmma_wait<0>();
+    fence_regs<D / 2>(o);
+
+    // epilogue: row sums over the quad, O / l staged in the warp's own 16 rows of Qs (swizzled), 16-byte stores
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        l[h] += __shfl_xor_sync(0xffffffffu, l[h], 1);
+        l[h] += __shfl_xor_sync(0xffffffffu, l[h], 2);
+    }
+    const int rw = 64 * wg + 16 * w;  // the warp's first row in the block
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        const int r = g + 8 * h;  // row within the warp's 16
+        const float inv_l = l[h] > 0.f ? 1.f / l[h] : 0.f;
+#pragma unroll
+        for (int n = 0; n < D / 8; n++)
+            *reinterpret_cast<u32*>(Qs + sw128<Br>(rw + r, 8 * n) + t * 4) =
+                pack2<T>(o[4 * n + 2 * h] * inv_l, o[4 * n + 2 * h + 1] * inv_l);
+        if (t == 0 && q0 + rw + r < Nq)
+            L[bh * Nq + q0 + rw + r] = m[h] * 0.6931471805599453f + logf(l[h]);
+    }
+    __syncwarp();
+    O += (bh * Nq + q0 + rw) * D;
+    constexpr int C = D / 8;
+#pragma unroll
+    for (int i = lane; i < 16 * C; i += 32) {
+        const int r = i / C, c = (i % C) * 8;
+        if (q0 + rw + r < Nq) *reinterpret_cast<uint4*>(O + r * D + c) = *reinterpret_cast<const uint4*>(Qs + sw128<Br>(rw + r, c));
+    }
+}

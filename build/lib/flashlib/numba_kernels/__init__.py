@@ -1,0 +1,83 @@
+"""Layer 4: FlashAttention in Numba-CUDA, float32 (runs on a GPU, or at small sizes in Numba's CUDA simulator).
+
+The rungs, each a module with a kernel factory and a host launcher taking and returning Numba device arrays:
+  matmul      matmul(a, b, kernel="naive" | "tiled"): the tiling chapter
+  fa1         fa1_forward: FlashAttention-1 loop order, O, l, m round-trip through global memory
+  fa2         fa2_forward: FlashAttention-2 loop order, one thread per query row, readable
+  fa2_fast    fa2_forward_fast: FlashAttention-2, register-tiled, warp shuffles on a GPU
+  fa2_bwd     fa2_backward: D pre-pass + one block per K/V tile, dQ by atomic adds
+  fa2_bwd_tf32 fa2_backward_tf32: the same on Tensor Cores in float32 accuracy (3xTF32), sm_80+, a GPU only
+  fa2_tc      fa2_forward_tc: FlashAttention-2 forward on Tensor Cores (mma.sync through inline PTX, mma.py),
+              float16 / bfloat16, sm_75+ (bf16: sm_80+); a GPU only (the simulator cannot run PTX)
+  fa2_tf32    fa2_forward_tf32: float32 FlashAttention-2 forward on TF32 Tensor Cores, 3xTF32 (float32 accuracy),
+              sm_80+, head dims 32, 64, 96, 128: variant "tf32x3", the float32 default on such GPUs
+
+`forward` / `backward` are the backend contract flashlib.attention(..., backend="numba") calls.
+"""
+from ._common import HEAD_DIMS, MAX_HEAD_DIM, TC_DTYPES, check_dtype, head_bucket, simulated
+from .fa2_bwd import fa2_backward
+from .fa1 import fa1_forward
+from .fa2 import fa2_forward
+from .fa2_fast import fa2_forward_fast
+from .fa2_tc import fa2_forward_tc
+from .fa2_tf32 import fa2_forward_tf32
+from .fa2_tf32 import HEAD_DIMS as TF32_HEAD_DIMS
+from .matmul import matmul
+
+VARIANTS = {"fa1": fa1_forward, "fa2": fa2_forward, "fa2_fast": fa2_forward_fast}
+
+
+def default_variant(dtype, d, cc):
+    """'tc' for 16-bit dtypes; float32: 'tf32x3' on compute capability cc >= 8.0 (a tuple; None in the simulator)
+    for its head dims, else 'fa2_fast'."""
+    if str(dtype) in TC_DTYPES:
+        return "tc"
+    return "tf32x3" if cc is not None and tuple(cc) >= (8, 0) and d in TF32_HEAD_DIMS else "fa2_fast"
+
+
+def forward(q, k, v, *, causal=False, scale=None, dtype="float32", variant=None):
+    """(o, lse): o (B, H, Nq, d) in q's dtype and lse (B, H, Nq) float32 Numba device arrays.
+
+    q (B, H, Nq, d), k, v (B, H, Nk, d): Numba device arrays (any strides) of float32 for the variants in VARIANTS
+    or "tf32x3" (float32 default on sm_80+ for head dims 32, 64, 96, 128; else "fa2_fast"), or for variant "tc"
+    (the default for those dtypes) of float16, or bfloat16 as int16/uint16 bits. In the simulator "fa2_fast" runs
+    its shuffle-free form (row maxima reduced through shared memory) with small blocks; "tc", "tf32x3" need a GPU.
+    """
+    dtype = str(dtype)
+    if variant is None:
+        cc = None if simulated() else cuda_cc()
+        variant = default_variant(dtype, q.shape[3], cc)
+    if variant not in ("tc", "tf32x3") and variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, tc, tf32x3, got {variant!r}")
+    check_dtype(dtype, variant)
+    if variant == "tc":
+        return fa2_forward_tc(q, k, v, causal=causal, scale=scale, dtype=dtype)
+    if variant == "tf32x3":
+        return fa2_forward_tf32(q, k, v, causal=causal, scale=scale)
+    head_bucket(q.shape[3])
+    return VARIANTS[variant](q, k, v, causal=causal, scale=scale)
+
+
+def cuda_cc():
+    """The current GPU's compute capability (a tuple)."""
+    from numba import cuda
+    return cuda.get_current_device().compute_capability
+
+
+def backward(q, k, v, o, lse, do, *, causal=False, scale=None, dtype="float32"):
+    """(dq, dk, dv) float32 Numba device arrays; shapes as q, k, v. float32 only. On sm_80+ GPUs with head dim in
+    fa2_bwd_tf32.HEAD_DIMS: the 3xTF32 Tensor Core backward (fa2_bwd_tf32); else (sm_75, the simulator, other
+    head dims) fa2_backward on CUDA cores."""
+    check_dtype(dtype)
+    head_bucket(q.shape[3])
+    if not simulated():
+        from . import fa2_bwd_tf32                  # imported here: it needs a GPU to be of use
+        if fa2_bwd_tf32.fits(q.shape[3]):
+            return fa2_bwd_tf32.fa2_backward_tf32(q, k, v, o, lse, do, causal=causal, scale=scale)
+    return fa2_backward(q, k, v, o, lse, do, causal=causal, scale=scale)
+
+
+__all__ = ["forward", "backward", "default_variant", "fa2_backward", "fa1_forward", "fa2_forward", "fa2_forward_fast",
+           "fa2_forward_tc", "fa2_forward_tf32",
+           "matmul", "VARIANTS",
+           "HEAD_DIMS", "MAX_HEAD_DIM", "head_bucket", "simulated"]

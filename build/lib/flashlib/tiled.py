@@ -1,0 +1,189 @@
+"""Layer 2: FlashAttention in plain NumPy, tile by tile, with the papers' names.
+
+Q (Nq, d) is cut into Tr = ceil(Nq / Br) row blocks Q_i, K and V (Nk, d) into Tc = ceil(Nk / Bc) blocks K_j, V_j;
+the last block of each may be shorter (ragged). Leading axes (batch, heads) ride along.
+
+- `fa1_forward`: Algorithm 1 of FlashAttention (Dao et al. 2022): outer loop over K/V blocks j, inner over
+  Q blocks i; O, l and m live in HBM and make a round trip at every step.
+- `fa2_forward`: FlashAttention-2's forward (Dao 2023, Algorithm 1): outer loop over Q blocks, O, l, m stay on
+  chip, normalisation deferred to the end, the logsumexp written for the backward pass.
+- `backward`: FlashAttention-2's backward (Algorithm 2): P recomputed from the logsumexp, D = rowsum(dO * O).
+
+Each takes `trace=`, a list to which one dict per (i, j) step is appended (see `_step`): which tiles were read
+from HBM, the S and P tiles, m, l and the O rows after the step, and the HBM bytes read/written so far
+(counting `itemsize` bytes per element: 4 for float32). Tiles that causal masking leaves empty are skipped,
+not computed, and appear in the trace with skipped=True.
+"""
+import numpy as np
+
+from .reference import default_scale
+
+
+def n_blocks(N, B):
+    return -(-N // B)
+
+
+def block(t, i, B):
+    """Rows [i*B, min((i+1)*B, N)) of t (..., N, x): the i-th tile, shorter when it is the last one."""
+    return t[..., i * B:(i + 1) * B, :]
+
+
+def tile_visible(i, j, Br, Bc, Nq, causal):
+    """False when causal masking hides the whole tile (i, j): its first key comes after its last query."""
+    return not causal or j * Bc <= min((i + 1) * Br, Nq) - 1
+
+
+def tile_scores(Qi, Kj, i, j, Br, Bc, causal, scale):
+    """S_ij = scale * Q_i K_j^T, with -inf where key index > query index under causal masking."""
+    S = scale * (Qi @ np.swapaxes(Kj, -1, -2))
+    if causal:
+        rows = i * Br + np.arange(S.shape[-2])[:, None]
+        cols = j * Bc + np.arange(S.shape[-1])[None, :]
+        S = np.where(cols <= rows, S, -np.inf)
+    return S
+
+
+def _finite(m):
+    """Row maxima with -inf (a row fully masked inside this tile) replaced by 0, so exp(S - m) is 0, not nan."""
+    return np.where(np.isneginf(m), 0.0, m)
+
+
+class _HBM:
+    """Counts bytes moved between HBM and SRAM."""
+
+    def __init__(self, itemsize):
+        self.itemsize, self.read, self.written = itemsize, 0, 0
+
+    def load(self, *tiles):
+        self.read += self.itemsize * sum(t.size for t in tiles)
+
+    def store(self, *tiles):
+        self.written += self.itemsize * sum(t.size for t in tiles)
+
+
+def _step(trace, hbm, **state):
+    if trace is not None:
+        state.update(hbm_read=hbm.read, hbm_written=hbm.written)
+        trace.append({k: (np.copy(v) if isinstance(v, np.ndarray) else v) for k, v in state.items()})
+
+
+def _amend(trace, hbm, written):
+    """Add writes that end a loop (O_i at the end of FA2's row loop, dK_j, dV_j in the backward) to the last step."""
+    if trace:
+        trace[-1].update(written=trace[-1]["written"] + written, hbm_written=hbm.written)
+
+
+def fa1_forward(q, k, v, causal=False, scale=None, Br=16, Bc=16, trace=None, itemsize=4):
+    """Algorithm 1 of FlashAttention. q (..., Nq, d), k, v (..., Nk, d) -> O (..., Nq, d), lse (..., Nq)."""
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    scale = default_scale(q.shape[-1]) if scale is None else scale
+    Nq, Nk = q.shape[-2], k.shape[-2]
+    Tr, Tc = n_blocks(Nq, Br), n_blocks(Nk, Bc)
+    hbm = _HBM(itemsize)
+    O = np.zeros(q.shape)                          # line 2: O, l, m initialised in HBM
+    l = np.zeros(q.shape[:-1] + (1,))
+    m = np.full(q.shape[:-1] + (1,), -np.inf)
+    hbm.store(O, l, m)
+    for j in range(Tc):                            # line 5: outer loop over K/V blocks
+        active = [i for i in range(Tr) if tile_visible(i, j, Br, Bc, Nq, causal)]
+        Kj, Vj = block(k, j, Bc), block(v, j, Bc)
+        if active:
+            hbm.load(Kj, Vj)                       # line 6
+        for i in range(Tr):                        # line 7: inner loop over Q blocks
+            if i not in active:
+                _step(trace, hbm, algo="fa1", i=i, j=j, skipped=True, loaded=(), written=())
+                continue
+            Qi, Oi, li, mi = block(q, i, Br), block(O, i, Br), block(l, i, Br), block(m, i, Br)
+            hbm.load(Qi, Oi, li, mi)               # line 8
+            S = tile_scores(Qi, Kj, i, j, Br, Bc, causal, scale)          # line 9
+            m_t = S.max(axis=-1, keepdims=True)                          # line 10: tile-local max, sum
+            P_t = np.exp(S - _finite(m_t))
+            l_t = P_t.sum(axis=-1, keepdims=True)
+            m_new = np.maximum(mi, m_t)                                   # line 11
+            l_new = np.exp(mi - m_new) * li + np.exp(m_t - m_new) * l_t
+            Oi[...] = (li * np.exp(mi - m_new) * Oi + np.exp(m_t - m_new) * (P_t @ Vj)) / l_new  # line 12
+            li[...], mi[...] = l_new, m_new                               # line 13
+            hbm.store(Oi, li, mi)
+            _step(trace, hbm, algo="fa1", i=i, j=j, skipped=False,
+                  loaded=(("K", "V") if i == active[0] else ()) + ("Q", "O", "l", "m"),
+                  written=("O", "l", "m"), S=S, P=P_t, m=mi[..., 0], l=li[..., 0], O=Oi)
+    return O, (m + np.log(l))[..., 0]
+
+
+def fa2_forward(q, k, v, causal=False, scale=None, Br=16, Bc=16, trace=None, itemsize=4):
+    """FlashAttention-2's forward. q (..., Nq, d), k, v (..., Nk, d) -> O (..., Nq, d), lse (..., Nq)."""
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    scale = default_scale(q.shape[-1]) if scale is None else scale
+    Nq, Nk = q.shape[-2], k.shape[-2]
+    Tr, Tc = n_blocks(Nq, Br), n_blocks(Nk, Bc)
+    hbm = _HBM(itemsize)
+    O = np.empty(q.shape)
+    lse = np.empty(q.shape[:-1])
+    for i in range(Tr):                            # outer loop over Q blocks: one thread block each on a GPU
+        Qi = block(q, i, Br)
+        hbm.load(Qi)
+        Oi = np.zeros(Qi.shape)                    # on chip: O_i, l_i, m_i never go back to HBM until the end
+        li = np.zeros(Qi.shape[:-1] + (1,))
+        mi = np.full(Qi.shape[:-1] + (1,), -np.inf)
+        for j in range(Tc):
+            if not tile_visible(i, j, Br, Bc, Nq, causal):
+                _step(trace, hbm, algo="fa2", i=i, j=j, skipped=True, loaded=(), written=())
+                continue
+            Kj, Vj = block(k, j, Bc), block(v, j, Bc)
+            hbm.load(Kj, Vj)
+            S = tile_scores(Qi, Kj, i, j, Br, Bc, causal, scale)
+            m_new = np.maximum(mi, S.max(axis=-1, keepdims=True))
+            P_t = np.exp(S - m_new)                # unnormalised: divided by l only once, after the loop
+            alpha = np.exp(mi - m_new)
+            li = alpha * li + P_t.sum(axis=-1, keepdims=True)
+            Oi = alpha * Oi + P_t @ Vj
+            mi = m_new
+            _step(trace, hbm, algo="fa2", i=i, j=j, skipped=False, loaded=(("Q",) if j == 0 else ()) + ("K", "V"),
+                  written=(), S=S, P=P_t, m=mi[..., 0], l=li[..., 0], O=Oi / li)
+        block(O, i, Br)[...] = Oi / li             # deferred normalisation
+        lse[..., i * Br:(i + 1) * Br] = (mi + np.log(li))[..., 0]
+        hbm.store(block(O, i, Br), lse[..., i * Br:(i + 1) * Br])
+        _amend(trace, hbm, ("O", "lse"))
+    return O, lse
+
+
+def backward(q, k, v, o, lse, do, causal=False, scale=None, Br=16, Bc=16, trace=None, itemsize=4):
+    """FlashAttention-2's backward: (dq, dk, dv), P recomputed from lse. Shapes as in fa2_forward."""
+    q, k, v, o, do = (np.asarray(a, np.float64) for a in (q, k, v, o, do))
+    lse = np.asarray(lse, np.float64)[..., None]
+    scale = default_scale(q.shape[-1]) if scale is None else scale
+    Nq, Nk = q.shape[-2], k.shape[-2]
+    Tr, Tc = n_blocks(Nq, Br), n_blocks(Nk, Bc)
+    hbm = _HBM(itemsize)
+    hbm.load(do, o)
+    D = (do * o).sum(axis=-1, keepdims=True)       # pre-pass: D_i = rowsum(dO_i * O_i)
+    hbm.store(D)
+    dq, dk, dv = np.zeros(q.shape), np.zeros(k.shape), np.zeros(v.shape)
+    hbm.store(dq)
+    for j in range(Tc):                            # outer loop over K/V blocks: dK_j, dV_j stay on chip
+        active = [i for i in range(Tr) if tile_visible(i, j, Br, Bc, Nq, causal)]
+        Kj, Vj = block(k, j, Bc), block(v, j, Bc)
+        if active:                                 # keys no query may see: dK_j = dV_j = 0, nothing moved
+            hbm.load(Kj, Vj)
+        dKj, dVj = np.zeros(Kj.shape), np.zeros(Vj.shape)
+        for i in range(Tr):
+            if i not in active:
+                _step(trace, hbm, algo="bwd", i=i, j=j, skipped=True, loaded=(), written=())
+                continue
+            Qi, dOi, lse_i, Di, dQi = block(q, i, Br), block(do, i, Br), block(lse, i, Br), block(D, i, Br), block(dq, i, Br)
+            hbm.load(Qi, dOi, lse_i, Di, dQi)
+            S = tile_scores(Qi, Kj, i, j, Br, Bc, causal, scale)
+            P = np.exp(S - lse_i)                  # recomputation: P was never stored
+            dVj += np.swapaxes(P, -1, -2) @ dOi
+            dP = dOi @ np.swapaxes(Vj, -1, -2)
+            dS = P * (dP - Di)
+            dQi += scale * (dS @ Kj)               # a GPU kernel adds this with atomics or in a second pass
+            dKj += scale * (np.swapaxes(dS, -1, -2) @ Qi)
+            hbm.store(dQi)
+            _step(trace, hbm, algo="bwd", i=i, j=j, skipped=False, loaded=("Q", "dO", "lse", "D", "dQ"),
+                  written=("dQ",), S=S, P=P, dS=dS)
+        block(dk, j, Bc)[...], block(dv, j, Bc)[...] = dKj, dVj
+        if active:
+            hbm.store(dKj, dVj)
+            _amend(trace, hbm, ("dK", "dV"))
+    return dq, dk, dv
