@@ -53,6 +53,31 @@ def test_core_dependencies_are_on_colab():
         assert dep.specifier.contains(pins[name]), f"Colab's {dep.name} {pins[name]} does not satisfy {dep}"
 
 
+# ---------------------------------------------------------------- the records are package data
+def test_records_live_in_the_package_and_a_gpu_reads_none(capsys):
+    import flashlib
+    from flashlib import bench
+    assert bench.RESULTS == pathlib.Path(flashlib.__file__).parent / "data" / "results"
+    assert len(list(bench.RESULTS.glob("*.json"))) >= 20
+    with pytest.raises(FileNotFoundError, match="no recorded result named 'nope'.*hardware_h100"):
+        bench.load("nope")
+    measure = bench.micro.live_or_recorded(True, name="nope")          # a GPU measures: no record needed
+    assert measure("copy", lambda: {"live": 1}) == {"live": 1} and capsys.readouterr().out == ""
+    measure = bench.micro.live_or_recorded(False)                       # no GPU: the recorded numbers, described
+    assert measure("fma", lambda: pytest.fail("measured without a GPU")) == bench.load("hardware_h100")["rows"]["fma"]
+    assert "Recorded on NVIDIA H100" in capsys.readouterr().out
+
+
+def test_grid_imports_without_tqdm(monkeypatch):
+    """tqdm is optional (not a core dependency): the benchmark modules import and run their loop without it."""
+    import importlib
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)
+    from flashlib.bench import grid
+    importlib.reload(grid)
+    assert grid.progress_bar([1, 2], "x") == [1, 2]
+
+
 # ---------------------------------------------------------------- the T4 dispatch (pure Python)
 def test_t4_dispatch_is_fp16_m16n8k8_without_cp_async():
     """On compute capability 7.5 the library picks fp16 Tensor Core kernels of m16n8k8 with no cp.async, and no
