@@ -28,8 +28,9 @@ $(STAMP): pyproject.toml
 $(COLAB_STAMP): requirements-colab.txt
 	rm -rf $(COLAB_VENV)
 	$(PY) -m venv $(COLAB_VENV)
-	$(COLAB_VENV)/bin/python -m pip download -q -d $(COLAB_WHEELS) -r requirements-colab.txt
-	$(COLAB_VENV)/bin/python -m pip install -q --no-index --find-links $(COLAB_WHEELS) -r requirements-colab.txt
+	$(COLAB_VENV)/bin/python -m pip install -q --no-index --find-links $(COLAB_WHEELS) -r requirements-colab.txt \
+	  || ($(COLAB_VENV)/bin/python -m pip download -q -d $(COLAB_WHEELS) -r requirements-colab.txt \
+	      && $(COLAB_VENV)/bin/python -m pip install -q --no-index --find-links $(COLAB_WHEELS) -r requirements-colab.txt)
 	touch $@
 
 book: $(STAMP)
