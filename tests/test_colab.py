@@ -139,7 +139,7 @@ def _env(venv, simulator=True):
 @pytest.fixture(scope="module")
 def colab_python(tmp_path_factory):
     """.venv-colab's python, with the wheel of this tree installed non-editable, --no-deps."""
-    venv = pathlib.Path(VENV or ROOT / ".venv-colab")
+    venv = ROOT / (VENV or ".venv-colab")                 # relative to the repository, as the Makefile sets it
     if not (venv / "bin" / "python").exists():
         if VENV:
             pytest.fail(f"FLASHLIB_COLAB_VENV={VENV} has no python: run `make .venv-colab/.installed`")
