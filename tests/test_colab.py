@@ -144,9 +144,12 @@ def colab_python(tmp_path_factory):
         if VENV:
             pytest.fail(f"FLASHLIB_COLAB_VENV={VENV} has no python: run `make .venv-colab/.installed`")
         pytest.skip("no .venv-colab (make test prepares it from requirements-colab.txt)")
-    dist = tmp_path_factory.mktemp("dist")
+    dist, src = tmp_path_factory.mktemp("dist"), tmp_path_factory.mktemp("src")
+    shutil.copytree(ROOT / "flashlib", src / "flashlib", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):        # a clean copy: no stale build/ of setuptools in the wheel
+        shutil.copy(ROOT / name, src)
     pip = lambda py, *a: subprocess.run([str(py), "-m", "pip", *a], capture_output=True, text=True, check=False)
-    r = pip(sys.executable, "wheel", "-q", "--no-deps", "-w", str(dist), str(ROOT))
+    r = pip(sys.executable, "wheel", "-q", "--no-deps", "-w", str(dist), str(src))
     assert r.returncode == 0, r.stderr[-3000:]
     (wheel,) = dist.glob("flashlib-*.whl")
     py = venv / "bin" / "python"

@@ -1,3 +1,0 @@
-from .grid import main
-
-main()
