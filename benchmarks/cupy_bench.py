@@ -1,6 +1,6 @@
 """The CuPy ladder beside PyTorch SDPA (each backend pinned) and naive attention, on the present GPU.
 
-    python benchmarks/cupy_bench.py [--out DIR] [--quick]    # the grid; writes <DIR or benchmarks/results>/cupy_<gpu>.json
+    python benchmarks/cupy_bench.py [--out DIR] [--quick]    # the grid; writes <DIR or flashlib/data/results>/cupy_<gpu>.json
     python benchmarks/cupy_bench.py --precompile [--sweep] [--bwd-sweep]  # compile in parallel (CuPy disk cache) the
                                                               # library's and the tests' instances [and the sweeps']
     python benchmarks/cupy_bench.py --smoke [RUNG ...]        # each kernel once at small shapes (for compute-sanitizer)

@@ -4,6 +4,8 @@
 # and execnet) and run, within one warm lease:
 #   bash benchmarks/gpu_session.sh tests <flashlib commit>   # every gpu test, compute-sanitizer      (~7 min)
 #   bash benchmarks/gpu_session.sh bench <flashlib commit>   # the benchmarks still to be recorded    (~8 min)
+# then copy the JSON that comes back from $OUT into flashlib/data/results/ (flashlib.bench.RESULTS: package data,
+# so the wheel and Colab carry it) and commit it; the text logs go to benchmarks/results/logs/.
 set -u
 phase=${1:?tests or bench}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \

@@ -67,10 +67,10 @@ def model(case):
 
 
 def sweep(out_dir):
-    from tqdm import tqdm
     from flashlib.bench import save
+    from flashlib.bench.grid import progress_bar
     rows = []
-    for case in tqdm(CASES, desc="ncu"):
+    for case in progress_bar(CASES, "ncu"):
         read, written, kernels = measure(case)
         m_read, m_written = model(case)
         rows.append({**case, "d": D, "BH": BH, "dram_read": read, "dram_written": written, "kernels": kernels,

@@ -2,7 +2,7 @@
 
     FLASHLIB_COMMIT=$(git rev-parse --short HEAD) python benchmarks/numba_bench.py [--quick]
 
-Writes benchmarks/results/numba_h100.json (name from --name) via flashlib.bench.save and prints markdown tables.
+Writes flashlib/data/results/numba_h100.json (name from --name) via flashlib.bench.save and prints markdown tables.
 TFLOP/s = 4*B*H*Nq*Nk*d / t, half for causal; fwd+bwd counts 3.5x the forward (backward = 2.5x).
 B*H*N = 16 * 16384 tokens at every N. All float32, TF32 matmuls off (PyTorch's default).
 """
@@ -30,7 +30,7 @@ def main():
     ap.add_argument("--name", default="numba_h100")
     ap.add_argument("--quick", action="store_true", help="N <= 4096 only")
     ap.add_argument("--sweep", action="store_true", help="time fa2_fast tile configurations only")
-    ap.add_argument("--dir", default=None, help="results directory (default benchmarks/results)")
+    ap.add_argument("--dir", default=None, help="results directory (default flashlib/data/results)")
     ap.add_argument("--budget", type=float, default=330.0, help="seconds for the timing grid")
     args = ap.parse_args()
 

@@ -1,7 +1,7 @@
 """The Numba Tensor Core FA2 forward beside PyTorch SDPA flash and the tuned CuPy kernel, on the present GPU.
 
     python benchmarks/numba_tc_bench.py [--out DIR] [--quick] [--ns N ...] [--sweep-ns N ...] [--no-cupy] [--host]
-    # writes <DIR or benchmarks/results>/numba_tc_<gpu>.json (numba_tc_h100.json on an H100)
+    # writes <DIR or flashlib/data/results>/numba_tc_<gpu>.json (numba_tc_h100.json on an H100)
 
 Shapes as benchmarks/cupy_bench.py: fp16, d = 64 and 128, causal or not, N = 1024 .. 16384, B = 16384 // N, H = 16;
 FLOPs = 4*B*H*N^2*d (half for causal), forward only. Implementations:

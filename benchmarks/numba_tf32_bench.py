@@ -1,12 +1,12 @@
 """The float32 3xTF32 Tensor Core FA2 forward (numba_kernels.fa2_tf32) beside fa2_fast, naive torch and SDPA efficient.
 
-    python benchmarks/numba_tf32_bench.py [--out DIR] [--quick]    # writes <DIR or benchmarks/results>/numba_tf32_<gpu>.json
+    python benchmarks/numba_tf32_bench.py [--out DIR] [--quick]    # writes <DIR or flashlib/data/results>/numba_tf32_<gpu>.json
 
 float32, H = 16, B*H*N = 262144 (B = 16384 // N), d = 64 and 128, causal or not, N = 4096 and 16384 (--quick:
 4096 only). TFLOP/s = 4*B*H*N^2*d / t, half when causal; forward only. Implementations:
   tf32x3            flashlib.numba_kernels.forward(..., variant="tf32x3") (checks, allocation, one launch)
   tf32x3_<tiles>    fa2_forward_tf32 with other (NW, Bc, QPRE, MAXREG) (non-causal). The recorded run
-                    benchmarks/results/numba_tf32_h100.json was taken before TILES was set from it: its "tf32x3"
+                    flashlib/data/results/numba_tf32_h100.json was taken before TILES was set from it: its "tf32x3"
                     rows ran d=64 (4, 64, False, 0), d=128 (4, 32, False, 0) (its info.tiles)
   fa2_fast          the CUDA-core float32 kernel
   naive_torch       flashlib.gpt.naive_attention, torch.backends.cuda.matmul.allow_tf32 = False

@@ -4,7 +4,7 @@
         -k regex:fa2_tc python benchmarks/profile_tuned.py
 
 Shapes (fp16, 16 heads, B*N = 16384 tokens): d = 64 causal and d = 128 non-causal at N = 4096, the rung's weakest
-and strongest cases against SDPA flash in benchmarks/results/cupy_h200.json.
+and strongest cases against SDPA flash in flashlib/data/results/cupy_h200.json.
 """
 import os
 import sys

@@ -49,4 +49,4 @@ def _describe(has_gpu):
         return f"GPU: {dev.name.decode() if isinstance(dev.name, bytes) else dev.name}, compute capability {dev.compute_capability}"
     return ("No CUDA GPU here: Numba kernels run in its CUDA simulator at small sizes,\n"
             "CuPy kernels are compiled but not launched, and GPU figures come from runs\n"
-            "recorded in benchmarks/results/.")
+            "recorded in flashlib/data/results/.")

@@ -89,7 +89,7 @@ GPUS = [
          checked=["https://archive-lib.hpctech.co.jp/gpuproduct/nvidia-h100.html",
                   "https://prohardver.hu/hir/nvidia_reszletezte_h100_gyorsitok_specifikacio.html",
                   "https://glennklockwood.com/garden/processors/h100",
-                  "benchmarks/results/hardware_h100.json"],
+                  "flashlib/data/results/hardware_h100.json"],
          unconfirmed=()),
     dict(name="H200", sku="H200 SXM 141GB", arch="Hopper", cc="9.0", year=2024,
          memory_GB=141, memory_type="HBM3e", bus_bits=6144, gbps_per_pin=6.25, bandwidth_GBps=4800,
@@ -141,6 +141,19 @@ TENSOR_PRECISIONS = [
 ]
 for _p in TENSOR_PRECISIONS:
     _p["source"] = WHITEPAPERS[_p["arch"]]
+
+
+def matmul_units(dtype, cc):
+    """'Tensor Cores' if a dtype matmul ('fp16', 'bf16', 'tf32', 'fp32') has Tensor Cores on compute capability cc
+    ('7.5' or (7, 5)) by TENSOR_PRECISIONS, else 'CUDA cores'. A T4 (7.5) has FP16 Tensor Cores only: its bf16
+    matmul and its tf32 one (allow_tf32 does nothing there: plain FP32) run on the CUDA cores."""
+    cc = tuple(int(x) for x in (cc.split(".") if isinstance(cc, str) else cc))
+    if cc < (7, 0):
+        raise ValueError(f"compute capability {cc} has no Tensor Cores; the table starts at Volta (7.0)")
+    gen = max((g for g in TENSOR_PRECISIONS if tuple(map(int, g["cc"].split("."))) <= cc),
+              key=lambda g: tuple(map(int, g["cc"].split("."))))
+    units = dtype.upper() != "FP32" and dtype.upper() in gen["precisions"].replace(",", " ").split()
+    return "Tensor Cores" if units else "CUDA cores"
 
 def gpu(name):
     """The row of `GPUS` called `name` (e.g. 'H100')."""

@@ -3,18 +3,20 @@
 - `time_cuda(fn)`: the one timing helper: CUDA events around `fn()` after warm-up, median of repeats, in ms.
 - `provenance()`: GPU, driver/CUDA, library versions, date, and the code measured (flashlib commit, dirty flag,
   kernel source hashes: `bench.records`), stored with every result.
-- `save(name, rows, **info)` / `load(name)`: JSON files under benchmarks/results/, which the book reads when it
-  is built on a machine without a GPU. A record whose provenance does not hold carries `"superseded": "<why>"`
+- `save(name, rows, **info)` / `load(name)`: JSON files in `RESULTS` (flashlib/data/results/, package data, so the
+  installed wheel carries them), which the book and Colab read where there is no GPU. A record whose provenance does not hold carries `"superseded": "<why>"`
   (`load(name).get("superseded")`), and `describe` says so.
 """
 import datetime
+import importlib.resources
 import json
 import pathlib
 import platform
 import subprocess
 import warnings
 
-RESULTS = pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / "results"
+# The recorded results are package data: the same folder from a checkout, an editable install and a wheel.
+RESULTS = pathlib.Path(str(importlib.resources.files("flashlib").joinpath("data", "results")))
 
 
 def time_cuda(fn, warmup=3, repeat=10):
@@ -84,7 +86,7 @@ def gpu_tag(name):
 
 
 def save(name, rows, directory=None, **info):
-    """Write {'info': provenance + info, 'rows': rows} to <directory or benchmarks/results>/<name>.json.
+    """Write {'info': provenance + info, 'rows': rows} to <directory or RESULTS>/<name>.json.
     Warns when the tree had uncommitted changes: such a record fails test_bench until it is re-recorded."""
     path = pathlib.Path(directory or RESULTS) / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -97,8 +99,12 @@ def save(name, rows, directory=None, **info):
 
 
 def load(name):
-    """The recorded result `name` from benchmarks/results/: a dict with 'info' and 'rows'."""
-    return json.loads((RESULTS / f"{name}.json").read_text())
+    """The recorded result `name` from RESULTS: a dict with 'info' and 'rows'."""
+    path = RESULTS / f"{name}.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no recorded result named {name!r} in {RESULTS}; recorded: "
+                                + ", ".join(sorted(p.stem for p in RESULTS.glob("*.json"))))
+    return json.loads(path.read_text())
 
 
 def describe(result):

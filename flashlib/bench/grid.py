@@ -10,14 +10,21 @@ causal); forward+backward counts 3.5x the forward, as FlashAttention-2's paper d
 import argparse
 import math
 
-from tqdm.auto import tqdm
-
 from . import save, time_cuda
 
 FULL = dict(dtypes=("float16", "bfloat16", "float32"), ds=(64, 128), Ns=(512, 1024, 2048, 4096, 8192, 16384),
             causals=(False, True))
 QUICK = dict(dtypes=("float16", "float32"), ds=(64,), Ns=(1024, 4096), causals=(False, True))
 SDPA = ("flash", "cudnn", "efficient", "math")
+
+
+def progress_bar(items, desc, disable=False):
+    """`items` with a tqdm progress bar where tqdm is installed (it is optional: flashlib does not depend on it)."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return items
+    return tqdm(items, desc=desc, disable=disable)
 
 
 def flops(B, H, N, d, causal, backward=False):
@@ -65,7 +72,7 @@ def run(grid, repeat=10, out=None, progress=True):
     import torch
     rows, cases = [], [(dt, d, N, c) for dt in grid["dtypes"] for d in grid["ds"] for N in grid["Ns"]
                        for c in grid["causals"]]
-    for dt, d, N, causal in tqdm(cases, disable=not progress, desc="attention grid"):
+    for dt, d, N, causal in progress_bar(cases, "attention grid", disable=not progress):
         B, H = max(1, 16384 // N), 16
         g = torch.Generator(device="cuda").manual_seed(0)
         q, k, v, do = (torch.randn(B, H, N, d, device="cuda", dtype=getattr(torch, dt), generator=g)
@@ -119,7 +126,7 @@ def table(rows, key="fwd_tflops"):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a small grid (a minute or two)")
-    ap.add_argument("--out", default=None, help="directory for the JSON (default benchmarks/results)")
+    ap.add_argument("--out", default=None, help="directory for the JSON (default flashlib.bench.RESULTS)")
     ap.add_argument("--name", default=None, help="file name (default attention_<gpu>[_quick])")
     ap.add_argument("--no-memory", action="store_true", help="skip the memory sweep up to N = 65536")
     a = ap.parse_args(argv)

@@ -153,13 +153,14 @@ def numba_vector_add():
 
 
 def live_or_recorded(gpu, name="hardware_h100"):
-    """For a chapter: returns measure(key, fn), which runs fn() on a GPU and otherwise returns the recorded
-    result `key` of benchmarks/results/<name>.json, after saying once where the recorded numbers come from."""
+    """For a chapter: returns measure(key, fn), which runs fn() on a GPU (no record is read) and otherwise
+    returns the recorded result `key` of load(name), after saying once where the recorded numbers come from."""
+    if gpu:
+        return lambda key, fn: fn()
     rec = load(name)
-    if not gpu:
-        print("No GPU here: every measurement on this page is the one recorded by flashlib.bench.micro. "
-              + describe(rec))
-    return lambda key, fn: fn() if gpu else rec["rows"][key]
+    print("No GPU here: every measurement on this page is the one recorded by flashlib.bench.micro. "
+          + describe(rec))
+    return lambda key, fn: rec["rows"][key]
 
 
 def kernel(name):
@@ -477,7 +478,7 @@ def smid_timeline(waves=3, threads=1024, spin_us=20):
 
 def run_all(name=None, directory=None):
     """Every micro-benchmark with a progress bar; saves <name>.json and <name>_smid.json (timeline)."""
-    from tqdm.auto import tqdm
+    from .grid import progress_bar
     info = device_info()
     name = name or "hardware_" + info.get("name", "gpu").split()[1].lower() if info.get("name") else "hardware_gpu"
     steps = [("transfers", transfers), ("launch", launch_overhead), ("copy", copy_bandwidth),
@@ -485,7 +486,7 @@ def run_all(name=None, directory=None):
              ("fma", fma_throughput), ("matmul", matmul_throughput), ("attention", attention_points),
              ("timeline", smid_timeline)]
     rows = {}
-    for key, fn in tqdm(steps, desc="micro-benchmarks"):
+    for key, fn in progress_bar(steps, "micro-benchmarks"):
         try:
             rows[key] = fn()
         except Exception as e:
@@ -499,7 +500,7 @@ def run_all(name=None, directory=None):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=None, help="directory for the JSON (default benchmarks/results)")
+    ap.add_argument("--out", default=None, help="directory for the JSON (default flashlib.bench.RESULTS)")
     ap.add_argument("--name", default=None, help="file name stem (default hardware_<gpu>)")
     a = ap.parse_args()
     rows, _, paths = run_all(a.name, a.out)

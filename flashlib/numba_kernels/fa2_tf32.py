@@ -73,7 +73,7 @@ LN2 = np.float32(math.log(2.0))
 SMEM_STATIC = 48 * 1024
 # (NW warps, Bc keys, QPRE, MAXREG) per head dim: QPRE keeps Q split in registers (else split again each tile:
 # fewer registers), MAXREG caps registers per thread (0: ptxas decides). Static shared memory < 48 KB limits Bc at
-# d = 96, 128 to 32. Measured on an H100 (benchmarks/results/numba_tf32_h100.json, non-causal, N = 4096 / 16384,
+# d = 96, 128 to 32. Measured on an H100 (flashlib/data/results/numba_tf32_h100.json, non-causal, N = 4096 / 16384,
 # TFLOP/s): d=64 (4, 64, False, 168) 40.1 / 42.4 [168 registers: 3 blocks per SM, 12 bytes of spills] beside
 # (4, 64, False, 0) 32.8 / 37.4 [177 registers], (4, 64, True, 0) 36.6 / 40.3, (4, 32, True, 0) 37.4 / 40.2;
 # d=128 (8, 32, False, 0) 39.8 / 43.2 beside (4, 32, False, 0) 38.6 / 42.3, (4, 16, False, 0) 34.6 / 36.7.

@@ -1,6 +1,6 @@
 """Figures and tables for the hardware chapters: the memory pyramid, the roofline, the block-to-SM timeline,
 and the plots of the micro-benchmarks (flashlib.bench.micro). Each function takes plain numbers (measured
-live or loaded from benchmarks/results/) and returns a matplotlib Figure."""
+live or loaded from flashlib/data/results/) and returns a matplotlib Figure."""
 import math
 
 import matplotlib.pyplot as plt
