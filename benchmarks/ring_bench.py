@@ -163,7 +163,7 @@ def main(argv=None):
     ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--dtype", default=None, help="float16 on GPUs, float32 on CPUs unless given")
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--out", default=None, help="directory for the record (default: benchmarks/results)")
+    ap.add_argument("--out", default=None, help="directory for the record (default: flashlib.bench.RESULTS)")
     ap.add_argument("--precompile", type=int, nargs="+", metavar="D", help="only compile the CuPy kernels for these "
                     "head dims (on a GPU machine, before a run) and exit")
     a = ap.parse_args(argv)
