@@ -131,8 +131,8 @@ def check_record(result, path=None):
         if differ:
             why.append(f"{len(differ)} kernel source(s) measured differ from commit {commit}: {', '.join(differ[:5])}")
     elif path is not None:                       # the first commit after `commit` that wrote the file
-        writer = next(iter((_git("log", "--reverse", "--format=%H", f"{commit}..HEAD", "--", _relative(path))
-                            or "").split()), "")
+        writers = (_git("log", "--follow", "--format=%H", f"{commit}..HEAD", "--", _relative(path)) or "").split()
+        writer = writers[-1] if writers else ""        # the oldest, across the move into flashlib/data/results
         changed = _changed_sources(commit, writer) if writer else []
         if changed:
             why.append(f"kernel sources changed between {commit} and the commit that wrote the record "
