@@ -13,7 +13,7 @@ from flashlib.viz.tables import number, table
 
 @pytest.mark.parametrize("x,text", [(2119.3, "2,119"), (33200.0, "33,200"), (0.94123, "0.9412"), (62.06, "62.06"),
                                     (7, "7"), (1234567, "1,234,567"), (0.0, "0"), (float("nan"), "–"),
-                                    (2.5e-7, "2.500e-07"), ("fp16", "fp16"), (None, "None"), (True, "True")])
+                                    (8.1, "8.1"), (1.0, "1"), (2.5e-7, "2.500e-07"), ("fp16", "fp16"), (None, "None"), (True, "True")])
 def test_numbers_read_without_exponents(x, text):
     assert number(x) == text
     assert "e+" not in number(2119.3, 3) and number(2119.3, 3) == "2,119"

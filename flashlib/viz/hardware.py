@@ -3,6 +3,7 @@ and the plots of the micro-benchmarks (flashlib.bench.micro). Each function take
 live or loaded from benchmarks/results/) and returns a matplotlib Figure; `table` (from .tables) prints the
 chapters' tables."""
 import math
+import re
 import textwrap
 
 import matplotlib.pyplot as plt
@@ -52,8 +53,8 @@ def memory_pyramid(levels, title="The memory hierarchy"):
 def roofline(peaks, bandwidths, points=(), title="Roofline", imin=0.1, imax=1e4):
     """peaks: {label: TFLOP/s} (horizontal roofs); bandwidths: {label: GB/s} (slanted roofs);
     points: dicts {label, intensity (FLOP/byte), TFLOPs (achieved, or None to mark the intensity only)}.
-    Each measured point has its own marker and colour (points that coincide stay visible); the legend sits
-    under the plot."""
+    Each measured point has its own marker, colour and size (points that coincide stay visible); points whose
+    label says "fused" are drawn open, the others filled. The legend sits under the plot."""
     fig, ax = plt.subplots(figsize=(8, 6))
     x = np.logspace(math.log10(imin), math.log10(imax), 200)
     top = max(peaks.values())
@@ -67,8 +68,10 @@ def roofline(peaks, bandwidths, points=(), title="Roofline", imin=0.1, imax=1e4)
         ax.plot([], [], "-", color=color, lw=3, label=f"peak: {plabel}, {number(p)} TFLOP/s")
     for i, p in enumerate(points):
         if p.get("TFLOPs"):
-            ax.loglog(p["intensity"], p["TFLOPs"], "osD^vp<>"[i % 8], color=("C3", "C5", "k", "C6")[i % 4],
-                      ms=11 - 1.5 * (i % 4), mfc="none", mew=2,
+            color = ("C3", "C5", "k", "C4")[i % 4]       # decreasing sizes: coinciding points stay visible
+            fused = re.search(r"\bfused\b", p["label"]) is not None          # not "unfused"
+            ax.loglog(p["intensity"], p["TFLOPs"], "osD^vp<>"[i % 8], color=color, ms=12 - 2 * (i % 4), mew=1.5,
+                      mfc="none" if fused else color, mec=color if fused else "white",
                       label=f"{p['label']}: {number(p['intensity'], 3)} FLOP/B, {number(p['TFLOPs'], 3)} TFLOP/s")
         else:
             ax.axvline(p["intensity"], color="0.6", lw=0.8, ls=":")

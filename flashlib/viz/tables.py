@@ -11,8 +11,8 @@ EMPTY = ("", "–", "-", "?")
 
 
 def number(x, digits=4):
-    """A number for a reader: thousands separators, `digits` significant digits, no exponent between 1e-3
-    and 1e15 ('2,119', '33,200', '0.9412', '7.25'); integers in full."""
+    """A number for a reader: thousands separators, at most `digits` significant digits, no trailing zeros, no
+    exponent between 1e-3 and 1e15 ('2,119', '33,200', '0.9412', '8.1'); integers in full."""
     if isinstance(x, bool) or not isinstance(x, (int, float)):
         return str(x)
     if isinstance(x, int):
@@ -24,7 +24,8 @@ def number(x, digits=4):
     if not 1e-3 <= abs(x) < 1e15:
         return f"{x:.{digits - 1}e}"
     decimals = max(0, digits - 1 - math.floor(math.log10(abs(x))))
-    return f"{x:,.{decimals}f}"
+    text = f"{x:,.{decimals}f}"
+    return text.rstrip("0").rstrip(".") if "." in text else text
 
 
 def _cell(x):
