@@ -55,7 +55,7 @@ def roofline(peaks, bandwidths, points=(), title="Roofline", imin=0.1, imax=1e4)
     points: dicts {label, intensity (FLOP/byte), TFLOPs (achieved, or None to mark the intensity only)}.
     Each measured point has its own marker, colour and size (points that coincide stay visible); points whose
     label says "fused" are drawn open, the others filled. The legend sits under the plot."""
-    fig, ax = plt.subplots(figsize=(8, 6))
+    fig, ax = plt.subplots(figsize=(7.5, 6))
     x = np.logspace(math.log10(imin), math.log10(imax), 200)
     top = max(peaks.values())
     styles = ("-", "--", ":")
@@ -68,10 +68,10 @@ def roofline(peaks, bandwidths, points=(), title="Roofline", imin=0.1, imax=1e4)
         ax.plot([], [], "-", color=color, lw=3, label=f"peak: {plabel}, {number(p)} TFLOP/s")
     for i, p in enumerate(points):
         if p.get("TFLOPs"):
-            color = ("C3", "C5", "k", "C4")[i % 4]       # decreasing sizes: coinciding points stay visible
+            color = ("C3", "C5", "k")[i % 3]           # sizes differ: coinciding points stay visible
             fused = re.search(r"\bfused\b", p["label"]) is not None          # not "unfused"
-            ax.loglog(p["intensity"], p["TFLOPs"], "osD^vp<>"[i % 8], color=color, ms=12 - 2 * (i % 4), mew=1.5,
-                      mfc="none" if fused else color, mec=color if fused else "white",
+            ax.loglog(p["intensity"], p["TFLOPs"], "osD^vp<>"[i % 8], color=color, ms=(12, 9, 7)[i % 3], mew=1.5,
+                      mfc="none" if fused else color,
                       label=f"{p['label']}: {number(p['intensity'], 3)} FLOP/B, {number(p['TFLOPs'], 3)} TFLOP/s")
         else:
             ax.axvline(p["intensity"], color="0.6", lw=0.8, ls=":")
@@ -128,8 +128,9 @@ def bars(labels, values, reference=None, ylabel="", title="", ref_label="datashe
     are wrapped to the width of their bar; the values over the bars are plain numbers ('2,119', not 2.12e+03)."""
     fig, ax = plt.subplots(figsize=(7, 3.4))
     ax.bar(range(len(values)), values, color=[f"C{i % 7}" for i in range(len(values))])
-    for i, v in enumerate(values):
-        ax.text(i, v, number(v, 3), ha="center", va="bottom", fontsize=8)
+    for i, v in enumerate(values):                  # a white box: a reference line does not strike through
+        ax.text(i, v, number(v, 3), ha="center", va="bottom", fontsize=8,
+                bbox=dict(facecolor="white", edgecolor="none", pad=0.5))
     if reference:
         ax.axhline(reference, ls="--", color="k", lw=1)
         ax.text(len(values) - 0.5, reference, f" {ref_label}: {number(reference)}", va="bottom", ha="right",
@@ -137,6 +138,7 @@ def bars(labels, values, reference=None, ylabel="", title="", ref_label="datashe
     chars = max(6, int(7 * 0.8 / len(values) * 72 / (8 * 0.62)))   # characters of 8 pt text under one bar
     ax.set_xticks(range(len(values)), [textwrap.fill(str(s), chars) for s in labels], fontsize=8)
     ax.set_ylim(0, max([*values, reference or 0]) * 1.15)
+    ax.yaxis.set_major_formatter(plt.FuncFormatter(lambda y, _: number(y)))
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
