@@ -54,3 +54,17 @@ def test_provenance_is_short_with_the_versions_folded():
     html = source(r)._repr_html_()
     assert html.startswith('<details class="provenance"><summary>Recorded on NVIDIA H100')
     assert "torch 2.11.0" in html and "torch 2.11.0" not in line and "torch 2.11.0" in repr(source(r))
+
+
+def test_log_axes_get_plain_labels_at_1_2_5():
+    import matplotlib.pyplot as plt
+    from flashlib.viz import plain_log_ticks
+    fig, ax = plt.subplots()
+    ax.loglog([20, 1000], [1.5, 30])
+    plain_log_ticks(ax)
+    fig.canvas.draw()
+    lo, hi = ax.get_ylim()
+    shown = [t.get_text() for t, v in zip(ax.get_yticklabels(), ax.get_yticks()) if lo <= v <= hi]
+    assert shown == ["2", "5", "10", "20"]
+    assert [t.get_text() for t in ax.get_xticklabels(minor=True) if t.get_text()] == []
+    plt.close(fig)

@@ -12,6 +12,17 @@ from cycler import cycler
 OKABE_ITO = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#56B4E9", "#CC79A7", "#000000", "#F0E442"]
 
 
+def plain_log_ticks(ax, axis="both"):
+    """Label a log axis with plain numbers at 1, 2 and 5 times each power of ten ('2', '5', '10', '1,000'),
+    not '2×10¹' at every minor tick, which crowd each other when the axis spans about a decade."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+    from .tables import number
+    for a in ([ax.xaxis, ax.yaxis] if axis == "both" else [getattr(ax, axis + "axis")]):
+        a.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        a.set_major_formatter(FuncFormatter(lambda v, _: number(v)))
+        a.set_minor_formatter(NullFormatter())
+
+
 def style():
     """The book's matplotlib defaults (rcParams) and, inside IPython, retina (2x) inline figures."""
     mpl.rcParams.update({"axes.prop_cycle": cycler(color=OKABE_ITO), "image.cmap": "viridis",
