@@ -30,7 +30,7 @@ def test_every_recorded_result_says_where_it_came_from(path):
 
 def test_table_and_plots_from_the_recorded_quick_grid(tmp_path):
     r = bench.load("attention_h100_quick")
-    t = grid.table(r["rows"])
+    t = grid.table(r["rows"]).markdown()
     assert t.splitlines()[0].startswith("| dtype | d | N | causal |") and "sdpa-flash" in t
     assert len(t.splitlines()) == 2 + len({(x["dtype"], x["d"], x["n"], x["causal"]) for x in r["rows"]})
     mem = [dict(n=1024, impl="naive", peak_extra_MB=100.0), dict(n=65536, impl="naive", error="OutOfMemoryError")]

@@ -127,8 +127,8 @@ def test_figures_render_headless():
             hv.l2_cliff([dict(MB=1, GBps=9000.0), dict(MB=512, GBps=3000.0)], l2_MB=50, hbm_GBps=3350)]
     for f in figs:
         f.canvas.draw()
-    t = hv.table(hv.GPU_TABLE_HEADERS, hv.gpu_table_rows([h100]))
-    assert "| H100 SXM5 80GB |" in getattr(t, "data", t)
+    t = hv.table(hv.GPU_TABLE_HEADERS, hv.gpu_table_rows([h100])).markdown()
+    assert "| H100 SXM5 80GB |" in t
 
 
 RECORDED = sorted(p.stem for p in RESULTS.glob("hardware_*.json") if not p.stem.endswith("_smid"))

@@ -3,6 +3,7 @@
 - `time_cuda(fn)`: the one timing helper: CUDA events around `fn()` after warm-up, median of repeats, in ms.
 - `provenance()`: GPU, driver/CUDA, library versions, date, and the code measured (flashlib commit, dirty flag,
   kernel source hashes: `bench.records`), stored with every result.
+- `describe(result)` / `source(result)`: where a recorded result came from, as a line or for display().
 - `save(name, rows, **info)` / `load(name)`: JSON files in `RESULTS` (flashlib/data/results/, package data, so the
   installed wheel carries them), which the book and Colab read where there is no GPU. A record whose provenance does not hold carries `"superseded": "<why>"`
   (`load(name).get("superseded")`), and `describe` says so.
@@ -107,14 +108,43 @@ def load(name):
     return json.loads(path.read_text())
 
 
-def describe(result):
-    """One line saying where a recorded result came from, for the book to print under a figure."""
+def describe(result, full=False):
+    """One short line saying where a recorded result came from (GPU, date, flashlib commit), for the book to
+    print under a figure; full=True adds a second line with the driver and library versions."""
     i = result["info"]
-    return (f"Recorded on {i.get('gpu')} (driver {i.get('driver')}), {i.get('date', '')[:10]}, "
-            f"torch {i.get('torch')}, CuPy {i.get('cupy')}, numba-cuda {i.get('numba_cuda')}, "
-            f"flashlib {i.get('flashlib_commit')}{' (uncommitted changes)' if i.get('flashlib_dirty') else ''}."
-            + (f" Superseded: {result['superseded']}" if result.get("superseded") else "")
-            + "".join(f" The {col} column is superseded: {why}" for col, why in result.get("superseded_columns", {}).items()))
+    short = (f"Recorded on {i.get('gpu')}, {i.get('date', '')[:10]}, flashlib {i.get('flashlib_commit')}"
+             f"{' (uncommitted changes)' if i.get('flashlib_dirty') else ''}."
+             + (f" Superseded: {result['superseded']}" if result.get("superseded") else "")
+             + "".join(f" The {col} column is superseded: {why}" for col, why in result.get("superseded_columns", {}).items()))
+    return short + ("\n" + versions(result) if full else "")
+
+
+def versions(result):
+    """The driver and library versions a recorded result was measured with, as one line."""
+    i = result["info"]
+    return (f"driver {i.get('driver')}, torch {i.get('torch')}, CuPy {i.get('cupy')}, "
+            f"numba-cuda {i.get('numba_cuda')}")
+
+
+class Source:
+    """What display(source(result)) shows: the short describe() line, the versions folded under it (an HTML
+    <details> block in Jupyter and the book; a second line in plain text)."""
+
+    def __init__(self, result, lead=""):
+        self.result, self.lead = result, lead
+
+    def _repr_html_(self):
+        from html import escape
+        return (f'<details class="provenance"><summary>{escape(self.lead + describe(self.result))}</summary>'
+                f"{escape(versions(self.result))}</details>")
+
+    def __repr__(self):
+        return self.lead + describe(self.result, full=True)
+
+
+def source(result, lead=""):
+    """The provenance of a recorded result, for display() under a figure or table; lead goes before it."""
+    return Source(result, lead)
 
 
 from . import micro  # noqa: E402,F401  (bench.micro.* in the chapters; imported last: it uses save, load above)

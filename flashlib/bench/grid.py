@@ -112,15 +112,14 @@ def memory_sweep(Ns=(1024, 4096, 16384, 32768, 65536), d=64, dtype="float16"):
 
 
 def table(rows, key="fwd_tflops"):
-    """Markdown table: one line per case, one column per implementation."""
+    """One line per case, one column per implementation: a flashlib.viz table (display() it in a notebook,
+    print() it in a terminal)."""
+    from ..viz.tables import table as make_table
     impls = sorted({r["impl"] for r in rows})
     cases = sorted({(r["dtype"], r["d"], r["n"], r["causal"]) for r in rows})
     by = {(r["dtype"], r["d"], r["n"], r["causal"], r["impl"]): r for r in rows}
-    lines = ["| dtype | d | N | causal | " + " | ".join(impls) + " |", "|---" * (4 + len(impls)) + "|"]
-    for c in cases:
-        cells = [f"{by[c + (i,)][key]:.1f}" if key in by.get(c + (i,), {}) else "-" for i in impls]
-        lines.append(f"| {c[0]} | {c[1]} | {c[2]} | {c[3]} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    cells = lambda c: [f"{by[c + (i,)][key]:.1f}" if key in by.get(c + (i,), {}) else "–" for i in impls]
+    return make_table(["dtype", "d", "N", "causal"] + impls, [[*c[:3], str(c[3]), *cells(c)] for c in cases])
 
 
 def main(argv=None):

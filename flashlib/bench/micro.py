@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-from . import describe, load, save, time_cuda  # noqa: F401 (load, describe: for the chapters)
+from . import describe, load, save, source, time_cuda  # noqa: F401 (load, describe: for the chapters)
 
 SOURCE = r"""
 // Every kernel: 1-D grid and block. Nothing lives in registers beyond a few scalars per thread unless said.
@@ -158,8 +158,12 @@ def live_or_recorded(gpu, name="hardware_h100"):
     if gpu:
         return lambda key, fn: fn()
     rec = load(name)
-    print("No GPU here: every measurement on this page is the one recorded by flashlib.bench.micro. "
-          + describe(rec))
+    note = source(rec, lead="No GPU here: the measurements on this page are recorded ones. ")
+    try:
+        from IPython.display import display
+        display(note)
+    except ImportError:
+        print(repr(note))
     return lambda key, fn: rec["rows"][key]
 
 

@@ -3,9 +3,13 @@ import re
 
 import matplotlib.pyplot as plt
 
-STYLE = {"naive": ("k", "o"), "math": ("0.5", "v"), "efficient": ("tab:green", "^"), "flash": ("tab:blue", "s"),
-         "cudnn": ("tab:purple", "D"), "cupy": ("tab:red", "*"), "tuned": ("tab:red", "*"), "tc": ("salmon", "X"),
-         "sm75": ("tab:brown", "h"), "fp32": ("tab:pink", "p"), "numba": ("tab:orange", "P")}
+from . import OKABE_ITO
+
+BLUE, ORANGE, GREEN, VERMILLION, SKY, PURPLE = OKABE_ITO[:6]
+# Colour and marker per implementation: colour-blind-safe colours, and a marker of its own for each.
+STYLE = {"naive": ("k", "o"), "math": ("0.55", "v"), "efficient": (GREEN, "^"), "flash": (BLUE, "s"),
+         "cudnn": (PURPLE, "D"), "cupy": (VERMILLION, "*"), "tuned": (VERMILLION, "*"), "tc": (ORANGE, "X"),
+         "sm75": (SKY, "h"), "fp32": ("0.3", "p"), "numba": (ORANGE, "P")}
 
 
 def _style(impl):

@@ -1,12 +1,16 @@
 """Figures and tables for the hardware chapters: the memory pyramid, the roofline, the block-to-SM timeline,
 and the plots of the micro-benchmarks (flashlib.bench.micro). Each function takes plain numbers (measured
-live or loaded from flashlib/data/results/) and returns a matplotlib Figure."""
+live or loaded from flashlib/data/results/) and returns a matplotlib Figure; `table` (from .tables) prints the
+chapters' tables."""
 import math
+import re
+import textwrap
 
 import matplotlib.pyplot as plt
 import numpy as np
 
 from .. import hardware
+from .tables import number, table  # noqa: F401  (hv.table in the chapters)
 
 
 def _fmt_bytes(n):
@@ -18,18 +22,6 @@ def _fmt_bytes(n):
 
 def _fmt_bw(gbps):
     return f"{gbps / 1e3:.3g} TB/s" if gbps >= 1e3 else f"{gbps:.3g} GB/s"
-
-
-def table(headers, rows):
-    """A Markdown table (IPython's Markdown object when IPython is present, else the string)."""
-    fmt = lambda x: "–" if x is None else (f"{x:,.4g}" if isinstance(x, float) else str(x))
-    text = "\n".join(["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)] +
-                     ["| " + " | ".join(fmt(x) for x in r) + " |" for r in rows])
-    try:
-        from IPython.display import Markdown
-        return Markdown(text)
-    except ImportError:
-        return text
 
 
 def memory_pyramid(levels, title="The memory hierarchy"):
@@ -60,32 +52,37 @@ def memory_pyramid(levels, title="The memory hierarchy"):
 
 def roofline(peaks, bandwidths, points=(), title="Roofline", imin=0.1, imax=1e4):
     """peaks: {label: TFLOP/s} (horizontal roofs); bandwidths: {label: GB/s} (slanted roofs);
-    points: dicts {label, intensity (FLOP/byte), TFLOPs (achieved, or None to mark the intensity only)}."""
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    points: dicts {label, intensity (FLOP/byte), TFLOPs (achieved, or None to mark the intensity only)}.
+    Each measured point has its own marker, colour and size (points that coincide stay visible); points whose
+    label says "fused" are drawn open, the others filled. The legend sits under the plot."""
+    fig, ax = plt.subplots(figsize=(7.5, 6))
     x = np.logspace(math.log10(imin), math.log10(imax), 200)
     top = max(peaks.values())
     styles = ("-", "--", ":")
+    roof_colors = ("C0", "C1", "C2", "C4")
     for (blabel, bw), style in zip(bandwidths.items(), styles):
-        for (plabel, p), color in zip(peaks.items(), ("C0", "C1", "C2", "C4")):
+        for (plabel, p), color in zip(peaks.items(), roof_colors):
             ax.loglog(x, np.minimum(p, bw * 1e9 * x / 1e12), style, color=color, lw=1.4)
         ax.plot([], [], style, color="k", label=f"bandwidth: {blabel}, {_fmt_bw(bw)}")
-    for (plabel, p), color in zip(peaks.items(), ("C0", "C1", "C2", "C4")):
-        ax.plot([], [], "-", color=color, lw=3, label=f"peak: {plabel}, {p:,.4g} TFLOP/s")
+    for (plabel, p), color in zip(peaks.items(), roof_colors):
+        ax.plot([], [], "-", color=color, lw=3, label=f"peak: {plabel}, {number(p)} TFLOP/s")
     for i, p in enumerate(points):
-        marker = "os^Dvp<>"[i % 8]
         if p.get("TFLOPs"):
-            ax.loglog(p["intensity"], p["TFLOPs"], marker, color="k", ms=7, mfc="none" if "fused" in p["label"] else "k",
-                      label=f"{p['label']}: {p['intensity']:.3g} FLOP/B, {p['TFLOPs']:.3g} TFLOP/s")
+            color = ("C3", "C5", "k")[i % 3]           # sizes differ: coinciding points stay visible
+            fused = re.search(r"\bfused\b", p["label"]) is not None          # not "unfused"
+            ax.loglog(p["intensity"], p["TFLOPs"], "osD^vp<>"[i % 8], color=color, ms=(12, 9, 7)[i % 3], mew=1.5,
+                      mfc="none" if fused else color,
+                      label=f"{p['label']}: {number(p['intensity'], 3)} FLOP/B, {number(p['TFLOPs'], 3)} TFLOP/s")
         else:
             ax.axvline(p["intensity"], color="0.6", lw=0.8, ls=":")
-            ax.text(p["intensity"] * 1.05, top * 0.02 * (1.8 ** (i % 4)), p["label"], rotation=90, fontsize=7,
+            ax.text(p["intensity"] * 1.05, top * 0.02 * (1.8 ** (i % 4)), p["label"], rotation=90, fontsize=8,
                     va="bottom")
     ax.set_xlabel("arithmetic intensity (FLOP per byte of memory traffic)")
     ax.set_ylabel("TFLOP/s")
     ax.set_ylim(top * 1e-4, top * 2)
     ax.set_xlim(imin, imax)
     ax.grid(True, which="major", alpha=0.3)
-    ax.legend(fontsize=6.5, loc="lower right")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2, frameon=False)
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
     return fig
@@ -98,7 +95,7 @@ def sm_timeline(timeline, max_sms=None, title=None):
     sms = sorted({b["sm"] for b in blocks})[: max_sms or None]
     per_sm = max(1, timeline.get("blocks_per_sm", 1))
     fig, ax = plt.subplots(figsize=(8, min(9, 1.2 + 0.045 * len(sms) * per_sm + 0.02 * len(sms))))
-    cmap = plt.cm.turbo
+    cmap = plt.cm.viridis
     nb = len(blocks)
     for row, sm in enumerate(sms):
         mine = sorted((b for b in blocks if b["sm"] == sm), key=lambda b: b["start_us"])
@@ -127,15 +124,21 @@ def sm_timeline(timeline, max_sms=None, title=None):
 
 
 def bars(labels, values, reference=None, ylabel="", title="", ref_label="datasheet"):
-    """A bar chart of measured values with an optional dashed reference line (a datasheet figure)."""
-    fig, ax = plt.subplots(figsize=(7, 3.2))
-    ax.bar(range(len(values)), values, color=[f"C{i}" for i in range(len(values))])
-    for i, v in enumerate(values):
-        ax.text(i, v, f"{v:,.3g}", ha="center", va="bottom", fontsize=8)
+    """A bar chart of measured values with an optional dashed reference line (a datasheet figure). Long labels
+    are wrapped to the width of their bar; the values over the bars are plain numbers ('2,119', not 2.12e+03)."""
+    fig, ax = plt.subplots(figsize=(7, 3.4))
+    ax.bar(range(len(values)), values, color=[f"C{i % 7}" for i in range(len(values))])
+    for i, v in enumerate(values):                  # a white box: a reference line does not strike through
+        ax.text(i, v, number(v, 3), ha="center", va="bottom", fontsize=8,
+                bbox=dict(facecolor="white", edgecolor="none", pad=0.5))
     if reference:
         ax.axhline(reference, ls="--", color="k", lw=1)
-        ax.text(len(values) - 0.5, reference, f" {ref_label}: {reference:,.4g}", va="bottom", ha="right", fontsize=8)
-    ax.set_xticks(range(len(values)), labels, fontsize=8)
+        ax.text(len(values) - 0.5, reference, f" {ref_label}: {number(reference)}", va="bottom", ha="right",
+                fontsize=8)
+    chars = max(6, int(7 * 0.8 / len(values) * 72 / (8 * 0.62)))   # characters of 8 pt text under one bar
+    ax.set_xticks(range(len(values)), [textwrap.fill(str(s), chars) for s in labels], fontsize=8)
+    ax.set_ylim(0, max([*values, reference or 0]) * 1.15)
+    ax.yaxis.set_major_formatter(plt.FuncFormatter(lambda y, _: number(y)))
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
@@ -162,17 +165,22 @@ def l2_cliff(rows, l2_MB=None, hbm_GBps=None, title="Repeated reads of one buffe
     return fig
 
 
-def gpu_table_rows(gpus=None):
-    """Rows for the spec-sheet table: one per GPU in flashlib.hardware.GPUS."""
-    rows = []
-    for g in gpus or hardware.GPUS:
-        rows.append([f"[{g['name']}]({g['source']})", g["sku"], g["arch"], f"{g['memory_GB']} GB {g['memory_type']}",
-                     f"{g['bus_bits']}-bit", f"{g['bandwidth_GBps']:,}", g["sms"], g["cuda_cores"], g["tensor_cores"],
-                     g["rt_cores"], g["fp32_tflops"], g["fp16_tensor_tflops"], g["fp16_tensor_sparse_tflops"],
-                     g["fp8_tensor_sparse_tflops"], g["power_W"], g["nvlink_GBps"]])
-    return rows
+# The spec-sheet table, one column per header, units in the headers. It is shown in two halves that fit the
+# page: the memory side (GPU_MEMORY_HEADERS) and the compute side (GPU_COMPUTE_HEADERS).
+GPU_COLUMNS = {
+    "GPU": lambda g: f"[{g['name']}]({g['source']})", "SKU": lambda g: g["sku"], "arch": lambda g: g["arch"],
+    "memory": lambda g: f"{g['memory_GB']} GB {g['memory_type']}", "bus (bit)": lambda g: g["bus_bits"],
+    "bandwidth (GB/s)": lambda g: g["bandwidth_GBps"], "power (W)": lambda g: g["power_W"],
+    "NVLink (GB/s)": lambda g: g["nvlink_GBps"], "SMs": lambda g: g["sms"], "CUDA cores": lambda g: g["cuda_cores"],
+    "Tensor Cores": lambda g: g["tensor_cores"], "RT cores": lambda g: g["rt_cores"],
+    "FP32 (TFLOPS)": lambda g: g["fp32_tflops"], "FP16 Tensor dense (TFLOPS)": lambda g: g["fp16_tensor_tflops"],
+    "FP16 Tensor sparse (TFLOPS)": lambda g: g["fp16_tensor_sparse_tflops"],
+    "FP8 Tensor sparse (TFLOPS)": lambda g: g["fp8_tensor_sparse_tflops"]}
+GPU_TABLE_HEADERS = list(GPU_COLUMNS)
+GPU_MEMORY_HEADERS = ["GPU", "SKU", "arch", "memory", "bus (bit)", "bandwidth (GB/s)", "power (W)", "NVLink (GB/s)"]
+GPU_COMPUTE_HEADERS = ["GPU"] + [h for h in GPU_TABLE_HEADERS if h not in GPU_MEMORY_HEADERS]
 
 
-GPU_TABLE_HEADERS = ["GPU", "SKU", "arch", "memory", "bus", "GB/s", "SMs", "CUDA cores", "Tensor cores",
-                     "RT cores", "FP32 TFLOPS", "FP16 Tensor dense", "FP16 Tensor sparse", "FP8 Tensor sparse",
-                     "W", "NVLink GB/s"]
+def gpu_table_rows(gpus=None, headers=GPU_TABLE_HEADERS):
+    """Rows for the spec-sheet table: one per GPU in flashlib.hardware.GPUS, one cell per header."""
+    return [[GPU_COLUMNS[h](g) for h in headers] for g in gpus or hardware.GPUS]
