@@ -44,6 +44,16 @@ def _unavailable_reason(name):
 
 
 def _check_arrays(names, arrays):
+    """One kind of array, one dtype of DTYPES, one device (torch) or side (GPU / host); returns the dtype name."""
+    x = arrays[0]
+    t, dtype = type(x), x.dtype
+    for a in arrays:                                      # the common case, cheaply: one type, dtype (and device)
+        if type(a) is not t or a.dtype != dtype:
+            break
+    else:
+        dt = dtype_name(x)
+        if dt in DTYPES and (t.__module__[:5] != "torch" or len({a.get_device() for a in arrays}) == 1):
+            return dt
     kinds = {kind_of(a) for a in arrays}
     if len(kinds) > 1:
         raise TypeError(f"{', '.join(names)} must be the same kind of array, got {sorted(kinds)}")
@@ -68,21 +78,27 @@ def validate(q, k, v, causal, scale):
     `check_scale` accepts it.
     """
     dt = _check_arrays(("q", "k", "v"), (q, k, v))
+    qs, ks = tuple(q.shape), tuple(k.shape)
+    if len(qs) != 4 or len(ks) != 4 or tuple(v.shape) != ks or 0 in qs or 0 in ks or ks[0] != qs[0] or ks[3] != qs[3] \
+            or qs[1] % ks[1]:
+        _shape_error(q, k, v)
+    check_causal(causal)
+    return dt, check_scale(scale, qs[3])
+
+
+def _shape_error(q, k, v):
+    """Raise the error that names what is wrong with these shapes."""
     for name, a in (("q", q), ("k", k), ("v", v)):
         if a.ndim != 4:
             raise ValueError(f"{name} must have 4 dimensions (batch, heads, seq, head_dim), got shape {tuple(a.shape)}")
         if 0 in tuple(a.shape):
             raise ValueError(f"{name} is empty (shape {tuple(a.shape)}); every dimension must be at least 1")
-    (B, H, _, d), (Bk, Hk, Nk, dk) = q.shape, k.shape
     if tuple(k.shape) != tuple(v.shape):
         raise ValueError(f"k and v must have one shape (B, H_kv, Nk, d), got {tuple(k.shape)} and {tuple(v.shape)}")
-    if Bk != B or H % Hk:
-        raise ValueError(f"k, v must be (B, H_kv, Nk, d) with q's batch and H_kv dividing q's {H} heads: "
-                         f"q {tuple(q.shape)}, k {tuple(k.shape)}")
-    if dk != d:
-        raise ValueError(f"q, k and v must share one head_dim, got {d}, {dk}, {v.shape[3]}")
-    check_causal(causal)
-    return dt, check_scale(scale, d)
+    if k.shape[3] != q.shape[3]:
+        raise ValueError(f"q, k and v must share one head_dim, got {q.shape[3]}, {k.shape[3]}, {v.shape[3]}")
+    raise ValueError(f"k, v must be (B, H_kv, Nk, d) with q's batch and H_kv dividing q's {q.shape[1]} heads: "
+                     f"q {tuple(q.shape)}, k {tuple(k.shape)}")
 
 
 def check_lse(lse, q, dt):
