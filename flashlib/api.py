@@ -46,7 +46,7 @@ def _unavailable_reason(name):
 def _check_arrays(names, arrays):
     """One kind of array, one dtype of DTYPES, one device (torch) or side (GPU / host); returns the dtype name."""
     x = arrays[0]
-    t, dtype = type(x), x.dtype
+    t, dtype = type(x), getattr(x, "dtype", None)
     for a in arrays:                                      # the common case, cheaply: one type, dtype (and device)
         if type(a) is not t or a.dtype != dtype:
             break
@@ -93,12 +93,12 @@ def _shape_error(q, k, v):
             raise ValueError(f"{name} must have 4 dimensions (batch, heads, seq, head_dim), got shape {tuple(a.shape)}")
         if 0 in tuple(a.shape):
             raise ValueError(f"{name} is empty (shape {tuple(a.shape)}); every dimension must be at least 1")
-    if tuple(k.shape) != tuple(v.shape):
-        raise ValueError(f"k and v must have one shape (B, H_kv, Nk, d), got {tuple(k.shape)} and {tuple(v.shape)}")
-    if k.shape[3] != q.shape[3]:
+    if k.shape[2] != v.shape[2]:
+        raise ValueError(f"k and v must have the same sequence length, got {k.shape[2]} and {v.shape[2]}")
+    if k.shape[3] != q.shape[3] or v.shape[3] != q.shape[3]:
         raise ValueError(f"q, k and v must share one head_dim, got {q.shape[3]}, {k.shape[3]}, {v.shape[3]}")
-    raise ValueError(f"k, v must be (B, H_kv, Nk, d) with q's batch and H_kv dividing q's {q.shape[1]} heads: "
-                     f"q {tuple(q.shape)}, k {tuple(k.shape)}")
+    raise ValueError(f"batch and heads must match (or, grouped-query, k and v's H_kv heads divide q's H): "
+                     f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
 
 
 def check_lse(lse, q, dt):

@@ -28,7 +28,7 @@ def flops(B, H, N, d, causal, backward=False):
 def implementations(dtype):
     """name -> (forward(q, k, v, causal, scale), forward+backward(q, k, v, do, causal, scale)) for this dtype."""
     import flashlib
-    from ..torch import sdpa_pinned
+    from .sdpa import sdpa_pinned
 
     def torch_pair(fwd):
         def fb(q, k, v, do, causal, scale):
@@ -36,7 +36,7 @@ def implementations(dtype):
             fwd(q, k, v, causal, scale).backward(do)
         return fwd, fb
 
-    from ..gpt import naive_attention
+    from ..torch import naive_attention
     impls = {"naive": torch_pair(naive_attention)}
     for name in SDPA:
         def sdpa(q, k, v, causal, scale, name=name):
