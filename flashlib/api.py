@@ -48,7 +48,7 @@ def _check_arrays(names, arrays):
     x = arrays[0]
     t, dtype = type(x), getattr(x, "dtype", None)
     for a in arrays:                                      # the common case, cheaply: one type, dtype (and device)
-        if type(a) is not t or a.dtype != dtype:
+        if type(a) is not t or dtype is None or a.dtype != dtype:
             break
     else:
         dt = dtype_name(x)
@@ -104,7 +104,7 @@ def _shape_error(q, k, v):
 def check_lse(lse, q, dt):
     """lse must be q's kind of array on q's device, (B, H, Nq), float32 (float64 for float64 inputs; float32 is also
     taken there)."""
-    if kind_of(lse) != kind_of(q) or on_gpu(lse) != on_gpu(q) or (kind_of(q) == "torch" and lse.device != q.device):
+    if type(lse) is not type(q) or on_gpu(lse) != on_gpu(q) or (kind_of(q) == "torch" and lse.device != q.device):
         raise TypeError(f"lse must be the same kind of array as q on q's device ({kind_of(q)}), got "
                         f"{type(lse).__module__}.{type(lse).__name__}")
     want = ("float32", "float64") if dt == "float64" else ("float32",)
