@@ -95,3 +95,20 @@ def test_batch_sized_to_target_and_flush_not_counted():
 def test_time_one_is_the_median():
     clock = FakeClock()
     assert timing.time_one(lambda: clock.launch(0.07, 0.2), clock=clock) == pytest.approx(0.07)
+
+
+def test_contexts_are_entered_outside_the_timed_region():
+    clock = FakeClock()
+    inside = []
+
+    class Slow:
+        def __enter__(self):
+            clock.host += 5.0                       # 5 ms to enter, like a costly sdpa_kernel(...) context
+            inside.append(True)
+
+        def __exit__(self, *exc):
+            inside.pop()
+
+    fn = lambda: clock.launch(0.1, 0.02) if inside else pytest.fail("called outside its context")
+    out = timing.compare({"f": fn}, clock=clock, contexts={"f": Slow})["f"]
+    assert out["median_ms"] == pytest.approx(0.1) and out["host_us"] == pytest.approx(20.0, rel=1e-3)

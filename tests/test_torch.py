@@ -275,3 +275,72 @@ def test_numba_kernels_through_autograd_in_the_simulator():
     want.backward(dy)
     for a, b in zip((q, k, v), theirs):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-3, atol=1e-4)
+
+
+# ---- real GPU: the operator inside CUDA graphs, torch.compile and side streams ----------------------------------
+
+def _cuda_qkv(B=2, H=4, Hkv=4, Nq=200, Nk=177, d=64, dtype=torch.float16, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    return [torch.randn(B, h, n, d, device="cuda", dtype=dtype, generator=g) for h, n in ((H, Nq), (Hkv, Nk), (Hkv, Nk))]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_cuda_graph_capture_and_replay_equal_eager(dtype):
+    """Forward and forward + backward captured into one torch.cuda.CUDAGraph; replay on new inputs equals eager."""
+    _need("cupy")
+    q, k, v = (t.requires_grad_() for t in _cuda_qkv(dtype=dtype))
+    do = torch.randn_like(q)
+
+    def step():
+        o = sdpa(q, k, v, is_causal=True, backend="cupy")
+        return (o, *torch.autograd.grad(o, (q, k, v), do))
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):                        # warm-up off the capture (kernels compiled, plans built)
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = step()
+    for seed in (1, 2):
+        with torch.no_grad():
+            for t, new in zip((q, k, v), _cuda_qkv(dtype=dtype, seed=seed)):
+                t.copy_(new)
+            do.copy_(torch.randn_like(do))
+        graph.replay()
+        eager = step()
+        torch.cuda.synchronize()
+        assert torch.equal(static[0], eager[0])
+        for a, b in zip(static[1:], eager[1:]):          # dQ sums by atomics: the order, hence rounding, varies
+            torch.testing.assert_close(a.float(), b.float(), rtol=1e-2, atol=2e-3)
+
+
+@pytest.mark.gpu
+def test_side_stream_launches_on_the_current_stream():
+    """q is written on a side stream after a 20 ms spin; the op must run after it on that stream, not on another."""
+    _need("cupy")
+    q0, k, v = _cuda_qkv(Hkv=2, seed=4)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        q = torch.full_like(q0, float("nan"))
+        torch.cuda._sleep(40_000_000)                  # ~20 ms of GPU time before q holds its values
+        q.copy_(q0)
+        o = sdpa(q, k, v, is_causal=True, enable_gqa=True, backend="cupy")
+    s.synchronize()
+    want = F.scaled_dot_product_attention(q0.float(), k.float(), v.float(), is_causal=True, enable_gqa=True)
+    assert torch.isfinite(o).all()
+    torch.testing.assert_close(o.float(), want, rtol=2e-2, atol=2e-3)
+
+
+@pytest.mark.gpu
+def test_torch_compile_fullgraph_on_cuda():
+    _need("cupy")
+    torch._dynamo.reset()
+    q, k, v = _cuda_qkv(Hkv=2, seed=5)
+    fn = lambda q, k, v: (sdpa(q * 1.5, k, v, is_causal=True, enable_gqa=True) + 1).sum(-1)
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(q, k, v), fn(q, k, v))
+    assert torch._dynamo.explain(fn)(q, k, v).graph_break_count == 0

@@ -1,5 +1,9 @@
 """The attention benchmark grid: flashlib's backends beside PyTorch SDPA (each backend pinned) and naive attention.
 
+flashlib-<backend> is the public call (flashlib.torch.scaled_dot_product_attention, autograd for the backward);
+flashlib-<backend>-direct calls flashlib.attention / attention_backward (no autograd). For the public calls beside
+SDPA timed interleaved, with host time per call, see flashlib.bench.public_api.
+
     python -m flashlib.bench [--quick] [--out DIR]
 
 For every (dtype, d, N, causal) it times the forward and forward+backward of each implementation with CUDA
@@ -42,15 +46,20 @@ def implementations(dtype):
         def sdpa(q, k, v, causal, scale, name=name):
             return sdpa_pinned(name, q, k, v, is_causal=causal, scale=scale)
         impls[f"sdpa-{name}"] = torch_pair(sdpa)
+    from ..torch import scaled_dot_product_attention as public
     for b in flashlib.available_backends():
         if b in ("numba", "cupy") and not (b == "numba" and dtype != "float32"):
-            def fwd(q, k, v, causal, scale, b=b):
+            def fwd(q, k, v, causal, scale, b=b):       # what users call: the registered operator
+                return public(q, k, v, is_causal=causal, scale=scale, backend=b)
+            impls[f"flashlib-{b}"] = torch_pair(fwd)
+
+            def fwd_direct(q, k, v, causal, scale, b=b):
                 return flashlib.attention(q, k, v, causal=causal, scale=scale, backend=b)
 
-            def fb(q, k, v, do, causal, scale, b=b):
+            def fb_direct(q, k, v, do, causal, scale, b=b):
                 o, lse = flashlib.attention(q, k, v, causal=causal, scale=scale, backend=b, return_lse=True)
                 return flashlib.attention_backward(q, k, v, o, lse, do, causal=causal, scale=scale, backend=b)
-            impls[f"flashlib-{b}"] = (fwd, fb)
+            impls[f"flashlib-{b}-direct"] = (fwd_direct, fb_direct)
     return impls
 
 

@@ -17,35 +17,46 @@ How it measures:
 - rounds continue until the interquartile range of every candidate's samples is within rel_tol of its median
   (at least min_rounds, at most max_rounds or max_seconds): the spread is recorded with the median.
 """
+import contextlib
 import math
 import statistics
 import time
 
 
-def compare(candidates, *, warmup=3, min_rounds=5, max_rounds=30, rel_tol=0.03, target_ms=2.0, max_batch=200,
-            host=True, host_calls=50, flush_l2=False, max_seconds=60.0, clock=None):
+def compare(candidates, *, warmup=3, min_rounds=5, max_rounds=30, rel_tol=0.03, target_ms=2.0, max_batch=50,
+            host=True, host_calls=50, flush_l2=False, max_seconds=60.0, clock=None, contexts=None):
     """{name: stats} for candidates {name: fn}; each fn() launches work on the current CUDA stream.
+
+    contexts: {name: factory of a context manager} entered around that candidate's batches, outside the timed
+    region (e.g. `lambda: sdpa_kernel(SDPBackend.FLASH_ATTENTION)`, whose entry costs tens of microseconds).
 
     stats: median_ms (GPU time per call), q1_ms, q3_ms, min_ms, max_ms, spread ((q3 - q1) / median), rounds,
     batch, and with host=True host_us (median wall time per call, no sync inside the batch) with host_spread.
     """
     clock = clock or default_clock()
     names = list(candidates)
-    for fn in candidates.values():
-        for _ in range(warmup):
-            fn()
+    ctx = lambda n: (contexts or {}).get(n, contextlib.nullcontext)()
+    for n, fn in candidates.items():
+        with ctx(n):
+            for _ in range(warmup):
+                fn()
     clock.sync()
     host_us = {n: [] for n in names}
     if host:
         for r in range(max(3, min_rounds // 2)):
             for n in _rotated(names, r):
-                host_us[n].append(_host_us(clock, candidates[n], host_calls))
-    plan = {n: _batch_plan(clock, candidates[n], target_ms, max_batch, flush_l2) for n in names}
+                with ctx(n):
+                    host_us[n].append(_host_us(clock, candidates[n], host_calls))
+    plan = {}
+    for n in names:
+        with ctx(n):
+            plan[n] = _batch_plan(clock, candidates[n], target_ms, max_batch, flush_l2)
     samples = {n: [] for n in names}
     start = clock.now()
     for r in range(max_rounds):
         for n in _rotated(names, r):
-            samples[n].append(_gpu_ms(clock, candidates[n], *plan[n], flush_l2))
+            with ctx(n):
+                samples[n].append(_gpu_ms(clock, candidates[n], *plan[n], flush_l2))
         if r + 1 >= min_rounds and (all(_spread(samples[n]) <= rel_tol for n in names)
                                     or clock.now() - start > max_seconds):
             break

@@ -382,7 +382,7 @@ def forward(q, k, v, *, causal, scale, dtype, rung=None, tiles=None):
     B, H, Nq, Nk, d = check_inputs(q, k, v, dtype)
     io = _io(q)
     dev = io.device(q)
-    plan = forward_plan(dtype, d, bool(causal), dev, rung or _rung_override("forward"), tiles)
+    plan = forward_plan(dtype, d, bool(causal), dev, rung or _rung_override("forward"), _hashable(tiles))
     q, k, v = io.contiguous(q), io.contiguous(k), io.contiguous(v)
     o, lse = io.empty_like(q), io.empty_f32((B, H, Nq), q)
     launch_forward(plan, io.ptr(q), io.ptr(k), io.ptr(v), io.ptr(o), io.ptr(lse), B, H, Nq, Nk, scale, io.stream(dev))
@@ -399,7 +399,7 @@ def backward(q, k, v, o, lse, do, *, causal, scale, dtype, rung=None, tiles=None
         raise ValueError(f"o and do must be {tuple(q.shape)} and lse {(B, H, Nq)}")
     io = _io(q)
     dev = io.device(q)
-    plan = backward_plan(dtype, d, bool(causal), dev, rung or _rung_override("backward"), tiles)
+    plan = backward_plan(dtype, d, bool(causal), dev, rung or _rung_override("backward"), _hashable(tiles))
     q, k, v, o, do = (io.contiguous(a) for a in (q, k, v, o, do))
     lse = io.contiguous_f32(lse)
     delta, dq_acc = io.empty_f32((B, H, Nq), q), io.empty_f32(tuple(q.shape), q)   # dq_acc zeroed by the pre-pass
@@ -408,6 +408,10 @@ def backward(q, k, v, o, lse, do, *, causal, scale, dtype, rung=None, tiles=None
     launch_backward(plan, *(io.ptr(a) for a in (q, k, v, o, lse, do, dq, dk, dv, dq_acc, delta)), B, H, Nq, Nk,
                     scale, io.stream(dev))
     return dq, dk, dv
+
+
+def _hashable(tiles):
+    return None if tiles is None else tuple(tiles)
 
 
 # ---- the caller's library: pointers, allocation, stream
