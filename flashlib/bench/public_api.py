@@ -79,8 +79,9 @@ def _usable(fn, args, ctx):
         return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
 
 
-def run(grid, progress=print, **timing_kw):
-    """Rows, one per (dtype, d, N, causal, backend), with fwd_ms/_tflops/_spread and fwdbwd_ms/_tflops/_spread."""
+def run(grid, progress=print, on_rows=None, **timing_kw):
+    """Rows, one per (dtype, d, N, causal, backend), with fwd_ms/_tflops/_spread and fwdbwd_ms/_tflops/_spread;
+    on_rows(rows so far) after each case (to save partial results)."""
     import torch
     rows = []
     for dt in grid["dtypes"]:
@@ -114,6 +115,8 @@ def run(grid, progress=print, **timing_kw):
                     rows += list(res.values())
                     if progress:
                         progress(_line(rows[-len(res):]))
+                    if on_rows:
+                        on_rows(rows)
                     del q, k, v, do, qg, kg, vg
                     torch.cuda.empty_cache()
     return rows
@@ -187,11 +190,13 @@ def main(argv=None):
     host = host_table()
     for n, s in host.items():
         print(f"{n:55s} {s['host_us']:8.1f} us  (spread {100 * s['host_spread']:.0f}%)")
-    rows = run(QUICK if a.quick else FULL, max_seconds=20.0)
     name = a.name or f"public_api_{gpu_tag(torch.cuda.get_device_name())}"
-    path = save(name, rows, directory=a.out, host_us=host,
-                method="flashlib.bench.timing.compare: interleaved rounds, batches behind a hold kernel; "
-                       "host_us: wall time per call, no sync inside a batch of 50; B = 16384 / N, H = 16")
+    method = ("flashlib.bench.timing.compare: interleaved rounds, batches behind a hold kernel; host_us: wall time "
+              "per call, no sync inside a batch of 50; B = 16384 / N, H = 16")
+    write = lambda rows, done=False: save(name, rows, directory=a.out, host_us=host, method=method, complete=done)
+    write([])
+    rows = run(QUICK if a.quick else FULL, on_rows=write, max_seconds=20.0)
+    path = write(rows, True)
     print(f"written: {path}")
     return path
 
