@@ -112,3 +112,9 @@ def test_contexts_are_entered_outside_the_timed_region():
     fn = lambda: clock.launch(0.1, 0.02) if inside else pytest.fail("called outside its context")
     out = timing.compare({"f": fn}, clock=clock, contexts={"f": Slow})["f"]
     assert out["median_ms"] == pytest.approx(0.1) and out["host_us"] == pytest.approx(20.0, rel=1e-3)
+
+
+def test_wall_time_counts_host_and_gpu():
+    clock = FakeClock()
+    assert timing.wall_ms(lambda: clock.launch(0.010, 0.030), clock=clock) == pytest.approx(0.030, rel=0.05)
+    assert timing.wall_ms(lambda: clock.launch(0.5, 0.030), clock=clock) == pytest.approx(0.5, rel=0.01)

@@ -13,7 +13,8 @@ How it measures:
   about `target_ms` of GPU work. With flush_l2=True a buffer twice the L2 size is overwritten before every call
   and each call is timed by its own pair of events (cold caches, as a first call in a model would see);
 - host time: wall-clock time per call of a batch of calls with no synchronisation inside: what a caller's Python
-  thread spends per call (the number that bounds small shapes);
+  thread spends per call (the number that bounds small shapes); `wall_ms` adds the final synchronisation: the
+  time per call as the caller sees it, host and GPU together (for eager launches against CUDA graph replay);
 - rounds continue until the interquartile range of every candidate's samples is within rel_tol of its median
   (at least min_rounds, at most max_rounds or max_seconds): the spread is recorded with the median.
 """
@@ -73,6 +74,23 @@ def time_one(fn, warmup=3, repeat=10, **kw):
     """Median GPU milliseconds per call of fn() (compare with one candidate, at least `repeat` rounds)."""
     return compare({"fn": fn}, warmup=warmup, min_rounds=repeat, max_rounds=max(repeat, 30), host=False,
                    **kw)["fn"]["median_ms"]
+
+
+def wall_ms(fn, warmup=3, repeat=10, calls=20, clock=None):
+    """Median wall-clock milliseconds per call of fn() as its caller sees them: `calls` calls back to back and a
+    synchronisation, host and GPU time together (what a CUDA graph shortens, which GPU time alone cannot show)."""
+    clock = clock or default_clock()
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(repeat):
+        clock.sync()
+        t0 = clock.now()
+        for _ in range(calls):
+            fn()
+        clock.sync()
+        samples.append(1e3 * (clock.now() - t0) / calls)
+    return statistics.median(samples)
 
 
 def _rotated(names, r):
