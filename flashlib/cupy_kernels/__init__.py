@@ -230,15 +230,27 @@ def check_inputs(q, k, v, dtype):
     for name, a in (("q", q), ("k", k), ("v", v)):
         if len(a.shape) != 4:
             raise ValueError(f"{name} must be (B, H, N, d), got shape {tuple(a.shape)}")
-        if str(a.dtype) not in want:
+        if _dtype_str(a.dtype) not in want:
             raise ValueError(f"{name} has dtype {a.dtype}; dtype={dtype!r} expects {' or '.join(want)}")
     B, H, Nq, d = q.shape
     Nk = k.shape[2]
-    if tuple(k.shape) != (B, H, Nk, d) or tuple(v.shape) != (B, H, Nk, d):
+    ks = tuple(k.shape)
+    if ks != (B, H, Nk, d) or tuple(v.shape) != ks:
         raise ValueError(f"k and v must be (B, H, Nk, d) = ({B}, {H}, Nk, {d}); got {tuple(k.shape)}, {tuple(v.shape)}")
     if d not in HEAD_DIMS:
         raise ValueError(f"the cupy backend takes head_dim in {HEAD_DIMS}, got {d}")
     return B, H, Nq, Nk, d
+
+
+_DTYPE_STR = {}
+
+
+def _dtype_str(dt):
+    """str(dtype), cached by the dtype object (it runs on every call)."""
+    name = _DTYPE_STR.get(dt)
+    if name is None:
+        name = _DTYPE_STR[dt] = str(dt)
+    return name
 
 
 # how each dtype is stored in the arrays the backend accepts: CuPy (bfloat16 as its bits) or torch
