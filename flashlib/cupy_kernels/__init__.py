@@ -26,6 +26,8 @@ from collections import namedtuple
 
 import numpy as np
 
+from .._arrays import check_causal, check_scale
+
 HERE = pathlib.Path(__file__).resolve().parent
 HEAD_DIMS = (32, 64, 96, 128)
 DTYPES = ("float32", "float16", "bfloat16")
@@ -392,9 +394,10 @@ def forward(q, k, v, *, causal, scale, dtype, rung=None, tiles=None):
     to run the T4 path on a newer GPU).
     """
     B, H, Nq, Nk, d = check_inputs(q, k, v, dtype)
+    causal, scale = check_causal(causal), check_scale(scale, d)
     io = _io(q)
     dev = io.device(q)
-    plan = forward_plan(dtype, d, bool(causal), dev, rung or _rung_override("forward"), _hashable(tiles))
+    plan = forward_plan(dtype, d, causal, dev, rung or _rung_override("forward"), _hashable(tiles))
     q, k, v = io.contiguous(q), io.contiguous(k), io.contiguous(v)
     o, lse = io.empty_like(q), io.empty_f32((B, H, Nq), q)
     launch_forward(plan, io.ptr(q), io.ptr(k), io.ptr(v), io.ptr(o), io.ptr(lse), B, H, Nq, Nk, scale, io.stream(dev))
@@ -409,9 +412,10 @@ def backward(q, k, v, o, lse, do, *, causal, scale, dtype, rung=None, tiles=None
     B, H, Nq, Nk, d = check_inputs(q, k, v, dtype)
     if tuple(o.shape) != tuple(q.shape) or tuple(do.shape) != tuple(q.shape) or tuple(lse.shape) != (B, H, Nq):
         raise ValueError(f"o and do must be {tuple(q.shape)} and lse {(B, H, Nq)}")
+    causal, scale = check_causal(causal), check_scale(scale, d)
     io = _io(q)
     dev = io.device(q)
-    plan = backward_plan(dtype, d, bool(causal), dev, rung or _rung_override("backward"), _hashable(tiles))
+    plan = backward_plan(dtype, d, causal, dev, rung or _rung_override("backward"), _hashable(tiles))
     q, k, v, o, do = (io.contiguous(a) for a in (q, k, v, o, do))
     lse = io.contiguous_f32(lse)
     delta, dq_acc = io.empty_f32((B, H, Nq), q), io.empty_f32(tuple(q.shape), q)   # dq_acc zeroed by the pre-pass
