@@ -344,3 +344,23 @@ def test_torch_compile_fullgraph_on_cuda():
     compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(q, k, v), fn(q, k, v))
     assert torch._dynamo.explain(fn)(q, k, v).graph_break_count == 0
+
+
+def test_inference_calls_skip_the_dispatcher_but_not_under_modes(monkeypatch):
+    """No-grad eager calls run the operator's implementation directly; with grad, under a dispatch mode (here
+    FakeTensorMode, as torch.compile's tracing uses) they go through the registered operator."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    calls = []
+    real = ft.attention_forward
+    monkeypatch.setattr(ft, "attention_forward", lambda *a: calls.append(1) or real(*a))
+    q = torch.randn(1, 2, 5, 8)
+    with torch.no_grad():
+        o = sdpa(q, q, q)
+    assert not calls
+    torch.testing.assert_close(o, F.scaled_dot_product_attention(q, q, q))
+    sdpa(q.clone().requires_grad_(), q, q)
+    assert len(calls) == 1
+    with FakeTensorMode():
+        fq = torch.empty(1, 2, 5, 8)
+        assert sdpa(fq, fq, fq).shape == (1, 2, 5, 8)
+    assert len(calls) == 2
