@@ -4,7 +4,7 @@ flashlib-<backend> is the public call (flashlib.torch.scaled_dot_product_attenti
 flashlib-<backend>-direct calls flashlib.attention / attention_backward (no autograd). For the public calls beside
 SDPA timed interleaved, with host time per call, see flashlib.bench.public_api.
 
-    python -m flashlib.bench [--quick] [--out DIR]
+    python -m flashlib.bench [--quick] [--out DIR] [--public]
 
 For every (dtype, d, N, causal) it times the forward and forward+backward of each implementation with CUDA
 events (median after warm-up) and measures the peak extra device memory of one forward. Shapes keep
@@ -139,7 +139,13 @@ def main(argv=None):
     ap.add_argument("--out", default=None, help="directory for the JSON (default benchmarks/results)")
     ap.add_argument("--name", default=None, help="file name (default attention_<gpu>[_quick])")
     ap.add_argument("--no-memory", action="store_true", help="skip the memory sweep up to N = 65536")
+    ap.add_argument("--public", action="store_true",
+                    help="instead: the public calls beside SDPA, interleaved, with host time (flashlib.bench.public_api)")
     a = ap.parse_args(argv)
+    if a.public:
+        from .public_api import main as public_main
+        return public_main((["--quick"] if a.quick else []) + (["--out", a.out] if a.out else [])
+                           + (["--name", a.name] if a.name else []))
     import torch
     if not torch.cuda.is_available():
         raise SystemExit("flashlib.bench needs a CUDA GPU (torch.cuda.is_available() is False)")
