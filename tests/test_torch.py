@@ -364,3 +364,20 @@ def test_inference_calls_skip_the_dispatcher_but_not_under_modes(monkeypatch):
         fq = torch.empty(1, 2, 5, 8)
         assert sdpa(fq, fq, fq).shape == (1, 2, 5, 8)
     assert len(calls) == 2
+
+
+def test_the_package_does_not_import_the_training_script():
+    """Issue 15's layering: flashlib.gpt (model and training) imports flashlib.torch, never the other way round;
+    flashlib.torch imports nothing from flashlib.bench."""
+    import ast
+    import pathlib
+    root = pathlib.Path(flashlib.__file__).parent
+    for path in root.rglob("*.py"):
+        if path.name == "gpt.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, (ast.Import, ast.ImportFrom)) else []
+            module = getattr(node, "module", None) or ""
+            assert "gpt" not in module.split(".") and "gpt" not in names, (path, module, names)
+            if path.name == "torch.py" and isinstance(node, ast.ImportFrom):
+                assert "bench" not in module.split("."), (path, module)
