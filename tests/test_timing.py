@@ -118,3 +118,8 @@ def test_wall_time_counts_host_and_gpu():
     clock = FakeClock()
     assert timing.wall_ms(lambda: clock.launch(0.010, 0.030), clock=clock) == pytest.approx(0.030, rel=0.05)
     assert timing.wall_ms(lambda: clock.launch(0.5, 0.030), clock=clock) == pytest.approx(0.5, rel=0.01)
+
+
+def test_idle_events_count_the_hosts_submission():
+    clock = FakeClock()
+    assert timing.idle_events_ms(lambda: clock.launch(0.002, 0.008), clock=clock) == pytest.approx(0.010, abs=5e-4)

@@ -93,6 +93,16 @@ def wall_ms(fn, warmup=3, repeat=10, calls=20, clock=None):
     return statistics.median(samples)
 
 
+def idle_events_ms(fn, warmup=3, repeat=50, clock=None):
+    """Median ms between CUDA events recorded around one call of fn() on an idle GPU, synchronised after each:
+    the GPU waits for the host to submit the work, so this counts the launch (chapter 1's round trip), unlike
+    `compare`, whose batches are queued behind a hold."""
+    clock = clock or default_clock()
+    for _ in range(warmup):
+        fn()
+    return statistics.median(_gpu_ms(clock, fn, 1, 0.0, False) for _ in range(repeat))
+
+
 def _rotated(names, r):
     k = r % len(names)
     return names[k:] + names[:k]
@@ -120,7 +130,8 @@ def _batch_plan(clock, fn, target_ms, max_batch, flush_l2):
 def _gpu_ms(clock, fn, batch, hold_us, flush_l2):
     """GPU ms per call of `batch` back-to-back calls queued behind a hold of hold_us."""
     clock.sync()
-    clock.hold(hold_us)
+    if hold_us > 0:
+        clock.hold(hold_us)
     if not flush_l2:
         a, b = clock.event(), clock.event()
         clock.record(a)
