@@ -21,7 +21,7 @@ with warnings.catch_warnings(record=True) as w:
 info["flash_causal_nq_ne_nk"] = {"ok": ok, "why": [str(x.message)[:300] for x in w]}
 print(json.dumps(info, indent=1))
 PY
-timeout 110 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_torch.py \
+timeout 70 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_torch.py \
   -k "graph or side_stream or on_cuda or model_step or (gpu_backends and cupy) or (gpu_backends and numba and False)" \
   2>&1 | tee "$OUT/gpu_tests.log"
-timeout 200 python3 -m flashlib.bench.public_api --quick --out "$OUT" 2>&1 | tee "$OUT/bench.log"
+timeout 130 python3 -m flashlib.bench.public_api --quick --out "$OUT" 2>&1 | tee "$OUT/bench.log"

@@ -52,8 +52,15 @@ def _check_arrays(names, arrays):
             break
     else:
         dt = dtype_name(x)
-        if dt in DTYPES and (t.__module__[:5] != "torch" or len({a.get_device() for a in arrays}) == 1):
-            return dt
+        if dt in DTYPES:
+            if t.__module__[:5] != "torch":
+                return dt
+            dev = x.get_device()
+            for a in arrays:
+                if a.get_device() != dev:
+                    break
+            else:
+                return dt
     kinds = {kind_of(a) for a in arrays}
     if len(kinds) > 1:
         raise TypeError(f"{', '.join(names)} must be the same kind of array, got {sorted(kinds)}")

@@ -98,21 +98,47 @@ attention_backward.register_autograd(_no_double_backward, setup_context=lambda c
 def flash_attention(q, k, v, causal=False, scale=None, backend="auto"):
     """Differentiable flashlib attention on (B, H, N, d) tensors (k, v may have fewer heads: GQA); returns O.
 
-    Through the registered operator, except for plain eager calls that need no gradient (no torch.compile tracing,
-    no tensor subclass, mode or grad): those run the operator's implementation directly, the same launch, without
-    the dispatcher's round trip through Python (several microseconds a call)."""
+    Under torch.compile, tensor subclasses (FakeTensor) and dispatch or function modes: the registered operator.
+    Plain eager calls run the operators' implementations directly, the same launches, without the dispatcher's
+    round trips through Python (custom_op's autograd wrapper costs more host time than the kernels at small
+    shapes): with no gradient needed, a plain call; else `_EagerAttention`, whose backward is the backward operator
+    when a graph of the gradient is asked for (create_graph=True), so a double backward raises the same error."""
     dt, scale = api.validate(q, k, v, causal, scale)
     name = resolve_backend(q, backend)
-    if _plain_inference(q, k, v):
-        return api.forward(name, q, k, v, bool(causal), scale, dt)[0]
-    return attention_forward(q, k, v, bool(causal), scale, name)[0]
+    causal = bool(causal)
+    if _plain_eager(q, k, v):
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+            return _EagerAttention.apply(q, k, v, causal, scale, name, dt)
+        return api.forward(name, q, k, v, causal, scale, dt)[0]
+    return attention_forward(q, k, v, causal, scale, name)[0]
 
 
-def _plain_inference(*tensors):
-    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
-        return False
-    return (all(type(t) is torch.Tensor for t in tensors) and not torch._C._is_torch_function_mode_enabled()
-            and torch._C._len_torch_dispatch_stack() == 0)
+def _plain_eager(q, k, v):
+    T = torch.Tensor
+    return (type(q) is T and type(k) is T and type(v) is T and not torch.compiler.is_compiling()
+            and not torch._C._is_torch_function_mode_enabled() and torch._C._len_torch_dispatch_stack() == 0)
+
+
+class _EagerAttention(torch.autograd.Function):
+    """flashlib::attention_forward's autograd formula (see _setup_forward, _backward_of_forward) as a plain
+    autograd.Function over the same implementations, for eager calls."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, causal, scale, backend, dt):
+        o, lse = api.forward(backend, q, k, v, causal, scale, dt)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.args = causal, scale, backend, dt
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        causal, scale, backend, dt = ctx.args
+        if torch.is_grad_enabled():              # create_graph=True: the operator, whose own backward raises
+            dq, dk, dv = attention_backward(do, q, k, v, o, lse, causal, scale, backend)
+        else:
+            dq, dk, dv = api.backward(backend, q, k, v, o, lse, do, causal, scale, dt)
+        return dq, dk, dv, None, None, None, None
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
@@ -131,17 +157,18 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or dropout_p != 0:
         raise NotImplementedError(f"flashlib.torch: dropout_p must be 0.0, got {dropout_p!r} (no attention dropout)")
     check_causal(enable_gqa)
-    if not all(isinstance(t, torch.Tensor) for t in (query, key, value)):
+    if not (isinstance(query, torch.Tensor) and isinstance(key, torch.Tensor) and isinstance(value, torch.Tensor)):
         raise TypeError(f"query, key and value must be torch tensors, got {type(query).__name__}, "
                         f"{type(key).__name__}, {type(value).__name__}")
-    if query.dim() < 3 or key.dim() != query.dim() or value.dim() != query.dim():
+    qs, ks, vs = query.shape, key.shape, value.shape
+    if len(qs) < 3 or len(ks) != len(qs) or len(vs) != len(qs):
         raise ValueError(f"query, key and value must have one number (>= 3) of dimensions (..., seq, head_dim), got "
-                         f"shapes {tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}")
-    if value.shape[-1] != query.shape[-1] or key.shape[-1] != query.shape[-1]:
+                         f"shapes {tuple(qs)}, {tuple(ks)}, {tuple(vs)}")
+    if vs[-1] != qs[-1] or ks[-1] != qs[-1]:
         raise NotImplementedError(f"flashlib.torch: query, key and value must share one head dim, got "
-                                  f"{query.shape[-1]}, {key.shape[-1]}, {value.shape[-1]}")
-    if query.dim() == 4:
-        if not enable_gqa and key.shape[1] != query.shape[1]:
+                                  f"{qs[-1]}, {ks[-1]}, {vs[-1]}")
+    if len(qs) == 4:
+        if not enable_gqa and ks[1] != qs[1]:
             raise ValueError(f"key/value have {key.shape[1]} heads and query {query.shape[1]}: pass enable_gqa=True "
                              "for grouped-query attention")
         return flash_attention(query, key, value, is_causal, scale, backend)

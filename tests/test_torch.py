@@ -346,24 +346,31 @@ def test_torch_compile_fullgraph_on_cuda():
     assert torch._dynamo.explain(fn)(q, k, v).graph_break_count == 0
 
 
-def test_inference_calls_skip_the_dispatcher_but_not_under_modes(monkeypatch):
-    """No-grad eager calls run the operator's implementation directly; with grad, under a dispatch mode (here
-    FakeTensorMode, as torch.compile's tracing uses) they go through the registered operator."""
+def test_eager_calls_skip_the_dispatcher_but_not_under_modes(monkeypatch):
+    """Plain eager calls run the operators' implementations directly (no grad: a call; grad: _EagerAttention);
+    under a dispatch mode (here FakeTensorMode, as torch.compile's tracing uses) they go through the operator.
+    Both give the same values and gradients."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     calls = []
     real = ft.attention_forward
     monkeypatch.setattr(ft, "attention_forward", lambda *a: calls.append(1) or real(*a))
-    q = torch.randn(1, 2, 5, 8)
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, n, 8, generator=g, dtype=torch.float64) for n in (5, 7, 7))
     with torch.no_grad():
-        o = sdpa(q, q, q)
-    assert not calls
-    torch.testing.assert_close(o, F.scaled_dot_product_attention(q, q, q))
-    sdpa(q.clone().requires_grad_(), q, q)
-    assert len(calls) == 1
+        o = sdpa(q, k, v, is_causal=True)
+    torch.testing.assert_close(o, F.scaled_dot_product_attention(q, k, v, is_causal=True))
+    qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+    eager = sdpa(qg, kg, vg, is_causal=True)
+    assert not calls and type(eager.grad_fn).__name__ == "_EagerAttentionBackward"
+    op = real(qg, kg, vg, True, 8 ** -0.5, "reference")[0]
+    do = torch.randn_like(op)
+    torch.testing.assert_close(eager, op)
+    for a, b in zip(torch.autograd.grad(eager, (qg, kg, vg), do), torch.autograd.grad(op, (qg, kg, vg), do)):
+        torch.testing.assert_close(a, b)
     with FakeTensorMode():
         fq = torch.empty(1, 2, 5, 8)
         assert sdpa(fq, fq, fq).shape == (1, 2, 5, 8)
-    assert len(calls) == 2
+    assert len(calls) == 1
 
 
 def test_the_package_does_not_import_the_training_script():
@@ -381,3 +388,18 @@ def test_the_package_does_not_import_the_training_script():
             assert "gpt" not in module.split(".") and "gpt" not in names, (path, module, names)
             if path.name == "torch.py" and isinstance(node, ast.ImportFrom):
                 assert "bench" not in module.split("."), (path, module)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_operator_and_eager_paths_agree_on_cuda(dtype):
+    """The registered operator (with its register_autograd formula) and the eager path give one result."""
+    _need("cupy")
+    q, k, v = (t.requires_grad_() for t in _cuda_qkv(Hkv=2, dtype=dtype, seed=9))
+    do = torch.randn_like(q)
+    eager = sdpa(q, k, v, is_causal=True, enable_gqa=True, backend="cupy")
+    op = ft.attention_forward(q, k, v, True, 64 ** -0.5, "cupy")[0]
+    assert type(eager.grad_fn).__name__ == "_EagerAttentionBackward"
+    assert torch.equal(eager, op)
+    for a, b in zip(torch.autograd.grad(eager, (q, k, v), do), torch.autograd.grad(op, (q, k, v), do)):
+        torch.testing.assert_close(a.float(), b.float(), rtol=1e-2, atol=2e-3)

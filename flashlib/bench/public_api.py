@@ -173,6 +173,7 @@ def host_table(**timing_kw):
         "flashlib.torch forward + backward": lambda: grad(fsdpa(qg, kg, vg), (qg, kg, vg)),
     }
     ctxs = {n: (flash_ctx if "sdpa-flash" in n else cudnn_ctx) for n in fns if n.startswith("sdpa-")}
+    timing_kw = {"min_rounds": 10, "host_calls": 100, **timing_kw}
     stats = compare(fns, contexts=ctxs, host=True, **timing_kw)
     return {n: {"host_us": s["host_us"], "host_spread": s["host_spread"], "gpu_ms": s["median_ms"]}
             for n, s in stats.items()}
@@ -192,7 +193,7 @@ def main(argv=None):
         print(f"{n:55s} {s['host_us']:8.1f} us  (spread {100 * s['host_spread']:.0f}%)")
     name = a.name or f"public_api_{gpu_tag(torch.cuda.get_device_name())}"
     method = ("flashlib.bench.timing.compare: interleaved rounds, batches behind a hold kernel; host_us: wall time "
-              "per call, no sync inside a batch of 50; B = 16384 / N, H = 16")
+              "per call, no sync inside a batch of 100, median of 10 interleaved rounds; B = 16384 / N, H = 16")
     write = lambda rows, done=False: save(name, rows, directory=a.out, host_us=host, method=method, complete=done)
     write([])
     rows = run(QUICK if a.quick else FULL, on_rows=write, max_seconds=20.0)

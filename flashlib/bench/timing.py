@@ -44,7 +44,7 @@ def compare(candidates, *, warmup=3, min_rounds=5, max_rounds=30, rel_tol=0.03, 
     clock.sync()
     host_us = {n: [] for n in names}
     if host:
-        for r in range(max(3, min_rounds // 2)):
+        for r in range(max(5, min_rounds)):
             for n in _rotated(names, r):
                 with ctx(n):
                     host_us[n].append(_host_us(clock, candidates[n], host_calls))
