@@ -26,7 +26,7 @@ from collections import namedtuple
 
 import numpy as np
 
-from .._arrays import check_causal, check_scale
+from .._arrays import check_causal, check_scale, dtype_str
 
 HERE = pathlib.Path(__file__).resolve().parent
 HEAD_DIMS = (32, 64, 96, 128)
@@ -232,7 +232,7 @@ def check_inputs(q, k, v, dtype):
     for name, a in (("q", q), ("k", k), ("v", v)):
         if len(a.shape) != 4:
             raise ValueError(f"{name} must be (B, H, N, d), got shape {tuple(a.shape)}")
-        if _dtype_str(a.dtype) not in want:
+        if dtype_str(a.dtype) not in want:
             raise ValueError(f"{name} has dtype {a.dtype}; dtype={dtype!r} expects {' or '.join(want)}")
     B, H, Nq, d = q.shape
     Nk = k.shape[2]
@@ -242,17 +242,6 @@ def check_inputs(q, k, v, dtype):
     if d not in HEAD_DIMS:
         raise ValueError(f"the cupy backend takes head_dim in {HEAD_DIMS}, got {d}")
     return B, H, Nq, Nk, d
-
-
-_DTYPE_STR = {}
-
-
-def _dtype_str(dt):
-    """str(dtype), cached by the dtype object (it runs on every call)."""
-    name = _DTYPE_STR.get(dt)
-    if name is None:
-        name = _DTYPE_STR[dt] = str(dt)
-    return name
 
 
 # how each dtype is stored in the arrays the backend accepts: CuPy (bfloat16 as its bits) or torch
@@ -446,7 +435,7 @@ class _Stream:
 
 class _CupyIO:
     """CuPy callers: CuPy arrays, CuPy's current stream."""
-    contiguous = staticmethod(lambda a: __import__("cupy").ascontiguousarray(a))
+    contiguous = staticmethod(lambda a: a if a.flags.c_contiguous else __import__("cupy").ascontiguousarray(a))
     contiguous_f32 = staticmethod(lambda a: __import__("cupy").ascontiguousarray(a, dtype="float32"))
     empty_like = staticmethod(lambda a: __import__("cupy").empty_like(a))
     empty_f32 = staticmethod(lambda shape, a: __import__("cupy").empty(shape, dtype="float32"))
