@@ -147,7 +147,7 @@ def smoke(only=()):
 
 
 def _sdpa(backend):
-    from flashlib.torch import sdpa_pinned
+    from flashlib.bench.sdpa import sdpa_pinned
     return lambda q, k, v, causal: sdpa_pinned(backend, q, k, v, is_causal=causal)
 
 

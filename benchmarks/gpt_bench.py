@@ -20,6 +20,7 @@ import torch
 import flashlib
 from flashlib import bench, gpt
 from flashlib import torch as ft
+from flashlib.bench import graphs, sdpa as sdpa_info
 
 
 def importable(backend):
@@ -50,17 +51,17 @@ def sdpa_part(out, tag, backends):
     }
     support = []
     for name, (a, b, c, kw) in cases.items():
-        res = ft.sdpa_support(a, b, c, **kw)
-        chosen = ft.kernels_that_ran(lambda: torch.nn.functional.scaled_dot_product_attention(a, b, c, **kw))
+        res = sdpa_info.sdpa_support(a, b, c, **kw)
+        chosen = sdpa_info.kernels_that_ran(lambda: torch.nn.functional.scaled_dot_product_attention(a, b, c, **kw))
         support.append({"case": name, "accepted_by": {k: v is None for k, v in res.items()}, "reasons": res,
                         "default_dispatch_ops": chosen})
         print("support", name, {k: v is None for k, v in res.items()})
     kernels = {}
     for name in ("flash", "cudnn", "efficient", "math"):
-        kernels[name] = ft.kernels_that_ran(lambda: ft.sdpa_pinned(name, q, q, q, is_causal=True))
-    kernels["default"] = ft.kernels_that_ran(lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True))
+        kernels[name] = sdpa_info.kernels_that_ran(lambda: sdpa_info.sdpa_pinned(name, q, q, q, is_causal=True))
+    kernels["default"] = sdpa_info.kernels_that_ran(lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True))
     for b in backends:
-        kernels[f"flashlib:{b}"] = ft.kernels_that_ran(
+        kernels[f"flashlib:{b}"] = sdpa_info.kernels_that_ran(
             lambda: ft.scaled_dot_product_attention(q if b == "cupy" else q.float(), q if b == "cupy" else q.float(),
                                                     q if b == "cupy" else q.float(), is_causal=True, backend=b))
     timing = []
@@ -71,10 +72,10 @@ def sdpa_part(out, tag, backends):
             B = 16384 // N * 2
             for causal in (False, True):
                 for impl in impls16:
-                    timing.append(ft.time_attention(impl, B, 16, N, d, torch.float16, causal))
+                    timing.append(sdpa_info.time_attention(impl, B, 16, N, d, torch.float16, causal))
                     print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in timing[-1].items()})
     for impl in impls32:
-        timing.append(ft.time_attention(impl, 8, 16, 1024, 64, torch.float32, True))
+        timing.append(sdpa_info.time_attention(impl, 8, 16, 1024, 64, torch.float32, True))
         print(timing[-1])
     bench.save(f"sdpa_{tag}", timing, directory=out, support=support, kernels=kernels,
                shapes="B = 32768/N, H = 16; fp16 unless noted; TFLOP/s = 4BHN^2d/t (half if causal), x3.5 fwd+bwd")
@@ -84,16 +85,16 @@ def graphs_part(out, tag):
     rows = []
     for numel in (1_000, 100_000, 10_000_000):
         for n_ops in (10, 100, 500):
-            fn, n = ft.elementwise_chain(numel, n_ops)
-            rows.append({"library": "torch", "workload": "elementwise chain", "numel": numel, **ft.eager_vs_graph(fn, n)})
+            fn, n = graphs.elementwise_chain(numel, n_ops)
+            rows.append({"library": "torch", "workload": "elementwise chain", "numel": numel, **graphs.eager_vs_graph(fn, n)})
             print(rows[-1])
     for numel in (1_000, 10_000_000):
         rows.append({"library": "cupy", "workload": "elementwise chain", "numel": numel,
-                     **ft.cupy_eager_vs_graph(numel, 100)})
+                     **graphs.cupy_eager_vs_graph(numel, 100)})
         print(rows[-1])
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     rows.append({"library": "torch", "workload": "8192^3 bf16 matmul x 10", "numel": a.numel(),
-                 **ft.eager_vs_graph(lambda: [a @ a for _ in range(10)], 10)})
+                 **graphs.eager_vs_graph(lambda: [a @ a for _ in range(10)], 10)})
     print(rows[-1])
     data = gpt.CharData()
     for block, batch in ((64, 1), (256, 16)):
@@ -108,7 +109,7 @@ def graphs_part(out, tag):
                 torch.cuda.synchronize()
             n = sum(1 for e in prof.events() if "CUDA" in str(e.device_type)) or None
             rows.append({"library": "torch", "workload": f"GPT forward, batch {batch} x {block} tokens",
-                         "numel": batch * block, **ft.eager_vs_graph(lambda: model(x), n)})
+                         "numel": batch * block, **graphs.eager_vs_graph(lambda: model(x), n)})
         print(rows[-1])
     bench.save(f"cuda_graphs_{tag}", rows, directory=out,
                note="ms from CUDA events around one call (eager) or one graph.replay()/launch(), median of 20")
@@ -161,7 +162,7 @@ def gpt_part(out, tag, backends, seconds):
         except Exception as e:
             profiles[name] = {"error": f"{type(e).__name__}: {e}"}
     q = torch.randn(batch, cfg.n_head, cfg.block_size, cfg.n_embd // cfg.n_head, device="cuda")
-    sdpa_ops = {dt: ft.kernels_that_ran(lambda: torch.nn.functional.scaled_dot_product_attention(
+    sdpa_ops = {dt: sdpa_info.kernels_that_ran(lambda: torch.nn.functional.scaled_dot_product_attention(
         q.to(dt), q.to(dt), q.to(dt), is_causal=True)) for dt in (torch.bfloat16, torch.float32)}
     bench.save(f"gpt_{tag}", runs, directory=out, notes=notes, text="pydoc_data.topics (Python's help texts)",
                sdpa_ops={str(k): v for k, v in sdpa_ops.items()}, profiles=profiles)

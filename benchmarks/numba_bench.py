@@ -47,9 +47,9 @@ def main():
     rows, notes = [], {}
     cc = cuda.get_current_device().compute_capability
 
-    from flashlib.gpt import naive_attention as naive
+    from flashlib.torch import naive_attention as naive
 
-    from flashlib.torch import sdpa_pinned
+    from flashlib.bench.sdpa import sdpa_pinned
 
     def sdpa(backend):
         return lambda q, k, v, causal: sdpa_pinned(backend, q, k, v, is_causal=causal)

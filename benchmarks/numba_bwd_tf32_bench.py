@@ -39,7 +39,7 @@ def main():
     from flashlib import numba_kernels as nk
     from flashlib._arrays import to_numba
     from flashlib.numba_kernels import fa2_bwd_tf32 as bt
-    from flashlib.torch import sdpa_pinned
+    from flashlib.bench.sdpa import sdpa_pinned
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
         from flashlib.numba_kernels.fa2_tf32 import fa2_forward_tf32

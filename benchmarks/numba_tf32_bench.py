@@ -47,8 +47,8 @@ def accuracy(nk, tf, cuda):
                 print(f"accuracy {name:24s} d={d:3d} causal={causal!s:5s} max|O-O64| {rows[-1]['max_err_o']:.2e} "
                       f"max|lse-lse64| {rows[-1]['max_err_lse']:.2e}", flush=True)
     import torch
-    from flashlib.gpt import naive_attention
-    from flashlib.torch import sdpa_pinned
+    from flashlib.torch import naive_attention
+    from flashlib.bench.sdpa import sdpa_pinned
     for d in (64, 128):
         q, k, v = (rng.standard_normal((1, 2, 1000, d)).astype(np.float32) for _ in range(3))
         O, _ = reference.attention_forward(q, k, v, True)
@@ -63,8 +63,8 @@ def accuracy(nk, tf, cuda):
 
 def measure(d, causal, N, nk, tf, cuda, alt):
     import torch
-    from flashlib.gpt import naive_attention
-    from flashlib.torch import sdpa_pinned
+    from flashlib.torch import naive_attention
+    from flashlib.bench.sdpa import sdpa_pinned
     H, B = 16, 16384 // N
     torch.cuda.empty_cache()                               # the previous shape's tensors are gone by now
     g = torch.Generator(device="cuda").manual_seed(0)

@@ -3,6 +3,9 @@
 GPU arrays move between libraries through DLPack / `__cuda_array_interface__` without copying; NumPy
 arrays are copied to the device and the results copied back.
 """
+import math
+import numbers
+
 import numpy as np
 
 DTYPES = ("float16", "bfloat16", "float32", "float64")
@@ -24,7 +27,18 @@ def kind_of(x):
 
 def dtype_name(x):
     """The element type as a string: 'float32', 'float16', 'bfloat16', ... (torch and NumPy spell them alike)."""
-    return str(x.dtype).replace("torch.", "")
+    return dtype_str(x.dtype).replace("torch.", "")
+
+
+_DTYPE_STR = {}
+
+
+def dtype_str(dt):
+    """str(dt), cached by the dtype object: str() of a NumPy (or CuPy) dtype costs microseconds, on every call."""
+    name = _DTYPE_STR.get(dt)
+    if name is None:
+        name = _DTYPE_STR[dt] = str(dt)
+    return name
 
 
 def on_gpu(x):
@@ -94,3 +108,36 @@ def like(y, x, dtype):
         import cupy as cp
         return cp.asarray(y).astype(dtype, copy=False)
     return y if kind_of(y) == "numba" else to_numba(np.asarray(y).astype(dtype, copy=False))
+
+
+# ---- the argument rules every entry point shares (flashlib.attention, attention_backward, flashlib.torch, the
+# kernel modules): strict types, no bool()/float() coercion of what the user passed
+
+def check_causal(causal):
+    """causal must be a real boolean: True, False or numpy.bool_ (not 0/1, not "False", not a tensor)."""
+    if causal is True or causal is False or isinstance(causal, np.bool_):
+        return bool(causal)
+    raise TypeError(f"causal / is_causal must be True or False, got {causal!r} ({type(causal).__name__})")
+
+
+def check_scale(scale, d):
+    """The softmax scale as a Python float: None -> 1/sqrt(d); else a real number (int, float, fractions.Fraction,
+    NumPy integer or floating scalar, or a 0-d NumPy array of such) that is finite and > 0. Refused: bool, str,
+    complex, tensors and GPU arrays (pass a Python float: reading a GPU scalar would stall the host)."""
+    if scale is None:
+        return 1.0 / math.sqrt(d)
+    if type(scale) is float or type(scale) is int:
+        value = float(scale)
+    elif isinstance(scale, (bool, np.bool_)) or not isinstance(scale, (numbers.Real, np.ndarray)):
+        raise TypeError(f"scale must be a real number or None (1/sqrt(head_dim)), got {scale!r} "
+                        f"({type(scale).__name__})")
+    elif isinstance(scale, np.ndarray):
+        if scale.ndim != 0 or scale.dtype.kind not in "iuf":
+            raise TypeError(f"scale as an array must be 0-d of an integer or floating dtype, got shape "
+                            f"{scale.shape}, dtype {scale.dtype}")
+        value = float(scale)
+    else:
+        value = float(scale)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"scale must be finite and > 0, got {scale!r}")
+    return value

@@ -6,15 +6,20 @@ caller's kind of array. `backend` names one implementation:
   tiled      FlashAttention-2 in NumPy, tile by tile (flashlib.tiled)
   numba      Numba-CUDA kernels: float32 forward and backward; fp16/bf16 forward on Tensor Cores (flashlib.numba_kernels)
   cupy       CUDA C kernels through CuPy: float32 on CUDA cores, fp16/bf16 on Tensor Cores (flashlib.cupy_kernels)
-  auto       a GPU backend when a GPU and a GPU dtype are present, else reference
+  auto       for GPU arrays a GPU backend (cupy for fp16/bf16, numba then cupy for float32); host arrays and
+             float64 stay on the host (reference)
 """
+import contextlib
+import functools
 import importlib
+import warnings
 
 import numpy as np
 
 from . import reference, tiled
 from .env import simulated
-from ._arrays import DTYPES, dtype_name, kind_of, like, on_gpu, to_cupy, to_numba, to_numpy
+from ._arrays import (DTYPES, check_causal, check_scale, dtype_name, kind_of, like, on_gpu, to_cupy,
+                      to_numba, to_numpy)
 
 BACKENDS = ("reference", "tiled", "numba", "cupy")
 
@@ -24,6 +29,7 @@ def available_backends():
     return tuple(b for b in BACKENDS if _unavailable_reason(b) is None)
 
 
+@functools.lru_cache(maxsize=None)
 def _unavailable_reason(name):
     if name in ("reference", "tiled"):
         return None
@@ -38,6 +44,23 @@ def _unavailable_reason(name):
 
 
 def _check_arrays(names, arrays):
+    """One kind of array, one dtype of DTYPES, one device (torch) or side (GPU / host); returns the dtype name."""
+    x = arrays[0]
+    t, dtype = type(x), getattr(x, "dtype", None)
+    for a in arrays:                                      # the common case, cheaply: one type, dtype (and device)
+        if type(a) is not t or dtype is None or a.dtype != dtype:
+            break
+    else:
+        dt = dtype_name(x)
+        if dt in DTYPES:
+            if t.__module__[:5] != "torch":
+                return dt
+            dev = x.get_device()
+            for a in arrays:
+                if a.get_device() != dev:
+                    break
+            else:
+                return dt
     kinds = {kind_of(a) for a in arrays}
     if len(kinds) > 1:
         raise TypeError(f"{', '.join(names)} must be the same kind of array, got {sorted(kinds)}")
@@ -49,46 +72,178 @@ def _check_arrays(names, arrays):
         raise TypeError(f"unsupported dtype {dt}; accepted: {', '.join(DTYPES)}")
     if len({on_gpu(a) for a in arrays}) > 1:
         raise ValueError(f"{', '.join(names)} must all be on the GPU or all on the host")
+    if kinds == {"torch"} and len({a.device for a in arrays}) > 1:
+        raise ValueError(f"{', '.join(names)} must be on one device, got {sorted({str(a.device) for a in arrays})}")
     return dt
 
 
-def _validate(q, k, v, causal, scale):
-    """Check shapes and types; return (dtype name, scale). Shapes: q (B, H, Nq, d), k and v (B, H, Nk, d)."""
+def validate(q, k, v, causal, scale):
+    """The one check of attention's inputs, shared by every entry point; returns (dtype name, scale as a float).
+
+    q (B, H, Nq, d), k and v (B, H_kv, Nk, d) with H_kv dividing H (grouped-query attention: query head h reads kv
+    head h // (H // H_kv)); one kind of array, one dtype of DTYPES, one device; causal a real bool; scale as
+    `check_scale` accepts it.
+    """
     dt = _check_arrays(("q", "k", "v"), (q, k, v))
+    qs, ks = tuple(q.shape), tuple(k.shape)
+    if len(qs) != 4 or len(ks) != 4 or tuple(v.shape) != ks or 0 in qs or 0 in ks or ks[0] != qs[0] or ks[3] != qs[3] \
+            or qs[1] % ks[1]:
+        _shape_error(q, k, v)
+    check_causal(causal)
+    return dt, check_scale(scale, qs[3])
+
+
+def _shape_error(q, k, v):
+    """Raise the error that names what is wrong with these shapes."""
     for name, a in (("q", q), ("k", k), ("v", v)):
         if a.ndim != 4:
             raise ValueError(f"{name} must have 4 dimensions (batch, heads, seq, head_dim), got shape {tuple(a.shape)}")
         if 0 in tuple(a.shape):
             raise ValueError(f"{name} is empty (shape {tuple(a.shape)}); every dimension must be at least 1")
-    if tuple(q.shape[:2]) != tuple(k.shape[:2]) or tuple(k.shape[:2]) != tuple(v.shape[:2]):
-        raise ValueError(f"batch and heads must match: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
     if k.shape[2] != v.shape[2]:
         raise ValueError(f"k and v must have the same sequence length, got {k.shape[2]} and {v.shape[2]}")
-    if q.shape[3] != k.shape[3] or k.shape[3] != v.shape[3]:
+    if k.shape[3] != q.shape[3] or v.shape[3] != q.shape[3]:
         raise ValueError(f"q, k and v must share one head_dim, got {q.shape[3]}, {k.shape[3]}, {v.shape[3]}")
-    if not isinstance(causal, (bool, np.bool_)):
-        raise TypeError(f"causal must be True or False, got {causal!r}")
-    if scale is None:
-        scale = reference.default_scale(q.shape[3])
-    if not (isinstance(scale, (int, float, np.floating)) and np.isfinite(scale) and scale > 0):
-        raise ValueError(f"scale must be a positive finite number or None (1/sqrt(head_dim)), got {scale!r}")
-    return dt, float(scale)
+    raise ValueError(f"batch and heads must match (or, grouped-query, k and v's H_kv heads divide q's H): "
+                     f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+
+
+def check_lse(lse, q, dt):
+    """lse must be q's kind of array on q's device, (B, H, Nq), float32 (float64 for float64 inputs; float32 is also
+    taken there)."""
+    if type(lse) is not type(q) or on_gpu(lse) != on_gpu(q) or (kind_of(q) == "torch" and lse.device != q.device):
+        raise TypeError(f"lse must be the same kind of array as q on q's device ({kind_of(q)}), got "
+                        f"{type(lse).__module__}.{type(lse).__name__}")
+    want = ("float32", "float64") if dt == "float64" else ("float32",)
+    if dtype_name(lse) not in want:
+        raise TypeError(f"lse must have dtype {' or '.join(want)} for {dt} inputs, got {dtype_name(lse)}")
+    if tuple(lse.shape) != tuple(q.shape[:3]):
+        raise ValueError(f"lse must have shape (B, H, Nq) = {tuple(q.shape[:3])}, got {tuple(lse.shape)}")
+
+
+@functools.lru_cache(maxsize=None)
+def _auto(dt, gpu):
+    """What backend='auto' picks for dtype dt on the GPU (gpu=True) or the host: a GPU backend for GPU dtypes on a
+    GPU (cupy for fp16/bf16, numba then cupy for float32), else reference. Host arrays stay on the host."""
+    if gpu and dt != "float64":
+        for b in ("numba", "cupy") if dt == "float32" else ("cupy",):
+            if _unavailable_reason(b) is None and not (b == "numba" and simulated()):
+                return b
+    return "reference"
 
 
 def choose_backend(backend, x, dt):
     """The backend that runs for `backend` ('auto' or a name) on array x of dtype name dt; errors if unavailable."""
     if backend == "auto":
-        if dt != "float64":                        # the kernels take float32 (both) and fp16/bf16 (cupy)
-            for b in ("numba", "cupy") if dt == "float32" else ("cupy",):
-                if _unavailable_reason(b) is None and not (b == "numba" and simulated()):
-                    return b
-        return "reference"
+        return _auto(dt, on_gpu(x))
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of: auto, {', '.join(BACKENDS)}")
     why = _unavailable_reason(backend)
     if why:
         raise RuntimeError(f"backend {backend!r} is not available: {why}. Available here: {', '.join(available_backends())}")
     return backend
+
+
+def _warn_if_detaching(q, k, v):
+    if kind_of(q) == "torch" and (q.requires_grad or k.requires_grad or v.requires_grad):
+        import torch
+        if torch.is_grad_enabled():
+            warnings.warn("flashlib.attention does not record gradients: its result is detached from q, k, v. "
+                          "Use flashlib.torch.scaled_dot_product_attention for autograd.", stacklevel=3)
+
+
+def attention(q, k, v, causal=False, scale=None, backend="auto", return_lse=False):
+    """softmax(scale * q k^T [+ causal mask]) v.
+
+    q: (B, H, Nq, d), k and v: (B, H_kv, Nk, d) with H_kv dividing H, one dtype of float16, bfloat16, float32,
+    float64. Returns O (B, H, Nq, d) in q's dtype and kind, and with return_lse the logsumexp (B, H, Nq) in float32
+    (float64 for float64 input). torch tensors that require grad are read detached (with a warning): autograd goes
+    through flashlib.torch.
+    """
+    dt, scale = validate(q, k, v, causal, scale)
+    _warn_if_detaching(q, k, v)
+    o, lse = forward(choose_backend(backend, q, dt), q, k, v, causal, scale, dt)
+    return (o, lse) if return_lse else o
+
+
+def attention_backward(q, k, v, o, lse, do, causal=False, scale=None, backend="auto"):
+    """Gradients (dq, dk, dv) of attention, given the forward's O and logsumexp and the output gradient dO.
+
+    Shapes as in `attention`; o and do (B, H, Nq, d), lse (B, H, Nq) as `check_lse` says. Results have q's dtype
+    and kind; dk, dv have k's shape (summed over the query heads that share a kv head).
+    """
+    dt, scale = validate(q, k, v, causal, scale)
+    _check_arrays(("q", "o", "do"), (q, o, do))
+    for name, a in (("o", o), ("do", do)):
+        if tuple(a.shape) != tuple(q.shape):
+            raise ValueError(f"{name} must have q's shape {tuple(q.shape)}, got {tuple(a.shape)}")
+    check_lse(lse, q, dt)
+    return backward(choose_backend(backend, q, dt), q, k, v, o, lse, do, causal, scale, dt)
+
+
+# ---- running a backend on validated inputs (flashlib.torch's operator calls these too)
+
+_HOST = {"reference": (reference.attention_forward, reference.attention_backward),
+         "tiled": (tiled.fa2_forward, tiled.backward)}
+
+
+@functools.lru_cache(maxsize=None)
+def native_gqa(name):
+    """The directions ('forward', 'backward') in which backend `name` takes k, v with fewer heads than q itself
+    (its module's GQA attribute); for the others flashlib repeats k, v per query head and sums dk, dv back."""
+    mod = {"reference": reference, "tiled": tiled}.get(name) or importlib.import_module(f"flashlib.{name}_kernels")
+    return tuple(getattr(mod, "GQA", ()))
+
+
+def forward(name, q, k, v, causal, scale, dt):
+    """(O, lse) of backend `name` for inputs that passed `validate`, in q's kind."""
+    group = q.shape[1] // k.shape[1]
+    if group > 1 and "forward" not in native_gqa(name):
+        k, v = repeat_heads(k, group), repeat_heads(v, group)
+    if name in _HOST:
+        fwd = _HOST[name][0]
+        return tuple(_host(lambda q_, k_, v_: fwd(q_, k_, v_, causal=causal, scale=scale), (q, k, v), dt, q))
+    return _gpu_call(name, "forward", (q, k, v), dt, causal, scale)
+
+
+def backward(name, q, k, v, o, lse, do, causal, scale, dt):
+    """(dq, dk, dv) of backend `name` for validated inputs, in q's kind; dk, dv of k's shape."""
+    group = q.shape[1] // k.shape[1]
+    if group > 1 and "backward" not in native_gqa(name):
+        dq, dk, dv = backward(name, q, repeat_heads(k, group), repeat_heads(v, group), o, lse, do, causal, scale, dt)
+        return dq, sum_heads(dk, group), sum_heads(dv, group)
+    if name in _HOST:
+        bwd = _HOST[name][1]
+        return tuple(_host(lambda *a: bwd(*a, causal=causal, scale=scale), (q, k, v, o, lse, do), dt, q))
+    return _gpu_call(name, "backward", (q, k, v, o, lse, do), dt, causal, scale)
+
+
+def repeat_heads(x, group):
+    """(B, H_kv, N, d) -> (B, H_kv * group, N, d), kv head j repeated for query heads j*group ... j*group+group-1."""
+    kind = kind_of(x)
+    if kind == "torch":
+        return x.repeat_interleave(group, dim=1)
+    if kind == "numpy":
+        return np.repeat(x, group, axis=1)
+    import cupy as cp
+    return like(cp.repeat(to_cupy(x), group, axis=1), x, dtype_name(x) if kind != "numba" else str(x.dtype))
+
+
+def sum_heads(dx, group):
+    """(B, H_kv * group, N, d) -> (B, H_kv, N, d): the sum over each group of query heads, accumulated in float32
+    (float64 for float64)."""
+    B, H, N, d = dx.shape
+    kind = kind_of(dx)
+    if kind == "torch":
+        import torch
+        acc = torch.float64 if dx.dtype == torch.float64 else torch.float32
+        return dx.reshape(B, H // group, group, N, d).sum(2, dtype=acc).to(dx.dtype)
+    acc = np.float64 if dx.dtype == np.float64 else np.float32
+    if kind == "numpy":
+        return dx.reshape(B, H // group, group, N, d).sum(2, dtype=acc).astype(dx.dtype)
+    import cupy as cp
+    y = to_cupy(dx)
+    return like(y.reshape(B, H // group, group, N, d).sum(2, dtype=acc).astype(y.dtype), dx, str(y.dtype))
 
 
 def _host(fn, arrays, dt, x):
@@ -101,46 +256,39 @@ def _lse_dtype(dt):
     return "float64" if dt == "float64" else "float32"
 
 
-def attention(q, k, v, causal=False, scale=None, backend="auto", return_lse=False):
-    """softmax(scale * q k^T [+ causal mask]) v.
-
-    q: (B, H, Nq, d), k and v: (B, H, Nk, d), one dtype of float16, bfloat16, float32, float64.
-    Returns O (B, H, Nq, d) in q's dtype and kind, and with return_lse the logsumexp (B, H, Nq) in float32
-    (float64 for float64 input).
-    """
-    dt, scale = _validate(q, k, v, causal, scale)
-    name = choose_backend(backend, q, dt)
-    if name in ("reference", "tiled"):
-        fwd = reference.attention_forward if name == "reference" else tiled.fa2_forward
-        o, lse = _host(lambda q_, k_, v_: fwd(q_, k_, v_, causal=causal, scale=scale), (q, k, v), dt, q)
-    else:
-        o, lse = _gpu_call(name, "forward", (q, k, v), dt, causal, scale)
-    return (o, lse) if return_lse else o
-
-
-def attention_backward(q, k, v, o, lse, do, causal=False, scale=None, backend="auto"):
-    """Gradients (dq, dk, dv) of attention, given the forward's O and logsumexp and the output gradient dO.
-
-    Shapes as in `attention`; o and do (B, H, Nq, d), lse (B, H, Nq). Results have q's dtype and kind.
-    """
-    dt, scale = _validate(q, k, v, causal, scale)
-    _check_arrays(("q", "o", "do"), (q, o, do))
-    for name, a in (("o", o), ("do", do)):
-        if tuple(a.shape) != tuple(q.shape):
-            raise ValueError(f"{name} must have q's shape {tuple(q.shape)}, got {tuple(a.shape)}")
-    if tuple(lse.shape) != tuple(q.shape[:3]):
-        raise ValueError(f"lse must have shape (B, H, Nq) = {tuple(q.shape[:3])}, got {tuple(lse.shape)}")
-    name = choose_backend(backend, q, dt)
-    if name in ("reference", "tiled"):
-        bwd = reference.attention_backward if name == "reference" else tiled.backward
-        return tuple(_host(lambda *a: bwd(*a, causal=causal, scale=scale), (q, k, v, o, lse, do), dt, q))
-    return _gpu_call(name, "backward", (q, k, v, o, lse, do), dt, causal, scale)
-
-
 def _gpu_call(name, fn, arrays, dt, causal, scale):
-    """Convert to the backend's arrays (zero-copy on the GPU), run, convert back to the caller's kind."""
-    mod = importlib.import_module(f"flashlib.{name}_kernels")
+    """Run a GPU backend. torch and CuPy arrays go to the cupy backend as they are (it allocates and launches in
+    their library, on their current stream); the rest is viewed as the backend's arrays (zero-copy on the GPU) and
+    the results as the caller's kind."""
     x = arrays[0]
-    conv = to_numba if name == "numba" else to_cupy
-    outs = getattr(mod, fn)(*[conv(a) for a in arrays], causal=causal, scale=scale, dtype=dt)
+    kind = kind_of(x)
+    if name == "cupy":
+        from . import cupy_kernels
+        if (kind == "torch" and x.is_cuda) or kind == "cupy":
+            return getattr(cupy_kernels, fn)(*arrays, causal=causal, scale=scale, dtype=dt)
+        outs = getattr(cupy_kernels, fn)(*[to_cupy(a) for a in arrays], causal=causal, scale=scale, dtype=dt)
+    else:
+        from . import numba_kernels
+        with _numba_stream_order(x):
+            outs = getattr(numba_kernels, fn)(*[to_numba(a) for a in arrays], causal=causal, scale=scale, dtype=dt)
     return tuple(like(y, x, dt if len(y.shape) == 4 else "float32") for y in outs)
+
+
+@contextlib.contextmanager
+def _numba_stream_order(x):
+    """The Numba kernels launch on the legacy default stream. For a torch caller on another stream, order them after
+    its pending work and its later work after them (GPU-side waits); inside a CUDA graph capture, refuse."""
+    if kind_of(x) != "torch" or not x.is_cuda:
+        yield
+        return
+    import torch
+    cur, legacy = torch.cuda.current_stream(x.device), torch.cuda.default_stream(x.device)
+    if cur == legacy:
+        yield
+        return
+    if torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("the numba backend launches on the legacy default stream and cannot be captured into a "
+                           "CUDA graph; use backend='cupy'")
+    legacy.wait_stream(cur)
+    yield
+    cur.wait_stream(legacy)

@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import torch as flashlib_torch
+from .torch import naive_attention  # noqa: F401 (gpt.naive_attention: chapter 13 shows its source)
 
 
 # ---- data --------------------------------------------------------------------------------------------------------
@@ -67,18 +68,6 @@ class CharData:
 
 
 # ---- attention functions: fn(q, k, v, is_causal) with q, k, v (B, H, N, d) ---------------------------------------
-
-def naive_attention(q, k, v, is_causal=True, scale=None):
-    """matmul - softmax - matmul, as a transformer was written before fused attention: S and P hit memory.
-    The one naive attention of flashlib: the benchmarks time this function too."""
-    S = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)
-    if is_causal:
-        Nq, Nk = S.shape[-2:]
-        mask = torch.ones(Nq, Nk, dtype=torch.bool, device=q.device).tril()   # top-left, like PyTorch
-        S = S.masked_fill(~mask, float("-inf"))
-    P = torch.softmax(S, dim=-1)
-    return P @ v
-
 
 def attention_fn(name, backend="auto"):
     """The attention function called `name`: 'naive', 'sdpa' or 'flashlib' (with a flashlib backend)."""

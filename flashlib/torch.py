@@ -1,43 +1,207 @@
-"""flashlib as a PyTorch operator: an autograd Function and a drop-in for F.scaled_dot_product_attention.
+"""flashlib as a PyTorch operator: registered custom ops and a drop-in for F.scaled_dot_product_attention.
 
     from flashlib.torch import scaled_dot_product_attention as sdpa
-    y = sdpa(q, k, v, is_causal=True)             # q: (B, H, Nq, d), k, v: (B, H, Nk, d); y.backward() works
+    y = sdpa(q, k, v, is_causal=True)             # q: (B, H, Nq, d), k, v: (B, H_kv, Nk, d); y.backward() works
 
-The forward calls `flashlib.attention(..., return_lse=True)` and keeps (q, k, v, O, lse) for the backward, which
-calls `flashlib.attention_backward`: the FlashAttention recipe (store O and the logsumexp, recompute S and P in
-the backward), so nothing of size N x N is kept between the passes. On CUDA tensors the GPU backends see the
-tensors' own memory through DLPack / the CUDA array interface: no copies.
+Two operators are registered with torch.library.custom_op, each with a fake (meta) kernel:
+
+  flashlib::attention_forward(q, k, v, causal, scale, backend) -> (O, lse)
+  flashlib::attention_backward(dO, q, k, v, O, lse, causal, scale, backend) -> (dQ, dK, dV)
+
+and the forward's autograd formula (register_autograd) saves (q, k, v, O, lse) and calls the backward operator: the
+FlashAttention recipe, nothing of size N x N kept between the passes. Because they are registered operators,
+torch.compile traces them without a graph break, torch.library.opcheck checks them, and on CUDA tensors the cupy
+backend allocates its outputs with PyTorch's allocator and launches on torch.cuda.current_stream(), so CUDA graph
+capture and side streams work. The backward operator is not differentiable: a double backward raises.
 """
 import math
+import numbers
 
 import torch
+from torch import Tensor
 
 from . import api
+from ._arrays import check_causal
 
-__all__ = ["FlashAttentionFunction", "flash_attention", "scaled_dot_product_attention", "resolve_backend",
-           "cupy_allocates_from_torch"]
+__all__ = ["attention_forward", "attention_backward", "flash_attention", "scaled_dot_product_attention",
+           "resolve_backend", "naive_attention", "cupy_allocates_from_torch"]
+
+_DTYPE = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32", torch.float64: "float64"}
 
 
 def resolve_backend(q, backend="auto"):
-    """The backend that will run for tensor q: 'auto' keeps CPU tensors on the host ('reference', exact and
-    vectorised) and lets flashlib.attention choose for CUDA tensors (cupy for fp16/bf16, numba or cupy for fp32)."""
-    if backend != "auto":
-        return backend
-    if not q.is_cuda:
-        return "reference"
-    return api.choose_backend("auto", q, api.dtype_name(q))
+    """The backend that runs for tensor q: 'auto' keeps CPU tensors on the host ('reference', exact and vectorised)
+    and picks a GPU backend for CUDA tensors (cupy for fp16/bf16, numba or cupy for fp32); a name is checked."""
+    return _resolve(backend, _DTYPE.get(q.dtype, str(q.dtype)), q.is_cuda)
+
+
+@torch.compiler.assume_constant_result          # torch.compile calls it once while tracing and keeps the answer
+def _resolve(backend, dt, is_cuda):
+    if backend == "auto":
+        return api._auto(dt, is_cuda)
+    return api.choose_backend(backend, torch.empty(0, device="cuda" if is_cuda else "cpu"), dt)
+
+
+# ---- the operators -----------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("flashlib::attention_forward", mutates_args=())
+def attention_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, backend: str) -> tuple[Tensor, Tensor]:
+    """(O, lse) of attention by flashlib backend `backend`. q (B, H, Nq, d), k, v (B, H_kv, Nk, d), H_kv | H;
+    O (B, H, Nq, d) contiguous in q's dtype, lse (B, H, Nq) float32 (float64 for float64). lse has no gradient."""
+    return api.forward(backend, q, k, v, causal, scale, _DTYPE[q.dtype])
+
+
+@attention_forward.register_fake
+def _(q, k, v, causal, scale, backend):
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=lse_dtype)
+
+
+@torch.library.custom_op("flashlib::attention_backward", mutates_args=())
+def attention_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, causal: bool,
+                       scale: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """(dQ, dK, dV) for output gradient dO; dK, dV have k's shape (summed over the query heads sharing a kv head)."""
+    return api.backward(backend, q, k, v, o, lse, do, causal, scale, _DTYPE[q.dtype])
+
+
+@attention_backward.register_fake
+def _(do, q, k, v, o, lse, causal, scale, backend):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_forward(ctx, inputs, output):
+    q, k, v, causal, scale, backend = inputs
+    o, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, o, lse)
+    ctx.causal, ctx.scale, ctx.backend = causal, scale, backend
+
+
+def _backward_of_forward(ctx, do, _dlse):
+    q, k, v, o, lse = ctx.saved_tensors
+    dq, dk, dv = attention_backward(do, q, k, v, o, lse, ctx.causal, ctx.scale, ctx.backend)
+    return dq, dk, dv, None, None, None
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError("flashlib.torch: double backward is not implemented (the gradient of attention's gradient, "
+                       "as create_graph=True followed by another backward needs); use "
+                       "torch.nn.functional.scaled_dot_product_attention with the math backend for that")
+
+
+attention_forward.register_autograd(_backward_of_forward, setup_context=_setup_forward)
+attention_backward.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
+
+
+# ---- the Python entry points ---------------------------------------------------------------------------------------
+
+def flash_attention(q, k, v, causal=False, scale=None, backend="auto"):
+    """Differentiable flashlib attention on (B, H, N, d) tensors (k, v may have fewer heads: GQA); returns O.
+
+    Under torch.compile, tensor subclasses (FakeTensor) and dispatch or function modes: the registered operator.
+    Plain eager calls run the operators' implementations directly, the same launches, without the dispatcher's
+    round trips through Python (custom_op's autograd wrapper costs more host time than the kernels at small
+    shapes): with no gradient needed, a plain call; else `_EagerAttention`, whose backward is the backward operator
+    when a graph of the gradient is asked for (create_graph=True), so a double backward raises the same error."""
+    dt, scale = api.validate(q, k, v, causal, scale)
+    name = resolve_backend(q, backend)
+    causal = bool(causal)
+    if _plain_eager(q, k, v):
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+            return _EagerAttention.apply(q, k, v, causal, scale, name, dt)
+        return api.forward(name, q, k, v, causal, scale, dt)[0]
+    return attention_forward(q, k, v, causal, scale, name)[0]
+
+
+def _plain_eager(q, k, v):
+    T = torch.Tensor
+    return (type(q) is T and type(k) is T and type(v) is T and not torch.compiler.is_compiling()
+            and not torch._C._is_torch_function_mode_enabled() and torch._C._len_torch_dispatch_stack() == 0)
+
+
+class _EagerAttention(torch.autograd.Function):
+    """flashlib::attention_forward's autograd formula (see _setup_forward, _backward_of_forward) as a plain
+    autograd.Function over the same implementations, for eager calls."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, causal, scale, backend, dt):
+        o, lse = api.forward(backend, q, k, v, causal, scale, dt)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.args = causal, scale, backend, dt
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        causal, scale, backend, dt = ctx.args
+        if torch.is_grad_enabled():              # create_graph=True: the operator, whose own backward raises
+            dq, dk, dv = attention_backward(do, q, k, v, o, lse, causal, scale, backend)
+        else:
+            dq, dk, dv = api.backward(backend, q, k, v, o, lse, do, causal, scale, dt)
+        return dq, dk, dv, None, None, None, None
+
+
+def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                                 enable_gqa=False, *, backend="auto"):
+    """torch.nn.functional.scaled_dot_product_attention's signature, computed by flashlib.
+
+    Supported: query (..., H, Nq, d), key and value (..., H_kv, Nk, d) with the same leading dimensions; H_kv = H,
+    or with enable_gqa=True any H_kv dividing H (4-D inputs); is_causal (top-left aligned when Nq != Nk, as in
+    PyTorch); scale (a real number). Refused with NotImplementedError naming the argument: attn_mask, dropout_p
+    other than 0, a value head dim different from d, broadcasting. Strict types: is_causal and enable_gqa must be
+    bools, scale a real number or None.
+    """
+    if attn_mask is not None:
+        raise NotImplementedError("flashlib.torch: attn_mask is not supported (only is_causal); "
+                                  "use torch.nn.functional.scaled_dot_product_attention for arbitrary masks")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or dropout_p != 0:
+        raise NotImplementedError(f"flashlib.torch: dropout_p must be 0.0, got {dropout_p!r} (no attention dropout)")
+    check_causal(enable_gqa)
+    if not (isinstance(query, torch.Tensor) and isinstance(key, torch.Tensor) and isinstance(value, torch.Tensor)):
+        raise TypeError(f"query, key and value must be torch tensors, got {type(query).__name__}, "
+                        f"{type(key).__name__}, {type(value).__name__}")
+    qs, ks, vs = query.shape, key.shape, value.shape
+    if len(qs) < 3 or len(ks) != len(qs) or len(vs) != len(qs):
+        raise ValueError(f"query, key and value must have one number (>= 3) of dimensions (..., seq, head_dim), got "
+                         f"shapes {tuple(qs)}, {tuple(ks)}, {tuple(vs)}")
+    if vs[-1] != qs[-1] or ks[-1] != qs[-1]:
+        raise NotImplementedError(f"flashlib.torch: query, key and value must share one head dim, got "
+                                  f"{qs[-1]}, {ks[-1]}, {vs[-1]}")
+    if len(qs) == 4:
+        if not enable_gqa and ks[1] != qs[1]:
+            raise ValueError(f"key/value have {key.shape[1]} heads and query {query.shape[1]}: pass enable_gqa=True "
+                             "for grouped-query attention")
+        return flash_attention(query, key, value, is_causal, scale, backend)
+    lead = tuple(query.shape[:-2])
+    if tuple(key.shape[:-2]) != lead or tuple(value.shape[:-2]) != lead:
+        raise NotImplementedError(f"flashlib.torch: query, key and value must share their leading dimensions "
+                                  f"(no broadcasting; GQA takes 4-D inputs), got {tuple(query.shape)}, "
+                                  f"{tuple(key.shape)}, {tuple(value.shape)}")
+    four = [t.reshape(-1, 1, *t.shape[-2:]) for t in (query, key, value)]   # (prod(lead), 1, N, d)
+    return flash_attention(*four, is_causal, scale, backend).reshape(*lead, *query.shape[-2:])
+
+
+def naive_attention(q, k, v, is_causal=True, scale=None):
+    """matmul - softmax - matmul, as a transformer was written before fused attention: S and P hit memory.
+    The one naive attention of flashlib (the GPT of chapter 13 and the benchmarks use it)."""
+    S = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)
+    if is_causal:
+        Nq, Nk = S.shape[-2:]
+        mask = torch.ones(Nq, Nk, dtype=torch.bool, device=q.device).tril()   # top-left, like PyTorch
+        S = S.masked_fill(~mask, float("-inf"))
+    P = torch.softmax(S, dim=-1)
+    return P @ v
 
 
 _CUPY_ON_TORCH = False
 
 
 def cupy_allocates_from_torch():
-    """Make CuPy take its device memory from PyTorch's caching allocator (once per process).
+    """Make CuPy take its device memory from PyTorch's caching allocator (once per process), for code that mixes
+    CuPy arrays with torch tensors.
 
-    Without this, CuPy keeps a memory pool of its own beside PyTorch's: two caches competing for the GPU, and
-    torch.cuda.max_memory_allocated() does not see what the cupy kernels allocate (O, lse, dQ, dK, dV). With it,
-    one allocator serves both and PyTorch's memory statistics are complete. flashlib.torch calls it before the
-    first cupy-backend call; it changes CuPy's allocator for the whole process.
+    flashlib.torch itself no longer needs it (the cupy backend allocates torch callers' outputs with PyTorch's
+    allocator), and does not call it: it changes CuPy's allocator for the whole process.
     """
     global _CUPY_ON_TORCH
     if _CUPY_ON_TORCH:
@@ -49,221 +213,3 @@ def cupy_allocates_from_torch():
         return cupy.cuda.MemoryPointer(cupy.cuda.UnownedMemory(t.data_ptr(), size, t), 0)   # t lives as long as the memory
     cupy.cuda.set_allocator(alloc)
     _CUPY_ON_TORCH = True
-
-
-class FlashAttentionFunction(torch.autograd.Function):
-    """O = softmax(scale * Q K^T [+ causal mask]) V with a FlashAttention backward.
-
-    q: (B, H, Nq, d), k and v: (B, H, Nk, d), one dtype; returns O (B, H, Nq, d) of that dtype.
-    Saved for backward: q, k, v, O and lse (B, H, Nq) float32; never S or P.
-    """
-
-    @staticmethod
-    def forward(ctx, q, k, v, causal, scale, backend):
-        if backend == "cupy" and q.is_cuda:
-            cupy_allocates_from_torch()
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        o, lse = api.attention(q, k, v, causal=causal, scale=scale, backend=backend, return_lse=True)
-        ctx.save_for_backward(q, k, v, o, lse)
-        ctx.causal, ctx.scale, ctx.backend = causal, scale, backend
-        return o
-
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = api.attention_backward(q, k, v, o, lse, do.contiguous(), causal=ctx.causal,
-                                            scale=ctx.scale, backend=ctx.backend)
-        return dq, dk, dv, None, None, None
-
-
-def flash_attention(q, k, v, causal=False, scale=None, backend="auto"):
-    """Differentiable flashlib attention on (B, H, N, d) tensors; see FlashAttentionFunction."""
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    return FlashAttentionFunction.apply(q, k, v, bool(causal), scale, resolve_backend(q, backend))
-
-
-def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-                                 enable_gqa=False, *, backend="auto"):
-    """torch.nn.functional.scaled_dot_product_attention's signature, computed by flashlib.
-
-    Supported: query (..., Nq, d), key and value (..., Nk, d) with the same leading dimensions (batch, heads),
-    is_causal (top-left aligned when Nq != Nk, as in PyTorch), scale. Everything else raises NotImplementedError
-    naming the argument: an attn_mask, dropout, grouped-query attention, a value head dim different from d.
-    """
-    if attn_mask is not None:
-        raise NotImplementedError("flashlib.torch: attn_mask is not supported (only is_causal); "
-                                  "use torch.nn.functional.scaled_dot_product_attention for arbitrary masks")
-    if dropout_p != 0.0:
-        raise NotImplementedError(f"flashlib.torch: dropout_p must be 0.0, got {dropout_p} (no attention dropout)")
-    if enable_gqa:
-        raise NotImplementedError("flashlib.torch: enable_gqa is not supported; repeat key/value heads first")
-    if query.dim() < 3:
-        raise ValueError(f"query must have at least 3 dimensions (..., seq, head_dim), got shape {tuple(query.shape)}")
-    lead = tuple(query.shape[:-2])
-    if tuple(key.shape[:-2]) != lead or tuple(value.shape[:-2]) != lead:
-        raise NotImplementedError(f"flashlib.torch: query, key and value must share their leading dimensions "
-                                  f"(no broadcasting, no GQA), got {tuple(query.shape)}, {tuple(key.shape)}, "
-                                  f"{tuple(value.shape)}")
-    if value.shape[-1] != query.shape[-1] or key.shape[-1] != query.shape[-1]:
-        raise NotImplementedError(f"flashlib.torch: query, key and value must share one head dim, got "
-                                  f"{query.shape[-1]}, {key.shape[-1]}, {value.shape[-1]}")
-    if query.dim() == 4:
-        return flash_attention(query, key, value, is_causal, scale, backend)
-    four = [t.reshape(-1, 1, *t.shape[-2:]) for t in (query, key, value)]   # (prod(lead), 1, N, d)
-    return flash_attention(*four, is_causal, scale, backend).reshape(*lead, *query.shape[-2:])
-
-
-# ---- PyTorch's own SDPA: which backend runs, which refuse, how fast (chapter 12) ---------------------------------
-
-def sdpa_backends():
-    """{'flash', 'cudnn', 'efficient', 'math'} -> torch.nn.attention.SDPBackend member."""
-    from torch.nn.attention import SDPBackend
-    return {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
-            "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
-
-
-def sdpa_pinned(backend, q, k, v, **kwargs):
-    """F.scaled_dot_product_attention with only `backend` ('flash', 'cudnn', 'efficient', 'math') allowed."""
-    from torch.nn.attention import sdpa_kernel
-    with sdpa_kernel(sdpa_backends()[backend]):
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v, **kwargs)
-
-
-def sdpa_support(q, k, v, **kwargs):
-    """Try each pinned SDPA backend on these inputs: {backend: None if it ran, else PyTorch's reasons}.
-
-    A pinned backend that cannot take the inputs makes PyTorch warn why ("... not used because ...") and then
-    raise "No available kernel"; we keep the warnings' text, which is the useful part.
-    """
-    import re
-    import warnings
-    out = {}
-    for name in sdpa_backends():
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            try:
-                sdpa_pinned(name, q, k, v, **kwargs)
-                out[name] = None
-            except RuntimeError as e:
-                why = [re.sub(r"\s*\(Triggered internally at [^)]*\)\.?", "", str(w.message)).strip()
-                       for w in caught]
-                why = [w for w in why if w and "runtime disabled" not in w]   # the backends we pinned away
-                # PyTorch warns "<X> kernel not used because:" and then the reason; drop headers left without one
-                why = [w for i, w in enumerate(why)
-                       if not (w.endswith("because:") and (i + 1 == len(why) or why[i + 1].endswith("because:")))]
-                out[name] = " ".join(why) or str(e).splitlines()[0]
-    return out
-
-
-def kernels_that_ran(fn, pattern=("attention", "flash", "fmha", "cudnn", "sdpa", "fa2", "softmax", "gemm")):
-    """Names of the operators and GPU kernels whose name contains one of `pattern`, seen by torch.profiler
-    while fn() runs: how to tell which SDPA implementation actually ran."""
-    from torch.profiler import ProfilerActivity, profile
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    with profile(activities=acts) as prof:
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-    names = [e.key for e in prof.key_averages()]
-    return [n for n in names if any(p in n.lower() for p in pattern)]
-
-
-def time_attention(impl, B, H, N, d, dtype=torch.float16, causal=False, backward=True):
-    """Median ms of one forward (and forward+backward) of `impl` on CUDA: an SDPA backend name, 'naive' or
-    'flashlib:<backend>'; plus the extra device memory of one forward (MB). None for what cannot run."""
-    from .bench import time_cuda
-    from .gpt import naive_attention
-    if impl == "naive":
-        fn = lambda q, k, v: naive_attention(q, k, v, causal)
-    elif impl.startswith("flashlib:"):
-        fn = lambda q, k, v: scaled_dot_product_attention(q, k, v, is_causal=causal, backend=impl.split(":")[1])
-    else:
-        fn = lambda q, k, v: sdpa_pinned(impl, q, k, v, is_causal=causal)
-    g = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v = (torch.randn(B, H, N, d, device="cuda", dtype=dtype, generator=g).requires_grad_() for _ in range(3))
-    do = torch.randn_like(q)
-    row = {"impl": impl, "B": B, "H": H, "N": N, "d": d, "dtype": str(dtype).replace("torch.", ""), "causal": causal}
-    try:
-        with torch.no_grad():
-            torch.cuda.synchronize()
-            base = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
-            fn(q, k, v)
-            torch.cuda.synchronize()
-            row["fwd_peak_extra_MB"] = (torch.cuda.max_memory_allocated() - base) / 2**20
-            if impl == "flashlib:numba":        # Numba allocates outside PyTorch's allocator: not seen here
-                row["fwd_peak_extra_MB"] = None
-            row["fwd_ms"] = time_cuda(lambda: fn(q, k, v))
-        if backward:
-            row["fwdbwd_ms"] = time_cuda(lambda: torch.autograd.grad(fn(q, k, v), (q, k, v), do), repeat=5)
-    except Exception as e:                      # a backend that refuses these inputs, or is missing a piece
-        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
-    flops = 4 * B * H * N * N * d / (2 if causal else 1)
-    for key, mult in (("fwd", 1.0), ("fwdbwd", 3.5)):
-        if row.get(f"{key}_ms"):
-            row[f"{key}_tflops"] = mult * flops / (row[f"{key}_ms"] * 1e-3) / 1e12
-    return row
-
-
-# ---- launch overhead and CUDA Graphs (chapter 14) ----------------------------------------------------------------
-
-def graph_of(fn, warmup=3):
-    """Capture fn() (which must only launch work on fixed tensors) into a torch.cuda.CUDAGraph; returns it.
-
-    PyTorch's recipe: warm up on a side stream (lazy initialisation must not happen inside the capture), then
-    capture; `graph.replay()` launches every captured kernel with one CPU call.
-    """
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(warmup):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph
-
-
-def eager_vs_graph(fn, n_kernels, repeat=20):
-    """ms of fn() launched kernel by kernel vs the same work replayed from a CUDA graph, and the speed-up."""
-    from .bench import time_cuda
-    eager = time_cuda(fn, repeat=repeat)
-    graph = graph_of(fn)
-    replay = time_cuda(graph.replay, repeat=repeat)
-    per = (lambda ms: 1e3 * ms / n_kernels) if n_kernels else (lambda ms: None)
-    return {"n_kernels": n_kernels, "eager_ms": eager, "graph_ms": replay, "speedup": eager / replay,
-            "eager_us_per_kernel": per(eager), "graph_us_per_kernel": per(replay)}
-
-
-def elementwise_chain(numel, n_ops, device="cuda"):
-    """fn() launching n_ops tiny elementwise kernels in a row on one tensor of numel float32 values."""
-    x = torch.zeros(numel, device=device)
-
-    def fn():
-        for _ in range(n_ops):
-            x.mul_(0.5).add_(1.0)                      # two kernels; x stays bounded (fixed point 2)
-    return fn, 2 * n_ops
-
-
-def cupy_eager_vs_graph(numel, n_ops, repeat=20):
-    """The same chain in CuPy, captured with Stream.begin_capture() / end_capture() and replayed with launch()."""
-    import cupy as cp
-    from .bench import time_cuda
-    x = cp.zeros(numel, dtype=cp.float32)
-
-    def fn():
-        for _ in range(n_ops):
-            cp.multiply(x, 0.5, out=x)
-            cp.add(x, 1.0, out=x)
-    fn()
-    eager = time_cuda(fn, repeat=repeat)
-    stream = cp.cuda.Stream(non_blocking=True)     # the legacy default stream cannot be captured
-    with stream:
-        stream.begin_capture()
-        fn()
-        graph = stream.end_capture()
-    replay = time_cuda(graph.launch, repeat=repeat)
-    n = 2 * n_ops
-    return {"n_kernels": n, "eager_ms": eager, "graph_ms": replay, "speedup": eager / replay,
-            "eager_us_per_kernel": 1e3 * eager / n, "graph_us_per_kernel": 1e3 * replay / n}

@@ -98,3 +98,51 @@ def test_host_torch_tensors_come_back_on_the_host_from_a_device_backend(rng):
     o, lse = flashlib.attention(q, k, v, backend="numba", return_lse=True)
     assert o.device.type == "cpu" and lse.device.type == "cpu" and o.dtype == torch.float32
     np.testing.assert_allclose(o.numpy(), R.attention_forward(q.numpy(), k.numpy(), v.numpy())[0], rtol=1e-5, atol=1e-6)
+
+
+def test_lse_is_type_checked(rng):
+    """Issue 17.7: a list lse gave AttributeError, a torch lse beside NumPy q was accepted."""
+    q, k, v = qkv(rng, 1, 1, 6, 7, 4)
+    o, lse = flashlib.attention(q, k, v, return_lse=True)
+    for bad, exc in ((lse.tolist(), TypeError), (torch.tensor(lse), TypeError), (lse.astype(np.float16), TypeError)):
+        with pytest.raises(exc, match="lse"):
+            flashlib.attention_backward(q, k, v, o, bad, o)
+
+
+@pytest.mark.parametrize("scale", [np.int64(2), np.array(0.5), np.float16(0.25), __import__("fractions").Fraction(1, 3), 3])
+def test_real_scales_are_taken(rng, scale):
+    q, k, v = qkv(rng, 1, 2, 5, 6, 4)
+    np.testing.assert_allclose(flashlib.attention(q, k, v, scale=scale, backend="reference"),
+                               R.attention_forward(q, k, v, scale=float(scale))[0], rtol=1e-6)
+
+
+@pytest.mark.parametrize("scale,exc", [(True, TypeError), (np.bool_(True), TypeError), ("0.5", TypeError),
+                                       (np.array([0.5]), TypeError), (np.array("1"), TypeError), (0, ValueError),
+                                       (1 + 0j, TypeError)])
+def test_non_real_scales_are_refused(scale, exc):
+    with pytest.raises(exc, match="scale"):
+        flashlib.attention(*_arrays(), scale=scale)
+
+
+@pytest.mark.parametrize("causal", [1, 0, "False", None, np.array(True)])
+def test_causal_must_be_a_bool(causal):
+    with pytest.raises(TypeError, match="causal"):
+        flashlib.attention(*_arrays(), causal=causal)
+
+
+@pytest.mark.parametrize("backend", ["reference", "tiled"])
+def test_grouped_query_attention(rng, backend):
+    """k, v with H_kv = 2 heads for q's 6: query head h reads kv head h // 3; dk, dv summed over each group."""
+    q = rng.standard_normal((2, 6, 9, 5))
+    k, v = rng.standard_normal((2, 2, 11, 5)), rng.standard_normal((2, 2, 11, 5))
+    kk, vv = np.repeat(k, 3, axis=1), np.repeat(v, 3, axis=1)
+    o, lse = flashlib.attention(q, k, v, causal=True, backend=backend, return_lse=True)
+    o_ref, lse_ref = R.attention_forward(q, kk, vv, causal=True)
+    np.testing.assert_allclose(o, o_ref, rtol=1e-10, atol=1e-12)
+    do = rng.standard_normal(q.shape)
+    dq, dk, dv = flashlib.attention_backward(q, k, v, o, lse, do, causal=True, backend=backend)
+    dq_ref, dkk, dvv = R.attention_backward(q, kk, vv, o_ref, lse_ref, do, causal=True)
+    assert dk.shape == k.shape and dv.shape == v.shape
+    np.testing.assert_allclose(dq, dq_ref, rtol=1e-9, atol=1e-11)
+    np.testing.assert_allclose(dk, dkk.reshape(2, 2, 3, 11, 5).sum(2), rtol=1e-9, atol=1e-11)
+    np.testing.assert_allclose(dv, dvv.reshape(2, 2, 3, 11, 5).sum(2), rtol=1e-9, atol=1e-11)

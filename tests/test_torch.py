@@ -1,5 +1,6 @@
-"""flashlib.torch: gradcheck on the host backends, agreement with F.scaled_dot_product_attention, clear errors,
-and (marked gpu) the numba (fp32) and cupy (fp16/bf16) backends on CUDA tensors."""
+"""flashlib.torch: the registered operators (opcheck, torch.compile without graph breaks, no double backward),
+gradcheck on the host backends, agreement with F.scaled_dot_product_attention (GQA too), strict arguments, and
+(marked gpu) the numba (fp32) and cupy (fp16/bf16) backends on CUDA tensors, CUDA graphs and side streams."""
 import importlib
 
 import numpy as np
@@ -8,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 import flashlib
-from flashlib.torch import FlashAttentionFunction, resolve_backend, scaled_dot_product_attention as sdpa
+import flashlib.torch as ft
+from flashlib.torch import resolve_backend, scaled_dot_product_attention as sdpa
 
 
 def _qkv(B, H, Nq, Nk, d, dtype=torch.float64, device="cpu", seed=0):
@@ -21,7 +23,7 @@ def _qkv(B, H, Nq, Nk, d, dtype=torch.float64, device="cpu", seed=0):
 @pytest.mark.parametrize("causal,Nq,Nk", [(False, 5, 7), (True, 5, 7), (True, 6, 3), (False, 1, 1)])
 def test_gradcheck_host_backends(backend, causal, Nq, Nk):
     q, k, v = _qkv(1, 2, Nq, Nk, 3)
-    fn = lambda q, k, v: FlashAttentionFunction.apply(q, k, v, causal, 0.7, backend)
+    fn = lambda q, k, v: ft.attention_forward(q, k, v, causal, 0.7, backend)[0]
     assert torch.autograd.gradcheck(fn, (q, k, v), eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
@@ -68,7 +70,7 @@ def test_saves_no_n_by_n_tensor():
 @pytest.mark.parametrize("kwargs,match", [
     (dict(attn_mask=torch.ones(4, 4, dtype=torch.bool)), "attn_mask"),
     (dict(dropout_p=0.1), "dropout_p"),
-    (dict(enable_gqa=True), "enable_gqa"),
+    (dict(dropout_p="0"), "dropout_p"),
 ])
 def test_unsupported_arguments_raise(kwargs, match):
     q = torch.randn(1, 1, 4, 8)
@@ -76,14 +78,126 @@ def test_unsupported_arguments_raise(kwargs, match):
         sdpa(q, q, q, **kwargs)
 
 
+@pytest.mark.parametrize("kwargs,exc,match", [
+    (dict(is_causal="False"), TypeError, "is_causal"),           # issue 17.2: was run as causal
+    (dict(is_causal=1), TypeError, "is_causal"),
+    (dict(is_causal=torch.tensor(True)), TypeError, "is_causal"),
+    (dict(scale="0.5"), TypeError, "scale"),                     # issue 17.2: was accepted
+    (dict(scale=True), TypeError, "scale"),                      # issue 17.7: was taken as 1.0
+    (dict(scale=torch.tensor(0.5)), TypeError, "scale"),
+    (dict(scale=1j), TypeError, "scale"),
+    (dict(scale=-0.5), ValueError, "scale"),
+    (dict(scale=float("inf")), ValueError, "scale"),
+    (dict(enable_gqa="yes"), TypeError, "True or False"),
+])
+def test_strict_argument_types(kwargs, exc, match):
+    q = torch.randn(1, 2, 4, 8)
+    with pytest.raises(exc, match=match):
+        sdpa(q, q, q, backend="reference", **kwargs)
+
+
+@pytest.mark.parametrize("scale", [2, np.int64(2), np.float32(0.5), np.array(0.5), __import__("fractions").Fraction(1, 3)])
+def test_real_scales_are_accepted(scale):
+    q, k, v = (t.detach().float() for t in _qkv(1, 2, 5, 6, 4, seed=1))
+    torch.testing.assert_close(sdpa(q, k, v, scale=scale, backend="reference"),
+                               F.scaled_dot_product_attention(q, k, v, scale=float(scale)), rtol=1e-5, atol=1e-6)
+
+
 def test_unsupported_shapes_raise():
     q = torch.randn(1, 2, 4, 8)
+    with pytest.raises(ValueError, match="enable_gqa"):
+        sdpa(q, torch.randn(1, 1, 4, 8), torch.randn(1, 1, 4, 8))            # fewer kv heads without enable_gqa
+    with pytest.raises(ValueError, match="divide"):
+        sdpa(torch.randn(1, 3, 4, 8), q, q, enable_gqa=True)                   # 2 kv heads do not divide 3
     with pytest.raises(NotImplementedError, match="leading dimensions"):
-        sdpa(q, torch.randn(1, 1, 4, 8), torch.randn(1, 1, 4, 8))            # GQA-style broadcast
+        sdpa(torch.randn(2, 4, 8), torch.randn(1, 4, 8), torch.randn(1, 4, 8))  # broadcasting
     with pytest.raises(NotImplementedError, match="head dim"):
         sdpa(q, q, torch.randn(1, 2, 4, 16))                                   # value head dim != d
-    with pytest.raises(ValueError, match="at least 3"):
+    with pytest.raises(ValueError, match=">= 3"):
         sdpa(torch.randn(4, 8), torch.randn(4, 8), torch.randn(4, 8))
+    with pytest.raises(TypeError, match="torch tensors"):
+        sdpa(q.numpy(), q, q)
+
+
+# ---- grouped-query attention (enable_gqa), forward and gradients against PyTorch's SDPA -------------------------
+
+@pytest.mark.parametrize("H,Hkv", [(4, 2), (6, 1), (3, 3)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_gqa_matches_torch(H, Hkv, causal):
+    g = torch.Generator().manual_seed(H + Hkv)
+    q = torch.randn(2, H, 7, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(2, Hkv, 9, 5, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    y = sdpa(q, k, v, is_causal=causal, enable_gqa=True, backend="reference")
+    want = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+    torch.testing.assert_close(y, want)
+    dy = torch.randn_like(y)
+    for a, b in zip(torch.autograd.grad(y, (q, k, v), dy), torch.autograd.grad(want, (q, k, v), dy)):
+        torch.testing.assert_close(a, b)
+    assert torch.autograd.gradcheck(lambda q, k, v: sdpa(q, k, v, is_causal=causal, enable_gqa=True), (q, k, v))
+
+
+# ---- the registered operators -------------------------------------------------------------------------------------
+
+def test_opcheck_forward_and_backward():
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, 2, n, 16, generator=g) for n in (7, 9, 9))
+    for causal in (False, True):
+        torch.library.opcheck(ft.attention_forward, (q, k, v, causal, 0.25, "reference"))
+        torch.library.opcheck(ft.attention_forward, tuple(t.clone().requires_grad_() for t in (q, k, v))
+                              + (causal, 0.25, "reference"))
+        o, lse = ft.attention_forward(q, k, v, causal, 0.25, "reference")
+        torch.library.opcheck(ft.attention_backward, (torch.randn_like(o), q, k, v, o, lse, causal, 0.25, "reference"))
+
+
+def test_torch_compile_fullgraph_has_no_graph_break():
+    """A small attention block compiled whole (fullgraph=True raises at any graph break); same values and grads."""
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(16, 48, generator=g, requires_grad=True)
+
+    def block(x, attend):
+        q, k, v = (x @ w).view(2, 12, 3, 2, 8).permute(2, 0, 3, 1, 4)
+        return attend(q, k, v).transpose(1, 2).reshape(2, 12, 16).square().mean()
+
+    x = torch.randn(2, 12, 16, generator=g)
+    ours = lambda q, k, v: sdpa(q, k, v, is_causal=True)
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    loss = compiled(x, ours)
+    (gw,) = torch.autograd.grad(loss, w)
+    want = block(x, lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True))
+    (gw_want,) = torch.autograd.grad(want, w)
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gw, gw_want, rtol=1e-4, atol=1e-6)
+    explain = torch._dynamo.explain(lambda x: block(x, ours))(x)
+    assert explain.graph_break_count == 0 and explain.graph_count == 1
+
+
+def test_double_backward_raises_never_silently_wrong():
+    """Issue 17.1: with create_graph=True the attention's part of the second-order gradient was dropped."""
+    q, k, v = _qkv(1, 1, 3, 3, 4)
+    y = sdpa(q, k, v, backend="reference")
+    (gq,) = torch.autograd.grad(y.square().sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        gq.sum().backward()
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.gradgradcheck(lambda q, k, v: sdpa(q, k, v), (q, k, v))
+
+
+def test_lse_output_has_no_gradient():
+    q, k, v = _qkv(1, 1, 4, 4, 4)
+    o, lse = ft.attention_forward(q, k, v, False, 0.5, "reference")
+    assert o.requires_grad and not lse.requires_grad
+
+
+def test_flashlib_attention_warns_that_it_detaches():
+    """Issue 17.7: flashlib.attention on tensors that require grad says that it does not record gradients."""
+    q, k, v = _qkv(1, 1, 4, 4, 4)
+    with pytest.warns(UserWarning, match="detached"):
+        o = flashlib.attention(q, k, v, backend="reference")
+    assert not o.requires_grad
+    with torch.no_grad(), __import__("warnings").catch_warnings():
+        __import__("warnings").simplefilter("error")
+        flashlib.attention(q, k, v, backend="reference")            # no warning: nothing to record
 
 
 # ---- real GPU: the kernel backends through the autograd Function -------------------------------------------------
@@ -149,7 +263,7 @@ def test_gpu_autograd_in_a_model_step():
 
 
 def test_numba_kernels_through_autograd_in_the_simulator():
-    """The same autograd Function over the Numba kernels; here in Numba's CUDA simulator (tiny), on a GPU for real."""
+    """The same operator over the Numba kernels; here in Numba's CUDA simulator (tiny), on a GPU for real."""
     _need("numba")
     q, k, v = _qkv(1, 1, 16, 11, 32, torch.float32, seed=11)
     theirs = [t.detach().clone().requires_grad_() for t in (q, k, v)]
@@ -161,3 +275,131 @@ def test_numba_kernels_through_autograd_in_the_simulator():
     want.backward(dy)
     for a, b in zip((q, k, v), theirs):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-3, atol=1e-4)
+
+
+# ---- real GPU: the operator inside CUDA graphs, torch.compile and side streams ----------------------------------
+
+def _cuda_qkv(B=2, H=4, Hkv=4, Nq=200, Nk=177, d=64, dtype=torch.float16, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    return [torch.randn(B, h, n, d, device="cuda", dtype=dtype, generator=g) for h, n in ((H, Nq), (Hkv, Nk), (Hkv, Nk))]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_cuda_graph_capture_and_replay_equal_eager(dtype):
+    """Forward and forward + backward captured into one torch.cuda.CUDAGraph; replay on new inputs equals eager."""
+    _need("cupy")
+    q, k, v = (t.requires_grad_() for t in _cuda_qkv(dtype=dtype))
+    do = torch.randn_like(q)
+
+    def step():
+        o = sdpa(q, k, v, is_causal=True, backend="cupy")
+        return (o, *torch.autograd.grad(o, (q, k, v), do))
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):                        # warm-up off the capture (kernels compiled, plans built)
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = step()
+    for seed in (1, 2):
+        with torch.no_grad():
+            for t, new in zip((q, k, v), _cuda_qkv(dtype=dtype, seed=seed)):
+                t.copy_(new)
+            do.copy_(torch.randn_like(do))
+        graph.replay()
+        eager = step()
+        torch.cuda.synchronize()
+        assert torch.equal(static[0], eager[0])
+        for a, b in zip(static[1:], eager[1:]):          # dQ sums by atomics: the order, hence rounding, varies
+            torch.testing.assert_close(a.float(), b.float(), rtol=1e-2, atol=2e-3)
+
+
+@pytest.mark.gpu
+def test_side_stream_launches_on_the_current_stream():
+    """q is written on a side stream after a 20 ms spin; the op must run after it on that stream, not on another."""
+    _need("cupy")
+    q0, k, v = _cuda_qkv(Hkv=2, seed=4)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        q = torch.full_like(q0, float("nan"))
+        torch.cuda._sleep(40_000_000)                  # ~20 ms of GPU time before q holds its values
+        q.copy_(q0)
+        o = sdpa(q, k, v, is_causal=True, enable_gqa=True, backend="cupy")
+    s.synchronize()
+    want = F.scaled_dot_product_attention(q0.float(), k.float(), v.float(), is_causal=True, enable_gqa=True)
+    assert torch.isfinite(o).all()
+    torch.testing.assert_close(o.float(), want, rtol=2e-2, atol=2e-3)
+
+
+@pytest.mark.gpu
+def test_torch_compile_fullgraph_on_cuda():
+    _need("cupy")
+    torch._dynamo.reset()
+    q, k, v = _cuda_qkv(Hkv=2, seed=5)
+    fn = lambda q, k, v: (sdpa(q * 1.5, k, v, is_causal=True, enable_gqa=True) + 1).sum(-1)
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(q, k, v), fn(q, k, v))
+    assert torch._dynamo.explain(fn)(q, k, v).graph_break_count == 0
+
+
+def test_eager_calls_skip_the_dispatcher_but_not_under_modes(monkeypatch):
+    """Plain eager calls run the operators' implementations directly (no grad: a call; grad: _EagerAttention);
+    under a dispatch mode (here FakeTensorMode, as torch.compile's tracing uses) they go through the operator.
+    Both give the same values and gradients."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    calls = []
+    real = ft.attention_forward
+    monkeypatch.setattr(ft, "attention_forward", lambda *a: calls.append(1) or real(*a))
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, n, 8, generator=g, dtype=torch.float64) for n in (5, 7, 7))
+    with torch.no_grad():
+        o = sdpa(q, k, v, is_causal=True)
+    torch.testing.assert_close(o, F.scaled_dot_product_attention(q, k, v, is_causal=True))
+    qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+    eager = sdpa(qg, kg, vg, is_causal=True)
+    assert not calls and type(eager.grad_fn).__name__ == "_EagerAttentionBackward"
+    op = real(qg, kg, vg, True, 8 ** -0.5, "reference")[0]
+    do = torch.randn_like(op)
+    torch.testing.assert_close(eager, op)
+    for a, b in zip(torch.autograd.grad(eager, (qg, kg, vg), do), torch.autograd.grad(op, (qg, kg, vg), do)):
+        torch.testing.assert_close(a, b)
+    with FakeTensorMode():
+        fq = torch.empty(1, 2, 5, 8)
+        assert sdpa(fq, fq, fq).shape == (1, 2, 5, 8)
+    assert len(calls) == 1
+
+
+def test_the_package_does_not_import_the_training_script():
+    """Issue 15's layering: flashlib.gpt (model and training) imports flashlib.torch, never the other way round;
+    flashlib.torch imports nothing from flashlib.bench."""
+    import ast
+    import pathlib
+    root = pathlib.Path(flashlib.__file__).parent
+    for path in root.rglob("*.py"):
+        if path.name == "gpt.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, (ast.Import, ast.ImportFrom)) else []
+            module = getattr(node, "module", None) or ""
+            assert "gpt" not in module.split(".") and "gpt" not in names, (path, module, names)
+            if path.name == "torch.py" and isinstance(node, ast.ImportFrom):
+                assert "bench" not in module.split("."), (path, module)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_operator_and_eager_paths_agree_on_cuda(dtype):
+    """The registered operator (with its register_autograd formula) and the eager path give one result."""
+    _need("cupy")
+    q, k, v = (t.requires_grad_() for t in _cuda_qkv(Hkv=2, dtype=dtype, seed=9))
+    do = torch.randn_like(q)
+    eager = sdpa(q, k, v, is_causal=True, enable_gqa=True, backend="cupy")
+    op = ft.attention_forward(q, k, v, True, 64 ** -0.5, "cupy")[0]
+    assert type(eager.grad_fn).__name__ == "_EagerAttentionBackward"
+    assert torch.equal(eager, op)
+    for a, b in zip(torch.autograd.grad(eager, (q, k, v), do), torch.autograd.grad(op, (q, k, v), do)):
+        torch.testing.assert_close(a.float(), b.float(), rtol=1e-2, atol=2e-3)

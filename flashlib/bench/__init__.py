@@ -1,6 +1,7 @@
 """Layer 8: timing, provenance and recorded results, shared by every benchmark in flashlib.
 
-- `time_cuda(fn)`: the one timing helper: CUDA events around `fn()` after warm-up, median of repeats, in ms.
+- `time_cuda(fn)`: median GPU ms of `fn()`, from `timing` (the one timing helper: warm-up, interleaved rounds,
+  spread, batches behind a hold kernel, optional L2 flush, host time per call).
 - `provenance()`: GPU, driver/CUDA, library versions, date, and the code measured (flashlib commit, dirty flag,
   kernel source hashes: `bench.records`), stored with every result.
 - `describe(result)` / `source(result)`: where a recorded result came from, as a line or for display().
@@ -21,27 +22,10 @@ RESULTS = pathlib.Path(str(importlib.resources.files("flashlib").joinpath("data"
 
 
 def time_cuda(fn, warmup=3, repeat=10):
-    """Median milliseconds of fn() on the current CUDA stream, timed with CUDA events (CuPy's, else torch's)."""
-    try:
-        import cupy as cp
-        start, end, sync = cp.cuda.Event(), cp.cuda.Event(), cp.cuda.Device().synchronize
-        elapsed = lambda: cp.cuda.get_elapsed_time(start, end)
-    except ImportError:
-        import torch
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        sync, elapsed = torch.cuda.synchronize, lambda: start.elapsed_time(end)
-    for _ in range(warmup):
-        fn()
-    sync()
-    times = []
-    for _ in range(repeat):
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(elapsed())
-    times.sort()
-    return times[len(times) // 2]
+    """Median GPU milliseconds per call of fn() on the current CUDA stream: `timing.time_one` (events around a batch
+    of back-to-back calls queued behind a hold kernel, so host time is not counted; at least `repeat` rounds)."""
+    from .timing import time_one
+    return time_one(fn, warmup=warmup, repeat=repeat)
 
 
 def _version(mod):

@@ -1,6 +1,10 @@
 """The attention benchmark grid: flashlib's backends beside PyTorch SDPA (each backend pinned) and naive attention.
 
-    python -m flashlib.bench [--quick] [--out DIR]
+flashlib-<backend> is the public call (flashlib.torch.scaled_dot_product_attention, autograd for the backward);
+flashlib-<backend>-direct calls flashlib.attention / attention_backward (no autograd). For the public calls beside
+SDPA timed interleaved, with host time per call, see flashlib.bench.public_api.
+
+    python -m flashlib.bench [--quick] [--out DIR] [--public]
 
 For every (dtype, d, N, causal) it times the forward and forward+backward of each implementation with CUDA
 events (median after warm-up) and measures the peak extra device memory of one forward. Shapes keep
@@ -35,7 +39,7 @@ def flops(B, H, N, d, causal, backward=False):
 def implementations(dtype):
     """name -> (forward(q, k, v, causal, scale), forward+backward(q, k, v, do, causal, scale)) for this dtype."""
     import flashlib
-    from ..torch import sdpa_pinned
+    from .sdpa import sdpa_pinned
 
     def torch_pair(fwd):
         def fb(q, k, v, do, causal, scale):
@@ -43,21 +47,26 @@ def implementations(dtype):
             fwd(q, k, v, causal, scale).backward(do)
         return fwd, fb
 
-    from ..gpt import naive_attention
+    from ..torch import naive_attention
     impls = {"naive": torch_pair(naive_attention)}
     for name in SDPA:
         def sdpa(q, k, v, causal, scale, name=name):
             return sdpa_pinned(name, q, k, v, is_causal=causal, scale=scale)
         impls[f"sdpa-{name}"] = torch_pair(sdpa)
+    from ..torch import scaled_dot_product_attention as public
     for b in flashlib.available_backends():
         if b in ("numba", "cupy") and not (b == "numba" and dtype != "float32"):
-            def fwd(q, k, v, causal, scale, b=b):
+            def fwd(q, k, v, causal, scale, b=b):       # what users call: the registered operator
+                return public(q, k, v, is_causal=causal, scale=scale, backend=b)
+            impls[f"flashlib-{b}"] = torch_pair(fwd)
+
+            def fwd_direct(q, k, v, causal, scale, b=b):
                 return flashlib.attention(q, k, v, causal=causal, scale=scale, backend=b)
 
-            def fb(q, k, v, do, causal, scale, b=b):
+            def fb_direct(q, k, v, do, causal, scale, b=b):
                 o, lse = flashlib.attention(q, k, v, causal=causal, scale=scale, backend=b, return_lse=True)
                 return flashlib.attention_backward(q, k, v, o, lse, do, causal=causal, scale=scale, backend=b)
-            impls[f"flashlib-{b}"] = (fwd, fb)
+            impls[f"flashlib-{b}-direct"] = (fwd_direct, fb_direct)
     return impls
 
 
@@ -128,7 +137,13 @@ def main(argv=None):
     ap.add_argument("--out", default=None, help="directory for the JSON (default flashlib.bench.RESULTS)")
     ap.add_argument("--name", default=None, help="file name (default attention_<gpu>[_quick])")
     ap.add_argument("--no-memory", action="store_true", help="skip the memory sweep up to N = 65536")
+    ap.add_argument("--public", action="store_true",
+                    help="instead: the public calls beside SDPA, interleaved, with host time (flashlib.bench.public_api)")
     a = ap.parse_args(argv)
+    if a.public:
+        from .public_api import main as public_main
+        return public_main((["--quick"] if a.quick else []) + (["--out", a.out] if a.out else [])
+                           + (["--name", a.name] if a.name else []))
     import torch
     if not torch.cuda.is_available():
         raise SystemExit("flashlib.bench needs a CUDA GPU (torch.cuda.is_available() is False)")

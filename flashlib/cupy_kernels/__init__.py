@@ -12,16 +12,21 @@ The kernels form a numbered ladder (each .cu file's header says grid, block, and
   rung 6  'wgmma'     fa2_wgmma.cu  Hopper only (sm_90a): the forward on warpgroup MMA, K and V read by the Tensor
                                     Cores straight from shared memory; d = 64 and 128
 
-`forward` / `backward` follow flashlib's backend contract: CuPy arrays in and out, q (B, H, Nq, d), k and v
-(B, H, Nk, d); o like q and lse float32 (B, H, Nq). bfloat16 travels as 16-bit integers (its bits) and comes back
-the same way. The host logic (`choose_config`, `check_inputs`) is pure Python and runs without a GPU; CuPy is
+`forward` / `backward` follow flashlib's backend contract: q (B, H, Nq, d), k and v (B, H, Nk, d); o like q and lse
+float32 (B, H, Nq). They take CuPy arrays (bfloat16 travels as 16-bit integers, its bits, and comes back the same
+way) or torch CUDA tensors (any of the three dtypes), and answer in the caller's library, allocated by it and
+computed on its current stream. Per configuration the kernels and launch rule are built once (`forward_plan`,
+`backward_plan`); `launch_forward` / `launch_backward` take device pointers. The host logic (`choose_config`, `check_inputs`) is pure Python and runs without a GPU; CuPy is
 imported and the .cu files compiled only when a kernel is first launched.
 """
 import functools
-import math
 import os
 import pathlib
 from collections import namedtuple
+
+import numpy as np
+
+from .._arrays import check_causal, check_scale, dtype_str
 
 HERE = pathlib.Path(__file__).resolve().parent
 HEAD_DIMS = (32, 64, 96, 128)
@@ -219,29 +224,42 @@ def instances(cc):
 
 
 def check_inputs(q, k, v, dtype):
-    """Shapes (B, H, N, d), one dtype as stored in CuPy (bfloat16 as 16-bit integers); returns (B, H, Nq, Nk, d)."""
+    """Shapes (B, H, N, d), one dtype: CuPy arrays (bfloat16 as 16-bit integers, CuPy has no bfloat16) or torch CUDA
+    tensors of that dtype; returns (B, H, Nq, Nk, d)."""
     if dtype not in DTYPES:
         raise ValueError(f"the cupy backend takes dtype float32, float16 or bfloat16, got {dtype!r}")
-    want = {"float32": ("float32",), "float16": ("float16",), "bfloat16": ("int16", "uint16")}[dtype]
+    want = _STORED[dtype]
     for name, a in (("q", q), ("k", k), ("v", v)):
         if len(a.shape) != 4:
             raise ValueError(f"{name} must be (B, H, N, d), got shape {tuple(a.shape)}")
-        if str(a.dtype) not in want:
+        if dtype_str(a.dtype) not in want:
             raise ValueError(f"{name} has dtype {a.dtype}; dtype={dtype!r} expects {' or '.join(want)}")
     B, H, Nq, d = q.shape
     Nk = k.shape[2]
-    if tuple(k.shape) != (B, H, Nk, d) or tuple(v.shape) != (B, H, Nk, d):
+    ks = tuple(k.shape)
+    if ks != (B, H, Nk, d) or tuple(v.shape) != ks:
         raise ValueError(f"k and v must be (B, H, Nk, d) = ({B}, {H}, Nk, {d}); got {tuple(k.shape)}, {tuple(v.shape)}")
     if d not in HEAD_DIMS:
         raise ValueError(f"the cupy backend takes head_dim in {HEAD_DIMS}, got {d}")
     return B, H, Nq, Nk, d
 
 
+# how each dtype is stored in the arrays the backend accepts: CuPy (bfloat16 as its bits) or torch
+_STORED = {"float32": ("float32", "torch.float32"), "float16": ("float16", "torch.float16"),
+           "bfloat16": ("int16", "uint16", "torch.bfloat16")}
+
+
 # ---------------------------------------------------------------- GPU side (CuPy imported lazily)
 
-@functools.lru_cache(maxsize=None)
 def _kernel(file, name, smem=0):
-    """Compile `file` with the one template instance `name` (NVRTC, cached by CuPy on disk) and return it."""
+    """Compile `file` with the one template instance `name` (NVRTC, cached by CuPy on disk) for CuPy's current GPU
+    and return it (cached per GPU: a loaded CUDA module belongs to one device's context)."""
+    import cupy as cp
+    return _compiled(cp.cuda.Device().id, file, name, smem)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(device, file, name, smem):
     import cupy as cp
     if file == "fa2_wgmma.cu":
         return _kernel_sm90a(file, name, smem)
@@ -294,8 +312,9 @@ def _cuda_include_dirs():
 
 
 def device_cc():
+    """Compute capability of CuPy's current GPU, e.g. 90."""
     import cupy as cp
-    return _cc_int(cp.cuda.Device().compute_capability)
+    return _device_cc(cp.cuda.Device().id)
 
 
 def _rung_override(direction):
@@ -305,50 +324,173 @@ def _rung_override(direction):
     return None
 
 
+# ---------------------------------------------------------------- the launch layer
+# One plan per (direction, dtype, head dim, causal, device, rung, tiles), built once: the Config, the compiled kernels
+# and their launch rule. A call then costs a dictionary look-up, output allocation in the caller's library and one
+# launch per kernel on the caller's stream. The grid rule and each kernel's argument list live in `launch_forward` /
+# `launch_backward` alone (plain device pointers and sizes), whoever the caller is.
+
+Plan = namedtuple("Plan", "cfg d fn pre post")   # the main kernel; the backward's pre-pass and dQ conversion
+
+
+@functools.lru_cache(maxsize=None)
+def forward_plan(dtype, d, causal, device, rung=None, tiles=None):
+    """The forward's Plan on GPU `device` (an ordinal); compiles its kernel at the first call."""
+    cfg = choose_config(dtype, d, _device_cc(device), causal, rung, tiles)
+    return Plan(cfg, d, _kernel_on(device, cfg.file, cfg.kernel, cfg.smem), None, None)
+
+
+@functools.lru_cache(maxsize=None)
+def backward_plan(dtype, d, causal, device, rung=None, tiles=None):
+    """The backward's Plan: the kernel, its D = rowsum(dO * O) pre-pass (which also zeroes the float32 dQ) and, for
+    16-bit dtypes, the kernel that converts dQ to the input dtype."""
+    cc = _device_cc(device)
+    cfg = choose_config(dtype, d, cc, causal, rung or default_rung(dtype, cc, "backward"), tiles)
+    T = CTYPE[dtype]
+    pre = _kernel_on(device, "fa2_bwd.cu", f"bwd_dot_do_o<{T}, {d}>")
+    post = None if dtype == "float32" else _kernel_on(device, "fa2_bwd.cu", f"bwd_convert_dq<{T}>")
+    return Plan(cfg, d, _kernel_on(device, cfg.file, cfg.kernel, cfg.smem), pre, post)
+
+
+def launch_forward(plan, q, k, v, o, lse, B, H, Nq, Nk, scale, stream=None):
+    """Launch the forward: q, k, v, o, lse are device pointers (ints) of C-contiguous arrays, stream an object with
+    the stream's handle in `.ptr` (None: CuPy's current stream)."""
+    cfg = plan.cfg
+    plan.fn((-(-Nq // cfg.Br), B * H), (32 * cfg.warps,),
+            (_ptr(q), _ptr(k), _ptr(v), _ptr(o), _ptr(lse), _i32(Nq), _i32(Nk), _f32(scale)),
+            shared_mem=cfg.smem, stream=stream)
+
+
+def launch_backward(plan, q, k, v, o, lse, do, dq, dk, dv, dq_acc, delta, B, H, Nq, Nk, scale, stream=None):
+    """Launch the backward's kernels; pointers as in launch_forward. dq_acc (float32, q's shape) and delta (float32,
+    (B, H, Nq)) are scratch; for float32 input dq_acc is dq itself."""
+    cfg, rows = plan.cfg, B * H * Nq
+    plan.pre((-(-rows // 8),), (256,), (_ptr(do), _ptr(o), _ptr(delta), _ptr(dq_acc), _i32(rows)), stream=stream)
+    plan.fn((-(-Nk // cfg.Bc), B * H), (32 * cfg.warps,),
+            (_ptr(q), _ptr(k), _ptr(v), _ptr(do), _ptr(lse), _ptr(delta), _ptr(dq_acc), _ptr(dk), _ptr(dv),
+             _i32(Nq), _i32(Nk), _f32(scale)), shared_mem=cfg.smem, stream=stream)
+    if plan.post is not None:
+        n = rows * plan.d
+        plan.post((min(-(-n // 256), 65535),), (256,), (_ptr(dq_acc), _ptr(dq), _u64(n)), stream=stream)
+
+
 def forward(q, k, v, *, causal, scale, dtype, rung=None, tiles=None):
-    """FlashAttention-2 forward. q: (B, H, Nq, d), k, v: (B, H, Nk, d) CuPy arrays of `dtype` (bfloat16 as int16
-    bits). Returns o (B, H, Nq, d), q's dtype, and lse (B, H, Nq) float32.
+    """FlashAttention-2 forward. q: (B, H, Nq, d), k, v: (B, H, Nk, d): CuPy arrays of `dtype` (bfloat16 as int16
+    bits), or torch CUDA tensors. Returns o (B, H, Nq, d), q's dtype, and lse (B, H, Nq) float32, allocated by the
+    caller's library and computed on its current stream (CuPy's, or torch.cuda.current_stream()).
 
     rung: one of FORWARD_RUNGS (default: by dtype and compute capability, or env FLASHLIB_CUPY_RUNG, e.g. 'sm75'
     to run the T4 path on a newer GPU).
     """
-    import cupy as cp
     B, H, Nq, Nk, d = check_inputs(q, k, v, dtype)
-    cfg = choose_config(dtype, d, device_cc(), bool(causal), rung or _rung_override("forward"), tiles)
-    q, k, v = (cp.ascontiguousarray(a) for a in (q, k, v))
-    o = cp.empty_like(q)
-    lse = cp.empty((B, H, Nq), dtype=cp.float32)
-    fn = _kernel(cfg.file, cfg.kernel, cfg.smem)
-    grid = (math.ceil(Nq / cfg.Br), B * H)
-    fn(grid, (32 * cfg.warps,), (q, k, v, o, lse, cp.int32(Nq), cp.int32(Nk), cp.float32(scale)), shared_mem=cfg.smem)
+    causal, scale = check_causal(causal), check_scale(scale, d)
+    io = _io(q)
+    dev = io.device(q)
+    plan = forward_plan(dtype, d, causal, dev, rung or _rung_override("forward"), _hashable(tiles))
+    q, k, v = io.contiguous(q), io.contiguous(k), io.contiguous(v)
+    o, lse = io.empty_like(q), io.empty_f32((B, H, Nq), q)
+    launch_forward(plan, io.ptr(q), io.ptr(k), io.ptr(v), io.ptr(o), io.ptr(lse), B, H, Nq, Nk, scale, io.stream(dev))
     return o, lse
 
 
 def backward(q, k, v, o, lse, do, *, causal, scale, dtype, rung=None, tiles=None):
-    """FlashAttention-2 backward. q, o, do: (B, H, Nq, d), k, v: (B, H, Nk, d), lse (B, H, Nq) float32.
-    Returns dq, dk, dv in q's dtype. rung: 'bwd_tc' (fp16/bf16 on sm_80+, the default there) or 'bwd_fp32';
-    tiles: bwd_tc's (warps, KW, Br, BRC, KVREG), default BWD_TILES[d]."""
-    import cupy as cp
+    """FlashAttention-2 backward. q, o, do: (B, H, Nq, d), k, v: (B, H, Nk, d), lse (B, H, Nq) float32, all CuPy
+    arrays or all torch CUDA tensors. Returns dq, dk, dv in q's dtype, the caller's kind, on its current stream.
+    rung: 'bwd_tc' (fp16/bf16 on sm_80+, the default there) or 'bwd_fp32'; tiles: bwd_tc's (warps, KW, Br, BRC,
+    KVREG), default BWD_TILES[d]."""
     B, H, Nq, Nk, d = check_inputs(q, k, v, dtype)
     if tuple(o.shape) != tuple(q.shape) or tuple(do.shape) != tuple(q.shape) or tuple(lse.shape) != (B, H, Nq):
         raise ValueError(f"o and do must be {tuple(q.shape)} and lse {(B, H, Nq)}")
-    cc = device_cc()
-    rung = rung or _rung_override("backward") or default_rung(dtype, cc, "backward")
-    cfg = choose_config(dtype, d, cc, bool(causal), rung, tiles)
-    q, k, v, o, do = (cp.ascontiguousarray(a) for a in (q, k, v, o, do))
-    lse = cp.ascontiguousarray(lse, dtype=cp.float32)
-    T = CTYPE[dtype]
-    rows = B * H * Nq
-    Dlt = cp.empty((B, H, Nq), dtype=cp.float32)
-    dq_acc = cp.empty(q.shape, dtype=cp.float32)  # set to zero by the pre-pass
-    _kernel("fa2_bwd.cu", f"bwd_dot_do_o<{T}, {d}>")((math.ceil(rows / 8),), (256,), (do, o, Dlt, dq_acc, cp.int32(rows)))
-    dk, dv = cp.empty_like(k), cp.empty_like(v)
-    fn = _kernel(cfg.file, cfg.kernel, cfg.smem)
-    fn((math.ceil(Nk / cfg.Bc), B * H), (32 * cfg.warps,),
-       (q, k, v, do, lse, Dlt, dq_acc, dk, dv, cp.int32(Nq), cp.int32(Nk), cp.float32(scale)), shared_mem=cfg.smem)
-    if dtype == "float32":
-        return dq_acc, dk, dv
-    dq = cp.empty_like(q)
-    n = dq.size
-    _kernel("fa2_bwd.cu", f"bwd_convert_dq<{T}>")((min(math.ceil(n / 256), 65535),), (256,), (dq_acc, dq, cp.uint64(n)))
+    causal, scale = check_causal(causal), check_scale(scale, d)
+    io = _io(q)
+    dev = io.device(q)
+    plan = backward_plan(dtype, d, causal, dev, rung or _rung_override("backward"), _hashable(tiles))
+    q, k, v, o, do = (io.contiguous(a) for a in (q, k, v, o, do))
+    lse = io.contiguous_f32(lse)
+    delta, dq_acc = io.empty_f32((B, H, Nq), q), io.empty_f32(tuple(q.shape), q)   # dq_acc zeroed by the pre-pass
+    dk, dv = io.empty_like(k), io.empty_like(v)
+    dq = dq_acc if dtype == "float32" else io.empty_like(q)
+    launch_backward(plan, *(io.ptr(a) for a in (q, k, v, o, lse, do, dq, dk, dv, dq_acc, delta)), B, H, Nq, Nk,
+                    scale, io.stream(dev))
     return dq, dk, dv
+
+
+def _hashable(tiles):
+    return None if tiles is None else tuple(tiles)
+
+
+# ---- the caller's library: pointers, allocation, stream
+
+_ptr = _u64 = np.uint64                     # a device pointer travels as its 64 bits
+_i32, _f32 = np.int32, np.float32
+
+
+class _Stream:
+    """A stream handle for CuPy's launch (which reads only `.ptr`): here, a torch stream's cudaStream_t."""
+    __slots__ = ("ptr",)
+
+    def __init__(self, ptr):
+        self.ptr = ptr
+
+
+class _CupyIO:
+    """CuPy callers: CuPy arrays, CuPy's current stream."""
+    contiguous = staticmethod(lambda a: a if a.flags.c_contiguous else __import__("cupy").ascontiguousarray(a))
+    contiguous_f32 = staticmethod(lambda a: __import__("cupy").ascontiguousarray(a, dtype="float32"))
+    empty_like = staticmethod(lambda a: __import__("cupy").empty_like(a))
+    empty_f32 = staticmethod(lambda shape, a: __import__("cupy").empty(shape, dtype="float32"))
+    ptr = staticmethod(lambda a: a.data.ptr)
+    device = staticmethod(lambda a: a.device.id)
+    stream = staticmethod(lambda dev: None)
+
+
+class _TorchIO:
+    """torch callers: torch tensors allocated by PyTorch's caching allocator, torch's current stream (so CUDA graph
+    capture and torch.cuda.stream(...) contexts see the launches)."""
+    contiguous = staticmethod(lambda t: t.contiguous())
+    contiguous_f32 = staticmethod(lambda t: t.contiguous().float())
+    empty_like = staticmethod(lambda t: __import__("torch").empty_like(t))
+    empty_f32 = staticmethod(lambda shape, t: t.new_empty(shape, dtype=_torch_f32()))
+    ptr = staticmethod(lambda t: t.data_ptr())
+    device = staticmethod(lambda t: t.get_device())
+    stream = staticmethod(lambda dev: _torch_stream(dev))
+
+
+@functools.lru_cache(maxsize=None)
+def _torch_f32():
+    import torch
+    return torch.float32
+
+
+_STREAMS = {}
+
+
+def _torch_stream(dev):
+    import torch
+    try:
+        raw = torch._C._cuda_getCurrentRawStream(dev)       # what torch.compile's generated code calls: cheap
+    except AttributeError:
+        raw = torch.cuda.current_stream(dev).cuda_stream
+    s = _STREAMS.get(raw)
+    if s is None:
+        s = _STREAMS[raw] = _Stream(raw)
+    return s
+
+
+def _io(x):
+    return _TorchIO if type(x).__module__.startswith("torch") else _CupyIO
+
+
+@functools.lru_cache(maxsize=None)
+def _device_cc(device):
+    import cupy as cp
+    return _cc_int(cp.cuda.Device(device).compute_capability)
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel_on(device, file, name, smem=0):
+    """_kernel compiled and loaded for GPU `device` (a CUDA module belongs to one device's context)."""
+    import cupy as cp
+    with cp.cuda.Device(device):
+        fn = _kernel(file, name, smem)
+        return getattr(fn, "kernel", fn)   # a RawKernel's loaded cupy.cuda.function.Function: one Python layer less

@@ -1,0 +1,206 @@
+"""What users call, beside PyTorch SDPA in one run: TFLOP/s of the public calls and their host time per call.
+
+    python -m flashlib.bench.public_api [--quick] [--out DIR] [--name public_api_h200]
+
+Per (dtype, d, N, causal), shapes B = 16384 / N, H = 16, the forward (no grad) and forward + backward
+(torch.autograd.grad) of:
+  flashlib-cupy, flashlib-numba     flashlib.torch.scaled_dot_product_attention(..., backend=...): the public op
+  flashlib-cupy-direct              flashlib.cupy_kernels.forward / backward on the tensors: the launches alone
+  sdpa-flash, sdpa-cudnn, sdpa-efficient   F.scaled_dot_product_attention with that backend pinned (the pinning
+                                    context is entered outside the timed region)
+timed together by `flashlib.bench.timing.compare` (interleaved rounds, batches behind a hold kernel, median and
+spread). The host table (`host_us`) times the calls at B = H = 1, N = 128, d = 64 fp16, where the kernel is
+negligible: wall time per call with no synchronisation inside the batch.
+"""
+import argparse
+
+from . import describe, gpu_tag, save  # noqa: F401 (describe: for the chapters)
+from .timing import compare
+
+FULL = dict(dtypes=("float16", "bfloat16"), ds=(64, 128), Ns=(1024, 4096, 16384), causals=(False, True))
+QUICK = dict(dtypes=("float16", "bfloat16"), ds=(64, 128), Ns=(1024, 4096), causals=(False, True))
+SDPA = ("flash", "cudnn", "efficient")
+
+
+def attention_flops(B, H, N, d, causal, backward=False):
+    """4 B H N^2 d for the forward (half when causal); forward + backward counts 3.5x (FlashAttention-2's rule)."""
+    return 4 * B * H * N * N * d / (2 if causal else 1) * (3.5 if backward else 1.0)
+
+
+def _pinned(name):
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    member = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+              "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[name]
+    return (lambda q, k, v, c: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=c)), \
+        (lambda: sdpa_kernel(member))
+
+
+def candidates(causal):
+    """{name: (forward(q, k, v), forward+backward(q, k, v, do), context factory or None)}."""
+    from .. import cupy_kernels as ck
+    from ..torch import scaled_dot_product_attention as fsdpa
+    out = {}
+    for b in ("cupy", "numba"):
+        fwd = lambda q, k, v, b=b: fsdpa(q, k, v, is_causal=causal, backend=b)
+        out[f"flashlib-{b}"] = (fwd, _fwdbwd(fwd), None)
+    dt = lambda q: str(q.dtype).replace("torch.", "")
+
+    def direct_fwd(q, k, v):
+        return ck.forward(q, k, v, causal=causal, scale=q.shape[-1] ** -0.5, dtype=dt(q))[0]
+
+    def direct_fb(q, k, v, do):
+        o, lse = ck.forward(q, k, v, causal=causal, scale=q.shape[-1] ** -0.5, dtype=dt(q))
+        return ck.backward(q, k, v, o, lse, do, causal=causal, scale=q.shape[-1] ** -0.5, dtype=dt(q))
+    out["flashlib-cupy-direct"] = (direct_fwd, direct_fb, None)
+    for name in SDPA:
+        fn, ctx = _pinned(name)
+        fwd = lambda q, k, v, fn=fn: fn(q, k, v, causal)
+        out[f"sdpa-{name}"] = (fwd, _fwdbwd(fwd), ctx)
+    return out
+
+
+def _fwdbwd(fwd):
+    import torch
+
+    def fb(q, k, v, do):
+        return torch.autograd.grad(fwd(q, k, v), (q, k, v), do)
+    return fb
+
+
+def _usable(fn, args, ctx):
+    """None if fn(*args) runs, else the error's first line."""
+    import contextlib
+    try:
+        with (ctx or contextlib.nullcontext)():
+            fn(*args)
+        return None
+    except Exception as e:
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+
+
+def run(grid, progress=print, on_rows=None, **timing_kw):
+    """Rows, one per (dtype, d, N, causal, backend), with fwd_ms/_tflops/_spread and fwdbwd_ms/_tflops/_spread;
+    on_rows(rows so far) after each case (to save partial results)."""
+    import torch
+    rows = []
+    for dt in grid["dtypes"]:
+        for d in grid["ds"]:
+            for N in grid["Ns"]:
+                for causal in grid["causals"]:
+                    B, H = max(1, 16384 // N), 16
+                    g = torch.Generator(device="cuda").manual_seed(N + d)
+                    q, k, v, do = (torch.randn(B, H, N, d, device="cuda", dtype=getattr(torch, dt), generator=g)
+                                   for _ in range(4))
+                    qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+                    cands = candidates(causal)
+                    base = dict(dtype=dt, d=d, N=N, B=B, H=H, causal=causal)
+                    res = {n: dict(base, backend=n) for n in cands}
+                    for key, args, pick in (("fwd", (q, k, v), 0), ("fwdbwd", (qg, kg, vg, do), 1)):
+                        fns, ctxs = {}, {}
+                        for n, c in cands.items():
+                            why = _usable(c[pick], args, c[2]) if pick == 1 else _usable_nograd(c[0], args, c[2])
+                            if why:
+                                res[n][f"{key}_error"] = why
+                            else:
+                                fns[n] = (lambda f=c[pick], a=args: f(*a)) if pick else _nograd(c[0], args)
+                                if c[2]:
+                                    ctxs[n] = c[2]
+                        stats = compare(fns, contexts=ctxs, host=False, **timing_kw)
+                        flops = attention_flops(B, H, N, d, causal, key == "fwdbwd")
+                        for n, s in stats.items():
+                            res[n].update({f"{key}_ms": s["median_ms"], f"{key}_spread": s["spread"],
+                                           f"{key}_rounds": s["rounds"],
+                                           f"{key}_tflops": flops / (s["median_ms"] * 1e-3) / 1e12})
+                    rows += list(res.values())
+                    if progress:
+                        progress(_line(rows[-len(res):]))
+                    if on_rows:
+                        on_rows(rows)
+                    del q, k, v, do, qg, kg, vg
+                    torch.cuda.empty_cache()
+    return rows
+
+
+def _nograd(fn, args):
+    import torch
+
+    def call():
+        with torch.no_grad():
+            return fn(*args)
+    return call
+
+
+def _usable_nograd(fn, args, ctx):
+    import torch
+    with torch.no_grad():
+        return _usable(fn, args, ctx)
+
+
+def _line(rows):
+    r0 = rows[0]
+    cells = [f"{r['backend']} {r.get('fwd_tflops', float('nan')):.0f}/{r.get('fwdbwd_tflops', float('nan')):.0f}"
+             for r in rows]
+    return f"{r0['dtype']} d={r0['d']} N={r0['N']} causal={r0['causal']}: " + ", ".join(cells)
+
+
+def host_table(**timing_kw):
+    """{call: host microseconds per call} at B = H = 1, N = 128, d = 64, fp16 (issue 16's table), plus spread."""
+    import cupy as cp
+    import torch
+    import flashlib
+    from .. import cupy_kernels as ck
+    from ..torch import scaled_dot_product_attention as fsdpa
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v, do = (torch.randn(1, 1, 128, 64, device="cuda", dtype=torch.float16, generator=g) for _ in range(4))
+    qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+    qc, kc, vc = (cp.asarray(t) for t in (q, k, v))
+    flash, flash_ctx = _pinned("flash")
+    cudnn, cudnn_ctx = _pinned("cudnn")
+    grad = lambda o, inputs: torch.autograd.grad(o, inputs, do)
+    fns = {
+        "sdpa-flash forward": _nograd(lambda: flash(q, k, v, False), ()),
+        "sdpa-cudnn forward": _nograd(lambda: cudnn(q, k, v, False), ()),
+        "flashlib.torch sdpa forward (no grad)": _nograd(lambda: fsdpa(q, k, v), ()),
+        "flashlib.torch sdpa forward (inputs require grad)": lambda: fsdpa(qg, kg, vg),
+        "flashlib.attention on torch tensors": lambda: flashlib.attention(q, k, v, backend="cupy"),
+        "flashlib.attention on CuPy arrays": lambda: flashlib.attention(qc, kc, vc, backend="cupy"),
+        "cupy_kernels.forward on CuPy arrays": lambda: ck.forward(qc, kc, vc, causal=False, scale=0.125,
+                                                                  dtype="float16"),
+        "cupy_kernels.forward on torch tensors": lambda: ck.forward(q, k, v, causal=False, scale=0.125,
+                                                                    dtype="float16"),
+        "sdpa-flash forward + backward": lambda: grad(flash(qg, kg, vg, False), (qg, kg, vg)),
+        "flashlib.torch forward + backward": lambda: grad(fsdpa(qg, kg, vg), (qg, kg, vg)),
+    }
+    ctxs = {n: (flash_ctx if "sdpa-flash" in n else cudnn_ctx) for n in fns if n.startswith("sdpa-")}
+    timing_kw = {"min_rounds": 10, "host_calls": 100, **timing_kw}
+    stats = compare(fns, contexts=ctxs, host=True, **timing_kw)
+    return {n: {"host_us": s["host_us"], "host_spread": s["host_spread"], "gpu_ms": s["median_ms"]}
+            for n, s in stats.items()}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="N = 1024 and 4096 only")
+    ap.add_argument("--out", default=None, help="directory for the JSON (default: flashlib.bench.save's)")
+    ap.add_argument("--name", default=None, help="file name (default public_api_<gpu>)")
+    a = ap.parse_args(argv)
+    import torch
+    if not torch.cuda.is_available():
+        raise SystemExit("flashlib.bench.public_api needs a CUDA GPU (torch.cuda.is_available() is False)")
+    host = host_table()
+    for n, s in host.items():
+        print(f"{n:55s} {s['host_us']:8.1f} us  (spread {100 * s['host_spread']:.0f}%)")
+    name = a.name or f"public_api_{gpu_tag(torch.cuda.get_device_name())}"
+    method = ("flashlib.bench.timing.compare: interleaved rounds, batches behind a hold kernel; host_us: wall time "
+              "per call, no sync inside a batch of 100, median of 10 interleaved rounds; B = 16384 / N, H = 16")
+    write = lambda rows, done=False: save(name, rows, directory=a.out, host_us=host, method=method, complete=done)
+    write([])
+    rows = run(QUICK if a.quick else FULL, on_rows=write, max_seconds=20.0)
+    path = write(rows, True)
+    print(f"written: {path}")
+    return path
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""The cupy backend's launch layer without a GPU: plans are built once per configuration, outputs are allocated by
+the caller's library (torch here), the grid rule and argument lists reach the kernel, and the launch goes to the
+stream the caller's library reports. A recording fake stands in for the compiled kernels."""
+import numpy as np
+import pytest
+import torch
+
+from flashlib import cupy_kernels as ck
+
+
+class Recorder:
+    def __init__(self, name, log):
+        self.name, self.log = name, log
+
+    def __call__(self, grid, block, args, shared_mem=0, stream=None):
+        self.log.append(dict(kernel=self.name, grid=grid, block=block, args=args, smem=shared_mem, stream=stream))
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    log, built = [], []
+    monkeypatch.setattr(ck, "_device_cc", lambda device: 90)
+    monkeypatch.setattr(ck, "_kernel_on", lambda device, file, name, smem=0: built.append(name) or Recorder(name, log))
+    monkeypatch.setattr(ck, "_torch_stream", lambda dev: ck._Stream(0xABC))
+    ck.forward_plan.cache_clear()
+    ck.backward_plan.cache_clear()
+    yield log, built
+    ck.forward_plan.cache_clear()
+    ck.backward_plan.cache_clear()
+
+
+def _ptrs(args):
+    return [int(a) for a in args if isinstance(a, np.uint64)]
+
+
+@pytest.mark.parametrize("dtype,rung", [(torch.float16, "wgmma"), (torch.bfloat16, "wgmma"), (torch.float32, "fp32")])
+def test_forward_plan_built_once_and_launched_on_the_callers_stream(fake_gpu, dtype, rung):
+    log, built = fake_gpu
+    q = torch.randn(2, 3, 100, 64).to(dtype).transpose(2, 3).contiguous().transpose(2, 3)   # not contiguous
+    k = v = torch.randn(2, 3, 77, 64).to(dtype)
+    name = str(dtype).replace("torch.", "")
+    for _ in range(3):
+        o, lse = ck.forward(q, k, v, causal=True, scale=0.125, dtype=name)
+    assert len(built) == 1 and len(log) == 3                                   # compiled once, launched thrice
+    cfg = ck.choose_config(name, 64, 90, True)
+    assert cfg.rung == rung and built[0] == cfg.kernel
+    call = log[-1]
+    assert call["grid"] == (-(-100 // cfg.Br), 6) and call["block"] == (32 * cfg.warps,) and call["smem"] == cfg.smem
+    assert call["stream"].ptr == 0xABC
+    assert type(o) is torch.Tensor and o.dtype == dtype and o.shape == q.shape and o.is_contiguous()
+    assert lse.dtype == torch.float32 and lse.shape == (2, 3, 100)
+    ptrs = _ptrs(call["args"])
+    assert ptrs[1:] == [k.data_ptr(), v.data_ptr(), o.data_ptr(), lse.data_ptr()]
+    assert ptrs[0] != q.data_ptr()                                             # a contiguous copy of q was passed
+    assert [int(a) for a in call["args"][5:7]] == [100, 77] and float(call["args"][7]) == 0.125
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_backward_launches_pre_pass_kernel_and_conversion(fake_gpu, dtype):
+    log, built = fake_gpu
+    name = str(dtype).replace("torch.", "")
+    q, do = torch.randn(1, 2, 50, 64).to(dtype), torch.randn(1, 2, 50, 64).to(dtype)
+    k = v = torch.randn(1, 2, 40, 64).to(dtype)
+    o, lse = torch.randn_like(q), torch.randn(1, 2, 50)
+    dq, dk, dv = ck.backward(q, k, v, o, lse, do, causal=False, scale=0.5, dtype=name)
+    kernels = [c["kernel"] for c in log]
+    T = ck.CTYPE[name]
+    assert kernels[0] == f"bwd_dot_do_o<{T}, 64>"
+    assert kernels[1] == ck.choose_config(name, 64, 90, False, ck.default_rung(name, 90, "backward")).kernel
+    assert kernels[2:] == ([] if dtype == torch.float32 else [f"bwd_convert_dq<{T}>"])
+    main = _ptrs(log[1]["args"])
+    assert main[7:9] == [dk.data_ptr(), dv.data_ptr()] and dk.shape == k.shape and dq.shape == q.shape
+    dq_acc = main[6]
+    if dtype == torch.float32:
+        assert dq_acc == dq.data_ptr()                                         # float32: dQ accumulates in place
+    else:
+        assert _ptrs(log[2]["args"]) == [dq_acc, dq.data_ptr(), dq.numel()]          # n travels as uint64 too
+    assert all(c["stream"].ptr == 0xABC for c in log)
+
+
+def test_check_inputs_takes_torch_dtypes():
+    q = torch.zeros(1, 1, 4, 64, dtype=torch.bfloat16)
+    assert ck.check_inputs(q, q, q, "bfloat16") == (1, 1, 4, 4, 64)
+    with pytest.raises(ValueError, match="expects"):
+        ck.check_inputs(q.half(), q.half(), q.half(), "bfloat16")
