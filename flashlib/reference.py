@@ -15,6 +15,8 @@ import numbers
 import numpy as np
 
 
+GQA = ("forward", "backward")   # k, v may have fewer heads than q (flashlib.api reads this)
+
 def default_scale(d):
     return 1.0 / np.sqrt(d)
 

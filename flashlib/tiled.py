@@ -23,6 +23,8 @@ import numpy as np
 
 from .reference import check_block_size, default_scale, group, kv_group, kv_sum, shared, ungroup
 
+GQA = ("forward", "backward")   # k, v may have fewer heads than q (flashlib.api reads this)
+
 
 def n_blocks(N, B):
     return -(-N // B)
