@@ -1,5 +1,6 @@
 """flashlib.bench on the CPU: FLOP counts, recorded results with provenance, tables and plots from them."""
 import json
+import pathlib
 import subprocess
 import sys
 
@@ -170,3 +171,9 @@ def test_numba_peak_counts_what_the_call_holds_beyond_its_inputs():
     assert peak.peak == 30 and "memalloc" not in vars(m)
     m.memalloc(7)
     assert peak.peak == 30                             # no longer counting
+
+
+def test_records_live_in_the_package_not_in_benchmarks():
+    """Records written to the old folder would be missing from the wheel (and from Colab): they belong in RESULTS."""
+    old = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+    assert not sorted(p.name for p in old.glob("*.json")), f"move these into {bench.RESULTS}"
