@@ -1,14 +1,14 @@
-"""The GPU measurements of chapters 12-14, in one run (a real CUDA GPU needed):
+"""The GPU measurements of chapters 11-13, in one run (a real CUDA GPU needed):
 
     python benchmarks/gpt_bench.py [--out DIR] [--tag h100] [--gpt-seconds 150]
 
 writes three files with provenance (flashlib.bench.save):
   sdpa_<tag>.json         which SDPA backends accept which inputs (and PyTorch's reasons), the kernels the
                           profiler saw, and forward / forward+backward times of every backend, naive attention and
-                          flashlib's kernels at a few shapes                                  (chapter 12)
+                          flashlib's kernels at a few shapes                                  (chapter 11)
   gpt_<tag>.json          the small GPT trained with naive attention, SDPA and flashlib.torch: the loss of every
-                          step, ms/step, tokens/s, peak memory                                (chapter 13)
-  cuda_graphs_<tag>.json  kernels launched one by one vs replayed from a CUDA graph (PyTorch and CuPy) (chapter 14)
+                          step, ms/step, tokens/s, peak memory                                (chapter 12)
+  cuda_graphs_<tag>.json  kernels launched one by one vs replayed from a CUDA graph (PyTorch and CuPy) (chapter 13)
 """
 import argparse
 import importlib

@@ -2,18 +2,18 @@
 edge-case inputs against float64 answers from flashlib's reference, and prints a short verdict that names the
 first failing case (its shapes, the position, expected vs got).
 
-    check_merge(merge)                 # chapter 07: merge two softmax states (m, l)
-    check_online_softmax(fn)           # chapter 07: one pass over a row, (m, l)
+    check_merge(merge)                 # chapter 06: merge two softmax states (m, l)
+    check_online_softmax(fn)           # chapter 06: one pass over a row, (m, l)
     check_ring_step(fn)                # merge two partial attentions by their logsumexp (a ring step)
-    check_tiled_matmul(fn)             # chapter 06: C = A B tile by tile, in NumPy
-    check_matmul_kernel(kernel, T)     # chapter 06: the tiled matmul as a Numba kernel
-    check_fa1_step(fn)                 # chapter 08: lines 10-13 of Algorithm 1 on one score tile
-    check_tiled_forward(fn)            # chapters 08, 09: a whole tiled forward, (O, lse)
-    check_numba_tile_kernel(kernel, Br, D)  # chapter 09: FA2's forward of one Q tile per thread block, Numba
-    check_backward_dS(fn)              # chapter 10: D and dS of one tile
-    check_backward(fn)                 # chapter 10: the tiled backward, (dQ, dK, dV)
-    check_tile_visible(fn)             # chapter 11: which causal tiles to compute
-    check_causal_skip(fn)              # chapter 11: a causal forward that skips the hidden tiles
+    check_tiled_matmul(fn)             # chapter 05: C = A B tile by tile, in NumPy
+    check_matmul_kernel(kernel, T)     # chapter 05: the tiled matmul as a Numba kernel
+    check_fa1_step(fn)                 # chapter 07: lines 10-13 of Algorithm 1 on one score tile
+    check_tiled_forward(fn)            # chapters 07, 08: a whole tiled forward, (O, lse)
+    check_numba_tile_kernel(kernel, Br, D)  # chapter 08: FA2's forward of one Q tile per thread block, Numba
+    check_backward_dS(fn)              # chapter 09: D and dS of one tile
+    check_backward(fn)                 # chapter 09: the tiled backward, (dQ, dK, dV)
+    check_tile_visible(fn)             # chapter 10: which causal tiles to compute
+    check_causal_skip(fn)              # chapter 10: a causal forward that skips the hidden tiles
 
 Every grader returns a `Verdict` (truthy when all cases pass). A function that still raises NotImplementedError
 gets a kind "not written yet" verdict. `strict=True` (the book's solution cells) raises ExerciseFailed on a
@@ -137,7 +137,7 @@ def attention(q, k, v, causal=False, scale=None, mask=None):
     return P @ np.asarray(v, np.float64), np.where(l > 0, m + np.log(np.where(l > 0, l, 1.0)), -np.inf)
 
 
-# ----- chapter 07: softmax states --------------------------------------------------------------------------
+# ----- chapter 06: softmax states --------------------------------------------------------------------------
 
 def _rows(rng, shape, kind):
     x = rng.standard_normal(shape) * 3
@@ -227,7 +227,7 @@ def check_ring_step(fn, strict=False, seed=0):
     return _grade("check_ring_step", cases, strict)
 
 
-# ----- chapter 06: tiled matrix multiply --------------------------------------------------------------------
+# ----- chapter 05: tiled matrix multiply --------------------------------------------------------------------
 
 def _matmul_cases(rng):
     return [(f"M, K, N = {M}, {K}, {N}, T = {T}", rng.standard_normal((M, K)), rng.standard_normal((K, N)), T)
@@ -261,7 +261,7 @@ def check_matmul_kernel(kernel, T, strict=False, seed=0):
     return _grade("check_matmul_kernel", cases, strict, where_run())
 
 
-# ----- chapters 08, 09: the forward pass ----------------------------------------------------------------------
+# ----- chapters 07, 08: the forward pass ----------------------------------------------------------------------
 
 def check_fa1_step(fn, strict=False, seed=0):
     """fn(S, Vj, Oi, li, mi) -> (Oi, li, mi): Algorithm 1, lines 10-13, for one score tile S (Br, Bc) (already
@@ -355,7 +355,7 @@ def check_numba_tile_kernel(kernel, Br, D, strict=False, seed=0):
     return _grade("check_numba_tile_kernel", cases, strict, where_run())
 
 
-# ----- chapter 10: the backward pass -------------------------------------------------------------------------
+# ----- chapter 09: the backward pass ------------------------------------------------------------------------
 
 def check_backward_dS(fn, strict=False, seed=0):
     """fn(P, dO, O, V) -> (D, dS): P (Nq, Nk) the softmax, dO, O (Nq, d), V (Nk, d); D = rowsum(dO * O) (Nq,),
@@ -399,7 +399,7 @@ def check_backward(fn, strict=False, seed=0):
     return _grade("check_backward", cases, strict)
 
 
-# ----- chapter 11: skipping masked tiles ----------------------------------------------------------------------
+# ----- chapter 10: skipping masked tiles ----------------------------------------------------------------------
 
 def check_tile_visible(fn, strict=False):
     """fn(i, j, Br, Bc, Nq, Nk) -> bool: does causal masking (top-left: query r sees keys 0..r) leave any score of

@@ -1,4 +1,4 @@
-"""A small character-level GPT with a pluggable attention function, and the training loop of chapter 13.
+"""A small character-level GPT with a pluggable attention function, and the training loop of chapter 12.
 
 The model is GPT-2's block (pre-LayerNorm, causal self-attention, 4x GELU MLP) at a few million parameters. Only
 the attention call changes between runs, so with the same seed (same initial weights) and the same batches the
@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import torch as flashlib_torch
-from .torch import naive_attention  # noqa: F401 (gpt.naive_attention: chapter 13 shows its source)
+from .torch import naive_attention  # noqa: F401 (gpt.naive_attention: chapter 12 shows its source)
 
 
 # ---- data --------------------------------------------------------------------------------------------------------

@@ -183,7 +183,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
 
 def naive_attention(q, k, v, is_causal=True, scale=None):
     """matmul - softmax - matmul, as a transformer was written before fused attention: S and P hit memory.
-    The one naive attention of flashlib (the GPT of chapter 13 and the benchmarks use it)."""
+    The one naive attention of flashlib (the GPT of chapter 12 and the benchmarks use it)."""
     S = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)
     if is_causal:
         Nq, Nk = S.shape[-2:]

@@ -24,8 +24,8 @@ def test_every_chapter_has_a_row_and_every_record_its_provenance():
 def test_records_are_found_in_the_code_cells():
     from flashlib import bench
     names = {p.stem for p in pathlib.Path(bench.RESULTS).glob("*.json")}
-    assert book_status.chapter_records(ROOT / "notebooks" / "08_flashattention.ipynb", names) == ["ncu_io_h100"]
-    assert book_status.chapter_records(ROOT / "notebooks" / "07_online_softmax.ipynb", names) == []
+    assert book_status.chapter_records(ROOT / "notebooks" / "07_flashattention.ipynb", names) == ["ncu_io_h100"]
+    assert book_status.chapter_records(ROOT / "notebooks" / "06_online_softmax.ipynb", names) == []
 
 
 def test_changed_since_says_when_it_cannot_tell():

@@ -99,7 +99,7 @@ def test_chapter_pages_load_without_javascript_errors(server, browser):
 
 
 def test_stepthrough_player_advances_frame_by_frame(server, browser):
-    rel = "notebooks/08_flashattention.html"
+    rel = "notebooks/07_flashattention.html"
     if not (HTML / rel).exists():
         pytest.skip(f"{rel} is not in this build")
     page, errors = open_page(browser, f"{server}/{rel}")

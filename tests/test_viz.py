@@ -150,7 +150,7 @@ def test_per_tensor_counters_add_up_to_the_trace(rng, algo, causal, Nq, Nk):
         assert sum(r for r, _ in per.values()) == st["hbm_read"]
         assert sum(w for _, w in per.values()) == st["hbm_written"]
     final = stepthrough.tensor_bytes(rec, len(rec["steps"]) - 1)
-    if algo == "fa1" and not causal:                            # ch08 exercise 1: Q read T_c times, K and V once
+    if algo == "fa1" and not causal:                            # ch07 exercise 1: Q read T_c times, K and V once
         Tc = -(-Nk // 16)
         assert final["Q"][0] == Tc * Nq * 8 * 4 and final["K"][0] == Nk * 8 * 4 == final["V"][0]
 

@@ -1,4 +1,4 @@
-"""Launch overhead and CUDA Graphs (chapter 14): capture work into a graph and time eager launches against replay.
+"""Launch overhead and CUDA Graphs (chapter 13): capture work into a graph and time eager launches against replay.
 
 Each helper takes a function that only launches GPU work on tensors it does not reallocate, as capture requires.
 """

@@ -1,4 +1,4 @@
-"""PyTorch's own SDPA from the outside: which backend runs, which refuse and why, how fast (chapter 12).
+"""PyTorch's own SDPA from the outside: which backend runs, which refuse and why, how fast (chapter 11).
 
     from flashlib.bench import sdpa
     sdpa.sdpa_support(q, k, v, is_causal=True)     # {'flash': None, 'cudnn': None, 'efficient': None, 'math': None}

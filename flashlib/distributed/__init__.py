@@ -9,7 +9,7 @@
 Ring attention (Liu, Zaharia and Abbeel 2023): rank r keeps its query shard Q_r and a running (m, l, O) in
 float32 and, in P steps, attends to the K/V block it holds while it sends that block to rank r+1 and receives the
 next one from rank r-1 (`batch_isend_irecv`, started before the block's compute and waited after it). Step s holds
-the block of rank (r - s) mod P. Each block is folded in with `online_softmax.merge`, the merge of chapter 7.
+the block of rank (r - s) mod P. Each block is folded in with `online_softmax.merge`, the merge of chapter 6.
 The backward sends K/V around again, recomputing P from the saved lse; the dK/dV partials of each block follow
 it and, one hop after the last visit, arrive at the block's owner. With P = 1 the ring is one local block and
 sends nothing.

@@ -2,7 +2,7 @@
 
 The state lives in torch tensors; the merge works on NumPy views of them (CPU) or CuPy views (CUDA, through
 DLPack, no copy). online_softmax's NumPy code runs on CuPy arrays unchanged: NumPy hands np.maximum and np.exp on
-CuPy arrays to CuPy (the __array_ufunc__ protocol, NEP 13), so the merge of chapter 7 is the one used on GPUs.
+CuPy arrays to CuPy (the __array_ufunc__ protocol, NEP 13), so the merge of chapter 6 is the one used on GPUs.
 """
 import numpy as np
 import torch
