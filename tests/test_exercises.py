@@ -11,7 +11,7 @@ from numba import cuda, float32     # after conftest's flashlib.setup(): the sim
 from flashlib import exercises as ex
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-CHAPTERS = ("06", "07", "08", "09", "10", "11")
+CHAPTERS = ("05", "06", "07", "08", "09", "10", "15")   # the algorithm chapters and the multi-GPU one
 
 
 def cells(chapter, tag=None):
@@ -57,8 +57,8 @@ def test_starters_are_reported_kindly(chapter, capsys):
 def test_solutions_pass_and_time(solutions, capsys):
     for ch, ns in solutions.items():
         assert ns, ch
-    verdicts = [ex.check_merge(solutions["07"]["merge_solution"]),
-                ex.check_fa1_step(solutions["08"]["fa1_step_solution"])]
+    verdicts = [ex.check_merge(solutions["06"]["merge_solution"]),
+                ex.check_fa1_step(solutions["07"]["fa1_step_solution"])]
     assert all(verdicts) and all(v.seconds < 20 for v in verdicts)
     assert "PASS check_merge: all 4 cases" in capsys.readouterr().out
 
@@ -94,7 +94,7 @@ def test_online_softmax_wrong_answers(solutions):
             l = l + np.exp(x[:, j] - m)
         return m, l
     failing(ex.check_online_softmax(no_rescale), "l[", "expected")
-    assert ex.check_online_softmax(solutions["07"]["online_state_solution"])
+    assert ex.check_online_softmax(solutions["06"]["online_state_solution"])
     assert "expected" in msg
 
 
@@ -105,7 +105,7 @@ def test_ring_step_wrong_answer():
 
 
 def test_matmul_wrong_answers(solutions):
-    assert ex.check_tiled_matmul(solutions["06"]["tiled_matmul_solution"])
+    assert ex.check_tiled_matmul(solutions["05"]["tiled_matmul_solution"])
     def drops_ragged(A, B, T):                                   # off-by-one tile edge: full tiles only
         C = np.zeros((A.shape[0], B.shape[1]))
         for bi in range(0, A.shape[0] - T + 1, T):
@@ -143,7 +143,7 @@ def test_matmul_kernel_wrong_answer():
 
 
 def test_fa1_step_wrong_answers(solutions):
-    good = solutions["08"]["fa1_step_solution"]
+    good = solutions["07"]["fa1_step_solution"]
     def no_rescale(S, V, O, l, m):                               # adds the new tile without rescaling the old
         O2, l2, m2 = good(S, V, O, l, m)
         return (O * l[:, None] + np.exp(S - m2[:, None]) @ V) / np.where(l2 > 0, l2, 1)[:, None], l2, m2
@@ -159,8 +159,8 @@ def test_fa1_step_wrong_answers(solutions):
 
 
 def test_tiled_forward_wrong_answers(solutions):
-    good = solutions["09"]["fa2_forward_solution"]
-    assert ex.check_tiled_forward(solutions["08"]["fa1_forward_solution"])
+    good = solutions["08"]["fa2_forward_solution"]
+    assert ex.check_tiled_forward(solutions["07"]["fa1_forward_solution"])
     def last_tile_dropped(q, k, v, causal, Br, Bc):              # off-by-one: range(0, Nk - Bc + 1, Bc)
         keep = (k.shape[0] // Bc) * Bc or k.shape[0]
         return good(q, k[:keep], v[:keep], causal, Br, Bc)
@@ -216,7 +216,7 @@ def test_numba_tile_kernel_wrong_answers():
 def test_backward_wrong_answers(solutions):
     failing(ex.check_backward_dS(lambda P, dO, O, V: ((dO * O).sum(1), P * (dO @ V.T) - (dO * O).sum(1)[:, None])),
             "case 1/3", "dS[")
-    good = solutions["10"]["flash_backward_solution"]
+    good = solutions["09"]["flash_backward_solution"]
     assert ex.check_backward(good)
     def no_scale(q, k, v, o, lse, do, causal, Br, Bc):          # forgets the 1/sqrt(d) on dQ
         dq, dk, dv = good(q, k, v, o, lse, do, causal, Br, Bc)
@@ -229,7 +229,7 @@ def test_causal_wrong_answers(solutions):
             "tile (i, j) = (0, 1)", "expected True, got False")
     failing(ex.check_tile_visible(lambda i, j, Br, Bc, Nq, Nk: j * Bc <= min((i + 1) * Br, Nq) - 1 + Nk - Nq),
             "case 4/6 (Br = 4, Bc = 4, Nq = 10, Nk = 13)", "expected False, got True")        # bottom-right
-    good = solutions["11"]["causal_forward_solution"]
+    good = solutions["10"]["causal_forward_solution"]
     def no_skip(q, k, v, Br, Bc):
         O, lse, computed = good(q, k, v, Br, Bc)
         return O, lse, [(i, j) for i in range(-(-q.shape[0] // Br)) for j in range(-(-k.shape[0] // Bc))]
@@ -250,3 +250,22 @@ def test_reference_attention_convention():
     from flashlib import reference
     Or, lr = reference.attention_forward(q, k, v)
     assert np.allclose(Oe, Or) and np.allclose(le, lr)
+
+
+def test_ring_layout_graders_both_ways():
+    """Chapter 15's graders: the solutions pass; a contiguous layout given for zigzag, chunks in the wrong order,
+    and a kind that forgets partly visible blocks fail with the case named."""
+    ns = {"np": np}
+    nb = json.loads((ROOT / "notebooks" / "15_beyond_one_gpu.ipynb").read_text())
+    for c in nb["cells"]:
+        if "exercise-solution" in c["metadata"].get("tags", []):
+            exec(compile("".join(c["source"]), "<15 solution>", "exec"), ns)
+    assert ex.check_zigzag_positions(ns["zigzag_positions_solution"])
+    assert ex.check_block_kind(ns["block_kind_solution"])
+    contiguous = lambda r, P, N: list(range(r * N // P, (r + 1) * N // P))
+    failing(ex.check_zigzag_positions(contiguous), "rank 0 of P = 2, N = 8", "expected [0, 1, 6, 7]")
+    swapped = lambda r, P, N: ns["zigzag_positions_solution"](r, P, N)[N // P // 2:] + \
+        ns["zigzag_positions_solution"](r, P, N)[:N // P // 2]
+    failing(ex.check_zigzag_positions(swapped), "rank 0")
+    no_mask = lambda q, k: "skip" if min(k) > max(q) else "full"
+    failing(ex.check_block_kind(no_mask), "expected 'mask', got 'full'")
