@@ -248,7 +248,7 @@ def test_notebook_runs_from_the_wheel(executed, stem):
     assert not re.search(r"not (been )?recorded|no recorded", text, re.I), "a record the wheel should carry is missing"
     code = "".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code")
     if re.search(r"\bload\(|live_or_recorded\(", code):             # shows recorded numbers: with GPU, date, commit
-        assert re.search(r"Recorded on NVIDIA [^,]+ \(driver [\d.]+\), 20\d\d-\d\d-\d\d, .*flashlib \w+", text), stem
+        assert re.search(r"Recorded on NVIDIA [^,]+, 20\d\d-\d\d-\d\d, flashlib \w+", text), stem
 
 
 # ---------------------------------------------------------------- T4 kernels under Colab's numba-cuda and CUDA 12
