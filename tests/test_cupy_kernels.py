@@ -309,7 +309,7 @@ def test_forward_matches_reference(shape, dtype, rung, poisoned):
 
 
 # every tile the tuned rung can choose (TUNED_TILES on an H100, FALLBACK_TILES on GPUs with less shared memory)
-TILE_CHOICES = sorted({(d, tuple(t)) for d in ck.HEAD_DIMS for t in ck.TUNED_TILES[d] + ck.FALLBACK_TILES})
+TILE_CHOICES = sorted({(d, tuple(t)) for d in ck.HEAD_DIMS for t in ck.TUNED_TILES[d] + ck.FALLBACK_TILES[d]})
 
 
 def _check_tiles(rung, d, tiles, dtype, shapes):

@@ -13,7 +13,9 @@ The kernels form a numbered ladder (each .cu file's header says grid, block, and
                                     Cores straight from shared memory; d = 64 and 128
 
 `forward` / `backward` follow flashlib's backend contract: CuPy arrays in and out, q (B, H, Nq, d), k and v
-(B, H, Nk, d); o like q and lse float32 (B, H, Nq). bfloat16 travels as 16-bit integers (its bits) and comes back
+(B, H_kv, Nk, d) with H_kv dividing H (grouped-query attention: query head h uses kv head h // (H // H_kv)); o like
+q and lse float32 (B, H, Nq). Any head dim 1 ... 256: kernels are compiled for the buckets HEAD_DIMS and a head dim
+between them is zero-padded up to the next (zero columns change no score, and the padded columns of O are dropped). bfloat16 travels as 16-bit integers (its bits) and comes back
 the same way. The host logic (`choose_config`, `check_inputs`) is pure Python and runs without a GPU; CuPy is
 imported and the .cu files compiled only when a kernel is first launched.
 """
@@ -24,7 +26,8 @@ import pathlib
 from collections import namedtuple
 
 HERE = pathlib.Path(__file__).resolve().parent
-HEAD_DIMS = (32, 64, 96, 128)
+HEAD_DIMS = (32, 64, 96, 128, 256)  # compiled head dims; others are padded up to the next (head_bucket)
+MAX_GRID_YZ = 65535  # grid.y and grid.z limit (grid.x: 2**31 - 1); (batch, head) pairs go on y and z (pair_grid)
 DTYPES = ("float32", "float16", "bfloat16")
 FORWARD_RUNGS = ("fp32", "tc", "tuned", "sm75", "wgmma")
 BACKWARD_RUNGS = ("bwd_fp32", "bwd_tc")
@@ -42,10 +45,13 @@ SMEM_LIMIT = {75: 64 * 1024, 80: 163 * 1024, 86: 99 * 1024, 87: 163 * 1024, 89: 
 # (4, 64, 32, False) 12-24 bytes of spill on sm_90. H200, fp16, x SDPA flash at N = 4096 / 16384
 # (logs/tuned_d128_causal_sweep_h200.txt): (4, 48, 32, 0) 0.88 / 0.93, (4, 64, 32, 0) 0.87 / 0.99 (spills),
 # (4, 32, 32, 0) 0.77 / 0.86, (4, 64, 16, 1) 0.81 / 0.85, (8, 64, 16, 1) 0.78 / 0.83.
+# d = 256 (not swept): 16 rows per warp and Q re-read from shared memory, so that O (128 fp32 registers) fits beside S.
 TUNED_TILES = {32: ((4, 64, 32, True),) * 2, 64: ((4, 128, 32, False), (4, 64, 32, False)),
-               96: ((4, 32, 32, False),) * 2, 128: ((4, 64, 32, False), (4, 48, 32, False))}
+               96: ((4, 32, 32, False),) * 2, 128: ((4, 64, 32, False), (4, 48, 32, False)),
+               256: ((4, 32, 16, False),) * 2}
 # for GPUs with less shared memory (sm_80: 163 KB, sm_86/89: 99 KB): the first that fits
-FALLBACK_TILES = ((4, 32, 32, False), (4, 64, 16, True), (4, 32, 16, True))
+FALLBACK_TILES = {D: ((4, 32, 32, False), (4, 64, 16, True), (4, 32, 16, True)) for D in HEAD_DIMS[:-1]}
+FALLBACK_TILES[256] = ((4, 16, 16, False),)
 # rung 5 Tensor Core backward, per head dim: (warps NW, key m-tiles per warp KW, so Bc = 16*KW*NW keys per block;
 # Br query rows per Q tile; BRC query rows per register chunk; KVREG: K/V fragments kept in registers).
 # Swept on an H100 (fp16, N = 4096 and 16384, causal and not; backward alone, TFLOP/s = 2.5x the forward's FLOPs):
@@ -54,6 +60,8 @@ FALLBACK_TILES = ((4, 32, 32, False), (4, 64, 16, True), (4, 32, 16, True))
 # d=32 and 96: not swept (tiles checked for correctness on the H100).
 BWD_TILES = {32: (8, 1, 64, 64, True), 64: (4, 2, 64, 32, False), 96: (8, 1, 64, 32, False), 128: (8, 1, 64, 64, False)}
 BWD_FALLBACK_TILES = ((4, 1, 64, 32, False), (4, 1, 32, 32, False))  # less shared memory (sm_86/89: 99 KB)
+# d = 256 has no Tensor Core backward: a warp's dK and dV rows alone would be 256 fp32 registers; it runs bwd_fp32.
+BWD_TC_MAX_HEAD_DIM = 128
 
 # rung 6 tiles per head dim, (non-causal, causal), each (warpgroups NWG, keys per tile Bc), Br = 64*NWG. Chosen on an
 # H200 (fp16, N = 4096 / 16384, TFLOP/s, SDPA flash in the same run; benchmarks/results/logs/wgmma_explore_3_swizzled_h200.txt):
@@ -63,7 +71,32 @@ BWD_FALLBACK_TILES = ((4, 1, 64, 32, False), (4, 1, 32, 32, False))  # less shar
 WGMMA_TILES = {64: ((2, 64), (2, 64)), 128: ((2, 128), (2, 128))}
 WGMMA_HEAD_DIMS = (64, 128)
 
-Config = namedtuple("Config", "rung file kernel Br Bc warps smem")
+Config = namedtuple("Config", "rung file kernel Br Bc warps smem D", defaults=(None,))  # D: the compiled head dim
+
+
+def head_bucket(d):
+    """The compiled head dim D >= d that a head dim d (1 ... 256) runs as (zero-padded up to it)."""
+    if isinstance(d, bool) or not isinstance(d, int) or not 1 <= d <= HEAD_DIMS[-1]:
+        raise ValueError(f"the cupy backend takes head_dim 1 ... {HEAD_DIMS[-1]}, got {d!r}")
+    return next(D for D in HEAD_DIMS if D >= d)
+
+
+def fp32_tiles(D):
+    """(Br, Bc) of the CUDA-core rungs for compiled head dim D (the backward uses Br = Bc = BT = Br): the static
+    shared memory of fa2_fp32.cu and fa2_bwd.cu stays under 48 KB."""
+    return (32, 32) if D <= 64 else (16, 32) if D <= 128 else (8, 16)
+
+
+def pair_grid(n_tiles, BH):
+    """Launch grid (n_tiles, y, z) for n_tiles tiles of each of BH (batch, head) pairs: the pairs fill grid.y up
+    to its limit 65535 and continue on grid.z (the kernels' pair_index; blocks past BH return at once)."""
+    if n_tiles > 2**31 - 1:
+        raise ValueError(f"{n_tiles} tiles per (batch, head) pair exceed grid.x's limit 2**31 - 1")
+    y = max(1, min(BH, MAX_GRID_YZ))
+    z = -(-BH // y)
+    if z > MAX_GRID_YZ:
+        raise ValueError(f"B*H = {BH} (batch, head) pairs exceed the {MAX_GRID_YZ}**2 this launch can address")
+    return (n_tiles, y, z)
 
 
 def _cc_int(cc):
@@ -79,11 +112,13 @@ def default_rung(dtype, cc, direction="forward", d=None):
     """The rung `forward`/`backward` use for this dtype (and head dim d) on a GPU of compute capability cc: on Hopper
     (9.0) the wgmma forward for the head dims it has, else rung 3 (sm_80+) or the T4 path."""
     cc = _cc_int(cc)
+    D = None if d is None else head_bucket(d)
     if direction == "backward":
-        return "bwd_tc" if dtype != "float32" and cc >= 80 else "bwd_fp32"
+        tc = dtype != "float32" and cc >= 80 and (D is None or D <= BWD_TC_MAX_HEAD_DIM)
+        return "bwd_tc" if tc else "bwd_fp32"
     if dtype == "float32":
         return "fp32"
-    if cc == 90 and d in WGMMA_HEAD_DIMS:
+    if cc == 90 and D in WGMMA_HEAD_DIMS:
         return "wgmma"
     return "tuned" if cc >= 80 else "sm75"
 
@@ -94,14 +129,14 @@ def choose_config(dtype, d, cc, causal=False, rung=None, tiles=None):
     `kernel` is the C++ name expression CuPy instantiates, smem the dynamic shared memory in bytes. rung=None picks
     `default_rung`; tiles overrides the tile size: (warps, Bc[, rows per warp 16 or 32[, Q in registers]]) for the
     Tensor Core forward rungs, (warpgroups, Bc) for wgmma, (warps, KW, Br, BRC, KVREG) as in BWD_TILES for bwd_tc.
-    Raises ValueError for what cannot run: unknown dtype or rung, a head dim outside HEAD_DIMS (WGMMA_HEAD_DIMS for
-    wgmma), bf16 below sm_80, cc below 7.5, a sm_80 rung on sm_75, wgmma off Hopper, or tiles that do not fit.
+    d may be any head dim 1 ... 256: the kernel is the one of its bucket D = head_bucket(d) (Config.D).
+    Raises ValueError for what cannot run: unknown dtype or rung, a head dim outside 1 ... 256 (a bucket outside
+    WGMMA_HEAD_DIMS for wgmma, above 128 for bwd_tc), bf16 below sm_80, cc below 7.5, a sm_80 rung on sm_75, wgmma off Hopper, or tiles that do not fit.
     """
     cc = _cc_int(cc)
     if dtype not in DTYPES:
         raise ValueError(f"the cupy backend takes dtype float32, float16 or bfloat16, got {dtype!r}")
-    if d not in HEAD_DIMS:
-        raise ValueError(f"the cupy backend takes head_dim in {HEAD_DIMS}, got {d}")
+    d = D = head_bucket(d)
     if cc < 75:
         raise ValueError(f"the cupy backend needs compute capability 7.5 or newer (Turing), got {cc / 10:.1f}")
     if dtype == "bfloat16" and cc < 80:
@@ -110,11 +145,11 @@ def choose_config(dtype, d, cc, causal=False, rung=None, tiles=None):
     c = "true" if causal else "false"
     T = CTYPE[dtype]
     if rung == "fp32":
-        Br = 32 if d <= 64 else 16
-        return Config(rung, "fa2_fp32.cu", f"fa2_fp32<{T}, {d}, {c}>", Br, 32, 8, 0)
+        Br, Bc = fp32_tiles(D)
+        return Config(rung, "fa2_fp32.cu", f"fa2_fp32<{T}, {D}, {Br}, {Bc}, {c}>", Br, Bc, 8, 0, D)
     if rung == "bwd_fp32":
-        BT = 32 if d <= 64 else 16
-        return Config(rung, "fa2_bwd.cu", f"fa2_bwd_fp32<{T}, {d}, {c}>", BT, BT, 8, 0)
+        BT = fp32_tiles(D)[0]
+        return Config(rung, "fa2_bwd.cu", f"fa2_bwd_fp32<{T}, {D}, {BT}, {c}>", BT, BT, 8, 0, D)
     if rung not in FORWARD_RUNGS + BACKWARD_RUNGS:
         raise ValueError(f"unknown rung {rung!r}; choose one of {FORWARD_RUNGS + BACKWARD_RUNGS}")
     if dtype == "float32":
@@ -134,19 +169,25 @@ def choose_config(dtype, d, cc, causal=False, rung=None, tiles=None):
         if nwg not in (1, 2) or Bc not in (64, 128):
             raise ValueError(f"rung 'wgmma' takes tiles (warpgroups 1 or 2, Bc 64 or 128), got ({nwg}, {Bc})")
         kernel = f"fa2_wgmma<{T}, {d}, {Bc}, {nwg}, {c}>"
-        cfg = Config(rung, "fa2_wgmma.cu", kernel, 64 * nwg, Bc, 4 * nwg, smem_wgmma(d, nwg, Bc))
+        cfg = Config(rung, "fa2_wgmma.cu", kernel, 64 * nwg, Bc, 4 * nwg, smem_wgmma(d, nwg, Bc), D)
     elif rung == "bwd_tc":
+        if D > BWD_TC_MAX_HEAD_DIM:
+            raise ValueError(f"rung 'bwd_tc' takes head dims up to {BWD_TC_MAX_HEAD_DIM} (this one runs as {D}): "
+                             "use 'bwd_fp32'")
         if tiles is None:
-            tiles = next(t for t in (BWD_TILES[d],) + BWD_FALLBACK_TILES if smem_backward(d, t[0], t[1], t[2]) <= limit)
+            tiles = next((t for t in (BWD_TILES[d],) + BWD_FALLBACK_TILES if smem_backward(d, t[0], t[1], t[2]) <= limit),
+                         BWD_FALLBACK_TILES[-1])
         nw, kw, Br, brc, kvreg = tiles
         kernel = f"fa2_bwd_tc<{T}, {d}, {nw}, {kw}, {Br}, {brc}, {str(bool(kvreg)).lower()}, {c}>"
-        cfg = Config(rung, "fa2_bwd_tc.cu", kernel, Br, 16 * kw * nw, nw, smem_backward(d, nw, kw, Br))
+        cfg = Config(rung, "fa2_bwd_tc.cu", kernel, Br, 16 * kw * nw, nw, smem_backward(d, nw, kw, Br), D)
     else:
         if tiles is not None:
             nw, Bc, rw, qreg = _forward_tiles(tiles)
         elif rung == "tuned":
-            nw, Bc, rw, qreg = next(t for t in (TUNED_TILES[d][bool(causal)],) + FALLBACK_TILES
-                                    if smem_forward(d, t[0], t[1], 2, t[2], t[3]) <= limit)
+            nw, Bc, rw, qreg = next((t for t in (TUNED_TILES[d][bool(causal)],) + FALLBACK_TILES[d]
+                                     if smem_forward(d, t[0], t[1], 2, t[2], t[3]) <= limit), FALLBACK_TILES[d][-1])
+        elif d == 256:  # Q re-read from shared memory (O alone is 128 registers); T4: 64 KB of shared memory
+            nw, Bc, rw, qreg = 4, (32 if rung == "tc" else 16), 16, False
         else:
             nw, Bc, rw, qreg = 4, (64 if d <= 64 or rung == "tc" else 32), 16, True
         if rw not in (16, 32):
@@ -155,7 +196,7 @@ def choose_config(dtype, d, cc, causal=False, rung=None, tiles=None):
         smem = smem_forward(d, nw, Bc, 2 if tuned else 1, rw, qreg)
         low = lambda b: str(bool(b)).lower()
         kernel = f"fa2_tc<{T}, {d}, {nw}, {Bc}, {c}, {low(tuned)}, {low(k8)}, {rw // 16}, {low(qreg)}>"
-        cfg = Config(rung, "fa2_tc.cu", kernel, rw * nw, Bc, nw, smem)
+        cfg = Config(rung, "fa2_tc.cu", kernel, rw * nw, Bc, nw, smem, D)
     if cfg.smem > limit:
         raise ValueError(f"{cfg.kernel} needs {cfg.smem} bytes of shared memory; compute capability {cc / 10:.1f} "
                          f"allows {limit}")
@@ -204,6 +245,7 @@ def instances(cc):
         if dtype == "bfloat16" and cc < 80:
             continue
         T = CTYPE[dtype]
+        out.setdefault("fa2_bwd.cu", set()).add(f"bwd_sum_groups<{T}>")
         if dtype != "float32":
             out.setdefault("fa2_bwd.cu", set()).add(f"bwd_convert_dq<{T}>")
         for d in HEAD_DIMS:
@@ -219,7 +261,8 @@ def instances(cc):
 
 
 def check_inputs(q, k, v, dtype):
-    """Shapes (B, H, N, d), one dtype as stored in CuPy (bfloat16 as 16-bit integers); returns (B, H, Nq, Nk, d)."""
+    """Shapes q (B, H, Nq, d), k and v (B, H_kv, Nk, d) with H_kv dividing H, d in 1 ... 256, one dtype as stored in
+    CuPy (bfloat16 as 16-bit integers); returns (B, H, Nq, Nk, d). The kv heads: k.shape[1]."""
     if dtype not in DTYPES:
         raise ValueError(f"the cupy backend takes dtype float32, float16 or bfloat16, got {dtype!r}")
     want = {"float32": ("float32",), "float16": ("float16",), "bfloat16": ("int16", "uint16")}[dtype]
@@ -229,11 +272,13 @@ def check_inputs(q, k, v, dtype):
         if str(a.dtype) not in want:
             raise ValueError(f"{name} has dtype {a.dtype}; dtype={dtype!r} expects {' or '.join(want)}")
     B, H, Nq, d = q.shape
-    Nk = k.shape[2]
-    if tuple(k.shape) != (B, H, Nk, d) or tuple(v.shape) != (B, H, Nk, d):
-        raise ValueError(f"k and v must be (B, H, Nk, d) = ({B}, {H}, Nk, {d}); got {tuple(k.shape)}, {tuple(v.shape)}")
-    if d not in HEAD_DIMS:
-        raise ValueError(f"the cupy backend takes head_dim in {HEAD_DIMS}, got {d}")
+    Hkv, Nk = k.shape[1], k.shape[2]
+    if tuple(k.shape) != (B, Hkv, Nk, d) or tuple(v.shape) != (B, Hkv, Nk, d) or Hkv == 0 or H % Hkv:
+        raise ValueError(f"k and v must be (B, H_kv, Nk, d) = ({B}, H_kv, Nk, {d}) with H_kv dividing H = {H}; "
+                         f"got {tuple(k.shape)}, {tuple(v.shape)}")
+    head_bucket(d)
+    if max(Nq, Nk) > 2**31 - 1:
+        raise ValueError(f"sequence lengths up to 2**31 - 1 (the kernels take them as int32), got Nq={Nq}, Nk={Nk}")
     return B, H, Nq, Nk, d
 
 
@@ -305,9 +350,26 @@ def _rung_override(direction):
     return None
 
 
+def _padded(a, D):
+    """a (..., d) zero-padded to (..., D) (contiguous); a itself when d == D."""
+    import cupy as cp
+    a = cp.ascontiguousarray(a)
+    if a.shape[-1] == D:
+        return a
+    out = cp.zeros(a.shape[:-1] + (D,), a.dtype)
+    out[..., :a.shape[-1]] = a
+    return out
+
+
+def _unpadded(a, d):
+    import cupy as cp
+    return a if a.shape[-1] == d else cp.ascontiguousarray(a[..., :d])
+
+
 def forward(q, k, v, *, causal, scale, dtype, rung=None, tiles=None):
-    """FlashAttention-2 forward. q: (B, H, Nq, d), k, v: (B, H, Nk, d) CuPy arrays of `dtype` (bfloat16 as int16
-    bits). Returns o (B, H, Nq, d), q's dtype, and lse (B, H, Nq) float32.
+    """FlashAttention-2 forward. q: (B, H, Nq, d), k, v: (B, H_kv, Nk, d) CuPy arrays of `dtype` (bfloat16 as int16
+    bits), H_kv dividing H, d in 1 ... 256. Returns o (B, H, Nq, d), q's dtype, and lse (B, H, Nq) float32. A row
+    that sees no key (Nk = 0) gets o = 0 and lse = -inf.
 
     rung: one of FORWARD_RUNGS (default: by dtype and compute capability, or env FLASHLIB_CUPY_RUNG, e.g. 'sm75'
     to run the T4 path on a newer GPU).
@@ -315,40 +377,64 @@ def forward(q, k, v, *, causal, scale, dtype, rung=None, tiles=None):
     import cupy as cp
     B, H, Nq, Nk, d = check_inputs(q, k, v, dtype)
     cfg = choose_config(dtype, d, device_cc(), bool(causal), rung or _rung_override("forward"), tiles)
-    q, k, v = (cp.ascontiguousarray(a) for a in (q, k, v))
+    q, k, v = (_padded(a, cfg.D) for a in (q, k, v))
     o = cp.empty_like(q)
     lse = cp.empty((B, H, Nq), dtype=cp.float32)
-    fn = _kernel(cfg.file, cfg.kernel, cfg.smem)
-    grid = (math.ceil(Nq / cfg.Br), B * H)
-    fn(grid, (32 * cfg.warps,), (q, k, v, o, lse, cp.int32(Nq), cp.int32(Nk), cp.float32(scale)), shared_mem=cfg.smem)
-    return o, lse
+    if o.size:
+        fn = _kernel(cfg.file, cfg.kernel, cfg.smem)
+        fn(pair_grid(math.ceil(Nq / cfg.Br), B * H), (32 * cfg.warps,),
+           (q, k, v, o, lse, cp.int32(Nq), cp.int32(Nk), cp.float32(scale), cp.int32(B * H), cp.int32(H // k.shape[1])),
+           shared_mem=cfg.smem)
+    return _unpadded(o, d), lse
 
 
 def backward(q, k, v, o, lse, do, *, causal, scale, dtype, rung=None, tiles=None):
-    """FlashAttention-2 backward. q, o, do: (B, H, Nq, d), k, v: (B, H, Nk, d), lse (B, H, Nq) float32.
-    Returns dq, dk, dv in q's dtype. rung: 'bwd_tc' (fp16/bf16 on sm_80+, the default there) or 'bwd_fp32';
+    """FlashAttention-2 backward. q, o, do: (B, H, Nq, d), k, v: (B, H_kv, Nk, d), lse (B, H, Nq) float32.
+    Returns dq, dk, dv in q's dtype (dk, dv summed over the H // H_kv query heads that share a kv head).
+    rung: 'bwd_tc' (fp16/bf16 on sm_80+, head dims up to 128, the default there) or 'bwd_fp32';
     tiles: bwd_tc's (warps, KW, Br, BRC, KVREG), default BWD_TILES[d]."""
     import cupy as cp
     B, H, Nq, Nk, d = check_inputs(q, k, v, dtype)
     if tuple(o.shape) != tuple(q.shape) or tuple(do.shape) != tuple(q.shape) or tuple(lse.shape) != (B, H, Nq):
         raise ValueError(f"o and do must be {tuple(q.shape)} and lse {(B, H, Nq)}")
     cc = device_cc()
-    rung = rung or _rung_override("backward") or default_rung(dtype, cc, "backward")
+    rung = rung or _rung_override("backward") or default_rung(dtype, cc, "backward", d)
     cfg = choose_config(dtype, d, cc, bool(causal), rung, tiles)
-    q, k, v, o, do = (cp.ascontiguousarray(a) for a in (q, k, v, o, do))
+    D, Hkv = cfg.D, k.shape[1]
+    G = H // Hkv
+    q, k, v, o, do = (_padded(a, D) for a in (q, k, v, o, do))
     lse = cp.ascontiguousarray(lse, dtype=cp.float32)
     T = CTYPE[dtype]
     rows = B * H * Nq
-    Dlt = cp.empty((B, H, Nq), dtype=cp.float32)
+    Dlt, Lb = cp.empty((B, H, Nq), dtype=cp.float32), cp.empty((B, H, Nq), dtype=cp.float32)
     dq_acc = cp.empty(q.shape, dtype=cp.float32)  # set to zero by the pre-pass
-    _kernel("fa2_bwd.cu", f"bwd_dot_do_o<{T}, {d}>")((math.ceil(rows / 8),), (256,), (do, o, Dlt, dq_acc, cp.int32(rows)))
-    dk, dv = cp.empty_like(k), cp.empty_like(v)
-    fn = _kernel(cfg.file, cfg.kernel, cfg.smem)
-    fn((math.ceil(Nk / cfg.Bc), B * H), (32 * cfg.warps,),
-       (q, k, v, do, lse, Dlt, dq_acc, dk, dv, cp.int32(Nq), cp.int32(Nk), cp.float32(scale)), shared_mem=cfg.smem)
+    if rows:
+        _kernel("fa2_bwd.cu", f"bwd_dot_do_o<{T}, {D}>")((math.ceil(rows / 8),), (256,),
+                                                         (do, o, lse, Dlt, Lb, dq_acc, cp.uint64(rows)))
+    # grouped-query attention: dK, dV per query head first, then summed over each kv head's G query heads
+    dk, dv = (cp.empty((B, H, Nk, D), k.dtype) for _ in range(2))
+    if dk.size:
+        fn = _kernel(cfg.file, cfg.kernel, cfg.smem)
+        fn(pair_grid(math.ceil(Nk / cfg.Bc), B * H), (32 * cfg.warps,),
+           (q, k, v, do, Lb, Dlt, dq_acc, dk, dv, cp.int32(Nq), cp.int32(Nk), cp.float32(scale), cp.int32(B * H),
+            cp.int32(G)), shared_mem=cfg.smem)
+    if G > 1 and dk.size:
+        n = B * Hkv * Nk * D
+        fn = _kernel("fa2_bwd.cu", f"bwd_sum_groups<{T}>")
+        dk, dv = (_sum_groups(fn, a, G, Nk * D, n) for a in (dk, dv))
+    elif G > 1:
+        dk, dv = (cp.zeros((B, Hkv, Nk, D), k.dtype) for _ in range(2))
     if dtype == "float32":
-        return dq_acc, dk, dv
+        return tuple(_unpadded(a, d) for a in (dq_acc, dk, dv))
     dq = cp.empty_like(q)
     n = dq.size
-    _kernel("fa2_bwd.cu", f"bwd_convert_dq<{T}>")((min(math.ceil(n / 256), 65535),), (256,), (dq_acc, dq, cp.uint64(n)))
-    return dq, dk, dv
+    if n:
+        _kernel("fa2_bwd.cu", f"bwd_convert_dq<{T}>")((min(math.ceil(n / 256), 65535),), (256,), (dq_acc, dq, cp.uint64(n)))
+    return tuple(_unpadded(a, d) for a in (dq, dk, dv))
+
+
+def _sum_groups(fn, a, G, per_head, n):
+    import cupy as cp
+    out = cp.empty((a.shape[0], a.shape[1] // G) + a.shape[2:], a.dtype)
+    fn((min(math.ceil(n / 256), 65535),), (256,), (a, out, cp.int32(G), cp.uint64(per_head), cp.uint64(n)))
+    return out

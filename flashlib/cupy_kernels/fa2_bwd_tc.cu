@@ -2,7 +2,9 @@
 // sm_80+). Launched between bwd_dot_do_o (Dlt = rowsum(dO * O), dQacc = 0) and bwd_convert_dq of fa2_bwd.cu.
 //
 // fa2_bwd_tc<T, D, NW, KW, Br, BRC, KVREG, CAUSAL>
-// Grid (Tc = ceil(Nk/Bc), B*H); block NW warps. Bc = 16*KW*NW keys per block: warp w owns the 16*KW keys
+// Grid (Tc = ceil(Nk/Bc), B*H pairs over y and z: pair_index); block NW warps. Grouped-query attention: K, V
+// come from kv head bh / G, dK, dV are written per query head and summed by bwd_sum_groups (fa2_bwd.cu).
+// L is the pre-pass's Lb (+inf for a row that sees no key, so that its P is 0). Bc = 16*KW*NW keys per block: warp w owns the 16*KW keys
 // kw = kv0 + 16*KW*w ... and keeps their dK, dV rows in registers for the whole kernel. The block walks over the
 // Q tiles of Br query rows (causal: only those with a query >= the block's first key); per tile, in chunks of BRC
 // queries (BRC divides Br; smaller chunks need fewer registers):
@@ -33,7 +35,7 @@
 template <typename T, int D, int NW, int KW, int Br, int BRC, bool KVREG, bool CAUSAL>
 __global__ void __launch_bounds__(NW * 32, 1) fa2_bwd_tc(const T* __restrict__ Q, const T* __restrict__ K,
         const T* __restrict__ V, const T* __restrict__ dO, const float* __restrict__ L, const float* __restrict__ Dlt,
-        float* __restrict__ dQacc, T* __restrict__ dK, T* __restrict__ dV, int Nq, int Nk, float scale) {
+        float* __restrict__ dQacc, T* __restrict__ dK, T* __restrict__ dV, int Nq, int Nk, float scale, int BH, int G) {
     static_assert(D % 32 == 0 && Br % BRC == 0 && BRC % 16 == 0 && (BRC & (BRC - 1)) == 0,
                   "d: multiple of 32; BRC: a power of two >= 16 dividing Br");
     constexpr int KWR = 16 * KW, Bc = KWR * NW, LD = D + 8, LDS = Br + 8, NT = NW * 32;
@@ -52,9 +54,11 @@ __global__ void __launch_bounds__(NW * 32, 1) fa2_bwd_tc(const T* __restrict__ Q
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
     const int kv0 = blockIdx.x * Bc, kw = kv0 + KWR * warp;  // first key of the block, of this warp
-    const size_t bh = blockIdx.y;
+    const u32 pair = pair_index();
+    if (pair >= (u32)BH) return;
+    const size_t bh = pair, bkv = pair / (u32)G;  // this block's (batch, head) pair, its kv pair
     Q += bh * Nq * D; dO += bh * Nq * D; dQacc += bh * Nq * D; L += bh * Nq; Dlt += bh * Nq;
-    K += bh * Nk * D; V += bh * Nk * D; dK += bh * Nk * D; dV += bh * Nk * D;
+    K += bkv * Nk * D; V += bkv * Nk * D; dK += bh * Nk * D; dV += bh * Nk * D;
     const float sl = scale * LOG2E;
     // 32-bit shared addresses of this lane's ldmatrix rows; the loops add compile-time byte offsets, which ptxas
     // folds into the instructions (one base register per operand instead of one per unrolled load)

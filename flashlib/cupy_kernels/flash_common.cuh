@@ -15,6 +15,13 @@
 #include <cuda_bf16.h>
 
 typedef unsigned int u32;
+#define NEG_INF __int_as_float(0xff800000)
+
+// The (batch, query head) pair of this block. Pairs are spread over grid.y and grid.z (grid.y alone stops at
+// 65535; the host's pair_grid), so a block past the last pair (BH) has nothing to do. Grouped-query attention:
+// query head h of batch b uses kv head h / G of the H/G kv heads, which is kv pair bh / G (bh = b*H + h, H = G*H_kv).
+// 32-bit arithmetic here (a 64-bit division costs registers the Tensor Core kernels do not have), 64-bit offsets.
+__device__ __forceinline__ u32 pair_index() { return blockIdx.y + gridDim.y * blockIdx.z; }  // < 2**32
 
 // ---- element conversions (float32 kernels are templated on the storage type too) ----
 __device__ __forceinline__ float to_f32(float x) { return x; }
