@@ -377,6 +377,8 @@ def forward(q, k, v, *, causal, scale, dtype, rung=None, tiles=None):
     import cupy as cp
     B, H, Nq, Nk, d = check_inputs(q, k, v, dtype)
     cfg = choose_config(dtype, d, device_cc(), bool(causal), rung or _rung_override("forward"), tiles)
+    if Nk == 0:  # no key at all (the kernels would read an empty K): O = 0, lse = -inf, the rule for such rows
+        return cp.zeros(q.shape, q.dtype), cp.full((B, H, Nq), -cp.inf, dtype=cp.float32)
     q, k, v = (_padded(a, cfg.D) for a in (q, k, v))
     o = cp.empty_like(q)
     lse = cp.empty((B, H, Nq), dtype=cp.float32)

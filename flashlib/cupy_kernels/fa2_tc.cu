@@ -253,11 +253,12 @@ __global__ void __launch_bounds__(NW * 32, NW <= 4 ? 2 : 1) fa2_tc(const T* __re
 #pragma unroll
             for (int n = 0; n < D / 8; n++)
                 *reinterpret_cast<u32*>(Qw + r * LD + n * 8 + 2 * t) = pack2<T>(o[mt][n][2 * h] * inv_l, o[mt][n][2 * h + 1] * inv_l);
-            if (t == 0 && qw + r < Nq) L[(size_t)pair_index() * Nq + qw + r] = (TUNED ? m[mt][h] * 0.6931471805599453f : m[mt][h]) + logf(l[mt][h]);
+            if (t == 0 && qw + r < Nq) L[(blockIdx.y + (size_t)gridDim.y * blockIdx.z) * Nq + qw + r] = (TUNED ? m[mt][h] * 0.6931471805599453f : m[mt][h]) + logf(l[mt][h]);
         }
     }
     __syncwarp();
-    O += ((size_t)pair_index() * Nq + qw) * D;
+    // the pair again, from the special registers (held through the loop it made ptxas spill at d = 128)
+    O += ((blockIdx.y + (size_t)gridDim.y * blockIdx.z) * Nq + qw) * D;
     constexpr int C = D / 8;  // 16-byte chunks per row
 #pragma unroll
     for (int idx = lane; idx < RW * C; idx += 32) {

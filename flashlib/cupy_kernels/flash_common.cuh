@@ -21,8 +21,8 @@ typedef unsigned int u32;
 // 65535; the host's pair_grid), so a block past the last pair (BH) has nothing to do. Grouped-query attention:
 // query head h of batch b uses kv head h / G of the H/G kv heads, which is kv pair bh / G (bh = b*H + h, H = G*H_kv).
 // 32-bit arithmetic here (a 64-bit division costs registers the Tensor Core kernels do not have), 64-bit offsets.
-// (Read with asm volatile, so that a kernel that needs the pair again in its epilogue re-reads it there instead of
-// holding it in a register through its main loop.)
+// (Read with asm volatile: with plain blockIdx/gridDim reads here and in fa2_tc's epilogue, ptxas kept the value
+// through the main loop and spilled a few bytes in rung 3 at d = 128; tests/test_cupy_kernels.py checks no spills.)
 __device__ __forceinline__ u32 pair_index() {  // < 2**32
     u32 y, z, ny;
     asm volatile("mov.u32 %0, %%ctaid.y;\n\tmov.u32 %1, %%ctaid.z;\n\tmov.u32 %2, %%nctaid.y;" : "=r"(y), "=r"(z), "=r"(ny));
