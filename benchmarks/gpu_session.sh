@@ -37,16 +37,16 @@ if [ "$phase" = tests ]; then
     timeout 60 compute-sanitizer --tool $tool python3 benchmarks/cupy_bench.py --smoke wgmma 2>&1 | tail -4 | log
   done
 elif [ "$phase" = kernels ]; then
-  timeout 120 python3 benchmarks/kernel_regression.py "${3:?old kernels folder}" "${4:?old commit}" --out "$OUT" 2>&1 | log
+  timeout 100 python3 benchmarks/kernel_regression.py "${3:?old kernels folder}" "${4:?old commit}" --out "$OUT" 2>&1 | log
   XN=(); XC=(); python3 -c "import xdist" 2>/dev/null && XN=(-n 4 --dist loadfile) && XC=(-n 6)
-  (timeout 330 python3 -m pytest -q -m gpu -p no:cacheprovider "${XN[@]}" tests/test_numba_gqa_limits.py \
+  (timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider "${XN[@]}" tests/test_numba_gqa_limits.py \
      tests/test_numba_tc.py tests/test_numba_kernels.py tests/test_numba_tf32.py tests/test_numba_bwd_tf32.py \
      > "$OUT/tests_numba.txt" 2>&1) &
-  (timeout 330 python3 -m pytest -q -m gpu -p no:cacheprovider "${XC[@]}" tests/test_cupy_kernels.py \
+  (timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider "${XC[@]}" tests/test_cupy_kernels.py \
      > "$OUT/tests_cupy.txt" 2>&1) &
   for part in cupy numba; do
     for tool in memcheck racecheck synccheck; do
-      (timeout 330 compute-sanitizer --tool $tool python3 benchmarks/sanitize_kernels.py $part \
+      (timeout 300 compute-sanitizer --tool $tool python3 benchmarks/sanitize_kernels.py $part \
          > "$OUT/san_${tool}_$part.log" 2>&1; echo "exit status $?" >> "$OUT/san_${tool}_$part.log") &
     done
   done
