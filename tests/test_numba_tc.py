@@ -285,6 +285,9 @@ def test_rejects_what_it_cannot_do(rng):
     with pytest.raises(ValueError, match="cp.async"):
         fa2_tc.config(64, (7, 5), "float16", tiles=(4, 64, 2))
     assert fa2_tc.config(64, (7, 5), "float16") == (*fa2_tc.TILES_SM75[64], True)
+    with pytest.raises(ValueError, match="up to 128"):                 # d = 256 on the T4 path would spill
+        fa2_tc.config(256, (7, 5), "float16")
+    assert fa2_tc.config(256, (9, 0), "float16") == (*fa2_tc.TILES[256], False)
     assert fa2_tc.config(128, (9, 0), "bfloat16") == (*fa2_tc.TILES[128], False)
     if not HAS_GPU:
         with pytest.raises(RuntimeError, match="simulator"):

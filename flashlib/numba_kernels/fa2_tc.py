@@ -55,10 +55,11 @@ SMEM_STATIC = 48 * 1024
 # (NW warps, Bc keys, NSTAGE, MR m-tiles of 16 rows per warp, MINB blocks per SM asked of ptxas or 0) per head
 # dim, Br = 16*NW*MR; static shared memory must stay under 48 KB (Numba has no opt-in to more).
 # benchmarks/numba_tc_bench.py sweeps the alternatives (numba_tc_<NW>_<Bc>_<NSTAGE>_<MR>_<MINB> rows).
-# d = 256 (not swept): Bc = 16 keys, so that S and P stay small beside O's 128 fp32 registers.
+# d = 256 (not swept): Bc = 16 keys, so that S and P stay small beside O's 128 fp32 registers (246 registers, no
+# spill). The m16n8k8 (sm_75) path has no d = 256: its register-staged K/V copies spill there (8-56 bytes at
+# (2, 16, 1) ... (4, 32, 1), ptxas -v for sm_75), so config() refuses it with the way out.
 TILES = {32: (4, 64, 2, 1, 0), 64: (4, 64, 2, 1, 0), 96: (4, 32, 2, 1, 0), 128: (4, 32, 2, 1, 0), 256: (4, 16, 2, 1, 0)}
-TILES_SM75 = {32: (4, 64, 1, 1, 0), 64: (4, 64, 1, 1, 0), 96: (4, 64, 1, 1, 0), 128: (4, 64, 1, 1, 0),
-              256: (4, 32, 1, 1, 0)}
+TILES_SM75 = {32: (4, 64, 1, 1, 0), 64: (4, 64, 1, 1, 0), 96: (4, 64, 1, 1, 0), 128: (4, 64, 1, 1, 0)}
 
 
 def smem_bytes(D, Bc, NSTAGE):
@@ -342,7 +343,7 @@ def instances():
         for dtype in DTYPES:
             for cc in ((8, 0), (9, 0)):
                 out.append((f"fa2_tc {dtype} D={D}", cc, factory_args(D, TILES[D], dtype, False)))
-        for cc in ((7, 5), (8, 0)):
+        for cc in ((7, 5), (8, 0)) if D in TILES_SM75 else ():
             out.append((f"fa2_tc_k8 float16 D={D}", cc, factory_args(D, TILES_SM75[D], "float16", True)))
     return out
 
@@ -388,6 +389,9 @@ SIG = ("void(uint32[:, ::1], uint32[:, ::1], uint32[:, ::1], uint32[:, ::1], flo
 def config(d, cc, dtype, tiles=None, k8=None):
     """(NW, Bc, NSTAGE, MR, MINB, K8) for head dim d on compute capability cc (a tuple)."""
     k8 = cc < (8, 0) if k8 is None else k8
+    if k8 and d not in TILES_SM75 and not tiles:
+        raise ValueError(f"the numba tc kernel's m16n8k8 (sm_75, T4) path takes head dims up to 128, got {d} (a bucket "
+                         "of 256): use backend='cupy' (its sm75 rung runs it)")
     NW, Bc, NSTAGE, MR, MINB = tiles_of(tiles or (TILES_SM75 if k8 else TILES)[d])
     if k8 and NSTAGE != 1:
         raise ValueError("the m16n8k8 (sm_75) path has no cp.async: NSTAGE must be 1")
