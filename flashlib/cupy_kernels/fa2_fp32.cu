@@ -10,6 +10,7 @@
 //   rung 5  fa2_bwd.cu    backward: D pre-pass, float32 CUDA-core backward (any input dtype), dQ post-pass
 //           fa2_bwd_tc.cu backward on Tensor Cores (fp16/bf16), dK/dV per K/V tile, dQ by fp32 atomics
 //
+// Grouped-query attention: K and V are those of kv head bh / G.
 // Grid (Tr = ceil(Nq/Br), B*H pairs over y and z: pair_index); block 256 threads; Br query rows, Bc <= 32 keys
 // (host side, fp32_tiles: (32, 32) for d <= 64, (16, 32) to d = 128, (8, 16) to d = 256, so that the static shared
 // memory stays under 48 KB).

@@ -19,6 +19,7 @@
 //
 // Algorithm: FlashAttention-2 forward (Dao 2023, Algorithm 1), split-Q: each warp owns RW = 16*MT query rows.
 // Grid (Tr = ceil(Nq/Br), B*H pairs over y and z: pair_index); block NW warps (NW*32 threads); Br = RW*NW query rows, Bc keys per K/V tile.
+// Grouped-query attention: K and V are those of kv head bh / G (G query heads share one; the host passes G).
 // Shared memory (dynamic): Qs (Br x LD), then NSTAGE stages of Ks (Bc x LD) and Vs (Bc x LD), then (L_SMEM only)
 //   the row sums, 2*MT floats per thread. LD = d + 8: the 8-element (16-byte) pad shifts consecutive rows by 4
 //   banks, so the 8 row addresses of an ldmatrix phase fall in 8 different 16-byte bank groups (no bank conflicts). A warp reads only its own RW rows of Qs, so at the end it

@@ -8,6 +8,7 @@
 // through a matrix descriptor, with no ldmatrix in between. This is what FlashAttention-3 builds on (Shah et al. 2024); FA3's other
 // tricks (TMA, warp specialisation, ping-pong scheduling between warpgroups, FP8) are left out.
 // Grid (Tr = ceil(Nq/Br), B*H pairs over y and z: pair_index); block NWG warpgroups (NWG*128 threads); each warpgroup owns 64 query rows, Br = 64*NWG.
+// Grouped-query attention: K and V are those of kv head bh / G (G query heads share one; the host passes G).
 // Shared memory (dynamic, aligned here to 1024 bytes): Qs (Br x D), then 2 stages of Ks (Bc x D) and Vs (Bc x D), all
 //   in the 128-byte-swizzled layout that wgmma reads (and TMA would write; see sw128 below): rows of 128 bytes (64
 //   columns; d = 128 is two such blocks), the 16-byte chunks of each row permuted by XOR with row % 8. Loading whole

@@ -38,7 +38,8 @@ def default_variant(dtype, d, cc):
 def forward(q, k, v, *, causal=False, scale=None, dtype="float32", variant=None):
     """(o, lse): o (B, H, Nq, d) in q's dtype and lse (B, H, Nq) float32 Numba device arrays.
 
-    q (B, H, Nq, d), k, v (B, H, Nk, d): Numba device arrays (any strides) of float32 for the variants in VARIANTS
+    q (B, H, Nq, d), k, v (B, H_kv, Nk, d) with H_kv dividing H (grouped-query attention: query head h uses kv head
+    h // (H // H_kv)), d in 1 ... 256: Numba device arrays (any strides) of float32 for the variants in VARIANTS
     or "tf32x3" (float32 default on sm_80+ for head dims 32, 64, 96, 128; else "fa2_fast"), or for variant "tc"
     (the default for those dtypes) of float16, or bfloat16 as int16/uint16 bits. In the simulator "fa2_fast" runs
     its shuffle-free form (row maxima reduced through shared memory) with small blocks; "tc", "tf32x3" need a GPU.
@@ -65,7 +66,8 @@ def cuda_cc():
 
 
 def backward(q, k, v, o, lse, do, *, causal=False, scale=None, dtype="float32"):
-    """(dq, dk, dv) float32 Numba device arrays; shapes as q, k, v. float32 only. On sm_80+ GPUs with head dim in
+    """(dq, dk, dv) float32 Numba device arrays; shapes as q, k, v (dk, dv summed over the query heads that share a kv
+    head). float32 only. On sm_80+ GPUs with head dim in
     fa2_bwd_tf32.HEAD_DIMS: the 3xTF32 Tensor Core backward (fa2_bwd_tf32); else (sm_75, the simulator, other
     head dims) fa2_backward on CUDA cores."""
     check_dtype(dtype)
