@@ -167,7 +167,7 @@ def make_bwd_tf32(D, Br, max_registers=None):
         kw = 16 * warp                             # the warp's first key in the tile
         # first row of this (batch, head) in the 2-D views: of q, dO, dQ; of its kv head in k, v (GQA); of its dK, dV
         # rows, written per query head (summed over the kv head's query heads afterwards)
-        qrow, krow, drow = bh * Nq, bh // G * Nk, bh * Nk
+        qrow, krow, drow = bh * Nq, uint32(bh) // uint32(G) * Nk, bh * Nk   # (32-bit division: fewer registers)
         Tr = (Nq + Br - 1) // Br
         i0 = kv0 // Br if causal else 0
         for idx in range(tid, Bc * C4, NT):        # K_j, V_j: once, 16 bytes per copy (rows past Nk: zeros)

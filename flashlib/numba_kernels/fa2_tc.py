@@ -150,7 +150,7 @@ def make_fa2_tc(D, NW, Bc, NSTAGE, dtype, K8, MR=1, MINB=0):
             return
         q0 = i * Br
         qw = q0 + 16 * MR * warp                     # first query row of this warp
-        qrow, krow = bh * Nq, bh // G * Nk           # first row of this (batch, head), of its kv head (GQA)
+        qrow, krow = bh * Nq, uint32(bh) // uint32(G) * Nk   # first row of this (batch, head), of its kv head (GQA)
         kv_end = min(Nk, q0 + Br) if causal else Nk
         n_tiles = (kv_end + Bc - 1) // Bc
         z = uint32(0)

@@ -381,7 +381,7 @@ def make_fa2_tf32(D, NW, Bc, QPRE, MAXREG=0):
             return
         q0 = i * Br
         qw = q0 + 16 * warp                          # first query row of this warp
-        qrow, krow = bh * Nq, bh // G * Nk           # this (batch, head)'s first row, its kv head's (GQA)
+        qrow, krow = bh * Nq, uint32(bh) // uint32(G) * Nk   # this (batch, head)'s first row, its kv head's (GQA)
         kv_end = min(Nk, q0 + Br) if causal else Nk
         n_tiles = (kv_end + Bc - 1) // Bc
         z = uint32(0)
