@@ -152,6 +152,16 @@ def test_pair_grid_spreads_batch_heads_over_y_and_z():
         ck.pair_grid(1, 65535**2 + 1)
 
 
+def test_sequence_lengths_beyond_int32_are_refused():
+    """The kernels take Nq, Nk as int32 (offsets are 64-bit): longer sequences get a clear error, not a wrapped int."""
+    class Shape:  # only .shape and .dtype are looked at: no 4 GB array needed
+        def __init__(self, *shape):
+            self.shape, self.dtype = shape, np.dtype(np.float16)
+    assert ck.check_inputs(Shape(1, 1, 2**31 - 1, 64), Shape(1, 1, 5, 64), Shape(1, 1, 5, 64), "float16")[2] == 2**31 - 1
+    with pytest.raises(ValueError, match="2\\*\\*31 - 1"):
+        ck.check_inputs(Shape(1, 1, 3, 64), Shape(1, 1, 2**31, 64), Shape(1, 1, 2**31, 64), "float16")
+
+
 def test_sw128_layout_is_conflict_free():
     """The swizzled layout of rung 6: a permutation of the tile's 16-byte chunks in which the 8 chunks one thread
     group copies (one 128-byte row) and the 8 rows one ldmatrix phase reads (one chunk column) each fall in the
