@@ -65,7 +65,7 @@ def run_cupy():
                 for r in bwd:
                     grads = ck.backward(qc, kc, vc, o, lse, doc, causal=causal, scale=0.125, dtype=dtype, rung=r)
                     ok &= report(f"cupy {r:8s} {dtype:8s} d={d:3d} causal={causal}", [back(g) for g in grads],
-                                 want[2:], 10 * tol)
+                                 want[2:], 1e-4 if dtype == "float32" else 5e-2)
     cp.cuda.Device().synchronize()
     return ok
 

@@ -628,7 +628,7 @@ def test_rows_that_see_no_key(dtype, fwd, bwd, poisoned):
     do0[:, :, 5] = 0  # the reference without row 5's contribution
     _, _, dq_ref, dk_ref, dv_ref = _gqa_reference(q, k, v, do0, True, 0.125)
     assert (dq[:, :, 5] == 0).all() and torch.isfinite(dk).all() and torch.isfinite(dv).all()
-    tol = 1e-2 if dtype != "float32" else 1e-4
+    tol = {"float16": 1e-2, "bfloat16": 3e-2, "float32": 1e-4}[dtype]
     for got, ref in ((dq, dq_ref), (dk, dk_ref), (dv, dv_ref)):
         assert _err(got, ref) <= tol * max(1.0, np.abs(ref).max())
     q, k, v, do = _gqa_inputs(1, 4, 2, 0, 9, 64, dtype, 7)  # no query: dK = dV = 0
