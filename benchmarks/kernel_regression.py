@@ -74,7 +74,7 @@ def main():
         for j, label in enumerate(("old", "new")):
             fn, mod = load(*built[2 * i + j], cfg.smem)
             keep.append(mod)
-            extra = () if label == "old" else (cp.int32(B * H), cp.int32(1))
+            extra = () if label == "old" else (cp.int32(B * H), cp.int32(1)) + ((cp.int32(0),) if rung == "bwd_tc" else ())
             if rung == "bwd_tc":
                 Dlt = (dod.astype(cp.float32) * o.astype(cp.float32)).sum(-1)
                 dq_acc, dk, dv = cp.zeros(qd.shape, cp.float32), cp.empty_like(kd), cp.empty_like(vd)

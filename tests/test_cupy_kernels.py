@@ -68,9 +68,12 @@ def test_backward_rungs():
     nw, kw, Br, brc, kvreg = ck.BWD_TILES[128]
     assert cfg.kernel == f"fa2_bwd_tc<__half, 128, {nw}, {kw}, {Br}, {brc}, {str(kvreg).lower()}, true>"
     assert cfg.Bc == 16 * kw * nw and cfg.Br == Br and cfg.smem == ck.smem_backward(128, nw, kw, Br)
-    assert ck.default_rung("float16", 90, "backward", 256) == "bwd_fp32"  # no Tensor Core backward at d = 256
-    assert ck.default_rung("float16", 90, "backward", 111) == "bwd_tc"
-    for d in ck.HEAD_DIMS[:-1]:
+    assert ck.default_rung("float16", 90, "backward", 256) == "bwd_tc" == ck.default_rung("float16", 80, "backward", 111)
+    # d = 256: two launches of 128 output columns (the template's DO); the others all columns in one (DO's default)
+    assert ck.bwd_columns(256) == 128 and ck.bwd_columns(128) == 128
+    assert ck.choose_config("float16", 200, 90, rung="bwd_tc").kernel.endswith(", false, 128>")
+    assert ck.choose_config("float16", 111, 90, rung="bwd_tc").kernel.endswith(", false>")
+    for d in ck.HEAD_DIMS:
         for cc in (80, 86, 89, 90):  # the table's tiles, or smaller ones where the shared memory is smaller
             cfg = ck.choose_config("bfloat16", d, cc, rung="bwd_tc")
             assert cfg.smem <= ck.SMEM_LIMIT[cc] and cfg.Bc % cfg.warps == 0
@@ -100,7 +103,7 @@ def test_kernel_names_and_tiles():
 
 @pytest.mark.parametrize("args,match", [
     (("float64", 64, 90), "dtype"), (("float16", 0, 90), "head_dim"), (("float16", 257, 90), "head_dim"),
-    (("float16", 64.0, 90), "head_dim"), (("float16", 200, 90, False, "bwd_tc"), "up to 128"),
+    (("float16", 64.0, 90), "head_dim"),
     (("float16", 64, 70), "7.5"), (("bfloat16", 64, 75), "bfloat16 needs"), (("float16", 64, 75, False, "tuned"), "8.0"),
     (("float16", 64, 75, False, "bwd_tc"), "8.0"), (("bfloat16", 64, 90, False, "sm75"), "float16 only"),
     (("float32", 64, 90, False, "tc"), "Tensor Cores"), (("float16", 64, 90, False, "fastest"), "unknown rung"),
@@ -207,7 +210,7 @@ def test_instances_per_architecture():
     assert "fa2_bwd_tc.cu" not in i75 and not any("bfloat16" in k for ks in i75.values() for k in ks)
     assert all(", false, true, 1, " in k for k in i75["fa2_tc.cu"])  # only the K8 (sm75) forward: TUNED=false, K8=true
     assert len(i90["fa2_tc.cu"]) == 2 * 5 * 2 * 2 + 5 * 2  # fp16/bf16 x d x causal x (tc, tuned) + sm75
-    assert len(i90["fa2_bwd_tc.cu"]) == 2 * 4 * 2  # fp16/bf16 x d <= 128 x causal
+    assert len(i90["fa2_bwd_tc.cu"]) == 2 * 5 * 2  # fp16/bf16 x d x causal
     assert len(i90["fa2_wgmma.cu"]) == 2 * 2 * 2 and "fa2_wgmma.cu" not in ck.instances(80)  # fp16/bf16 x d x causal
 
 
@@ -448,6 +451,9 @@ BWD_TILE_VARIANTS = [  # (shape, tiles): other tilings of fa2_bwd_tc than the de
     ((1, 2, 300, 190, 64, True), (8, 1, 128, 64, True)), ((1, 1, 100, 333, 64, False), (8, 1, 64, 64, False)),
     ((1, 2, 255, 190, 128, True), (4, 1, 64, 32, False)), ((1, 1, 100, 333, 128, False), (8, 1, 32, 32, False)),
     ((1, 2, 255, 190, 128, True), (8, 1, 64, 64, False)), ((1, 1, 129, 70, 96, True), (4, 1, 32, 32, False)),
+    # d = 256: two launches of 128 output columns; the tiles of H100/H200, A100 and sm_86/89
+    ((1, 2, 255, 190, 256, True), (4, 1, 64, 32, False)), ((1, 1, 100, 333, 256, False), (4, 1, 32, 32, False)),
+    ((1, 2, 97, 113, 256, True), (2, 1, 16, 16, False)),
 ]
 
 

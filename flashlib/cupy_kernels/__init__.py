@@ -58,10 +58,17 @@ FALLBACK_TILES[256] = ((4, 16, 16, False),)
 # d=64 (4, 2, 64, 32, F) 213-287 (SDPA flash 198-274), (8, 1, 128, 64, T) 194-245, (8, 1, 64, 64, T) 187-232;
 # d=128 (8, 1, 64, 64, F) 205-260 (flash 230-301), (8, 1, 64, 32, F) 194-241, (4, 1, 64, 32, F) 185-213.
 # d=32 and 96: not swept (tiles checked for correctness on the H100).
-BWD_TILES = {32: (8, 1, 64, 64, True), 64: (4, 2, 64, 32, False), 96: (8, 1, 64, 32, False), 128: (8, 1, 64, 64, False)}
-BWD_FALLBACK_TILES = ((4, 1, 64, 32, False), (4, 1, 32, 32, False))  # less shared memory (sm_86/89: 99 KB)
-# d = 256 has no Tensor Core backward: a warp's dK and dV rows alone would be 256 fp32 registers; it runs bwd_fp32.
-BWD_TC_MAX_HEAD_DIM = 128
+# d = 256 (not swept; two launches of 128 output columns each, bwd_columns): 4 warps, Bc = 64, 213 KB of shared memory.
+BWD_TILES = {32: (8, 1, 64, 64, True), 64: (4, 2, 64, 32, False), 96: (8, 1, 64, 32, False), 128: (8, 1, 64, 64, False),
+             256: (4, 1, 64, 32, False)}
+# less shared memory (sm_80 at d = 256: 163 KB; sm_86/89: 99 KB): the first that fits
+BWD_FALLBACK_TILES = ((4, 1, 64, 32, False), (4, 1, 32, 32, False), (2, 1, 16, 16, False))
+
+
+def bwd_columns(D):
+    """Columns of dK, dV, dQ that one launch of fa2_bwd_tc computes (its DO): all of them up to d = 128; at d = 256
+    half, in two launches (a warp's dK and dV rows over 256 columns would need 256 fp32 registers)."""
+    return D if D <= 128 else D // 2
 
 # rung 6 tiles per head dim, (non-causal, causal), each (warpgroups NWG, keys per tile Bc), Br = 64*NWG. Chosen on an
 # H200 (fp16, N = 4096 / 16384, TFLOP/s, SDPA flash in the same run; benchmarks/results/logs/wgmma_explore_3_swizzled_h200.txt):
@@ -114,8 +121,7 @@ def default_rung(dtype, cc, direction="forward", d=None):
     cc = _cc_int(cc)
     D = None if d is None else head_bucket(d)
     if direction == "backward":
-        tc = dtype != "float32" and cc >= 80 and (D is None or D <= BWD_TC_MAX_HEAD_DIM)
-        return "bwd_tc" if tc else "bwd_fp32"
+        return "bwd_tc" if dtype != "float32" and cc >= 80 else "bwd_fp32"
     if dtype == "float32":
         return "fp32"
     if cc == 90 and D in WGMMA_HEAD_DIMS:
@@ -131,7 +137,7 @@ def choose_config(dtype, d, cc, causal=False, rung=None, tiles=None):
     Tensor Core forward rungs, (warpgroups, Bc) for wgmma, (warps, KW, Br, BRC, KVREG) as in BWD_TILES for bwd_tc.
     d may be any head dim 1 ... 256: the kernel is the one of its bucket D = head_bucket(d) (Config.D).
     Raises ValueError for what cannot run: unknown dtype or rung, a head dim outside 1 ... 256 (a bucket outside
-    WGMMA_HEAD_DIMS for wgmma, above 128 for bwd_tc), bf16 below sm_80, cc below 7.5, a sm_80 rung on sm_75, wgmma off Hopper, or tiles that do not fit.
+    WGMMA_HEAD_DIMS for wgmma), bf16 below sm_80, cc below 7.5, a sm_80 rung on sm_75, wgmma off Hopper, or tiles that do not fit.
     """
     cc = _cc_int(cc)
     if dtype not in DTYPES:
@@ -171,14 +177,12 @@ def choose_config(dtype, d, cc, causal=False, rung=None, tiles=None):
         kernel = f"fa2_wgmma<{T}, {d}, {Bc}, {nwg}, {c}>"
         cfg = Config(rung, "fa2_wgmma.cu", kernel, 64 * nwg, Bc, 4 * nwg, smem_wgmma(d, nwg, Bc), D)
     elif rung == "bwd_tc":
-        if D > BWD_TC_MAX_HEAD_DIM:
-            raise ValueError(f"rung 'bwd_tc' takes head dims up to {BWD_TC_MAX_HEAD_DIM} (this one runs as {D}): "
-                             "use 'bwd_fp32'")
         if tiles is None:
             tiles = next((t for t in (BWD_TILES[d],) + BWD_FALLBACK_TILES if smem_backward(d, t[0], t[1], t[2]) <= limit),
                          BWD_FALLBACK_TILES[-1])
         nw, kw, Br, brc, kvreg = tiles
-        kernel = f"fa2_bwd_tc<{T}, {d}, {nw}, {kw}, {Br}, {brc}, {str(bool(kvreg)).lower()}, {c}>"
+        DO = f", {bwd_columns(D)}" if bwd_columns(D) != D else ""  # the template's default: all columns
+        kernel = f"fa2_bwd_tc<{T}, {d}, {nw}, {kw}, {Br}, {brc}, {str(bool(kvreg)).lower()}, {c}{DO}>"
         cfg = Config(rung, "fa2_bwd_tc.cu", kernel, Br, 16 * kw * nw, nw, smem_backward(d, nw, kw, Br), D)
     else:
         if tiles is not None:
@@ -393,7 +397,7 @@ def forward(q, k, v, *, causal, scale, dtype, rung=None, tiles=None):
 def backward(q, k, v, o, lse, do, *, causal, scale, dtype, rung=None, tiles=None):
     """FlashAttention-2 backward. q, o, do: (B, H, Nq, d), k, v: (B, H_kv, Nk, d), lse (B, H, Nq) float32.
     Returns dq, dk, dv in q's dtype (dk, dv summed over the H // H_kv query heads that share a kv head).
-    rung: 'bwd_tc' (fp16/bf16 on sm_80+, head dims up to 128, the default there) or 'bwd_fp32';
+    rung: 'bwd_tc' (fp16/bf16 on sm_80+, the default there) or 'bwd_fp32';
     tiles: bwd_tc's (warps, KW, Br, BRC, KVREG), default BWD_TILES[d]."""
     import cupy as cp
     B, H, Nq, Nk, d = check_inputs(q, k, v, dtype)
@@ -417,9 +421,12 @@ def backward(q, k, v, o, lse, do, *, causal, scale, dtype, rung=None, tiles=None
     dk, dv = (cp.empty((B, H, Nk, D), k.dtype) for _ in range(2))
     if dk.size:
         fn = _kernel(cfg.file, cfg.kernel, cfg.smem)
-        fn(pair_grid(math.ceil(Nk / cfg.Bc), B * H), (32 * cfg.warps,),
-           (q, k, v, do, Lb, Dlt, dq_acc, dk, dv, cp.int32(Nq), cp.int32(Nk), cp.float32(scale), cp.int32(B * H),
-            cp.int32(G)), shared_mem=cfg.smem)
+        args = (q, k, v, do, Lb, Dlt, dq_acc, dk, dv, cp.int32(Nq), cp.int32(Nk), cp.float32(scale), cp.int32(B * H),
+                cp.int32(G))
+        step = bwd_columns(D) if rung == "bwd_tc" else D
+        for c_out in range(0, D, step):  # bwd_tc at d = 256: two launches of 128 columns each
+            fn(pair_grid(math.ceil(Nk / cfg.Bc), B * H), (32 * cfg.warps,), args + ((cp.int32(c_out),) if rung == "bwd_tc" else ()),
+               shared_mem=cfg.smem)
     if G > 1 and dk.size:
         n = B * Hkv * Nk * D
         fn = _kernel("fa2_bwd.cu", f"bwd_sum_groups<{T}>")
