@@ -58,8 +58,10 @@ def main():
     ap.add_argument("--out", default=None)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--rungs", default="wgmma,tuned,bwd_tc", help="comma-separated subset of the rungs timed")
     a = ap.parse_args()
-    cfgs = [ck.choose_config("float16", d, 90, causal, rung) for rung, d, causal in CASES]
+    cases = [c for c in CASES if c[0] in a.rungs.split(",")]
+    cfgs = [ck.choose_config("float16", d, 90, causal, rung) for rung, d, causal in cases]
     jobs = [(folder, c.file, c.kernel) for c in cfgs for folder in (a.old_dir, str(ck.HERE))]
     with concurrent.futures.ProcessPoolExecutor(min(16, len(jobs)), mp_context=multiprocessing.get_context("spawn")) as ex:
         built = list(ex.map(build, jobs))
@@ -67,7 +69,7 @@ def main():
     mk = lambda *s: rng.standard_normal(s, dtype=cp.float32).astype(cp.float16)
     q, k, v, do = mk(B, H, N, 128), mk(B, H, N, 128), mk(B, H, N, 128), mk(B, H, N, 128)
     rows, keep = [], []
-    for i, ((rung, d, causal), cfg) in enumerate(zip(CASES, cfgs)):
+    for i, ((rung, d, causal), cfg) in enumerate(zip(cases, cfgs)):
         qd, kd, vd, dod = (cp.ascontiguousarray(x[..., :d]) for x in (q, k, v, do))
         o, lse = ck.forward(qd, kd, vd, causal=causal, scale=d ** -0.5, dtype="float16", rung="tuned")
         fns = []

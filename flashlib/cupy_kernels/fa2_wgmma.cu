@@ -132,7 +132,9 @@ __global__ void __launch_bounds__(NWG * 128, NWG == 1 ? 2 : 1) fa2_wgmma(const T
 
     const int tid = threadIdx.x, lane = tid & 31, w = (tid >> 5) & 3, wg = tid >> 7, g = lane >> 2, t = lane & 3;
     const int q0 = (CAUSAL ? gridDim.x - 1 - blockIdx.x : blockIdx.x) * Br, qg = q0 + 64 * wg;
-    const u32 pair = pair_index();
+    // (batch, head) pair read plainly, not through pair_index's asm volatile: that read cost this kernel 4 registers
+    // at d = 64 causal (124 -> 128) and 1.41x its time on an H200 (benchmarks/kernel_regression.py, 2026-12-01)
+    const u32 pair = blockIdx.y + gridDim.y * blockIdx.z;
     if (pair >= (u32)BH) return;
     const size_t bh = pair, bkv = pair / (u32)G;  // this block's (batch, head) pair, its kv pair
     Q += (bh * Nq + q0) * D; K += bkv * Nk * D; V += bkv * Nk * D;
