@@ -137,3 +137,9 @@ def test_check_inputs_takes_torch_dtypes():
     assert ck.check_inputs(q, q, q, "bfloat16") == (1, 1, 4, 4, 64)
     with pytest.raises(ValueError, match="expects"):
         ck.check_inputs(q.half(), q.half(), q.half(), "bfloat16")
+
+
+def test_gpu_backends_take_gqa_natively():
+    """flashlib.api repeats k, v only for backends without native GQA: the CuPy and Numba kernels take G themselves."""
+    from flashlib import api
+    assert api.native_gqa("cupy") == api.native_gqa("numba") == ("forward", "backward")
