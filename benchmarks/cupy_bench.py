@@ -69,7 +69,7 @@ def test_jobs():
     for dt in ("float16", "bfloat16"):
         for d in ck.HEAD_DIMS:
             for c in (False, True):
-                for t in set(ck.TUNED_TILES[d] + ck.FALLBACK_TILES):
+                for t in set(ck.TUNED_TILES[d] + ck.FALLBACK_TILES[d]):
                     jobs.add(("fa2_tc.cu", ck.choose_config(dt, d, cc, c, "tuned", t).kernel))
     bwd = [(64, (4, 2, 64, 32, False)), (64, (8, 1, 128, 64, True)), (64, (8, 1, 64, 64, False)),
            (128, (4, 1, 64, 32, False)), (128, (8, 1, 32, 32, False)), (128, (8, 1, 64, 64, False)),

@@ -77,7 +77,7 @@ def measure(d, causal, N, sweep=False, cupy=True):
     kern, NT, Br = fa2_tc._kernel(d, cc, "float16", None, None)
     o_k, lse_k = cuda.device_array(q.shape, np.float16), cuda.device_array((B, H, N), np.float32)
     args = (fa2_tc._words(nq), fa2_tc._words(nk_), fa2_tc._words(nv), fa2_tc._words(o_k), lse_k.reshape(B * H, N),
-            np.int32(N), np.int32(N), bool(causal), np.float32(scale * fa2_tc.LOG2E))
+            np.int32(N), np.int32(N), bool(causal), np.float32(scale * fa2_tc.LOG2E), np.int32(1))  # G = 1 (no GQA)
     launch = kern[(math.ceil(N / Br), B * H), (NT,)]
 
     impls = {"numba_tc": lambda: nk.forward(nq, nk_, nv, causal=causal, scale=scale, dtype="float16", variant="tc"),
@@ -127,7 +127,7 @@ def host_overhead(d=64, calls=300):
     kern, NT, Br = fa2_tc._kernel(d, cc, "float16", None, None)
     launch = kern[(math.ceil(N / Br), B * H), (NT,)]
     args = (fa2_tc._words(nq), fa2_tc._words(nk_), fa2_tc._words(nv), fa2_tc._words(o), lse.reshape(B * H, N),
-            np.int32(N), np.int32(N), False, np.float32(0.125 * fa2_tc.LOG2E))
+            np.int32(N), np.int32(N), False, np.float32(0.125 * fa2_tc.LOG2E), np.int32(1))  # G = 1 (no GQA)
     pieces = {
         "fa2_forward_tc (allocates o, lse)": lambda: fa2_tc.fa2_forward_tc(nq, nk_, nv),
         "fa2_forward_tc (o, lse given)": lambda: fa2_tc.fa2_forward_tc(nq, nk_, nv, o=o, lse=lse),

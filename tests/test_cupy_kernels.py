@@ -68,6 +68,11 @@ def test_backward_rungs():
     nw, kw, Br, brc, kvreg = ck.BWD_TILES[128]
     assert cfg.kernel == f"fa2_bwd_tc<__half, 128, {nw}, {kw}, {Br}, {brc}, {str(kvreg).lower()}, true>"
     assert cfg.Bc == 16 * kw * nw and cfg.Br == Br and cfg.smem == ck.smem_backward(128, nw, kw, Br)
+    assert ck.default_rung("float16", 90, "backward", 256) == "bwd_tc" == ck.default_rung("float16", 80, "backward", 111)
+    # d = 256: two launches of 128 output columns (the template's DO); the others all columns in one (DO's default)
+    assert ck.bwd_columns(256) == 128 and ck.bwd_columns(128) == 128
+    assert ck.choose_config("float16", 200, 90, rung="bwd_tc").kernel.endswith(", false, 128>")
+    assert ck.choose_config("float16", 111, 90, rung="bwd_tc").kernel.endswith(", false>")
     for d in ck.HEAD_DIMS:
         for cc in (80, 86, 89, 90):  # the table's tiles, or smaller ones where the shared memory is smaller
             cfg = ck.choose_config("bfloat16", d, cc, rung="bwd_tc")
@@ -97,7 +102,8 @@ def test_kernel_names_and_tiles():
 
 
 @pytest.mark.parametrize("args,match", [
-    (("float64", 64, 90), "dtype"), (("float16", 80, 90), "head_dim"), (("float16", 256, 90), "head_dim"),
+    (("float64", 64, 90), "dtype"), (("float16", 0, 90), "head_dim"), (("float16", 257, 90), "head_dim"),
+    (("float16", 64.0, 90), "head_dim"),
     (("float16", 64, 70), "7.5"), (("bfloat16", 64, 75), "bfloat16 needs"), (("float16", 64, 75, False, "tuned"), "8.0"),
     (("float16", 64, 75, False, "bwd_tc"), "8.0"), (("bfloat16", 64, 90, False, "sm75"), "float16 only"),
     (("float32", 64, 90, False, "tc"), "Tensor Cores"), (("float16", 64, 90, False, "fastest"), "unknown rung"),
@@ -107,6 +113,56 @@ def test_kernel_names_and_tiles():
 def test_choose_config_errors(args, match):
     with pytest.raises(ValueError, match=match):
         ck.choose_config(*args)
+
+
+def test_head_dims_run_as_their_bucket():
+    """Every head dim 1 ... 256 runs as the smallest compiled head dim >= it, on every rung and GPU generation,
+    within the shared memory of that GPU; d = 256 keeps Q in shared memory (QREG false) on the Tensor Core rungs."""
+    assert [ck.head_bucket(d) for d in (1, 3, 32, 33, 40, 59, 64, 80, 96, 111, 128, 129, 200, 256)] == \
+        [32, 32, 32, 64, 64, 64, 64, 96, 96, 128, 128, 256, 256, 256]
+    for bad in (0, -1, 257, True, 64.0, "64"):
+        with pytest.raises(ValueError, match="head_dim"):
+            ck.head_bucket(bad)
+    for d in range(1, 257):
+        for cc in (75, 80, 86, 90):
+            for dtype in ("float16", "float32"):
+                cfg = ck.choose_config(dtype, d, cc, causal=d % 2 == 0)
+                assert cfg.D == ck.head_bucket(d) and f", {cfg.D}, " in cfg.kernel and cfg.smem <= ck.SMEM_LIMIT[cc]
+                back = ck.choose_config(dtype, d, cc, rung=ck.default_rung(dtype, cc, "backward", d))
+                assert back.D == cfg.D and back.smem <= ck.SMEM_LIMIT[cc]
+    for rung in ("tc", "tuned", "sm75"):
+        assert ck.choose_config("float16", 256, 80, rung=rung).kernel.endswith(", 1, false>")
+    # the CUDA-core rungs: static shared memory under 48 KB, 256 threads sharing whole rows (fa2_fp32.cu, fa2_bwd.cu)
+    for D in ck.HEAD_DIMS:
+        Br, Bc = ck.fp32_tiles(D)
+        fwd = 4 * (Br * D + Bc * (D + 1) + Bc * D + Br * (Bc + 1) + 2 * Br)
+        bwd = 4 * (4 * Br * (D + 1) + 2 * Br * (Br + 1) + 2 * Br)
+        assert fwd <= 48 * 1024 and bwd <= 48 * 1024 and Bc <= 32 and D % (256 // Br) == 0
+
+
+def test_pair_grid_spreads_batch_heads_over_y_and_z():
+    """B*H (batch, head) pairs beyond grid.y's 65535 continue on grid.z; every pair gets exactly one block row."""
+    assert ck.pair_grid(5, 1) == (5, 1, 1) and ck.pair_grid(5, 65535) == (5, 65535, 1)
+    assert ck.pair_grid(3, 65536) == (3, 65535, 2) and ck.pair_grid(1, 70000) == (1, 65535, 2)
+    assert ck.pair_grid(1, 0) == (1, 1, 0)
+    for BH in (1, 7, 65535, 65536, 70000, 65535 * 3 + 1):
+        _, y, z = ck.pair_grid(1, BH)
+        pairs = [yy + y * zz for zz in range(z) for yy in range(y)]  # pair_index() of every block
+        assert y <= 65535 and z <= 65535 and [p for p in pairs if p < BH] == list(range(BH))
+    with pytest.raises(ValueError, match="grid.x"):
+        ck.pair_grid(2**31, 1)
+    with pytest.raises(ValueError, match="pairs exceed"):
+        ck.pair_grid(1, 65535**2 + 1)
+
+
+def test_sequence_lengths_beyond_int32_are_refused():
+    """The kernels take Nq, Nk as int32 (offsets are 64-bit): longer sequences get a clear error, not a wrapped int."""
+    class Shape:  # only .shape and .dtype are looked at: no 4 GB array needed
+        def __init__(self, *shape):
+            self.shape, self.dtype = shape, np.dtype(np.float16)
+    assert ck.check_inputs(Shape(1, 1, 2**31 - 1, 64), Shape(1, 1, 5, 64), Shape(1, 1, 5, 64), "float16")[2] == 2**31 - 1
+    with pytest.raises(ValueError, match="2\\*\\*31 - 1"):
+        ck.check_inputs(Shape(1, 1, 3, 64), Shape(1, 1, 2**31, 64), Shape(1, 1, 2**31, 64), "float16")
 
 
 def test_sw128_layout_is_conflict_free():
@@ -134,17 +190,27 @@ def test_check_inputs_without_gpu():
     with pytest.raises(ValueError, match="int16"):
         ck.check_inputs(q, k, k, "bfloat16")
     assert ck.check_inputs(q.view(np.int16), k.view(np.int16), k.view(np.int16), "bfloat16")[3] == 7
+    assert ck.check_inputs(q[..., :48], k[..., :48], k[..., :48], "float16")[4] == 48  # padded to 64
     with pytest.raises(ValueError, match="head_dim"):
-        ck.check_inputs(q[..., :48], k[..., :48], k[..., :48], "float16")
+        ck.check_inputs(np.zeros((1, 1, 2, 257), np.float16), *[np.zeros((1, 1, 2, 257), np.float16)] * 2, "float16")
     with pytest.raises(ValueError, match="k and v"):
         ck.check_inputs(q, k, k[:, :, :3], "float16")
+    # grouped-query attention: k, v with H_kv heads dividing H
+    q6, k3, k2 = np.zeros((2, 6, 5, 64), np.float16), np.zeros((2, 3, 7, 64), np.float16), np.zeros((2, 4, 7, 64), np.float16)
+    assert ck.check_inputs(q6, k3, k3, "float16") == (2, 6, 5, 7, 64)
+    assert ck.check_inputs(q6, k3[:, :1], k3[:, :1], "float16") == (2, 6, 5, 7, 64)  # multi-query
+    with pytest.raises(ValueError, match="dividing H = 6"):
+        ck.check_inputs(q6, k2, k2, "float16")
+    with pytest.raises(ValueError, match="k and v"):
+        ck.check_inputs(q6, k3, k3[:, :1], "float16")
 
 
 def test_instances_per_architecture():
     i75, i90 = ck.instances(75), ck.instances(90)
     assert "fa2_bwd_tc.cu" not in i75 and not any("bfloat16" in k for ks in i75.values() for k in ks)
-    assert all(k.endswith("true>") for k in i75["fa2_tc.cu"])  # only the K8 (sm75) forward
-    assert len(i90["fa2_tc.cu"]) == 2 * 4 * 2 * 2 + 4 * 2  # fp16/bf16 x d x causal x (tc, tuned) + sm75
+    assert all(", false, true, 1, " in k for k in i75["fa2_tc.cu"])  # only the K8 (sm75) forward: TUNED=false, K8=true
+    assert len(i90["fa2_tc.cu"]) == 2 * 5 * 2 * 2 + 5 * 2  # fp16/bf16 x d x causal x (tc, tuned) + sm75
+    assert len(i90["fa2_bwd_tc.cu"]) == 2 * 5 * 2  # fp16/bf16 x d x causal
     assert len(i90["fa2_wgmma.cu"]) == 2 * 2 * 2 and "fa2_wgmma.cu" not in ck.instances(80)  # fp16/bf16 x d x causal
 
 
@@ -309,7 +375,7 @@ def test_forward_matches_reference(shape, dtype, rung, poisoned):
 
 
 # every tile the tuned rung can choose (TUNED_TILES on an H100, FALLBACK_TILES on GPUs with less shared memory)
-TILE_CHOICES = sorted({(d, tuple(t)) for d in ck.HEAD_DIMS for t in ck.TUNED_TILES[d] + ck.FALLBACK_TILES})
+TILE_CHOICES = sorted({(d, tuple(t)) for d in ck.HEAD_DIMS for t in ck.TUNED_TILES[d] + ck.FALLBACK_TILES[d]})
 
 
 def _check_tiles(rung, d, tiles, dtype, shapes):
@@ -385,6 +451,9 @@ BWD_TILE_VARIANTS = [  # (shape, tiles): other tilings of fa2_bwd_tc than the de
     ((1, 2, 300, 190, 64, True), (8, 1, 128, 64, True)), ((1, 1, 100, 333, 64, False), (8, 1, 64, 64, False)),
     ((1, 2, 255, 190, 128, True), (4, 1, 64, 32, False)), ((1, 1, 100, 333, 128, False), (8, 1, 32, 32, False)),
     ((1, 2, 255, 190, 128, True), (8, 1, 64, 64, False)), ((1, 1, 129, 70, 96, True), (4, 1, 32, 32, False)),
+    # d = 256: two launches of 128 output columns; the tiles of H100/H200, A100 and sm_86/89
+    ((1, 2, 255, 190, 256, True), (4, 1, 64, 32, False)), ((1, 1, 100, 333, 256, False), (4, 1, 32, 32, False)),
+    ((1, 2, 97, 113, 256, True), (2, 1, 16, 16, False)),
 ]
 
 
@@ -445,3 +514,131 @@ def test_api_with_torch_and_cupy(dtype, poisoned):
         qt = q.transpose(1, 2).contiguous().transpose(1, 2)
         assert not qt.is_contiguous()
         assert torch.equal(flashlib.attention(qt, k, v, causal=True, scale=0.125, backend="cupy"), o)
+
+
+# ------------------------------------------------------------------ GPU: grouped-query attention, any head dim,
+# B*H beyond grid.y, rows that see no key
+
+def _gqa_inputs(B, H, Hkv, Nq, Nk, d, dtype, seed):
+    import torch
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    mk = lambda h, n: torch.randn(B, h, n, d, device="cuda", generator=g).to(getattr(torch, dtype))
+    return mk(H, Nq), mk(Hkv, Nk), mk(Hkv, Nk), mk(H, Nq)
+
+
+def _gqa_reference(q, k, v, do, causal, scale):
+    """float64 forward and gradients with k, v repeated to H heads (query head h uses kv head h // G), dK, dV summed
+    over the G query heads of each kv head."""
+    B, H, Hkv, Nk, d = q.shape[0], q.shape[1], k.shape[1], k.shape[2], k.shape[3]
+    G = H // Hkv
+    k64, v64 = (np.repeat(_f64(t), G, axis=1) for t in (k, v))
+    o, lse = reference.attention_forward(_f64(q), k64, v64, causal, scale)
+    dq, dk, dv = reference.attention_backward(_f64(q), k64, v64, o, lse, _f64(do), causal, scale)
+    return o, lse, dq, dk.reshape(B, Hkv, G, Nk, d).sum(2), dv.reshape(B, Hkv, G, Nk, d).sum(2)
+
+
+def _gqa_naive(q, k, v, do, causal, scale):
+    """The error yardstick in q's precision (PyTorch), k and v repeated; their gradients summed back by autograd."""
+    G = q.shape[1] // k.shape[1]
+    qn, kn, vn = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    if q.dtype.is_floating_point and q.element_size() == 4:
+        return None
+    o = _naive(qn, kn.repeat_interleave(G, 1), vn.repeat_interleave(G, 1), causal, scale)
+    o.backward(do)
+    return o.detach(), qn.grad, kn.grad, vn.grad
+
+
+def _check_gqa(B, H, Hkv, Nq, Nk, d, causal, dtype, fwd_rung=None, bwd_rung=None, backward=True):
+    """ck.forward (and ck.backward) against float64 with the FlashAttention rule (float32: a fixed relative bound)."""
+    scale = 1 / np.sqrt(d)
+    q, k, v, do = _gqa_inputs(B, H, Hkv, Nq, Nk, d, dtype, zlib.crc32(repr((B, H, Hkv, Nq, Nk, d, causal, dtype)).encode()))
+    o, lse = _backend_call(ck.forward, (q, k, v), dtype, causal, scale, rung=fwd_rung)
+    ref = _gqa_reference(q, k, v, do, causal, scale)
+    naive = _gqa_naive(q, k, v, do, causal, scale)
+    assert o.shape == q.shape and o.dtype == q.dtype and lse.shape == q.shape[:3]
+    where = (B, H, Hkv, Nq, Nk, d, causal, dtype, fwd_rung, bwd_rung)
+    bound = (lambda i: 1e-5 * max(1.0, np.abs(ref[i]).max())) if naive is None else \
+        (lambda i: (2 if i == 0 else 3) * _err(naive[i if i == 0 else i - 1], ref[i]) + ATOL[dtype])
+    assert _err(o, ref[0]) <= bound(0), (where, _err(o, ref[0]), bound(0))
+    assert _err(lse, ref[1]) <= 2e-3, where
+    if not backward:
+        return
+    grads = _backend_call(ck.backward, (q, k, v, o, lse, do), dtype, causal, scale, rung=bwd_rung)
+    for i, (name, got) in enumerate(zip(("dq", "dk", "dv"), grads), start=2):
+        assert got.shape == (q, k, v)[i - 2].shape and got.dtype == q.dtype, (where, name)
+        b = 1e-4 * max(1.0, np.abs(ref[i]).max()) if naive is None else bound(i)
+        assert _err(got, ref[i]) <= b, (where, name, _err(got, ref[i]), b)
+
+
+GQA_SHAPES = [(1, 4, 2, 97, 113, 64, True), (2, 6, 1, 33, 1023, 128, False), (1, 8, 2, 200, 65, 96, True),
+              (1, 4, 1, 113, 97, 32, False), (1, 2, 1, 130, 130, 40, True)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", GQA_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype,fwd,bwd", [("float16", "tuned", "bwd_tc"), ("bfloat16", "tc", "bwd_tc"),
+                                           ("float16", "sm75", "bwd_fp32"), ("bfloat16", "wgmma", "bwd_fp32"),
+                                           ("float32", "fp32", "bwd_fp32")])
+def test_grouped_query_attention(shape, dtype, fwd, bwd, poisoned):
+    if fwd == "wgmma" and (ck.device_cc() != 90 or ck.head_bucket(shape[5]) not in ck.WGMMA_HEAD_DIMS):
+        fwd = None  # the default rung for this head dim and GPU
+    _check_gqa(*shape, dtype, fwd, bwd)
+
+
+HEAD_DIM_SHAPES = [(1, 1, False), (3, 97, True), (113, 1023, False), (1023, 113, True)]  # (Nq, Nk, causal)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d", [1, 3, 32, 40, 59, 64, 80, 96, 111, 128, 256])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_any_head_dim_forward_and_gradients(d, dtype, poisoned):
+    """FlashAttention's test-suite head dims and odd ones, Nq != Nk, lengths 1, 3, 97, 113, 1023: the default rungs
+    (and, fp16, the T4 path and rung 2 forward, the CUDA-core backward)."""
+    for i, (Nq, Nk, causal) in enumerate(HEAD_DIM_SHAPES):
+        H, Hkv = (2, 1) if i % 2 else (1, 1)
+        _check_gqa(1, H, Hkv, Nq, Nk, d, causal, dtype)
+        if dtype == "float16" and Nq * Nk < 200000:
+            _check_gqa(1, H, Hkv, Nq, Nk, d, causal, dtype, "sm75", "bwd_fp32")
+            _check_gqa(1, H, Hkv, Nq, Nk, d, causal, dtype, "tc", backward=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,fwd,bwd", [("float16", "tuned", "bwd_tc"), ("float16", "sm75", "bwd_fp32"),
+                                           ("bfloat16", "wgmma", "bwd_tc"), ("float32", "fp32", "bwd_fp32"),
+                                           ("float16", "tc", None)])
+def test_batch_heads_beyond_grid_y(dtype, fwd, bwd, poisoned):
+    """B*H = 70000 (batch, head) pairs: more than grid.y's 65535; every pair computed (NaN-poisoned outputs)."""
+    if fwd == "wgmma" and ck.device_cc() != 90:
+        fwd = None
+    _check_gqa(17500, 4, 2, 3, 5, 64, True, dtype, fwd, bwd)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,fwd,bwd", [("float16", "tuned", "bwd_tc"), ("float16", "sm75", "bwd_fp32"),
+                                           ("bfloat16", "tc", "bwd_tc"), ("float16", "wgmma", "bwd_tc"),
+                                           ("float32", "fp32", "bwd_fp32")])
+def test_rows_that_see_no_key(dtype, fwd, bwd, poisoned):
+    """The -inf rule: Nk = 0 gives O = 0, lse = -inf, dQ = 0; a row given lse = -inf adds nothing to dQ, dK, dV."""
+    import torch
+    if fwd == "wgmma" and ck.device_cc() != 90:
+        fwd = None
+    q, k, v, do = _gqa_inputs(1, 4, 2, 37, 0, 64, dtype, 5)
+    o, lse = _backend_call(ck.forward, (q, k, v), dtype, False, 0.125, rung=fwd)
+    assert (o == 0).all() and torch.isneginf(lse).all()
+    dq, dk, dv = _backend_call(ck.backward, (q, k, v, o, lse, do), dtype, False, 0.125, rung=bwd)
+    assert (dq == 0).all() and dk.shape == k.shape and dv.shape == v.shape
+    q, k, v, do = _gqa_inputs(1, 4, 2, 37, 41, 64, dtype, 6)
+    o, lse = _backend_call(ck.forward, (q, k, v), dtype, True, 0.125, rung=fwd)
+    o[:, :, 5], lse[:, :, 5] = 0, float("-inf")  # row 5 as if it saw no key
+    dq, dk, dv = _backend_call(ck.backward, (q, k, v, o, lse, do), dtype, True, 0.125, rung=bwd)
+    do0 = do.clone()
+    do0[:, :, 5] = 0  # the reference without row 5's contribution
+    _, _, dq_ref, dk_ref, dv_ref = _gqa_reference(q, k, v, do0, True, 0.125)
+    assert (dq[:, :, 5] == 0).all() and torch.isfinite(dk).all() and torch.isfinite(dv).all()
+    tol = {"float16": 1e-2, "bfloat16": 3e-2, "float32": 1e-4}[dtype]
+    for got, ref in ((dq, dq_ref), (dk, dk_ref), (dv, dv_ref)):
+        assert _err(got, ref) <= tol * max(1.0, np.abs(ref).max())
+    q, k, v, do = _gqa_inputs(1, 4, 2, 0, 9, 64, dtype, 7)  # no query: dK = dV = 0
+    o, lse = _backend_call(ck.forward, (q, k, v), dtype, False, 0.125, rung=fwd)
+    dq, dk, dv = _backend_call(ck.backward, (q, k, v, o, lse, do), dtype, False, 0.125, rung=bwd)
+    assert o.shape == q.shape and (dk == 0).all() and (dv == 0).all()

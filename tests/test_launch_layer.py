@@ -45,7 +45,7 @@ def test_forward_plan_built_once_and_launched_on_the_callers_stream(fake_gpu, dt
     cfg = ck.choose_config(name, 64, 90, True)
     assert cfg.rung == rung and built[0] == cfg.kernel
     call = log[-1]
-    assert call["grid"] == (-(-100 // cfg.Br), 6) and call["block"] == (32 * cfg.warps,) and call["smem"] == cfg.smem
+    assert call["grid"] == (-(-100 // cfg.Br), 6, 1) and call["block"] == (32 * cfg.warps,) and call["smem"] == cfg.smem
     assert call["stream"].ptr == 0xABC
     assert type(o) is torch.Tensor and o.dtype == dtype and o.shape == q.shape and o.is_contiguous()
     assert lse.dtype == torch.float32 and lse.shape == (2, 3, 100)
@@ -53,6 +53,7 @@ def test_forward_plan_built_once_and_launched_on_the_callers_stream(fake_gpu, dt
     assert ptrs[1:] == [k.data_ptr(), v.data_ptr(), o.data_ptr(), lse.data_ptr()]
     assert ptrs[0] != q.data_ptr()                                             # a contiguous copy of q was passed
     assert [int(a) for a in call["args"][5:7]] == [100, 77] and float(call["args"][7]) == 0.125
+    assert [int(a) for a in call["args"][8:]] == [6, 1]                       # B*H pairs, G = 1 (no GQA)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
@@ -68,9 +69,11 @@ def test_backward_launches_pre_pass_kernel_and_conversion(fake_gpu, dtype):
     assert kernels[0] == f"bwd_dot_do_o<{T}, 64>"
     assert kernels[1] == ck.choose_config(name, 64, 90, False, ck.default_rung(name, 90, "backward")).kernel
     assert kernels[2:] == ([] if dtype == torch.float32 else [f"bwd_convert_dq<{T}>"])
-    main = _ptrs(log[1]["args"])
+    pre, main = _ptrs(log[0]["args"]), _ptrs(log[1]["args"])
+    assert pre[:2] == [do.data_ptr(), o.data_ptr()] and pre[2] == lse.data_ptr() and pre[-1] == 2 * 50
+    delta, lb, dq_acc = pre[3], pre[4], pre[5]
+    assert main[4:7] == [lb, delta, dq_acc]                                    # the kernel reads Lb, not lse
     assert main[7:9] == [dk.data_ptr(), dv.data_ptr()] and dk.shape == k.shape and dq.shape == q.shape
-    dq_acc = main[6]
     if dtype == torch.float32:
         assert dq_acc == dq.data_ptr()                                         # float32: dQ accumulates in place
     else:
@@ -78,8 +81,65 @@ def test_backward_launches_pre_pass_kernel_and_conversion(fake_gpu, dtype):
     assert all(c["stream"].ptr == 0xABC for c in log)
 
 
+def test_gqa_passes_G_and_sums_dk_dv_per_kv_head(fake_gpu):
+    log, built = fake_gpu
+    q = do = o = torch.randn(2, 6, 30, 64).half()
+    k = v = torch.randn(2, 2, 20, 64).half()
+    lse = torch.randn(2, 6, 30)
+    ck.forward(q, k, v, causal=False, scale=0.5, dtype="float16")
+    assert [int(a) for a in log[-1]["args"][8:]] == [12, 3]                   # B*H = 12 pairs, G = 3
+    log.clear()
+    dq, dk, dv = ck.backward(q, k, v, o, lse, do, causal=False, scale=0.5, dtype="float16")
+    names = [c["kernel"] for c in log]
+    assert names[2:4] == ["bwd_sum_groups<__half>"] * 2 and dk.shape == dv.shape == k.shape
+    main = log[1]["args"]
+    assert [int(a) for a in main[12:14]] == [12, 3]
+    per_head = _ptrs(main)[7:9]                                                # dK, dV of each query head
+    for c, out, src in zip(log[2:4], (dk, dv), per_head):
+        p = _ptrs(c["args"])
+        assert p[:2] == [src, out.data_ptr()] and int(c["args"][2]) == 3 and p[2:] == [20 * 64, 2 * 2 * 20 * 64]
+
+
+def test_head_dim_padded_to_its_bucket_only_when_needed(fake_gpu):
+    log, built = fake_gpu
+    q, k = torch.randn(1, 2, 10, 40).half(), torch.randn(1, 2, 12, 40).half()
+    o, lse = ck.forward(q, k, k, causal=False, scale=None, dtype="float16")
+    assert o.shape == q.shape and o.is_contiguous() and ck.choose_config("float16", 40, 90).D == 64
+    assert built[0] == ck.choose_config("float16", 40, 90).kernel and "64" in built[0]
+    assert float(log[-1]["args"][7]) == pytest.approx(40 ** -0.5)             # the scale of d, not of the bucket
+    assert _ptrs(log[-1]["args"])[1] != k.data_ptr()                          # a padded copy
+    q64 = torch.randn(1, 2, 10, 64).half()
+    k64 = torch.randn(1, 2, 12, 64).half()
+    o64, _ = ck.forward(q64, k64, k64, causal=False, scale=None, dtype="float16")
+    assert _ptrs(log[-1]["args"])[:2] == [q64.data_ptr(), k64.data_ptr()]     # a bucket: no copy
+
+
+def test_d256_backward_is_two_launches_of_128_columns(fake_gpu):
+    log, built = fake_gpu
+    q = torch.randn(1, 1, 16, 256).half()
+    ck.backward(q, q, q, q, torch.randn(1, 1, 16), q, causal=True, scale=None, dtype="float16")
+    main = [c for c in log if c["kernel"].startswith("fa2_bwd_tc")]
+    assert [int(c["args"][-1]) for c in main] == [0, 128]
+
+
+def test_no_key_answered_on_the_host_and_many_pairs_on_grid_z(fake_gpu):
+    log, built = fake_gpu
+    q = torch.randn(1, 2, 5, 64)
+    o, lse = ck.forward(q, q[:, :, :0], q[:, :, :0], causal=False, scale=None, dtype="float32")
+    assert not log and torch.equal(o, torch.zeros_like(q)) and torch.isinf(lse).all() and (lse < 0).all()
+    q = torch.randn(70000, 1, 1, 32)
+    ck.forward(q, q, q, causal=False, scale=None, dtype="float32")
+    assert log[-1]["grid"] == (1, 65535, 2) and int(log[-1]["args"][8]) == 70000
+
+
 def test_check_inputs_takes_torch_dtypes():
     q = torch.zeros(1, 1, 4, 64, dtype=torch.bfloat16)
     assert ck.check_inputs(q, q, q, "bfloat16") == (1, 1, 4, 4, 64)
     with pytest.raises(ValueError, match="expects"):
         ck.check_inputs(q.half(), q.half(), q.half(), "bfloat16")
+
+
+def test_gpu_backends_take_gqa_natively():
+    """flashlib.api repeats k, v only for backends without native GQA: the CuPy and Numba kernels take G themselves."""
+    from flashlib import api
+    assert api.native_gqa("cupy") == api.native_gqa("numba") == ("forward", "backward")

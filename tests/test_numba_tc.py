@@ -269,8 +269,9 @@ def test_rejects_what_it_cannot_do(rng):
     with pytest.raises(ValueError, match="float16 or bfloat16"):
         nk.forward(*qkv(rng, 1, 1, 8, 8, 64), causal=False, scale=None, dtype="float32", variant="tc")
     with pytest.raises(ValueError, match="head_dim"):
-        nk.forward(*[a.astype(np.float16) for a in qkv(rng, 1, 1, 8, 8, 48)], causal=False, scale=None,
+        nk.forward(*[a.astype(np.float16) for a in qkv(rng, 1, 1, 8, 8, 257)], causal=False, scale=None,
                    dtype="float16", variant="tc")
+    assert fa2_tc.head_bucket(48) == 64 and fa2_tc.head_bucket(200) == 256
     with pytest.raises(ValueError, match="expects int16 or uint16"):
         nk.forward(*q16, causal=False, scale=None, dtype="bfloat16", variant="tc")
     with pytest.raises(ValueError, match="float16 only"):
@@ -284,6 +285,9 @@ def test_rejects_what_it_cannot_do(rng):
     with pytest.raises(ValueError, match="cp.async"):
         fa2_tc.config(64, (7, 5), "float16", tiles=(4, 64, 2))
     assert fa2_tc.config(64, (7, 5), "float16") == (*fa2_tc.TILES_SM75[64], True)
+    with pytest.raises(ValueError, match="up to 128"):                 # d = 256 on the T4 path would spill
+        fa2_tc.config(256, (7, 5), "float16")
+    assert fa2_tc.config(256, (9, 0), "float16") == (*fa2_tc.TILES[256], False)
     assert fa2_tc.config(128, (9, 0), "bfloat16") == (*fa2_tc.TILES[128], False)
     if not HAS_GPU:
         with pytest.raises(RuntimeError, match="simulator"):
@@ -306,8 +310,9 @@ def test_host_path_with_strided_arrays_in_the_simulator():
     assert not (q.is_c_contiguous() or o.is_c_contiguous() or lse.is_c_contiguous())
     seen = []
 
-    def launch(qw, kw, vw, ow, lse_rows, Nq_, Nk_, causal, sl):
-        seen.append((qw.shape, kw.shape, vw.shape, ow.shape, lse_rows.shape, int(Nq_), int(Nk_), causal, float(sl)))
+    def launch(qw, kw, vw, ow, lse_rows, Nq_, Nk_, causal, sl, G):
+        seen.append((qw.shape, kw.shape, vw.shape, ow.shape, lse_rows.shape, int(Nq_), int(Nk_), causal, float(sl),
+                     int(G)))
         assert qw.dtype == np.uint32 and qw.is_c_contiguous() and lse_rows.is_c_contiguous()
         ow.copy_to_device(qw)
         lse_rows.copy_to_device(np.arange(B * H * Nq, dtype=np.float32).reshape(B * H, Nq))
@@ -315,7 +320,7 @@ def test_host_path_with_strided_arrays_in_the_simulator():
     o2, lse2 = fa2_tc.run(launch, q, k, v, o, lse, True, 0.5)
     assert o2 is o and lse2 is lse
     assert seen == [((B * H * Nq, d // 2), (B * H * Nk, d // 2), (B * H * Nk, d // 2), (B * H * Nq, d // 2),
-                     (B * H, Nq), Nq, Nk, True, pytest.approx(0.5 * fa2_tc.LOG2E))]
+                     (B * H, Nq), Nq, Nk, True, pytest.approx(0.5 * fa2_tc.LOG2E), 1)]
     np.testing.assert_array_equal(o.copy_to_host(), q_host)
     np.testing.assert_array_equal(lse.copy_to_host(), np.arange(B * H * Nq, dtype=np.float32).reshape(B, H, Nq))
     o3, lse3 = fa2_tc.run(launch, q, k, v, None, None, False, 0.5)    # outputs allocated: contiguous

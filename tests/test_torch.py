@@ -244,6 +244,31 @@ def test_gpu_backends_match_float64(backend, dtype, causal):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("backend,dtype", [("cupy", torch.float16), ("cupy", torch.bfloat16), ("cupy", torch.float32),
+                                           ("numba", torch.float32)])
+@pytest.mark.parametrize("d", [40, 256])
+def test_gpu_gqa_and_padded_head_dims_through_the_op(backend, dtype, d):
+    """Grouped-query attention (6 query heads on 2 kv heads) and head dims off the buckets (40 runs as 64) or the
+    largest (256), through flashlib.torch on torch tensors (the cupy backend's torch path: padding, G, its
+    allocations), causal with Nq > Nk, forward and gradients against float64."""
+    _need(backend)
+    g = torch.Generator().manual_seed(3)
+    mk = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).cuda()
+    q64, k64, v64, dy = mk(2, 6, 67, d), mk(2, 2, 45, d), mk(2, 2, 45, d), mk(2, 6, 67, d)
+    ours = [t.to(dtype).requires_grad_() for t in (q64, k64, v64)]
+    y = sdpa(*ours, is_causal=True, enable_gqa=True, backend=backend)
+    y.backward(dy.to(dtype))
+    exact = [t.detach().double().requires_grad_() for t in ours]
+    y64 = F.scaled_dot_product_attention(*exact, is_causal=True, enable_gqa=True)
+    y64.backward(dy.to(dtype).double())
+    tol = {torch.float32: 2e-4, torch.float16: 2e-2, torch.bfloat16: 1e-1}[dtype]
+    err = lambda a, b: ((a.double() - b).abs().max() / b.abs().max().clamp_min(1)).item()
+    assert y.shape == q64.shape and err(y, y64) < tol
+    for a, b in zip(ours, exact):
+        assert a.grad.shape == a.shape and err(a.grad, b.grad) < tol, (a.shape, err(a.grad, b.grad))
+
+
+@pytest.mark.gpu
 def test_gpu_autograd_in_a_model_step():
     """One optimizer step of a small attention layer: flashlib.torch and PyTorch SDPA give the same update."""
     backend = "cupy" if "cupy" in flashlib.available_backends() else "numba"

@@ -1,14 +1,20 @@
 // fa2_bwd.cu: rung 5 (part 1) of the CuPy ladder: the FlashAttention-2 backward pass (Dao 2023, Algorithm 2).
 //
 // Three kernels, launched in this order by flashlib/cupy_kernels/__init__.py:
-//   bwd_dot_do_o<T, D>         pre-pass: Dlt_i = rowsum(dO_i * O_i) in fp32, and the row of the fp32 dQ buffer set
-//                              to zero (saves a memset). Grid ceil(rows/8), block 256, a warp per row. (D in the
+//   bwd_dot_do_o<T, D>         pre-pass: Dlt_i = rowsum(dO_i * O_i) in fp32, the row of the fp32 dQ buffer set
+//                              to zero (saves a memset), and the lse the kernels read, Lb_i = lse_i, or +inf where
+//                              lse_i = -inf (a row that sees no key: then P = exp(S - Lb) = 0 and the row adds
+//                              nothing to dQ, dK, dV). Grid ceil(rows/8), block 256, a warp per row. (D in the
 //                              paper; renamed so as not to clash with the head dim.)
-//   fa2_bwd_fp32<T, D, CAUSAL> the backward on CUDA cores, fp32 arithmetic for any storage type T (float, __half,
+//   fa2_bwd_fp32<T, D, BT, CAUSAL> the backward on CUDA cores, fp32 arithmetic for any storage type T (float, __half,
 //                              __nv_bfloat16): used for float32 and on sm_75; fa2_bwd_tc.cu is the Tensor Core one.
 //   bwd_convert_dq<T>          post-pass: dQ (accumulated in fp32 with atomics) -> T.
+//   bwd_sum_groups<T>          grouped-query attention: the dK (dV) of the G query heads that share a kv head,
+//                              written per query head, summed in fp32 into that kv head's dK (dV).
 //
-// fa2_bwd_fp32: grid (Tc = ceil(Nk/Bc), B*H); block 256 threads; Br = Bc = BT = 32 (d <= 64) or 16 (d > 64).
+// fa2_bwd_fp32: grid (Tc = ceil(Nk/Bc), B*H pairs over y and z: pair_index); block 256 threads; Br = Bc = BT (host
+//   side, fp32_tiles: 32 for d <= 64, 16 to d = 128, 8 to d = 256: the static shared memory stays under 48 KB).
+//   Grouped-query attention: K, V are read from kv head bh / G; dK, dV written per query head (bwd_sum_groups).
 //   The block keeps its K_j, V_j tile in shared memory and dK_j, dV_j in registers (thread: key row tid / TPR,
 //   columns tid % TPR + TPR*c) while it walks over the Q tiles i (causal: only those with a query >= its first key):
 //   P = exp(scale Q_i K_j^T - lse_i), dV_j += P^T dO_i, dP = dO_i V_j^T, dS = P * (dP - Dlt_i),
@@ -18,8 +24,10 @@
 
 template <typename T, int D>
 __global__ void __launch_bounds__(256) bwd_dot_do_o(const T* __restrict__ dO, const T* __restrict__ O,
-                                                    float* __restrict__ Dlt, float* __restrict__ dQacc, int rows) {
-    const int row = blockIdx.x * 8 + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+                                                    const float* __restrict__ L, float* __restrict__ Dlt,
+                                                    float* __restrict__ Lb, float* __restrict__ dQacc, size_t rows) {
+    const size_t row = (size_t)blockIdx.x * 8 + (threadIdx.x >> 5);
+    const int lane = threadIdx.x & 31;
     if (row >= rows) return;
     float acc = 0.f;
     for (int c = lane; c < D; c += 32) {
@@ -27,7 +35,20 @@ __global__ void __launch_bounds__(256) bwd_dot_do_o(const T* __restrict__ dO, co
         dQacc[(size_t)row * D + c] = 0.f;
     }
     for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
-    if (lane == 0) Dlt[row] = acc;
+    if (lane == 0) {
+        Dlt[row] = acc;
+        Lb[row] = L[row] == NEG_INF ? -NEG_INF : L[row];
+    }
+}
+
+template <typename T>
+__global__ void bwd_sum_groups(const T* __restrict__ in, T* __restrict__ out, int G, size_t per_head, size_t n) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        const T* src = in + (i / per_head) * G * per_head + i % per_head;  // query head g of kv head i / per_head
+        float acc = 0.f;
+        for (int g = 0; g < G; g++) acc += to_f32(src[g * per_head]);
+        out[i] = from_f32<T>(acc);
+    }
 }
 
 template <typename T>
@@ -36,17 +57,20 @@ __global__ void bwd_convert_dq(const float* __restrict__ dQacc, T* __restrict__ 
         dQ[i] = from_f32<T>(dQacc[i]);
 }
 
-template <typename T, int D, bool CAUSAL>
+template <typename T, int D, int BT, bool CAUSAL>
 __global__ void __launch_bounds__(256, 1) fa2_bwd_fp32(const T* __restrict__ Q, const T* __restrict__ K,
         const T* __restrict__ V, const T* __restrict__ dO, const float* __restrict__ L, const float* __restrict__ Dlt,
-        float* __restrict__ dQacc, T* __restrict__ dK, T* __restrict__ dV, int Nq, int Nk, float scale) {
-    constexpr int NT = 256, BT = D <= 64 ? 32 : 16, TPR = NT / BT, CPT = D / TPR;
+        float* __restrict__ dQacc, T* __restrict__ dK, T* __restrict__ dV, int Nq, int Nk, float scale, int BH, int G) {
+    constexpr int NT = 256, TPR = NT / BT, CPT = D / TPR;
+    static_assert(D % TPR == 0 && BT <= 32, "TPR = 256 / BT threads share a row of d columns");
     __shared__ float Ks[BT][D + 1], Vs[BT][D + 1], Qs[BT][D + 1], dOs[BT][D + 1];
     __shared__ float P[BT][BT + 1], dS[BT][BT + 1], lse_s[BT], Dlt_s[BT];
     const int tid = threadIdx.x, kv0 = blockIdx.x * BT;
-    const size_t bh = blockIdx.y;
+    const u32 pair = pair_index();
+    if (pair >= (u32)BH) return;
+    const size_t bh = pair, bkv = pair / (u32)G;  // this block's (batch, head) pair, its kv pair
     Q += bh * Nq * D; dO += bh * Nq * D; dQacc += bh * Nq * D; L += bh * Nq; Dlt += bh * Nq;
-    K += bh * Nk * D; V += bh * Nk * D; dK += bh * Nk * D; dV += bh * Nk * D;
+    K += bkv * Nk * D; V += bkv * Nk * D; dK += bh * Nk * D; dV += bh * Nk * D;
 
     for (int idx = tid; idx < BT * D; idx += NT) {
         int r = idx / D, c = idx % D;

@@ -1,8 +1,14 @@
 // fa2_bwd_tc.cu: rung 5 (part 2) of the CuPy ladder: FlashAttention-2 backward on Tensor Cores (fp16 / bf16,
 // sm_80+). Launched between bwd_dot_do_o (Dlt = rowsum(dO * O), dQacc = 0) and bwd_convert_dq of fa2_bwd.cu.
 //
-// fa2_bwd_tc<T, D, NW, KW, Br, BRC, KVREG, CAUSAL>
-// Grid (Tc = ceil(Nk/Bc), B*H); block NW warps. Bc = 16*KW*NW keys per block: warp w owns the 16*KW keys
+// fa2_bwd_tc<T, D, NW, KW, Br, BRC, KVREG, CAUSAL[, DO]>
+// DO (default d): the columns of dK, dV, dQ one launch computes, c_out ... c_out + DO - 1. d = 256 runs as two
+// launches with DO = 128 (c_out = 0, 128): a warp's dK and dV rows over all 256 columns would need 256 fp32
+// registers; each launch recomputes S^T and dP^T over all d (their products need every column), so the backward
+// does 7/5 of the one-pass arithmetic (S, dP twice; dV, dK, dQ once, split) while keeping the Tensor Cores.
+// Grid (Tc = ceil(Nk/Bc), B*H pairs over y and z: pair_index); block NW warps. Grouped-query attention: K, V
+// come from kv head bh / G, dK, dV are written per query head and summed by bwd_sum_groups (fa2_bwd.cu).
+// L is the pre-pass's Lb (+inf for a row that sees no key, so that its P is 0). Bc = 16*KW*NW keys per block: warp w owns the 16*KW keys
 // kw = kv0 + 16*KW*w ... and keeps their dK, dV rows in registers for the whole kernel. The block walks over the
 // Q tiles of Br query rows (causal: only those with a query >= the block's first key); per tile, in chunks of BRC
 // queries (BRC divides Br; smaller chunks need fewer registers):
@@ -30,15 +36,16 @@
 //   feeds two m-tiles); d = 128 runs 8 warps with KW = 1, Br = BRC = 64.
 #include "flash_common.cuh"
 
-template <typename T, int D, int NW, int KW, int Br, int BRC, bool KVREG, bool CAUSAL>
+template <typename T, int D, int NW, int KW, int Br, int BRC, bool KVREG, bool CAUSAL, int DO = D>
 __global__ void __launch_bounds__(NW * 32, 1) fa2_bwd_tc(const T* __restrict__ Q, const T* __restrict__ K,
         const T* __restrict__ V, const T* __restrict__ dO, const float* __restrict__ L, const float* __restrict__ Dlt,
-        float* __restrict__ dQacc, T* __restrict__ dK, T* __restrict__ dV, int Nq, int Nk, float scale) {
-    static_assert(D % 32 == 0 && Br % BRC == 0 && BRC % 16 == 0 && (BRC & (BRC - 1)) == 0,
-                  "d: multiple of 32; BRC: a power of two >= 16 dividing Br");
+        float* __restrict__ dQacc, T* __restrict__ dK, T* __restrict__ dV, int Nq, int Nk, float scale, int BH, int G,
+        int c_out) {
+    static_assert(D % 32 == 0 && DO % 32 == 0 && D % DO == 0 && Br % BRC == 0 && BRC % 16 == 0 && (BRC & (BRC - 1)) == 0,
+                  "d, DO: multiples of 32, DO dividing d; BRC: a power of two >= 16 dividing Br");
     constexpr int KWR = 16 * KW, Bc = KWR * NW, LD = D + 8, LDS = Br + 8, NT = NW * 32;
-    constexpr int MR = (Br / 32) * (D / 32) >= NW && BRC >= 32 ? 32 : 16;  // rows of a dQ chunk (MR <= BRC)
-    constexpr int NCHUNK = (Br / MR) * (D / 32);
+    constexpr int MR = (Br / 32) * (DO / 32) >= NW && BRC >= 32 ? 32 : 16;  // rows of a dQ chunk (MR <= BRC)
+    constexpr int NCHUNK = (Br / MR) * (DO / 32);
     constexpr float LOG2E = 1.4426950408889634f;
     typedef Mma<T, false> MMA;
     extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -52,10 +59,13 @@ __global__ void __launch_bounds__(NW * 32, 1) fa2_bwd_tc(const T* __restrict__ Q
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
     const int kv0 = blockIdx.x * Bc, kw = kv0 + KWR * warp;  // first key of the block, of this warp
-    const size_t bh = blockIdx.y;
+    const u32 pair = pair_index();
+    if (pair >= (u32)BH) return;
+    const size_t bh = pair, bkv = pair / (u32)G;  // this block's (batch, head) pair, its kv pair
     Q += bh * Nq * D; dO += bh * Nq * D; dQacc += bh * Nq * D; L += bh * Nq; Dlt += bh * Nq;
-    K += bh * Nk * D; V += bh * Nk * D; dK += bh * Nk * D; dV += bh * Nk * D;
+    K += bkv * Nk * D; V += bkv * Nk * D; dK += bh * Nk * D; dV += bh * Nk * D;
     const float sl = scale * LOG2E;
+    if (DO == D) c_out = 0;  // one launch for all columns: a constant, no register for it (it spilled at d = 64)
     // 32-bit shared addresses of this lane's ldmatrix rows; the loops add compile-time byte offsets, which ptxas
     // folds into the instructions (one base register per operand instead of one per unrolled load)
     constexpr u32 V_OFF = 2 * Bc * LD, DO_OFF = 2 * 2 * Br * LD, STAGE = 2 * Br * LD;
@@ -83,11 +93,11 @@ __global__ void __launch_bounds__(NW * 32, 1) fa2_bwd_tc(const T* __restrict__ Q
     cp_async_commit();
     if (q_begin < Nq) load_q_tile(q_begin, 0);
 
-    float dk[KW][D / 8][4], dv[KW][D / 8][4];
+    float dk[KW][DO / 8][4], dv[KW][DO / 8][4];  // columns c_out ... c_out + DO - 1
 #pragma unroll
     for (int m = 0; m < KW; m++)
 #pragma unroll
-        for (int n = 0; n < D / 8; n++)
+        for (int n = 0; n < DO / 8; n++)
 #pragma unroll
             for (int e = 0; e < 4; e++) dk[m][n][e] = dv[m][n][e] = 0.f;
     u32 kf[KVREG ? KW : 1][KVREG ? D / 16 : 1][4], vf[KVREG ? KW : 1][KVREG ? D / 16 : 1][4];
@@ -115,7 +125,7 @@ __global__ void __launch_bounds__(NW * 32, 1) fa2_bwd_tc(const T* __restrict__ Q
             // causal: every key of the warp is right of every query of the chunk. Its dS^T stays unwritten: the dQ
             // step below skips exactly these (key, query) blocks.
             if (CAUSAL && kw > qa + BRC - 1) continue;
-            const u32 bq = opaque(b_q + s * STAGE + 2 * c0 * LD), btq = opaque(bt_q + s * STAGE + 2 * c0 * LD);
+            const u32 bq = opaque(b_q + s * STAGE + 2 * c0 * LD), btq = opaque(bt_q + s * STAGE + 2 * (c0 * LD + c_out));
             float st[KW][BRC / 8][4], dpt[KW][BRC / 8][4];
 #pragma unroll
             for (int m = 0; m < KW; m++)
@@ -191,7 +201,7 @@ __global__ void __launch_bounds__(NW * 32, 1) fa2_bwd_tc(const T* __restrict__ Q
                     *reinterpret_cast<u32*>(row + 8 * LDS + 8) = as[m][3];
                 }
 #pragma unroll
-                for (int nn = 0; nn < D / 16; nn++) {
+                for (int nn = 0; nn < DO / 16; nn++) {
                     u32 b[4];
                     ldmatrix_x4_trans_a(b, btq + DO_OFF + 2 * (kk * 16 * LD + nn * 16));
 #pragma unroll
@@ -205,7 +215,7 @@ __global__ void __launch_bounds__(NW * 32, 1) fa2_bwd_tc(const T* __restrict__ Q
         __syncthreads();  // (B) dS^T of all warps is in dSs
         // dQ_tile += scale * dS K in (MR x 32) chunks; A = dS (queries x keys) from dS^T, B = K, both ldmatrix.trans
         for (int c = warp; c < NCHUNK; c += NW) {
-            const int mr = (c / (D / 32)) * MR, dc = (c % (D / 32)) * 32, qr = q0 + mr;
+            const int mr = (c / (DO / 32)) * MR, dc = c_out + (c % (DO / 32)) * 32, qr = q0 + mr;
             if (qr >= Nq || (CAUSAL && qr + MR - 1 < kv0)) continue;
             // causal: key blocks of 16 right of the chunk's last query are zero (and were not written)
             const int kk_end = CAUSAL ? min(Bc / 16, (qr + MR - 1 - kv0) / 16 + 1) : Bc / 16;
@@ -252,10 +262,11 @@ __global__ void __launch_bounds__(NW * 32, 1) fa2_bwd_tc(const T* __restrict__ Q
             const int row = kw + 16 * m + g + 8 * h;
             if (row < Nk) {
 #pragma unroll
-                for (int n = 0; n < D / 8; n++) {
-                    *reinterpret_cast<u32*>(dK + (size_t)row * D + n * 8 + 2 * t) =
+                for (int n = 0; n < DO / 8; n++) {
+                    *reinterpret_cast<u32*>(dK + (size_t)row * D + c_out + n * 8 + 2 * t) =
                         pack2<T>(dk[m][n][2 * h] * scale, dk[m][n][2 * h + 1] * scale);
-                    *reinterpret_cast<u32*>(dV + (size_t)row * D + n * 8 + 2 * t) = pack2<T>(dv[m][n][2 * h], dv[m][n][2 * h + 1]);
+                    *reinterpret_cast<u32*>(dV + (size_t)row * D + c_out + n * 8 + 2 * t) =
+                        pack2<T>(dv[m][n][2 * h], dv[m][n][2 * h + 1]);
                 }
             }
         }

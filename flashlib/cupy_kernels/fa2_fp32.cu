@@ -10,16 +10,18 @@
 //   rung 5  fa2_bwd.cu    backward: D pre-pass, float32 CUDA-core backward (any input dtype), dQ post-pass
 //           fa2_bwd_tc.cu backward on Tensor Cores (fp16/bf16), dK/dV per K/V tile, dQ by fp32 atomics
 //
-// Grid (Tr = ceil(Nq/Br), B*H); block 256 threads; Br = 32 (d <= 64) or 16 (d > 64) query rows, Bc = 32 keys.
+// Grouped-query attention: K and V are those of kv head bh / G.
+// Grid (Tr = ceil(Nq/Br), B*H pairs over y and z: pair_index); block 256 threads; Br query rows, Bc <= 32 keys
+// (host side, fp32_tiles: (32, 32) for d <= 64, (16, 32) to d = 128, (8, 16) to d = 256, so that the static shared
+// memory stays under 48 KB).
 // Shared memory: Qs (Br x d), Ks (Bc x d+1, padded so that a warp reading 32 key rows hits 32 banks), Vs (Bc x d),
 //   S / P (Br x Bc+1), alpha (Br).
 // Thread ownership: S entries e = tid, tid+256, ... (row e / Bc, key e % Bc); the softmax statistics m, l of row r
-//   live in the registers of warp r / (Br/8) (every lane holds them); O row tid / TPR, columns tid % TPR + TPR*c
+//   live in the registers of warp r / (Br/8) (every lane holds them; lane c < Bc holds key c); O row tid / TPR, columns tid % TPR + TPR*c
 //   live in registers (TPR = 256/Br threads share a row).
 // Causal (top-left, query i sees keys 0..i): tiles right of the diagonal are never loaded.
+// A row that sees no key (Nk = 0) gets O = 0 and lse = -inf.
 #include "flash_common.cuh"
-
-#define NEG_INF __int_as_float(0xff800000)
 
 __device__ __forceinline__ float warp_max(float x) {
     for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
@@ -30,15 +32,19 @@ __device__ __forceinline__ float warp_sum(float x) {
     return x;
 }
 
-template <typename T, int D, bool CAUSAL>
+template <typename T, int D, int Br, int Bc, bool CAUSAL>
 __global__ void __launch_bounds__(256, 1) fa2_fp32(const T* __restrict__ Q, const T* __restrict__ K, const T* __restrict__ V,
-                                                T* __restrict__ O, float* __restrict__ L, int Nq, int Nk, float scale) {
-    constexpr int NT = 256, Br = D <= 64 ? 32 : 16, Bc = 32, RPW = Br / 8, TPR = NT / Br, OPT = D / TPR;
+                                                T* __restrict__ O, float* __restrict__ L, int Nq, int Nk, float scale,
+                                                int BH, int G) {
+    constexpr int NT = 256, RPW = Br / 8, TPR = NT / Br, OPT = D / TPR;
+    static_assert(Br % 8 == 0 && Bc <= 32 && D % TPR == 0, "8 warps share the rows, a lane a key, TPR threads a row");
     __shared__ float Qs[Br][D], Ks[Bc][D + 1], Vs[Bc][D], S[Br][Bc + 1], alpha_s[Br], l_s[Br];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, q0 = blockIdx.x * Br;
-    const size_t bh = blockIdx.y;
+    const u32 pair = pair_index();
+    if (pair >= (u32)BH) return;
+    const size_t bh = pair, bkv = pair / (u32)G;  // this block's (batch, head) pair, its kv pair
     Q += (bh * Nq + q0) * D; O += (bh * Nq + q0) * D; L += bh * Nq + q0;
-    K += bh * Nk * D; V += bh * Nk * D;
+    K += bkv * Nk * D; V += bkv * Nk * D;
 
     for (int idx = tid; idx < Br * D; idx += NT) {
         int r = idx / D, c = idx % D;
@@ -73,13 +79,13 @@ __global__ void __launch_bounds__(256, 1) fa2_fp32(const T* __restrict__ Q, cons
         #pragma unroll
         for (int rr = 0; rr < RPW; rr++) {  // online softmax: one warp per row, one key per lane
             int r = warp * RPW + rr;
-            float s = S[r][lane];
+            float s = lane < Bc ? S[r][lane] : NEG_INF;
             float m_new = fmaxf(m[rr], warp_max(s));
             float base = m_new == NEG_INF ? 0.f : m_new;  // a row with no visible key yet: keep P = 0
             float p = expf(s - base), alpha = expf(m[rr] - base);
             l[rr] = alpha * l[rr] + warp_sum(p);
             m[rr] = m_new;
-            S[r][lane] = p;
+            if (lane < Bc) S[r][lane] = p;
             if (lane == 0) alpha_s[r] = alpha;
         }
         __syncthreads();
@@ -97,12 +103,12 @@ __global__ void __launch_bounds__(256, 1) fa2_fp32(const T* __restrict__ Q, cons
         int r = warp * RPW + rr;
         if (lane == 0) {
             l_s[r] = l[rr];
-            if (q0 + r < Nq) L[r] = m[rr] + logf(l[rr]);  // lse = m + log(l), natural log
+            if (q0 + r < Nq) L[r] = l[rr] > 0.f ? m[rr] + logf(l[rr]) : NEG_INF;  // lse = m + log(l), natural log
         }
     }
     __syncthreads();
     if (q0 + orow < Nq) {
-        const float inv_l = 1.f / l_s[orow];  // deferred normalisation: divide once at the end
+        const float inv_l = l_s[orow] > 0.f ? 1.f / l_s[orow] : 0.f;  // deferred normalisation: divide once at the end
         #pragma unroll
         for (int c = 0; c < OPT; c++) O[orow * D + ocol + TPR * c] = from_f32<T>(o[c] * inv_l);
     }

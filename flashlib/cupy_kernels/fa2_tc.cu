@@ -18,7 +18,8 @@
 //   rung 4  K8=true (T4, sm_75, fp16 only): each m16n8k16 becomes two m16n8k8, no cp.async.
 //
 // Algorithm: FlashAttention-2 forward (Dao 2023, Algorithm 1), split-Q: each warp owns RW = 16*MT query rows.
-// Grid (Tr = ceil(Nq/Br), B*H); block NW warps (NW*32 threads); Br = RW*NW query rows, Bc keys per K/V tile.
+// Grid (Tr = ceil(Nq/Br), B*H pairs over y and z: pair_index); block NW warps (NW*32 threads); Br = RW*NW query rows, Bc keys per K/V tile.
+// Grouped-query attention: K and V are those of kv head bh / G (G query heads share one; the host passes G).
 // Shared memory (dynamic): Qs (Br x LD), then NSTAGE stages of Ks (Bc x LD) and Vs (Bc x LD), then (L_SMEM only)
 //   the row sums, 2*MT floats per thread. LD = d + 8: the 8-element (16-byte) pad shifts consecutive rows by 4
 //   banks, so the 8 row addresses of an ldmatrix phase fall in 8 different 16-byte bank groups (no bank conflicts). A warp reads only its own RW rows of Qs, so at the end it
@@ -36,8 +37,6 @@
 //   of the tile skips its math; masking happens only on the diagonal and ragged tiles. The last Q tiles (the
 //   longest rows) are launched first, so that short blocks fill the tail of the launch.
 #include "flash_common.cuh"
-
-#define NEG_INF __int_as_float(0xff800000)
 
 // One K/V tile of Algorithm 1's inner loop for one warp (S = Q K^T, online softmax, O += P V), from the K/V stage at
 // k_addr / v_addr. MASK: set S to -inf for keys >= Nk and, causal, keys right of the row (the kernel calls the MASK
@@ -160,7 +159,7 @@ __device__ __forceinline__ void attend_tile(float (&o)[MT][D / 8][4], float (&m)
 template <typename T, int D, int NW, int Bc, bool CAUSAL, bool TUNED, bool K8, int MT, bool QREG>
 __global__ void __launch_bounds__(NW * 32, NW <= 4 ? 2 : 1) fa2_tc(const T* __restrict__ Q, const T* __restrict__ K,
                                                   const T* __restrict__ V, T* __restrict__ O, float* __restrict__ L,
-                                                  int Nq, int Nk, float scale) {
+                                                  int Nq, int Nk, float scale, int BH, int G) {
     static_assert(D % 16 == 0 && Bc % 16 == 0, "d and Bc must be multiples of 16");
     static_assert(MT == 1 || MT == 2, "a warp owns 16 or 32 query rows");
     constexpr int RW = 16 * MT, Br = RW * NW, LD = D + 8, NT = NW * 32, NSTAGE = TUNED ? 2 : 1;
@@ -172,8 +171,10 @@ __global__ void __launch_bounds__(NW * 32, NW <= 4 ? 2 : 1) fa2_tc(const T* __re
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
     const int q0 = (CAUSAL ? gridDim.x - 1 - blockIdx.x : blockIdx.x) * Br, qw = q0 + RW * warp;
     T* Qw = Qs + RW * warp * LD;        // this warp's rows of Qs
-    const size_t bh = blockIdx.y;  // O and L are offset only in the epilogue: no registers held through the loop
-    Q += (bh * Nq + q0) * D; K += bh * Nk * D; V += bh * Nk * D;
+    const u32 pair = pair_index();  // O and L are offset only in the epilogue: no registers held through the loop
+    if (pair >= (u32)BH) return;
+    const size_t bh = pair, bkv = pair / (u32)G;  // this block's (batch, head) pair, its kv pair
+    Q += (bh * Nq + q0) * D; K += bkv * Nk * D; V += bkv * Nk * D;
 
     const int kv_end = CAUSAL ? min(Nk, q0 + Br) : Nk;
     const int n_tiles = (kv_end + Bc - 1) / Bc;
@@ -253,11 +254,12 @@ __global__ void __launch_bounds__(NW * 32, NW <= 4 ? 2 : 1) fa2_tc(const T* __re
 #pragma unroll
             for (int n = 0; n < D / 8; n++)
                 *reinterpret_cast<u32*>(Qw + r * LD + n * 8 + 2 * t) = pack2<T>(o[mt][n][2 * h] * inv_l, o[mt][n][2 * h + 1] * inv_l);
-            if (t == 0 && qw + r < Nq) L[blockIdx.y * (size_t)Nq + qw + r] = (TUNED ? m[mt][h] * 0.6931471805599453f : m[mt][h]) + logf(l[mt][h]);
+            if (t == 0 && qw + r < Nq) L[(blockIdx.y + (size_t)gridDim.y * blockIdx.z) * Nq + qw + r] = (TUNED ? m[mt][h] * 0.6931471805599453f : m[mt][h]) + logf(l[mt][h]);
         }
     }
     __syncwarp();
-    O += (blockIdx.y * (size_t)Nq + qw) * D;
+    // the pair again, from the special registers (held through the loop it made ptxas spill at d = 128)
+    O += ((blockIdx.y + (size_t)gridDim.y * blockIdx.z) * Nq + qw) * D;
     constexpr int C = D / 8;  // 16-byte chunks per row
 #pragma unroll
     for (int idx = lane; idx < RW * C; idx += 32) {

@@ -7,7 +7,8 @@
 // 16 x N B (N = 64 or 128) for a whole warpgroup (4 warps, 128 threads) and reads B straight from shared memory
 // through a matrix descriptor, with no ldmatrix in between. This is what FlashAttention-3 builds on (Shah et al. 2024); FA3's other
 // tricks (TMA, warp specialisation, ping-pong scheduling between warpgroups, FP8) are left out.
-// Grid (Tr = ceil(Nq/Br), B*H); block NWG warpgroups (NWG*128 threads); each warpgroup owns 64 query rows, Br = 64*NWG.
+// Grid (Tr = ceil(Nq/Br), B*H pairs over y and z: pair_index); block NWG warpgroups (NWG*128 threads); each warpgroup owns 64 query rows, Br = 64*NWG.
+// Grouped-query attention: K and V are those of kv head bh / G (G query heads share one; the host passes G).
 // Shared memory (dynamic, aligned here to 1024 bytes): Qs (Br x D), then 2 stages of Ks (Bc x D) and Vs (Bc x D), all
 //   in the 128-byte-swizzled layout that wgmma reads (and TMA would write; see sw128 below): rows of 128 bytes (64
 //   columns; d = 128 is two such blocks), the 16-byte chunks of each row permuted by XOR with row % 8. Loading whole
@@ -26,8 +27,6 @@
 //   accumulators; shared memory written by cp.async (the generic proxy) is made visible to wgmma (the async proxy)
 //   with fence.proxy.async before the barrier.
 #include "flash_common.cuh"
-
-#define NEG_INF __int_as_float(0xff800000)
 
 // ---- wgmma helpers (sm_90a) ----
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
@@ -122,7 +121,7 @@ __device__ __forceinline__ void load_sw128(unsigned char* sm, const T* gm, int n
 template <typename T, int D, int Bc, int NWG, bool CAUSAL>
 __global__ void __launch_bounds__(NWG * 128, NWG == 1 ? 2 : 1) fa2_wgmma(const T* __restrict__ Q, const T* __restrict__ K,
                                                           const T* __restrict__ V, T* __restrict__ O, float* __restrict__ L,
-                                                          int Nq, int Nk, float scale) {
+                                                          int Nq, int Nk, float scale, int BH, int G) {
     static_assert((D == 64 || D == 128) && (Bc == 64 || Bc == 128), "one m64n64 or m64n128 wgmma per k-step");
     constexpr int Br = 64 * NWG, NT = NWG * 128, TILE = Bc * D * 2;  // TILE: bytes of one K or V stage
     extern __shared__ __align__(128) unsigned char smem_raw[];
@@ -133,8 +132,12 @@ __global__ void __launch_bounds__(NWG * 128, NWG == 1 ? 2 : 1) fa2_wgmma(const T
 
     const int tid = threadIdx.x, lane = tid & 31, w = (tid >> 5) & 3, wg = tid >> 7, g = lane >> 2, t = lane & 3;
     const int q0 = (CAUSAL ? gridDim.x - 1 - blockIdx.x : blockIdx.x) * Br, qg = q0 + 64 * wg;
-    const size_t bh = blockIdx.y;
-    Q += (bh * Nq + q0) * D; K += bh * Nk * D; V += bh * Nk * D;
+    // (batch, head) pair read plainly, not through pair_index's asm volatile: that read cost this kernel 4 registers
+    // at d = 64 causal (124 -> 128) and 1.41x its time on an H200 (benchmarks/kernel_regression.py, 2026-12-01)
+    const u32 pair = blockIdx.y + gridDim.y * blockIdx.z;
+    if (pair >= (u32)BH) return;
+    const size_t bh = pair, bkv = pair / (u32)G;  // this block's (batch, head) pair, its kv pair
+    Q += (bh * Nq + q0) * D; K += bkv * Nk * D; V += bkv * Nk * D;
     const int kv_end = CAUSAL ? min(Nk, q0 + Br) : Nk;
     const int n_tiles = (kv_end + Bc - 1) / Bc;
     const int n_full = min(Nk / Bc, CAUSAL ? (q0 + 1) / Bc : n_tiles);  // tiles that need no mask

@@ -15,6 +15,19 @@
 #include <cuda_bf16.h>
 
 typedef unsigned int u32;
+#define NEG_INF __int_as_float(0xff800000)
+
+// The (batch, query head) pair of this block. Pairs are spread over grid.y and grid.z (grid.y alone stops at
+// 65535; the host's pair_grid), so a block past the last pair (BH) has nothing to do. Grouped-query attention:
+// query head h of batch b uses kv head h / G of the H/G kv heads, which is kv pair bh / G (bh = b*H + h, H = G*H_kv).
+// 32-bit arithmetic here (a 64-bit division costs registers the Tensor Core kernels do not have), 64-bit offsets.
+// (Read with asm volatile: with plain blockIdx/gridDim reads here and in fa2_tc's epilogue, ptxas kept the value
+// through the main loop and spilled a few bytes in rung 3 at d = 128; tests/test_cupy_kernels.py checks no spills.)
+__device__ __forceinline__ u32 pair_index() {  // < 2**32
+    u32 y, z, ny;
+    asm volatile("mov.u32 %0, %%ctaid.y;\n\tmov.u32 %1, %%ctaid.z;\n\tmov.u32 %2, %%nctaid.y;" : "=r"(y), "=r"(z), "=r"(ny));
+    return y + ny * z;
+}
 
 // ---- element conversions (float32 kernels are templated on the storage type too) ----
 __device__ __forceinline__ float to_f32(float x) { return x; }

@@ -14,7 +14,7 @@ The rungs, each a module with a kernel factory and a host launcher taking and re
 
 `forward` / `backward` are the backend contract flashlib.attention(..., backend="numba") calls.
 """
-from ._common import HEAD_DIMS, MAX_HEAD_DIM, TC_DTYPES, check_dtype, head_bucket, simulated
+from ._common import HEAD_DIMS, MAX_HEAD_DIM, TC_DTYPES, check_causal, check_dtype, check_scale, head_bucket, simulated
 from .fa2_bwd import fa2_backward
 from .fa1 import fa1_forward
 from .fa2 import fa2_forward
@@ -24,6 +24,7 @@ from .fa2_tf32 import fa2_forward_tf32
 from .fa2_tf32 import HEAD_DIMS as TF32_HEAD_DIMS
 from .matmul import matmul
 
+GQA = ("forward", "backward")   # every variant takes k, v with fewer heads than q (flashlib.api reads this)
 VARIANTS = {"fa1": fa1_forward, "fa2": fa2_forward, "fa2_fast": fa2_forward_fast}
 
 
@@ -38,11 +39,13 @@ def default_variant(dtype, d, cc):
 def forward(q, k, v, *, causal=False, scale=None, dtype="float32", variant=None):
     """(o, lse): o (B, H, Nq, d) in q's dtype and lse (B, H, Nq) float32 Numba device arrays.
 
-    q (B, H, Nq, d), k, v (B, H, Nk, d): Numba device arrays (any strides) of float32 for the variants in VARIANTS
+    q (B, H, Nq, d), k, v (B, H_kv, Nk, d) with H_kv dividing H (grouped-query attention: query head h uses kv head
+    h // (H // H_kv)), d in 1 ... 256: Numba device arrays (any strides) of float32 for the variants in VARIANTS
     or "tf32x3" (float32 default on sm_80+ for head dims 32, 64, 96, 128; else "fa2_fast"), or for variant "tc"
     (the default for those dtypes) of float16, or bfloat16 as int16/uint16 bits. In the simulator "fa2_fast" runs
     its shuffle-free form (row maxima reduced through shared memory) with small blocks; "tc", "tf32x3" need a GPU.
     """
+    causal, scale = check_causal(causal), check_scale(scale, q.shape[3])
     dtype = str(dtype)
     if variant is None:
         cc = None if simulated() else cuda_cc()
@@ -65,9 +68,11 @@ def cuda_cc():
 
 
 def backward(q, k, v, o, lse, do, *, causal=False, scale=None, dtype="float32"):
-    """(dq, dk, dv) float32 Numba device arrays; shapes as q, k, v. float32 only. On sm_80+ GPUs with head dim in
+    """(dq, dk, dv) float32 Numba device arrays; shapes as q, k, v (dk, dv summed over the query heads that share a kv
+    head). float32 only. On sm_80+ GPUs with head dim in
     fa2_bwd_tf32.HEAD_DIMS: the 3xTF32 Tensor Core backward (fa2_bwd_tf32); else (sm_75, the simulator, other
     head dims) fa2_backward on CUDA cores."""
+    causal, scale = check_causal(causal), check_scale(scale, q.shape[3])
     check_dtype(dtype)
     head_bucket(q.shape[3])
     if not simulated():

@@ -1,14 +1,57 @@
 """Shared helpers for the Numba kernels: head-dim buckets, checks, output allocation, the trace array."""
-import math
 import os
 
 import numpy as np
-from numba import cuda
+from numba import cuda, float32
+
+from .._arrays import check_causal, check_scale  # the argument rules every entry point shares
+from ..cupy_kernels import pair_grid  # pure Python (CuPy is imported only at a CuPy launch): one home for the grid rule
 
 # Kernels are compiled for a fixed padded head dimension D (a compile-time constant: local arrays and loops over
 # it need one). A head dim d <= D is zero-padded up to D in shared memory; columns >= d are never written.
-HEAD_DIMS = (8, 16, 32, 64, 128)
+HEAD_DIMS = (8, 16, 32, 64, 128, 256)
 MAX_HEAD_DIM = HEAD_DIMS[-1]
+
+
+# A kernel's (batch, head) pair is cuda.blockIdx.y + cuda.gridDim.y * cuda.blockIdx.z: pair_grid spreads the B*H pairs
+# over grid.y (limit 65535) and grid.z, and blocks past the last pair return. (Spelled inline in every kernel: a
+# kernel calling a device function cannot be compiled by cuda.compile_ptx without a GPU.)
+
+
+def kv_groups(q, k):
+    """G = H // H_kv, the query heads per kv head (grouped-query attention: query head h reads kv head h // G)."""
+    H, Hkv = q.shape[1], k.shape[1]
+    if Hkv == 0 or H % Hkv:
+        raise ValueError(f"k and v have {Hkv} heads, which must divide q's {H} heads (grouped-query attention)")
+    return H // Hkv
+
+
+@cuda.jit
+def sum_groups(a, out):
+    """out (B, H_kv, N, d) = the sum of a (B, H, N, d) over each kv head's G = H // H_kv query heads. Grid
+    (ceil(N/128), B*H_kv pairs over y, z), block 128: one thread per row."""
+    row, bh = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x, cuda.blockIdx.y + cuda.gridDim.y * cuda.blockIdx.z
+    b, hk = bh // out.shape[1], bh % out.shape[1]
+    G = a.shape[1] // out.shape[1]
+    if b < out.shape[0] and row < out.shape[2]:
+        for x in range(out.shape[3]):
+            s = float32(0.0)
+            for g in range(G):
+                s += a[b, hk * G + g, row, x]
+            out[b, hk, row, x] = s
+
+
+def grouped(dk, dv, k, dk_out=None, dv_out=None):
+    """dK, dV computed per query head, summed into k's H_kv heads (into dk_out, dv_out when given); unchanged when
+    every kv head has one query head. Cost: H / H_kv times the dK, dV memory and one more pass over it."""
+    if dk.shape[1] == k.shape[1]:
+        return dk, dv
+    B, Hkv, Nk, d = k.shape
+    outs = tuple(cuda.device_array((B, Hkv, Nk, d), np.float32) if a is None else a for a in (dk_out, dv_out))
+    if dk.size:
+        for a, out in zip((dk, dv), outs):
+            sum_groups[pair_grid(n_blocks(Nk, 128), B * Hkv), (128,)](a, out)
+    return outs
 
 
 def simulated():
@@ -72,4 +115,5 @@ def n_blocks(N, B):
 
 
 def scale_of(scale, d):
-    return np.float32(1.0 / math.sqrt(d) if scale is None else scale)
+    """The softmax scale as float32, checked as every entry point checks it (None: 1/sqrt(d))."""
+    return np.float32(check_scale(scale, d))

@@ -16,14 +16,14 @@ import math
 
 from numba import cuda, float32
 
-from ._common import check_arrays, device, head_bucket, out_arrays, scale_of, trace_arrays
+from ._common import check_causal, check_arrays, device, head_bucket, kv_groups, out_arrays, scale_of, trace_arrays
 
 NEG_INF = float32(-math.inf)
 
 
 def tiles(D):
     """(Br, Bc) so the static shared memory stays under 48 KB."""
-    return (16, 16) if D > 64 else (32, 32)
+    return (8, 16) if D > 128 else (16, 16) if D > 64 else (32, 32)
 
 
 @functools.lru_cache(maxsize=None)
@@ -37,6 +37,7 @@ def make_fa1(Br, Bc, D):
         Ps = cuda.shared.array((Br, Bc1), float32)
         bh = cuda.blockIdx.x
         b, h = bh // q.shape[1], bh % q.shape[1]
+        hk = h // (q.shape[1] // k.shape[1])             # grouped-query attention: the kv head of query head h
         Nq, Nk, d = q.shape[2], k.shape[2], q.shape[3]
         Tr, Tc = (Nq + Br - 1) // Br, (Nk + Bc - 1) // Bc
         t = cuda.threadIdx.x
@@ -57,8 +58,8 @@ def make_fa1(Br, Bc, D):
                 c, x = idx // D, idx % D
                 col = j * Bc + c
                 ok = col < Nk and x < d
-                Ks[c, x] = k[b, h, col, x] if ok else float32(0.0)
-                Vs[c, x] = v[b, h, col, x] if ok else float32(0.0)
+                Ks[c, x] = k[b, hk, col, x] if ok else float32(0.0)
+                Vs[c, x] = v[b, hk, col, x] if ok else float32(0.0)
             for i in range(i0, Tr):                      # line 7: inner loop over Q tiles
                 if tracing and t == 0:
                     trace[bh, step, 0] = i
@@ -119,11 +120,12 @@ def fa1_forward(q, k, v, *, causal=False, scale=None, Br=None, Bc=None, o=None, 
     check_arrays(q, k, v)
     B, H, Nq, d = q.shape
     D = head_bucket(d)
+    kv_groups(q, k)
     Br0, Bc0 = tiles(D)
     Br, Bc = Br or Br0, Bc or Bc0
     o, lse = out_arrays(q, o, lse)
     l = cuda.device_array((B, H, Nq), "float32")
     m = cuda.device_array((B, H, Nq), "float32")
     tr, tracing = trace_arrays(trace)
-    make_fa1(Br, Bc, D)[(B * H,), (Br,)](q, k, v, o, l, m, lse, bool(causal), scale_of(scale, d), tr, tracing)
+    make_fa1(Br, Bc, D)[(B * H,), (Br,)](q, k, v, o, l, m, lse, check_causal(causal), scale_of(scale, d), tr, tracing)
     return o, lse

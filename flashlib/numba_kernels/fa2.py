@@ -19,14 +19,15 @@ import numpy as np
 
 from numba import cuda, float32
 
-from ._common import check_arrays, device, head_bucket, n_blocks, out_arrays, scale_of, trace_arrays
+from ._common import (check_causal, check_arrays, device, head_bucket, kv_groups, n_blocks, out_arrays, pair_grid,
+                      scale_of, trace_arrays)
 
 NEG_INF = float32(-math.inf)
 
 
 def tiles(D):
     """(Br, Bc) so the static shared memory stays under 48 KB."""
-    return (32, 16) if D > 64 else (32, 32)
+    return (16, 8) if D > 128 else (32, 16) if D > 64 else (32, 32)
 
 
 @functools.lru_cache(maxsize=None)
@@ -39,8 +40,11 @@ def make_fa2(Br, Bc, D):
         Vs = cuda.shared.array((Bc, D), float32)
         Ps = cuda.shared.array((Br, Bc1), float32)
         acc = cuda.local.array(D, float32)               # this thread's row of O (unnormalised)
-        i, bh = cuda.blockIdx.x, cuda.blockIdx.y
+        i, bh = cuda.blockIdx.x, cuda.blockIdx.y + cuda.gridDim.y * cuda.blockIdx.z
         b, h = bh // q.shape[1], bh % q.shape[1]
+        if b >= q.shape[0]:                              # past the last (batch, head) pair (pair_grid)
+            return
+        hk = h // (q.shape[1] // k.shape[1])             # grouped-query attention: the kv head of query head h
         Nq, Nk, d = q.shape[2], k.shape[2], q.shape[3]
         t = cuda.threadIdx.x
         row = i * Br + t
@@ -66,8 +70,8 @@ def make_fa2(Br, Bc, D):
                 c, x = idx // D, idx % D
                 col = j * Bc + c
                 ok = col < Nk and x < d
-                Ks[c, x] = k[b, h, col, x] if ok else float32(0.0)
-                Vs[c, x] = v[b, h, col, x] if ok else float32(0.0)
+                Ks[c, x] = k[b, hk, col, x] if ok else float32(0.0)
+                Vs[c, x] = v[b, hk, col, x] if ok else float32(0.0)
             cuda.syncthreads()
             m_new = m_i                                  # S = scale * Q_i K_j^T (this row), m_new = max(m, rowmax S)
             for c in range(Bc):
@@ -110,12 +114,13 @@ def fa2_forward(q, k, v, *, causal=False, scale=None, Br=None, Bc=None, o=None, 
     check_arrays(q, k, v)
     B, H, Nq, d = q.shape
     D = head_bucket(d)
+    kv_groups(q, k)
     Br0, Bc0 = tiles(D)
     Br, Bc = Br or Br0, Bc or Bc0
     o, lse = out_arrays(q, o, lse)
     tr, tracing = trace_arrays(trace)
     mask, sparse = _block_mask(block_mask, n_blocks(Nq, Br), n_blocks(k.shape[2], Bc))
-    make_fa2(Br, Bc, D)[(n_blocks(Nq, Br), B * H), (Br,)](q, k, v, o, lse, bool(causal), scale_of(scale, d), tr, tracing,
+    make_fa2(Br, Bc, D)[pair_grid(n_blocks(Nq, Br), B * H), (Br,)](q, k, v, o, lse, check_causal(causal), scale_of(scale, d), tr, tracing,
                                                           mask, sparse)
     return o, lse
 

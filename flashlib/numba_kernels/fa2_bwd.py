@@ -23,13 +23,15 @@ import math
 import numpy as np
 from numba import cuda, float32
 
-from ._common import check_arrays, device, head_bucket, n_blocks, scale_of
+from ._common import check_causal, check_arrays, device, grouped, head_bucket, kv_groups, n_blocks, pair_grid, scale_of
 
 NEG_INF = float32(-math.inf)
 
 
 def tiles(D):
     """(Br, Bc, G) so the static shared memory stays under 48 KB and dK, dV fit in registers without spilling."""
+    if D > 128:
+        return (4, 16, 4)
     if D > 64:
         return (8, 32, 2)
     if D > 32:
@@ -40,9 +42,9 @@ def tiles(D):
 @cuda.jit
 def rowsum_do_o(do, o, Dr):
     """Dr (B, H, Nq) = rowsum(do * o). Grid (ceil(Nq/128), B*H), block (128,)."""
-    row, bh = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x, cuda.blockIdx.y
+    row, bh = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x, cuda.blockIdx.y + cuda.gridDim.y * cuda.blockIdx.z
     b, h = bh // o.shape[1], bh % o.shape[1]
-    if row < o.shape[2]:
+    if b < o.shape[0] and row < o.shape[2]:
         s = float32(0.0)
         for x in range(o.shape[3]):
             s += do[b, h, row, x] * o[b, h, row, x]
@@ -52,8 +54,8 @@ def rowsum_do_o(do, o, Dr):
 @cuda.jit
 def zero4(a):
     """a (B, H, N, d) = 0. Grid (ceil(N/128), B*H), block (128,): one thread per row."""
-    row, bh = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x, cuda.blockIdx.y
-    if row < a.shape[2]:
+    row, bh = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x, cuda.blockIdx.y + cuda.gridDim.y * cuda.blockIdx.z
+    if bh < a.shape[0] * a.shape[1] and row < a.shape[2]:
         for x in range(a.shape[3]):
             a[bh // a.shape[1], bh % a.shape[1], row, x] = 0.0
 
@@ -77,8 +79,11 @@ def make_backward(Br, Bc, D, G):
         dSs = cuda.shared.array((Br, Bc1), float32)
         dK = cuda.local.array(DG, float32)
         dV = cuda.local.array(DG, float32)
-        j, bh = cuda.blockIdx.x, cuda.blockIdx.y
+        j, bh = cuda.blockIdx.x, cuda.blockIdx.y + cuda.gridDim.y * cuda.blockIdx.z
         b, h = bh // q.shape[1], bh % q.shape[1]
+        if b >= q.shape[0]:                               # past the last (batch, head) pair (pair_grid)
+            return
+        hk = h // (q.shape[1] // k.shape[1])              # grouped-query attention: the kv head of query head h
         Nq, Nk, d = q.shape[2], k.shape[2], q.shape[3]
         t = cuda.threadIdx.x
         c, g = t % Bc, t // Bc                            # this thread's key (in the tile) and column group
@@ -87,8 +92,8 @@ def make_backward(Br, Bc, D, G):
         for idx in range(t, Bc * D, NT):                  # K_j, V_j: loaded once
             cc, x = idx // D, idx % D
             ok = j * Bc + cc < Nk and x < d
-            Ks[cc, x] = k[b, h, j * Bc + cc, x] if ok else float32(0.0)
-            Vs[cc, x] = v[b, h, j * Bc + cc, x] if ok else float32(0.0)
+            Ks[cc, x] = k[b, hk, j * Bc + cc, x] if ok else float32(0.0)
+            Vs[cc, x] = v[b, hk, j * Bc + cc, x] if ok else float32(0.0)
         for e in range(DG):
             dK[e] = 0.0
             dV[e] = 0.0
@@ -161,14 +166,18 @@ def fa2_backward(q, k, v, o, lse, do, *, causal=False, scale=None, Br=None, Bc=N
     D = head_bucket(d)
     Br0, Bc0, G0 = tiles(D)
     Br, Bc, G = Br or Br0, Bc or Bc0, G or G0
+    groups = kv_groups(q, k)
     Dr = cuda.device_array((B, H, Nq), np.float32)
-    rowsum_do_o[(n_blocks(Nq, 128), B * H), (128,)](do, o, Dr)
+    rowsum_do_o[pair_grid(n_blocks(Nq, 128), B * H), (128,)](do, o, Dr)
     if dq is None:
         dq = cuda.device_array((B, H, Nq, d), np.float32)
-        zero4[(n_blocks(Nq, 128), B * H), (128,)](dq)
-    dk = cuda.device_array((B, H, Nk, d), np.float32) if dk is None else dk
-    dv = cuda.device_array((B, H, Nk, d), np.float32) if dv is None else dv
+        zero4[pair_grid(n_blocks(Nq, 128), B * H), (128,)](dq)
+    # grouped-query attention: dK, dV per query head, then summed over the query heads that share a kv head
+    dk_h = cuda.device_array((B, H, Nk, d), np.float32) if dk is None or groups > 1 else dk
+    dv_h = cuda.device_array((B, H, Nk, d), np.float32) if dv is None or groups > 1 else dv
     kern, NT = make_backward(Br, Bc, D, G)
-    kern[(n_blocks(Nk, Bc), B * H), (NT,)](q, k, v, lse, do, Dr, dq, dk, dv, bool(causal),
-                                                              scale_of(scale, d))
-    return dq, dk, dv
+    if Nk > 0:
+        kern[pair_grid(n_blocks(Nk, Bc), B * H), (NT,)](q, k, v, lse, do, Dr, dq, dk_h, dv_h, check_causal(causal),
+                                                        scale_of(scale, d))
+    dk_g, dv_g = grouped(dk_h, dv_h, k, dk, dv)
+    return dq, dk_g, dv_g

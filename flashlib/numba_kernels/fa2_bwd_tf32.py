@@ -42,7 +42,7 @@ import numpy as np
 from numba import cuda, float32, types, uint32
 
 from . import mma
-from ._common import device, n_blocks, scale_of, simulated
+from ._common import check_causal, device, grouped, kv_groups, n_blocks, pair_grid, scale_of, simulated
 from .fa2_bwd import rowsum_do_o
 from .fa2_tf32 import mma_3xtf32, split_tf32
 from .mma import intrinsic
@@ -148,7 +148,7 @@ def make_bwd_tf32(D, Br, max_registers=None):
     INF = float32(math.inf)
 
     @cuda.jit(max_registers=max_registers)
-    def fa2_bwd_tf32(q, k, v, lse, do, Dr, dq, dk, dv, Nq, Nk, causal, scale, sl):
+    def fa2_bwd_tf32(q, k, v, lse, do, Dr, dq, dk, dv, Nq, Nk, causal, scale, sl, G):
         sm = cuda.shared.array(0, float32, alignment=16)
         s = cuda.local.array((NQ, 4), float32)
         dp = cuda.local.array((NQ, 4), float32)
@@ -160,10 +160,14 @@ def make_bwd_tf32(D, Br, max_registers=None):
         tid = cuda.threadIdx.x
         lane, warp = tid & 31, tid >> 5
         g, t = lane >> 2, lane & 3
-        j, bh = cuda.blockIdx.x, cuda.blockIdx.y
+        j, bh = cuda.blockIdx.x, cuda.blockIdx.y + cuda.gridDim.y * cuda.blockIdx.z   # pairs over y, z (pair_grid)
+        if bh >= lse.shape[0]:
+            return
         kv0 = j * Bc
         kw = 16 * warp                             # the warp's first key in the tile
-        qrow, krow = bh * Nq, bh * Nk              # first row of this (batch, head) in the 2-D views
+        # first row of this (batch, head) in the 2-D views: of q, dO, dQ; of its kv head in k, v (GQA); of its dK, dV
+        # rows, written per query head (summed over the kv head's query heads afterwards)
+        qrow, krow, drow = bh * Nq, uint32(bh) // uint32(G) * Nk, bh * Nk   # (32-bit division: fewer registers)
         Tr = (Nq + Br - 1) // Br
         i0 = kv0 // Br if causal else 0
         for idx in range(tid, Bc * C4, NT):        # K_j, V_j: once, 16 bytes per copy (rows past Nk: zeros)
@@ -300,14 +304,14 @@ def make_bwd_tf32(D, Br, max_registers=None):
             if key < Nk:
                 for n in range(KD):
                     for u in range(2):
-                        dk[krow + key, 8 * n + 2 * t + u] = acc_k[n, 2 * h + u] * scale
-                        dv[krow + key, 8 * n + 2 * t + u] = acc_v[n, 2 * h + u]
+                        dk[drow + key, 8 * n + 2 * t + u] = acc_k[n, 2 * h + u] * scale
+                        dv[drow + key, 8 * n + 2 * t + u] = acc_v[n, 2 * h + u]
     return fa2_bwd_tf32, NT
 
 
 # ---------------------------------------------------------------- host side
 A2 = "float32[:, ::1]"
-SIG = f"void({A2}, {A2}, {A2}, {A2}, {A2}, {A2}, {A2}, {A2}, {A2}, int32, int32, boolean, float32, float32)"
+SIG = f"void({A2}, {A2}, {A2}, {A2}, {A2}, {A2}, {A2}, {A2}, {A2}, int32, int32, boolean, float32, float32, int32)"
 
 
 def check(d, cc=None):
@@ -385,20 +389,25 @@ def fa2_backward_tf32(q, k, v, o, lse, do, *, causal=False, scale=None, Br=None,
     if not lse.is_c_contiguous():
         lse = cuda.to_device(np.ascontiguousarray(lse.copy_to_host()))
     Dr = cuda.device_array((B, H, Nq), np.float32)
-    rowsum_do_o[(n_blocks(Nq, 128), B * H), (128,)](do, o, Dr)
+    rowsum_do_o[pair_grid(n_blocks(Nq, 128), B * H), (128,)](do, o, Dr)
     if dq is None:
         dq = cuda.device_array((B, H, Nq, d), np.float32)
-        _zero2[n_blocks(dq.size, 256), 256](_flat(dq))
-    dk = cuda.device_array((B, H, Nk, d), np.float32) if dk is None else dk
-    dv = cuda.device_array((B, H, Nk, d), np.float32) if dv is None else dv
+        if dq.size:
+            _zero2[n_blocks(dq.size, 256), 256](_flat(dq))
+    groups = kv_groups(q, k)  # grouped-query attention: dK, dV per query head, then summed per kv head
+    dk_h = cuda.device_array((B, H, Nk, d), np.float32) if dk is None or groups > 1 else dk
+    dv_h = cuda.device_array((B, H, Nk, d), np.float32) if dv is None or groups > 1 else dv
     sc = scale_of(scale, d)
     kern, NT = make_bwd_tf32(d, Br, maxreg(d, dev.compute_capability))
     if B * H * Nk > 0 and Nq > 0:
-        _launch(kern, (n_blocks(Nk, BC), B * H), (NT,), nbytes,
+        _launch(kern, pair_grid(n_blocks(Nk, BC), B * H), (NT,), nbytes,
                 (_flat(q), _flat(k), _flat(v), lse.reshape(B * H, Nq), _flat(do), Dr.reshape(B * H, Nq),
-                 _flat(dq), _flat(dk), _flat(dv), np.int32(Nq), np.int32(Nk), bool(causal), sc,
-                 np.float32(float(sc) * LOG2E)))
-    return dq, dk, dv
+                 _flat(dq), _flat(dk_h), _flat(dv_h), np.int32(Nq), np.int32(Nk), check_causal(causal), sc,
+                 np.float32(float(sc) * LOG2E), np.int32(groups)))
+    elif dk_h.size:  # no query at all: zero dK, dV
+        _zero2[n_blocks(dk_h.size, 256), 256](_flat(dk_h))
+        _zero2[n_blocks(dv_h.size, 256), 256](_flat(dv_h))
+    return (dq, *grouped(dk_h, dv_h, k, dk, dv))
 
 
 # ---------------------------------------------------------------- PTX and ptxas, without a GPU

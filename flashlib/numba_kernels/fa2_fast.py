@@ -23,7 +23,8 @@ import math
 
 from numba import cuda, float32
 
-from ._common import check_arrays, device, head_bucket, n_blocks, out_arrays, scale_of, simulated, trace_arrays
+from ._common import (check_causal, check_arrays, device, head_bucket, kv_groups, n_blocks, out_arrays, pair_grid,
+                      scale_of, simulated, trace_arrays)
 
 NEG_INF = float32(-math.inf)
 
@@ -35,7 +36,9 @@ def config(D, sim=None):
         return (8, 8, 2, 2, 2)
     if D <= 64:
         return (64, 32, 4, 4, 2)                     # 16 x 8 threads, 43.6 KB shared at D = 64
-    return (32, 32, 4, 4, 1)                         # 8 x 8 threads, 38.3 KB shared, K and V share a buffer
+    if D <= 128:
+        return (32, 32, 4, 4, 1)                     # 8 x 8 threads, 38.3 KB shared, K and V share a buffer
+    return (16, 16, 2, 2, 1)                         # 8 x 8 threads, 34.5 KB shared at D = 256
 
 
 @functools.lru_cache(maxsize=None)
@@ -60,8 +63,11 @@ def make_fa2_fast(Br, Bc, D, TM, TN, NKV, SHFL):
         qa = cuda.local.array(TM, float32)
         kb = cuda.local.array(TN, float32)
         ve = cuda.local.array(DN, float32)
-        i, bh = cuda.blockIdx.x, cuda.blockIdx.y
+        i, bh = cuda.blockIdx.x, cuda.blockIdx.y + cuda.gridDim.y * cuda.blockIdx.z
         b, h = bh // q.shape[1], bh % q.shape[1]
+        if b >= q.shape[0]:                          # past the last (batch, head) pair (pair_grid)
+            return
+        hk = h // (q.shape[1] // k.shape[1])         # grouped-query attention: the kv head of query head h
         Nq, Nk, d = q.shape[2], k.shape[2], q.shape[3]
         t = cuda.threadIdx.x
         ty, tx = t // NTX, t % NTX
@@ -85,9 +91,9 @@ def make_fa2_fast(Br, Bc, D, TM, TN, NKV, SHFL):
             for idx in range(t, Bc * D, NT):         # K_j (and V_j when there is room for both)
                 c, x = idx // D, idx % D
                 ok = j * Bc + c < Nk and x < d
-                KV[0, c, x] = k[b, h, j * Bc + c, x] if ok else float32(0.0)
+                KV[0, c, x] = k[b, hk, j * Bc + c, x] if ok else float32(0.0)
                 if NKV == 2:
-                    KV[1, c, x] = v[b, h, j * Bc + c, x] if ok else float32(0.0)
+                    KV[1, c, x] = v[b, hk, j * Bc + c, x] if ok else float32(0.0)
             cuda.syncthreads()
             for a in range(TM):                      # S = Q_i K_j^T, TM x TN per thread
                 for bb in range(TN):
@@ -140,7 +146,7 @@ def make_fa2_fast(Br, Bc, D, TM, TN, NKV, SHFL):
                 for idx in range(t, Bc * D, NT):
                     c, x = idx // D, idx % D
                     ok = j * Bc + c < Nk and x < d
-                    KV[0, c, x] = v[b, h, j * Bc + c, x] if ok else float32(0.0)
+                    KV[0, c, x] = v[b, hk, j * Bc + c, x] if ok else float32(0.0)
             cuda.syncthreads()
             for c in range(Bc):                      # O += P V_j, TM x DN per thread
                 for a in range(TM):
@@ -178,6 +184,7 @@ def fa2_forward_fast(q, k, v, *, causal=False, scale=None, cfg=None, shuffle=Non
     check_arrays(q, k, v)
     B, H, Nq, d = q.shape
     D = head_bucket(d)
+    kv_groups(q, k)
     Br, Bc, TM, TN, NKV = cfg or config(D)
     shfl = (not simulated()) if shuffle is None else shuffle
     if Bc // TN > D:
@@ -185,5 +192,5 @@ def fa2_forward_fast(q, k, v, *, causal=False, scale=None, cfg=None, shuffle=Non
     kern, NT = make_fa2_fast(Br, Bc, D, TM, TN, NKV, shfl)
     o, lse = out_arrays(q, o, lse)
     tr, tracing = trace_arrays(trace)
-    kern[(n_blocks(Nq, Br), B * H), (NT,)](q, k, v, o, lse, bool(causal), scale_of(scale, d), tr, tracing)
+    kern[pair_grid(n_blocks(Nq, Br), B * H), (NT,)](q, k, v, o, lse, check_causal(causal), scale_of(scale, d), tr, tracing)
     return o, lse

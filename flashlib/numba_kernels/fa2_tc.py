@@ -44,10 +44,10 @@ import numpy as np
 from numba import cuda, float32, int32, uint32
 
 from . import mma
-from ._common import device, scale_of, simulated
+from ._common import check_causal, device, kv_groups, pair_grid, scale_of, simulated
 
 
-HEAD_DIMS = (32, 64, 96, 128)
+HEAD_DIMS = (32, 64, 96, 128, 256)  # compiled head dims; a head dim 1 ... 256 is zero-padded up to the next
 DTYPES = ("float16", "bfloat16")
 LOG2E = 1.4426950408889634
 LN2 = np.float32(math.log(2.0))
@@ -55,7 +55,10 @@ SMEM_STATIC = 48 * 1024
 # (NW warps, Bc keys, NSTAGE, MR m-tiles of 16 rows per warp, MINB blocks per SM asked of ptxas or 0) per head
 # dim, Br = 16*NW*MR; static shared memory must stay under 48 KB (Numba has no opt-in to more).
 # benchmarks/numba_tc_bench.py sweeps the alternatives (numba_tc_<NW>_<Bc>_<NSTAGE>_<MR>_<MINB> rows).
-TILES = {32: (4, 64, 2, 1, 0), 64: (4, 64, 2, 1, 0), 96: (4, 32, 2, 1, 0), 128: (4, 32, 2, 1, 0)}
+# d = 256 (not swept): Bc = 16 keys, so that S and P stay small beside O's 128 fp32 registers (246 registers, no
+# spill). The m16n8k8 (sm_75) path has no d = 256: its register-staged K/V copies spill there (8-56 bytes at
+# (2, 16, 1) ... (4, 32, 1), ptxas -v for sm_75), so config() refuses it with the way out.
+TILES = {32: (4, 64, 2, 1, 0), 64: (4, 64, 2, 1, 0), 96: (4, 32, 2, 1, 0), 128: (4, 32, 2, 1, 0), 256: (4, 16, 2, 1, 0)}
 TILES_SM75 = {32: (4, 64, 1, 1, 0), 64: (4, 64, 1, 1, 0), 96: (4, 64, 1, 1, 0), 128: (4, 64, 1, 1, 0)}
 
 
@@ -127,7 +130,7 @@ def make_fa2_tc(D, NW, Bc, NSTAGE, dtype, K8, MR=1, MINB=0):
     FULL = 0xFFFFFFFF
 
     @cuda.jit(**jit_options(NW, MINB))
-    def fa2_tc(q, k, v, o, lse, Nq, Nk, causal, sl):
+    def fa2_tc(q, k, v, o, lse, Nq, Nk, causal, sl, G):
         sm = cuda.shared.array((ROWS, LDW), uint32, alignment=16)   # ldmatrix, cp.async: 16-byte rows
         qf = cuda.local.array((MR, KD, 4), uint32)
         s = cuda.local.array((MR, NB, 4), float32)
@@ -142,10 +145,12 @@ def make_fa2_tc(D, NW, Bc, NSTAGE, dtype, K8, MR=1, MINB=0):
         g, t = lane >> 2, lane & 3
         # causal: the longest rows (last Q tiles) start first, so that short blocks fill the tail of the launch
         i = cuda.gridDim.x - 1 - cuda.blockIdx.x if causal else cuda.blockIdx.x
-        bh = cuda.blockIdx.y
+        bh = cuda.blockIdx.y + cuda.gridDim.y * cuda.blockIdx.z   # (batch, head) pairs over y and z (pair_grid)
+        if bh >= lse.shape[0]:
+            return
         q0 = i * Br
         qw = q0 + 16 * MR * warp                     # first query row of this warp
-        qrow, krow = bh * Nq, bh * Nk                # first row of this (batch, head) in the 2-D views
+        qrow, krow = bh * Nq, uint32(bh) // uint32(G) * Nk   # first row of this (batch, head), of its kv head (GQA)
         kv_end = min(Nk, q0 + Br) if causal else Nk
         n_tiles = (kv_end + Bc - 1) // Bc
         z = uint32(0)
@@ -338,7 +343,7 @@ def instances():
         for dtype in DTYPES:
             for cc in ((8, 0), (9, 0)):
                 out.append((f"fa2_tc {dtype} D={D}", cc, factory_args(D, TILES[D], dtype, False)))
-        for cc in ((7, 5), (8, 0)):
+        for cc in ((7, 5), (8, 0)) if D in TILES_SM75 else ():
             out.append((f"fa2_tc_k8 float16 D={D}", cc, factory_args(D, TILES_SM75[D], "float16", True)))
     return out
 
@@ -377,12 +382,16 @@ def ptx_report(only=None):
 # through a caching allocator where there is one, and the launch. Inputs that are not C-contiguous (and 16-byte
 # aligned) are copied first; outputs the caller passes with other strides are written through a contiguous
 # temporary and copied back.
-SIG = "void(uint32[:, ::1], uint32[:, ::1], uint32[:, ::1], uint32[:, ::1], float32[:, ::1], int32, int32, boolean, float32)"
+SIG = ("void(uint32[:, ::1], uint32[:, ::1], uint32[:, ::1], uint32[:, ::1], float32[:, ::1], int32, int32, boolean, "
+       "float32, int32)")
 
 
 def config(d, cc, dtype, tiles=None, k8=None):
     """(NW, Bc, NSTAGE, MR, MINB, K8) for head dim d on compute capability cc (a tuple)."""
     k8 = cc < (8, 0) if k8 is None else k8
+    if k8 and d not in TILES_SM75 and not tiles:
+        raise ValueError(f"the numba tc kernel's m16n8k8 (sm_75, T4) path takes head dims up to 128, got {d} (a bucket "
+                         "of 256): use backend='cupy' (its sm75 rung runs it)")
     NW, Bc, NSTAGE, MR, MINB = tiles_of(tiles or (TILES_SM75 if k8 else TILES)[d])
     if k8 and NSTAGE != 1:
         raise ValueError("the m16n8k8 (sm_75) path has no cp.async: NSTAGE must be 1")
@@ -438,6 +447,36 @@ def _copy3(src, dst):
     idx = cuda.grid(1)
     if idx < B * H * N:
         dst[idx // (H * N), (idx // N) % H, idx % N] = src[idx // (H * N), (idx // N) % H, idx % N]
+
+
+@cuda.jit
+def _pad4(src, dst):
+    """dst (B, H, N, D) = src (B, H, N, d <= D) with zero columns d ... D-1 (one thread per element of dst)."""
+    B, H, N, D = dst.shape
+    idx = cuda.grid(1)
+    if idx < B * H * N * D:
+        x = idx % D
+        n = (idx // D) % N
+        bh = idx // (D * N)
+        dst[bh // H, bh % H, n, x] = src[bh // H, bh % H, n, x] if x < src.shape[3] else 0
+
+
+def _padded(a, D):
+    """a (B, H, N, d) as a C-contiguous (B, H, N, D) array, zero-padded (a itself when d == D and usable)."""
+    if a.shape[3] == D:
+        return _contiguous(a)
+    out = _empty(a.shape[:3] + (D,), a.dtype)
+    if out.size:
+        _pad4[(out.size + 255) // 256, 256](a, out)
+    return out
+
+
+def head_bucket(d):
+    """The compiled head dim (HEAD_DIMS) a head dim d runs as."""
+    for D in HEAD_DIMS:
+        if d <= D:
+            return D
+    raise ValueError(f"the numba tc kernel takes head_dim 1 ... {HEAD_DIMS[-1]}, got {d}")
 
 
 def _copy(src, dst):
@@ -504,34 +543,44 @@ def _words(a):
 def fa2_forward_tc(q, k, v, *, causal=False, scale=None, dtype="float16", tiles=None, k8=None, o=None, lse=None):
     """Tensor Core FA2 forward. q (B, H, Nq, d), k, v (B, H, Nk, d): Numba device arrays (or NumPy arrays, copied;
     or objects with __cuda_array_interface__) of float16, or of int16 / uint16 holding bfloat16 bits for
-    dtype='bfloat16'; any strides. d in HEAD_DIMS. Returns o (q's shape and dtype) and lse (B, H, Nq) float32, the
-    caller's o / lse when given (any strides). tiles = (NW, Bc, NSTAGE[, MR[, MINB]]) overrides TILES; k8=True
-    forces the m16n8k8 (sm_75) path."""
+    dtype='bfloat16'; any strides. k, v may have H_kv heads dividing H (grouped-query attention). d in 1 ... 256:
+    compiled for HEAD_DIMS, a head dim between them zero-padded up to the next (head_bucket). Returns o (q's shape
+    and dtype) and lse (B, H, Nq) float32, the caller's o / lse when given (any strides). tiles = (NW, Bc, NSTAGE[,
+    MR[, MINB]]) overrides TILES; k8=True forces the m16n8k8 (sm_75) path."""
     q, k, v = (device(a) for a in (q, k, v))
     B, H, Nq, d = q.shape
-    Nk = k.shape[2]
+    Hkv, Nk = k.shape[1], k.shape[2]
     if dtype not in DTYPES:
         check(d, dtype)
     want = {"float16": ("float16",), "bfloat16": ("int16", "uint16")}[dtype]
     for name, a in (("q", q), ("k", k), ("v", v)):
         if str(a.dtype) not in want:
             raise ValueError(f"{name} has dtype {a.dtype}; dtype={dtype!r} expects {' or '.join(want)} arrays")
-    if tuple(k.shape) != (B, H, Nk, d) or tuple(v.shape) != (B, H, Nk, d):
-        raise ValueError(f"k and v must be (B, H, Nk, d) = ({B}, {H}, Nk, {d}); got {tuple(k.shape)}, {tuple(v.shape)}")
-    check(d, dtype, k8=bool(k8))
+    if tuple(k.shape) != (B, Hkv, Nk, d) or tuple(v.shape) != (B, Hkv, Nk, d):
+        raise ValueError(f"k and v must be (B, H_kv, Nk, d) = ({B}, H_kv, Nk, {d}); got {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    G = kv_groups(q, k)
+    D = head_bucket(d)
+    check(D, dtype, k8=bool(k8))
     if simulated():
         raise RuntimeError("the Tensor Core kernel runs PTX (mma.sync), which Numba's CUDA simulator cannot execute: "
                            "it needs a GPU; its checks without one are tests/test_numba_tc.py")
     cc = _cc()
-    check(d, dtype, cc, bool(k8))
-    kern, NT, Br = _kernel(d, cc, dtype, None if tiles is None else tuple(tiles), k8)
-    launch = _launcher(kern, (-(-Nq // Br), B * H), NT)
-    return run(launch, q, k, v, o, lse, causal, scale_of(scale, d))
+    check(D, dtype, cc, bool(k8))
+    kern, NT, Br = _kernel(D, cc, dtype, None if tiles is None else tuple(tiles), k8)
+    launch = _launcher(kern, pair_grid(-(-Nq // Br), B * H), NT)
+    if D == d:
+        return run(launch, q, k, v, o, lse, causal, scale_of(scale, d), G)
+    o_pad, lse = run(launch, *(_padded(a, D) for a in (q, k, v)), None, lse, causal, scale_of(scale, d), G)
+    o_out = _empty(q.shape, q.dtype) if o is None else device(o)
+    _copy(o_pad[:, :, :, :d], o_out)
+    return o_out, lse
 
 
-def run(launch, q, k, v, o, lse, causal, scale):
+def run(launch, q, k, v, o, lse, causal, scale, G=1):
     """Everything around one launch of the kernel: launch(q, k, v, o, lse words and rows, Nq, Nk, causal, scale *
-    log2 e). Split out of fa2_forward_tc so that tests can run it without a GPU (a Python `launch`)."""
+    log2 e, G query heads per kv head). Split out of fa2_forward_tc so that tests can run it without a GPU (a Python
+    `launch`)."""
     B, H, Nq, d = q.shape
     q, k, v = (_contiguous(device(a)) for a in (q, k, v))
     o_out = None if o is None else device(o)
@@ -542,8 +591,9 @@ def run(launch, q, k, v, o, lse, causal, scale):
         raise ValueError(f"lse must be (B, H, Nq) = {(B, H, Nq)}, got {tuple(lse_out.shape)}")
     o_k = o_out if o_out is not None and _usable(o_out) else _empty(q.shape, q.dtype)
     lse_k = lse_out if lse_out is not None and _usable(lse_out) else _empty((B, H, Nq), np.float32)
-    launch(_words(q), _words(k), _words(v), _words(o_k), _view(lse_k, (B * H, Nq), np.float32),
-           np.int32(Nq), np.int32(k.shape[2]), bool(causal), np.float32(float(scale) * LOG2E))
+    if q.size:
+        launch(_words(q), _words(k), _words(v), _words(o_k), _view(lse_k, (B * H, Nq), np.float32),
+               np.int32(Nq), np.int32(k.shape[2]), check_causal(causal), np.float32(float(scale) * LOG2E), np.int32(G))
     if o_out is not None and o_k is not o_out:      # the caller's strided arrays: copy the results in
         _copy(o_k, o_out)
     if lse_out is not None and lse_k is not lse_out:

@@ -65,7 +65,7 @@ except ImportError:  # older numba-cuda: as mma.py
     from numba.core.extending import intrinsic
 
 from . import mma
-from ._common import device, scale_of, simulated
+from ._common import check_causal, device, kv_groups, pair_grid, scale_of, simulated
 
 HEAD_DIMS = (32, 64, 96, 128)
 LOG2E = 1.4426950408889634
@@ -358,7 +358,7 @@ def make_fa2_tf32(D, NW, Bc, QPRE, MAXREG=0):
                         acc[n, e] = d4[e]
 
     @cuda.jit(**({"max_registers": MAXREG} if MAXREG else {}))
-    def fa2_tf32(q, k, v, o, lse, Nq, Nk, causal, sl):
+    def fa2_tf32(q, k, v, o, lse, Nq, Nk, causal, sl, G):
         Ks = cuda.shared.array((Bc, LDK), uint32, alignment=16)
         Vs = cuda.shared.array((Bc, LDV), uint32, alignment=16)
         qb = cuda.local.array((KS, 4), uint32)
@@ -376,10 +376,12 @@ def make_fa2_tf32(D, NW, Bc, QPRE, MAXREG=0):
         lane, warp = tid & 31, tid >> 5
         g, t = lane >> 2, lane & 3
         i = cuda.gridDim.x - 1 - cuda.blockIdx.x if causal else cuda.blockIdx.x   # longest rows first
-        bh = cuda.blockIdx.y
+        bh = cuda.blockIdx.y + cuda.gridDim.y * cuda.blockIdx.z   # (batch, head) pairs over y and z (pair_grid)
+        if bh >= lse.shape[0]:
+            return
         q0 = i * Br
         qw = q0 + 16 * warp                          # first query row of this warp
-        qrow, krow = bh * Nq, bh * Nk
+        qrow, krow = bh * Nq, uint32(bh) // uint32(G) * Nk   # this (batch, head)'s first row, its kv head's (GQA)
         kv_end = min(Nk, q0 + Br) if causal else Nk
         n_tiles = (kv_end + Bc - 1) // Bc
         z = uint32(0)
@@ -504,7 +506,8 @@ def make_fa2_tf32(D, NW, Bc, QPRE, MAXREG=0):
     return fa2_tf32, NT, Br
 
 
-SIG = "void(uint32[:, ::1], uint32[:, ::1], uint32[:, ::1], float32[:, ::1], float32[:, ::1], int32, int32, boolean, float32)"
+SIG = ("void(uint32[:, ::1], uint32[:, ::1], uint32[:, ::1], float32[:, ::1], float32[:, ::1], int32, int32, boolean, "
+       "float32, int32)")
 
 
 def instances():
@@ -559,12 +562,14 @@ def fa2_forward_tf32(q, k, v, *, causal=False, scale=None, tiles=None, o=None, l
     copied; any strides); d in HEAD_DIMS. Returns o (B, H, Nq, d) and lse (B, H, Nq) float32 device arrays.
     tiles = (NW, Bc, QPRE[, MAXREG]) overrides TILES. Needs a GPU of compute capability 8.0+."""
     B, H, Nq, d = q.shape
-    Nk = k.shape[2]
+    Hkv, Nk = k.shape[1], k.shape[2]
     for name, a in (("q", q), ("k", k), ("v", v)):
         if str(a.dtype) != "float32":
             raise ValueError(f"{name} has dtype {a.dtype}; the tf32x3 kernel takes float32")
-    if tuple(k.shape) != (B, H, Nk, d) or tuple(v.shape) != (B, H, Nk, d):
-        raise ValueError(f"k and v must be (B, H, Nk, d) = ({B}, {H}, Nk, {d}); got {tuple(k.shape)}, {tuple(v.shape)}")
+    if tuple(k.shape) != (B, Hkv, Nk, d) or tuple(v.shape) != (B, Hkv, Nk, d):
+        raise ValueError(f"k and v must be (B, H_kv, Nk, d) = ({B}, H_kv, Nk, {d}); got {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    G = kv_groups(q, k)
     check(d)
     NW, Bc, QPRE, MAXREG = config(d, tiles)
     if simulated():
@@ -578,8 +583,10 @@ def fa2_forward_tf32(q, k, v, *, causal=False, scale=None, tiles=None, o=None, l
     lse = cuda.device_array((B, H, Nq), np.float32) if lse is None else lse
     words = lambda a: a.reshape(a.shape[0] * a.shape[1] * a.shape[2], d).view(np.uint32)
     sl = np.float32(float(scale_of(scale, d)) * LOG2E)
-    kern[(-(-Nq // Br), B * H), (NT,)](words(q), words(k), words(v), o.reshape(B * H * Nq, d),
-                                        lse.reshape(B * H, Nq), np.int32(Nq), np.int32(Nk), bool(causal), sl)
+    if q.size:
+        kern[pair_grid(-(-Nq // Br), B * H), (NT,)](words(q), words(k), words(v), o.reshape(B * H * Nq, d),
+                                                    lse.reshape(B * H, Nq), np.int32(Nq), np.int32(Nk), check_causal(causal),
+                                                    sl, np.int32(G))
     return o, lse
 
 
