@@ -484,7 +484,8 @@ def test_sm75_path_forced_by_env(monkeypatch, poisoned):
     calls = []
     real = ck._kernel
     monkeypatch.setattr(ck, "_kernel", lambda f, n, s=0: calls.append(n) or real(f, n, s))
-    ck.forward_plan.cache_clear()                      # a plan built earlier would skip the compile step
+    ck.forward_plan.cache_clear()                      # a plan or a module loaded earlier would skip the compile step
+    ck._kernel_on.cache_clear()
     o, _ = _backend_call(ck.forward, (q, k, v), "float16", True, 0.125)
     assert calls and calls[0] == ck.choose_config("float16", 64, 75, True).kernel
     o_ref, _ = reference.attention_forward(_f64(q), _f64(k), _f64(v), True, 0.125)

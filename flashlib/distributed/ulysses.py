@@ -17,8 +17,21 @@ def _all_to_all(parts, group, phase):
     STATS.setdefault(phase, {"collectives": 0, "bytes": 0})
     STATS[phase]["collectives"] += 1
     STATS[phase]["bytes"] += sum(p.numel() * p.element_size() for i, p in enumerate(parts) if i != rank)
-    dist.all_to_all(outs, parts, group=group)
+    if dist.get_backend(group) == "gloo":      # gloo has no all_to_all in some torch releases (2.11): the same
+        _exchange(outs, parts, rank, P, group)   # exchange as point-to-point messages
+    else:
+        dist.all_to_all(outs, parts, group=group)
     return outs
+
+
+def _exchange(outs, parts, rank, P, group):
+    """all_to_all by batched isend/irecv: parts[p] to rank p, outs[p] from rank p."""
+    peer = (lambda p: p) if group is None else (lambda p: dist.get_global_rank(group, p))
+    outs[rank].copy_(parts[rank])
+    ops = [op for p in range(P) if p != rank
+           for op in (dist.P2POp(dist.isend, parts[p], peer(p), group), dist.P2POp(dist.irecv, outs[p], peer(p), group))]
+    for work in dist.batch_isend_irecv(ops):
+        work.wait()
 
 
 def _seq_to_heads(x, group, layout, phase):
