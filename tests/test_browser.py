@@ -231,3 +231,25 @@ def test_code_and_outputs_fit_the_column_at_1280px(server, browser):
             too_wide[rel] = wide[:3]
         page.close()
     assert not too_wide
+
+
+def test_player_frames_fill_the_column_at_twice_its_pixels(server, browser):
+    """Every step-through player's frame is as wide as the text column (not a thumbnail, not overflowing) at a
+    1280 px window, and its PNG has at least twice the pixels it is shown at, so it stays sharp on a high-DPI screen."""
+    found, bad = 0, {}
+    for rel in chapter_pages():
+        page, _ = open_page(browser, f"{server}/{rel}")
+        frames = page.evaluate("""() => {
+            const art = document.querySelector('article.bd-article'), css = getComputedStyle(art);
+            const column = art.clientWidth - parseFloat(css.paddingLeft) - parseFloat(css.paddingRight);
+            return [...document.querySelectorAll(".animation img[id^='_anim_img']")].map(img => ({
+                shown: img.getBoundingClientRect().width, natural: img.naturalWidth, column: column}));
+        }""")
+        page.close()
+        found += len(frames)
+        wrong = [f for f in frames if not (0.95 * f["column"] <= f["shown"] <= f["column"] + 1
+                                           and f["natural"] >= 2 * f["shown"] - 2)]
+        if wrong:
+            bad[rel] = wrong[:2]
+    assert found, "no step-through player in the built book"
+    assert not bad, bad

@@ -28,13 +28,13 @@ from matplotlib.patches import Patch, Rectangle
 
 from .. import block_sparse, iomodel, reference, tiled
 
-# Frames are drawn WIDTH = 7.5 inches wide at DPI = 200 (1500 px, twice the column) and shown at the width of the
-# book's content column, COLUMN_PX = 688 px in a 1280 px window (measured in Chromium), so one point of font shows
-# as 688 / (72 * 7.5) = 1.27 px: FONT = 8 pt is 10.2 px on screen.
+# Frames are drawn WIDTH = 7.5 inches wide at DPI = 210 (1575 px, over twice the column) and shown at the width of
+# the book's content column, COLUMN_PX = 752 px in a 1280 px window (measured in Chromium by tests/test_browser.py),
+# so one point of font shows as 752 / (72 * 7.5) = 1.39 px: FONT = 8 pt is 11.1 px on screen.
 WIDTH = 7.5
 FIGSIZE = (WIDTH, 7.0)
-DPI = 200
-COLUMN_PX = 688
+DPI = 210
+COLUMN_PX = 752
 FONT = 8
 LOADED, KEPT, WRITTEN = "#f28e2b", "#ffd8a8", "#1f77b4"   # loaded into SRAM now / still in SRAM / written back
 TITLES = {"fa1": "FlashAttention, Algorithm 1: outer loop over K/V blocks j, inner over Q blocks i",
