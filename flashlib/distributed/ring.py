@@ -66,10 +66,7 @@ def _ring_forward(q, k, v, causal, scale, group, layout, backend):
     held.take(f"kv{rank}")
     for step in range(P):
         src = block_of(rank, step, P)
-        if step + 1 < P:                                    # start the transfer of the next block first
-            nxt_kv = (torch.empty_like(k), torch.empty_like(v))
-            held.take(f"kv{block_of(rank, step + 1, P)}")
-            reqs = _exchange(cur, nxt_kv, nxt, prv, group, stats, ("kv", step))
+        nxt_kv, reqs = _pass_on(cur, rank, step, P, held, nxt, prv, group, stats)   # the next block's transfer first
         plan = block_plan(rank, src, P, n, layout, causal)
         stats["computed"].append(plan is not None)
         if plan is not None:
@@ -78,13 +75,29 @@ def _ring_forward(q, k, v, causal, scale, group, layout, backend):
                                    backend=backend, return_lse=True)
             m[..., qs], l[..., qs], acc[..., qs, :] = fold(m[..., qs], l[..., qs], acc[..., qs, :],
                                                           as_array(o_b.to(dt)), as_array(lse_b.to(dt)))
-        if step + 1 < P:
-            _wait(reqs)
-            held.drop(f"kv{src}")
-            cur = nxt_kv
+        cur = _arrived(cur, nxt_kv, reqs, src, held)
     stats["peak_kv_blocks"] = held.peak
     o, lse = finish(m, l, acc)
     return as_tensor(o, q).to(q.dtype), as_tensor(lse, q)
+
+
+def _pass_on(cur, rank, step, P, held, nxt, prv, group, stats):
+    """Start sending the K/V block held at `step` on to the next rank and receiving the next one into new buffers;
+    (buffers, requests), or (None, None) at the last step."""
+    if step + 1 == P:
+        return None, None
+    nxt_kv = (torch.empty_like(cur[0]), torch.empty_like(cur[1]))
+    held.take(f"kv{block_of(rank, step + 1, P)}")
+    return nxt_kv, _exchange(cur, nxt_kv, nxt, prv, group, stats, ("kv", step))
+
+
+def _arrived(cur, nxt_kv, reqs, src, held):
+    """The block to use next: once the transfer is done, the received one (block src is let go); else cur."""
+    if nxt_kv is None:
+        return cur
+    _wait(reqs)
+    held.drop(f"kv{src}")
+    return nxt_kv
 
 
 def _ring_backward(q, k, v, o, lse, do, causal, scale, group, layout, backend):
@@ -99,10 +112,7 @@ def _ring_backward(q, k, v, o, lse, do, causal, scale, group, layout, backend):
     held.take(f"kv{rank}")
     for step in range(P):
         src = block_of(rank, step, P)
-        if step + 1 < P:
-            nxt_kv = (torch.empty_like(k), torch.empty_like(v))
-            held.take(f"kv{block_of(rank, step + 1, P)}")
-            reqs = _exchange(cur, nxt_kv, nxt, prv, group, stats, ("kv", step))
+        nxt_kv, reqs = _pass_on(cur, rank, step, P, held, nxt, prv, group, stats)   # the next block's transfer first
         plan = block_plan(rank, src, P, n, layout, causal)
         stats["computed"].append(plan is not None)
         if plan is not None:
@@ -120,10 +130,7 @@ def _ring_backward(q, k, v, o, lse, do, causal, scale, group, layout, backend):
         if P > 1:
             dkv_in = (torch.empty_like(dkv[0]), torch.empty_like(dkv[1]))
             dkv_reqs = _exchange(dkv, dkv_in, nxt, prv, group, stats, ("dkv", step))
-        if step + 1 < P:
-            _wait(reqs)
-            held.drop(f"kv{src}")
-            cur = nxt_kv
+        cur = _arrived(cur, nxt_kv, reqs, src, held)
     if P > 1:
         _wait(dkv_reqs)                                     # our own block's dK, dV, home after P visits
         dkv = dkv_in
