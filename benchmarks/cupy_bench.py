@@ -34,7 +34,7 @@ BWD_SWEEP_TILES = {64: [(4, 2, 64, 32, False), (8, 1, 64, 64, True), (8, 1, 64, 
 def _compile(job):
     f, name = job
     try:
-        ck._kernel(f, name)
+        ck.compile_kernel(f, name)
         return None
     except Exception as e:  # report, do not stop the others
         return f"{name}: {type(e).__name__}: {str(e)[:500]}"

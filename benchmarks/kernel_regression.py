@@ -31,7 +31,7 @@ def build(job):
     prog = nvrtc.createProgram(pathlib.Path(folder, file).read_text(), file, (), ())
     # as flashlib compiles them: wgmma for sm_90a with -ftz=true (ck._kernel_sm90a), the others as CuPy's RawModule
     arch = ("-arch=sm_90a", "-ftz=true") if file == "fa2_wgmma.cu" else ("-arch=sm_90",)
-    opts = ("-std=c++17", f"-I{folder}", *(f"-I{d}" for d in ck._cuda_include_dirs()), *arch)
+    opts = ("-std=c++17", f"-I{folder}", *(f"-I{d}" for d in ck.cuda_include_dirs()), *arch)
     try:
         nvrtc.addNameExpression(prog, name)
         nvrtc.compileProgram(prog, opts)

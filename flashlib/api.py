@@ -82,15 +82,51 @@ def validate(q, k, v, causal, scale):
 
     q (B, H, Nq, d), k and v (B, H_kv, Nk, d) with H_kv dividing H (grouped-query attention: query head h reads kv
     head h // (H // H_kv)); one kind of array, one dtype of DTYPES, one device; causal a real bool; scale as
-    `check_scale` accepts it.
+    `check_scale` accepts it. Array signatures that passed once (kinds, shapes, dtypes, torch devices) are
+    remembered, so a repeated call checks only causal and scale again.
     """
+    key = _signature(q, k, v)
+    try:
+        dt = _VALID.get(key)
+    except TypeError:                       # an unhashable shape or dtype: check every time
+        key = dt = None
+    if dt is None:
+        dt = check_arrays(q, k, v)
+        if key is not None:
+            if len(_VALID) > 4096:          # a bound for programs that see endless shapes
+                _VALID.clear()
+            _VALID[key] = dt
+    if causal is not True and causal is not False:
+        check_causal(causal)
+    return dt, check_scale(scale, q.shape[3])
+
+
+def check_arrays(q, k, v):
+    """validate's check of the arrays themselves, remembering nothing (what torch.compile traces); returns the
+    dtype name."""
     dt = _check_arrays(("q", "k", "v"), (q, k, v))
     qs, ks = tuple(q.shape), tuple(k.shape)
-    if len(qs) != 4 or len(ks) != 4 or tuple(v.shape) != ks or 0 in qs or 0 in ks or ks[0] != qs[0] or ks[3] != qs[3] \
-            or qs[1] % ks[1]:
+    if len(qs) != 4 or len(ks) != 4 or tuple(v.shape) != ks or 0 in qs or 0 in ks or ks[0] != qs[0] \
+            or ks[3] != qs[3] or qs[1] % ks[1]:
         _shape_error(q, k, v)
-    check_causal(causal)
-    return dt, check_scale(scale, qs[3])
+    return dt
+
+
+_VALID = {}     # array signature -> dtype name, for signatures that passed validate
+
+
+def _signature(q, k, v):
+    """What validate's verdict depends on besides causal and scale: the three arrays' types, shapes and dtypes,
+    and torch tensors' devices; None for what is not an array (validate then explains)."""
+    t = type(q)
+    if t is not type(k) or t is not type(v) or not hasattr(q, "shape") or not hasattr(k, "shape") \
+            or not hasattr(v, "shape"):
+        return None
+    key = (t, q.shape, k.shape, v.shape, getattr(q, "dtype", None), getattr(k, "dtype", None),
+           getattr(v, "dtype", None))
+    if t.__module__[:5] == "torch":
+        key += (q.get_device(), k.get_device(), v.get_device())
+    return key
 
 
 def _shape_error(q, k, v):
@@ -132,10 +168,18 @@ def _auto(dt, gpu):
     return "reference"
 
 
-def choose_backend(backend, x, dt):
-    """The backend that runs for `backend` ('auto' or a name) on array x of dtype name dt; errors if unavailable."""
+def choose_backend(backend, dt, gpu):
+    """The backend that runs for `backend` ('auto' or a name) on arrays of dtype name dt, on the GPU (gpu=True) or
+    the host; errors name what is unavailable and what would be accepted."""
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a string (auto, {', '.join(BACKENDS)}), got {backend!r}")
+    return _choose(backend, dt, bool(gpu))
+
+
+@functools.lru_cache(maxsize=None)
+def _choose(backend, dt, gpu):                # only answers are cached: an error is raised again at every call
     if backend == "auto":
-        return _auto(dt, on_gpu(x))
+        return _auto(dt, gpu)
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of: auto, {', '.join(BACKENDS)}")
     why = _unavailable_reason(backend)
@@ -162,7 +206,7 @@ def attention(q, k, v, causal=False, scale=None, backend="auto", return_lse=Fals
     """
     dt, scale = validate(q, k, v, causal, scale)
     _warn_if_detaching(q, k, v)
-    o, lse = forward(choose_backend(backend, q, dt), q, k, v, causal, scale, dt)
+    o, lse = forward(choose_backend(backend, dt, on_gpu(q)), q, k, v, causal, scale, dt)
     return (o, lse) if return_lse else o
 
 
@@ -178,7 +222,7 @@ def attention_backward(q, k, v, o, lse, do, causal=False, scale=None, backend="a
         if tuple(a.shape) != tuple(q.shape):
             raise ValueError(f"{name} must have q's shape {tuple(q.shape)}, got {tuple(a.shape)}")
     check_lse(lse, q, dt)
-    return backward(choose_backend(backend, q, dt), q, k, v, o, lse, do, causal, scale, dt)
+    return backward(choose_backend(backend, dt, on_gpu(q)), q, k, v, o, lse, do, causal, scale, dt)
 
 
 # ---- running a backend on validated inputs (flashlib.torch's operator calls these too)

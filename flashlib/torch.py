@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from . import api
-from ._arrays import check_causal
+from ._arrays import check_causal, check_scale
 
 __all__ = ["attention_forward", "attention_backward", "flash_attention", "scaled_dot_product_attention",
            "resolve_backend", "naive_attention", "cupy_allocates_from_torch"]
@@ -37,9 +37,7 @@ def resolve_backend(q, backend="auto"):
 
 @torch.compiler.assume_constant_result          # torch.compile calls it once while tracing and keeps the answer
 def _resolve(backend, dt, is_cuda):
-    if backend == "auto":
-        return api._auto(dt, is_cuda)
-    return api.choose_backend(backend, torch.empty(0, device="cuda" if is_cuda else "cpu"), dt)
+    return api.choose_backend(backend, dt, is_cuda)
 
 
 # ---- the operators -----------------------------------------------------------------------------------------------
@@ -103,14 +101,17 @@ def flash_attention(q, k, v, causal=False, scale=None, backend="auto"):
     round trips through Python (custom_op's autograd wrapper costs more host time than the kernels at small
     shapes): with no gradient needed, a plain call; else `_EagerAttention`, whose backward is the backward operator
     when a graph of the gradient is asked for (create_graph=True), so a double backward raises the same error."""
-    dt, scale = api.validate(q, k, v, causal, scale)
-    name = resolve_backend(q, backend)
-    causal = bool(causal)
     if _plain_eager(q, k, v):
+        dt, scale = api.validate(q, k, v, causal, scale)
+        name = _resolve(backend, dt, q.is_cuda)
+        causal = bool(causal)
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
             return _EagerAttention.apply(q, k, v, causal, scale, name, dt)
         return api.forward(name, q, k, v, causal, scale, dt)[0]
-    return attention_forward(q, k, v, causal, scale, name)[0]
+    dt = api.check_arrays(q, k, v)                 # traced by torch.compile: nothing remembered
+    check_causal(causal)
+    scale = check_scale(scale, q.shape[3])
+    return attention_forward(q, k, v, bool(causal), scale, _resolve(backend, dt, q.is_cuda))[0]
 
 
 def _plain_eager(q, k, v):

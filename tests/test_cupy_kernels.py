@@ -482,8 +482,8 @@ def test_sm75_path_forced_by_env(monkeypatch, poisoned):
     shape = (1, 2, 100, 90, 64, True)
     q, k, v, _ = _torch_inputs(shape, "float16", seed=3)
     calls = []
-    real = ck._kernel
-    monkeypatch.setattr(ck, "_kernel", lambda f, n, s=0: calls.append(n) or real(f, n, s))
+    real = ck.build.compile_kernel
+    monkeypatch.setattr(ck.build, "compile_kernel", lambda f, n, s=0, arch=None: calls.append(n) or real(f, n, s, arch))
     ck.forward_plan.cache_clear()                      # a plan or a module loaded earlier would skip the compile step
     ck._kernel_on.cache_clear()
     o, _ = _backend_call(ck.forward, (q, k, v), "float16", True, 0.125)

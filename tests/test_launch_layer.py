@@ -9,19 +9,24 @@ from flashlib import cupy_kernels as ck
 
 
 class Recorder:
-    def __init__(self, name, log):
-        self.name, self.log = name, log
+    """Stands in for build.Launcher: records each launch with the kernel's parameter signature."""
+    def __init__(self, name, sig, log):
+        self.name, self.sig, self.log = name, sig, log
 
-    def __call__(self, grid, block, args, shared_mem=0, stream=None):
-        self.log.append(dict(kernel=self.name, grid=grid, block=block, args=args, smem=shared_mem, stream=stream))
+    def __call__(self, grid, block, args, shared_mem=0, stream=0):
+        assert len(args) == len(self.sig), (self.name, self.sig, args)
+        self.log.append(dict(kernel=self.name, grid=grid, block=block, args=args, smem=shared_mem, stream=stream,
+                             sig=self.sig))
 
 
 @pytest.fixture
 def fake_gpu(monkeypatch):
     log, built = [], []
-    monkeypatch.setattr(ck, "_device_cc", lambda device: 90)
-    monkeypatch.setattr(ck, "_kernel_on", lambda device, file, name, smem=0: built.append(name) or Recorder(name, log))
-    monkeypatch.setattr(ck, "_torch_stream", lambda dev: ck._Stream(0xABC))
+    monkeypatch.setattr(ck.launch, "_device_cc", lambda device: 90)
+    monkeypatch.setattr(ck.launch, "_kernel_on", lambda device, file, name, smem=0, arch=None, sig="":
+                        built.append(name) or Recorder(name, sig, log))
+    monkeypatch.setattr(ck.launch, "_torch_stream", lambda dev: 0xABC)
+    monkeypatch.setattr(ck.launch, "_torch_cuda_device", lambda t: 0)     # CPU tensors stand in for CUDA ones
     ck.forward_plan.cache_clear()
     ck.backward_plan.cache_clear()
     yield log, built
@@ -29,8 +34,9 @@ def fake_gpu(monkeypatch):
     ck.backward_plan.cache_clear()
 
 
-def _ptrs(args):
-    return [int(a) for a in args if isinstance(a, np.uint64)]
+def _ptrs(call):
+    """The pointer and 64-bit size arguments of a recorded launch (signature letters P and Q)."""
+    return [a for a, c in zip(call["args"], call["sig"]) if c in "PQ"]
 
 
 @pytest.mark.parametrize("dtype,rung", [(torch.float16, "wgmma"), (torch.bfloat16, "wgmma"), (torch.float32, "fp32")])
@@ -46,10 +52,10 @@ def test_forward_plan_built_once_and_launched_on_the_callers_stream(fake_gpu, dt
     assert cfg.rung == rung and built[0] == cfg.kernel
     call = log[-1]
     assert call["grid"] == (-(-100 // cfg.Br), 6, 1) and call["block"] == (32 * cfg.warps,) and call["smem"] == cfg.smem
-    assert call["stream"].ptr == 0xABC
+    assert call["stream"] == 0xABC
     assert type(o) is torch.Tensor and o.dtype == dtype and o.shape == q.shape and o.is_contiguous()
     assert lse.dtype == torch.float32 and lse.shape == (2, 3, 100)
-    ptrs = _ptrs(call["args"])
+    ptrs = _ptrs(call)
     assert ptrs[1:] == [k.data_ptr(), v.data_ptr(), o.data_ptr(), lse.data_ptr()]
     assert ptrs[0] != q.data_ptr()                                             # a contiguous copy of q was passed
     assert [int(a) for a in call["args"][5:7]] == [100, 77] and float(call["args"][7]) == 0.125
@@ -69,7 +75,7 @@ def test_backward_launches_pre_pass_kernel_and_conversion(fake_gpu, dtype):
     assert kernels[0] == f"bwd_dot_do_o<{T}, 64>"
     assert kernels[1] == ck.choose_config(name, 64, 90, False, ck.default_rung(name, 90, "backward")).kernel
     assert kernels[2:] == ([] if dtype == torch.float32 else [f"bwd_convert_dq<{T}>"])
-    pre, main = _ptrs(log[0]["args"]), _ptrs(log[1]["args"])
+    pre, main = _ptrs(log[0]), _ptrs(log[1])
     assert pre[:2] == [do.data_ptr(), o.data_ptr()] and pre[2] == lse.data_ptr() and pre[-1] == 2 * 50
     delta, lb, dq_acc = pre[3], pre[4], pre[5]
     assert main[4:7] == [lb, delta, dq_acc]                                    # the kernel reads Lb, not lse
@@ -77,8 +83,8 @@ def test_backward_launches_pre_pass_kernel_and_conversion(fake_gpu, dtype):
     if dtype == torch.float32:
         assert dq_acc == dq.data_ptr()                                         # float32: dQ accumulates in place
     else:
-        assert _ptrs(log[2]["args"]) == [dq_acc, dq.data_ptr(), dq.numel()]          # n travels as uint64 too
-    assert all(c["stream"].ptr == 0xABC for c in log)
+        assert _ptrs(log[2]) == [dq_acc, dq.data_ptr(), dq.numel()]          # n travels as uint64 too
+    assert all(c["stream"] == 0xABC for c in log)
 
 
 def test_gqa_passes_G_and_sums_dk_dv_per_kv_head(fake_gpu):
@@ -94,9 +100,9 @@ def test_gqa_passes_G_and_sums_dk_dv_per_kv_head(fake_gpu):
     assert names[2:4] == ["bwd_sum_groups<__half>"] * 2 and dk.shape == dv.shape == k.shape
     main = log[1]["args"]
     assert [int(a) for a in main[12:14]] == [12, 3]
-    per_head = _ptrs(main)[7:9]                                                # dK, dV of each query head
+    per_head = _ptrs(log[1])[7:9]                                                # dK, dV of each query head
     for c, out, src in zip(log[2:4], (dk, dv), per_head):
-        p = _ptrs(c["args"])
+        p = _ptrs(c)
         assert p[:2] == [src, out.data_ptr()] and int(c["args"][2]) == 3 and p[2:] == [20 * 64, 2 * 2 * 20 * 64]
 
 
@@ -107,11 +113,11 @@ def test_head_dim_padded_to_its_bucket_only_when_needed(fake_gpu):
     assert o.shape == q.shape and o.is_contiguous() and ck.choose_config("float16", 40, 90).D == 64
     assert built[0] == ck.choose_config("float16", 40, 90).kernel and "64" in built[0]
     assert float(log[-1]["args"][7]) == pytest.approx(40 ** -0.5)             # the scale of d, not of the bucket
-    assert _ptrs(log[-1]["args"])[1] != k.data_ptr()                          # a padded copy
+    assert _ptrs(log[-1])[1] != k.data_ptr()                          # a padded copy
     q64 = torch.randn(1, 2, 10, 64).half()
     k64 = torch.randn(1, 2, 12, 64).half()
     o64, _ = ck.forward(q64, k64, k64, causal=False, scale=None, dtype="float16")
-    assert _ptrs(log[-1]["args"])[:2] == [q64.data_ptr(), k64.data_ptr()]     # a bucket: no copy
+    assert _ptrs(log[-1])[:2] == [q64.data_ptr(), k64.data_ptr()]     # a bucket: no copy
 
 
 def test_d256_backward_is_two_launches_of_128_columns(fake_gpu):

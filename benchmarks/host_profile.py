@@ -1,0 +1,109 @@
+"""Where the host time of a flashlib call goes, on a GPU: the host table of flashlib.bench.public_api, a cProfile of
+the public calls, and each step of the cupy backend's forward timed alone.
+
+    python benchmarks/host_profile.py [--out DIR] [--profile]
+
+Writes host_profile.txt (and host_us.json) under --out. Diagnostics for issue 16; the recorded host table is the
+public benchmark's (python -m flashlib.bench.public_api).
+"""
+import argparse
+import cProfile
+import io
+import json
+import os
+import pstats
+import time
+
+
+def per_call_us(fn, calls=2000, repeat=5):
+    import torch
+    fn()
+    torch.cuda.synchronize()
+    best = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        best.append((time.perf_counter() - t0) / calls * 1e6)
+        torch.cuda.synchronize()
+    best.sort()
+    return best[len(best) // 2]
+
+
+def steps(out):
+    """The cupy forward's steps, each alone, on torch tensors (B = H = 1, N = 128, d = 64, fp16)."""
+    import torch
+    import flashlib
+    from flashlib import api, cupy_kernels as ck
+    from flashlib.cupy_kernels import launch
+    from flashlib.torch import scaled_dot_product_attention as fsdpa
+    q, k, v = (torch.randn(1, 1, 128, 64, device="cuda", dtype=torch.float16) for _ in range(3))
+    o, lse = ck.forward(q, k, v, causal=False, scale=0.125, dtype="float16")
+    plan = ck.forward_plan("float16", 64, False, 0)
+    io_ = launch._TorchIO
+    p = [t.data_ptr() for t in (q, k, v, o, lse)]
+    s = io_.stream(0)
+    fns = {
+        "api.validate": lambda: api.validate(q, k, v, False, None),
+        "launch._checked": lambda: launch._checked(q, k, v, "float16"),
+        "forward_plan (cached)": lambda: ck.forward_plan("float16", 64, False, 0, None, None),
+        "torch new_empty x2 (o, lse)": lambda: (q.new_empty(q.shape), q.new_empty((1, 1, 128), dtype=torch.float32)),
+        "torch.empty_like": lambda: torch.empty_like(q),
+        "is_contiguous x3": lambda: (q.is_contiguous(), k.is_contiguous(), v.is_contiguous()),
+        "data_ptr x5": lambda: [t.data_ptr() for t in (q, k, v, o, lse)],
+        "current raw stream": lambda: io_.stream(0),
+        "device x3": lambda: io_.device(q, k, v),
+        "Launcher call (cuLaunchKernel)": lambda: plan.fn((1, 1, 1), (256,), (*p, 128, 128, 0.125, 1, 1), plan.cfg.smem, s),
+        "cupy_kernels.forward": lambda: ck.forward(q, k, v, causal=False, scale=0.125, dtype="float16"),
+        "flashlib.attention (torch)": lambda: flashlib.attention(q, k, v, backend="cupy"),
+        "flashlib.torch sdpa (no grad)": lambda: fsdpa(q, k, v),
+        "F.sdpa (default backends)": lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v),
+    }
+    with torch.no_grad():
+        for name, fn in fns.items():
+            out.write(f"{name:40s} {per_call_us(fn):8.2f} us\n")
+
+
+def profile(out, label, fn, calls=3000):
+    import torch
+    fn()
+    torch.cuda.synchronize()
+    pr = cProfile.Profile()
+    pr.enable()
+    for _ in range(calls):
+        fn()
+    pr.disable()
+    torch.cuda.synchronize()
+    s = io.StringIO()
+    pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(25)
+    out.write(f"\n==== cProfile: {label}, {calls} calls (tottime order)\n{s.getvalue()}")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--profile", action="store_true")
+    a = ap.parse_args()
+    import torch
+    from flashlib.bench import public_api
+    from flashlib.torch import scaled_dot_product_attention as fsdpa
+    path = os.path.join(a.out, "host_profile.txt")
+    with open(path, "a") as out:
+        out.write(f"# {torch.cuda.get_device_name()} torch {torch.__version__} commit {os.environ.get('FLASHLIB_COMMIT')}\n")
+        host = public_api.host_table()
+        for n, s in host.items():
+            out.write(f"{n:55s} {s['host_us']:8.1f} us  (spread {100 * s['host_spread']:.0f}%)\n")
+        json.dump(host, open(os.path.join(a.out, f"host_us_{os.environ.get('FLASHLIB_COMMIT')}.json"), "w"), indent=1)
+        if a.profile:
+            steps(out)
+            q, k, v, do = (torch.randn(1, 1, 128, 64, device="cuda", dtype=torch.float16) for _ in range(4))
+            qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+            with torch.no_grad():
+                profile(out, "flashlib.torch sdpa forward, no grad", lambda: fsdpa(q, k, v))
+            profile(out, "flashlib.torch forward + backward",
+                    lambda: torch.autograd.grad(fsdpa(qg, kg, vg), (qg, kg, vg), do), calls=1000)
+    print(open(path).read())
+
+
+if __name__ == "__main__":
+    main()

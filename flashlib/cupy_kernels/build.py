@@ -1,0 +1,139 @@
+"""Compiling and loading the cupy backend's kernels, and launching them with a prepared parameter block.
+
+CuPy is imported here only inside functions: importing flashlib.cupy_kernels needs neither CuPy nor a GPU.
+
+A kernel is compiled once per (GPU, file, template instance, architecture) by NVRTC: through CuPy's RawModule
+(cached on disk by CuPy) for the GPU's own architecture, or directly for an architecture-specific target such as
+sm_90a (wgmma exists only there; CuPy would add its own -arch). `Launcher` then launches it by the CUDA driver's
+cuLaunchKernel (CuPy's `driver.launchKernel`) from a parameter block allocated once: a call writes the arguments'
+values into it and launches, with no per-call conversion of Python objects into kernel arguments.
+"""
+import ctypes
+import functools
+import os
+import pathlib
+import threading
+
+from ..constants import STATIC_SMEM_BYTES
+
+HERE = pathlib.Path(__file__).resolve().parent
+# one letter per kernel parameter: a device pointer or 64-bit size, a 32-bit int, a float
+_CTYPES = {"P": ctypes.c_uint64, "Q": ctypes.c_uint64, "i": ctypes.c_int32, "f": ctypes.c_float}
+
+
+class Launcher:
+    """One loaded kernel and its parameter block. `sig` spells the parameters, one letter each: P (device pointer),
+    Q (uint64), i (int32), f (float32). launcher(grid, block, args, shared_mem, stream) launches on the stream
+    handle `stream` (an int: cudaStream_t; 0 is the legacy default stream). A lock keeps two threads from
+    interleaving their arguments in the one block (cuLaunchKernel copies them before it returns)."""
+    __slots__ = ("fn", "sig", "_slots", "_params", "_lock")
+
+    def __init__(self, fn, sig):
+        self.fn, self.sig = fn, sig                 # fn: cupy.cuda.function.Function (keeps its module loaded)
+        self._slots = [_CTYPES[c]() for c in sig]
+        self._params = (ctypes.c_void_p * len(sig))(*[ctypes.addressof(s) for s in self._slots])
+        self._lock = threading.Lock()
+
+    def __call__(self, grid, block, args, shared_mem=0, stream=0):
+        if len(args) != len(self._slots):
+            raise TypeError(f"kernel takes {len(self._slots)} arguments ({self.sig}), got {len(args)}")
+        gx, gy, gz = (tuple(grid) + (1, 1))[:3]
+        bx, by, bz = (tuple(block) + (1, 1))[:3]
+        with self._lock:
+            for slot, a in zip(self._slots, args):
+                slot.value = a
+            _driver().launchKernel(self.fn.ptr, gx, gy, gz, bx, by, bz, shared_mem, stream,
+                                   ctypes.addressof(self._params), 0)
+
+
+@functools.lru_cache(maxsize=None)
+def _driver():
+    from cupy_backends.cuda.api import driver
+    return driver
+
+
+def compile_kernel(file, name, smem=0, arch=None):
+    """Compile `file` with the one template instance `name` for CuPy's current GPU (arch None: its own; or e.g.
+    "sm_90a") and return the loaded cupy.cuda.function.Function (cached per GPU: a loaded CUDA module belongs to
+    one device's context)."""
+    import cupy as cp
+    return _compiled(cp.cuda.Device().id, file, name, smem, arch)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(device, file, name, smem, arch):
+    import cupy as cp
+    if arch is not None:
+        return _kernel_arch(file, name, smem, arch)
+    src = (HERE / file).read_text()
+    mod = cp.RawModule(code=src, options=("-std=c++17", f"-I{HERE}"), name_expressions=[name])
+    fn = mod.get_function(name)
+    if smem > STATIC_SMEM_BYTES:
+        fn.max_dynamic_shared_size_bytes = smem
+    return fn.kernel   # the loaded cupy.cuda.function.Function behind the RawKernel
+
+
+def _kernel_arch(file, name, smem, arch):
+    """Compile for an architecture-specific target (sm_90a: wgmma exists only there) with NVRTC directly: CuPy
+    adds its own -arch=sm_90 and NVRTC refuses two. Not cached on disk (a few seconds a kernel, once per process)."""
+    import cupy as cp
+    from cupy_backends.cuda.libs import nvrtc
+    prog = nvrtc.createProgram((HERE / file).read_text(), file, (), ())
+    includes = tuple(f"-I{d}" for d in cuda_include_dirs())
+    try:
+        nvrtc.addNameExpression(prog, name)
+        try:
+            nvrtc.compileProgram(prog, ("-std=c++17", f"-I{HERE}", *includes, f"-arch={arch}", "-ftz=true"))
+        except nvrtc.NVRTCError as e:
+            raise RuntimeError(f"NVRTC failed on {name}:\n{nvrtc.getProgramLog(prog)}") from e
+        cubin, lowered = nvrtc.getCUBIN(prog), nvrtc.getLoweredName(prog, name)
+    finally:
+        nvrtc.destroyProgram(prog)
+    mod = cp.cuda.function.Module()
+    mod.load(cubin)
+    fn = mod.get_function(lowered)
+    if smem > STATIC_SMEM_BYTES:
+        cp.cuda.driver.funcSetAttribute(fn.ptr, cp.cuda.driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem)
+    return fn
+
+
+def _kernel_sm90a(file, name, smem=0):
+    """`file`'s instance `name` compiled for sm_90a (Hopper's wgmma and TMA)."""
+    return _kernel_arch(file, name, smem, "sm_90a")
+
+
+def cuda_include_dirs():
+    """Where cuda_fp16.h lives (CuPy's own NVRTC calls add this for us): the CUDA toolkit CuPy found, else the pip
+    wheels' include folders (nvidia/cu13 for CUDA 13, nvidia/cuda_runtime for CUDA 12)."""
+    import importlib.util
+    import cupy as cp
+    roots = [cp.cuda.get_cuda_path()]
+    for mod in ("nvidia.cu13", "nvidia.cuda_runtime"):
+        try:
+            spec = importlib.util.find_spec(mod)
+        except ImportError:
+            spec = None
+        roots += list(spec.submodule_search_locations or []) if spec else []
+    dirs = dict.fromkeys(os.path.join(r, "include") for r in roots if r)
+    return [d for d in dirs if os.path.exists(os.path.join(d, "cuda_fp16.h"))]
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel_on(device, file, name, smem=0, arch=None, sig=""):
+    """A Launcher of `file`'s instance `name`, compiled and loaded for GPU `device` (an ordinal)."""
+    import cupy as cp
+    with cp.cuda.Device(device):
+        return Launcher(compile_kernel(file, name, smem, arch), sig)
+
+
+@functools.lru_cache(maxsize=None)
+def _device_cc(device):
+    """Compute capability of GPU `device` as an int, e.g. 90."""
+    import cupy as cp
+    return int(cp.cuda.Device(device).compute_capability)
+
+
+def device_cc():
+    """Compute capability of CuPy's current GPU, e.g. 90."""
+    import cupy as cp
+    return _device_cc(cp.cuda.Device().id)

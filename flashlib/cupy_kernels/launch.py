@@ -1,0 +1,264 @@
+"""The cupy backend's launch layer: plans built once, outputs in the caller's library, launches on its stream.
+
+One plan per (direction, dtype, head dim, causal, device, rung, tiles): the Config, the loaded kernels (Launchers)
+and their launch rule. A call costs a look-up of its input signature (shapes and dtypes already checked once),
+output allocation in the caller's library and one cuLaunchKernel per kernel on the caller's current stream. The
+grid rule and each kernel's argument list live in `launch_forward` / `launch_backward` alone (device pointers and
+sizes), whoever the caller is. Head dims that are not a bucket are zero-padded (a copy only then); grouped-query
+attention is the kernels' argument G.
+"""
+import functools
+from collections import namedtuple
+
+import numpy as np
+
+from .._arrays import check_causal, check_scale
+from .build import _device_cc, _kernel_on
+from .config import CTYPE, bwd_columns, check_inputs, choose_config, default_rung, pair_grid, FORWARD_RUNGS, \
+    BACKWARD_RUNGS
+
+Plan = namedtuple("Plan", "cfg d fn pre post sum")   # main kernel; backward's pre-pass, dQ conversion, group sum
+# the kernels' parameters, one letter each (build.Launcher): P pointer, Q uint64, i int32, f float32
+SIG_FORWARD = "PPPPPiifii"                   # q, k, v, o, lse, Nq, Nk, scale, BH, G
+SIG_BACKWARD = "PPPPPPPPPiifii"              # q, k, v, do, lb, delta, dq_acc, dk, dv, Nq, Nk, scale, BH, G
+SIG_PRE, SIG_CONVERT, SIG_SUM = "PPPPPPQ", "PPQ", "PPiQQ"
+
+
+@functools.lru_cache(maxsize=None)
+def forward_plan(dtype, d, causal, device, rung=None, tiles=None):
+    """The forward's Plan on GPU `device` (an ordinal); compiles its kernel at the first call."""
+    cfg = choose_config(dtype, d, _device_cc(device), causal, rung, tiles)
+    return Plan(cfg, d, _kernel_on(device, cfg.file, cfg.kernel, cfg.smem, cfg.arch, SIG_FORWARD), None, None, None)
+
+
+@functools.lru_cache(maxsize=None)
+def backward_plan(dtype, d, causal, device, rung=None, tiles=None):
+    """The backward's Plan: the kernel, its pre-pass (delta = rowsum(dO * O), the lse it reads, the float32 dQ
+    zeroed), for 16-bit dtypes the kernel that converts dQ to the input dtype, and the sum of dK, dV over
+    query-head groups (grouped-query attention; compiled at its first use)."""
+    cc = _device_cc(device)
+    cfg = choose_config(dtype, d, cc, causal, rung or default_rung(dtype, cc, "backward", d), tiles)
+    T = CTYPE[dtype]
+    sig = SIG_BACKWARD + ("i" if cfg.rung == "bwd_tc" else "")        # bwd_tc: + the first output column
+    pre = _kernel_on(device, "fa2_bwd.cu", f"bwd_dot_do_o<{T}, {cfg.D}>", 0, None, SIG_PRE)
+    post = None if dtype == "float32" else _kernel_on(device, "fa2_bwd.cu", f"bwd_convert_dq<{T}>", 0, None,
+                                                       SIG_CONVERT)
+    sum_ = functools.partial(_kernel_on, device, "fa2_bwd.cu", f"bwd_sum_groups<{T}>", 0, None, SIG_SUM)
+    return Plan(cfg, d, _kernel_on(device, cfg.file, cfg.kernel, cfg.smem, cfg.arch, sig), pre, post, sum_)
+
+
+def launch_forward(plan, q, k, v, o, lse, B, H, Nq, Nk, scale, G=1, stream=0):
+    """Launch the forward: q, k, v, o, lse are device pointers (ints) of C-contiguous arrays with plan.cfg.D columns
+    (q, o: B*H heads; k, v: B*H/G), stream a cudaStream_t handle (an int). Needs Nk >= 1 (`forward` answers
+    Nk = 0 on the host); nothing to launch when B*H*Nq = 0."""
+    cfg, BH = plan.cfg, B * H
+    if BH * Nq == 0:
+        return
+    plan.fn(pair_grid(-(-Nq // cfg.Br), BH), (32 * cfg.warps,), (q, k, v, o, lse, Nq, Nk, scale, BH, G),
+            cfg.smem, stream)
+
+
+def launch_backward(plan, q, k, v, o, lse, do, dq, dk, dv, dq_acc, delta, lb, B, H, Nq, Nk, scale, G=1,
+                    dk_h=None, dv_h=None, stream=0):
+    """Launch the backward's kernels; pointers as in launch_forward. dq_acc (float32, q's shape), delta and lb
+    (float32, (B, H, Nq)) are scratch; for float32 input dq_acc is dq itself. With G > 1, dk_h and dv_h (q's head
+    count, k's other sizes, k's dtype) take dK, dV per query head, which are then summed into dk, dv."""
+    cfg, BH, D = plan.cfg, B * H, plan.cfg.D
+    rows = BH * Nq
+    if rows:
+        plan.pre((-(-rows // 8),), (256,), (do, o, lse, delta, lb, dq_acc, rows), 0, stream)
+    kh, vh = (dk, dv) if G == 1 else (dk_h, dv_h)
+    if BH * Nk:
+        args = (q, k, v, do, lb, delta, dq_acc, kh, vh, Nq, Nk, scale, BH, G)
+        grid, block = pair_grid(-(-Nk // cfg.Bc), BH), (32 * cfg.warps,)
+        if cfg.rung == "bwd_tc":   # at d = 256 two launches of 128 output columns (bwd_columns)
+            for c_out in range(0, D, bwd_columns(D)):
+                plan.fn(grid, block, args + (c_out,), cfg.smem, stream)
+        else:
+            plan.fn(grid, block, args, cfg.smem, stream)
+        if G > 1:
+            n = (BH // G) * Nk * D
+            fn = plan.sum()
+            for a, out in ((kh, dk), (vh, dv)):
+                fn((min(-(-n // 256), 65535),), (256,), (a, out, G, Nk * D, n), 0, stream)
+    if plan.post is not None and rows:
+        n = rows * D
+        plan.post((min(-(-n // 256), 65535),), (256,), (dq_acc, dq, n), 0, stream)
+
+
+# shapes and dtypes that passed check_inputs: (library, q/k/v shapes and dtypes, dtype) -> (B, H, Nq, Nk, d)
+_CHECKED = {}
+
+
+def _checked(q, k, v, dtype):
+    key = (type(q), q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, dtype)
+    dims = _CHECKED.get(key)
+    if dims is None:
+        dims = check_inputs(q, k, v, dtype)
+        if type(q) is not type(k) or type(q) is not type(v):
+            raise TypeError(f"q, k and v must be one kind of array, got {type(q).__name__}, {type(k).__name__}, "
+                            f"{type(v).__name__}")
+        if len(_CHECKED) > 4096:        # a bound for programs that see endless shapes
+            _CHECKED.clear()
+        _CHECKED[key] = dims
+    return dims
+
+
+def _flag(causal):
+    return causal if causal is True or causal is False else check_causal(causal)
+
+
+def forward(q, k, v, *, causal, scale, dtype, rung=None, tiles=None):
+    """FlashAttention-2 forward. q: (B, H, Nq, d), k, v: (B, H_kv, Nk, d), H_kv dividing H, d in 1 ... 256: CuPy
+    arrays of `dtype` (bfloat16 as int16 bits), or torch CUDA tensors. Returns o (B, H, Nq, d), q's dtype, and lse
+    (B, H, Nq) float32, allocated by the caller's library and computed on its current stream (CuPy's, or
+    torch.cuda.current_stream()). A row that sees no key (Nk = 0) gets o = 0 and lse = -inf.
+
+    rung: one of FORWARD_RUNGS (default: by dtype and compute capability, or env FLASHLIB_CUPY_RUNG, e.g. 'sm75'
+    to run the T4 path on a newer GPU).
+    """
+    B, H, Nq, Nk, d = _checked(q, k, v, dtype)
+    causal, scale = _flag(causal), check_scale(scale, d)
+    io = _io(q)
+    if Nk == 0:  # no key at all (the kernels would read an empty K): O = 0, lse = -inf, the rule for such rows
+        return io.zeros(tuple(q.shape), q), io.full_f32((B, H, Nq), -np.inf, q)
+    dev = io.device(q, k, v)
+    plan = forward_plan(dtype, d, causal, dev, rung or _rung_override("forward"), _hashable(tiles))
+    D = plan.cfg.D
+    q, k, v = (io.contiguous(a) if D == d else io.padded(a, D) for a in (q, k, v))
+    o, lse = io.empty_like(q), io.empty_f32((B, H, Nq), q)
+    launch_forward(plan, io.ptr(q), io.ptr(k), io.ptr(v), io.ptr(o), io.ptr(lse), B, H, Nq, Nk, scale,
+                   H // k.shape[1], io.stream(dev))
+    return (o if D == d else io.unpadded(o, d)), lse
+
+
+def backward(q, k, v, o, lse, do, *, causal, scale, dtype, rung=None, tiles=None):
+    """FlashAttention-2 backward. q, o, do: (B, H, Nq, d), k, v: (B, H_kv, Nk, d), lse (B, H, Nq) float32, all CuPy
+    arrays or all torch CUDA tensors. Returns dq, dk, dv in q's dtype, the caller's kind, on its current stream (dk,
+    dv summed over the H // H_kv query heads that share a kv head). rung: 'bwd_tc' (fp16/bf16 on sm_80+, the default
+    there) or 'bwd_fp32'; tiles: bwd_tc's (warps, KW, Br, BRC, KVREG), default BWD_TILES[d]."""
+    B, H, Nq, Nk, d = _checked(q, k, v, dtype)
+    if o.shape != q.shape or do.shape != q.shape or tuple(lse.shape) != (B, H, Nq) or type(o) is not type(q) \
+            or type(do) is not type(q) or type(lse) is not type(q):
+        raise ValueError(f"o and do must be {tuple(q.shape)} and lse {(B, H, Nq)}, all of q's kind "
+                         f"({type(q).__name__})")
+    causal, scale = _flag(causal), check_scale(scale, d)
+    io = _io(q)
+    dev = io.device(q, k, v, o, do, lse)
+    plan = backward_plan(dtype, d, causal, dev, rung or _rung_override("backward"), _hashable(tiles))
+    D, Hkv = plan.cfg.D, k.shape[1]
+    G = H // Hkv
+    q, k, v, o, do = (io.contiguous(a) if D == d else io.padded(a, D) for a in (q, k, v, o, do))
+    lse = io.contiguous_f32(lse)
+    rows = B * H * Nq
+    # one float32 scratch buffer: dQ's accumulator (16-bit input; for float32 dQ accumulates in place, zeroed by the
+    # pre-pass), then delta and Lb
+    acc = 0 if dtype == "float32" else rows * D
+    scratch = io.empty_f32((acc + 2 * rows,), q)
+    base = io.ptr(scratch)
+    dq, dk, dv = io.empty_like(q), io.empty_like(k), io.empty_like(v)
+    dq_acc = base if acc else io.ptr(dq)
+    dk_h = dv_h = None
+    if G > 1:   # dK, dV per query head (one buffer), then summed over each kv head's G query heads
+        per = io.empty((2, B, H, Nk, D), k)
+        dk_h = io.ptr(per)
+        dv_h = dk_h + per.nbytes // 2
+    launch_backward(plan, io.ptr(q), io.ptr(k), io.ptr(v), io.ptr(o), io.ptr(lse), io.ptr(do), io.ptr(dq),
+                    io.ptr(dk), io.ptr(dv), dq_acc, base + 4 * acc, base + 4 * (acc + rows), B, H, Nq, Nk, scale, G,
+                    dk_h, dv_h, io.stream(dev))
+    if D != d:
+        dq, dk, dv = (io.unpadded(a, d) for a in (dq, dk, dv))
+    return dq, dk, dv
+
+
+def _hashable(tiles):
+    return None if tiles is None else tuple(tiles)
+
+
+def _rung_override(direction):
+    import os
+    r = os.environ.get("FLASHLIB_CUPY_RUNG")
+    if r and (r in FORWARD_RUNGS if direction == "forward" else r in BACKWARD_RUNGS):
+        return r
+    return None
+
+
+# ---- the caller's library: pointers, allocation, padding, device, stream
+
+def _cp():
+    import cupy
+    return cupy
+
+
+def _cupy_padded(a, D):
+    """a (..., d) zero-padded to (..., D), contiguous."""
+    out = _cp().zeros(a.shape[:-1] + (D,), a.dtype)
+    out[..., :a.shape[-1]] = a
+    return out
+
+
+def _one_device(get, arrays):
+    dev = get(arrays[0])
+    for a in arrays[1:]:
+        if get(a) != dev:
+            raise ValueError(f"all arrays must be on one GPU, got devices {[get(x) for x in arrays]}")
+    return dev
+
+
+class _CupyIO:
+    """CuPy callers: CuPy arrays, CuPy's current stream."""
+    contiguous = staticmethod(lambda a: a if a.flags.c_contiguous else _cp().ascontiguousarray(a))
+    contiguous_f32 = staticmethod(lambda a: _cp().ascontiguousarray(a, dtype="float32"))
+    empty_like = staticmethod(lambda a: _cp().empty_like(a))
+    empty = staticmethod(lambda shape, a: _cp().empty(shape, dtype=a.dtype))
+    empty_f32 = staticmethod(lambda shape, a: _cp().empty(shape, dtype="float32"))
+    zeros = staticmethod(lambda shape, a: _cp().zeros(shape, dtype=a.dtype))
+    full_f32 = staticmethod(lambda shape, value, a: _cp().full(shape, value, dtype="float32"))
+    padded = staticmethod(_cupy_padded)
+    unpadded = staticmethod(lambda a, d: _cp().ascontiguousarray(a[..., :d]))
+    ptr = staticmethod(lambda a: a.data.ptr)
+    device = staticmethod(lambda *arrays: _one_device(lambda a: a.device.id, arrays))
+    stream = staticmethod(lambda dev: _cp().cuda.get_current_stream().ptr)
+
+
+class _TorchIO:
+    """torch callers: torch tensors allocated by PyTorch's caching allocator, torch's current stream (so CUDA graph
+    capture and torch.cuda.stream(...) contexts see the launches)."""
+    contiguous = staticmethod(lambda t: t.contiguous())
+    contiguous_f32 = staticmethod(lambda t: t.contiguous().float())
+    empty_like = staticmethod(lambda t: t.new_empty(t.shape))
+    empty = staticmethod(lambda shape, t: t.new_empty(shape))
+    empty_f32 = staticmethod(lambda shape, t: t.new_empty(shape, dtype=_torch().float32))
+    zeros = staticmethod(lambda shape, t: t.new_zeros(shape))
+    full_f32 = staticmethod(lambda shape, value, t: t.new_full(shape, value, dtype=_torch().float32))
+    padded = staticmethod(lambda t, D: _torch().nn.functional.pad(t, (0, D - t.shape[-1])))
+    unpadded = staticmethod(lambda t, d: t[..., :d].contiguous())
+    ptr = staticmethod(lambda t: t.data_ptr())
+    device = staticmethod(lambda *tensors: _one_device(_torch_cuda_device, tensors))
+    stream = staticmethod(lambda dev: _torch_stream(dev))
+
+
+def _torch_cuda_device(t):
+    dev = t.get_device()
+    if dev < 0:
+        raise ValueError("the cupy backend takes CUDA tensors, got a CPU tensor")
+    return dev
+
+
+@functools.lru_cache(maxsize=None)
+def _torch():
+    import torch
+    return torch
+
+
+def _torch_stream(dev):
+    """torch's current stream on GPU `dev` as a cudaStream_t (int)."""
+    torch = _torch()
+    try:
+        return torch._C._cuda_getCurrentRawStream(dev)       # what torch.compile's generated code calls: cheap
+    except AttributeError:
+        return torch.cuda.current_stream(dev).cuda_stream
+
+
+def _io(x):
+    return _TorchIO if type(x).__module__.startswith("torch") else _CupyIO
