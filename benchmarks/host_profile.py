@@ -43,12 +43,20 @@ def steps(out):
     io_ = launch._TorchIO
     p = [t.data_ptr() for t in (q, k, v, o, lse)]
     s = io_.stream(0)
+    dev = q.device
     fns = {
         "api.validate": lambda: api.validate(q, k, v, False, None),
         "launch._checked": lambda: launch._checked(q, k, v, "float16"),
         "forward_plan (cached)": lambda: ck.forward_plan("float16", 64, False, 0, None, None),
         "torch new_empty x2 (o, lse)": lambda: (q.new_empty(q.shape), q.new_empty((1, 1, 128), dtype=torch.float32)),
         "torch.empty_like": lambda: torch.empty_like(q),
+        "torch.empty(shape, dtype, device obj)": lambda: torch.empty((1, 1, 128), dtype=torch.float32, device=dev),
+        "torch.empty(shape, dtype, device int)": lambda: torch.empty((1, 1, 128), dtype=torch.float32, device=0),
+        "q.new_empty(shape, dtype)": lambda: q.new_empty((1, 1, 128), dtype=torch.float32),
+        "lse.contiguous().float()": lambda: lse.contiguous().float(),
+        "ctypes slot writes x10": lambda: [setattr(sl, "value", 1) for sl in plan.fn._slots],
+        "os.environ.get": lambda: os.environ.get("FLASHLIB_CUPY_RUNG"),
+        "cupy_kernels.backward": lambda: ck.backward(q, k, v, o, lse, q, causal=False, scale=0.125, dtype="float16"),
         "is_contiguous x3": lambda: (q.is_contiguous(), k.is_contiguous(), v.is_contiguous()),
         "data_ptr x5": lambda: [t.data_ptr() for t in (q, k, v, o, lse)],
         "current raw stream": lambda: io_.stream(0),
@@ -100,6 +108,7 @@ def main():
             qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
             with torch.no_grad():
                 profile(out, "flashlib.torch sdpa forward, no grad", lambda: fsdpa(q, k, v))
+            profile(out, "flashlib.torch forward, inputs require grad", lambda: fsdpa(qg, kg, vg))
             profile(out, "flashlib.torch forward + backward",
                     lambda: torch.autograd.grad(fsdpa(qg, kg, vg), (qg, kg, vg), do), calls=1000)
     print(open(path).read())

@@ -102,14 +102,18 @@ def validate(q, k, v, causal, scale):
 
 
 def check_arrays(q, k, v):
-    """validate's check of the arrays themselves, remembering nothing (what torch.compile traces); returns the
-    dtype name."""
+    """validate's check of the arrays themselves, remembering nothing; returns the dtype name."""
     dt = _check_arrays(("q", "k", "v"), (q, k, v))
+    check_shapes(q, k, v)
+    return dt
+
+
+def check_shapes(q, k, v):
+    """q (B, H, Nq, d), k and v (B, H_kv, Nk, d), no dimension 0, H_kv dividing H; else the error naming why."""
     qs, ks = tuple(q.shape), tuple(k.shape)
     if len(qs) != 4 or len(ks) != 4 or tuple(v.shape) != ks or 0 in qs or 0 in ks or ks[0] != qs[0] \
             or ks[3] != qs[3] or qs[1] % ks[1]:
         _shape_error(q, k, v)
-    return dt
 
 
 _VALID = {}     # array signature -> dtype name, for signatures that passed validate
@@ -305,9 +309,9 @@ def _gpu_call(name, fn, arrays, dt, causal, scale):
     their library, on their current stream); the rest is viewed as the backend's arrays (zero-copy on the GPU) and
     the results as the caller's kind."""
     x = arrays[0]
-    kind = kind_of(x)
     if name == "cupy":
-        from . import cupy_kernels
+        cupy_kernels = _cupy_kernels()
+        kind = kind_of(x)
         if (kind == "torch" and x.is_cuda) or kind == "cupy":
             return getattr(cupy_kernels, fn)(*arrays, causal=causal, scale=scale, dtype=dt)
         outs = getattr(cupy_kernels, fn)(*[to_cupy(a) for a in arrays], causal=causal, scale=scale, dtype=dt)
@@ -316,6 +320,12 @@ def _gpu_call(name, fn, arrays, dt, causal, scale):
         with _numba_stream_order(x):
             outs = getattr(numba_kernels, fn)(*[to_numba(a) for a in arrays], causal=causal, scale=scale, dtype=dt)
     return tuple(like(y, x, dt if len(y.shape) == 4 else "float32") for y in outs)
+
+
+@functools.lru_cache(maxsize=None)
+def _cupy_kernels():
+    from . import cupy_kernels
+    return cupy_kernels
 
 
 @contextlib.contextmanager

@@ -108,10 +108,21 @@ def flash_attention(q, k, v, causal=False, scale=None, backend="auto"):
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
             return _EagerAttention.apply(q, k, v, causal, scale, name, dt)
         return api.forward(name, q, k, v, causal, scale, dt)[0]
-    dt = api.check_arrays(q, k, v)                 # traced by torch.compile: nothing remembered
+    dt = _traced_check(q, k, v)
     check_causal(causal)
     scale = check_scale(scale, q.shape[3])
     return attention_forward(q, k, v, bool(causal), scale, _resolve(backend, dt, q.is_cuda))[0]
+
+
+def _traced_check(q, k, v):
+    """api.validate's rules in what torch.compile traces: torch dtypes looked up here, no cache (a dictionary of
+    NumPy dtypes is beyond Dynamo); any error comes from api.check_arrays, which names it."""
+    dt = _DTYPE.get(q.dtype)
+    if dt is None or k.dtype != q.dtype or v.dtype != q.dtype or k.device != q.device or v.device != q.device \
+            or not (isinstance(q, Tensor) and isinstance(k, Tensor) and isinstance(v, Tensor)):
+        return api.check_arrays(q, k, v)
+    api.check_shapes(q, k, v)
+    return dt
 
 
 def _plain_eager(q, k, v):
@@ -155,7 +166,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     if attn_mask is not None:
         raise NotImplementedError("flashlib.torch: attn_mask is not supported (only is_causal); "
                                   "use torch.nn.functional.scaled_dot_product_attention for arbitrary masks")
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or dropout_p != 0:
+    if not (dropout_p == 0.0 and type(dropout_p) is float) and (
+            isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or dropout_p != 0):
         raise NotImplementedError(f"flashlib.torch: dropout_p must be 0.0, got {dropout_p!r} (no attention dropout)")
     check_causal(enable_gqa)
     if not (isinstance(query, torch.Tensor) and isinstance(key, torch.Tensor) and isinstance(value, torch.Tensor)):

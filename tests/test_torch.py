@@ -360,9 +360,29 @@ def test_side_stream_launches_on_the_current_stream():
     torch.testing.assert_close(o.float(), want, rtol=2e-2, atol=2e-3)
 
 
+def _numpy_calls_first():
+    """Regression (torch 2.11's Dynamo, on the H200: the CUDA fullgraph test failed only after other tests): once
+    flashlib has seen NumPy arrays its dtype-name cache holds NumPy dtypes, which Dynamo could not hash; the traced
+    path must not consult it."""
+    import numpy as np
+    import flashlib
+    for dt in (np.float16, np.float32):
+        x = np.random.default_rng(0).standard_normal((1, 1, 4, 8)).astype(dt)
+        flashlib.attention(x, x, x)                        # NumPy dtypes enter the caches
+
+
+def test_torch_compile_fullgraph_after_numpy_calls():
+    _numpy_calls_first()
+    torch._dynamo.reset()
+    q = torch.randn(1, 2, 5, 8)
+    fn = lambda q: sdpa(q * 1.5, q, q, is_causal=True).sum()
+    torch.testing.assert_close(torch.compile(fn, fullgraph=True, backend="aot_eager")(q), fn(q))
+
+
 @pytest.mark.gpu
 def test_torch_compile_fullgraph_on_cuda():
     _need("cupy")
+    _numpy_calls_first()
     torch._dynamo.reset()
     q, k, v = _cuda_qkv(Hkv=2, seed=5)
     fn = lambda q, k, v: (sdpa(q * 1.5, k, v, is_causal=True, enable_gqa=True) + 1).sum(-1)

@@ -86,22 +86,30 @@ def launch_backward(plan, q, k, v, o, lse, do, dq, dk, dv, dq_acc, delta, lb, B,
         plan.post((min(-(-n // 256), 65535),), (256,), (dq_acc, dq, n), 0, stream)
 
 
-# shapes and dtypes that passed check_inputs: (library, q/k/v shapes and dtypes, dtype) -> (B, H, Nq, Nk, d)
+# what a call's arrays were found to be, by signature (library, shapes, dtypes, devices, dtype name): the checked
+# sizes, the device, and for the forward its prepared call
 _CHECKED = {}
 
 
-def _checked(q, k, v, dtype):
+def _signature(q, k, v, dtype):
     key = (type(q), q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, dtype)
-    dims = _CHECKED.get(key)
-    if dims is None:
+    return key + _io(q).devices(q, k, v)
+
+
+def _checked(q, k, v, dtype):
+    """(B, H, Nq, Nk, d, device) of arrays that pass check_inputs, all of one kind on one GPU."""
+    key = _signature(q, k, v, dtype)
+    found = _CHECKED.get(key)
+    if found is None:
         dims = check_inputs(q, k, v, dtype)
         if type(q) is not type(k) or type(q) is not type(v):
             raise TypeError(f"q, k and v must be one kind of array, got {type(q).__name__}, {type(k).__name__}, "
                             f"{type(v).__name__}")
+        found = dims + (_io(q).device(q, k, v),)
         if len(_CHECKED) > 4096:        # a bound for programs that see endless shapes
             _CHECKED.clear()
-        _CHECKED[key] = dims
-    return dims
+        _CHECKED[key] = found
+    return found
 
 
 def _flag(causal):
@@ -117,15 +125,17 @@ def forward(q, k, v, *, causal, scale, dtype, rung=None, tiles=None):
     rung: one of FORWARD_RUNGS (default: by dtype and compute capability, or env FLASHLIB_CUPY_RUNG, e.g. 'sm75'
     to run the T4 path on a newer GPU).
     """
-    B, H, Nq, Nk, d = _checked(q, k, v, dtype)
+    B, H, Nq, Nk, d, dev = _checked(q, k, v, dtype)
     causal, scale = _flag(causal), check_scale(scale, d)
     io = _io(q)
     if Nk == 0:  # no key at all (the kernels would read an empty K): O = 0, lse = -inf, the rule for such rows
         return io.zeros(tuple(q.shape), q), io.full_f32((B, H, Nq), -np.inf, q)
-    dev = io.device(q, k, v)
     plan = forward_plan(dtype, d, causal, dev, rung or _rung_override("forward"), _hashable(tiles))
     D = plan.cfg.D
-    q, k, v = (io.contiguous(a) if D == d else io.padded(a, D) for a in (q, k, v))
+    if D != d:
+        q, k, v = (io.padded(a, D) for a in (q, k, v))
+    else:
+        q, k, v = io.contiguous(q), io.contiguous(k), io.contiguous(v)
     o, lse = io.empty_like(q), io.empty_f32((B, H, Nq), q)
     launch_forward(plan, io.ptr(q), io.ptr(k), io.ptr(v), io.ptr(o), io.ptr(lse), B, H, Nq, Nk, scale,
                    H // k.shape[1], io.stream(dev))
@@ -137,14 +147,15 @@ def backward(q, k, v, o, lse, do, *, causal, scale, dtype, rung=None, tiles=None
     arrays or all torch CUDA tensors. Returns dq, dk, dv in q's dtype, the caller's kind, on its current stream (dk,
     dv summed over the H // H_kv query heads that share a kv head). rung: 'bwd_tc' (fp16/bf16 on sm_80+, the default
     there) or 'bwd_fp32'; tiles: bwd_tc's (warps, KW, Br, BRC, KVREG), default BWD_TILES[d]."""
-    B, H, Nq, Nk, d = _checked(q, k, v, dtype)
+    B, H, Nq, Nk, d, dev = _checked(q, k, v, dtype)
     if o.shape != q.shape or do.shape != q.shape or tuple(lse.shape) != (B, H, Nq) or type(o) is not type(q) \
             or type(do) is not type(q) or type(lse) is not type(q):
         raise ValueError(f"o and do must be {tuple(q.shape)} and lse {(B, H, Nq)}, all of q's kind "
                          f"({type(q).__name__})")
     causal, scale = _flag(causal), check_scale(scale, d)
     io = _io(q)
-    dev = io.device(q, k, v, o, do, lse)
+    if io.devices(o, do, lse) != io.devices(q) * 3:
+        raise ValueError(f"o, do and lse must be on q's GPU ({dev})")
     plan = backward_plan(dtype, d, causal, dev, rung or _rung_override("backward"), _hashable(tiles))
     D, Hkv = plan.cfg.D, k.shape[1]
     G = H // Hkv
@@ -217,7 +228,8 @@ class _CupyIO:
     padded = staticmethod(_cupy_padded)
     unpadded = staticmethod(lambda a, d: _cp().ascontiguousarray(a[..., :d]))
     ptr = staticmethod(lambda a: a.data.ptr)
-    device = staticmethod(lambda *arrays: _one_device(lambda a: a.device.id, arrays))
+    devices = staticmethod(lambda *arrays: tuple(a.data.device_id for a in arrays))
+    device = staticmethod(lambda *arrays: _one_device(lambda a: a.data.device_id, arrays))
     stream = staticmethod(lambda dev: _cp().cuda.get_current_stream().ptr)
 
 
@@ -226,7 +238,7 @@ class _TorchIO:
     capture and torch.cuda.stream(...) contexts see the launches)."""
     contiguous = staticmethod(lambda t: t.contiguous())
     contiguous_f32 = staticmethod(lambda t: t.contiguous().float())
-    empty_like = staticmethod(lambda t: t.new_empty(t.shape))
+    empty_like = staticmethod(lambda t: _torch().empty_like(t))
     empty = staticmethod(lambda shape, t: t.new_empty(shape))
     empty_f32 = staticmethod(lambda shape, t: t.new_empty(shape, dtype=_torch().float32))
     zeros = staticmethod(lambda shape, t: t.new_zeros(shape))
@@ -234,6 +246,7 @@ class _TorchIO:
     padded = staticmethod(lambda t, D: _torch().nn.functional.pad(t, (0, D - t.shape[-1])))
     unpadded = staticmethod(lambda t, d: t[..., :d].contiguous())
     ptr = staticmethod(lambda t: t.data_ptr())
+    devices = staticmethod(lambda *tensors: tuple(t.get_device() for t in tensors))
     device = staticmethod(lambda *tensors: _one_device(_torch_cuda_device, tensors))
     stream = staticmethod(lambda dev: _torch_stream(dev))
 
