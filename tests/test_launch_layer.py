@@ -149,3 +149,20 @@ def test_gpu_backends_take_gqa_natively():
     """flashlib.api repeats k, v only for backends without native GQA: the CuPy and Numba kernels take G themselves."""
     from flashlib import api
     assert api.native_gqa("cupy") == api.native_gqa("numba") == ("forward", "backward")
+
+
+def test_launcher_packs_each_argument_where_its_parameter_pointer_points():
+    """build.Launcher lays the arguments out as the C struct of the signature's fields; cuLaunchKernel reads
+    parameter i through pointer i. Read them back through those pointers."""
+    import ctypes
+    from flashlib.cupy_kernels.build import Launcher
+    read = {"P": ctypes.c_uint64, "Q": ctypes.c_uint64, "i": ctypes.c_int32, "f": ctypes.c_float}
+    for sig, args in (("PPPPPiifii", (1, 2, 3, 2**63, 5, -6, 7, 0.5, 9, 10)), ("PPiQQ", (11, 12, 3, 2**40, 5)),
+                      ("PPPPPPPPPiifiii", tuple(range(9)) + (1, 2, 0.25, 3, 4, 128))):
+        L = Launcher(None, sig)
+        L._fmt.pack_into(L._buf, 0, *args)
+        back = [read[c].from_address(p).value for c, p in zip(sig, L._params)]
+        assert back == list(args), (sig, back)
+        assert len(set(L._params)) == len(sig)
+    with pytest.raises(TypeError, match="do not fit"):
+        Launcher(type("F", (), {"ptr": 0})(), "Pi")((1,), (32,), (1, 2**31))      # an int32 out of range

@@ -12,36 +12,41 @@ import ctypes
 import functools
 import os
 import pathlib
+import struct
 import threading
 
 from ..constants import STATIC_SMEM_BYTES
 
 HERE = pathlib.Path(__file__).resolve().parent
-# one letter per kernel parameter: a device pointer or 64-bit size, a 32-bit int, a float
-_CTYPES = {"P": ctypes.c_uint64, "Q": ctypes.c_uint64, "i": ctypes.c_int32, "f": ctypes.c_float}
 
 
 class Launcher:
     """One loaded kernel and its parameter block. `sig` spells the parameters, one letter each: P (device pointer),
     Q (uint64), i (int32), f (float32). launcher(grid, block, args, shared_mem, stream) launches on the stream
-    handle `stream` (an int: cudaStream_t; 0 is the legacy default stream). A lock keeps two threads from
-    interleaving their arguments in the one block (cuLaunchKernel copies them before it returns)."""
-    __slots__ = ("fn", "sig", "_slots", "_params", "_lock")
+    handle `stream` (an int: cudaStream_t; 0 is the legacy default stream). The arguments are packed into one
+    buffer laid out as the C struct of those fields (struct's native alignment), and cuLaunchKernel reads each
+    parameter through a pointer into it; a lock keeps two threads from interleaving their arguments in the one
+    buffer (cuLaunchKernel copies them before it returns)."""
+    __slots__ = ("fn", "sig", "_fmt", "_buf", "_params", "_lock")
 
     def __init__(self, fn, sig):
         self.fn, self.sig = fn, sig                 # fn: cupy.cuda.function.Function (keeps its module loaded)
-        self._slots = [_CTYPES[c]() for c in sig]
-        self._params = (ctypes.c_void_p * len(sig))(*[ctypes.addressof(s) for s in self._slots])
+        self._fmt = struct.Struct("@" + sig.replace("P", "Q"))
+        self._buf = ctypes.create_string_buffer(max(self._fmt.size, 1))
+        base = ctypes.addressof(self._buf)
+        offsets = [struct.calcsize("@" + sig[:i].replace("P", "Q") + c.replace("P", "Q")) - struct.calcsize(
+            c.replace("P", "Q")) for i, c in enumerate(sig)]
+        self._params = (ctypes.c_void_p * max(len(sig), 1))(*[base + o for o in offsets])
         self._lock = threading.Lock()
 
     def __call__(self, grid, block, args, shared_mem=0, stream=0):
-        if len(args) != len(self._slots):
-            raise TypeError(f"kernel takes {len(self._slots)} arguments ({self.sig}), got {len(args)}")
         gx, gy, gz = (tuple(grid) + (1, 1))[:3]
         bx, by, bz = (tuple(block) + (1, 1))[:3]
         with self._lock:
-            for slot, a in zip(self._slots, args):
-                slot.value = a
+            try:
+                self._fmt.pack_into(self._buf, 0, *args)
+            except struct.error as e:
+                raise TypeError(f"kernel arguments {args!r} do not fit its parameters {self.sig!r}: {e}") from None
             _driver().launchKernel(self.fn.ptr, gx, gy, gz, bx, by, bz, shared_mem, stream,
                                    ctypes.addressof(self._params), 0)
 

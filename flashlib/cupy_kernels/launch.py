@@ -26,8 +26,10 @@ SIG_PRE, SIG_CONVERT, SIG_SUM = "PPPPPPQ", "PPQ", "PPiQQ"
 
 @functools.lru_cache(maxsize=None)
 def forward_plan(dtype, d, causal, device, rung=None, tiles=None):
-    """The forward's Plan on GPU `device` (an ordinal); compiles its kernel at the first call."""
-    cfg = choose_config(dtype, d, _device_cc(device), causal, rung, tiles)
+    """The forward's Plan on GPU `device` (an ordinal); compiles its kernel at the first call. rung None: the
+    environment's FLASHLIB_CUPY_RUNG if it names a forward rung (read here, when the plan is built), else the
+    default."""
+    cfg = choose_config(dtype, d, _device_cc(device), causal, rung or _rung_override("forward"), tiles)
     return Plan(cfg, d, _kernel_on(device, cfg.file, cfg.kernel, cfg.smem, cfg.arch, SIG_FORWARD), None, None, None)
 
 
@@ -37,7 +39,8 @@ def backward_plan(dtype, d, causal, device, rung=None, tiles=None):
     zeroed), for 16-bit dtypes the kernel that converts dQ to the input dtype, and the sum of dK, dV over
     query-head groups (grouped-query attention; compiled at its first use)."""
     cc = _device_cc(device)
-    cfg = choose_config(dtype, d, cc, causal, rung or default_rung(dtype, cc, "backward", d), tiles)
+    rung = rung or _rung_override("backward") or default_rung(dtype, cc, "backward", d)
+    cfg = choose_config(dtype, d, cc, causal, rung, tiles)
     T = CTYPE[dtype]
     sig = SIG_BACKWARD + ("i" if cfg.rung == "bwd_tc" else "")        # bwd_tc: + the first output column
     pre = _kernel_on(device, "fa2_bwd.cu", f"bwd_dot_do_o<{T}, {cfg.D}>", 0, None, SIG_PRE)
@@ -130,7 +133,7 @@ def forward(q, k, v, *, causal, scale, dtype, rung=None, tiles=None):
     io = _io(q)
     if Nk == 0:  # no key at all (the kernels would read an empty K): O = 0, lse = -inf, the rule for such rows
         return io.zeros(tuple(q.shape), q), io.full_f32((B, H, Nq), -np.inf, q)
-    plan = forward_plan(dtype, d, causal, dev, rung or _rung_override("forward"), _hashable(tiles))
+    plan = forward_plan(dtype, d, causal, dev, rung, _hashable(tiles))
     D = plan.cfg.D
     if D != d:
         q, k, v = (io.padded(a, D) for a in (q, k, v))
@@ -156,7 +159,7 @@ def backward(q, k, v, o, lse, do, *, causal, scale, dtype, rung=None, tiles=None
     io = _io(q)
     if io.devices(o, do, lse) != io.devices(q) * 3:
         raise ValueError(f"o, do and lse must be on q's GPU ({dev})")
-    plan = backward_plan(dtype, d, causal, dev, rung or _rung_override("backward"), _hashable(tiles))
+    plan = backward_plan(dtype, d, causal, dev, rung, _hashable(tiles))
     D, Hkv = plan.cfg.D, k.shape[1]
     G = H // Hkv
     q, k, v, o, do = (io.contiguous(a) if D == d else io.padded(a, D) for a in (q, k, v, o, do))
@@ -240,7 +243,7 @@ class _TorchIO:
     contiguous_f32 = staticmethod(lambda t: t.contiguous().float())
     empty_like = staticmethod(lambda t: _torch().empty_like(t))
     empty = staticmethod(lambda shape, t: t.new_empty(shape))
-    empty_f32 = staticmethod(lambda shape, t: t.new_empty(shape, dtype=_torch().float32))
+    empty_f32 = staticmethod(lambda shape, t: _torch().empty_like(_f32_template(t.get_device(), shape)))
     zeros = staticmethod(lambda shape, t: t.new_zeros(shape))
     full_f32 = staticmethod(lambda shape, value, t: t.new_full(shape, value, dtype=_torch().float32))
     padded = staticmethod(lambda t, D: _torch().nn.functional.pad(t, (0, D - t.shape[-1])))
@@ -249,6 +252,16 @@ class _TorchIO:
     devices = staticmethod(lambda *tensors: tuple(t.get_device() for t in tensors))
     device = staticmethod(lambda *tensors: _one_device(_torch_cuda_device, tensors))
     stream = staticmethod(lambda dev: _torch_stream(dev))
+
+
+@functools.lru_cache(maxsize=1024)
+def _f32_template(device, shape):
+    """A float32 tensor of `shape` on `device` that owns 4 bytes (a stride-0 view): torch.empty_like of it
+    allocates a contiguous tensor of that shape faster than torch.empty(shape, dtype=..., device=...) parses its
+    arguments."""
+    torch = _torch()
+    dev = torch.device("cuda", device) if device >= 0 else torch.device("cpu")
+    return torch.empty(1, dtype=torch.float32, device=dev).expand(shape)
 
 
 def _torch_cuda_device(t):
