@@ -44,6 +44,19 @@ def steps(out):
     p = [t.data_ptr() for t in (q, k, v, o, lse)]
     s = io_.stream(0)
     dev = q.device
+    import cupy as cp
+    qc = cp.asarray(q)
+    qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+
+    class _Identity(torch.autograd.Function):
+        """What any Python autograd.Function costs: forward and backward that do nothing."""
+        @staticmethod
+        def forward(ctx, x):
+            return x.view_as(x)
+
+        @staticmethod
+        def backward(ctx, g):
+            return g
     fns = {
         "api.validate": lambda: api.validate(q, k, v, False, None),
         "launch._checked": lambda: launch._checked(q, k, v, "float16"),
@@ -63,13 +76,25 @@ def steps(out):
         "device x3": lambda: io_.device(q, k, v),
         "Launcher call (cuLaunchKernel)": lambda: plan.fn((1, 1, 1), (256,), (*p, 128, 128, 0.125, 1, 1), plan.cfg.smem, s),
         "cupy_kernels.forward": lambda: ck.forward(q, k, v, causal=False, scale=0.125, dtype="float16"),
+        "cupy_kernels.forward (CuPy arrays)": lambda: ck.forward(qc, qc, qc, causal=False, scale=0.125,
+                                                                 dtype="float16"),
+        "cupy.empty_like": lambda: cp.empty_like(qc),
+        "cupy.empty(shape, float32)": lambda: cp.empty((1, 1, 128), dtype="float32"),
+        "cupy.cuda.get_current_stream().ptr": lambda: cp.cuda.get_current_stream().ptr,
+        "a.data.device_id x3": lambda: (qc.data.device_id, qc.data.device_id, qc.data.device_id),
+        "python autograd.Function identity fwd+bwd": lambda: torch.autograd.grad(_Identity.apply(qg), (qg,), q),
+        "torch x * 1 fwd+bwd": lambda: torch.autograd.grad(qg * 1, (qg,), q),
+        "F.sdpa fwd+bwd": lambda: torch.autograd.grad(torch.nn.functional.scaled_dot_product_attention(qg, kg, vg),
+                                                      (qg, kg, vg), q),
+        "flashlib.torch sdpa fwd+bwd": lambda: torch.autograd.grad(fsdpa(qg, kg, vg), (qg, kg, vg), q),
         "flashlib.attention (torch)": lambda: flashlib.attention(q, k, v, backend="cupy"),
         "flashlib.torch sdpa (no grad)": lambda: fsdpa(q, k, v),
         "F.sdpa (default backends)": lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v),
     }
-    with torch.no_grad():
-        for name, fn in fns.items():
-            out.write(f"{name:40s} {per_call_us(fn):8.2f} us\n")
+    grad_needed = ("fwd+bwd",)
+    for name, fn in fns.items():
+        with torch.enable_grad() if any(g in name for g in grad_needed) else torch.no_grad():
+            out.write(f"{name:45s} {per_call_us(fn):8.2f} us\n")
 
 
 def profile(out, label, fn, calls=3000):
