@@ -20,10 +20,10 @@ CTYPE = {"float32": "float", "float16": "__half", "bfloat16": "__nv_bfloat16"}
 SMEM_LIMIT = SMEM_OPTIN_BYTES   # opt-in dynamic shared memory per block by compute capability (flashlib.constants)
 
 # Rung 3 tiles per head dim, (non-causal, causal), each (warps NW, keys per tile Bc, query rows per warp RW in
-# {16, 32}, Q fragments kept in registers), so Br = RW*NW. d = 64 and 128: the winners of the H100 sweep
-# (benchmarks/cupy_bench.py --sweep; record cupy_sweep_h100.json), except d = 128 causal: (4, 48, 32, False), the
-# best tile without register spills on sm_90 once the mask moved into one branch per tile
-# (logs/tuned_d128_causal_sweep_h200.txt). d = 32, 96, 256: not swept; at d = 256 16 rows per warp and Q re-read
+# {16, 32}, Q fragments kept in registers), so Br = RW*NW. d = 64 and 128: the winners of an H100 sweep
+# (benchmarks/results/logs/tuned_tiles_h100_sweep.txt), except d = 128 causal: (4, 48, 32, False), the best tile
+# without register spills on sm_90 once the mask moved into one branch per tile (logs/tuned_d128_causal_sweep_h200.txt,
+# tests/test_tuning_records.py). d = 32, 96, 256: not swept; at d = 256 16 rows per warp and Q re-read
 # from shared memory, so that O (128 fp32 registers) fits beside S. Every choice compiles without spills
 # (tests/test_cupy_kernels.py).
 TUNED_TILES = {32: ((4, 64, 32, True),) * 2, 64: ((4, 128, 32, False), (4, 64, 32, False)),
@@ -34,15 +34,16 @@ FALLBACK_TILES = {D: ((4, 32, 32, False), (4, 64, 16, True), (4, 32, 16, True)) 
 FALLBACK_TILES[256] = ((4, 16, 16, False),)
 # Rung 5 Tensor Core backward, per head dim: (warps NW, key m-tiles per warp KW, so Bc = 16*KW*NW keys per block;
 # Br query rows per Q tile; BRC query rows per register chunk; KVREG: K/V fragments kept in registers). d = 64 and
-# 128 swept on an H100 (fp16, N = 4096 and 16384, causal and not; that sweep was not recorded); d = 32, 96, 256 not
-# swept (d = 256: two launches of 128 output columns, bwd_columns).
+# 128 swept on an H100 (logs/tuned_tiles_h100_sweep.txt); d = 32, 96, 256 not swept (d = 256: two launches of 128
+# output columns, bwd_columns).
 BWD_TILES = {32: (8, 1, 64, 64, True), 64: (4, 2, 64, 32, False), 96: (8, 1, 64, 32, False), 128: (8, 1, 64, 64, False),
              256: (4, 1, 64, 32, False)}
 # less shared memory (sm_80 at d = 256: 163 KB; sm_86/89: 99 KB): the first that fits
 BWD_FALLBACK_TILES = ((4, 1, 64, 32, False), (4, 1, 32, 32, False), (2, 1, 16, 16, False))
 # Rung 6 tiles per head dim, (non-causal, causal), each (warpgroups NWG, keys per tile Bc), Br = 64*NWG: the winners
-# on an H200 (logs/wgmma_explore_3_swizzled_h200.txt). Three warpgroups would need more registers than the 168 a
-# thread of 384 is left (ptxas serialises the wgmma).
+# among one and two warpgroups on an H200 (logs/wgmma_explore_3_swizzled_h200.txt; tests/test_tuning_records.py).
+# Three warpgroups are refused: a thread of 384 is left 168 registers, fewer than the kernel needs (ptxas
+# serialises the wgmma), though that sweep timed (3, 64) fastest at d = 128 non-causal.
 WGMMA_TILES = {64: ((2, 64), (2, 64)), 128: ((2, 128), (2, 128))}
 WGMMA_HEAD_DIMS = (64, 128)
 

@@ -46,7 +46,6 @@ __global__ void __launch_bounds__(NW * 32, 1) fa2_bwd_tc(const T* __restrict__ Q
     constexpr int KWR = 16 * KW, Bc = KWR * NW, LD = D + 8, LDS = Br + 8, NT = NW * 32;
     constexpr int MR = (Br / 32) * (DO / 32) >= NW && BRC >= 32 ? 32 : 16;  // rows of a dQ chunk (MR <= BRC)
     constexpr int NCHUNK = (Br / MR) * (DO / 32);
-    constexpr float LOG2E = 1.4426950408889634f;
     typedef Mma<T, false> MMA;
     extern __shared__ __align__(16) unsigned char smem_raw[];
     T* Ks = reinterpret_cast<T*>(smem_raw);

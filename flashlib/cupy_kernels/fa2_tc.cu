@@ -182,7 +182,7 @@ __global__ void __launch_bounds__(NW * 32, NW <= 4 ? 2 : 1) fa2_tc(const T* __re
     const int n_full = min(Nk / Bc, CAUSAL ? (q0 + 1) / Bc : n_tiles);
     // rung 3 works in base 2: P = exp2(S * sl - m) with sl = scale * log2(e), one FFMA and one MUFU.EX2 per
     // element (m is kept in units of S * sl); rung 2 with S * scale and expf
-    const float sl = TUNED ? scale * 1.4426950408889634f : scale;
+    const float sl = TUNED ? scale * LOG2E : scale;
 
     u32 qf[QREG ? MT : 1][QREG ? D / 16 : 1][4];
     float o[MT][D / 8][4], m[MT][2], l[MT][2];
@@ -254,7 +254,7 @@ __global__ void __launch_bounds__(NW * 32, NW <= 4 ? 2 : 1) fa2_tc(const T* __re
 #pragma unroll
             for (int n = 0; n < D / 8; n++)
                 *reinterpret_cast<u32*>(Qw + r * LD + n * 8 + 2 * t) = pack2<T>(o[mt][n][2 * h] * inv_l, o[mt][n][2 * h + 1] * inv_l);
-            if (t == 0 && qw + r < Nq) L[(blockIdx.y + (size_t)gridDim.y * blockIdx.z) * Nq + qw + r] = (TUNED ? m[mt][h] * 0.6931471805599453f : m[mt][h]) + logf(l[mt][h]);
+            if (t == 0 && qw + r < Nq) L[(blockIdx.y + (size_t)gridDim.y * blockIdx.z) * Nq + qw + r] = (TUNED ? m[mt][h] * LN2 : m[mt][h]) + logf(l[mt][h]);
         }
     }
     __syncwarp();

@@ -141,7 +141,7 @@ __global__ void __launch_bounds__(NWG * 128, NWG == 1 ? 2 : 1) fa2_wgmma(const T
     const int kv_end = CAUSAL ? min(Nk, q0 + Br) : Nk;
     const int n_tiles = (kv_end + Bc - 1) / Bc;
     const int n_full = min(Nk / Bc, CAUSAL ? (q0 + 1) / Bc : n_tiles);  // tiles that need no mask
-    const float sl = scale * 1.4426950408889634f;
+    const float sl = scale * LOG2E;
 
     load_sw128<D, Br>(Qs, Q, Nq - q0, tid, NT);
     load_sw128<D, Bc>(Ks, K, Nk, tid, NT);
@@ -292,7 +292,7 @@ __global__ void __launch_bounds__(NWG * 128, NWG == 1 ? 2 : 1) fa2_wgmma(const T
             *reinterpret_cast<u32*>(Qs + sw128<Br>(rw + r, 8 * n) + t * 4) =
                 pack2<T>(o[4 * n + 2 * h] * inv_l, o[4 * n + 2 * h + 1] * inv_l);
         if (t == 0 && q0 + rw + r < Nq)
-            L[bh * Nq + q0 + rw + r] = m[h] * 0.6931471805599453f + logf(l[h]);
+            L[bh * Nq + q0 + rw + r] = m[h] * LN2 + logf(l[h]);
     }
     __syncwarp();
     O += (bh * Nq + q0 + rw) * D;

@@ -15,7 +15,10 @@
 #include <cuda_bf16.h>
 
 typedef unsigned int u32;
-#define NEG_INF __int_as_float(0xff800000)
+// The constants flashlib.constants holds for the Python side (tests/test_constants.py checks they agree):
+#define NEG_INF __int_as_float(0xff800000)      // a masked score; the lse of a row that sees no key
+static constexpr float LOG2E = 1.4426950408889634f;   // exp(x) = exp2(x * LOG2E): the folded softmax scale
+static constexpr float LN2 = 0.6931471805599453f;     // lse = m * LN2 + log(l) for m kept in log2 units
 
 // The (batch, query head) pair of this block. Pairs are spread over grid.y and grid.z (grid.y alone stops at
 // 65535; the host's pair_grid), so a block past the last pair (BH) has nothing to do. Grouped-query attention:

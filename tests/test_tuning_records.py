@@ -1,0 +1,43 @@
+"""The tile tables are the winners of the sweeps whose logs the repository keeps (benchmarks/results/logs/)."""
+import ast
+import collections
+import pathlib
+
+import pytest
+
+from flashlib import cupy_kernels as ck
+
+LOGS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "logs"
+pytestmark = pytest.mark.skipif(not LOGS.is_dir(), reason="needs the checkout's benchmark logs")
+
+
+def _mean(xs):
+    return sum(xs) / len(xs)
+
+
+def test_wgmma_tiles_are_the_sweep_winners_among_the_accepted():
+    rows = [ast.literal_eval(line) for line in (LOGS / "wgmma_explore_3_swizzled_h200.txt").read_text().splitlines()
+            if line.startswith("{")]
+    seen = collections.defaultdict(lambda: collections.defaultdict(list))
+    for r in rows:
+        for key, value in r.items():
+            if key.startswith("wgmma(") and not key.endswith("_diff"):
+                seen[(r["d"], r["causal"])][ast.literal_eval(key[len("wgmma"):])].append(value)
+    assert set(seen) == {(d, c) for d in ck.WGMMA_HEAD_DIMS for c in (False, True)}
+    for (d, causal), timed in seen.items():
+        accepted = {t: v for t, v in timed.items() if t[0] in (1, 2)}          # choose_config refuses 3 warpgroups
+        best = max(accepted, key=lambda t: _mean(accepted[t]))
+        assert ck.WGMMA_TILES[d][causal] == best, (d, causal, best)
+
+
+def test_tuned_d128_causal_tile_is_the_best_that_does_not_spill():
+    lines = [line.split("|") for line in (LOGS / "tuned_d128_causal_sweep_h200.txt").read_text().splitlines()
+             if "tuned_" in line]
+    timed = collections.defaultdict(list)
+    for cells in lines:
+        nw, bc, rw, qreg = (int(x) for x in cells[5].strip().split("_")[1:])
+        timed[(nw, bc, rw, bool(qreg))].append(float(cells[6]))
+    spilling = {(4, 64, 32, False)}                 # 12-24 bytes of spill on sm_90 (the log's note; ptxas)
+    best = max((t for t in timed if t not in spilling), key=lambda t: _mean(timed[t]))
+    assert ck.TUNED_TILES[128][True] == best
+    assert max(timed, key=lambda t: _mean(timed[t])) in spilling       # the fastest of all is the one refused
