@@ -19,10 +19,9 @@ import numpy as np
 
 from numba import cuda, float32
 
-from ._common import (check_causal, check_arrays, device, head_bucket, kv_groups, n_blocks, out_arrays, pair_grid,
-                      scale_of, trace_arrays)
+from .host import (NEG_INF, check_arrays, check_causal, device, head_bucket, kv_groups, n_blocks, out_arrays,
+                  pair_grid, scale_of, trace_arrays)
 
-NEG_INF = float32(-math.inf)
 
 
 def tiles(D):

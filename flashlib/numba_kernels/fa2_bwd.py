@@ -23,9 +23,9 @@ import math
 import numpy as np
 from numba import cuda, float32
 
-from ._common import check_causal, check_arrays, device, grouped, head_bucket, kv_groups, n_blocks, pair_grid, scale_of
+from .host import (NEG_INF, check_arrays, check_causal, device, grouped, head_bucket, kv_groups, n_blocks, pair_grid,
+                  scale_of)
 
-NEG_INF = float32(-math.inf)
 
 
 def tiles(D):

@@ -23,10 +23,10 @@ import math
 
 from numba import cuda, float32
 
-from ._common import (check_causal, check_arrays, device, head_bucket, kv_groups, n_blocks, out_arrays, pair_grid,
-                      scale_of, simulated, trace_arrays)
+from ..env import simulated
+from .host import (NEG_INF, check_arrays, check_causal, device, head_bucket, kv_groups, n_blocks, out_arrays,
+                  pair_grid, scale_of, trace_arrays)
 
-NEG_INF = float32(-math.inf)
 
 
 def config(D, sim=None):
