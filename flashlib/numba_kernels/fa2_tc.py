@@ -23,9 +23,9 @@ Registers of one thread (lane = 4g + t), for its query rows 16*(MT*warp + mt) + 
 P never goes through shared memory: the C fragments of two adjacent 8-key n-tiles are the A fragment of a 16-key
   k-step (lanes.a_from_c). K's B fragments come from ldmatrix, V's from ldmatrix.trans (keys are V's rows); one
   fragment feeds the warp's MT m-tiles (MT = 2 halves the ldmatrix per mma, for twice the registers).
-Addresses: each lane computes its .shared address of K's and V's fragment (0, 0) once; every other fragment is a
-  compile-time byte offset from it (lanes.k_ldm, v_ldm), which ptxas folds into the LDSM instruction. The cp.async copies likewise: one
-  base address per thread, constant offsets. (Numba's array indexing would recompute a 64-bit address for each.)
+Addresses: each lane computes its .shared address of K's and V's fragment (0, 0) once (lanes.k_ldm, v_ldm); every
+  other fragment is a compile-time byte offset from it, which ptxas folds into the LDSM instruction. The cp.async
+  copies likewise: one base address per thread, constant offsets. (Numba's array indexing would recompute a 64-bit address for each.)
 Row max and row sum: the 4 lanes t = 0..3 sharing a row exchange values with cuda.shfl_xor_sync(mask, x, 1 and 2).
 Causal (top-left): K/V tiles right of the Q tile's last row are not loaded; a warp whose rows all lie left of a
   tile skips its math; masking (-inf) runs, in a branch of its own, only on the diagonal tiles and the ragged last
@@ -65,6 +65,10 @@ TILES_SM75 = {32: (4, 64, 1, 1, 0), 64: (4, 64, 1, 1, 0), 96: (4, 64, 1, 1, 0), 
 
 def smem_bytes(D, Bc, NSTAGE):
     return 2 * NSTAGE * Bc * (D // 2 + 4) * 4
+
+
+# The ldmatrix row addresses of lanes.py, compiled into the kernel: the functions the tests model a warp with.
+q_ldm, k_ldm, v_ldm = (cuda.jit(device=True, inline="always")(f) for f in (lanes.q_ldm, lanes.k_ldm, lanes.v_ldm))
 
 
 def check(d, dtype, cc=None, k8=False):
@@ -152,7 +156,8 @@ def make_fa2_tc(D, NW, Bc, NSTAGE, dtype, K8, MT=1, MINB=0):
         cuda.syncthreads()
         for mt in range(MT):
             for kk in range(KD):
-                x = mma.ldmatrix_x4(sm, 16 * (MT * warp + mt) + (lane & 15), (16 * kk + (lane >> 4) * 8) >> 1)  # q_ldm
+                rq, cq = q_ldm(lane, MT * warp + mt, kk)   # (row, col in 16-bit elements) of m-tile MT*warp + mt
+                x = mma.ldmatrix_x4(sm, rq, cq >> 1)
                 for e in range(4):
                     qf[mt, kk, e] = x[e]
         cuda.syncthreads()                           # the K/V stages overwrite Q's rows
@@ -160,8 +165,10 @@ def make_fa2_tc(D, NW, Bc, NSTAGE, dtype, K8, MT=1, MINB=0):
         # Addresses, computed once: this lane's .shared byte address for the ldmatrix of K fragment (0, 0) and V
         # fragment (0, 0) of stage 0; fragment (nn, kk) of K is 16*nn rows and 16*kk elements (32 bytes) further
         # (k_ldm, v_ldm), a constant that ptxas folds into the instruction.
-        ka = mma.shared_u32_at(sm, (lane & 7) + (lane >> 4) * 8, (((lane >> 3) & 1) * 8) >> 1)                 # k_ldm
-        va = mma.shared_u32_at(sm, NSTAGE * Bc + (lane & 7) + ((lane >> 3) & 1) * 8, ((lane >> 4) * 8) >> 1)  # v_ldm
+        rk, ck = k_ldm(lane, 0, 0)
+        rv, cv = v_ldm(lane, NSTAGE * Bc // 16, 0)    # V's stage 0 starts NSTAGE*Bc rows down (a multiple of 16)
+        ka = mma.shared_u32_at(sm, rk, ck >> 1)
+        va = mma.shared_u32_at(sm, rv, cv >> 1)
         # cp.async: copy `it` of a K (or V) tile moves row r0 + RSTEP*it, words c0..c0+3 (when EVEN; rows are W words
         # apart in global memory: the host passes contiguous arrays). Addresses: stage 0 in smem, tile 0 in global.
         r0, c0 = tid // C4, (tid % C4) * 4
