@@ -93,6 +93,23 @@ def make_bwd_tf32(D, Br, max_registers=None):
     C4 = D // 4                                    # 16-byte chunks per row
     INF = float32(math.inf)
 
+    @cuda.jit(device=True, inline="always")
+    def acc_ct_b(c, ak, acc, sm, OB, g, t):
+        """acc (the warp's 16 x D, C fragments) += C^T B for c (the C fragments of P^T or dS^T, 16 keys x Br queries:
+        the A operand, k permuted, P_AS_A) and B = the Br x D tile at float32 offset OB of sm (dO_i or Q_i; rows
+        8kk+2t, 8kk+2t+1, head dim 8n+g: dv_b)."""
+        for kk in range(NQ):
+            for e in range(4):
+                x = split_tf32(c[kk, (e & 1) * 2 + (e >> 1)])       # P_AS_A[e]
+                ak[0, e] = x[0]
+                ak[1, e] = x[1]
+            for n in range(KD):
+                x = mma_3xtf32(ak[0, 0], ak[0, 1], ak[0, 2], ak[0, 3], ak[1, 0], ak[1, 1], ak[1, 2], ak[1, 3],
+                               sm[OB + (8 * kk + 2 * t) * LD + 8 * n + g], sm[OB + (8 * kk + 2 * t + 1) * LD + 8 * n + g],
+                               acc[n, 0], acc[n, 1], acc[n, 2], acc[n, 3])
+                for e in range(4):
+                    acc[n, e] = x[e]
+
     @cuda.jit(max_registers=max_registers)
     def fa2_bwd_tf32(q, k, v, lse, do, delta, dq, dk, dv, Nq, Nk, causal, scale, scale_log2, G):
         sm = cuda.shared.array(0, float32, alignment=16)
@@ -181,32 +198,10 @@ def make_bwd_tf32(D, Br, max_registers=None):
                     dp[n, e] = ds
                     sm[ODS + qr * LDS + kr] = ds
 
-            # dV_w += P^T dO_i, dK_w += dS^T Q_i: A = the C fragments of P^T, dS^T (k permuted: P_AS_A).
-            # (Two loops, not one: a smaller body is unrolled in full, so s[kk] and dp[kk] stay in registers.)
-            for kk in range(NQ):
-                for e in range(4):
-                    x = split_tf32(s[kk, (e & 1) * 2 + (e >> 1)])       # P_AS_A[e]
-                    ak[0, e] = x[0]
-                    ak[1, e] = x[1]
-                for n in range(KD):                # B: rows (queries) 8kk+2t, 8kk+2t+1, head dim 8n+g     # dv_b
-                    x = mma_3xtf32(ak[0, 0], ak[0, 1], ak[0, 2], ak[0, 3], ak[1, 0], ak[1, 1], ak[1, 2], ak[1, 3],
-                                   sm[ODO + (8 * kk + 2 * t) * LD + 8 * n + g],
-                                   sm[ODO + (8 * kk + 2 * t + 1) * LD + 8 * n + g],
-                                   acc_v[n, 0], acc_v[n, 1], acc_v[n, 2], acc_v[n, 3])
-                    for e in range(4):
-                        acc_v[n, e] = x[e]
-            for kk in range(NQ):
-                for e in range(4):
-                    x = split_tf32(dp[kk, (e & 1) * 2 + (e >> 1)])
-                    ak[0, e] = x[0]
-                    ak[1, e] = x[1]
-                for n in range(KD):
-                    x = mma_3xtf32(ak[0, 0], ak[0, 1], ak[0, 2], ak[0, 3], ak[1, 0], ak[1, 1], ak[1, 2], ak[1, 3],
-                                   sm[OQ + (8 * kk + 2 * t) * LD + 8 * n + g],
-                                   sm[OQ + (8 * kk + 2 * t + 1) * LD + 8 * n + g],
-                                   acc_k[n, 0], acc_k[n, 1], acc_k[n, 2], acc_k[n, 3])
-                    for e in range(4):
-                        acc_k[n, e] = x[e]
+            # dV_w += P^T dO_i (line 12), dK_w += dS^T Q_i (line 16): A = the C fragments of P^T, dS^T.
+            # (Two calls, not one loop: a smaller body is unrolled in full, so s[kk] and dp[kk] stay in registers.)
+            acc_ct_b(s, ak, acc_v, sm, ODO, g, t)
+            acc_ct_b(dp, ak, acc_k, sm, OQ, g, t)
             cuda.syncthreads()                     # dS complete; Qs, dOs are free: copy Q_i+1, dO_i+1 during dQ
             if i + 1 < Tr:
                 for idx in range(tid, Br * C4, NT):

@@ -49,6 +49,7 @@ from ..constants import LOG2E, STATIC_SMEM_BYTES
 from ..env import simulated
 from . import host, lanes, mma
 from .host import LN2, NEG_INF, check_causal, copy, device, empty, kv_groups, pair_grid, scale_of
+from .warp import FULL, online_softmax_step
 
 
 HEAD_DIMS = (32, 64, 96, 128, 256)  # compiled head dims; a head dim 1 ... 256 is zero-padded up to the next
@@ -115,7 +116,15 @@ def make_fa2_tc(D, NW, Bc, NSTAGE, dtype, K8, MT=1, MINB=0):
                          f"K/V stages fit {STATIC_SMEM_BYTES} bytes of static shared memory")
     MMA = mma.mma_m16n8k16_bf16 if dtype == "bfloat16" else mma.mma_m16n8k16_f16
     pack = mma.pack_bf16x2 if dtype == "bfloat16" else mma.pack_f16x2
-    FULL = 0xFFFFFFFF
+
+    @cuda.jit(device=True, inline="always")
+    def mma16(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3):
+        """D = A B + C over one 16-deep k-step (lanes' m16n8k16 fragments): one m16n8k16, or with K8 (sm_75) two
+        m16n8k8, k 0..7 with (a0, a1, b0) then k 8..15 with (a2, a3, b1)."""
+        if K8:
+            x = mma.mma_m16n8k8_f16(a0, a1, b0, c0, c1, c2, c3)
+            return mma.mma_m16n8k8_f16(a2, a3, b1, x[0], x[1], x[2], x[3])
+        return MMA(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3)
 
     @cuda.jit(**jit_options(NW, MINB))
     def fa2_tc(q, k, v, o, lse, Nq, Nk, causal, scale_log2, G):
@@ -230,14 +239,8 @@ def make_fa2_tc(D, NW, Bc, NSTAGE, dtype, K8, MT=1, MINB=0):
                         for mt in range(MT):         # one K fragment feeds the MT m-tiles of the warp
                             for u in range(2):
                                 n = 2 * nn + u
-                                if K8:               # k 0..7 with (a0, a1, b0), then k 8..15 with (a2, a3, b1)
-                                    x = mma.mma_m16n8k8_f16(qf[mt, kk, 0], qf[mt, kk, 1], b[2 * u],
-                                                            s[mt, n, 0], s[mt, n, 1], s[mt, n, 2], s[mt, n, 3])
-                                    x = mma.mma_m16n8k8_f16(qf[mt, kk, 2], qf[mt, kk, 3], b[2 * u + 1],
-                                                            x[0], x[1], x[2], x[3])
-                                else:
-                                    x = MMA(qf[mt, kk, 0], qf[mt, kk, 1], qf[mt, kk, 2], qf[mt, kk, 3], b[2 * u],
-                                            b[2 * u + 1], s[mt, n, 0], s[mt, n, 1], s[mt, n, 2], s[mt, n, 3])
+                                x = mma16(qf[mt, kk, 0], qf[mt, kk, 1], qf[mt, kk, 2], qf[mt, kk, 3], b[2 * u],
+                                          b[2 * u + 1], s[mt, n, 0], s[mt, n, 1], s[mt, n, 2], s[mt, n, 3])
                                 for e in range(4):
                                     s[mt, n, e] = x[e]
                 # mask (-inf) only on the ragged last tile and the causal diagonal: a branch of its own, so that
@@ -255,16 +258,9 @@ def make_fa2_tc(D, NW, Bc, NSTAGE, dtype, K8, MT=1, MINB=0):
                     for n in range(NB):
                         for e in range(4):
                             mx[2 * mt + (e >> 1)] = max(mx[2 * mt + (e >> 1)], s[mt, n, e])
-                for h in range(2 * MT):              # online softmax in base 2: m is in units of S * scale * log2(e)
-                    y = mx[h]
-                    y = max(y, cuda.shfl_xor_sync(FULL, y, 1))
-                    y = max(y, cuda.shfl_xor_sync(FULL, y, 2))
-                    m_new = max(m[h], y * scale_log2)
-                    base[h] = m_new if m_new != NEG_INF else float32(0.0)   # no visible key yet: P = 0, no NaN
-                    alpha = mma.exp2_approx(m[h] - base[h])
-                    m[h] = m_new
-                    l[h] *= alpha
-                    for n in range(ND):
+                for h in range(2 * MT):              # line 9: online softmax in base 2 (warp.py)
+                    alpha = online_softmax_step(m, l, base, mx, h, scale_log2)
+                    for n in range(ND):              # line 10: O's row rescaled by alpha
                         acc[h >> 1, n, 2 * (h & 1)] *= alpha
                         acc[h >> 1, n, 2 * (h & 1) + 1] *= alpha
                 for mt in range(MT):                 # P = exp2(S * scale_log2 - base): one FFMA and one MUFU.EX2 each
@@ -284,14 +280,8 @@ def make_fa2_tc(D, NW, Bc, NSTAGE, dtype, K8, MT=1, MINB=0):
                         for mt in range(MT):
                             for u in range(2):
                                 n = 2 * nn + u
-                                if K8:
-                                    x = mma.mma_m16n8k8_f16(pa[mt, kk, 0], pa[mt, kk, 1], b[2 * u], acc[mt, n, 0],
-                                                            acc[mt, n, 1], acc[mt, n, 2], acc[mt, n, 3])
-                                    x = mma.mma_m16n8k8_f16(pa[mt, kk, 2], pa[mt, kk, 3], b[2 * u + 1],
-                                                            x[0], x[1], x[2], x[3])
-                                else:
-                                    x = MMA(pa[mt, kk, 0], pa[mt, kk, 1], pa[mt, kk, 2], pa[mt, kk, 3], b[2 * u],
-                                            b[2 * u + 1], acc[mt, n, 0], acc[mt, n, 1], acc[mt, n, 2], acc[mt, n, 3])
+                                x = mma16(pa[mt, kk, 0], pa[mt, kk, 1], pa[mt, kk, 2], pa[mt, kk, 3], b[2 * u],
+                                          b[2 * u + 1], acc[mt, n, 0], acc[mt, n, 1], acc[mt, n, 2], acc[mt, n, 3])
                                 for e in range(4):
                                     acc[mt, n, e] = x[e]
             cuda.syncthreads()                       # every warp is done with this stage before it is refilled

@@ -66,6 +66,7 @@ from ..env import simulated
 from . import host, mma
 from .host import LN2, NEG_INF, TF32_HEAD_DIMS, check_causal, device, kv_groups, pair_grid, scale_of
 from .mma import mma_3xtf32, split_tf32, split_tf32_again
+from .warp import FULL, online_softmax_step
 
 # (NW warps, Bc keys, QREG, MAXREG) per head dim: QREG keeps Q split in registers (else split again each tile:
 # fewer registers), MAXREG caps registers per thread (0: ptxas decides). Static shared memory < 48 KB limits Bc at
@@ -101,6 +102,22 @@ def parts(n, per):
     raise ValueError(f"a loop nest of {n} x {per} mma bodies does not split into <= 4 pieces of <= {UNROLL}")
 
 
+def in_pieces(part, n, step):
+    """An inline device function pieces(a, b, c, d, e, g, t) that calls part(a, b, c, d, e, offset, g, t) for
+    offset = 0, step, ..., (n - 1) * step (n <= 4 from parts): n calls, not a loop, so that the compiler unrolls
+    each piece in full."""
+    @cuda.jit(device=True, inline="always")
+    def pieces(a, b, c, d, e, g, t):
+        part(a, b, c, d, e, 0, g, t)
+        if n > 1:
+            part(a, b, c, d, e, step, g, t)
+        if n > 2:
+            part(a, b, c, d, e, 2 * step, g, t)
+        if n > 3:
+            part(a, b, c, d, e, 3 * step, g, t)
+    return pieces
+
+
 # ---------------------------------------------------------------- the kernel
 @functools.lru_cache(maxsize=None)
 def make_fa2_tf32(D, NW, Bc, QREG, MAXREG=0):
@@ -117,7 +134,6 @@ def make_fa2_tf32(D, NW, Bc, QREG, MAXREG=0):
     QW = 1 if QREG else KS                           # shapes of the unused register arrays: (1, 4)
     NPS, NPV = parts(DC, NB * 2), parts(NB, DM * 4)  # each product in NPS / NPV pieces (see qk_part)
     DCP, NBP = DC // NPS, NB // NPV
-    FULL = 0xFFFFFFFF
 
     @cuda.jit(device=True, inline="always")
     def qk_part(s, qb, qs, qr, Ks, c0, g, t):
@@ -158,6 +174,8 @@ def make_fa2_tf32(D, NW, Bc, QREG, MAXREG=0):
                                     x0[u], x1[u], acc[n, 0], acc[n, 1], acc[n, 2], acc[n, 3])
                     for e in range(4):
                         acc[n, e] = d4[e]
+
+    qk, pv = in_pieces(qk_part, NPS, DCP), in_pieces(pv_part, NPV, NBP)
 
     @cuda.jit(**({"max_registers": MAXREG} if MAXREG else {}))
     def fa2_tf32(q, k, v, o, lse, Nq, Nk, causal, scale_log2, G):
@@ -226,15 +244,9 @@ def make_fa2_tf32(D, NW, Bc, QREG, MAXREG=0):
                 for n in range(NB):
                     for e in range(4):
                         s[n, e] = 0.0
-                # S = Q K_j^T, 16 x Bc per warp. Written as NPS calls, not a loop: the compiler unrolls a loop nest
-                # in full only up to ~32 bodies, and every register-array index must be a constant.
-                qk_part(s, qb, qs, qr, Ks, 0, g, t)
-                if NPS > 1:
-                    qk_part(s, qb, qs, qr, Ks, DCP, g, t)
-                if NPS > 2:
-                    qk_part(s, qb, qs, qr, Ks, 2 * DCP, g, t)
-                if NPS > 3:
-                    qk_part(s, qb, qs, qr, Ks, 3 * DCP, g, t)
+                # line 8: S = Q K_j^T, 16 x Bc per warp. Written as NPS calls, not a loop (in_pieces): the compiler
+                # unrolls a loop nest in full only up to ~32 bodies, and every register-array index must be a constant.
+                qk(s, qb, qs, qr, Ks, g, t)
             cuda.syncthreads()                       # every warp is done with K_j: refill the buffer
             if j + 1 < n_tiles:
                 for idx in range(tid, Bc * C4, NT):
@@ -256,16 +268,9 @@ def make_fa2_tf32(D, NW, Bc, QREG, MAXREG=0):
                                 y = NEG_INF
                         s[n, e] = y
                         mx[e >> 1] = max(mx[e >> 1], y)
-                for h in range(2):                   # online softmax in base 2: m is in units of S*scale*log2(e)
-                    y = mx[h]
-                    y = max(y, cuda.shfl_xor_sync(FULL, y, 1))
-                    y = max(y, cuda.shfl_xor_sync(FULL, y, 2))
-                    m_new = max(m[h], y * scale_log2)
-                    base[h] = m_new if m_new != NEG_INF else float32(0.0)   # no visible key yet: P = 0, no NaN
-                    alpha = mma.exp2_approx(m[h] - base[h])
-                    m[h] = m_new
-                    l[h] *= alpha
-                    for n in range(ND):
+                for h in range(2):                   # line 9: online softmax in base 2 (warp.py)
+                    alpha = online_softmax_step(m, l, base, mx, h, scale_log2)
+                    for n in range(ND):              # line 10: O's row rescaled by alpha
                         acc[n, 2 * h] *= alpha
                         acc[n, 2 * h + 1] *= alpha
                 for n in range(NB):
@@ -276,13 +281,7 @@ def make_fa2_tf32(D, NW, Bc, QREG, MAXREG=0):
             mma.cp_async_wait(1)                     # V_j has landed (K_{j+1} may still be in flight)
             cuda.syncthreads()
             if active:
-                pv_part(s, ab, as_, acc, Vs, 0, g, t)  # O += P V_j, in NPV pieces as qk_part
-                if NPV > 1:
-                    pv_part(s, ab, as_, acc, Vs, NBP, g, t)
-                if NPV > 2:
-                    pv_part(s, ab, as_, acc, Vs, 2 * NBP, g, t)
-                if NPV > 3:
-                    pv_part(s, ab, as_, acc, Vs, 3 * NBP, g, t)
+                pv(s, ab, as_, acc, Vs, g, t)        # line 10: O += P V_j, in NPV pieces as S
             cuda.syncthreads()                       # every warp is done with V_j
             if j + 1 < n_tiles:
                 for idx in range(tid, Bc * C4, NT):
