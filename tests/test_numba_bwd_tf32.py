@@ -56,7 +56,7 @@ def model_backward(Q, K, V, dO, lse, Dr, causal, scale, D, Br):
     """The kernel for one (batch, head), block by block, warp by warp, in NumPy. Returns dq, dk, dv."""
     Nq, Nk, Bc = Q.shape[0], K.shape[0], bt.BC
     KD, NQ, MQ, DQN = D // 8, Br // 8, Br // 16, D // (8 * bt.NW)
-    lanes = range(32)
+    lane_ids = range(32)
     dq, dk, dv = np.zeros((Nq, D)), np.full((Nk, D), np.nan), np.full((Nk, D), np.nan)
 
     def tile(X, r0, rows):
@@ -81,13 +81,13 @@ def model_backward(Q, K, V, dO, lse, Dr, causal, scale, D, Br):
                 s = np.zeros((NQ, 32, 4))
                 dp = np.zeros((NQ, 32, 4))
                 for kk in range(KD):
-                    ak = [[Ks[rc] for rc in lanes.st_a(ln, kw, kk)] for ln in lanes]
-                    av = [[Vs[rc] for rc in lanes.st_a(ln, kw, kk)] for ln in lanes]
+                    ak = [[Ks[rc] for rc in lanes.st_a(ln, kw, kk)] for ln in lane_ids]
+                    av = [[Vs[rc] for rc in lanes.st_a(ln, kw, kk)] for ln in lane_ids]
                     for n in range(NQ):
-                        s[n] = _mma(ak, [[Qs[rc] for rc in lanes.st_b(ln, n, kk)] for ln in lanes], s[n])
-                        dp[n] = _mma(av, [[dOs[rc] for rc in lanes.st_b(ln, n, kk)] for ln in lanes], dp[n])
+                        s[n] = _mma(ak, [[Qs[rc] for rc in lanes.st_b(ln, n, kk)] for ln in lane_ids], s[n])
+                        dp[n] = _mma(av, [[dOs[rc] for rc in lanes.st_b(ln, n, kk)] for ln in lane_ids], dp[n])
                 for n in range(NQ):
-                    for ln in lanes:
+                    for ln in lane_ids:
                         g, t = ln >> 2, ln & 3
                         for e in range(4):
                             kr, qr = kw + g + 8 * (e >> 1), 8 * n + 2 * t + (e & 1)
@@ -99,11 +99,11 @@ def model_backward(Q, K, V, dO, lse, Dr, causal, scale, D, Br):
                             s[n, ln, e], dp[n, ln, e] = p, ds
                             dS[qr, kr] = ds
                 for kk in range(NQ):
-                    pa = [[s[kk, ln, lanes.P_AS_A[e]] for e in range(4)] for ln in lanes]
-                    da = [[dp[kk, ln, lanes.P_AS_A[e]] for e in range(4)] for ln in lanes]
+                    pa = [[s[kk, ln, lanes.P_AS_A[e]] for e in range(4)] for ln in lane_ids]
+                    da = [[dp[kk, ln, lanes.P_AS_A[e]] for e in range(4)] for ln in lane_ids]
                     for n in range(KD):
-                        acc_v[w, n] = _mma(pa, [[dOs[rc] for rc in lanes.dv_b(ln, kk, n)] for ln in lanes], acc_v[w, n])
-                        acc_k[w, n] = _mma(da, [[Qs[rc] for rc in lanes.dv_b(ln, kk, n)] for ln in lanes], acc_k[w, n])
+                        acc_v[w, n] = _mma(pa, [[dOs[rc] for rc in lanes.dv_b(ln, kk, n)] for ln in lane_ids], acc_v[w, n])
+                        acc_k[w, n] = _mma(da, [[Qs[rc] for rc in lanes.dv_b(ln, kk, n)] for ln in lane_ids], acc_k[w, n])
             assert not np.isnan(dS).any()
             for w in range(bt.NW):                   # dQ: after the barrier, from the whole dS
                 for m in range(MQ):
@@ -111,16 +111,16 @@ def model_backward(Q, K, V, dO, lse, Dr, causal, scale, D, Br):
                         col0 = 8 * (DQN * w + n)
                         acc = np.zeros((32, 4))
                         for kk in range(Bc // 8):
-                            a = [[dS[rc] for rc in lanes.dq_a(ln, m, kk)] for ln in lanes]
-                            acc = _mma(a, [[Ks[rc] for rc in lanes.dq_b(ln, kk, col0)] for ln in lanes], acc)
-                        for ln in lanes:
+                            a = [[dS[rc] for rc in lanes.dq_a(ln, m, kk)] for ln in lane_ids]
+                            acc = _mma(a, [[Ks[rc] for rc in lanes.dq_b(ln, kk, col0)] for ln in lane_ids], acc)
+                        for ln in lane_ids:
                             for e in range(4):
                                 r, c = lanes.c_index(ln, e)
                                 if q0 + 16 * m + r < Nq:
                                     dq[q0 + 16 * m + r, col0 + c] += acc[ln, e] * scale   # the atomic add
         for w in range(bt.NW):
             for n in range(KD):
-                for ln in lanes:
+                for ln in lane_ids:
                     for e in range(4):
                         r, c = lanes.c_index(ln, e)
                         if kv0 + 16 * w + r < Nk:

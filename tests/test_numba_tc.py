@@ -151,8 +151,8 @@ def warp_model_forward(Q, K, V, causal, scale, Bc, NW, dtype="float16", k8=False
     Br, KD, NB, KB, ND = 16 * NW * MR, D // 16, Bc // 8, Bc // 16, D // 8
     sl = scale * LOG2E
     shape = "m16n8k8" if k8 else "m16n8k16"
-    lanes = np.arange(32)
-    g, t = lanes >> 2, lanes & 3
+    lane_ids = np.arange(32)
+    g, t = lane_ids >> 2, lane_ids & 3
     O = np.full((Nq, D), np.nan)
     lse = np.full(Nq, np.nan)
 
@@ -175,7 +175,7 @@ def warp_model_forward(Q, K, V, causal, scale, Bc, NW, dtype="float16", k8=False
         for warp, mr in ((w, r) for w in range(NW) for r in range(MR)):
             qw = q0 + 16 * (MR * warp + mr)          # this m-tile's first row
             last = q0 + 16 * MR * warp + 16 * MR - 1     # the warp's last row: it skips tiles right of it
-            qf = [lanes.ldmatrix_model(Qs, [lanes.q_ldm(ln, MR * warp + mr, kk) for ln in lanes]) for kk in range(KD)]
+            qf = [lanes.ldmatrix_model(Qs, [lanes.q_ldm(ln, MR * warp + mr, kk) for ln in lane_ids]) for kk in range(KD)]
             m, l = np.full((32, 2), -np.inf), np.zeros((32, 2))
             acc = np.zeros((ND, 32, 4))
             for j in range(-(-kv_end // Bc)):
@@ -186,7 +186,7 @@ def warp_model_forward(Q, K, V, causal, scale, Bc, NW, dtype="float16", k8=False
                 s = np.zeros((NB, 32, 4))
                 for kk in range(KD):
                     for nn in range(NB // 2):
-                        b = lanes.ldmatrix_model(Ks, [lanes.k_ldm(ln, nn, kk) for ln in lanes])
+                        b = lanes.ldmatrix_model(Ks, [lanes.k_ldm(ln, nn, kk) for ln in lane_ids])
                         for u in range(2):
                             s[2 * nn + u] = mma16(qf[kk], b[:, 2 * u:2 * u + 2], s[2 * nn + u])
                 for n in range(NB):
@@ -194,8 +194,8 @@ def warp_model_forward(Q, K, V, causal, scale, Bc, NW, dtype="float16", k8=False
                         col, row = kv0 + 8 * n + 2 * t + (e & 1), qw + g + 8 * (e >> 1)
                         s[n, :, e] = np.where((col >= Nk) | (causal & (col > row)), -np.inf, s[n, :, e])
                 mx = np.stack([s[:, :, 2 * h:2 * h + 2].max(axis=(0, 2)) for h in range(2)], axis=1)
-                mx = np.maximum(mx, mx[lanes ^ 1])   # cuda.shfl_xor_sync(mask, x, 1), then 2
-                mx = np.maximum(mx, mx[lanes ^ 2])
+                mx = np.maximum(mx, mx[lane_ids ^ 1])   # cuda.shfl_xor_sync(mask, x, 1), then 2
+                mx = np.maximum(mx, mx[lane_ids ^ 2])
                 m_new = np.maximum(m, mx * sl)
                 base = np.where(m_new == -np.inf, 0.0, m_new)
                 alpha = np.exp2(m - base)
@@ -207,11 +207,11 @@ def warp_model_forward(Q, K, V, causal, scale, Bc, NW, dtype="float16", k8=False
                     elems = np.stack([p[2 * kk + lanes.a_from_c(e)[0], :, lanes.a_from_c(e)[1]] for e in range(8)], 1)
                     a = lanes.words(lanes.to_bits(elems, dtype))
                     for nn in range(ND // 2):
-                        b = lanes.ldmatrix_model(Vs, [lanes.v_ldm(ln, kk, nn) for ln in lanes], trans=True)
+                        b = lanes.ldmatrix_model(Vs, [lanes.v_ldm(ln, kk, nn) for ln in lane_ids], trans=True)
                         for u in range(2):
                             acc[2 * nn + u] = mma16(a, b[:, 2 * u:2 * u + 2], acc[2 * nn + u])
-            l = l + l[lanes ^ 1]
-            l = l + l[lanes ^ 2]
+            l = l + l[lane_ids ^ 1]
+            l = l + l[lane_ids ^ 2]
             for lane in range(32):
                 for h in range(2):
                     row = qw + lane // 4 + 8 * h

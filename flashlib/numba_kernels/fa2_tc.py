@@ -126,6 +126,18 @@ def make_fa2_tc(D, NW, Bc, NSTAGE, dtype, K8, MT=1, MINB=0):
             return mma.mma_m16n8k8_f16(a2, a3, b1, x[0], x[1], x[2], x[3])
         return MMA(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3)
 
+    @cuda.jit(device=True, inline="always")
+    def mma_tiles(a, kk, b, nn, c):
+        """c[mt, 2nn + u] += a[mt, kk] B_u for the warp's MT m-tiles mt and u = 0, 1: b, one ldmatrix.x4, holds the
+        B fragments of two n-tiles (b0, b1 of n-tile 2nn, b2, b3 of 2nn + 1), and feeds all MT m-tiles."""
+        for mt in range(MT):
+            for u in range(2):
+                n = 2 * nn + u
+                x = mma16(a[mt, kk, 0], a[mt, kk, 1], a[mt, kk, 2], a[mt, kk, 3], b[2 * u], b[2 * u + 1],
+                          c[mt, n, 0], c[mt, n, 1], c[mt, n, 2], c[mt, n, 3])
+                for e in range(4):
+                    c[mt, n, e] = x[e]
+
     @cuda.jit(**jit_options(NW, MINB))
     def fa2_tc(q, k, v, o, lse, Nq, Nk, causal, scale_log2, G):
         sm = cuda.shared.array((ROWS, LDW), uint32, alignment=16)   # ldmatrix, cp.async: 16-byte rows
@@ -233,16 +245,9 @@ def make_fa2_tc(D, NW, Bc, NSTAGE, dtype, K8, MT=1, MINB=0):
                     for n in range(NB):
                         for e in range(4):
                             s[mt, n, e] = 0.0
-                for kk in range(KD):
-                    for nn in range(NB // 2):        # B fragments of key n-tiles 2nn (b0, b1) and 2nn+1 (b2, b3)
-                        b = mma.ldmatrix_x4_at(kst + (16 * ROW) * nn + 32 * kk)                         # k_ldm
-                        for mt in range(MT):         # one K fragment feeds the MT m-tiles of the warp
-                            for u in range(2):
-                                n = 2 * nn + u
-                                x = mma16(qf[mt, kk, 0], qf[mt, kk, 1], qf[mt, kk, 2], qf[mt, kk, 3], b[2 * u],
-                                          b[2 * u + 1], s[mt, n, 0], s[mt, n, 1], s[mt, n, 2], s[mt, n, 3])
-                                for e in range(4):
-                                    s[mt, n, e] = x[e]
+                for kk in range(KD):                 # line 8: S = Q_i K_j^T; K fragments of key n-tiles 2nn, 2nn+1
+                    for nn in range(NB // 2):
+                        mma_tiles(qf, kk, mma.ldmatrix_x4_at(kst + (16 * ROW) * nn + 32 * kk), nn, s)   # k_ldm
                 # mask (-inf) only on the ragged last tile and the causal diagonal: a branch of its own, so that
                 # the other tiles run no comparisons at all
                 if kv0 + Bc > Nk or (causal and kv0 + Bc - 1 > qw):
@@ -274,16 +279,9 @@ def make_fa2_tc(D, NW, Bc, NSTAGE, dtype, K8, MT=1, MINB=0):
                         pa[mt, kk, 1] = pack(s[mt, 2 * kk, 2], s[mt, 2 * kk, 3])
                         pa[mt, kk, 2] = pack(s[mt, 2 * kk + 1, 0], s[mt, 2 * kk + 1, 1])
                         pa[mt, kk, 3] = pack(s[mt, 2 * kk + 1, 2], s[mt, 2 * kk + 1, 3])
-                for kk in range(KB):                 # O += P V_j
-                    for nn in range(ND // 2):        # B fragments of head-dim n-tiles 2nn and 2nn+1
-                        b = mma.ldmatrix_x4_trans_at(vst + (16 * ROW) * kk + 32 * nn)                   # v_ldm
-                        for mt in range(MT):
-                            for u in range(2):
-                                n = 2 * nn + u
-                                x = mma16(pa[mt, kk, 0], pa[mt, kk, 1], pa[mt, kk, 2], pa[mt, kk, 3], b[2 * u],
-                                          b[2 * u + 1], acc[mt, n, 0], acc[mt, n, 1], acc[mt, n, 2], acc[mt, n, 3])
-                                for e in range(4):
-                                    acc[mt, n, e] = x[e]
+                for kk in range(KB):                 # line 10: O += P V_j; V fragments of head-dim n-tiles 2nn, 2nn+1
+                    for nn in range(ND // 2):
+                        mma_tiles(pa, kk, mma.ldmatrix_x4_trans_at(vst + (16 * ROW) * kk + 32 * nn), nn, acc)  # v_ldm
             cuda.syncthreads()                       # every warp is done with this stage before it is refilled
         # epilogue: finish the row sums, divide once, write O (16-bit pairs) and lse = m ln 2 + ln l
         for h in range(2 * MT):
@@ -348,10 +346,7 @@ def kernel(d, cc, dtype, tiles=None, k8=None):
 
 def head_bucket(d):
     """The compiled head dim (HEAD_DIMS) a head dim d runs as."""
-    for D in HEAD_DIMS:
-        if d <= D:
-            return D
-    raise ValueError(f"the numba tc kernel takes head_dim 1 ... {HEAD_DIMS[-1]}, got {d}")
+    return host.head_bucket(d, HEAD_DIMS, "the numba tc kernel")
 
 
 def fa2_forward_tc(q, k, v, *, causal=False, scale=None, dtype="float16", tiles=None, k8=None, o=None, lse=None):

@@ -64,12 +64,12 @@ def grouped(dk, dv, k, dk_out=None, dv_out=None):
     return outs
 
 
-def head_bucket(d):
-    """The smallest compiled head dimension D >= d."""
-    for D in HEAD_DIMS:
+def head_bucket(d, dims=HEAD_DIMS, who="the numba kernels"):
+    """The smallest compiled head dimension D >= d among dims (a kernel pads a head dim d up to D)."""
+    for D in dims:
         if d <= D:
             return D
-    raise ValueError(f"head_dim {d} is not supported by the numba kernels: head dims 1..{MAX_HEAD_DIM} are accepted")
+    raise ValueError(f"head_dim {d} is not supported by {who}: head dims 1..{dims[-1]} are accepted")
 
 
 TC_DTYPES = ("float16", "bfloat16")                   # the Tensor Core variant 'tc' (fa2_tc.py) only
