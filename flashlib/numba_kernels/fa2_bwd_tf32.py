@@ -6,7 +6,8 @@ one block per K/V tile that loops over the Q tiles, recomputes P from the stored
 dV_j in registers; dQ by float32 atomic adds. Every matrix product runs as 3xTF32 on Tensor Cores: each float32
 operand x is split into big + small TF32 numbers and a*b ~= big*big + big*small + small*big, three
 mma.sync.m16n8k8.tf32 per product (fa2_tf32.py explains the split; the intrinsics split_tf32 and mma_3xtf32 are
-in mma.py, the fragment loads below in lanes.py: st_a, st_b, dv_b, dq_a, dq_b). Error: float32-level (~1e-6 relative per product), as PyTorch's efficient SDPA backend in float32.
+in mma.py, the fragment loads below in lanes.py: st_a, st_b, dv_b, dq_a, dq_b). Error: float32-level (~1e-6
+relative per product), as PyTorch's efficient SDPA backend in float32.
 
 Grid (Tc = ceil(Nk / Bc), B*H); block NW = 4 warps (128 threads); Bc = 16*NW = 64 keys per block, Br query rows
 per Q tile (TILES). Warp w owns keys kv0 + 16w .. kv0 + 16w + 15 of the block's tile. Per Q tile i:
@@ -105,7 +106,8 @@ def make_bwd_tf32(D, Br, max_registers=None):
                 ak[1, e] = x[1]
             for n in range(KD):
                 x = mma_3xtf32(ak[0, 0], ak[0, 1], ak[0, 2], ak[0, 3], ak[1, 0], ak[1, 1], ak[1, 2], ak[1, 3],
-                               sm[OB + (8 * kk + 2 * t) * LD + 8 * n + g], sm[OB + (8 * kk + 2 * t + 1) * LD + 8 * n + g],
+                               sm[OB + (8 * kk + 2 * t) * LD + 8 * n + g],
+                               sm[OB + (8 * kk + 2 * t + 1) * LD + 8 * n + g],
                                acc[n, 0], acc[n, 1], acc[n, 2], acc[n, 3])
                 for e in range(4):
                     acc[n, e] = x[e]
@@ -133,7 +135,7 @@ def make_bwd_tf32(D, Br, max_registers=None):
         qrow, krow, drow = bh * Nq, uint32(bh) // uint32(G) * Nk, bh * Nk   # (32-bit division: fewer registers)
         Tr = (Nq + Br - 1) // Br
         i0 = kv0 // Br if causal else 0
-        for idx in range(tid, Bc * C4, NT):        # K_j, V_j: once, 16 bytes per copy (rows past Nk: zeros)
+        for idx in range(tid, Bc * C4, NT):        # line 6: K_j, V_j once, 16 bytes a copy (rows past Nk: 0)
             r, c = idx // C4, (idx % C4) * 4
             ok = kv0 + r < Nk
             cp_async16_f32(sm, OK + r * LD + c, k, krow + (kv0 + r if ok else 0), c, 16 if ok else 0)
@@ -144,11 +146,11 @@ def make_bwd_tf32(D, Br, max_registers=None):
             cp_async16_f32(sm, OQ + r * LD + c, q, qrow + (i0 * Br + r if ok else 0), c, 16 if ok else 0)
             cp_async16_f32(sm, ODO + r * LD + c, do, qrow + (i0 * Br + r if ok else 0), c, 16 if ok else 0)
         mma.cp_async_commit()
-        for n in range(KD):
+        for n in range(KD):                        # line 7
             for e in range(4):
                 acc_k[n, e] = 0.0
                 acc_v[n, e] = 0.0
-        for i in range(i0, Tr):
+        for i in range(i0, Tr):                    # line 8 (line 9: Q_i, dO_i copied a step ahead; L_i, delta_i)
             q0 = i * Br
             for r in range(tid, Br, NT):           # lse in base 2; +inf (P = 0) past Nq or where no key is visible
                 x = lse[bh, q0 + r] if q0 + r < Nq else -INF
@@ -157,7 +159,7 @@ def make_bwd_tf32(D, Br, max_registers=None):
             mma.cp_async_wait(0)                   # Q_i, dO_i (and K_j, V_j) have landed
             cuda.syncthreads()
 
-            # S^T = K_w Q_i^T and dP^T = V_w dO_i^T: 16 keys x Br queries per warp
+            # lines 10, 13: S^T = K_w Q_i^T and dP^T = V_w dO_i^T: 16 keys x Br queries per warp
             for n in range(NQ):
                 for e in range(4):
                     s[n, e] = 0.0
@@ -183,7 +185,7 @@ def make_bwd_tf32(D, Br, max_registers=None):
                     for e in range(4):
                         dp[n, e] = x[e]
 
-            # P^T recomputed from the logsumexp, dS^T = P^T (dP^T - D); dS to shared memory for dQ
+            # lines 11, 14: P^T recomputed from the logsumexp, dS^T = P^T (dP^T - delta); dS to shared memory for dQ
             need_mask = kv0 + Bc > Nk or (causal and kv0 + Bc - 1 > q0)
             for n in range(NQ):
                 for e in range(4):
@@ -211,7 +213,7 @@ def make_bwd_tf32(D, Br, max_registers=None):
                     cp_async16_f32(sm, ODO + r * LD + c, do, qrow + (q0 + Br + r if ok else 0), c, 16 if ok else 0)
                 mma.cp_async_commit()
 
-            # dQ_i += scale * dS K_j: this warp's DQN n-tiles of head dims, all Br rows; then atomic adds
+            # line 15: dQ_i += scale * dS K_j: this warp's DQN n-tiles of head dims, all Br rows; then atomic adds
             for m in range(MQ):
                 for n in range(DQN):
                     for e in range(4):
@@ -240,7 +242,7 @@ def make_bwd_tf32(D, Br, max_registers=None):
             # phase reads, and dSs is rewritten only after the next tile's first barrier
 
         mma.cp_async_wait(0)                       # (no copy is left in flight when the block exits)
-        for h in range(2):                         # dK_w, dV_w: rows kv0 + kw + g (+8), head dims 8n + 2t (+1)
+        for h in range(2):                         # line 18: dK_w, dV_w, rows kv0 + kw + g (+8), dims 8n + 2t (+1)
             key = kv0 + kw + g + 8 * h
             if key < Nk:
                 for n in range(KD):

@@ -25,7 +25,8 @@ P never goes through shared memory: the C fragments of two adjacent 8-key n-tile
   fragment feeds the warp's MT m-tiles (MT = 2 halves the ldmatrix per mma, for twice the registers).
 Addresses: each lane computes its .shared address of K's and V's fragment (0, 0) once (lanes.k_ldm, v_ldm); every
   other fragment is a compile-time byte offset from it, which ptxas folds into the LDSM instruction. The cp.async
-  copies likewise: one base address per thread, constant offsets. (Numba's array indexing would recompute a 64-bit address for each.)
+  copies likewise: one base address per thread, constant offsets. (Numba's array indexing would recompute a 64-bit
+  address for each.)
 Row max and row sum: the 4 lanes t = 0..3 sharing a row exchange values with cuda.shfl_xor_sync(mask, x, 1 and 2).
 Causal (top-left): K/V tiles right of the Q tile's last row are not loaded; a warp whose rows all lie left of a
   tile skips its math; masking (-inf) runs, in a branch of its own, only on the diagonal tiles and the ragged last
@@ -34,8 +35,9 @@ Instruction count (SASS for sm_90, one unmasked tile, d=64, Bc=64): about 400 in
   about 860 when every fragment was indexed and every element masked: softmax arithmetic (FMNMX, FFMA, MUFU.EX2,
   FADD, FMUL rescale, F2FP packs, ~190) is now the bulk beside the 64 HMMA and 32 LDSM.
 Variants: m16n8k16 (sm_80+, fp16 or bf16) or, with K8, two m16n8k8 per 16-key step (sm_75, the T4; fp16 only).
-FlashAttention-2 Algorithm 1's lines (Dao 2023) are marked "# line N" where the kernel does them. PTX and ptxas
-  checks of every instance: flashlib.numba_kernels.ptx (tc_report). Backward: fa2_bwd_tf32 (float32 only).
+FlashAttention-2 Algorithm 1's lines (Dao 2023) are marked "# line N" where the kernel does them; lse is the paper's
+  L. PTX and ptxas checks of every instance: flashlib.numba_kernels.ptx (tc_report). Backward: none in 16 bits here
+  (flashlib.cupy_kernels has one); numba_kernels.backward is float32 (fa2_bwd_tf32 on Tensor Cores).
 bf16 from torch: torch does not export bfloat16 through __cuda_array_interface__, so bf16 data must reach this
   kernel as int16/uint16 bit views (torch: t.view(torch.int16)); the output o comes back as the same bits.
 """
@@ -163,7 +165,7 @@ def make_fa2_tc(D, NW, Bc, NSTAGE, dtype, K8, MT=1, MINB=0):
         kv_end = min(Nk, q0 + Br) if causal else Nk
         n_tiles = (kv_end + Bc - 1) // Bc
         z = uint32(0)
-        for h in range(2 * MT):
+        for h in range(2 * MT):                      # line 5: m = -inf, l = 0, O = 0, in registers
             m[h] = NEG_INF
             l[h] = 0.0
         for mt in range(MT):
@@ -171,7 +173,7 @@ def make_fa2_tc(D, NW, Bc, NSTAGE, dtype, K8, MT=1, MINB=0):
                 for e in range(4):
                     acc[mt, n, e] = 0.0
 
-        for idx in range(tid, Br * C4, NT):          # Q_i passes through shared memory into registers, once
+        for idx in range(tid, Br * C4, NT):          # line 4: Q_i, through shared memory into registers, once
             r, c = idx // C4, (idx % C4) * 4         # 16 bytes per thread and step; rows >= Nq are zeros
             mma.store16(sm, r, c, mma.load16(q, qrow + q0 + r, c) if q0 + r < Nq else (z, z, z, z))
         cuda.syncthreads()
@@ -197,7 +199,8 @@ def make_fa2_tc(D, NW, Bc, NSTAGE, dtype, K8, MT=1, MINB=0):
         gk0 = mma.global_i64_at(k, krow, 0) + 4 * (W * r0 + c0)
         gv0 = mma.global_i64_at(v, krow, 0) + 4 * (W * r0 + c0)
 
-        # j = -1 (ASYNC only) is the prologue: it loads tile 0. Iteration j loads tile jl and computes tile j.
+        # line 6. j = -1 (ASYNC only) is the prologue: it loads tile 0. Iteration j loads tile jl (line 7) and
+        # computes tile j.
         for j in range(-1 if ASYNC else 0, n_tiles):
             jl = j + 1 if ASYNC else j               # with cp.async, tile j+1 is copied while tile j is computed
             if jl < n_tiles:
@@ -283,7 +286,7 @@ def make_fa2_tc(D, NW, Bc, NSTAGE, dtype, K8, MT=1, MINB=0):
                     for nn in range(ND // 2):
                         mma_tiles(pa, kk, mma.ldmatrix_x4_trans_at(vst + (16 * ROW) * kk + 32 * nn), nn, acc)  # v_ldm
             cuda.syncthreads()                       # every warp is done with this stage before it is refilled
-        # epilogue: finish the row sums, divide once, write O (16-bit pairs) and lse = m ln 2 + ln l
+        # lines 12-15: finish the row sums, divide once, write O (16-bit pairs) and lse = m ln 2 + ln l
         for h in range(2 * MT):
             y = l[h]
             y += cuda.shfl_xor_sync(FULL, y, 1)

@@ -205,7 +205,7 @@ def make_fa2_tf32(D, NW, Bc, QREG, MAXREG=0):
         kv_end = min(Nk, q0 + Br) if causal else Nk
         n_tiles = (kv_end + Bc - 1) // Bc
         z = uint32(0)
-        for h in range(2):
+        for h in range(2):                           # line 5: m = -inf, l = 0, O = 0, in registers
             m[h] = NEG_INF
             l[h] = 0.0
         for n in range(ND):
@@ -213,6 +213,7 @@ def make_fa2_tf32(D, NW, Bc, QREG, MAXREG=0):
                 acc[n, e] = 0.0
 
         # prologue: start K_0, V_0 (rows past Nk are zero-filled), then Q's fragments straight from global memory
+        # (line 4)
         for w in range(2):
             for idx in range(tid, Bc * C4, NT):
                 r, c = idx // C4, (idx % C4) * 4
@@ -235,7 +236,7 @@ def make_fa2_tf32(D, NW, Bc, QREG, MAXREG=0):
                         else:
                             qr[2 * c + h, 2 * u + hr] = x[2 * h + u]
 
-        for j in range(n_tiles):
+        for j in range(n_tiles):                     # line 6 (line 7: K_j, V_j are copied a step ahead)
             kv0 = j * Bc
             active = not (causal and kv0 > qw + 15)  # else every key of the tile is right of the warp's rows
             mma.cp_async_wait(1)                     # K_j has landed (V_j may still be in flight)
@@ -290,7 +291,7 @@ def make_fa2_tf32(D, NW, Bc, QREG, MAXREG=0):
                     mma.cp_async16(Vs, r, c, v, krow + (kv0 + Bc + r if ok else 0), c, 16 if ok else 0)
             mma.cp_async_commit()
         mma.cp_async_wait(0)
-        # epilogue: finish the row sums, divide once, write O (o_dim: dims 32mm + 8t + 4w + u) and lse
+        # lines 12-15: finish the row sums, divide once, write O (o_dim: dims 32mm + 8t + 4w + u) and lse
         for h in range(2):
             y = l[h]
             y += cuda.shfl_xor_sync(FULL, y, 1)

@@ -123,7 +123,8 @@ def tc_report(only=None):
                      "mt": args[6], "minb": args[7],
                      "mma": text.count("mma.sync.aligned.m16n8k16") + text.count("mma.sync.aligned.m16n8k8"),
                      "mma_shape": "m16n8k8" if args[5] else "m16n8k16",
-                     "mma_k8": text.count("mma.sync.aligned.m16n8k8."), "mma_k16": text.count("mma.sync.aligned.m16n8k16."),
+                     "mma_k8": text.count("mma.sync.aligned.m16n8k8."),
+                     "mma_k16": text.count("mma.sync.aligned.m16n8k16."),
                      "bf16": text.count(".bf16.bf16.f32"), "ldmatrix": text.count("ldmatrix.sync.aligned.m8n8.x4"),
                      "ldmatrix_trans": text.count("ldmatrix.sync.aligned.m8n8.x4.trans"),
                      "cp_async": text.count("cp.async.cg.shared.global"), "shfl": text.count("shfl.sync.bfly"),
@@ -135,7 +136,8 @@ def tc_report(only=None):
 def tf32_instances():
     """(name, cc, make_fa2_tf32 arguments) of every kernel to check in PTX: default tiles, sm_80 and sm_90."""
     from . import fa2_tf32
-    return [(f"fa2_tf32 D={D}", cc, (D, *fa2_tf32.TILES[D])) for D in fa2_tf32.TF32_HEAD_DIMS for cc in ((8, 0), (9, 0))]
+    return [(f"fa2_tf32 D={D}", cc, (D, *fa2_tf32.TILES[D])) for D in fa2_tf32.TF32_HEAD_DIMS
+            for cc in ((8, 0), (9, 0))]
 
 
 def tf32_report(only=None, extra=()):

@@ -3,8 +3,6 @@ which of a warp's 32 lanes holds which element of A (16 x 16), B (16 x 8) and C/
 import matplotlib.pyplot as plt
 import numpy as np
 
-from ..numba_kernels.lanes import a_index, b_index, c_index   # pure NumPy: no CUDA target imported
-
 
 def _grid(index, rows, cols, n):
     lane, elem = np.full((rows, cols), -1), np.full((rows, cols), -1)
@@ -18,6 +16,8 @@ def _grid(index, rows, cols, n):
 def mma_layout(highlight=(0, 1, 4)):
     """Three panels, A, B and C/D of one m16n8k16 mma; each cell names the lane (L) and element (e) holding it.
     The lanes in `highlight` are coloured; the rest are grey, so one lane's scattered elements stand out."""
+    # lanes is NumPy only; imported here, not at the top, as flashlib.numba_kernels' __init__ loads numba.cuda
+    from ..numba_kernels.lanes import a_index, b_index, c_index
     panels = [("A (16 x 16, fp16): 8 elements per lane", _grid(a_index, 16, 16, 8)),
               ("B (16 x 8, fp16): 4 per lane", _grid(b_index, 16, 8, 4)),
               ("C, D (16 x 8, fp32): 4 per lane", _grid(lambda ln, i, s=None: c_index(ln, i), 16, 8, 4))]
