@@ -40,7 +40,6 @@ A GPU only (inline PTX): the simulator cannot run it; `backward` keeps fa2_bwd t
 checks of every instance: flashlib.numba_kernels.ptx (bwd_tf32_report).
 """
 import functools
-import math
 
 import numpy as np
 from numba import cuda, float32, uint32
@@ -49,7 +48,8 @@ from ..constants import LOG2E
 from ..env import simulated
 from . import host, mma
 from .fa2_bwd import rowsum_do_o
-from .host import TF32_HEAD_DIMS, check_causal, device, flat, grouped, kv_groups, n_blocks, pair_grid, scale_of, zero2
+from .host import (NEG_INF, TF32_HEAD_DIMS, check_causal, device, flat, grouped, kv_groups, n_blocks, pair_grid,
+                   scale_of, zero2)
 from .mma import cp_async16_f32, mma_3xtf32, split_tf32
 
 NW = 4                                              # warps per block
@@ -92,7 +92,7 @@ def make_bwd_tf32(D, Br, max_registers=None):
     OK, OV, OQ, ODO, ODS, OL, ODL = (off[x] for x in ("K", "V", "Q", "dO", "dS", "lse", "delta"))
     KD, NQ, MQ, DQN = D // 8, Br // 8, Br // 16, D // (8 * NW)
     C4 = D // 4                                    # 16-byte chunks per row
-    INF = float32(math.inf)
+    INF = -NEG_INF                                 # +inf: the base-2 lse of a row past Nq (P = 0)
 
     @cuda.jit(device=True, inline="always")
     def acc_ct_b(c, ak, acc, sm, OB, g, t):

@@ -2,6 +2,8 @@
 the Tensor Core kernels, and a NumPy model of a warp built on them. Pure Python and NumPy (no Numba): the figures
 (flashlib.viz.fragments) and the tests (tests/test_numba_tc.py, test_numba_tf32.py, test_numba_bwd_tf32.py) use it on
 a machine without a GPU, and the kernels compile the few functions marked "compiled" as inline device functions.
+(This module imports only NumPy; importing it as flashlib.numba_kernels.lanes still runs the package's __init__,
+which loads the kernels and numba.cuda.)
 
 The layouts are the PTX ISA's (section 9.7.14, "Matrix fragments for mma.m16n8k16 / mma.m16n8k8"), element by
 element; lane = 4g + t (g = groupID, t = threadID_in_group). 16-bit A, B and C/D fragments hold their elements
