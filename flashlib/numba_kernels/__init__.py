@@ -17,6 +17,7 @@ What the kernels share, one module each:
               capability, launches, the grouped-query sum of dK, dV; float32 forms of flashlib.constants
   mma         inline-PTX intrinsics (mma.sync, ldmatrix, cp.async, the 3xTF32 split, ...) for the Tensor Core kernels
   lanes       what each lane holds: fragment layouts, the kernels' index maps, a NumPy warp model (no Numba)
+  warp        device code fa2_tc and fa2_tf32 share (the online-softmax step), compiled inline
   ptx         cuda.compile_ptx + ptxas -v of every kernel without a GPU: `python -m flashlib.numba_kernels.ptx`
   selfcheck   every kernel once against the float64 reference (small enough for compute-sanitizer)
 
