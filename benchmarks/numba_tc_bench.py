@@ -8,7 +8,7 @@ FLOPs = 4*B*H*N^2*d (half for causal), forward only. Implementations:
   numba_tc         flashlib.numba_kernels.forward(..., dtype="float16", variant="tc"): the public call (checks,
                    output allocation, one kernel launch from Python), with fa2_tc.TILES
   numba_tc_kernel  the same kernel launched directly with prepared arguments (the Python preparation removed)
-  numba_tc_<NW>_<Bc>_<NSTAGE>_<MR>_<MINB>  other tile configurations (N in --sweep-ns), to choose fa2_tc.TILES
+  numba_tc_<NW>_<Bc>_<NSTAGE>_<MT>_<MINB>  other tile configurations (N in --sweep-ns), to choose fa2_tc.TILES
   numba_tc_k8      the sm_75 (T4) path, m16n8k8 without cp.async, forced on this GPU (N in --sweep-ns)
   cupy_tuned       flashlib.cupy_kernels.forward(..., rung="tuned") (unless --no-cupy)
   flash            F.scaled_dot_product_attention with the flash backend pinned
@@ -56,7 +56,8 @@ def measure(d, causal, N, sweep=False, cupy=True):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from flashlib import numba_kernels as nk
-    from flashlib.numba_kernels import fa2_tc
+    from flashlib.constants import LOG2E
+    from flashlib.numba_kernels import fa2_tc, host
     H, B = 16, max(1, 16384 // N)
     q, k, v = _inputs(B, H, N, d)
     scale = d ** -0.5
@@ -73,11 +74,11 @@ def measure(d, causal, N, sweep=False, cupy=True):
         return lambda: fa2_tc.fa2_forward_tc(nq, nk_, nv, causal=causal, scale=scale, dtype="float16", **kw)
 
     # the kernel alone: arguments prepared once, as fa2_forward_tc prepares them
-    cc = cuda.get_current_device().compute_capability
-    kern, NT, Br = fa2_tc._kernel(d, cc, "float16", None, None)
+    cc = host.device_cc()
+    kern, NT, Br = fa2_tc.kernel(d, cc, "float16")
     o_k, lse_k = cuda.device_array(q.shape, np.float16), cuda.device_array((B, H, N), np.float32)
-    args = (fa2_tc._words(nq), fa2_tc._words(nk_), fa2_tc._words(nv), fa2_tc._words(o_k), lse_k.reshape(B * H, N),
-            np.int32(N), np.int32(N), bool(causal), np.float32(scale * fa2_tc.LOG2E), np.int32(1))  # G = 1 (no GQA)
+    args = (host.words(nq), host.words(nk_), host.words(nv), host.words(o_k), lse_k.reshape(B * H, N),
+            np.int32(N), np.int32(N), bool(causal), np.float32(scale * LOG2E), np.int32(1))  # G = 1 (no GQA)
     launch = kern[(math.ceil(N / Br), B * H), (NT,)]
 
     impls = {"numba_tc": lambda: nk.forward(nq, nk_, nv, causal=causal, scale=scale, dtype="float16", variant="tc"),
@@ -118,16 +119,17 @@ def host_overhead(d=64, calls=300):
     import torch
     from numba import cuda
 
-    from flashlib.numba_kernels import fa2_tc
+    from flashlib.constants import LOG2E
+    from flashlib.numba_kernels import fa2_tc, host
     B, H, N = 1, 1, 64
     q, k, v = _inputs(B, H, N, d)
     nq, nk_, nv = (cuda.as_cuda_array(t) for t in (q, k, v))
     o, lse = cuda.device_array(q.shape, np.float16), cuda.device_array((B, H, N), np.float32)
-    cc = cuda.get_current_device().compute_capability
-    kern, NT, Br = fa2_tc._kernel(d, cc, "float16", None, None)
+    cc = host.device_cc()
+    kern, NT, Br = fa2_tc.kernel(d, cc, "float16")
     launch = kern[(math.ceil(N / Br), B * H), (NT,)]
-    args = (fa2_tc._words(nq), fa2_tc._words(nk_), fa2_tc._words(nv), fa2_tc._words(o), lse.reshape(B * H, N),
-            np.int32(N), np.int32(N), False, np.float32(0.125 * fa2_tc.LOG2E), np.int32(1))  # G = 1 (no GQA)
+    args = (host.words(nq), host.words(nk_), host.words(nv), host.words(o), lse.reshape(B * H, N),
+            np.int32(N), np.int32(N), False, np.float32(0.125 * LOG2E), np.int32(1))  # G = 1 (no GQA)
     pieces = {
         "fa2_forward_tc (allocates o, lse)": lambda: fa2_tc.fa2_forward_tc(nq, nk_, nv),
         "fa2_forward_tc (o, lse given)": lambda: fa2_tc.fa2_forward_tc(nq, nk_, nv, o=o, lse=lse),
@@ -136,11 +138,11 @@ def host_overhead(d=64, calls=300):
         "run() with the launch stubbed": lambda: fa2_tc.run(lambda *a: None, nq, nk_, nv, o, lse, False, 0.125),
         "cuda.device_array o + lse (4096x64x64)": lambda: (cuda.device_array((4, 16, 4096, 64), np.float16),
                                                            cuda.device_array((4, 16, 4096), np.float32)),
-        "fa2_tc._empty o + lse (4096x64x64)": lambda: (fa2_tc._empty((4, 16, 4096, 64), np.float16),
-                                                      fa2_tc._empty((4, 16, 4096), np.float32)),
+        "host.empty o + lse (4096x64x64)": lambda: (host.empty((4, 16, 4096, 64), np.float16),
+                                                    host.empty((4, 16, 4096), np.float32)),
         "cuda.get_current_device()": lambda: cuda.get_current_device(),
-        "_words x4 + lse view": lambda: [fa2_tc._words(a) for a in (nq, nk_, nv, o)] + [
-            fa2_tc._view(lse, (B * H, N), np.float32)],
+        "host.words x4 + lse view": lambda: [host.words(a) for a in (nq, nk_, nv, o)] + [
+            host.view(lse, (B * H, N), np.float32)],
         "reshape+view x4 (before)": lambda: [a.reshape(B * H * N, d).view(np.uint32) for a in (nq, nk_, nv, o)],
     }
     rows = []

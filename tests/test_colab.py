@@ -107,7 +107,7 @@ def test_t4_backward_is_not_the_tf32_kernel(monkeypatch):
     """fa2_bwd_tf32 (TF32 mma) is chosen on sm_80+ only; on a T4 the backward is fa2_backward on CUDA cores."""
     monkeypatch.setattr(fa2_bwd_tf32, "simulated", lambda: False)
     dev = lambda cc, smem: type("Dev", (), {"compute_capability": cc, "MAX_SHARED_MEMORY_PER_BLOCK_OPTIN": smem})()
-    for d in fa2_bwd_tf32.HEAD_DIMS:
+    for d in fa2_bwd_tf32.TF32_HEAD_DIMS:
         assert not fa2_bwd_tf32.fits(d, dev(T4, 64 * 1024))
         assert fa2_bwd_tf32.fits(d, dev((9, 0), 227 * 1024))
 
@@ -263,9 +263,9 @@ rows = []
 for name, fn, sig, threads in ptx.kernels():               # float32 forward/backward and the chapters' kernels
     text = cuda.compile_ptx(fn, sig, cc=(7, 5))[0]
     rows.append({"kernel": name, "threads": threads, "mma": text.count("mma.sync"), **ptx.ptxas(text, (7, 5))})
-for name, cc, args in fa2_tc.instances():                   # the fp16 Tensor Core kernels sm_75 dispatches to
+for name, cc, args in ptx.tc_instances():                   # the fp16 Tensor Core kernels sm_75 dispatches to
     if cc == (7, 5):
-        text = fa2_tc.compile_ptx(args, cc)
+        text = ptx.tc_ptx(args, cc)
         rows.append({"kernel": name, "threads": 32 * args[1], "k8": text.count("mma.sync.aligned.m16n8k8."),
                      "k16": text.count("m16n8k16"), "cp_async": text.count("cp.async"), "bf16": text.count(".bf16"),
                      "tf32": text.count(".tf32"), **ptx.ptxas(text, cc)})

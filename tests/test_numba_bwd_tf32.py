@@ -21,10 +21,11 @@ import numpy as np
 import pytest
 
 from flashlib import reference
+from flashlib.constants import LOG2E
 from tests.conftest import HAS_GPU, ptx_script_rows, qkv
 
 from flashlib import numba_kernels as nk  # noqa: E402  (after conftest chose the simulator or the GPU)
-from flashlib.numba_kernels import fa2_bwd_tf32 as bt, fa2_tf32  # noqa: E402
+from flashlib.numba_kernels import fa2_bwd_tf32 as bt, lanes  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RTOL, ATOL = 1e-4, 5e-5
@@ -43,19 +44,19 @@ def _mma(a_regs, b_regs, c_regs):
     A, B = np.full((16, 8), np.nan), np.full((8, 8), np.nan)
     for lane in range(32):
         for i in range(4):
-            A[fa2_tf32.a_index(lane, i)] = a_regs[lane][i]
+            A[lanes.tf32_a_index(lane, i)] = a_regs[lane][i]
         for i in range(2):
-            B[fa2_tf32.b_index(lane, i)] = b_regs[lane][i]
+            B[lanes.tf32_b_index(lane, i)] = b_regs[lane][i]
     assert not np.isnan(A).any() and not np.isnan(B).any()
     Dm = A @ B
-    return np.array([[c_regs[lane][i] + Dm[fa2_tf32.c_index(lane, i)] for i in range(4)] for lane in range(32)])
+    return np.array([[c_regs[lane][i] + Dm[lanes.c_index(lane, i)] for i in range(4)] for lane in range(32)])
 
 
 def model_backward(Q, K, V, dO, lse, Dr, causal, scale, D, Br):
     """The kernel for one (batch, head), block by block, warp by warp, in NumPy. Returns dq, dk, dv."""
     Nq, Nk, Bc = Q.shape[0], K.shape[0], bt.BC
     KD, NQ, MQ, DQN = D // 8, Br // 8, Br // 16, D // (8 * bt.NW)
-    lanes = range(32)
+    lane_ids = range(32)
     dq, dk, dv = np.zeros((Nq, D)), np.full((Nk, D), np.nan), np.full((Nk, D), np.nan)
 
     def tile(X, r0, rows):
@@ -80,29 +81,29 @@ def model_backward(Q, K, V, dO, lse, Dr, causal, scale, D, Br):
                 s = np.zeros((NQ, 32, 4))
                 dp = np.zeros((NQ, 32, 4))
                 for kk in range(KD):
-                    ak = [[Ks[rc] for rc in bt.st_a(ln, kw, kk)] for ln in lanes]
-                    av = [[Vs[rc] for rc in bt.st_a(ln, kw, kk)] for ln in lanes]
+                    ak = [[Ks[rc] for rc in lanes.st_a(ln, kw, kk)] for ln in lane_ids]
+                    av = [[Vs[rc] for rc in lanes.st_a(ln, kw, kk)] for ln in lane_ids]
                     for n in range(NQ):
-                        s[n] = _mma(ak, [[Qs[rc] for rc in bt.st_b(ln, n, kk)] for ln in lanes], s[n])
-                        dp[n] = _mma(av, [[dOs[rc] for rc in bt.st_b(ln, n, kk)] for ln in lanes], dp[n])
+                        s[n] = _mma(ak, [[Qs[rc] for rc in lanes.st_b(ln, n, kk)] for ln in lane_ids], s[n])
+                        dp[n] = _mma(av, [[dOs[rc] for rc in lanes.st_b(ln, n, kk)] for ln in lane_ids], dp[n])
                 for n in range(NQ):
-                    for ln in lanes:
+                    for ln in lane_ids:
                         g, t = ln >> 2, ln & 3
                         for e in range(4):
                             kr, qr = kw + g + 8 * (e >> 1), 8 * n + 2 * t + (e & 1)
-                            assert fa2_tf32.c_index(ln, e) == (kr - kw, qr - 8 * n)
-                            p = np.exp2(s[n, ln, e] * scale * bt.LOG2E - L[qr] * bt.LOG2E)
+                            assert lanes.c_index(ln, e) == (kr - kw, qr - 8 * n)
+                            p = np.exp2(s[n, ln, e] * scale * LOG2E - L[qr] * LOG2E)
                             if kv0 + kr >= Nk or (causal and kv0 + kr > q0 + qr):
                                 p = 0.0
                             ds = p * (dp[n, ln, e] - Dl[qr])
                             s[n, ln, e], dp[n, ln, e] = p, ds
                             dS[qr, kr] = ds
                 for kk in range(NQ):
-                    pa = [[s[kk, ln, bt.P_AS_A[e]] for e in range(4)] for ln in lanes]
-                    da = [[dp[kk, ln, bt.P_AS_A[e]] for e in range(4)] for ln in lanes]
+                    pa = [[s[kk, ln, lanes.P_AS_A[e]] for e in range(4)] for ln in lane_ids]
+                    da = [[dp[kk, ln, lanes.P_AS_A[e]] for e in range(4)] for ln in lane_ids]
                     for n in range(KD):
-                        acc_v[w, n] = _mma(pa, [[dOs[rc] for rc in bt.dv_b(ln, kk, n)] for ln in lanes], acc_v[w, n])
-                        acc_k[w, n] = _mma(da, [[Qs[rc] for rc in bt.dv_b(ln, kk, n)] for ln in lanes], acc_k[w, n])
+                        acc_v[w, n] = _mma(pa, [[dOs[rc] for rc in lanes.dv_b(ln, kk, n)] for ln in lane_ids], acc_v[w, n])
+                        acc_k[w, n] = _mma(da, [[Qs[rc] for rc in lanes.dv_b(ln, kk, n)] for ln in lane_ids], acc_k[w, n])
             assert not np.isnan(dS).any()
             for w in range(bt.NW):                   # dQ: after the barrier, from the whole dS
                 for m in range(MQ):
@@ -110,18 +111,18 @@ def model_backward(Q, K, V, dO, lse, Dr, causal, scale, D, Br):
                         col0 = 8 * (DQN * w + n)
                         acc = np.zeros((32, 4))
                         for kk in range(Bc // 8):
-                            a = [[dS[rc] for rc in bt.dq_a(ln, m, kk)] for ln in lanes]
-                            acc = _mma(a, [[Ks[rc] for rc in bt.dq_b(ln, kk, col0)] for ln in lanes], acc)
-                        for ln in lanes:
+                            a = [[dS[rc] for rc in lanes.dq_a(ln, m, kk)] for ln in lane_ids]
+                            acc = _mma(a, [[Ks[rc] for rc in lanes.dq_b(ln, kk, col0)] for ln in lane_ids], acc)
+                        for ln in lane_ids:
                             for e in range(4):
-                                r, c = fa2_tf32.c_index(ln, e)
+                                r, c = lanes.c_index(ln, e)
                                 if q0 + 16 * m + r < Nq:
                                     dq[q0 + 16 * m + r, col0 + c] += acc[ln, e] * scale   # the atomic add
         for w in range(bt.NW):
             for n in range(KD):
-                for ln in lanes:
+                for ln in lane_ids:
                     for e in range(4):
-                        r, c = fa2_tf32.c_index(ln, e)
+                        r, c = lanes.c_index(ln, e)
                         if kv0 + 16 * w + r < Nk:
                             dk[kv0 + 16 * w + r, 8 * n + c] = acc_k[w, n, ln, e] * scale
                             dv[kv0 + 16 * w + r, 8 * n + c] = acc_v[w, n, ln, e]
@@ -145,15 +146,15 @@ def test_lane_model_matches_reference(rng, D, Br, Nq, Nk, causal):
 def test_index_maps_hit_distinct_banks():
     """Every shared-memory fragment load of the kernel: the 32 lanes of a warp hit 32 different banks
     (row stride D + 4 words), except dQ's A loads of dS (row stride Bc + 4: 2-way, 4 loads per 8 keys)."""
-    for D in bt.HEAD_DIMS:
+    for D in bt.TF32_HEAD_DIMS:
         LD = D + 4
         bank = lambda rc, ld: (rc[0] * ld + rc[1]) % 32
         for i in range(4):
-            assert len({bank(bt.st_a(ln, 16, 3)[i], LD) for ln in range(32)}) == 32
+            assert len({bank(lanes.st_a(ln, 16, 3)[i], LD) for ln in range(32)}) == 32
         for i in range(2):
-            assert len({bank(bt.st_b(ln, 1, 2)[i], LD) for ln in range(32)}) == 32
-            assert len({bank(bt.dv_b(ln, 1, 2)[i], LD) for ln in range(32)}) == 32
-            assert len({bank(bt.dq_b(ln, 3, 16)[i], LD) for ln in range(32)}) == 32
+            assert len({bank(lanes.st_b(ln, 1, 2)[i], LD) for ln in range(32)}) == 32
+            assert len({bank(lanes.dv_b(ln, 1, 2)[i], LD) for ln in range(32)}) == 32
+            assert len({bank(lanes.dq_b(ln, 3, 16)[i], LD) for ln in range(32)}) == 32
     # dS writes: row qr = 8n + 2t + u, column kw + g + 8h
     assert len({((2 * (ln & 3)) * (bt.BC + 4) + (ln >> 2)) % 32 for ln in range(32)}) == 32
 
@@ -163,12 +164,12 @@ def test_p_as_a_is_a_permutation_of_k():
     k-step kk stands for, with k slot t = query 2t and slot t+4 = query 2t+1 (the rows dv_b loads)."""
     for ln in range(32):
         for i in range(4):
-            row, slot = fa2_tf32.a_index(ln, i)
-            r, c = fa2_tf32.c_index(ln, bt.P_AS_A[i])
+            row, slot = lanes.tf32_a_index(ln, i)
+            r, c = lanes.c_index(ln, lanes.P_AS_A[i])
             assert (r, c) == (row, 2 * (slot & 3) + (slot >> 2))
         for i in range(2):
-            slot, col = fa2_tf32.b_index(ln, i)
-            assert bt.dv_b(ln, 0, 0)[i] == (2 * (slot & 3) + (slot >> 2), col)
+            slot, col = lanes.tf32_b_index(ln, i)
+            assert lanes.dv_b(ln, 0, 0)[i] == (2 * (slot & 3) + (slot >> 2), col)
 
 
 def test_kernel_spells_the_index_maps():
@@ -182,16 +183,16 @@ def test_kernel_spells_the_index_maps():
     for ln in range(32):
         g, t = ln >> 2, ln & 3
         for e in range(4):
-            assert bt.st_a(ln, 0, 0)[e] == (g + 8 * (e & 1), t + 4 * (e >> 1))
-            assert bt.dq_a(ln, 0, 0)[e] == (g + 8 * (e & 1), 2 * t + (e >> 1))
-            assert bt.P_AS_A[e] == (e & 1) * 2 + (e >> 1)
+            assert lanes.st_a(ln, 0, 0)[e] == (g + 8 * (e & 1), t + 4 * (e >> 1))
+            assert lanes.dq_a(ln, 0, 0)[e] == (g + 8 * (e & 1), 2 * t + (e >> 1))
+            assert lanes.P_AS_A[e] == (e & 1) * 2 + (e >> 1)
 
 
 # ---------------------------------------------------------------- PTX and ptxas, without a GPU
 PTX_SCRIPT = """
 import json
-from flashlib.numba_kernels import fa2_bwd_tf32
-print(json.dumps(fa2_bwd_tf32.ptx_report()))
+from flashlib.numba_kernels import ptx
+print(json.dumps(ptx.bwd_tf32_report()))
 """
 
 
@@ -201,7 +202,7 @@ def ptx_rows():
 
 
 def test_ptx_has_tf32_mma_unrolled_and_no_local_memory(ptx_rows):
-    assert {(r["D"], r["cc"]) for r in ptx_rows} == {(D, cc) for D in bt.HEAD_DIMS for cc in ("8.0", "9.0")}
+    assert {(r["D"], r["cc"]) for r in ptx_rows} == {(D, cc) for D in bt.TF32_HEAD_DIMS for cc in ("8.0", "9.0")}
     for r in ptx_rows:
         where = f"{r['kernel']} sm_{r['cc']}: {r}"
         D, Br = r["D"], r["Br"]
@@ -234,7 +235,7 @@ def test_rejects_what_it_cannot_do(rng):
 
 
 def test_layout_and_smem():
-    for D in bt.HEAD_DIMS:
+    for D in bt.TF32_HEAD_DIMS:
         off, nbytes = bt.layout(D, bt.TILES[D])
         assert sorted(off.values()) == list(off.values())
         assert nbytes == 4 * (2 * bt.BC * (D + 4) + 2 * bt.TILES[D] * (D + 4) + bt.TILES[D] * (bt.BC + 4)

@@ -1,7 +1,7 @@
-"""flashlib.numba_kernels.mma and fa2_tc: Tensor Cores from Numba.
+"""flashlib.numba_kernels.lanes, mma and fa2_tc: Tensor Cores from Numba.
 
 Numba's simulator cannot run PTX, so without a GPU these kernels are checked three ways:
-  * the fragment layouts (mma.a_index, b_index, c_index, ldmatrix_index) and a NumPy model of a warp built on them
+  * the fragment layouts (lanes.a_index, b_index, c_index, ldmatrix_index) and a NumPy model of a warp built on them
     against NumPy matrix products, and one NumPy warp running fa2_tc's exact steps (ldmatrix addresses, mma
     fragments, shuffles, P from S's accumulators as the A operand of P V) against the float64 reference;
   * `cuda.compile_ptx` + `ptxas -v` for every kernel instance (a subprocess without the simulator): the mma.sync
@@ -9,67 +9,66 @@ Numba's simulator cannot run PTX, so without a GPU these kernels are checked thr
   * argument checks.
 `gpu` tests run the intrinsics alone and the attention kernel against the float64 reference on a real GPU.
 """
-import ast
 import inspect
 import math
 import os
-import textwrap
 import zlib
 
 import numpy as np
 import pytest
 
 from flashlib import reference
+from flashlib.constants import LOG2E
 from tests.conftest import HAS_GPU, ptx_script_rows, qkv
 
 from flashlib import numba_kernels as nk  # noqa: E402  (after conftest chose the simulator or the GPU)
-from flashlib.numba_kernels import fa2_tc, mma  # noqa: E402
+from flashlib.numba_kernels import fa2_tc, lanes, mma  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # ---------------------------------------------------------------- fragment layouts
-@pytest.mark.parametrize("shape", mma.SHAPES)
+@pytest.mark.parametrize("shape", lanes.SHAPES)
 def test_layouts_cover_each_element_once(shape):
     K = 16 if shape == "m16n8k16" else 8
-    for index, n, dims in ((mma.a_index, K // 2, (16, K)), (mma.b_index, K // 4, (K, 8))):
+    for index, n, dims in ((lanes.a_index, K // 2, (16, K)), (lanes.b_index, K // 4, (K, 8))):
         seen = [index(lane, i, shape) for lane in range(32) for i in range(n)]
         assert sorted(seen) == [(r, c) for r in range(dims[0]) for c in range(dims[1])]
-    seen = [mma.c_index(lane, i) for lane in range(32) for i in range(4)]
+    seen = [lanes.c_index(lane, i) for lane in range(32) for i in range(4)]
     assert sorted(seen) == [(r, c) for r in range(16) for c in range(8)]
     with pytest.raises(ValueError):
-        mma.a_index(32, 0, shape)
+        lanes.a_index(32, 0, shape)
 
 
 def test_layouts_match_the_ptx_isa_tables():
     # PTX ISA, "Matrix fragments for mma.m16n8k16 with floating point type": spot values from its figures
-    assert mma.a_index(0, 0) == (0, 0) and mma.a_index(5, 3) == (9, 3) and mma.a_index(31, 7) == (15, 15)
-    assert mma.a_index(6, 4) == (1, 12)
-    assert mma.b_index(0, 0) == (0, 0) and mma.b_index(5, 2) == (10, 1) and mma.b_index(31, 3) == (15, 7)
-    assert mma.c_index(0, 0) == (0, 0) and mma.c_index(7, 3) == (9, 7) and mma.c_index(31, 2) == (15, 6)
-    assert mma.a_index(7, 2, "m16n8k8") == (9, 6) and mma.b_index(7, 1, "m16n8k8") == (7, 1)
-    assert mma.ldmatrix_index(9, 1) == (0, 2, 3) and mma.ldmatrix_index(9, 7, trans=True) == (3, 3, 2)
+    assert lanes.a_index(0, 0) == (0, 0) and lanes.a_index(5, 3) == (9, 3) and lanes.a_index(31, 7) == (15, 15)
+    assert lanes.a_index(6, 4) == (1, 12)
+    assert lanes.b_index(0, 0) == (0, 0) and lanes.b_index(5, 2) == (10, 1) and lanes.b_index(31, 3) == (15, 7)
+    assert lanes.c_index(0, 0) == (0, 0) and lanes.c_index(7, 3) == (9, 7) and lanes.c_index(31, 2) == (15, 6)
+    assert lanes.a_index(7, 2, "m16n8k8") == (9, 6) and lanes.b_index(7, 1, "m16n8k8") == (7, 1)
+    assert lanes.ldmatrix_index(9, 1) == (0, 2, 3) and lanes.ldmatrix_index(9, 7, trans=True) == (3, 3, 2)
 
 
 @pytest.mark.parametrize("shape,dtype", [("m16n8k16", "float16"), ("m16n8k16", "bfloat16"), ("m16n8k8", "float16")])
 def test_mma_model_is_a_matrix_product(rng, shape, dtype):
     K = 16 if shape == "m16n8k16" else 8
-    A = mma.from_bits(mma.to_bits(rng.standard_normal((16, K)), dtype), dtype)
-    B = mma.from_bits(mma.to_bits(rng.standard_normal((K, 8)), dtype), dtype)
+    A = lanes.from_bits(lanes.to_bits(rng.standard_normal((16, K)), dtype), dtype)
+    B = lanes.from_bits(lanes.to_bits(rng.standard_normal((K, 8)), dtype), dtype)
     C = rng.standard_normal((16, 8)).astype(np.float32)
-    D = mma.mma_model(mma.fragments(A, "a", shape, dtype), mma.fragments(B, "b", shape, dtype), mma.c_fragments(C),
+    D = lanes.mma_model(lanes.fragments(A, "a", shape, dtype), lanes.fragments(B, "b", shape, dtype), lanes.c_fragments(C),
                       shape, dtype)
-    np.testing.assert_allclose(mma.gather_c(D), A.astype(np.float64) @ B + C, rtol=1e-6, atol=1e-5)
+    np.testing.assert_allclose(lanes.gather_c(D), A.astype(np.float64) @ B + C, rtol=1e-6, atol=1e-5)
 
 
 def test_k16_step_is_two_k8_steps(rng):
     """The sm_75 path: (a0, a1, b0) then (a2, a3, b1) of the m16n8k16 fragments give the same D."""
-    A = mma.from_bits(mma.to_bits(rng.standard_normal((16, 16))))
-    B = mma.from_bits(mma.to_bits(rng.standard_normal((16, 8))))
-    a, b = mma.fragments(A, "a"), mma.fragments(B, "b")
-    d = mma.mma_model(a[:, 0:2], b[:, 0:1], np.zeros((32, 4)), "m16n8k8")
-    d = mma.mma_model(a[:, 2:4], b[:, 1:2], d, "m16n8k8")
-    np.testing.assert_allclose(mma.gather_c(d), A.astype(np.float64) @ B, rtol=1e-6, atol=1e-5)
+    A = lanes.from_bits(lanes.to_bits(rng.standard_normal((16, 16))))
+    B = lanes.from_bits(lanes.to_bits(rng.standard_normal((16, 8))))
+    a, b = lanes.fragments(A, "a"), lanes.fragments(B, "b")
+    d = lanes.mma_model(a[:, 0:2], b[:, 0:1], np.zeros((32, 4)), "m16n8k8")
+    d = lanes.mma_model(a[:, 2:4], b[:, 1:2], d, "m16n8k8")
+    np.testing.assert_allclose(lanes.gather_c(d), A.astype(np.float64) @ B, rtol=1e-6, atol=1e-5)
 
 
 def test_p_accumulators_are_the_a_operand():
@@ -77,21 +76,21 @@ def test_p_accumulators_are_the_a_operand():
     16-key k-step kk (what lets P stay in registers between S = Q K^T and O += P V)."""
     for lane in range(32):
         for i in range(8):
-            u, c = mma.a_from_c(i)
-            row, col = mma.c_index(lane, c)
-            assert mma.a_index(lane, i) == (row, col + 8 * u)
+            u, c = lanes.a_from_c(i)
+            row, col = lanes.c_index(lane, c)
+            assert lanes.a_index(lane, i) == (row, col + 8 * u)
 
 
 def test_packing_order(rng):
     x = rng.standard_normal(64).astype(np.float32)
-    w = mma._words(mma.to_bits(x).reshape(32, 2))[:, 0]
-    assert (w & 0xFFFF == mma.to_bits(x[0::2])).all() and (w >> 16 == mma.to_bits(x[1::2])).all()
-    np.testing.assert_allclose(mma.from_bits(mma.to_bits(x, "bfloat16"), "bfloat16"), x, rtol=2 ** -8)
+    w = lanes.words(lanes.to_bits(x).reshape(32, 2))[:, 0]
+    assert (w & 0xFFFF == lanes.to_bits(x[0::2])).all() and (w >> 16 == lanes.to_bits(x[1::2])).all()
+    np.testing.assert_allclose(lanes.from_bits(lanes.to_bits(x, "bfloat16"), "bfloat16"), x, rtol=2 ** -8)
 
 
 # ---------------------------------------------------------------- ldmatrix addresses of the kernel
 def _tile(rng, rows, D):
-    return mma.to_bits(rng.standard_normal((rows, D)))
+    return lanes.to_bits(rng.standard_normal((rows, D)))
 
 
 def test_ldmatrix_addresses_give_the_fragments(rng):
@@ -99,52 +98,43 @@ def test_ldmatrix_addresses_give_the_fragments(rng):
     Q, K, V = _tile(rng, 16 * NW, D), _tile(rng, Bc, D), _tile(rng, Bc, D)
     for warp in range(NW):
         for kk in range(D // 16):
-            got = mma.ldmatrix_model(Q, [fa2_tc.q_ldm(lane, warp, kk) for lane in range(32)])
-            want = mma.fragments(mma.from_bits(Q[16 * warp:16 * warp + 16, 16 * kk:16 * kk + 16]), "a")
+            got = lanes.ldmatrix_model(Q, [lanes.q_ldm(lane, warp, kk) for lane in range(32)])
+            want = lanes.fragments(lanes.from_bits(Q[16 * warp:16 * warp + 16, 16 * kk:16 * kk + 16]), "a")
             np.testing.assert_array_equal(got, want)
     for kk in range(D // 16):                        # K: B[k][n] = K[key n][dim k]
         for nn in range(Bc // 16):
-            got = mma.ldmatrix_model(K, [fa2_tc.k_ldm(lane, nn, kk) for lane in range(32)])
+            got = lanes.ldmatrix_model(K, [lanes.k_ldm(lane, nn, kk) for lane in range(32)])
             for u in range(2):
-                Bm = mma.from_bits(K[16 * nn + 8 * u:16 * nn + 8 * u + 8, 16 * kk:16 * kk + 16]).T
-                np.testing.assert_array_equal(got[:, 2 * u:2 * u + 2], mma.fragments(Bm, "b"))
+                Bm = lanes.from_bits(K[16 * nn + 8 * u:16 * nn + 8 * u + 8, 16 * kk:16 * kk + 16]).T
+                np.testing.assert_array_equal(got[:, 2 * u:2 * u + 2], lanes.fragments(Bm, "b"))
     for kk in range(Bc // 16):                       # V (.trans): B[k][n] = V[key k][dim n]
         for nn in range(D // 16):
-            got = mma.ldmatrix_model(V, [fa2_tc.v_ldm(lane, kk, nn) for lane in range(32)], trans=True)
+            got = lanes.ldmatrix_model(V, [lanes.v_ldm(lane, kk, nn) for lane in range(32)], trans=True)
             for u in range(2):
-                Bm = mma.from_bits(V[16 * kk:16 * kk + 16, 16 * nn + 8 * u:16 * nn + 8 * u + 8])
-                np.testing.assert_array_equal(got[:, 2 * u:2 * u + 2], mma.fragments(Bm, "b"))
+                Bm = lanes.from_bits(V[16 * kk:16 * kk + 16, 16 * nn + 8 * u:16 * nn + 8 * u + 8])
+                np.testing.assert_array_equal(got[:, 2 * u:2 * u + 2], lanes.fragments(Bm, "b"))
 
 
-def test_kernel_spells_the_same_addresses():
-    """The kernel writes the ldmatrix addresses inline: Q's as (row, col) per k-step, K's and V's as one base address
-    per lane (shared_u32_at) plus constant byte offsets per fragment. Evaluate them and compare with q_ldm etc."""
-    src = textwrap.dedent(inspect.getsource(fa2_tc.make_fa2_tc))
-    tree = ast.parse(src)
-    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)]
-    q_calls = [c for c in calls if c.func.attr == "ldmatrix_x4"]
-    assert len(q_calls) == 1
-    row, col = (ast.unparse(a) for a in q_calls[0].args[1:3])
-    for MR in (1, 2):
+def test_kernel_compiles_the_lane_functions():
+    """The kernel calls lanes.q_ldm, k_ldm, v_ldm themselves (inline device functions): Q's address per m-tile and
+    k-step, K's and V's once per lane for fragment (0, 0); fragment (x, y) is then 16x rows and 16y elements further,
+    the constant byte offset the kernel adds ((16 * ROW) * nn + 32 * kk: ROW bytes a row, 2 bytes an element)."""
+    for compiled, fn in ((fa2_tc.q_ldm, lanes.q_ldm), (fa2_tc.k_ldm, lanes.k_ldm), (fa2_tc.v_ldm, lanes.v_ldm)):
+        assert getattr(compiled, "py_func", getattr(compiled, "fn", None)) is fn    # (GPU target, simulator)
+    src = inspect.getsource(fa2_tc.make_fa2_tc)
+    assert "rq, cq = q_ldm(lane, MT * warp + mt, kk)" in src and "mma.ldmatrix_x4(sm, rq, cq >> 1)" in src
+    assert "rk, ck = k_ldm(lane, 0, 0)" in src and "rv, cv = v_ldm(lane, NSTAGE * Bc // 16, 0)" in src
+    for fn in (lanes.k_ldm, lanes.v_ldm):
         for lane in range(32):
-            for warp in range(3):
-                for mr in range(MR):
-                    for kk in range(3):
-                        env = {"lane": lane, "warp": warp, "mr": mr, "kk": kk, "MR": MR}
-                        r, c = fa2_tc.q_ldm(lane, MR * warp + mr, kk)       # m-tile MR*warp + mr of the block
-                        assert (eval(row, {}, env), eval(col, {}, env)) == (r, c >> 1)
-    # bases: ka = shared_u32_at(sm, row, col) is K fragment (0, 0); va the same for V, NSTAGE*Bc rows down
-    bases = {ast.unparse(n.targets[0]): n.value for n in ast.walk(tree) if isinstance(n, ast.Assign)
-             and isinstance(n.value, ast.Call) and ast.unparse(n.value.func) == "mma.shared_u32_at"}
-    for name, fn, extra in (("ka", fa2_tc.k_ldm, 0), ("va", fa2_tc.v_ldm, 1000)):
-        row, col = (ast.unparse(a) for a in bases[name].args[1:3])
-        for lane in range(32):
-            env = {"lane": lane, "NSTAGE": 1, "Bc": 1000}
             r, c = fn(lane, 0, 0)
-            assert (eval(row, {}, env), eval(col, {}, env)) == (r + extra, c >> 1), (name, lane)
             for x in range(4):                       # fragment (x, y) = fragment (0, 0) + 16x rows + 16y elements
                 for y in range(4):
                     assert fn(lane, x, y) == (r + 16 * x, c + 16 * y)
+    for MT in (1, 2):                                # Q: m-tile MT*warp + mt of the block, rows 16 apart
+        for lane in range(32):
+            for warp in range(3):
+                for mt in range(MT):
+                    assert lanes.q_ldm(lane, MT * warp + mt, 0) == (16 * (MT * warp + mt) + (lane & 15), (lane >> 4) * 8)
     # ... and the kernel adds exactly those offsets (ROW bytes per row, 2 bytes per element)
     assert "mma.ldmatrix_x4_at(kst + (16 * ROW) * nn + 32 * kk)" in src       # k_ldm(lane, nn, kk)
     assert "mma.ldmatrix_x4_trans_at(vst + (16 * ROW) * kk + 32 * nn)" in src  # v_ldm(lane, kk, nn)
@@ -153,29 +143,29 @@ def test_kernel_spells_the_same_addresses():
 # ---------------------------------------------------------------- one warp of fa2_tc, in NumPy
 def warp_model_forward(Q, K, V, causal, scale, Bc, NW, dtype="float16", k8=False, MR=1):
     """Every warp of every block of fa2_tc, fragment by fragment: 16-bit tiles in 'shared memory', registers per
-    lane, ldmatrix / mma / shfl_xor modelled by mma.py; each warp holds MR m-tiles of 16 rows (modelled one after
+    lane, ldmatrix / mma / shfl_xor modelled by lanes.py; each warp holds MR m-tiles of 16 rows (modelled one after
     the other: they share the warp's K/V fragments, not their arithmetic). Q: (Nq, D), K, V: (Nk, D) values
     representable in dtype. Returns (O rounded to dtype, lse)."""
     Nq, D = Q.shape
     Nk = K.shape[0]
     Br, KD, NB, KB, ND = 16 * NW * MR, D // 16, Bc // 8, Bc // 16, D // 8
-    sl = scale * fa2_tc.LOG2E
+    sl = scale * LOG2E
     shape = "m16n8k8" if k8 else "m16n8k16"
-    lanes = np.arange(32)
-    g, t = lanes >> 2, lanes & 3
+    lane_ids = np.arange(32)
+    g, t = lane_ids >> 2, lane_ids & 3
     O = np.full((Nq, D), np.nan)
     lse = np.full(Nq, np.nan)
 
     def mma16(a, b0b1, c):
         if not k8:
-            return mma.mma_model(a, b0b1, c, shape, dtype)
-        c = mma.mma_model(a[:, 0:2], b0b1[:, 0:1], c, shape, dtype)
-        return mma.mma_model(a[:, 2:4], b0b1[:, 1:2], c, shape, dtype)
+            return lanes.mma_model(a, b0b1, c, shape, dtype)
+        c = lanes.mma_model(a[:, 0:2], b0b1[:, 0:1], c, shape, dtype)
+        return lanes.mma_model(a[:, 2:4], b0b1[:, 1:2], c, shape, dtype)
 
     def smem(X, r0, rows):
         s = np.zeros((rows, D), np.uint16)
         n = max(0, min(rows, X.shape[0] - r0))
-        s[:n] = mma.to_bits(X[r0:r0 + n], dtype)
+        s[:n] = lanes.to_bits(X[r0:r0 + n], dtype)
         return s
 
     for i in range(-(-Nq // Br)):
@@ -185,7 +175,7 @@ def warp_model_forward(Q, K, V, causal, scale, Bc, NW, dtype="float16", k8=False
         for warp, mr in ((w, r) for w in range(NW) for r in range(MR)):
             qw = q0 + 16 * (MR * warp + mr)          # this m-tile's first row
             last = q0 + 16 * MR * warp + 16 * MR - 1     # the warp's last row: it skips tiles right of it
-            qf = [mma.ldmatrix_model(Qs, [fa2_tc.q_ldm(ln, MR * warp + mr, kk) for ln in lanes]) for kk in range(KD)]
+            qf = [lanes.ldmatrix_model(Qs, [lanes.q_ldm(ln, MR * warp + mr, kk) for ln in lane_ids]) for kk in range(KD)]
             m, l = np.full((32, 2), -np.inf), np.zeros((32, 2))
             acc = np.zeros((ND, 32, 4))
             for j in range(-(-kv_end // Bc)):
@@ -196,7 +186,7 @@ def warp_model_forward(Q, K, V, causal, scale, Bc, NW, dtype="float16", k8=False
                 s = np.zeros((NB, 32, 4))
                 for kk in range(KD):
                     for nn in range(NB // 2):
-                        b = mma.ldmatrix_model(Ks, [fa2_tc.k_ldm(ln, nn, kk) for ln in lanes])
+                        b = lanes.ldmatrix_model(Ks, [lanes.k_ldm(ln, nn, kk) for ln in lane_ids])
                         for u in range(2):
                             s[2 * nn + u] = mma16(qf[kk], b[:, 2 * u:2 * u + 2], s[2 * nn + u])
                 for n in range(NB):
@@ -204,8 +194,8 @@ def warp_model_forward(Q, K, V, causal, scale, Bc, NW, dtype="float16", k8=False
                         col, row = kv0 + 8 * n + 2 * t + (e & 1), qw + g + 8 * (e >> 1)
                         s[n, :, e] = np.where((col >= Nk) | (causal & (col > row)), -np.inf, s[n, :, e])
                 mx = np.stack([s[:, :, 2 * h:2 * h + 2].max(axis=(0, 2)) for h in range(2)], axis=1)
-                mx = np.maximum(mx, mx[lanes ^ 1])   # cuda.shfl_xor_sync(mask, x, 1), then 2
-                mx = np.maximum(mx, mx[lanes ^ 2])
+                mx = np.maximum(mx, mx[lane_ids ^ 1])   # cuda.shfl_xor_sync(mask, x, 1), then 2
+                mx = np.maximum(mx, mx[lane_ids ^ 2])
                 m_new = np.maximum(m, mx * sl)
                 base = np.where(m_new == -np.inf, 0.0, m_new)
                 alpha = np.exp2(m - base)
@@ -213,15 +203,15 @@ def warp_model_forward(Q, K, V, causal, scale, Bc, NW, dtype="float16", k8=False
                 acc *= np.repeat(alpha, 2, axis=1)[None]
                 p = np.exp2(s * sl - np.repeat(base, 2, axis=1)[None])
                 l += p[:, :, 0:2].sum(axis=(0, 2))[:, None] * [1, 0] + p[:, :, 2:4].sum(axis=(0, 2))[:, None] * [0, 1]
-                for kk in range(KB):                 # A fragment of P from the C registers (mma.a_from_c)
-                    elems = np.stack([p[2 * kk + mma.a_from_c(e)[0], :, mma.a_from_c(e)[1]] for e in range(8)], 1)
-                    a = mma._words(mma.to_bits(elems, dtype))
+                for kk in range(KB):                 # A fragment of P from the C registers (lanes.a_from_c)
+                    elems = np.stack([p[2 * kk + lanes.a_from_c(e)[0], :, lanes.a_from_c(e)[1]] for e in range(8)], 1)
+                    a = lanes.words(lanes.to_bits(elems, dtype))
                     for nn in range(ND // 2):
-                        b = mma.ldmatrix_model(Vs, [fa2_tc.v_ldm(ln, kk, nn) for ln in lanes], trans=True)
+                        b = lanes.ldmatrix_model(Vs, [lanes.v_ldm(ln, kk, nn) for ln in lane_ids], trans=True)
                         for u in range(2):
                             acc[2 * nn + u] = mma16(a, b[:, 2 * u:2 * u + 2], acc[2 * nn + u])
-            l = l + l[lanes ^ 1]
-            l = l + l[lanes ^ 2]
+            l = l + l[lane_ids ^ 1]
+            l = l + l[lane_ids ^ 2]
             for lane in range(32):
                 for h in range(2):
                     row = qw + lane // 4 + 8 * h
@@ -230,14 +220,14 @@ def warp_model_forward(Q, K, V, causal, scale, Bc, NW, dtype="float16", k8=False
                     lse[row] = m[lane, h] * math.log(2.0) + math.log(l[lane, h])
                     for n in range(ND):
                         for e in (2 * h, 2 * h + 1):
-                            r, c = mma.c_index(lane, e)
-                            O[row, 8 * n + c] = mma.from_bits(mma.to_bits(acc[n, lane, e] / l[lane, h], dtype), dtype)
+                            r, c = lanes.c_index(lane, e)
+                            O[row, 8 * n + c] = lanes.from_bits(lanes.to_bits(acc[n, lane, e] / l[lane, h], dtype), dtype)
     return O, lse
 
 
 def naive_low_precision(Q, K, V, causal, scale, dtype):
     """softmax(Q K^T * scale) V with every intermediate rounded to dtype (the yardstick of the FlashAttention rule)."""
-    rnd = lambda x: mma.from_bits(mma.to_bits(x, dtype), dtype).astype(np.float64)
+    rnd = lambda x: lanes.from_bits(lanes.to_bits(x, dtype), dtype).astype(np.float64)
     S = rnd(rnd(Q.astype(np.float64) @ K.T) * scale)
     if causal:
         S = np.where(np.tril(np.ones(S.shape, bool)), S, -np.inf)
@@ -250,7 +240,7 @@ def naive_low_precision(Q, K, V, causal, scale, dtype):
 @pytest.mark.parametrize("causal", [False, True])
 def test_warp_model_matches_reference(rng, dtype, k8, D, Bc, NW, MR, causal):
     Nq, Nk = (37, 45) if not causal else (45, 37)    # ragged tiles in both; causal with Nq > Nk
-    Q, K, V = (mma.from_bits(mma.to_bits(rng.standard_normal((n, D)), dtype), dtype) for n in (Nq, Nk, Nk))
+    Q, K, V = (lanes.from_bits(lanes.to_bits(rng.standard_normal((n, D)), dtype), dtype) for n in (Nq, Nk, Nk))
     scale = 1 / math.sqrt(D)
     O, lse = warp_model_forward(Q, K, V, causal, scale, Bc, NW, dtype, k8, MR)
     O_ref, lse_ref = reference.attention_forward(Q[None, None], K[None, None], V[None, None], causal, scale)
@@ -320,7 +310,7 @@ def test_host_path_with_strided_arrays_in_the_simulator():
     o2, lse2 = fa2_tc.run(launch, q, k, v, o, lse, True, 0.5)
     assert o2 is o and lse2 is lse
     assert seen == [((B * H * Nq, d // 2), (B * H * Nk, d // 2), (B * H * Nk, d // 2), (B * H * Nq, d // 2),
-                     (B * H, Nq), Nq, Nk, True, pytest.approx(0.5 * fa2_tc.LOG2E), 1)]
+                     (B * H, Nq), Nq, Nk, True, pytest.approx(0.5 * LOG2E), 1)]
     np.testing.assert_array_equal(o.copy_to_host(), q_host)
     np.testing.assert_array_equal(lse.copy_to_host(), np.arange(B * H * Nq, dtype=np.float32).reshape(B, H, Nq))
     o3, lse3 = fa2_tc.run(launch, q, k, v, None, None, False, 0.5)    # outputs allocated: contiguous
@@ -346,7 +336,7 @@ PTX_SCRIPT = """
 import json
 from numba import cuda
 from flashlib.numba_kernels import fa2_tc, ptx
-rows = fa2_tc.ptx_report()
+rows = ptx.tc_report()
 kern = fa2_tc.make_fa2_tc(64, 4, 64, 2, "float16", False)[0]       # m16n8k16 has no sm_75 form: ptxas refuses
 text = cuda.compile_ptx(kern.py_func, fa2_tc.SIG, cc=(7, 5))[0]
 try:
@@ -373,7 +363,7 @@ def test_ptx_has_mma_and_no_local_memory(ptx_rows):
         where = f"{r['kernel']} sm_{r['cc']}: {r}"
         D = int(r["kernel"].split("D=")[1])
         NW, Bc, NSTAGE = r["tiles"]
-        MR = r["mr"]
+        MR = r["mt"]
         k8 = "k8" in r["kernel"]
         per_tile = MR * ((D // 16) * (Bc // 8) + (Bc // 16) * (D // 8))   # Q K^T and P V mma per 16-deep step
         # every loop over fragments fully unrolled: one mma per (k-step, n-tile), two on the k8 path
@@ -442,36 +432,36 @@ def test_gpu_intrinsic_mma(rng, shape, dtype):
     mma_k16, mma_k8, _ = _intrinsic_kernels()
     K = 16 if shape == "m16n8k16" else 8
     for _ in range(5):
-        A = mma.from_bits(mma.to_bits(rng.standard_normal((16, K)), dtype), dtype)
-        B = mma.from_bits(mma.to_bits(rng.standard_normal((K, 8)), dtype), dtype)
+        A = lanes.from_bits(lanes.to_bits(rng.standard_normal((16, K)), dtype), dtype)
+        B = lanes.from_bits(lanes.to_bits(rng.standard_normal((K, 8)), dtype), dtype)
         C = rng.standard_normal((16, 8)).astype(np.float32)
-        a, b, c = mma.fragments(A, "a", shape, dtype), mma.fragments(B, "b", shape, dtype), mma.c_fragments(C)
+        a, b, c = lanes.fragments(A, "a", shape, dtype), lanes.fragments(B, "b", shape, dtype), lanes.c_fragments(C)
         d = cuda.to_device(np.full((32, 4), np.nan, np.float32))
         if K == 16:
             mma_k16[1, 32](a, b, c, d, dtype == "bfloat16")
         else:
             mma_k8[1, 32](a, b, c, d)
-        np.testing.assert_allclose(mma.gather_c(d.copy_to_host()), A.astype(np.float64) @ B + C, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(lanes.gather_c(d.copy_to_host()), A.astype(np.float64) @ B + C, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.gpu
 def test_gpu_intrinsic_ldmatrix_and_pack(rng):
     from numba import cuda
     _, _, ldm = _intrinsic_kernels()
-    T = mma.to_bits(rng.standard_normal((16, 16)))
-    addrs = [fa2_tc.q_ldm(lane, 0, 0) for lane in range(32)]        # four 8x8 quadrants
+    T = lanes.to_bits(rng.standard_normal((16, 16)))
+    addrs = [lanes.q_ldm(lane, 0, 0) for lane in range(32)]        # four 8x8 quadrants
     rows = np.array([r for r, _ in addrs], np.int32)
     cols = np.array([c // 2 for _, c in addrs], np.int32)
     out, out_t = (cuda.to_device(np.zeros((32, 4), np.uint32)) for _ in range(2))
     packed = cuda.to_device(np.zeros((32, 2), np.uint32))
     ldm[1, 32](np.ascontiguousarray(T).view(np.uint32), rows, cols, out, out_t, packed)
-    np.testing.assert_array_equal(out.copy_to_host(), mma.ldmatrix_model(T, addrs))
-    np.testing.assert_array_equal(out_t.copy_to_host(), mma.ldmatrix_model(T, addrs, trans=True))
+    np.testing.assert_array_equal(out.copy_to_host(), lanes.ldmatrix_model(T, addrs))
+    np.testing.assert_array_equal(out_t.copy_to_host(), lanes.ldmatrix_model(T, addrs, trans=True))
     p = packed.copy_to_host()
     x = np.arange(32, dtype=np.float32)
     for col, dt in ((0, "float16"), (1, "bfloat16")):
-        np.testing.assert_array_equal(p[:, col] & 0xFFFF, mma.to_bits(x + 0.25, dt), err_msg=dt)
-        np.testing.assert_array_equal(p[:, col] >> 16, mma.to_bits(-x, dt), err_msg=dt)   # lane 0: -0.0, 0x8000
+        np.testing.assert_array_equal(p[:, col] & 0xFFFF, lanes.to_bits(x + 0.25, dt), err_msg=dt)
+        np.testing.assert_array_equal(p[:, col] >> 16, lanes.to_bits(-x, dt), err_msg=dt)   # lane 0: -0.0, 0x8000
     assert p[0, 0] >> 16 == 0x8000 and p[0, 1] >> 16 == 0x8000
 
 

@@ -107,7 +107,7 @@ def test_sparsity_mask_drawing():
 
 def test_mma_fragment_figure_covers_every_element_once():
     from flashlib.viz import fragments
-    from flashlib.numba_kernels.mma import a_index
+    from flashlib.numba_kernels.lanes import a_index
     lane, elem = fragments._grid(a_index, 16, 16, 8)
     assert (lane >= 0).all() and sorted(zip(lane.ravel(), elem.ravel())) == [(l, e) for l in range(32) for e in range(8)]
     fig = fragments.mma_layout()

@@ -16,9 +16,9 @@ import math
 
 from numba import cuda, float32
 
-from ._common import check_causal, check_arrays, device, head_bucket, kv_groups, out_arrays, scale_of, trace_arrays
+from .host import (NEG_INF, check_arrays, check_causal, device, head_bucket, kv_groups, out_arrays, scale_of,
+                  trace_arrays)
 
-NEG_INF = float32(-math.inf)
 
 
 def tiles(D):

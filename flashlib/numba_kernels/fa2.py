@@ -9,6 +9,8 @@ Block (Br,): thread t owns query row i*Br + t: its O accumulator (a local array 
 Shared memory: Qs (Br x D+1), Ks (Bc x D+1), Vs (Bc x D) and the score/probability rows Ps (Br x Bc+1).
 No warp shuffles: this kernel runs in Numba's CUDA simulator too.
 Causal: the j loop stops at the last tile the mask leaves visible; the rest is never computed.
+The kernel's comments "line N" name the lines of FlashAttention-2's Algorithm 1 (Dao 2023, arXiv:2307.08691) it
+implements; lse is the paper's L.
 Block-sparse: an optional (Tr, Tc) block mask turns tiles off; an off tile is neither loaded nor computed (the
 block-sparse FlashAttention of Dao et al. 2022, Section 3.3), and a row that sees no key gets O = 0, lse = -inf.
 """
@@ -19,10 +21,9 @@ import numpy as np
 
 from numba import cuda, float32
 
-from ._common import (check_causal, check_arrays, device, head_bucket, kv_groups, n_blocks, out_arrays, pair_grid,
-                      scale_of, trace_arrays)
+from .host import (NEG_INF, check_arrays, check_causal, device, head_bucket, kv_groups, n_blocks, out_arrays,
+                  pair_grid, scale_of, trace_arrays)
 
-NEG_INF = float32(-math.inf)
 
 
 def tiles(D):
@@ -49,31 +50,31 @@ def make_fa2(Br, Bc, D):
         t = cuda.threadIdx.x
         row = i * Br + t
         sc = float32(scale)
-        for idx in range(t, Br * D, Br):                 # load Q_i once (coalesced over the head dim)
+        for idx in range(t, Br * D, Br):                 # line 4: load Q_i once (coalesced over the head dim)
             r, x = idx // D, idx % D
             ok = i * Br + r < Nq and x < d
             Qs[r, x] = q[b, h, i * Br + r, x] if ok else float32(0.0)
         for x in range(D):
             acc[x] = 0.0
-        m_i, l_i = NEG_INF, float32(0.0)
+        m_i, l_i = NEG_INF, float32(0.0)                 # line 5: O_i = 0, l_i = 0, m_i = -inf, on chip
         Tc = (Nk + Bc - 1) // Bc
         if causal:
             Tc = min(Tc, (i * Br + Br - 1) // Bc + 1)    # tiles after this one are fully masked: skipped
-        for j in range(Tc):
+        for j in range(Tc):                              # line 6
             if sparse and block_mask[i, j] == 0:         # the same for every thread of the block: no divergence
                 continue
             if tracing and t == 0:
                 trace[i + cuda.gridDim.x * bh, j, 0] = i
                 trace[i + cuda.gridDim.x * bh, j, 1] = j
             cuda.syncthreads()                           # everyone is done with the previous K_j, V_j
-            for idx in range(t, Bc * D, Br):
+            for idx in range(t, Bc * D, Br):             # line 7: load K_j, V_j
                 c, x = idx // D, idx % D
                 col = j * Bc + c
                 ok = col < Nk and x < d
                 Ks[c, x] = k[b, hk, col, x] if ok else float32(0.0)
                 Vs[c, x] = v[b, hk, col, x] if ok else float32(0.0)
             cuda.syncthreads()
-            m_new = m_i                                  # S = scale * Q_i K_j^T (this row), m_new = max(m, rowmax S)
+            m_new = m_i                                  # lines 8-9: S = scale * Q_i K_j^T (this row), m_new
             for c in range(Bc):
                 col = j * Bc + c
                 s = NEG_INF
@@ -85,7 +86,7 @@ def make_fa2(Br, Bc, D):
                 Ps[t, c] = s
                 m_new = max(m_new, s)
             if m_new != NEG_INF:                         # else: no visible key yet, nothing to add
-                alpha = math.exp(m_i - m_new)            # rescales what was accumulated under the old max
+                alpha = math.exp(m_i - m_new)            # lines 9-10: rescales what the old max accumulated
                 l_i *= alpha
                 for x in range(D):
                     acc[x] *= alpha
@@ -95,7 +96,7 @@ def make_fa2(Br, Bc, D):
                     for x in range(D):
                         acc[x] += p * Vs[c, x]
                 m_i = m_new
-        if row < Nq:                                     # deferred normalisation, lse for the backward pass
+        if row < Nq:                                     # lines 12-15: O_i / l_i, L_i = m_i + log l_i, written
             inv = float32(1.0) / l_i if l_i > 0 else float32(0.0)
             for x in range(d):
                 O[b, h, row, x] = acc[x] * inv

@@ -1,12 +1,12 @@
 """FlashAttention-2 backward (Dao 2023, Algorithm 2) in Numba-CUDA, float32.
 
-kernel 1 `rowsum_do_o`: the pre-pass D_i = rowsum(dO_i * O_i). Grid (ceil(Nq/128), B*H), block (128,): one thread
-    per query row.
+kernel 1 `rowsum_do_o`: the pre-pass delta_i = rowsum(dO_i * O_i) (the paper's D_i; D is the padded head dim
+    here). Grid (ceil(Nq/128), B*H), block (128,): one thread per query row.
 kernel 2 `fa2_backward_kernel`: one block per K/V tile. Grid (Tc, B*H), block (Bc*G,): thread t = (c, g) =
     (t % Bc, t // Bc) owns key row j*Bc + c and the head-dim columns g, g+G, g+2G, ... of dK_j and dV_j for that
     row, kept in registers (D/G floats each) for the whole loop over Q tiles i (G = 2 for large D keeps them from
     spilling). P is recomputed from the stored lse (P = exp(S - lse)), never read from memory.
-    Shared memory: Ks, Vs (Bc x D+1) for the block's tile; Qs, dOs (Br x D), lse_s, D_s (Br) for the current Q
+    Shared memory: Ks, Vs (Bc x D+1) for the block's tile; Qs, dOs (Br x D), lse_s, delta_s (Br) for the current Q
     tile; Sp, dPp (G x Br x Bc+1): each thread's partial dot products of S and dP over its columns, added up
     after a barrier; dSs (Br x Bc+1), the dS tile.
     dQ: float32 atomic adds. Every K/V block contributes scale * dS_ij K_j to dQ_i, and blocks of different j
@@ -16,6 +16,8 @@ kernel 2 `fa2_backward_kernel`: one block per K/V tile. Grid (Tc, B*H), block (B
     recomputes S and P, would avoid atomics but redo the two score matmuls; atomics keep one kernel, and dQ must
     be zeroed first. (The sum order then varies from run to run in the last bits.)
 Causal: for K/V tile j the Q tiles start at the first visible one, i0 = j*Bc // Br; the others are skipped.
+The kernels' comments "line N" name the lines of FlashAttention-2's Algorithm 2 (Dao 2023, arXiv:2307.08691) they
+implement; lse is the paper's L (logsumexp of each query row's scores, from the forward pass).
 """
 import functools
 import math
@@ -23,9 +25,9 @@ import math
 import numpy as np
 from numba import cuda, float32
 
-from ._common import check_causal, check_arrays, device, grouped, head_bucket, kv_groups, n_blocks, pair_grid, scale_of
+from .host import (NEG_INF, check_arrays, check_causal, device, grouped, head_bucket, kv_groups, n_blocks, pair_grid,
+                  scale_of)
 
-NEG_INF = float32(-math.inf)
 
 
 def tiles(D):
@@ -40,15 +42,15 @@ def tiles(D):
 
 
 @cuda.jit
-def rowsum_do_o(do, o, Dr):
-    """Dr (B, H, Nq) = rowsum(do * o). Grid (ceil(Nq/128), B*H), block (128,)."""
+def rowsum_do_o(do, o, delta):
+    """Algorithm 2, line 4: delta (B, H, Nq) = rowsum(do * o). Grid (ceil(Nq/128), B*H), block (128,)."""
     row, bh = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x, cuda.blockIdx.y + cuda.gridDim.y * cuda.blockIdx.z
     b, h = bh // o.shape[1], bh % o.shape[1]
     if b < o.shape[0] and row < o.shape[2]:
         s = float32(0.0)
         for x in range(o.shape[3]):
             s += do[b, h, row, x] * o[b, h, row, x]
-        Dr[b, h, row] = s
+        delta[b, h, row] = s
 
 
 @cuda.jit
@@ -67,13 +69,13 @@ def make_backward(Br, Bc, D, G):
     NT = Bc * G
 
     @cuda.jit
-    def fa2_backward_kernel(q, k, v, lse, do, Dr, dq, dk, dv, causal, scale):
+    def fa2_backward_kernel(q, k, v, lse, do, delta, dq, dk, dv, causal, scale):
         Ks = cuda.shared.array((Bc, D1), float32)
         Vs = cuda.shared.array((Bc, D1), float32)
         Qs = cuda.shared.array((Br, D), float32)
         dOs = cuda.shared.array((Br, D), float32)
         lse_s = cuda.shared.array(Br, float32)
-        D_s = cuda.shared.array(Br, float32)
+        delta_s = cuda.shared.array(Br, float32)
         Sp = cuda.shared.array((G, Br, Bc1), float32)    # partial dot products over each thread's columns
         dPp = cuda.shared.array((G, Br, Bc1), float32)
         dSs = cuda.shared.array((Br, Bc1), float32)
@@ -89,19 +91,19 @@ def make_backward(Br, Bc, D, G):
         c, g = t % Bc, t // Bc                            # this thread's key (in the tile) and column group
         col = j * Bc + c
         sc = float32(scale)
-        for idx in range(t, Bc * D, NT):                  # K_j, V_j: loaded once
+        for idx in range(t, Bc * D, NT):                  # line 6: K_j, V_j, loaded once
             cc, x = idx // D, idx % D
             ok = j * Bc + cc < Nk and x < d
             Ks[cc, x] = k[b, hk, j * Bc + cc, x] if ok else float32(0.0)
             Vs[cc, x] = v[b, hk, j * Bc + cc, x] if ok else float32(0.0)
-        for e in range(DG):
+        for e in range(DG):                               # line 7
             dK[e] = 0.0
             dV[e] = 0.0
         Tr = (Nq + Br - 1) // Br
         i0 = (j * Bc) // Br if causal else 0
-        for i in range(i0, Tr):
+        for i in range(i0, Tr):                           # line 8
             cuda.syncthreads()                            # the previous tile's shared arrays are no longer read
-            for idx in range(t, Br * D, NT):
+            for idx in range(t, Br * D, NT):              # line 9: Q_i, dO_i, L_i, delta_i
                 r, x = idx // D, idx % D
                 ok = i * Br + r < Nq and x < d
                 Qs[r, x] = q[b, h, i * Br + r, x] if ok else float32(0.0)
@@ -109,9 +111,9 @@ def make_backward(Br, Bc, D, G):
             for r in range(t, Br, NT):
                 ok = i * Br + r < Nq
                 lse_s[r] = lse[b, h, i * Br + r] if ok else NEG_INF
-                D_s[r] = Dr[b, h, i * Br + r] if ok else float32(0.0)
+                delta_s[r] = delta[b, h, i * Br + r] if ok else float32(0.0)
             cuda.syncthreads()
-            for r in range(Br):                           # S = Q_i K_j^T and dP = dO_i V_j^T, this thread's part
+            for r in range(Br):                           # lines 10, 13: S = Q_i K_j^T, dP = dO_i V_j^T (this part)
                 s = float32(0.0)
                 dp = float32(0.0)
                 for e in range(DG):
@@ -121,7 +123,7 @@ def make_backward(Br, Bc, D, G):
                 Sp[g, r, c] = s
                 dPp[g, r, c] = dp
             cuda.syncthreads()
-            for r in range(Br):                           # P recomputed from the logsumexp, dS = P * (dP - D)
+            for r in range(Br):                           # lines 11, 14: P = exp(S - L_i), dS = P * (dP - delta)
                 row = i * Br + r
                 s = float32(0.0)
                 dp = float32(0.0)
@@ -131,22 +133,22 @@ def make_backward(Br, Bc, D, G):
                 p = float32(0.0)
                 if col < Nk and row < Nq and (not causal or col <= row) and lse_s[r] != NEG_INF:
                     p = math.exp(s * sc - lse_s[r])
-                ds = p * (dp - D_s[r])
+                ds = p * (dp - delta_s[r])
                 for e in range(DG):
                     x = g + G * e
-                    dV[e] += p * dOs[r, x]                # dV_j += P^T dO_i
-                    dK[e] += ds * Qs[r, x]                # dK_j += dS^T Q_i (scaled at the end)
+                    dV[e] += p * dOs[r, x]                # line 12: dV_j += P^T dO_i
+                    dK[e] += ds * Qs[r, x]                # line 16: dK_j += dS^T Q_i (scaled at the end)
                 if g == 0:
                     dSs[r, c] = ds
             cuda.syncthreads()
-            for idx in range(t, Br * D, NT):              # dQ_i += scale * dS K_j, one atomic add per element
+            for idx in range(t, Br * D, NT):              # line 15: dQ_i += scale * dS K_j, atomic adds
                 r, x = idx // D, idx % D
                 if i * Br + r < Nq and x < d:
                     s = float32(0.0)
                     for cc in range(Bc):
                         s += dSs[r, cc] * Ks[cc, x]
                     cuda.atomic.add(dq, (b, h, i * Br + r, x), s * sc)
-        if col < Nk:
+        if col < Nk:                                      # line 18: dK_j, dV_j to HBM
             for e in range(DG):
                 x = g + G * e
                 if x < d:
@@ -167,17 +169,17 @@ def fa2_backward(q, k, v, o, lse, do, *, causal=False, scale=None, Br=None, Bc=N
     Br0, Bc0, G0 = tiles(D)
     Br, Bc, G = Br or Br0, Bc or Bc0, G or G0
     groups = kv_groups(q, k)
-    Dr = cuda.device_array((B, H, Nq), np.float32)
-    rowsum_do_o[pair_grid(n_blocks(Nq, 128), B * H), (128,)](do, o, Dr)
+    delta = cuda.device_array((B, H, Nq), np.float32)
+    rowsum_do_o[pair_grid(n_blocks(Nq, 128), B * H), (128,)](do, o, delta)
     if dq is None:
         dq = cuda.device_array((B, H, Nq, d), np.float32)
-        zero4[pair_grid(n_blocks(Nq, 128), B * H), (128,)](dq)
+        zero4[pair_grid(n_blocks(Nq, 128), B * H), (128,)](dq)       # line 3: dQ = 0
     # grouped-query attention: dK, dV per query head, then summed over the query heads that share a kv head
     dk_h = cuda.device_array((B, H, Nk, d), np.float32) if dk is None or groups > 1 else dk
     dv_h = cuda.device_array((B, H, Nk, d), np.float32) if dv is None or groups > 1 else dv
     kern, NT = make_backward(Br, Bc, D, G)
     if Nk > 0:
-        kern[pair_grid(n_blocks(Nk, Bc), B * H), (NT,)](q, k, v, lse, do, Dr, dq, dk_h, dv_h, check_causal(causal),
+        kern[pair_grid(n_blocks(Nk, Bc), B * H), (NT,)](q, k, v, lse, do, delta, dq, dk_h, dv_h, check_causal(causal),
                                                         scale_of(scale, d))
     dk_g, dv_g = grouped(dk_h, dv_h, k, dk, dv)
     return dq, dk_g, dv_g

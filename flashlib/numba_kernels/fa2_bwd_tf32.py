@@ -1,17 +1,19 @@
 """FlashAttention-2 backward on Tensor Cores in float32 accuracy (3xTF32), sm_80+: the Tensor Core rung of fa2_bwd.
 
-Same algorithm as fa2_bwd.py (Dao 2023, Algorithm 2): the D = rowsum(dO * O) pre-pass (fa2_bwd.rowsum_do_o), then
+Same algorithm as fa2_bwd.py (Dao 2023, Algorithm 2; its lines marked "# line N"): the pre-pass
+delta = rowsum(dO * O) (the paper's D; fa2_bwd.rowsum_do_o), then
 one block per K/V tile that loops over the Q tiles, recomputes P from the stored logsumexp and accumulates dK_j,
 dV_j in registers; dQ by float32 atomic adds. Every matrix product runs as 3xTF32 on Tensor Cores: each float32
 operand x is split into big + small TF32 numbers and a*b ~= big*big + big*small + small*big, three
-mma.sync.m16n8k8.tf32 per product (fa2_tf32.py explains the split; its intrinsics split_tf32 and mma_3xtf32 are
-used here). Error: float32-level (~1e-6 relative per product), as PyTorch's efficient SDPA backend in float32.
+mma.sync.m16n8k8.tf32 per product (fa2_tf32.py explains the split; the intrinsics split_tf32 and mma_3xtf32 are
+in mma.py, the fragment loads below in lanes.py: st_a, st_b, dv_b, dq_a, dq_b). Error: float32-level (~1e-6
+relative per product), as PyTorch's efficient SDPA backend in float32.
 
 Grid (Tc = ceil(Nk / Bc), B*H); block NW = 4 warps (128 threads); Bc = 16*NW = 64 keys per block, Br query rows
 per Q tile (TILES). Warp w owns keys kv0 + 16w .. kv0 + 16w + 15 of the block's tile. Per Q tile i:
   S^T  = K_w Q_i^T   (16 x Br, C fragments; the transpose is computed directly: keys are the mma rows)
   dP^T = V_w dO_i^T  (16 x Br)
-  P^T  = exp2(S^T * scale*log2e - lse_i*log2e), 0 where masked; dS^T = P^T * (dP^T - D_i)
+  P^T  = exp2(S^T * scale_log2 - lse_i*log2e), 0 where masked; dS^T = P^T * (dP^T - delta_i)
   dV_w += P^T dO_i,  dK_w += dS^T Q_i          (A operand = the C fragments of P^T / dS^T, no data movement)
   dQ_i += scale * dS K_j                       (block-wide: dS goes through shared memory; atomics to global)
 mma.m16n8k8 .tf32 fragments (lane = 4g + t): A 16x8 a0 (g, t), a1 (g+8, t), a2 (g, t+4), a3 (g+8, t+4); B 8x8
@@ -23,7 +25,8 @@ k permutation (as in fa2_tf32): the sum over k does not care which k each of the
 Registers of one thread: dk[D/8, 4], dv[D/8, 4] (C fragments of the warp's 16 x D dK_w, dV_w, kept for the whole
   loop), s[Br/8, 4], dp[Br/8, 4] (S^T -> P^T, dP^T -> dS^T), dq[Br/16, D/32, 4] (its part of dQ_i).
 Shared memory (dynamic, float32, rows padded by 4 words so fragment loads hit 32 different banks):
-  Ks, Vs (Bc x D+4) loaded once; Qs, dOs (Br x D+4), lse_s, D_s (Br) per Q tile; dSs (Br x Bc+4) per Q tile.
+  Ks, Vs (Bc x D+4) loaded once; Qs, dOs (Br x D+4), lse, delta (Br) per Q tile; dSs (Br x Bc+4) per Q tile.
+  (D is the head dim here; lse is the paper's L.)
   Above 48 KB (d = 128: 89 KB): the launch opts in to more with CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
   (sm_80: up to 163 KB, sm_90: 227 KB); `fits` checks the device's limit (sm_86/89 GPUs have 99 KB).
 dQ: float32 atomic adds (red.global.add.f32), as fa2_bwd and FlashAttention-2: every K/V block adds its
@@ -33,21 +36,22 @@ dQ: float32 atomic adds (red.global.add.f32), as fa2_bwd and FlashAttention-2: e
   Each warp computes the D/4 columns 8*(D/32)*w .. of dQ_i for all Br rows from the whole dS (Br x Bc) and K_j.
 Causal (top-left, as PyTorch): Q tiles entirely above the block's first key are skipped (i0 = kv0 // Br);
   masking only where a tile touches the diagonal or the ragged last K/V tile; rows past Nq have lse = +inf (P = 0).
-A GPU only (inline PTX): the simulator cannot run it; `backward` keeps fa2_bwd there and on sm_75.
+A GPU only (inline PTX): the simulator cannot run it; `backward` keeps fa2_bwd there and on sm_75. PTX and ptxas
+checks of every instance: flashlib.numba_kernels.ptx (bwd_tf32_report).
 """
 import functools
-import math
 
 import numpy as np
-from numba import cuda, float32, types, uint32
+from numba import cuda, float32, uint32
 
-from . import mma
-from ._common import check_causal, device, grouped, kv_groups, n_blocks, pair_grid, scale_of, simulated
+from ..constants import LOG2E
+from ..env import simulated
+from . import host, mma
 from .fa2_bwd import rowsum_do_o
-from .fa2_tf32 import mma_3xtf32, split_tf32
-from .mma import intrinsic
+from .host import (NEG_INF, TF32_HEAD_DIMS, check_causal, device, flat, grouped, kv_groups, n_blocks, pair_grid,
+                   scale_of, zero2)
+from .mma import cp_async16_f32, mma_3xtf32, split_tf32
 
-HEAD_DIMS = (32, 64, 96, 128)
 NW = 4                                              # warps per block
 BC = 16 * NW                                        # keys per block
 TILES = {32: 32, 64: 32, 96: 16, 128: 16}           # Br (query rows per Q tile) per head dim
@@ -60,8 +64,6 @@ MAXREG = {32: 168, 64: 168, 96: 168, 128: None}
 
 def maxreg(D, cc):
     return MAXREG.get(D) if tuple(cc) >= (9, 0) else None
-LOG2E = 1.4426950408889634
-SMEM_STATIC = 48 * 1024
 
 
 def layout(D, Br):
@@ -70,85 +72,48 @@ def layout(D, Br):
     off = {"K": 0, "V": BC * LD, "Q": 2 * BC * LD, "dO": 2 * BC * LD + Br * LD}
     off["dS"] = off["dO"] + Br * LD
     off["lse"] = off["dS"] + Br * LDS
-    off["D"] = off["lse"] + Br
-    return off, 4 * (off["D"] + Br)
+    off["delta"] = off["lse"] + Br
+    return off, 4 * (off["delta"] + Br)
 
 
 def smem_bytes(D, Br=None):
     return layout(D, Br or TILES[D])[1]
 
 
-# ---------------------------------------------------------------- the kernel's index maps (pure Python)
-# The kernel spells these inline; tests/test_numba_bwd_tf32.py checks them with a NumPy model of a warp.
-def st_a(lane, kw, kk):
-    """S^T = K Q^T: (key row in the tile, head dim) of K for A registers a0..a3 of k-step kk (warp's keys kw..)."""
-    g, t = lane >> 2, lane & 3
-    return [(kw + g, 8 * kk + t), (kw + g + 8, 8 * kk + t), (kw + g, 8 * kk + t + 4), (kw + g + 8, 8 * kk + t + 4)]
-
-
-def st_b(lane, n, kk):
-    """S^T = K Q^T: (query row, head dim) of Q for B registers b0, b1 of query n-tile n, k-step kk."""
-    g, t = lane >> 2, lane & 3
-    return [(8 * n + g, 8 * kk + t), (8 * n + g, 8 * kk + t + 4)]
-
-
-P_AS_A = (0, 2, 1, 3)                               # A register i of P^T dO = C register P_AS_A[i] of S^T
-
-
-def dv_b(lane, kk, n):
-    """dV += P^T dO: (query row, head dim) of dO for b0, b1 of head-dim n-tile n, query k-step kk (permuted k)."""
-    g, t = lane >> 2, lane & 3
-    return [(8 * kk + 2 * t, 8 * n + g), (8 * kk + 2 * t + 1, 8 * n + g)]
-
-
-def dq_a(lane, m, kk):
-    """dQ = dS K: (query row, key) of dS for a0..a3 of m-tile m, key k-step kk (permuted k)."""
-    g, t = lane >> 2, lane & 3
-    return [(16 * m + g, 8 * kk + 2 * t), (16 * m + g + 8, 8 * kk + 2 * t),
-            (16 * m + g, 8 * kk + 2 * t + 1), (16 * m + g + 8, 8 * kk + 2 * t + 1)]
-
-
-def dq_b(lane, kk, col0):
-    """dQ = dS K: (key, head dim) of K for b0, b1 of the n-tile of head dims col0 .. col0+7, key k-step kk."""
-    g, t = lane >> 2, lane & 3
-    return [(8 * kk + 2 * t, col0 + g), (8 * kk + 2 * t + 1, col0 + g)]
-
-
-@intrinsic
-def cp_async16_f32(typingctx, smem, sidx, gmem, grow, gcol, nbytes):
-    """cp.async.cg.shared.global of 16 bytes: 4 float32 from gmem[grow, gcol..] (2-D) to smem[sidx..] (1-D shared
-    array); nbytes < 16 zero-fills the rest (0: reads nothing). Both addresses 16-byte aligned. (mma.cp_async16 is
-    the same for 2-D uint32 arrays.)"""
-    if not (isinstance(smem, types.Array) and smem.ndim == 1 and smem.dtype == types.float32 and
-            isinstance(gmem, types.Array) and gmem.ndim == 2 and gmem.dtype == types.float32):
-        return None
-
-    def codegen(context, builder, sig, args):
-        dst = mma._shared_addr(builder, mma._item_ptr(context, builder, sig.args[0], args[0], args[1:2],
-                                                      sig.args[1:2]))
-        src = builder.ptrtoint(mma._item_ptr(context, builder, sig.args[2], args[2], args[3:5], sig.args[3:5]),
-                               mma._i64)
-        n = context.cast(builder, args[5], sig.args[5], types.uint32)
-        mma._asm(builder, mma.ir.VoidType(), [dst, src, n], "cp.async.cg.shared.global [$0], [$1], 16, $2;",
-                 "r,l,r,~{memory}")
-        return context.get_dummy_value()
-    return types.void(smem, sidx, gmem, grow, gcol, nbytes), codegen
-
-
 @functools.lru_cache(maxsize=None)
 def make_bwd_tf32(D, Br, max_registers=None):
-    """The kernel for head dim D (a multiple of 32) and Br query rows per Q tile (a multiple of 16)."""
-    assert D % 32 == 0 and Br % 16 == 0
+    """(kernel, threads per block) for head dim D (a multiple of 32) and Br query rows per Q tile (a multiple of
+    16)."""
+    if D % 32 or Br % 16:
+        raise ValueError(f"make_bwd_tf32(D={D}, Br={Br}): D must be a multiple of 32 and Br of 16")
     NT, Bc = 32 * NW, BC
     off, _ = layout(D, Br)
     LD, LDS = D + 4, Bc + 4
-    OK, OV, OQ, ODO, ODS, OL, OD = (off[x] for x in ("K", "V", "Q", "dO", "dS", "lse", "D"))
+    OK, OV, OQ, ODO, ODS, OL, ODL = (off[x] for x in ("K", "V", "Q", "dO", "dS", "lse", "delta"))
     KD, NQ, MQ, DQN = D // 8, Br // 8, Br // 16, D // (8 * NW)
     C4 = D // 4                                    # 16-byte chunks per row
-    INF = float32(math.inf)
+    INF = -NEG_INF                                 # +inf: the base-2 lse of a row past Nq (P = 0)
+
+    @cuda.jit(device=True, inline="always")
+    def acc_ct_b(c, ak, acc, sm, OB, g, t):
+        """acc (the warp's 16 x D, C fragments) += C^T B for c (the C fragments of P^T or dS^T, 16 keys x Br queries:
+        the A operand, k permuted, P_AS_A) and B = the Br x D tile at float32 offset OB of sm (dO_i or Q_i; rows
+        8kk+2t, 8kk+2t+1, head dim 8n+g: dv_b)."""
+        for kk in range(NQ):
+            for e in range(4):
+                x = split_tf32(c[kk, (e & 1) * 2 + (e >> 1)])       # P_AS_A[e]
+                ak[0, e] = x[0]
+                ak[1, e] = x[1]
+            for n in range(KD):
+                x = mma_3xtf32(ak[0, 0], ak[0, 1], ak[0, 2], ak[0, 3], ak[1, 0], ak[1, 1], ak[1, 2], ak[1, 3],
+                               sm[OB + (8 * kk + 2 * t) * LD + 8 * n + g],
+                               sm[OB + (8 * kk + 2 * t + 1) * LD + 8 * n + g],
+                               acc[n, 0], acc[n, 1], acc[n, 2], acc[n, 3])
+                for e in range(4):
+                    acc[n, e] = x[e]
 
     @cuda.jit(max_registers=max_registers)
-    def fa2_bwd_tf32(q, k, v, lse, do, Dr, dq, dk, dv, Nq, Nk, causal, scale, sl, G):
+    def fa2_bwd_tf32(q, k, v, lse, do, delta, dq, dk, dv, Nq, Nk, causal, scale, scale_log2, G):
         sm = cuda.shared.array(0, float32, alignment=16)
         s = cuda.local.array((NQ, 4), float32)
         dp = cuda.local.array((NQ, 4), float32)
@@ -170,7 +135,7 @@ def make_bwd_tf32(D, Br, max_registers=None):
         qrow, krow, drow = bh * Nq, uint32(bh) // uint32(G) * Nk, bh * Nk   # (32-bit division: fewer registers)
         Tr = (Nq + Br - 1) // Br
         i0 = kv0 // Br if causal else 0
-        for idx in range(tid, Bc * C4, NT):        # K_j, V_j: once, 16 bytes per copy (rows past Nk: zeros)
+        for idx in range(tid, Bc * C4, NT):        # line 6: K_j, V_j once, 16 bytes a copy (rows past Nk: 0)
             r, c = idx // C4, (idx % C4) * 4
             ok = kv0 + r < Nk
             cp_async16_f32(sm, OK + r * LD + c, k, krow + (kv0 + r if ok else 0), c, 16 if ok else 0)
@@ -181,20 +146,20 @@ def make_bwd_tf32(D, Br, max_registers=None):
             cp_async16_f32(sm, OQ + r * LD + c, q, qrow + (i0 * Br + r if ok else 0), c, 16 if ok else 0)
             cp_async16_f32(sm, ODO + r * LD + c, do, qrow + (i0 * Br + r if ok else 0), c, 16 if ok else 0)
         mma.cp_async_commit()
-        for n in range(KD):
+        for n in range(KD):                        # line 7
             for e in range(4):
                 acc_k[n, e] = 0.0
                 acc_v[n, e] = 0.0
-        for i in range(i0, Tr):
+        for i in range(i0, Tr):                    # line 8 (line 9: Q_i, dO_i copied a step ahead; L_i, delta_i)
             q0 = i * Br
             for r in range(tid, Br, NT):           # lse in base 2; +inf (P = 0) past Nq or where no key is visible
                 x = lse[bh, q0 + r] if q0 + r < Nq else -INF
                 sm[OL + r] = x * float32(LOG2E) if x != -INF else INF
-                sm[OD + r] = Dr[bh, q0 + r] if q0 + r < Nq else float32(0.0)
+                sm[ODL + r] = delta[bh, q0 + r] if q0 + r < Nq else float32(0.0)
             mma.cp_async_wait(0)                   # Q_i, dO_i (and K_j, V_j) have landed
             cuda.syncthreads()
 
-            # S^T = K_w Q_i^T and dP^T = V_w dO_i^T: 16 keys x Br queries per warp
+            # lines 10, 13: S^T = K_w Q_i^T and dP^T = V_w dO_i^T: 16 keys x Br queries per warp
             for n in range(NQ):
                 for e in range(4):
                     s[n, e] = 0.0
@@ -220,47 +185,25 @@ def make_bwd_tf32(D, Br, max_registers=None):
                     for e in range(4):
                         dp[n, e] = x[e]
 
-            # P^T recomputed from the logsumexp, dS^T = P^T (dP^T - D); dS to shared memory for dQ
+            # lines 11, 14: P^T recomputed from the logsumexp, dS^T = P^T (dP^T - delta); dS to shared memory for dQ
             need_mask = kv0 + Bc > Nk or (causal and kv0 + Bc - 1 > q0)
             for n in range(NQ):
                 for e in range(4):
                     kr = kw + g + 8 * (e >> 1)     # key (in the tile) and query (in the Q tile) of c_e
                     qr = 8 * n + 2 * t + (e & 1)
-                    p = mma.exp2_approx(s[n, e] * sl - sm[OL + qr])
+                    p = mma.exp2_approx(s[n, e] * scale_log2 - sm[OL + qr])
                     if need_mask:
                         if kv0 + kr >= Nk or (causal and kv0 + kr > q0 + qr):
                             p = float32(0.0)
-                    ds = p * (dp[n, e] - sm[OD + qr])
+                    ds = p * (dp[n, e] - sm[ODL + qr])
                     s[n, e] = p
                     dp[n, e] = ds
                     sm[ODS + qr * LDS + kr] = ds
 
-            # dV_w += P^T dO_i, dK_w += dS^T Q_i: A = the C fragments of P^T, dS^T (k permuted: P_AS_A).
-            # (Two loops, not one: a smaller body is unrolled in full, so s[kk] and dp[kk] stay in registers.)
-            for kk in range(NQ):
-                for e in range(4):
-                    x = split_tf32(s[kk, (e & 1) * 2 + (e >> 1)])       # P_AS_A[e]
-                    ak[0, e] = x[0]
-                    ak[1, e] = x[1]
-                for n in range(KD):                # B: rows (queries) 8kk+2t, 8kk+2t+1, head dim 8n+g     # dv_b
-                    x = mma_3xtf32(ak[0, 0], ak[0, 1], ak[0, 2], ak[0, 3], ak[1, 0], ak[1, 1], ak[1, 2], ak[1, 3],
-                                   sm[ODO + (8 * kk + 2 * t) * LD + 8 * n + g],
-                                   sm[ODO + (8 * kk + 2 * t + 1) * LD + 8 * n + g],
-                                   acc_v[n, 0], acc_v[n, 1], acc_v[n, 2], acc_v[n, 3])
-                    for e in range(4):
-                        acc_v[n, e] = x[e]
-            for kk in range(NQ):
-                for e in range(4):
-                    x = split_tf32(dp[kk, (e & 1) * 2 + (e >> 1)])
-                    ak[0, e] = x[0]
-                    ak[1, e] = x[1]
-                for n in range(KD):
-                    x = mma_3xtf32(ak[0, 0], ak[0, 1], ak[0, 2], ak[0, 3], ak[1, 0], ak[1, 1], ak[1, 2], ak[1, 3],
-                                   sm[OQ + (8 * kk + 2 * t) * LD + 8 * n + g],
-                                   sm[OQ + (8 * kk + 2 * t + 1) * LD + 8 * n + g],
-                                   acc_k[n, 0], acc_k[n, 1], acc_k[n, 2], acc_k[n, 3])
-                    for e in range(4):
-                        acc_k[n, e] = x[e]
+            # dV_w += P^T dO_i (line 12), dK_w += dS^T Q_i (line 16): A = the C fragments of P^T, dS^T.
+            # (Two calls, not one loop: a smaller body is unrolled in full, so s[kk] and dp[kk] stay in registers.)
+            acc_ct_b(s, ak, acc_v, sm, ODO, g, t)
+            acc_ct_b(dp, ak, acc_k, sm, OQ, g, t)
             cuda.syncthreads()                     # dS complete; Qs, dOs are free: copy Q_i+1, dO_i+1 during dQ
             if i + 1 < Tr:
                 for idx in range(tid, Br * C4, NT):
@@ -270,7 +213,7 @@ def make_bwd_tf32(D, Br, max_registers=None):
                     cp_async16_f32(sm, ODO + r * LD + c, do, qrow + (q0 + Br + r if ok else 0), c, 16 if ok else 0)
                 mma.cp_async_commit()
 
-            # dQ_i += scale * dS K_j: this warp's DQN n-tiles of head dims, all Br rows; then atomic adds
+            # line 15: dQ_i += scale * dS K_j: this warp's DQN n-tiles of head dims, all Br rows; then atomic adds
             for m in range(MQ):
                 for n in range(DQN):
                     for e in range(4):
@@ -299,7 +242,7 @@ def make_bwd_tf32(D, Br, max_registers=None):
             # phase reads, and dSs is rewritten only after the next tile's first barrier
 
         mma.cp_async_wait(0)                       # (no copy is left in flight when the block exits)
-        for h in range(2):                         # dK_w, dV_w: rows kv0 + kw + g (+8), head dims 8n + 2t (+1)
+        for h in range(2):                         # line 18: dK_w, dV_w, rows kv0 + kw + g (+8), dims 8n + 2t (+1)
             key = kv0 + kw + g + 8 * h
             if key < Nk:
                 for n in range(KD):
@@ -316,15 +259,15 @@ SIG = f"void({A2}, {A2}, {A2}, {A2}, {A2}, {A2}, {A2}, {A2}, {A2}, int32, int32,
 
 def check(d, cc=None):
     """Raise ValueError for what this kernel cannot do."""
-    if d not in HEAD_DIMS:
-        raise ValueError(f"the numba 3xTF32 backward takes head_dim in {HEAD_DIMS}, got {d}")
+    if d not in TF32_HEAD_DIMS:
+        raise ValueError(f"the numba 3xTF32 backward takes head_dim in {TF32_HEAD_DIMS}, got {d}")
     if cc is not None and tuple(cc) < (8, 0):
         raise ValueError(f"TF32 mma needs compute capability 8.0 or newer, got {cc}")
 
 
 def fits(d, dev=None):
     """Whether this kernel can run on the current device (sm_80+, enough opt-in shared memory)."""
-    if simulated() or d not in HEAD_DIMS:
+    if simulated() or d not in TF32_HEAD_DIMS:
         return False
     dev = dev or cuda.get_current_device()
     if dev.compute_capability < (8, 0):
@@ -332,44 +275,10 @@ def fits(d, dev=None):
     return smem_bytes(d) <= dev.MAX_SHARED_MEMORY_PER_BLOCK_OPTIN
 
 
-_OPTED_IN = {}
-
-
-def _launch(kern, grid, block, nbytes, args):
-    """kern[grid, block, 0, nbytes](*args), allowed nbytes of dynamic shared memory: above 48 KB the compiled
-    kernel must opt in (a driver attribute, set once per compiled kernel and device)."""
-    if nbytes > SMEM_STATIC:
-        kernel = kern.compile(tuple(kern.typeof_pyval(a) for a in args))     # the overload the launch will use
-        dev = cuda.get_current_device()
-        key = (id(kernel), dev.id)
-        if _OPTED_IN.get(key, 0) < nbytes:
-            from numba.cuda.cudadrv.driver import binding, driver
-            cufunc = kernel._codelibrary.get_cufunc()
-            attr = binding.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
-            driver.cuKernelSetAttribute(attr, nbytes, cufunc.handle, dev.id)
-            _OPTED_IN[key] = nbytes
-    kern[grid, block, 0, nbytes](*args)
-
-
-@cuda.jit
-def _zero2(a):
-    """a (rows, d) = 0, one element per thread (coalesced)."""
-    idx = cuda.grid(1)
-    if idx < a.size:
-        a[idx // a.shape[1], idx % a.shape[1]] = 0.0
-
-
-def _flat(a):
-    """(B, H, N, d) contiguous device array -> (B*H*N, d) view."""
-    B, H, N, d = a.shape
-    return a.reshape(B * H * N, d)
-
-
 def fa2_backward_tf32(q, k, v, o, lse, do, *, causal=False, scale=None, Br=None, dq=None, dk=None, dv=None):
     """Gradients (dq, dk, dv) as float32 device arrays, on Tensor Cores (3xTF32). q, o, do (B, H, Nq, d), k, v
-    (B, H, Nk, d), lse (B, H, Nq) float32, d in HEAD_DIMS; sm_80+. dq, if given, must be zero (it is accumulated
+    (B, H, Nk, d), lse (B, H, Nq) float32, d in TF32_HEAD_DIMS; sm_80+. dq, if given, must be zero (it is accumulated
     into); dk, dv are overwritten. Strided inputs are copied to contiguous ones first."""
-    from .fa2_tc import _contiguous
     q, k, v, o, lse, do = (device(a) for a in (q, k, v, o, lse, do))
     for a in (q, k, v, o, lse, do):
         if a.dtype != np.float32:
@@ -379,63 +288,33 @@ def fa2_backward_tf32(q, k, v, o, lse, do, *, causal=False, scale=None, Br=None,
     if simulated():
         raise RuntimeError("the 3xTF32 backward runs PTX (mma.sync), which Numba's CUDA simulator cannot execute")
     dev = cuda.get_current_device()
-    check(d, dev.compute_capability)
+    cc = host.device_cc()
+    check(d, cc)
     Br = Br or TILES[d]
     nbytes = layout(d, Br)[1]
     if nbytes > dev.MAX_SHARED_MEMORY_PER_BLOCK_OPTIN:
         raise ValueError(f"needs {nbytes} bytes of shared memory per block, the device allows "
                          f"{dev.MAX_SHARED_MEMORY_PER_BLOCK_OPTIN}")
-    q, k, v, o, do = (_contiguous(a) for a in (q, k, v, o, do))
+    q, k, v, o, do = (host.contiguous(a) for a in (q, k, v, o, do))
     if not lse.is_c_contiguous():
         lse = cuda.to_device(np.ascontiguousarray(lse.copy_to_host()))
-    Dr = cuda.device_array((B, H, Nq), np.float32)
-    rowsum_do_o[pair_grid(n_blocks(Nq, 128), B * H), (128,)](do, o, Dr)
+    delta = cuda.device_array((B, H, Nq), np.float32)
+    rowsum_do_o[pair_grid(n_blocks(Nq, 128), B * H), (128,)](do, o, delta)
     if dq is None:
         dq = cuda.device_array((B, H, Nq, d), np.float32)
         if dq.size:
-            _zero2[n_blocks(dq.size, 256), 256](_flat(dq))
+            zero2[n_blocks(dq.size, 256), 256](flat(dq))
     groups = kv_groups(q, k)  # grouped-query attention: dK, dV per query head, then summed per kv head
     dk_h = cuda.device_array((B, H, Nk, d), np.float32) if dk is None or groups > 1 else dk
     dv_h = cuda.device_array((B, H, Nk, d), np.float32) if dv is None or groups > 1 else dv
     sc = scale_of(scale, d)
-    kern, NT = make_bwd_tf32(d, Br, maxreg(d, dev.compute_capability))
+    kern, NT = make_bwd_tf32(d, Br, maxreg(d, cc))
     if B * H * Nk > 0 and Nq > 0:
-        _launch(kern, pair_grid(n_blocks(Nk, BC), B * H), (NT,), nbytes,
-                (_flat(q), _flat(k), _flat(v), lse.reshape(B * H, Nq), _flat(do), Dr.reshape(B * H, Nq),
-                 _flat(dq), _flat(dk_h), _flat(dv_h), np.int32(Nq), np.int32(Nk), check_causal(causal), sc,
-                 np.float32(float(sc) * LOG2E), np.int32(groups)))
+        host.launch_dynamic(kern, pair_grid(n_blocks(Nk, BC), B * H), (NT,), nbytes,
+                            (flat(q), flat(k), flat(v), lse.reshape(B * H, Nq), flat(do), delta.reshape(B * H, Nq),
+                             flat(dq), flat(dk_h), flat(dv_h), np.int32(Nq), np.int32(Nk), check_causal(causal), sc,
+                             np.float32(float(sc) * LOG2E), np.int32(groups)))
     elif dk_h.size:  # no query at all: zero dK, dV
-        _zero2[n_blocks(dk_h.size, 256), 256](_flat(dk_h))
-        _zero2[n_blocks(dv_h.size, 256), 256](_flat(dv_h))
+        zero2[n_blocks(dk_h.size, 256), 256](flat(dk_h))
+        zero2[n_blocks(dv_h.size, 256), 256](flat(dv_h))
     return (dq, *grouped(dk_h, dv_h, k, dk, dv))
-
-
-# ---------------------------------------------------------------- PTX and ptxas, without a GPU
-def instances():
-    """(name, cc, (D, Br)) of every kernel `backward` can launch, for the PTX checks."""
-    return [(f"fa2_bwd_tf32 D={D}", cc, (D, TILES[D])) for D in HEAD_DIMS for cc in ((8, 0), (9, 0))]
-
-
-def ptx_report(only=None):
-    """Rows {kernel, cc, threads, mma, registers, smem, stack, spill_stores, spill_loads, dyn_smem}: `cuda.compile_ptx`
-    (no GPU needed, not in the simulator) and `ptxas -v`."""
-    from .ptx import ptxas
-    rows = []
-    for name, cc, (D, Br) in instances():
-        if only and only not in name:
-            continue
-        kern, NT = make_bwd_tf32(D, Br)
-        text, _ = cuda.compile_ptx(kern.py_func, SIG, cc=cc)
-        if maxreg(D, cc):                            # what cuda.jit(max_registers=...) asks of ptxas
-            text = text.replace("\n{\n", f"\n.maxnreg {maxreg(D, cc)}\n{{\n", 1)
-        rows.append({"kernel": name, "cc": f"{cc[0]}.{cc[1]}", "threads": NT, "D": D, "Br": Br,
-                     "mma": text.count("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32"),
-                     "atom": text.count("atom.global.add.f32") + text.count("red.global.add.f32"),
-                     "dyn_smem": smem_bytes(D, Br), "maxreg": maxreg(D, cc), **ptxas(text, cc)})
-    return rows
-
-
-if __name__ == "__main__":                           # python -m flashlib.numba_kernels.fa2_bwd_tf32 [filter]
-    import json
-    import sys
-    print(json.dumps(ptx_report(next((a for a in sys.argv[1:] if not a.startswith("-")), None))))

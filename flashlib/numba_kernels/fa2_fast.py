@@ -23,10 +23,10 @@ import math
 
 from numba import cuda, float32
 
-from ._common import (check_causal, check_arrays, device, head_bucket, kv_groups, n_blocks, out_arrays, pair_grid,
-                      scale_of, simulated, trace_arrays)
+from ..env import simulated
+from .host import (NEG_INF, check_arrays, check_causal, device, head_bucket, kv_groups, n_blocks, out_arrays,
+                  pair_grid, scale_of, trace_arrays)
 
-NEG_INF = float32(-math.inf)
 
 
 def config(D, sim=None):
@@ -48,7 +48,9 @@ def make_fa2_fast(Br, Bc, D, TM, TN, NKV, SHFL):
     NT = NTY * NTX
     DN = D // NTX                                    # O columns per thread
     VB = NKV - 1                                     # which KV buffer holds V
-    assert NTY * TM == Br and NTX * TN == Bc and DN * NTX == D and NTX <= 32 and 32 % NTX == 0
+    if not (NTY * TM == Br and NTX * TN == Bc and DN * NTX == D and NTX <= 32 and 32 % NTX == 0):
+        raise ValueError(f"cfg (Br, Bc, TM, TN) = {(Br, Bc, TM, TN)} at D={D}: TM must divide Br, TN divide Bc, and "
+                         "the Bc // TN threads of a row must divide both D and 32 (they are lanes of one warp)")
 
     @cuda.jit
     def fa2_forward_fast(q, k, v, O, lse, causal, scale, trace, tracing):

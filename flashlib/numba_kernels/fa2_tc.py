@@ -1,10 +1,11 @@
 """FlashAttention-2 forward on Tensor Cores, in Numba: fp16 / bf16 in, fp32 accumulation (the rung after fa2_fast).
 
 The same algorithm and register bookkeeping as the CuPy kernel flashlib/cupy_kernels/fa2_tc.cu, written in Python:
-Tensor Core instructions come from flashlib/numba_kernels/mma.py (inline PTX through Numba intrinsics).
+Tensor Core instructions come from mma.py (inline PTX through Numba intrinsics), lane layouts from lanes.py.
 
-Algorithm: FlashAttention-2 forward (Dao 2023, Algorithm 1), split-Q: each warp owns MR m-tiles of 16 query rows.
-Grid (Tr = ceil(Nq / Br), B*H); block NW warps (32*NW threads); Br = 16*NW*MR query rows, Bc keys per K/V tile.
+Algorithm: FlashAttention-2 forward (Dao 2023, Algorithm 1), split-Q: each warp owns MT m-tiles of 16 query rows
+(MT = m_tiles_per_warp, CuPy's MT).
+Grid (Tr = ceil(Nq / Br), B*H); block NW warps (32*NW threads); Br = 16*NW*MT query rows, Bc keys per K/V tile.
 Arrays: q, k, v, o are (B*H*N, d/2) uint32 views of the 16-bit data (two elements per word; row b*H*N + h*N + n),
   lse (B*H, Nq) float32.
 Shared memory, one static uint32 array sm (2*NSTAGE*Bc rows of d/2 + 4 words: the 16-byte pad moves consecutive
@@ -12,18 +13,20 @@ Shared memory, one static uint32 array sm (2*NSTAGE*Bc rows of d/2 + 4 words: th
   rows [st*Bc, (st+1)*Bc) hold K_j, rows [(NSTAGE+st)*Bc, ...) hold V_j, for stage st (NSTAGE = 2: cp.async double
   buffering, tile j+1 is copied while tile j is computed; NSTAGE = 1: plain 16-byte loads, then compute).
   The Q tile passes through rows [0, Br) once, before the loop, on its way to registers.
-Registers of one thread (lane = 4g + t), for its query rows 16*(MR*warp + mr) + g and + 8 (mr < MR):
-  qf[MR, d/16, 4]  A fragments of the warp's Q rows (mma.a_index), loaded once with ldmatrix;
-  s[MR, Bc/8, 4]   S = Q K_j^T for keys 8n + 2t, 8n + 2t + 1 (mma.c_index), overwritten by P = exp2(S*scale*log2e - m);
-  pa[MR, Bc/16, 4] P rounded to 16 bits: the A fragments of O += P V_j;
-  acc[MR, d/8, 4]  the unnormalised O rows (C layout); m, l [2*MR] the running max (base 2) and this thread's part
+Registers of one thread (lane = 4g + t), for its query rows 16*(MT*warp + mt) + g and + 8 (mt < MT):
+  qf[MT, d/16, 4]  A fragments of the warp's Q rows (lanes.a_index), loaded once with ldmatrix (lanes.q_ldm);
+  s[MT, Bc/8, 4]   S = Q K_j^T for keys 8n + 2t, 8n + 2t + 1 (lanes.c_index), overwritten by
+                   P = exp2(S*scale_log2 - m), scale_log2 = scale*log2(e);
+  pa[MT, Bc/16, 4] P rounded to 16 bits: the A fragments of O += P V_j;
+  acc[MT, d/8, 4]  the unnormalised O rows (C layout); m, l [2*MT] the running max (base 2) and this thread's part
                    of the row sum l (the 4 threads of a row add theirs with shuffles at the end).
 P never goes through shared memory: the C fragments of two adjacent 8-key n-tiles are the A fragment of a 16-key
-  k-step (mma.a_from_c). K's B fragments come from ldmatrix, V's from ldmatrix.trans (keys are V's rows); one
-  fragment feeds the warp's MR m-tiles (MR = 2 halves the ldmatrix per mma, for twice the registers).
-Addresses: each lane computes its .shared address of K's and V's fragment (0, 0) once; every other fragment is a
-  compile-time byte offset from it, which ptxas folds into the LDSM instruction. The cp.async copies likewise: one
-  base address per thread, constant offsets. (Numba's array indexing would recompute a 64-bit address for each.)
+  k-step (lanes.a_from_c). K's B fragments come from ldmatrix, V's from ldmatrix.trans (keys are V's rows); one
+  fragment feeds the warp's MT m-tiles (MT = 2 halves the ldmatrix per mma, for twice the registers).
+Addresses: each lane computes its .shared address of K's and V's fragment (0, 0) once (lanes.k_ldm, v_ldm); every
+  other fragment is a compile-time byte offset from it, which ptxas folds into the LDSM instruction. The cp.async
+  copies likewise: one base address per thread, constant offsets. (Numba's array indexing would recompute a 64-bit
+  address for each.)
 Row max and row sum: the 4 lanes t = 0..3 sharing a row exchange values with cuda.shfl_xor_sync(mask, x, 1 and 2).
 Causal (top-left): K/V tiles right of the Q tile's last row are not loaded; a warp whose rows all lie left of a
   tile skips its math; masking (-inf) runs, in a branch of its own, only on the diagonal tiles and the ragged last
@@ -32,29 +35,30 @@ Instruction count (SASS for sm_90, one unmasked tile, d=64, Bc=64): about 400 in
   about 860 when every fragment was indexed and every element masked: softmax arithmetic (FMNMX, FFMA, MUFU.EX2,
   FADD, FMUL rescale, F2FP packs, ~190) is now the bulk beside the 64 HMMA and 32 LDSM.
 Variants: m16n8k16 (sm_80+, fp16 or bf16) or, with K8, two m16n8k8 per 16-key step (sm_75, the T4; fp16 only).
-Backward: not written for Numba Tensor Cores (flashlib.cupy_kernels has one); `backward` stays float32.
+FlashAttention-2 Algorithm 1's lines (Dao 2023) are marked "# line N" where the kernel does them; lse is the paper's
+  L. PTX and ptxas checks of every instance: flashlib.numba_kernels.ptx (tc_report). Backward: none in 16 bits here
+  (flashlib.cupy_kernels has one); numba_kernels.backward is float32 (fa2_bwd_tf32 on Tensor Cores).
 bf16 from torch: torch does not export bfloat16 through __cuda_array_interface__, so bf16 data must reach this
   kernel as int16/uint16 bit views (torch: t.view(torch.int16)); the output o comes back as the same bits.
 """
 import functools
 import math
-import sys
 
 import numpy as np
 from numba import cuda, float32, int32, uint32
 
-from . import mma
-from ._common import check_causal, device, kv_groups, pair_grid, scale_of, simulated
+from ..constants import LOG2E, STATIC_SMEM_BYTES
+from ..env import simulated
+from . import host, lanes, mma
+from .host import LN2, NEG_INF, check_causal, copy, device, empty, kv_groups, pair_grid, scale_of
+from .warp import FULL, online_softmax_step
 
 
 HEAD_DIMS = (32, 64, 96, 128, 256)  # compiled head dims; a head dim 1 ... 256 is zero-padded up to the next
 DTYPES = ("float16", "bfloat16")
-LOG2E = 1.4426950408889634
-LN2 = np.float32(math.log(2.0))
-SMEM_STATIC = 48 * 1024
-# (NW warps, Bc keys, NSTAGE, MR m-tiles of 16 rows per warp, MINB blocks per SM asked of ptxas or 0) per head
-# dim, Br = 16*NW*MR; static shared memory must stay under 48 KB (Numba has no opt-in to more).
-# benchmarks/numba_tc_bench.py sweeps the alternatives (numba_tc_<NW>_<Bc>_<NSTAGE>_<MR>_<MINB> rows).
+# (NW warps, Bc keys, NSTAGE, MT m-tiles of 16 rows per warp, MINB blocks per SM asked of ptxas or 0) per head
+# dim, Br = 16*NW*MT; static shared memory must stay under 48 KB (Numba has no opt-in to more).
+# benchmarks/numba_tc_bench.py sweeps the alternatives (numba_tc_<NW>_<Bc>_<NSTAGE>_<MT>_<MINB> rows).
 # d = 256 (not swept): Bc = 16 keys, so that S and P stay small beside O's 128 fp32 registers (246 registers, no
 # spill). The m16n8k8 (sm_75) path has no d = 256: its register-staged K/V copies spill there (8-56 bytes at
 # (2, 16, 1) ... (4, 32, 1), ptxas -v for sm_75), so config() refuses it with the way out.
@@ -66,24 +70,8 @@ def smem_bytes(D, Bc, NSTAGE):
     return 2 * NSTAGE * Bc * (D // 2 + 4) * 4
 
 
-# ---------------------------------------------------------------- ldmatrix addresses (pure Python)
-# Each returns (row, col) in 16-bit elements, relative to the tile, of the row this lane hands to ldmatrix.x4.
-# The kernel spells the same expressions inline (marked "# q_ldm" etc.: Numba device functions cannot be compiled
-# without a GPU present); tests/test_numba_tc.py checks the text matches and models a warp with these functions.
-def q_ldm(lane, warp, kk):
-    """Q tile -> A fragment of k-step kk (head dims 16kk..16kk+15) of warp `warp`'s 16 rows: the four 8x8 matrices
-    are (rows 0-7, k 0-7), (rows 8-15, k 0-7), (rows 0-7, k 8-15), (rows 8-15, k 8-15) = registers a0..a3."""
-    return 16 * warp + (lane & 15), 16 * kk + (lane >> 4) * 8
-
-
-def k_ldm(lane, nn, kk):
-    """K tile -> B fragments (b0, b1) of key n-tiles 2nn and 2nn+1 for k-step kk (B[k][n] = K[key n][dim k])."""
-    return 16 * nn + (lane & 7) + (lane >> 4) * 8, 16 * kk + ((lane >> 3) & 1) * 8
-
-
-def v_ldm(lane, kk, nn):
-    """V tile (with .trans) -> B fragments of head-dim n-tiles 2nn and 2nn+1 for keys 16kk..16kk+15."""
-    return 16 * kk + (lane & 7) + ((lane >> 3) & 1) * 8, 16 * nn + (lane >> 4) * 8
+# The ldmatrix row addresses of lanes.py, compiled into the kernel: the functions the tests model a warp with.
+q_ldm, k_ldm, v_ldm = (cuda.jit(device=True, inline="always")(f) for f in (lanes.q_ldm, lanes.k_ldm, lanes.v_ldm))
 
 
 def check(d, dtype, cc=None, k8=False):
@@ -107,10 +95,11 @@ def jit_options(NW, MINB):
 
 
 @functools.lru_cache(maxsize=None)
-def make_fa2_tc(D, NW, Bc, NSTAGE, dtype, K8, MR=1, MINB=0):
-    """The kernel for head dim D (a multiple of 16), NW warps of MR 16-row m-tiles, Bc keys per tile, NSTAGE (1 or 2)
-    K/V buffers; MINB > 0 asks ptxas for MINB resident blocks per SM (launch bounds: it caps the registers)."""
-    Br, NT = 16 * NW * MR, 32 * NW
+def make_fa2_tc(D, NW, Bc, NSTAGE, dtype, K8, MT=1, MINB=0):
+    """(kernel, threads per block, Br) for head dim D (a multiple of 16), NW warps of MT 16-row m-tiles, Bc keys
+    per tile (a multiple of 16), NSTAGE (1 or 2) K/V buffers; MINB > 0 asks ptxas for MINB resident blocks per SM
+    (launch bounds: it caps the registers)."""
+    Br, NT = 16 * NW * MT, 32 * NW
     W, LDW = D // 2, D // 2 + 4                      # words per row in global / shared memory
     ROW = 4 * LDW                                    # bytes per shared row
     STAGE = Bc * ROW                                 # bytes of one K (or V) stage
@@ -121,22 +110,44 @@ def make_fa2_tc(D, NW, Bc, NSTAGE, dtype, K8, MR=1, MINB=0):
     CP = -(-Bc * C4 // NT)                           # 16-byte copies per thread for one K (or V) tile
     EVEN = NT % C4 == 0 and Bc * C4 % NT == 0        # then a thread copies rows r0 + RSTEP*it, column c0 (not D=96)
     RSTEP = NT // C4
-    R2 = 2 * MR                                      # rows per thread: 16*mr + g and 16*mr + g + 8
-    assert D % 16 == 0 and Bc % 16 == 0 and NSTAGE in (1, 2) and MR in (1, 2) and Br <= ROWS and not (K8 and ASYNC)
-    assert smem_bytes(D, Bc, NSTAGE) <= SMEM_STATIC
+    R2 = 2 * MT                                      # rows per thread: 16*mt + g and 16*mt + g + 8
+    if not (D % 16 == 0 and Bc % 16 == 0 and NSTAGE in (1, 2) and MT in (1, 2) and Br <= ROWS and not (K8 and ASYNC)
+            and smem_bytes(D, Bc, NSTAGE) <= STATIC_SMEM_BYTES):
+        raise ValueError(f"make_fa2_tc(D={D}, NW={NW}, Bc={Bc}, NSTAGE={NSTAGE}, K8={K8}, MT={MT}): D and Bc must be "
+                         "multiples of 16, NSTAGE 1 or 2 (1 with K8), MT 1 or 2, Br = 16*NW*MT <= 2*NSTAGE*Bc and the "
+                         f"K/V stages fit {STATIC_SMEM_BYTES} bytes of static shared memory")
     MMA = mma.mma_m16n8k16_bf16 if dtype == "bfloat16" else mma.mma_m16n8k16_f16
     pack = mma.pack_bf16x2 if dtype == "bfloat16" else mma.pack_f16x2
-    NEG_INF = float32(-math.inf)
-    FULL = 0xFFFFFFFF
+
+    @cuda.jit(device=True, inline="always")
+    def mma16(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3):
+        """D = A B + C over one 16-deep k-step (lanes' m16n8k16 fragments): one m16n8k16, or with K8 (sm_75) two
+        m16n8k8, k 0..7 with (a0, a1, b0) then k 8..15 with (a2, a3, b1)."""
+        if K8:
+            x = mma.mma_m16n8k8_f16(a0, a1, b0, c0, c1, c2, c3)
+            return mma.mma_m16n8k8_f16(a2, a3, b1, x[0], x[1], x[2], x[3])
+        return MMA(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3)
+
+    @cuda.jit(device=True, inline="always")
+    def mma_tiles(a, kk, b, nn, c):
+        """c[mt, 2nn + u] += a[mt, kk] B_u for the warp's MT m-tiles mt and u = 0, 1: b, one ldmatrix.x4, holds the
+        B fragments of two n-tiles (b0, b1 of n-tile 2nn, b2, b3 of 2nn + 1), and feeds all MT m-tiles."""
+        for mt in range(MT):
+            for u in range(2):
+                n = 2 * nn + u
+                x = mma16(a[mt, kk, 0], a[mt, kk, 1], a[mt, kk, 2], a[mt, kk, 3], b[2 * u], b[2 * u + 1],
+                          c[mt, n, 0], c[mt, n, 1], c[mt, n, 2], c[mt, n, 3])
+                for e in range(4):
+                    c[mt, n, e] = x[e]
 
     @cuda.jit(**jit_options(NW, MINB))
-    def fa2_tc(q, k, v, o, lse, Nq, Nk, causal, sl, G):
+    def fa2_tc(q, k, v, o, lse, Nq, Nk, causal, scale_log2, G):
         sm = cuda.shared.array((ROWS, LDW), uint32, alignment=16)   # ldmatrix, cp.async: 16-byte rows
-        qf = cuda.local.array((MR, KD, 4), uint32)
-        s = cuda.local.array((MR, NB, 4), float32)
-        pa = cuda.local.array((MR, KB, 4), uint32)
-        acc = cuda.local.array((MR, ND, 4), float32)
-        m = cuda.local.array(R2, float32)        # per row of the thread: index 2*mr + h
+        qf = cuda.local.array((MT, KD, 4), uint32)
+        s = cuda.local.array((MT, NB, 4), float32)
+        pa = cuda.local.array((MT, KB, 4), uint32)
+        acc = cuda.local.array((MT, ND, 4), float32)
+        m = cuda.local.array(R2, float32)        # per row of the thread: index 2*mt + h
         l = cuda.local.array(R2, float32)
         mx = cuda.local.array(R2, float32)
         base = cuda.local.array(R2, float32)
@@ -149,35 +160,38 @@ def make_fa2_tc(D, NW, Bc, NSTAGE, dtype, K8, MR=1, MINB=0):
         if bh >= lse.shape[0]:
             return
         q0 = i * Br
-        qw = q0 + 16 * MR * warp                     # first query row of this warp
+        qw = q0 + 16 * MT * warp                     # first query row of this warp
         qrow, krow = bh * Nq, uint32(bh) // uint32(G) * Nk   # first row of this (batch, head), of its kv head (GQA)
         kv_end = min(Nk, q0 + Br) if causal else Nk
         n_tiles = (kv_end + Bc - 1) // Bc
         z = uint32(0)
-        for h in range(2 * MR):
+        for h in range(2 * MT):                      # line 5: m = -inf, l = 0, O = 0, in registers
             m[h] = NEG_INF
             l[h] = 0.0
-        for mr in range(MR):
+        for mt in range(MT):
             for n in range(ND):
                 for e in range(4):
-                    acc[mr, n, e] = 0.0
+                    acc[mt, n, e] = 0.0
 
-        for idx in range(tid, Br * C4, NT):          # Q_i passes through shared memory into registers, once
+        for idx in range(tid, Br * C4, NT):          # line 4: Q_i, through shared memory into registers, once
             r, c = idx // C4, (idx % C4) * 4         # 16 bytes per thread and step; rows >= Nq are zeros
             mma.store16(sm, r, c, mma.load16(q, qrow + q0 + r, c) if q0 + r < Nq else (z, z, z, z))
         cuda.syncthreads()
-        for mr in range(MR):
+        for mt in range(MT):
             for kk in range(KD):
-                x = mma.ldmatrix_x4(sm, 16 * (MR * warp + mr) + (lane & 15), (16 * kk + (lane >> 4) * 8) >> 1)  # q_ldm
+                rq, cq = q_ldm(lane, MT * warp + mt, kk)   # (row, col in 16-bit elements) of m-tile MT*warp + mt
+                x = mma.ldmatrix_x4(sm, rq, cq >> 1)
                 for e in range(4):
-                    qf[mr, kk, e] = x[e]
+                    qf[mt, kk, e] = x[e]
         cuda.syncthreads()                           # the K/V stages overwrite Q's rows
 
         # Addresses, computed once: this lane's .shared byte address for the ldmatrix of K fragment (0, 0) and V
         # fragment (0, 0) of stage 0; fragment (nn, kk) of K is 16*nn rows and 16*kk elements (32 bytes) further
         # (k_ldm, v_ldm), a constant that ptxas folds into the instruction.
-        ka = mma.shared_u32_at(sm, (lane & 7) + (lane >> 4) * 8, (((lane >> 3) & 1) * 8) >> 1)                 # k_ldm
-        va = mma.shared_u32_at(sm, NSTAGE * Bc + (lane & 7) + ((lane >> 3) & 1) * 8, ((lane >> 4) * 8) >> 1)  # v_ldm
+        rk, ck = k_ldm(lane, 0, 0)
+        rv, cv = v_ldm(lane, NSTAGE * Bc // 16, 0)    # V's stage 0 starts NSTAGE*Bc rows down (a multiple of 16)
+        ka = mma.shared_u32_at(sm, rk, ck >> 1)
+        va = mma.shared_u32_at(sm, rv, cv >> 1)
         # cp.async: copy `it` of a K (or V) tile moves row r0 + RSTEP*it, words c0..c0+3 (when EVEN; rows are W words
         # apart in global memory: the host passes contiguous arrays). Addresses: stage 0 in smem, tile 0 in global.
         r0, c0 = tid // C4, (tid % C4) * 4
@@ -185,7 +199,8 @@ def make_fa2_tc(D, NW, Bc, NSTAGE, dtype, K8, MR=1, MINB=0):
         gk0 = mma.global_i64_at(k, krow, 0) + 4 * (W * r0 + c0)
         gv0 = mma.global_i64_at(v, krow, 0) + 4 * (W * r0 + c0)
 
-        # j = -1 (ASYNC only) is the prologue: it loads tile 0. Iteration j loads tile jl and computes tile j.
+        # line 6. j = -1 (ASYNC only) is the prologue: it loads tile 0. Iteration j loads tile jl (line 7) and
+        # computes tile j.
         for j in range(-1 if ASYNC else 0, n_tiles):
             jl = j + 1 if ASYNC else j               # with cp.async, tile j+1 is copied while tile j is computed
             if jl < n_tiles:
@@ -228,88 +243,55 @@ def make_fa2_tc(D, NW, Bc, NSTAGE, dtype, K8, MR=1, MINB=0):
             kv0 = j * Bc
             st = j & 1 if ASYNC else 0
             kst, vst = ka + STAGE * st, va + STAGE * st   # this tile's K and V fragment (0, 0) addresses
-            if not (causal and kv0 > qw + 16 * MR - 1):   # else every key of the tile is right of the warp's rows
-                for mr in range(MR):                 # S = Q_i K_j^T: 16*MR x Bc per warp, fp32
+            if not (causal and kv0 > qw + 16 * MT - 1):   # else every key of the tile is right of the warp's rows
+                for mt in range(MT):                 # S = Q_i K_j^T: 16*MT x Bc per warp, fp32
                     for n in range(NB):
                         for e in range(4):
-                            s[mr, n, e] = 0.0
-                for kk in range(KD):
-                    for nn in range(NB // 2):        # B fragments of key n-tiles 2nn (b0, b1) and 2nn+1 (b2, b3)
-                        b = mma.ldmatrix_x4_at(kst + (16 * ROW) * nn + 32 * kk)                         # k_ldm
-                        for mr in range(MR):         # one K fragment feeds the MR m-tiles of the warp
-                            for u in range(2):
-                                n = 2 * nn + u
-                                if K8:               # k 0..7 with (a0, a1, b0), then k 8..15 with (a2, a3, b1)
-                                    x = mma.mma_m16n8k8_f16(qf[mr, kk, 0], qf[mr, kk, 1], b[2 * u],
-                                                            s[mr, n, 0], s[mr, n, 1], s[mr, n, 2], s[mr, n, 3])
-                                    x = mma.mma_m16n8k8_f16(qf[mr, kk, 2], qf[mr, kk, 3], b[2 * u + 1],
-                                                            x[0], x[1], x[2], x[3])
-                                else:
-                                    x = MMA(qf[mr, kk, 0], qf[mr, kk, 1], qf[mr, kk, 2], qf[mr, kk, 3], b[2 * u],
-                                            b[2 * u + 1], s[mr, n, 0], s[mr, n, 1], s[mr, n, 2], s[mr, n, 3])
-                                for e in range(4):
-                                    s[mr, n, e] = x[e]
+                            s[mt, n, e] = 0.0
+                for kk in range(KD):                 # line 8: S = Q_i K_j^T; K fragments of key n-tiles 2nn, 2nn+1
+                    for nn in range(NB // 2):
+                        mma_tiles(qf, kk, mma.ldmatrix_x4_at(kst + (16 * ROW) * nn + 32 * kk), nn, s)   # k_ldm
                 # mask (-inf) only on the ragged last tile and the causal diagonal: a branch of its own, so that
                 # the other tiles run no comparisons at all
                 if kv0 + Bc > Nk or (causal and kv0 + Bc - 1 > qw):
-                    for mr in range(MR):
+                    for mt in range(MT):
                         for n in range(NB):
                             for e in range(4):
-                                col, row = kv0 + 8 * n + 2 * t + (e & 1), qw + 16 * mr + g + 8 * (e >> 1)
+                                col, row = kv0 + 8 * n + 2 * t + (e & 1), qw + 16 * mt + g + 8 * (e >> 1)
                                 if col >= Nk or (causal and col > row):
-                                    s[mr, n, e] = NEG_INF
-                for h in range(2 * MR):              # row max of this thread's keys, then over the 4 lanes of a row
+                                    s[mt, n, e] = NEG_INF
+                for h in range(2 * MT):              # row max of this thread's keys, then over the 4 lanes of a row
                     mx[h] = NEG_INF
-                for mr in range(MR):
+                for mt in range(MT):
                     for n in range(NB):
                         for e in range(4):
-                            mx[2 * mr + (e >> 1)] = max(mx[2 * mr + (e >> 1)], s[mr, n, e])
-                for h in range(2 * MR):              # online softmax in base 2: m is in units of S * scale * log2(e)
-                    y = mx[h]
-                    y = max(y, cuda.shfl_xor_sync(FULL, y, 1))
-                    y = max(y, cuda.shfl_xor_sync(FULL, y, 2))
-                    m_new = max(m[h], y * sl)
-                    base[h] = m_new if m_new != NEG_INF else float32(0.0)   # no visible key yet: P = 0, no NaN
-                    alpha = mma.exp2_approx(m[h] - base[h])
-                    m[h] = m_new
-                    l[h] *= alpha
-                    for n in range(ND):
+                            mx[2 * mt + (e >> 1)] = max(mx[2 * mt + (e >> 1)], s[mt, n, e])
+                for h in range(2 * MT):              # line 9: online softmax in base 2 (warp.py)
+                    alpha = online_softmax_step(m, l, base, mx, h, scale_log2)
+                    for n in range(ND):              # line 10: O's row rescaled by alpha
                         acc[h >> 1, n, 2 * (h & 1)] *= alpha
                         acc[h >> 1, n, 2 * (h & 1) + 1] *= alpha
-                for mr in range(MR):                 # P = exp2(S * sl - base): one FFMA and one MUFU.EX2 each
+                for mt in range(MT):                 # P = exp2(S * scale_log2 - base): one FFMA and one MUFU.EX2 each
                     for n in range(NB):
                         for e in range(4):
-                            p = mma.exp2_approx(s[mr, n, e] * sl - base[2 * mr + (e >> 1)])
-                            l[2 * mr + (e >> 1)] += p    # this thread's part of the row sum
-                            s[mr, n, e] = p
+                            p = mma.exp2_approx(s[mt, n, e] * scale_log2 - base[2 * mt + (e >> 1)])
+                            l[2 * mt + (e >> 1)] += p    # this thread's part of the row sum
+                            s[mt, n, e] = p
                     for kk in range(KB):             # P's C fragments, rounded to 16 bits, are the A fragments
-                        pa[mr, kk, 0] = pack(s[mr, 2 * kk, 0], s[mr, 2 * kk, 1])
-                        pa[mr, kk, 1] = pack(s[mr, 2 * kk, 2], s[mr, 2 * kk, 3])
-                        pa[mr, kk, 2] = pack(s[mr, 2 * kk + 1, 0], s[mr, 2 * kk + 1, 1])
-                        pa[mr, kk, 3] = pack(s[mr, 2 * kk + 1, 2], s[mr, 2 * kk + 1, 3])
-                for kk in range(KB):                 # O += P V_j
-                    for nn in range(ND // 2):        # B fragments of head-dim n-tiles 2nn and 2nn+1
-                        b = mma.ldmatrix_x4_trans_at(vst + (16 * ROW) * kk + 32 * nn)                   # v_ldm
-                        for mr in range(MR):
-                            for u in range(2):
-                                n = 2 * nn + u
-                                if K8:
-                                    x = mma.mma_m16n8k8_f16(pa[mr, kk, 0], pa[mr, kk, 1], b[2 * u], acc[mr, n, 0],
-                                                            acc[mr, n, 1], acc[mr, n, 2], acc[mr, n, 3])
-                                    x = mma.mma_m16n8k8_f16(pa[mr, kk, 2], pa[mr, kk, 3], b[2 * u + 1],
-                                                            x[0], x[1], x[2], x[3])
-                                else:
-                                    x = MMA(pa[mr, kk, 0], pa[mr, kk, 1], pa[mr, kk, 2], pa[mr, kk, 3], b[2 * u],
-                                            b[2 * u + 1], acc[mr, n, 0], acc[mr, n, 1], acc[mr, n, 2], acc[mr, n, 3])
-                                for e in range(4):
-                                    acc[mr, n, e] = x[e]
+                        pa[mt, kk, 0] = pack(s[mt, 2 * kk, 0], s[mt, 2 * kk, 1])
+                        pa[mt, kk, 1] = pack(s[mt, 2 * kk, 2], s[mt, 2 * kk, 3])
+                        pa[mt, kk, 2] = pack(s[mt, 2 * kk + 1, 0], s[mt, 2 * kk + 1, 1])
+                        pa[mt, kk, 3] = pack(s[mt, 2 * kk + 1, 2], s[mt, 2 * kk + 1, 3])
+                for kk in range(KB):                 # line 10: O += P V_j; V fragments of head-dim n-tiles 2nn, 2nn+1
+                    for nn in range(ND // 2):
+                        mma_tiles(pa, kk, mma.ldmatrix_x4_trans_at(vst + (16 * ROW) * kk + 32 * nn), nn, acc)  # v_ldm
             cuda.syncthreads()                       # every warp is done with this stage before it is refilled
-        # epilogue: finish the row sums, divide once, write O (16-bit pairs) and lse = m ln 2 + ln l
-        for h in range(2 * MR):
+        # lines 12-15: finish the row sums, divide once, write O (16-bit pairs) and lse = m ln 2 + ln l
+        for h in range(2 * MT):
             y = l[h]
             y += cuda.shfl_xor_sync(FULL, y, 1)
             y += cuda.shfl_xor_sync(FULL, y, 2)
-            row = qw + 8 * h + g                     # h = 2*mr + (0 or 1): rows 16*mr + g and 16*mr + g + 8
+            row = qw + 8 * h + g                     # h = 2*mt + (0 or 1): rows 16*mt + g and 16*mt + g + 8
             inv = float32(1.0) / y if y > 0 else float32(0.0)
             if row < Nq:
                 for n in range(ND):
@@ -321,59 +303,17 @@ def make_fa2_tc(D, NW, Bc, NSTAGE, dtype, K8, MR=1, MINB=0):
 
 
 def tiles_of(t):
-    """(NW, Bc, NSTAGE, MR, MINB) from a 3-, 4- or 5-tuple (MR = 1 and MINB = 0 when left out)."""
+    """(NW, Bc, NSTAGE, MT, MINB) from a 3-, 4- or 5-tuple (MT = 1 and MINB = 0 when left out)."""
     t = tuple(t)
     if not 3 <= len(t) <= 5:
-        raise ValueError(f"tiles = (NW, Bc, NSTAGE[, MR[, MINB]]), got {t}")
+        raise ValueError(f"tiles = (NW, Bc, NSTAGE[, MT[, MINB]]), got {t}")
     return t + (1, 0)[len(t) - 3:]
 
 
 def factory_args(D, tiles, dtype, K8):
-    """make_fa2_tc's arguments for head dim D and tiles (NW, Bc, NSTAGE[, MR[, MINB]])."""
-    NW, Bc, NSTAGE, MR, MINB = tiles_of(tiles)
-    return D, NW, Bc, NSTAGE, dtype, K8, MR, MINB
-
-
-def instances():
-    """(name, cc, kernel factory arguments) of every kernel this module can launch, for the PTX checks: m16n8k16
-    fp16 and bf16 on sm_80 / sm_90 with the default tiles, the m16n8k8 fp16 path on sm_75 (and sm_80, where a T4
-    path can be tested on a newer GPU)."""
-    out = []
-    for D in HEAD_DIMS:
-        for dtype in DTYPES:
-            for cc in ((8, 0), (9, 0)):
-                out.append((f"fa2_tc {dtype} D={D}", cc, factory_args(D, TILES[D], dtype, False)))
-        for cc in ((7, 5), (8, 0)) if D in TILES_SM75 else ():
-            out.append((f"fa2_tc_k8 float16 D={D}", cc, factory_args(D, TILES_SM75[D], "float16", True)))
-    return out
-
-
-def compile_ptx(args, cc):
-    """PTX text of make_fa2_tc(*args) for compute capability cc (no GPU needed; not in the simulator)."""
-    kern = make_fa2_tc(*args)[0]
-    return cuda.compile_ptx(kern.py_func, SIG, cc=cc, **jit_options(args[1], args[7]))[0]
-
-
-def ptx_report(only=None):
-    """Rows {kernel, cc, threads, mma, ldmatrix, cp_async, registers, smem, stack, spill_stores, spill_loads}:
-    `cuda.compile_ptx` (no GPU needed, but not in the simulator) and `ptxas -v` (flashlib.numba_kernels.ptx)."""
-    from .ptx import ptxas
-    rows = []
-    for name, cc, args in instances():
-        if only and only not in name:
-            continue
-        text = compile_ptx(args, cc)
-        rows.append({"kernel": name, "cc": f"{cc[0]}.{cc[1]}", "threads": 32 * args[1], "tiles": list(args[1:4]),
-                     "mr": args[6], "minb": args[7],
-                     "mma": text.count("mma.sync.aligned.m16n8k16") + text.count("mma.sync.aligned.m16n8k8"),
-                     "mma_shape": "m16n8k8" if args[5] else "m16n8k16",
-                     "mma_k8": text.count("mma.sync.aligned.m16n8k8."), "mma_k16": text.count("mma.sync.aligned.m16n8k16."),
-                     "bf16": text.count(".bf16.bf16.f32"), "ldmatrix": text.count("ldmatrix.sync.aligned.m8n8.x4"),
-                     "ldmatrix_trans": text.count("ldmatrix.sync.aligned.m8n8.x4.trans"),
-                     "cp_async": text.count("cp.async.cg.shared.global"), "shfl": text.count("shfl.sync.bfly"),
-                     "smem_align16": ".shared .align 16 " in text,
-                     **ptxas(text, cc)})
-    return rows
+    """make_fa2_tc's arguments for head dim D and tiles (NW, Bc, NSTAGE[, MT[, MINB]])."""
+    NW, Bc, NSTAGE, MT, MINB = tiles_of(tiles)
+    return D, NW, Bc, NSTAGE, dtype, K8, MT, MINB
 
 
 # ---------------------------------------------------------------- host side
@@ -387,157 +327,29 @@ SIG = ("void(uint32[:, ::1], uint32[:, ::1], uint32[:, ::1], uint32[:, ::1], flo
 
 
 def config(d, cc, dtype, tiles=None, k8=None):
-    """(NW, Bc, NSTAGE, MR, MINB, K8) for head dim d on compute capability cc (a tuple)."""
+    """(NW, Bc, NSTAGE, MT, MINB, K8) for head dim d on compute capability cc (a tuple)."""
     k8 = cc < (8, 0) if k8 is None else k8
     if k8 and d not in TILES_SM75 and not tiles:
         raise ValueError(f"the numba tc kernel's m16n8k8 (sm_75, T4) path takes head dims up to 128, got {d} (a bucket "
                          "of 256): use backend='cupy' (its sm75 rung runs it)")
-    NW, Bc, NSTAGE, MR, MINB = tiles_of(tiles or (TILES_SM75 if k8 else TILES)[d])
+    NW, Bc, NSTAGE, MT, MINB = tiles_of(tiles or (TILES_SM75 if k8 else TILES)[d])
     if k8 and NSTAGE != 1:
         raise ValueError("the m16n8k8 (sm_75) path has no cp.async: NSTAGE must be 1")
-    if smem_bytes(d, Bc, NSTAGE) > SMEM_STATIC or 16 * NW * MR > 2 * NSTAGE * Bc:
-        raise ValueError(f"tiles {(NW, Bc, NSTAGE, MR)} do not fit 48 KB of static shared memory at d={d}")
-    return NW, Bc, NSTAGE, MR, MINB, k8
+    if smem_bytes(d, Bc, NSTAGE) > STATIC_SMEM_BYTES or 16 * NW * MT > 2 * NSTAGE * Bc:
+        raise ValueError(f"tiles {(NW, Bc, NSTAGE, MT)} do not fit 48 KB of static shared memory at d={d}")
+    return NW, Bc, NSTAGE, MT, MINB, k8
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel(d, cc, dtype, tiles, k8):
+def kernel(d, cc, dtype, tiles=None, k8=None):
     """(kernel, threads per block, Br): config + make_fa2_tc, looked up once per setting."""
-    NW, Bc, NSTAGE, MR, MINB, K8 = config(d, cc, dtype, tiles, k8)
-    return make_fa2_tc(d, NW, Bc, NSTAGE, dtype, K8, MR, MINB)
-
-
-@functools.lru_cache(maxsize=256)
-def _launcher(kern, grid, NT):
-    """kern[grid, NT], kept: Numba builds a launch configuration object (and checks it) on every kern[...]."""
-    return kern[grid, (NT,)]
-
-
-@functools.lru_cache(maxsize=1)
-def _one_gpu():
-    return len(cuda.gpus) == 1
-
-
-@functools.lru_cache(maxsize=1)
-def _cc_of_the_gpu():
-    return cuda.get_current_device().compute_capability
-
-
-def _cc():
-    """The current device's compute capability; with one GPU, asked once."""
-    return _cc_of_the_gpu() if _one_gpu() else cuda.get_current_device().compute_capability
-
-
-@cuda.jit
-def _copy4(src, dst):
-    """dst = src for 4-D arrays of any strides (one thread per element)."""
-    B, H, N, d = src.shape
-    idx = cuda.grid(1)
-    if idx < B * H * N * d:
-        x = idx % d
-        n = (idx // d) % N
-        bh = idx // (d * N)
-        dst[bh // H, bh % H, n, x] = src[bh // H, bh % H, n, x]
-
-
-@cuda.jit
-def _copy3(src, dst):
-    """dst = src for 3-D arrays of any strides."""
-    B, H, N = src.shape
-    idx = cuda.grid(1)
-    if idx < B * H * N:
-        dst[idx // (H * N), (idx // N) % H, idx % N] = src[idx // (H * N), (idx // N) % H, idx % N]
-
-
-@cuda.jit
-def _pad4(src, dst):
-    """dst (B, H, N, D) = src (B, H, N, d <= D) with zero columns d ... D-1 (one thread per element of dst)."""
-    B, H, N, D = dst.shape
-    idx = cuda.grid(1)
-    if idx < B * H * N * D:
-        x = idx % D
-        n = (idx // D) % N
-        bh = idx // (D * N)
-        dst[bh // H, bh % H, n, x] = src[bh // H, bh % H, n, x] if x < src.shape[3] else 0
-
-
-def _padded(a, D):
-    """a (B, H, N, d) as a C-contiguous (B, H, N, D) array, zero-padded (a itself when d == D and usable)."""
-    if a.shape[3] == D:
-        return _contiguous(a)
-    out = _empty(a.shape[:3] + (D,), a.dtype)
-    if out.size:
-        _pad4[(out.size + 255) // 256, 256](a, out)
-    return out
+    NW, Bc, NSTAGE, MT, MINB, K8 = config(d, cc, dtype, tiles, k8)
+    return make_fa2_tc(d, NW, Bc, NSTAGE, dtype, K8, MT, MINB)
 
 
 def head_bucket(d):
     """The compiled head dim (HEAD_DIMS) a head dim d runs as."""
-    for D in HEAD_DIMS:
-        if d <= D:
-            return D
-    raise ValueError(f"the numba tc kernel takes head_dim 1 ... {HEAD_DIMS[-1]}, got {d}")
-
-
-def _copy(src, dst):
-    if src.size:
-        (_copy4 if src.ndim == 4 else _copy3)[(src.size + 255) // 256, 256](src, dst)
-
-
-def _usable(a):
-    """True if the kernel can use `a` in place: C-contiguous, 16-byte aligned (cp.async, 16-byte loads)."""
-    return a.is_c_contiguous() and (simulated() or a.device_ctypes_pointer.value % 16 == 0)
-
-
-def _contiguous(a):
-    """a, or a C-contiguous copy of it."""
-    if _usable(a):
-        return a
-    out = _empty(a.shape, a.dtype)
-    _copy(a, out)
-    return out
-
-
-@functools.lru_cache(maxsize=1)
-def _torch_cuda():
-    import torch
-    return torch if torch.cuda.is_available() else None
-
-
-def _empty(shape, dtype):
-    """A new C-contiguous device array. Memory comes from torch's caching allocator when torch is already imported
-    (else CuPy's memory pool when CuPy is), so that a call does not pay a cudaMalloc (Numba's cuda.device_array:
-    about 0.1 ms for a 32 MB output on an H100, and Numba's deferred frees synchronize the device). Only with one
-    GPU (the allocators' current device is then Numba's). cuda.as_cuda_array(..., sync=False): the kernel runs on
-    the legacy default stream, which is torch's and CuPy's default stream too, so stream order already protects
-    fresh memory; sync=True would make Numba wait on the exporter's stream, stalling the host for nothing."""
-    dtype = np.dtype(dtype)
-    if not simulated() and _one_gpu():
-        torch = _torch_cuda() if "torch" in sys.modules else None
-        if torch is not None:
-            return cuda.as_cuda_array(torch.empty(shape, dtype=getattr(torch, dtype.name), device="cuda"), sync=False)
-        if "cupy" in sys.modules:
-            import cupy
-            return cuda.as_cuda_array(cupy.empty(shape, dtype), sync=False)
-    return cuda.device_array(shape, dtype)
-
-
-def _view(a, shape, dtype):
-    """The C-contiguous array a seen as `shape` of `dtype` (same bytes). Built directly: reshape + view of a Numba
-    device array cost about 5 microseconds each (they go through its dummy-array model); the simulator's arrays are
-    NumPy ones."""
-    dtype = np.dtype(dtype)
-    if simulated():
-        return a.reshape(shape[0], -1).view(dtype)
-    from numba.cuda.cudadrv.devicearray import DeviceNDArray
-    strides = (shape[1] * dtype.itemsize, dtype.itemsize)
-    return DeviceNDArray(shape, strides, dtype, stream=a.stream, gpu_data=a.gpu_data)
-
-
-def _words(a):
-    """(B, H, N, d) C-contiguous 16-bit device array -> (B*H*N, d/2) uint32 view."""
-    B, H, N, d = a.shape
-    return _view(a, (B * H * N, d // 2), np.uint32)
+    return host.head_bucket(d, HEAD_DIMS, "the numba tc kernel")
 
 
 def fa2_forward_tc(q, k, v, *, causal=False, scale=None, dtype="float16", tiles=None, k8=None, o=None, lse=None):
@@ -546,7 +358,7 @@ def fa2_forward_tc(q, k, v, *, causal=False, scale=None, dtype="float16", tiles=
     dtype='bfloat16'; any strides. k, v may have H_kv heads dividing H (grouped-query attention). d in 1 ... 256:
     compiled for HEAD_DIMS, a head dim between them zero-padded up to the next (head_bucket). Returns o (q's shape
     and dtype) and lse (B, H, Nq) float32, the caller's o / lse when given (any strides). tiles = (NW, Bc, NSTAGE[,
-    MR[, MINB]]) overrides TILES; k8=True forces the m16n8k8 (sm_75) path."""
+    MT[, MINB]]) overrides TILES; k8=True forces the m16n8k8 (sm_75) path."""
     q, k, v = (device(a) for a in (q, k, v))
     B, H, Nq, d = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
@@ -565,15 +377,15 @@ def fa2_forward_tc(q, k, v, *, causal=False, scale=None, dtype="float16", tiles=
     if simulated():
         raise RuntimeError("the Tensor Core kernel runs PTX (mma.sync), which Numba's CUDA simulator cannot execute: "
                            "it needs a GPU; its checks without one are tests/test_numba_tc.py")
-    cc = _cc()
+    cc = host.device_cc()
     check(D, dtype, cc, bool(k8))
-    kern, NT, Br = _kernel(D, cc, dtype, None if tiles is None else tuple(tiles), k8)
-    launch = _launcher(kern, pair_grid(-(-Nq // Br), B * H), NT)
+    kern, NT, Br = kernel(D, cc, dtype, None if tiles is None else tuple(tiles), k8)
+    launch = host.launcher(kern, pair_grid(-(-Nq // Br), B * H), NT)
     if D == d:
         return run(launch, q, k, v, o, lse, causal, scale_of(scale, d), G)
-    o_pad, lse = run(launch, *(_padded(a, D) for a in (q, k, v)), None, lse, causal, scale_of(scale, d), G)
-    o_out = _empty(q.shape, q.dtype) if o is None else device(o)
-    _copy(o_pad[:, :, :, :d], o_out)
+    o_pad, lse = run(launch, *(host.padded(a, D) for a in (q, k, v)), None, lse, causal, scale_of(scale, d), G)
+    o_out = empty(q.shape, q.dtype) if o is None else device(o)
+    copy(o_pad[:, :, :, :d], o_out)
     return o_out, lse
 
 
@@ -582,26 +394,20 @@ def run(launch, q, k, v, o, lse, causal, scale, G=1):
     log2 e, G query heads per kv head). Split out of fa2_forward_tc so that tests can run it without a GPU (a Python
     `launch`)."""
     B, H, Nq, d = q.shape
-    q, k, v = (_contiguous(device(a)) for a in (q, k, v))
+    q, k, v = (host.contiguous(device(a)) for a in (q, k, v))
     o_out = None if o is None else device(o)
     lse_out = None if lse is None else device(lse)
     if o_out is not None and tuple(o_out.shape) != tuple(q.shape):
         raise ValueError(f"o must have q's shape {tuple(q.shape)}, got {tuple(o_out.shape)}")
     if lse_out is not None and tuple(lse_out.shape) != (B, H, Nq):
         raise ValueError(f"lse must be (B, H, Nq) = {(B, H, Nq)}, got {tuple(lse_out.shape)}")
-    o_k = o_out if o_out is not None and _usable(o_out) else _empty(q.shape, q.dtype)
-    lse_k = lse_out if lse_out is not None and _usable(lse_out) else _empty((B, H, Nq), np.float32)
+    o_k = o_out if o_out is not None and host.usable(o_out) else empty(q.shape, q.dtype)
+    lse_k = lse_out if lse_out is not None and host.usable(lse_out) else empty((B, H, Nq), np.float32)
     if q.size:
-        launch(_words(q), _words(k), _words(v), _words(o_k), _view(lse_k, (B * H, Nq), np.float32),
+        launch(host.words(q), host.words(k), host.words(v), host.words(o_k), host.view(lse_k, (B * H, Nq), np.float32),
                np.int32(Nq), np.int32(k.shape[2]), check_causal(causal), np.float32(float(scale) * LOG2E), np.int32(G))
     if o_out is not None and o_k is not o_out:      # the caller's strided arrays: copy the results in
-        _copy(o_k, o_out)
+        copy(o_k, o_out)
     if lse_out is not None and lse_k is not lse_out:
-        _copy(lse_k, lse_out)
+        copy(lse_k, lse_out)
     return (o_k if o_out is None else o_out), (lse_k if lse_out is None else lse_out)
-
-
-if __name__ == "__main__":                           # python -m flashlib.numba_kernels.fa2_tc [filter] (no simulator)
-    import json
-    import sys
-    print(json.dumps(ptx_report(next((a for a in sys.argv[1:] if not a.startswith("-")), None))))

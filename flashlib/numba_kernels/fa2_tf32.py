@@ -14,7 +14,8 @@ The split here (split_tf32, one inline-PTX block, 4 instructions): big = bits(x)
 the 10 mantissa bits TF32 holds; exact, 1 instruction, where cvt.rna.tf32.f32 costs ~3), small = x - big (exact
 in float32), small rounded to nearest TF32 by (bits + 0x1000) & 0xFFFFE000 (ties away from zero, = cvt.rna for
 finite x). Every operand handed to mma therefore has its low 13 bits zero: the kernel does not depend on what the
-hardware does with them. split_model is the same in NumPy; tests/test_numba_tf32.py measures its error.
+hardware does with them. The intrinsics (split_tf32, mma_3xtf32) are in mma.py, lanes.split_model is the same
+split in NumPy; tests/test_numba_tf32.py measures its error.
 
 Algorithm: FlashAttention-2 forward (Dao 2023, Algorithm 1), split-Q, as fa2_tc.py: each warp owns 16 query rows.
 Grid (Tr = ceil(Nq / Br), B*H); block NW warps (32*NW threads); Br = 16*NW query rows, Bc keys per K/V tile.
@@ -22,15 +23,15 @@ Arrays: q, k, v are (B*H*N, d) uint32 views of the float32 data (row b*H*N + h*N
   lse (B*H, Nq) float32.
 mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32, fragments (PTX ISA, "Matrix fragments for mma.m16n8k8",
   .tf32; lane = 4g + t): A 16x8 a0 (g, t), a1 (g+8, t), a2 (g, t+4), a3 (g+8, t+4); B 8x8 b0 (k=t, n=g),
-  b1 (k=t+4, n=g); C/D 16x8 c0, c1 (g, 2t and 2t+1), c2, c3 (g+8, 2t and 2t+1). (a_index etc. below.)
+  b1 (k=t+4, n=g); C/D 16x8 c0, c1 (g, 2t and 2t+1), c2, c3 (g+8, 2t and 2t+1). (lanes.tf32_a_index etc.)
 Permutations (the trick that removes every shuffle and makes every shared-memory read a 16-byte vector): the sum
   over k of an mma does not care which k each of its 8 slots stands for, as long as A and B agree; nor does an
   output column care where it is computed, as long as it is written back to the right place.
   * S = Q K^T, k = head dim: head dims 16c .. 16c+15 form two k-steps h = 0, 1; slot t is dim 16c + 4t + 2h,
     slot t+4 is dim 16c + 4t + 2h + 1. A lane's b0, b1 for both steps are then K[key][16c+4t .. 16c+4t+3]: one
-    16-byte load (k_frag). Q's A fragments follow the same rule (q_frag), loaded once from global memory.
+    16-byte load (lanes.k_frag). Q's A fragments follow the same rule (lanes.q_frag), loaded once from global memory.
   * O += P V, k = key: slot t is key 8jj + 2t, slot t+4 is key 8jj + 2t + 1. P's C fragment (c0 c1 = row g, keys
-    8jj+2t, +1; c2 c3 = row g+8) then IS the A fragment, reordered (c0, c2, c1, c3) (P_AS_A): same lane, no move.
+    8jj+2t, +1; c2 c3 = row g+8) then IS the A fragment, reordered (c0, c2, c1, c3) (lanes.P_AS_A): same lane, no move.
   * O += P V, n = head dim: n-tiles 4m .. 4m+3, column g of n-tile 4m+u is dim 32m + 4g + u, so a lane's b0 for
     four n-tiles is V[key][32m+4g .. +3], one 16-byte load (v_frag); C column col of n-tile 4m+u is dim
     32m + 4col + u (o_dim), so a lane writes dims 32m+8t .. 32m+8t+7 of its two rows.
@@ -40,9 +41,9 @@ Shared memory (static, < 48 KB), uint32 words of float32 bits: Ks (Bc x D+16) an
   Pipeline (cp.async, one buffer each, as FlashAttention-2's CUTLASS kernel): V_j is copied while S = Q K_j^T
   and the softmax run, K_{j+1} while P V_j runs. Commit order K0 V0 K1 V1 ...; wait_group 1 before each use.
 Registers of one thread, for the warp's rows r = 16*warp + g and r + 8:
-  qb[D/8, 4], qs[D/8, 4] Q's A fragments, big and small (QPRE: split once), or qr[D/8, 4] the raw bits (split
-                again per tile: saves D/2 registers at d = 128);
-  s[Bc/8, 4]  S = Q K_j^T (C layout), overwritten by P = exp2(S*scale*log2e - m);
+  qb[D/8, 4], qs[D/8, 4] Q's A fragments, big and small (QREG = q_in_registers, CuPy's QREG: split once), or
+                qr[D/8, 4] the raw bits (split again per tile: saves D/2 registers at d = 128);
+  s[Bc/8, 4]  S = Q K_j^T (C layout), overwritten by P = exp2(S*scale_log2 - m), scale_log2 = scale*log2(e);
   acc[D/8, 4] unnormalised O (C layout, columns per o_dim); m[2], l[2] running max (base 2) and this thread's
               part of the row sum (the 4 lanes of a row add theirs with shuffles at the end).
 Unrolling: every register-array index must be a compile-time constant, so every fragment loop must be unrolled in
@@ -50,28 +51,24 @@ Unrolling: every register-array index must be a compile-time constant, so every 
   functions (qk_part, pv_part, inlined) called NPS / NPV times with constant offsets (parts()).
 Causal (top-left, as PyTorch): K/V tiles right of the Q tile's last row are not loaded; a warp whose 16 rows all
   lie left of a tile skips its math; masking (-inf) only on the diagonal and on the ragged last tile.
-Not here: a backward (float32 backward stays fa2_bwd.py), head dims other than HEAD_DIMS (fa2_fast runs those).
+FlashAttention-2 Algorithm 1's lines (Dao 2023) are marked "# line N" where the kernel does them. Not here: the
+backward (fa2_bwd_tf32.py), head dims other than TF32_HEAD_DIMS (fa2_fast runs those). PTX and ptxas checks of every
+instance: flashlib.numba_kernels.ptx (tf32_report).
 """
 import functools
 import math
 
 import numpy as np
-from llvmlite import ir
-from numba import cuda, float32, types, uint32
+from numba import cuda, float32, uint32
 
-try:
-    from numba.cuda.extending import intrinsic
-except ImportError:  # older numba-cuda: as mma.py
-    from numba.core.extending import intrinsic
+from ..constants import LOG2E, STATIC_SMEM_BYTES
+from ..env import simulated
+from . import host, mma
+from .host import LN2, NEG_INF, TF32_HEAD_DIMS, check_causal, device, kv_groups, pair_grid, scale_of
+from .mma import mma_3xtf32, split_tf32, split_tf32_again
+from .warp import FULL, online_softmax_step
 
-from . import mma
-from ._common import check_causal, device, kv_groups, pair_grid, scale_of, simulated
-
-HEAD_DIMS = (32, 64, 96, 128)
-LOG2E = 1.4426950408889634
-LN2 = np.float32(math.log(2.0))
-SMEM_STATIC = 48 * 1024
-# (NW warps, Bc keys, QPRE, MAXREG) per head dim: QPRE keeps Q split in registers (else split again each tile:
+# (NW warps, Bc keys, QREG, MAXREG) per head dim: QREG keeps Q split in registers (else split again each tile:
 # fewer registers), MAXREG caps registers per thread (0: ptxas decides). Static shared memory < 48 KB limits Bc at
 # d = 96, 128 to 32. Measured on an H100 (flashlib/data/results/numba_tf32_h100.json, non-causal, N = 4096 / 16384,
 # TFLOP/s): d=64 (4, 64, False, 168) 40.1 / 42.4 [168 registers: 3 blocks per SM, 12 bytes of spills] beside
@@ -79,7 +76,6 @@ SMEM_STATIC = 48 * 1024
 # d=128 (8, 32, False, 0) 39.8 / 43.2 beside (4, 32, False, 0) 38.6 / 42.3, (4, 16, False, 0) 34.6 / 36.7.
 # d = 32 and 96: not timed.
 TILES = {32: (4, 64, True, 0), 64: (4, 64, False, 168), 96: (4, 32, False, 0), 128: (8, 32, False, 0)}
-MASK = 0xFFFFE000                                    # sign, exponent and the 10 mantissa bits of TF32
 
 
 def ld_k(D):
@@ -106,223 +102,45 @@ def parts(n, per):
     raise ValueError(f"a loop nest of {n} x {per} mma bodies does not split into <= 4 pieces of <= {UNROLL}")
 
 
-# ---------------------------------------------------------------- fragment layouts and the kernel's index maps
-def _gt(lane):
-    if not 0 <= lane < 32:
-        raise ValueError(f"lane must be 0..31, got {lane}")
-    return lane >> 2, lane & 3
-
-
-def a_index(lane, i):
-    """(row, k slot) of the 16x8 A that register i (0..3) of `lane` holds (mma.m16n8k8 .tf32)."""
-    g, t = _gt(lane)
-    return g + 8 * (i & 1), t + 4 * (i >> 1)
-
-
-def b_index(lane, i):
-    """(k slot, col) of the 8x8 B that register i (0..1) of `lane` holds."""
-    g, t = _gt(lane)
-    return t + 4 * i, g
-
-
-def c_index(lane, i):
-    """(row, col) of the 16x8 C/D that register i (0..3) of `lane` holds (as for the 16-bit shapes)."""
-    return mma.c_index(lane, i)
-
-
-def slot_dim(c, h, slot):
-    """S = Q K^T: the head dim that k slot `slot` (0..7) of k-step 2c + h stands for."""
-    return 16 * c + 4 * (slot & 3) + 2 * h + (slot >> 2)
-
-
-def q_frag(lane, c, h):
-    """(row in the warp's 16, head dim) of Q for A registers a0..a3 of k-step 2c + h."""
-    out = []
-    for i in range(4):
-        r, slot = a_index(lane, i)
-        out.append((r, slot_dim(c, h, slot)))
-    return out
-
-
-def k_frag(lane, n, c):
-    """(key in the tile, first head dim) of the 16-byte load that holds b0, b1 of key n-tile n for k-steps 2c
-    (words 0, 1) and 2c + 1 (words 2, 3)."""
-    g, t = _gt(lane)
-    return 8 * n + g, 16 * c + 4 * t
-
-
-P_AS_A = (0, 2, 1, 3)                                # A register i of P V = C register P_AS_A[i] of S
-
-
-def slot_key(jj, slot):
-    """O += P V: the key (in the tile) that k slot `slot` of key step jj stands for."""
-    return 8 * jj + 2 * (slot & 3) + (slot >> 2)
-
-
-def o_dim(n, col):
-    """O += P V: the head dim that column col (0..7) of n-tile n stands for (B's column g, C's columns 2t, 2t+1)."""
-    return 32 * (n >> 2) + 4 * col + (n & 3)
-
-
-def v_frag(lane, jj, m):
-    """(key, first head dim) of the two 16-byte loads of V whose word u is b0 (first) and b1 (second) of n-tile
-    4m + u for key step jj."""
-    g, t = _gt(lane)
-    return (8 * jj + 2 * t, 32 * m + 4 * g), (8 * jj + 2 * t + 1, 32 * m + 4 * g)
-
-
-# ---------------------------------------------------------------- the split, in NumPy (what the PTX does)
-def split_model(x):
-    """float32 array -> (big, small) float32 arrays of TF32 values, bit for bit as split_tf32."""
-    b = np.ascontiguousarray(x, np.float32).view(np.uint32)
-    big = (b & np.uint32(MASK)).view(np.float32)
-    rest = (np.asarray(x, np.float32) - big).astype(np.float32)          # exact
-    small = ((rest.view(np.uint32) + np.uint32(0x1000)) & np.uint32(MASK)).view(np.float32)
-    return big, small
-
-
-def tf32_round(x):
-    """float32 -> nearest TF32 (ties away from zero), as cvt.rna.tf32.f32 for finite x."""
-    b = np.ascontiguousarray(x, np.float32).view(np.uint32)
-    return ((b + np.uint32(0x1000)) & np.uint32(MASK)).view(np.float32)
-
-
-def matmul_model(A, B, terms=3):
-    """A @ B the way the kernel's mma see it, in float64: 1 term = tf32(A) tf32(B); 3 terms = 3xTF32."""
-    if terms == 1:
-        return tf32_round(A).astype(np.float64) @ tf32_round(B)
-    (ab, as_), (bb, bs) = split_model(A), split_model(B)
-    ab, as_, bb, bs = (x.astype(np.float64) for x in (ab, as_, bb, bs))
-    return ab @ bb + ab @ bs + as_ @ bb
-
-
-# ---------------------------------------------------------------- intrinsics (inline PTX), sm_80+
-_f32, _i32 = ir.FloatType(), ir.IntType(32)
-F4 = types.UniTuple(types.float32, 4)
-U2 = types.UniTuple(types.uint32, 2)
-_MMA = ("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 "
-        "{$0,$1,$2,$3}, {$4,$5,$6,$7}, {$8,$9}, {$10,$11,$12,$13};")
-_SPLIT = ("{ .reg .b32 lo; and.b32 $0, $2, 0xFFFFE000; sub.f32 lo, $2, $0; add.u32 lo, lo, 0x1000; "
-          "and.b32 $1, lo, 0xFFFFE000; }")
-
-
-def _asm(builder, ret, args, text, constraints):
-    fnty = ir.FunctionType(ret, [a.type for a in args])
-    return builder.call(ir.InlineAsm(fnty, text, constraints, side_effect=False), args)
-
-
-def _bits(context, builder, val, ty):
-    """An i32 of a uint32 / int32 or of a float32's bits."""
-    if ty == types.float32:
-        return builder.bitcast(val, _i32)
-    return context.cast(builder, val, ty, types.uint32)
-
-
-def _mma(context, builder, a, b, c):
-    r = _asm(builder, ir.LiteralStructType([_f32] * 4), list(a) + list(b) + list(c), _MMA,
-             "=f,=f,=f,=f," + ",".join(["r"] * 6 + ["f"] * 4))
-    return [builder.extract_value(r, i) for i in range(4)]
-
-
-@intrinsic
-def mma_m16n8k8_tf32(typingctx, a0, a1, a2, a3, b0, b1, c0, c1, c2, c3):
-    """(d0..d3) = A B + C for one 16x8x8 tile: A in a0..a3 (a_index), B in b0, b1 (b_index), TF32 bits in
-    uint32; C, D float32 (c_index). One TF32 product: ~1e-3 relative. sm_80+."""
-    def codegen(context, builder, sig, args):
-        u = [context.cast(builder, v, t, types.uint32) for v, t in zip(args[:6], sig.args[:6])]
-        f = [context.cast(builder, v, t, types.float32) for v, t in zip(args[6:], sig.args[6:])]
-        return context.make_tuple(builder, sig.return_type, _mma(context, builder, u[:4], u[4:], f))
-    return F4(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3), codegen
-
-
-_SPLIT_B = "".join(f"and.b32 bb{i}, ${12 + i}, 0xFFFFE000; sub.f32 bs{i}, ${12 + i}, bb{i}; add.u32 bs{i}, bs{i}, 0x1000; "
-                   f"and.b32 bs{i}, bs{i}, 0xFFFFE000; " for i in range(2))
-_MMA3 = ("{ .reg .b32 bb0, bb1, bs0, bs1; " + _SPLIT_B +
-         _MMA.replace("{$4,$5,$6,$7}, {$8,$9}, {$10,$11,$12,$13}", "{$8,$9,$10,$11}, {bb0,bb1}, {$14,$15,$16,$17}") +
-         _MMA.replace("{$8,$9}, {$10,$11,$12,$13}", "{bs0,bs1}, {$0,$1,$2,$3}") +
-         _MMA.replace("{$8,$9}, {$10,$11,$12,$13}", "{bb0,bb1}, {$0,$1,$2,$3}") + " }")
-
-
-@intrinsic
-def mma_3xtf32(typingctx, ab0, ab1, ab2, ab3, as0, as1, as2, as3, b0, b1, c0, c1, c2, c3):
-    """(d0..d3) = A B + C in float32 accuracy: A given split (big ab0..ab3, small as0..as3: split_tf32), B as the
-    raw float32 bits b0, b1 (split here, as split_tf32). Three mma, the small products first (small*big,
-    big*small, then big*big, as CUTLASS orders them). One inline-PTX block: B's split and the three mma are a
-    single call for the compiler, which keeps the kernel's loops small enough to be unrolled in full. sm_80+."""
-    def codegen(context, builder, sig, args):
-        u = [_bits(context, builder, v, t) for v, t in zip(args[:10], sig.args[:10])]
-        c = [context.cast(builder, v, t, types.float32) for v, t in zip(args[10:], sig.args[10:])]
-        r = _asm(builder, ir.LiteralStructType([_f32] * 4), u + c, _MMA3,
-                 "=f,=f,=f,=f," + ",".join(["r"] * 10 + ["f"] * 4))
-        return context.make_tuple(builder, sig.return_type, [builder.extract_value(r, i) for i in range(4)])
-    return F4(ab0, ab1, ab2, ab3, as0, as1, as2, as3, b0, b1, c0, c1, c2, c3), codegen
-
-
-def _make_split(volatile):
-    def split(typingctx, x):
-        if x not in (types.float32, types.uint32):
-            return None
-
-        def codegen(context, builder, sig, args):
-            fnty = ir.FunctionType(ir.LiteralStructType([_i32] * 2), [_i32])
-            r = builder.call(ir.InlineAsm(fnty, _SPLIT, "=r,=r,r", side_effect=volatile),
-                             [_bits(context, builder, args[0], sig.args[0])])
-            return context.make_tuple(builder, sig.return_type, [builder.extract_value(r, i) for i in range(2)])
-        return U2(x), codegen
-    split.__doc__ = ("(big, small) TF32 bits (uint32) of a float32 x, or of float32 bits given as uint32 (see the "
-                     "header)." + (" Volatile: the compiler may not hoist it out of a loop (Q's split is redone "
-                                   "every tile on purpose, to keep D/2 registers free)." if volatile else ""))
-    return intrinsic(split)
-
-
-split_tf32 = _make_split(False)
-split_tf32_again = _make_split(True)
-
-
-@intrinsic
-def cvt_rna_tf32(typingctx, x):
-    """cvt.rna.tf32.f32: float32 -> nearest TF32 (ties away), as uint32 bits (~3 SASS instructions on sm_90)."""
-    if x != types.float32:
-        return None
-
-    def codegen(context, builder, sig, args):
-        return _asm(builder, _i32, [args[0]], "cvt.rna.tf32.f32 $0, $1;", "=r,f")
-    return types.uint32(x), codegen
-
-
-@intrinsic
-def f32_of(typingctx, x):
-    """The float32 whose bits are the uint32 x."""
-    if x != types.uint32:
-        return None
-
-    def codegen(context, builder, sig, args):
-        return builder.bitcast(args[0], _f32)
-    return types.float32(x), codegen
+def in_pieces(part, n, step):
+    """An inline device function pieces(a, b, c, d, e, g, t) that calls part(a, b, c, d, e, offset, g, t) for
+    offset = 0, step, ..., (n - 1) * step (n <= 4 from parts): n calls, not a loop, so that the compiler unrolls
+    each piece in full."""
+    @cuda.jit(device=True, inline="always")
+    def pieces(a, b, c, d, e, g, t):
+        part(a, b, c, d, e, 0, g, t)
+        if n > 1:
+            part(a, b, c, d, e, step, g, t)
+        if n > 2:
+            part(a, b, c, d, e, 2 * step, g, t)
+        if n > 3:
+            part(a, b, c, d, e, 3 * step, g, t)
+    return pieces
 
 
 # ---------------------------------------------------------------- the kernel
 @functools.lru_cache(maxsize=None)
-def make_fa2_tf32(D, NW, Bc, QPRE, MAXREG=0):
-    """The kernel for head dim D (a multiple of 32), NW warps, Bc keys per tile (a multiple of 8); QPRE: Q's
-    big/small fragments kept in registers (else its raw bits, split again each tile); MAXREG: register cap."""
+def make_fa2_tf32(D, NW, Bc, QREG, MAXREG=0):
+    """(kernel, threads per block, Br) for head dim D (a multiple of 32), NW warps, Bc keys per tile (a multiple of
+    8); QREG: Q's big/small fragments kept in registers (else its raw bits, split again each tile); MAXREG: register
+    cap."""
     Br, NT = 16 * NW, 32 * NW
     LDK, LDV = ld_k(D), ld_v(D)
     C4 = D // 4                                      # 16-byte chunks per row
     KS, NB, ND, DC, DM = D // 8, Bc // 8, D // 8, D // 16, D // 32
-    assert D % 32 == 0 and Bc % 8 == 0 and smem_bytes(D, Bc) <= SMEM_STATIC
-    QW = 1 if QPRE else KS                           # shapes of the unused register arrays: (1, 4)
+    if D % 32 or Bc % 8 or smem_bytes(D, Bc) > STATIC_SMEM_BYTES:
+        raise ValueError(f"make_fa2_tf32(D={D}, Bc={Bc}): D must be a multiple of 32, Bc of 8, and the K, V tiles "
+                         f"({smem_bytes(D, Bc)} bytes) must fit {STATIC_SMEM_BYTES} bytes of static shared memory")
+    QW = 1 if QREG else KS                           # shapes of the unused register arrays: (1, 4)
     NPS, NPV = parts(DC, NB * 2), parts(NB, DM * 4)  # each product in NPS / NPV pieces (see qk_part)
     DCP, NBP = DC // NPS, NB // NPV
-    NEG_INF = float32(-math.inf)
-    FULL = 0xFFFFFFFF
 
     @cuda.jit(device=True, inline="always")
     def qk_part(s, qb, qs, qr, Ks, c0, g, t):
         """S += Q K_j^T over head dims 16*c0 .. 16*(c0 + DCP) (k_frag, q_frag)."""
         for cl in range(DCP):
             c = c0 + cl
-            if not QPRE:                             # Q's fragments of k-steps 2c, 2c+1, split again
+            if not QREG:                             # Q's fragments of k-steps 2c, 2c+1, split again
                 for h in range(2):
                     for e in range(4):
                         y = split_tf32_again(qr[2 * c + h, e])
@@ -357,8 +175,10 @@ def make_fa2_tf32(D, NW, Bc, QPRE, MAXREG=0):
                     for e in range(4):
                         acc[n, e] = d4[e]
 
+    qk, pv = in_pieces(qk_part, NPS, DCP), in_pieces(pv_part, NPV, NBP)
+
     @cuda.jit(**({"max_registers": MAXREG} if MAXREG else {}))
-    def fa2_tf32(q, k, v, o, lse, Nq, Nk, causal, sl, G):
+    def fa2_tf32(q, k, v, o, lse, Nq, Nk, causal, scale_log2, G):
         Ks = cuda.shared.array((Bc, LDK), uint32, alignment=16)
         Vs = cuda.shared.array((Bc, LDV), uint32, alignment=16)
         qb = cuda.local.array((KS, 4), uint32)
@@ -385,7 +205,7 @@ def make_fa2_tf32(D, NW, Bc, QPRE, MAXREG=0):
         kv_end = min(Nk, q0 + Br) if causal else Nk
         n_tiles = (kv_end + Bc - 1) // Bc
         z = uint32(0)
-        for h in range(2):
+        for h in range(2):                           # line 5: m = -inf, l = 0, O = 0, in registers
             m[h] = NEG_INF
             l[h] = 0.0
         for n in range(ND):
@@ -393,6 +213,7 @@ def make_fa2_tf32(D, NW, Bc, QPRE, MAXREG=0):
                 acc[n, e] = 0.0
 
         # prologue: start K_0, V_0 (rows past Nk are zero-filled), then Q's fragments straight from global memory
+        # (line 4)
         for w in range(2):
             for idx in range(tid, Bc * C4, NT):
                 r, c = idx // C4, (idx % C4) * 4
@@ -408,14 +229,14 @@ def make_fa2_tf32(D, NW, Bc, QPRE, MAXREG=0):
                 x = mma.load16(q, qrow + r, 16 * c + 4 * t) if r < Nq else (z, z, z, z)
                 for h in range(2):
                     for u in range(2):               # slot t (u = 0) -> a[hr], slot t+4 -> a[2 + hr]
-                        if QPRE:
+                        if QREG:
                             y = split_tf32(x[2 * h + u])
                             qb[2 * c + h, 2 * u + hr] = y[0]
                             qs[2 * c + h, 2 * u + hr] = y[1]
                         else:
                             qr[2 * c + h, 2 * u + hr] = x[2 * h + u]
 
-        for j in range(n_tiles):
+        for j in range(n_tiles):                     # line 6 (line 7: K_j, V_j are copied a step ahead)
             kv0 = j * Bc
             active = not (causal and kv0 > qw + 15)  # else every key of the tile is right of the warp's rows
             mma.cp_async_wait(1)                     # K_j has landed (V_j may still be in flight)
@@ -424,15 +245,9 @@ def make_fa2_tf32(D, NW, Bc, QPRE, MAXREG=0):
                 for n in range(NB):
                     for e in range(4):
                         s[n, e] = 0.0
-                # S = Q K_j^T, 16 x Bc per warp. Written as NPS calls, not a loop: the compiler unrolls a loop nest
-                # in full only up to ~32 bodies, and every register-array index must be a constant.
-                qk_part(s, qb, qs, qr, Ks, 0, g, t)
-                if NPS > 1:
-                    qk_part(s, qb, qs, qr, Ks, DCP, g, t)
-                if NPS > 2:
-                    qk_part(s, qb, qs, qr, Ks, 2 * DCP, g, t)
-                if NPS > 3:
-                    qk_part(s, qb, qs, qr, Ks, 3 * DCP, g, t)
+                # line 8: S = Q K_j^T, 16 x Bc per warp. Written as NPS calls, not a loop (in_pieces): the compiler
+                # unrolls a loop nest in full only up to ~32 bodies, and every register-array index must be a constant.
+                qk(s, qb, qs, qr, Ks, g, t)
             cuda.syncthreads()                       # every warp is done with K_j: refill the buffer
             if j + 1 < n_tiles:
                 for idx in range(tid, Bc * C4, NT):
@@ -454,33 +269,20 @@ def make_fa2_tf32(D, NW, Bc, QPRE, MAXREG=0):
                                 y = NEG_INF
                         s[n, e] = y
                         mx[e >> 1] = max(mx[e >> 1], y)
-                for h in range(2):                   # online softmax in base 2: m is in units of S*scale*log2(e)
-                    y = mx[h]
-                    y = max(y, cuda.shfl_xor_sync(FULL, y, 1))
-                    y = max(y, cuda.shfl_xor_sync(FULL, y, 2))
-                    m_new = max(m[h], y * sl)
-                    base[h] = m_new if m_new != NEG_INF else float32(0.0)   # no visible key yet: P = 0, no NaN
-                    alpha = mma.exp2_approx(m[h] - base[h])
-                    m[h] = m_new
-                    l[h] *= alpha
-                    for n in range(ND):
+                for h in range(2):                   # line 9: online softmax in base 2 (warp.py)
+                    alpha = online_softmax_step(m, l, base, mx, h, scale_log2)
+                    for n in range(ND):              # line 10: O's row rescaled by alpha
                         acc[n, 2 * h] *= alpha
                         acc[n, 2 * h + 1] *= alpha
                 for n in range(NB):
                     for e in range(4):
-                        p = mma.exp2_approx(s[n, e] * sl - base[e >> 1])
+                        p = mma.exp2_approx(s[n, e] * scale_log2 - base[e >> 1])
                         l[e >> 1] += p
                         s[n, e] = p
             mma.cp_async_wait(1)                     # V_j has landed (K_{j+1} may still be in flight)
             cuda.syncthreads()
             if active:
-                pv_part(s, ab, as_, acc, Vs, 0, g, t)  # O += P V_j, in NPV pieces as qk_part
-                if NPV > 1:
-                    pv_part(s, ab, as_, acc, Vs, NBP, g, t)
-                if NPV > 2:
-                    pv_part(s, ab, as_, acc, Vs, 2 * NBP, g, t)
-                if NPV > 3:
-                    pv_part(s, ab, as_, acc, Vs, 3 * NBP, g, t)
+                pv(s, ab, as_, acc, Vs, g, t)        # line 10: O += P V_j, in NPV pieces as S
             cuda.syncthreads()                       # every warp is done with V_j
             if j + 1 < n_tiles:
                 for idx in range(tid, Bc * C4, NT):
@@ -489,7 +291,7 @@ def make_fa2_tf32(D, NW, Bc, QPRE, MAXREG=0):
                     mma.cp_async16(Vs, r, c, v, krow + (kv0 + Bc + r if ok else 0), c, 16 if ok else 0)
             mma.cp_async_commit()
         mma.cp_async_wait(0)
-        # epilogue: finish the row sums, divide once, write O (o_dim: dims 32mm + 8t + 4w + u) and lse
+        # lines 12-15: finish the row sums, divide once, write O (o_dim: dims 32mm + 8t + 4w + u) and lse
         for h in range(2):
             y = l[h]
             y += cuda.shfl_xor_sync(FULL, y, 1)
@@ -510,57 +312,30 @@ SIG = ("void(uint32[:, ::1], uint32[:, ::1], uint32[:, ::1], float32[:, ::1], fl
        "float32, int32)")
 
 
-def instances():
-    """(name, cc, kernel factory arguments) of every kernel to check in PTX: default tiles, sm_80 and sm_90."""
-    return [(f"fa2_tf32 D={D}", cc, (D, *TILES[D])) for D in HEAD_DIMS for cc in ((8, 0), (9, 0))]
-
-
-def ptx_report(only=None, extra=()):
-    """Rows {kernel, cc, threads, tiles, mma_tf32, ld_shared_v4, cp_async, registers, smem, stack, spills}:
-    `cuda.compile_ptx` and `ptxas -v` (no GPU needed, but not in the simulator). extra: more (name, cc, args)."""
-    from .ptx import ptxas
-    rows = []
-    for name, cc, args in list(instances()) + list(extra):
-        if only and only not in name:
-            continue
-        kern, NT, _ = make_fa2_tf32(*args)
-        text, _ = cuda.compile_ptx(kern.py_func, SIG, cc=cc)
-        if len(args) > 4 and args[4]:                # as cuda.jit(max_registers=...) does: a .maxnreg directive
-            at = text.index("{", text.index(".entry"))
-            text = f"{text[:at]}.maxnreg {args[4]}\n{text[at:]}"
-        rows.append({"kernel": name, "cc": f"{cc[0]}.{cc[1]}", "threads": NT, "tiles": list(args[1:]),
-                     "mma_tf32": text.count("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32"),
-                     "mma_other": text.count("mma.sync") - text.count("mma.sync.aligned.m16n8k8.row.col.f32.tf32"),
-                     "ld_shared_v4": text.count("ld.shared.v4"), "cp_async": text.count("cp.async.cg.shared.global"),
-                     "shfl": text.count("shfl.sync.bfly"), "smem_align16": ".shared .align 16 " in text,
-                     **ptxas(text, cc)})
-    return rows
-
-
 # ---------------------------------------------------------------- host side
 def check(d, cc=None):
     """Raise ValueError for what this kernel cannot do."""
-    if d not in HEAD_DIMS:
-        raise ValueError(f"the numba tf32x3 kernel takes head_dim in {HEAD_DIMS}, got {d} (other head dims: "
+    if d not in TF32_HEAD_DIMS:
+        raise ValueError(f"the numba tf32x3 kernel takes head_dim in {TF32_HEAD_DIMS}, got {d} (other head dims: "
                          "variant 'fa2_fast')")
     if cc is not None and tuple(cc) < (8, 0):
         raise ValueError(f"TF32 Tensor Cores need compute capability 8.0 or newer, got {cc}: use variant 'fa2_fast'")
 
 
 def config(d, tiles=None):
-    """(NW, Bc, QPRE, MAXREG) for head dim d; tiles may leave MAXREG out."""
-    NW, Bc, QPRE, MAXREG = (tuple(tiles) + (0,))[:4] if tiles else TILES[d]
-    if Bc % 8 or smem_bytes(d, Bc) > SMEM_STATIC or not 1 <= NW <= 16:
+    """(NW, Bc, QREG, MAXREG) for head dim d; tiles may leave MAXREG out."""
+    NW, Bc, QREG, MAXREG = (tuple(tiles) + (0,))[:4] if tiles else TILES[d]
+    if Bc % 8 or smem_bytes(d, Bc) > STATIC_SMEM_BYTES or not 1 <= NW <= 16:
         raise ValueError(f"tiles {tiles}: Bc must be a multiple of 8, NW 1..16 and the K, V tiles fit 48 KB of "
                          f"static shared memory at d={d} ({smem_bytes(d, Bc)} bytes)")
     parts(d // 16, Bc // 8 * 2), parts(Bc // 8, d // 32 * 4)      # raises if a product cannot be unrolled
-    return NW, Bc, bool(QPRE), int(MAXREG)
+    return NW, Bc, bool(QREG), int(MAXREG)
 
 
 def fa2_forward_tf32(q, k, v, *, causal=False, scale=None, tiles=None, o=None, lse=None):
     """3xTF32 Tensor Core FA2 forward. q (B, H, Nq, d), k, v (B, H, Nk, d): float32 Numba device arrays (or NumPy,
-    copied; any strides); d in HEAD_DIMS. Returns o (B, H, Nq, d) and lse (B, H, Nq) float32 device arrays.
-    tiles = (NW, Bc, QPRE[, MAXREG]) overrides TILES. Needs a GPU of compute capability 8.0+."""
+    copied; any strides); d in TF32_HEAD_DIMS. Returns o (B, H, Nq, d) and lse (B, H, Nq) float32 device arrays.
+    tiles = (NW, Bc, QREG[, MAXREG]) overrides TILES. Needs a GPU of compute capability 8.0+."""
     B, H, Nq, d = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     for name, a in (("q", q), ("k", k), ("v", v)):
@@ -571,26 +346,18 @@ def fa2_forward_tf32(q, k, v, *, causal=False, scale=None, tiles=None, o=None, l
                          f"{tuple(v.shape)}")
     G = kv_groups(q, k)
     check(d)
-    NW, Bc, QPRE, MAXREG = config(d, tiles)
+    NW, Bc, QREG, MAXREG = config(d, tiles)
     if simulated():
         raise RuntimeError("the tf32x3 kernel runs PTX (mma.sync), which Numba's CUDA simulator cannot execute: "
                            "it needs a GPU; its checks without one are tests/test_numba_tf32.py")
-    check(d, cuda.get_current_device().compute_capability)
-    from .fa2_tc import _contiguous
-    kern, NT, Br = make_fa2_tf32(d, NW, Bc, QPRE, MAXREG)
-    q, k, v = (_contiguous(device(a)) for a in (q, k, v))
-    o = cuda.device_array(q.shape, np.float32) if o is None else o
-    lse = cuda.device_array((B, H, Nq), np.float32) if lse is None else lse
+    check(d, host.device_cc())
+    kern, NT, Br = make_fa2_tf32(d, NW, Bc, QREG, MAXREG)
+    q, k, v = (host.contiguous(device(a)) for a in (q, k, v))
+    o, lse = host.out_arrays(q, o, lse)
     words = lambda a: a.reshape(a.shape[0] * a.shape[1] * a.shape[2], d).view(np.uint32)
-    sl = np.float32(float(scale_of(scale, d)) * LOG2E)
+    scale_log2 = np.float32(float(scale_of(scale, d)) * LOG2E)
     if q.size:
         kern[pair_grid(-(-Nq // Br), B * H), (NT,)](words(q), words(k), words(v), o.reshape(B * H * Nq, d),
                                                     lse.reshape(B * H, Nq), np.int32(Nq), np.int32(Nk), check_causal(causal),
-                                                    sl, np.int32(G))
+                                                    scale_log2, np.int32(G))
     return o, lse
-
-
-if __name__ == "__main__":                           # python -m flashlib.numba_kernels.fa2_tf32 [filter] (no simulator)
-    import json
-    import sys
-    print(json.dumps(ptx_report(next((a for a in sys.argv[1:] if not a.startswith("-")), None))))

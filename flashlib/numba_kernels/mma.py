@@ -1,15 +1,20 @@
-"""Tensor Cores from Numba: `mma.sync` and `ldmatrix` as inline PTX, and their register-fragment layouts.
+"""Tensor Cores from Numba: `mma.sync`, `ldmatrix`, `cp.async` and friends as inline PTX (one instruction or one
+short block each), for the kernels fa2_tc, fa2_tf32 and fa2_bwd_tf32.
 
-Numba has no Tensor Core API, but a Numba `@intrinsic` can emit any PTX instruction through llvmlite's
-`ir.InlineAsm`, exactly as CUDA C's `asm volatile(...)` does (see flashlib/cupy_kernels/flash_common.cuh, the same
-instructions for the CuPy kernels). The intrinsics here, each one instruction (PTX ISA 8.x, section 9.7.14,
-"Warp Level Matrix Multiply-Accumulate Instructions"):
+Numba has no Tensor Core API, but a Numba `@intrinsic` can emit any PTX through llvmlite's `ir.InlineAsm`, as CUDA
+C's `asm volatile(...)` does (flashlib/cupy_kernels/flash_common.cuh has the same instructions for the CuPy
+kernels); `_asm` below is the one place that does. PTX ISA 8.x, section 9.7.14 ("Warp Level Matrix
+Multiply-Accumulate Instructions"); which lane holds which element is in flashlib.numba_kernels.lanes.
 
   mma_m16n8k16_f16(a0..a3, b0, b1, c0..c3)    D (16x8 fp32) = A (16x16 fp16) B (16x8 fp16) + C       sm_80+
   mma_m16n8k16_bf16(...)                       the same with bfloat16 A and B                          sm_80+
   mma_m16n8k8_f16(a0, a1, b0, c0..c3)          D (16x8 fp32) = A (16x8 fp16) B (8x8 fp16) + C          sm_75+ (T4)
+  mma_m16n8k8_tf32(a0..a3, b0, b1, c0..c3)     one TF32 product (~1e-3 relative)                        sm_80+
+  mma_3xtf32(ab0..ab3, as0..as3, b0, b1, c..)  A B + C in float32 accuracy: three TF32 mma (fa2_tf32.py)  sm_80+
+  split_tf32(x), split_tf32_again(x)           (big, small) TF32 bits of a float32; cvt_rna_tf32(x)
   ldmatrix_x4(smem, row, col) / ldmatrix_x4_trans(...)   four 8x8 16-bit matrices from shared memory  sm_75+
   cp_async16(smem, row, col, gmem, grow, gcol, nbytes)   16 bytes global -> shared, bypassing registers sm_80+
+  cp_async16_f32(smem, sidx, gmem, grow, gcol, nbytes)   the same into a 1-D float32 shared array
   cp_async_commit(), cp_async_wait(N)                    close a group of copies / wait for all but N
   load16(gmem, row, col), store16(smem, row, col, x4)    16-byte vector load and store (sm_75 path)
   pack_f16x2(x, y), pack_bf16x2(x, y)          two float32 -> one 32-bit register of two 16-bit values
@@ -18,15 +23,9 @@ instructions for the CuPy kernels). The intrinsics here, each one instruction (P
   ldmatrix_x4_at(addr), ldmatrix_x4_trans_at(addr), cp_async16_at(saddr, gaddr, nbytes), global_i64_at(...)
                                                the same on byte addresses the kernel computed (no per-call indexing)
 
-Every mma is a *warp-wide* instruction: the 32 lanes together hold A, B and C, each lane a few registers. Which lane
-holds which element is fixed by the ISA ("Matrix fragments for mma.m16n8k16 / m16n8k8"); the pure-Python functions
-`a_index`, `b_index`, `c_index` and `ldmatrix_index` below write those layouts down once, element by element, so
-that a figure can be drawn from them; `fragments`, `mma_model` and `ldmatrix_model` are a NumPy model of a warp
-built on them, with which tests/test_numba_tc.py checks the kernel's bookkeeping on a machine without a GPU. A, B and C/D fragments hold 16-bit elements packed two to a 32-bit
-register: element i of a lane sits in register i // 2, the lower half when i is even.
-
-Arrays given to the intrinsics are 2-D uint32 arrays (two 16-bit values per word), `col` counts 32-bit words.
-Rows of 16-byte accesses (ldmatrix rows, cp.async, load16/store16) must start 16-byte aligned.
+Arrays given to the intrinsics are 2-D uint32 arrays (two 16-bit values or one float32 per word) unless said
+otherwise; `col` counts 32-bit words. Rows of 16-byte accesses (ldmatrix rows, cp.async, load16/store16) must start
+16-byte aligned. Every mma is warp-wide: the 32 lanes together hold A, B and C, each lane a few registers.
 """
 try:
     from numba.cuda.extending import intrinsic
@@ -36,155 +35,10 @@ try:
     from numba.cuda import cgutils
 except ImportError:
     from numba.core import cgutils
-import numpy as np
 from llvmlite import ir
 from numba import types
 
-SHAPES = ("m16n8k16", "m16n8k8")
-
-
-# ---------------------------------------------------------------- fragment layouts (pure Python)
-def _gt(lane):
-    if not 0 <= lane < 32:
-        raise ValueError(f"lane must be 0..31, got {lane}")
-    return lane >> 2, lane & 3          # groupID, threadID_in_group
-
-
-def a_index(lane, i, shape="m16n8k16"):
-    """(row, col) of A that element i of `lane`'s A fragment holds. A is 16 x K, row-major ("row").
-
-    m16n8k16: i in 0..7 (4 registers): rows g (i = 0, 1, 4, 5) or g + 8 (i = 2, 3, 6, 7), cols 2t + i%2, + 8 for i >= 4.
-    m16n8k8:  i in 0..3 (2 registers): rows g (i = 0, 1) or g + 8 (i = 2, 3), cols 2t + i%2.
-    """
-    g, t = _gt(lane)
-    n = 8 if shape == "m16n8k16" else 4 if shape == "m16n8k8" else None
-    if n is None or not 0 <= i < n:
-        raise ValueError(f"bad shape {shape!r} or element {i}")
-    return g + 8 * ((i >> 1) & 1), 2 * t + (i & 1) + 8 * (i >> 2)
-
-
-def b_index(lane, i, shape="m16n8k16"):
-    """(row k, col n) of B that element i of `lane`'s B fragment holds. B is K x 8, column-major ("col").
-
-    m16n8k16: i in 0..3 (2 registers): k = 2t + i%2, + 8 for i >= 2; n = g.   m16n8k8: i in 0..1: k = 2t + i, n = g.
-    """
-    g, t = _gt(lane)
-    n = 4 if shape == "m16n8k16" else 2 if shape == "m16n8k8" else None
-    if n is None or not 0 <= i < n:
-        raise ValueError(f"bad shape {shape!r} or element {i}")
-    return 2 * t + (i & 1) + 8 * (i >> 1), g
-
-
-def c_index(lane, i):
-    """(row, col) of the 16 x 8 fp32 C/D that register i (0..3) of `lane` holds (both shapes):
-    rows g (i = 0, 1) or g + 8 (i = 2, 3), cols 2t + i%2."""
-    g, t = _gt(lane)
-    if not 0 <= i < 4:
-        raise ValueError(f"C has 4 registers per lane, got {i}")
-    return g + 8 * (i >> 1), 2 * t + (i & 1)
-
-
-def ldmatrix_index(lane, i, trans=False):
-    """ldmatrix.x4: (matrix j, row, col) of the 8x8 16-bit matrix element that element i (0..7) of `lane` receives;
-    register j = i // 2 holds matrix j. Matrix j's row r is read from the address that lane 8j + r supplies.
-    Without .trans lane gets row lane//4, cols 2(lane%4) + i%2; with .trans the transpose (row <-> col)."""
-    g, t = _gt(lane)
-    if not 0 <= i < 8:
-        raise ValueError(f"ldmatrix.x4 gives 8 elements per lane, got {i}")
-    r, c = g, 2 * t + (i & 1)
-    return (i >> 1, c, r) if trans else (i >> 1, r, c)
-
-
-def a_from_c(i):
-    """P as an A operand: element i (0..7) of the m16n8k16 A fragment of keys 16kk..16kk+15 is element c of the
-    C fragment of key n-tile 2kk + u; returns (u, c). (a0a1 = c0c1 of tile 2kk, a2a3 = c2c3, a4a5 = c0c1 of
-    tile 2kk+1, a6a7 = c2c3 of 2kk+1.) The same lane holds both: no data moves between lanes."""
-    return i >> 2, i & 3
-
-
-# ---------------------------------------------------------------- a NumPy model of one warp (no GPU needed)
-def to_bits(x, dtype="float16"):
-    """float array -> uint16 bits of float16 or bfloat16 (round to nearest even, as cvt.rn)."""
-    x = np.asarray(x, np.float32)
-    if dtype == "float16":
-        return x.astype(np.float16).view(np.uint16)
-    b = x.view(np.uint32).astype(np.uint64)
-    return ((b + 0x7FFF + ((b >> 16) & 1)) >> 16).astype(np.uint16)   # (finite inputs)
-
-
-def from_bits(b, dtype="float16"):
-    b = np.asarray(b, np.uint16)
-    if dtype == "float16":
-        return b.view(np.float16).astype(np.float32)
-    return (b.astype(np.uint32) << 16).view(np.float32)
-
-
-def _elements(regs):
-    """(32, R) uint32 registers -> (32, 2R) uint16 elements, element 2r in the lower half of register r."""
-    regs = np.asarray(regs, np.uint32)
-    return np.stack([regs & 0xFFFF, regs >> 16], axis=-1).reshape(32, -1).astype(np.uint16)
-
-
-def _words(elements):
-    e = np.asarray(elements, np.uint32).reshape(32, -1, 2)
-    return (e[..., 0] | (e[..., 1] << 16)).astype(np.uint32)
-
-
-def fragments(M, operand, shape="m16n8k16", dtype="float16"):
-    """Distribute matrix M (A: 16 x K, B: K x 8) over the 32 lanes: (32, registers) uint32, by a_index / b_index."""
-    index = a_index if operand == "a" else b_index
-    n = {"a": 8, "b": 4}[operand] // (1 if shape == "m16n8k16" else 2)
-    bits = to_bits(M, dtype)
-    return _words([[bits[index(lane, i, shape)] for i in range(n)] for lane in range(32)])
-
-
-def c_fragments(C):
-    """16 x 8 float32 -> (32, 4) per c_index."""
-    return np.array([[C[c_index(lane, i)] for i in range(4)] for lane in range(32)], np.float32)
-
-
-def gather_c(regs):
-    """(32, 4) C/D registers -> the 16 x 8 matrix, per c_index."""
-    C = np.full((16, 8), np.nan, np.float32)
-    for lane in range(32):
-        for i in range(4):
-            C[c_index(lane, i)] = regs[lane][i]
-    return C
-
-
-def mma_model(a_regs, b_regs, c_regs, shape="m16n8k16", dtype="float16"):
-    """What one mma.sync does, lane by lane: the warp's A and B are assembled from every lane's registers (each
-    element must be held exactly once), and each lane's D register i is the dot product of the A row and B column
-    that c_index(lane, i) names, plus C (accumulated exactly here; the hardware accumulates in fp32)."""
-    K = 16 if shape == "m16n8k16" else 8
-    A, B = np.full((16, K), np.nan), np.full((K, 8), np.nan)
-    for M, regs, index in ((A, a_regs, a_index), (B, b_regs, b_index)):
-        vals = from_bits(_elements(regs), dtype)
-        for lane in range(32):
-            for i, x in enumerate(vals[lane]):
-                rc = index(lane, i, shape)
-                assert np.isnan(M[rc]), f"element {rc} is held twice"
-                M[rc] = x
-    assert not np.isnan(A).any() and not np.isnan(B).any(), "an element of A or B is held by no lane"
-    D = np.empty((32, 4), np.float32)
-    for lane in range(32):
-        for i in range(4):
-            r, c = c_index(lane, i)
-            D[lane, i] = A[r] @ B[:, c] + c_regs[lane][i]
-    return D
-
-
-def ldmatrix_model(smem, addrs, trans=False):
-    """ldmatrix.x4 on a 2-D uint16 array smem: addrs[lane] = (row, col) where lane 8j + r's 8 contiguous elements
-    are row r of matrix j. Returns (32, 4) uint32 registers, per ldmatrix_index."""
-    smem = np.asarray(smem, np.uint16)
-    out = np.zeros((32, 8), np.uint16)
-    for lane in range(32):
-        for i in range(8):
-            j, r, c = ldmatrix_index(lane, i, trans)
-            row, col = addrs[8 * j + r]
-            out[lane, i] = smem[row, col + c]
-    return _words(out)
+from .lanes import TF32_MASK
 
 
 # ---------------------------------------------------------------- intrinsics (inline PTX)
@@ -193,9 +47,11 @@ F4 = types.UniTuple(types.float32, 4)
 U4 = types.UniTuple(types.uint32, 4)
 
 
-def _asm(builder, ret, args, text, constraints):
+def _asm(builder, ret, args, text, constraints, side_effect=True):
+    """Emit one inline-PTX block: `text` with $0.. for the outputs then the inputs `args`, LLVM `constraints`.
+    side_effect=False lets the compiler move or drop the block like arithmetic (pure register math)."""
     fnty = ir.FunctionType(ret, [a.type for a in args])
-    return builder.call(ir.InlineAsm(fnty, text, constraints, side_effect=True), args)
+    return builder.call(ir.InlineAsm(fnty, text, constraints, side_effect=side_effect), args)
 
 
 def _tuple(context, builder, ty, r, n):
@@ -353,6 +209,25 @@ def cp_async16(typingctx, smem, row, col, gmem, grow, gcol, nbytes):
 
 
 @intrinsic
+def cp_async16_f32(typingctx, smem, sidx, gmem, grow, gcol, nbytes):
+    """cp.async.cg.shared.global of 16 bytes: 4 float32 from gmem[grow, gcol..] (2-D) to smem[sidx..] (1-D shared
+    array); nbytes < 16 zero-fills the rest (0: reads nothing). Both addresses 16-byte aligned. (cp_async16 is
+    the same for 2-D uint32 arrays.)"""
+    if not (isinstance(smem, types.Array) and smem.ndim == 1 and smem.dtype == types.float32 and
+            isinstance(gmem, types.Array) and gmem.ndim == 2 and gmem.dtype == types.float32):
+        return None
+
+    def codegen(context, builder, sig, args):
+        dst = _shared_addr(builder, _item_ptr(context, builder, sig.args[0], args[0], args[1:2], sig.args[1:2]))
+        src = builder.ptrtoint(_item_ptr(context, builder, sig.args[2], args[2], args[3:5], sig.args[3:5]),
+                               _i64)
+        n = context.cast(builder, args[5], sig.args[5], types.uint32)
+        _asm(builder, ir.VoidType(), [dst, src, n], "cp.async.cg.shared.global [$0], [$1], 16, $2;", "r,l,r,~{memory}")
+        return context.get_dummy_value()
+    return types.void(smem, sidx, gmem, grow, gcol, nbytes), codegen
+
+
+@intrinsic
 def cp_async_commit(typingctx):
     def codegen(context, builder, sig, args):
         _asm(builder, ir.VoidType(), [], "cp.async.commit_group;", "~{memory}")
@@ -424,3 +299,90 @@ def exp2_approx(typingctx, x):
         return _asm(builder, _f32, [context.cast(builder, args[0], sig.args[0], types.float32)],
                     "ex2.approx.ftz.f32 $0, $1;", "=f,f")
     return types.float32(x), codegen
+
+
+# ---------------------------------------------------------------- TF32, 3xTF32 (fa2_tf32.py explains the split), sm_80+
+U2 = types.UniTuple(types.uint32, 2)
+MASK = f"0x{TF32_MASK:X}"                        # 0xFFFFE000: what lanes.split_model keeps
+_MMA = ("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 "
+        "{$0,$1,$2,$3}, {$4,$5,$6,$7}, {$8,$9}, {$10,$11,$12,$13};")
+_SPLIT = (f"{{ .reg .b32 lo; and.b32 $0, $2, {MASK}; sub.f32 lo, $2, $0; add.u32 lo, lo, 0x1000; "
+          f"and.b32 $1, lo, {MASK}; }}")
+
+
+def _bits(context, builder, val, ty):
+    """An i32 of a uint32 / int32 or of a float32's bits."""
+    if ty == types.float32:
+        return builder.bitcast(val, _i32)
+    return context.cast(builder, val, ty, types.uint32)
+
+
+def _mma(context, builder, a, b, c):
+    r = _asm(builder, ir.LiteralStructType([_f32] * 4), list(a) + list(b) + list(c), _MMA,
+             "=f,=f,=f,=f," + ",".join(["r"] * 6 + ["f"] * 4), side_effect=False)
+    return [builder.extract_value(r, i) for i in range(4)]
+
+
+@intrinsic
+def mma_m16n8k8_tf32(typingctx, a0, a1, a2, a3, b0, b1, c0, c1, c2, c3):
+    """(d0..d3) = A B + C for one 16x8x8 tile: A in a0..a3 (a_index), B in b0, b1 (b_index), TF32 bits in
+    uint32; C, D float32 (c_index). One TF32 product: ~1e-3 relative. sm_80+."""
+    def codegen(context, builder, sig, args):
+        u = [context.cast(builder, v, t, types.uint32) for v, t in zip(args[:6], sig.args[:6])]
+        f = [context.cast(builder, v, t, types.float32) for v, t in zip(args[6:], sig.args[6:])]
+        return context.make_tuple(builder, sig.return_type, _mma(context, builder, u[:4], u[4:], f))
+    return F4(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3), codegen
+
+
+_SPLIT_B = "".join(f"and.b32 bb{i}, ${12 + i}, {MASK}; sub.f32 bs{i}, ${12 + i}, bb{i}; add.u32 bs{i}, bs{i}, 0x1000; "
+                   f"and.b32 bs{i}, bs{i}, {MASK}; " for i in range(2))
+_MMA3 = ("{ .reg .b32 bb0, bb1, bs0, bs1; " + _SPLIT_B +
+         _MMA.replace("{$4,$5,$6,$7}, {$8,$9}, {$10,$11,$12,$13}", "{$8,$9,$10,$11}, {bb0,bb1}, {$14,$15,$16,$17}") +
+         _MMA.replace("{$8,$9}, {$10,$11,$12,$13}", "{bs0,bs1}, {$0,$1,$2,$3}") +
+         _MMA.replace("{$8,$9}, {$10,$11,$12,$13}", "{bb0,bb1}, {$0,$1,$2,$3}") + " }")
+
+
+@intrinsic
+def mma_3xtf32(typingctx, ab0, ab1, ab2, ab3, as0, as1, as2, as3, b0, b1, c0, c1, c2, c3):
+    """(d0..d3) = A B + C in float32 accuracy: A given split (big ab0..ab3, small as0..as3: split_tf32), B as the
+    raw float32 bits b0, b1 (split here, as split_tf32). Three mma, the small products first (small*big,
+    big*small, then big*big, as CUTLASS orders them). One inline-PTX block: B's split and the three mma are a
+    single call for the compiler, which keeps the kernel's loops small enough to be unrolled in full. sm_80+."""
+    def codegen(context, builder, sig, args):
+        u = [_bits(context, builder, v, t) for v, t in zip(args[:10], sig.args[:10])]
+        c = [context.cast(builder, v, t, types.float32) for v, t in zip(args[10:], sig.args[10:])]
+        r = _asm(builder, ir.LiteralStructType([_f32] * 4), u + c, _MMA3,
+                 "=f,=f,=f,=f," + ",".join(["r"] * 10 + ["f"] * 4), side_effect=False)
+        return context.make_tuple(builder, sig.return_type, [builder.extract_value(r, i) for i in range(4)])
+    return F4(ab0, ab1, ab2, ab3, as0, as1, as2, as3, b0, b1, c0, c1, c2, c3), codegen
+
+
+def _make_split(volatile):
+    def split(typingctx, x):
+        if x not in (types.float32, types.uint32):
+            return None
+
+        def codegen(context, builder, sig, args):
+            r = _asm(builder, ir.LiteralStructType([_i32] * 2), [_bits(context, builder, args[0], sig.args[0])],
+                     _SPLIT, "=r,=r,r", side_effect=volatile)
+            return context.make_tuple(builder, sig.return_type, [builder.extract_value(r, i) for i in range(2)])
+        return U2(x), codegen
+    split.__doc__ = ("(big, small) TF32 bits (uint32) of a float32 x, or of float32 bits given as uint32 (see the "
+                     "header)." + (" Volatile: the compiler may not hoist it out of a loop (Q's split is redone "
+                                   "every tile on purpose, to keep D/2 registers free)." if volatile else ""))
+    return intrinsic(split)
+
+
+split_tf32 = _make_split(False)
+split_tf32_again = _make_split(True)
+
+
+@intrinsic
+def cvt_rna_tf32(typingctx, x):
+    """cvt.rna.tf32.f32: float32 -> nearest TF32 (ties away), as uint32 bits (~3 SASS instructions on sm_90)."""
+    if x != types.float32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return _asm(builder, _i32, [args[0]], "cvt.rna.tf32.f32 $0, $1;", "=r,f", side_effect=False)
+    return types.uint32(x), codegen

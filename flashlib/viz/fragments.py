@@ -1,4 +1,4 @@
-"""The register-fragment layouts of `mma.sync` m16n8k16, drawn from flashlib.numba_kernels.mma's index functions:
+"""The register-fragment layouts of `mma.sync` m16n8k16, drawn from flashlib.numba_kernels.lanes' index functions:
 which of a warp's 32 lanes holds which element of A (16 x 16), B (16 x 8) and C/D (16 x 8)."""
 import matplotlib.pyplot as plt
 import numpy as np
@@ -16,7 +16,8 @@ def _grid(index, rows, cols, n):
 def mma_layout(highlight=(0, 1, 4)):
     """Three panels, A, B and C/D of one m16n8k16 mma; each cell names the lane (L) and element (e) holding it.
     The lanes in `highlight` are coloured; the rest are grey, so one lane's scattered elements stand out."""
-    from ..numba_kernels.mma import a_index, b_index, c_index
+    # lanes is NumPy only; imported here, not at the top, as flashlib.numba_kernels' __init__ loads numba.cuda
+    from ..numba_kernels.lanes import a_index, b_index, c_index
     panels = [("A (16 x 16, fp16): 8 elements per lane", _grid(a_index, 16, 16, 8)),
               ("B (16 x 8, fp16): 4 per lane", _grid(b_index, 16, 8, 4)),
               ("C, D (16 x 8, fp32): 4 per lane", _grid(lambda ln, i, s=None: c_index(ln, i), 16, 8, 4))]
