@@ -68,7 +68,7 @@ def model(case):
 
 def sweep(out_dir):
     from flashlib.bench import save
-    from flashlib.bench.grid import progress_bar
+    from flashlib.bench.progress import progress_bar
     rows = []
     for case in progress_bar(CASES, "ncu"):
         read, written, kernels = measure(case)

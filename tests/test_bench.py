@@ -13,9 +13,10 @@ RECORDED = sorted(bench.RESULTS.glob("*.json"))
 
 
 def test_flops_follow_the_convention():
-    assert grid.flops(2, 3, 100, 64, False) == 4 * 2 * 3 * 100 * 100 * 64
-    assert grid.flops(2, 3, 100, 64, True) == grid.flops(2, 3, 100, 64, False) / 2
-    assert grid.flops(1, 1, 8, 8, False, backward=True) == 3.5 * grid.flops(1, 1, 8, 8, False)
+    from flashlib.constants import attention_flops as flops
+    assert flops(2, 3, 100, 64, False) == 4 * 2 * 3 * 100 * 100 * 64
+    assert flops(2, 3, 100, 64, True) == flops(2, 3, 100, 64, False) / 2
+    assert flops(1, 1, 8, 8, False, backward=True) == 3.5 * flops(1, 1, 8, 8, False)
 
 
 @pytest.mark.parametrize("path", RECORDED, ids=[p.stem for p in RECORDED])
@@ -124,8 +125,8 @@ def test_save_records_the_code_and_record_status_compares_it(monkeypatch, tmp_pa
     r = json.loads(path.read_text())
     for key in ("flashlib_commit", "flashlib_commit_source", "flashlib_dirty", "kernel_sources"):
         assert key in r["info"]
-    monkeypatch.setattr(bench, "RESULTS", tmp_path)
-    monkeypatch.setattr(bench, "load", lambda name: json.loads((tmp_path / f"{name}.json").read_text()))
+    monkeypatch.setattr(bench.results, "RESULTS", tmp_path)
+    monkeypatch.setattr(bench.results, "load", lambda name: json.loads((tmp_path / f"{name}.json").read_text()))
     st = records.record_status("probe_gpu")
     assert st["how"] == "hashes" and st["changed"] is False and st["changed_sources"] == []
     r["info"]["kernel_sources"]["files"]["flashlib/tiled.py"] = "0" * 64

@@ -114,7 +114,7 @@ def test_kernels_compile_with_nvrtc():
 
 
 def test_figures_render_headless():
-    from flashlib.viz import hardware as hv
+    from flashlib.viz import hardware_plots as hv
     h100 = hardware.gpu("H100")
     figs = [hv.memory_pyramid([dict(name="registers", capacity=33e6, bandwidth=None),
                                dict(name="HBM", capacity=80e9, bandwidth=3350, note="datasheet")]),

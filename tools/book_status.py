@@ -19,9 +19,10 @@ OUT = ROOT / "book" / "_records.md"
 
 # record-name prefix -> the sources whose code that record timed (the benchmark script and the kernels it ran)
 MEASURED = {
-    "hardware": ["flashlib/bench/micro.py"],
+    "hardware": ["flashlib/bench/micro.py", "flashlib/bench/micro.cu"],
     "matmul": ["benchmarks/matmul_bench.py", "flashlib/numba_kernels/matmul.py"],
-    "block_sparse": ["benchmarks/block_sparse_bench.py", "flashlib/numba_kernels/fa2.py", "flashlib/bench/micro.py"],
+    "block_sparse": ["benchmarks/block_sparse_bench.py", "flashlib/numba_kernels/fa2.py", "flashlib/bench/micro.py",
+                     "flashlib/bench/ladders.py"],
     "ncu_io": ["benchmarks/ncu_io.py", "flashlib/numba_kernels/fa1.py", "flashlib/numba_kernels/fa2.py"],
     "numba_bwd_tf32": ["benchmarks/numba_bwd_tf32_bench.py", "flashlib/numba_kernels"],
     "numba_tc": ["benchmarks/numba_tc_bench.py", "flashlib/numba_kernels"],
