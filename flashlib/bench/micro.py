@@ -47,7 +47,7 @@ def kernel_source(name):
     start = next(i for i, l in enumerate(lines) if l.startswith("__global__") and f" {name}(" in l)
     while start > 0 and lines[start - 1].startswith("//"):
         start -= 1
-    end = next(i for i in range(start, len(lines)) if lines[i] == "}")
+    end = next(i for i in range(start, len(lines)) if lines[i] == "}" or lines[i].endswith(") {}"))
     return "\n".join(lines[start:end + 1])
 
 
