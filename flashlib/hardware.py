@@ -1,4 +1,4 @@
-"""Layer 3: what a GPU is made of, in numbers: a table of GPUs from NVIDIA's datasheets, the present device
+"""What a GPU is made of, in numbers: a table of GPUs from NVIDIA's datasheets, the present device
 queried live, and the arithmetic that links them (bandwidth = bus width x data rate, the roofline, occupancy).
 
 Each row of `GPUS` names NVIDIA's document for the board in `source` (a datasheet) and the architecture

@@ -1,4 +1,4 @@
-"""Layer 1: standard attention in float64 NumPy, the truth every other implementation is tested against.
+"""Standard attention in float64 NumPy, the truth every other implementation is tested against.
 
 Shapes follow PyTorch's SDPA: q (..., H, Nq, d), k and v (..., H_kv, Nk, d); the leading axes are (batch, heads).
 `causal=True` means what PyTorch's `is_causal` means: query i sees keys 0..i (top-left aligned, also when

@@ -1,4 +1,4 @@
-"""Layer 2: FlashAttention in plain NumPy, tile by tile, with the papers' names.
+"""FlashAttention in plain NumPy, tile by tile, with the papers' names.
 
 Q (Nq, d) is cut into Tr = ceil(Nq / Br) row blocks Q_i, K and V (Nk, d) into Tc = ceil(Nk / Bc) blocks K_j, V_j;
 the last block of each may be shorter (ragged). Leading axes (batch, heads) ride along.
