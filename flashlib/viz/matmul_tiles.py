@@ -8,7 +8,7 @@ one of its T^2 threads reads them from there: 2 n^3 / T global loads in all, T t
 """
 from matplotlib.patches import Rectangle
 
-from .stepthrough import DPI, WIDTH, animate
+from .players import DPI, WIDTH, animate
 
 FIGSIZE = (WIDTH, 3.6)
 

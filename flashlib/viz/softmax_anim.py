@@ -6,7 +6,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from ..online_softmax import online_softmax
-from .stepthrough import DPI, WIDTH, animate
+from .players import DPI, WIDTH, animate
 
 FIGSIZE = (WIDTH, 4.4)
 
