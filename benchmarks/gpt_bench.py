@@ -21,6 +21,7 @@ import flashlib
 from flashlib import bench, gpt
 from flashlib import torch as ft
 from flashlib.bench import graphs, sdpa as sdpa_info
+from flashlib.bench.shapes import HEADS, workload
 
 
 def importable(backend):
@@ -69,10 +70,10 @@ def sdpa_part(out, tag, backends):
     impls32 = ["efficient", "math", "naive"] + [f"flashlib:{b}" for b in backends]
     for d in (64, 128):
         for N in (1024, 4096):
-            B = 16384 // N * 2
+            B = 2 * workload(N)[0]                          # twice the benchmarks' batch
             for causal in (False, True):
                 for impl in impls16:
-                    timing.append(sdpa_info.time_attention(impl, B, 16, N, d, torch.float16, causal))
+                    timing.append(sdpa_info.time_attention(impl, B, HEADS, N, d, torch.float16, causal))
                     print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in timing[-1].items()})
     for impl in impls32:
         timing.append(sdpa_info.time_attention(impl, 8, 16, 1024, 64, torch.float32, True))

@@ -16,13 +16,12 @@ sys.path.insert(0, __import__("os").path.dirname(__import__("os").path.dirname(_
 
 import flashlib  # noqa: E402
 from flashlib import bench  # noqa: E402
-
-TOKENS = 16 * 16384
+from flashlib.bench.shapes import HEADS, TOKENS, workload  # noqa: E402
+from flashlib.constants import attention_flops  # noqa: E402
 
 
 def flops(BH, N, d, causal, mode):
-    f = 4.0 * BH * N * N * d * (0.5 if causal else 1.0)
-    return f * (3.5 if mode == "fwd+bwd" else 1.0)
+    return attention_flops(1, BH, N, d, causal, backward=mode == "fwd+bwd")
 
 
 def main():
@@ -74,8 +73,8 @@ def main():
     for N in Ns:
         for d in (64, 128):
             for causal in (False, True):
-                BH = TOKENS // N
-                B, H = BH // 16, 16
+                B, H = workload(N)
+                BH = B * H
                 over = time.time() - t_start > args.budget
                 reps = 10 if N <= 4096 else 4
                 g = torch.Generator(device=dev).manual_seed(0)
@@ -135,7 +134,7 @@ def main():
         del q, k, v, nq, nk_, nv
         torch.cuda.empty_cache()
 
-    path = bench.save(args.name, rows, directory=args.dir, memory=mem, tokens=TOKENS, dtype="float32", allow_tf32=False,
+    path = bench.save(args.name, rows, directory=args.dir, memory=mem, tokens=HEADS * TOKENS, dtype="float32", allow_tf32=False,
                       flops="4*B*H*N*N*d (half causal); fwd+bwd = 3.5x", seconds=round(time.time() - t_start, 1))
     print(f"\nsaved {path}\n")
     print_tables(rows, mem)

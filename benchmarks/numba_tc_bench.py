@@ -27,6 +27,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from flashlib import bench  # noqa: E402
+from flashlib.bench.shapes import workload  # noqa: E402
+from flashlib.constants import LOG2E, attention_flops, default_scale  # noqa: E402
+from flashlib.env import compute_capability  # noqa: E402
 
 NS = (1024, 2048, 4096, 8192, 16384)
 # (NW, Bc, NSTAGE, MR, MINB): warps, keys per tile, K/V stages, 16-row m-tiles per warp, blocks per SM for ptxas
@@ -57,10 +60,10 @@ def measure(d, causal, N, sweep=False, cupy=True):
 
     from flashlib import numba_kernels as nk
     from flashlib.numba_kernels import fa2_tc
-    H, B = 16, max(1, 16384 // N)
+    B, H = workload(N)
     q, k, v = _inputs(B, H, N, d)
-    scale = d ** -0.5
-    flops = 4 * B * H * N * N * d * (0.5 if causal else 1.0)
+    scale = default_scale(d)
+    flops = attention_flops(B, H, N, d, causal)
     nq, nk_, nv = (cuda.as_cuda_array(t) for t in (q, k, v))
     with torch.no_grad(), sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
         o_flash = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
@@ -73,11 +76,11 @@ def measure(d, causal, N, sweep=False, cupy=True):
         return lambda: fa2_tc.fa2_forward_tc(nq, nk_, nv, causal=causal, scale=scale, dtype="float16", **kw)
 
     # the kernel alone: arguments prepared once, as fa2_forward_tc prepares them
-    cc = cuda.get_current_device().compute_capability
+    cc = compute_capability()
     kern, NT, Br = fa2_tc._kernel(d, cc, "float16", None, None)
     o_k, lse_k = cuda.device_array(q.shape, np.float16), cuda.device_array((B, H, N), np.float32)
     args = (fa2_tc._words(nq), fa2_tc._words(nk_), fa2_tc._words(nv), fa2_tc._words(o_k), lse_k.reshape(B * H, N),
-            np.int32(N), np.int32(N), bool(causal), np.float32(scale * fa2_tc.LOG2E), np.int32(1))  # G = 1 (no GQA)
+            np.int32(N), np.int32(N), bool(causal), np.float32(scale * LOG2E), np.int32(1))  # G = 1 (no GQA)
     launch = kern[(math.ceil(N / Br), B * H), (NT,)]
 
     impls = {"numba_tc": lambda: nk.forward(nq, nk_, nv, causal=causal, scale=scale, dtype="float16", variant="tc"),
@@ -123,11 +126,11 @@ def host_overhead(d=64, calls=300):
     q, k, v = _inputs(B, H, N, d)
     nq, nk_, nv = (cuda.as_cuda_array(t) for t in (q, k, v))
     o, lse = cuda.device_array(q.shape, np.float16), cuda.device_array((B, H, N), np.float32)
-    cc = cuda.get_current_device().compute_capability
+    cc = compute_capability()
     kern, NT, Br = fa2_tc._kernel(d, cc, "float16", None, None)
     launch = kern[(math.ceil(N / Br), B * H), (NT,)]
     args = (fa2_tc._words(nq), fa2_tc._words(nk_), fa2_tc._words(nv), fa2_tc._words(o), lse.reshape(B * H, N),
-            np.int32(N), np.int32(N), False, np.float32(0.125 * fa2_tc.LOG2E), np.int32(1))  # G = 1 (no GQA)
+            np.int32(N), np.int32(N), False, np.float32(default_scale(d) * LOG2E), np.int32(1))  # G = 1 (no GQA)
     pieces = {
         "fa2_forward_tc (allocates o, lse)": lambda: fa2_tc.fa2_forward_tc(nq, nk_, nv),
         "fa2_forward_tc (o, lse given)": lambda: fa2_tc.fa2_forward_tc(nq, nk_, nv, o=o, lse=lse),
@@ -170,11 +173,6 @@ def table(rows):
     return "\n".join(out)
 
 
-def _gpu_tag():
-    import torch
-    return bench.gpu_tag(torch.cuda.get_device_name())
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
@@ -185,7 +183,7 @@ def main():
     ap.add_argument("--host", action="store_true", help="also measure the host-side overhead pieces")
     a = ap.parse_args()
     rows = []
-    name = "numba_tc_" + _gpu_tag()
+    name = "numba_tc_" + bench.gpu_tag()
     ns = a.ns or ((1024, 4096, 16384) if a.quick else NS)
     from flashlib.numba_kernels import fa2_tc
     info = dict(tiles={str(k): v for k, v in fa2_tc.TILES.items()}, sweep={str(k): v for k, v in SWEEP.items()},

@@ -23,10 +23,15 @@ failure, so a solution that stops passing fails the build. Convention for a row 
 masked): m = -inf, l = 0, O = 0, lse = -inf. Kernels run in Numba's CUDA simulator without a GPU (each
 grader there takes a few seconds) and on the GPU in Colab.
 """
-from .grading import ExerciseFailed, Verdict, attention, softmax_state, where_run  # noqa: F401
-from .matmul import check_tiled_matmul, check_matmul_kernel  # noqa: F401
-from .softmax import check_merge, check_online_softmax, check_ring_step  # noqa: F401
-from .forward import check_fa1_step, check_tiled_forward, check_numba_tile_kernel  # noqa: F401
-from .backward import check_backward_dS, check_backward  # noqa: F401
-from .causal import check_tile_visible, check_causal_skip  # noqa: F401
-from .ring import check_zigzag_positions, check_block_kind  # noqa: F401
+from .grading import ExerciseFailed, Verdict, attention, softmax_state, where_run
+from .matmul import check_tiled_matmul, check_matmul_kernel
+from .softmax import check_merge, check_online_softmax, check_ring_step
+from .forward import check_fa1_step, check_tiled_forward, check_numba_tile_kernel
+from .backward import check_backward_dS, check_backward
+from .causal import check_tile_visible, check_causal_skip
+from .ring import check_zigzag_positions, check_block_kind
+
+__all__ = ["ExerciseFailed", "Verdict", "attention", "softmax_state", "where_run", "check_tiled_matmul",
+           "check_matmul_kernel", "check_merge", "check_online_softmax", "check_ring_step", "check_fa1_step",
+           "check_tiled_forward", "check_numba_tile_kernel", "check_backward_dS", "check_backward",
+           "check_tile_visible", "check_causal_skip", "check_zigzag_positions", "check_block_kind"]
