@@ -21,7 +21,8 @@ Br, Bc must be positive ints.
 """
 import numpy as np
 
-from .reference import check_block_size, default_scale, group, kv_group, kv_sum, shared, ungroup
+from .constants import NEG_INF, default_scale
+from .reference import check_block_size, group, kv_group, kv_sum, shared, ungroup
 
 GQA = ("forward", "backward")   # k, v may have fewer heads than q (flashlib.api reads this)
 
@@ -46,7 +47,7 @@ def tile_scores(Qi, Kj, i, j, Br, Bc, causal, scale):
     if causal:
         rows = i * Br + np.arange(S.shape[-2])[:, None]
         cols = j * Bc + np.arange(S.shape[-1])[None, :]
-        S = np.where(cols <= rows, S, -np.inf)
+        S = np.where(cols <= rows, S, NEG_INF)
     return S
 
 
@@ -91,7 +92,7 @@ def _setup(q, k, v, scale, Br, Bc):
 
 def _lse(m, l):
     """m + log(l), and -inf for a row that saw no key (l = 0)."""
-    return np.where(l > 0, m + np.log(np.where(l > 0, l, 1.0)), -np.inf)
+    return np.where(l > 0, m + np.log(np.where(l > 0, l, 1.0)), NEG_INF)
 
 
 def _divide(O, l):
@@ -106,7 +107,7 @@ def fa1_forward(q, k, v, causal=False, scale=None, Br=16, Bc=16, trace=None, ite
     hbm = _HBM(itemsize)
     O = np.zeros(q.shape)                          # line 2: O, l, m initialised in HBM
     l = np.zeros(q.shape[:-1] + (1,))
-    m = np.full(q.shape[:-1] + (1,), -np.inf)
+    m = np.full(q.shape[:-1] + (1,), NEG_INF)
     hbm.store(O, l, m)
     for j in range(Tc):                            # line 5: outer loop over K/V blocks (lines 3-4: `block`)
         active = [i for i in range(Tr) if tile_visible(i, j, Br, Bc, Nq, causal)]
@@ -150,7 +151,7 @@ def fa2_forward(q, k, v, causal=False, scale=None, Br=16, Bc=16, trace=None, ite
         hbm.load(Qi)
         Oi = np.zeros(Qi.shape)                    # on chip: O_i, l_i, m_i never go back to HBM until the end
         li = np.zeros(Qi.shape[:-1] + (1,))
-        mi = np.full(Qi.shape[:-1] + (1,), -np.inf)
+        mi = np.full(Qi.shape[:-1] + (1,), NEG_INF)
         first = True
         for j in range(Tc):
             if not (keep[i, j] and tile_visible(i, j, Br, Bc, Nq, causal)):

@@ -2,6 +2,7 @@
 import numpy as np
 
 from .. import reference
+from ..constants import NEG_INF
 from .grading import FORWARD_CASES, attention, _case_label, _compare, _first, _grade, _unpack
 
 
@@ -17,7 +18,7 @@ def check_backward_dS(fn, strict=False, seed=0):
             if masked_row is not None:
                 mask[masked_row] = False
             O, lse = attention(q, k, v, mask=mask)
-            S = np.where(mask, reference.scores(q, k), -np.inf)
+            S = np.where(mask, reference.scores(q, k), NEG_INF)
             P = np.where(np.isneginf(lse)[:, None], 0.0, np.exp(S - np.where(np.isneginf(lse), 0, lse)[:, None]))
             D, dS = _unpack(fn(P.copy(), do.copy(), O.copy(), v.copy()), 2, ("D", "dS"))
             De = (do * O).sum(axis=1)

@@ -3,6 +3,7 @@ import math
 
 import numpy as np
 
+from ..constants import NEG_INF
 from .grading import (FORWARD_CASES, attention, _case_label, _compare, _empty_hint, _first, _grade, softmax_state,
                       _unpack, where_run)
 
@@ -28,7 +29,7 @@ def check_fa1_step(fn, strict=False, seed=0):
     S, V = rng.standard_normal((Br, Bc)) * 2, rng.standard_normal((Bc, d))
     grown = S + 6                                      # this tile's max exceeds every earlier score
     masked = S.copy()
-    masked[[1, 3]] = -np.inf                           # rows fully masked in this tile
+    masked[[1, 3]] = NEG_INF                           # rows fully masked in this tile
     none = np.zeros((Br, 0))
     cases = [("first tile (mi = -inf, li = 0, Oi = 0), Br = 5, Bc = 3, d = 4", case(none, np.zeros((0, d)), S, V)),
              ("second tile, random scores", case(S0, V0, S, V)),

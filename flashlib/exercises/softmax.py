@@ -1,6 +1,7 @@
 """Chapter 06: softmax states, merged and streamed, and the ring step that merges two partial attentions."""
 import numpy as np
 
+from ..constants import NEG_INF
 from .grading import EMPTY_HINT, attention, _compare, _empty_hint, _first, _grade, softmax_state, _unpack
 
 
@@ -25,9 +26,9 @@ def check_merge(fn, strict=False, seed=0):
 
     a, b = _rows(rng, (5, 7), "random"), _rows(rng, (5, 4), "random")
     b[0] += 20                                         # b holds the max of row 0, a of others
-    empty = np.full((3, 4), -np.inf)
+    empty = np.full((3, 4), NEG_INF)
     mixed = _rows(rng, (3, 4), "random")
-    mixed[1] = -np.inf
+    mixed[1] = NEG_INF
     cases = [("random scores, 5 rows", case(a, b)),
              ("large scores (about 1000)", case(_rows(rng, (4, 6), "large"), _rows(rng, (4, 6), "large"))),
              ("one chunk empty (m_b = -inf, l_b = 0)", case(_rows(rng, (3, 5), "random"), empty)),
@@ -49,8 +50,8 @@ def check_online_softmax(fn, strict=False, seed=0):
 
     grow = np.stack([np.arange(8.0), np.arange(8.0)[::-1], rng.standard_normal(8) * 4])
     masked = _rows(rng, (3, 9), "random")
-    masked[0, ::2] = -np.inf
-    masked[2] = -np.inf
+    masked[0, ::2] = NEG_INF
+    masked[2] = NEG_INF
     cases = [("random scores, 4 rows of 10", case(_rows(rng, (4, 10), "random"))),
              ("max grows at every key (row 0), never (row 1)", case(grow, "when the max grows, the sum so far "
                                                                       "must be rescaled by exp(m_old - m_new)")),

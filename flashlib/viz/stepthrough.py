@@ -21,6 +21,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch, Rectangle
 
 from .. import block_sparse, iomodel, reference, tiled
+from ..constants import default_scale
 from .players import DPI, FIGSIZE, FONT, WIDTH, animate, png
 from .trace import gradients, replay, tensor_bytes
 
@@ -57,7 +58,7 @@ def record(algo, q, k, v, causal=False, Br=16, Bc=16, scale=None, do=None, items
     if q.ndim != 2:
         raise ValueError(f"record() takes one head: q (Nq, d), k and v (Nk, d); got q of shape {q.shape}")
     (Nq, d), Nk = q.shape, k.shape[0]
-    scale = reference.default_scale(d) if scale is None else scale
+    scale = default_scale(d) if scale is None else scale
     steps = []
     if block_mask is not None:
         if algo != "fa2":
