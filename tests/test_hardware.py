@@ -122,6 +122,12 @@ def test_micro_run_all_keeps_the_name_it_is_given(monkeypatch, tmp_path):
     assert [p.name for p in paths] == ["hardware_probe.json", "hardware_probe_smid.json"]
 
 
+def test_l2_sweep_refuses_sizes_that_are_not_powers_of_two():
+    from flashlib.bench import micro
+    with pytest.raises(ValueError, match="powers of two.*\\[3, 48\\]"):
+        micro.l2_sweep((1, 3, 48))
+
+
 def test_kernels_compile_with_nvrtc():
     micro = pytest.importorskip("flashlib.bench.micro")
     try:

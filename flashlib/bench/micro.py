@@ -185,7 +185,8 @@ def copy_bandwidth(nbytes=1024 * MB):
     threads, blocks = 256, min(65535 * 4, (n4 + 255) // 256)
     k = kernel("copy_f4")
     ms = time_cuda(lambda: k((blocks,), (threads,), (src, dst, np.int64(n4))))
-    assert bool((dst == 1).all())
+    if not bool((dst == 1).all()):
+        raise RuntimeError("copy_f4 did not copy every element: the bandwidth below would be of a broken kernel")
     ms_memcpy = time_cuda(lambda: dst.data.copy_from_device(src.data, nbytes))
     return {"bytes": nbytes, "kernel_GBps": 2 * nbytes / ms / 1e6, "memcpy_GBps": 2 * nbytes / ms_memcpy / 1e6}
 
@@ -224,6 +225,9 @@ def shared_memory_banks(strides=(1, 2, 4, 8, 16, 32), reps=256):
 def l2_sweep(sizes_MB=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512)):
     """Read bandwidth (GB/s) of repeated passes over a buffer of each size (powers of two: the kernel wraps
     with a mask): served from L2 while the buffer fits, from device memory beyond."""
+    bad = [mb for mb in sizes_MB if mb < 1 or mb & (mb - 1)]
+    if bad:
+        raise ValueError(f"l2_sweep sizes_MB must be powers of two (the kernel wraps with a mask), got {bad}")
     import cupy as cp
     from ..hardware import query_device
     sms = query_device()["sms"]
@@ -234,7 +238,6 @@ def l2_sweep(sizes_MB=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512)):
     rows = []
     for mb in sizes_MB:
         size = mb * MB
-        assert size & (size - 1) == 0, "sizes must be powers of two"
         loads = max(1, max(4 * size, 512 * MB) // (16 * threads * blocks))     # >= 4 passes, >= 512 MB read
         ms = time_cuda(lambda: k((blocks,), (threads,), (buf, out, np.int64(size // 16 - 1), np.int32(loads))))
         rows.append({"MB": mb, "GBps": 16 * loads * threads * blocks / ms / 1e6, "ms": ms})
