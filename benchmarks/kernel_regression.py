@@ -19,7 +19,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from flashlib import bench  # noqa: E402
 from flashlib import cupy_kernels as ck  # noqa: E402
-from flashlib.constants import attention_flops, backward_flops, default_scale  # noqa: E402
+from flashlib.constants import STATIC_SMEM_BYTES, attention_flops, backward_flops, default_scale  # noqa: E402
 
 B, H, N = 4, 16, 4096
 CASES = [(rung, d, causal) for rung in ("wgmma", "tuned", "bwd_tc") for d in (64, 128) for causal in (False, True)]
@@ -46,7 +46,7 @@ def load(cubin, lowered, smem):
     mod = cp.cuda.function.Module()
     mod.load(cubin)
     fn = mod.get_function(lowered)
-    if smem > 48 * 1024:
+    if smem > STATIC_SMEM_BYTES:
         cp.cuda.driver.funcSetAttribute(fn.ptr, cp.cuda.driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem)
     return fn, mod
 

@@ -56,11 +56,6 @@ def figure(height, dpi=96):
     return fig
 
 
-def _image_of(fig):
-    import ipywidgets as w
-    return w.Image(value=png(fig), format="png", layout=w.Layout(width="100%"))
-
-
 # ----- the step-through, regenerated ------------------------------------------------------------------------
 
 def stepthrough_explorer(algo="fa2", N=64, Br=16, Bc=16, causal=False, d=16):
