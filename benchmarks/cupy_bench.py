@@ -210,9 +210,10 @@ def measure(dtype, d, causal, N, impls, with_bwd=True, check=False):
 
 
 def table(rows):
-    """Markdown: one line per (shape, impl) with TFLOP/s and the share of SDPA flash."""
-    out = ["| dtype | d | causal | N | impl | fwd TFLOP/s | x flash | fwd+bwd TFLOP/s | x flash |", "|" + "---|" * 9]
+    """One line per (shape, impl) with TFLOP/s and the share of SDPA flash: a flashlib.viz table (print() it)."""
+    from flashlib.viz.tables import table as make_table
     flash = {(r["dtype"], r["d"], r["causal"], r["n"]): r for r in rows if r["impl"] == "flash"}
+    out = []
     for r in rows:
         f = flash.get((r["dtype"], r["d"], r["causal"], r["n"]), {})
         cells = []
@@ -220,8 +221,9 @@ def table(rows):
             t = r.get(f"{key}_tflops")
             ft = f.get(f"{key}_tflops")
             cells += [f"{t:.1f}" if t else "-", f"{t / ft:.2f}" if t and ft else "-"]
-        out.append(f"| {r['dtype']} | {r['d']} | {'yes' if r['causal'] else 'no'} | {r['n']} | {r['impl']} | " + " | ".join(cells) + " |")
-    return "\n".join(out)
+        out.append([r["dtype"], r["d"], "yes" if r["causal"] else "no", r["n"], r["impl"], *cells])
+    return make_table(["dtype", "d", "causal", "N", "impl", "fwd TFLOP/s", "x flash", "fwd+bwd TFLOP/s", "x flash"],
+                      out)
 
 
 def main():
@@ -264,7 +266,7 @@ def main():
                         impls = ["fp32"] + impls
                     rows += measure(dtype, d, causal, N, impls)
                     bench.save("cupy_" + bench.gpu_tag(), rows, directory=a.out, partial=True)  # survives a timeout
-                    print(table([r for r in rows if r["n"] == N and r["d"] == d and r["causal"] == causal and r["dtype"] == dtype]).split("\n", 2)[2], flush=True)
+                    print(str(table([r for r in rows if r["n"] == N and r["d"] == d and r["causal"] == causal and r["dtype"] == dtype])).split("\n", 2)[2], flush=True)
     print(table(rows))
     path = bench.save("cupy_" + bench.gpu_tag(), rows, directory=a.out, tuned_tiles=ck.TUNED_TILES, wgmma_tiles=ck.WGMMA_TILES,
                       flops="4*B*H*N^2*d, half when causal; fwd+bwd = 3.5x")

@@ -163,23 +163,24 @@ def sweep(nk, to_numba, torch):
 
 
 def print_tables(rows, mem):
+    from flashlib.viz.tables import table
     keys = sorted({(r["N"], r["d"], r["causal"]) for r in rows})
+    fmt = lambda r: "" if r is None else (f"{r['tflops']:.1f}" if r.get("tflops") else "err")   # noqa: E731
     for mode in ("fwd", "fwd+bwd"):
         methods = sorted({r["method"] for r in rows if r["mode"] == mode})
-        print(f"\n### {mode} TFLOP/s (float32)\n\n| N | d | causal | " + " | ".join(methods) + " |")
-        print("|---|---|---|" + "---|" * len(methods))
+        cells = []
         for N, d, c in keys:
             cell = {r["method"]: r for r in rows if (r["N"], r["d"], r["causal"], r["mode"]) == (N, d, c, mode)}
-            if not cell:
-                continue
-            fmt = lambda r: "" if r is None else (f"{r['tflops']:.1f}" if r.get("tflops") else "err")
-            print(f"| {N} | {d} | {c} | " + " | ".join(fmt(cell.get(m)) for m in methods) + " |")
-    print("\n### peak extra memory, MiB (B*H = 16, d = 64, forward)\n\n| N | " +
-          " | ".join(sorted({m["method"] for m in mem})) + " |\n|---|" + "---|" * len({m["method"] for m in mem}))
+            if cell:
+                cells.append([N, d, str(c)] + [fmt(cell.get(m)) for m in methods])
+        print(f"\n### {mode} TFLOP/s (float32)\n\n" + table(["N", "d", "causal", *methods], cells).markdown())
+    methods = sorted({m["method"] for m in mem})
+    cells = []
     for N in sorted({m["N"] for m in mem}):
-        cells = {m["method"]: m for m in mem if m["N"] == N}
-        print(f"| {N} | " + " | ".join("OOM" if cells[k].get("error") else f"{cells[k]['extra_bytes'] / 2**20:.1f}"
-                                       for k in sorted(cells)) + " |")
+        by = {m["method"]: m for m in mem if m["N"] == N}
+        cells.append([N] + ["" if k not in by else "OOM" if by[k].get("error") else
+                            f"{by[k]['extra_bytes'] / 2**20:.1f}" for k in methods])
+    print("\n### peak extra memory, MiB (B*H = 16, d = 64, forward)\n\n" + table(["N", *methods], cells).markdown())
     errs = {r["method"]: r["error"] for r in rows if r.get("error") and r["method"] in ("sdpa_flash", "sdpa_cudnn")}
     for k, e in errs.items():
         print(f"\n{k}: {e}")

@@ -124,13 +124,13 @@ def main():
                 del q, k, v, do, nq, nk_, nv, ndo, o, lse, qq, kk, vv
                 torch.cuda.empty_cache()
 
-    print("\n| N | d | causal | mode | " + " | ".join(sorted({r["method"] for r in rows})) + " |")
+    from flashlib.viz.tables import table
     methods = sorted({r["method"] for r in rows})
-    print("|---|---|---|---|" + "---|" * len(methods))
+    cells = []
     for key in sorted({(r["N"], r["d"], r["causal"], r["mode"]) for r in rows}):
         cell = {r["method"]: r for r in rows if (r["N"], r["d"], r["causal"], r["mode"]) == key}
-        print("| " + " | ".join(map(str, key)) + " | "
-              + " | ".join(f"{cell[m]['tflops']:.1f}" if m in cell else "" for m in methods) + " |")
+        cells.append([*map(str, key)] + [f"{cell[m]['tflops']:.1f}" if m in cell else "" for m in methods])
+    print("\n" + table(["N", "d", "causal", "mode", *methods], cells).markdown())
     path = bench.save("numba_bwd_tf32_" + bench.gpu_tag(), rows, directory=args.out,
                       tokens=HEADS * TOKENS, allow_tf32=False,
                       tiles={str(k): v for k, v in bt.TILES.items()},

@@ -161,16 +161,19 @@ def host_overhead(d=64, calls=300):
 
 
 def table(rows):
-    out = ["| d | causal | N | impl | fwd ms | TFLOP/s | x flash | max diff vs flash |", "|" + "---|" * 8]
+    """The rows as a flashlib.viz table (print() shows it aligned)."""
+    from flashlib.viz.tables import table as make_table
+    fmt = lambda x, spec: "-" if x is None else format(x, spec)     # noqa: E731
+    cells = []
     for r in rows:
         if "host_us" in r:
-            out.append(f"| {r['d']} | - | {r['n']} | {r['impl']} | host {r['host_us']:.1f} us | | | |")
+            cells.append([r["d"], "-", r["n"], r["impl"], f"host {r['host_us']:.1f} us", "", "", "", ""])
             continue
-        t, x, e = r.get("fwd_tflops"), r.get("x_flash"), r.get("max_abs_diff_vs_flash")
-        out.append(f"| {r['d']} | {'yes' if r['causal'] else 'no'} | {r['n']} | {r['impl']} | "
-                   f"{r.get('fwd_ms', float('nan')):.3f} | {t or float('nan'):.1f} | {x or float('nan'):.2f} | "
-                   f"{'-' if e is None else f'{e:.2e}'} |" + (f" {r['error']}" if "error" in r else ""))
-    return "\n".join(out)
+        cells.append([r["d"], "yes" if r["causal"] else "no", r["n"], r["impl"], fmt(r.get("fwd_ms"), ".3f"),
+                      fmt(r.get("fwd_tflops"), ".1f"), fmt(r.get("x_flash"), ".2f"),
+                      fmt(r.get("max_abs_diff_vs_flash"), ".2e"), r.get("error", "")])
+    return make_table(["d", "causal", "N", "impl", "fwd ms", "TFLOP/s", "x flash", "max diff vs flash", "error"],
+                      cells)
 
 
 def main():
@@ -196,7 +199,7 @@ def main():
             for N in ns:
                 new = measure(d, causal, N, sweep=N in a.sweep_ns, cupy=not a.no_cupy)
                 rows += new
-                print(table(new).split("\n", 2)[2], flush=True)
+                print(str(table(new)).split("\n", 2)[2], flush=True)
                 bench.save(name, rows, directory=a.out, partial=True, **info)  # survives a timeout
     print(table(rows))
     path = bench.save(name, rows, directory=a.out, **info)

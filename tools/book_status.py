@@ -97,18 +97,21 @@ def table():
     head = _git("rev-parse", "--short", "HEAD") or "unknown"
     lines = [f"Built from commit `{head}`. \"Sources changed since\": for a record that stored its kernel-source "
              "hashes, whether those files differ now; for an older one, the commits after its commit that touch the "
-             "benchmark script or the kernels it measured. A superseded record's file says why it no longer stands.", "",
-             "| chapter | recorded run | GPU | date | commit | sources changed since |", "|---|---|---|---|---|---|"]
+             "benchmark script or the kernels it measured. A superseded record's file says why it no longer stands.", ""]
+    rows = []
     for nb in sorted((ROOT / "notebooks").glob("*.ipynb")):
         recs = chapter_records(nb, names)
         title = f"{{doc}}`/notebooks/{nb.stem}`"
         if not recs:
-            lines.append(f"| {title} | none: everything on the page runs at build time | | | | |")
+            rows.append([title, "none: everything on the page runs at build time", "", "", "", ""])
         for r in recs:
             i = bench.load(r)["info"]
-            lines.append(f"| {title} | `{r}.json` | {i.get('gpu')} | {str(i.get('date', ''))[:10]} | "
-                         f"`{i.get('flashlib_commit')}` | {sources_changed(r, i)} |")
+            rows.append([title, f"`{r}.json`", i.get("gpu"), str(i.get("date", ""))[:10],
+                         f"`{i.get('flashlib_commit')}`", sources_changed(r, i)])
             title = ""
+    from flashlib.viz.tables import table as make_table
+    headers = ["chapter", "recorded run", "GPU", "date", "commit", "sources changed since"]
+    lines.append(make_table(headers, rows).markdown())
     return "\n".join(lines) + "\n"
 
 
