@@ -133,7 +133,7 @@ def gpt_part(out, tag, backends, seconds):
         sets.append((torch.bfloat16, None))
     share = seconds / len(sets)
     for amp, backend in sets:
-        # probe the slowest-to-guess variant (flashlib) for 8 steps, then give every variant the same step count
+        # probe the slowest-to-guess model (flashlib) for 8 steps, then give every model the same step count
         names = [("naive", "auto"), ("sdpa", "auto")] + ([("flashlib", backend)] if backend else [])
         t0 = time.perf_counter()
         probe_ms = []

@@ -81,14 +81,14 @@ def main():
                 q, k, v, do = (torch.randn(B, H, N, d, device=dev, generator=g) for _ in range(4))
                 nq, nk_, nv, ndo = (to_numba(x) for x in (q, k, v, do))
                 default = nk.default_variant("float32", d, cc)   # tf32x3 on sm_80+, else fa2_fast
-                variants = ([default] if default != "fa2_fast" else []) + ["fa2_fast"] + (["fa2"] if N <= 4096 else [])
-                variants += ["fa1"] if N <= 1024 else []
-                for var in variants:
-                    if over and var not in (default, "fa2_fast"):
+                rungs = ([default] if default != "fa2_fast" else []) + ["fa2_fast"] + (["fa2"] if N <= 4096 else [])
+                rungs += ["fa1"] if N <= 1024 else []
+                for rung in rungs:
+                    if over and rung not in (default, "fa2_fast"):
                         continue
-                    record(f"numba_{var}", "fwd", N, d, causal, BH,
-                           lambda: nk.forward(nq, nk_, nv, causal=causal, scale=None, dtype="float32", variant=var),
-                           reps if var != "fa1" else 2)
+                    record(f"numba_{rung}", "fwd", N, d, causal, BH,
+                           lambda: nk.forward(nq, nk_, nv, causal=causal, scale=None, dtype="float32", variant=rung),
+                           reps if rung != "fa1" else 2)
                 o, lse = nk.forward(nq, nk_, nv, causal=causal, scale=None, dtype="float32")
                 def fb():
                     o, lse = nk.forward(nq, nk_, nv, causal=causal, scale=None, dtype="float32")

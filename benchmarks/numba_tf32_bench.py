@@ -11,7 +11,7 @@ float32, H = 16, B*H*N = 262144 (B = 16384 // N), d = 64 and 128, causal or not,
   fa2_fast          the CUDA-core float32 kernel
   naive_torch       flashlib.gpt.naive_attention, torch.backends.cuda.matmul.allow_tf32 = False
   sdpa_efficient    F.scaled_dot_product_attention with the efficient backend pinned (3xTF32 in CUTLASS, sm_80+)
-Before timing: max |O - O_ref| and |lse - lse_ref| against the float64 reference at a small shape, per variant.
+Before timing: max |O - O_ref| and |lse - lse_ref| against the float64 reference at a small shape, per rung.
 Targets (issue 3): tf32x3 >= 1.0x naive_torch, toward 0.75x sdpa_efficient.
 """
 import argparse
@@ -29,7 +29,7 @@ ALT = {64: [(4, 64, False, 0), (4, 64, True, 0), (4, 32, True, 0)], 128: [(4, 32
 
 
 def accuracy(nk, tf, cuda):
-    """Max errors vs float64 at B=1, H=2, Nq=1000, Nk=777 (ragged), per variant, head dim and causal."""
+    """Max errors vs float64 at B=1, H=2, Nq=1000, Nk=777 (ragged), per rung, head dim and causal."""
     rows = []
     rng = np.random.default_rng(0)
     for d in (64, 128):
