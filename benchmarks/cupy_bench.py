@@ -18,9 +18,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from flashlib import bench  # noqa: E402
+from flashlib import cupy_kernels as ck  # noqa: E402
 from flashlib.bench.shapes import workload  # noqa: E402
 from flashlib.constants import attention_flops, backward_flops, default_scale  # noqa: E402
-from flashlib import cupy_kernels as ck  # noqa: E402
 
 NS = (512, 1024, 2048, 4096, 8192, 16384)
 # rung-3 tiles to sweep per head dim: (warps, Bc, query rows per warp, Q in registers)

@@ -18,6 +18,7 @@ import flashlib  # noqa: E402
 from flashlib import bench  # noqa: E402
 from flashlib.bench.shapes import HEADS, TOKENS, workload  # noqa: E402
 from flashlib.constants import attention_flops  # noqa: E402
+from flashlib.env import compute_capability  # noqa: E402
 
 
 def flops(BH, N, d, causal, mode):
@@ -44,7 +45,7 @@ def main():
         return sweep(nk, to_numba, torch)
     t_start = time.time()
     rows, notes = [], {}
-    cc = cuda.get_current_device().compute_capability
+    cc = compute_capability()
 
     from flashlib.torch import naive_attention as naive
 
