@@ -17,6 +17,13 @@ package's), never one of its own layer or above (tests/test_layout.py reads the 
     bench                     timing, recorded results, the benchmarks
     exercises, gpt            the chapters' exercise checkers and small GPT (nothing in flashlib imports them)
 
+Names, as FlashAttention-2's paper (Dao 2023) writes them: Q, K, V, O and their gradients dQ, dK, dV, dO; S = scale
+Q K^T, P = softmax(S); blocks of Br query rows and Bc keys, Tr and Tc of them; m and l, a row's running maximum and
+sum of exp(S - m); `lse`, the logsumexp of a row, m + log(l): the paper's L, which the forward returns and the
+backward takes; `delta`, rowsum(dO * O): the paper's D (written D where the code follows the paper line by line, as
+flashlib.tiled does). A `rung` is one kernel version of a backend's ladder (cupy_kernels' rung="tuned"); `backend`
+is only flashlib.attention's argument that picks the implementation ("numba", "cupy", "tiled", "reference").
+
 `import flashlib` never imports numba.cuda or CuPy, so a notebook can call `flashlib.setup()` first to pick Numba's
 CUDA simulator when no GPU is present.
 """
