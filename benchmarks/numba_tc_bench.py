@@ -181,7 +181,8 @@ def main():
     ap.add_argument("--out", default=None)
     ap.add_argument("--quick", action="store_true", help="N = 1024, 4096, 16384 only")
     ap.add_argument("--ns", type=int, nargs="*", help="sequence lengths (default: all of NS, or --quick's)")
-    ap.add_argument("--sweep-ns", type=int, nargs="*", default=[4096], help="N at which the other tile configurations run")
+    ap.add_argument("--sweep-ns", type=int, nargs="*", default=[4096],
+                    help="N at which the other tile configurations run")
     ap.add_argument("--no-cupy", action="store_true", help="leave out the CuPy tuned kernel")
     ap.add_argument("--host", action="store_true", help="also measure the host-side overhead pieces")
     a = ap.parse_args()

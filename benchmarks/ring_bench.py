@@ -7,9 +7,9 @@
 For every per-GPU length n = N/P (default 4k to 64k), layout (contiguous, zigzag) and causal flag it times
 `flashlib.distributed.ring_attention` forward and forward + backward, and `flashlib.attention` /
 `flashlib.torch.flash_attention` on one GPU at length n, and reports per-GPU TFLOP/s. FLOPs per GPU: the full
-problem's 4 B H N^2 d (half when causal, flashlib.constants.attention_flops) divided by P; the single-GPU kernel does the
-same count at length n; forward + backward counts 3.5x the forward. A ring at 100% of the single-GPU figure hides
-every transfer and merge. Each row also checks the ring's O against the float64 reference at a small length
+problem's 4 B H N^2 d (half when causal, flashlib.constants.attention_flops) divided by P; the single-GPU kernel
+does the same count at length n; forward + backward counts 3.5x the forward. A ring at 100% of the single-GPU
+figure hides every transfer and merge. Each row also checks the ring's O against the float64 reference at a small length
 (check_n_local per rank, P * check_n_local <= 2048; max_err).
 Writes ring_<gpu>_p<P>.json (ring_cpu_p<P>.json on CPUs) through flashlib.bench.save, provenance included and,
 on NCCL, the NCCL version and `nvidia-smi topo -m`. With P = 1 (one GPU) the ring is one local block: the

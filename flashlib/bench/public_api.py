@@ -2,8 +2,8 @@
 
     python -m flashlib.bench.public_api [--quick] [--out DIR] [--name public_api_h200]
 
-Per (dtype, d, N, causal), shapes `shapes.workload` (B = 16384 / N, H = 16), the forward (no grad) and forward + backward
-(torch.autograd.grad) of:
+Per (dtype, d, N, causal), shapes `shapes.workload` (B = 16384 / N, H = 16), the forward (no grad) and forward +
+backward (torch.autograd.grad) of:
   flashlib-cupy, flashlib-numba     flashlib.torch.scaled_dot_product_attention(..., backend=...): the public op
   flashlib-cupy-direct              flashlib.cupy_kernels.forward / backward on the tensors: the launches alone
   sdpa-flash, sdpa-cudnn, sdpa-efficient   F.scaled_dot_product_attention with that backend pinned (the pinning
