@@ -22,7 +22,7 @@ Q K^T, P = softmax(S); blocks of Br query rows and Bc keys, Tr and Tc of them; m
 sum of exp(S - m); `lse`, the logsumexp of a row, m + log(l): the paper's L, which the forward returns and the
 backward takes; `delta`, rowsum(dO * O): the paper's D (written D where the code follows the paper line by line, as
 flashlib.tiled does). A `rung` is one kernel version of a backend's ladder (cupy_kernels' rung="tuned"); `backend`
-is only flashlib.attention's argument that picks the implementation ("numba", "cupy", "tiled", "reference").
+is only flashlib.attention's argument that picks the implementation ("auto", "cupy", "numba", "tiled", "reference").
 
 `import flashlib` never imports numba.cuda or CuPy, so a notebook can call `flashlib.setup()` first to pick Numba's
 CUDA simulator when no GPU is present.
