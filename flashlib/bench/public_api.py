@@ -188,8 +188,9 @@ def main(argv=None):
     if not torch.cuda.is_available():
         raise SystemExit("flashlib.bench.public_api needs a CUDA GPU (torch.cuda.is_available() is False)")
     host = host_table()
-    for n, s in host.items():
-        print(f"{n:55s} {s['host_us']:8.1f} us  (spread {100 * s['host_spread']:.0f}%)")
+    from ..viz.tables import table
+    print(table(["call", "host us per call", "spread"],
+                [[n, round(s["host_us"], 1), f"{100 * s['host_spread']:.0f}%"] for n, s in host.items()]))
     name = a.name or f"public_api_{gpu_tag()}"
     method = ("flashlib.bench.timing.compare: interleaved rounds, batches behind a hold kernel; host_us: wall time "
               f"per call, no sync inside a batch of 100, median of 10 interleaved rounds; {DESCRIPTION}")
