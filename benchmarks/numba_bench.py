@@ -4,7 +4,7 @@
 
 Writes flashlib/data/results/numba_h100.json (name from --name) via flashlib.bench.save and prints markdown tables.
 TFLOP/s = 4*B*H*Nq*Nk*d / t, half for causal; fwd+bwd counts 3.5x the forward (backward = 2.5x).
-B*H*N = 16 * 16384 tokens at every N. All float32, TF32 matmuls off (PyTorch's default).
+B*H*N = 16 * 16384 tokens at every N (bench.shapes). All float32, TF32 matmuls off (PyTorch's default).
 """
 import argparse
 import sys

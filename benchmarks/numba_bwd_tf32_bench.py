@@ -3,10 +3,10 @@
     python benchmarks/numba_bwd_tf32_bench.py [--ns 4096 16384] [--out DIR]   # writes <DIR>/numba_bwd_tf32_<gpu>.json
 
 Flops as benchmarks/numba_bench.py: forward 4*B*H*N^2*d (half if causal), backward 2.5x that, fwd+bwd 3.5x.
-B*H*N = 16 * 16384 tokens, H = 16; all float32 (TF32 matmuls off in torch). Every kernel is compiled (warmed up)
-before any timing. Backward alone: the Numba call (D pre-pass, dq zeroing, kernel); SDPA efficient's backward
-alone = its fwd+bwd (autograd) minus its forward. fwd+bwd for Numba = nk.forward (whatever float32 forward it
-dispatches to) + the backward, timed together.
+B*H*N = 16 * 16384 tokens, H = 16 (bench.shapes); all float32 (TF32 matmuls off in torch). Every kernel is
+compiled (warmed up) before any timing. Backward alone: the Numba call (D pre-pass, dq zeroing, kernel); SDPA
+efficient's backward alone = its fwd+bwd (autograd) minus its forward. fwd+bwd for Numba = nk.forward (whatever
+float32 forward it dispatches to) + the backward, timed together.
 """
 import argparse
 import os

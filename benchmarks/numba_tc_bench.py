@@ -3,7 +3,8 @@
     python benchmarks/numba_tc_bench.py [--out DIR] [--quick] [--ns N ...] [--sweep-ns N ...] [--no-cupy] [--host]
     # writes <DIR or flashlib/data/results>/numba_tc_<gpu>.json (numba_tc_h100.json on an H100)
 
-Shapes as benchmarks/cupy_bench.py: fp16, d = 64 and 128, causal or not, N = 1024 .. 16384, B = 16384 // N, H = 16;
+Shapes as benchmarks/cupy_bench.py: fp16, d = 64 and 128, causal or not, N = 1024 .. 16384, B = 16384 // N, H = 16
+(flashlib.bench.shapes.workload);
 FLOPs = 4*B*H*N^2*d (half for causal), forward only. Implementations:
   numba_tc         flashlib.numba_kernels.forward(..., dtype="float16", variant="tc"): the public call (checks,
                    output allocation, one kernel launch from Python), with fa2_tc.TILES
