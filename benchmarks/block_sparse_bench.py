@@ -11,7 +11,7 @@ import os
 
 if __name__ == "__main__":
     from flashlib import bench
-    from flashlib.bench.micro import block_sparse_speedup
+    from flashlib.bench.ladders import block_sparse_speedup
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT"))
     rows = block_sparse_speedup()

@@ -19,6 +19,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from flashlib import bench  # noqa: E402
 from flashlib import cupy_kernels as ck  # noqa: E402
+from flashlib.bench.shapes import workload  # noqa: E402
+from flashlib.constants import attention_flops, backward_flops, default_scale  # noqa: E402
 
 NS = (512, 1024, 2048, 4096, 8192, 16384)
 # rung-3 tiles to sweep per head dim: (warps, Bc, query rows per warp, Q in registers)
@@ -93,11 +95,11 @@ def bwd_sweep(out=None):
     for d, tiles in BWD_SWEEP_TILES.items():
         for causal in (False, True):
             for N in (4096, 16384):
-                H, B = 16, 16384 // N
+                B, H = workload(N)
                 q, k, v, do = _inputs(B, H, N, d, "float16")
                 qc, kc, vc, doc = (_cupy(t) for t in (q, k, v, do))
-                scale = d ** -0.5
-                flops = 2.5 * 4 * B * H * N * N * d * (0.5 if causal else 1.0)
+                scale = default_scale(d)
+                flops = backward_flops(B, H, N, d, causal)
                 with torch.no_grad():
                     fwd = _time(lambda: _sdpa("flash")(q, k, v, causal), N)
                 qg, kg, vg = (t.detach().clone().requires_grad_() for t in (q, k, v))
@@ -112,7 +114,7 @@ def bwd_sweep(out=None):
                     f"{key}: {flops / (ms * 1e-3) / 1e12:.0f}" for key, ms in row.items() if key.endswith("ms") or key[0].isdigit()))
                 rows.append(row)
                 torch.cuda.empty_cache()
-    return bench.save("cupy_bwd_sweep_" + _gpu_tag(), rows, directory=out, tiles=BWD_SWEEP_TILES,
+    return bench.save("cupy_bwd_sweep_" + bench.gpu_tag(), rows, directory=out, tiles=BWD_SWEEP_TILES,
                       flops="backward = 2.5 * 4*B*H*N^2*d, half when causal")
 
 
@@ -151,14 +153,6 @@ def _sdpa(backend):
     return lambda q, k, v, causal: sdpa_pinned(backend, q, k, v, is_causal=causal)
 
 
-def _naive(q, k, v, causal):
-    import torch
-    S = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5)
-    if causal:
-        S = S.masked_fill(~torch.ones(S.shape[-2:], dtype=torch.bool, device=q.device).tril(), float("-inf"))
-    return torch.softmax(S, dim=-1) @ v
-
-
 def _time(fn, N):
     rep = 10 if N <= 4096 else 5
     return bench.time_cuda(fn, warmup=2, repeat=rep)
@@ -168,12 +162,10 @@ def measure(dtype, d, causal, N, impls, with_bwd=True, check=False):
     """Rows {impl, fwd_ms, fwd_tflops, fwdbwd_ms, fwdbwd_tflops} for one shape; check: also max |o - o of SDPA
     flash| of each CuPy forward (err_vs_flash)."""
     import torch
-    H = 16
-    B = max(1, 16384 // N)
+    B, H = workload(N)
     q, k, v, do = _inputs(B, H, N, d, dtype)
-    flops = 4 * B * H * N * N * d * (0.5 if causal else 1.0)
     qc, kc, vc, doc = (_cupy(t) for t in (q, k, v, do))
-    scale = d ** -0.5
+    scale = default_scale(d)
     rows = []
     for impl in impls:
         row = dict(dtype=dtype, d=d, n=N, B=B, H=H, causal=causal, impl=impl)
@@ -199,7 +191,8 @@ def measure(dtype, d, causal, N, impls, with_bwd=True, check=False):
                         ck.backward(qc, kc, vc, o, lse, doc, causal=causal, scale=scale, dtype=dtype, rung=brung)
                     row["fwdbwd_ms"] = _time(fb, N)
             else:
-                f = _naive if impl == "naive" else _sdpa(impl)
+                from flashlib.torch import naive_attention
+                f = naive_attention if impl == "naive" else _sdpa(impl)
                 with torch.no_grad():
                     row["fwd_ms"] = _time(lambda: f(q, k, v, causal), N)
                 if with_bwd:
@@ -207,18 +200,20 @@ def measure(dtype, d, causal, N, impls, with_bwd=True, check=False):
                     row["fwdbwd_ms"] = _time(lambda: f(qg, kg, vg, causal).backward(do), N)
         except Exception as e:  # e.g. out of memory, a backend that refuses the shape
             row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
-        for key, mult in (("fwd", 1.0), ("fwdbwd", 3.5)):
+        for key in ("fwd", "fwdbwd"):
             if f"{key}_ms" in row:
-                row[f"{key}_tflops"] = mult * flops / (row[f"{key}_ms"] * 1e-3) / 1e12
+                flops = attention_flops(B, H, N, d, causal, backward=key == "fwdbwd")
+                row[f"{key}_tflops"] = flops / (row[f"{key}_ms"] * 1e-3) / 1e12
         rows.append(row)
         torch.cuda.empty_cache()
     return rows
 
 
 def table(rows):
-    """Markdown: one line per (shape, impl) with TFLOP/s and the share of SDPA flash."""
-    out = ["| dtype | d | causal | N | impl | fwd TFLOP/s | x flash | fwd+bwd TFLOP/s | x flash |", "|" + "---|" * 9]
+    """One line per (shape, impl) with TFLOP/s and the share of SDPA flash: a flashlib.viz table (print() it)."""
+    from flashlib.viz.tables import table as make_table
     flash = {(r["dtype"], r["d"], r["causal"], r["n"]): r for r in rows if r["impl"] == "flash"}
+    out = []
     for r in rows:
         f = flash.get((r["dtype"], r["d"], r["causal"], r["n"]), {})
         cells = []
@@ -226,8 +221,9 @@ def table(rows):
             t = r.get(f"{key}_tflops")
             ft = f.get(f"{key}_tflops")
             cells += [f"{t:.1f}" if t else "-", f"{t / ft:.2f}" if t and ft else "-"]
-        out.append(f"| {r['dtype']} | {r['d']} | {'yes' if r['causal'] else 'no'} | {r['n']} | {r['impl']} | " + " | ".join(cells) + " |")
-    return "\n".join(out)
+        out.append([r["dtype"], r["d"], "yes" if r["causal"] else "no", r["n"], r["impl"], *cells])
+    return make_table(["dtype", "d", "causal", "N", "impl", "fwd TFLOP/s", "x flash", "fwd+bwd TFLOP/s", "x flash"],
+                      out)
 
 
 def main():
@@ -256,7 +252,7 @@ def main():
         print(table(rows))
         print("max |o - o of SDPA flash|:", {f"{r['d']} {r['causal']} {r['n']} {r['impl']}": round(r["err_vs_flash"], 5)
                                              for r in rows if "err_vs_flash" in r})
-        return bench.save("cupy_sweep_" + _gpu_tag(), rows, directory=a.out)
+        return bench.save("cupy_sweep_" + bench.gpu_tag(), rows, directory=a.out)
     for dtype in ("float16", "bfloat16"):
         for d in (64, 128):
             for causal in (False, True):
@@ -269,17 +265,12 @@ def main():
                     if N <= 2048 and dtype == "float16":
                         impls = ["fp32"] + impls
                     rows += measure(dtype, d, causal, N, impls)
-                    bench.save("cupy_" + _gpu_tag(), rows, directory=a.out, partial=True)  # survives a timeout
-                    print(table([r for r in rows if r["n"] == N and r["d"] == d and r["causal"] == causal and r["dtype"] == dtype]).split("\n", 2)[2], flush=True)
+                    bench.save("cupy_" + bench.gpu_tag(), rows, directory=a.out, partial=True)  # survives a timeout
+                    print(str(table([r for r in rows if r["n"] == N and r["d"] == d and r["causal"] == causal and r["dtype"] == dtype])).split("\n", 2)[2], flush=True)
     print(table(rows))
-    path = bench.save("cupy_" + _gpu_tag(), rows, directory=a.out, tuned_tiles=ck.TUNED_TILES, wgmma_tiles=ck.WGMMA_TILES,
+    path = bench.save("cupy_" + bench.gpu_tag(), rows, directory=a.out, tuned_tiles=ck.TUNED_TILES, wgmma_tiles=ck.WGMMA_TILES,
                       flops="4*B*H*N^2*d, half when causal; fwd+bwd = 3.5x")
     print("saved", path)
-
-
-def _gpu_tag():
-    import cupy as cp
-    return bench.gpu_tag(cp.cuda.runtime.getDeviceProperties(0)["name"].decode())
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import flashlib
 from flashlib import bench, gpt
 from flashlib import torch as ft
 from flashlib.bench import graphs, sdpa as sdpa_info
+from flashlib.bench.shapes import HEADS, workload
 
 
 def importable(backend):
@@ -69,10 +70,10 @@ def sdpa_part(out, tag, backends):
     impls32 = ["efficient", "math", "naive"] + [f"flashlib:{b}" for b in backends]
     for d in (64, 128):
         for N in (1024, 4096):
-            B = 16384 // N * 2
+            B = 2 * workload(N)[0]                          # twice the benchmarks' batch
             for causal in (False, True):
                 for impl in impls16:
-                    timing.append(sdpa_info.time_attention(impl, B, 16, N, d, torch.float16, causal))
+                    timing.append(sdpa_info.time_attention(impl, B, HEADS, N, d, torch.float16, causal))
                     print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in timing[-1].items()})
     for impl in impls32:
         timing.append(sdpa_info.time_attention(impl, 8, 16, 1024, 64, torch.float32, True))
@@ -132,7 +133,7 @@ def gpt_part(out, tag, backends, seconds):
         sets.append((torch.bfloat16, None))
     share = seconds / len(sets)
     for amp, backend in sets:
-        # probe the slowest-to-guess variant (flashlib) for 8 steps, then give every variant the same step count
+        # probe the slowest-to-guess model (flashlib) for 8 steps, then give every model the same step count
         names = [("naive", "auto"), ("sdpa", "auto")] + ([("flashlib", backend)] if backend else [])
         t0 = time.perf_counter()
         probe_ms = []

@@ -19,6 +19,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from flashlib import bench  # noqa: E402
 from flashlib import cupy_kernels as ck  # noqa: E402
+from flashlib.constants import STATIC_SMEM_BYTES, attention_flops, backward_flops, default_scale  # noqa: E402
 
 B, H, N = 4, 16, 4096
 CASES = [(rung, d, causal) for rung in ("wgmma", "tuned", "bwd_tc") for d in (64, 128) for causal in (False, True)]
@@ -45,7 +46,7 @@ def load(cubin, lowered, smem):
     mod = cp.cuda.function.Module()
     mod.load(cubin)
     fn = mod.get_function(lowered)
-    if smem > 48 * 1024:
+    if smem > STATIC_SMEM_BYTES:
         cp.cuda.driver.funcSetAttribute(fn.ptr, cp.cuda.driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem)
     return fn, mod
 
@@ -71,21 +72,22 @@ def main():
     rows, keep = [], []
     for i, ((rung, d, causal), cfg) in enumerate(zip(cases, cfgs)):
         qd, kd, vd, dod = (cp.ascontiguousarray(x[..., :d]) for x in (q, k, v, do))
-        o, lse = ck.forward(qd, kd, vd, causal=causal, scale=d ** -0.5, dtype="float16", rung="tuned")
+        scale = default_scale(d)
+        o, lse = ck.forward(qd, kd, vd, causal=causal, scale=scale, dtype="float16", rung="tuned")
         fns = []
         for j, label in enumerate(("old", "new")):
             fn, mod = load(*built[2 * i + j], cfg.smem)
             keep.append(mod)
             extra = () if label == "old" else (cp.int32(B * H), cp.int32(1)) + ((cp.int32(0),) if rung == "bwd_tc" else ())
             if rung == "bwd_tc":
-                Dlt = (dod.astype(cp.float32) * o.astype(cp.float32)).sum(-1)
+                delta = (dod.astype(cp.float32) * o.astype(cp.float32)).sum(-1)     # the paper's D = rowsum(dO * O)
                 dq_acc, dk, dv = cp.zeros(qd.shape, cp.float32), cp.empty_like(kd), cp.empty_like(vd)
                 tiles = -(-N // cfg.Bc)
-                args = (qd, kd, vd, dod, lse, Dlt, dq_acc, dk, dv, cp.int32(N), cp.int32(N), cp.float32(d ** -0.5))
+                args = (qd, kd, vd, dod, lse, delta, dq_acc, dk, dv, cp.int32(N), cp.int32(N), cp.float32(scale))
             else:
                 out, lse_o = cp.empty_like(qd), cp.empty_like(lse)
                 tiles = -(-N // cfg.Br)
-                args = (qd, kd, vd, out, lse_o, cp.int32(N), cp.int32(N), cp.float32(d ** -0.5))
+                args = (qd, kd, vd, out, lse_o, cp.int32(N), cp.int32(N), cp.float32(scale))
             grid = (tiles, B * H) if label == "old" else ck.pair_grid(tiles, B * H)
             fns.append(lambda fn=fn, grid=grid, args=args + extra: fn(grid, (32 * cfg.warps,), args, shared_mem=cfg.smem))
         times = {0: [], 1: []}
@@ -100,7 +102,7 @@ def main():
                 e1.record()
                 e1.synchronize()
                 times[j].append(cp.cuda.get_elapsed_time(e0, e1) / a.reps)
-        flops = 4 * B * H * N * N * d * (0.5 if causal else 1.0) * (2.5 if rung == "bwd_tc" else 1.0)
+        flops = (backward_flops if rung == "bwd_tc" else attention_flops)(B, H, N, d, causal)
         t_old, t_new = (statistics.median(times[j]) for j in (0, 1))
         row = dict(rung=rung, d=d, causal=causal, N=N, B=B, H=H, kernel=cfg.kernel, old_ms=t_old, new_ms=t_new,
                    old_tflops=flops / t_old / 1e9, new_tflops=flops / t_new / 1e9, new_over_old=t_new / t_old,
@@ -108,7 +110,7 @@ def main():
         rows.append(row)
         print(f"{rung:7s} d={d:3d} causal={causal!s:5s}  old {row['old_tflops']:6.1f}  new {row['new_tflops']:6.1f} "
               f"TFLOP/s  new/old time {row['new_over_old']:.3f}", flush=True)
-    name = f"kernel_regression_{bench.gpu_tag(bench.provenance().get('gpu') or '')}"
+    name = f"kernel_regression_{bench.gpu_tag()}"
     print(bench.save(name, rows, directory=a.out, old_commit=a.old_commit, rounds=a.rounds, reps=a.reps,
                      method="CUDA events over reps back-to-back launches, old/new order alternating per round"))
 

@@ -1,13 +1,13 @@
 """The tiling chapter's ladder on a GPU: Numba naive and shared-memory tiled matmul beside cuBLAS, float32.
 
-    python benchmarks/matmul_bench.py [--out DIR]     # writes matmul_h100.json (flashlib.bench.micro.matmul_ladder)
+    python benchmarks/matmul_bench.py [--out DIR]     # writes matmul_h100.json (flashlib.bench.ladders.matmul_ladder)
 """
 import argparse
 import os
 
 if __name__ == "__main__":
     from flashlib import bench
-    from flashlib.bench.micro import matmul_ladder
+    from flashlib.bench.ladders import matmul_ladder
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT"))
     rows = matmul_ladder()

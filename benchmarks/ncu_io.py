@@ -26,11 +26,12 @@ def run_case(case):
     import torch
     from numba import cuda
     import flashlib.numba_kernels as nk
+    from flashlib.constants import default_scale
     q, k, v = (torch.randn(1, BH, case["N"], D, device="cuda") for _ in range(3))
 
     def once():
         if case["impl"] == "naive":
-            return torch.softmax((q * D ** -0.5) @ k.transpose(-1, -2), -1) @ v   # scale in q: no extra N x N pass
+            return torch.softmax((q * default_scale(D)) @ k.transpose(-1, -2), -1) @ v   # scale in q: no extra N x N pass
         fwd = nk.fa1_forward if case["impl"] == "fa1" else nk.fa2_forward
         return fwd(cuda.as_cuda_array(q), cuda.as_cuda_array(k), cuda.as_cuda_array(v), Br=case["Br"], Bc=case["Bc"])
     once()
@@ -68,7 +69,7 @@ def model(case):
 
 def sweep(out_dir):
     from flashlib.bench import save
-    from flashlib.bench.grid import progress_bar
+    from flashlib.bench.progress import progress_bar
     rows = []
     for case in progress_bar(CASES, "ncu"):
         read, written, kernels = measure(case)

@@ -4,7 +4,7 @@
 
 Writes flashlib/data/results/numba_h100.json (name from --name) via flashlib.bench.save and prints markdown tables.
 TFLOP/s = 4*B*H*Nq*Nk*d / t, half for causal; fwd+bwd counts 3.5x the forward (backward = 2.5x).
-B*H*N = 16 * 16384 tokens at every N. All float32, TF32 matmuls off (PyTorch's default).
+B*H*N = 16 * 16384 tokens at every N (bench.shapes). All float32, TF32 matmuls off (PyTorch's default).
 """
 import argparse
 import sys
@@ -16,13 +16,13 @@ sys.path.insert(0, __import__("os").path.dirname(__import__("os").path.dirname(_
 
 import flashlib  # noqa: E402
 from flashlib import bench  # noqa: E402
-
-TOKENS = 16 * 16384
+from flashlib.bench.shapes import HEADS, TOKENS, workload  # noqa: E402
+from flashlib.constants import attention_flops  # noqa: E402
+from flashlib.env import compute_capability  # noqa: E402
 
 
 def flops(BH, N, d, causal, mode):
-    f = 4.0 * BH * N * N * d * (0.5 if causal else 1.0)
-    return f * (3.5 if mode == "fwd+bwd" else 1.0)
+    return attention_flops(1, BH, N, d, causal, backward=mode == "fwd+bwd")
 
 
 def main():
@@ -45,7 +45,7 @@ def main():
         return sweep(nk, to_numba, torch)
     t_start = time.time()
     rows, notes = [], {}
-    cc = cuda.get_current_device().compute_capability
+    cc = compute_capability()
 
     from flashlib.torch import naive_attention as naive
 
@@ -74,22 +74,22 @@ def main():
     for N in Ns:
         for d in (64, 128):
             for causal in (False, True):
-                BH = TOKENS // N
-                B, H = BH // 16, 16
+                B, H = workload(N)
+                BH = B * H
                 over = time.time() - t_start > args.budget
                 reps = 10 if N <= 4096 else 4
                 g = torch.Generator(device=dev).manual_seed(0)
                 q, k, v, do = (torch.randn(B, H, N, d, device=dev, generator=g) for _ in range(4))
                 nq, nk_, nv, ndo = (to_numba(x) for x in (q, k, v, do))
                 default = nk.default_variant("float32", d, cc)   # tf32x3 on sm_80+, else fa2_fast
-                variants = ([default] if default != "fa2_fast" else []) + ["fa2_fast"] + (["fa2"] if N <= 4096 else [])
-                variants += ["fa1"] if N <= 1024 else []
-                for var in variants:
-                    if over and var not in (default, "fa2_fast"):
+                rungs = ([default] if default != "fa2_fast" else []) + ["fa2_fast"] + (["fa2"] if N <= 4096 else [])
+                rungs += ["fa1"] if N <= 1024 else []
+                for rung in rungs:
+                    if over and rung not in (default, "fa2_fast"):
                         continue
-                    record(f"numba_{var}", "fwd", N, d, causal, BH,
-                           lambda: nk.forward(nq, nk_, nv, causal=causal, scale=None, dtype="float32", variant=var),
-                           reps if var != "fa1" else 2)
+                    record(f"numba_{rung}", "fwd", N, d, causal, BH,
+                           lambda: nk.forward(nq, nk_, nv, causal=causal, scale=None, dtype="float32", variant=rung),
+                           reps if rung != "fa1" else 2)
                 o, lse = nk.forward(nq, nk_, nv, causal=causal, scale=None, dtype="float32")
                 def fb():
                     o, lse = nk.forward(nq, nk_, nv, causal=causal, scale=None, dtype="float32")
@@ -135,7 +135,7 @@ def main():
         del q, k, v, nq, nk_, nv
         torch.cuda.empty_cache()
 
-    path = bench.save(args.name, rows, directory=args.dir, memory=mem, tokens=TOKENS, dtype="float32", allow_tf32=False,
+    path = bench.save(args.name, rows, directory=args.dir, memory=mem, tokens=HEADS * TOKENS, dtype="float32", allow_tf32=False,
                       flops="4*B*H*N*N*d (half causal); fwd+bwd = 3.5x", seconds=round(time.time() - t_start, 1))
     print(f"\nsaved {path}\n")
     print_tables(rows, mem)
@@ -164,23 +164,24 @@ def sweep(nk, to_numba, torch):
 
 
 def print_tables(rows, mem):
+    from flashlib.viz.tables import table
     keys = sorted({(r["N"], r["d"], r["causal"]) for r in rows})
+    fmt = lambda r: "" if r is None else (f"{r['tflops']:.1f}" if r.get("tflops") else "err")   # noqa: E731
     for mode in ("fwd", "fwd+bwd"):
         methods = sorted({r["method"] for r in rows if r["mode"] == mode})
-        print(f"\n### {mode} TFLOP/s (float32)\n\n| N | d | causal | " + " | ".join(methods) + " |")
-        print("|---|---|---|" + "---|" * len(methods))
+        cells = []
         for N, d, c in keys:
             cell = {r["method"]: r for r in rows if (r["N"], r["d"], r["causal"], r["mode"]) == (N, d, c, mode)}
-            if not cell:
-                continue
-            fmt = lambda r: "" if r is None else (f"{r['tflops']:.1f}" if r.get("tflops") else "err")
-            print(f"| {N} | {d} | {c} | " + " | ".join(fmt(cell.get(m)) for m in methods) + " |")
-    print("\n### peak extra memory, MiB (B*H = 16, d = 64, forward)\n\n| N | " +
-          " | ".join(sorted({m["method"] for m in mem})) + " |\n|---|" + "---|" * len({m["method"] for m in mem}))
+            if cell:
+                cells.append([N, d, str(c)] + [fmt(cell.get(m)) for m in methods])
+        print(f"\n### {mode} TFLOP/s (float32)\n\n" + table(["N", "d", "causal", *methods], cells).markdown())
+    methods = sorted({m["method"] for m in mem})
+    cells = []
     for N in sorted({m["N"] for m in mem}):
-        cells = {m["method"]: m for m in mem if m["N"] == N}
-        print(f"| {N} | " + " | ".join("OOM" if cells[k].get("error") else f"{cells[k]['extra_bytes'] / 2**20:.1f}"
-                                       for k in sorted(cells)) + " |")
+        by = {m["method"]: m for m in mem if m["N"] == N}
+        cells.append([N] + ["" if k not in by else "OOM" if by[k].get("error") else
+                            f"{by[k]['extra_bytes'] / 2**20:.1f}" for k in methods])
+    print("\n### peak extra memory, MiB (B*H = 16, d = 64, forward)\n\n" + table(["N", *methods], cells).markdown())
     errs = {r["method"]: r["error"] for r in rows if r.get("error") and r["method"] in ("sdpa_flash", "sdpa_cudnn")}
     for k, e in errs.items():
         print(f"\n{k}: {e}")

@@ -3,10 +3,10 @@
     python benchmarks/numba_bwd_tf32_bench.py [--ns 4096 16384] [--out DIR]   # writes <DIR>/numba_bwd_tf32_<gpu>.json
 
 Flops as benchmarks/numba_bench.py: forward 4*B*H*N^2*d (half if causal), backward 2.5x that, fwd+bwd 3.5x.
-B*H*N = 16 * 16384 tokens, H = 16; all float32 (TF32 matmuls off in torch). Every kernel is compiled (warmed up)
-before any timing. Backward alone: the Numba call (D pre-pass, dq zeroing, kernel); SDPA efficient's backward
-alone = its fwd+bwd (autograd) minus its forward. fwd+bwd for Numba = nk.forward (whatever float32 forward it
-dispatches to) + the backward, timed together.
+B*H*N = 16 * 16384 tokens, H = 16 (bench.shapes); all float32 (TF32 matmuls off in torch). Every kernel is
+compiled (warmed up) before any timing. Backward alone: the Numba call (D pre-pass, dq zeroing, kernel); SDPA
+efficient's backward alone = its fwd+bwd (autograd) minus its forward. fwd+bwd for Numba = nk.forward (whatever
+float32 forward it dispatches to) + the backward, timed together.
 """
 import argparse
 import os
@@ -16,13 +16,14 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from flashlib import bench  # noqa: E402
-
-TOKENS = 16 * 16384
+from flashlib.bench.shapes import HEADS, TOKENS, workload  # noqa: E402
+from flashlib.constants import attention_flops, backward_flops  # noqa: E402
 
 
 def flops(BH, N, d, causal, mode):
-    f = 4.0 * BH * N * N * d * (0.5 if causal else 1.0)
-    return f * {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}[mode]
+    if mode == "bwd":
+        return backward_flops(1, BH, N, d, causal)
+    return attention_flops(1, BH, N, d, causal, backward=mode == "fwd+bwd")
 
 
 def main():
@@ -48,7 +49,7 @@ def main():
 
     def inputs(B, N, d):
         g = torch.Generator(device="cuda").manual_seed(0)
-        return [torch.randn(B, 16, N, d, device="cuda", generator=g) for _ in range(4)]
+        return [torch.randn(B, HEADS, N, d, device="cuda", generator=g) for _ in range(4)]
 
     # warm-up: compile every kernel once at a small size
     t0 = time.time()
@@ -82,8 +83,9 @@ def main():
     for N in args.ns:
         for d in args.ds:
             for causal in (False, True):
-                BH = TOKENS // N
-                q, k, v, do = inputs(BH // 16, N, d)
+                B, H = workload(N)
+                BH = B * H
+                q, k, v, do = inputs(B, N, d)
                 nq, nk_, nv, ndo = (to_numba(x) for x in (q, k, v, do))
                 reps = 5 if N <= 4096 else 3
                 o, lse = nk.forward(nq, nk_, nv, causal=causal, dtype="float32")
@@ -122,15 +124,15 @@ def main():
                 del q, k, v, do, nq, nk_, nv, ndo, o, lse, qq, kk, vv
                 torch.cuda.empty_cache()
 
-    print("\n| N | d | causal | mode | " + " | ".join(sorted({r["method"] for r in rows})) + " |")
+    from flashlib.viz.tables import table
     methods = sorted({r["method"] for r in rows})
-    print("|---|---|---|---|" + "---|" * len(methods))
+    cells = []
     for key in sorted({(r["N"], r["d"], r["causal"], r["mode"]) for r in rows}):
         cell = {r["method"]: r for r in rows if (r["N"], r["d"], r["causal"], r["mode"]) == key}
-        print("| " + " | ".join(map(str, key)) + " | "
-              + " | ".join(f"{cell[m]['tflops']:.1f}" if m in cell else "" for m in methods) + " |")
-    path = bench.save("numba_bwd_tf32_" + bench.gpu_tag(torch.cuda.get_device_name()), rows, directory=args.out,
-                      tokens=TOKENS, allow_tf32=False,
+        cells.append([*map(str, key)] + [f"{cell[m]['tflops']:.1f}" if m in cell else "" for m in methods])
+    print("\n" + table(["N", "d", "causal", "mode", *methods], cells).markdown())
+    path = bench.save("numba_bwd_tf32_" + bench.gpu_tag(), rows, directory=args.out,
+                      tokens=HEADS * TOKENS, allow_tf32=False,
                       tiles={str(k): v for k, v in bt.TILES.items()},
                       flops="4*B*H*N^2*d (half causal); bwd 2.5x, fwd+bwd 3.5x",
                       target="backward >= 0.5x sdpa_efficient's backward (float32)")

@@ -3,7 +3,8 @@
     python benchmarks/numba_tc_bench.py [--out DIR] [--quick] [--ns N ...] [--sweep-ns N ...] [--no-cupy] [--host]
     # writes <DIR or flashlib/data/results>/numba_tc_<gpu>.json (numba_tc_h100.json on an H100)
 
-Shapes as benchmarks/cupy_bench.py: fp16, d = 64 and 128, causal or not, N = 1024 .. 16384, B = 16384 // N, H = 16;
+Shapes as benchmarks/cupy_bench.py: fp16, d = 64 and 128, causal or not, N = 1024 .. 16384, B = 16384 // N, H = 16
+(flashlib.bench.shapes.workload);
 FLOPs = 4*B*H*N^2*d (half for causal), forward only. Implementations:
   numba_tc         flashlib.numba_kernels.forward(..., dtype="float16", variant="tc"): the public call (checks,
                    output allocation, one kernel launch from Python), with fa2_tc.TILES
@@ -27,6 +28,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from flashlib import bench  # noqa: E402
+from flashlib.bench.shapes import workload  # noqa: E402
+from flashlib.constants import LOG2E, attention_flops, default_scale  # noqa: E402
 
 NS = (1024, 2048, 4096, 8192, 16384)
 # (NW, Bc, NSTAGE, MR, MINB): warps, keys per tile, K/V stages, 16-row m-tiles per warp, blocks per SM for ptxas
@@ -56,12 +59,11 @@ def measure(d, causal, N, sweep=False, cupy=True):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from flashlib import numba_kernels as nk
-    from flashlib.constants import LOG2E
     from flashlib.numba_kernels import fa2_tc, host
-    H, B = 16, max(1, 16384 // N)
+    B, H = workload(N)
     q, k, v = _inputs(B, H, N, d)
-    scale = d ** -0.5
-    flops = 4 * B * H * N * N * d * (0.5 if causal else 1.0)
+    scale = default_scale(d)
+    flops = attention_flops(B, H, N, d, causal)
     nq, nk_, nv = (cuda.as_cuda_array(t) for t in (q, k, v))
     with torch.no_grad(), sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
         o_flash = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
@@ -119,7 +121,6 @@ def host_overhead(d=64, calls=300):
     import torch
     from numba import cuda
 
-    from flashlib.constants import LOG2E
     from flashlib.numba_kernels import fa2_tc, host
     B, H, N = 1, 1, 64
     q, k, v = _inputs(B, H, N, d)
@@ -129,7 +130,7 @@ def host_overhead(d=64, calls=300):
     kern, NT, Br = fa2_tc.kernel(d, cc, "float16")
     launch = kern[(math.ceil(N / Br), B * H), (NT,)]
     args = (host.words(nq), host.words(nk_), host.words(nv), host.words(o), lse.reshape(B * H, N),
-            np.int32(N), np.int32(N), False, np.float32(0.125 * LOG2E), np.int32(1))  # G = 1 (no GQA)
+            np.int32(N), np.int32(N), False, np.float32(default_scale(d) * LOG2E), np.int32(1))  # G = 1 (no GQA)
     pieces = {
         "fa2_forward_tc (allocates o, lse)": lambda: fa2_tc.fa2_forward_tc(nq, nk_, nv),
         "fa2_forward_tc (o, lse given)": lambda: fa2_tc.fa2_forward_tc(nq, nk_, nv, o=o, lse=lse),
@@ -160,21 +161,19 @@ def host_overhead(d=64, calls=300):
 
 
 def table(rows):
-    out = ["| d | causal | N | impl | fwd ms | TFLOP/s | x flash | max diff vs flash |", "|" + "---|" * 8]
+    """The rows as a flashlib.viz table (print() shows it aligned)."""
+    from flashlib.viz.tables import table as make_table
+    fmt = lambda x, spec: "-" if x is None else format(x, spec)     # noqa: E731
+    cells = []
     for r in rows:
         if "host_us" in r:
-            out.append(f"| {r['d']} | - | {r['n']} | {r['impl']} | host {r['host_us']:.1f} us | | | |")
+            cells.append([r["d"], "-", r["n"], r["impl"], f"host {r['host_us']:.1f} us", "", "", "", ""])
             continue
-        t, x, e = r.get("fwd_tflops"), r.get("x_flash"), r.get("max_abs_diff_vs_flash")
-        out.append(f"| {r['d']} | {'yes' if r['causal'] else 'no'} | {r['n']} | {r['impl']} | "
-                   f"{r.get('fwd_ms', float('nan')):.3f} | {t or float('nan'):.1f} | {x or float('nan'):.2f} | "
-                   f"{'-' if e is None else f'{e:.2e}'} |" + (f" {r['error']}" if "error" in r else ""))
-    return "\n".join(out)
-
-
-def _gpu_tag():
-    import torch
-    return bench.gpu_tag(torch.cuda.get_device_name())
+        cells.append([r["d"], "yes" if r["causal"] else "no", r["n"], r["impl"], fmt(r.get("fwd_ms"), ".3f"),
+                      fmt(r.get("fwd_tflops"), ".1f"), fmt(r.get("x_flash"), ".2f"),
+                      fmt(r.get("max_abs_diff_vs_flash"), ".2e"), r.get("error", "")])
+    return make_table(["d", "causal", "N", "impl", "fwd ms", "TFLOP/s", "x flash", "max diff vs flash", "error"],
+                      cells)
 
 
 def main():
@@ -182,12 +181,13 @@ def main():
     ap.add_argument("--out", default=None)
     ap.add_argument("--quick", action="store_true", help="N = 1024, 4096, 16384 only")
     ap.add_argument("--ns", type=int, nargs="*", help="sequence lengths (default: all of NS, or --quick's)")
-    ap.add_argument("--sweep-ns", type=int, nargs="*", default=[4096], help="N at which the tile variants run")
+    ap.add_argument("--sweep-ns", type=int, nargs="*", default=[4096],
+                    help="N at which the other tile configurations run")
     ap.add_argument("--no-cupy", action="store_true", help="leave out the CuPy tuned kernel")
     ap.add_argument("--host", action="store_true", help="also measure the host-side overhead pieces")
     a = ap.parse_args()
     rows = []
-    name = "numba_tc_" + _gpu_tag()
+    name = "numba_tc_" + bench.gpu_tag()
     ns = a.ns or ((1024, 4096, 16384) if a.quick else NS)
     from flashlib.numba_kernels import fa2_tc
     info = dict(tiles={str(k): v for k, v in fa2_tc.TILES.items()}, sweep={str(k): v for k, v in SWEEP.items()},
@@ -200,7 +200,7 @@ def main():
             for N in ns:
                 new = measure(d, causal, N, sweep=N in a.sweep_ns, cupy=not a.no_cupy)
                 rows += new
-                print(table(new).split("\n", 2)[2], flush=True)
+                print(str(table(new)).split("\n", 2)[2], flush=True)
                 bench.save(name, rows, directory=a.out, partial=True, **info)  # survives a timeout
     print(table(rows))
     path = bench.save(name, rows, directory=a.out, **info)

@@ -11,7 +11,7 @@ float32, H = 16, B*H*N = 262144 (B = 16384 // N), d = 64 and 128, causal or not,
   fa2_fast          the CUDA-core float32 kernel
   naive_torch       flashlib.gpt.naive_attention, torch.backends.cuda.matmul.allow_tf32 = False
   sdpa_efficient    F.scaled_dot_product_attention with the efficient backend pinned (3xTF32 in CUTLASS, sm_80+)
-Before timing: max |O - O_ref| and |lse - lse_ref| against the float64 reference at a small shape, per variant.
+Before timing: max |O - O_ref| and |lse - lse_ref| against the float64 reference at a small shape, per rung.
 Targets (issue 3): tf32x3 >= 1.0x naive_torch, toward 0.75x sdpa_efficient.
 """
 import argparse
@@ -22,12 +22,14 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from flashlib import bench, reference  # noqa: E402
+from flashlib.bench.shapes import workload  # noqa: E402
+from flashlib.constants import attention_flops  # noqa: E402
 
 ALT = {64: [(4, 64, False, 0), (4, 64, True, 0), (4, 32, True, 0)], 128: [(4, 32, False, 0), (4, 16, False, 0)]}
 
 
 def accuracy(nk, tf, cuda):
-    """Max errors vs float64 at B=1, H=2, Nq=1000, Nk=777 (ragged), per variant, head dim and causal."""
+    """Max errors vs float64 at B=1, H=2, Nq=1000, Nk=777 (ragged), per rung, head dim and causal."""
     rows = []
     rng = np.random.default_rng(0)
     for d in (64, 128):
@@ -65,12 +67,12 @@ def measure(d, causal, N, nk, tf, cuda, alt):
     import torch
     from flashlib.torch import naive_attention
     from flashlib.bench.sdpa import sdpa_pinned
-    H, B = 16, 16384 // N
+    B, H = workload(N)
     torch.cuda.empty_cache()                               # the previous shape's tensors are gone by now
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = (torch.randn(B, H, N, d, device="cuda", generator=g) for _ in range(3))
     nq, nk_, nv = (cuda.as_cuda_array(t) for t in (q, k, v))
-    flops = 4 * B * H * N * N * d * (0.5 if causal else 1.0)
+    flops = attention_flops(B, H, N, d, causal)
     impls = {"tf32x3": lambda: nk.forward(nq, nk_, nv, causal=causal, variant="tf32x3"),
              "fa2_fast": lambda: nk.forward(nq, nk_, nv, causal=causal, variant="fa2_fast"),
              "naive_torch": lambda: naive_attention(q, k, v, is_causal=causal),
@@ -110,7 +112,7 @@ def main():
     from flashlib import numba_kernels as nk
     from flashlib.numba_kernels import fa2_tf32 as tf
     torch.backends.cuda.matmul.allow_tf32 = False          # naive torch in true float32
-    name = "numba_tf32_" + bench.gpu_tag(torch.cuda.get_device_name())
+    name = "numba_tf32_" + bench.gpu_tag()
     rows = [] if a.no_accuracy else accuracy(nk, tf, cuda)
     for d in (64, 128):
         for causal in (False, True):

@@ -14,10 +14,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import cupy as cp  # noqa: E402
 
 from flashlib import cupy_kernels as ck  # noqa: E402
+from flashlib.bench.shapes import workload  # noqa: E402
+from flashlib.constants import default_scale  # noqa: E402
 
 for d, causal in ((64, True), (128, False)):
-    N, H = 4096, 16
-    q, k, v = (cp.random.standard_normal((16384 // N, H, N, d), dtype=cp.float32).astype(cp.float16) for _ in range(3))
+    N = 4096
+    B, H = workload(N)
+    q, k, v = (cp.random.standard_normal((B, H, N, d), dtype=cp.float32).astype(cp.float16) for _ in range(3))
     print(d, causal, ck.choose_config("float16", d, ck.device_cc(), causal, "tuned"), flush=True)
-    ck.forward(q, k, v, causal=causal, scale=d ** -0.5, dtype="float16", rung="tuned")
+    ck.forward(q, k, v, causal=causal, scale=default_scale(d), dtype="float16", rung="tuned")
     cp.cuda.Device().synchronize()

@@ -7,9 +7,9 @@
 For every per-GPU length n = N/P (default 4k to 64k), layout (contiguous, zigzag) and causal flag it times
 `flashlib.distributed.ring_attention` forward and forward + backward, and `flashlib.attention` /
 `flashlib.torch.flash_attention` on one GPU at length n, and reports per-GPU TFLOP/s. FLOPs per GPU: the full
-problem's 4 B H N^2 d (half when causal, flashlib.bench.grid.flops) divided by P; the single-GPU kernel does the
-same count at length n; forward + backward counts 3.5x the forward. A ring at 100% of the single-GPU figure hides
-every transfer and merge. Each row also checks the ring's O against the float64 reference at a small length
+problem's 4 B H N^2 d (half when causal, flashlib.constants.attention_flops) divided by P; the single-GPU kernel
+does the same count at length n; forward + backward counts 3.5x the forward. A ring at 100% of the single-GPU
+figure hides every transfer and merge. Each row also checks the ring's O against the float64 reference at a small length
 (check_n_local per rank, P * check_n_local <= 2048; max_err).
 Writes ring_<gpu>_p<P>.json (ring_cpu_p<P>.json on CPUs) through flashlib.bench.save, provenance included and,
 on NCCL, the NCCL version and `nvidia-smi topo -m`. With P = 1 (one GPU) the ring is one local block: the
@@ -28,7 +28,7 @@ import torch.distributed as dist  # noqa: E402
 import flashlib  # noqa: E402
 from flashlib import bench, reference  # noqa: E402
 from flashlib import distributed as fd  # noqa: E402
-from flashlib.bench.grid import flops  # noqa: E402
+from flashlib.constants import attention_flops  # noqa: E402
 from flashlib.torch import flash_attention  # noqa: E402
 
 LENGTHS = (4096, 8192, 16384, 32768, 65536)
@@ -87,13 +87,13 @@ def run(rank, P, a):
                 ring = lambda *t: fd.ring_attention(*t, causal=causal, layout=layout)   # noqa: E731
                 ring_f = _time(lambda: ring(q, k, v), device, a.repeat)
                 ring_fb = _time(lambda: fwdbwd(ring), device, a.repeat)
-                f_ring = flops(a.batch, a.heads, P * n, a.dim, causal) / P
-                f_one = flops(a.batch, a.heads, n, a.dim, causal)
+                fl = lambda N, bwd: attention_flops(a.batch, a.heads, N, a.dim, causal, backward=bwd)  # noqa: E731
                 rows.append(dict(
                     n_local=n, N=P * n, layout=layout, causal=causal, dtype=str(dtype).replace("torch.", ""),
                     ring_fwd_ms=ring_f, ring_fwdbwd_ms=ring_fb, single_fwd_ms=single_f, single_fwdbwd_ms=single_fb,
-                    ring_fwd_tflops=f_ring / ring_f / 1e9, ring_fwdbwd_tflops=3.5 * f_ring / ring_fb / 1e9,
-                    single_fwd_tflops=f_one / single_f / 1e9, single_fwdbwd_tflops=3.5 * f_one / single_fb / 1e9,
+                    ring_fwd_tflops=fl(P * n, False) / P / ring_f / 1e9,
+                    ring_fwdbwd_tflops=fl(P * n, True) / P / ring_fb / 1e9,
+                    single_fwd_tflops=fl(n, False) / single_f / 1e9, single_fwdbwd_tflops=fl(n, True) / single_fb / 1e9,
                     check_n_local=nc, max_err=_check(P, nc, a, layout, causal, device, dtype)))
                 if rank == 0:
                     r = rows[-1]

@@ -33,3 +33,8 @@ def attention_flops(B, H, Nq, d, causal=False, backward=False, Nk=None):
     is 2.5x: five matrix products)."""
     f = 4 * B * H * Nq * (Nq if Nk is None else Nk) * d / (2 if causal else 1)
     return f * (3.5 if backward else 1.0)
+
+
+def backward_flops(B, H, Nq, d, causal=False, Nk=None):
+    """FLOPs of the backward alone: 2.5x the forward's (attention_flops with backward=True less the forward)."""
+    return attention_flops(B, H, Nq, d, causal, True, Nk) - attention_flops(B, H, Nq, d, causal, False, Nk)

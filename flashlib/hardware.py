@@ -1,4 +1,4 @@
-"""Layer 3: what a GPU is made of, in numbers: a table of GPUs from NVIDIA's datasheets, the present device
+"""What a GPU is made of, in numbers: a table of GPUs from NVIDIA's datasheets, the present device
 queried live, and the arithmetic that links them (bandwidth = bus width x data rate, the roofline, occupancy).
 
 Each row of `GPUS` names NVIDIA's document for the board in `source` (a datasheet) and the architecture
@@ -9,8 +9,12 @@ Tensor Core TFLOPS are *dense* unless the key says `sparse` (2:4 structured spar
 figure on Ampere and later; NVIDIA's datasheets for A100, L4, H100 and H200 print the sparse figure with an
 asterisk). Nothing here imports CuPy, torch or numba.cuda at import time.
 """
+import json
 import math
 import os
+import pathlib
+
+from .env import cc_text, cc_tuple, compute_capability, gpu_count, simulated
 
 WHITEPAPERS = {
     "Volta": "https://images.nvidia.com/content/volta-architecture/pdf/volta-architecture-whitepaper.pdf",
@@ -21,89 +25,14 @@ WHITEPAPERS = {
     "Hopper": "https://resources.nvidia.com/en-us-tensor-core/gtc22-whitepaper-hopper",
 }
 
-# One row per board (the SKU matters: an H100 PCIe is not an H100 SXM5). Units: GB (10^9 bytes), GB/s,
+# GPUS, from flashlib/data/gpus.json: one row per board (the SKU matters: an H100 PCIe is not an H100 SXM5). Units: GB (10^9 bytes), GB/s,
 # TFLOPS, W. `bus_bits` x `gbps_per_pin` / 8 must give `bandwidth_GBps` within a few percent (a test checks);
 # `gbps_per_pin` is the memory's effective data rate per pin (GDDR6: 10-20 Gbit/s; HBM: 1.75-6.25 Gbit/s),
 # which datasheets rarely print: where no page states it, it is bandwidth x 8 / bus width (NOTES says where).
 # `host_link` bandwidths are the datasheets' figures, both directions added (half of it each way).
-GPUS = [
-    dict(name="T4", sku="Tesla T4 (PCIe, 70 W)", arch="Turing", cc="7.5", year=2018,
-         memory_GB=16, memory_type="GDDR6", bus_bits=256, gbps_per_pin=10.0, bandwidth_GBps=320,
-         sms=40, cuda_cores=2560, tensor_cores=320, rt_cores=40, l2_MB=4, smem_per_sm_KB=64,
-         fp32_tflops=8.1, fp16_tensor_tflops=65, fp16_tensor_sparse_tflops=None, fp8_tensor_sparse_tflops=None,
-         power_W=70, nvlink_GBps=None, host_link="PCIe Gen3 x16 (32 GB/s both ways)",
-         source="https://www.nvidia.com/content/dam/en-zz/Solutions/Data-Center/tesla-t4/t4-tensor-core-datasheet-951643.pdf",
-         checked=["https://sysrqmts.com/en/gpus/nvidia/tesla/t4",
-                  "https://geektopia.es/es/technology/2018/09/13/noticias/nvidia-presenta-la-nueva-tesla-t4-basada-en-turing-orientada-a-inteligencia-artificial.html",
-                  "https://networkoutlet.com/blogs/articles/nvidia-tesla-t4-16gb-gpu-specs-performance-use-cases"],
-         unconfirmed=()),
-    dict(name="V100", sku="Tesla V100 SXM2 32GB", arch="Volta", cc="7.0", year=2017,
-         memory_GB=32, memory_type="HBM2", bus_bits=4096, gbps_per_pin=1.75, bandwidth_GBps=900,
-         sms=80, cuda_cores=5120, tensor_cores=640, rt_cores=0, l2_MB=6, smem_per_sm_KB=96,
-         fp32_tflops=15.7, fp16_tensor_tflops=125, fp16_tensor_sparse_tflops=None, fp8_tensor_sparse_tflops=None,
-         power_W=300, nvlink_GBps=300, host_link="PCIe Gen3 x16 (32 GB/s both ways)",
-         source="https://images.nvidia.com/content/technologies/volta/pdf/volta-v100-datasheet-update-us-1165301-r5.pdf",
-         checked=["https://developer.nvidia.com/programming-tensor-cores-cuda-9-0",
-                  "https://www.techrival.com/nvidia-volta-tesla-v100-cards-detailed-150w-single-slot-300w-dual-slot-gv100-powered-pcie-accelerators/",
-                  "https://www.io-tech.fi/uutinen/nvidia-esitteli-tesla-v100-pci-express-kiihdyttimen-tieteelliseen-laskentaan/",
-                  "https://elchapuzasinformatico.com/2017/05/nvidia-tesla-v100-anunciada-5210-cuda-cores-la-arquitectura-volta/",
-                  "https://ggangliu.cn/2023/06/25/nvidia-ampere-architecture.html"],
-         unconfirmed=("memory_GB", "fp32_tflops", "host_link")),
-    dict(name="A100", sku="A100 SXM4 80GB", arch="Ampere", cc="8.0", year=2020,
-         memory_GB=80, memory_type="HBM2e", bus_bits=5120, gbps_per_pin=3.19, bandwidth_GBps=2039,
-         sms=108, cuda_cores=6912, tensor_cores=432, rt_cores=0, l2_MB=40, smem_per_sm_KB=164,
-         fp32_tflops=19.5, fp16_tensor_tflops=312, fp16_tensor_sparse_tflops=624, fp8_tensor_sparse_tflops=None,
-         power_W=400, nvlink_GBps=600, host_link="PCIe Gen4 x16 (64 GB/s both ways)",
-         source="https://www.nvidia.com/content/dam/en-zz/Solutions/Data-Center/a100/pdf/nvidia-a100-datasheet-us-nvidia-1758950-r4-web.pdf",
-         checked=["https://glennklockwood.com/garden/processors/A100",
-                  "https://www.thundercompute.com/blog/nvidia-a100-specs-full-guide",
-                  "https://fudzilla.com./news/ai/50832-nvidia-unveils-the-a100-tensor-core-gpu",
-                  "https://huggingface.co/spaces/lambdabrendan/Lambda-LLM-Calculator/blame/main/data/gpu_specs.csv"],
-         unconfirmed=()),
-    dict(name="L4", sku="L4 (PCIe, 72 W)", arch="Ada", cc="8.9", year=2023,
-         memory_GB=24, memory_type="GDDR6", bus_bits=192, gbps_per_pin=12.5, bandwidth_GBps=300,
-         sms=58, cuda_cores=7424, tensor_cores=232, rt_cores=58, l2_MB=48, smem_per_sm_KB=100,
-         fp32_tflops=30.3, fp16_tensor_tflops=121, fp16_tensor_sparse_tflops=242, fp8_tensor_sparse_tflops=485,
-         power_W=72, nvlink_GBps=None, host_link="PCIe Gen4 x16 (64 GB/s both ways)",
-         source="https://www.nvidia.com/en-us/data-center/l4/",
-         checked=["https://fpsbench.com/compare/gpu/nvidia-l4-vs-nvidia-tesla-m40",
-                  "https://grokipedia.com/page/NVIDIA_L4_vs_L40S",
-                  "https://www.yobitel.com/knowledge-base/nvidia-l4",
-                  "https://store.sourcecode.com/en-us/bg-bucket-compare/125/9820"],
-         unconfirmed=("tensor_cores", "rt_cores")),
-    dict(name="RTX 4000 SFF Ada", sku="RTX 4000 SFF Ada Generation (70 W)", arch="Ada", cc="8.9", year=2023,
-         memory_GB=20, memory_type="GDDR6", bus_bits=160, gbps_per_pin=14.0, bandwidth_GBps=280,
-         sms=48, cuda_cores=6144, tensor_cores=192, rt_cores=48, l2_MB=None, smem_per_sm_KB=100,
-         fp32_tflops=19.2, fp16_tensor_tflops=None, fp16_tensor_sparse_tflops=None, fp8_tensor_sparse_tflops=306.8,
-         power_W=70, nvlink_GBps=None, host_link="PCIe Gen4 x16",
-         source="https://www.nvidia.com/en-us/design-visualization/rtx-4000-sff/",
-         checked=["https://computerbase.de/2023-03/nvidia-rtx-4000-sff-edition-profis-bekommen-ad104-mit-20-gb-und-nur-70-watt-tdp",
-                  "https://siliconcat.net/gpu/nvidia-rtx-4000-ada-generation"],
-         unconfirmed=("gbps_per_pin", "bandwidth_GBps", "fp32_tflops", "fp8_tensor_sparse_tflops")),
-    dict(name="H100", sku="H100 SXM5 80GB", arch="Hopper", cc="9.0", year=2022,
-         memory_GB=80, memory_type="HBM3", bus_bits=5120, gbps_per_pin=5.23, bandwidth_GBps=3350,
-         sms=132, cuda_cores=16896, tensor_cores=528, rt_cores=0, l2_MB=50, smem_per_sm_KB=228,
-         fp32_tflops=67, fp16_tensor_tflops=989.5, fp16_tensor_sparse_tflops=1979, fp8_tensor_sparse_tflops=3958,
-         power_W=700, nvlink_GBps=900, host_link="PCIe Gen5 x16 (128 GB/s both ways)",
-         source="https://www.nvidia.com/en-us/data-center/h100/",
-         checked=["https://archive-lib.hpctech.co.jp/gpuproduct/nvidia-h100.html",
-                  "https://prohardver.hu/hir/nvidia_reszletezte_h100_gyorsitok_specifikacio.html",
-                  "https://glennklockwood.com/garden/processors/h100",
-                  "flashlib/data/results/hardware_h100.json"],
-         unconfirmed=()),
-    dict(name="H200", sku="H200 SXM 141GB", arch="Hopper", cc="9.0", year=2024,
-         memory_GB=141, memory_type="HBM3e", bus_bits=6144, gbps_per_pin=6.25, bandwidth_GBps=4800,
-         sms=132, cuda_cores=16896, tensor_cores=528, rt_cores=0, l2_MB=50, smem_per_sm_KB=228,
-         fp32_tflops=67, fp16_tensor_tflops=989.5, fp16_tensor_sparse_tflops=1979, fp8_tensor_sparse_tflops=3958,
-         power_W=700, nvlink_GBps=900, host_link="PCIe Gen5 x16 (128 GB/s both ways)",
-         source="https://www.nvidia.com/en-us/data-center/h200/",
-         checked=["https://lzwjava.github.io/nvidia-h200-gpu-specs-en",
-                  "https://hwcooling.net/en/nvidias-new-fastest-ai-gpu-h200-with-141gb-of-hbm3e-memory",
-                  "https://geektopia.es/es/technology/2023/11/13/noticias/nvidia-anuncia-la-aceleradora-h200-tiene-141-gb-de-hbm3e.html",
-                  "https://hmc-tech.com/gpu/nvidia-h100-vs-nvidia-h200-sxm-vs-nvidia-gb200",
-                  "https://raw.githubusercontent.com/mlcommons/inference_results_v4.1/main/closed/NVIDIA/systems/H200-SXM-141GBx8_TRT_MaxQ.json"],
-         unconfirmed=("l2_MB",)),
-]
+GPUS = json.loads((pathlib.Path(__file__).parent / "data" / "gpus.json").read_text())   # package data
+for _g in GPUS:
+    _g["unconfirmed"] = tuple(_g["unconfirmed"])
 for _g in GPUS:
     _g["arch_source"] = WHITEPAPERS[_g["arch"]]
 # Notes a reader needs beside the numbers (which figure is derived, and how; which no stored copy confirmed).
@@ -147,11 +76,10 @@ def matmul_units(dtype, cc):
     """'Tensor Cores' if a dtype matmul ('fp16', 'bf16', 'tf32', 'fp32') has Tensor Cores on compute capability cc
     ('7.5' or (7, 5)) by TENSOR_PRECISIONS, else 'CUDA cores'. A T4 (7.5) has FP16 Tensor Cores only: its bf16
     matmul and its tf32 one (allow_tf32 does nothing there: plain FP32) run on the CUDA cores."""
-    cc = tuple(int(x) for x in (cc.split(".") if isinstance(cc, str) else cc))
+    cc = cc_tuple(cc)
     if cc < (7, 0):
         raise ValueError(f"compute capability {cc} has no Tensor Cores; the table starts at Volta (7.0)")
-    gen = max((g for g in TENSOR_PRECISIONS if tuple(map(int, g["cc"].split("."))) <= cc),
-              key=lambda g: tuple(map(int, g["cc"].split("."))))
+    gen = max((g for g in TENSOR_PRECISIONS if cc_tuple(g["cc"]) <= cc), key=lambda g: cc_tuple(g["cc"]))
     units = dtype.upper() != "FP32" and dtype.upper() in gen["precisions"].replace(",", " ").split()
     return "Tensor Cores" if units else "CUDA cores"
 
@@ -252,14 +180,13 @@ def host_memory_bytes():
 # CUDA runtime device attributes (cudaDeviceAttr) asked one by one: CUDA 13 removed clock fields from
 # cudaDeviceProp, but the attributes remain.
 _ATTRS = dict(sms=16, clock_kHz=13, memory_clock_kHz=36, bus_bits=37, l2_bytes=38, max_threads_per_sm=39,
-              warp=10, regs_per_sm=82, smem_per_sm=81, smem_per_block_optin=97, cc_major=75, cc_minor=76)
+              warp=10, regs_per_sm=82, smem_per_sm=81, smem_per_block_optin=97)
 
 
 def query_device(index=0):
-    """The GPU this code runs on, as a dict (name, cc, sms, memory_bytes, clock_kHz, memory_clock_kHz, bus_bits,
+    """The GPU this code runs on, as a dict (name, cc ('9.0', from flashlib.env.compute_capability), sms, memory_bytes, clock_kHz, memory_clock_kHz, bus_bits,
     l2_bytes, smem_per_sm, regs_per_sm, max_threads_per_sm, warp, bandwidth_GBps, fp32_tflops, via), asked
     through CuPy, else torch; None when there is no GPU (or only Numba's simulator)."""
-    from .env import gpu_count, simulated
     if simulated() or gpu_count() == 0:
         return None
     info = None
@@ -274,12 +201,11 @@ def query_device(index=0):
                 info[key] = rt.deviceGetAttribute(attr, index)
             except Exception:
                 info[key] = None
-        info["cc"] = f"{info.pop('cc_major')}.{info.pop('cc_minor')}"
     except Exception:
         try:
             import torch
             p = torch.cuda.get_device_properties(index)
-            info = dict(name=p.name, cc=f"{p.major}.{p.minor}", sms=p.multi_processor_count,
+            info = dict(name=p.name, sms=p.multi_processor_count,
                         memory_bytes=p.total_memory, l2_bytes=getattr(p, "L2_cache_size", None),
                         max_threads_per_sm=getattr(p, "max_threads_per_multi_processor", None),
                         regs_per_sm=getattr(p, "regs_per_multiprocessor", None), warp=getattr(p, "warp_size", 32),
@@ -287,6 +213,7 @@ def query_device(index=0):
                         clock_kHz=None, memory_clock_kHz=None, bus_bits=None, via=f"torch {torch.__version__}")
         except Exception:
             return None
+    info["cc"] = cc_text(compute_capability(index))
     if info.get("bus_bits") and info.get("memory_clock_kHz"):
         info["bandwidth_GBps"] = bandwidth_from_clock(info["bus_bits"], info["memory_clock_kHz"])
     cores = cores_per_sm(info["cc"])
@@ -296,9 +223,10 @@ def query_device(index=0):
 
 
 def cores_per_sm(cc):
-    """FP32 CUDA cores per SM by compute capability (CUDA C++ Programming Guide, 'Compute Capabilities')."""
+    """FP32 CUDA cores per SM by compute capability ('9.0' or (9, 0); CUDA C++ Programming Guide, 'Compute
+    Capabilities'); None for one not in the table."""
     return {"7.0": 64, "7.5": 64, "8.0": 64, "8.6": 128, "8.7": 128, "8.9": 128, "9.0": 128,
-            "10.0": 128, "12.0": 128}.get(cc)
+            "10.0": 128, "12.0": 128}.get(cc_text(cc))
 
 
 def closest_row(info):

@@ -1,4 +1,4 @@
-"""Layer 3: how many bytes standard attention and FlashAttention move between HBM and on-chip SRAM.
+"""How many bytes standard attention and FlashAttention move between HBM and on-chip SRAM.
 
 Exact counts for the algorithms as `flashlib.tiled` runs them (the trace's byte counter must agree, and a test
 checks it), and the orders of Theorem 2 of FlashAttention (Dao et al. 2022): standard attention needs

@@ -8,7 +8,8 @@ with m replaced by 0 while it is -inf (`_finite`), never as -inf - (-inf) = nan.
 """
 import numpy as np
 
-from .reference import check_block_size, default_scale
+from .constants import NEG_INF, default_scale
+from .reference import check_block_size
 
 
 def _finite(m):
@@ -60,7 +61,7 @@ def online_softmax(x, trace=None):
     If `trace` is a list, each step appends (j, m, l) after element j has been read.
     """
     x = np.asarray(x, np.float64)
-    m = np.full(x.shape[:-1], -np.inf)
+    m = np.full(x.shape[:-1], NEG_INF)
     l = np.zeros(x.shape[:-1])
     for j in range(x.shape[-1]):
         m, l = online_update(m, l, x[..., j:j + 1])
@@ -79,7 +80,7 @@ def chunked_attention(q, k, v, chunk=64, scale=None):
     chunk = check_block_size("chunk", chunk)
     q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
     scale = default_scale(q.shape[-1]) if scale is None else scale
-    m = np.full(q.shape[:-1], -np.inf)
+    m = np.full(q.shape[:-1], NEG_INF)
     l = np.zeros(q.shape[:-1])
     acc = np.zeros(q.shape[:-1] + (v.shape[-1],))
     for s in range(0, k.shape[-2], chunk):

@@ -1,4 +1,4 @@
-"""Layer 1: standard attention in float64 NumPy, the truth every other implementation is tested against.
+"""Standard attention in float64 NumPy, the truth every other implementation is tested against.
 
 Shapes follow PyTorch's SDPA: q (..., H, Nq, d), k and v (..., H_kv, Nk, d); the leading axes are (batch, heads).
 `causal=True` means what PyTorch's `is_causal` means: query i sees keys 0..i (top-left aligned, also when
@@ -14,11 +14,9 @@ import numbers
 
 import numpy as np
 
+from .constants import NEG_INF, default_scale
 
 GQA = ("forward", "backward")   # k, v may have fewer heads than q (flashlib.api reads this)
-
-def default_scale(d):
-    return 1.0 / np.sqrt(d)
 
 
 def check_block_size(name, value):
@@ -79,9 +77,9 @@ def scores(q, k, causal=False, scale=None, mask=None):
     scale = default_scale(q.shape[-1]) if scale is None else scale
     S = scale * ungroup(group(q, g) @ np.swapaxes(shared(k, g), -1, -2), g)
     if causal:
-        S = np.where(causal_mask(S.shape[-2], S.shape[-1]), S, -np.inf)
+        S = np.where(causal_mask(S.shape[-2], S.shape[-1]), S, NEG_INF)
     if mask is not None:
-        S = np.where(mask, S, -np.inf)
+        S = np.where(mask, S, NEG_INF)
     return S
 
 
@@ -93,7 +91,7 @@ def softmax_rows(S):
     l = E.sum(axis=-1, keepdims=True)
     with np.errstate(divide="ignore", invalid="ignore"):
         P = np.where(l > 0, E / l, 0.0)
-        lse = np.where(l > 0, m + np.log(l), -np.inf)[..., 0]
+        lse = np.where(l > 0, m + np.log(l), NEG_INF)[..., 0]
     return P, lse
 
 

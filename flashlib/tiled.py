@@ -1,4 +1,4 @@
-"""Layer 2: FlashAttention in plain NumPy, tile by tile, with the papers' names.
+"""FlashAttention in plain NumPy, tile by tile, with the papers' names.
 
 Q (Nq, d) is cut into Tr = ceil(Nq / Br) row blocks Q_i, K and V (Nk, d) into Tc = ceil(Nk / Bc) blocks K_j, V_j;
 the last block of each may be shorter (ragged). Leading axes (batch, heads) ride along.
@@ -21,7 +21,8 @@ Br, Bc must be positive ints.
 """
 import numpy as np
 
-from .reference import check_block_size, default_scale, group, kv_group, kv_sum, shared, ungroup
+from .constants import NEG_INF, default_scale
+from .reference import check_block_size, group, kv_group, kv_sum, shared, ungroup
 
 GQA = ("forward", "backward")   # k, v may have fewer heads than q (flashlib.api reads this)
 
@@ -46,7 +47,7 @@ def tile_scores(Qi, Kj, i, j, Br, Bc, causal, scale):
     if causal:
         rows = i * Br + np.arange(S.shape[-2])[:, None]
         cols = j * Bc + np.arange(S.shape[-1])[None, :]
-        S = np.where(cols <= rows, S, -np.inf)
+        S = np.where(cols <= rows, S, NEG_INF)
     return S
 
 
@@ -91,7 +92,7 @@ def _setup(q, k, v, scale, Br, Bc):
 
 def _lse(m, l):
     """m + log(l), and -inf for a row that saw no key (l = 0)."""
-    return np.where(l > 0, m + np.log(np.where(l > 0, l, 1.0)), -np.inf)
+    return np.where(l > 0, m + np.log(np.where(l > 0, l, 1.0)), NEG_INF)
 
 
 def _divide(O, l):
@@ -106,7 +107,7 @@ def fa1_forward(q, k, v, causal=False, scale=None, Br=16, Bc=16, trace=None, ite
     hbm = _HBM(itemsize)
     O = np.zeros(q.shape)                          # line 2: O, l, m initialised in HBM
     l = np.zeros(q.shape[:-1] + (1,))
-    m = np.full(q.shape[:-1] + (1,), -np.inf)
+    m = np.full(q.shape[:-1] + (1,), NEG_INF)
     hbm.store(O, l, m)
     for j in range(Tc):                            # line 5: outer loop over K/V blocks (lines 3-4: `block`)
         active = [i for i in range(Tr) if tile_visible(i, j, Br, Bc, Nq, causal)]
@@ -138,39 +139,40 @@ def fa2_forward(q, k, v, causal=False, scale=None, Br=16, Bc=16, trace=None, ite
     """FlashAttention-2's forward. q (..., H, Nq, d), k, v (..., H_kv, Nk, d) -> O (..., H, Nq, d), lse (..., H, Nq).
 
     block_mask (Tr, Tc) bool, if given, also skips the tiles it turns off (block-sparse FlashAttention).
+    The comments name the lines of FlashAttention-2's Algorithm 1 (Dao 2023); lse is the paper's L.
     """
-    q, k, v, g, scale, Tr, Tc = _setup(q, k, v, scale, Br, Bc)
+    q, k, v, g, scale, Tr, Tc = _setup(q, k, v, scale, Br, Bc)   # lines 1-2: Tr, Tc blocks (`block` cuts them)
     Nq = q.shape[-2]
     keep = _block_mask(block_mask, Tr, Tc)
     hbm = _HBM(itemsize)
     O = np.empty(q.shape)
     lse = np.empty(q.shape[:-1] + (1,))
-    for i in range(Tr):                            # outer loop over Q blocks: one thread block each on a GPU
+    for i in range(Tr):                            # line 3: outer loop over Q blocks, one thread block each on a GPU
         Qi = block(q, i, Br)
-        hbm.load(Qi)
-        Oi = np.zeros(Qi.shape)                    # on chip: O_i, l_i, m_i never go back to HBM until the end
+        hbm.load(Qi)                               # line 4
+        Oi = np.zeros(Qi.shape)                    # line 5, on chip: O_i, l_i, m_i stay there until the end
         li = np.zeros(Qi.shape[:-1] + (1,))
-        mi = np.full(Qi.shape[:-1] + (1,), -np.inf)
+        mi = np.full(Qi.shape[:-1] + (1,), NEG_INF)
         first = True
-        for j in range(Tc):
+        for j in range(Tc):                        # line 6
             if not (keep[i, j] and tile_visible(i, j, Br, Bc, Nq, causal)):
                 _step(trace, hbm, algo="fa2", i=i, j=j, skipped=True, loaded=(), written=())
                 continue
             Kj, Vj = block(k, j, Bc), block(v, j, Bc)
-            hbm.load(Kj, Vj)
-            S = tile_scores(Qi, Kj, i, j, Br, Bc, causal, scale)
-            m_new = np.maximum(mi, S.max(axis=-1, keepdims=True))
+            hbm.load(Kj, Vj)                       # line 7
+            S = tile_scores(Qi, Kj, i, j, Br, Bc, causal, scale)          # line 8
+            m_new = np.maximum(mi, S.max(axis=-1, keepdims=True))        # line 9: m_i^(j), then P~ and l_i^(j)
             P_t = np.exp(S - _finite(m_new))       # unnormalised: divided by l only once, after the loop
             alpha = np.exp(mi - _finite(m_new))    # e^(m_i^(j-1) - m_i^(j)); _finite: a row with no key yet
             li = alpha * li + P_t.sum(axis=-1, keepdims=True)
-            Oi = alpha * Oi + P_t @ Vj
+            Oi = alpha * Oi + P_t @ Vj             # line 10
             mi = m_new
             _step(trace, hbm, algo="fa2", i=i, j=j, skipped=False, loaded=(("Q",) if first else ()) + ("K", "V"),
                   written=(), S=S, P=P_t, m=mi[..., 0], l=li[..., 0], O=_divide(Oi, li))
             first = False
-        block(O, i, Br)[...] = _divide(Oi, li)     # deferred normalisation
-        block(lse, i, Br)[...] = _lse(mi, li)      # L_i = m_i + log(l_i), kept for the backward
-        hbm.store(block(O, i, Br), block(lse, i, Br))
+        block(O, i, Br)[...] = _divide(Oi, li)     # line 12: deferred normalisation
+        block(lse, i, Br)[...] = _lse(mi, li)      # line 13: L_i = m_i + log(l_i), kept for the backward
+        hbm.store(block(O, i, Br), block(lse, i, Br))                    # lines 14-15
         _amend(trace, hbm, ("O", "lse"))
     return ungroup(O, g), ungroup(lse, g)[..., 0]
 
@@ -179,45 +181,48 @@ def backward(q, k, v, o, lse, do, causal=False, scale=None, Br=16, Bc=16, trace=
     """FlashAttention-2's backward: (dq, dk, dv), P recomputed from lse. Shapes as in fa2_forward.
 
     P = exp(S - L_i) is only as good as lse: a ValueError says so when a row's P sums to more than 1 (a float32
-    lse at |scores| >~ 1e3, or an lse from other inputs); flashlib.reference uses the exact P where lse is the row's own.
+    lse at |scores| >~ 1e3, or an lse from other inputs); flashlib.reference uses the exact P where lse is the
+    row's own. The comments name the lines of FlashAttention-2's Algorithm 2 (Dao 2023): lse is the paper's L, D
+    its D = rowsum(dO * O) (`delta` in the kernels). Line 9 loads O_i too; only D_i needs it, so it is not loaded.
     """
-    q, k, v, g, scale, Tr, Tc = _setup(q, k, v, scale, Br, Bc)
+    q, k, v, g, scale, Tr, Tc = _setup(q, k, v, scale, Br, Bc)   # lines 1-2: Tr, Tc blocks (`block` cuts them)
     o, do = (group(np.asarray(a, np.float64), g) for a in (o, do))
     lse = group(np.asarray(lse, np.float64)[..., None], g)
     Nq = q.shape[-2]
     hbm = _HBM(itemsize)
     hbm.load(do, o)
-    D = (do * o).sum(axis=-1, keepdims=True)       # pre-pass: D_i = rowsum(dO_i * O_i)
+    D = (do * o).sum(axis=-1, keepdims=True)       # line 4, a pre-pass: D_i = rowsum(dO_i * O_i)
     hbm.store(D)
     dq, dk, dv = np.zeros(q.shape), np.zeros(k.shape), np.zeros(v.shape)
-    hbm.store(dq)
+    hbm.store(dq)                                  # line 3: dQ = 0 in HBM
     P_sum = np.zeros(lse.shape)                    # rowsum(P) over all j: 1 when lse fits the scores
-    for j in range(Tc):                            # outer loop over K/V blocks: dK_j, dV_j stay on chip
+    for j in range(Tc):                            # line 5: outer loop over K/V blocks, dK_j, dV_j stay on chip
         active = [i for i in range(Tr) if tile_visible(i, j, Br, Bc, Nq, causal)]
         Kj, Vj = block(k, j, Bc), block(v, j, Bc)
-        if active:                                 # keys no query may see: dK_j = dV_j = 0, nothing moved
+        if active:                                 # line 6 (keys no query sees: dK_j = dV_j = 0, nothing moved)
             hbm.load(Kj, Vj)
-        dKj, dVj = np.zeros(Kj.shape), np.zeros(Vj.shape)
-        for i in range(Tr):
+        dKj, dVj = np.zeros(Kj.shape), np.zeros(Vj.shape)                # line 7
+        for i in range(Tr):                        # line 8
             if i not in active:
                 _step(trace, hbm, algo="bwd", i=i, j=j, skipped=True, loaded=(), written=())
                 continue
-            Qi, dOi, lse_i, Di, dQi = block(q, i, Br), block(do, i, Br), block(lse, i, Br), block(D, i, Br), block(dq, i, Br)
-            hbm.load(Qi, dOi, lse_i, Di, dQi)
-            S = tile_scores(Qi, Kj, i, j, Br, Bc, causal, scale)
-            P = np.where(np.isneginf(lse_i), 0.0, np.exp(S - _finite(lse_i)))   # recomputation: P was never stored
+            Qi, dOi, dQi = block(q, i, Br), block(do, i, Br), block(dq, i, Br)
+            lse_i, Di = block(lse, i, Br), block(D, i, Br)
+            hbm.load(Qi, dOi, lse_i, Di, dQi)      # line 9
+            S = tile_scores(Qi, Kj, i, j, Br, Bc, causal, scale)          # line 10
+            P = np.where(np.isneginf(lse_i), 0.0, np.exp(S - _finite(lse_i)))   # line 11: recomputed, never stored
             block(P_sum, i, Br)[...] += P.sum(axis=-1, keepdims=True)
-            dVj += _per_kv(np.swapaxes(P, -1, -2) @ dOi, g)
-            dP = dOi @ np.swapaxes(Vj, -1, -2)
-            dS = P * (dP - Di)
-            dQi += scale * (dS @ Kj)               # a GPU kernel adds this with atomics or in a second pass
-            dKj += scale * _per_kv(np.swapaxes(dS, -1, -2) @ Qi, g)
+            dVj += _per_kv(np.swapaxes(P, -1, -2) @ dOi, g)              # line 12
+            dP = dOi @ np.swapaxes(Vj, -1, -2)                            # line 13
+            dS = P * (dP - Di)                                            # line 14
+            dQi += scale * (dS @ Kj)               # line 15: a GPU kernel adds this with atomics or in a second pass
+            dKj += scale * _per_kv(np.swapaxes(dS, -1, -2) @ Qi, g)      # line 16
             hbm.store(dQi)
             _step(trace, hbm, algo="bwd", i=i, j=j, skipped=False, loaded=("Q", "dO", "lse", "D", "dQ"),
                   written=("dQ",), S=S, P=P, dS=dS)
         block(dk, j, Bc)[...], block(dv, j, Bc)[...] = dKj, dVj
         if active:
-            hbm.store(dKj, dVj)
+            hbm.store(dKj, dVj)                    # line 18
             _amend(trace, hbm, ("dK", "dV"))
     _check_lse(P_sum, lse)
     return ungroup(dq, g), kv_sum(dk, g), kv_sum(dv, g)

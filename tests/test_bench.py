@@ -13,9 +13,10 @@ RECORDED = sorted(bench.RESULTS.glob("*.json"))
 
 
 def test_flops_follow_the_convention():
-    assert grid.flops(2, 3, 100, 64, False) == 4 * 2 * 3 * 100 * 100 * 64
-    assert grid.flops(2, 3, 100, 64, True) == grid.flops(2, 3, 100, 64, False) / 2
-    assert grid.flops(1, 1, 8, 8, False, backward=True) == 3.5 * grid.flops(1, 1, 8, 8, False)
+    from flashlib.constants import attention_flops as flops
+    assert flops(2, 3, 100, 64, False) == 4 * 2 * 3 * 100 * 100 * 64
+    assert flops(2, 3, 100, 64, True) == flops(2, 3, 100, 64, False) / 2
+    assert flops(1, 1, 8, 8, False, backward=True) == 3.5 * flops(1, 1, 8, 8, False)
 
 
 @pytest.mark.parametrize("path", RECORDED, ids=[p.stem for p in RECORDED])
@@ -124,8 +125,8 @@ def test_save_records_the_code_and_record_status_compares_it(monkeypatch, tmp_pa
     r = json.loads(path.read_text())
     for key in ("flashlib_commit", "flashlib_commit_source", "flashlib_dirty", "kernel_sources"):
         assert key in r["info"]
-    monkeypatch.setattr(bench, "RESULTS", tmp_path)
-    monkeypatch.setattr(bench, "load", lambda name: json.loads((tmp_path / f"{name}.json").read_text()))
+    monkeypatch.setattr(bench.results, "RESULTS", tmp_path)
+    monkeypatch.setattr(bench.results, "load", lambda name: json.loads((tmp_path / f"{name}.json").read_text()))
     st = records.record_status("probe_gpu")
     assert st["how"] == "hashes" and st["changed"] is False and st["changed_sources"] == []
     r["info"]["kernel_sources"]["files"]["flashlib/tiled.py"] = "0" * 64
@@ -177,3 +178,32 @@ def test_records_live_in_the_package_not_in_benchmarks():
     """Records written to the old folder would be missing from the wheel (and from Colab): they belong in RESULTS."""
     old = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "results"
     assert not sorted(p.name for p in old.glob("*.json")), f"move these into {bench.RESULTS}"
+
+
+def test_backward_flops_are_two_and_a_half_forwards():
+    from flashlib.constants import attention_flops, backward_flops
+    assert backward_flops(2, 3, 100, 64, True) == 2.5 * attention_flops(2, 3, 100, 64, True)
+    assert backward_flops(1, 1, 8, 8, Nk=5) == 2.5 * 4 * 8 * 5 * 8
+
+
+def test_the_workload_keeps_the_tokens_fixed():
+    from flashlib.bench.shapes import HEADS, TOKENS, workload
+    assert [workload(N) for N in (512, 4096, 16384, 32768)] == [(32, 16), (4, 16), (1, 16), (1, 16)]
+    assert all(workload(N)[0] * N == TOKENS for N in (512, 1024, 16384)) and HEADS == 16
+
+
+def test_gpu_tag_names_the_gpu_or_says_gpu():
+    import flashlib
+    assert bench.gpu_tag("NVIDIA H100 80GB HBM3") == "h100" and bench.gpu_tag("Tesla T4") == "t4"
+    assert bench.gpu_tag("NVIDIA A100-SXM4-80GB") == "a100" and bench.gpu_tag("some other board") == "gpu"
+    if not flashlib.gpu_count():
+        assert bench.gpu_tag() == "gpu"                  # the present GPU's name: none here
+
+
+def test_compute_capability_forms():
+    import flashlib
+    from flashlib import env
+    assert env.cc_tuple("8.9") == env.cc_tuple(89) == env.cc_tuple((8, 9)) == (8, 9)
+    assert env.cc_text((9, 0)) == env.cc_text(90) == env.cc_text("9.0") == "9.0"
+    cc = env.compute_capability()
+    assert cc is None if not flashlib.gpu_count() else (isinstance(cc, tuple) and cc >= (7, 0))

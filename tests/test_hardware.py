@@ -100,6 +100,34 @@ def test_query_without_gpu_returns_none(monkeypatch):
     assert hardware.host_memory_bytes() is None or hardware.host_memory_bytes() > 2**28
 
 
+def test_kernel_source_is_one_kernel_with_its_comment():
+    from flashlib.bench import micro
+    assert micro.kernel_source("empty").splitlines() == [
+        "// empty: does nothing; launching it measures the cost of a launch alone.", "__global__ void empty() {}"]
+    src = micro.kernel_source("copy_f4")
+    assert src.startswith("// copy_f4:") and src.endswith("}") and "strided_read" not in src
+
+
+def test_micro_run_all_keeps_the_name_it_is_given(monkeypatch, tmp_path):
+    """--name wins even when the device reports no name (it used to be dropped then), and the default name is
+    hardware_<gpu tag>."""
+    from flashlib.bench import micro
+    assert micro.default_name({}) == "hardware_gpu"
+    assert micro.default_name({"name": "NVIDIA H100 80GB HBM3"}) == "hardware_h100"
+    if hardware.query_device():
+        pytest.skip("a GPU is present: run_all would run every benchmark")
+    monkeypatch.setattr(micro, "device_info", lambda: {})
+    monkeypatch.setattr(micro, "print", lambda *a: None, raising=False)
+    _, _, paths = micro.run_all("hardware_probe", tmp_path)
+    assert [p.name for p in paths] == ["hardware_probe.json", "hardware_probe_smid.json"]
+
+
+def test_l2_sweep_refuses_sizes_that_are_not_powers_of_two():
+    from flashlib.bench import micro
+    with pytest.raises(ValueError, match="powers of two.*\\[3, 48\\]"):
+        micro.l2_sweep((1, 3, 48))
+
+
 def test_kernels_compile_with_nvrtc():
     micro = pytest.importorskip("flashlib.bench.micro")
     try:
@@ -114,7 +142,7 @@ def test_kernels_compile_with_nvrtc():
 
 
 def test_figures_render_headless():
-    from flashlib.viz import hardware as hv
+    from flashlib.viz import hardware_plots as hv
     h100 = hardware.gpu("H100")
     figs = [hv.memory_pyramid([dict(name="registers", capacity=33e6, bandwidth=None),
                                dict(name="HBM", capacity=80e9, bandwidth=3350, note="datasheet")]),

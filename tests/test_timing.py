@@ -92,9 +92,9 @@ def test_batch_sized_to_target_and_flush_not_counted():
     assert out["median_ms"] == pytest.approx(0.25)         # the 0.5 ms flush before each call is outside the events
 
 
-def test_time_one_is_the_median():
+def test_time_cuda_is_the_median():
     clock = FakeClock()
-    assert timing.time_one(lambda: clock.launch(0.07, 0.2), clock=clock) == pytest.approx(0.07)
+    assert timing.time_cuda(lambda: clock.launch(0.07, 0.2), clock=clock) == pytest.approx(0.07)
 
 
 def test_contexts_are_entered_outside_the_timed_region():

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from flashlib import iomodel
-from flashlib.viz import matmul_tiles, softmax_anim, sparsity, stepthrough
+from flashlib.viz import matmul_tiles, players, softmax_anim, sparsity, stepthrough, trace
 
 
 def qkv2(rng, Nq=48, Nk=48, d=8):
@@ -54,7 +54,7 @@ def test_player_frames_and_embed_limit(rng):
     rec = stepthrough.record("fa2", q, k, v, causal=True)
     html = stepthrough.player(rec)
     assert html.count("data:image/png;base64") == len(rec["steps"]) == 16
-    assert len(html.encode()) < min(stepthrough.embed_limit_bytes(), 2 * 2 ** 20)   # 2x frames, palette PNGs
+    assert len(html.encode()) < min(players.embed_limit_bytes(), 2 * 2 ** 20)   # 2x frames, palette PNGs
     assert 'style="width: 100%' in html                                             # as wide as the column
 
 
@@ -124,8 +124,8 @@ def test_frames_are_legible_at_the_column_width(rng):
     figs.append(softmax_anim.draw_softmax_step(softmax_anim.new_figure(), np.array([0.5, 2.0, 1.0]), 1))
     for fig in figs:
         fig.canvas.draw()
-        assert stepthrough.min_font_px(fig) >= 10
-        assert fig.get_figwidth() * stepthrough.DPI >= 2 * stepthrough.COLUMN_PX
+        assert players.min_font_px(fig) >= 10
+        assert fig.get_figwidth() * players.DPI >= 2 * players.COLUMN_PX
 
 
 def test_structured_inputs_show_a_diagonal_and_large_keys():
@@ -146,10 +146,10 @@ def test_per_tensor_counters_add_up_to_the_trace(rng, algo, causal, Nq, Nk):
     q, k, v = qkv2(rng, Nq, Nk)
     rec = stepthrough.record(algo, q, k, v, causal=causal, Br=16, Bc=16)
     for n, st in enumerate(rec["steps"]):
-        per = stepthrough.tensor_bytes(rec, n)
+        per = trace.tensor_bytes(rec, n)
         assert sum(r for r, _ in per.values()) == st["hbm_read"]
         assert sum(w for _, w in per.values()) == st["hbm_written"]
-    final = stepthrough.tensor_bytes(rec, len(rec["steps"]) - 1)
+    final = trace.tensor_bytes(rec, len(rec["steps"]) - 1)
     if algo == "fa1" and not causal:                            # ch07 exercise 1: Q read T_c times, K and V once
         Tc = -(-Nk // 16)
         assert final["Q"][0] == Tc * Nq * 8 * 4 and final["K"][0] == Nk * 8 * 4 == final["V"][0]
@@ -161,9 +161,9 @@ def test_backward_gradients_replayed_from_the_trace(rng):
     rec = stepthrough.record("bwd", q, k, v, causal=True)
     o, lse = reference.attention_forward(q, k, v, True)
     expected = reference.attention_backward(q, k, v, o, lse, rec["do"], True)
-    for got, want in zip(stepthrough.gradients(rec, len(rec["steps"]) - 1), expected):
+    for got, want in zip(trace.gradients(rec, len(rec["steps"]) - 1), expected):
         np.testing.assert_allclose(got, want, atol=1e-12)
-    dq, dk, dv = stepthrough.gradients(rec, 0)                  # after one tile: only block 0's rows and keys
+    dq, dk, dv = trace.gradients(rec, 0)                  # after one tile: only block 0's rows and keys
     assert np.abs(dv[16:]).max() == 0 and np.abs(dv[:16]).max() > 0
 
 

@@ -19,9 +19,10 @@ OUT = ROOT / "book" / "_records.md"
 
 # record-name prefix -> the sources whose code that record timed (the benchmark script and the kernels it ran)
 MEASURED = {
-    "hardware": ["flashlib/bench/micro.py"],
+    "hardware": ["flashlib/bench/micro.py", "flashlib/bench/micro.cu"],
     "matmul": ["benchmarks/matmul_bench.py", "flashlib/numba_kernels/matmul.py"],
-    "block_sparse": ["benchmarks/block_sparse_bench.py", "flashlib/numba_kernels/fa2.py", "flashlib/bench/micro.py"],
+    "block_sparse": ["benchmarks/block_sparse_bench.py", "flashlib/numba_kernels/fa2.py", "flashlib/bench/micro.py",
+                     "flashlib/bench/ladders.py"],
     "ncu_io": ["benchmarks/ncu_io.py", "flashlib/numba_kernels/fa1.py", "flashlib/numba_kernels/fa2.py"],
     "numba_bwd_tf32": ["benchmarks/numba_bwd_tf32_bench.py", "flashlib/numba_kernels"],
     "numba_tc": ["benchmarks/numba_tc_bench.py", "flashlib/numba_kernels"],
@@ -96,18 +97,21 @@ def table():
     head = _git("rev-parse", "--short", "HEAD") or "unknown"
     lines = [f"Built from commit `{head}`. \"Sources changed since\": for a record that stored its kernel-source "
              "hashes, whether those files differ now; for an older one, the commits after its commit that touch the "
-             "benchmark script or the kernels it measured. A superseded record's file says why it no longer stands.", "",
-             "| chapter | recorded run | GPU | date | commit | sources changed since |", "|---|---|---|---|---|---|"]
+             "benchmark script or the kernels it measured. A superseded record's file says why it no longer stands.", ""]
+    rows = []
     for nb in sorted((ROOT / "notebooks").glob("*.ipynb")):
         recs = chapter_records(nb, names)
         title = f"{{doc}}`/notebooks/{nb.stem}`"
         if not recs:
-            lines.append(f"| {title} | none: everything on the page runs at build time | | | | |")
+            rows.append([title, "none: everything on the page runs at build time", "", "", "", ""])
         for r in recs:
             i = bench.load(r)["info"]
-            lines.append(f"| {title} | `{r}.json` | {i.get('gpu')} | {str(i.get('date', ''))[:10]} | "
-                         f"`{i.get('flashlib_commit')}` | {sources_changed(r, i)} |")
+            rows.append([title, f"`{r}.json`", i.get("gpu"), str(i.get("date", ""))[:10],
+                         f"`{i.get('flashlib_commit')}`", sources_changed(r, i)])
             title = ""
+    from flashlib.viz.tables import table as make_table
+    headers = ["chapter", "recorded run", "GPU", "date", "commit", "sources changed since"]
+    lines.append(make_table(headers, rows).markdown())
     return "\n".join(lines) + "\n"
 
 

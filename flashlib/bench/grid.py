@@ -7,33 +7,23 @@ SDPA timed interleaved, with host time per call, see flashlib.bench.public_api.
     python -m flashlib.bench [--quick] [--out DIR] [--public]
 
 For every (dtype, d, N, causal) it times the forward and forward+backward of each implementation with CUDA
-events (median after warm-up) and measures the peak extra device memory of one forward. Shapes keep
-B * H * N = 16 * 16384 tokens (H = 16), so every N does comparable work. FLOPs: 4 B H N^2 d forward (half when
-causal); forward+backward counts 3.5x the forward, as FlashAttention-2's paper does.
+events (median after warm-up) and measures the peak extra device memory of one forward. Shapes: `shapes.workload`
+(B = 16384 / N, H = 16). FLOPs: `flashlib.constants.attention_flops` (4 B H N^2 d forward, half when causal;
+forward+backward 3.5x the forward, as FlashAttention-2's paper counts).
 """
 import argparse
-import math
 
-from . import save, time_cuda
+from ..constants import attention_flops, default_scale
+from .progress import progress_bar
+from .records import save
+from .results import gpu_tag
+from .shapes import HEADS, workload
+from .timing import time_cuda
 
 FULL = dict(dtypes=("float16", "bfloat16", "float32"), ds=(64, 128), Ns=(512, 1024, 2048, 4096, 8192, 16384),
             causals=(False, True))
 QUICK = dict(dtypes=("float16", "float32"), ds=(64,), Ns=(1024, 4096), causals=(False, True))
 SDPA = ("flash", "cudnn", "efficient", "math")
-
-
-def progress_bar(items, desc, disable=False):
-    """`items` with a tqdm progress bar where tqdm is installed (it is optional: flashlib does not depend on it)."""
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return items
-    return tqdm(items, desc=desc, disable=disable)
-
-
-def flops(B, H, N, d, causal, backward=False):
-    f = 4 * B * H * N * N * d / (2 if causal else 1)
-    return f * (3.5 if backward else 1.0)
 
 
 def implementations(dtype):
@@ -82,19 +72,19 @@ def run(grid, repeat=10, out=None, progress=True):
     rows, cases = [], [(dt, d, N, c) for dt in grid["dtypes"] for d in grid["ds"] for N in grid["Ns"]
                        for c in grid["causals"]]
     for dt, d, N, causal in progress_bar(cases, "attention grid", disable=not progress):
-        B, H = max(1, 16384 // N), 16
+        B, H = workload(N)
         g = torch.Generator(device="cuda").manual_seed(0)
         q, k, v, do = (torch.randn(B, H, N, d, device="cuda", dtype=getattr(torch, dt), generator=g)
                        for _ in range(4))
-        scale = 1 / math.sqrt(d)
+        scale = default_scale(d)
         for name, (fwd, fb) in implementations(dt).items():
             row = dict(dtype=dt, d=d, n=N, B=B, H=H, causal=causal, impl=name)
             try:
                 row["fwd_ms"] = time_cuda(lambda: fwd(q, k, v, causal, scale), repeat=repeat)
-                row["fwd_tflops"] = flops(B, H, N, d, causal) / row["fwd_ms"] / 1e9
+                row["fwd_tflops"] = attention_flops(B, H, N, d, causal) / row["fwd_ms"] / 1e9
                 row["peak_extra_MB"] = peak_extra_mb(lambda: fwd(q, k, v, causal, scale))
                 row["fwdbwd_ms"] = time_cuda(lambda: fb(q, k, v, do, causal, scale), repeat=max(3, repeat // 2))
-                row["fwdbwd_tflops"] = flops(B, H, N, d, causal, True) / row["fwdbwd_ms"] / 1e9
+                row["fwdbwd_tflops"] = attention_flops(B, H, N, d, causal, True) / row["fwdbwd_ms"] / 1e9
             except Exception as e:  # a backend that refuses this case (e.g. flash in fp32) or runs out of memory
                 row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
                 torch.cuda.empty_cache()
@@ -107,13 +97,13 @@ def memory_sweep(Ns=(1024, 4096, 16384, 32768, 65536), d=64, dtype="float16"):
     import torch
     rows = []
     for N in Ns:
-        q = torch.randn(1, 16, N, d, device="cuda", dtype=getattr(torch, dtype))
+        q = torch.randn(1, HEADS, N, d, device="cuda", dtype=getattr(torch, dtype))
         for name, (fwd, _) in implementations(dtype).items():
             if name == "sdpa-math" and N > 16384:
                 continue
             try:
                 rows.append(dict(n=N, d=d, dtype=dtype, impl=name,
-                                 peak_extra_MB=peak_extra_mb(lambda: fwd(q, q, q, False, d ** -0.5))))
+                                 peak_extra_MB=peak_extra_mb(lambda: fwd(q, q, q, False, default_scale(d)))))
             except Exception as e:
                 rows.append(dict(n=N, d=d, dtype=dtype, impl=name, error=f"{type(e).__name__}"))
                 torch.cuda.empty_cache()
@@ -149,8 +139,7 @@ def main(argv=None):
         raise SystemExit("flashlib.bench needs a CUDA GPU (torch.cuda.is_available() is False)")
     rows = run(QUICK if a.quick else FULL, repeat=5 if a.quick else 10)
     mem = [] if a.no_memory or a.quick else memory_sweep()
-    gpu = torch.cuda.get_device_name().split()[1].lower() if " " in torch.cuda.get_device_name() else "gpu"
-    path = save(a.name or f"attention_{gpu}{'_quick' if a.quick else ''}", rows, directory=a.out, memory=mem)
+    path = save(a.name or f"attention_{gpu_tag()}{'_quick' if a.quick else ''}", rows, directory=a.out, memory=mem)
     print(table(rows, "fwd_tflops"), "\n\nforward+backward TFLOP/s\n", table(rows, "fwdbwd_tflops"), sep="\n")
     for png in plots(rows, mem, path.with_suffix("")):
         print(f"plot: {png}")
@@ -163,7 +152,7 @@ def plots(rows, mem, stem):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from ..viz import bench as vb
+    from ..viz import bench_plots as vb
     out = []
     for dt, d in sorted({(r["dtype"], r["d"]) for r in rows}):
         fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))

@@ -1,114 +1,29 @@
 """Micro-benchmarks for the hardware chapters: copies between host and device, launch cost, device-memory
 bandwidth, coalescing, shared-memory banks, the L2 cliff, FP32 FMA vs Tensor Core throughput, a
-timeline of which thread block ran on which SM; and the tiling chapter's matmul ladder and the block-sparse
-chapter's speed-up (Numba kernels).
+timeline of which thread block ran on which SM; and the parts of attention placed on the roofline.
+(The tiling and block-sparse chapters' Numba ladders are in `flashlib.bench.ladders`.)
 
     python -m flashlib.bench.micro [--out DIR] [--name hardware_h100]
 
-Kernels are CUDA C in `SOURCE`, loaded with `cupy.RawModule`; every function returns plain dicts and lists.
+Kernels are CUDA C in micro.cu (package data; `SOURCE` is its text), loaded with `cupy.RawModule`; every
+function returns plain dicts and lists.
 Nothing here imports CuPy, torch or numba.cuda at import time: without a GPU, `compile_ptx()` still compiles
 the kernels with NVRTC (to show their PTX), and the book loads the recorded results instead.
 """
 import argparse
+import pathlib
 import time
 
 import numpy as np
 
-from . import describe, load, save, source, time_cuda  # noqa: F401 (load, describe: for the chapters)
-from .timing import idle_events_ms
+from ..constants import default_scale
+from .progress import progress_bar
+from .records import save
+from .results import describe, gpu_tag, load, source  # noqa: F401 (load, describe: for the chapters)
+from .timing import idle_events_ms, time_cuda
 
-SOURCE = r"""
-// Every kernel: 1-D grid and block. Nothing lives in registers beyond a few scalars per thread unless said.
-extern "C" {
-
-// vector_add: thread i owns element i (grid covers n): c[i] = a[i] + b[i].
-__global__ void vector_add(const float* a, const float* b, float* c, int n) {
-    int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) c[i] = a[i] + b[i];
-}
-
-// empty: does nothing; launching it measures the cost of a launch alone.
-__global__ void empty() {}
-
-// copy_f4: grid-stride loop; each thread moves 16 bytes (a float4) per step, neighbours move neighbours
-// (coalesced: a warp touches 512 contiguous bytes).
-__global__ void copy_f4(const float4* __restrict__ src, float4* __restrict__ dst, long long n4) {
-    long long step = (long long)gridDim.x * blockDim.x;
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n4; i += step)
-        dst[i] = src[i];
-}
-
-// strided_read: thread i reads src[i * stride] and writes dst[i]. stride 1: a warp reads 128 contiguous
-// bytes; stride >= 8 floats: every 4-byte read pulls its own 32-byte sector from memory.
-__global__ void strided_read(const float* __restrict__ src, float* __restrict__ dst, long long n, int stride) {
-    long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i < n) dst[i] = src[i * stride];
-}
-
-// smem_read: shared memory has 32 banks of 4-byte words. Lane l of a warp reads s[l * stride + j]:
-// stride 1 -> 32 different banks (one pass); stride 2 -> 2 lanes per bank; stride 32 -> all 32 lanes in one
-// bank (32 passes). Shared: 2048 floats (8 KB). Registers: two accumulators. `volatile` keeps every load.
-__global__ void smem_read(float* out, int stride, int reps) {
-    __shared__ float s[2048];
-    for (int i = threadIdx.x; i < 2048; i += blockDim.x) s[i] = (float)i;
-    __syncthreads();
-    const volatile float* p = s + (threadIdx.x % 32) * stride;   // at most 31 * 32 = 992
-    float acc0 = 0.f, acc1 = 0.f;
-    for (int r = 0; r < reps; ++r) {
-        #pragma unroll
-        for (int j = 0; j < 64; j += 2) { acc0 += p[j]; acc1 += p[j + 1]; }
-    }
-    out[blockIdx.x * blockDim.x + threadIdx.x] = acc0 + acc1;
-}
-
-// read_l2: every thread makes `loads` float4 loads at (start + k * step) & mask, i.e. it sweeps a buffer of
-// mask + 1 float4s (a power of two) again and again. __ldcg caches in L2 only (not L1), so a buffer that fits
-// in L2 is served from L2 and a larger one from device memory: the "L2 cliff".
-__global__ void read_l2(const float4* __restrict__ src, float* out, long long mask, int loads) {
-    long long start = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    long long step = (long long)gridDim.x * blockDim.x;
-    float acc = 0.f;
-    #pragma unroll 8
-    for (int k = 0; k < loads; ++k) {
-        float4 v = __ldcg(src + ((start + k * step) & mask));
-        acc += v.x + v.y + v.z + v.w;
-    }
-    out[start] = acc;
-}
-
-// fma_loop: each thread runs 8 independent chains a_k = a_k * b + c (one FFMA = 2 FLOPs), `iters` times;
-// 8 chains hide the FMA latency, so the SM's FP32 units, not dependencies, set the pace.
-__global__ void fma_loop(float* out, float b, float c, int iters) {
-    float a0 = threadIdx.x, a1 = a0 + 1.f, a2 = a0 + 2.f, a3 = a0 + 3.f,
-          a4 = a0 + 4.f, a5 = a0 + 5.f, a6 = a0 + 6.f, a7 = a0 + 7.f;
-    for (int i = 0; i < iters; ++i) {
-        #pragma unroll
-        for (int u = 0; u < 16; ++u) {
-            a0 = fmaf(a0, b, c); a1 = fmaf(a1, b, c); a2 = fmaf(a2, b, c); a3 = fmaf(a3, b, c);
-            a4 = fmaf(a4, b, c); a5 = fmaf(a5, b, c); a6 = fmaf(a6, b, c); a7 = fmaf(a7, b, c);
-        }
-    }
-    out[blockIdx.x * blockDim.x + threadIdx.x] = a0 + a1 + a2 + a3 + a4 + a5 + a6 + a7;
-}
-
-// smid_timeline: one record per block: the SM it ran on (%smid) and when it started and ended
-// (%globaltimer, nanoseconds). All threads spin until spin_ns has passed, so a block is long enough to see.
-__global__ void smid_timeline(unsigned long long* rec, unsigned long long spin_ns) {
-    __shared__ unsigned long long t0;
-    unsigned int smid;
-    unsigned long long t;
-    asm volatile("mov.u32 %0, %%smid;" : "=r"(smid));
-    if (threadIdx.x == 0) asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
-    __syncthreads();
-    do { asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t)); } while (t - t0 < spin_ns);
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-        rec[3 * blockIdx.x] = smid; rec[3 * blockIdx.x + 1] = t0; rec[3 * blockIdx.x + 2] = t;
-    }
-}
-}
-"""
+# The kernels' CUDA C, package data beside this file (loaded with cupy.RawModule or compiled by NVRTC).
+SOURCE = (pathlib.Path(__file__).with_name("micro.cu")).read_text()
 KERNELS = ("vector_add", "empty", "copy_f4", "strided_read", "smem_read", "read_l2", "fma_loop", "smid_timeline")
 MB = 2**20
 _module = None
@@ -132,7 +47,7 @@ def kernel_source(name):
     start = next(i for i, l in enumerate(lines) if l.startswith("__global__") and f" {name}(" in l)
     while start > 0 and lines[start - 1].startswith("//"):
         start -= 1
-    end = next(i for i in range(start, len(lines)) if lines[i] == "}")
+    end = next(i for i in range(start, len(lines)) if lines[i] == "}" or lines[i].endswith(") {}"))
     return "\n".join(lines[start:end + 1])
 
 
@@ -270,7 +185,8 @@ def copy_bandwidth(nbytes=1024 * MB):
     threads, blocks = 256, min(65535 * 4, (n4 + 255) // 256)
     k = kernel("copy_f4")
     ms = time_cuda(lambda: k((blocks,), (threads,), (src, dst, np.int64(n4))))
-    assert bool((dst == 1).all())
+    if not bool((dst == 1).all()):
+        raise RuntimeError("copy_f4 did not copy every element: the bandwidth below would be of a broken kernel")
     ms_memcpy = time_cuda(lambda: dst.data.copy_from_device(src.data, nbytes))
     return {"bytes": nbytes, "kernel_GBps": 2 * nbytes / ms / 1e6, "memcpy_GBps": 2 * nbytes / ms_memcpy / 1e6}
 
@@ -309,6 +225,9 @@ def shared_memory_banks(strides=(1, 2, 4, 8, 16, 32), reps=256):
 def l2_sweep(sizes_MB=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512)):
     """Read bandwidth (GB/s) of repeated passes over a buffer of each size (powers of two: the kernel wraps
     with a mask): served from L2 while the buffer fits, from device memory beyond."""
+    bad = [mb for mb in sizes_MB if mb < 1 or mb & (mb - 1)]
+    if bad:
+        raise ValueError(f"l2_sweep sizes_MB must be powers of two (the kernel wraps with a mask), got {bad}")
     import cupy as cp
     from ..hardware import query_device
     sms = query_device()["sms"]
@@ -319,7 +238,6 @@ def l2_sweep(sizes_MB=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512)):
     rows = []
     for mb in sizes_MB:
         size = mb * MB
-        assert size & (size - 1) == 0, "sizes must be powers of two"
         loads = max(1, max(4 * size, 512 * MB) // (16 * threads * blocks))     # >= 4 passes, >= 512 MB read
         ms = time_cuda(lambda: k((blocks,), (threads,), (buf, out, np.int64(size // 16 - 1), np.int32(loads))))
         rows.append({"MB": mb, "GBps": 16 * loads * threads * blocks / ms / 1e6, "ms": ms})
@@ -379,7 +297,7 @@ def attention_points(N=4096, d=64, BH=64):
     q, k, v = (torch.randn(BH, N, d, device="cuda", dtype=torch.float16) for _ in range(3))
     s = q @ k.transpose(-1, -2)
     p = torch.softmax(s, -1)
-    scale = d ** -0.5
+    scale = default_scale(d)
     fns = {"QK^T": ("q @ k^T", lambda: q @ k.transpose(-1, -2)),
            "softmax": ("softmax(s)", lambda: torch.softmax(s, -1)),
            "PV": ("p @ v", lambda: p @ v),
@@ -414,46 +332,6 @@ def attention_as_measured(rows):
     return out
 
 
-# ---- the tiling and block-sparse chapters' ladders ----------------------------------------------------------
-def matmul_ladder(sizes=(512, 1024, 2048, 4096)):
-    """float32 n x n matmul: the Numba naive and shared-memory tiled kernels of the tiling chapter beside cuBLAS
-    (torch, TF32 off), with the tiled kernel's max error against float64. Rows {n, kernel, ms, tflops}."""
-    import torch
-    from numba import cuda
-    from ..numba_kernels import matmul
-    torch.backends.cuda.matmul.allow_tf32 = False
-    rng, rows = np.random.default_rng(0), []
-    for n in sizes:
-        a, b = (rng.standard_normal((n, n)).astype(np.float32) for _ in range(2))
-        da, db = cuda.to_device(a), cuda.to_device(b)
-        ta, tb = torch.from_numpy(a).cuda(), torch.from_numpy(b).cuda()
-        err = float(np.abs(matmul(da, db, kernel="tiled").copy_to_host() - a.astype(np.float64) @ b).max())
-        for name, fn in (("naive", lambda: matmul(da, db, kernel="naive")),
-                         ("tiled", lambda: matmul(da, db, kernel="tiled")), ("cublas", lambda: ta @ tb)):
-            ms = time_cuda(fn, repeat=5)
-            rows.append(dict(n=n, kernel=name, ms=ms, tflops=2 * n ** 3 / ms / 1e9, tiled_max_err=err))
-    return rows
-
-
-def block_sparse_speedup(Ns=(2048, 4096, 8192), densities=(1.0, 0.5, 0.25, 0.125), d=64, BH=16, B=32):
-    """Time of the readable Numba FA2 forward (float32, B x B tiles) with random block masks of each density
-    (flashlib.block_sparse.random_mask) against the dense mask. Rows {N, density, kept, ms, speedup}."""
-    import torch
-    from numba import cuda
-    from ..block_sparse import random_mask
-    from ..numba_kernels import fa2_forward
-    rows = []
-    for N in Ns:
-        q, k, v = (cuda.as_cuda_array(torch.randn(1, BH, N, d, device="cuda")) for _ in range(3))
-        T, dense = -(-N // B), None
-        for rho in densities:
-            m = random_mask(T, T, rho, seed=0)
-            ms = time_cuda(lambda: fa2_forward(q, k, v, Br=B, Bc=B, block_mask=m), repeat=5)
-            dense = dense or ms
-            rows.append(dict(N=N, d=d, BH=BH, density=rho, kept=float(m.mean()), ms=ms, speedup=dense / ms))
-    return rows
-
-
 # ---- the SMs -----------------------------------------------------------------------------------------------
 def smid_timeline(waves=3, threads=1024, spin_us=20):
     """Launch `waves` x (resident blocks) blocks of `threads` threads that each spin `spin_us`; return one
@@ -481,11 +359,15 @@ def smid_timeline(waves=3, threads=1024, spin_us=20):
     return {"sms": info["sms"], "blocks_per_sm": per_sm, "threads": threads, "spin_us": spin_us, "blocks": rows}
 
 
+def default_name(info):
+    """The record's default name: hardware_<gpu tag> ('hardware_h100'), from the queried device's name."""
+    return "hardware_" + gpu_tag(info.get("name") or "")
+
+
 def run_all(name=None, directory=None):
     """Every micro-benchmark with a progress bar; saves <name>.json and <name>_smid.json (timeline)."""
-    from .grid import progress_bar
     info = device_info()
-    name = name or "hardware_" + info.get("name", "gpu").split()[1].lower() if info.get("name") else "hardware_gpu"
+    name = name or default_name(info)
     steps = [("transfers", transfers), ("launch", launch_overhead), ("copy", copy_bandwidth),
              ("strided", strided_access), ("smem", shared_memory_banks), ("l2", l2_sweep),
              ("fma", fma_throughput), ("matmul", matmul_throughput), ("attention", attention_points),

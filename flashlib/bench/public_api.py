@@ -2,8 +2,8 @@
 
     python -m flashlib.bench.public_api [--quick] [--out DIR] [--name public_api_h200]
 
-Per (dtype, d, N, causal), shapes B = 16384 / N, H = 16, the forward (no grad) and forward + backward
-(torch.autograd.grad) of:
+Per (dtype, d, N, causal), shapes `shapes.workload` (B = 16384 / N, H = 16), the forward (no grad) and forward +
+backward (torch.autograd.grad) of:
   flashlib-cupy, flashlib-numba     flashlib.torch.scaled_dot_product_attention(..., backend=...): the public op
   flashlib-cupy-direct              flashlib.cupy_kernels.forward / backward on the tensors: the launches alone
   sdpa-flash, sdpa-cudnn, sdpa-efficient   F.scaled_dot_product_attention with that backend pinned (the pinning
@@ -14,7 +14,11 @@ negligible: wall time per call with no synchronisation inside the batch.
 """
 import argparse
 
-from . import describe, gpu_tag, save  # noqa: F401 (describe: for the chapters)
+from ..constants import attention_flops, default_scale
+from .records import save
+from .results import describe, gpu_tag  # noqa: F401 (describe: for the chapters)
+from .sdpa import sdpa_backends
+from .shapes import DESCRIPTION, workload
 from .timing import compare
 
 FULL = dict(dtypes=("float16", "bfloat16"), ds=(64, 128), Ns=(1024, 4096, 16384), causals=(False, True))
@@ -22,16 +26,10 @@ QUICK = dict(dtypes=("float16", "bfloat16"), ds=(64, 128), Ns=(1024, 4096), caus
 SDPA = ("flash", "cudnn", "efficient")
 
 
-def attention_flops(B, H, N, d, causal, backward=False):
-    """4 B H N^2 d for the forward (half when causal); forward + backward counts 3.5x (FlashAttention-2's rule)."""
-    return 4 * B * H * N * N * d / (2 if causal else 1) * (3.5 if backward else 1.0)
-
-
 def _pinned(name):
     import torch
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    member = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
-              "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[name]
+    from torch.nn.attention import sdpa_kernel
+    member = sdpa_backends()[name]
     return (lambda q, k, v, c: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=c)), \
         (lambda: sdpa_kernel(member))
 
@@ -47,11 +45,12 @@ def candidates(causal):
     dt = lambda q: str(q.dtype).replace("torch.", "")
 
     def direct_fwd(q, k, v):
-        return ck.forward(q, k, v, causal=causal, scale=q.shape[-1] ** -0.5, dtype=dt(q))[0]
+        return ck.forward(q, k, v, causal=causal, scale=default_scale(q.shape[-1]), dtype=dt(q))[0]
 
     def direct_fb(q, k, v, do):
-        o, lse = ck.forward(q, k, v, causal=causal, scale=q.shape[-1] ** -0.5, dtype=dt(q))
-        return ck.backward(q, k, v, o, lse, do, causal=causal, scale=q.shape[-1] ** -0.5, dtype=dt(q))
+        scale = default_scale(q.shape[-1])
+        o, lse = ck.forward(q, k, v, causal=causal, scale=scale, dtype=dt(q))
+        return ck.backward(q, k, v, o, lse, do, causal=causal, scale=scale, dtype=dt(q))
     out["flashlib-cupy-direct"] = (direct_fwd, direct_fb, None)
     for name in SDPA:
         fn, ctx = _pinned(name)
@@ -88,7 +87,7 @@ def run(grid, progress=print, on_rows=None, **timing_kw):
         for d in grid["ds"]:
             for N in grid["Ns"]:
                 for causal in grid["causals"]:
-                    B, H = max(1, 16384 // N), 16
+                    B, H = workload(N)
                     g = torch.Generator(device="cuda").manual_seed(N + d)
                     q, k, v, do = (torch.randn(B, H, N, d, device="cuda", dtype=getattr(torch, dt), generator=g)
                                    for _ in range(4))
@@ -189,11 +188,12 @@ def main(argv=None):
     if not torch.cuda.is_available():
         raise SystemExit("flashlib.bench.public_api needs a CUDA GPU (torch.cuda.is_available() is False)")
     host = host_table()
-    for n, s in host.items():
-        print(f"{n:55s} {s['host_us']:8.1f} us  (spread {100 * s['host_spread']:.0f}%)")
-    name = a.name or f"public_api_{gpu_tag(torch.cuda.get_device_name())}"
+    from ..viz.tables import table
+    print(table(["call", "host us per call", "spread"],
+                [[n, round(s["host_us"], 1), f"{100 * s['host_spread']:.0f}%"] for n, s in host.items()]))
+    name = a.name or f"public_api_{gpu_tag()}"
     method = ("flashlib.bench.timing.compare: interleaved rounds, batches behind a hold kernel; host_us: wall time "
-              "per call, no sync inside a batch of 100, median of 10 interleaved rounds; B = 16384 / N, H = 16")
+              f"per call, no sync inside a batch of 100, median of 10 interleaved rounds; {DESCRIPTION}")
     write = lambda rows, done=False: save(name, rows, directory=a.out, host_us=host, method=method, complete=done)
     write([])
     rows = run(QUICK if a.quick else FULL, on_rows=write, max_seconds=20.0)

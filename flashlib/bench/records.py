@@ -1,5 +1,8 @@
-"""Which code a recorded result measured, in a form that can be checked later.
+"""Writing a recorded result with its provenance, and checking later which code it measured.
 
+- `save(name, rows, **info)`: writes {'info': provenance() + info, 'rows': rows} to RESULTS/<name>.json
+  (`results.RESULTS`; `results.load` reads it back).
+- `provenance()`: GPU, driver/CUDA, library versions, date, and the code measured (`code_state()`).
 - `code_state()`: the flashlib commit, whether the tree was dirty, and a hash of every kernel source file; stored
   by `flashlib.bench.save` in each record's info.
 - `kernel_sources()`: sha256 per kernel source file (`KERNEL_SOURCES`) and one digest over all of them.
@@ -14,9 +17,15 @@ machine) the commit is $FLASHLIB_COMMIT and dirty is None: unknown. The source h
 import datetime
 import functools
 import hashlib
+import json
 import os
 import pathlib
+import platform
 import subprocess
+import warnings
+
+from ..env import cc_text, compute_capability
+from . import results
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1]       # .../flashlib
 ROOT = PACKAGE.parent                                        # the checkout (or site-packages for a wheel)
@@ -65,10 +74,9 @@ def _git(*args):
 
 def _dirty_files(porcelain):
     """Paths `git status --porcelain` lists, less untracked results and logs."""
-    from . import RESULTS
     ignored = IGNORED_WHEN_DIRTY
-    if pathlib.Path(RESULTS).resolve().is_relative_to(ROOT.resolve()):
-        ignored += (_relative(RESULTS) + "/",)
+    if pathlib.Path(results.RESULTS).resolve().is_relative_to(ROOT.resolve()):
+        ignored += (_relative(results.RESULTS) + "/",)
     out = []
     for line in porcelain.splitlines():
         status, path = line[:2], line[3:]
@@ -165,8 +173,7 @@ def record_status(name):
     Records with stored hashes compare them with the current files; older ones ask git which kernel sources
     changed after the record's commit (working tree included).
     """
-    from . import RESULTS, load
-    result = load(name)
+    result = results.load(name)
     info = result["info"]
     commit = str(info.get("flashlib_commit", ""))
     status = {"name": name, "commit": commit, "date": info.get("date"), "superseded": result.get("superseded")}
@@ -183,11 +190,57 @@ def record_status(name):
         area: [p for p in changed if p.startswith(f"flashlib/{area}/")] for area in ("cupy_kernels", "numba_kernels")}
     if changed is not None:
         status["changed_by_area"]["numpy"] = [p for p in changed if p.count("/") == 1]
-    status["provenance_problems"] = check_record(result, RESULTS / f"{name}.json") if _git("rev-parse", "HEAD") else None
+    status["provenance_problems"] = check_record(result, results.RESULTS / f"{name}.json") if _git("rev-parse", "HEAD") else None
     return status
 
 
 def statuses():
     """record_status of every recorded result, in name order."""
-    from . import RESULTS
-    return [record_status(p.stem) for p in sorted(RESULTS.glob("*.json"))]
+    return [record_status(p.stem) for p in sorted(results.RESULTS.glob("*.json"))]
+
+
+def _version(mod):
+    try:
+        return __import__(mod).__version__
+    except Exception:
+        return None
+
+
+def provenance():
+    """Where and when a result was measured: GPU, driver, CUDA, versions, date, and the code (code_state())."""
+    info = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            **code_state(), "python": platform.python_version(),
+            **{m: _version(m) for m in ("numpy", "numba", "cupy", "torch")}}
+    try:
+        from importlib.metadata import version
+        info["numba_cuda"] = version("numba-cuda")
+    except Exception:
+        info["numba_cuda"] = None
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total",
+                              "--format=csv,noheader"], capture_output=True, text=True, check=True).stdout
+        name, driver, mem = [s.strip() for s in out.splitlines()[0].split(",")]
+        info.update(gpu=name, driver=driver, gpu_memory=mem)
+    except Exception:
+        info.update(gpu=None, driver=None)
+    try:
+        import cupy as cp
+        info["cuda_runtime"] = cp.cuda.runtime.runtimeGetVersion()
+    except Exception:
+        pass
+    if compute_capability():
+        info["compute_capability"] = cc_text(compute_capability())
+    return info
+
+
+def save(name, rows, directory=None, **info):
+    """Write {'info': provenance + info, 'rows': rows} to <directory or RESULTS>/<name>.json.
+    Warns when the tree had uncommitted changes: such a record fails test_bench until it is re-recorded."""
+    path = pathlib.Path(directory or results.RESULTS) / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {**provenance(), **info}
+    if meta.get("flashlib_dirty"):
+        warnings.warn(f"{name}: measured with uncommitted changes ({', '.join(meta['flashlib_dirty_files'][:5])}); "
+                      "commit, then record again", stacklevel=2)
+    path.write_text(json.dumps({"info": meta, "rows": rows}, indent=1, default=str) + "\n")
+    return path

@@ -6,7 +6,8 @@
 """
 import torch
 
-from . import time_cuda
+from ..constants import attention_flops
+from .timing import time_cuda
 
 
 def sdpa_backends():
@@ -92,8 +93,8 @@ def time_attention(impl, B, H, N, d, dtype=None, causal=False, backward=True):
             row["fwdbwd_ms"] = time_cuda(lambda: torch.autograd.grad(fn(q, k, v), (q, k, v), do), repeat=5)
     except Exception as e:                      # a backend that refuses these inputs, or is missing a piece
         row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
-    flops = 4 * B * H * N * N * d / (2 if causal else 1)
-    for key, mult in (("fwd", 1.0), ("fwdbwd", 3.5)):
+    for key in ("fwd", "fwdbwd"):
         if row.get(f"{key}_ms"):
-            row[f"{key}_tflops"] = mult * flops / (row[f"{key}_ms"] * 1e-3) / 1e12
+            flops = attention_flops(B, H, N, d, causal, backward=key == "fwdbwd")
+            row[f"{key}_tflops"] = flops / (row[f"{key}_ms"] * 1e-3) / 1e12
     return row

@@ -70,8 +70,10 @@ def compare(candidates, *, warmup=3, min_rounds=5, max_rounds=30, rel_tol=0.03, 
     return out
 
 
-def time_one(fn, warmup=3, repeat=10, **kw):
-    """Median GPU milliseconds per call of fn() (compare with one candidate, at least `repeat` rounds)."""
+def time_cuda(fn, warmup=3, repeat=10, **kw):
+    """Median GPU milliseconds per call of fn() on the current CUDA stream (compare with one candidate, at least
+    `repeat` rounds: events around a batch of back-to-back calls queued behind a hold kernel, so host time is not
+    counted)."""
     return compare({"fn": fn}, warmup=warmup, min_rounds=repeat, max_rounds=max(repeat, 30), host=False,
                    **kw)["fn"]["median_ms"]
 

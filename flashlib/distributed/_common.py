@@ -2,7 +2,7 @@
 import torch
 import torch.distributed as dist
 
-from .. import reference
+from ..constants import default_scale
 from ..torch import cupy_allocates_from_torch, resolve_backend
 
 STATS = {}   # phase (forward, backward, ulysses_forward, ulysses_backward) -> counters of the latest call, this rank
@@ -52,5 +52,5 @@ def prepare(q, k, v, scale, backend):
         _check_cuda(q, k, v)
         cupy_allocates_from_torch()           # one allocator for torch, the cupy kernels and the merge
     backend = resolve_backend(q, backend)
-    scale = reference.default_scale(q.shape[3]) if scale is None else scale
+    scale = default_scale(q.shape[3]) if scale is None else scale
     return q.contiguous(), k.contiguous(), v.contiguous(), scale, backend

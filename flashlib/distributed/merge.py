@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from .. import online_softmax
+from ..constants import NEG_INF
 
 
 def as_array(t):
@@ -35,7 +36,7 @@ def fold(m, l, acc, o_b, lse_b):
     enters as (m, 0), which adds nothing and never forms inf - inf; the empty running state is (0, 0, 0).
     m, l: (B, H, n), acc: (B, H, n, d), all of one float dtype, all NumPy or all CuPy."""
     xp = _module(m)
-    empty = lse_b == -np.inf
+    empty = lse_b == NEG_INF
     m_b = xp.where(empty, m, lse_b).astype(m.dtype)
     m_a = xp.where(l == 0, m_b, m)
     m_new, l_new = online_softmax.merge(m_a, l, m_b, (~empty).astype(l.dtype))
@@ -48,4 +49,4 @@ def finish(m, l, acc):
     xp = _module(m)
     seen = l > 0
     safe = xp.where(seen, l, 1)
-    return xp.where(seen[..., None], acc / safe[..., None], 0), xp.where(seen, m + xp.log(safe), -np.inf)
+    return xp.where(seen[..., None], acc / safe[..., None], 0), xp.where(seen, m + xp.log(safe), NEG_INF)

@@ -56,27 +56,35 @@ def _rows(x, s):
     return x[:, :, s].contiguous()
 
 
-def _ring_forward(q, k, v, causal, scale, group, layout, backend):
+def _ring_steps(k, v, n, causal, group, layout, stats):
+    """Walk the ring: yields (step, the K/V block held now, its plan) once per step. Before each yield the next
+    block's transfer has started; after the caller's work on the step, it waits for that block and lets the
+    used one go. Records the steps computed and the peak number of K/V blocks held in `stats`."""
     rank, P, nxt, prv = _peers(group)
-    n, stats, held, dt = q.shape[2], _new_stats("forward"), BlockTracker(), acc_dtype(q)
-    state = [torch.zeros(q.shape[:3], dtype=dt, device=q.device), torch.zeros(q.shape[:3], dtype=dt, device=q.device),
-             torch.zeros(q.shape, dtype=dt, device=q.device)]
-    m, l, acc = (as_array(t) for t in state)                # views: writing them writes the tensors
-    cur = (k, v)
+    held, cur = BlockTracker(), (k, v)
     held.take(f"kv{rank}")
     for step in range(P):
         src = block_of(rank, step, P)
         nxt_kv, reqs = _pass_on(cur, rank, step, P, held, nxt, prv, group, stats)   # the next block's transfer first
         plan = block_plan(rank, src, P, n, layout, causal)
         stats["computed"].append(plan is not None)
+        yield step, cur, plan
+        cur = _arrived(cur, nxt_kv, reqs, src, held)
+    stats["peak_kv_blocks"] = held.peak
+
+
+def _ring_forward(q, k, v, causal, scale, group, layout, backend):
+    stats, dt = _new_stats("forward"), acc_dtype(q)
+    state = [torch.zeros(q.shape[:3], dtype=dt, device=q.device), torch.zeros(q.shape[:3], dtype=dt, device=q.device),
+             torch.zeros(q.shape, dtype=dt, device=q.device)]
+    m, l, acc = (as_array(t) for t in state)                # views: writing them writes the tensors
+    for _, (kb, vb), plan in _ring_steps(k, v, q.shape[2], causal, group, layout, stats):
         if plan is not None:
             qs, ks, c = plan
-            o_b, lse_b = attention(_rows(q, qs), _rows(cur[0], ks), _rows(cur[1], ks), causal=c, scale=scale,
+            o_b, lse_b = attention(_rows(q, qs), _rows(kb, ks), _rows(vb, ks), causal=c, scale=scale,
                                    backend=backend, return_lse=True)
             m[..., qs], l[..., qs], acc[..., qs, :] = fold(m[..., qs], l[..., qs], acc[..., qs, :],
                                                           as_array(o_b.to(dt)), as_array(lse_b.to(dt)))
-        cur = _arrived(cur, nxt_kv, reqs, src, held)
-    stats["peak_kv_blocks"] = held.peak
     o, lse = finish(m, l, acc)
     return as_tensor(o, q).to(q.dtype), as_tensor(lse, q)
 
@@ -104,20 +112,14 @@ def _ring_backward(q, k, v, o, lse, do, causal, scale, group, layout, backend):
     """dQ stays home; K/V go round as in the forward. The float32 dK/dV accumulator of each block follows the
     block round the ring, sent on once a rank has added its share, and makes one hop more: home to its owner.
     With P = 1 the accumulator never leaves: it is home already."""
-    rank, P, nxt, prv = _peers(group)
-    n, stats, held, dt = q.shape[2], _new_stats("backward"), BlockTracker(), acc_dtype(q)
+    _, P, nxt, prv = _peers(group)
+    stats, dt = _new_stats("backward"), acc_dtype(q)
     dq = torch.zeros(q.shape, dtype=dt, device=q.device)
     dkv = (torch.zeros(k.shape, dtype=dt, device=k.device), torch.zeros(v.shape, dtype=dt, device=v.device))
-    cur = (k, v)
-    held.take(f"kv{rank}")
-    for step in range(P):
-        src = block_of(rank, step, P)
-        nxt_kv, reqs = _pass_on(cur, rank, step, P, held, nxt, prv, group, stats)   # the next block's transfer first
-        plan = block_plan(rank, src, P, n, layout, causal)
-        stats["computed"].append(plan is not None)
+    for step, (kb, vb), plan in _ring_steps(k, v, q.shape[2], causal, group, layout, stats):
         if plan is not None:
             qs, ks, c = plan
-            dq_b, dk_b, dv_b = attention_backward(_rows(q, qs), _rows(cur[0], ks), _rows(cur[1], ks), _rows(o, qs),
+            dq_b, dk_b, dv_b = attention_backward(_rows(q, qs), _rows(kb, ks), _rows(vb, ks), _rows(o, qs),
                                                   lse[:, :, qs].contiguous(), _rows(do, qs), causal=c, scale=scale,
                                                   backend=backend)
             dq[:, :, qs] += dq_b.to(dt)
@@ -130,11 +132,9 @@ def _ring_backward(q, k, v, o, lse, do, causal, scale, group, layout, backend):
         if P > 1:
             dkv_in = (torch.empty_like(dkv[0]), torch.empty_like(dkv[1]))
             dkv_reqs = _exchange(dkv, dkv_in, nxt, prv, group, stats, ("dkv", step))
-        cur = _arrived(cur, nxt_kv, reqs, src, held)
     if P > 1:
         _wait(dkv_reqs)                                     # our own block's dK, dV, home after P visits
         dkv = dkv_in
-    stats["peak_kv_blocks"] = held.peak
     return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)
 
 

@@ -49,26 +49,20 @@ def _heads_to_seq(y, group, layout, phase):
     return torch.cat(_all_to_all(parts, group, phase), dim=1)
 
 
-class _SeqToHeads(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group, layout):
-        ctx.args = (group, layout)
-        return _seq_to_heads(x, group, layout, "ulysses_forward")
+class _AllToAll(torch.autograd.Function):
+    """One all-to-all, `to_heads` (sequence shards -> head groups) or back, differentiable: an all-to-all is a
+    permutation, so its adjoint is the inverse one."""
 
     @staticmethod
-    def backward(ctx, g):                        # an all-to-all is a permutation: its adjoint is the inverse one
-        return _heads_to_seq(g.contiguous(), *ctx.args, "ulysses_backward"), None, None
-
-
-class _HeadsToSeq(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, y, group, layout):
-        ctx.args = (group, layout)
-        return _heads_to_seq(y, group, layout, "ulysses_forward")
+    def forward(ctx, x, group, layout, to_heads):
+        ctx.args = (group, layout, to_heads)
+        return (_seq_to_heads if to_heads else _heads_to_seq)(x, group, layout, "ulysses_forward")
 
     @staticmethod
     def backward(ctx, g):
-        return _seq_to_heads(g.contiguous(), *ctx.args, "ulysses_backward"), None, None
+        group, layout, to_heads = ctx.args
+        inverse = _heads_to_seq if to_heads else _seq_to_heads
+        return inverse(g.contiguous(), group, layout, "ulysses_backward"), None, None, None
 
 
 def ulysses_attention(q, k, v, *, causal=False, scale=None, group=None, backend="auto", layout="contiguous"):
@@ -84,5 +78,6 @@ def ulysses_attention(q, k, v, *, causal=False, scale=None, group=None, backend=
                              f"{t.shape[1]} heads, not a multiple of {P}; use ring_attention, which has no such limit")
     STATS["ulysses_forward"] = {"collectives": 0, "bytes": 0}
     STATS["ulysses_backward"] = {"collectives": 0, "bytes": 0}
-    qh, kh, vh = (_SeqToHeads.apply(t, group, layout) for t in (q, k, v))
-    return _HeadsToSeq.apply(flash_attention(qh, kh, vh, causal=causal, scale=scale, backend=backend), group, layout)
+    qh, kh, vh = (_AllToAll.apply(t, group, layout, True) for t in (q, k, v))
+    o = flash_attention(qh, kh, vh, causal=causal, scale=scale, backend=backend)
+    return _AllToAll.apply(o, group, layout, False)

@@ -20,7 +20,7 @@ from matplotlib.figure import Figure
 
 from .. import hardware
 from . import stepthrough, waves
-from .stepthrough import FONT, WIDTH
+from .players import DPI, FONT, WIDTH, png
 
 # Per-SM limits by compute capability (CUDA C++ Programming Guide, "Technical Specifications per Compute
 # Capability"): resident threads and blocks per SM, and the largest shared memory one block may opt in to (KiB).
@@ -44,7 +44,7 @@ class live:
         if isinstance(bundle, tuple):
             bundle = bundle[0]
         bundle = dict(bundle)
-        bundle["image/png"] = base64.b64encode(stepthrough.png(self.static, stepthrough.DPI)).decode("ascii")
+        bundle["image/png"] = base64.b64encode(png(self.static, DPI)).decode("ascii")
         bundle["text/plain"] = "(interactive in a live notebook; the default view is shown as a figure)"
         return bundle
 
@@ -54,11 +54,6 @@ def figure(height, dpi=96):
     fig = Figure(figsize=(WIDTH, height), dpi=dpi)
     FigureCanvasAgg(fig)
     return fig
-
-
-def _image_of(fig):
-    import ipywidgets as w
-    return w.Image(value=stepthrough.png(fig), format="png", layout=w.Layout(width="100%"))
 
 
 # ----- the step-through, regenerated ------------------------------------------------------------------------
@@ -143,7 +138,7 @@ def _explorer(fig, controls, draw):
 
     def redraw(_=None):
         draw(fig, **{k: v.value for k, v in controls.items()})
-        image.value = stepthrough.png(fig)
+        image.value = png(fig)
 
     for ctl in controls.values():
         ctl.observe(redraw, names="value")

@@ -8,7 +8,7 @@ one of its T^2 threads reads them from there: 2 n^3 / T global loads in all, T t
 """
 from matplotlib.patches import Rectangle
 
-from .stepthrough import DPI, WIDTH, animate
+from .players import DPI, WIDTH, animate
 
 FIGSIZE = (WIDTH, 3.6)
 
@@ -58,7 +58,7 @@ def draw_matmul_step(fig, n, T, step, blocks=((0, 0), (1, 2))):
         axN.text(val, y, f" {val:,}", va="center", fontsize=8)
     axN.set_xlim(0, 1.6 * n * 2 * T * T)
     axN.xaxis.set_major_formatter(lambda x, _: f"{x / 1000:.0f}k")
-    axN.set_title(f"global loads by this\nblock so far", fontsize=9)
+    axN.set_title("global loads by this\nblock so far", fontsize=9)
     axN.tick_params(labelsize=8)
     fig.suptitle(f"C block ({bi}, {bj}), step k = {k} of {-(-n // T)}: the block's {T}x{T} threads read both "
                  f"tiles\nfrom shared memory, each shared element {T} times", fontsize=10)

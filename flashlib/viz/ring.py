@@ -3,7 +3,6 @@ each step, which (query, key) pairs each step computes, the idle ranks of a caus
 link-level IO model (when a step's transfer hides behind its compute)."""
 import matplotlib.pyplot as plt
 import numpy as np
-from matplotlib.colors import ListedColormap
 
 from .. import distributed as fd
 from ..reference import causal_mask

@@ -5,8 +5,9 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from ..constants import NEG_INF
 from ..online_softmax import online_softmax
-from .stepthrough import DPI, WIDTH, animate
+from .players import DPI, WIDTH, animate
 
 FIGSIZE = (WIDTH, 4.4)
 
@@ -18,7 +19,7 @@ def draw_softmax_step(fig, x, step):
     trace = []
     online_softmax(x, trace=trace)
     _, m, l = trace[step]
-    m_old, l_old = (trace[step - 1][1], trace[step - 1][2]) if step else (-np.inf, 0.0)
+    m_old, l_old = (trace[step - 1][1], trace[step - 1][2]) if step else (NEG_INF, 0.0)
     fig.clear()
     top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw=dict(hspace=0.35))
     n, seen = len(x), np.arange(len(x)) <= step

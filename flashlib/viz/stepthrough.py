@@ -13,29 +13,18 @@ the visit order of the tiles, and the HBM bytes read and written so far per tens
 what standard attention moves (`flashlib.iomodel`). A backward frame shows dQ, dK, dV accumulating, the
 recomputed S and P, and dS. `algo` is "fa1" (Algorithm 1), "fa2" (FlashAttention-2 forward) or "bwd" (backward).
 """
-import base64
-import io
-import os
-import tempfile
-
 import matplotlib
 import numpy as np
-from matplotlib import animation, rcParams
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch, Rectangle
 
 from .. import block_sparse, iomodel, reference, tiled
+from ..constants import default_scale
+from .players import DPI, FIGSIZE, FONT, WIDTH, animate, png
+from .trace import gradients, replay, tensor_bytes
 
-# Frames are drawn WIDTH = 7.5 inches wide at DPI = 210 (1575 px, over twice the column) and shown at the width of
-# the book's content column, COLUMN_PX = 752 px in a 1280 px window (measured in Chromium by tests/test_browser.py),
-# so one point of font shows as 752 / (72 * 7.5) = 1.39 px: FONT = 8 pt is 11.1 px on screen.
-WIDTH = 7.5
-FIGSIZE = (WIDTH, 7.0)
-DPI = 210
-COLUMN_PX = 752
-FONT = 8
 LOADED, KEPT, WRITTEN = "#f28e2b", "#ffd8a8", "#1f77b4"   # loaded into SRAM now / still in SRAM / written back
 TITLES = {"fa1": "FlashAttention, Algorithm 1: outer loop over K/V blocks j, inner over Q blocks i",
           "fa2": "FlashAttention-2 forward: outer loop over Q blocks i, inner over K/V blocks j",
@@ -69,7 +58,7 @@ def record(algo, q, k, v, causal=False, Br=16, Bc=16, scale=None, do=None, items
     if q.ndim != 2:
         raise ValueError(f"record() takes one head: q (Nq, d), k and v (Nk, d); got q of shape {q.shape}")
     (Nq, d), Nk = q.shape, k.shape[0]
-    scale = reference.default_scale(d) if scale is None else scale
+    scale = default_scale(d) if scale is None else scale
     steps = []
     if block_mask is not None:
         if algo != "fa2":
@@ -92,81 +81,6 @@ def record(algo, q, k, v, causal=False, Br=16, Bc=16, scale=None, do=None, items
     return dict(algo=algo, causal=causal, block_mask=block_mask, Br=Br, Bc=Bc, Nq=Nq, Nk=Nk, d=d, itemsize=itemsize,
                 Tr=tiled.n_blocks(Nq, Br), Tc=tiled.n_blocks(Nk, Bc), q=q, k=k, v=v, do=do, scale=scale,
                 steps=steps, total=total, standard=iomodel.standard_hbm_bytes(Nq, Nk, d, itemsize))
-
-
-# ----- what the trace implies, step by step ------------------------------------------------------------------
-
-TENSORS = {"fa1": ("Q", "K", "V", "O", "l", "m"), "fa2": ("Q", "K", "V", "O", "lse"),
-           "bwd": ("Q", "K", "V", "O", "dO", "lse", "D", "dQ", "dK", "dV")}
-
-
-def _elements(rec, name, i, j):
-    """Elements of tensor `name`'s tile in step (i, j): rows of block i (Q, O, dO, dQ: times d; l, m, lse, D: one
-    per row) or keys of block j (K, V, dK, dV: times d)."""
-    rows = min(rec["Br"], rec["Nq"] - i * rec["Br"])
-    cols = min(rec["Bc"], rec["Nk"] - j * rec["Bc"])
-    if name in ("K", "V", "dK", "dV"):
-        return cols * rec["d"]
-    return rows * rec["d"] if name in ("Q", "O", "dO", "dQ") else rows
-
-
-def tensor_bytes(rec, step):
-    """{tensor: [bytes read, bytes written]} between HBM and SRAM after steps 0..step, from the names each step
-    of the trace loaded and wrote and the tiles' shapes (plus the writes and reads before the first step:
-    FA1 initialises O, l, m in HBM; the backward's pre-pass reads dO, O and writes D, zeroes dQ; FA1's and the backward's
-    K_j, V_j are read at the start of each column that has a visible tile)."""
-    out = {t: [0, 0] for t in TENSORS[rec["algo"]]}
-    Nq, d, it = rec["Nq"], rec["d"], rec["itemsize"]
-    if rec["algo"] == "fa1":
-        out["O"][1], out["l"][1], out["m"][1] = Nq * d * it, Nq * it, Nq * it
-    if rec["algo"] == "bwd":
-        out["dO"][0], out["O"][0], out["D"][1], out["dQ"][1] = Nq * d * it, Nq * d * it, Nq * it, Nq * d * it
-    seen, active = set(), {st["j"] for st in rec["steps"] if not st["skipped"]}
-    for st in rec["steps"][:step + 1]:
-        kv_outer = rec["algo"] in ("fa1", "bwd")            # K_j, V_j read once, before column j's inner loop
-        if kv_outer and st["j"] in active and st["j"] not in seen:
-            seen.add(st["j"])
-            for name in ("K", "V"):
-                out[name][0] += _elements(rec, name, st["i"], st["j"]) * it
-        for name in st.get("loaded", ()):
-            if not (kv_outer and name in ("K", "V")):
-                out[name][0] += _elements(rec, name, st["i"], st["j"]) * it
-        for name in st.get("written", ()):
-            out[name][1] += _elements(rec, name, st["i"], st["j"]) * it
-    return out
-
-
-def _replay(rec, step):
-    """State after steps 0..step-1: tile status (Tr, Tc), visit order, O rows and m rows as last written."""
-    status = np.zeros((rec["Tr"], rec["Tc"]), int)            # 0 pending, 1 done, 2 skipped, 3 now
-    order = np.zeros((rec["Tr"], rec["Tc"]), int)
-    O = np.full((rec["Nq"], rec["d"]), np.nan)
-    m = np.full(rec["Nq"], -np.inf)
-    for n, st in enumerate(rec["steps"][:step + 1]):
-        i, j = st["i"], st["j"]
-        status[i, j], order[i, j] = (2 if st["skipped"] else 1), n + 1
-        if n == step:
-            status[i, j] = 2 if st["skipped"] else 3
-            break
-        if not st["skipped"] and "O" in st:
-            rows = slice(i * rec["Br"], i * rec["Br"] + st["O"].shape[0])
-            O[rows], m[rows] = st["O"], st["m"]
-    return status, order, O, m
-
-
-def gradients(rec, step):
-    """dQ, dK, dV of a backward record after steps 0..step, rebuilt from the trace's P and dS tiles:
-    dV_j += P^T dO_i, dK_j += scale dS^T Q_i, dQ_i += scale dS K_j."""
-    Br, Bc = rec["Br"], rec["Bc"]
-    dq, dk, dv = np.zeros(rec["q"].shape), np.zeros(rec["k"].shape), np.zeros(rec["v"].shape)
-    for st in rec["steps"][:step + 1]:
-        if st["skipped"]:
-            continue
-        r, c = slice(st["i"] * Br, (st["i"] + 1) * Br), slice(st["j"] * Bc, (st["j"] + 1) * Bc)
-        dv[c] += st["P"].T @ rec["do"][r]
-        dk[c] += rec["scale"] * st["dS"].T @ rec["q"][r]
-        dq[r] += rec["scale"] * st["dS"] @ rec["k"][c]
-    return dq, dk, dv
 
 
 # ----- panels ------------------------------------------------------------------------------------------------
@@ -300,7 +214,7 @@ def draw_step(fig_or_axes, rec, step):
     fig.clear()
     st = rec["steps"][step]
     algo, i, j, Br, Bc = rec["algo"], st["i"], st["j"], rec["Br"], rec["Bc"]
-    status, order, O, m_prev = _replay(rec, step)
+    status, order, O, m_prev = replay(rec, step)
     gs = fig.add_gridspec(3, 4, height_ratios=[1.15, 1, 1.5 if algo == "bwd" else 0.95], hspace=0.75, wspace=0.45,
                           left=0.08, right=0.97, top=0.87, bottom=0.11)
     live = not st["skipped"]
@@ -369,7 +283,7 @@ def compare_step(fig_or_axes, rec1, rec2, step):
     xmax = 1.15 * max(max(max(v) for v in _final(r).values()) for r in (rec1, rec2)) / 1024
     for row, rec in enumerate((rec1, rec2)):
         st = rec["steps"][step]
-        status, order, O, _ = _replay(rec, step)
+        status, order, O, _ = replay(rec, step)
         if not st["skipped"] and "O" in st:
             O[slice(st["i"] * rec["Br"], st["i"] * rec["Br"] + st["O"].shape[0])] = st["O"]
         _tilemap(fig.add_subplot(gs[row, 0]), rec, status, order, f"{SHORT[rec['algo']]}: order")
@@ -387,38 +301,6 @@ def compare_step(fig_or_axes, rec1, rec2, step):
 
 # ----- players -----------------------------------------------------------------------------------------------
 
-class _PaletteHTMLWriter(animation.HTMLWriter):
-    """matplotlib's HTML player writer, embedding each frame as a PNG of at most 96 colours (a fraction of the
-    bytes of a full-colour PNG; figures of flat colours and text look the same). Too many bytes for
-    rcParams['animation.embed_limit'] is an error, not a silently shortened player."""
-
-    def grab_frame(self, **savefig_kwargs):
-        from PIL import Image
-        buf, out = io.BytesIO(), io.BytesIO()
-        self.fig.savefig(buf, format="png", dpi=self.dpi, **savefig_kwargs)
-        Image.open(buf).convert("RGB").quantize(colors=96).save(out, format="png", optimize=True)
-        data = base64.encodebytes(out.getvalue()).decode("ascii")
-        self._total_bytes += len(data)
-        if self._total_bytes >= self._bytes_limit:
-            raise ValueError(f"the player's frames pass rcParams['animation.embed_limit'] "
-                             f"({rcParams['animation.embed_limit']} MB): use fewer steps or a lower dpi")
-        self._saved_frames.append(data)
-
-
-def animate(draw, n_frames, figsize=FIGSIZE, dpi=DPI, interval=900):
-    """Frame player HTML (matplotlib's JavaScript player, as to_jshtml makes it) for draw(fig, frame); frames are
-    palette PNGs embedded in the page, drawn at `dpi` and shown as wide as the column."""
-    fig = Figure(figsize=figsize, dpi=dpi)
-    FigureCanvasAgg(fig)
-    anim = animation.FuncAnimation(fig, lambda s: draw(fig, s), frames=n_frames, interval=interval, repeat=False)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "player.html")
-        anim.save(path, writer=_PaletteHTMLWriter(fps=1000 / interval, embed_frames=True, default_mode="once"),
-                  dpi=dpi)
-        html = open(path).read()
-    return html.replace('<img id="_anim_img', '<img style="width: 100%; height: auto" id="_anim_img', 1)
-
-
 def player(rec, dpi=DPI, interval=900):
     """An HTML frame player (buttons and slider, works offline) stepping through every step of `rec`.
     Display it with IPython.display.HTML; its size is checked against rcParams['animation.embed_limit']."""
@@ -432,22 +314,6 @@ def compare_player(rec1, rec2, dpi=DPI, interval=900):
                          "needs the same tiles (same N, Br, Bc, causal)")
     return animate(lambda fig, s: compare_step(fig, rec1, rec2, s), len(rec1["steps"]), figsize=(WIDTH, 6.0), dpi=dpi,
                    interval=interval)
-
-
-def embed_limit_bytes():
-    return rcParams["animation.embed_limit"] * 1024 * 1024
-
-
-def min_font_px(fig, column_px=COLUMN_PX):
-    """The smallest text of `fig` in screen pixels when the figure is shown `column_px` wide."""
-    sizes = [t.get_fontsize() for t in fig.findobj(matplotlib.text.Text) if t.get_text().strip() and t.get_visible()]
-    return min(sizes) * column_px / (72 * fig.get_figwidth())
-
-
-def png(fig, dpi=None):
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi)
-    return buf.getvalue()
 
 
 def slider(rec, dpi=96):

@@ -13,7 +13,7 @@ import numpy as np
 from matplotlib.collections import PatchCollection
 from matplotlib.patches import Rectangle
 
-from .stepthrough import FONT, WIDTH, animate
+from .players import FONT, WIDTH, animate
 
 
 def wave_of(blocks, sms, per_sm):
