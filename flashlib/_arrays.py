@@ -8,6 +8,8 @@ import numbers
 
 import numpy as np
 
+from .constants import default_scale
+
 DTYPES = ("float16", "bfloat16", "float32", "float64")
 
 
@@ -125,7 +127,7 @@ def check_scale(scale, d):
     NumPy integer or floating scalar, or a 0-d NumPy array of such) that is finite and > 0. Refused: bool, str,
     complex, tensors and GPU arrays (pass a Python float: reading a GPU scalar would stall the host)."""
     if scale is None:
-        return 1.0 / math.sqrt(d)
+        return default_scale(d)
     if type(scale) is float or type(scale) is int:
         value = float(scale)
     elif isinstance(scale, (bool, np.bool_)) or not isinstance(scale, (numbers.Real, np.ndarray)):

@@ -1,4 +1,4 @@
-"""Layer 6: `flashlib.attention` and `flashlib.attention_backward`, one entry point over every backend.
+"""`flashlib.attention` and `flashlib.attention_backward`, one entry point over every backend.
 
 Inputs are (batch, heads, seq, head_dim) arrays of NumPy, CuPy, PyTorch or Numba; results come back as the
 caller's kind of array. `backend` names one implementation:

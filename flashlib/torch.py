@@ -14,7 +14,6 @@ torch.compile traces them without a graph break, torch.library.opcheck checks th
 backend allocates its outputs with PyTorch's allocator and launches on torch.cuda.current_stream(), so CUDA graph
 capture and side streams work. The backward operator is not differentiable: a double backward raises.
 """
-import math
 import numbers
 
 import torch
@@ -22,6 +21,7 @@ from torch import Tensor
 
 from . import api
 from ._arrays import check_causal, check_scale
+from .constants import NEG_INF, default_scale
 
 __all__ = ["attention_forward", "attention_backward", "flash_attention", "scaled_dot_product_attention",
            "resolve_backend", "naive_attention", "cupy_allocates_from_torch"]
@@ -197,11 +197,11 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
 def naive_attention(q, k, v, is_causal=True, scale=None):
     """matmul - softmax - matmul, as a transformer was written before fused attention: S and P hit memory.
     The one naive attention of flashlib (the GPT of chapter 12 and the benchmarks use it)."""
-    S = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)
+    S = (q @ k.transpose(-2, -1)) * (default_scale(q.shape[-1]) if scale is None else scale)
     if is_causal:
         Nq, Nk = S.shape[-2:]
         mask = torch.ones(Nq, Nk, dtype=torch.bool, device=q.device).tril()   # top-left, like PyTorch
-        S = S.masked_fill(~mask, float("-inf"))
+        S = S.masked_fill(~mask, NEG_INF)
     P = torch.softmax(S, dim=-1)
     return P @ v
 

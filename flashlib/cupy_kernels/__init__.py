@@ -1,4 +1,4 @@
-"""Layer 5: FlashAttention-2 in CUDA C, compiled at first use by CuPy (NVRTC) and launched from Python.
+"""FlashAttention-2 in CUDA C, compiled at first use by CuPy (NVRTC) and launched from Python.
 
 The kernels form a numbered ladder (each .cu file's header says grid, block, and what lives where):
 

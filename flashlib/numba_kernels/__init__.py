@@ -1,4 +1,4 @@
-"""Layer 4: FlashAttention in Numba-CUDA, float32 (runs on a GPU, or at small sizes in Numba's CUDA simulator).
+"""FlashAttention in Numba-CUDA, float32 (runs on a GPU, or at small sizes in Numba's CUDA simulator).
 
 The rungs, each a module with a kernel factory, its tiles and a host launcher taking and returning Numba device
 arrays (siblings: none imports another's kernel, fa2_bwd_tf32 reuses fa2_bwd's delta pre-pass):

@@ -19,27 +19,20 @@ Registers of one thread (lane = 4g + t), for its query rows 16*(MT*warp + mt) + 
                    P = exp2(S*scale_log2 - m), scale_log2 = scale*log2(e);
   pa[MT, Bc/16, 4] P rounded to 16 bits: the A fragments of O += P V_j;
   acc[MT, d/8, 4]  the unnormalised O rows (C layout); m, l [2*MT] the running max (base 2) and this thread's part
-                   of the row sum l (the 4 threads of a row add theirs with shuffles at the end).
+                   of the row sum l (the 4 lanes of a row combine theirs by shfl_xor_sync 1 and 2).
 P never goes through shared memory: the C fragments of two adjacent 8-key n-tiles are the A fragment of a 16-key
   k-step (lanes.a_from_c). K's B fragments come from ldmatrix, V's from ldmatrix.trans (keys are V's rows); one
   fragment feeds the warp's MT m-tiles (MT = 2 halves the ldmatrix per mma, for twice the registers).
-Addresses: each lane computes its .shared address of K's and V's fragment (0, 0) once (lanes.k_ldm, v_ldm); every
-  other fragment is a compile-time byte offset from it, which ptxas folds into the LDSM instruction. The cp.async
-  copies likewise: one base address per thread, constant offsets. (Numba's array indexing would recompute a 64-bit
-  address for each.)
-Row max and row sum: the 4 lanes t = 0..3 sharing a row exchange values with cuda.shfl_xor_sync(mask, x, 1 and 2).
-Causal (top-left): K/V tiles right of the Q tile's last row are not loaded; a warp whose rows all lie left of a
-  tile skips its math; masking (-inf) runs, in a branch of its own, only on the diagonal tiles and the ragged last
-  tile (any Nq, Nk): the other tiles execute no comparison at all.
-Instruction count (SASS for sm_90, one unmasked tile, d=64, Bc=64): about 400 instructions for 64 HMMA, down from
-  about 860 when every fragment was indexed and every element masked: softmax arithmetic (FMNMX, FFMA, MUFU.EX2,
-  FADD, FMUL rescale, F2FP packs, ~190) is now the bulk beside the 64 HMMA and 32 LDSM.
+Addresses: each lane computes its .shared address of K's and V's fragment (0, 0) once (lanes.k_ldm, v_ldm, compiled
+  into the kernel below); every other fragment, and every cp.async copy, is a compile-time byte offset from a base
+  that ptxas folds into the instruction (Numba's array indexing would recompute a 64-bit address for each).
+Causal (top-left): K/V tiles right of the Q tile's last row are not loaded, a warp whose rows all lie left of a
+  tile skips its math; masking runs, in a branch of its own, only on diagonal tiles and the ragged last tile.
 Variants: m16n8k16 (sm_80+, fp16 or bf16) or, with K8, two m16n8k8 per 16-key step (sm_75, the T4; fp16 only).
-FlashAttention-2 Algorithm 1's lines (Dao 2023) are marked "# line N" where the kernel does them; lse is the paper's
-  L. PTX and ptxas checks of every instance: flashlib.numba_kernels.ptx (tc_report). Backward: none in 16 bits here
-  (flashlib.cupy_kernels has one); numba_kernels.backward is float32 (fa2_bwd_tf32 on Tensor Cores).
-bf16 from torch: torch does not export bfloat16 through __cuda_array_interface__, so bf16 data must reach this
-  kernel as int16/uint16 bit views (torch: t.view(torch.int16)); the output o comes back as the same bits.
+FlashAttention-2 Algorithm 1's lines (Dao 2023) are marked "# line N"; lse is the paper's L. PTX and ptxas checks:
+  flashlib.numba_kernels.ptx (tc_report). No 16-bit backward here (cupy_kernels has one; numba's is fa2_bwd_tf32).
+bf16 from torch: not exported through __cuda_array_interface__, so it reaches this kernel as int16/uint16 bits
+  (t.view(torch.int16)); o comes back as the same bits.
 """
 import functools
 import math
@@ -56,12 +49,10 @@ from .warp import FULL, online_softmax_step
 
 HEAD_DIMS = (32, 64, 96, 128, 256)  # compiled head dims; a head dim 1 ... 256 is zero-padded up to the next
 DTYPES = ("float16", "bfloat16")
-# (NW warps, Bc keys, NSTAGE, MT m-tiles of 16 rows per warp, MINB blocks per SM asked of ptxas or 0) per head
-# dim, Br = 16*NW*MT; static shared memory must stay under 48 KB (Numba has no opt-in to more).
-# benchmarks/numba_tc_bench.py sweeps the alternatives (numba_tc_<NW>_<Bc>_<NSTAGE>_<MT>_<MINB> rows).
-# d = 256 (not swept): Bc = 16 keys, so that S and P stay small beside O's 128 fp32 registers (246 registers, no
-# spill). The m16n8k8 (sm_75) path has no d = 256: its register-staged K/V copies spill there (8-56 bytes at
-# (2, 16, 1) ... (4, 32, 1), ptxas -v for sm_75), so config() refuses it with the way out.
+# (NW warps, Bc keys, NSTAGE, MT m-tiles of 16 rows per warp, MINB blocks per SM for ptxas or 0) per head dim,
+# Br = 16*NW*MT, under 48 KB of static shared memory (Numba has no opt-in); swept by benchmarks/numba_tc_bench.py.
+# d = 256 (not swept): Bc = 16, so S and P fit beside O's 128 fp32 registers. The m16n8k8 (sm_75) path has no
+# d = 256: its register-staged K/V copies spill there (8-56 bytes for sm_75), so config() refuses it.
 TILES = {32: (4, 64, 2, 1, 0), 64: (4, 64, 2, 1, 0), 96: (4, 32, 2, 1, 0), 128: (4, 32, 2, 1, 0), 256: (4, 16, 2, 1, 0)}
 TILES_SM75 = {32: (4, 64, 1, 1, 0), 64: (4, 64, 1, 1, 0), 96: (4, 64, 1, 1, 0), 128: (4, 64, 1, 1, 0)}
 
@@ -70,7 +61,6 @@ def smem_bytes(D, Bc, NSTAGE):
     return 2 * NSTAGE * Bc * (D // 2 + 4) * 4
 
 
-# The ldmatrix row addresses of lanes.py, compiled into the kernel: the functions the tests model a warp with.
 q_ldm, k_ldm, v_ldm = (cuda.jit(device=True, inline="always")(f) for f in (lanes.q_ldm, lanes.k_ldm, lanes.v_ldm))
 
 
@@ -312,16 +302,13 @@ def tiles_of(t):
 
 def factory_args(D, tiles, dtype, K8):
     """make_fa2_tc's arguments for head dim D and tiles (NW, Bc, NSTAGE[, MT[, MINB]])."""
-    NW, Bc, NSTAGE, MT, MINB = tiles_of(tiles)
-    return D, NW, Bc, NSTAGE, dtype, K8, MT, MINB
+    return (D, *tiles_of(tiles)[:3], dtype, K8, *tiles_of(tiles)[3:])
 
 
 # ---------------------------------------------------------------- host side
-# fa2_forward_tc does, per call: argument checks, one cached lookup of the kernel and of its launch configuration,
-# views of the arrays in the layout the kernel takes (constructed directly, not through reshape), output allocation
-# through a caching allocator where there is one, and the launch. Inputs that are not C-contiguous (and 16-byte
-# aligned) are copied first; outputs the caller passes with other strides are written through a contiguous
-# temporary and copied back.
+# Per call: argument checks, one cached lookup of the kernel and its launch configuration, views in the kernel's
+# layout, output allocation (a caching allocator where there is one), the launch. Inputs not C-contiguous and
+# 16-byte aligned are copied first; outputs with other strides are written through a contiguous temporary.
 SIG = ("void(uint32[:, ::1], uint32[:, ::1], uint32[:, ::1], uint32[:, ::1], float32[:, ::1], int32, int32, boolean, "
        "float32, int32)")
 
