@@ -3,7 +3,8 @@
 `LAYERS` lists every module from the bottom up; a module imports only modules of lower layers (and its own
 package's), never one of its own layer or above (tests/test_layout.py reads the imports and checks it):
 
-    constants, env, _arrays   shared numbers (LOG2E, NEG_INF, shared-memory limits, FLOPs); is there a GPU; arrays
+    constants                 shared numbers (LOG2E, NEG_INF, shared-memory limits, the default scale, FLOPs)
+    env, _arrays              is there a GPU (and which); the array conversions and argument rules
     reference                 standard attention in float64: the truth every other implementation is tested against
     online_softmax, tiled     the online softmax; FlashAttention 1 and 2 tile by tile in NumPy
     block_sparse, iomodel     FA2 with a block mask; the HBM traffic of each algorithm
@@ -27,7 +28,7 @@ is only flashlib.attention's argument that picks the implementation ("auto", "cu
 `import flashlib` never imports numba.cuda or CuPy, so a notebook can call `flashlib.setup()` first to pick Numba's
 CUDA simulator when no GPU is present.
 """
-LAYERS = (("constants", "env", "_arrays"), ("reference",), ("online_softmax", "tiled"), ("block_sparse", "iomodel"),
+LAYERS = (("constants",), ("env", "_arrays"), ("reference",), ("online_softmax", "tiled"), ("block_sparse", "iomodel"),
           ("hardware",), ("cupy_kernels",), ("numba_kernels",), ("api",), ("torch",), ("distributed",), ("viz",),
           ("bench",), ("exercises", "gpt"))
 
