@@ -1,0 +1,148 @@
+"""Rung 7's host side: TMA tensor maps, a raw launch, and `forward_fa3` (fa3_forward.cu, Hopper only).
+
+A tensor map (CUtensorMap, 128 opaque bytes) tells the Tensor Memory Accelerator where a tensor lives, its sizes and
+strides, the box one copy moves and how it is swizzled in shared memory. It is encoded on the host by the driver's
+`cuTensorMapEncodeTiled` (CUDA Driver API, "Tensor Map Object Management"), here called through ctypes on libcuda,
+and reaches the kernel by value as a `const __grid_constant__` parameter. CuPy's RawKernel call cannot pass a
+128-byte struct, so `launch` calls cuLaunchKernel (cupy.cuda.driver.launchKernel) with an array of pointers, one
+to each argument, as the driver API expects.
+
+Every Q, K or V tensor is described in 3-D, innermost first: (d, N, pairs), so that a box of (64 columns, rows,
+1 pair) that runs past the sequence's end reads zeros instead of the next head's rows, and 64 columns of 16-bit
+values are one 128-byte swizzle row: the layout `sw128` of fa2_wgmma.cu / fa3_forward.cu.
+The host logic (`fa3_config`, `smem_fa3`) needs no GPU; CuPy and libcuda are loaded at the first launch.
+"""
+import ctypes
+import functools
+
+from .._arrays import check_causal, check_scale
+from . import CTYPE, pair_grid
+
+FA3_THREADS, FA3_BR = 384, 128         # 3 warpgroups (1 producer, 2 consumers of 64 query rows each)
+FA3_HEAD_DIMS = (64, 128)
+FA3_TILES = {64: (128, 3), 128: (128, 2)}   # head dim -> (Bc keys per K/V tile, ring stages); not swept yet
+# cuda.h enums (CUtensorMapDataType, CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill)
+_TMA_DTYPE = {"float16": 6, "bfloat16": 9}
+_SWIZZLE_128B, _L2_PROMOTION_128B, _OOB_FILL_ZERO, _INTERLEAVE_NONE = 3, 2, 0, 0
+
+
+def smem_fa3(d, Bc, stages):
+    """Bytes of dynamic shared memory of fa3_forward: 1 KB of alignment slack, Q (128 rows), `stages` K and V tiles
+    (Bc rows), rows of d 16-bit values, and the 1 + 4*stages mbarriers (8 bytes each)."""
+    return 1024 + 2 * d * (FA3_BR + 2 * stages * Bc) + 8 * (1 + 4 * stages)
+
+
+def fa3_config(dtype, d, causal, tiles=None):
+    """(kernel name expression, Bc, stages, smem bytes) of rung 7 for dtype float16/bfloat16, head dim 64 or 128."""
+    if dtype not in _TMA_DTYPE:
+        raise ValueError(f"rung 7 (fa3_forward) takes float16 or bfloat16, got {dtype!r}")
+    if d not in FA3_HEAD_DIMS:
+        raise ValueError(f"rung 7 (fa3_forward) takes head_dim in {FA3_HEAD_DIMS}, got {d!r}")
+    Bc, stages = tiles if tiles is not None else FA3_TILES[d]
+    if Bc not in (64, 128) or stages < 2:
+        raise ValueError(f"rung 7 takes tiles (Bc 64 or 128, stages >= 2), got ({Bc}, {stages})")
+    smem = smem_fa3(d, Bc, stages)
+    if smem > 227 * 1024:
+        raise ValueError(f"tiles ({Bc}, {stages}) at d = {d} need {smem} bytes of shared memory; Hopper allows {227 * 1024}")
+    c = "true" if causal else "false"
+    return f"fa3_forward<{CTYPE[dtype]}, {d}, {Bc}, {stages}, {c}>", Bc, stages, smem
+
+
+def fa3_instances():
+    """Every kernel name expression `forward_fa3` can launch with the default tiles (for the compile test)."""
+    return [fa3_config(t, d, c)[0] for t in _TMA_DTYPE for d in FA3_HEAD_DIMS for c in (False, True)]
+
+
+# ---------------------------------------------------------------- libcuda through ctypes
+
+@functools.lru_cache(maxsize=None)
+def _encode_fn():
+    lib = ctypes.CDLL("libcuda.so.1")
+    fn = lib.cuTensorMapEncodeTiled
+    u32, u64p, u32p = ctypes.c_uint32, ctypes.POINTER(ctypes.c_uint64), ctypes.POINTER(ctypes.c_uint32)
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_int, u32, ctypes.c_void_p, u64p, u64p, u32p, u32p,
+                   ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+class TensorMap:
+    """A CUtensorMap in a 64-byte-aligned host buffer; `.arg` is the ctypes object a launch points at."""
+    __slots__ = ("_buf", "arg")
+
+    def __init__(self):
+        self._buf = ctypes.create_string_buffer(128 + 64)
+        addr = ctypes.addressof(self._buf)
+        self.arg = (ctypes.c_uint64 * 16).from_address(addr + (-addr) % 64)
+
+
+def tensor_map_3d(ptr, dtype, d, n, pairs, box_rows):
+    """Tensor map of a contiguous (pairs, n, d) tensor of 16-bit `dtype` at device address ptr (16-byte aligned):
+    dims (d, n, pairs) innermost first, boxes of (64, box_rows, 1), 128-byte swizzle, out-of-range rows read as 0."""
+    if ptr % 16:
+        raise ValueError(f"TMA needs a 16-byte-aligned tensor, got address {ptr:#x}")
+    m = TensorMap()
+    dims = (ctypes.c_uint64 * 3)(d, n, pairs)
+    strides = (ctypes.c_uint64 * 2)(2 * d, 2 * d * n)          # bytes, of dims 1 and 2
+    box = (ctypes.c_uint32 * 3)(64, box_rows, 1)
+    one = (ctypes.c_uint32 * 3)(1, 1, 1)
+    rc = _encode_fn()(ctypes.addressof(m.arg), _TMA_DTYPE[dtype], 3, ctypes.c_void_p(ptr), dims, strides, box, one,
+                      _INTERLEAVE_NONE, _SWIZZLE_128B, _L2_PROMOTION_128B, _OOB_FILL_ZERO)
+    if rc != 0:
+        raise RuntimeError(f"cuTensorMapEncodeTiled failed with CUresult {rc} (dims {(d, n, pairs)}, box {(64, box_rows, 1)})")
+    return m
+
+
+def launch(fn, grid, block, smem, stream, args):
+    """cuLaunchKernel(fn, grid, block, smem, stream, params): args are ctypes objects (a TensorMap's .arg, c_uint64
+    pointers, c_int32, c_float) in the kernel's parameter order; params is an array of pointers to them."""
+    import cupy as cp
+    params = (ctypes.c_void_p * len(args))(*[ctypes.addressof(a) for a in args])
+    cp.cuda.driver.launchKernel(fn.ptr, *grid, *block, smem, stream, ctypes.addressof(params), 0)
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel(device, name, smem):
+    import cupy as cp
+    from . import _kernel_sm90a
+    with cp.cuda.Device(device):
+        return _kernel_sm90a("fa3_forward.cu", name, smem)
+
+
+def _dtype_of(a):
+    s = str(a.dtype)
+    if s == "float16":
+        return "float16"
+    if s in ("int16", "uint16"):
+        return "bfloat16"
+    raise ValueError(f"forward_fa3 takes float16, or bfloat16 as int16 bits, got {s}")
+
+
+def forward_fa3(q, k, v, causal, scale, tiles=None):
+    """Rung 7 forward on CuPy arrays: q (B, H, Nq, d), k and v (B, H_kv, Nk, d), H_kv dividing H, d = 64 or 128,
+    float16 or bfloat16 (as int16 bits); Nq, Nk >= 1. Returns (o like q, lse (B, H, Nq) float32, natural log),
+    computed on CuPy's current stream. tiles: (Bc, stages), default FA3_TILES[d]."""
+    import cupy as cp
+    dtype = _dtype_of(q)
+    if len(q.shape) != 4 or len(k.shape) != 4 or k.shape != v.shape or q.dtype != k.dtype or k.dtype != v.dtype:
+        raise ValueError(f"q (B, H, Nq, d) and k, v (B, H_kv, Nk, d) of one dtype; got {q.shape}, {k.shape}, {v.shape}")
+    B, H, Nq, d = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    if k.shape[0] != B or k.shape[3] != d or Hkv == 0 or H % Hkv:
+        raise ValueError(f"k, v must be ({B}, H_kv, Nk, {d}) with H_kv dividing H = {H}; got {k.shape}")
+    if Nq < 1 or Nk < 1 or B * H < 1:
+        raise ValueError(f"forward_fa3 needs Nq, Nk, B*H >= 1, got Nq={Nq}, Nk={Nk}, B*H={B * H}")
+    causal, scale = check_causal(causal), check_scale(scale, d)
+    name, Bc, _, smem = fa3_config(dtype, d, causal, tiles)
+    q, k, v = (cp.ascontiguousarray(a) for a in (q, k, v))
+    o, lse = cp.empty_like(q), cp.empty((B, H, Nq), dtype=cp.float32)
+    dev = q.device.id
+    maps = [tensor_map_3d(q.data.ptr, dtype, d, Nq, B * H, FA3_BR),
+            tensor_map_3d(k.data.ptr, dtype, d, Nk, B * Hkv, Bc),
+            tensor_map_3d(v.data.ptr, dtype, d, Nk, B * Hkv, Bc)]
+    args = [m.arg for m in maps] + [ctypes.c_uint64(o.data.ptr), ctypes.c_uint64(lse.data.ptr), ctypes.c_int32(Nq),
+                                    ctypes.c_int32(Nk), ctypes.c_float(scale), ctypes.c_int32(B * H),
+                                    ctypes.c_int32(H // Hkv)]
+    launch(_kernel(dev, name, smem), pair_grid(-(-Nq // FA3_BR), B * H), (FA3_THREADS, 1, 1), smem,
+           cp.cuda.get_current_stream().ptr, args)
+    return o, lse
