@@ -18,7 +18,7 @@ NVCC = shutil.which("nvcc")
 
 def test_fa3_config():
     name, Bc, stages, smem = tma.fa3_config("bfloat16", 128, True)
-    assert name == "fa3_forward<__nv_bfloat16, 128, 128, 2, true>" and (Bc, stages) == (128, 2)
+    assert name == "fa3_forward<__nv_bfloat16, 128, 128, 2, false, true>" and (Bc, stages) == (128, 2)
     assert smem == 1024 + 2 * 128 * (128 + 4 * 128) + 8 * 9 <= ck.SMEM_LIMIT[90]
     for d in tma.FA3_HEAD_DIMS:
         assert tma.fa3_config("float16", d, False)[3] <= ck.SMEM_LIMIT[90]
@@ -28,7 +28,7 @@ def test_fa3_config():
         tma.fa3_config("float32", 64, False)
     with pytest.raises(ValueError, match="shared memory"):
         tma.fa3_config("float16", 128, False, tiles=(128, 4))
-    assert len(set(tma.fa3_instances())) == 2 * 2 * 2  # fp16/bf16 x d x causal
+    assert len(set(tma.fa3_instances())) == 2 * 2 * 2 * 2  # fp16/bf16 x d x causal x variant
 
 
 def _nvcc(name, tmp):

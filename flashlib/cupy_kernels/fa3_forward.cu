@@ -1,6 +1,7 @@
 // fa3_forward.cu: rung 7 of the CuPy ladder, a FlashAttention-3-style forward on Hopper (sm_90a only).
 //
-//   fa3_forward<T, D, Bc, STAGES, CAUSAL>   T = __half or __nv_bfloat16, D = 64 or 128, Bc keys per K/V tile
+//   fa3_forward<T, D, Bc, STAGES, PP, CAUSAL>   T = __half or __nv_bfloat16, D = 64 or 128, Bc keys per K/V tile,
+//                                              PP: ping-pong between the two consumer warpgroups
 //
 // Rung 6 (fa2_wgmma.cu) with FlashAttention-3's two Hopper-specific changes (Shah et al. 2024, sections 3.1-3.2):
 //  * TMA: Q, K and V tiles are copied by the Tensor Memory Accelerator (cp.async.bulk.tensor) from tensor maps that
@@ -22,6 +23,11 @@
 // Consumer loop per warpgroup (rung 6's intra-warpgroup overlap, unchanged): step j issues S_j = Q K_j^T (A and B
 //   from shared memory) and O += P_{j-1} V_{j-1} (A = P in registers), runs the softmax of S_j while the second
 //   product still runs, then rescales O.
+// Ping-pong (PP, FlashAttention-3 section 3.2): the consumers take turns at the Tensor Cores. Before issuing a
+//   step's products a warpgroup waits at its named barrier (bar.sync 1 + cw, 256 threads), after issuing them it
+//   arrives at the other's (bar.arrive 2 - cw, 256), so that one warpgroup's softmax runs while the other's products
+//   do. Warpgroup 0 goes first (warpgroup 1 arrives once at the start); warpgroup 1 skips its arrival after its
+//   last turn, which no one would wait for. Both run the same number of steps (n_tiles + 1 turns each).
 #include "flash_common.cuh"
 
 // ---- wgmma (as rung 6), plus the form with A from shared memory ----
@@ -121,6 +127,9 @@ __device__ __forceinline__ void tma_load_3d(u32 dst, const TmaMap* map, u32 bar,
 __device__ __forceinline__ void tma_prefetch_map(const TmaMap* map) {
     asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<unsigned long long>(map)) : "memory");
 }
+// named barriers 1 and 2 (0 is __syncthreads): sync waits until `count` threads arrived, arrive does not wait
+__device__ __forceinline__ void bar_sync(int id, int count) { asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory"); }
+__device__ __forceinline__ void bar_arrive(int id, int count) { asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(count) : "memory"); }
 template <int N> __device__ __forceinline__ void regs_dec() { asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N)); }
 template <int N> __device__ __forceinline__ void regs_inc() { asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N)); }
 
@@ -134,7 +143,7 @@ __device__ __forceinline__ void tma_tile(u32 dst, const TmaMap* map, u32 bar, in
 constexpr int FA3_THREADS = 384, FA3_BR = 128;
 constexpr int PRODUCER_REGS = 24, CONSUMER_REGS = 240;  // 128 * 24 + 256 * 240 <= 65536 (FlashAttention-3's split)
 
-template <typename T, int D, int Bc, int STAGES, bool CAUSAL>
+template <typename T, int D, int Bc, int STAGES, bool PP, bool CAUSAL>
 __global__ void __launch_bounds__(FA3_THREADS, 1)
 fa3_forward(const __grid_constant__ TmaMap qmap, const __grid_constant__ TmaMap kmap, const __grid_constant__ TmaMap vmap,
             T* __restrict__ O, float* __restrict__ L, int Nq, int Nk, float scale, int BH, int G) {
@@ -267,6 +276,12 @@ fa3_forward(const __grid_constant__ TmaMap qmap, const __grid_constant__ TmaMap 
             l[(i >> 1) & 1] += s[i];
         }
     };
+    auto my_turn = [&]() {
+        if constexpr (PP) bar_sync(1 + cw, 256);
+    };
+    auto your_turn = [&]() {
+        if constexpr (PP) bar_arrive(2 - cw, 256);
+    };
     auto rescale_and_pack = [&]() {
 #pragma unroll
         for (int i = 0; i < D / 2; i++) o[i] *= alpha[(i >> 1) & 1];
@@ -277,10 +292,13 @@ fa3_forward(const __grid_constant__ TmaMap qmap, const __grid_constant__ TmaMap 
         }
     };
 
+    if (PP && cw == 1) bar_arrive(1, 256);  // warpgroup 0 takes the first turn
     mbar_wait(q_full, 0);
     mbar_wait(k_full(0), 0);
+    my_turn();
     arrive();
     issue_s(0);
+    your_turn();
     wgmma_wait<0>();
     release(k_empty(0));
     softmax(0);
@@ -289,9 +307,11 @@ fa3_forward(const __grid_constant__ TmaMap qmap, const __grid_constant__ TmaMap 
         const int sp = (j - 1) % STAGES;
         mbar_wait(v_full(sp), ((j - 1) / STAGES) & 1);  // V_{j-1} arrived before K_j (the producer's order)
         mbar_wait(k_full(j % STAGES), (j / STAGES) & 1);
+        my_turn();
         arrive();
         issue_s(j);
         issue_pv(j - 1);
+        your_turn();
         wgmma_wait<1>();  // S_j done, P_{j-1} V_{j-1} may still run during the softmax
         release(k_empty(j % STAGES));
         softmax(j);
@@ -303,8 +323,10 @@ fa3_forward(const __grid_constant__ TmaMap qmap, const __grid_constant__ TmaMap 
     {
         const int sp = (n_tiles - 1) % STAGES;
         mbar_wait(v_full(sp), ((n_tiles - 1) / STAGES) & 1);
+        my_turn();
         arrive();
         issue_pv(n_tiles - 1);
+        if (cw == 0) your_turn();
         wgmma_wait<0>();
         release(v_empty(sp));
         fence_regs<D / 2>(o);

@@ -21,6 +21,7 @@ from . import CTYPE, pair_grid
 FA3_THREADS, FA3_BR = 384, 128         # 3 warpgroups (1 producer, 2 consumers of 64 query rows each)
 FA3_HEAD_DIMS = (64, 128)
 FA3_TILES = {64: (128, 3), 128: (128, 2)}   # head dim -> (Bc keys per K/V tile, ring stages); not swept yet
+VARIANTS = ("plain", "pingpong")             # the consumers' schedule: each on its own, or taking turns (PP)
 # cuda.h enums (CUtensorMapDataType, CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill)
 _TMA_DTYPE = {"float16": 6, "bfloat16": 9}
 _SWIZZLE_128B, _L2_PROMOTION_128B, _OOB_FILL_ZERO, _INTERLEAVE_NONE = 3, 2, 0, 0
@@ -32,8 +33,9 @@ def smem_fa3(d, Bc, stages):
     return 1024 + 2 * d * (FA3_BR + 2 * stages * Bc) + 8 * (1 + 4 * stages)
 
 
-def fa3_config(dtype, d, causal, tiles=None):
-    """(kernel name expression, Bc, stages, smem bytes) of rung 7 for dtype float16/bfloat16, head dim 64 or 128."""
+def fa3_config(dtype, d, causal, tiles=None, variant="plain"):
+    """(kernel name expression, Bc, stages, smem bytes) of rung 7 for dtype float16/bfloat16, head dim 64 or 128,
+    variant in VARIANTS."""
     if dtype not in _TMA_DTYPE:
         raise ValueError(f"rung 7 (fa3_forward) takes float16 or bfloat16, got {dtype!r}")
     if d not in FA3_HEAD_DIMS:
@@ -44,13 +46,16 @@ def fa3_config(dtype, d, causal, tiles=None):
     smem = smem_fa3(d, Bc, stages)
     if smem > 227 * 1024:
         raise ValueError(f"tiles ({Bc}, {stages}) at d = {d} need {smem} bytes of shared memory; Hopper allows {227 * 1024}")
-    c = "true" if causal else "false"
-    return f"fa3_forward<{CTYPE[dtype]}, {d}, {Bc}, {stages}, {c}>", Bc, stages, smem
+    if variant not in VARIANTS:
+        raise ValueError(f"rung 7 variant must be one of {VARIANTS}, got {variant!r}")
+    c, pp = ("true" if causal else "false"), ("true" if variant == "pingpong" else "false")
+    return f"fa3_forward<{CTYPE[dtype]}, {d}, {Bc}, {stages}, {pp}, {c}>", Bc, stages, smem
 
 
 def fa3_instances():
     """Every kernel name expression `forward_fa3` can launch with the default tiles (for the compile test)."""
-    return [fa3_config(t, d, c)[0] for t in _TMA_DTYPE for d in FA3_HEAD_DIMS for c in (False, True)]
+    return [fa3_config(t, d, c, variant=x)[0] for t in _TMA_DTYPE for d in FA3_HEAD_DIMS for c in (False, True)
+            for x in VARIANTS]
 
 
 # ---------------------------------------------------------------- libcuda through ctypes
@@ -118,10 +123,10 @@ def _dtype_of(a):
     raise ValueError(f"forward_fa3 takes float16, or bfloat16 as int16 bits, got {s}")
 
 
-def forward_fa3(q, k, v, causal, scale, tiles=None):
+def forward_fa3(q, k, v, causal, scale, tiles=None, variant="plain"):
     """Rung 7 forward on CuPy arrays: q (B, H, Nq, d), k and v (B, H_kv, Nk, d), H_kv dividing H, d = 64 or 128,
     float16 or bfloat16 (as int16 bits); Nq, Nk >= 1. Returns (o like q, lse (B, H, Nq) float32, natural log),
-    computed on CuPy's current stream. tiles: (Bc, stages), default FA3_TILES[d]."""
+    computed on CuPy's current stream. tiles: (Bc, stages), default FA3_TILES[d]; variant: one of VARIANTS."""
     import cupy as cp
     dtype = _dtype_of(q)
     if len(q.shape) != 4 or len(k.shape) != 4 or k.shape != v.shape or q.dtype != k.dtype or k.dtype != v.dtype:
@@ -133,7 +138,7 @@ def forward_fa3(q, k, v, causal, scale, tiles=None):
     if Nq < 1 or Nk < 1 or B * H < 1:
         raise ValueError(f"forward_fa3 needs Nq, Nk, B*H >= 1, got Nq={Nq}, Nk={Nk}, B*H={B * H}")
     causal, scale = check_causal(causal), check_scale(scale, d)
-    name, Bc, _, smem = fa3_config(dtype, d, causal, tiles)
+    name, Bc, _, smem = fa3_config(dtype, d, causal, tiles, variant)
     q, k, v = (cp.ascontiguousarray(a) for a in (q, k, v))
     o, lse = cp.empty_like(q), cp.empty((B, H, Nq), dtype=cp.float32)
     dev = q.device.id
