@@ -63,3 +63,9 @@ def test_fa3_compiles_without_spills():
         lines.append(f"{regs:4d} regs {spill:4d} B  {name}")
     print("\n".join(lines))
     assert not failures, "\n".join(failures)
+
+
+def test_tensor_map_buffer_is_aligned():
+    m = tma.TensorMap()  # the driver wants the CUtensorMap 64-byte aligned
+    import ctypes
+    assert ctypes.addressof(m.arg) % 64 == 0 and ctypes.sizeof(m.arg) == 128

@@ -1,0 +1,180 @@
+"""Rung 7 (fa3_forward.cu: TMA + warp specialisation, plain and ping-pong) against rung 6 and PyTorch's SDPA.
+
+    python benchmarks/fa3_bench.py [--check] [--time] [--out DIR]
+
+--check: quick correctness on ragged shapes against the float64 reference (FlashAttention's rule, as the GPU
+tests), with where the error sits when it fails. --time: forward TFLOP/s of rung 7 (both variants), rung 6
+(`cupy_kernels.forward(..., rung="wgmma")`), SDPA flash and SDPA cuDNN at d = 64, 128, N = 4096, 16384, fp16 and
+bf16, causal and not, B = 16384 // N, H = 16, timed together by `flashlib.bench.timing.compare`; each rung 7 output
+is also compared with SDPA flash's. FLOPs = 4*B*H*N^2*d, half when causal. Results: `flashlib.bench.save` into
+--out, else $FLASHLIB_RESULTS, else the package's results folder. Neither flag: both.
+"""
+import argparse
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from flashlib import bench, reference  # noqa: E402
+from flashlib import cupy_kernels as ck  # noqa: E402
+from flashlib.cupy_kernels import tma  # noqa: E402
+
+ATOL = {"float16": 1e-4, "bfloat16": 5e-4}
+CHECKS = [(1, 2, 2, 97, 113), (2, 2, 1, 1023, 3), (1, 4, 2, 3, 1023), (1, 2, 2, 300, 4096), (1, 1, 1, 4096, 97)]
+
+
+def _inputs(B, H, Hkv, Nq, Nk, d, dtype, seed=0):
+    import torch
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    mk = lambda h, n: torch.randn(B, h, n, d, device="cuda", generator=g).to(getattr(torch, dtype))
+    return mk(H, Nq), mk(Hkv, Nk), mk(Hkv, Nk)
+
+
+def _naive(q, k, v, causal, scale):
+    import torch
+    S = (q @ k.transpose(-1, -2)) * scale
+    if causal:
+        S = S.masked_fill(~torch.ones(S.shape[-2:], dtype=torch.bool, device=q.device).tril(), float("-inf"))
+    return torch.softmax(S, dim=-1) @ v
+
+
+def _fa3(q, k, v, causal, scale, variant, dtype):
+    from flashlib._arrays import like, to_cupy
+    o, lse = tma.forward_fa3(to_cupy(q), to_cupy(k), to_cupy(v), causal, scale, variant=variant)
+    return like(o, q, dtype), like(lse, q, "float32")
+
+
+def check():
+    """Every (dtype, d, causal, variant) on CHECKS; prints one line each; returns the number of failures."""
+    import torch
+    fails = 0
+    for dtype in ("float16", "bfloat16"):
+        for d in tma.FA3_HEAD_DIMS:
+            for causal in (False, True):
+                for B, H, Hkv, Nq, Nk in CHECKS:
+                    q, k, v = _inputs(B, H, Hkv, Nq, Nk, d, dtype, seed=Nq * 7 + Nk)
+                    G, scale = H // Hkv, d ** -0.5
+                    kr, vr = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)
+                    f64 = lambda t: t.double().cpu().numpy()
+                    o_ref, lse_ref = reference.attention_forward(f64(q), f64(kr), f64(vr), causal, scale)
+                    bound = 2 * np.abs(f64(_naive(q, kr, vr, causal, scale)) - o_ref).max() + ATOL[dtype]
+                    for variant in tma.VARIANTS:
+                        try:
+                            o, lse = _fa3(q, k, v, causal, scale, variant, dtype)
+                            torch.cuda.synchronize()
+                        except Exception as e:  # noqa: BLE001 (report and go on: one run on the GPU)
+                            print(f"ERROR {dtype} d={d} causal={causal} {(B, H, Hkv, Nq, Nk)} {variant}: {e!r}")
+                            fails += 1
+                            continue
+                        err = np.abs(f64(o) - o_ref)
+                        err = np.where(np.isnan(err), np.inf, err)
+                        lerr = np.abs(f64(lse) - lse_ref)
+                        lerr = np.where(np.isnan(lerr), np.inf, lerr)
+                        ok = err.max() <= bound and lerr.max() <= 2e-3
+                        fails += not ok
+                        line = (f"{'ok  ' if ok else 'FAIL'} {dtype} d={d} causal={causal} (B,H,Hkv,Nq,Nk)="
+                                f"{(B, H, Hkv, Nq, Nk)} {variant}: err {err.max():.2e} (bound {bound:.2e}) "
+                                f"lse {lerr.max():.2e}")
+                        if not ok:
+                            bad = np.argwhere(err.max(-1) > bound)
+                            rows = sorted({int(r[2]) for r in bad})
+                            cols = np.argwhere(err.max((0, 1, 2)) > bound).ravel()
+                            line += (f" | bad rows {len(rows)}/{Nq} first {rows[:8]} heads "
+                                     f"{sorted({int(r[1]) for r in bad})[:8]} cols {cols[:8].tolist()} "
+                                     f"nan {int(np.isnan(f64(o)).sum())} lse bad rows "
+                                     f"{np.argwhere(lerr > 2e-3)[:4, 2].tolist()}")
+                        print(line, flush=True)
+    print(f"check: {fails} failures")
+    return fails
+
+
+def _sdpa(backend):
+    from flashlib.bench.sdpa import sdpa_pinned
+    return lambda q, k, v, causal: sdpa_pinned(backend, q, k, v, is_causal=causal)
+
+
+def time_all(out, max_seconds=4.0):
+    import torch
+    from flashlib._arrays import like, to_cupy
+    from flashlib.bench.timing import compare
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    rows = []
+    for d in (64, 128):
+        for N in (4096, 16384):
+            for dtype in ("float16", "bfloat16"):
+                for causal in (False, True):
+                    H, B = 16, max(1, 16384 // N)
+                    q, k, v = _inputs(B, H, H, N, N, d, dtype)
+                    qc, kc, vc = (to_cupy(t) for t in (q, k, v))
+                    scale = d ** -0.5
+                    flops = 4 * B * H * N * N * d * (0.5 if causal else 1.0)
+                    fns = {f"rung7_{x}": (lambda x=x: tma.forward_fa3(qc, kc, vc, causal, scale, variant=x))
+                           for x in tma.VARIANTS}
+                    fns["rung6_wgmma"] = lambda: ck.forward(qc, kc, vc, causal=causal, scale=scale, dtype=dtype,
+                                                            rung="wgmma")
+                    sdpa = torch.nn.functional.scaled_dot_product_attention
+                    for name in ("flash", "cudnn"):
+                        fns[f"sdpa_{name}"] = lambda: sdpa(q, k, v, is_causal=causal)
+                    contexts = {f"sdpa_{name}": (lambda b=b: sdpa_kernel(b))
+                                for name, b in (("flash", SDPBackend.FLASH_ATTENTION),
+                                                ("cudnn", SDPBackend.CUDNN_ATTENTION))}
+                    with torch.no_grad():
+                        o_flash = _sdpa("flash")(q, k, v, causal).float()
+                    errs = {}
+                    for x in tma.VARIANTS:
+                        try:
+                            errs[f"rung7_{x}"] = float((like(fns[f"rung7_{x}"]()[0], q, dtype).float() - o_flash)
+                                                       .abs().max())
+                        except Exception as e:  # noqa: BLE001
+                            print(f"rung7_{x} failed: {e!r}")
+                            fns.pop(f"rung7_{x}")
+                    del o_flash
+                    stats = compare(fns, host=False, min_rounds=5, max_rounds=20, max_seconds=max_seconds,
+                                    contexts=contexts)
+                    line = f"d={d:3d} N={N:5d} {dtype:8s} causal={causal!s:5s}"
+                    for name, st in stats.items():
+                        tf = flops / (st["median_ms"] * 1e-3) / 1e12
+                        rows.append(dict(dtype=dtype, d=d, n=N, B=B, H=H, causal=causal, impl=name,
+                                         ms=st["median_ms"], spread=st["spread"], tflops=tf,
+                                         err_vs_flash=errs.get(name)))
+                        line += f" | {name} {tf:5.0f}"
+                    print(line + "  (TFLOP/s; rung 7 max |o - flash| " +
+                          ", ".join(f"{e:.1e}" for e in errs.values()) + ")", flush=True)
+                    del q, k, v, qc, kc, vc
+    tag = bench.gpu_tag(torch.cuda.get_device_name())
+    return bench.save(f"fa3_forward_{tag}", rows, directory=out, tiles=tma.FA3_TILES, threads=tma.FA3_THREADS,
+                      flops="4*B*H*N^2*d, half when causal", timing="flashlib.bench.timing.compare, host=False")
+
+
+def sanitize():
+    """One small ragged call per variant (for compute-sanitizer): GQA, causal, Nq != Nk, both head dims."""
+    import torch
+    for variant in tma.VARIANTS:
+        for dtype, d, causal, (B, H, Hkv, Nq, Nk) in (("float16", 64, True, (1, 4, 2, 97, 113)),
+                                                      ("bfloat16", 128, False, (2, 2, 1, 113, 300))):
+            q, k, v = _inputs(B, H, Hkv, Nq, Nk, d, dtype)
+            o, lse = _fa3(q, k, v, causal, d ** -0.5, variant, dtype)
+            torch.cuda.synchronize()
+            print(f"sanitize {variant} {dtype} d={d} causal={causal}: finite {bool(torch.isfinite(o).all())}")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--check", action="store_true")
+    p.add_argument("--time", action="store_true")
+    p.add_argument("--sanitize", action="store_true", help="only the small calls for compute-sanitizer")
+    p.add_argument("--out", default=os.environ.get("FLASHLIB_RESULTS"))
+    a = p.parse_args()
+    if a.sanitize:
+        return sanitize()
+    both = not (a.check or a.time)
+    fails = check() if a.check or both else 0
+    if a.time or both:
+        print(time_all(a.out))
+    sys.exit(1 if fails else 0)
+
+
+if __name__ == "__main__":
+    main()
