@@ -95,6 +95,42 @@ def _sdpa(backend):
     return lambda q, k, v, causal: sdpa_pinned(backend, q, k, v, is_causal=causal)
 
 
+SWEEP = {64: [(128, 2), (64, 4)], 128: [(128, 3), (64, 3)]}  # rung 7 tiles (Bc, stages) beside FA3_TILES
+
+
+def sweep(N=16384, dtype="float16"):
+    """Rung 7 with other tiles (SWEEP) beside the default ones, fp16, N = 16384, both variants, causal and not."""
+    from flashlib._arrays import like, to_cupy
+    from flashlib.bench.timing import compare
+    rows = []
+    for d, extra in SWEEP.items():
+        for causal in (False, True):
+            H, B = 16, max(1, 16384 // N)
+            q, k, v = _inputs(B, H, H, N, N, d, dtype)
+            qc, kc, vc = (to_cupy(t) for t in (q, k, v))
+            flops = 4 * B * H * N * N * d * (0.5 if causal else 1.0)
+            o_ref = like(tma.forward_fa3(qc, kc, vc, causal, None)[0], q, dtype).float()
+            fns, errs = {}, {}
+            for tiles in [tma.FA3_TILES[d]] + extra:
+                for x in tma.VARIANTS:
+                    name = f"rung7_{x}_{tiles[0]}x{tiles[1]}"
+                    fn = lambda x=x, tiles=tiles: tma.forward_fa3(qc, kc, vc, causal, None, tiles=tiles, variant=x)
+                    try:
+                        errs[name] = float((like(fn()[0], q, dtype).float() - o_ref).abs().max())
+                        fns[name] = fn
+                    except Exception as e:  # noqa: BLE001
+                        print(f"{name} failed: {e!r}")
+            stats = compare(fns, host=False, min_rounds=5, max_rounds=12, max_seconds=4.0)
+            line = f"sweep d={d} N={N} {dtype} causal={causal}:"
+            for name, st in stats.items():
+                tf = flops / (st["median_ms"] * 1e-3) / 1e12
+                rows.append(dict(dtype=dtype, d=d, n=N, B=B, H=H, causal=causal, impl=name, ms=st["median_ms"],
+                                 spread=st["spread"], tflops=tf, err_vs_default=errs[name]))
+                line += f" | {name} {tf:5.0f} (err {errs[name]:.0e})"
+            print(line, flush=True)
+    return rows
+
+
 def time_all(out, max_seconds=4.0):
     import torch
     from flashlib._arrays import like, to_cupy
@@ -131,7 +167,7 @@ def time_all(out, max_seconds=4.0):
                             print(f"rung7_{x} failed: {e!r}")
                             fns.pop(f"rung7_{x}")
                     del o_flash
-                    stats = compare(fns, host=False, min_rounds=5, max_rounds=20, max_seconds=max_seconds,
+                    stats = compare(fns, host=False, min_rounds=5, max_rounds=15, max_seconds=max_seconds,
                                     contexts=contexts)
                     line = f"d={d:3d} N={N:5d} {dtype:8s} causal={causal!s:5s}"
                     for name, st in stats.items():
@@ -143,6 +179,7 @@ def time_all(out, max_seconds=4.0):
                     print(line + "  (TFLOP/s; rung 7 max |o - flash| " +
                           ", ".join(f"{e:.1e}" for e in errs.values()) + ")", flush=True)
                     del q, k, v, qc, kc, vc
+    rows += sweep()
     tag = bench.gpu_tag(torch.cuda.get_device_name())
     return bench.save(f"fa3_forward_{tag}", rows, directory=out, tiles=tma.FA3_TILES, threads=tma.FA3_THREADS,
                       flops="4*B*H*N^2*d, half when causal", timing="flashlib.bench.timing.compare, host=False")

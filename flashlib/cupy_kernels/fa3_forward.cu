@@ -339,6 +339,7 @@ fa3_forward(const __grid_constant__ TmaMap qmap, const __grid_constant__ TmaMap 
         l[h] += __shfl_xor_sync(0xffffffffu, l[h], 2);
     }
     const int rw = 64 * cw + 16 * w;  // the warp's first row in the block
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // Qs: wgmma's reads (async proxy) before our writes
 #pragma unroll
     for (int h = 0; h < 2; h++) {
         const int r = g + 8 * h;
