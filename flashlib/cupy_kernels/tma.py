@@ -123,6 +123,23 @@ def _dtype_of(a):
     raise ValueError(f"forward_fa3 takes float16, or bfloat16 as int16 bits, got {s}")
 
 
+def _map(a, dtype, box_rows, keep):
+    """Tensor map of a (B, H, N, d) CuPy array with boxes of box_rows rows. Should the driver refuse a box longer
+    than the sequence (N < box_rows), the map is made of a zero-padded copy of box_rows rows instead (the kernel
+    masks keys past Nk and stores no row past Nq, so the zeros change nothing)."""
+    B, H, N, d = a.shape
+    try:
+        return tensor_map_3d(a.data.ptr, dtype, d, N, B * H, box_rows)
+    except RuntimeError:
+        if N >= box_rows:
+            raise
+    import cupy as cp
+    p = cp.zeros((B, H, box_rows, d), a.dtype)
+    p[:, :, :N] = a
+    keep.append(p)
+    return tensor_map_3d(p.data.ptr, dtype, d, box_rows, B * H, box_rows)
+
+
 def forward_fa3(q, k, v, causal, scale, tiles=None, variant="plain"):
     """Rung 7 forward on CuPy arrays: q (B, H, Nq, d), k and v (B, H_kv, Nk, d), H_kv dividing H, d = 64 or 128,
     float16 or bfloat16 (as int16 bits); Nq, Nk >= 1. Returns (o like q, lse (B, H, Nq) float32, natural log),
@@ -142,9 +159,8 @@ def forward_fa3(q, k, v, causal, scale, tiles=None, variant="plain"):
     q, k, v = (cp.ascontiguousarray(a) for a in (q, k, v))
     o, lse = cp.empty_like(q), cp.empty((B, H, Nq), dtype=cp.float32)
     dev = q.device.id
-    maps = [tensor_map_3d(q.data.ptr, dtype, d, Nq, B * H, FA3_BR),
-            tensor_map_3d(k.data.ptr, dtype, d, Nk, B * Hkv, Bc),
-            tensor_map_3d(v.data.ptr, dtype, d, Nk, B * Hkv, Bc)]
+    keep = []  # padded copies (if any) live until the launch
+    maps = [_map(q, dtype, FA3_BR, keep), _map(k, dtype, Bc, keep), _map(v, dtype, Bc, keep)]
     args = [m.arg for m in maps] + [ctypes.c_uint64(o.data.ptr), ctypes.c_uint64(lse.data.ptr), ctypes.c_int32(Nq),
                                     ctypes.c_int32(Nk), ctypes.c_float(scale), ctypes.c_int32(B * H),
                                     ctypes.c_int32(H // Hkv)]
