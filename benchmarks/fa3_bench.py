@@ -95,15 +95,12 @@ def _sdpa(backend):
     return lambda q, k, v, causal: sdpa_pinned(backend, q, k, v, is_causal=causal)
 
 
-SWEEP = {64: [(128, 2), (64, 4)], 128: [(128, 3), (64, 3)]}  # rung 7 tiles (Bc, stages) beside FA3_TILES
-
-
 def sweep(N=16384, dtype="float16"):
-    """Rung 7 with other tiles (SWEEP) beside the default ones, fp16, N = 16384, both variants, causal and not."""
+    """Rung 7 with tma.FA3_OTHER_TILES beside the default ones, fp16, N = 16384, both variants, causal and not."""
     from flashlib._arrays import like, to_cupy
     from flashlib.bench.timing import compare
     rows = []
-    for d, extra in SWEEP.items():
+    for d, extra in tma.FA3_OTHER_TILES.items():
         for causal in (False, True):
             H, B = 16, max(1, 16384 // N)
             q, k, v = _inputs(B, H, H, N, N, d, dtype)
@@ -111,9 +108,9 @@ def sweep(N=16384, dtype="float16"):
             flops = 4 * B * H * N * N * d * (0.5 if causal else 1.0)
             o_ref = like(tma.forward_fa3(qc, kc, vc, causal, None)[0], q, dtype).float()
             fns, errs = {}, {}
-            for tiles in [tma.FA3_TILES[d]] + extra:
+            for tiles in (tma.FA3_TILES[d],) + extra:
                 for x in tma.VARIANTS:
-                    name = f"rung7_{x}_{tiles[0]}x{tiles[1]}"
+                    name = f"rung7_{x}_" + "x".join(map(str, tiles))
                     fn = lambda x=x, tiles=tiles: tma.forward_fa3(qc, kc, vc, causal, None, tiles=tiles, variant=x)
                     try:
                         errs[name] = float((like(fn()[0], q, dtype).float() - o_ref).abs().max())
@@ -181,7 +178,7 @@ def time_all(out, max_seconds=4.0):
                     del q, k, v, qc, kc, vc
     rows += sweep()
     tag = bench.gpu_tag(torch.cuda.get_device_name())
-    return bench.save(f"fa3_forward_{tag}", rows, directory=out, tiles=tma.FA3_TILES, threads=tma.FA3_THREADS,
+    return bench.save(f"fa3_forward_{tag}", rows, directory=out, tiles=tma.FA3_TILES, other_tiles=tma.FA3_OTHER_TILES,
                       flops="4*B*H*N^2*d, half when causal", timing="flashlib.bench.timing.compare, host=False")
 
 

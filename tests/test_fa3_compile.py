@@ -17,18 +17,25 @@ NVCC = shutil.which("nvcc")
 
 
 def test_fa3_config():
-    name, Bc, stages, smem = tma.fa3_config("bfloat16", 128, True)
-    assert name == "fa3_forward<__nv_bfloat16, 128, 128, 2, false, true>" and (Bc, stages) == (128, 2)
-    assert smem == 1024 + 2 * 128 * (128 + 4 * 128) + 8 * 9 <= ck.SMEM_LIMIT[90]
+    cfg = tma.fa3_config("bfloat16", 128, True)
+    assert cfg.kernel == "fa3_forward<__nv_bfloat16, 128, 128, 2, 2, false, true>"
+    assert (cfg.Br, cfg.Bc, cfg.stages, cfg.threads) == (128, 128, 2, 384)
+    assert cfg.smem == 1024 + 2 * 128 * (128 + 4 * 128) + 8 * 9 <= ck.SMEM_LIMIT[90]
+    cfg = tma.fa3_config("float16", 64, False, tiles=(64, 4, 3), variant="pingpong")
+    assert cfg.kernel == "fa3_forward<__half, 64, 64, 4, 3, true, false>" and (cfg.Br, cfg.threads) == (192, 512)
+    assert cfg.smem == tma.smem_fa3(64, 64, 4, 3) == 1024 + 2 * 64 * (192 + 8 * 64) + 8 * 17
     for d in tma.FA3_HEAD_DIMS:
-        assert tma.fa3_config("float16", d, False)[3] <= ck.SMEM_LIMIT[90]
+        assert tma.fa3_config("float16", d, False).smem <= ck.SMEM_LIMIT[90]
+    with pytest.raises(ValueError, match="consumer warpgroups"):
+        tma.fa3_config("float16", 128, False, tiles=(128, 2, 3))
     with pytest.raises(ValueError, match="head_dim"):
         tma.fa3_config("float16", 96, False)
     with pytest.raises(ValueError, match="float16 or bfloat16"):
         tma.fa3_config("float32", 64, False)
     with pytest.raises(ValueError, match="shared memory"):
         tma.fa3_config("float16", 128, False, tiles=(128, 4))
-    assert len(set(tma.fa3_instances())) == 2 * 2 * 2 * 2  # fp16/bf16 x d x causal x variant
+    n_other = sum(map(len, tma.FA3_OTHER_TILES.values()))
+    assert len(set(tma.fa3_instances())) == (2 * 2 + n_other) * 2 * 2  # (dtype x d + other tiles) x causal x variant
 
 
 def _nvcc(name, tmp):
@@ -57,8 +64,8 @@ def test_fa3_compiles_without_spills():
         (regs, spill), = info.values()
         if spill:
             failures.append(f"{name}: {spill} bytes of stack frame / spills ({regs} registers)")
-        # the launch bound (384 threads, 1 block) caps the count ptxas reports at 168; the consumers take 240
-        # with setmaxnreg.inc, which ptxas allocates for
+        # the launch bound (1 block of 384 or 512 threads) caps the count ptxas reports at 168 or 128; the
+        # consumers take 240 or 160 with setmaxnreg.inc, which ptxas allocates for
         assert regs <= 168, (name, regs)
         lines.append(f"{regs:4d} regs {spill:4d} B  {name}")
     print("\n".join(lines))

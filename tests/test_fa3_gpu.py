@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from flashlib import reference
+from flashlib.cupy_kernels import tma
 from tests.test_cupy_kernels import ATOL, _err, _f64, _naive, poisoned  # noqa: F401 (poisoned: a fixture)
 
 LENGTHS = (1, 3, 97, 113, 1023, 4096)
@@ -25,12 +26,11 @@ def _hopper():
         pytest.skip("rung 7 runs on Hopper (compute capability 9.0) only")
 
 
-def _check(B, H, Hkv, Nq, Nk, d, dtype, causal):
+def _check(B, H, Hkv, Nq, Nk, d, dtype, causal, tiles=None):
     """Both variants (plain, ping-pong) on one set of random inputs against one float64 reference."""
     import torch
     from flashlib._arrays import like, to_cupy
-    from flashlib.cupy_kernels import tma
-    seed = zlib.crc32(repr((B, H, Hkv, Nq, Nk, d, dtype, causal)).encode())
+    seed = zlib.crc32(repr((B, H, Hkv, Nq, Nk, d, dtype, causal, tiles)).encode())
     g = torch.Generator(device="cuda").manual_seed(seed)
     mk = lambda h, n: torch.randn(B, h, n, d, device="cuda", generator=g).to(getattr(torch, dtype))
     q, k, v = mk(H, Nq), mk(Hkv, Nk), mk(Hkv, Nk)
@@ -40,9 +40,9 @@ def _check(B, H, Hkv, Nq, Nk, d, dtype, causal):
     o_ref, lse_ref = reference.attention_forward(_f64(q), _f64(k_rep), _f64(v_rep), causal, scale)
     bound = 2 * _err(_naive(q, k_rep, v_rep, causal, scale), o_ref) + ATOL[dtype]
     for variant in tma.VARIANTS:
-        o, lse = tma.forward_fa3(to_cupy(q), to_cupy(k), to_cupy(v), causal, scale, variant=variant)
+        o, lse = tma.forward_fa3(to_cupy(q), to_cupy(k), to_cupy(v), causal, scale, tiles, variant)
         o, lse = like(o, q, dtype), like(lse, q, "float32")
-        where = (variant, B, H, Hkv, Nq, Nk, d, dtype, causal)
+        where = (variant, tiles, B, H, Hkv, Nq, Nk, d, dtype, causal)
         assert o.shape == q.shape and o.dtype == q.dtype
         assert _err(o, o_ref) <= bound, (where, _err(o, o_ref), bound)   # NaN (an unwritten row) fails too
         assert _err(lse, lse_ref) <= 2e-3, (where, _err(lse, lse_ref))
@@ -67,11 +67,23 @@ def test_fa3_gqa_matches_reference(nq, nk, dtype, d, causal, G, poisoned):
     _check(1, 4, 4 // G, nq, nk, d, dtype, causal)
 
 
+OTHER = [(d, t) for d, ts in tma.FA3_OTHER_TILES.items() for t in ts]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("d,tiles", OTHER, ids=str)
+@pytest.mark.parametrize("nq,nk", [(97, 1023), (1023, 113), (3, 4096), (4096, 1)], ids=str)
+def test_fa3_other_tiles_match_reference(nq, nk, d, tiles, dtype, causal, poisoned):
+    _hopper()
+    _check(1, 4, 2, nq, nk, d, dtype, causal, tiles)
+
+
 @pytest.mark.gpu
 def test_fa3_rejects_bad_input():
     _hopper()
     import cupy as cp
-    from flashlib.cupy_kernels import tma
     q = cp.zeros((1, 2, 8, 96), cp.float16)
     with pytest.raises(ValueError, match="head_dim"):
         tma.forward_fa3(q, q, q, False, None)

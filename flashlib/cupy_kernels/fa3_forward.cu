@@ -1,33 +1,35 @@
 // fa3_forward.cu: rung 7 of the CuPy ladder, a FlashAttention-3-style forward on Hopper (sm_90a only).
 //
-//   fa3_forward<T, D, Bc, STAGES, PP, CAUSAL>   T = __half or __nv_bfloat16, D = 64 or 128, Bc keys per K/V tile,
-//                                              PP: ping-pong between the two consumer warpgroups
+//   fa3_forward<T, D, Bc, STAGES, NCW, PP, CAUSAL>   T = __half or __nv_bfloat16, D = 64 or 128, Bc keys per K/V
+//       tile, STAGES slots in the K/V ring, NCW = 2 or 3 consumer warpgroups, PP: ping-pong between the consumers
 //
 // Rung 6 (fa2_wgmma.cu) with FlashAttention-3's two Hopper-specific changes (Shah et al. 2024, sections 3.1-3.2):
 //  * TMA: Q, K and V tiles are copied by the Tensor Memory Accelerator (cp.async.bulk.tensor) from tensor maps that
 //    the host encodes (tma.py, cuTensorMapEncodeTiled), straight into the 128-byte-swizzled layout wgmma reads. One
 //    thread issues a whole tile; the copy engine signals its arrival on an mbarrier (expect_tx / complete_tx).
 //  * Warp specialisation: warpgroup 0 is the producer (one elected thread issues every copy; setmaxnreg.dec gives
-//    its registers back), warpgroups 1 and 2 are consumers (setmaxnreg.inc), each owning 64 query rows and running
-//    wgmma and the online softmax. K and V travel through a ring of STAGES slots with full and empty barriers.
-// Block: 384 threads (3 warpgroups); Br = 128 query rows (2 x 64). Grid (ceil(Nq/128), pairs over y and z).
+//    its registers back), warpgroups 1 ... NCW are consumers (setmaxnreg.inc), each owning 64 query rows and
+//    running wgmma and the online softmax. K and V travel through a ring of STAGES slots with full and empty barriers.
+// Block: 128 (NCW + 1) threads; Br = 64 NCW query rows. Grid (ceil(Nq/Br), pairs over y and z). NCW = 3 (d = 64
+//   only: 160 registers a consumer thread) shares each K/V tile among more rows, as FlashAttention-3 does at d = 64.
 // Arguments: the tensor maps of Q (D, Nq, B*H), K and V (D, Nk, B*H/G) (dims innermost first; rows past Nq or Nk
 //   read as zeros), O and lse pointers, Nq, Nk, scale, BH, G: query head pair bh reads kv pair bh / G.
 // Shared memory (dynamic, aligned here to 1024 bytes): Qs (Br x D), STAGES slots of Ks (Bc x D), STAGES of Vs,
 //   then the mbarriers (8 bytes each). Every tile is cut into blocks of 64 columns (128 bytes a row, one TMA box
 //   each), Bc (or Br) rows a block, 16-byte chunks swizzled by XOR with row % 8: rung 6's sw128 layout.
 // Barriers (PTX ISA, "mbarrier"): q_full (producer's expect_tx), k_full[s], v_full[s] (producer's expect_tx, one
-//   arrival), k_empty[s], v_empty[s] (one arrival per consumer warp, 8, once its wgmma that read the slot is done).
+//   arrival), k_empty[s], v_empty[s] (one arrival per consumer warp, 4 NCW, once its wgmma reading the slot is done).
 //   Phases alternate: the consumer waits for parity (j / STAGES) & 1 of slot j % STAGES, the producer for the
 //   opposite parity of the empty barrier (a fresh barrier counts its parity-1 phase as complete).
 // Consumer loop per warpgroup (rung 6's intra-warpgroup overlap, unchanged): step j issues S_j = Q K_j^T (A and B
 //   from shared memory) and O += P_{j-1} V_{j-1} (A = P in registers), runs the softmax of S_j while the second
 //   product still runs, then rescales O.
-// Ping-pong (PP, FlashAttention-3 section 3.2): the consumers take turns at the Tensor Cores. Before issuing a
-//   step's products a warpgroup waits at its named barrier (bar.sync 1 + cw, 256 threads), after issuing them it
-//   arrives at the other's (bar.arrive 2 - cw, 256), so that one warpgroup's softmax runs while the other's products
-//   do. Warpgroup 0 goes first (warpgroup 1 arrives once at the start); warpgroup 1 skips its arrival after its
-//   last turn, which no one would wait for. Both run the same number of steps (n_tiles + 1 turns each).
+// Ping-pong (PP, FlashAttention-3 section 3.2): the consumers take turns at the Tensor Cores, round robin. Before
+//   issuing a step's products consumer cw waits at its named barrier (bar.sync 1 + cw, 256 threads: its own 128 and
+//   the 128 of the previous consumer's bar.arrive), after issuing them it arrives at the next one's, so that one
+//   warpgroup's softmax runs while another's products do. Consumer 0 goes first (the last consumer arrives once at
+//   the start) and the last skips its arrival after its last turn, which no one would wait for. All run the same
+//   number of steps (n_tiles + 1 turns each).
 #include "flash_common.cuh"
 
 // ---- wgmma (as rung 6), plus the form with A from shared memory ----
@@ -140,15 +142,17 @@ __device__ __forceinline__ void tma_tile(u32 dst, const TmaMap* map, u32 bar, in
     for (int b = 0; b < D / 64; b++) tma_load_3d(dst + b * R * 128, map, bar, 64 * b, r0, z);
 }
 
-constexpr int FA3_THREADS = 384, FA3_BR = 128;
-constexpr int PRODUCER_REGS = 24, CONSUMER_REGS = 240;  // 128 * 24 + 256 * 240 <= 65536 (FlashAttention-3's split)
+// registers a thread of the producer / of a consumer, FlashAttention-3's split: 128 * 24 + 256 * 240 <= 65536 for
+// two consumer warpgroups, 128 * 32 + 384 * 160 = 65536 for three
+template <int NCW> struct Regs { static constexpr int producer = NCW == 2 ? 24 : 32, consumer = NCW == 2 ? 240 : 160; };
 
-template <typename T, int D, int Bc, int STAGES, bool PP, bool CAUSAL>
-__global__ void __launch_bounds__(FA3_THREADS, 1)
+template <typename T, int D, int Bc, int STAGES, int NCW, bool PP, bool CAUSAL>
+__global__ void __launch_bounds__(128 * (NCW + 1), 1)
 fa3_forward(const __grid_constant__ TmaMap qmap, const __grid_constant__ TmaMap kmap, const __grid_constant__ TmaMap vmap,
             T* __restrict__ O, float* __restrict__ L, int Nq, int Nk, float scale, int BH, int G) {
     static_assert((D == 64 || D == 128) && (Bc == 64 || Bc == 128) && STAGES >= 2, "m64n64 or m64n128 wgmma");
-    constexpr int Br = FA3_BR, TILE = Bc * D * 2, QTILE = Br * D * 2;
+    static_assert(NCW == 2 || (NCW == 3 && D == 64), "2 consumer warpgroups, or 3 at d = 64");
+    constexpr int Br = 64 * NCW, TILE = Bc * D * 2, QTILE = Br * D * 2;
     extern __shared__ __align__(128) unsigned char smem_raw[];
     unsigned char* Qs = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);  // 1024-aligned: swizzle atoms
     const u32 qs0 = smem_addr(Qs), ks0 = qs0 + QTILE, vs0 = ks0 + STAGES * TILE, bar0 = vs0 + STAGES * TILE;
@@ -172,15 +176,15 @@ fa3_forward(const __grid_constant__ TmaMap qmap, const __grid_constant__ TmaMap 
         for (int s = 0; s < STAGES; s++) {
             mbar_init(k_full(s), 1);
             mbar_init(v_full(s), 1);
-            mbar_init(k_empty(s), 8);  // the 8 consumer warps
-            mbar_init(v_empty(s), 8);
+            mbar_init(k_empty(s), 4 * NCW);  // every consumer warp
+            mbar_init(v_empty(s), 4 * NCW);
         }
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");  // visible to the copy engine
     }
     __syncthreads();
 
     if (wg == 0) {  // ---- producer: one thread issues every copy ----
-        regs_dec<PRODUCER_REGS>();
+        regs_dec<Regs<NCW>::producer>();
         if (tid == 0) {
             tma_prefetch_map(&kmap);
             tma_prefetch_map(&vmap);
@@ -201,7 +205,7 @@ fa3_forward(const __grid_constant__ TmaMap qmap, const __grid_constant__ TmaMap 
     }
 
     // ---- consumers: warpgroup cw = 0, 1 owns query rows 64 cw ... 64 cw + 63 of the block ----
-    regs_inc<CONSUMER_REGS>();
+    regs_inc<Regs<NCW>::consumer>();
     const int cw = wg - 1, lane = tid & 31, w = (tid >> 5) & 3, g = lane >> 2, t = lane & 3;
     const int qg = q0 + 64 * cw;
     const int n_full = min(Nk / Bc, CAUSAL ? (qg + 1) / Bc : n_tiles);  // tiles that need no mask in these rows
@@ -280,7 +284,7 @@ fa3_forward(const __grid_constant__ TmaMap qmap, const __grid_constant__ TmaMap 
         if constexpr (PP) bar_sync(1 + cw, 256);
     };
     auto your_turn = [&]() {
-        if constexpr (PP) bar_arrive(2 - cw, 256);
+        if constexpr (PP) bar_arrive(1 + (cw + 1) % NCW, 256);
     };
     auto rescale_and_pack = [&]() {
 #pragma unroll
@@ -292,7 +296,7 @@ fa3_forward(const __grid_constant__ TmaMap qmap, const __grid_constant__ TmaMap 
         }
     };
 
-    if (PP && cw == 1) bar_arrive(1, 256);  // warpgroup 0 takes the first turn
+    if (PP && cw == NCW - 1) bar_arrive(1, 256);  // consumer 0 takes the first turn
     mbar_wait(q_full, 0);
     mbar_wait(k_full(0), 0);
     my_turn();
@@ -326,7 +330,7 @@ fa3_forward(const __grid_constant__ TmaMap qmap, const __grid_constant__ TmaMap 
         my_turn();
         arrive();
         issue_pv(n_tiles - 1);
-        if (cw == 0) your_turn();
+        if (cw != NCW - 1) your_turn();
         wgmma_wait<0>();
         release(v_empty(sp));
         fence_regs<D / 2>(o);

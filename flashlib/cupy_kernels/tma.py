@@ -14,48 +14,59 @@ The host logic (`fa3_config`, `smem_fa3`) needs no GPU; CuPy and libcuda are loa
 """
 import ctypes
 import functools
+from collections import namedtuple
 
 from .._arrays import check_causal, check_scale
 from . import CTYPE, pair_grid
 
-FA3_THREADS, FA3_BR = 384, 128         # 3 warpgroups (1 producer, 2 consumers of 64 query rows each)
 FA3_HEAD_DIMS = (64, 128)
-FA3_TILES = {64: (128, 3), 128: (128, 2)}   # head dim -> (Bc keys per K/V tile, ring stages); not swept yet
+# head dim -> (Bc keys per K/V tile, ring stages, consumer warpgroups NCW); not swept yet. A block has 128 (NCW + 1)
+# threads (one producer warpgroup) and Br = 64 NCW query rows.
+FA3_TILES = {64: (128, 3, 2), 128: (128, 2, 2)}
+# other tiles that benchmarks/fa3_bench.py times beside these and the tests check (three consumers: d = 64 only)
+FA3_OTHER_TILES = {64: ((128, 2, 3), (64, 4, 3), (64, 4, 2)), 128: ((128, 3, 2), (64, 3, 2))}
 VARIANTS = ("plain", "pingpong")             # the consumers' schedule: each on its own, or taking turns (PP)
 # cuda.h enums (CUtensorMapDataType, CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill)
 _TMA_DTYPE = {"float16": 6, "bfloat16": 9}
 _SWIZZLE_128B, _L2_PROMOTION_128B, _OOB_FILL_ZERO, _INTERLEAVE_NONE = 3, 2, 0, 0
 
 
-def smem_fa3(d, Bc, stages):
-    """Bytes of dynamic shared memory of fa3_forward: 1 KB of alignment slack, Q (128 rows), `stages` K and V tiles
-    (Bc rows), rows of d 16-bit values, and the 1 + 4*stages mbarriers (8 bytes each)."""
-    return 1024 + 2 * d * (FA3_BR + 2 * stages * Bc) + 8 * (1 + 4 * stages)
+def smem_fa3(d, Bc, stages, ncw=2):
+    """Bytes of dynamic shared memory of fa3_forward: 1 KB of alignment slack, Q (Br = 64 ncw rows), `stages` K and
+    V tiles (Bc rows), rows of d 16-bit values, and the 1 + 4*stages mbarriers (8 bytes each)."""
+    return 1024 + 2 * d * (64 * ncw + 2 * stages * Bc) + 8 * (1 + 4 * stages)
+
+
+Fa3Config = namedtuple("Fa3Config", "kernel Br Bc stages threads smem")
 
 
 def fa3_config(dtype, d, causal, tiles=None, variant="plain"):
-    """(kernel name expression, Bc, stages, smem bytes) of rung 7 for dtype float16/bfloat16, head dim 64 or 128,
-    variant in VARIANTS."""
+    """Fa3Config(kernel name expression, Br, Bc, stages, threads, smem bytes) of rung 7 for dtype float16/bfloat16,
+    head dim 64 or 128, tiles (Bc, stages[, consumer warpgroups]) (default FA3_TILES[d]), variant in VARIANTS."""
     if dtype not in _TMA_DTYPE:
         raise ValueError(f"rung 7 (fa3_forward) takes float16 or bfloat16, got {dtype!r}")
     if d not in FA3_HEAD_DIMS:
         raise ValueError(f"rung 7 (fa3_forward) takes head_dim in {FA3_HEAD_DIMS}, got {d!r}")
-    Bc, stages = tiles if tiles is not None else FA3_TILES[d]
-    if Bc not in (64, 128) or stages < 2:
-        raise ValueError(f"rung 7 takes tiles (Bc 64 or 128, stages >= 2), got ({Bc}, {stages})")
-    smem = smem_fa3(d, Bc, stages)
+    Bc, stages, ncw = (tuple(tiles) + (2,))[:3] if tiles is not None else FA3_TILES[d]
+    if Bc not in (64, 128) or stages < 2 or ncw not in (2, 3) or (ncw == 3 and d != 64):
+        raise ValueError(f"rung 7 takes tiles (Bc 64 or 128, stages >= 2, consumer warpgroups 2, or 3 at d = 64), "
+                         f"got {tiles} at d = {d}")
+    smem = smem_fa3(d, Bc, stages, ncw)
     if smem > 227 * 1024:
-        raise ValueError(f"tiles ({Bc}, {stages}) at d = {d} need {smem} bytes of shared memory; Hopper allows {227 * 1024}")
+        raise ValueError(f"tiles {tiles} at d = {d} need {smem} bytes of shared memory; Hopper allows {227 * 1024}")
     if variant not in VARIANTS:
         raise ValueError(f"rung 7 variant must be one of {VARIANTS}, got {variant!r}")
     c, pp = ("true" if causal else "false"), ("true" if variant == "pingpong" else "false")
-    return f"fa3_forward<{CTYPE[dtype]}, {d}, {Bc}, {stages}, {pp}, {c}>", Bc, stages, smem
+    return Fa3Config(f"fa3_forward<{CTYPE[dtype]}, {d}, {Bc}, {stages}, {ncw}, {pp}, {c}>", 64 * ncw, Bc, stages,
+                     128 * (ncw + 1), smem)
 
 
 def fa3_instances():
-    """Every kernel name expression `forward_fa3` can launch with the default tiles (for the compile test)."""
-    return [fa3_config(t, d, c, variant=x)[0] for t in _TMA_DTYPE for d in FA3_HEAD_DIMS for c in (False, True)
-            for x in VARIANTS]
+    """Kernel name expressions for the compile test: every dtype with the default tiles, fp16 with the other tiles
+    (bf16 is the same code), each causal and not, each variant."""
+    tiles = [(t, d, None) for t in _TMA_DTYPE for d in FA3_HEAD_DIMS]
+    tiles += [("float16", d, x) for d in FA3_HEAD_DIMS for x in FA3_OTHER_TILES[d]]
+    return [fa3_config(t, d, c, x, v).kernel for t, d, x in tiles for c in (False, True) for v in VARIANTS]
 
 
 # ---------------------------------------------------------------- libcuda through ctypes
@@ -143,7 +154,8 @@ def _map(a, dtype, box_rows, keep):
 def forward_fa3(q, k, v, causal, scale, tiles=None, variant="plain"):
     """Rung 7 forward on CuPy arrays: q (B, H, Nq, d), k and v (B, H_kv, Nk, d), H_kv dividing H, d = 64 or 128,
     float16 or bfloat16 (as int16 bits); Nq, Nk >= 1. Returns (o like q, lse (B, H, Nq) float32, natural log),
-    computed on CuPy's current stream. tiles: (Bc, stages), default FA3_TILES[d]; variant: one of VARIANTS."""
+    computed on CuPy's current stream. tiles: (Bc, stages[, consumer warpgroups]), default FA3_TILES[d]; variant:
+    one of VARIANTS."""
     import cupy as cp
     dtype = _dtype_of(q)
     if len(q.shape) != 4 or len(k.shape) != 4 or k.shape != v.shape or q.dtype != k.dtype or k.dtype != v.dtype:
@@ -155,15 +167,15 @@ def forward_fa3(q, k, v, causal, scale, tiles=None, variant="plain"):
     if Nq < 1 or Nk < 1 or B * H < 1:
         raise ValueError(f"forward_fa3 needs Nq, Nk, B*H >= 1, got Nq={Nq}, Nk={Nk}, B*H={B * H}")
     causal, scale = check_causal(causal), check_scale(scale, d)
-    name, Bc, _, smem = fa3_config(dtype, d, causal, tiles, variant)
+    cfg = fa3_config(dtype, d, causal, tiles, variant)
     q, k, v = (cp.ascontiguousarray(a) for a in (q, k, v))
     o, lse = cp.empty_like(q), cp.empty((B, H, Nq), dtype=cp.float32)
     dev = q.device.id
     keep = []  # padded copies (if any) live until the launch
-    maps = [_map(q, dtype, FA3_BR, keep), _map(k, dtype, Bc, keep), _map(v, dtype, Bc, keep)]
+    maps = [_map(q, dtype, cfg.Br, keep), _map(k, dtype, cfg.Bc, keep), _map(v, dtype, cfg.Bc, keep)]
     args = [m.arg for m in maps] + [ctypes.c_uint64(o.data.ptr), ctypes.c_uint64(lse.data.ptr), ctypes.c_int32(Nq),
                                     ctypes.c_int32(Nk), ctypes.c_float(scale), ctypes.c_int32(B * H),
                                     ctypes.c_int32(H // Hkv)]
-    launch(_kernel(dev, name, smem), pair_grid(-(-Nq // FA3_BR), B * H), (FA3_THREADS, 1, 1), smem,
+    launch(_kernel(dev, cfg.kernel, cfg.smem), pair_grid(-(-Nq // cfg.Br), B * H), (cfg.threads, 1, 1), cfg.smem,
            cp.cuda.get_current_stream().ptr, args)
     return o, lse
