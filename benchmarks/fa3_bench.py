@@ -40,32 +40,46 @@ def _naive(q, k, v, causal, scale):
     return torch.softmax(S, dim=-1) @ v
 
 
-def _fa3(q, k, v, causal, scale, variant, dtype):
+def _fa3(q, k, v, causal, scale, variant, dtype, tiles=None):
     from flashlib._arrays import like, to_cupy
-    o, lse = tma.forward_fa3(to_cupy(q), to_cupy(k), to_cupy(v), causal, scale, variant=variant)
+    o, lse = tma.forward_fa3(to_cupy(q), to_cupy(k), to_cupy(v), causal, scale, tiles, variant)
     return like(o, q, dtype), like(lse, q, "float32")
+
+
+def precompile():
+    """Rung 7's kernels (tma.precompile) and rung 6's, compiled in parallel threads before anything is timed."""
+    import concurrent.futures
+    import time
+    t = time.time()
+    tma.precompile()
+    jobs = [(t_, d, c) for t_ in ("float16", "bfloat16") for d in ck.WGMMA_HEAD_DIMS for c in (False, True)]
+    with concurrent.futures.ThreadPoolExecutor(8) as ex:
+        list(ex.map(lambda j: ck.forward_plan(j[0], j[1], j[2], 0, "wgmma", None), jobs))
+    print(f"compiled in {time.time() - t:.1f} s", flush=True)
 
 
 def check():
     """Every (dtype, d, causal, variant) on CHECKS; prints one line each; returns the number of failures."""
     import torch
+    precompile()
     fails = 0
     for dtype in ("float16", "bfloat16"):
         for d in tma.FA3_HEAD_DIMS:
             for causal in (False, True):
-                for B, H, Hkv, Nq, Nk in CHECKS:
+                for i, (B, H, Hkv, Nq, Nk) in enumerate(CHECKS):
                     q, k, v = _inputs(B, H, Hkv, Nq, Nk, d, dtype, seed=Nq * 7 + Nk)
                     G, scale = H // Hkv, d ** -0.5
                     kr, vr = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)
                     f64 = lambda t: t.double().cpu().numpy()
                     o_ref, lse_ref = reference.attention_forward(f64(q), f64(kr), f64(vr), causal, scale)
                     bound = 2 * np.abs(f64(_naive(q, kr, vr, causal, scale)) - o_ref).max() + ATOL[dtype]
-                    for variant in tma.VARIANTS:
+                    other = tma.FA3_OTHER_TILES[d] if i < 2 and dtype == "float16" else ()
+                    for variant, tiles in [(x, t) for x in tma.VARIANTS for t in (None,) + other]:
                         try:
-                            o, lse = _fa3(q, k, v, causal, scale, variant, dtype)
+                            o, lse = _fa3(q, k, v, causal, scale, variant, dtype, tiles)
                             torch.cuda.synchronize()
                         except Exception as e:  # noqa: BLE001 (report and go on: one run on the GPU)
-                            print(f"ERROR {dtype} d={d} causal={causal} {(B, H, Hkv, Nq, Nk)} {variant}: {e!r}")
+                            print(f"ERROR {dtype} d={d} causal={causal} {(B, H, Hkv, Nq, Nk)} {variant} {tiles}: {e!r}")
                             fails += 1
                             continue
                         err = np.abs(f64(o) - o_ref)
@@ -75,7 +89,7 @@ def check():
                         ok = err.max() <= bound and lerr.max() <= 2e-3
                         fails += not ok
                         line = (f"{'ok  ' if ok else 'FAIL'} {dtype} d={d} causal={causal} (B,H,Hkv,Nq,Nk)="
-                                f"{(B, H, Hkv, Nq, Nk)} {variant}: err {err.max():.2e} (bound {bound:.2e}) "
+                                f"{(B, H, Hkv, Nq, Nk)} {variant} {tiles or 'default'}: err {err.max():.2e} (bound {bound:.2e}) "
                                 f"lse {lerr.max():.2e}")
                         if not ok:
                             bad = np.argwhere(err.max(-1) > bound)
@@ -133,6 +147,7 @@ def time_all(out, max_seconds=4.0):
     from flashlib._arrays import like, to_cupy
     from flashlib.bench.timing import compare
     from torch.nn.attention import SDPBackend, sdpa_kernel
+    precompile()
     rows = []
     for d in (64, 128):
         for N in (4096, 16384):

@@ -20,6 +20,14 @@ KINDS = [("float16", 64), ("float16", 128), ("bfloat16", 64), ("bfloat16", 128)]
 GQA_PAIRS = [(97, 1023), (1023, 97), (113, 4096), (4096, 3), (1, 113)]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _precompiled():
+    """Every kernel compiled once, up front, in parallel (only where a test of this module runs)."""
+    from flashlib import cupy_kernels as ck
+    if ck.device_cc() == 90:
+        tma.precompile()
+
+
 def _hopper():
     from flashlib import cupy_kernels as ck
     if ck.device_cc() != 90:

@@ -61,12 +61,21 @@ def fa3_config(dtype, d, causal, tiles=None, variant="plain"):
                      128 * (ncw + 1), smem)
 
 
-def fa3_instances():
-    """Kernel name expressions for the compile test: every dtype with the default tiles, fp16 with the other tiles
-    (bf16 is the same code), each causal and not, each variant."""
+def fa3_instances(configs=False):
+    """Kernel name expressions (configs=True: their Fa3Config) for the compile test: every dtype with the default
+    tiles, fp16 with the other tiles (bf16 is the same code), each causal and not, each variant."""
     tiles = [(t, d, None) for t in _TMA_DTYPE for d in FA3_HEAD_DIMS]
     tiles += [("float16", d, x) for d in FA3_HEAD_DIMS for x in FA3_OTHER_TILES[d]]
-    return [fa3_config(t, d, c, x, v).kernel for t, d, x in tiles for c in (False, True) for v in VARIANTS]
+    out = [fa3_config(t, d, c, x, v) for t, d, x in tiles for c in (False, True) for v in VARIANTS]
+    return out if configs else [c.kernel for c in out]
+
+
+def precompile(device=0, workers=16):
+    """Compile and load every fa3_instances() kernel on GPU `device` in parallel threads (NVRTC releases the GIL);
+    later launches find them in `_kernel`'s cache."""
+    import concurrent.futures
+    with concurrent.futures.ThreadPoolExecutor(workers) as ex:
+        list(ex.map(lambda c: _kernel(device, c.kernel, c.smem), fa3_instances(configs=True)))
 
 
 # ---------------------------------------------------------------- libcuda through ctypes
