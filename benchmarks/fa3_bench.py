@@ -198,15 +198,23 @@ def time_all(out, max_seconds=4.0):
 
 
 def sanitize():
-    """One small ragged call per variant (for compute-sanitizer): GQA, causal, Nq != Nk, both head dims."""
-    import torch
+    """One small ragged call per variant and consumer count (for compute-sanitizer; CuPy only, no torch): GQA,
+    causal and not, Nq != Nk, both head dims, fp16 and bf16."""
+    import cupy as cp
+    rng = cp.random.default_rng(0)
+
+    def arr(shape, dtype):
+        x = rng.standard_normal(shape, dtype=cp.float32)
+        return x.astype(cp.float16) if dtype == "float16" else (x.view(cp.uint32) >> 16).astype(cp.uint16).view(cp.int16)
     for variant in tma.VARIANTS:
-        for dtype, d, causal, (B, H, Hkv, Nq, Nk) in (("float16", 64, True, (1, 4, 2, 97, 113)),
-                                                      ("bfloat16", 128, False, (2, 2, 1, 113, 300))):
-            q, k, v = _inputs(B, H, Hkv, Nq, Nk, d, dtype)
-            o, lse = _fa3(q, k, v, causal, d ** -0.5, variant, dtype)
-            torch.cuda.synchronize()
-            print(f"sanitize {variant} {dtype} d={d} causal={causal}: finite {bool(torch.isfinite(o).all())}")
+        for dtype, d, causal, tiles, (B, H, Hkv, Nq, Nk) in (
+                ("float16", 64, True, None, (1, 4, 2, 97, 113)), ("bfloat16", 128, False, None, (2, 2, 1, 113, 300)),
+                ("float16", 64, False, (128, 2, 3), (1, 2, 1, 200, 77))):
+            q, k, v = arr((B, H, Nq, d), dtype), arr((B, Hkv, Nk, d), dtype), arr((B, Hkv, Nk, d), dtype)
+            o, lse = tma.forward_fa3(q, k, v, causal, None, tiles, variant)
+            cp.cuda.Device().synchronize()
+            print(f"sanitize {variant} {dtype} d={d} causal={causal} tiles={tiles}: lse finite "
+                  f"{bool(cp.isfinite(lse).all())}", flush=True)
 
 
 def main():
