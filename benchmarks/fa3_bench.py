@@ -58,48 +58,51 @@ def precompile():
     print(f"compiled in {time.time() - t:.1f} s", flush=True)
 
 
+def _f64(t):
+    return t.double().cpu().numpy()
+
+
+def _verdict(o, lse, o_ref, lse_ref, bound):
+    """(ok, text): the errors of o, lse against the reference and, when over the bound, where they sit."""
+    err = np.nan_to_num(np.abs(_f64(o) - o_ref), nan=np.inf)
+    lerr = np.nan_to_num(np.abs(_f64(lse) - lse_ref), nan=np.inf)
+    ok = err.max() <= bound and lerr.max() <= 2e-3
+    text = f"err {err.max():.2e} (bound {bound:.2e}) lse {lerr.max():.2e}"
+    if not ok:
+        bad = np.argwhere(err.max(-1) > bound)
+        rows = sorted({int(r[2]) for r in bad})
+        text += (f" | bad rows {len(rows)}/{o_ref.shape[2]} first {rows[:8]} heads {sorted({int(r[1]) for r in bad})[:8]}"
+                 f" cols {np.argwhere(err.max((0, 1, 2)) > bound).ravel()[:8].tolist()}"
+                 f" nan {int(np.isnan(_f64(o)).sum())} lse bad rows {np.argwhere(lerr > 2e-3)[:4, 2].tolist()}")
+    return ok, text
+
+
 def check():
-    """Every (dtype, d, causal, variant) on CHECKS; prints one line each; returns the number of failures."""
+    """Every (dtype, d, causal, variant) on CHECKS (fp16 on the first two also with FA3_OTHER_TILES); one line
+    each; returns the number of failures."""
     import torch
     precompile()
     fails = 0
-    for dtype in ("float16", "bfloat16"):
-        for d in tma.FA3_HEAD_DIMS:
-            for causal in (False, True):
-                for i, (B, H, Hkv, Nq, Nk) in enumerate(CHECKS):
-                    q, k, v = _inputs(B, H, Hkv, Nq, Nk, d, dtype, seed=Nq * 7 + Nk)
-                    G, scale = H // Hkv, d ** -0.5
-                    kr, vr = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)
-                    f64 = lambda t: t.double().cpu().numpy()
-                    o_ref, lse_ref = reference.attention_forward(f64(q), f64(kr), f64(vr), causal, scale)
-                    bound = 2 * np.abs(f64(_naive(q, kr, vr, causal, scale)) - o_ref).max() + ATOL[dtype]
-                    other = tma.FA3_OTHER_TILES[d] if i < 2 and dtype == "float16" else ()
-                    for variant, tiles in [(x, t) for x in tma.VARIANTS for t in (None,) + other]:
-                        try:
-                            o, lse = _fa3(q, k, v, causal, scale, variant, dtype, tiles)
-                            torch.cuda.synchronize()
-                        except Exception as e:  # noqa: BLE001 (report and go on: one run on the GPU)
-                            print(f"ERROR {dtype} d={d} causal={causal} {(B, H, Hkv, Nq, Nk)} {variant} {tiles}: {e!r}")
-                            fails += 1
-                            continue
-                        err = np.abs(f64(o) - o_ref)
-                        err = np.where(np.isnan(err), np.inf, err)
-                        lerr = np.abs(f64(lse) - lse_ref)
-                        lerr = np.where(np.isnan(lerr), np.inf, lerr)
-                        ok = err.max() <= bound and lerr.max() <= 2e-3
-                        fails += not ok
-                        line = (f"{'ok  ' if ok else 'FAIL'} {dtype} d={d} causal={causal} (B,H,Hkv,Nq,Nk)="
-                                f"{(B, H, Hkv, Nq, Nk)} {variant} {tiles or 'default'}: err {err.max():.2e} (bound {bound:.2e}) "
-                                f"lse {lerr.max():.2e}")
-                        if not ok:
-                            bad = np.argwhere(err.max(-1) > bound)
-                            rows = sorted({int(r[2]) for r in bad})
-                            cols = np.argwhere(err.max((0, 1, 2)) > bound).ravel()
-                            line += (f" | bad rows {len(rows)}/{Nq} first {rows[:8]} heads "
-                                     f"{sorted({int(r[1]) for r in bad})[:8]} cols {cols[:8].tolist()} "
-                                     f"nan {int(np.isnan(f64(o)).sum())} lse bad rows "
-                                     f"{np.argwhere(lerr > 2e-3)[:4, 2].tolist()}")
-                        print(line, flush=True)
+    for dtype, d, causal in [(t, d, c) for t in ("float16", "bfloat16") for d in tma.FA3_HEAD_DIMS for c in (False, True)]:
+        for i, (B, H, Hkv, Nq, Nk) in enumerate(CHECKS):
+            q, k, v = _inputs(B, H, Hkv, Nq, Nk, d, dtype, seed=Nq * 7 + Nk)
+            G, scale = H // Hkv, d ** -0.5
+            kr, vr = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)
+            o_ref, lse_ref = reference.attention_forward(_f64(q), _f64(kr), _f64(vr), causal, scale)
+            bound = 2 * np.abs(_f64(_naive(q, kr, vr, causal, scale)) - o_ref).max() + ATOL[dtype]
+            other = tma.FA3_OTHER_TILES[d] if i < 2 and dtype == "float16" else ()
+            for variant, tiles in [(x, t) for x in tma.VARIANTS for t in (None,) + other]:
+                where = f"{dtype} d={d} causal={causal} (B,H,Hkv,Nq,Nk)={(B, H, Hkv, Nq, Nk)} {variant} {tiles or 'default'}"
+                try:
+                    o, lse = _fa3(q, k, v, causal, scale, variant, dtype, tiles)
+                    torch.cuda.synchronize()
+                except Exception as e:  # noqa: BLE001 (report and go on: one run on the GPU)
+                    print(f"ERROR {where}: {e!r}", flush=True)
+                    fails += 1
+                    continue
+                ok, text = _verdict(o, lse, o_ref, lse_ref, bound)
+                fails += not ok
+                print(f"{'ok  ' if ok else 'FAIL'} {where}: {text}", flush=True)
     print(f"check: {fails} failures")
     return fails
 
