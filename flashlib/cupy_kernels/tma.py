@@ -143,10 +143,23 @@ def _dtype_of(a):
     raise ValueError(f"forward_fa3 takes float16, or bfloat16 as int16 bits, got {s}")
 
 
+def launch_fa3(cfg, maps, o, lse, BH, Nq, Nk, scale, G, device=0, stream=0):
+    """Launch rung 7 (Fa3Config cfg) on GPU `device` and stream handle `stream`: maps the TensorMaps of q, k, v
+    (tensor_map_3d with boxes of cfg.Br, cfg.Bc rows), o and lse device pointers (ints), BH = B*H query pairs, G
+    query heads per kv head. Needs Nq, Nk >= 1."""
+    args = [m.arg for m in maps] + [ctypes.c_uint64(o), ctypes.c_uint64(lse), ctypes.c_int32(Nq), ctypes.c_int32(Nk),
+                                    ctypes.c_float(scale), ctypes.c_int32(BH), ctypes.c_int32(G)]
+    launch(_kernel(device, cfg.kernel, cfg.smem), pair_grid(-(-Nq // cfg.Br), BH), (cfg.threads, 1, 1), cfg.smem,
+           stream, args)
+
+
+_PADDED = []  # set once a padded copy was needed (the driver refused a box longer than the sequence)
+
+
 def _map(a, dtype, box_rows, keep):
     """Tensor map of a (B, H, N, d) CuPy array with boxes of box_rows rows. Should the driver refuse a box longer
     than the sequence (N < box_rows), the map is made of a zero-padded copy of box_rows rows instead (the kernel
-    masks keys past Nk and stores no row past Nq, so the zeros change nothing)."""
+    masks keys past Nk and stores no row past Nq, so the zeros change nothing), with a warning the first time."""
     B, H, N, d = a.shape
     try:
         return tensor_map_3d(a.data.ptr, dtype, d, N, B * H, box_rows)
@@ -154,6 +167,10 @@ def _map(a, dtype, box_rows, keep):
         if N >= box_rows:
             raise
     import cupy as cp
+    if not _PADDED:
+        import warnings
+        warnings.warn(f"cuTensorMapEncodeTiled refused a box of {box_rows} rows over {N}: padding such tensors")
+        _PADDED.append(True)
     p = cp.zeros((B, H, box_rows, d), a.dtype)
     p[:, :, :N] = a
     keep.append(p)
@@ -179,12 +196,8 @@ def forward_fa3(q, k, v, causal, scale, tiles=None, variant="plain"):
     cfg = fa3_config(dtype, d, causal, tiles, variant)
     q, k, v = (cp.ascontiguousarray(a) for a in (q, k, v))
     o, lse = cp.empty_like(q), cp.empty((B, H, Nq), dtype=cp.float32)
-    dev = q.device.id
     keep = []  # padded copies (if any) live until the launch
     maps = [_map(q, dtype, cfg.Br, keep), _map(k, dtype, cfg.Bc, keep), _map(v, dtype, cfg.Bc, keep)]
-    args = [m.arg for m in maps] + [ctypes.c_uint64(o.data.ptr), ctypes.c_uint64(lse.data.ptr), ctypes.c_int32(Nq),
-                                    ctypes.c_int32(Nk), ctypes.c_float(scale), ctypes.c_int32(B * H),
-                                    ctypes.c_int32(H // Hkv)]
-    launch(_kernel(dev, cfg.kernel, cfg.smem), pair_grid(-(-Nq // cfg.Br), B * H), (cfg.threads, 1, 1), cfg.smem,
-           cp.cuda.get_current_stream().ptr, args)
+    launch_fa3(cfg, maps, o.data.ptr, lse.data.ptr, B * H, Nq, Nk, scale, H // Hkv, q.device.id,
+               cp.cuda.get_current_stream().ptr)
     return o, lse
