@@ -145,55 +145,50 @@ def sweep(N=16384, dtype="float16"):
     return rows
 
 
-def time_all(out, max_seconds=4.0):
+def _time_shape(d, N, dtype, causal, max_seconds):
+    """Rows {impl, ms, tflops, err_vs_flash, ...} of rung 7 (both variants), rung 6, SDPA flash and cuDNN."""
     import torch
     from flashlib._arrays import like, to_cupy
     from flashlib.bench.timing import compare
     from torch.nn.attention import SDPBackend, sdpa_kernel
+    H, B = 16, max(1, 16384 // N)
+    q, k, v = _inputs(B, H, H, N, N, d, dtype)
+    qc, kc, vc = (to_cupy(t) for t in (q, k, v))
+    scale = d ** -0.5
+    fns = {f"rung7_{x}": (lambda x=x: tma.forward_fa3(qc, kc, vc, causal, scale, variant=x)) for x in tma.VARIANTS}
+    fns["rung6_wgmma"] = lambda: ck.forward(qc, kc, vc, causal=causal, scale=scale, dtype=dtype, rung="wgmma")
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    backends = {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION}
+    for name in backends:   # the backend is pinned by the context, entered outside the timed region
+        fns[name] = lambda: sdpa(q, k, v, is_causal=causal)
+    contexts = {name: (lambda b=b: sdpa_kernel(b)) for name, b in backends.items()}
+    with torch.no_grad():
+        o_flash = _sdpa("flash")(q, k, v, causal).float()
+    errs = {}
+    for x in tma.VARIANTS:
+        try:
+            errs[f"rung7_{x}"] = float((like(fns[f"rung7_{x}"]()[0], q, dtype).float() - o_flash).abs().max())
+        except Exception as e:  # noqa: BLE001
+            print(f"rung7_{x} failed: {e!r}")
+            fns.pop(f"rung7_{x}")
+    stats = compare(fns, host=False, min_rounds=5, max_rounds=15, max_seconds=max_seconds, contexts=contexts)
+    flops = 4 * B * H * N * N * d * (0.5 if causal else 1.0)
+    rows = [dict(dtype=dtype, d=d, n=N, B=B, H=H, causal=causal, impl=name, ms=st["median_ms"], spread=st["spread"],
+                 tflops=flops / (st["median_ms"] * 1e-3) / 1e12, err_vs_flash=errs.get(name))
+            for name, st in stats.items()]
+    print(f"d={d:3d} N={N:5d} {dtype:8s} causal={causal!s:5s}" + "".join(f" | {r['impl']} {r['tflops']:5.0f}" for r in rows)
+          + "  (TFLOP/s; rung 7 max |o - flash| " + ", ".join(f"{e:.1e}" for e in errs.values()) + ")", flush=True)
+    return rows
+
+
+def time_all(out, max_seconds=4.0):
+    """Every shape of the table (and the tile sweep), saved through flashlib.bench.save; returns the path."""
+    import torch
     precompile()
     rows = []
-    for d in (64, 128):
-        for N in (4096, 16384):
-            for dtype in ("float16", "bfloat16"):
-                for causal in (False, True):
-                    H, B = 16, max(1, 16384 // N)
-                    q, k, v = _inputs(B, H, H, N, N, d, dtype)
-                    qc, kc, vc = (to_cupy(t) for t in (q, k, v))
-                    scale = d ** -0.5
-                    flops = 4 * B * H * N * N * d * (0.5 if causal else 1.0)
-                    fns = {f"rung7_{x}": (lambda x=x: tma.forward_fa3(qc, kc, vc, causal, scale, variant=x))
-                           for x in tma.VARIANTS}
-                    fns["rung6_wgmma"] = lambda: ck.forward(qc, kc, vc, causal=causal, scale=scale, dtype=dtype,
-                                                            rung="wgmma")
-                    sdpa = torch.nn.functional.scaled_dot_product_attention
-                    for name in ("flash", "cudnn"):
-                        fns[f"sdpa_{name}"] = lambda: sdpa(q, k, v, is_causal=causal)
-                    contexts = {f"sdpa_{name}": (lambda b=b: sdpa_kernel(b))
-                                for name, b in (("flash", SDPBackend.FLASH_ATTENTION),
-                                                ("cudnn", SDPBackend.CUDNN_ATTENTION))}
-                    with torch.no_grad():
-                        o_flash = _sdpa("flash")(q, k, v, causal).float()
-                    errs = {}
-                    for x in tma.VARIANTS:
-                        try:
-                            errs[f"rung7_{x}"] = float((like(fns[f"rung7_{x}"]()[0], q, dtype).float() - o_flash)
-                                                       .abs().max())
-                        except Exception as e:  # noqa: BLE001
-                            print(f"rung7_{x} failed: {e!r}")
-                            fns.pop(f"rung7_{x}")
-                    del o_flash
-                    stats = compare(fns, host=False, min_rounds=5, max_rounds=15, max_seconds=max_seconds,
-                                    contexts=contexts)
-                    line = f"d={d:3d} N={N:5d} {dtype:8s} causal={causal!s:5s}"
-                    for name, st in stats.items():
-                        tf = flops / (st["median_ms"] * 1e-3) / 1e12
-                        rows.append(dict(dtype=dtype, d=d, n=N, B=B, H=H, causal=causal, impl=name,
-                                         ms=st["median_ms"], spread=st["spread"], tflops=tf,
-                                         err_vs_flash=errs.get(name)))
-                        line += f" | {name} {tf:5.0f}"
-                    print(line + "  (TFLOP/s; rung 7 max |o - flash| " +
-                          ", ".join(f"{e:.1e}" for e in errs.values()) + ")", flush=True)
-                    del q, k, v, qc, kc, vc
+    for d, N, dtype, causal in [(d, N, t, c) for d in (64, 128) for N in (4096, 16384) for t in ("float16", "bfloat16")
+                                for c in (False, True)]:
+        rows += _time_shape(d, N, dtype, causal, max_seconds)
     rows += sweep()
     tag = bench.gpu_tag(torch.cuda.get_device_name())
     return bench.save(f"fa3_forward_{tag}", rows, directory=out, tiles=tma.FA3_TILES, other_tiles=tma.FA3_OTHER_TILES,
