@@ -17,10 +17,11 @@ NVCC = shutil.which("nvcc")
 
 
 def test_fa3_config():
-    cfg = tma.fa3_config("bfloat16", 128, True)
+    cfg = tma.fa3_config("bfloat16", 128, True, variant="plain")
     assert cfg.kernel == "fa3_forward<__nv_bfloat16, 128, 128, 2, 2, false, true>"
     assert (cfg.Br, cfg.Bc, cfg.stages, cfg.threads) == (128, 128, 2, 384)
     assert cfg.smem == 1024 + 2 * 128 * (128 + 4 * 128) + 8 * 9 <= ck.SMEM_LIMIT[90]
+    assert tma.fa3_config("float16", 64, False).kernel == "fa3_forward<__half, 64, 128, 2, 3, true, false>"  # default
     cfg = tma.fa3_config("float16", 64, False, tiles=(64, 4, 3), variant="pingpong")
     assert cfg.kernel == "fa3_forward<__half, 64, 64, 4, 3, true, false>" and (cfg.Br, cfg.threads) == (192, 512)
     assert cfg.smem == tma.smem_fa3(64, 64, 4, 3) == 1024 + 2 * 64 * (192 + 8 * 64) + 8 * 17

@@ -20,12 +20,15 @@ from .._arrays import check_causal, check_scale
 from . import CTYPE, pair_grid
 
 FA3_HEAD_DIMS = (64, 128)
-# head dim -> (Bc keys per K/V tile, ring stages, consumer warpgroups NCW); not swept yet. A block has 128 (NCW + 1)
-# threads (one producer warpgroup) and Br = 64 NCW query rows.
-FA3_TILES = {64: (128, 3, 2), 128: (128, 2, 2)}
+# head dim -> (Bc keys per K/V tile, ring stages, consumer warpgroups NCW). A block has 128 (NCW + 1) threads (one
+# producer warpgroup) and Br = 64 NCW query rows. Chosen on an H200 (fp16, N = 16384, TFLOP/s, ping-pong / plain;
+# benchmarks/results/logs/fa3_gpu_session_h200_dee12ae.txt): d = 64 (128, 2, 3) 526 / 473, causal 489 / 473, against
+# (128, 3, 2) 423 / 431, causal 428 / 438, and (64, 4, 3) 449 / 453; d = 128 (128, 2, 2) 590 / 587, causal 620 / 615,
+# (128, 3, 2) 588 / 592, (64, 3, 2) 497 / 502. SDPA cuDNN in that run: 489 (d = 64), 654 (d = 128).
+FA3_TILES = {64: (128, 2, 3), 128: (128, 2, 2)}
 # other tiles that benchmarks/fa3_bench.py times beside these and the tests check (three consumers: d = 64 only)
-FA3_OTHER_TILES = {64: ((128, 2, 3), (64, 4, 3), (64, 4, 2)), 128: ((128, 3, 2), (64, 3, 2))}
-VARIANTS = ("plain", "pingpong")             # the consumers' schedule: each on its own, or taking turns (PP)
+FA3_OTHER_TILES = {64: ((128, 3, 2), (64, 4, 3), (64, 4, 2)), 128: ((128, 3, 2), (64, 3, 2))}
+VARIANTS = ("pingpong", "plain")             # the consumers' schedule: taking turns (PP, the default), or not
 # cuda.h enums (CUtensorMapDataType, CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill)
 _TMA_DTYPE = {"float16": 6, "bfloat16": 9}
 _SWIZZLE_128B, _L2_PROMOTION_128B, _OOB_FILL_ZERO, _INTERLEAVE_NONE = 3, 2, 0, 0
@@ -40,7 +43,7 @@ def smem_fa3(d, Bc, stages, ncw=2):
 Fa3Config = namedtuple("Fa3Config", "kernel Br Bc stages threads smem")
 
 
-def fa3_config(dtype, d, causal, tiles=None, variant="plain"):
+def fa3_config(dtype, d, causal, tiles=None, variant="pingpong"):
     """Fa3Config(kernel name expression, Br, Bc, stages, threads, smem bytes) of rung 7 for dtype float16/bfloat16,
     head dim 64 or 128, tiles (Bc, stages[, consumer warpgroups]) (default FA3_TILES[d]), variant in VARIANTS."""
     if dtype not in _TMA_DTYPE:
@@ -153,31 +156,14 @@ def launch_fa3(cfg, maps, o, lse, BH, Nq, Nk, scale, G, device=0, stream=0):
            stream, args)
 
 
-_PADDED = []  # set once a padded copy was needed (the driver refused a box longer than the sequence)
-
-
-def _map(a, dtype, box_rows, keep):
-    """Tensor map of a (B, H, N, d) CuPy array with boxes of box_rows rows. Should the driver refuse a box longer
-    than the sequence (N < box_rows), the map is made of a zero-padded copy of box_rows rows instead (the kernel
-    masks keys past Nk and stores no row past Nq, so the zeros change nothing), with a warning the first time."""
+def _map(a, dtype, box_rows):
+    """Tensor map of a (B, H, N, d) CuPy array, boxes of box_rows rows (longer than N too: the rows past N read as
+    zeros; the H200's driver 580 accepted such boxes, N = 1 with 128-row boxes among the tests)."""
     B, H, N, d = a.shape
-    try:
-        return tensor_map_3d(a.data.ptr, dtype, d, N, B * H, box_rows)
-    except RuntimeError:
-        if N >= box_rows:
-            raise
-    import cupy as cp
-    if not _PADDED:
-        import warnings
-        warnings.warn(f"cuTensorMapEncodeTiled refused a box of {box_rows} rows over {N}: padding such tensors")
-        _PADDED.append(True)
-    p = cp.zeros((B, H, box_rows, d), a.dtype)
-    p[:, :, :N] = a
-    keep.append(p)
-    return tensor_map_3d(p.data.ptr, dtype, d, box_rows, B * H, box_rows)
+    return tensor_map_3d(a.data.ptr, dtype, d, N, B * H, box_rows)
 
 
-def forward_fa3(q, k, v, causal, scale, tiles=None, variant="plain"):
+def forward_fa3(q, k, v, causal, scale, tiles=None, variant="pingpong"):
     """Rung 7 forward on CuPy arrays: q (B, H, Nq, d), k and v (B, H_kv, Nk, d), H_kv dividing H, d = 64 or 128,
     float16 or bfloat16 (as int16 bits); Nq, Nk >= 1. Returns (o like q, lse (B, H, Nq) float32, natural log),
     computed on CuPy's current stream. tiles: (Bc, stages[, consumer warpgroups]), default FA3_TILES[d]; variant:
@@ -196,8 +182,7 @@ def forward_fa3(q, k, v, causal, scale, tiles=None, variant="plain"):
     cfg = fa3_config(dtype, d, causal, tiles, variant)
     q, k, v = (cp.ascontiguousarray(a) for a in (q, k, v))
     o, lse = cp.empty_like(q), cp.empty((B, H, Nq), dtype=cp.float32)
-    keep = []  # padded copies (if any) live until the launch
-    maps = [_map(q, dtype, cfg.Br, keep), _map(k, dtype, cfg.Bc, keep), _map(v, dtype, cfg.Bc, keep)]
+    maps = [_map(q, dtype, cfg.Br), _map(k, dtype, cfg.Bc), _map(v, dtype, cfg.Bc)]
     launch_fa3(cfg, maps, o.data.ptr, lse.data.ptr, B * H, Nq, Nk, scale, H // Hkv, q.device.id,
                cp.cuda.get_current_stream().ptr)
     return o, lse
