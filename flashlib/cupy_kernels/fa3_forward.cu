@@ -1,0 +1,366 @@
+// fa3_forward.cu: rung 7 of the CuPy ladder, a FlashAttention-3-style forward on Hopper (sm_90a only).
+//
+//   fa3_forward<T, D, Bc, STAGES, NCW, PP, CAUSAL>   T = __half or __nv_bfloat16, D = 64 or 128, Bc keys per K/V
+//       tile, STAGES slots in the K/V ring, NCW = 2 or 3 consumer warpgroups, PP: ping-pong between the consumers
+//
+// Rung 6 (fa2_wgmma.cu) with FlashAttention-3's two Hopper-specific changes (Shah et al. 2024, sections 3.1-3.2):
+//  * TMA: Q, K and V tiles are copied by the Tensor Memory Accelerator (cp.async.bulk.tensor) from tensor maps that
+//    the host encodes (tma.py, cuTensorMapEncodeTiled), straight into the 128-byte-swizzled layout wgmma reads. One
+//    thread issues a whole tile; the copy engine signals its arrival on an mbarrier (expect_tx / complete_tx).
+//  * Warp specialisation: warpgroup 0 is the producer (one elected thread issues every copy; setmaxnreg.dec gives
+//    its registers back), warpgroups 1 ... NCW are consumers (setmaxnreg.inc), each owning 64 query rows and
+//    running wgmma and the online softmax. K and V travel through a ring of STAGES slots with full and empty barriers.
+// Block: 128 (NCW + 1) threads; Br = 64 NCW query rows. Grid (ceil(Nq/Br), pairs over y and z). NCW = 3 (d = 64
+//   only: 160 registers a consumer thread) shares each K/V tile among more rows, as FlashAttention-3 does at d = 64.
+// Arguments: the tensor maps of Q (D, Nq, B*H), K and V (D, Nk, B*H/G) (dims innermost first; rows past Nq or Nk
+//   read as zeros), O and lse pointers, Nq, Nk, scale, BH, G: query head pair bh reads kv pair bh / G.
+// Shared memory (dynamic, aligned here to 1024 bytes): Qs (Br x D), STAGES slots of Ks (Bc x D), STAGES of Vs,
+//   then the mbarriers (8 bytes each). Every tile is cut into blocks of 64 columns (128 bytes a row, one TMA box
+//   each), Bc (or Br) rows a block, 16-byte chunks swizzled by XOR with row % 8: rung 6's sw128 layout.
+// Barriers (PTX ISA, "mbarrier"): q_full (producer's expect_tx), k_full[s], v_full[s] (producer's expect_tx, one
+//   arrival), k_empty[s], v_empty[s] (one arrival per consumer warp, 4 NCW, once its wgmma reading the slot is done).
+//   Phases alternate: the consumer waits for parity (j / STAGES) & 1 of slot j % STAGES, the producer for the
+//   opposite parity of the empty barrier (a fresh barrier counts its parity-1 phase as complete).
+// Consumer loop per warpgroup (rung 6's intra-warpgroup overlap, unchanged): step j issues S_j = Q K_j^T (A and B
+//   from shared memory) and O += P_{j-1} V_{j-1} (A = P in registers), runs the softmax of S_j while the second
+//   product still runs, then rescales O.
+// Ping-pong (PP, FlashAttention-3 section 3.2): the consumers take turns at the Tensor Cores, round robin. Before
+//   issuing a step's products consumer cw waits at its named barrier (bar.sync 1 + cw, 256 threads: its own 128 and
+//   the 128 of the previous consumer's bar.arrive), after issuing them it arrives at the next one's, so that one
+//   warpgroup's softmax runs while another's products do. Consumer 0 goes first (the last consumer arrives once at
+//   the start) and the last skips its arrival after its last turn, which no one would wait for. All run the same
+//   number of steps (n_tiles + 1 turns each).
+#include "flash_common.cuh"
+
+// ---- wgmma (as rung 6), plus the form with A from shared memory ----
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N> __device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory"); }
+template <int N> __device__ __forceinline__ void fence_regs(float* r) {
+#pragma unroll
+    for (int i = 0; i < N; i++) asm volatile("" : "+f"(r[i])::"memory");
+}
+template <int N> __device__ __forceinline__ void fence_regs(u32* r) {
+#pragma unroll
+    for (int i = 0; i < N; i++) asm volatile("" : "+r"(r[i])::"memory");
+}
+// shared-memory matrix descriptor, 128-byte swizzle (PTX ISA, "Matrix Descriptor Format")
+__device__ __forceinline__ unsigned long long smem_desc_sw128(u32 addr, u32 lbo, u32 sbo) {
+    return (unsigned long long)((addr & 0x3FFFF) >> 4) | ((unsigned long long)(lbo >> 4) << 16) |
+           ((unsigned long long)(sbo >> 4) << 32) | (1ull << 62);
+}
+
+#define WG_ACC32 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, " \
+    "%21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
+#define WG_ACC64 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, " \
+    "%21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, " \
+    "%40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, " \
+    "%59, %60, %61, %62, %63}"
+#define WG_OUT32(d) "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
+    "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), \
+    "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), \
+    "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), \
+    "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+#define WG_OUT64(d) WG_OUT32(d), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), \
+    "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), \
+    "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), \
+    "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), \
+    "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+// A in registers (RS): O += P V, V transposed (TB = 1); operands after the accumulators: a[4], desc, TB, ACC
+#define WG_RS(N, ACC_LIST, OUTS, A0, A1, A2, A3, DS, TBI, ACCI, TYPES) \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %" ACCI ", 0;\n" \
+                 "wgmma.mma_async.sync.aligned.m64n" N "k16.f32." TYPES " " ACC_LIST ", {%" A0 ", %" A1 ", %" A2 \
+                 ", %" A3 "}, %" DS ", p, 1, 1, %" TBI ";\n}\n" \
+                 : OUTS(d) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "n"(TB), "n"(ACC))
+// A and B in shared memory (SS), both K-major, no transpose: S = Q K^T; operands after the accumulators: da, db, ACC
+#define WG_SS(N, ACC_LIST, OUTS, DA, DB, ACCI, TYPES) \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %" ACCI ", 0;\n" \
+                 "wgmma.mma_async.sync.aligned.m64n" N "k16.f32." TYPES " " ACC_LIST ", %" DA ", %" DB \
+                 ", p, 1, 1, 0, 0;\n}\n" \
+                 : OUTS(d) : "l"(da), "l"(db), "n"(ACC))
+
+// d (64 x N fp32) = A (64 x 16) * B (16 x N) + (ACC ? d : 0), N = 64 or 128
+template <typename T> struct Wgmma3;
+#define WGMMA3_FOR(TY, TYPES) \
+    template <> struct Wgmma3<TY> { \
+        template <int N, int TB, int ACC> static __device__ __forceinline__ void rs(float* d, const u32* a, unsigned long long desc) { \
+            if constexpr (N == 128) WG_RS("128", WG_ACC64, WG_OUT64, "64", "65", "66", "67", "68", "69", "70", TYPES); \
+            else WG_RS("64", WG_ACC32, WG_OUT32, "32", "33", "34", "35", "36", "37", "38", TYPES); \
+        } \
+        template <int N, int ACC> static __device__ __forceinline__ void ss(float* d, unsigned long long da, unsigned long long db) { \
+            if constexpr (N == 128) WG_SS("128", WG_ACC64, WG_OUT64, "64", "65", "66", TYPES); \
+            else WG_SS("64", WG_ACC32, WG_OUT32, "32", "33", "34", TYPES); \
+        } \
+    };
+WGMMA3_FOR(__half, "f16.f16")
+WGMMA3_FOR(__nv_bfloat16, "bf16.bf16")
+
+// byte offset of element (r, c), c a multiple of 8, in a tile of R rows in the 128-byte-swizzled layout (rung 6's)
+template <int R> __device__ __forceinline__ int sw128(int r, int c) {
+    return (c >> 6) * (R * 128) + r * 128 + ((((c >> 3) & 7) ^ (r & 7)) << 4);
+}
+
+// ---- mbarrier, TMA and register re-allocation (PTX ISA: "mbarrier", "cp.async.bulk.tensor", "setmaxnreg") ----
+// a CUtensorMap: 128 opaque bytes, 64-byte aligned, passed by value as a __grid_constant__ kernel parameter
+struct __align__(64) TmaMap { unsigned long long bits[16]; };
+
+__device__ __forceinline__ void mbar_init(u32 bar, u32 count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+// one arrival that also tells the barrier to expect `bytes` more from the copy engine in this phase
+__device__ __forceinline__ void mbar_arrive_expect_tx(u32 bar, u32 bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(u32 bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+// spin until the phase of parity `parity` has completed
+__device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {
+    asm volatile("{\n.reg .pred done;\nWAIT:\n"
+                 "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+                 "@!done bra WAIT;\n}\n" ::"r"(bar), "r"(parity) : "memory");
+}
+// box (64 columns, rows, 1) of a 3-D tensor map at (column c, row r, pair z) into shared memory; completion counted
+// in bytes on mbarrier `bar`
+__device__ __forceinline__ void tma_load_3d(u32 dst, const TmaMap* map, u32 bar, int c, int r, int z) {
+    asm volatile("cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4, %5}], [%2];\n"
+                 ::"r"(dst), "l"(reinterpret_cast<unsigned long long>(map)), "r"(bar), "r"(c), "r"(r), "r"(z) : "memory");
+}
+__device__ __forceinline__ void tma_prefetch_map(const TmaMap* map) {
+    asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<unsigned long long>(map)) : "memory");
+}
+// named barriers 1 and 2 (0 is __syncthreads): sync waits until `count` threads arrived, arrive does not wait
+__device__ __forceinline__ void bar_sync(int id, int count) { asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory"); }
+__device__ __forceinline__ void bar_arrive(int id, int count) { asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(count) : "memory"); }
+template <int N> __device__ __forceinline__ void regs_dec() { asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N)); }
+template <int N> __device__ __forceinline__ void regs_inc() { asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N)); }
+
+// a rows x D tile (D/64 boxes of 64 columns) at row r0 of pair z into the swizzled tile at dst, arriving on bar
+template <int D, int R>
+__device__ __forceinline__ void tma_tile(u32 dst, const TmaMap* map, u32 bar, int r0, int z) {
+#pragma unroll
+    for (int b = 0; b < D / 64; b++) tma_load_3d(dst + b * R * 128, map, bar, 64 * b, r0, z);
+}
+
+// registers a thread of the producer / of a consumer, FlashAttention-3's split: 128 * 24 + 256 * 240 <= 65536 for
+// two consumer warpgroups, 128 * 32 + 384 * 160 = 65536 for three
+template <int NCW> struct Regs { static constexpr int producer = NCW == 2 ? 24 : 32, consumer = NCW == 2 ? 240 : 160; };
+
+template <typename T, int D, int Bc, int STAGES, int NCW, bool PP, bool CAUSAL>
+__global__ void __launch_bounds__(128 * (NCW + 1), 1)
+fa3_forward(const __grid_constant__ TmaMap qmap, const __grid_constant__ TmaMap kmap, const __grid_constant__ TmaMap vmap,
+            T* __restrict__ O, float* __restrict__ L, int Nq, int Nk, float scale, int BH, int G) {
+    static_assert((D == 64 || D == 128) && (Bc == 64 || Bc == 128) && STAGES >= 2, "m64n64 or m64n128 wgmma");
+    static_assert(NCW == 2 || (NCW == 3 && D == 64), "2 consumer warpgroups, or 3 at d = 64");
+    constexpr int Br = 64 * NCW, TILE = Bc * D * 2, QTILE = Br * D * 2;
+    extern __shared__ __align__(128) unsigned char smem_raw[];
+    unsigned char* Qs = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);  // 1024-aligned: swizzle atoms
+    const u32 qs0 = smem_addr(Qs), ks0 = qs0 + QTILE, vs0 = ks0 + STAGES * TILE, bar0 = vs0 + STAGES * TILE;
+    // barrier addresses: q_full, then k_full[s], v_full[s], k_empty[s], v_empty[s]
+    const u32 q_full = bar0;
+    auto k_full = [&](int s) { return bar0 + 8 * (1 + s); };
+    auto v_full = [&](int s) { return bar0 + 8 * (1 + STAGES + s); };
+    auto k_empty = [&](int s) { return bar0 + 8 * (1 + 2 * STAGES + s); };
+    auto v_empty = [&](int s) { return bar0 + 8 * (1 + 3 * STAGES + s); };
+
+    const int tid = threadIdx.x, wg = tid >> 7;
+    const u32 pair = blockIdx.y + gridDim.y * blockIdx.z;
+    if (pair >= (u32)BH) return;
+    const int bh = (int)pair, bkv = (int)(pair / (u32)G);
+    const int q0 = (CAUSAL ? gridDim.x - 1 - blockIdx.x : blockIdx.x) * Br;  // causal: the longest rows first
+    const int kv_end = CAUSAL ? min(Nk, q0 + Br) : Nk;
+    const int n_tiles = (kv_end + Bc - 1) / Bc;  // >= 1 (Nk >= 1; causal: q0 >= 0 sees key 0)
+
+    if (tid == 0) {
+        mbar_init(q_full, 1);
+        for (int s = 0; s < STAGES; s++) {
+            mbar_init(k_full(s), 1);
+            mbar_init(v_full(s), 1);
+            mbar_init(k_empty(s), 4 * NCW);  // every consumer warp
+            mbar_init(v_empty(s), 4 * NCW);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");  // visible to the copy engine
+    }
+    __syncthreads();
+
+    if (wg == 0) {  // ---- producer: one thread issues every copy ----
+        regs_dec<Regs<NCW>::producer>();
+        if (tid == 0) {
+            tma_prefetch_map(&kmap);
+            tma_prefetch_map(&vmap);
+            mbar_arrive_expect_tx(q_full, QTILE);
+            tma_tile<D, Br>(qs0, &qmap, q_full, q0, bh);
+            for (int j = 0; j < n_tiles; j++) {
+                const int s = j % STAGES;
+                const u32 ph = ((j / STAGES) & 1) ^ 1;  // the empty phase the consumers completed last round
+                mbar_wait(k_empty(s), ph);
+                mbar_arrive_expect_tx(k_full(s), TILE);
+                tma_tile<D, Bc>(ks0 + s * TILE, &kmap, k_full(s), j * Bc, bkv);
+                mbar_wait(v_empty(s), ph);
+                mbar_arrive_expect_tx(v_full(s), TILE);
+                tma_tile<D, Bc>(vs0 + s * TILE, &vmap, v_full(s), j * Bc, bkv);
+            }
+        }
+        return;
+    }
+
+    // ---- consumers: warpgroup cw = 0, 1 owns query rows 64 cw ... 64 cw + 63 of the block ----
+    regs_inc<Regs<NCW>::consumer>();
+    const int cw = wg - 1, lane = tid & 31, w = (tid >> 5) & 3, g = lane >> 2, t = lane & 3;
+    const int qg = q0 + 64 * cw;
+    const int n_full = min(Nk / Bc, CAUSAL ? (qg + 1) / Bc : n_tiles);  // tiles that need no mask in these rows
+    const float sl = scale * 1.4426950408889634f;
+
+    u32 pa[Bc / 16][4];
+    float s[Bc / 2], o[D / 2], m[2] = {NEG_INF, NEG_INF}, l[2] = {0.f, 0.f}, alpha[2];
+#pragma unroll
+    for (int i = 0; i < D / 2; i++) o[i] = 0.f;
+
+    // S_j = Q K_j^T: per 16-column step kk of d, A = this warpgroup's 64 rows of Q, B = K_j, both K-major with the
+    // step 32 bytes further along the row (kk % 4) of 64-column block kk / 4; SBO = 1024 (next 8 rows)
+    auto issue_s = [&](int j) {
+        const u32 kst = ks0 + (j % STAGES) * TILE, qst = qs0 + 64 * cw * 128;
+#pragma unroll
+        for (int kk = 0; kk < D / 16; kk++) {
+            const unsigned long long da = smem_desc_sw128(qst + (kk >> 2) * (Br * 128) + (kk & 3) * 32, 16, 1024);
+            const unsigned long long db = smem_desc_sw128(kst + (kk >> 2) * (Bc * 128) + (kk & 3) * 32, 16, 1024);
+            if (kk == 0) Wgmma3<T>::template ss<Bc, 0>(s, da, db);
+            else Wgmma3<T>::template ss<Bc, 1>(s, da, db);
+        }
+        wgmma_commit();
+    };
+    // O += P_j V_j: per 16-key step, V MN-major (transposed), LBO = Bc * 128 (next 64 columns of d), SBO = 1024
+    auto issue_pv = [&](int j) {
+        const u32 vst = vs0 + (j % STAGES) * TILE;
+#pragma unroll
+        for (int kk = 0; kk < Bc / 16; kk++)
+            Wgmma3<T>::template rs<D, 1, 1>(o, pa[kk], smem_desc_sw128(vst + kk * 2048, Bc * 128, 1024));
+        wgmma_commit();
+    };
+    auto arrive = [&]() {
+        fence_regs<D / 2>(o);
+        fence_regs<Bc / 4>(&pa[0][0]);
+        wgmma_fence();
+    };
+    auto release = [&](u32 bar) {  // this warp's wgmma that read the slot are complete
+        __syncwarp();
+        if (lane == 0) mbar_arrive(bar);
+    };
+    auto softmax = [&](int j) {  // as rung 6: mask, online softmax in base 2, P in place of S
+        fence_regs<Bc / 2>(s);
+        const int kv0 = j * Bc;
+        if (j >= n_full) {
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                const int lim = (CAUSAL ? min(Nk, qg + 16 * w + g + 8 * h + 1) : Nk) - kv0 - 2 * t;
+#pragma unroll
+                for (int n = 0; n < Bc / 8; n++) {
+                    if (n * 8 >= lim) s[4 * n + 2 * h] = NEG_INF;
+                    if (n * 8 + 1 >= lim) s[4 * n + 2 * h + 1] = NEG_INF;
+                }
+            }
+        }
+        float base[2];
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            float mx = NEG_INF;
+#pragma unroll
+            for (int n = 0; n < Bc / 8; n++) mx = fmaxf(mx, fmaxf(s[4 * n + 2 * h], s[4 * n + 2 * h + 1]));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            const float m_new = fmaxf(m[h], mx * sl);
+            base[h] = m_new == NEG_INF ? 0.f : m_new;
+            alpha[h] = fast_exp2(m[h] - base[h]);
+            m[h] = m_new;
+            l[h] *= alpha[h];
+        }
+#pragma unroll
+        for (int i = 0; i < Bc / 2; i++) {
+            s[i] = fast_exp2(fmaf(s[i], sl, -base[(i >> 1) & 1]));
+            l[(i >> 1) & 1] += s[i];
+        }
+    };
+    auto my_turn = [&]() {
+        if constexpr (PP) bar_sync(1 + cw, 256);
+    };
+    auto your_turn = [&]() {
+        if constexpr (PP) bar_arrive(1 + (cw + 1) % NCW, 256);
+    };
+    auto rescale_and_pack = [&]() {
+#pragma unroll
+        for (int i = 0; i < D / 2; i++) o[i] *= alpha[(i >> 1) & 1];
+#pragma unroll
+        for (int n = 0; n < Bc / 8; n++) {
+            pa[n / 2][2 * (n & 1)] = pack2<T>(s[4 * n], s[4 * n + 1]);
+            pa[n / 2][2 * (n & 1) + 1] = pack2<T>(s[4 * n + 2], s[4 * n + 3]);
+        }
+    };
+
+    if (PP && cw == NCW - 1) bar_arrive(1, 256);  // consumer 0 takes the first turn
+    mbar_wait(q_full, 0);
+    mbar_wait(k_full(0), 0);
+    my_turn();
+    arrive();
+    issue_s(0);
+    your_turn();
+    wgmma_wait<0>();
+    release(k_empty(0));
+    softmax(0);
+    rescale_and_pack();
+    for (int j = 1; j < n_tiles; j++) {
+        const int sp = (j - 1) % STAGES;
+        mbar_wait(v_full(sp), ((j - 1) / STAGES) & 1);  // V_{j-1} arrived before K_j (the producer's order)
+        mbar_wait(k_full(j % STAGES), (j / STAGES) & 1);
+        my_turn();
+        arrive();
+        issue_s(j);
+        issue_pv(j - 1);
+        your_turn();
+        wgmma_wait<1>();  // S_j done, P_{j-1} V_{j-1} may still run during the softmax
+        release(k_empty(j % STAGES));
+        softmax(j);
+        wgmma_wait<0>();
+        release(v_empty(sp));
+        fence_regs<D / 2>(o);
+        rescale_and_pack();
+    }
+    {
+        const int sp = (n_tiles - 1) % STAGES;
+        mbar_wait(v_full(sp), ((n_tiles - 1) / STAGES) & 1);
+        my_turn();
+        arrive();
+        issue_pv(n_tiles - 1);
+        if (cw != NCW - 1) your_turn();
+        wgmma_wait<0>();
+        release(v_empty(sp));
+        fence_regs<D / 2>(o);
+    }
+
+    // epilogue (rung 6's): O / l staged in the warp's own 16 rows of Qs (its last reader, S, is done), 16-byte stores
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        l[h] += __shfl_xor_sync(0xffffffffu, l[h], 1);
+        l[h] += __shfl_xor_sync(0xffffffffu, l[h], 2);
+    }
+    const int rw = 64 * cw + 16 * w;  // the warp's first row in the block
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // Qs: wgmma's reads (async proxy) before our writes
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        const int r = g + 8 * h;
+        const float inv_l = l[h] > 0.f ? 1.f / l[h] : 0.f;
+#pragma unroll
+        for (int n = 0; n < D / 8; n++)
+            *reinterpret_cast<u32*>(Qs + sw128<Br>(rw + r, 8 * n) + t * 4) =
+                pack2<T>(o[4 * n + 2 * h] * inv_l, o[4 * n + 2 * h + 1] * inv_l);
+        if (t == 0 && q0 + rw + r < Nq)
+            L[(size_t)bh * Nq + q0 + rw + r] = m[h] * 0.6931471805599453f + logf(l[h]);
+    }
+    __syncwarp();
+    O += ((size_t)bh * Nq + q0 + rw) * D;
+    constexpr int C = D / 8;
+#pragma unroll
+    for (int i = lane; i < 16 * C; i += 32) {
+        const int r = i / C, c = (i % C) * 8;
+        if (q0 + rw + r < Nq) *reinterpret_cast<uint4*>(O + r * D + c) = *reinterpret_cast<const uint4*>(Qs + sw128<Br>(rw + r, c));
+    }
+}

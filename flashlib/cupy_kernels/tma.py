@@ -1,0 +1,188 @@
+"""Rung 7's host side: TMA tensor maps, a raw launch, and `forward_fa3` (fa3_forward.cu, Hopper only).
+
+A tensor map (CUtensorMap, 128 opaque bytes) tells the Tensor Memory Accelerator where a tensor lives, its sizes and
+strides, the box one copy moves and how it is swizzled in shared memory. It is encoded on the host by the driver's
+`cuTensorMapEncodeTiled` (CUDA Driver API, "Tensor Map Object Management"), here called through ctypes on libcuda,
+and reaches the kernel by value as a `const __grid_constant__` parameter. CuPy's RawKernel call cannot pass a
+128-byte struct, so `launch` calls cuLaunchKernel (cupy.cuda.driver.launchKernel) with an array of pointers, one
+to each argument, as the driver API expects.
+
+Every Q, K or V tensor is described in 3-D, innermost first: (d, N, pairs), so that a box of (64 columns, rows,
+1 pair) that runs past the sequence's end reads zeros instead of the next head's rows, and 64 columns of 16-bit
+values are one 128-byte swizzle row: the layout `sw128` of fa2_wgmma.cu / fa3_forward.cu.
+The host logic (`fa3_config`, `smem_fa3`) needs no GPU; CuPy and libcuda are loaded at the first launch.
+"""
+import ctypes
+import functools
+from collections import namedtuple
+
+from .._arrays import check_causal, check_scale
+from . import CTYPE, pair_grid
+
+FA3_HEAD_DIMS = (64, 128)
+# head dim -> (Bc keys per K/V tile, ring stages, consumer warpgroups NCW). A block has 128 (NCW + 1) threads (one
+# producer warpgroup) and Br = 64 NCW query rows. Chosen on an H200 (fp16, N = 16384, TFLOP/s, ping-pong / plain;
+# benchmarks/results/logs/fa3_gpu_session_h200_dee12ae.txt): d = 64 (128, 2, 3) 526 / 473, causal 489 / 473, against
+# (128, 3, 2) 423 / 431, causal 428 / 438, and (64, 4, 3) 449 / 453; d = 128 (128, 2, 2) 590 / 587, causal 620 / 615,
+# (128, 3, 2) 588 / 592, (64, 3, 2) 497 / 502. SDPA cuDNN in that run: 489 (d = 64), 654 (d = 128).
+FA3_TILES = {64: (128, 2, 3), 128: (128, 2, 2)}
+# other tiles that benchmarks/fa3_bench.py times beside these and the tests check (three consumers: d = 64 only)
+FA3_OTHER_TILES = {64: ((128, 3, 2), (64, 4, 3), (64, 4, 2)), 128: ((128, 3, 2), (64, 3, 2))}
+VARIANTS = ("pingpong", "plain")             # the consumers' schedule: taking turns (PP, the default), or not
+# cuda.h enums (CUtensorMapDataType, CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill)
+_TMA_DTYPE = {"float16": 6, "bfloat16": 9}
+_SWIZZLE_128B, _L2_PROMOTION_128B, _OOB_FILL_ZERO, _INTERLEAVE_NONE = 3, 2, 0, 0
+
+
+def smem_fa3(d, Bc, stages, ncw=2):
+    """Bytes of dynamic shared memory of fa3_forward: 1 KB of alignment slack, Q (Br = 64 ncw rows), `stages` K and
+    V tiles (Bc rows), rows of d 16-bit values, and the 1 + 4*stages mbarriers (8 bytes each)."""
+    return 1024 + 2 * d * (64 * ncw + 2 * stages * Bc) + 8 * (1 + 4 * stages)
+
+
+Fa3Config = namedtuple("Fa3Config", "kernel Br Bc stages threads smem")
+
+
+def fa3_config(dtype, d, causal, tiles=None, variant="pingpong"):
+    """Fa3Config(kernel name expression, Br, Bc, stages, threads, smem bytes) of rung 7 for dtype float16/bfloat16,
+    head dim 64 or 128, tiles (Bc, stages[, consumer warpgroups]) (default FA3_TILES[d]), variant in VARIANTS."""
+    if dtype not in _TMA_DTYPE:
+        raise ValueError(f"rung 7 (fa3_forward) takes float16 or bfloat16, got {dtype!r}")
+    if d not in FA3_HEAD_DIMS:
+        raise ValueError(f"rung 7 (fa3_forward) takes head_dim in {FA3_HEAD_DIMS}, got {d!r}")
+    Bc, stages, ncw = (tuple(tiles) + (2,))[:3] if tiles is not None else FA3_TILES[d]
+    if Bc not in (64, 128) or stages < 2 or ncw not in (2, 3) or (ncw == 3 and d != 64):
+        raise ValueError(f"rung 7 takes tiles (Bc 64 or 128, stages >= 2, consumer warpgroups 2, or 3 at d = 64), "
+                         f"got {tiles} at d = {d}")
+    smem = smem_fa3(d, Bc, stages, ncw)
+    if smem > 227 * 1024:
+        raise ValueError(f"tiles {tiles} at d = {d} need {smem} bytes of shared memory; Hopper allows {227 * 1024}")
+    if variant not in VARIANTS:
+        raise ValueError(f"rung 7 variant must be one of {VARIANTS}, got {variant!r}")
+    c, pp = ("true" if causal else "false"), ("true" if variant == "pingpong" else "false")
+    return Fa3Config(f"fa3_forward<{CTYPE[dtype]}, {d}, {Bc}, {stages}, {ncw}, {pp}, {c}>", 64 * ncw, Bc, stages,
+                     128 * (ncw + 1), smem)
+
+
+def fa3_instances(configs=False):
+    """Kernel name expressions (configs=True: their Fa3Config) for the compile test: every dtype with the default
+    tiles, fp16 with the other tiles (bf16 is the same code), each causal and not, each variant."""
+    tiles = [(t, d, None) for t in _TMA_DTYPE for d in FA3_HEAD_DIMS]
+    tiles += [("float16", d, x) for d in FA3_HEAD_DIMS for x in FA3_OTHER_TILES[d]]
+    out = [fa3_config(t, d, c, x, v) for t, d, x in tiles for c in (False, True) for v in VARIANTS]
+    return out if configs else [c.kernel for c in out]
+
+
+def precompile(device=0, workers=16):
+    """Compile and load every fa3_instances() kernel on GPU `device` in parallel threads (NVRTC releases the GIL);
+    later launches find them in `_kernel`'s cache."""
+    import concurrent.futures
+    with concurrent.futures.ThreadPoolExecutor(workers) as ex:
+        list(ex.map(lambda c: _kernel(device, c.kernel, c.smem), fa3_instances(configs=True)))
+
+
+# ---------------------------------------------------------------- libcuda through ctypes
+
+@functools.lru_cache(maxsize=None)
+def _encode_fn():
+    lib = ctypes.CDLL("libcuda.so.1")
+    fn = lib.cuTensorMapEncodeTiled
+    u32, u64p, u32p = ctypes.c_uint32, ctypes.POINTER(ctypes.c_uint64), ctypes.POINTER(ctypes.c_uint32)
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_int, u32, ctypes.c_void_p, u64p, u64p, u32p, u32p,
+                   ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+class TensorMap:
+    """A CUtensorMap in a 64-byte-aligned host buffer; `.arg` is the ctypes object a launch points at."""
+    __slots__ = ("_buf", "arg")
+
+    def __init__(self):
+        self._buf = ctypes.create_string_buffer(128 + 64)
+        addr = ctypes.addressof(self._buf)
+        self.arg = (ctypes.c_uint64 * 16).from_address(addr + (-addr) % 64)
+
+
+def tensor_map_3d(ptr, dtype, d, n, pairs, box_rows):
+    """Tensor map of a contiguous (pairs, n, d) tensor of 16-bit `dtype` at device address ptr (16-byte aligned):
+    dims (d, n, pairs) innermost first, boxes of (64, box_rows, 1), 128-byte swizzle, out-of-range rows read as 0."""
+    if ptr % 16:
+        raise ValueError(f"TMA needs a 16-byte-aligned tensor, got address {ptr:#x}")
+    m = TensorMap()
+    dims = (ctypes.c_uint64 * 3)(d, n, pairs)
+    strides = (ctypes.c_uint64 * 2)(2 * d, 2 * d * n)          # bytes, of dims 1 and 2
+    box = (ctypes.c_uint32 * 3)(64, box_rows, 1)
+    one = (ctypes.c_uint32 * 3)(1, 1, 1)
+    rc = _encode_fn()(ctypes.addressof(m.arg), _TMA_DTYPE[dtype], 3, ctypes.c_void_p(ptr), dims, strides, box, one,
+                      _INTERLEAVE_NONE, _SWIZZLE_128B, _L2_PROMOTION_128B, _OOB_FILL_ZERO)
+    if rc != 0:
+        raise RuntimeError(f"cuTensorMapEncodeTiled failed with CUresult {rc} (dims {(d, n, pairs)}, box {(64, box_rows, 1)})")
+    return m
+
+
+def launch(fn, grid, block, smem, stream, args):
+    """cuLaunchKernel(fn, grid, block, smem, stream, params): args are ctypes objects (a TensorMap's .arg, c_uint64
+    pointers, c_int32, c_float) in the kernel's parameter order; params is an array of pointers to them."""
+    import cupy as cp
+    params = (ctypes.c_void_p * len(args))(*[ctypes.addressof(a) for a in args])
+    cp.cuda.driver.launchKernel(fn.ptr, *grid, *block, smem, stream, ctypes.addressof(params), 0)
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel(device, name, smem):
+    import cupy as cp
+    from . import _kernel_sm90a
+    with cp.cuda.Device(device):
+        return _kernel_sm90a("fa3_forward.cu", name, smem)
+
+
+def _dtype_of(a):
+    s = str(a.dtype)
+    if s == "float16":
+        return "float16"
+    if s in ("int16", "uint16"):
+        return "bfloat16"
+    raise ValueError(f"forward_fa3 takes float16, or bfloat16 as int16 bits, got {s}")
+
+
+def launch_fa3(cfg, maps, o, lse, BH, Nq, Nk, scale, G, device=0, stream=0):
+    """Launch rung 7 (Fa3Config cfg) on GPU `device` and stream handle `stream`: maps the TensorMaps of q, k, v
+    (tensor_map_3d with boxes of cfg.Br, cfg.Bc rows), o and lse device pointers (ints), BH = B*H query pairs, G
+    query heads per kv head. Needs Nq, Nk >= 1."""
+    args = [m.arg for m in maps] + [ctypes.c_uint64(o), ctypes.c_uint64(lse), ctypes.c_int32(Nq), ctypes.c_int32(Nk),
+                                    ctypes.c_float(scale), ctypes.c_int32(BH), ctypes.c_int32(G)]
+    launch(_kernel(device, cfg.kernel, cfg.smem), pair_grid(-(-Nq // cfg.Br), BH), (cfg.threads, 1, 1), cfg.smem,
+           stream, args)
+
+
+def _map(a, dtype, box_rows):
+    """Tensor map of a (B, H, N, d) CuPy array, boxes of box_rows rows (longer than N too: the rows past N read as
+    zeros; the H200's driver 580 accepted such boxes, N = 1 with 128-row boxes among the tests)."""
+    B, H, N, d = a.shape
+    return tensor_map_3d(a.data.ptr, dtype, d, N, B * H, box_rows)
+
+
+def forward_fa3(q, k, v, causal, scale, tiles=None, variant="pingpong"):
+    """Rung 7 forward on CuPy arrays: q (B, H, Nq, d), k and v (B, H_kv, Nk, d), H_kv dividing H, d = 64 or 128,
+    float16 or bfloat16 (as int16 bits); Nq, Nk >= 1. Returns (o like q, lse (B, H, Nq) float32, natural log),
+    computed on CuPy's current stream. tiles: (Bc, stages[, consumer warpgroups]), default FA3_TILES[d]; variant:
+    one of VARIANTS."""
+    import cupy as cp
+    dtype = _dtype_of(q)
+    if len(q.shape) != 4 or len(k.shape) != 4 or k.shape != v.shape or q.dtype != k.dtype or k.dtype != v.dtype:
+        raise ValueError(f"q (B, H, Nq, d) and k, v (B, H_kv, Nk, d) of one dtype; got {q.shape}, {k.shape}, {v.shape}")
+    B, H, Nq, d = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    if k.shape[0] != B or k.shape[3] != d or Hkv == 0 or H % Hkv:
+        raise ValueError(f"k, v must be ({B}, H_kv, Nk, {d}) with H_kv dividing H = {H}; got {k.shape}")
+    if Nq < 1 or Nk < 1 or B * H < 1:
+        raise ValueError(f"forward_fa3 needs Nq, Nk, B*H >= 1, got Nq={Nq}, Nk={Nk}, B*H={B * H}")
+    causal, scale = check_causal(causal), check_scale(scale, d)
+    cfg = fa3_config(dtype, d, causal, tiles, variant)
+    q, k, v = (cp.ascontiguousarray(a) for a in (q, k, v))
+    o, lse = cp.empty_like(q), cp.empty((B, H, Nq), dtype=cp.float32)
+    maps = [_map(q, dtype, cfg.Br), _map(k, dtype, cfg.Bc), _map(v, dtype, cfg.Bc)]
+    launch_fa3(cfg, maps, o.data.ptr, lse.data.ptr, B * H, Nq, Nk, scale, H // Hkv, q.device.id,
+               cp.cuda.get_current_stream().ptr)
+    return o, lse
