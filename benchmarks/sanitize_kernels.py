@@ -57,6 +57,8 @@ def run_cupy():
                 fwd = ["fp32"] if dtype == "float32" else ["tc", "tuned"] + (["sm75"] if dtype == "float16" else [])
                 if dtype != "float32" and cc == 90 and ck.head_bucket(d) in ck.WGMMA_HEAD_DIMS:
                     fwd.append("wgmma")
+                if dtype != "float32" and cc == 90 and ck.head_bucket(d) in ck.FA3_HEAD_DIMS:
+                    fwd.append("fa3")
                 for r in fwd:
                     o, lse = ck.forward(qc, kc, vc, causal=causal, scale=0.125, dtype=dtype, rung=r)
                     ok &= report(f"cupy {r:6s} {dtype:8s} d={d:3d} causal={causal}", (back(o), cp.asnumpy(lse)),

@@ -36,12 +36,13 @@ def test_import_does_not_need_cupy_or_gpu():
 def test_default_forward_rung(dtype, cc, rung):
     for d in ck.HEAD_DIMS:
         cfg = ck.choose_config(dtype, d, cc)
-        if cc == 90 and dtype != "float32" and d in ck.WGMMA_HEAD_DIMS:  # Hopper: the wgmma rung where it exists
-            assert cfg.rung == "wgmma" and cfg.kernel.startswith("fa2_wgmma<") and cfg.Br == 64 * cfg.warps // 4
+        if cc == 90 and dtype != "float32" and d in ck.FA3_HEAD_DIMS:  # Hopper: rung 7 where it exists
+            assert cfg.rung == "fa3" and cfg.kernel.startswith("fa3_forward<") and cfg.arch == "sm_90a"
+            assert cfg.Br == 64 * (cfg.warps // 4 - 1)                # one producer warpgroup, the rest consumers
         else:
             assert cfg.rung == rung
-        assert cfg.smem <= ck.SMEM_LIMIT[ck._cc_int(cc)]
-        if cfg.rung not in ("fp32", "wgmma"):
+        assert cfg.smem <= ck.SMEM_LIMIT[ck._cc_int(cc)] and cfg.dtype == dtype
+        if cfg.rung not in ("fp32", "fa3"):
             assert cfg.Br in (16 * cfg.warps, 32 * cfg.warps) and cfg.kernel.startswith("fa2_tc<")
 
 
@@ -212,6 +213,7 @@ def test_instances_per_architecture():
     assert len(i90["fa2_tc.cu"]) == 2 * 5 * 2 * 2 + 5 * 2  # fp16/bf16 x d x causal x (tc, tuned) + sm75
     assert len(i90["fa2_bwd_tc.cu"]) == 2 * 5 * 2  # fp16/bf16 x d x causal
     assert len(i90["fa2_wgmma.cu"]) == 2 * 2 * 2 and "fa2_wgmma.cu" not in ck.instances(80)  # fp16/bf16 x d x causal
+    assert len(i90["fa3_forward.cu"]) == 2 * 2 * 2 and "fa3_forward.cu" not in ck.instances(80)  # default tiles
 
 
 # ------------------------------------------------------------------ nvcc / ptxas, no GPU
@@ -226,6 +228,8 @@ def _compile_jobs():
     jobs = []
     for cc in ARCHS:
         for f, names in ck.instances(cc).items():
+            if f == "fa3_forward.cu":        # tests/test_fa3_compile.py compiles every rung 7 instance
+                continue
             if cc in (86, 89):
                 if f not in ("fa2_tc.cu", "fa2_bwd_tc.cu"):
                     continue
@@ -261,7 +265,7 @@ def _nvcc(job, tmp):
     src = os.path.join(tmp, f"sm{cc}_{f}")
     with open(src, "w") as fh:  # taking each instance's address instantiates it, as NVRTC's name_expressions do
         fh.write(f'#include "{f}"\nvoid* flashlib_instances[] = {{\n' + ",\n".join(f"  (void*)&{n}" for n in names) + "\n};\n")
-    arch = "sm_90a" if f == "fa2_wgmma.cu" else f"sm_{cc}"  # wgmma exists only in sm_90a code
+    arch = ck.ARCH.get(f, f"sm_{cc}")  # wgmma exists only in sm_90a code
     cmd = [NVCC, "-std=c++17", f"-arch={arch}", "-cubin", f"-I{ck.HERE}", "-Xptxas", "-v", "-o", src + ".cubin", src]
     out = subprocess.run(cmd, capture_output=True, text=True)
     return job, out.returncode, out.stdout + out.stderr
@@ -355,13 +359,14 @@ def _backend_call(fn, arrays, dtype, causal, scale, **kw):
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype,rung", [("float16", "tc"), ("bfloat16", "tc"), ("float16", "tuned"),
                                         ("bfloat16", "tuned"), ("float16", "sm75"), ("float16", "fp32"),
-                                        ("float16", "wgmma"), ("bfloat16", "wgmma")])
+                                        ("float16", "wgmma"), ("bfloat16", "wgmma"), ("float16", "fa3"),
+                                        ("bfloat16", "fa3")])
 def test_forward_matches_reference(shape, dtype, rung, poisoned):
     causal, d = shape[5], shape[4]
     scale = 1 / np.sqrt(d)
-    if rung == "wgmma" and ck.device_cc() != 90:
-        pytest.skip("the wgmma rung runs on Hopper (compute capability 9.0) only")
-    if rung == "wgmma" and d not in ck.WGMMA_HEAD_DIMS:
+    if rung in ("wgmma", "fa3") and ck.device_cc() != 90:
+        pytest.skip(f"the {rung} rung runs on Hopper (compute capability 9.0) only")
+    if rung in ("wgmma", "fa3") and d not in {"wgmma": ck.WGMMA_HEAD_DIMS, "fa3": ck.FA3_HEAD_DIMS}[rung]:
         with pytest.raises(ValueError, match="head_dim"):
             ck.choose_config(dtype, d, 90, causal, rung)
         return
@@ -582,9 +587,10 @@ GQA_SHAPES = [(1, 4, 2, 97, 113, 64, True), (2, 6, 1, 33, 1023, 128, False), (1,
 @pytest.mark.parametrize("shape", GQA_SHAPES, ids=str)
 @pytest.mark.parametrize("dtype,fwd,bwd", [("float16", "tuned", "bwd_tc"), ("bfloat16", "tc", "bwd_tc"),
                                            ("float16", "sm75", "bwd_fp32"), ("bfloat16", "wgmma", "bwd_fp32"),
-                                           ("float32", "fp32", "bwd_fp32")])
+                                           ("float16", "fa3", "bwd_tc"), ("float32", "fp32", "bwd_fp32")])
 def test_grouped_query_attention(shape, dtype, fwd, bwd, poisoned):
-    if fwd == "wgmma" and (ck.device_cc() != 90 or ck.head_bucket(shape[5]) not in ck.WGMMA_HEAD_DIMS):
+    dims = {"wgmma": ck.WGMMA_HEAD_DIMS, "fa3": ck.FA3_HEAD_DIMS}
+    if fwd in dims and (ck.device_cc() != 90 or ck.head_bucket(shape[5]) not in dims[fwd]):
         fwd = None  # the default rung for this head dim and GPU
     _check_gqa(*shape, dtype, fwd, bwd)
 
@@ -609,10 +615,10 @@ def test_any_head_dim_forward_and_gradients(d, dtype, poisoned):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype,fwd,bwd", [("float16", "tuned", "bwd_tc"), ("float16", "sm75", "bwd_fp32"),
                                            ("bfloat16", "wgmma", "bwd_tc"), ("float32", "fp32", "bwd_fp32"),
-                                           ("float16", "tc", None)])
+                                           ("float16", "tc", None), ("float16", "fa3", None)])
 def test_batch_heads_beyond_grid_y(dtype, fwd, bwd, poisoned):
     """B*H = 70000 (batch, head) pairs: more than grid.y's 65535; every pair computed (NaN-poisoned outputs)."""
-    if fwd == "wgmma" and ck.device_cc() != 90:
+    if fwd in ("wgmma", "fa3") and ck.device_cc() != 90:
         fwd = None
     _check_gqa(17500, 4, 2, 3, 5, 64, True, dtype, fwd, bwd)
 
@@ -620,11 +626,11 @@ def test_batch_heads_beyond_grid_y(dtype, fwd, bwd, poisoned):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype,fwd,bwd", [("float16", "tuned", "bwd_tc"), ("float16", "sm75", "bwd_fp32"),
                                            ("bfloat16", "tc", "bwd_tc"), ("float16", "wgmma", "bwd_tc"),
-                                           ("float32", "fp32", "bwd_fp32")])
+                                           ("bfloat16", "fa3", "bwd_tc"), ("float32", "fp32", "bwd_fp32")])
 def test_rows_that_see_no_key(dtype, fwd, bwd, poisoned):
     """The -inf rule: Nk = 0 gives O = 0, lse = -inf, dQ = 0; a row given lse = -inf adds nothing to dQ, dK, dV."""
     import torch
-    if fwd == "wgmma" and ck.device_cc() != 90:
+    if fwd in ("wgmma", "fa3") and ck.device_cc() != 90:
         fwd = None
     q, k, v, do = _gqa_inputs(1, 4, 2, 37, 0, 64, dtype, 5)
     o, lse = _backend_call(ck.forward, (q, k, v), dtype, False, 0.125, rung=fwd)

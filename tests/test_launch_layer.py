@@ -27,6 +27,7 @@ def fake_gpu(monkeypatch):
                         built.append(name) or Recorder(name, sig, log))
     monkeypatch.setattr(ck.launch, "_torch_stream", lambda dev: 0xABC)
     monkeypatch.setattr(ck.launch, "_torch_cuda_device", lambda t: 0)     # CPU tensors stand in for CUDA ones
+    monkeypatch.setattr(ck.launch, "_tensor_map", lambda ptr, *dims: ("map", ptr) + dims)   # libcuda's encoder
     ck.forward_plan.cache_clear()
     ck.backward_plan.cache_clear()
     yield log, built
@@ -35,31 +36,39 @@ def fake_gpu(monkeypatch):
 
 
 def _ptrs(call):
-    """The pointer and 64-bit size arguments of a recorded launch (signature letters P and Q)."""
-    return [a for a, c in zip(call["args"], call["sig"]) if c in "PQ"]
+    """The pointer and 64-bit size arguments of a recorded launch (signature letters P and Q; for a tensor map, M,
+    the address it maps)."""
+    return [a[1] if c == "M" else a for a, c in zip(call["args"], call["sig"]) if c in "PQM"]
 
 
-@pytest.mark.parametrize("dtype,rung", [(torch.float16, "wgmma"), (torch.bfloat16, "wgmma"), (torch.float32, "fp32")])
-def test_forward_plan_built_once_and_launched_on_the_callers_stream(fake_gpu, dtype, rung):
+@pytest.mark.parametrize("dtype,rung,pick", [(torch.float16, "fa3", None), (torch.bfloat16, "fa3", None),
+                                             (torch.float16, "wgmma", "wgmma"), (torch.float32, "fp32", None)])
+def test_forward_plan_built_once_and_launched_on_the_callers_stream(fake_gpu, dtype, rung, pick):
     log, built = fake_gpu
     q = torch.randn(2, 3, 100, 64).to(dtype).transpose(2, 3).contiguous().transpose(2, 3)   # not contiguous
     k = v = torch.randn(2, 3, 77, 64).to(dtype)
     name = str(dtype).replace("torch.", "")
     for _ in range(3):
-        o, lse = ck.forward(q, k, v, causal=True, scale=0.125, dtype=name)
+        o, lse = ck.forward(q, k, v, causal=True, scale=0.125, dtype=name, rung=pick)
     assert len(built) == 1 and len(log) == 3                                   # compiled once, launched thrice
-    cfg = ck.choose_config(name, 64, 90, True)
+    cfg = ck.choose_config(name, 64, 90, True, pick)
     assert cfg.rung == rung and built[0] == cfg.kernel
     call = log[-1]
     assert call["grid"] == (-(-100 // cfg.Br), 6, 1) and call["block"] == (32 * cfg.warps,) and call["smem"] == cfg.smem
     assert call["stream"] == 0xABC
     assert type(o) is torch.Tensor and o.dtype == dtype and o.shape == q.shape and o.is_contiguous()
     assert lse.dtype == torch.float32 and lse.shape == (2, 3, 100)
-    ptrs = _ptrs(call)
-    assert ptrs[1:] == [k.data_ptr(), v.data_ptr(), o.data_ptr(), lse.data_ptr()]
-    assert ptrs[0] != q.data_ptr()                                             # a contiguous copy of q was passed
-    assert [int(a) for a in call["args"][5:7]] == [100, 77] and float(call["args"][7]) == 0.125
-    assert [int(a) for a in call["args"][8:]] == [6, 1]                       # B*H pairs, G = 1 (no GQA)
+    if rung == "fa3":      # q, k, v reach rung 7 as tensor maps: (d, N, pairs), boxes of Br (q) or Bc (k, v) rows
+        assert call["sig"] == "MMMPPiifii" and _ptrs(call)[3:] == [o.data_ptr(), lse.data_ptr()]
+        qm, km, vm = call["args"][:3]
+        assert qm[1] != q.data_ptr() and qm[2:] == (name, 64, 100, 6, cfg.Br)   # a contiguous copy of q was mapped
+        assert km == ("map", k.data_ptr(), name, 64, 77, 6, cfg.Bc) and vm == km
+    else:
+        ptrs = _ptrs(call)
+        assert ptrs[1:] == [k.data_ptr(), v.data_ptr(), o.data_ptr(), lse.data_ptr()]
+        assert ptrs[0] != q.data_ptr()                                         # a contiguous copy of q was passed
+    assert list(call["args"][5:7]) == [100, 77] and call["args"][7] == 0.125
+    assert list(call["args"][8:]) == [6, 1]                                   # B*H pairs, G = 1 (no GQA)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
@@ -156,13 +165,15 @@ def test_launcher_packs_each_argument_where_its_parameter_pointer_points():
     parameter i through pointer i. Read them back through those pointers."""
     import ctypes
     from flashlib.cupy_kernels.build import Launcher
-    read = {"P": ctypes.c_uint64, "Q": ctypes.c_uint64, "i": ctypes.c_int32, "f": ctypes.c_float}
+    scalar = {"P": ctypes.c_uint64, "Q": ctypes.c_uint64, "i": ctypes.c_int32, "f": ctypes.c_float}
+    read = lambda c, p: ctypes.string_at(p, 128) if c == "M" else scalar[c].from_address(p).value   # noqa: E731
     for sig, args in (("PPPPPiifii", (1, 2, 3, 2**63, 5, -6, 7, 0.5, 9, 10)), ("PPiQQ", (11, 12, 3, 2**40, 5)),
-                      ("PPPPPPPPPiifiii", tuple(range(9)) + (1, 2, 0.25, 3, 4, 128))):
+                      ("PPPPPPPPPiifiii", tuple(range(9)) + (1, 2, 0.25, 3, 4, 128)),
+                      ("MMMPPiifii", (b"q" * 128, b"k" * 128, b"v" * 128, 7, 8, 1, 2, 0.5, 3, 4))):
         L = Launcher(None, sig)
-        L._fmt.pack_into(L._buf, 0, *args)
-        back = [read[c].from_address(p).value for c, p in zip(sig, L._params)]
+        L._fmt.pack_into(L._buf, L._at, *args)
+        back = [read(c, p) for c, p in zip(sig, L._params)]
         assert back == list(args), (sig, back)
-        assert len(set(L._params)) == len(sig)
+        assert len(set(L._params)) == len(sig) and L._params[0] % 64 == 0       # a tensor map's 64-byte alignment
     with pytest.raises(TypeError, match="do not fit"):
         Launcher(type("F", (), {"ptr": 0})(), "Pi")((1,), (32,), (1, 2**31))      # an int32 out of range

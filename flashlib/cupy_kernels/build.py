@@ -20,23 +20,29 @@ from ..constants import STATIC_SMEM_BYTES
 HERE = pathlib.Path(__file__).resolve().parent
 
 
+# the kernel parameter kinds of a Launcher signature, as struct formats: P a device pointer, Q a uint64, i an int32,
+# f a float32, M a CUtensorMap (128 bytes, passed by value: rung 7's TMA descriptors)
+_FORMAT = {"P": "Q", "Q": "Q", "i": "i", "f": "f", "M": "128s"}
+
+
 class Launcher:
-    """One loaded kernel and its parameter block. `sig` spells the parameters, one letter each: P (device pointer),
-    Q (uint64), i (int32), f (float32). launcher(grid, block, args, shared_mem, stream) launches on the stream
-    handle `stream` (an int: cudaStream_t; 0 is the legacy default stream). The arguments are packed into one
-    buffer laid out as the C struct of those fields (struct's native alignment), and cuLaunchKernel reads each
-    parameter through a pointer into it; a lock keeps two threads from interleaving their arguments in the one
-    buffer (cuLaunchKernel copies them before it returns)."""
-    __slots__ = ("fn", "sig", "_fmt", "_buf", "_params", "_lock")
+    """One loaded kernel and its parameter block. `sig` spells the parameters, one letter of _FORMAT each.
+    launcher(grid, block, args, shared_mem, stream) launches on the stream handle `stream` (an int: cudaStream_t;
+    0 is the legacy default stream). The arguments are packed into one 64-byte-aligned buffer laid out as the C
+    struct of those fields (struct's native alignment), and cuLaunchKernel reads each parameter through a pointer
+    into it; a lock keeps two threads from interleaving their arguments in the one buffer (cuLaunchKernel copies
+    them before it returns)."""
+    __slots__ = ("fn", "sig", "_fmt", "_buf", "_at", "_params", "_lock")
 
     def __init__(self, fn, sig):
         self.fn, self.sig = fn, sig                 # fn: cupy.cuda.function.Function (keeps its module loaded)
-        self._fmt = struct.Struct("@" + sig.replace("P", "Q"))
-        self._buf = ctypes.create_string_buffer(max(self._fmt.size, 1))
-        base = ctypes.addressof(self._buf)
-        offsets = [struct.calcsize("@" + sig[:i].replace("P", "Q") + c.replace("P", "Q")) - struct.calcsize(
-            c.replace("P", "Q")) for i, c in enumerate(sig)]
-        self._params = (ctypes.c_void_p * max(len(sig), 1))(*[base + o for o in offsets])
+        fields = [_FORMAT[c] for c in sig]
+        self._fmt = struct.Struct("@" + "".join(fields))
+        self._buf = ctypes.create_string_buffer(self._fmt.size + 64)
+        addr = ctypes.addressof(self._buf)
+        self._at = (-addr) % 64                     # the struct's offset in the buffer: 64-byte aligned
+        offsets = [struct.calcsize("@" + "".join(fields[:i + 1])) - struct.calcsize("@" + f) for i, f in enumerate(fields)]
+        self._params = (ctypes.c_void_p * max(len(sig), 1))(*[addr + self._at + o for o in offsets])
         self._lock = threading.Lock()
 
     def __call__(self, grid, block, args, shared_mem=0, stream=0):
@@ -44,7 +50,7 @@ class Launcher:
         bx, by, bz = (tuple(block) + (1, 1))[:3]
         with self._lock:
             try:
-                self._fmt.pack_into(self._buf, 0, *args)
+                self._fmt.pack_into(self._buf, self._at, *args)
             except struct.error as e:
                 raise TypeError(f"kernel arguments {args!r} do not fit its parameters {self.sig!r}: {e}") from None
             _driver().launchKernel(self.fn.ptr, gx, gy, gz, bx, by, bz, shared_mem, stream,

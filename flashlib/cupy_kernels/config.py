@@ -14,9 +14,11 @@ from ..constants import SMEM_OPTIN_BYTES, smem_optin_bytes
 HEAD_DIMS = (32, 64, 96, 128, 256)  # compiled head dims; others are padded up to the next (head_bucket)
 MAX_GRID_YZ = 65535  # grid.y and grid.z limit (grid.x: 2**31 - 1); (batch, head) pairs go on y and z (pair_grid)
 DTYPES = ("float32", "float16", "bfloat16")
-FORWARD_RUNGS = ("fp32", "tc", "tuned", "sm75", "wgmma")
+FORWARD_RUNGS = ("fp32", "tc", "tuned", "sm75", "wgmma", "fa3")
 BACKWARD_RUNGS = ("bwd_fp32", "bwd_tc")
 CTYPE = {"float32": "float", "float16": "__half", "bfloat16": "__nv_bfloat16"}
+# files compiled for an architecture-specific target (wgmma, TMA and setmaxnreg exist only in sm_90a code)
+ARCH = {"fa2_wgmma.cu": "sm_90a", "fa3_forward.cu": "sm_90a"}
 SMEM_LIMIT = SMEM_OPTIN_BYTES   # opt-in dynamic shared memory per block by compute capability (flashlib.constants)
 
 # Rung 3 tiles per head dim, (non-causal, causal), each (warps NW, keys per tile Bc, query rows per warp RW in
@@ -47,9 +49,20 @@ BWD_FALLBACK_TILES = ((4, 1, 64, 32, False), (4, 1, 32, 32, False), (2, 1, 16, 1
 WGMMA_TILES = {64: ((2, 64), (2, 64)), 128: ((2, 128), (2, 128))}
 WGMMA_HEAD_DIMS = (64, 128)
 
-Config = namedtuple("Config", "rung file kernel Br Bc warps smem D arch", defaults=(None, None))
+# Rung 7 (fa3_forward.cu, FlashAttention-3's TMA and warp specialisation) per head dim: (Bc keys per K/V tile, ring
+# stages, consumer warpgroups NCW); a block has 128 (NCW + 1) threads (one producer warpgroup), Br = 64 NCW query
+# rows. The winners of the H200 sweep in benchmarks/results/logs/fa3_gpu_session_h200_dee12ae.txt (fp16, N = 16384,
+# ping-pong): d = 64 (128, 2, 3), d = 128 (128, 2, 2).
+FA3_TILES = {64: (128, 2, 3), 128: (128, 2, 2)}
+FA3_HEAD_DIMS = (64, 128)
+# other tiles that benchmarks/fa3_bench.py times beside these and the tests check (three consumers: d = 64 only)
+FA3_OTHER_TILES = {64: ((128, 3, 2), (64, 4, 3), (64, 4, 2)), 128: ((128, 3, 2), (64, 3, 2))}
+FA3_VARIANTS = ("pingpong", "plain")         # the consumers' schedule: taking turns (PP, the default), or not
+
+Config = namedtuple("Config", "rung file kernel Br Bc warps smem D arch dtype", defaults=(None, None, None))
 Config.__doc__ = """One kernel launch configuration: rung, .cu file, template instance, tiles Br x Bc, warps per
-block, dynamic shared memory (bytes), the compiled head dim D, the target architecture (None: the GPU's own)."""
+block, dynamic shared memory (bytes), the compiled head dim D, the target architecture (None: the GPU's own), the
+dtype name."""
 
 
 def bwd_columns(D):
@@ -94,15 +107,15 @@ def _cc_int(cc):
 
 def default_rung(dtype, cc, direction="forward", d=None):
     """The rung `forward`/`backward` use for this dtype (and head dim d) on a GPU of compute capability cc: on Hopper
-    (9.0) the wgmma forward for the head dims it has, else rung 3 (sm_80+) or the T4 path."""
+    (9.0) rung 7 (fa3) for the head dims it has, else rung 3 (sm_80+) or the T4 path."""
     cc = _cc_int(cc)
     D = None if d is None else head_bucket(d)
     if direction == "backward":
         return "bwd_tc" if dtype != "float32" and cc >= 80 else "bwd_fp32"
     if dtype == "float32":
         return "fp32"
-    if cc == 90 and D in WGMMA_HEAD_DIMS:
-        return "wgmma"
+    if cc == 90 and D in FA3_HEAD_DIMS:
+        return "fa3"
     return "tuned" if cc >= 80 else "sm75"
 
 
@@ -129,10 +142,10 @@ def choose_config(dtype, d, cc, causal=False, rung=None, tiles=None):
     T = CTYPE[dtype]
     if rung == "fp32":
         Br, Bc = fp32_tiles(D)
-        return Config(rung, "fa2_fp32.cu", f"fa2_fp32<{T}, {D}, {Br}, {Bc}, {c}>", Br, Bc, 8, 0, D)
+        return Config(rung, "fa2_fp32.cu", f"fa2_fp32<{T}, {D}, {Br}, {Bc}, {c}>", Br, Bc, 8, 0, D, None, dtype)
     if rung == "bwd_fp32":
         BT = fp32_tiles(D)[0]
-        return Config(rung, "fa2_bwd.cu", f"fa2_bwd_fp32<{T}, {D}, {BT}, {c}>", BT, BT, 8, 0, D)
+        return Config(rung, "fa2_bwd.cu", f"fa2_bwd_fp32<{T}, {D}, {BT}, {c}>", BT, BT, 8, 0, D, None, dtype)
     if rung not in FORWARD_RUNGS + BACKWARD_RUNGS:
         raise ValueError(f"unknown rung {rung!r}; choose one of {FORWARD_RUNGS + BACKWARD_RUNGS}")
     if dtype == "float32":
@@ -142,6 +155,12 @@ def choose_config(dtype, d, cc, causal=False, rung=None, tiles=None):
     if rung in ("tc", "tuned", "bwd_tc") and cc < 80:
         raise ValueError(f"rung {rung!r} needs compute capability 8.0+ (m16n8k16, cp.async); on {cc / 10:.1f} use 'sm75'")
     limit = smem_optin_bytes(cc)
+    if rung == "fa3":
+        if cc != 90:
+            raise ValueError(f"rung 'fa3' is Hopper's (compute capability 9.0, sm_90a code); this GPU is {cc / 10:.1f}: "
+                             "use 'tuned'")
+        f = fa3_config(dtype, d, causal, tiles)
+        return Config(rung, "fa3_forward.cu", f.kernel, f.Br, f.Bc, f.threads // 32, f.smem, D, "sm_90a", dtype)
     if rung == "wgmma":
         if cc != 90:
             raise ValueError(f"rung 'wgmma' is Hopper's (compute capability 9.0, sm_90a code); this GPU is {cc / 10:.1f}: "
@@ -152,7 +171,7 @@ def choose_config(dtype, d, cc, causal=False, rung=None, tiles=None):
         if nwg not in (1, 2) or Bc not in (64, 128):
             raise ValueError(f"rung 'wgmma' takes tiles (warpgroups 1 or 2, Bc 64 or 128), got ({nwg}, {Bc})")
         kernel = f"fa2_wgmma<{T}, {d}, {Bc}, {nwg}, {c}>"
-        cfg = Config(rung, "fa2_wgmma.cu", kernel, 64 * nwg, Bc, 4 * nwg, smem_wgmma(d, nwg, Bc), D, "sm_90a")
+        cfg = Config(rung, "fa2_wgmma.cu", kernel, 64 * nwg, Bc, 4 * nwg, smem_wgmma(d, nwg, Bc), D, "sm_90a", dtype)
     elif rung == "bwd_tc":
         if tiles is None:
             tiles = next((t for t in (BWD_TILES[d],) + BWD_FALLBACK_TILES if smem_backward(d, t[0], t[1], t[2]) <= limit),
@@ -160,7 +179,7 @@ def choose_config(dtype, d, cc, causal=False, rung=None, tiles=None):
         nw, kw, Br, brc, kvreg = tiles
         DO = f", {bwd_columns(D)}" if bwd_columns(D) != D else ""  # the template's default: all columns
         kernel = f"fa2_bwd_tc<{T}, {d}, {nw}, {kw}, {Br}, {brc}, {str(bool(kvreg)).lower()}, {c}{DO}>"
-        cfg = Config(rung, "fa2_bwd_tc.cu", kernel, Br, 16 * kw * nw, nw, smem_backward(d, nw, kw, Br), D)
+        cfg = Config(rung, "fa2_bwd_tc.cu", kernel, Br, 16 * kw * nw, nw, smem_backward(d, nw, kw, Br), D, None, dtype)
     else:
         if tiles is not None:
             nw, Bc, rw, qreg = _forward_tiles(tiles)
@@ -177,7 +196,7 @@ def choose_config(dtype, d, cc, causal=False, rung=None, tiles=None):
         smem = smem_forward(d, nw, Bc, 2 if tuned else 1, rw, qreg)
         low = lambda b: str(bool(b)).lower()
         kernel = f"fa2_tc<{T}, {d}, {nw}, {Bc}, {c}, {low(tuned)}, {low(k8)}, {rw // 16}, {low(qreg)}>"
-        cfg = Config(rung, "fa2_tc.cu", kernel, rw * nw, Bc, nw, smem, D)
+        cfg = Config(rung, "fa2_tc.cu", kernel, rw * nw, Bc, nw, smem, D, None, dtype)
     if cfg.smem > limit:
         raise ValueError(f"{cfg.kernel} needs {cfg.smem} bytes of shared memory; compute capability {cc / 10:.1f} "
                          f"allows {limit}")
@@ -202,6 +221,46 @@ def smem_wgmma(d, nwg, Bc):
     """Bytes of dynamic shared memory of fa2_wgmma: the Q tile (64*nwg rows) and two stages of K and V (Bc rows),
     rows of d elements (no padding: the swizzled layout has no bank conflicts), and 1 KB to align them to 1024."""
     return 2 * d * (64 * nwg + 4 * Bc) + 1024
+
+
+def smem_fa3(d, Bc, stages, ncw=2):
+    """Bytes of dynamic shared memory of fa3_forward: 1 KB of alignment slack, Q (Br = 64 ncw rows), `stages` K and
+    V tiles (Bc rows), rows of d 16-bit values, and the 1 + 4*stages mbarriers (8 bytes each)."""
+    return 1024 + 2 * d * (64 * ncw + 2 * stages * Bc) + 8 * (1 + 4 * stages)
+
+
+Fa3Config = namedtuple("Fa3Config", "kernel Br Bc stages threads smem")
+
+
+def fa3_config(dtype, d, causal, tiles=None, variant="pingpong"):
+    """Fa3Config(kernel name expression, Br, Bc, stages, threads, smem bytes) of rung 7 for dtype float16/bfloat16,
+    head dim 64 or 128, tiles (Bc, stages[, consumer warpgroups]) (default FA3_TILES[d]), variant in FA3_VARIANTS."""
+    if dtype not in ("float16", "bfloat16"):
+        raise ValueError(f"rung 7 (fa3_forward) takes float16 or bfloat16, got {dtype!r}")
+    if d not in FA3_HEAD_DIMS:
+        raise ValueError(f"rung 7 (fa3_forward) takes head_dim in {FA3_HEAD_DIMS}, got {d!r}: use 'tuned'")
+    Bc, stages, ncw = (tuple(tiles) + (2,))[:3] if tiles is not None else FA3_TILES[d]
+    if Bc not in (64, 128) or stages < 2 or ncw not in (2, 3) or (ncw == 3 and d != 64):
+        raise ValueError(f"rung 7 takes tiles (Bc 64 or 128, stages >= 2, consumer warpgroups 2, or 3 at d = 64), "
+                         f"got {tiles} at d = {d}")
+    smem = smem_fa3(d, Bc, stages, ncw)
+    if smem > SMEM_OPTIN_BYTES[90]:
+        raise ValueError(f"tiles {tiles} at d = {d} need {smem} bytes of shared memory; Hopper allows "
+                         f"{SMEM_OPTIN_BYTES[90]}")
+    if variant not in FA3_VARIANTS:
+        raise ValueError(f"rung 7 variant must be one of {FA3_VARIANTS}, got {variant!r}")
+    c, pp = ("true" if causal else "false"), ("true" if variant == "pingpong" else "false")
+    return Fa3Config(f"fa3_forward<{CTYPE[dtype]}, {d}, {Bc}, {stages}, {ncw}, {pp}, {c}>", 64 * ncw, Bc, stages,
+                     128 * (ncw + 1), smem)
+
+
+def fa3_instances(configs=False):
+    """Kernel name expressions (configs=True: their Fa3Config) for the compile test: every dtype with the default
+    tiles, fp16 with the other tiles (bf16 is the same code), each causal and not, each variant."""
+    tiles = [(t, d, None) for t in ("float16", "bfloat16") for d in FA3_HEAD_DIMS]
+    tiles += [("float16", d, x) for d in FA3_HEAD_DIMS for x in FA3_OTHER_TILES[d]]
+    out = [fa3_config(t, d, c, x, v) for t, d, x in tiles for c in (False, True) for v in FA3_VARIANTS]
+    return out if configs else [c.kernel for c in out]
 
 
 def sw128(r, c, rows):

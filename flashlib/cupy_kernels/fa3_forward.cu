@@ -32,73 +32,7 @@
 //   number of steps (n_tiles + 1 turns each).
 #include "flash_common.cuh"
 
-// ---- wgmma (as rung 6), plus the form with A from shared memory ----
-__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-template <int N> __device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory"); }
-template <int N> __device__ __forceinline__ void fence_regs(float* r) {
-#pragma unroll
-    for (int i = 0; i < N; i++) asm volatile("" : "+f"(r[i])::"memory");
-}
-template <int N> __device__ __forceinline__ void fence_regs(u32* r) {
-#pragma unroll
-    for (int i = 0; i < N; i++) asm volatile("" : "+r"(r[i])::"memory");
-}
-// shared-memory matrix descriptor, 128-byte swizzle (PTX ISA, "Matrix Descriptor Format")
-__device__ __forceinline__ unsigned long long smem_desc_sw128(u32 addr, u32 lbo, u32 sbo) {
-    return (unsigned long long)((addr & 0x3FFFF) >> 4) | ((unsigned long long)(lbo >> 4) << 16) |
-           ((unsigned long long)(sbo >> 4) << 32) | (1ull << 62);
-}
-
-#define WG_ACC32 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, " \
-    "%21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
-#define WG_ACC64 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, " \
-    "%21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, " \
-    "%40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, " \
-    "%59, %60, %61, %62, %63}"
-#define WG_OUT32(d) "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
-    "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), \
-    "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), \
-    "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), \
-    "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-#define WG_OUT64(d) WG_OUT32(d), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), \
-    "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), \
-    "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), \
-    "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), \
-    "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-// A in registers (RS): O += P V, V transposed (TB = 1); operands after the accumulators: a[4], desc, TB, ACC
-#define WG_RS(N, ACC_LIST, OUTS, A0, A1, A2, A3, DS, TBI, ACCI, TYPES) \
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %" ACCI ", 0;\n" \
-                 "wgmma.mma_async.sync.aligned.m64n" N "k16.f32." TYPES " " ACC_LIST ", {%" A0 ", %" A1 ", %" A2 \
-                 ", %" A3 "}, %" DS ", p, 1, 1, %" TBI ";\n}\n" \
-                 : OUTS(d) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "n"(TB), "n"(ACC))
-// A and B in shared memory (SS), both K-major, no transpose: S = Q K^T; operands after the accumulators: da, db, ACC
-#define WG_SS(N, ACC_LIST, OUTS, DA, DB, ACCI, TYPES) \
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %" ACCI ", 0;\n" \
-                 "wgmma.mma_async.sync.aligned.m64n" N "k16.f32." TYPES " " ACC_LIST ", %" DA ", %" DB \
-                 ", p, 1, 1, 0, 0;\n}\n" \
-                 : OUTS(d) : "l"(da), "l"(db), "n"(ACC))
-
-// d (64 x N fp32) = A (64 x 16) * B (16 x N) + (ACC ? d : 0), N = 64 or 128
-template <typename T> struct Wgmma3;
-#define WGMMA3_FOR(TY, TYPES) \
-    template <> struct Wgmma3<TY> { \
-        template <int N, int TB, int ACC> static __device__ __forceinline__ void rs(float* d, const u32* a, unsigned long long desc) { \
-            if constexpr (N == 128) WG_RS("128", WG_ACC64, WG_OUT64, "64", "65", "66", "67", "68", "69", "70", TYPES); \
-            else WG_RS("64", WG_ACC32, WG_OUT32, "32", "33", "34", "35", "36", "37", "38", TYPES); \
-        } \
-        template <int N, int ACC> static __device__ __forceinline__ void ss(float* d, unsigned long long da, unsigned long long db) { \
-            if constexpr (N == 128) WG_SS("128", WG_ACC64, WG_OUT64, "64", "65", "66", TYPES); \
-            else WG_SS("64", WG_ACC32, WG_OUT32, "32", "33", "34", TYPES); \
-        } \
-    };
-WGMMA3_FOR(__half, "f16.f16")
-WGMMA3_FOR(__nv_bfloat16, "bf16.bf16")
-
-// byte offset of element (r, c), c a multiple of 8, in a tile of R rows in the 128-byte-swizzled layout (rung 6's)
-template <int R> __device__ __forceinline__ int sw128(int r, int c) {
-    return (c >> 6) * (R * 128) + r * 128 + ((((c >> 3) & 7) ^ (r & 7)) << 4);
-}
+#include "wgmma.cuh"
 
 // ---- mbarrier, TMA and register re-allocation (PTX ISA: "mbarrier", "cp.async.bulk.tensor", "setmaxnreg") ----
 // a CUtensorMap: 128 opaque bytes, 64-byte aligned, passed by value as a __grid_constant__ kernel parameter
@@ -209,7 +143,7 @@ fa3_forward(const __grid_constant__ TmaMap qmap, const __grid_constant__ TmaMap 
     const int cw = wg - 1, lane = tid & 31, w = (tid >> 5) & 3, g = lane >> 2, t = lane & 3;
     const int qg = q0 + 64 * cw;
     const int n_full = min(Nk / Bc, CAUSAL ? (qg + 1) / Bc : n_tiles);  // tiles that need no mask in these rows
-    const float sl = scale * 1.4426950408889634f;
+    const float sl = scale * LOG2E;
 
     u32 pa[Bc / 16][4];
     float s[Bc / 2], o[D / 2], m[2] = {NEG_INF, NEG_INF}, l[2] = {0.f, 0.f}, alpha[2];
@@ -224,8 +158,8 @@ fa3_forward(const __grid_constant__ TmaMap qmap, const __grid_constant__ TmaMap 
         for (int kk = 0; kk < D / 16; kk++) {
             const unsigned long long da = smem_desc_sw128(qst + (kk >> 2) * (Br * 128) + (kk & 3) * 32, 16, 1024);
             const unsigned long long db = smem_desc_sw128(kst + (kk >> 2) * (Bc * 128) + (kk & 3) * 32, 16, 1024);
-            if (kk == 0) Wgmma3<T>::template ss<Bc, 0>(s, da, db);
-            else Wgmma3<T>::template ss<Bc, 1>(s, da, db);
+            if (kk == 0) Wgmma<T>::template ss<Bc, 0>(s, da, db);
+            else Wgmma<T>::template ss<Bc, 1>(s, da, db);
         }
         wgmma_commit();
     };
@@ -234,7 +168,7 @@ fa3_forward(const __grid_constant__ TmaMap qmap, const __grid_constant__ TmaMap 
         const u32 vst = vs0 + (j % STAGES) * TILE;
 #pragma unroll
         for (int kk = 0; kk < Bc / 16; kk++)
-            Wgmma3<T>::template rs<D, 1, 1>(o, pa[kk], smem_desc_sw128(vst + kk * 2048, Bc * 128, 1024));
+            Wgmma<T>::template rs<D, 1, 1>(o, pa[kk], smem_desc_sw128(vst + kk * 2048, Bc * 128, 1024));
         wgmma_commit();
     };
     auto arrive = [&]() {
@@ -353,7 +287,7 @@ fa3_forward(const __grid_constant__ TmaMap qmap, const __grid_constant__ TmaMap 
             *reinterpret_cast<u32*>(Qs + sw128<Br>(rw + r, 8 * n) + t * 4) =
                 pack2<T>(o[4 * n + 2 * h] * inv_l, o[4 * n + 2 * h + 1] * inv_l);
         if (t == 0 && q0 + rw + r < Nq)
-            L[(size_t)bh * Nq + q0 + rw + r] = m[h] * 0.6931471805599453f + logf(l[h]);
+            L[(size_t)bh * Nq + q0 + rw + r] = m[h] * LN2 + logf(l[h]);
     }
     __syncwarp();
     O += ((size_t)bh * Nq + q0 + rw) * D;

@@ -20,6 +20,7 @@ from .config import CTYPE, bwd_columns, check_inputs, choose_config, default_run
 Plan = namedtuple("Plan", "cfg d fn pre post sum")   # main kernel; backward's pre-pass, dQ conversion, group sum
 # the kernels' parameters, one letter each (build.Launcher): P pointer, Q uint64, i int32, f float32
 SIG_FORWARD = "PPPPPiifii"                   # q, k, v, o, lse, Nq, Nk, scale, BH, G
+SIG_FA3 = "MMMPPiifii"                       # rung 7: the tensor maps of q, k, v, then as SIG_FORWARD
 SIG_BACKWARD = "PPPPPPPPPiifii"              # q, k, v, do, lb, delta, dq_acc, dk, dv, Nq, Nk, scale, BH, G
 SIG_PRE, SIG_CONVERT, SIG_SUM = "PPPPPPQ", "PPQ", "PPiQQ"
 
@@ -30,7 +31,8 @@ def forward_plan(dtype, d, causal, device, rung=None, tiles=None):
     environment's FLASHLIB_CUPY_RUNG if it names a forward rung (read here, when the plan is built), else the
     default."""
     cfg = choose_config(dtype, d, _device_cc(device), causal, rung or _rung_override("forward"), tiles)
-    return Plan(cfg, d, _kernel_on(device, cfg.file, cfg.kernel, cfg.smem, cfg.arch, SIG_FORWARD), None, None, None)
+    sig = SIG_FA3 if cfg.rung == "fa3" else SIG_FORWARD
+    return Plan(cfg, d, _kernel_on(device, cfg.file, cfg.kernel, cfg.smem, cfg.arch, sig), None, None, None)
 
 
 @functools.lru_cache(maxsize=None)
@@ -57,8 +59,16 @@ def launch_forward(plan, q, k, v, o, lse, B, H, Nq, Nk, scale, G=1, stream=0):
     cfg, BH = plan.cfg, B * H
     if BH * Nq == 0:
         return
+    if cfg.rung == "fa3":   # rung 7 reads q, k, v through TMA tensor maps (d, N, pairs), boxes of Br or Bc rows
+        q = _tensor_map(q, cfg.dtype, cfg.D, Nq, BH, cfg.Br)
+        k, v = (_tensor_map(a, cfg.dtype, cfg.D, Nk, BH // G, cfg.Bc) for a in (k, v))
     plan.fn(pair_grid(-(-Nq // cfg.Br), BH), (32 * cfg.warps,), (q, k, v, o, lse, Nq, Nk, scale, BH, G),
             cfg.smem, stream)
+
+
+def _tensor_map(ptr, dtype, d, n, pairs, box_rows):
+    from .tma import map_bytes
+    return map_bytes(ptr, dtype, d, n, pairs, box_rows)
 
 
 def launch_backward(plan, q, k, v, o, lse, do, dq, dk, dv, dq_acc, delta, lb, B, H, Nq, Nk, scale, G=1,
@@ -139,6 +149,8 @@ def forward(q, k, v, *, causal, scale, dtype, rung=None, tiles=None):
         q, k, v = (io.padded(a, D) for a in (q, k, v))
     else:
         q, k, v = io.contiguous(q), io.contiguous(k), io.contiguous(v)
+        if plan.cfg.rung == "fa3" and (io.ptr(q) | io.ptr(k) | io.ptr(v)) % 16:   # TMA reads 16-byte-aligned tensors
+            q, k, v = io.copy(q), io.copy(k), io.copy(v)
     o, lse = io.empty_like(q), io.empty_f32((B, H, Nq), q)
     launch_forward(plan, io.ptr(q), io.ptr(k), io.ptr(v), io.ptr(o), io.ptr(lse), B, H, Nq, Nk, scale,
                    H // k.shape[1], io.stream(dev))
@@ -222,6 +234,7 @@ def _one_device(get, arrays):
 class _CupyIO:
     """CuPy callers: CuPy arrays, CuPy's current stream."""
     contiguous = staticmethod(lambda a: a if a.flags.c_contiguous else _cp().ascontiguousarray(a))
+    copy = staticmethod(lambda a: a.copy(order="C"))
     contiguous_f32 = staticmethod(lambda a: _cp().ascontiguousarray(a, dtype="float32"))
     empty_like = staticmethod(lambda a: _cp().empty_like(a))
     empty = staticmethod(lambda shape, a: _cp().empty(shape, dtype=a.dtype))
@@ -240,6 +253,7 @@ class _TorchIO:
     """torch callers: torch tensors allocated by PyTorch's caching allocator, torch's current stream (so CUDA graph
     capture and torch.cuda.stream(...) contexts see the launches)."""
     contiguous = staticmethod(lambda t: t.contiguous())
+    copy = staticmethod(lambda t: t.clone(memory_format=_torch().contiguous_format))
     contiguous_f32 = staticmethod(lambda t: t.contiguous().float())
     empty_like = staticmethod(lambda t: _torch().empty_like(t))
     empty = staticmethod(lambda shape, t: t.new_empty(shape))

@@ -10,67 +10,21 @@ to each argument, as the driver API expects.
 Every Q, K or V tensor is described in 3-D, innermost first: (d, N, pairs), so that a box of (64 columns, rows,
 1 pair) that runs past the sequence's end reads zeros instead of the next head's rows, and 64 columns of 16-bit
 values are one 128-byte swizzle row: the layout `sw128` of fa2_wgmma.cu / fa3_forward.cu.
-The host logic (`fa3_config`, `smem_fa3`) needs no GPU; CuPy and libcuda are loaded at the first launch.
+The tile configuration (`fa3_config`, `smem_fa3`) is config.py's, pure Python; CuPy and libcuda are loaded at the
+first launch. The launch layer (launch.py) runs rung 7 through `map_bytes` and build.Launcher; `forward_fa3` here is
+the rung on its own (its tests and benchmark time the variants).
 """
 import ctypes
 import functools
-from collections import namedtuple
 
 from .._arrays import check_causal, check_scale
-from . import CTYPE, pair_grid
+from .config import (FA3_HEAD_DIMS, FA3_OTHER_TILES, FA3_TILES, FA3_VARIANTS, Fa3Config, fa3_config,  # noqa: F401
+                     fa3_instances, pair_grid, smem_fa3)
 
-FA3_HEAD_DIMS = (64, 128)
-# head dim -> (Bc keys per K/V tile, ring stages, consumer warpgroups NCW). A block has 128 (NCW + 1) threads (one
-# producer warpgroup) and Br = 64 NCW query rows. Chosen on an H200 (fp16, N = 16384, TFLOP/s, ping-pong / plain;
-# benchmarks/results/logs/fa3_gpu_session_h200_dee12ae.txt): d = 64 (128, 2, 3) 526 / 473, causal 489 / 473, against
-# (128, 3, 2) 423 / 431, causal 428 / 438, and (64, 4, 3) 449 / 453; d = 128 (128, 2, 2) 590 / 587, causal 620 / 615,
-# (128, 3, 2) 588 / 592, (64, 3, 2) 497 / 502. SDPA cuDNN in that run: 489 (d = 64), 654 (d = 128).
-FA3_TILES = {64: (128, 2, 3), 128: (128, 2, 2)}
-# other tiles that benchmarks/fa3_bench.py times beside these and the tests check (three consumers: d = 64 only)
-FA3_OTHER_TILES = {64: ((128, 3, 2), (64, 4, 3), (64, 4, 2)), 128: ((128, 3, 2), (64, 3, 2))}
-VARIANTS = ("pingpong", "plain")             # the consumers' schedule: taking turns (PP, the default), or not
 # cuda.h enums (CUtensorMapDataType, CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill)
 _TMA_DTYPE = {"float16": 6, "bfloat16": 9}
 _SWIZZLE_128B, _L2_PROMOTION_128B, _OOB_FILL_ZERO, _INTERLEAVE_NONE = 3, 2, 0, 0
-
-
-def smem_fa3(d, Bc, stages, ncw=2):
-    """Bytes of dynamic shared memory of fa3_forward: 1 KB of alignment slack, Q (Br = 64 ncw rows), `stages` K and
-    V tiles (Bc rows), rows of d 16-bit values, and the 1 + 4*stages mbarriers (8 bytes each)."""
-    return 1024 + 2 * d * (64 * ncw + 2 * stages * Bc) + 8 * (1 + 4 * stages)
-
-
-Fa3Config = namedtuple("Fa3Config", "kernel Br Bc stages threads smem")
-
-
-def fa3_config(dtype, d, causal, tiles=None, variant="pingpong"):
-    """Fa3Config(kernel name expression, Br, Bc, stages, threads, smem bytes) of rung 7 for dtype float16/bfloat16,
-    head dim 64 or 128, tiles (Bc, stages[, consumer warpgroups]) (default FA3_TILES[d]), variant in VARIANTS."""
-    if dtype not in _TMA_DTYPE:
-        raise ValueError(f"rung 7 (fa3_forward) takes float16 or bfloat16, got {dtype!r}")
-    if d not in FA3_HEAD_DIMS:
-        raise ValueError(f"rung 7 (fa3_forward) takes head_dim in {FA3_HEAD_DIMS}, got {d!r}")
-    Bc, stages, ncw = (tuple(tiles) + (2,))[:3] if tiles is not None else FA3_TILES[d]
-    if Bc not in (64, 128) or stages < 2 or ncw not in (2, 3) or (ncw == 3 and d != 64):
-        raise ValueError(f"rung 7 takes tiles (Bc 64 or 128, stages >= 2, consumer warpgroups 2, or 3 at d = 64), "
-                         f"got {tiles} at d = {d}")
-    smem = smem_fa3(d, Bc, stages, ncw)
-    if smem > 227 * 1024:
-        raise ValueError(f"tiles {tiles} at d = {d} need {smem} bytes of shared memory; Hopper allows {227 * 1024}")
-    if variant not in VARIANTS:
-        raise ValueError(f"rung 7 variant must be one of {VARIANTS}, got {variant!r}")
-    c, pp = ("true" if causal else "false"), ("true" if variant == "pingpong" else "false")
-    return Fa3Config(f"fa3_forward<{CTYPE[dtype]}, {d}, {Bc}, {stages}, {ncw}, {pp}, {c}>", 64 * ncw, Bc, stages,
-                     128 * (ncw + 1), smem)
-
-
-def fa3_instances(configs=False):
-    """Kernel name expressions (configs=True: their Fa3Config) for the compile test: every dtype with the default
-    tiles, fp16 with the other tiles (bf16 is the same code), each causal and not, each variant."""
-    tiles = [(t, d, None) for t in _TMA_DTYPE for d in FA3_HEAD_DIMS]
-    tiles += [("float16", d, x) for d in FA3_HEAD_DIMS for x in FA3_OTHER_TILES[d]]
-    out = [fa3_config(t, d, c, x, v) for t, d, x in tiles for c in (False, True) for v in VARIANTS]
-    return out if configs else [c.kernel for c in out]
+VARIANTS = FA3_VARIANTS
 
 
 def precompile(device=0, workers=16):
@@ -132,9 +86,16 @@ def launch(fn, grid, block, smem, stream, args):
 @functools.lru_cache(maxsize=None)
 def _kernel(device, name, smem):
     import cupy as cp
-    from . import _kernel_sm90a
+    from .build import _kernel_sm90a
     with cp.cuda.Device(device):
         return _kernel_sm90a("fa3_forward.cu", name, smem)
+
+
+@functools.lru_cache(maxsize=1024)
+def map_bytes(ptr, dtype, d, n, pairs, box_rows):
+    """The 128 bytes of tensor_map_3d(...): a pure function of its arguments, so remembered (a caching allocator
+    hands the same addresses out again; encoding costs microseconds of ctypes)."""
+    return ctypes.string_at(ctypes.addressof(tensor_map_3d(ptr, dtype, d, n, pairs, box_rows).arg), 128)
 
 
 def _dtype_of(a):
