@@ -10,6 +10,9 @@
 #       sanitize_kernels.py, CuPy and Numba), all at once; whole sanitizer logs in $OUT/sanitizer.txt; the GPU tests
 #       of test_torch, test_api, test_distributed and test_hardware run beside them (tests_other.txt)
 #   bash benchmarks/gpu_session.sh public <flashlib commit>   # public-API benchmark, host-time table (~2 min)
+#   bash benchmarks/gpu_session.sh check <flashlib commit> OLD_PARENT OLD_COMMIT   # after a re-layout (~8 min):
+#       the old package (OLD_PARENT/flashlib_old) against the current one, kernel calls timed interleaved
+#       (relayout_regression.py), then every gpu test and the sanitizers over every kernel, side by side
 # then copy the JSON that comes back from $OUT into flashlib/data/results/ (flashlib.bench.RESULTS: package data,
 # so the wheel and Colab carry it) and commit it; the text logs go to benchmarks/results/logs/.
 set -u
@@ -57,6 +60,21 @@ elif [ "$phase" = kernels ]; then
   done
   wait
   for f in "$OUT"/tests_*.txt; do echo "== $f"; tail -40 "$f"; done | log
+  for f in "$OUT"/san_*.log; do echo "== $f"; cat "$f"; done > "$OUT/sanitizer.txt"
+  rm -f "$OUT"/san_*.log
+  grep -E "^== |SUMMARY|exit status|sanitize_kernels:|TOO LARGE" "$OUT/sanitizer.txt" | log
+elif [ "$phase" = check ]; then
+  timeout 170 python3 benchmarks/relayout_regression.py "${3:?old parent}" "${4:?old commit}" --out "$OUT" 2>&1 | log
+  XA=(); python3 -c "import xdist" 2>/dev/null && XA=(-n 6)
+  (timeout 330 python3 -m pytest -q -m gpu -p no:cacheprovider "${XA[@]}" tests/ > "$OUT/gpu_tests.txt" 2>&1) &
+  for part in cupy numba; do
+    for tool in memcheck racecheck synccheck; do
+      (timeout 330 compute-sanitizer --tool $tool python3 benchmarks/sanitize_kernels.py $part \
+         > "$OUT/san_${tool}_$part.log" 2>&1; echo "exit status $?" >> "$OUT/san_${tool}_$part.log") &
+    done
+  done
+  wait
+  tail -40 "$OUT/gpu_tests.txt" | log
   for f in "$OUT"/san_*.log; do echo "== $f"; cat "$f"; done > "$OUT/sanitizer.txt"
   rm -f "$OUT"/san_*.log
   grep -E "^== |SUMMARY|exit status|sanitize_kernels:|TOO LARGE" "$OUT/sanitizer.txt" | log
