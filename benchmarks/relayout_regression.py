@@ -4,7 +4,7 @@ the public kernel calls of both timed interleaved in one run by flashlib.bench.t
     mkdir -p OLD && git archive OLD_COMMIT flashlib | tar -x -C OLD && mv OLD/flashlib OLD/flashlib_old
     python benchmarks/relayout_regression.py OLD OLD_COMMIT --out DIR   # -> DIR/relayout_regression_<gpu>.json
 
-Cases: the cupy backend's forward (default rung, rung 3 'tuned', float32 'fp32') and backward (fp16 'bwd_tc',
+Cases: the cupy backend's forward (rung 6 'wgmma', rung 3 'tuned', float32 'fp32') and backward (fp16 'bwd_tc',
 float32 'bwd_fp32'), the numba backend's fp16 Tensor Core forward and float32 forward and backward; fp16 unless
 named, B = 4, H = 16, N = 2048 (numba float32: N = 1024), d = 64 and 128, causal and not. Each candidate's own
 output is checked against the other's before timing (the same kernels must give the same numbers).
@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 def cases():
     for d in (64, 128):
         for causal in (False, True):
-            yield "cupy", "forward", "float16", None, d, causal, 2048
+            yield "cupy", "forward", "float16", "wgmma", d, causal, 2048     # rung 6 (the old default on Hopper)
             yield "cupy", "forward", "float16", "tuned", d, causal, 2048
             yield "cupy", "backward", "float16", None, d, causal, 2048
     for causal in (False, True):
