@@ -207,3 +207,18 @@ def test_compute_capability_forms():
     assert env.cc_text((9, 0)) == env.cc_text(90) == env.cc_text("9.0") == "9.0"
     cc = env.compute_capability()
     assert cc is None if not flashlib.gpu_count() else (isinstance(cc, tuple) and cc >= (7, 0))
+
+
+def test_code_state_trusts_the_callers_commit_over_a_stale_git(monkeypatch):
+    """On the GPU machine the copied tree held a .git of an older commit: git then named the wrong commit and
+    called every changed file dirty. When $FLASHLIB_COMMIT disagrees with git's HEAD, the caller's word is taken
+    (dirty unknown; the kernel-source hashes settle what ran)."""
+    from flashlib.bench import records as rec
+    answers = {("rev-parse", "--short", "HEAD"): "abc1234\n", ("status", "--porcelain"): " M flashlib/api.py\n"}
+    monkeypatch.setattr(rec, "_git", lambda *args: answers.get(args))
+    monkeypatch.setenv("FLASHLIB_COMMIT", "def5678")
+    s = rec.code_state()
+    assert (s["flashlib_commit"], s["flashlib_commit_source"], s["flashlib_dirty"]) == ("def5678", "FLASHLIB_COMMIT", None)
+    monkeypatch.setenv("FLASHLIB_COMMIT", "abc1234")
+    s = rec.code_state()
+    assert (s["flashlib_commit"], s["flashlib_commit_source"], s["flashlib_dirty"]) == ("abc1234", "git", True)

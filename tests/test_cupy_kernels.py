@@ -652,3 +652,35 @@ def test_rows_that_see_no_key(dtype, fwd, bwd, poisoned):
     o, lse = _backend_call(ck.forward, (q, k, v), dtype, False, 0.125, rung=fwd)
     dq, dk, dv = _backend_call(ck.backward, (q, k, v, o, lse, do), dtype, False, 0.125, rung=bwd)
     assert o.shape == q.shape and (dk == 0).all() and (dv == 0).all()
+
+
+@pytest.mark.gpu
+def test_launch_from_a_thread_without_a_cuda_context(poisoned):
+    """PyTorch runs backward passes on threads of its own, where no CUDA context need be current (a launch there
+    failed with CUDA_ERROR_INVALID_CONTEXT): each launch runs in the context its kernel was loaded in."""
+    import threading
+    import torch
+    from cupy_backends.cuda.api import driver
+    q, k, v, do = _gqa_inputs(1, 4, 2, 70, 53, 64, "float16", 9)
+    o, lse = ck.forward(q, k, v, causal=True, scale=0.125, dtype="float16")        # kernels loaded here
+    grads = ck.backward(q, k, v, o, lse, do, causal=True, scale=0.125, dtype="float16")
+    torch.cuda.synchronize()
+    seen = {}
+
+    def work():
+        try:
+            seen["context before"] = driver.ctxGetCurrent()
+            seen["out"] = ck.forward(q, k, v, causal=True, scale=0.125, dtype="float16")
+            seen["grads"] = ck.backward(q, k, v, o, lse, do, causal=True, scale=0.125, dtype="float16")
+            seen["context after"] = driver.ctxGetCurrent()
+        except Exception as e:  # reported below, in the test's thread
+            seen["error"] = e
+    t = threading.Thread(target=work)
+    t.start()
+    t.join()
+    assert "error" not in seen, seen.get("error")
+    assert seen["context before"] == 0 == seen["context after"]          # the thread's own (none) given back
+    torch.cuda.synchronize()
+    assert torch.equal(seen["out"][0], o) and torch.equal(seen["out"][1], lse)
+    for a, b in zip(seen["grads"], grads):                              # dQ by atomics: equal to rounding
+        assert torch.allclose(a.float(), b.float(), rtol=1e-2, atol=1e-3)

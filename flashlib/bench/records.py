@@ -91,12 +91,15 @@ def code_state():
     (True/False; None when unknown), 'flashlib_dirty_files' (up to 20), 'kernel_sources'}."""
     state = {"kernel_sources": kernel_sources()}
     head = _git("rev-parse", "--short", "HEAD")
+    commit = os.environ.get("FLASHLIB_COMMIT")
+    if head is not None and commit and not (head.strip().startswith(commit) or commit.startswith(head.strip())):
+        head = None      # a .git that is not the code running here (a stale copy, as on the GPU machine): the
+        #                  caller's word for the commit, dirty unknown, and the source hashes to settle it
     if head is not None:
         dirty = _dirty_files(_git("status", "--porcelain") or "")
         state.update(flashlib_commit=head.strip(), flashlib_commit_source="git", flashlib_dirty=bool(dirty),
                      flashlib_dirty_files=dirty[:20])
     else:
-        commit = os.environ.get("FLASHLIB_COMMIT")
         state.update(flashlib_commit=commit or "unknown", flashlib_commit_source="FLASHLIB_COMMIT" if commit else
                      "unknown", flashlib_dirty=None)
     return state

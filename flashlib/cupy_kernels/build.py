@@ -31,11 +31,13 @@ class Launcher:
     0 is the legacy default stream). The arguments are packed into one 64-byte-aligned buffer laid out as the C
     struct of those fields (struct's native alignment), and cuLaunchKernel reads each parameter through a pointer
     into it; a lock keeps two threads from interleaving their arguments in the one buffer (cuLaunchKernel copies
-    them before it returns)."""
-    __slots__ = ("fn", "sig", "_fmt", "_buf", "_at", "_params", "_lock")
+    them before it returns). The launch runs in `ctx`, the CUDA context the kernel was loaded in: a thread where
+    another context, or none, is current (PyTorch runs backward passes on threads of its own, which may have none)
+    gets it for the launch and its own back after."""
+    __slots__ = ("fn", "sig", "ctx", "_fmt", "_buf", "_at", "_params", "_lock")
 
-    def __init__(self, fn, sig):
-        self.fn, self.sig = fn, sig                 # fn: cupy.cuda.function.Function (keeps its module loaded)
+    def __init__(self, fn, sig, ctx=0):
+        self.fn, self.sig, self.ctx = fn, sig, ctx   # fn: cupy.cuda.function.Function (keeps its module loaded)
         fields = [_FORMAT[c] for c in sig]
         self._fmt = struct.Struct("@" + "".join(fields))
         self._buf = ctypes.create_string_buffer(self._fmt.size + 64)
@@ -53,8 +55,16 @@ class Launcher:
                 self._fmt.pack_into(self._buf, self._at, *args)
             except struct.error as e:
                 raise TypeError(f"kernel arguments {args!r} do not fit its parameters {self.sig!r}: {e}") from None
-            _driver().launchKernel(self.fn.ptr, gx, gy, gz, bx, by, bz, shared_mem, stream,
-                                   ctypes.addressof(self._params), 0)
+            drv = _driver()
+            here = drv.ctxGetCurrent()
+            if here != self.ctx:
+                drv.ctxSetCurrent(self.ctx)
+            try:
+                drv.launchKernel(self.fn.ptr, gx, gy, gz, bx, by, bz, shared_mem, stream,
+                                 ctypes.addressof(self._params), 0)
+            finally:
+                if here != self.ctx:
+                    drv.ctxSetCurrent(here)
 
 
 @functools.lru_cache(maxsize=None)
@@ -134,7 +144,8 @@ def _kernel_on(device, file, name, smem=0, arch=None, sig=""):
     """A Launcher of `file`'s instance `name`, compiled and loaded for GPU `device` (an ordinal)."""
     import cupy as cp
     with cp.cuda.Device(device):
-        return Launcher(compile_kernel(file, name, smem, arch), sig)
+        fn = compile_kernel(file, name, smem, arch)
+        return Launcher(fn, sig, _driver().ctxGetCurrent())          # the context the module was loaded in
 
 
 @functools.lru_cache(maxsize=None)
