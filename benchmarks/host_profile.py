@@ -42,6 +42,9 @@ def steps(out):
     plan = ck.forward_plan("float16", 64, False, 0)
     io_ = launch._TorchIO
     p = [t.data_ptr() for t in (q, k, v, o, lse)]
+    if plan.cfg.rung == "fa3":          # rung 7 takes tensor maps of q, k, v
+        p[:3] = [launch._tensor_map(x, plan.cfg.dtype, 64, 128, 1, b) for x, b in zip(p[:3], (plan.cfg.Br,) + (plan.cfg.Bc,) * 2)]
+    plan_args = (*p, 128, 128, 0.125, 1, 1)
     s = io_.stream(0)
     dev = q.device
     import cupy as cp
@@ -67,14 +70,14 @@ def steps(out):
         "torch.empty(shape, dtype, device int)": lambda: torch.empty((1, 1, 128), dtype=torch.float32, device=0),
         "q.new_empty(shape, dtype)": lambda: q.new_empty((1, 1, 128), dtype=torch.float32),
         "lse.contiguous().float()": lambda: lse.contiguous().float(),
-        "ctypes slot writes x10": lambda: [setattr(sl, "value", 1) for sl in plan.fn._slots],
+        "Launcher argument packing": lambda: plan.fn._fmt.pack_into(plan.fn._buf, plan.fn._at, *plan_args),
         "os.environ.get": lambda: os.environ.get("FLASHLIB_CUPY_RUNG"),
         "cupy_kernels.backward": lambda: ck.backward(q, k, v, o, lse, q, causal=False, scale=0.125, dtype="float16"),
         "is_contiguous x3": lambda: (q.is_contiguous(), k.is_contiguous(), v.is_contiguous()),
         "data_ptr x5": lambda: [t.data_ptr() for t in (q, k, v, o, lse)],
         "current raw stream": lambda: io_.stream(0),
         "device x3": lambda: io_.device(q, k, v),
-        "Launcher call (cuLaunchKernel)": lambda: plan.fn((1, 1, 1), (256,), (*p, 128, 128, 0.125, 1, 1), plan.cfg.smem, s),
+        "Launcher call (cuLaunchKernel)": lambda: plan.fn((1, 1, 1), (32 * plan.cfg.warps,), plan_args, plan.cfg.smem, s),
         "cupy_kernels.forward": lambda: ck.forward(q, k, v, causal=False, scale=0.125, dtype="float16"),
         "cupy_kernels.forward (CuPy arrays)": lambda: ck.forward(qc, qc, qc, causal=False, scale=0.125,
                                                                  dtype="float16"),
