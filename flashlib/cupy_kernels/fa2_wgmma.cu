@@ -123,53 +123,8 @@ __global__ void __launch_bounds__(NWG * 128, NWG == 1 ? 2 : 1) fa2_wgmma(const T
         fence_regs<Bc / 4>(&pa[0][0]);
         wgmma_fence();
     };
-    // mask (ragged last tile, causal diagonal) and online softmax of S_j in base 2, as rung 3: P_j (fp32) in place of
-    // S_j, the factor for the old O in alpha
-    auto softmax = [&](int j) {
-        fence_regs<Bc / 2>(s);
-        const int kv0 = j * Bc;
-        if (j >= n_full) {
-#pragma unroll
-            for (int h = 0; h < 2; h++) {
-                const int lim = (CAUSAL ? min(Nk, qg + 16 * w + g + 8 * h + 1) : Nk) - kv0 - 2 * t;
-#pragma unroll
-                for (int n = 0; n < Bc / 8; n++) {
-                    if (n * 8 >= lim) s[4 * n + 2 * h] = NEG_INF;
-                    if (n * 8 + 1 >= lim) s[4 * n + 2 * h + 1] = NEG_INF;
-                }
-            }
-        }
-        float base[2];
-#pragma unroll
-        for (int h = 0; h < 2; h++) {
-            float mx = NEG_INF;
-#pragma unroll
-            for (int n = 0; n < Bc / 8; n++) mx = fmaxf(mx, fmaxf(s[4 * n + 2 * h], s[4 * n + 2 * h + 1]));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-            const float m_new = fmaxf(m[h], mx * sl);
-            base[h] = m_new == NEG_INF ? 0.f : m_new;  // no visible key yet: P = 0, alpha = 0, no NaN
-            alpha[h] = fast_exp2(m[h] - base[h]);
-            m[h] = m_new;
-            l[h] *= alpha[h];
-        }
-#pragma unroll
-        for (int i = 0; i < Bc / 2; i++) {
-            s[i] = fast_exp2(fmaf(s[i], sl, -base[(i >> 1) & 1]));
-            l[(i >> 1) & 1] += s[i];
-        }
-    };
-    // once no wgmma is in flight: O rescaled by alpha, P rounded to T into the A fragments of the next P V
-    // (the C fragments of 8-key chunks 2kk and 2kk+1 are the A fragment of 16-key step kk, as in rung 2)
-    auto rescale_and_pack = [&]() {
-#pragma unroll
-        for (int i = 0; i < D / 2; i++) o[i] *= alpha[(i >> 1) & 1];
-#pragma unroll
-        for (int n = 0; n < Bc / 8; n++) {
-            pa[n / 2][2 * (n & 1)] = pack2<T>(s[4 * n], s[4 * n + 1]);
-            pa[n / 2][2 * (n & 1) + 1] = pack2<T>(s[4 * n + 2], s[4 * n + 3]);
-        }
-    };
+    auto softmax = [&](int j) { wg_softmax<Bc, CAUSAL>(s, m, l, alpha, j, n_full, Nk, qg, w, g, t, sl); };
+    auto rescale_and_pack = [&]() { wg_rescale_and_pack<T, D, Bc>(o, pa, s, alpha); };
 
     begin_step(0);
     {  // Q's A fragments: matrix i = lane/8 of ldmatrix.x4 is (rows +8*(i&1), columns +8*(i>>1))

@@ -180,55 +180,14 @@ fa3_forward(const __grid_constant__ TmaMap qmap, const __grid_constant__ TmaMap 
         __syncwarp();
         if (lane == 0) mbar_arrive(bar);
     };
-    auto softmax = [&](int j) {  // as rung 6: mask, online softmax in base 2, P in place of S
-        fence_regs<Bc / 2>(s);
-        const int kv0 = j * Bc;
-        if (j >= n_full) {
-#pragma unroll
-            for (int h = 0; h < 2; h++) {
-                const int lim = (CAUSAL ? min(Nk, qg + 16 * w + g + 8 * h + 1) : Nk) - kv0 - 2 * t;
-#pragma unroll
-                for (int n = 0; n < Bc / 8; n++) {
-                    if (n * 8 >= lim) s[4 * n + 2 * h] = NEG_INF;
-                    if (n * 8 + 1 >= lim) s[4 * n + 2 * h + 1] = NEG_INF;
-                }
-            }
-        }
-        float base[2];
-#pragma unroll
-        for (int h = 0; h < 2; h++) {
-            float mx = NEG_INF;
-#pragma unroll
-            for (int n = 0; n < Bc / 8; n++) mx = fmaxf(mx, fmaxf(s[4 * n + 2 * h], s[4 * n + 2 * h + 1]));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-            const float m_new = fmaxf(m[h], mx * sl);
-            base[h] = m_new == NEG_INF ? 0.f : m_new;
-            alpha[h] = fast_exp2(m[h] - base[h]);
-            m[h] = m_new;
-            l[h] *= alpha[h];
-        }
-#pragma unroll
-        for (int i = 0; i < Bc / 2; i++) {
-            s[i] = fast_exp2(fmaf(s[i], sl, -base[(i >> 1) & 1]));
-            l[(i >> 1) & 1] += s[i];
-        }
-    };
+    auto softmax = [&](int j) { wg_softmax<Bc, CAUSAL>(s, m, l, alpha, j, n_full, Nk, qg, w, g, t, sl); };
     auto my_turn = [&]() {
         if constexpr (PP) bar_sync(1 + cw, 256);
     };
     auto your_turn = [&]() {
         if constexpr (PP) bar_arrive(1 + (cw + 1) % NCW, 256);
     };
-    auto rescale_and_pack = [&]() {
-#pragma unroll
-        for (int i = 0; i < D / 2; i++) o[i] *= alpha[(i >> 1) & 1];
-#pragma unroll
-        for (int n = 0; n < Bc / 8; n++) {
-            pa[n / 2][2 * (n & 1)] = pack2<T>(s[4 * n], s[4 * n + 1]);
-            pa[n / 2][2 * (n & 1) + 1] = pack2<T>(s[4 * n + 2], s[4 * n + 3]);
-        }
-    };
+    auto rescale_and_pack = [&]() { wg_rescale_and_pack<T, D, Bc>(o, pa, s, alpha); };
 
     if (PP && cw == NCW - 1) bar_arrive(1, 256);  // consumer 0 takes the first turn
     mbar_wait(q_full, 0);

@@ -84,3 +84,57 @@ template <int R> __device__ __forceinline__ int sw128(int r, int c) {
     return (c >> 6) * (R * 128) + r * 128 + ((((c >> 3) & 7) ^ (r & 7)) << 4);
 }
 
+
+// The online softmax of one warpgroup's S_j (the m64nBc accumulator: this thread holds rows g and g + 8 of its warp
+// w's 16, keys 8n + 2t and 8n + 2t + 1) in base 2, with the mask of the ragged last tile and of the causal diagonal
+// on the tiles that need one (j >= n_full): P_j (fp32) in place of S_j, m and l updated, alpha the factor for the
+// old O. qg: the warpgroup's first query row; sl: the scale times log2(e). Rungs 6 and 7 share it.
+template <int Bc, bool CAUSAL>
+__device__ __forceinline__ void wg_softmax(float* s, float* m, float* l, float* alpha, int j, int n_full, int Nk,
+                                           int qg, int w, int g, int t, float sl) {
+    fence_regs<Bc / 2>(s);
+    const int kv0 = j * Bc;
+    if (j >= n_full) {
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            const int lim = (CAUSAL ? min(Nk, qg + 16 * w + g + 8 * h + 1) : Nk) - kv0 - 2 * t;
+#pragma unroll
+            for (int n = 0; n < Bc / 8; n++) {
+                if (n * 8 >= lim) s[4 * n + 2 * h] = NEG_INF;
+                if (n * 8 + 1 >= lim) s[4 * n + 2 * h + 1] = NEG_INF;
+            }
+        }
+    }
+    float base[2];
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        float mx = NEG_INF;
+#pragma unroll
+        for (int n = 0; n < Bc / 8; n++) mx = fmaxf(mx, fmaxf(s[4 * n + 2 * h], s[4 * n + 2 * h + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float m_new = fmaxf(m[h], mx * sl);
+        base[h] = m_new == NEG_INF ? 0.f : m_new;  // no visible key yet: P = 0, alpha = 0, no NaN
+        alpha[h] = fast_exp2(m[h] - base[h]);
+        m[h] = m_new;
+        l[h] *= alpha[h];
+    }
+#pragma unroll
+    for (int i = 0; i < Bc / 2; i++) {
+        s[i] = fast_exp2(fmaf(s[i], sl, -base[(i >> 1) & 1]));
+        l[(i >> 1) & 1] += s[i];
+    }
+}
+
+// Once no wgmma is in flight: O rescaled by alpha, P rounded to T into the A fragments of the next P V (the C
+// fragments of 8-key chunks 2kk and 2kk + 1 are the A fragment of 16-key step kk, as in rung 2).
+template <typename T, int D, int Bc>
+__device__ __forceinline__ void wg_rescale_and_pack(float* o, u32 (*pa)[4], const float* s, const float* alpha) {
+#pragma unroll
+    for (int i = 0; i < D / 2; i++) o[i] *= alpha[(i >> 1) & 1];
+#pragma unroll
+    for (int n = 0; n < Bc / 8; n++) {
+        pa[n / 2][2 * (n & 1)] = pack2<T>(s[4 * n], s[4 * n + 1]);
+        pa[n / 2][2 * (n & 1) + 1] = pack2<T>(s[4 * n + 2], s[4 * n + 3]);
+    }
+}
