@@ -1,5 +1,9 @@
 """flashlib.viz's table helper and figure style: numbers without exponents, numeric columns right-aligned,
 Markdown that renders as a table, plain text that lines up, and the book's colour cycle."""
+import ast
+import json
+import pathlib
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -68,3 +72,32 @@ def test_log_axes_get_plain_labels_at_1_2_5():
     assert shown == ["2", "5", "10", "20"]
     assert [t.get_text() for t in ax.get_xticklabels(minor=True) if t.get_text()] == []
     plt.close(fig)
+
+
+def _undisplayed_tables(src):
+    """Line numbers of `table(...)` statements in a cell's code that IPython would not display: every one but a
+    last top-level statement."""
+    try:
+        module = ast.parse(src)
+    except SyntaxError:                      # IPython magics: not this test's business
+        return []
+    lines = []
+    for node in ast.walk(module):
+        stmts = getattr(node, "body", None)
+        for k, stmt in enumerate(stmts if isinstance(stmts, list) else []):
+            if isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Call) and \
+                    getattr(stmt.value.func, "id", None) == "table" and not (node is module and k == len(stmts) - 1):
+                lines.append(stmt.lineno)
+    return lines
+
+
+def test_every_notebook_table_is_displayed():
+    """flashlib.viz.tables.table returns a table to display: called as a statement anywhere but at the end of a
+    cell, it shows nothing (chapter 11's main table was lost that way). Such calls must go through display()."""
+    lost = []
+    for p in sorted(pathlib.Path(__file__).resolve().parents[1].glob("notebooks/*.ipynb")):
+        for i, cell in enumerate(json.loads(p.read_text())["cells"]):
+            if cell["cell_type"] == "code":
+                lost += [f"{p.name} cell {i} line {n}" for n in _undisplayed_tables("".join(cell["source"]))]
+    assert not lost, lost
+    assert _undisplayed_tables("table(a, b)\nx = 1") == [1] and _undisplayed_tables("x = 1\ntable(a, b)") == []
