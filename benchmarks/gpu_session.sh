@@ -24,6 +24,21 @@ export PYTHONPATH=/tmp/site:$PWD
 export PYTHONUNBUFFERED=1 FLASHLIB_COMMIT=${2:-unknown} OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 log() { tee -a "$OUT/$phase.txt"; }
+# compute-sanitizer memcheck, racecheck and synccheck over every kernel (benchmarks/sanitize_kernels.py, CuPy and
+# Numba), six processes in the background, each allowed $1 seconds; sanitizer_report gathers them into one log
+sanitizers() {
+  for part in cupy numba; do
+    for tool in memcheck racecheck synccheck; do
+      (timeout "$1" compute-sanitizer --tool $tool python3 benchmarks/sanitize_kernels.py $part \
+         > "$OUT/san_${tool}_$part.log" 2>&1; echo "exit status $?" >> "$OUT/san_${tool}_$part.log") &
+    done
+  done
+}
+sanitizer_report() {
+  for f in "$OUT"/san_*.log; do echo "== $f"; cat "$f"; done > "$OUT/sanitizer.txt"
+  rm -f "$OUT"/san_*.log
+  grep -E "^== |SUMMARY|exit status|sanitize_kernels:|TOO LARGE" "$OUT/sanitizer.txt" | log
+}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | log
 XN=(); XC=()   # with pytest-xdist carried: the Numba test files in parallel, the CuPy tests in 4 workers
 python3 -c "import xdist" 2>/dev/null && XN=(-n 6 --dist loadfile) && XC=(-n 4)
@@ -52,32 +67,18 @@ elif [ "$phase" = kernels ]; then
      > "$OUT/tests_other.txt" 2>&1) &
   (timeout 280 python3 -m pytest -q -m gpu -p no:cacheprovider "${XC[@]}" tests/test_cupy_kernels.py \
      > "$OUT/tests_cupy.txt" 2>&1) &
-  for part in cupy numba; do
-    for tool in memcheck racecheck synccheck; do
-      (timeout 280 compute-sanitizer --tool $tool python3 benchmarks/sanitize_kernels.py $part \
-         > "$OUT/san_${tool}_$part.log" 2>&1; echo "exit status $?" >> "$OUT/san_${tool}_$part.log") &
-    done
-  done
+  sanitizers 280   # in the background, beside the tests
   wait
   for f in "$OUT"/tests_*.txt; do echo "== $f"; tail -40 "$f"; done | log
-  for f in "$OUT"/san_*.log; do echo "== $f"; cat "$f"; done > "$OUT/sanitizer.txt"
-  rm -f "$OUT"/san_*.log
-  grep -E "^== |SUMMARY|exit status|sanitize_kernels:|TOO LARGE" "$OUT/sanitizer.txt" | log
+  sanitizer_report
 elif [ "$phase" = check ]; then
   timeout 170 python3 benchmarks/relayout_regression.py "${3:?old parent}" "${4:?old commit}" --out "$OUT" 2>&1 | log
   XA=(); python3 -c "import xdist" 2>/dev/null && XA=(-n 6)
   (timeout 330 python3 -m pytest -q -m gpu -p no:cacheprovider "${XA[@]}" tests/ > "$OUT/gpu_tests.txt" 2>&1) &
-  for part in cupy numba; do
-    for tool in memcheck racecheck synccheck; do
-      (timeout 330 compute-sanitizer --tool $tool python3 benchmarks/sanitize_kernels.py $part \
-         > "$OUT/san_${tool}_$part.log" 2>&1; echo "exit status $?" >> "$OUT/san_${tool}_$part.log") &
-    done
-  done
+  sanitizers 330   # in the background, beside the tests
   wait
   tail -40 "$OUT/gpu_tests.txt" | log
-  for f in "$OUT"/san_*.log; do echo "== $f"; cat "$f"; done > "$OUT/sanitizer.txt"
-  rm -f "$OUT"/san_*.log
-  grep -E "^== |SUMMARY|exit status|sanitize_kernels:|TOO LARGE" "$OUT/sanitizer.txt" | log
+  sanitizer_report
 elif [ "$phase" = public ]; then   # the public-API benchmark and host-time table (flashlib.bench.public_api)
   timeout 140 python3 -m flashlib.bench.public_api --quick --out "$OUT" 2>&1 | log
 else

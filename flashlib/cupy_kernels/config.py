@@ -58,6 +58,7 @@ FA3_HEAD_DIMS = (64, 128)
 # other tiles that benchmarks/fa3_bench.py times beside these and the tests check (three consumers: d = 64 only)
 FA3_OTHER_TILES = {64: ((128, 3, 2), (64, 4, 3), (64, 4, 2)), 128: ((128, 3, 2), (64, 3, 2))}
 FA3_VARIANTS = ("pingpong", "plain")         # the consumers' schedule: taking turns (PP, the default), or not
+SIG_FA3 = "MMMPPiifii"   # its parameters (build.Launcher): tensor maps of q, k, v; o, lse; Nq, Nk, scale, BH, G
 
 Config = namedtuple("Config", "rung file kernel Br Bc warps smem D arch dtype", defaults=(None, None, None))
 Config.__doc__ = """One kernel launch configuration: rung, .cu file, template instance, tiles Br x Bc, warps per

@@ -14,13 +14,12 @@ import numpy as np
 
 from .._arrays import check_causal, check_scale
 from .build import _device_cc, _kernel_on
-from .config import CTYPE, bwd_columns, check_inputs, choose_config, default_rung, pair_grid, FORWARD_RUNGS, \
+from .config import CTYPE, SIG_FA3, bwd_columns, check_inputs, choose_config, default_rung, pair_grid, FORWARD_RUNGS, \
     BACKWARD_RUNGS
 
 Plan = namedtuple("Plan", "cfg d fn pre post sum")   # main kernel; backward's pre-pass, dQ conversion, group sum
 # the kernels' parameters, one letter each (build.Launcher): P pointer, Q uint64, i int32, f float32
 SIG_FORWARD = "PPPPPiifii"                   # q, k, v, o, lse, Nq, Nk, scale, BH, G
-SIG_FA3 = "MMMPPiifii"                       # rung 7: the tensor maps of q, k, v, then as SIG_FORWARD
 SIG_BACKWARD = "PPPPPPPPPiifii"              # q, k, v, do, lb, delta, dq_acc, dk, dv, Nq, Nk, scale, BH, G
 SIG_PRE, SIG_CONVERT, SIG_SUM = "PPPPPPQ", "PPQ", "PPiQQ"
 

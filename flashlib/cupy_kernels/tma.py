@@ -1,11 +1,10 @@
-"""Rung 7's host side: TMA tensor maps, a raw launch, and `forward_fa3` (fa3_forward.cu, Hopper only).
+"""Rung 7's host side: TMA tensor maps and `forward_fa3` (fa3_forward.cu, Hopper only).
 
 A tensor map (CUtensorMap, 128 opaque bytes) tells the Tensor Memory Accelerator where a tensor lives, its sizes and
 strides, the box one copy moves and how it is swizzled in shared memory. It is encoded on the host by the driver's
 `cuTensorMapEncodeTiled` (CUDA Driver API, "Tensor Map Object Management"), here called through ctypes on libcuda,
-and reaches the kernel by value as a `const __grid_constant__` parameter. CuPy's RawKernel call cannot pass a
-128-byte struct, so `launch` calls cuLaunchKernel (cupy.cuda.driver.launchKernel) with an array of pointers, one
-to each argument, as the driver API expects.
+and reaches the kernel by value as a `const __grid_constant__` parameter: build.Launcher packs its 128 bytes
+(signature letter M) beside the other arguments, as CuPy's RawKernel call could not.
 
 Every Q, K or V tensor is described in 3-D, innermost first: (d, N, pairs), so that a box of (64 columns, rows,
 1 pair) that runs past the sequence's end reads zeros instead of the next head's rows, and 64 columns of 16-bit
@@ -18,8 +17,9 @@ import ctypes
 import functools
 
 from .._arrays import check_causal, check_scale
-from .config import (FA3_HEAD_DIMS, FA3_OTHER_TILES, FA3_TILES, FA3_VARIANTS, Fa3Config, fa3_config,  # noqa: F401
-                     fa3_instances, pair_grid, smem_fa3)
+from .build import _kernel_on
+from .config import (FA3_HEAD_DIMS, FA3_OTHER_TILES, FA3_TILES, FA3_VARIANTS, SIG_FA3, Fa3Config,  # noqa: F401
+                     fa3_config, fa3_instances, pair_grid, smem_fa3)
 
 # cuda.h enums (CUtensorMapDataType, CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill)
 _TMA_DTYPE = {"float16": 6, "bfloat16": 9}
@@ -32,7 +32,7 @@ def precompile(device=0, workers=16):
     later launches find them in `_kernel`'s cache."""
     import concurrent.futures
     with concurrent.futures.ThreadPoolExecutor(workers) as ex:
-        list(ex.map(lambda c: _kernel(device, c.kernel, c.smem), fa3_instances(configs=True)))
+        list(ex.map(lambda c: _launcher(device, c), fa3_instances(configs=True)))
 
 
 # ---------------------------------------------------------------- libcuda through ctypes
@@ -49,7 +49,7 @@ def _encode_fn():
 
 
 class TensorMap:
-    """A CUtensorMap in a 64-byte-aligned host buffer; `.arg` is the ctypes object a launch points at."""
+    """A CUtensorMap in a 64-byte-aligned host buffer (the driver wants it so); `.arg` is its 128 bytes."""
     __slots__ = ("_buf", "arg")
 
     def __init__(self):
@@ -75,22 +75,6 @@ def tensor_map_3d(ptr, dtype, d, n, pairs, box_rows):
     return m
 
 
-def launch(fn, grid, block, smem, stream, args):
-    """cuLaunchKernel(fn, grid, block, smem, stream, params): args are ctypes objects (a TensorMap's .arg, c_uint64
-    pointers, c_int32, c_float) in the kernel's parameter order; params is an array of pointers to them."""
-    import cupy as cp
-    params = (ctypes.c_void_p * len(args))(*[ctypes.addressof(a) for a in args])
-    cp.cuda.driver.launchKernel(fn.ptr, *grid, *block, smem, stream, ctypes.addressof(params), 0)
-
-
-@functools.lru_cache(maxsize=None)
-def _kernel(device, name, smem):
-    import cupy as cp
-    from .build import _kernel_sm90a
-    with cp.cuda.Device(device):
-        return _kernel_sm90a("fa3_forward.cu", name, smem)
-
-
 @functools.lru_cache(maxsize=1024)
 def map_bytes(ptr, dtype, d, n, pairs, box_rows):
     """The 128 bytes of tensor_map_3d(...): a pure function of its arguments, so remembered (a caching allocator
@@ -107,21 +91,9 @@ def _dtype_of(a):
     raise ValueError(f"forward_fa3 takes float16, or bfloat16 as int16 bits, got {s}")
 
 
-def launch_fa3(cfg, maps, o, lse, BH, Nq, Nk, scale, G, device=0, stream=0):
-    """Launch rung 7 (Fa3Config cfg) on GPU `device` and stream handle `stream`: maps the TensorMaps of q, k, v
-    (tensor_map_3d with boxes of cfg.Br, cfg.Bc rows), o and lse device pointers (ints), BH = B*H query pairs, G
-    query heads per kv head. Needs Nq, Nk >= 1."""
-    args = [m.arg for m in maps] + [ctypes.c_uint64(o), ctypes.c_uint64(lse), ctypes.c_int32(Nq), ctypes.c_int32(Nk),
-                                    ctypes.c_float(scale), ctypes.c_int32(BH), ctypes.c_int32(G)]
-    launch(_kernel(device, cfg.kernel, cfg.smem), pair_grid(-(-Nq // cfg.Br), BH), (cfg.threads, 1, 1), cfg.smem,
-           stream, args)
-
-
-def _map(a, dtype, box_rows):
-    """Tensor map of a (B, H, N, d) CuPy array, boxes of box_rows rows (longer than N too: the rows past N read as
-    zeros; the H200's driver 580 accepted such boxes, N = 1 with 128-row boxes among the tests)."""
-    B, H, N, d = a.shape
-    return tensor_map_3d(a.data.ptr, dtype, d, N, B * H, box_rows)
+def _launcher(device, cfg):
+    """rung 7's kernel `cfg.kernel` as a build.Launcher on GPU `device` (compiled once, for sm_90a)."""
+    return _kernel_on(device, "fa3_forward.cu", cfg.kernel, cfg.smem, "sm_90a", SIG_FA3)
 
 
 def forward_fa3(q, k, v, causal, scale, tiles=None, variant="pingpong"):
@@ -143,7 +115,10 @@ def forward_fa3(q, k, v, causal, scale, tiles=None, variant="pingpong"):
     cfg = fa3_config(dtype, d, causal, tiles, variant)
     q, k, v = (cp.ascontiguousarray(a) for a in (q, k, v))
     o, lse = cp.empty_like(q), cp.empty((B, H, Nq), dtype=cp.float32)
-    maps = [_map(q, dtype, cfg.Br), _map(k, dtype, cfg.Bc), _map(v, dtype, cfg.Bc)]
-    launch_fa3(cfg, maps, o.data.ptr, lse.data.ptr, B * H, Nq, Nk, scale, H // Hkv, q.device.id,
-               cp.cuda.get_current_stream().ptr)
+    BH = B * H       # the tensor maps: (d, N, pairs), boxes of Br rows (q) or Bc rows (k, v); rows past N read as 0
+    maps = [map_bytes(a.data.ptr, dtype, d, n, pairs, rows) for a, n, pairs, rows in
+            ((q, Nq, BH, cfg.Br), (k, Nk, BH // (H // Hkv), cfg.Bc), (v, Nk, BH // (H // Hkv), cfg.Bc))]
+    _launcher(q.device.id, cfg)(pair_grid(-(-Nq // cfg.Br), BH), (cfg.threads,),
+                                (*maps, o.data.ptr, lse.data.ptr, Nq, Nk, scale, BH, H // Hkv), cfg.smem,
+                                cp.cuda.get_current_stream().ptr)
     return o, lse
