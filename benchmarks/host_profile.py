@@ -100,6 +100,78 @@ def steps(out):
             out.write(f"{name:45s} {per_call_us(fn):8.2f} us\n")
 
 
+def autograd_steps(out):
+    """Where a forward + backward's host time goes: autograd.Functions that do less and less of flashlib's work,
+    the backward's parts alone, and the thread the backward runs on (B = H = 1, N = 128, d = 64, fp16)."""
+    import threading
+    import torch
+    from flashlib import api, cupy_kernels as ck
+    from flashlib.torch import _EagerAttention, scaled_dot_product_attention as fsdpa
+    q, k, v, do = (torch.randn(1, 1, 128, 64, device="cuda", dtype=torch.float16) for _ in range(4))
+    qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+    o, lse = ck.forward(q, k, v, causal=False, scale=0.125, dtype="float16")
+    seen = {}
+
+    class Empty3(torch.autograd.Function):
+        """Three inputs, an allocated output, three allocated gradients: no kernel."""
+        @staticmethod
+        def forward(ctx, a, b, c):
+            return torch.empty_like(a)
+
+        @staticmethod
+        def backward(ctx, g):
+            seen["thread"] = threading.get_ident()
+            return torch.empty_like(g), torch.empty_like(g), torch.empty_like(g)
+
+    class Saved3(Empty3):
+        """Empty3 that saves five tensors as flashlib does."""
+        @staticmethod
+        def forward(ctx, a, b, c):
+            out = torch.empty_like(a)
+            ctx.save_for_backward(a, b, c, out, lse)
+            ctx.args = False, 0.125, "cupy", "float16"
+            return out
+
+        @staticmethod
+        def backward(ctx, g):
+            x = ctx.saved_tensors
+            return torch.empty_like(g), torch.empty_like(g), torch.empty_like(g)
+
+    class FwdOnly(torch.autograd.Function):
+        """flashlib's forward, a backward that launches nothing."""
+        @staticmethod
+        def forward(ctx, a, b, c):
+            o_, lse_ = api.forward("cupy", a, b, c, False, 0.125, "float16")
+            ctx.save_for_backward(a, b, c, o_, lse_)
+            return o_
+
+        @staticmethod
+        def backward(ctx, g):
+            x = ctx.saved_tensors
+            return torch.empty_like(g), torch.empty_like(g), torch.empty_like(g)
+
+    grad = lambda y: torch.autograd.grad(y, (qg, kg, vg), do)
+    fns = {
+        "Empty3 fwd+bwd": lambda: grad(Empty3.apply(qg, kg, vg)),
+        "Saved3 fwd+bwd": lambda: grad(Saved3.apply(qg, kg, vg)),
+        "FwdOnly fwd+bwd (flashlib forward, no bwd kernel)": lambda: grad(FwdOnly.apply(qg, kg, vg)),
+        "_EagerAttention fwd+bwd": lambda: grad(_EagerAttention.apply(qg, kg, vg, False, 0.125, "cupy", "float16")),
+        "flashlib.torch sdpa fwd+bwd": lambda: grad(fsdpa(qg, kg, vg)),
+        "F.sdpa fwd+bwd": lambda: grad(torch.nn.functional.scaled_dot_product_attention(qg, kg, vg)),
+        "y.sum().backward() of F.sdpa": lambda: torch.nn.functional.scaled_dot_product_attention(qg, kg, vg).sum().backward(),
+        "y.sum().backward() of flashlib": lambda: fsdpa(qg, kg, vg).sum().backward(),
+        "api.backward (cupy, direct)": lambda: api.backward("cupy", q, k, v, o, lse, do, False, 0.125, "float16"),
+        "cupy_kernels.backward (direct)": lambda: ck.backward(q, k, v, o, lse, do, causal=False, scale=0.125,
+                                                              dtype="float16"),
+        "3 x torch.empty_like": lambda: (torch.empty_like(q), torch.empty_like(q), torch.empty_like(q)),
+    }
+    with torch.enable_grad():
+        for name, fn in fns.items():
+            out.write(f"{name:52s} {per_call_us(fn, calls=500):8.2f} us\n")
+    grad(Empty3.apply(qg, kg, vg))
+    out.write(f"backward thread is the caller's: {seen['thread'] == threading.get_ident()}\n")
+
+
 def profile(out, label, fn, calls=3000):
     import torch
     fn()
@@ -119,12 +191,19 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--autograd", action="store_true", help="only the forward + backward breakdown")
     a = ap.parse_args()
     import torch
     from flashlib.bench import public_api
     from flashlib.torch import scaled_dot_product_attention as fsdpa
     path = os.path.join(a.out, "host_profile.txt")
     with open(path, "a") as out:
+        if a.autograd:
+            out.write(f"# {torch.cuda.get_device_name()} torch {torch.__version__} commit {os.environ.get('FLASHLIB_COMMIT')}\n")
+            autograd_steps(out)
+            out.close()
+            print(open(path).read())
+            return
         out.write(f"# {torch.cuda.get_device_name()} torch {torch.__version__} commit {os.environ.get('FLASHLIB_COMMIT')}\n")
         host = public_api.host_table()
         for n, s in host.items():
