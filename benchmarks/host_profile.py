@@ -155,7 +155,7 @@ def autograd_steps(out):
         "Empty3 fwd+bwd": lambda: grad(Empty3.apply(qg, kg, vg)),
         "Saved3 fwd+bwd": lambda: grad(Saved3.apply(qg, kg, vg)),
         "FwdOnly fwd+bwd (flashlib forward, no bwd kernel)": lambda: grad(FwdOnly.apply(qg, kg, vg)),
-        "_EagerAttention fwd+bwd": lambda: grad(_EagerAttention.apply(qg, kg, vg, False, 0.125, "cupy", "float16")),
+        "_EagerAttention fwd+bwd": lambda: grad(_EagerAttention.apply(qg, kg, vg, api.route(qg, kg, vg, False, 0.125, "cupy"))),
         "flashlib.torch sdpa fwd+bwd": lambda: grad(fsdpa(qg, kg, vg)),
         "F.sdpa fwd+bwd": lambda: grad(torch.nn.functional.scaled_dot_product_attention(qg, kg, vg)),
         "y.sum().backward() of F.sdpa": lambda: torch.nn.functional.scaled_dot_product_attention(qg, kg, vg).sum().backward(),

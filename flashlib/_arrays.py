@@ -143,3 +143,31 @@ def check_scale(scale, d):
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"scale must be finite and > 0, got {scale!r}")
     return value
+
+
+def repeat_heads(x, group):
+    """(B, H_kv, N, d) -> (B, H_kv * group, N, d), kv head j repeated for query heads j*group ... j*group+group-1."""
+    kind = kind_of(x)
+    if kind == "torch":
+        return x.repeat_interleave(group, dim=1)
+    if kind == "numpy":
+        return np.repeat(x, group, axis=1)
+    import cupy as cp
+    return like(cp.repeat(to_cupy(x), group, axis=1), x, dtype_name(x) if kind != "numba" else str(x.dtype))
+
+
+def sum_heads(dx, group):
+    """(B, H_kv * group, N, d) -> (B, H_kv, N, d): the sum over each group of query heads, accumulated in float32
+    (float64 for float64)."""
+    B, H, N, d = dx.shape
+    kind = kind_of(dx)
+    if kind == "torch":
+        import torch
+        acc = torch.float64 if dx.dtype == torch.float64 else torch.float32
+        return dx.reshape(B, H // group, group, N, d).sum(2, dtype=acc).to(dx.dtype)
+    acc = np.float64 if dx.dtype == np.float64 else np.float32
+    if kind == "numpy":
+        return dx.reshape(B, H // group, group, N, d).sum(2, dtype=acc).astype(dx.dtype)
+    import cupy as cp
+    y = to_cupy(dx)
+    return like(y.reshape(B, H // group, group, N, d).sum(2, dtype=acc).astype(y.dtype), dx, str(y.dtype))

@@ -18,8 +18,8 @@ import numpy as np
 
 from . import reference, tiled
 from .env import simulated
-from ._arrays import (DTYPES, check_causal, check_scale, dtype_name, kind_of, like, on_gpu, to_cupy,
-                      to_numba, to_numpy)
+from ._arrays import (DTYPES, check_causal, check_scale, dtype_name, kind_of, like, on_gpu, repeat_heads, sum_heads,
+                      to_cupy, to_numba, to_numpy)
 
 BACKENDS = ("reference", "tiled", "numba", "cupy")
 
@@ -101,6 +101,55 @@ def validate(q, k, v, causal, scale):
     return dt, check_scale(scale, q.shape[3])
 
 
+class Route:
+    """How a call with arrays of one signature runs: validate's verdict (dt, scale), the backend chosen (name), and
+    where the backend prepares one (cupy on torch CUDA tensors or CuPy arrays), its forward and backward made for
+    that signature, so that a repeated call skips the checks and look-ups (`route`)."""
+    __slots__ = ("dt", "scale", "name", "causal", "fwd", "_bwd")
+
+    def __init__(self, q, k, v, causal, scale, backend):
+        self.dt, self.scale = validate(q, k, v, causal, scale)
+        self.name, self.causal, self._bwd = choose_backend(backend, self.dt, on_gpu(q)), bool(causal), None
+        self.fwd = None
+        if self.name == "cupy" and kind_of(q) in ("torch", "cupy") and on_gpu(q):
+            self.fwd = _cupy_kernels().prepare_forward(q, k, v, causal=self.causal, scale=self.scale, dtype=self.dt)
+
+    def forward(self, q, k, v):
+        """(O, lse) for q, k, v of the route's signature."""
+        if self.fwd is not None:
+            return self.fwd(q, k, v)
+        return forward(self.name, q, k, v, self.causal, self.scale, self.dt)
+
+    def backward(self, q, k, v, o, lse, do):
+        """(dq, dk, dv) for the route's q, k, v, the o and lse its forward returned, and do of o's shape and dtype."""
+        if self._bwd is None:
+            self._bwd = self.fwd is not None and _cupy_kernels().prepare_backward(
+                q, k, v, causal=self.causal, scale=self.scale, dtype=self.dt)
+        if self._bwd:
+            return self._bwd(q, k, v, o, lse, do)
+        return backward(self.name, q, k, v, o, lse, do, self.causal, self.scale, self.dt)
+
+
+_ROUTES = {}    # (array signature, causal, scale, backend) -> Route
+
+
+def route(q, k, v, causal, scale, backend):
+    """The Route of a call (validated, with its backend chosen, prepared at the first call of its signature);
+    causal and scale must be exactly what the caller passed (the cache tells True from 1 and 1.0 from 1)."""
+    try:
+        key = _signature(q, k, v), causal, type(causal), scale, type(scale), backend
+        found = _ROUTES.get(key) if key[0] is not None else None
+    except TypeError:           # unhashable arguments: no cache
+        key = found = None
+    if found is None:
+        found = Route(q, k, v, causal, scale, backend)
+        if key is not None and key[0] is not None:
+            if len(_ROUTES) > 4096:
+                _ROUTES.clear()
+            _ROUTES[key] = found
+    return found
+
+
 def check_arrays(q, k, v):
     """validate's check of the arrays themselves, remembering nothing; returns the dtype name."""
     dt = _check_arrays(("q", "k", "v"), (q, k, v))
@@ -120,8 +169,8 @@ _VALID = {}     # array signature -> dtype name, for signatures that passed vali
 
 
 def _signature(q, k, v):
-    """What validate's verdict depends on besides causal and scale: the three arrays' types, shapes and dtypes,
-    and torch tensors' devices; None for what is not an array (validate then explains)."""
+    """What validate's verdict (and a Route) depends on besides causal and scale: the three arrays' types, shapes and
+    dtypes, and torch tensors' and CuPy arrays' devices; None for what is not an array (validate then explains)."""
     t = type(q)
     if t is not type(k) or t is not type(v) or not hasattr(q, "shape") or not hasattr(k, "shape") \
             or not hasattr(v, "shape"):
@@ -130,6 +179,8 @@ def _signature(q, k, v):
            getattr(v, "dtype", None))
     if t.__module__[:5] == "torch":
         key += (q.get_device(), k.get_device(), v.get_device())
+    elif t.__module__[:4] == "cupy":
+        key += (q.data.device_id, k.data.device_id, v.data.device_id)
     return key
 
 
@@ -208,9 +259,9 @@ def attention(q, k, v, causal=False, scale=None, backend="auto", return_lse=Fals
     (float64 for float64 input). torch tensors that require grad are read detached (with a warning): autograd goes
     through flashlib.torch.
     """
-    dt, scale = validate(q, k, v, causal, scale)
+    r = route(q, k, v, causal, scale, backend)
     _warn_if_detaching(q, k, v)
-    o, lse = forward(choose_backend(backend, dt, on_gpu(q)), q, k, v, causal, scale, dt)
+    o, lse = r.forward(q, k, v)
     return (o, lse) if return_lse else o
 
 
@@ -264,34 +315,6 @@ def backward(name, q, k, v, o, lse, do, causal, scale, dt):
         bwd = _HOST[name][1]
         return tuple(_host(lambda *a: bwd(*a, causal=causal, scale=scale), (q, k, v, o, lse, do), dt, q))
     return _gpu_call(name, "backward", (q, k, v, o, lse, do), dt, causal, scale)
-
-
-def repeat_heads(x, group):
-    """(B, H_kv, N, d) -> (B, H_kv * group, N, d), kv head j repeated for query heads j*group ... j*group+group-1."""
-    kind = kind_of(x)
-    if kind == "torch":
-        return x.repeat_interleave(group, dim=1)
-    if kind == "numpy":
-        return np.repeat(x, group, axis=1)
-    import cupy as cp
-    return like(cp.repeat(to_cupy(x), group, axis=1), x, dtype_name(x) if kind != "numba" else str(x.dtype))
-
-
-def sum_heads(dx, group):
-    """(B, H_kv * group, N, d) -> (B, H_kv, N, d): the sum over each group of query heads, accumulated in float32
-    (float64 for float64)."""
-    B, H, N, d = dx.shape
-    kind = kind_of(dx)
-    if kind == "torch":
-        import torch
-        acc = torch.float64 if dx.dtype == torch.float64 else torch.float32
-        return dx.reshape(B, H // group, group, N, d).sum(2, dtype=acc).to(dx.dtype)
-    acc = np.float64 if dx.dtype == np.float64 else np.float32
-    if kind == "numpy":
-        return dx.reshape(B, H // group, group, N, d).sum(2, dtype=acc).astype(dx.dtype)
-    import cupy as cp
-    y = to_cupy(dx)
-    return like(y.reshape(B, H // group, group, N, d).sum(2, dtype=acc).astype(y.dtype), dx, str(y.dtype))
 
 
 def _host(fn, arrays, dt, x):

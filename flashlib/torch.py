@@ -102,12 +102,10 @@ def flash_attention(q, k, v, causal=False, scale=None, backend="auto"):
     shapes): with no gradient needed, a plain call; else `_EagerAttention`, whose backward is the backward operator
     when a graph of the gradient is asked for (create_graph=True), so a double backward raises the same error."""
     if _plain_eager(q, k, v):
-        dt, scale = api.validate(q, k, v, causal, scale)
-        name = _resolve(backend, dt, q.is_cuda)
-        causal = bool(causal)
-        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-            return _EagerAttention.apply(q, k, v, causal, scale, name, dt)
-        return api.forward(name, q, k, v, causal, scale, dt)[0]
+        r = api.route(q, k, v, causal, scale, backend)
+        if (q.requires_grad or k.requires_grad or v.requires_grad) and torch.is_grad_enabled():
+            return _EagerAttention.apply(q, k, v, r)
+        return r.forward(q, k, v)[0]
     dt = _traced_check(q, k, v)
     check_causal(causal)
     scale = check_scale(scale, q.shape[3])
@@ -133,24 +131,25 @@ def _plain_eager(q, k, v):
 
 class _EagerAttention(torch.autograd.Function):
     """flashlib::attention_forward's autograd formula (see _setup_forward, _backward_of_forward) as a plain
-    autograd.Function over the same implementations, for eager calls."""
+    autograd.Function over the same implementations, for eager calls: the call's api.Route (validated, backend
+    chosen, prepared for its signature) runs both passes."""
 
     @staticmethod
-    def forward(ctx, q, k, v, causal, scale, backend, dt):
-        o, lse = api.forward(backend, q, k, v, causal, scale, dt)
+    def forward(ctx, q, k, v, r):
+        o, lse = r.forward(q, k, v)
         ctx.save_for_backward(q, k, v, o, lse)
-        ctx.args = causal, scale, backend, dt
+        ctx.route = r
         return o
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
-        causal, scale, backend, dt = ctx.args
+        r = ctx.route
         if torch.is_grad_enabled():              # create_graph=True: the operator, whose own backward raises
-            dq, dk, dv = attention_backward(do, q, k, v, o, lse, causal, scale, backend)
+            dq, dk, dv = attention_backward(do, q, k, v, o, lse, r.causal, r.scale, r.name)
         else:
-            dq, dk, dv = api.backward(backend, q, k, v, o, lse, do, causal, scale, dt)
-        return dq, dk, dv, None, None, None, None
+            dq, dk, dv = r.backward(q, k, v, o, lse, do)
+        return dq, dk, dv, None
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,

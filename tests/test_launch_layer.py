@@ -18,6 +18,10 @@ class Recorder:
         self.log.append(dict(kernel=self.name, grid=grid, block=block, args=args, smem=shared_mem, stream=stream,
                              sig=self.sig))
 
+    def launch(self, gx, gy, gz, bx, by, bz, shared_mem, stream, args):
+        assert (by, bz) == (1, 1)
+        self((gx, gy, gz), (bx,), args, shared_mem, stream)
+
 
 @pytest.fixture
 def fake_gpu(monkeypatch):
@@ -177,3 +181,64 @@ def test_launcher_packs_each_argument_where_its_parameter_pointer_points():
         assert len(set(L._params)) == len(sig) and L._params[0] % 64 == 0       # a tensor map's 64-byte alignment
     with pytest.raises(TypeError, match="do not fit"):
         Launcher(type("F", (), {"ptr": 0})(), "Pi")((1,), (32,), (1, 2**31))      # an int32 out of range
+
+
+def _same_launches(a, b):
+    """Two launch logs that differ only in the addresses of freshly allocated outputs and scratch."""
+    assert [c["kernel"] for c in a] == [c["kernel"] for c in b]
+    for x, y in zip(a, b):
+        assert (x["grid"], x["block"], x["smem"], x["stream"], x["sig"]) == (y["grid"], y["block"], y["smem"],
+                                                                          y["stream"], y["sig"])
+        assert [v for v, c in zip(x["args"], x["sig"]) if c in "if"] == [v for v, c in zip(y["args"], y["sig"]) if c in "if"]
+
+
+@pytest.mark.parametrize("dtype,pick", [(torch.float16, None), (torch.bfloat16, "wgmma"), (torch.float32, None)])
+def test_prepared_forward_launches_as_forward_does(fake_gpu, dtype, pick):
+    """prepare_forward's run: the launch `forward` makes (kernel, grid, sizes, stream), fresh outputs each call,
+    the same inputs' addresses (tensor maps of them for rung 7), a contiguous copy of a strided input."""
+    log, built = fake_gpu
+    name = str(dtype).replace("torch.", "")
+    q, k, v = torch.randn(2, 4, 100, 64).to(dtype), torch.randn(2, 2, 77, 64).to(dtype), torch.randn(2, 2, 77, 64).to(dtype)
+    o_ref, _ = ck.forward(q, k, v, causal=True, scale=0.125, dtype=name, rung=pick)
+    run = ck.launch.prepare_forward(q, k, v, causal=True, scale=0.125, dtype=name, rung=pick)
+    o1, lse1 = run(q, k, v)
+    o2, lse2 = run(q, k, v)
+    assert len(built) == 1 and len(log) == 3
+    _same_launches(log[:1], log[1:2])
+    _same_launches(log[1:2], log[2:])
+    assert o1.data_ptr() != o2.data_ptr() and o1.shape == q.shape and o1.dtype == dtype and lse1.shape == (2, 4, 100)
+    addr = lambda a: a[1] if isinstance(a, tuple) else a
+    assert [addr(a) for a in log[1]["args"][:3]] == [q.data_ptr(), k.data_ptr(), v.data_ptr()]
+    assert list(log[1]["args"][3:5]) == [o1.data_ptr(), lse1.data_ptr()] and log[1]["args"][-1] == 2   # G = 2
+    qt = q.transpose(2, 3).contiguous().transpose(2, 3)                    # same signature, not contiguous
+    run(qt, k, v)
+    assert addr(log[-1]["args"][0]) not in (qt.data_ptr(), q.data_ptr())
+
+
+def test_prepared_routes_fall_back_where_the_general_path_is_needed(fake_gpu):
+    """No prepared call for a padded head dim, no key, or a grouped-query backward: `forward`/`backward` run those."""
+    q, k = torch.randn(1, 2, 10, 50).half(), torch.randn(1, 2, 12, 50).half()
+    assert ck.launch.prepare_forward(q, k, k, causal=False, scale=None, dtype="float16") is None
+    assert ck.launch.prepare_backward(q, k, k, causal=False, scale=None, dtype="float16") is None
+    q, k = torch.randn(1, 2, 10, 64).half(), torch.randn(1, 2, 0, 64).half()
+    assert ck.launch.prepare_forward(q, k, k, causal=False, scale=None, dtype="float16") is None
+    q, k = torch.randn(1, 4, 10, 64).half(), torch.randn(1, 2, 12, 64).half()
+    assert ck.launch.prepare_forward(q, k, k, causal=False, scale=None, dtype="float16") is not None
+    assert ck.launch.prepare_backward(q, k, k, causal=False, scale=None, dtype="float16") is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_prepared_backward_launches_as_backward_does(fake_gpu, dtype):
+    log, built = fake_gpu
+    name = str(dtype).replace("torch.", "")
+    q, k, v = torch.randn(1, 2, 50, 64).to(dtype), torch.randn(1, 2, 40, 64).to(dtype), torch.randn(1, 2, 40, 64).to(dtype)
+    o, lse, do = torch.randn_like(q), torch.randn(1, 2, 50), torch.randn(1, 2, 64, 50).to(dtype).transpose(2, 3)
+    ck.backward(q, k, v, o, lse, do, causal=True, scale=0.5, dtype=name)
+    n = len(log)
+    run = ck.launch.prepare_backward(q, k, v, causal=True, scale=0.5, dtype=name)
+    dq, dk, dv = run(q, k, v, o, lse, do)
+    _same_launches(log[:n], log[n:])
+    pre, main = _ptrs(log[n]), _ptrs(log[n + 1])
+    assert pre[2] == lse.data_ptr() and pre[0] != do.data_ptr()               # dO (strided here) copied
+    assert main[:3] == [q.data_ptr(), k.data_ptr(), v.data_ptr()] and main[7:9] == [dk.data_ptr(), dv.data_ptr()]
+    assert dq.shape == q.shape and dk.shape == k.shape and dq.dtype == dtype

@@ -50,6 +50,10 @@ class Launcher:
     def __call__(self, grid, block, args, shared_mem=0, stream=0):
         gx, gy, gz = (tuple(grid) + (1, 1))[:3]
         bx, by, bz = (tuple(block) + (1, 1))[:3]
+        self.launch(gx, gy, gz, bx, by, bz, shared_mem, stream, args)
+
+    def launch(self, gx, gy, gz, bx, by, bz, shared_mem, stream, args):
+        """The launch itself, grid and block given as their three sizes (what a prepared call keeps)."""
         with self._lock:
             try:
                 self._fmt.pack_into(self._buf, self._at, *args)

@@ -196,6 +196,65 @@ def backward(q, k, v, o, lse, do, *, causal, scale, dtype, rung=None, tiles=None
     return dq, dk, dv
 
 
+def prepare_forward(q, k, v, *, causal, scale, dtype, rung=None, tiles=None):
+    """`forward` made once for arrays of this signature (kind, shapes, dtypes, GPU, as q, k, v have; causal and
+    scale as given): run(q, k, v) -> (o, lse) does only what must be done per call (contiguity, alignment, outputs,
+    the launch on the caller's current stream). None where `forward`'s general path is needed (a padded head dim,
+    no key, no query)."""
+    B, H, Nq, Nk, d, dev = _checked(q, k, v, dtype)
+    causal, scale = _flag(causal), check_scale(scale, d)
+    plan = forward_plan(dtype, d, causal, dev, rung, _hashable(tiles))
+    cfg, io, G = plan.cfg, _io(q), H // k.shape[1]
+    if cfg.D != d or Nk == 0 or B * H * Nq == 0:
+        return None
+    BH = B * H
+    gx, gy, gz = pair_grid(-(-Nq // cfg.Br), BH)
+    launch, block, smem = plan.fn.launch, 32 * cfg.warps, cfg.smem
+    contiguous, ptr, stream, empty_like = io.contiguous, io.ptr, io.stream, io.empty_like
+    lse_like = io.f32_maker((B, H, Nq), q)
+    if cfg.rung == "fa3":   # rung 7: tensor maps of q, k, v (remembered per address), 16-byte-aligned tensors
+        qmap, kvmap = (lambda p: _tensor_map(p, dtype, d, Nq, BH, cfg.Br)), (lambda p: _tensor_map(p, dtype, d, Nk, BH // G, cfg.Bc))
+
+    def run(q, k, v):
+        q, k, v = contiguous(q), contiguous(k), contiguous(v)
+        pq, pk, pv = ptr(q), ptr(k), ptr(v)
+        if cfg.rung == "fa3":
+            if (pq | pk | pv) % 16:
+                q, k, v = io.copy(q), io.copy(k), io.copy(v)
+                pq, pk, pv = ptr(q), ptr(k), ptr(v)
+            pq, pk, pv = qmap(pq), kvmap(pk), kvmap(pv)
+        o, lse = empty_like(q), lse_like()
+        launch(gx, gy, gz, block, 1, 1, smem, stream(dev), (pq, pk, pv, ptr(o), ptr(lse), Nq, Nk, scale, BH, G))
+        return o, lse
+    return run
+
+
+def prepare_backward(q, k, v, *, causal, scale, dtype, rung=None, tiles=None):
+    """`backward` made once for q, k, v of this signature, as prepare_forward: run(q, k, v, o, lse, do) -> (dq, dk,
+    dv) for o, lse as this backend's forward returned them for such inputs and do of o's shape and dtype (as autograd
+    hands it over); None where `backward`'s general path is needed (a padded head dim)."""
+    B, H, Nq, Nk, d, dev = _checked(q, k, v, dtype)
+    causal, scale = _flag(causal), check_scale(scale, d)
+    plan = backward_plan(dtype, d, causal, dev, rung, _hashable(tiles))
+    io, G, rows = _io(q), H // k.shape[1], B * H * Nq
+    if plan.cfg.D != d or G > 1:
+        return None
+    acc = 0 if dtype == "float32" else rows * d
+    scratch_like = io.f32_maker((acc + 2 * rows,), q)
+    contiguous, ptr, stream, empty_like = io.contiguous, io.ptr, io.stream, io.empty_like
+
+    def run(q, k, v, o, lse, do):
+        q, k, v, o, lse, do = (contiguous(a) for a in (q, k, v, o, lse, do))
+        scratch = scratch_like()
+        base = ptr(scratch)
+        dq, dk, dv = empty_like(q), empty_like(k), empty_like(v)
+        launch_backward(plan, ptr(q), ptr(k), ptr(v), ptr(o), ptr(lse), ptr(do), ptr(dq), ptr(dk), ptr(dv),
+                        base if acc else ptr(dq), base + 4 * acc, base + 4 * (acc + rows), B, H, Nq, Nk, scale, 1,
+                        None, None, stream(dev))
+        return dq, dk, dv
+    return run
+
+
 def _hashable(tiles):
     return None if tiles is None else tuple(tiles)
 
@@ -235,11 +294,12 @@ class _CupyIO:
     contiguous = staticmethod(lambda a: a if a.flags.c_contiguous else _cp().ascontiguousarray(a))
     copy = staticmethod(lambda a: a.copy(order="C"))
     contiguous_f32 = staticmethod(lambda a: _cp().ascontiguousarray(a, dtype="float32"))
-    empty_like = staticmethod(lambda a: _cp().empty_like(a))
+    empty_like = staticmethod(lambda a: _cp().ndarray(a.shape, a.dtype))     # C order; faster than cupy.empty_like
     empty = staticmethod(lambda shape, a: _cp().empty(shape, dtype=a.dtype))
     empty_f32 = staticmethod(lambda shape, a: _cp().empty(shape, dtype="float32"))
     zeros = staticmethod(lambda shape, a: _cp().zeros(shape, dtype=a.dtype))
     full_f32 = staticmethod(lambda shape, value, a: _cp().full(shape, value, dtype="float32"))
+    f32_maker = staticmethod(lambda shape, a: functools.partial(_cp().ndarray, shape, "float32"))
     padded = staticmethod(_cupy_padded)
     unpadded = staticmethod(lambda a, d: _cp().ascontiguousarray(a[..., :d]))
     ptr = staticmethod(lambda a: a.data.ptr)
@@ -259,6 +319,7 @@ class _TorchIO:
     empty_f32 = staticmethod(lambda shape, t: _torch().empty_like(_f32_template(t.get_device(), shape)))
     zeros = staticmethod(lambda shape, t: t.new_zeros(shape))
     full_f32 = staticmethod(lambda shape, value, t: t.new_full(shape, value, dtype=_torch().float32))
+    f32_maker = staticmethod(lambda shape, t: functools.partial(_torch().empty_like, _f32_template(t.get_device(), shape)))
     padded = staticmethod(lambda t, D: _torch().nn.functional.pad(t, (0, D - t.shape[-1])))
     unpadded = staticmethod(lambda t, d: t[..., :d].contiguous())
     ptr = staticmethod(lambda t: t.data_ptr())
