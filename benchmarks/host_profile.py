@@ -150,12 +150,33 @@ def autograd_steps(out):
             x = ctx.saved_tensors
             return torch.empty_like(g), torch.empty_like(g), torch.empty_like(g)
 
+    class AttrEager(torch.autograd.Function):
+        """_EagerAttention with q, k, v, lse kept as ctx attributes and only O saved (a candidate)."""
+        @staticmethod
+        def forward(ctx, a, b, c, r):
+            o_, lse_ = r.forward(a, b, c)
+            ctx.save_for_backward(o_)
+            ctx.t, ctx.route = (a, b, c, lse_), r
+            return o_
+
+        @staticmethod
+        def backward(ctx, g):
+            o_, = ctx.saved_tensors
+            a, b, c, lse_ = ctx.t
+            return (*ctx.route.backward(a, b, c, o_, lse_, g), None)
+
+    r = api.route(qg, kg, vg, False, 0.125, "cupy")
+    c_apply = torch._C._FunctionBase.__dict__["apply"].__get__(None, _EagerAttention)
     grad = lambda y: torch.autograd.grad(y, (qg, kg, vg), do)
     fns = {
+        "_EagerAttention through the C apply": lambda: grad(c_apply(qg, kg, vg, r)),
+        "AttrEager (attributes, O saved)": lambda: grad(AttrEager.apply(qg, kg, vg, r)),
+        "route.backward (direct)": lambda: r.backward(q, k, v, o, lse, do),
+        "route.forward (direct)": lambda: r.forward(q, k, v),
         "Empty3 fwd+bwd": lambda: grad(Empty3.apply(qg, kg, vg)),
         "Saved3 fwd+bwd": lambda: grad(Saved3.apply(qg, kg, vg)),
         "FwdOnly fwd+bwd (flashlib forward, no bwd kernel)": lambda: grad(FwdOnly.apply(qg, kg, vg)),
-        "_EagerAttention fwd+bwd": lambda: grad(_EagerAttention.apply(qg, kg, vg, api.route(qg, kg, vg, False, 0.125, "cupy"))),
+        "_EagerAttention fwd+bwd": lambda: grad(_EagerAttention.apply(qg, kg, vg, r)),
         "flashlib.torch sdpa fwd+bwd": lambda: grad(fsdpa(qg, kg, vg)),
         "F.sdpa fwd+bwd": lambda: grad(torch.nn.functional.scaled_dot_product_attention(qg, kg, vg)),
         "y.sum().backward() of F.sdpa": lambda: torch.nn.functional.scaled_dot_product_attention(qg, kg, vg).sum().backward(),
@@ -165,9 +186,12 @@ def autograd_steps(out):
                                                               dtype="float16"),
         "3 x torch.empty_like": lambda: (torch.empty_like(q), torch.empty_like(q), torch.empty_like(q)),
     }
+    from flashlib.bench.timing import compare
     with torch.enable_grad():
-        for name, fn in fns.items():
-            out.write(f"{name:52s} {per_call_us(fn, calls=500):8.2f} us\n")
+        stats = compare(fns, host=True, min_rounds=10, max_rounds=10, host_calls=100, max_seconds=10)
+    out.write("host us per call, 10 interleaved rounds of 100 calls (median, spread)\n")
+    for name, st in stats.items():
+        out.write(f"{name:52s} {st['host_us']:8.2f} us  ({100 * st['host_spread']:.0f}%)\n")
     grad(Empty3.apply(qg, kg, vg))
     out.write(f"backward thread is the caller's: {seen['thread'] == threading.get_ident()}\n")
 
