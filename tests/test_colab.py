@@ -82,9 +82,7 @@ def test_grid_imports_without_tqdm(monkeypatch):
 def test_t4_dispatch_is_fp16_m16n8k8_without_cp_async():
     """On compute capability 7.5 the library picks fp16 Tensor Core kernels of m16n8k8 with no cp.async, and no
     bf16 or tf32 Tensor Core kernel (Turing has neither): float32 runs on CUDA cores; bf16 is refused."""
-    with pytest.raises(ValueError, match="backend='cupy'"):     # d = 256 would spill on sm_75: refused, with the way out
-        fa2_tc.config(256, T4, "float16")
-    for d in fa2_tc.TILES_SM75:                                  # the T4 path's head dims (32 ... 128)
+    for d in fa2_tc.TILES_SM75:                                  # the T4 path's head dims (32 ... 256)
         assert default_variant("float16", d, T4) == "tc"
         *_, nstage, _, _, k8 = fa2_tc.config(d, T4, "float16")
         assert k8 and nstage == 1, "sm_75: two m16n8k8 per k16 step, single-stage loads (no cp.async)"
@@ -289,9 +287,10 @@ def test_t4_kernels_compile_under_colab_versions(colab_python, tmp_path):
     assert {f"fa2_tc_k8 float16 D={d}" for d in fa2_tc.TILES_SM75} <= set(rows)
     assert {f"fa2_forward_fast D={d}" for d in HEAD_DIMS} | {f"fa2_backward D={d}" for d in HEAD_DIMS} <= set(rows)
     for name, row in rows.items():
-        assert row["spill_stores"] == row["spill_loads"] == 0, (name, row)
+        spill = fa2_tc.SM75_SPILL_BYTES.get(int(name.split("D=")[1]), 0) if name.startswith("fa2_tc_k8") else 0
+        assert row["spill_stores"] <= spill and row["spill_loads"] <= spill, (name, row)   # d = 256 on sm_75: small
         assert row["registers"] * row["threads"] <= 65536 and row["smem"] <= 48 * 1024, (name, row)
         if name.startswith("fa2_tc_k8"):
-            assert row["stack"] == 0 and row["k8"] > 0 and row["k16"] == row["cp_async"] == row["bf16"] == row["tf32"] == 0, (name, row)
+            assert row["stack"] <= 32 * (spill > 0) and row["k8"] > 0 and row["k16"] == row["cp_async"] == row["bf16"] == row["tf32"] == 0, (name, row)
         else:
             assert row["mma"] == 0, (name, row)                          # CUDA cores only

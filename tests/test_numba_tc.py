@@ -275,8 +275,7 @@ def test_rejects_what_it_cannot_do(rng):
     with pytest.raises(ValueError, match="cp.async"):
         fa2_tc.config(64, (7, 5), "float16", tiles=(4, 64, 2))
     assert fa2_tc.config(64, (7, 5), "float16") == (*fa2_tc.TILES_SM75[64], True)
-    with pytest.raises(ValueError, match="up to 128"):                 # d = 256 on the T4 path would spill
-        fa2_tc.config(256, (7, 5), "float16")
+    assert fa2_tc.config(256, (7, 5), "float16") == (*fa2_tc.TILES_SM75[256], True)   # two warps, a small spill
     assert fa2_tc.config(256, (9, 0), "float16") == (*fa2_tc.TILES[256], False)
     assert fa2_tc.config(128, (9, 0), "bfloat16") == (*fa2_tc.TILES[128], False)
     if not HAS_GPU:
@@ -374,7 +373,8 @@ def test_ptx_has_mma_and_no_local_memory(ptx_rows):
         assert r["ldmatrix_trans"] == (Bc // 16) * (D // 16), where
         assert (r["cp_async"] > 0) == (NSTAGE == 2), where
         assert r["shfl"] >= 8, where                 # row max and row sum over the 4 lanes of a row, 2 rows
-        assert r["stack"] == 0 and r["spill_stores"] == 0 and r["spill_loads"] == 0, where
+        spill = fa2_tc.SM75_SPILL_BYTES.get(D, 0) if k8 else 0     # d = 256 on the k8 path: a known, small spill
+        assert r["spill_stores"] <= spill and r["spill_loads"] <= spill and r["stack"] <= 32 * (spill > 0), where
         assert r["smem"] == fa2_tc.smem_bytes(D, Bc, NSTAGE) <= 48 * 1024 and r["smem_align16"], where
         assert r["registers"] * r["threads"] <= 65536 and r["registers"] <= 255, where
         if r["minb"]:                                # launch bounds honoured: MINB blocks fit the register file
@@ -539,6 +539,17 @@ def test_gpu_forward_other_paths(d, causal, variant):
           "mr2": dict(tiles=(4, 32, 2, 2)), "minb": dict(tiles=(4, 32, 2, 1, 3))}[variant]
     o, lse = _run_tc(q, k, v, causal, 0.125, "float16", **kw)
     _check_against_reference(q, k, v, o, lse, causal, 0.125, "float16")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d", [256, 200, 131])
+@pytest.mark.parametrize("causal", [False, True])
+def test_gpu_t4_path_takes_head_dims_up_to_256(d, causal):
+    """The sm_75 path (m16n8k8, forced here) at the d = 256 bucket: 256 itself and head dims padded up to it, ragged
+    lengths, Nq != Nk."""
+    q, k, v = _torch_inputs((1, 2, 97, 301, d), "float16", seed=8)
+    o, lse = _run_tc(q, k, v, causal, d ** -0.5, "float16", k8=True)
+    _check_against_reference(q, k, v, o, lse, causal, d ** -0.5, "float16")
 
 
 @pytest.mark.gpu
