@@ -64,6 +64,11 @@ SIG_FA3 = "MMMPPiifii"   # its parameters (build.Launcher): tensor maps of q, k,
 # Br = 64 rows, one producer warpgroup (384 threads); d = 64 and 128 (other head dims: bwd_tc).
 BWD_WGMMA_HEAD_DIMS = (64, 128)
 BWD_WGMMA_TILES = (64, 128)   # (Br, Bc), fixed by the kernel
+# the head dims (buckets) where it is the default backward on Hopper: d = 128, where the H200 timed it 1.5-1.6x
+# faster than bwd_tc in every shape (389-419 against 242-254 TFLOP/s, benchmarks/results/logs/
+# bwd_wgmma_gpu_session_h200_3deeda5.txt, record bwd_wgmma_h200). At d = 64 it was slower without the causal mask
+# (267-293 against 283-296) and only 1-5 % faster with it, so bwd_tc stays the default there.
+BWD_WGMMA_DEFAULT_DIMS = (128,)
 # its parameters: tensor maps of q, k, v, do; lb, delta, dq_acc, dk, dv; Nq, Nk, scale, BH, G
 SIG_BWD_WGMMA = "MMMMPPPPPiifii"
 
@@ -115,10 +120,13 @@ def _cc_int(cc):
 
 def default_rung(dtype, cc, direction="forward", d=None):
     """The rung `forward`/`backward` use for this dtype (and head dim d) on a GPU of compute capability cc: on Hopper
-    (9.0) rung 7 (fa3) for the head dims it has, else rung 3 (sm_80+) or the T4 path."""
+    (9.0) rung 7 (fa3) for the head dims it has, else rung 3 (sm_80+) or the T4 path; backward: on Hopper
+    'bwd_wgmma' for the head dims of BWD_WGMMA_DEFAULT_DIMS, else 'bwd_tc' (sm_80+) or 'bwd_fp32'."""
     cc = _cc_int(cc)
     D = None if d is None else head_bucket(d)
     if direction == "backward":
+        if dtype != "float32" and cc == 90 and D in BWD_WGMMA_DEFAULT_DIMS:
+            return "bwd_wgmma"
         return "bwd_tc" if dtype != "float32" and cc >= 80 else "bwd_fp32"
     if dtype == "float32":
         return "fp32"
