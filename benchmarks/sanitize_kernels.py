@@ -64,6 +64,8 @@ def run_cupy():
                     ok &= report(f"cupy {r:6s} {dtype:8s} d={d:3d} causal={causal}", (back(o), cp.asnumpy(lse)),
                                  want[:2], tol)
                 bwd = ["bwd_fp32"] + (["bwd_tc"] if dtype != "float32" else [])
+                if dtype != "float32" and cc == 90 and ck.head_bucket(d) in ck.BWD_WGMMA_HEAD_DIMS:
+                    bwd.append("bwd_wgmma")
                 for r in bwd:
                     grads = ck.backward(qc, kc, vc, o, lse, doc, causal=causal, scale=0.125, dtype=dtype, rung=r)
                     ok &= report(f"cupy {r:8s} {dtype:8s} d={d:3d} causal={causal}", [back(g) for g in grads],

@@ -9,6 +9,8 @@ The kernels form a numbered ladder (each .cu file's header says grid, block, and
   rung 4  'sm75'      fa2_tc.cu     the T4 path: two m16n8k8 per k16, no cp.async, fp16 only
   rung 5  'bwd_fp32'  fa2_bwd.cu    backward on CUDA cores in fp32 arithmetic (any input dtype; float32, sm_75)
           'bwd_tc'    fa2_bwd_tc.cu backward on Tensor Cores, fp16/bf16, sm_80+, dQ by fp32 atomics
+          'bwd_wgmma' fa3_backward.cu Hopper only: the backward on wgmma, TMA and a producer warpgroup (FA3's);
+                                    d = 64 and 128
   rung 6  'wgmma'     fa2_wgmma.cu  Hopper only (sm_90a): the forward on warpgroup MMA, K and V read by the Tensor
                                     Cores straight from shared memory; d = 64 and 128
   rung 7  'fa3'       fa3_forward.cu  Hopper only: FlashAttention-3's TMA copies (tensor maps, mbarriers), a producer
@@ -29,7 +31,8 @@ its current stream. Any head dim 1 ... 256: kernels are compiled for the buckets
 them is zero-padded up to the next (zero columns change no score; the padded columns of O are dropped). CuPy is
 imported and the .cu files compiled only when a kernel is first launched.
 """
-from .config import (ARCH, BACKWARD_RUNGS, BWD_FALLBACK_TILES, BWD_TILES, CTYPE, DTYPES, FA3_HEAD_DIMS, FA3_TILES,
+from .config import (ARCH, BACKWARD_RUNGS, BWD_FALLBACK_TILES, BWD_TILES, BWD_WGMMA_HEAD_DIMS, bwd_wgmma_config,
+                     bwd_wgmma_instances, smem_bwd_wgmma, CTYPE, DTYPES, FA3_HEAD_DIMS, FA3_TILES,
                      FALLBACK_TILES, FORWARD_RUNGS,
                      HEAD_DIMS, MAX_GRID_YZ, SMEM_LIMIT, TUNED_TILES, WGMMA_HEAD_DIMS, WGMMA_TILES, Config, _cc_int,
                      bwd_columns, check_inputs, choose_config, default_rung, fp32_tiles, head_bucket, instances,

@@ -15,10 +15,10 @@ HEAD_DIMS = (32, 64, 96, 128, 256)  # compiled head dims; others are padded up t
 MAX_GRID_YZ = 65535  # grid.y and grid.z limit (grid.x: 2**31 - 1); (batch, head) pairs go on y and z (pair_grid)
 DTYPES = ("float32", "float16", "bfloat16")
 FORWARD_RUNGS = ("fp32", "tc", "tuned", "sm75", "wgmma", "fa3")
-BACKWARD_RUNGS = ("bwd_fp32", "bwd_tc")
+BACKWARD_RUNGS = ("bwd_fp32", "bwd_tc", "bwd_wgmma")
 CTYPE = {"float32": "float", "float16": "__half", "bfloat16": "__nv_bfloat16"}
 # files compiled for an architecture-specific target (wgmma, TMA and setmaxnreg exist only in sm_90a code)
-ARCH = {"fa2_wgmma.cu": "sm_90a", "fa3_forward.cu": "sm_90a"}
+ARCH = {"fa2_wgmma.cu": "sm_90a", "fa3_forward.cu": "sm_90a", "fa3_backward.cu": "sm_90a"}
 SMEM_LIMIT = SMEM_OPTIN_BYTES   # opt-in dynamic shared memory per block by compute capability (flashlib.constants)
 
 # Rung 3 tiles per head dim, (non-causal, causal), each (warps NW, keys per tile Bc, query rows per warp RW in
@@ -59,6 +59,18 @@ FA3_HEAD_DIMS = (64, 128)
 FA3_OTHER_TILES = {64: ((128, 3, 2), (64, 4, 3), (64, 4, 2)), 128: ((128, 3, 2), (64, 3, 2))}
 FA3_VARIANTS = ("pingpong", "plain")         # the consumers' schedule: taking turns (PP, the default), or not
 SIG_FA3 = "MMMPPiifii"   # its parameters (build.Launcher): tensor maps of q, k, v; o, lse; Nq, Nk, scale, BH, G
+
+# The Hopper backward 'bwd_wgmma' (fa3_backward.cu): Bc = 128 keys a block over two consumer warpgroups, Q tiles of
+# Br = 64 rows, one producer warpgroup (384 threads); d = 64 and 128 (other head dims: bwd_tc).
+BWD_WGMMA_HEAD_DIMS = (64, 128)
+BWD_WGMMA_TILES = (64, 128)   # (Br, Bc), fixed by the kernel
+# the head dims (buckets) where it is the default backward on Hopper: d = 128, where the H200 timed it 1.5-1.6x
+# faster than bwd_tc in every shape (389-419 against 242-254 TFLOP/s, benchmarks/results/logs/
+# bwd_wgmma_gpu_session_h200_3deeda5.txt, record bwd_wgmma_h200). At d = 64 it was slower without the causal mask
+# (267-293 against 283-296) and only 1-5 % faster with it, so bwd_tc stays the default there.
+BWD_WGMMA_DEFAULT_DIMS = (128,)
+# its parameters: tensor maps of q, k, v, do; lb, delta, dq_acc, dk, dv; Nq, Nk, scale, BH, G
+SIG_BWD_WGMMA = "MMMMPPPPPiifii"
 
 Config = namedtuple("Config", "rung file kernel Br Bc warps smem D arch dtype", defaults=(None, None, None))
 Config.__doc__ = """One kernel launch configuration: rung, .cu file, template instance, tiles Br x Bc, warps per
@@ -108,10 +120,13 @@ def _cc_int(cc):
 
 def default_rung(dtype, cc, direction="forward", d=None):
     """The rung `forward`/`backward` use for this dtype (and head dim d) on a GPU of compute capability cc: on Hopper
-    (9.0) rung 7 (fa3) for the head dims it has, else rung 3 (sm_80+) or the T4 path."""
+    (9.0) rung 7 (fa3) for the head dims it has, else rung 3 (sm_80+) or the T4 path; backward: on Hopper
+    'bwd_wgmma' for the head dims of BWD_WGMMA_DEFAULT_DIMS, else 'bwd_tc' (sm_80+) or 'bwd_fp32'."""
     cc = _cc_int(cc)
     D = None if d is None else head_bucket(d)
     if direction == "backward":
+        if dtype != "float32" and cc == 90 and D in BWD_WGMMA_DEFAULT_DIMS:
+            return "bwd_wgmma"
         return "bwd_tc" if dtype != "float32" and cc >= 80 else "bwd_fp32"
     if dtype == "float32":
         return "fp32"
@@ -173,6 +188,12 @@ def choose_config(dtype, d, cc, causal=False, rung=None, tiles=None):
             raise ValueError(f"rung 'wgmma' takes tiles (warpgroups 1 or 2, Bc 64 or 128), got ({nwg}, {Bc})")
         kernel = f"fa2_wgmma<{T}, {d}, {Bc}, {nwg}, {c}>"
         cfg = Config(rung, "fa2_wgmma.cu", kernel, 64 * nwg, Bc, 4 * nwg, smem_wgmma(d, nwg, Bc), D, "sm_90a", dtype)
+    elif rung == "bwd_wgmma":
+        if cc != 90:
+            raise ValueError(f"rung 'bwd_wgmma' is Hopper's (compute capability 9.0, sm_90a code); this GPU is "
+                             f"{cc / 10:.1f}: use 'bwd_tc'")
+        f = bwd_wgmma_config(dtype, d, causal)
+        cfg = Config(rung, "fa3_backward.cu", f.kernel, f.Br, f.Bc, f.threads // 32, f.smem, D, "sm_90a", dtype)
     elif rung == "bwd_tc":
         if tiles is None:
             tiles = next((t for t in (BWD_TILES[d],) + BWD_FALLBACK_TILES if smem_backward(d, t[0], t[1], t[2]) <= limit),
@@ -253,6 +274,34 @@ def fa3_config(dtype, d, causal, tiles=None, variant="pingpong"):
     c, pp = ("true" if causal else "false"), ("true" if variant == "pingpong" else "false")
     return Fa3Config(f"fa3_forward<{CTYPE[dtype]}, {d}, {Bc}, {stages}, {ncw}, {pp}, {c}>", 64 * ncw, Bc, stages,
                      128 * (ncw + 1), smem)
+
+
+def smem_bwd_wgmma(d, Br=64, Bc=128):
+    """Bytes of dynamic shared memory of fa3_backward: 1 KB of alignment slack, K and V (Bc rows), two stages of Q
+    and dO (Br rows), rows of d 16-bit values; two dS^T buffers (Bc x Br, 16-bit); two stages of Lb and delta (Br
+    floats each) and 5 mbarriers (8 bytes each)."""
+    return 1024 + 2 * d * (2 * Bc + 4 * Br) + 2 * 2 * Bc * Br + 4 * 4 * Br + 8 * 5
+
+
+Fa3BwdConfig = namedtuple("Fa3BwdConfig", "kernel Br Bc threads smem")
+
+
+def bwd_wgmma_config(dtype, d, causal):
+    """Fa3BwdConfig(kernel name expression, Br, Bc, threads, smem bytes) of the Hopper backward for dtype
+    float16/bfloat16 and head dim 64 or 128."""
+    if dtype not in ("float16", "bfloat16"):
+        raise ValueError(f"rung 'bwd_wgmma' (fa3_backward) takes float16 or bfloat16, got {dtype!r}")
+    if d not in BWD_WGMMA_HEAD_DIMS:
+        raise ValueError(f"rung 'bwd_wgmma' takes head_dim in {BWD_WGMMA_HEAD_DIMS}, got {d!r}: use 'bwd_tc'")
+    Br, Bc = BWD_WGMMA_TILES
+    c = "true" if causal else "false"
+    return Fa3BwdConfig(f"fa3_backward<{CTYPE[dtype]}, {d}, {c}>", Br, Bc, 384, smem_bwd_wgmma(d, Br, Bc))
+
+
+def bwd_wgmma_instances():
+    """Kernel name expressions of every fa3_backward instance (dtype x head dim x causal), for the compile test."""
+    return [bwd_wgmma_config(t, d, c).kernel for t in ("float16", "bfloat16") for d in BWD_WGMMA_HEAD_DIMS
+            for c in (False, True)]
 
 
 def fa3_instances(configs=False):

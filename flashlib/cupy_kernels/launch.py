@@ -14,7 +14,7 @@ import numpy as np
 
 from .._arrays import check_causal, check_scale
 from .build import _device_cc, _kernel_on
-from .config import CTYPE, SIG_FA3, bwd_columns, check_inputs, choose_config, default_rung, pair_grid, FORWARD_RUNGS, \
+from .config import CTYPE, SIG_BWD_WGMMA, SIG_FA3, bwd_columns, check_inputs, choose_config, default_rung, pair_grid, FORWARD_RUNGS, \
     BACKWARD_RUNGS
 
 Plan = namedtuple("Plan", "cfg d fn pre post sum")   # main kernel; backward's pre-pass, dQ conversion, group sum
@@ -43,7 +43,7 @@ def backward_plan(dtype, d, causal, device, rung=None, tiles=None):
     rung = rung or _rung_override("backward") or default_rung(dtype, cc, "backward", d)
     cfg = choose_config(dtype, d, cc, causal, rung, tiles)
     T = CTYPE[dtype]
-    sig = SIG_BACKWARD + ("i" if cfg.rung == "bwd_tc" else "")        # bwd_tc: + the first output column
+    sig = {"bwd_tc": SIG_BACKWARD + "i", "bwd_wgmma": SIG_BWD_WGMMA}.get(cfg.rung, SIG_BACKWARD)  # bwd_tc: + c_out
     pre = _kernel_on(device, "fa2_bwd.cu", f"bwd_dot_do_o<{T}, {cfg.D}>", 0, None, SIG_PRE)
     post = None if dtype == "float32" else _kernel_on(device, "fa2_bwd.cu", f"bwd_convert_dq<{T}>", 0, None,
                                                        SIG_CONVERT)
@@ -83,7 +83,13 @@ def launch_backward(plan, q, k, v, o, lse, do, dq, dk, dv, dq_acc, delta, lb, B,
     if BH * Nk:
         args = (q, k, v, do, lb, delta, dq_acc, kh, vh, Nq, Nk, scale, BH, G)
         grid, block = pair_grid(-(-Nk // cfg.Bc), BH), (32 * cfg.warps,)
-        if cfg.rung == "bwd_tc":   # at d = 256 two launches of 128 output columns (bwd_columns)
+        if cfg.rung == "bwd_wgmma":   # TMA tensor maps of q, do (boxes of Br rows) and k, v (Bc rows)
+            # (Nq = 0: no Q tile is read; k's map stands in, as a map needs a non-empty tensor)
+            qm, dom = ((_tensor_map(a, cfg.dtype, D, Nq, BH, cfg.Br) for a in (q, do)) if Nq else
+                       (_tensor_map(k, cfg.dtype, D, Nk, BH // G, cfg.Br),) * 2)
+            km, vm = (_tensor_map(a, cfg.dtype, D, Nk, BH // G, cfg.Bc) for a in (k, v))
+            plan.fn(grid, block, (qm, km, vm, dom) + args[4:], cfg.smem, stream)
+        elif cfg.rung == "bwd_tc":   # at d = 256 two launches of 128 output columns (bwd_columns)
             for c_out in range(0, D, bwd_columns(D)):
                 plan.fn(grid, block, args + (c_out,), cfg.smem, stream)
         else:
@@ -160,7 +166,8 @@ def backward(q, k, v, o, lse, do, *, causal, scale, dtype, rung=None, tiles=None
     """FlashAttention-2 backward. q, o, do: (B, H, Nq, d), k, v: (B, H_kv, Nk, d), lse (B, H, Nq) float32, all CuPy
     arrays or all torch CUDA tensors. Returns dq, dk, dv in q's dtype, the caller's kind, on its current stream (dk,
     dv summed over the H // H_kv query heads that share a kv head). rung: 'bwd_tc' (fp16/bf16 on sm_80+, the default
-    there) or 'bwd_fp32'; tiles: bwd_tc's (warps, KW, Br, BRC, KVREG), default BWD_TILES[d]."""
+    there), 'bwd_wgmma' (Hopper, d = 64 and 128: fa3_backward.cu) or 'bwd_fp32'; tiles: bwd_tc's (warps, KW, Br,
+    BRC, KVREG), default BWD_TILES[d]."""
     B, H, Nq, Nk, d, dev = _checked(q, k, v, dtype)
     if o.shape != q.shape or do.shape != q.shape or tuple(lse.shape) != (B, H, Nq) or type(o) is not type(q) \
             or type(do) is not type(q) or type(lse) is not type(q):
@@ -174,6 +181,8 @@ def backward(q, k, v, o, lse, do, *, causal, scale, dtype, rung=None, tiles=None
     D, Hkv = plan.cfg.D, k.shape[1]
     G = H // Hkv
     q, k, v, o, do = (io.contiguous(a) if D == d else io.padded(a, D) for a in (q, k, v, o, do))
+    if plan.cfg.rung == "bwd_wgmma" and (io.ptr(q) | io.ptr(k) | io.ptr(v) | io.ptr(do)) % 16:  # TMA: 16-byte aligned
+        q, k, v, do = io.copy(q), io.copy(k), io.copy(v), io.copy(do)
     lse = io.contiguous_f32(lse)
     rows = B * H * Nq
     # one float32 scratch buffer: dQ's accumulator (16-bit input; for float32 dQ accumulates in place, zeroed by the

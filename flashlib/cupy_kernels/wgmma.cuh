@@ -1,6 +1,7 @@
-// wgmma.cuh: Hopper's warpgroup MMA (sm_90a) as inline PTX, shared by rung 6 (fa2_wgmma.cu) and rung 7
-// (fa3_forward.cu): fences, register pins, the shared-memory matrix descriptor of the 128-byte swizzle, the
-// m64nNk16 instructions with A from registers (rs) or shared memory (ss), and the swizzled layout sw128.
+// wgmma.cuh: Hopper's warpgroup MMA (sm_90a) as inline PTX, shared by rung 6 (fa2_wgmma.cu), rung 7
+// (fa3_forward.cu) and the Hopper backward (fa3_backward.cu): fences, register pins, the shared-memory matrix
+// descriptor of the 128-byte swizzle, the m64nNk16 instructions with A from registers (rs) or shared memory (ss),
+// and the swizzled layout sw128.
 #pragma once
 #include "flash_common.cuh"
 
@@ -54,12 +55,13 @@ __device__ __forceinline__ unsigned long long smem_desc_sw128(u32 addr, u32 lbo,
                  "wgmma.mma_async.sync.aligned.m64n" N "k16.f32." TYPES " " ACC_LIST ", {%" A0 ", %" A1 ", %" A2 \
                  ", %" A3 "}, %" DS ", p, 1, 1, %" TBI ";\n}\n" \
                  : OUTS(d) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "n"(TB), "n"(ACC))
-// A and B in shared memory (SS), both K-major, no transpose: S = Q K^T; operands after the accumulators: da, db, ACC
-#define WG_SS(N, ACC_LIST, OUTS, DA, DB, ACCI, TYPES) \
+// A and B in shared memory (SS): K-major (TA = TB = 0: S = Q K^T) or MN-major (transposed, TA / TB = 1: the
+// backward's dQ = dS K reads dS^T and K); operands after the accumulators: da, db, ACC, TA, TB
+#define WG_SS(N, ACC_LIST, OUTS, DA, DB, ACCI, TAI, TBI, TYPES) \
     asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %" ACCI ", 0;\n" \
                  "wgmma.mma_async.sync.aligned.m64n" N "k16.f32." TYPES " " ACC_LIST ", %" DA ", %" DB \
-                 ", p, 1, 1, 0, 0;\n}\n" \
-                 : OUTS(d) : "l"(da), "l"(db), "n"(ACC))
+                 ", p, 1, 1, %" TAI ", %" TBI ";\n}\n" \
+                 : OUTS(d) : "l"(da), "l"(db), "n"(ACC), "n"(TA), "n"(TB))
 
 // d (64 x N fp32) = A (64 x 16) * B (16 x N) + (ACC ? d : 0), N = 64 or 128
 template <typename T> struct Wgmma;
@@ -69,9 +71,10 @@ template <typename T> struct Wgmma;
             if constexpr (N == 128) WG_RS("128", WG_ACC64, WG_OUT64, "64", "65", "66", "67", "68", "69", "70", TYPES); \
             else WG_RS("64", WG_ACC32, WG_OUT32, "32", "33", "34", "35", "36", "37", "38", TYPES); \
         } \
-        template <int N, int ACC> static __device__ __forceinline__ void ss(float* d, unsigned long long da, unsigned long long db) { \
-            if constexpr (N == 128) WG_SS("128", WG_ACC64, WG_OUT64, "64", "65", "66", TYPES); \
-            else WG_SS("64", WG_ACC32, WG_OUT32, "32", "33", "34", TYPES); \
+        template <int N, int ACC, int TA = 0, int TB = 0> \
+        static __device__ __forceinline__ void ss(float* d, unsigned long long da, unsigned long long db) { \
+            if constexpr (N == 128) WG_SS("128", WG_ACC64, WG_OUT64, "64", "65", "66", "67", "68", TYPES); \
+            else WG_SS("64", WG_ACC32, WG_OUT32, "32", "33", "34", "35", "36", TYPES); \
         } \
     };
 WGMMA_FOR(__half, "f16.f16")
@@ -128,13 +131,19 @@ __device__ __forceinline__ void wg_softmax(float* s, float* m, float* l, float* 
 
 // Once no wgmma is in flight: O rescaled by alpha, P rounded to T into the A fragments of the next P V (the C
 // fragments of 8-key chunks 2kk and 2kk + 1 are the A fragment of 16-key step kk, as in rung 2).
+// wg_pack: an m64nN accumulator (fp32) rounded to T as the A fragments of N/16 k16 steps (the backward packs P^T
+// and dS^T so for dV += P^T dO, dK += dS^T Q).
+template <typename T, int N>
+__device__ __forceinline__ void wg_pack(u32 (*pa)[4], const float* s) {
+#pragma unroll
+    for (int n = 0; n < N / 8; n++) {
+        pa[n / 2][2 * (n & 1)] = pack2<T>(s[4 * n], s[4 * n + 1]);
+        pa[n / 2][2 * (n & 1) + 1] = pack2<T>(s[4 * n + 2], s[4 * n + 3]);
+    }
+}
 template <typename T, int D, int Bc>
 __device__ __forceinline__ void wg_rescale_and_pack(float* o, u32 (*pa)[4], const float* s, const float* alpha) {
 #pragma unroll
     for (int i = 0; i < D / 2; i++) o[i] *= alpha[(i >> 1) & 1];
-#pragma unroll
-    for (int n = 0; n < Bc / 8; n++) {
-        pa[n / 2][2 * (n & 1)] = pack2<T>(s[4 * n], s[4 * n + 1]);
-        pa[n / 2][2 * (n & 1) + 1] = pack2<T>(s[4 * n + 2], s[4 * n + 3]);
-    }
+    wg_pack<T, Bc>(pa, s);
 }

@@ -1,0 +1,255 @@
+// fa3_backward.cu: rung 'bwd_wgmma' of the CuPy ladder, a FlashAttention-3-style backward on Hopper (sm_90a only).
+// Launched between bwd_dot_do_o (delta = rowsum(dO * O), Lb, dQacc = 0) and bwd_convert_dq of fa2_bwd.cu, like
+// bwd_tc (fa2_bwd_tc.cu), whose algorithm it keeps; the products run on wgmma (Shah et al. 2024, section 3 and
+// appendix B: the backward's warp specialisation and its five products per tile).
+//
+//   fa3_backward<T, D, CAUSAL>   T = __half or __nv_bfloat16, D = 64 or 128
+//
+// Grid (ceil(Nk/Bc), B*H pairs over y and z: pair_index), Bc = 128 keys a block; block 384 threads = 3 warpgroups:
+//  * warpgroup 0, the producer (setmaxnreg.dec): its first warp loads the block's K and V once and then, per Q tile
+//    of Br = 64 query rows, Q and dO by TMA (rung 7's tensor maps and helpers, tma.cuh) and Lb * log2(e) and delta
+//    by plain loads into shared memory, into one of two stages; the stage's full barrier completes when the copy
+//    engine's bytes and the warp's 32 arrivals are in. Causal: only the Q tiles with a query >= the block's first key.
+//  * warpgroups 1 and 2, the consumers (setmaxnreg.inc), cw = 0, 1 owning keys kv0 + 64 cw ... + 63, and their
+//    dK, dV rows in fp32 registers for the whole kernel. Per Q tile (stage s = tile % 2):
+//      S^T = K_w Q^T, dP^T = V_w dO^T     m64n64k16 ss: A = K_w / V_w, B = Q / dO, all K-major in shared memory
+//      P^T = exp2(S^T scale log2(e) - Lb log2(e)), 0 where masked (ragged edges, causal diagonal: tiles that need it)
+//      dS^T = P^T * (dP^T - delta)
+//      dV_w += P^T dO, dK_w += dS^T Q     m64nDk16 rs: A = P^T / dS^T repacked from the accumulators (wg_pack), B =
+//                                         dO / Q MN-major (transposed), as the forward's O += P V reads V
+//      dS^T (rounded to T) -> shared memory (buffer tile % 2), then
+//      dQ_tile += scale dS K              m64n64k16 ss, A = dS^T and B = K both transposed: at d = 128 warpgroup cw
+//                                         takes dQ's columns 64 cw ... 64 cw + 63 over all Bc keys (after a named
+//                                         barrier of the 256 consumer threads: both halves of dS^T are written); at
+//                                         d = 64 all 64 columns over its own 64 keys (its own barrier of 128), the
+//                                         two partial products both added
+//      added into the fp32 dQ buffer with red.global.add.v2.f32 (other key blocks add there too); the stage is
+//      released (one arrival per consumer warp on its empty barrier) once this tile's products are complete.
+//    The two dS^T buffers let one warpgroup write tile i + 1's while the other still reads tile i's: a warpgroup
+//    passes tile i + 1's barrier only after the other has waited for its tile-i products.
+// Shared memory (dynamic, aligned here to 1024 bytes; sw128 layout, 64-column blocks): Ks, Vs (Bc x D), 2 stages
+//   of Qs, dOs (Br x D), 2 buffers of dS^T (Bc x Br), 2 stages of Lb*log2(e) and delta (Br floats), 5 mbarriers
+//   (kv_full, full[2], empty[2]).
+// Grouped-query attention: K, V from kv pair bh / G; dK, dV per query head (bwd_sum_groups adds them). Rows past
+//   Nq read as zeros (TMA) with Lb = +inf, so P = 0; keys past Nk are masked and never written.
+#include "flash_common.cuh"
+
+#include "tma.cuh"
+#include "wgmma.cuh"
+
+template <typename T, int D, bool CAUSAL>
+__global__ void __launch_bounds__(384, 1)
+fa3_backward(const __grid_constant__ TmaMap qmap, const __grid_constant__ TmaMap kmap,
+             const __grid_constant__ TmaMap vmap, const __grid_constant__ TmaMap domap,
+             const float* __restrict__ Lb, const float* __restrict__ Dlt, float* __restrict__ dQacc,
+             T* __restrict__ dK, T* __restrict__ dV, int Nq, int Nk, float scale, int BH, int G) {
+    static_assert(D == 64 || D == 128, "m64n64 / m64n128 wgmma");
+    constexpr int Bc = 128, Br = 64, KT = Bc * D * 2, QT = Br * D * 2, DST = Bc * Br * 2;
+    constexpr bool KSPLIT = D == 64;  // dQ split over keys (d = 64) or over columns (d = 128)
+    extern __shared__ __align__(128) unsigned char smem_raw[];
+    unsigned char* base = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
+    const u32 ks0 = smem_addr(base), vs0 = ks0 + KT, qs0 = vs0 + KT, dos0 = qs0 + 2 * QT, dss0 = dos0 + 2 * QT;
+    float* ls = reinterpret_cast<float*>(base + 2 * KT + 4 * QT + 2 * DST);  // 2 stages of Br: Lb * log2(e)
+    float* dl = ls + 2 * Br;                                                 // 2 stages of Br: delta
+    unsigned char* dss_p = base + 2 * KT + 4 * QT;
+    const u32 bar0 = smem_addr(dl + 2 * Br), kv_full = bar0;
+    auto full = [&](int s) { return bar0 + 8 * (1 + s); };
+    auto empty = [&](int s) { return bar0 + 8 * (3 + s); };
+
+    const int tid = threadIdx.x, wg = tid >> 7, lane = tid & 31;
+    const u32 pair = pair_index();
+    if (pair >= (u32)BH) return;
+    const int bh = (int)pair, bkv = (int)(pair / (u32)G);
+    const int kv0 = blockIdx.x * Bc;
+    const int q_begin = CAUSAL ? (kv0 / Br) * Br : 0;
+    const int n_q = q_begin < Nq ? (Nq - q_begin + Br - 1) / Br : 0;  // Q tiles this block visits
+
+    if (tid == 0) {
+        mbar_init(kv_full, 1);
+        for (int s = 0; s < 2; s++) {
+            mbar_init(full(s), 1 + 32);  // the expect_tx arrival and the 32 lanes that stored Lb, delta
+            mbar_init(empty(s), 8);      // every consumer warp
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    __syncthreads();
+
+    if (wg == 0) {  // ---- producer: warp 0 ----
+        regs_dec<24>();
+        if (tid < 32 && n_q > 0) {
+            if (lane == 0) {
+                tma_prefetch_map(&qmap);
+                tma_prefetch_map(&domap);
+                mbar_arrive_expect_tx(kv_full, 2 * KT);
+                tma_tile<D, Bc>(ks0, &kmap, kv_full, kv0, bkv);
+                tma_tile<D, Bc>(vs0, &vmap, kv_full, kv0, bkv);
+            }
+            const float* lb = Lb + (size_t)bh * Nq;
+            const float* dt = Dlt + (size_t)bh * Nq;
+            for (int i = 0; i < n_q; i++) {
+                const int s = i & 1, q0 = q_begin + i * Br;
+                mbar_wait(empty(s), ((i >> 1) & 1) ^ 1);
+                if (lane == 0) {
+                    mbar_arrive_expect_tx(full(s), 2 * QT);
+                    tma_tile<D, Br>(qs0 + s * QT, &qmap, full(s), q0, bh);
+                    tma_tile<D, Br>(dos0 + s * QT, &domap, full(s), q0, bh);
+                }
+#pragma unroll
+                for (int r = lane; r < Br; r += 32) {
+                    const bool ok = q0 + r < Nq;
+                    ls[s * Br + r] = ok ? lb[q0 + r] * LOG2E : -NEG_INF;  // +inf past Nq: P = 0
+                    dl[s * Br + r] = ok ? dt[q0 + r] : 0.f;
+                }
+                mbar_arrive(full(s));  // release: the stores above are visible to whoever waits on the phase
+            }
+        }
+        return;
+    }
+
+    // ---- consumers ----
+    regs_inc<240>();
+    const int cw = wg - 1, w = (tid >> 5) & 3, g = lane >> 2, t = lane & 3;
+    const int kw0 = kv0 + 64 * cw;  // the warpgroup's first key
+    const float sl = scale * LOG2E;
+    float dk[D / 2], dv[D / 2];
+#pragma unroll
+    for (int i = 0; i < D / 2; i++) dk[i] = dv[i] = 0.f;
+
+    // S^T (dP^T) = K_w Q^T (V_w dO^T) per 16-column step kk of d: rung 7's S = Q K^T with the operands' roles swapped
+    auto issue_sdp = [&](float* st, float* dpt, u32 qs, u32 dos) {
+#pragma unroll
+        for (int kk = 0; kk < D / 16; kk++) {
+            const u32 ka = (kk >> 2) * (Bc * 128) + 64 * cw * 128 + (kk & 3) * 32, qb = (kk >> 2) * (Br * 128) + (kk & 3) * 32;
+            const unsigned long long da = smem_desc_sw128(ks0 + ka, 16, 1024), db = smem_desc_sw128(qs + qb, 16, 1024);
+            if (kk == 0) Wgmma<T>::template ss<Br, 0>(st, da, db);
+            else Wgmma<T>::template ss<Br, 1>(st, da, db);
+        }
+        wgmma_commit();
+#pragma unroll
+        for (int kk = 0; kk < D / 16; kk++) {
+            const u32 ka = (kk >> 2) * (Bc * 128) + 64 * cw * 128 + (kk & 3) * 32, qb = (kk >> 2) * (Br * 128) + (kk & 3) * 32;
+            const unsigned long long da = smem_desc_sw128(vs0 + ka, 16, 1024), db = smem_desc_sw128(dos + qb, 16, 1024);
+            if (kk == 0) Wgmma<T>::template ss<Br, 0>(dpt, da, db);
+            else Wgmma<T>::template ss<Br, 1>(dpt, da, db);
+        }
+        wgmma_commit();
+    };
+    // dV += P^T dO, dK += dS^T Q per 16-query step: dO, Q MN-major (LBO = Br * 128: the next 64 columns of d)
+    auto issue_dkdv = [&](const u32 (*pa)[4], const u32 (*pds)[4], u32 qs, u32 dos) {
+#pragma unroll
+        for (int kk = 0; kk < Br / 16; kk++)
+            Wgmma<T>::template rs<D, 1, 1>(dv, pa[kk], smem_desc_sw128(dos + kk * 2048, Br * 128, 1024));
+#pragma unroll
+        for (int kk = 0; kk < Br / 16; kk++)
+            Wgmma<T>::template rs<D, 1, 1>(dk, pds[kk], smem_desc_sw128(qs + kk * 2048, Br * 128, 1024));
+        wgmma_commit();
+    };
+    // dQ (64 queries x 64 columns) = dS K per 16-key step: A = dS^T (keys x queries) and B = K (keys x d), both
+    // MN-major; d = 64: this warpgroup's keys, all columns; d = 128: all keys, columns 64 cw ...
+    constexpr int KQ = KSPLIT ? 4 : Bc / 16;
+    auto issue_dq = [&](float* dq, u32 dss) {
+        const u32 kr = KSPLIT ? 64 * cw * 128 : 0, kc = KSPLIT ? 0 : cw * (Bc * 128);
+#pragma unroll
+        for (int kk = 0; kk < KQ; kk++) {
+            const unsigned long long da = smem_desc_sw128(dss + kr + kk * 2048, Bc * 128, 1024);
+            const unsigned long long db = smem_desc_sw128(ks0 + kr + kc + kk * 2048, Bc * 128, 1024);
+            if (kk == 0) Wgmma<T>::template ss<64, 0, 1, 1>(dq, da, db);
+            else Wgmma<T>::template ss<64, 1, 1, 1>(dq, da, db);
+        }
+        wgmma_commit();
+    };
+
+    if (n_q > 0) mbar_wait(kv_full, 0);
+    for (int i = 0; i < n_q; i++) {
+        const int s = i & 1, q0 = q_begin + i * Br;
+        const u32 qs = qs0 + s * QT, dos = dos0 + s * QT, dss = dss0 + s * DST;
+        mbar_wait(full(s), (i >> 1) & 1);
+        float st[Br / 2], dpt[Br / 2];
+        wgmma_fence();
+        issue_sdp(st, dpt, qs, dos);
+        // this thread's queries: 8n + 2t + e of the tile, keys kw0 + 16w + g + 8h
+        const float* lst = ls + s * Br;
+        const float* dlt = dl + s * Br;
+        const bool need_mask = q0 + Br > Nq || kw0 + 64 > Nk || (CAUSAL && kw0 + 63 > q0);
+        wgmma_wait<1>();
+        fence_regs<Br / 2>(st);
+        u32 pa[Br / 16][4], pds[Br / 16][4];
+#pragma unroll
+        for (int n = 0; n < Br / 8; n++) {
+            const float2 l2 = *reinterpret_cast<const float2*>(lst + 8 * n + 2 * t);
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                float p = fast_exp2(fmaf(st[4 * n + e], sl, -((e & 1) ? l2.y : l2.x)));
+                if (need_mask) {
+                    const int qc = q0 + 8 * n + 2 * t + (e & 1), kr = kw0 + 16 * w + g + 8 * (e >> 1);
+                    if (qc >= Nq || kr >= Nk || (CAUSAL && kr > qc)) p = 0.f;
+                }
+                st[4 * n + e] = p;
+            }
+        }
+        wg_pack<T, Br>(pa, st);
+        wgmma_wait<0>();
+        fence_regs<Br / 2>(dpt);
+#pragma unroll
+        for (int n = 0; n < Br / 8; n++) {
+            const float2 d2 = *reinterpret_cast<const float2*>(dlt + 8 * n + 2 * t);
+#pragma unroll
+            for (int e = 0; e < 4; e++) dpt[4 * n + e] = st[4 * n + e] * (dpt[4 * n + e] - ((e & 1) ? d2.y : d2.x));
+        }
+        wg_pack<T, Br>(pds, dpt);
+        // dS^T rows kw0 - kv0 + 16w + g + 8h of the Bc-row buffer, query columns 8n + 2t, +1
+        fence_proxy_async();  // the async proxy's reads of this buffer two tiles ago before these writes
+        const int rk = 64 * cw + 16 * w + g;
+#pragma unroll
+        for (int n = 0; n < Br / 8; n++) {
+            *reinterpret_cast<u32*>(dss_p + s * DST + sw128<Bc>(rk, 8 * n) + 4 * t) = pds[n / 2][2 * (n & 1)];
+            *reinterpret_cast<u32*>(dss_p + s * DST + sw128<Bc>(rk + 8, 8 * n) + 4 * t) = pds[n / 2][2 * (n & 1) + 1];
+        }
+        fence_proxy_async();  // visible to wgmma (the async proxy)
+        fence_regs<D / 2>(dv);
+        fence_regs<D / 2>(dk);
+        fence_regs<Br / 4>(&pa[0][0]);
+        fence_regs<Br / 4>(&pds[0][0]);
+        wgmma_fence();
+        issue_dkdv(pa, pds, qs, dos);
+        if (KSPLIT) bar_sync(1 + cw, 128);  // the warpgroup's dS^T rows are all written
+        else bar_sync(1, 256);              // both warpgroups' rows
+        float dq[32];
+        wgmma_fence();
+        issue_dq(dq, dss);
+        wgmma_wait<0>();
+        fence_regs<D / 2>(dv);
+        fence_regs<D / 2>(dk);
+        fence_regs<Br / 4>(&pa[0][0]);
+        fence_regs<Br / 4>(&pds[0][0]);
+        fence_regs<32>(dq);
+        __syncwarp();
+        if (lane == 0) mbar_arrive(empty(s));  // Q, dO, Lb, delta of stage s are read
+        // dQ rows q0 + 16w + g + 8h, columns c0 + 8n + 2t, +1
+        const int c0 = KSPLIT ? 0 : 64 * cw;
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            const int row = q0 + 16 * w + g + 8 * h;
+            if (row < Nq) {
+                float* dst = dQacc + ((size_t)bh * Nq + row) * D + c0 + 2 * t;
+#pragma unroll
+                for (int n = 0; n < 8; n++) atomic_add_f32x2(dst + 8 * n, dq[4 * n + 2 * h] * scale, dq[4 * n + 2 * h + 1] * scale);
+            }
+        }
+    }
+
+    // dK = scale dS^T Q, dV = P^T dO for the warpgroup's keys (rows kw0 + 16w + g + 8h; zero where no Q tile was seen)
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        const int row = kw0 + 16 * w + g + 8 * h;
+        if (row < Nk) {
+            T* k_out = dK + ((size_t)bh * Nk + row) * D + 2 * t;
+            T* v_out = dV + ((size_t)bh * Nk + row) * D + 2 * t;
+#pragma unroll
+            for (int n = 0; n < D / 8; n++) {
+                *reinterpret_cast<u32*>(k_out + 8 * n) = pack2<T>(dk[4 * n + 2 * h] * scale, dk[4 * n + 2 * h + 1] * scale);
+                *reinterpret_cast<u32*>(v_out + 8 * n) = pack2<T>(dv[4 * n + 2 * h], dv[4 * n + 2 * h + 1]);
+            }
+        }
+    }
+}

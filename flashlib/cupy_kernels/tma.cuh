@@ -1,0 +1,50 @@
+// tma.cuh: the Tensor Memory Accelerator, mbarriers, named barriers and register re-allocation (sm_90a) as inline
+// PTX, shared by rung 7's forward (fa3_forward.cu) and the Hopper backward (fa3_backward.cu).
+#pragma once
+#include "flash_common.cuh"
+
+// ---- mbarrier, TMA and register re-allocation (PTX ISA: "mbarrier", "cp.async.bulk.tensor", "setmaxnreg") ----
+// a CUtensorMap: 128 opaque bytes, 64-byte aligned, passed by value as a __grid_constant__ kernel parameter
+struct __align__(64) TmaMap { unsigned long long bits[16]; };
+
+__device__ __forceinline__ void mbar_init(u32 bar, u32 count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+// one arrival that also tells the barrier to expect `bytes` more from the copy engine in this phase
+__device__ __forceinline__ void mbar_arrive_expect_tx(u32 bar, u32 bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(u32 bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+// spin until the phase of parity `parity` has completed
+__device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {
+    asm volatile("{\n.reg .pred done;\nWAIT:\n"
+                 "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+                 "@!done bra WAIT;\n}\n" ::"r"(bar), "r"(parity) : "memory");
+}
+// box (64 columns, rows, 1) of a 3-D tensor map at (column c, row r, pair z) into shared memory; completion counted
+// in bytes on mbarrier `bar`
+__device__ __forceinline__ void tma_load_3d(u32 dst, const TmaMap* map, u32 bar, int c, int r, int z) {
+    asm volatile("cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4, %5}], [%2];\n"
+                 ::"r"(dst), "l"(reinterpret_cast<unsigned long long>(map)), "r"(bar), "r"(c), "r"(r), "r"(z) : "memory");
+}
+__device__ __forceinline__ void tma_prefetch_map(const TmaMap* map) {
+    asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<unsigned long long>(map)) : "memory");
+}
+// named barriers 1 and 2 (0 is __syncthreads): sync waits until `count` threads arrived, arrive does not wait
+__device__ __forceinline__ void bar_sync(int id, int count) { asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory"); }
+__device__ __forceinline__ void bar_arrive(int id, int count) { asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(count) : "memory"); }
+template <int N> __device__ __forceinline__ void regs_dec() { asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N)); }
+template <int N> __device__ __forceinline__ void regs_inc() { asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N)); }
+
+// a rows x D tile (D/64 boxes of 64 columns) at row r0 of pair z into the swizzled tile at dst, arriving on bar
+template <int D, int R>
+__device__ __forceinline__ void tma_tile(u32 dst, const TmaMap* map, u32 bar, int r0, int z) {
+#pragma unroll
+    for (int b = 0; b < D / 64; b++) tma_load_3d(dst + b * R * 128, map, bar, 64 * b, r0, z);
+}
+
+// registers a thread of the producer / of a consumer, FlashAttention-3's split: 128 * 24 + 256 * 240 <= 65536 for
+// two consumer warpgroups, 128 * 32 + 384 * 160 = 65536 for three
+template <int NCW> struct Regs { static constexpr int producer = NCW == 2 ? 24 : 32, consumer = NCW == 2 ? 240 : 160; };

@@ -1,0 +1,75 @@
+"""The Hopper backward 'bwd_wgmma' (fa3_backward.cu) without a GPU: its configuration, and every instance (fp16 /
+bf16 x d = 64, 128 x causal) compiled by nvcc/ptxas for sm_90a with no spills, no stack frame and no ptxas warning
+(e.g. a serialised wgmma); skipped where nvcc is missing."""
+import concurrent.futures
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+
+import pytest
+
+from flashlib import cupy_kernels as ck
+from tests.test_cupy_kernels import _parse_ptxas
+
+NVCC = shutil.which("nvcc")
+
+
+def test_bwd_wgmma_config():
+    cfg = ck.choose_config("bfloat16", 128, 90, causal=True, rung="bwd_wgmma")
+    assert cfg.kernel == "fa3_backward<__nv_bfloat16, 128, true>" and cfg.file == "fa3_backward.cu"
+    assert (cfg.Br, cfg.Bc, cfg.warps, cfg.arch) == (64, 128, 12, "sm_90a")
+    # K, V (128 rows), 2 x (Q, dO) (64 rows), 2 dS^T buffers, 2 x (Lb, delta), 5 mbarriers, 1 KB alignment slack
+    assert cfg.smem == 1024 + 2 * 128 * (2 * 128 + 4 * 64) + 2 * 2 * 128 * 64 + 4 * 4 * 64 + 40 <= ck.SMEM_LIMIT[90]
+    assert ck.choose_config("float16", 64, 90, rung="bwd_wgmma").kernel == "fa3_backward<__half, 64, false>"
+    assert ck.choose_config("float16", 50, 90, rung="bwd_wgmma").D == 64   # a head dim in the 64 bucket
+    assert "bwd_wgmma" in ck.BACKWARD_RUNGS and ck.ARCH["fa3_backward.cu"] == "sm_90a"
+    assert len(set(ck.bwd_wgmma_instances())) == 8
+    # the default backward on Hopper at d = 128 (97 ... 128: that bucket) after the H200 run; d = 64 stays on bwd_tc
+    assert ck.default_rung("float16", 90, "backward", 128) == "bwd_wgmma" == ck.default_rung("bfloat16", 90, "backward", 100)
+    assert ck.default_rung("float16", 90, "backward", 64) == "bwd_tc" == ck.default_rung("float16", 80, "backward", 128)
+    assert ck.default_rung("float32", 90, "backward", 128) == "bwd_fp32"
+    assert ck.choose_config("float16", 128, 90, rung=ck.default_rung("float16", 90, "backward", 128)).file == "fa3_backward.cu"
+
+
+@pytest.mark.parametrize("args,match", [
+    (("float16", 128, 80, False), "Hopper"), (("float16", 96, 90, False), "head_dim"),
+    (("float16", 256, 90, True), "head_dim"), (("float32", 64, 90, False), "float16 or bfloat16")])
+def test_bwd_wgmma_refuses(args, match):
+    with pytest.raises(ValueError, match=match):
+        ck.choose_config(*args, rung="bwd_wgmma")
+
+
+def _nvcc(name, tmp):
+    src = os.path.join(tmp, re.sub(r"\W+", "_", name) + ".cu")
+    with open(src, "w") as fh:  # taking the instance's address instantiates it, as NVRTC's name expressions do
+        fh.write(f'#include "fa3_backward.cu"\nvoid* flashlib_instance = (void*)&{name};\n')
+    cmd = [NVCC, "-std=c++17", "-arch=sm_90a", "-ftz=true", "-cubin", f"-I{ck.HERE}", "-Xptxas", "-v",
+           "-o", src + ".cubin", src]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    return name, out.returncode, out.stdout + out.stderr
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc not found on PATH")
+def test_bwd_wgmma_compiles_without_spills():
+    with tempfile.TemporaryDirectory() as tmp, concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 2) as ex:
+        results = list(ex.map(lambda n: _nvcc(n, tmp), ck.bwd_wgmma_instances()))
+    failures, lines = [], []
+    for name, rc, log in results:
+        if rc != 0:
+            failures.append(f"{name}: nvcc failed\n{log[-3000:]}")
+            continue
+        if "warning" in log.lower() or "performance loss" in log.lower():
+            failures.append(f"{name}: ptxas warned\n{log[-2000:]}")
+        info = _parse_ptxas(log)
+        assert len(info) == 1, (name, info)
+        (regs, spill), = info.values()
+        if spill:
+            failures.append(f"{name}: {spill} bytes of stack frame / spills ({regs} registers)")
+        # the launch bound (1 block of 384 threads) caps the count ptxas reports at 168; the consumers take 240
+        # with setmaxnreg.inc, the producer 24
+        assert regs <= 168, (name, regs)
+        lines.append(f"{regs:4d} regs {spill:4d} B  {name}")
+    print("\n".join(lines))
+    assert not failures, "\n".join(failures)
