@@ -251,9 +251,12 @@ def prepare_backward(q, k, v, *, causal, scale, dtype, rung=None, tiles=None):
     acc = 0 if dtype == "float32" else rows * d
     scratch_like = io.f32_maker((acc + 2 * rows,), q)
     contiguous, ptr, stream, empty_like = io.contiguous, io.ptr, io.stream, io.empty_like
+    tma = plan.cfg.rung == "bwd_wgmma"          # reads q, k, v, do through TMA: 16-byte-aligned tensors
 
     def run(q, k, v, o, lse, do):
         q, k, v, o, lse, do = (contiguous(a) for a in (q, k, v, o, lse, do))
+        if tma and (ptr(q) | ptr(k) | ptr(v) | ptr(do)) % 16:
+            q, k, v, do = io.copy(q), io.copy(k), io.copy(v), io.copy(do)
         scratch = scratch_like()
         base = ptr(scratch)
         dq, dk, dv = empty_like(q), empty_like(k), empty_like(v)

@@ -51,10 +51,8 @@ HEAD_DIMS = (32, 64, 96, 128, 256)  # compiled head dims; a head dim 1 ... 256 i
 DTYPES = ("float16", "bfloat16")
 # (NW warps, Bc keys, NSTAGE, MT m-tiles of 16 rows per warp, MINB blocks per SM for ptxas or 0) per head dim,
 # Br = 16*NW*MT, under 48 KB of static shared memory (Numba has no opt-in); swept by benchmarks/numba_tc_bench.py.
-# d = 256 (not swept): Bc = 16, so S and P fit beside O's 128 fp32 registers. On the m16n8k8 (sm_75) path d = 256
-# has two warps (Br = 32 = 2 Bc, the most one stage allows at Bc = 16): O's 128 registers and the register-staged
-# K/V copies (no cp.async there) exceed 255, and ptxas spills 28 bytes a thread (tests/test_numba_tc.py bounds it),
-# the price of running d = 256 on a T4 at all.
+# d = 256 (not swept): Bc = 16, so S and P fit beside O's 128 fp32 registers. The m16n8k8 (sm_75) path: two warps
+# (Br = 32 = 2 Bc, one stage); O's registers and the register-staged K/V copies (no cp.async) spill 28 bytes there.
 TILES = {32: (4, 64, 2, 1, 0), 64: (4, 64, 2, 1, 0), 96: (4, 32, 2, 1, 0), 128: (4, 32, 2, 1, 0), 256: (4, 16, 2, 1, 0)}
 TILES_SM75 = {32: (4, 64, 1, 1, 0), 64: (4, 64, 1, 1, 0), 96: (4, 64, 1, 1, 0), 128: (4, 64, 1, 1, 0),
               256: (2, 16, 1, 1, 0)}
