@@ -242,3 +242,23 @@ def test_prepared_backward_launches_as_backward_does(fake_gpu, dtype):
     assert pre[2] == lse.data_ptr() and pre[0] != do.data_ptr()               # dO (strided here) copied
     assert main[:3] == [q.data_ptr(), k.data_ptr(), v.data_ptr()] and main[7:9] == [dk.data_ptr(), dv.data_ptr()]
     assert dq.shape == q.shape and dk.shape == k.shape and dq.dtype == dtype
+
+
+def test_torch_calls_reach_the_prepared_launches(fake_gpu, monkeypatch):
+    """flashlib.torch's eager call on (here: stand-in) CUDA tensors runs through api.route into the cupy backend's
+    prepared forward and, for the gradient, its prepared backward: one plan each, launches recorded."""
+    import flashlib.torch as ft
+    from flashlib import api
+    log, built = fake_gpu
+    monkeypatch.setattr(api, "on_gpu", lambda x: True)
+    monkeypatch.setattr(api, "choose_backend", lambda backend, dt, gpu: "cupy")
+    api._ROUTES.clear()
+    q, k, v = (torch.randn(1, 2, 40, 64, dtype=torch.float16, requires_grad=True) for _ in range(3))
+    for _ in range(2):
+        o = ft.scaled_dot_product_attention(q, k, v, is_causal=True, backend="cupy")
+        torch.autograd.grad(o, (q, k, v), torch.ones_like(o))
+    r = api.route(q, k, v, True, None, "cupy")
+    assert r.fwd is not None and r._bwd and len(api._ROUTES) == 1
+    kernels = [c["kernel"] for c in log]
+    assert len(kernels) == 2 * (1 + 2 + 1) and kernels[0] == kernels[4]      # forward, pre-pass, main, dQ conversion
+    api._ROUTES.clear()

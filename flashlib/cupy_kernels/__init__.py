@@ -38,6 +38,7 @@ from .config import (ARCH, BACKWARD_RUNGS, BWD_FALLBACK_TILES, BWD_TILES, BWD_WG
                      bwd_columns, check_inputs, choose_config, default_rung, fp32_tiles, head_bucket, instances,
                      pair_grid, smem_backward, smem_forward, smem_wgmma, sw128)
 from .build import HERE, Launcher, cuda_include_dirs, _kernel_on, _kernel_sm90a, compile_kernel, device_cc
-from .launch import Plan, backward, backward_plan, forward, forward_plan, launch_backward, launch_forward
+from .launch import (Plan, backward, backward_plan, forward, forward_plan, launch_backward, launch_forward,
+                     prepare_backward, prepare_forward)
 
 GQA = ("forward", "backward")   # the kernels take k, v with fewer heads than q (argument G; flashlib.api reads this)
