@@ -262,3 +262,21 @@ def test_torch_calls_reach_the_prepared_launches(fake_gpu, monkeypatch):
     kernels = [c["kernel"] for c in log]
     assert len(kernels) == 2 * (1 + 2 + 1) and kernels[0] == kernels[4]      # forward, pre-pass, main, dQ conversion
     api._ROUTES.clear()
+
+
+@pytest.mark.parametrize("pick", [None, "tuned"])
+def test_misaligned_inputs_are_copied_before_any_kernel_reads_them(fake_gpu, pick):
+    """Every Tensor Core rung reads 16-byte pieces (cp.async, ldmatrix, TMA): a contiguous tensor at an address that
+    is not a multiple of 16 reaches the kernel as an aligned copy, in the general and the prepared paths, forward
+    and backward (regression: the H200 raised 'misaligned address' in bwd_tc for such a q)."""
+    log, built = fake_gpu
+    q = torch.empty(2 * 3 * 50 * 64 + 1, dtype=torch.float16)[1:].view(2, 3, 50, 64).normal_()
+    k = v = torch.randn(2, 3, 40, 64).half()
+    assert q.is_contiguous() and q.data_ptr() % 16
+    o, lse = ck.forward(q, k, v, causal=False, scale=None, dtype="float16", rung=pick)
+    ck.launch.prepare_forward(q, k, v, causal=False, scale=None, dtype="float16", rung=pick)(q, k, v)
+    ck.backward(q, k, v, o, lse, q, causal=False, scale=None, dtype="float16")
+    ck.launch.prepare_backward(q, k, v, causal=False, scale=None, dtype="float16")(q, k, v, o, lse, q)
+    for call in log:
+        addrs = [a[1] if isinstance(a, tuple) else a for a, c in zip(call["args"], call["sig"]) if c in "PM"]
+        assert all(a % 16 == 0 for a in addrs), call["kernel"]

@@ -153,9 +153,7 @@ def forward(q, k, v, *, causal, scale, dtype, rung=None, tiles=None):
     if D != d:
         q, k, v = (io.padded(a, D) for a in (q, k, v))
     else:
-        q, k, v = io.contiguous(q), io.contiguous(k), io.contiguous(v)
-        if plan.cfg.rung == "fa3" and (io.ptr(q) | io.ptr(k) | io.ptr(v)) % 16:   # TMA reads 16-byte-aligned tensors
-            q, k, v = io.copy(q), io.copy(k), io.copy(v)
+        q, k, v = _aligned(io, io.contiguous(q), io.contiguous(k), io.contiguous(v))
     o, lse = io.empty_like(q), io.empty_f32((B, H, Nq), q)
     launch_forward(plan, io.ptr(q), io.ptr(k), io.ptr(v), io.ptr(o), io.ptr(lse), B, H, Nq, Nk, scale,
                    H // k.shape[1], io.stream(dev))
@@ -180,9 +178,7 @@ def backward(q, k, v, o, lse, do, *, causal, scale, dtype, rung=None, tiles=None
     plan = backward_plan(dtype, d, causal, dev, rung, _hashable(tiles))
     D, Hkv = plan.cfg.D, k.shape[1]
     G = H // Hkv
-    q, k, v, o, do = (io.contiguous(a) if D == d else io.padded(a, D) for a in (q, k, v, o, do))
-    if plan.cfg.rung == "bwd_wgmma" and (io.ptr(q) | io.ptr(k) | io.ptr(v) | io.ptr(do)) % 16:  # TMA: 16-byte aligned
-        q, k, v, do = io.copy(q), io.copy(k), io.copy(v), io.copy(do)
+    q, k, v, o, do = _aligned(io, *(io.contiguous(a) if D == d else io.padded(a, D) for a in (q, k, v, o, do)))
     lse = io.contiguous_f32(lse)
     rows = B * H * Nq
     # one float32 scratch buffer: dQ's accumulator (16-bit input; for float32 dQ accumulates in place, zeroed by the
@@ -227,10 +223,10 @@ def prepare_forward(q, k, v, *, causal, scale, dtype, rung=None, tiles=None):
     def run(q, k, v):
         q, k, v = contiguous(q), contiguous(k), contiguous(v)
         pq, pk, pv = ptr(q), ptr(k), ptr(v)
+        if (pq | pk | pv) % 16:
+            q, k, v = _aligned(io, q, k, v)
+            pq, pk, pv = ptr(q), ptr(k), ptr(v)
         if cfg.rung == "fa3":
-            if (pq | pk | pv) % 16:
-                q, k, v = io.copy(q), io.copy(k), io.copy(v)
-                pq, pk, pv = ptr(q), ptr(k), ptr(v)
             pq, pk, pv = qmap(pq), kvmap(pk), kvmap(pv)
         o, lse = empty_like(q), lse_like()
         launch(gx, gy, gz, block, 1, 1, smem, stream(dev), (pq, pk, pv, ptr(o), ptr(lse), Nq, Nk, scale, BH, G))
@@ -251,12 +247,11 @@ def prepare_backward(q, k, v, *, causal, scale, dtype, rung=None, tiles=None):
     acc = 0 if dtype == "float32" else rows * d
     scratch_like = io.f32_maker((acc + 2 * rows,), q)
     contiguous, ptr, stream, empty_like = io.contiguous, io.ptr, io.stream, io.empty_like
-    tma = plan.cfg.rung == "bwd_wgmma"          # reads q, k, v, do through TMA: 16-byte-aligned tensors
 
     def run(q, k, v, o, lse, do):
         q, k, v, o, lse, do = (contiguous(a) for a in (q, k, v, o, lse, do))
-        if tma and (ptr(q) | ptr(k) | ptr(v) | ptr(do)) % 16:
-            q, k, v, do = io.copy(q), io.copy(k), io.copy(v), io.copy(do)
+        if (ptr(q) | ptr(k) | ptr(v) | ptr(o) | ptr(do)) % 16:
+            q, k, v, o, do = _aligned(io, q, k, v, o, do)
         scratch = scratch_like()
         base = ptr(scratch)
         dq, dk, dv = empty_like(q), empty_like(k), empty_like(v)
@@ -265,6 +260,12 @@ def prepare_backward(q, k, v, *, causal, scale, dtype, rung=None, tiles=None):
                         None, None, stream(dev))
         return dq, dk, dv
     return run
+
+
+def _aligned(io, *arrays):
+    """The arrays, each 16-byte-aligned one as it is and the others copied (a caching allocator's blocks are): the
+    kernels read rows in 16-byte pieces (cp.async, ldmatrix, TMA), which a misaligned address would fault."""
+    return tuple(a if io.ptr(a) % 16 == 0 else io.copy(a) for a in arrays)
 
 
 def _hashable(tiles):
