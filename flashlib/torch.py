@@ -104,7 +104,7 @@ def flash_attention(q, k, v, causal=False, scale=None, backend="auto"):
     if _plain_eager(q, k, v):
         r = api.route(q, k, v, causal, scale, backend)
         if (q.requires_grad or k.requires_grad or v.requires_grad) and torch.is_grad_enabled():
-            return _EagerAttention.apply(q, k, v, r)
+            return _eager_apply(q, k, v, r)
         return r.forward(q, k, v)[0]
     dt = _traced_check(q, k, v)
     check_causal(causal)
@@ -126,7 +126,8 @@ def _traced_check(q, k, v):
 def _plain_eager(q, k, v):
     T = torch.Tensor
     return (type(q) is T and type(k) is T and type(v) is T and not torch.compiler.is_compiling()
-            and not torch._C._is_torch_function_mode_enabled() and torch._C._len_torch_dispatch_stack() == 0)
+            and not torch._C._is_torch_function_mode_enabled() and torch._C._len_torch_dispatch_stack() == 0
+            and not torch._C._are_functorch_transforms_active())          # torch.func's transforms: the operator
 
 
 class _EagerAttention(torch.autograd.Function):
@@ -150,6 +151,12 @@ class _EagerAttention(torch.autograd.Function):
         else:
             dq, dk, dv = r.backward(q, k, v, o, lse, do)
         return dq, dk, dv, None
+
+
+# _EagerAttention.apply without autograd.Function.apply's Python layer (functorch's unwrapping and argument binding,
+# which plain tensors and this Function's positional arguments do not need): the C++ apply it calls in the end
+_C_APPLY = torch._C._FunctionBase.__dict__.get("apply")
+_eager_apply = _C_APPLY.__get__(None, _EagerAttention) if _C_APPLY is not None else _EagerAttention.apply
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,

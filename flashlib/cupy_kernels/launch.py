@@ -312,7 +312,7 @@ class _CupyIO:
     empty_f32 = staticmethod(lambda shape, a: _cp().empty(shape, dtype="float32"))
     zeros = staticmethod(lambda shape, a: _cp().zeros(shape, dtype=a.dtype))
     full_f32 = staticmethod(lambda shape, value, a: _cp().full(shape, value, dtype="float32"))
-    f32_maker = staticmethod(lambda shape, a: functools.partial(_cp().ndarray, shape, "float32"))
+    f32_maker = staticmethod(lambda shape, a: functools.partial(_cp().ndarray, shape, np.dtype("float32")))
     padded = staticmethod(_cupy_padded)
     unpadded = staticmethod(lambda a, d: _cp().ascontiguousarray(a[..., :d]))
     ptr = staticmethod(lambda a: a.data.ptr)
