@@ -36,7 +36,7 @@ def test_import_does_not_need_cupy_or_gpu():
 def test_default_forward_rung(dtype, cc, rung):
     for d in ck.HEAD_DIMS:
         cfg = ck.choose_config(dtype, d, cc)
-        if cc == 90 and dtype != "float32" and d in ck.FA3_HEAD_DIMS:  # Hopper: rung 7 where it exists
+        if cc == 90 and dtype != "float32" and d in ck.FA3_DEFAULT_HEAD_DIMS:  # Hopper: rung 7 where checked
             assert cfg.rung == "fa3" and cfg.kernel.startswith("fa3_forward<") and cfg.arch == "sm_90a"
             assert cfg.Br == 64 * (cfg.warps // 4 - 1)                # one producer warpgroup, the rest consumers
         else:

@@ -29,7 +29,8 @@ its current stream. Any head dim 1 ... 256: kernels are compiled for the buckets
 them is zero-padded up to the next (zero columns change no score; the padded columns of O are dropped). CuPy is
 imported and the .cu files compiled only when a kernel is first launched.
 """
-from .config import (ARCH, BACKWARD_RUNGS, BWD_FALLBACK_TILES, BWD_TILES, CTYPE, DTYPES, FA3_HEAD_DIMS, FA3_TILES,
+from .config import (ARCH, BACKWARD_RUNGS, BWD_FALLBACK_TILES, BWD_TILES, CTYPE, DTYPES, FA3_DEFAULT_HEAD_DIMS,
+                     FA3_HEAD_DIMS, FA3_TILES,
                      FALLBACK_TILES, FORWARD_RUNGS,
                      HEAD_DIMS, MAX_GRID_YZ, SMEM_LIMIT, TUNED_TILES, WGMMA_HEAD_DIMS, WGMMA_TILES, Config, _cc_int,
                      bwd_columns, check_inputs, choose_config, default_rung, fp32_tiles, head_bucket, instances,
