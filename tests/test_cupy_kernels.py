@@ -213,7 +213,8 @@ def test_instances_per_architecture():
     assert len(i90["fa2_tc.cu"]) == 2 * 5 * 2 * 2 + 5 * 2  # fp16/bf16 x d x causal x (tc, tuned) + sm75
     assert len(i90["fa2_bwd_tc.cu"]) == 2 * 5 * 2  # fp16/bf16 x d x causal
     assert len(i90["fa2_wgmma.cu"]) == 2 * 2 * 2 and "fa2_wgmma.cu" not in ck.instances(80)  # fp16/bf16 x d x causal
-    assert len(i90["fa3_forward.cu"]) == 2 * 2 * 2 and "fa3_forward.cu" not in ck.instances(80)  # default tiles
+    assert len(i90["fa3_forward.cu"]) == 2 * len(ck.FA3_HEAD_DIMS) * 2  # default tiles: fp16/bf16 x d x causal
+    assert "fa3_forward.cu" not in ck.instances(80)
 
 
 # ------------------------------------------------------------------ nvcc / ptxas, no GPU
