@@ -157,20 +157,25 @@ def _num(x):
         return x
 
 
+TENSOR_METRICS = ("sm__pipe_tensor_cycles_active.avg.pct_of_peak_sustained_active",       # the tensor pipe busy
+                  "sm__inst_executed_pipe_tensor_op_gmma.avg.pct_of_peak_sustained_active")  # wgmma issue rate
+ISSUE_METRIC = "smsp__issue_active.avg.pct_of_peak_sustained_active"
+
+
 def ncu_table(rows):
-    """One line per kernel: the tensor-pipe metrics, issue-active share, the four largest stall reasons."""
-    out = []
+    """One line per kernel: tensor pipe busy, wgmma instructions (% of peak), issue-active share, the four largest
+    stall reasons (warps stalled per issued instruction; 'selected', the issuing warp itself, left out)."""
+    out = [f"{'':17s} {'tensor pipe':>11s} {'gmma inst':>9s} {'issue':>6s}  top stalls (warps per issue)"]
     for r in rows:
-        m = {k: v for k, v in r["metrics"].items() if isinstance(v, float)}
-        tensor = {k: v for k, v in m.items() if "pipe_tensor" in k and "pct" in k}
-        issue = next((v for k, v in m.items() if k.startswith("smsp__issue_active") and "pct" in k), None)
+        m = r["metrics"]
         stalls = {re.search(r"issue_stalled_(\w+?)_per", k).group(1): v for k, v in m.items()
-                  if re.search(r"average_warps?_issue_stalled_\w+?_per_issue_active\.ratio$", k)}
+                  if re.search(r"average_warps?_issue_stalled_\w+?_per_issue_active\.ratio$", k)
+                  and isinstance(v, float)}
+        stalls.pop("selected", None)
         top = sorted(stalls.items(), key=lambda kv: -kv[1])[:4]
-        out.append(f"{r['impl']:17s} tensor " + ", ".join(f"{k.split('.')[0].replace('sm__', '')} {v:.1f}%"
-                                                          for k, v in sorted(tensor.items())[:3])
-                   + f" | issue active {issue if issue is None else round(issue, 1)}%"
-                   + " | stalls/issue " + ", ".join(f"{k} {v:.2f}" for k, v in top))
+        cell = lambda k: f"{m[k]:.1f}%" if isinstance(m.get(k), float) else "?"
+        out.append(f"{r['impl']:17s} {cell(TENSOR_METRICS[0]):>11s} {cell(TENSOR_METRICS[1]):>9s} "
+                   f"{cell(ISSUE_METRIC):>6s}  " + ", ".join(f"{k} {v:.2f}" for k, v in top))
     return "\n".join(out)
 
 

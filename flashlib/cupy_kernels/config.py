@@ -57,7 +57,10 @@ WGMMA_HEAD_DIMS = (64, 128)
 FA3_TILES = {64: (128, 2, 3), 128: (128, 2, 2), 256: (80, 2, 2)}
 FA3_HEAD_DIMS = (64, 128, 256)
 # the head dims where rung 7 is the default on Hopper (default_rung): those the GPU has checked and timed faster
-FA3_DEFAULT_HEAD_DIMS = (64, 128)
+# than the rung before. d = 256: 628-724 TFLOP/s against rung 3's 220-233 (fp16, N = 4096 and 16384, causal and
+# not; record fa3_ablation_h200, tests/test_tuning_records.py), the GPU tests passing (benchmarks/results/logs/
+# fa3_ablation_session_h200_b753eb0.txt)
+FA3_DEFAULT_HEAD_DIMS = (64, 128, 256)
 # other tiles that benchmarks/fa3_bench.py times beside these and the tests check (three consumers: d = 64 only)
 FA3_OTHER_TILES = {64: ((128, 3, 2), (64, 4, 3), (64, 4, 2)), 128: ((128, 3, 2), (64, 3, 2)), 256: ((64, 2, 2),)}
 # the consumers' schedule: taking turns (PP, the default), or not; "persistent": ping-pong in a persistent grid (one
