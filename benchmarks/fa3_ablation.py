@@ -5,7 +5,8 @@ rung 7 beside the current default there (rung 3, 'tuned') and PyTorch's SDPA (cu
     python benchmarks/fa3_ablation.py [--max-seconds S] [--out DIR] [--ncu [--ncu-out FILE]]
 
 Shapes: fp16, d = 64 and 128, N = 4096 and 16384, causal and not, H = 16, B = 16384 // N (d = 256: the same N).
-FLOPs = 4*B*H*N^2*d, half when causal. Each output is compared with SDPA flash's (max |o - flash|). Saved through
+FLOPs = 4*B*H*N^2*d, half when causal. Each output is compared with SDPA flash's (max |o - flash|). At d = 256,
+N = 16384 also rung 7's tile (FA3_TILES) beside FA3_OTHER_TILES (impl rung7_tiles_BcxSTAGESxNCW). Saved through
 flashlib.bench.save as fa3_ablation_<gpu>. --ncu: after the timing, each of the four at d = 128, N = 16384, not
 causal, once under Nsight Compute (sections ComputeWorkloadAnalysis, SchedulerStats, WarpStateStats, raw page):
 tensor-pipe utilisation, issue-active share and the top warp stall reasons, a compact table (and the record).
@@ -87,11 +88,34 @@ def time_shape(names, d, N, causal, max_seconds):
     return rows
 
 
+def time_tiles(d, N, causal, max_seconds):
+    """Rows of rung 7 (ping-pong) at FA3_TILES[d] and each of FA3_OTHER_TILES[d] (impl 'rung7_tiles_BcxSxNCW'),
+    with max |o - o at the default tiles|."""
+    from flashlib._arrays import to_cupy
+    from flashlib.bench.timing import compare
+    H, B = 16, max(1, 16384 // N)
+    qc, kc, vc = (to_cupy(t) for t in _inputs(B, H, N, d))
+    name = lambda t: "rung7_tiles_" + "x".join(map(str, t))
+    fns = {name(t): (lambda t=t: tma.forward_fa3(qc, kc, vc, causal, None, tiles=t))
+           for t in (tma.FA3_TILES[d],) + tma.FA3_OTHER_TILES[d]}
+    ref = fns[name(tma.FA3_TILES[d])]()[0].astype("float32")
+    errs = {n: float(abs(fn()[0].astype("float32") - ref).max()) for n, fn in fns.items()}
+    stats = compare(fns, host=False, min_rounds=3, max_rounds=10, max_seconds=max_seconds)
+    flops = 4 * B * H * N * N * d * (0.5 if causal else 1.0)
+    rows = [dict(dtype="float16", d=d, n=N, B=B, H=H, causal=causal, impl=n, ms=st["median_ms"], spread=st["spread"],
+                 tflops=flops / (st["median_ms"] * 1e-3) / 1e12, err_vs_default_tiles=errs[n])
+            for n, st in stats.items()]
+    print(f"tiles d={d} N={N} causal={causal}" + "".join(f" | {r['impl']} {r['tflops']:5.0f}" for r in rows), flush=True)
+    return rows
+
+
 def precompile():
     """The kernels timed here (rung 7 at the default tiles, every variant; rungs 6 and 3), compiled in threads."""
     import concurrent.futures
     jobs = [lambda d=d, c=c, x=x: tma._launcher(0, tma.fa3_config("float16", d, c, None, x))
             for d in tma.FA3_HEAD_DIMS for c in (False, True) for x in tma.VARIANTS]
+    jobs += [lambda c=c, t=t: tma._launcher(0, tma.fa3_config("float16", 256, c, t)) for c in (False, True)
+             for t in tma.FA3_OTHER_TILES[256]]
     jobs += [lambda d=d, c=c, r=r: ck.forward_plan("float16", d, c, 0, r, None)
              for d, r in ((64, "wgmma"), (128, "wgmma"), (256, "tuned")) for c in (False, True)]
     with concurrent.futures.ThreadPoolExecutor(16) as ex:
@@ -199,6 +223,8 @@ def main():
     if not a.no_d256:
         for N, causal in [(N, c) for N in (4096, 16384) for c in (False, True)]:
             rows += time_shape(D256, 256, N, causal, a.max_seconds)
+        for causal in (False, True):    # d = 256's tile (FlashAttention-3's) beside the other one it compiles
+            rows += time_tiles(256, 16384, causal, a.max_seconds)
     info = {}
     if a.ncu:
         try:
