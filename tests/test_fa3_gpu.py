@@ -129,7 +129,7 @@ def test_fa3_timeline_debug_build(variant):
     for cta in (0, 1):
         if variant == "persistent":
             items = list(range(cta, n_qt * B * H, grid[0]))
-            tiles = [n_qt - 1 - i % n_qt for i in items]    # pair by pair, the longest tiles of a pair first
+            tiles = [n_qt - 1 - i // (B * H) for i in items]   # the longest tiles of every pair first
         else:
             tiles = [n_qt - 1 - cta]                      # blockIdx.x = cta, pair 0: the longest tiles first
         n_kv = sum(-(-min(N, (t + 1) * cfg.Br) // cfg.Bc) for t in tiles)

@@ -55,3 +55,14 @@ def test_rung7_is_the_default_where_the_record_times_it_faster():
         assert got["rung7_pingpong"]["tflops"] > got["rung3_tuned"]["tflops"], (n, causal)
         assert got["rung7_pingpong"]["err_vs_flash"] < 2e-3, (n, causal)
     assert ck.choose_config("float16", 256, 90).rung == "fa3" and ck.choose_config("float16", 200, 90).rung == "fa3"
+
+
+def test_rung7_d256_tile_beat_the_other_it_compiles():
+    from flashlib import bench
+    rows = [r for r in bench.load("fa3_ablation_pair_major_h200")["rows"] if r["impl"].startswith("rung7_tiles_")]
+    assert {r["causal"] for r in rows} == {False, True}
+    for causal in (False, True):
+        got = {tuple(int(x) for x in r["impl"].split("_")[-1].split("x")): r["tflops"] for r in rows
+               if r["causal"] == causal}
+        assert set(got) == {ck.FA3_TILES[256], *ck.config.FA3_OTHER_TILES[256]}
+        assert max(got, key=got.get) == ck.FA3_TILES[256], (causal, got)

@@ -53,13 +53,14 @@ WGMMA_HEAD_DIMS = (64, 128)
 # stages, consumer warpgroups NCW); a block has 128 (NCW + 1) threads (one producer warpgroup), Br = 64 NCW query
 # rows. The winners of the H200 sweep in benchmarks/results/logs/fa3_gpu_session_h200_dee12ae.txt (fp16, N = 16384,
 # ping-pong): d = 64 (128, 2, 3), d = 128 (128, 2, 2). d = 256: FlashAttention-3's tile (Br = 128, Bc = 80, 2 stages;
-# Shah et al. 2024, hopper/), which fits 227 KB (Q 64 KB, K and V 40 KB a stage); not yet swept.
+# Shah et al. 2024, hopper/), which fits 227 KB (Q 64 KB, K and V 40 KB a stage); not yet swept: timed only beside
+# (64, 2, 2), 685 and 666 TFLOP/s against 599 and 589 (N = 16384, not causal and causal; fa3_ablation_pair_major_h200).
 FA3_TILES = {64: (128, 2, 3), 128: (128, 2, 2), 256: (80, 2, 2)}
 FA3_HEAD_DIMS = (64, 128, 256)
 # the head dims where rung 7 is the default on Hopper (default_rung): those the GPU has checked and timed faster
 # than the rung before. d = 256: 628-724 TFLOP/s against rung 3's 220-233 (fp16, N = 4096 and 16384, causal and
 # not; record fa3_ablation_h200, tests/test_tuning_records.py), the GPU tests passing (benchmarks/results/logs/
-# fa3_ablation_session_h200_b753eb0.txt)
+# fa3_ablation_session_h200_b753eb0.txt; the default path at d = 256: ..._41a1755.txt)
 FA3_DEFAULT_HEAD_DIMS = (64, 128, 256)
 # other tiles that benchmarks/fa3_bench.py times beside these and the tests check (three consumers: d = 64 only)
 FA3_OTHER_TILES = {64: ((128, 3, 2), (64, 4, 3), (64, 4, 2)), 128: ((128, 3, 2), (64, 3, 2)), 256: ((64, 2, 2),)}

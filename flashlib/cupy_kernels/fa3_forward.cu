@@ -16,10 +16,12 @@
 //   d = 256 (FlashAttention-3's tile: Br = 128, Bc = 80, 2 stages, 225 KB): S = Q K^T is m64n80 (40 registers),
 //   O = P V two m64n128 products per 16-key step (O is 128 registers a consumer thread).
 // PERSIST (FlashAttention-3 section 3 and its hopper/tile_scheduler.hpp, here a static schedule): a grid of one CTA
-//   per SM; CTA c takes work items c, c + gridDim.x, ... of ceil(Nq/Br) * BH (query tile, pair) items, pair by
-//   pair, causal in order of decreasing tile index within a pair (the longest rows first). (Longest first over all
-//   pairs, tile-major, ran 0.87-0.97x the ping-pong grid's causal speed on the H200 at b753eb0, probably as the
-//   CTAs at work then read the K and V of many pairs at once.) The ring's
+//   per SM; CTA c takes work items c, c + gridDim.x, ... of ceil(Nq/Br) * BH (query tile, pair) items, causal
+//   in order of decreasing tile index (the longest rows first, over all pairs), else pair by pair. On the H200
+//   this causal order ran 0.87-1.02x the ping-pong grid's speed (record fa3_ablation_h200, at b753eb0); pair by
+//   pair with a pair's longest tiles first ran 0.62-0.97x (fa3_ablation_pair_major_h200, at 41a1755): when
+//   gridDim.x is a multiple of ceil(Nq/Br) (132 SMs, 22 tiles), a CTA gets the same tile index every time, so
+//   some CTAs get only the longest tiles. The ring's
 //   phases continue from item to item; Q of the next item is loaded once every consumer warp has released Qs
 //   (barrier q_empty, after its epilogue staged O there), K_0 of the next item before that.
 // Arguments: the tensor maps of Q (D, Nq, B*H), K and V (D, Nk, B*H/G) (dims innermost first; rows past Nq or Nk
@@ -156,16 +158,15 @@ fa3_forward(const __grid_constant__ TmaMap qmap, const __grid_constant__ TmaMap 
     const u32 pair = blockIdx.y + gridDim.y * blockIdx.z;
     if (!PERSIST && pair >= (u32)BH) return;
     // work items (query tile, pair): one per CTA, or (PERSIST) items blockIdx.x, + gridDim.x, ... of n_qt * BH in a
-    // static order: pair by pair (the CTAs at work share a pair's K and V in L2), causal the longest tiles (highest
-    // index) of each pair first
+    // static order, causal: the longest tiles (highest index) of every pair first; else pair by pair
     const int n_qt = (Nq + Br - 1) / Br;
     const long long total = PERSIST ? (long long)n_qt * BH : 1, step = PERSIST ? gridDim.x : 1;
     const long long first = PERSIST ? blockIdx.x : 0;
     auto item = [&](long long i, int& q0, int& bh) {
         int tile;
         if constexpr (PERSIST) {
-            bh = (int)(i / n_qt);
-            tile = (int)(CAUSAL ? n_qt - 1 - i % n_qt : i % n_qt);
+            bh = (int)(CAUSAL ? i % BH : i / n_qt);
+            tile = (int)(CAUSAL ? n_qt - 1 - i / BH : i % n_qt);
         } else {
             bh = (int)pair;
             tile = CAUSAL ? gridDim.x - 1 - blockIdx.x : blockIdx.x;  // causal: the longest rows first
