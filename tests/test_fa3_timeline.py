@@ -65,3 +65,19 @@ def test_draw_timeline_one_lane_per_warpgroup_one_bar_per_event():
         draw_timeline(recs, cta=5)
     with pytest.raises(ValueError, match="clock"):
         draw_timeline(recs, clock="us")
+
+
+def test_draw_the_recorded_timeline():
+    """The H200 record (benchmarks/fa3_timeline.py): every book case is there, each warpgroup of CTA 0 recorded,
+    and the chart draws one bar per event of its case."""
+    from flashlib import bench
+    from flashlib.viz.warp_timeline import draw_timeline
+    rec = bench.load("fa3_timeline_h200")
+    rows = rec["rows"]
+    assert [dict(variant=c["variant"], causal=c["causal"], H=c["H"], N=c["N"]) for c in rec["info"]["cases"]] == \
+        [dict(c) for c in timeline.BOOK_CASES]
+    for case in timeline.BOOK_CASES:
+        mine = [r for r in rows if r["variant"] == case["variant"]]
+        assert {r["warpgroup"] for r in mine if r["cta"] == 0} == {0, 1, 2}
+        ax = draw_timeline(mine, cta=0)
+        assert sum(len(c.get_paths()) for c in ax.collections) == sum(r["cta"] == 0 for r in mine)

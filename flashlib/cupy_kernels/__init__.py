@@ -12,13 +12,15 @@ The kernels form a numbered ladder (each .cu file's header says grid, block, and
   rung 6  'wgmma'     fa2_wgmma.cu  Hopper only (sm_90a): the forward on warpgroup MMA, K and V read by the Tensor
                                     Cores straight from shared memory; d = 64 and 128
   rung 7  'fa3'       fa3_forward.cu  Hopper only: FlashAttention-3's TMA copies (tensor maps, mbarriers), a producer
-                                    warpgroup and two or three consumers (setmaxnreg), ping-pong; the default there
+                                    warpgroup and two or three consumers (setmaxnreg), ping-pong (a persistent
+                                    variant beside it); d = 64, 128, 256, the default there
 
 The package by concern:
   config.py   the rung table and tile configuration, shape and grid rules (pure Python, no GPU needed)
   build.py    NVRTC compilation per architecture, loading, and `Launcher` (cuLaunchKernel from a prepared block)
   launch.py   plans, the launch rule of each kernel, `forward` / `backward` on CuPy arrays or torch tensors
   tma.py      rung 7's tensor maps (cuTensorMapEncodeTiled through ctypes) and the rung on its own (forward_fa3)
+  timeline.py rung 7's debug build (fa3_timeline.cu): each warpgroup's phases stamped, read back as records
   flash_common.cuh, wgmma.cuh   the CUDA helpers and constants the kernels share
 
 `forward` / `backward` follow flashlib's backend contract: q (B, H, Nq, d), k and v (B, H_kv, Nk, d) with H_kv
