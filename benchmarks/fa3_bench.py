@@ -1,9 +1,9 @@
-"""Rung 7 (fa3_forward.cu: TMA + warp specialisation, plain and ping-pong) against rung 6 and PyTorch's SDPA.
+"""Rung 7 (fa3_forward.cu: TMA + warp specialisation; plain, ping-pong, persistent) against rung 6 and SDPA.
 
     python benchmarks/fa3_bench.py [--check] [--time] [--out DIR]
 
 --check: quick correctness on ragged shapes against the float64 reference (FlashAttention's rule, as the GPU
-tests), with where the error sits when it fails. --time: forward TFLOP/s of rung 7 (both variants), rung 6
+tests), with where the error sits when it fails. --time: forward TFLOP/s of rung 7 (every variant), rung 6
 (`cupy_kernels.forward(..., rung="wgmma")`), SDPA flash and SDPA cuDNN at d = 64, 128, N = 4096, 16384, fp16 and
 bf16, causal and not, B = 16384 // N, H = 16, timed together by `flashlib.bench.timing.compare`; each rung 7 output
 is also compared with SDPA flash's. FLOPs = 4*B*H*N^2*d, half when causal. Results: `flashlib.bench.save` into
@@ -113,7 +113,7 @@ def _sdpa(backend):
 
 
 def sweep(N=16384, dtype="float16"):
-    """Rung 7 with tma.FA3_OTHER_TILES beside the default ones, fp16, N = 16384, both variants, causal and not."""
+    """Rung 7 with tma.FA3_OTHER_TILES beside the default ones, fp16, N = 16384, every variant, causal and not."""
     from flashlib._arrays import like, to_cupy
     from flashlib.bench.timing import compare
     rows = []
@@ -146,7 +146,7 @@ def sweep(N=16384, dtype="float16"):
 
 
 def _time_shape(d, N, dtype, causal, max_seconds):
-    """Rows {impl, ms, tflops, err_vs_flash, ...} of rung 7 (both variants), rung 6, SDPA flash and cuDNN."""
+    """Rows {impl, ms, tflops, err_vs_flash, ...} of rung 7 (every variant), rung 6, SDPA flash and cuDNN."""
     import torch
     from flashlib._arrays import like, to_cupy
     from flashlib.bench.timing import compare

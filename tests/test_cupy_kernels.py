@@ -36,7 +36,7 @@ def test_import_does_not_need_cupy_or_gpu():
 def test_default_forward_rung(dtype, cc, rung):
     for d in ck.HEAD_DIMS:
         cfg = ck.choose_config(dtype, d, cc)
-        if cc == 90 and dtype != "float32" and d in ck.FA3_HEAD_DIMS:  # Hopper: rung 7 where it exists
+        if cc == 90 and dtype != "float32" and d in ck.FA3_DEFAULT_HEAD_DIMS:  # Hopper: rung 7 where checked
             assert cfg.rung == "fa3" and cfg.kernel.startswith("fa3_forward<") and cfg.arch == "sm_90a"
             assert cfg.Br == 64 * (cfg.warps // 4 - 1)                # one producer warpgroup, the rest consumers
         else:
@@ -213,7 +213,8 @@ def test_instances_per_architecture():
     assert len(i90["fa2_tc.cu"]) == 2 * 5 * 2 * 2 + 5 * 2  # fp16/bf16 x d x causal x (tc, tuned) + sm75
     assert len(i90["fa2_bwd_tc.cu"]) == 2 * 5 * 2  # fp16/bf16 x d x causal
     assert len(i90["fa2_wgmma.cu"]) == 2 * 2 * 2 and "fa2_wgmma.cu" not in ck.instances(80)  # fp16/bf16 x d x causal
-    assert len(i90["fa3_forward.cu"]) == 2 * 2 * 2 and "fa3_forward.cu" not in ck.instances(80)  # default tiles
+    assert len(i90["fa3_forward.cu"]) == 2 * len(ck.FA3_HEAD_DIMS) * 2  # default tiles: fp16/bf16 x d x causal
+    assert "fa3_forward.cu" not in ck.instances(80)
     assert len(i90["fa3_backward.cu"]) == 2 * 2 * 2 and "fa3_backward.cu" not in ck.instances(80)
 
 

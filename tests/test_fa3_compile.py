@@ -10,7 +10,7 @@ import tempfile
 import pytest
 
 from flashlib import cupy_kernels as ck
-from flashlib.cupy_kernels import tma
+from flashlib.cupy_kernels import timeline, tma
 from tests.test_cupy_kernels import _parse_ptxas
 
 NVCC = shutil.which("nvcc")
@@ -20,39 +20,66 @@ def test_fa3_config():
     cfg = tma.fa3_config("bfloat16", 128, True, variant="plain")
     assert cfg.kernel == "fa3_forward<__nv_bfloat16, 128, 128, 2, 2, false, true>"
     assert (cfg.Br, cfg.Bc, cfg.stages, cfg.threads) == (128, 128, 2, 384)
-    assert cfg.smem == 1024 + 2 * 128 * (128 + 4 * 128) + 8 * 9 <= ck.SMEM_LIMIT[90]
+    assert cfg.smem == 1024 + 2 * 128 * (128 + 4 * 128) + 8 * 10 <= ck.SMEM_LIMIT[90]
     assert tma.fa3_config("float16", 64, False).kernel == "fa3_forward<__half, 64, 128, 2, 3, true, false>"  # default
     cfg = tma.fa3_config("float16", 64, False, tiles=(64, 4, 3), variant="pingpong")
     assert cfg.kernel == "fa3_forward<__half, 64, 64, 4, 3, true, false>" and (cfg.Br, cfg.threads) == (192, 512)
-    assert cfg.smem == tma.smem_fa3(64, 64, 4, 3) == 1024 + 2 * 64 * (192 + 8 * 64) + 8 * 17
+    assert cfg.smem == tma.smem_fa3(64, 64, 4, 3) == 1024 + 2 * 64 * (192 + 8 * 64) + 8 * 18
+    cfg = tma.fa3_config("float16", 256, True)            # FlashAttention-3's d = 256 tile: Br 128, Bc 80, 2 stages
+    assert cfg.kernel == "fa3_forward<__half, 256, 80, 2, 2, true, true>" and (cfg.Br, cfg.Bc) == (128, 80)
+    assert cfg.smem == 1024 + 2 * 256 * (128 + 4 * 80) + 8 * 10 <= ck.SMEM_LIMIT[90] and not cfg.persistent
+    cfg = tma.fa3_config("bfloat16", 64, True, variant="persistent")   # ping-pong + the persistent grid
+    assert cfg.kernel == "fa3_forward<__nv_bfloat16, 64, 128, 2, 3, true, true, true>" and cfg.persistent
+    assert tma.fa3_grid(cfg, 1000, 7, 132) == (-(-1000 // 192) * 7, 1, 1) == (42, 1, 1)
+    assert tma.fa3_grid(cfg, 16384, 16, 132) == (132, 1, 1)
+    assert tma.fa3_grid(tma.fa3_config("float16", 64, True), 1000, 7, 132) == (6, 7, 1)
+    with pytest.raises(ValueError, match="variant"):
+        tma.fa3_config("float16", 64, True, variant="pingpong-persistent")
+    with pytest.raises(ValueError, match="shared memory"):
+        tma.fa3_config("float16", 256, False, tiles=(128, 2))
+    # rung 7 is the default only where the GPU checked it (FA3_DEFAULT_HEAD_DIMS), elsewhere on request
+    assert ck.choose_config("float16", 256, 90, rung="fa3").kernel == "fa3_forward<__half, 256, 80, 2, 2, true, false>"
+    for d in (64, 128, 256):
+        assert (ck.choose_config("float16", d, 90).rung == "fa3") == (d in ck.FA3_DEFAULT_HEAD_DIMS)
     for d in tma.FA3_HEAD_DIMS:
         assert tma.fa3_config("float16", d, False).smem <= ck.SMEM_LIMIT[90]
     with pytest.raises(ValueError, match="consumer warpgroups"):
         tma.fa3_config("float16", 128, False, tiles=(128, 2, 3))
     with pytest.raises(ValueError, match="head_dim"):
         tma.fa3_config("float16", 96, False)
+    with pytest.raises(ValueError, match="Bc 64, 80 or 128"):
+        tma.fa3_config("float16", 256, False, tiles=(96, 2))
     with pytest.raises(ValueError, match="float16 or bfloat16"):
         tma.fa3_config("float32", 64, False)
     with pytest.raises(ValueError, match="shared memory"):
         tma.fa3_config("float16", 128, False, tiles=(128, 4))
     n_other = sum(map(len, tma.FA3_OTHER_TILES.values()))
-    assert len(set(tma.fa3_instances())) == (2 * 2 + n_other) * 2 * 2  # (dtype x d + other tiles) x causal x variant
+    n_dims, n_var = len(tma.FA3_HEAD_DIMS), len(tma.FA3_VARIANTS)
+    assert len(set(tma.fa3_instances())) == (2 * n_dims + n_other) * 2 * n_var  # (dtype x d + other) x causal x variant
 
 
-def _nvcc(name, tmp):
-    src = os.path.join(tmp, re.sub(r"\W+", "_", name) + ".cu")
+# the timeline's debug build (fa3_timeline.cu): the cases the book draws and tests/test_fa3_gpu.py's
+TIMELINE_INSTANCES = sorted({tma.fa3_config("float16", 128, c["causal"], variant=c["variant"]).kernel
+                             for c in timeline.BOOK_CASES + tuple(dict(variant=v, causal=True)
+                                                                  for v in ("pingpong", "persistent"))})
+
+
+def _nvcc(job, tmp):
+    file, name = job
+    src = os.path.join(tmp, re.sub(r"\W+", "_", file + name) + ".cu")
     with open(src, "w") as fh:  # taking the instance's address instantiates it, as NVRTC's name expressions do
-        fh.write(f'#include "fa3_forward.cu"\nvoid* flashlib_instance = (void*)&{name};\n')
+        fh.write(f'#include "{file}"\nvoid* flashlib_instance = (void*)&{name};\n')
     cmd = [NVCC, "-std=c++17", "-arch=sm_90a", "-ftz=true", "-cubin", f"-I{ck.HERE}", "-Xptxas", "-v",
            "-o", src + ".cubin", src]
     out = subprocess.run(cmd, capture_output=True, text=True)
-    return name, out.returncode, out.stdout + out.stderr
+    return f"{file}: {name}", out.returncode, out.stdout + out.stderr
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc not found on PATH")
 def test_fa3_compiles_without_spills():
     with tempfile.TemporaryDirectory() as tmp, concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 2) as ex:
-        results = list(ex.map(lambda n: _nvcc(n, tmp), tma.fa3_instances()))
+        jobs = [("fa3_forward.cu", n) for n in tma.fa3_instances()] + [("fa3_timeline.cu", n) for n in TIMELINE_INSTANCES]
+        results = list(ex.map(lambda j: _nvcc(j, tmp), jobs))
     failures, lines = [], []
     for name, rc, log in results:
         if rc != 0:

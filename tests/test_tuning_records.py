@@ -41,3 +41,28 @@ def test_tuned_d128_causal_tile_is_the_best_that_does_not_spill():
     best = max((t for t in timed if t not in spilling), key=lambda t: _mean(timed[t]))
     assert ck.TUNED_TILES[128][True] == best
     assert max(timed, key=lambda t: _mean(timed[t])) in spilling       # the fastest of all is the one refused
+
+
+def test_rung7_is_the_default_where_the_record_times_it_faster():
+    """d = 256 became rung 7's (FA3_DEFAULT_HEAD_DIMS) on the H200 ablation: rung 7 (ping-pong, the default
+    variant) beat rung 3 ('tuned', the default before) at every d = 256 shape, its output near SDPA flash's."""
+    from flashlib import bench
+    rows = bench.load("fa3_ablation_h200")["rows"]
+    shapes = {(r["n"], r["causal"]) for r in rows if r["d"] == 256}
+    assert len(shapes) == 4 and 256 in ck.FA3_DEFAULT_HEAD_DIMS
+    for n, causal in shapes:
+        got = {r["impl"]: r for r in rows if (r["d"], r["n"], r["causal"]) == (256, n, causal)}
+        assert got["rung7_pingpong"]["tflops"] > got["rung3_tuned"]["tflops"], (n, causal)
+        assert got["rung7_pingpong"]["err_vs_flash"] < 2e-3, (n, causal)
+    assert ck.choose_config("float16", 256, 90).rung == "fa3" and ck.choose_config("float16", 200, 90).rung == "fa3"
+
+
+def test_rung7_d256_tile_beat_the_other_it_compiles():
+    from flashlib import bench
+    rows = [r for r in bench.load("fa3_ablation_pair_major_h200")["rows"] if r["impl"].startswith("rung7_tiles_")]
+    assert {r["causal"] for r in rows} == {False, True}
+    for causal in (False, True):
+        got = {tuple(int(x) for x in r["impl"].split("_")[-1].split("x")): r["tflops"] for r in rows
+               if r["causal"] == causal}
+        assert set(got) == {ck.FA3_TILES[256], *ck.config.FA3_OTHER_TILES[256]}
+        assert max(got, key=got.get) == ck.FA3_TILES[256], (causal, got)

@@ -14,13 +14,15 @@ The kernels form a numbered ladder (each .cu file's header says grid, block, and
   rung 6  'wgmma'     fa2_wgmma.cu  Hopper only (sm_90a): the forward on warpgroup MMA, K and V read by the Tensor
                                     Cores straight from shared memory; d = 64 and 128
   rung 7  'fa3'       fa3_forward.cu  Hopper only: FlashAttention-3's TMA copies (tensor maps, mbarriers), a producer
-                                    warpgroup and two or three consumers (setmaxnreg), ping-pong; the default there
+                                    warpgroup and two or three consumers (setmaxnreg), ping-pong (a persistent
+                                    variant beside it); d = 64, 128, 256, the default there
 
 The package by concern:
   config.py   the rung table and tile configuration, shape and grid rules (pure Python, no GPU needed)
   build.py    NVRTC compilation per architecture, loading, and `Launcher` (cuLaunchKernel from a prepared block)
   launch.py   plans, the launch rule of each kernel, `forward` / `backward` on CuPy arrays or torch tensors
   tma.py      rung 7's tensor maps (cuTensorMapEncodeTiled through ctypes) and the rung on its own (forward_fa3)
+  timeline.py rung 7's debug build (fa3_timeline.cu): each warpgroup's phases stamped, read back as records
   flash_common.cuh, wgmma.cuh   the CUDA helpers and constants the kernels share
 
 `forward` / `backward` follow flashlib's backend contract: q (B, H, Nq, d), k and v (B, H_kv, Nk, d) with H_kv
@@ -32,7 +34,8 @@ them is zero-padded up to the next (zero columns change no score; the padded col
 imported and the .cu files compiled only when a kernel is first launched.
 """
 from .config import (ARCH, BACKWARD_RUNGS, BWD_FALLBACK_TILES, BWD_TILES, BWD_WGMMA_HEAD_DIMS, bwd_wgmma_config,
-                     bwd_wgmma_instances, smem_bwd_wgmma, CTYPE, DTYPES, FA3_HEAD_DIMS, FA3_TILES,
+                     bwd_wgmma_instances, smem_bwd_wgmma, CTYPE, DTYPES, FA3_DEFAULT_HEAD_DIMS, FA3_HEAD_DIMS,
+                     FA3_TILES,
                      FALLBACK_TILES, FORWARD_RUNGS,
                      HEAD_DIMS, MAX_GRID_YZ, SMEM_LIMIT, TUNED_TILES, WGMMA_HEAD_DIMS, WGMMA_TILES, Config, _cc_int,
                      bwd_columns, check_inputs, choose_config, default_rung, fp32_tiles, head_bucket, instances,

@@ -18,7 +18,8 @@ FORWARD_RUNGS = ("fp32", "tc", "tuned", "sm75", "wgmma", "fa3")
 BACKWARD_RUNGS = ("bwd_fp32", "bwd_tc", "bwd_wgmma")
 CTYPE = {"float32": "float", "float16": "__half", "bfloat16": "__nv_bfloat16"}
 # files compiled for an architecture-specific target (wgmma, TMA and setmaxnreg exist only in sm_90a code)
-ARCH = {"fa2_wgmma.cu": "sm_90a", "fa3_forward.cu": "sm_90a", "fa3_backward.cu": "sm_90a"}
+ARCH = {"fa2_wgmma.cu": "sm_90a", "fa3_forward.cu": "sm_90a", "fa3_backward.cu": "sm_90a",
+        "fa3_timeline.cu": "sm_90a"}
 SMEM_LIMIT = SMEM_OPTIN_BYTES   # opt-in dynamic shared memory per block by compute capability (flashlib.constants)
 
 # Rung 3 tiles per head dim, (non-causal, causal), each (warps NW, keys per tile Bc, query rows per warp RW in
@@ -52,12 +53,21 @@ WGMMA_HEAD_DIMS = (64, 128)
 # Rung 7 (fa3_forward.cu, FlashAttention-3's TMA and warp specialisation) per head dim: (Bc keys per K/V tile, ring
 # stages, consumer warpgroups NCW); a block has 128 (NCW + 1) threads (one producer warpgroup), Br = 64 NCW query
 # rows. The winners of the H200 sweep in benchmarks/results/logs/fa3_gpu_session_h200_dee12ae.txt (fp16, N = 16384,
-# ping-pong): d = 64 (128, 2, 3), d = 128 (128, 2, 2).
-FA3_TILES = {64: (128, 2, 3), 128: (128, 2, 2)}
-FA3_HEAD_DIMS = (64, 128)
+# ping-pong): d = 64 (128, 2, 3), d = 128 (128, 2, 2). d = 256: FlashAttention-3's tile (Br = 128, Bc = 80, 2 stages;
+# Shah et al. 2024, hopper/), which fits 227 KB (Q 64 KB, K and V 40 KB a stage); not yet swept: timed only beside
+# (64, 2, 2), 685 and 666 TFLOP/s against 599 and 589 (N = 16384, not causal and causal; fa3_ablation_pair_major_h200).
+FA3_TILES = {64: (128, 2, 3), 128: (128, 2, 2), 256: (80, 2, 2)}
+FA3_HEAD_DIMS = (64, 128, 256)
+# the head dims where rung 7 is the default on Hopper (default_rung): those the GPU has checked and timed faster
+# than the rung before. d = 256: 628-724 TFLOP/s against rung 3's 220-233 (fp16, N = 4096 and 16384, causal and
+# not; record fa3_ablation_h200, tests/test_tuning_records.py), the GPU tests passing (benchmarks/results/logs/
+# fa3_ablation_session_h200_b753eb0.txt; the default path at d = 256: ..._41a1755.txt)
+FA3_DEFAULT_HEAD_DIMS = (64, 128, 256)
 # other tiles that benchmarks/fa3_bench.py times beside these and the tests check (three consumers: d = 64 only)
-FA3_OTHER_TILES = {64: ((128, 3, 2), (64, 4, 3), (64, 4, 2)), 128: ((128, 3, 2), (64, 3, 2))}
-FA3_VARIANTS = ("pingpong", "plain")         # the consumers' schedule: taking turns (PP, the default), or not
+FA3_OTHER_TILES = {64: ((128, 3, 2), (64, 4, 3), (64, 4, 2)), 128: ((128, 3, 2), (64, 3, 2)), 256: ((64, 2, 2),)}
+# the consumers' schedule: taking turns (PP, the default), or not; "persistent": ping-pong in a persistent grid (one
+# CTA per SM looping over (query tile, pair) work items, longest causal tiles first: fa3_grid)
+FA3_VARIANTS = ("pingpong", "plain", "persistent")
 SIG_FA3 = "MMMPPiifii"   # its parameters (build.Launcher): tensor maps of q, k, v; o, lse; Nq, Nk, scale, BH, G
 
 # The Hopper backward 'bwd_wgmma' (fa3_backward.cu): Bc = 128 keys a block over two consumer warpgroups, Q tiles of
@@ -130,7 +140,7 @@ def default_rung(dtype, cc, direction="forward", d=None):
         return "bwd_tc" if dtype != "float32" and cc >= 80 else "bwd_fp32"
     if dtype == "float32":
         return "fp32"
-    if cc == 90 and D in FA3_HEAD_DIMS:
+    if cc == 90 and D in FA3_DEFAULT_HEAD_DIMS:
         return "fa3"
     return "tuned" if cc >= 80 else "sm75"
 
@@ -247,23 +257,31 @@ def smem_wgmma(d, nwg, Bc):
 
 def smem_fa3(d, Bc, stages, ncw=2):
     """Bytes of dynamic shared memory of fa3_forward: 1 KB of alignment slack, Q (Br = 64 ncw rows), `stages` K and
-    V tiles (Bc rows), rows of d 16-bit values, and the 1 + 4*stages mbarriers (8 bytes each)."""
-    return 1024 + 2 * d * (64 * ncw + 2 * stages * Bc) + 8 * (1 + 4 * stages)
+    V tiles (Bc rows), rows of d 16-bit values, and the 2 + 4*stages mbarriers (8 bytes each)."""
+    return 1024 + 2 * d * (64 * ncw + 2 * stages * Bc) + 8 * (2 + 4 * stages)
 
 
-Fa3Config = namedtuple("Fa3Config", "kernel Br Bc stages threads smem")
+Fa3Config = namedtuple("Fa3Config", "kernel Br Bc stages threads smem persistent", defaults=(False,))
+
+
+def fa3_grid(cfg, Nq, BH, n_sm):
+    """Launch grid of rung 7: one CTA per (query tile, pair) (pair_grid), or for a persistent cfg min(n_sm, work
+    items) CTAs (one per SM: a CTA's shared memory leaves room for one), each looping over the work items."""
+    n_qt = -(-Nq // cfg.Br)
+    return (max(1, min(n_sm, n_qt * BH)), 1, 1) if cfg.persistent else pair_grid(n_qt, BH)
 
 
 def fa3_config(dtype, d, causal, tiles=None, variant="pingpong"):
-    """Fa3Config(kernel name expression, Br, Bc, stages, threads, smem bytes) of rung 7 for dtype float16/bfloat16,
-    head dim 64 or 128, tiles (Bc, stages[, consumer warpgroups]) (default FA3_TILES[d]), variant in FA3_VARIANTS."""
+    """Fa3Config(kernel name expression, Br, Bc, stages, threads, smem bytes, persistent) of rung 7 for dtype
+    float16/bfloat16, head dim in FA3_HEAD_DIMS, tiles (Bc, stages[, consumer warpgroups]) (default FA3_TILES[d]),
+    variant in FA3_VARIANTS."""
     if dtype not in ("float16", "bfloat16"):
         raise ValueError(f"rung 7 (fa3_forward) takes float16 or bfloat16, got {dtype!r}")
     if d not in FA3_HEAD_DIMS:
         raise ValueError(f"rung 7 (fa3_forward) takes head_dim in {FA3_HEAD_DIMS}, got {d!r}: use 'tuned'")
     Bc, stages, ncw = (tuple(tiles) + (2,))[:3] if tiles is not None else FA3_TILES[d]
-    if Bc not in (64, 128) or stages < 2 or ncw not in (2, 3) or (ncw == 3 and d != 64):
-        raise ValueError(f"rung 7 takes tiles (Bc 64 or 128, stages >= 2, consumer warpgroups 2, or 3 at d = 64), "
+    if Bc not in (64, 80, 128) or stages < 2 or ncw not in (2, 3) or (ncw == 3 and d != 64):
+        raise ValueError(f"rung 7 takes tiles (Bc 64, 80 or 128, stages >= 2, consumer warpgroups 2, or 3 at d = 64), "
                          f"got {tiles} at d = {d}")
     smem = smem_fa3(d, Bc, stages, ncw)
     if smem > SMEM_OPTIN_BYTES[90]:
@@ -271,9 +289,10 @@ def fa3_config(dtype, d, causal, tiles=None, variant="pingpong"):
                          f"{SMEM_OPTIN_BYTES[90]}")
     if variant not in FA3_VARIANTS:
         raise ValueError(f"rung 7 variant must be one of {FA3_VARIANTS}, got {variant!r}")
-    c, pp = ("true" if causal else "false"), ("true" if variant == "pingpong" else "false")
-    return Fa3Config(f"fa3_forward<{CTYPE[dtype]}, {d}, {Bc}, {stages}, {ncw}, {pp}, {c}>", 64 * ncw, Bc, stages,
-                     128 * (ncw + 1), smem)
+    c, pp = ("true" if causal else "false"), ("false" if variant == "plain" else "true")
+    persist = variant == "persistent"
+    return Fa3Config(f"fa3_forward<{CTYPE[dtype]}, {d}, {Bc}, {stages}, {ncw}, {pp}, {c}{', true' if persist else ''}>",
+                     64 * ncw, Bc, stages, 128 * (ncw + 1), smem, persist)
 
 
 def smem_bwd_wgmma(d, Br=64, Bc=128):

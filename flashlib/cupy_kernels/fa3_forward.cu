@@ -1,7 +1,8 @@
 // fa3_forward.cu: rung 7 of the CuPy ladder, a FlashAttention-3-style forward on Hopper (sm_90a only).
 //
-//   fa3_forward<T, D, Bc, STAGES, NCW, PP, CAUSAL>   T = __half or __nv_bfloat16, D = 64 or 128, Bc keys per K/V
-//       tile, STAGES slots in the K/V ring, NCW = 2 or 3 consumer warpgroups, PP: ping-pong between the consumers
+//   fa3_forward<T, D, Bc, STAGES, NCW, PP, CAUSAL, PERSIST = false>   T = __half or __nv_bfloat16, D = 64, 128 or
+//       256, Bc = 64, 80 or 128 keys per K/V tile, STAGES slots in the K/V ring, NCW = 2 or 3 consumer warpgroups,
+//       PP: ping-pong between the consumers, PERSIST: a persistent grid with a static tile scheduler
 //
 // Rung 6 (fa2_wgmma.cu) with FlashAttention-3's two Hopper-specific changes (Shah et al. 2024, sections 3.1-3.2):
 //  * TMA: Q, K and V tiles are copied by the Tensor Memory Accelerator (cp.async.bulk.tensor) from tensor maps that
@@ -12,14 +13,26 @@
 //    running wgmma and the online softmax. K and V travel through a ring of STAGES slots with full and empty barriers.
 // Block: 128 (NCW + 1) threads; Br = 64 NCW query rows. Grid (ceil(Nq/Br), pairs over y and z). NCW = 3 (d = 64
 //   only: 160 registers a consumer thread) shares each K/V tile among more rows, as FlashAttention-3 does at d = 64.
+//   d = 256 (FlashAttention-3's tile: Br = 128, Bc = 80, 2 stages, 225 KB): S = Q K^T is m64n80 (40 registers),
+//   O = P V two m64n128 products per 16-key step (O is 128 registers a consumer thread).
+// PERSIST (FlashAttention-3 section 3 and its hopper/tile_scheduler.hpp, here a static schedule): a grid of one CTA
+//   per SM; CTA c takes work items c, c + gridDim.x, ... of ceil(Nq/Br) * BH (query tile, pair) items, causal
+//   in order of decreasing tile index (the longest rows first, over all pairs), else pair by pair. On the H200
+//   this causal order ran 0.87-1.02x the ping-pong grid's speed (record fa3_ablation_h200, at b753eb0); pair by
+//   pair with a pair's longest tiles first ran 0.62-0.97x (fa3_ablation_pair_major_h200, at 41a1755): when
+//   gridDim.x is a multiple of ceil(Nq/Br) (132 SMs, 22 tiles), a CTA gets the same tile index every time, so
+//   some CTAs get only the longest tiles. The ring's
+//   phases continue from item to item; Q of the next item is loaded once every consumer warp has released Qs
+//   (barrier q_empty, after its epilogue staged O there), K_0 of the next item before that.
 // Arguments: the tensor maps of Q (D, Nq, B*H), K and V (D, Nk, B*H/G) (dims innermost first; rows past Nq or Nk
 //   read as zeros), O and lse pointers, Nq, Nk, scale, BH, G: query head pair bh reads kv pair bh / G.
 // Shared memory (dynamic, aligned here to 1024 bytes): Qs (Br x D), STAGES slots of Ks (Bc x D), STAGES of Vs,
 //   then the mbarriers (8 bytes each). Every tile is cut into blocks of 64 columns (128 bytes a row, one TMA box
 //   each), Bc (or Br) rows a block, 16-byte chunks swizzled by XOR with row % 8: rung 6's sw128 layout.
-// Barriers (PTX ISA, "mbarrier"): q_full (producer's expect_tx), k_full[s], v_full[s] (producer's expect_tx, one
-//   arrival), k_empty[s], v_empty[s] (one arrival per consumer warp, 4 NCW, once its wgmma reading the slot is done).
-//   Phases alternate: the consumer waits for parity (j / STAGES) & 1 of slot j % STAGES, the producer for the
+// Barriers (PTX ISA, "mbarrier"): q_full (producer's expect_tx), q_empty (one arrival per consumer warp, PERSIST),
+//   k_full[s], v_full[s] (producer's expect_tx, one arrival), k_empty[s], v_empty[s] (one arrival per consumer
+//   warp, 4 NCW, once its wgmma reading the slot is done). Phases alternate: the consumer waits for parity
+//   (kv / STAGES) & 1 of slot kv % STAGES (kv counts the CTA's K/V tiles over all its items), the producer for the
 //   opposite parity of the empty barrier (a fresh barrier counts its parity-1 phase as complete).
 // Consumer loop per warpgroup (rung 6's intra-warpgroup overlap, unchanged): step j issues S_j = Q K_j^T (A and B
 //   from shared memory) and O += P_{j-1} V_{j-1} (A = P in registers), runs the softmax of S_j while the second
@@ -28,40 +41,99 @@
 //   issuing a step's products consumer cw waits at its named barrier (bar.sync 1 + cw, 256 threads: its own 128 and
 //   the 128 of the previous consumer's bar.arrive), after issuing them it arrives at the next one's, so that one
 //   warpgroup's softmax runs while another's products do. Consumer 0 goes first (the last consumer arrives once at
-//   the start) and the last skips its arrival after its last turn, which no one would wait for. All run the same
-//   number of steps (n_tiles + 1 turns each).
+//   the start) and the last skips its arrival after its last turn of its last item, which no one would wait for.
+//   All run the same number of steps (n_tiles + 1 turns each an item).
 #include "flash_common.cuh"
 
 #include "tma.cuh"
 #include "wgmma.cuh"
 
-template <typename T, int D, int Bc, int STAGES, int NCW, bool PP, bool CAUSAL>
+// ---- the timeline of a debug instance (fa3_timeline.cu defines FA3_TIMELINE and includes this file) ----
+// The elected thread of each warpgroup (thread 0 of its 128) of CTAs 0 and 1 writes one event per phase into the
+// global buffer TL (int64): (phase, start and end of %globaltimer in ns, start and end of %clock64), TL_CAP events a
+// warpgroup at ((cta * (NCW + 1) + warpgroup) * TL_CAP + event) * 5. Other instances compile it away.
+enum Fa3Phase { TL_Q_WAIT = 1, TL_Q_ISSUE, TL_K_WAIT, TL_K_ISSUE, TL_V_WAIT, TL_V_ISSUE,  // producer
+                TL_WAIT_Q, TL_WAIT_K, TL_WAIT_V, TL_TURN, TL_ISSUE, TL_WAIT_S, TL_SOFTMAX, TL_WAIT_PV, TL_RESCALE,
+                TL_EPILOGUE };  // consumers
+#ifdef FA3_TIMELINE
+#define FA3_TL_PARAM , long long* __restrict__ TL
+constexpr int TL_CAP = 4096;
+struct Stamp { long long ns, clk; };
+struct Timeline {
+    long long* p = nullptr;
+    int n = 0;
+    static __device__ __forceinline__ Stamp now() {
+        Stamp t;
+        asm volatile("mov.u64 %0, %%globaltimer;\n" : "=l"(t.ns)::"memory");
+        asm volatile("mov.u64 %0, %%clock64;\n" : "=l"(t.clk)::"memory");
+        return t;
+    }
+    __device__ __forceinline__ Stamp start() const { return now(); }
+    __device__ __forceinline__ void rec(int phase, Stamp t0) {
+        const Stamp t1 = now();
+        if (p != nullptr && n < TL_CAP) {
+            long long* e = p + 5 * n++;
+            e[0] = phase, e[1] = t0.ns, e[2] = t1.ns, e[3] = t0.clk, e[4] = t1.clk;
+        }
+    }
+};
+#else
+#define FA3_TL_PARAM
+struct Stamp {};
+struct Timeline {
+    __device__ __forceinline__ Stamp start() const { return {}; }
+    __device__ __forceinline__ void rec(int, Stamp) {}
+};
+#endif
+
+template <typename T, int D, int Bc, int STAGES, int NCW, bool PP, bool CAUSAL, bool PERSIST = false>
 __global__ void __launch_bounds__(128 * (NCW + 1), 1)
 fa3_forward(const __grid_constant__ TmaMap qmap, const __grid_constant__ TmaMap kmap, const __grid_constant__ TmaMap vmap,
-            T* __restrict__ O, float* __restrict__ L, int Nq, int Nk, float scale, int BH, int G) {
-    static_assert((D == 64 || D == 128) && (Bc == 64 || Bc == 128) && STAGES >= 2, "m64n64 or m64n128 wgmma");
+            T* __restrict__ O, float* __restrict__ L, int Nq, int Nk, float scale, int BH, int G FA3_TL_PARAM) {
+    static_assert((D == 64 || D == 128 || D == 256) && (Bc == 64 || Bc == 80 || Bc == 128) && STAGES >= 2,
+                  "S: m64n64, m64n80 or m64n128; O: m64n64 or m64n128 wgmma per 128 columns");
     static_assert(NCW == 2 || (NCW == 3 && D == 64), "2 consumer warpgroups, or 3 at d = 64");
-    constexpr int Br = 64 * NCW, TILE = Bc * D * 2, QTILE = Br * D * 2;
+    constexpr int Br = 64 * NCW, TILE = Bc * D * 2, QTILE = Br * D * 2, DN = D < 128 ? D : 128;
     extern __shared__ __align__(128) unsigned char smem_raw[];
     unsigned char* Qs = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);  // 1024-aligned: swizzle atoms
     const u32 qs0 = smem_addr(Qs), ks0 = qs0 + QTILE, vs0 = ks0 + STAGES * TILE, bar0 = vs0 + STAGES * TILE;
-    // barrier addresses: q_full, then k_full[s], v_full[s], k_empty[s], v_empty[s]
-    const u32 q_full = bar0;
-    auto k_full = [&](int s) { return bar0 + 8 * (1 + s); };
-    auto v_full = [&](int s) { return bar0 + 8 * (1 + STAGES + s); };
-    auto k_empty = [&](int s) { return bar0 + 8 * (1 + 2 * STAGES + s); };
-    auto v_empty = [&](int s) { return bar0 + 8 * (1 + 3 * STAGES + s); };
+    // barrier addresses: q_full, q_empty, then k_full[s], v_full[s], k_empty[s], v_empty[s]
+    const u32 q_full = bar0, q_empty = bar0 + 8;
+    auto k_full = [&](int s) { return bar0 + 8 * (2 + s); };
+    auto v_full = [&](int s) { return bar0 + 8 * (2 + STAGES + s); };
+    auto k_empty = [&](int s) { return bar0 + 8 * (2 + 2 * STAGES + s); };
+    auto v_empty = [&](int s) { return bar0 + 8 * (2 + 3 * STAGES + s); };
 
     const int tid = threadIdx.x, wg = tid >> 7;
     const u32 pair = blockIdx.y + gridDim.y * blockIdx.z;
-    if (pair >= (u32)BH) return;
-    const int bh = (int)pair, bkv = (int)(pair / (u32)G);
-    const int q0 = (CAUSAL ? gridDim.x - 1 - blockIdx.x : blockIdx.x) * Br;  // causal: the longest rows first
-    const int kv_end = CAUSAL ? min(Nk, q0 + Br) : Nk;
-    const int n_tiles = (kv_end + Bc - 1) / Bc;  // >= 1 (Nk >= 1; causal: q0 >= 0 sees key 0)
+    if (!PERSIST && pair >= (u32)BH) return;
+    // work items (query tile, pair): one per CTA, or (PERSIST) items blockIdx.x, + gridDim.x, ... of n_qt * BH in a
+    // static order, causal: the longest tiles (highest index) of every pair first; else pair by pair
+    const int n_qt = (Nq + Br - 1) / Br;
+    const long long total = PERSIST ? (long long)n_qt * BH : 1, step = PERSIST ? gridDim.x : 1;
+    const long long first = PERSIST ? blockIdx.x : 0;
+    auto item = [&](long long i, int& q0, int& bh) {
+        int tile;
+        if constexpr (PERSIST) {
+            bh = (int)(CAUSAL ? i % BH : i / n_qt);
+            tile = (int)(CAUSAL ? n_qt - 1 - i / BH : i % n_qt);
+        } else {
+            bh = (int)pair;
+            tile = CAUSAL ? gridDim.x - 1 - blockIdx.x : blockIdx.x;  // causal: the longest rows first
+        }
+        q0 = tile * Br;
+    };
+    auto tiles_of = [&](int q0) { return ((CAUSAL ? min(Nk, q0 + Br) : Nk) + Bc - 1) / Bc; };  // >= 1
+
+    Timeline tl;
+#ifdef FA3_TIMELINE
+    const u32 cta = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
+    if (cta < 2 && (tid & 127) == 0) tl.p = TL + (size_t)(cta * (NCW + 1) + wg) * TL_CAP * 5;
+#endif
 
     if (tid == 0) {
         mbar_init(q_full, 1);
+        mbar_init(q_empty, 4 * NCW);  // every consumer warp, once its rows of Qs are free (PERSIST)
         for (int s = 0; s < STAGES; s++) {
             mbar_init(k_full(s), 1);
             mbar_init(v_full(s), 1);
@@ -77,17 +149,41 @@ fa3_forward(const __grid_constant__ TmaMap qmap, const __grid_constant__ TmaMap 
         if (tid == 0) {
             tma_prefetch_map(&kmap);
             tma_prefetch_map(&vmap);
-            mbar_arrive_expect_tx(q_full, QTILE);
-            tma_tile<D, Br>(qs0, &qmap, q_full, q0, bh);
-            for (int j = 0; j < n_tiles; j++) {
-                const int s = j % STAGES;
-                const u32 ph = ((j / STAGES) & 1) ^ 1;  // the empty phase the consumers completed last round
-                mbar_wait(k_empty(s), ph);
-                mbar_arrive_expect_tx(k_full(s), TILE);
-                tma_tile<D, Bc>(ks0 + s * TILE, &kmap, k_full(s), j * Bc, bkv);
-                mbar_wait(v_empty(s), ph);
-                mbar_arrive_expect_tx(v_full(s), TILE);
-                tma_tile<D, Bc>(vs0 + s * TILE, &vmap, v_full(s), j * Bc, bkv);
+            u32 kv = 0;  // K/V tiles issued so far: the ring position, continued across work items
+            int n = 0;
+            for (long long i = first; i < total; i += step, n++) {
+                int q0, bh;
+                item(i, q0, bh);
+                const int bkv = bh / G, n_tiles = tiles_of(q0);
+                auto load_q = [&]() {  // once every consumer warp is done with the last item's Q (and its O staging)
+                    Stamp t = tl.start();
+                    mbar_wait(q_empty, (n & 1) ^ 1);
+                    tl.rec(TL_Q_WAIT, t);
+                    t = tl.start();
+                    mbar_arrive_expect_tx(q_full, QTILE);
+                    tma_tile<D, Br>(qs0, &qmap, q_full, q0, bh);
+                    tl.rec(TL_Q_ISSUE, t);
+                };
+                if (!PERSIST) load_q();
+                for (int j = 0; j < n_tiles; j++, kv++) {
+                    const int s = kv % STAGES;
+                    const u32 ph = ((kv / STAGES) & 1) ^ 1;  // the empty phase the consumers completed last round
+                    Stamp t = tl.start();
+                    mbar_wait(k_empty(s), ph);
+                    tl.rec(TL_K_WAIT, t);
+                    t = tl.start();
+                    mbar_arrive_expect_tx(k_full(s), TILE);
+                    tma_tile<D, Bc>(ks0 + s * TILE, &kmap, k_full(s), j * Bc, bkv);
+                    tl.rec(TL_K_ISSUE, t);
+                    if (PERSIST && j == 0) load_q();  // K_0 may go ahead while the consumers finish the last item
+                    t = tl.start();
+                    mbar_wait(v_empty(s), ph);
+                    tl.rec(TL_V_WAIT, t);
+                    t = tl.start();
+                    mbar_arrive_expect_tx(v_full(s), TILE);
+                    tma_tile<D, Bc>(vs0 + s * TILE, &vmap, v_full(s), j * Bc, bkv);
+                    tl.rec(TL_V_ISSUE, t);
+                }
             }
         }
         return;
@@ -96,19 +192,16 @@ fa3_forward(const __grid_constant__ TmaMap qmap, const __grid_constant__ TmaMap 
     // ---- consumers: warpgroup cw = 0, 1 owns query rows 64 cw ... 64 cw + 63 of the block ----
     regs_inc<Regs<NCW>::consumer>();
     const int cw = wg - 1, lane = tid & 31, w = (tid >> 5) & 3, g = lane >> 2, t = lane & 3;
-    const int qg = q0 + 64 * cw;
-    const int n_full = min(Nk / Bc, CAUSAL ? (qg + 1) / Bc : n_tiles);  // tiles that need no mask in these rows
     const float sl = scale * LOG2E;
+    int qg = 0, n_full = 0;  // per work item: the warpgroup's first query row, the tiles that need no mask in its rows
 
     u32 pa[Bc / 16][4];
-    float s[Bc / 2], o[D / 2], m[2] = {NEG_INF, NEG_INF}, l[2] = {0.f, 0.f}, alpha[2];
-#pragma unroll
-    for (int i = 0; i < D / 2; i++) o[i] = 0.f;
+    float s[Bc / 2], o[D / 2], m[2], l[2], alpha[2];
 
-    // S_j = Q K_j^T: per 16-column step kk of d, A = this warpgroup's 64 rows of Q, B = K_j, both K-major with the
-    // step 32 bytes further along the row (kk % 4) of 64-column block kk / 4; SBO = 1024 (next 8 rows)
-    auto issue_s = [&](int j) {
-        const u32 kst = ks0 + (j % STAGES) * TILE, qst = qs0 + 64 * cw * 128;
+    // S = Q K^T of ring tile kv: per 16-column step kk of d, A = this warpgroup's 64 rows of Q, B = K, both K-major
+    // with the step 32 bytes further along the row (kk % 4) of 64-column block kk / 4; SBO = 1024 (next 8 rows)
+    auto issue_s = [&](u32 kv) {
+        const u32 kst = ks0 + (kv % STAGES) * TILE, qst = qs0 + 64 * cw * 128;
 #pragma unroll
         for (int kk = 0; kk < D / 16; kk++) {
             const unsigned long long da = smem_desc_sw128(qst + (kk >> 2) * (Br * 128) + (kk & 3) * 32, 16, 1024);
@@ -118,12 +211,17 @@ fa3_forward(const __grid_constant__ TmaMap qmap, const __grid_constant__ TmaMap 
         }
         wgmma_commit();
     };
-    // O += P_j V_j: per 16-key step, V MN-major (transposed), LBO = Bc * 128 (next 64 columns of d), SBO = 1024
-    auto issue_pv = [&](int j) {
-        const u32 vst = vs0 + (j % STAGES) * TILE;
+    // O += P V of ring tile kv: per 16-key step, V MN-major (transposed), LBO = Bc * 128 (next 64 columns of d),
+    // SBO = 1024 (next 8 rows); at d = 256 two m64n128 products per step, columns 0-127 and 128-255 (o[0 ... 63],
+    // o[64 ... 127]: the accumulator layout continues)
+    auto issue_pv = [&](u32 kv) {
+        const u32 vst = vs0 + (kv % STAGES) * TILE;
 #pragma unroll
         for (int kk = 0; kk < Bc / 16; kk++)
-            Wgmma<T>::template rs<D, 1, 1>(o, pa[kk], smem_desc_sw128(vst + kk * 2048, Bc * 128, 1024));
+#pragma unroll
+            for (int h = 0; h < D / DN; h++)
+                Wgmma<T>::template rs<DN, 1, 1>(o + h * (DN / 2), pa[kk],
+                                                smem_desc_sw128(vst + h * (DN / 64) * (Bc * 128) + kk * 2048, Bc * 128, 1024));
         wgmma_commit();
     };
     auto arrive = [&]() {
@@ -135,80 +233,134 @@ fa3_forward(const __grid_constant__ TmaMap qmap, const __grid_constant__ TmaMap 
         __syncwarp();
         if (lane == 0) mbar_arrive(bar);
     };
-    auto softmax = [&](int j) { wg_softmax<Bc, CAUSAL>(s, m, l, alpha, j, n_full, Nk, qg, w, g, t, sl); };
+    auto softmax = [&](int j) {
+        const Stamp t0 = tl.start();
+        wg_softmax<Bc, CAUSAL>(s, m, l, alpha, j, n_full, Nk, qg, w, g, t, sl);
+        tl.rec(TL_SOFTMAX, t0);
+    };
     auto my_turn = [&]() {
-        if constexpr (PP) bar_sync(1 + cw, 256);
+        if constexpr (PP) {
+            const Stamp t0 = tl.start();
+            bar_sync(1 + cw, 256);
+            tl.rec(TL_TURN, t0);
+        }
     };
     auto your_turn = [&]() {
         if constexpr (PP) bar_arrive(1 + (cw + 1) % NCW, 256);
     };
-    auto rescale_and_pack = [&]() { wg_rescale_and_pack<T, D, Bc>(o, pa, s, alpha); };
+    auto wait_full = [&](u32 bar, u32 parity, int phase) {
+        const Stamp t0 = tl.start();
+        mbar_wait(bar, parity);
+        tl.rec(phase, t0);
+    };
+    auto rescale_and_pack = [&]() {
+        const Stamp t0 = tl.start();
+        wg_rescale_and_pack<T, D, Bc>(o, pa, s, alpha);
+        tl.rec(TL_RESCALE, t0);
+    };
+    auto ring = [](u32 kv) { return (kv / STAGES) & 1; };  // the full phase of ring tile kv
 
     if (PP && cw == NCW - 1) bar_arrive(1, 256);  // consumer 0 takes the first turn
-    mbar_wait(q_full, 0);
-    mbar_wait(k_full(0), 0);
-    my_turn();
-    arrive();
-    issue_s(0);
-    your_turn();
-    wgmma_wait<0>();
-    release(k_empty(0));
-    softmax(0);
-    rescale_and_pack();
-    for (int j = 1; j < n_tiles; j++) {
-        const int sp = (j - 1) % STAGES;
-        mbar_wait(v_full(sp), ((j - 1) / STAGES) & 1);  // V_{j-1} arrived before K_j (the producer's order)
-        mbar_wait(k_full(j % STAGES), (j / STAGES) & 1);
+    u32 kv0 = 0;  // K/V ring tiles consumed before this item
+    int n = 0;
+    for (long long i = first; i < total; i += step, n++) {
+        int q0, bh;
+        item(i, q0, bh);
+        const int n_tiles = tiles_of(q0);
+        qg = q0 + 64 * cw;
+        n_full = min(Nk / Bc, CAUSAL ? (qg + 1) / Bc : n_tiles);
+#pragma unroll
+        for (int h = 0; h < 2; h++) m[h] = NEG_INF, l[h] = 0.f;
+#pragma unroll
+        for (int x = 0; x < D / 2; x++) o[x] = 0.f;
+        wait_full(q_full, n & 1, TL_WAIT_Q);
+        wait_full(k_full(kv0 % STAGES), ring(kv0), TL_WAIT_K);
         my_turn();
+        Stamp t0 = tl.start();
         arrive();
-        issue_s(j);
-        issue_pv(j - 1);
+        issue_s(kv0);
         your_turn();
-        wgmma_wait<1>();  // S_j done, P_{j-1} V_{j-1} may still run during the softmax
-        release(k_empty(j % STAGES));
-        softmax(j);
+        tl.rec(TL_ISSUE, t0);
+        t0 = tl.start();
         wgmma_wait<0>();
-        release(v_empty(sp));
-        fence_regs<D / 2>(o);
+        tl.rec(TL_WAIT_S, t0);
+        release(k_empty(kv0 % STAGES));
+        softmax(0);
         rescale_and_pack();
-    }
-    {
-        const int sp = (n_tiles - 1) % STAGES;
-        mbar_wait(v_full(sp), ((n_tiles - 1) / STAGES) & 1);
-        my_turn();
-        arrive();
-        issue_pv(n_tiles - 1);
-        if (cw != NCW - 1) your_turn();
-        wgmma_wait<0>();
-        release(v_empty(sp));
-        fence_regs<D / 2>(o);
-    }
+        for (int j = 1; j < n_tiles; j++) {
+            const u32 kv = kv0 + j;
+            wait_full(v_full((kv - 1) % STAGES), ring(kv - 1), TL_WAIT_V);  // V_{j-1} arrived before K_j
+            wait_full(k_full(kv % STAGES), ring(kv), TL_WAIT_K);
+            my_turn();
+            t0 = tl.start();
+            arrive();
+            issue_s(kv);
+            issue_pv(kv - 1);
+            your_turn();
+            tl.rec(TL_ISSUE, t0);
+            t0 = tl.start();
+            wgmma_wait<1>();  // S_j done, P_{j-1} V_{j-1} may still run during the softmax
+            tl.rec(TL_WAIT_S, t0);
+            release(k_empty(kv % STAGES));
+            softmax(j);
+            t0 = tl.start();
+            wgmma_wait<0>();
+            tl.rec(TL_WAIT_PV, t0);
+            release(v_empty((kv - 1) % STAGES));
+            fence_regs<D / 2>(o);
+            rescale_and_pack();
+        }
+        {
+            const u32 kv = kv0 + n_tiles - 1;
+            wait_full(v_full(kv % STAGES), ring(kv), TL_WAIT_V);
+            my_turn();
+            t0 = tl.start();
+            arrive();
+            issue_pv(kv);
+            if (cw != NCW - 1 || i + step < total) your_turn();  // the last turn of the last item: no one waits
+            tl.rec(TL_ISSUE, t0);
+            t0 = tl.start();
+            wgmma_wait<0>();
+            tl.rec(TL_WAIT_PV, t0);
+            release(v_empty(kv % STAGES));
+            fence_regs<D / 2>(o);
+        }
+        kv0 += n_tiles;
 
-    // epilogue (rung 6's): O / l staged in the warp's own 16 rows of Qs (its last reader, S, is done), 16-byte stores
+        // epilogue (rung 6's): O / l staged in the warp's own 16 rows of Qs (its last reader, S, is done), 16-byte
+        // stores; then (PERSIST) the warp's rows of Qs are free for the next item's Q
+        t0 = tl.start();
 #pragma unroll
-    for (int h = 0; h < 2; h++) {
-        l[h] += __shfl_xor_sync(0xffffffffu, l[h], 1);
-        l[h] += __shfl_xor_sync(0xffffffffu, l[h], 2);
-    }
-    const int rw = 64 * cw + 16 * w;  // the warp's first row in the block
-    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // Qs: wgmma's reads (async proxy) before our writes
+        for (int h = 0; h < 2; h++) {
+            l[h] += __shfl_xor_sync(0xffffffffu, l[h], 1);
+            l[h] += __shfl_xor_sync(0xffffffffu, l[h], 2);
+        }
+        const int rw = 64 * cw + 16 * w;  // the warp's first row in the block
+        fence_proxy_async();  // Qs: wgmma's reads (async proxy) before our writes
 #pragma unroll
-    for (int h = 0; h < 2; h++) {
-        const int r = g + 8 * h;
-        const float inv_l = l[h] > 0.f ? 1.f / l[h] : 0.f;
+        for (int h = 0; h < 2; h++) {
+            const int r = g + 8 * h;
+            const float inv_l = l[h] > 0.f ? 1.f / l[h] : 0.f;
 #pragma unroll
-        for (int n = 0; n < D / 8; n++)
-            *reinterpret_cast<u32*>(Qs + sw128<Br>(rw + r, 8 * n) + t * 4) =
-                pack2<T>(o[4 * n + 2 * h] * inv_l, o[4 * n + 2 * h + 1] * inv_l);
-        if (t == 0 && q0 + rw + r < Nq)
-            L[(size_t)bh * Nq + q0 + rw + r] = m[h] * LN2 + logf(l[h]);
-    }
-    __syncwarp();
-    O += ((size_t)bh * Nq + q0 + rw) * D;
-    constexpr int C = D / 8;
+            for (int x = 0; x < D / 8; x++)
+                *reinterpret_cast<u32*>(Qs + sw128<Br>(rw + r, 8 * x) + t * 4) =
+                    pack2<T>(o[4 * x + 2 * h] * inv_l, o[4 * x + 2 * h + 1] * inv_l);
+            if (t == 0 && q0 + rw + r < Nq)
+                L[(size_t)bh * Nq + q0 + rw + r] = m[h] * LN2 + logf(l[h]);
+        }
+        __syncwarp();
+        T* Ob = O + ((size_t)bh * Nq + q0 + rw) * D;
+        constexpr int C = D / 8;
 #pragma unroll
-    for (int i = lane; i < 16 * C; i += 32) {
-        const int r = i / C, c = (i % C) * 8;
-        if (q0 + rw + r < Nq) *reinterpret_cast<uint4*>(O + r * D + c) = *reinterpret_cast<const uint4*>(Qs + sw128<Br>(rw + r, c));
+        for (int x = lane; x < 16 * C; x += 32) {
+            const int r = x / C, c = (x % C) * 8;
+            if (q0 + rw + r < Nq)
+                *reinterpret_cast<uint4*>(Ob + r * D + c) = *reinterpret_cast<const uint4*>(Qs + sw128<Br>(rw + r, c));
+        }
+        if constexpr (PERSIST) {
+            fence_proxy_async();  // our reads and writes of Qs before the copy engine's next Q
+            release(q_empty);
+        }
+        tl.rec(TL_EPILOGUE, t0);
     }
 }

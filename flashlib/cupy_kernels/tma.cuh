@@ -46,5 +46,10 @@ __device__ __forceinline__ void tma_tile(u32 dst, const TmaMap* map, u32 bar, in
 }
 
 // registers a thread of the producer / of a consumer, FlashAttention-3's split: 128 * 24 + 256 * 240 <= 65536 for
-// two consumer warpgroups, 128 * 32 + 384 * 160 = 65536 for three
+// two consumer warpgroups, 128 * 32 + 384 * 160 = 65536 for three. The timeline's debug build (FA3_TIMELINE) moves
+// 16 to the producer for its stamps at two consumers: 128 * 40 + 256 * 232 = 64512
+#ifdef FA3_TIMELINE
+template <int NCW> struct Regs { static constexpr int producer = NCW == 2 ? 40 : 32, consumer = NCW == 2 ? 232 : 160; };
+#else
 template <int NCW> struct Regs { static constexpr int producer = NCW == 2 ? 24 : 32, consumer = NCW == 2 ? 240 : 160; };
+#endif

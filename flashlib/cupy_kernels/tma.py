@@ -19,7 +19,7 @@ import functools
 from .._arrays import check_causal, check_scale
 from .build import _kernel_on
 from .config import (FA3_HEAD_DIMS, FA3_OTHER_TILES, FA3_TILES, FA3_VARIANTS, SIG_FA3, Fa3Config,  # noqa: F401
-                     fa3_config, fa3_instances, pair_grid, smem_fa3)
+                     fa3_config, fa3_grid, fa3_instances, pair_grid, smem_fa3)
 
 # cuda.h enums (CUtensorMapDataType, CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill)
 _TMA_DTYPE = {"float16": 6, "bfloat16": 9}
@@ -91,16 +91,24 @@ def _dtype_of(a):
     raise ValueError(f"forward_fa3 takes float16, or bfloat16 as int16 bits, got {s}")
 
 
-def _launcher(device, cfg):
-    """rung 7's kernel `cfg.kernel` as a build.Launcher on GPU `device` (compiled once, for sm_90a)."""
-    return _kernel_on(device, "fa3_forward.cu", cfg.kernel, cfg.smem, "sm_90a", SIG_FA3)
+def _launcher(device, cfg, file="fa3_forward.cu", sig=SIG_FA3):
+    """rung 7's kernel `cfg.kernel` as a build.Launcher on GPU `device` (compiled once, for sm_90a); file and sig:
+    the timeline's debug build (fa3_timeline.cu, one more pointer)."""
+    return _kernel_on(device, file, cfg.kernel, cfg.smem, "sm_90a", sig)
 
 
-def forward_fa3(q, k, v, causal, scale, tiles=None, variant="pingpong"):
-    """Rung 7 forward on CuPy arrays: q (B, H, Nq, d), k and v (B, H_kv, Nk, d), H_kv dividing H, d = 64 or 128,
-    float16 or bfloat16 (as int16 bits); Nq, Nk >= 1. Returns (o like q, lse (B, H, Nq) float32, natural log),
-    computed on CuPy's current stream. tiles: (Bc, stages[, consumer warpgroups]), default FA3_TILES[d]; variant:
-    one of VARIANTS."""
+@functools.lru_cache(maxsize=None)
+def sm_count(device):
+    """Streaming multiprocessors of GPU `device` (the persistent variant's grid)."""
+    import cupy as cp
+    return int(cp.cuda.Device(device).attributes["MultiProcessorCount"])
+
+
+def forward_fa3(q, k, v, causal, scale, tiles=None, variant="pingpong", _debug=None):
+    """Rung 7 forward on CuPy arrays: q (B, H, Nq, d), k and v (B, H_kv, Nk, d), H_kv dividing H, d in
+    FA3_HEAD_DIMS, float16 or bfloat16 (as int16 bits); Nq, Nk >= 1. Returns (o like q, lse (B, H, Nq) float32,
+    natural log), computed on CuPy's current stream. tiles: (Bc, stages[, consumer warpgroups]), default
+    FA3_TILES[d]; variant: one of VARIANTS. _debug: a device pointer for the timeline build (timeline.py)."""
     import cupy as cp
     dtype = _dtype_of(q)
     if len(q.shape) != 4 or len(k.shape) != 4 or k.shape != v.shape or q.dtype != k.dtype or k.dtype != v.dtype:
@@ -118,7 +126,8 @@ def forward_fa3(q, k, v, causal, scale, tiles=None, variant="pingpong"):
     BH = B * H       # the tensor maps: (d, N, pairs), boxes of Br rows (q) or Bc rows (k, v); rows past N read as 0
     maps = [map_bytes(a.data.ptr, dtype, d, n, pairs, rows) for a, n, pairs, rows in
             ((q, Nq, BH, cfg.Br), (k, Nk, BH // (H // Hkv), cfg.Bc), (v, Nk, BH // (H // Hkv), cfg.Bc))]
-    _launcher(q.device.id, cfg)(pair_grid(-(-Nq // cfg.Br), BH), (cfg.threads,),
-                                (*maps, o.data.ptr, lse.data.ptr, Nq, Nk, scale, BH, H // Hkv), cfg.smem,
-                                cp.cuda.get_current_stream().ptr)
+    args = (*maps, o.data.ptr, lse.data.ptr, Nq, Nk, scale, BH, H // Hkv)
+    fn = _launcher(q.device.id, cfg) if _debug is None else _launcher(q.device.id, cfg, "fa3_timeline.cu", SIG_FA3 + "P")
+    fn(fa3_grid(cfg, Nq, BH, sm_count(q.device.id)), (cfg.threads,), args + (() if _debug is None else (_debug,)),
+       cfg.smem, cp.cuda.get_current_stream().ptr)
     return o, lse

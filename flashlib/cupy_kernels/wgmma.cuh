@@ -28,9 +28,12 @@ __device__ __forceinline__ unsigned long long smem_desc_sw128(u32 addr, u32 lbo,
            ((unsigned long long)(sbo >> 4) << 32) | (1ull << 62);
 }
 
-// the accumulator operand lists of m64n64k16 (32 registers a thread) and m64n128k16 (64)
+// the accumulator operand lists of m64n64k16 (32 registers a thread), m64n80k16 (40: rung 7's Bc = 80 at d = 256)
+// and m64n128k16 (64)
 #define WG_ACC32 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, " \
     "%21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
+#define WG_ACC40 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, " \
+    "%21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39}"
 #define WG_ACC64 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, " \
     "%21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, " \
     "%40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, " \
@@ -40,6 +43,8 @@ __device__ __forceinline__ unsigned long long smem_desc_sw128(u32 addr, u32 lbo,
     "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), \
     "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), \
     "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+#define WG_OUT40(d) WG_OUT32(d), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), \
+    "+f"(d[38]), "+f"(d[39])
 #define WG_OUT64(d) "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
     "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), \
     "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), \
@@ -63,7 +68,7 @@ __device__ __forceinline__ unsigned long long smem_desc_sw128(u32 addr, u32 lbo,
                  ", p, 1, 1, %" TAI ", %" TBI ";\n}\n" \
                  : OUTS(d) : "l"(da), "l"(db), "n"(ACC), "n"(TA), "n"(TB))
 
-// d (64 x N fp32) = A (64 x 16) * B (16 x N) + (ACC ? d : 0), N = 64 or 128
+// d (64 x N fp32) = A (64 x 16) * B (16 x N) + (ACC ? d : 0), N = 64 or 128 (ss also 80)
 template <typename T> struct Wgmma;
 #define WGMMA_FOR(TY, TYPES) \
     template <> struct Wgmma<TY> { \
@@ -74,6 +79,7 @@ template <typename T> struct Wgmma;
         template <int N, int ACC, int TA = 0, int TB = 0> \
         static __device__ __forceinline__ void ss(float* d, unsigned long long da, unsigned long long db) { \
             if constexpr (N == 128) WG_SS("128", WG_ACC64, WG_OUT64, "64", "65", "66", "67", "68", TYPES); \
+            else if constexpr (N == 80) WG_SS("80", WG_ACC40, WG_OUT40, "40", "41", "42", "43", "44", TYPES); \
             else WG_SS("64", WG_ACC32, WG_OUT32, "32", "33", "34", "35", "36", TYPES); \
         } \
     };
