@@ -475,7 +475,8 @@ def test_prepared_route_equals_the_general_path_on_cuda(dtype, d):
             torch.testing.assert_close(a.float(), b.float(), rtol=1e-2, atol=2e-3)
     if dtype == torch.float16:
         qc, kc, vc = (cp.asarray(t) for t in (q, k, v))
-        for _ in range(2):
-            oc = flashlib.attention(qc, kc, vc, causal=True, backend="cupy")
+        for x in (qc, cp.asarray(strided), qc):              # CuPy arrays: contiguous and strided, one signature
+            assert x.flags.c_contiguous == (x is qc)
+            oc = flashlib.attention(x, kc, vc, causal=True, backend="cupy")
             assert type(oc) is cp.ndarray and torch.equal(torch.as_tensor(oc, device="cuda"), ck.forward(
                 q, k, v, causal=True, scale=None, dtype=dt)[0])

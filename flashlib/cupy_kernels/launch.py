@@ -282,9 +282,21 @@ def _rung_override(direction):
 
 # ---- the caller's library: pointers, allocation, padding, device, stream
 
+@functools.lru_cache(maxsize=None)
 def _cp():
     import cupy
     return cupy
+
+
+def _cupy_contiguous(a):
+    """a itself when C-contiguous, else a contiguous copy (ndarray._c_contiguous: no Flags object built per call)."""
+    try:
+        if a._c_contiguous:
+            return a
+    except AttributeError:          # a CuPy without the attribute
+        if a.flags.c_contiguous:
+            return a
+    return _cp().ascontiguousarray(a)
 
 
 def _cupy_padded(a, D):
@@ -304,7 +316,7 @@ def _one_device(get, arrays):
 
 class _CupyIO:
     """CuPy callers: CuPy arrays, CuPy's current stream."""
-    contiguous = staticmethod(lambda a: a if a.flags.c_contiguous else _cp().ascontiguousarray(a))
+    contiguous = staticmethod(_cupy_contiguous)
     copy = staticmethod(lambda a: a.copy(order="C"))
     contiguous_f32 = staticmethod(lambda a: _cp().ascontiguousarray(a, dtype="float32"))
     empty_like = staticmethod(lambda a: _cp().ndarray(a.shape, a.dtype))     # C order; faster than cupy.empty_like
