@@ -122,10 +122,10 @@ def transpose_v(v8):
 
 
 def rotate(x, m):
-    """x (..., d) times the d x d matrix m (NumPy), in float32, back in x's dtype."""
+    """x (..., d) times the d x d matrix m (NumPy), as float32 (quantised next: no rounding to x's dtype between)."""
     import torch
     mt = torch.as_tensor(m, dtype=torch.float32, device=x.device)
-    return (x.float() @ mt).to(x.dtype)
+    return x.float() @ mt
 
 
 def quantize(q, k, v, hadamard=True, seed=0):
