@@ -6,8 +6,9 @@ fp8_model.emulate, which computes what the kernel computes from the same FP8 inp
 rounded to e4m3 tile by tile, descales) in float32 with torch: the kernel's RMSE and largest error against the
 float64 reference of the original 16-bit inputs may exceed the model's by 25 % (RMSE) and 2x (largest) plus O's own
 rounding to 16 bits (2^-9 relative for bf16), and the kernel must be closer to the model than the model is to the
-reference. What separates the two: fp32 summation order (wgmma's, which for FP8 keeps fewer accumulator bits),
-ex2.approx, and so now and then a P that rounds to the other neighbouring e4m3 value. lse: within 1.5x the model's
+reference. What separates the two: summation order and precision (FP8 wgmma keeps about 14 bits of its sums, per
+DeepSeek-V3's report, 2024, section 3.3.2), ex2.approx, and so now and then a P that rounds to the other
+neighbouring e4m3 value. lse: within 1.5x the model's
 largest error plus 2e-3. Outputs are NaN-filled before the launch, so a row the kernel leaves unwritten fails.
 FlashAttention-3's outlier experiment (section 4.3): RMSE with and without the Hadamard rotation."""
 import itertools
