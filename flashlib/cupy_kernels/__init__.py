@@ -16,12 +16,17 @@ The kernels form a numbered ladder (each .cu file's header says grid, block, and
   rung 7  'fa3'       fa3_forward.cu  Hopper only: FlashAttention-3's TMA copies (tensor maps, mbarriers), a producer
                                     warpgroup and two or three consumers (setmaxnreg), ping-pong (a persistent
                                     variant beside it); d = 64, 128, 256, the default there
+  opt-in  'fa3_fp8'   fa3_fp8.cu    rung 7 with e4m3 Q, K, V (FlashAttention-3's FP8): per-head descale factors,
+                                    V^T from the host, P rounded to e4m3; fp8.py quantises (optionally after a
+                                    random Hadamard rotation of Q and K) and launches: forward_fp8. Never a default
 
 The package by concern:
   config.py   the rung table and tile configuration, shape and grid rules (pure Python, no GPU needed)
   build.py    NVRTC compilation per architecture, loading, and `Launcher` (cuLaunchKernel from a prepared block)
   launch.py   plans, the launch rule of each kernel, `forward` / `backward` on CuPy arrays or torch tensors
   tma.py      rung 7's tensor maps (cuTensorMapEncodeTiled through ctypes) and the rung on its own (forward_fa3)
+  fp8.py      rung 'fa3_fp8': quantisation, the Hadamard rotation, V^T, its tensor maps and launch;
+              fp8_model.py a torch model of its arithmetic (tests, error table)
   timeline.py rung 7's debug build (fa3_timeline.cu): each warpgroup's phases stamped, read back as records
   flash_common.cuh, wgmma.cuh   the CUDA helpers and constants the kernels share
 
@@ -41,6 +46,7 @@ from .config import (ARCH, BACKWARD_RUNGS, BWD_FALLBACK_TILES, BWD_TILES, BWD_WG
                      bwd_columns, check_inputs, choose_config, default_rung, fp32_tiles, head_bucket, instances,
                      pair_grid, smem_backward, smem_forward, smem_wgmma, sw128)
 from .build import HERE, Launcher, cuda_include_dirs, _kernel_on, _kernel_sm90a, compile_kernel, device_cc
+from .fp8 import forward_fp8, forward_fp8_prepared, forward_fp8_quantized, quantize as quantize_fp8
 from .launch import (Plan, backward, backward_plan, forward, forward_plan, launch_backward, launch_forward,
                      prepare_backward, prepare_forward)
 

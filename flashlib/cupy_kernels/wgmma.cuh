@@ -86,6 +86,31 @@ template <typename T> struct Wgmma;
 WGMMA_FOR(__half, "f16.f16")
 WGMMA_FOR(__nv_bfloat16, "bf16.bf16")
 
+// The FP8 forms (fa3_fp8.cu): m64nNk32 with e4m3 A and B and an fp32 accumulator. PTX allows 8-bit operands only
+// K-major (no transpose flags: PTX ISA, "wgmma.mma_async", the imm-trans operands exist for .f16/.bf16 alone), so
+// V reaches O += P V transposed, K-major along the keys. A in registers is 4 .b32 of 4 e4m3 each (rs), or both
+// from shared memory (ss); operands after the accumulators as in WG_RS / WG_SS, without the transpose flags.
+#define WG_RS8(N, ACC_LIST, OUTS, A0, A1, A2, A3, DS, ACCI) \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %" ACCI ", 0;\n" \
+                 "wgmma.mma_async.sync.aligned.m64n" N "k32.f32.e4m3.e4m3 " ACC_LIST ", {%" A0 ", %" A1 ", %" A2 \
+                 ", %" A3 "}, %" DS ", p, 1, 1;\n}\n" \
+                 : OUTS(d) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "n"(ACC))
+#define WG_SS8(N, ACC_LIST, OUTS, DA, DB, ACCI) \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %" ACCI ", 0;\n" \
+                 "wgmma.mma_async.sync.aligned.m64n" N "k32.f32.e4m3.e4m3 " ACC_LIST ", %" DA ", %" DB ", p, 1, 1;\n}\n" \
+                 : OUTS(d) : "l"(da), "l"(db), "n"(ACC))
+// d (64 x N fp32) = A (64 x 32 e4m3) * B (32 x N e4m3) + (ACC ? d : 0), N = 64 or 128
+struct WgmmaE4m3 {
+    template <int N, int ACC> static __device__ __forceinline__ void rs(float* d, const u32* a, unsigned long long desc) {
+        if constexpr (N == 128) WG_RS8("128", WG_ACC64, WG_OUT64, "64", "65", "66", "67", "68", "69");
+        else WG_RS8("64", WG_ACC32, WG_OUT32, "32", "33", "34", "35", "36", "37");
+    }
+    template <int N, int ACC> static __device__ __forceinline__ void ss(float* d, unsigned long long da, unsigned long long db) {
+        if constexpr (N == 128) WG_SS8("128", WG_ACC64, WG_OUT64, "64", "65", "66");
+        else WG_SS8("64", WG_ACC32, WG_OUT32, "32", "33", "34");
+    }
+};
+
 // Byte offset of element (r, c) (c a multiple of 8: the start of a 16-byte chunk) in a tile of R rows stored in the
 // 128-byte-swizzled layout: the tile is cut into blocks of 64 columns (128 bytes a row), each block R rows of 128
 // bytes, and within every 8-row, 1024-byte atom, chunk c/8 of row r is stored at chunk position (c/8) ^ (r%8)
@@ -98,7 +123,9 @@ template <int R> __device__ __forceinline__ int sw128(int r, int c) {
 // w's 16, keys 8n + 2t and 8n + 2t + 1) in base 2, with the mask of the ragged last tile and of the causal diagonal
 // on the tiles that need one (j >= n_full): P_j (fp32) in place of S_j, m and l updated, alpha the factor for the
 // old O. qg: the warpgroup's first query row; sl: the scale times log2(e). Rungs 6 and 7 share it.
-template <int Bc, bool CAUSAL>
+// SHIFT (FP8 only): P is computed as P * 2^SHIFT (the row sum l too), which moves small probabilities out of e4m3's
+// underflow range; the caller takes SHIFT * ln 2 off the lse.
+template <int Bc, bool CAUSAL, int SHIFT = 0>
 __device__ __forceinline__ void wg_softmax(float* s, float* m, float* l, float* alpha, int j, int n_full, int Nk,
                                            int qg, int w, int g, int t, float sl) {
     fence_regs<Bc / 2>(s);
@@ -127,6 +154,7 @@ __device__ __forceinline__ void wg_softmax(float* s, float* m, float* l, float* 
         alpha[h] = fast_exp2(m[h] - base[h]);
         m[h] = m_new;
         l[h] *= alpha[h];
+        if constexpr (SHIFT != 0) base[h] -= (float)SHIFT;
     }
 #pragma unroll
     for (int i = 0; i < Bc / 2; i++) {

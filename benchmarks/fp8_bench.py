@@ -1,0 +1,141 @@
+"""Rung 'fa3_fp8' (fa3_fp8.cu, e4m3) beside rung 7 fp16 and cuDNN SDPA fp16: TFLOP/s, the quantisation pass, and
+the error table of FlashAttention-3's outlier experiment.
+
+    python benchmarks/fp8_bench.py [--out DIR] [--max-seconds S] [--sanitize]
+
+Timing (flashlib.bench.timing.compare, host=False): H = 16, B = 16384 // N, N = 4096 and 16384, d = 64 and 128,
+causal and not; FLOPs 4*B*H*N^2*d, half when causal. fa3_fp8 is timed on pre-quantised inputs (the kernel alone,
+default and other tiles); the host passes (quantise with and without the Hadamard rotation, V's transpose) are
+timed apart. Error table: RMSE of O against float64 attention (torch on the GPU) for standard normal Q, K, V and
+for the same plus 0.1 % outliers of standard deviation 10 (FlashAttention-3 section 4.3), B = 1, H = 4, N = 4096:
+rung 7 fp16, fa3_fp8 without and with the rotation. The record "fp8_forward_<gpu>" goes through flashlib.bench.save.
+--sanitize: one small ragged call (for compute-sanitizer).
+"""
+import argparse
+import concurrent.futures
+import math
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from flashlib import bench  # noqa: E402
+from flashlib.cupy_kernels import fp8, tma  # noqa: E402
+
+DIMS, LENGTHS, H = (64, 128), (4096, 16384), 16
+
+
+def _inputs(B, Hh, N, d, outliers=0.0, seed=0, dtype="float16"):
+    import torch
+    g = torch.Generator(device="cuda").manual_seed(seed)
+
+    def mk():
+        x = torch.randn(B, Hh, N, d, device="cuda", generator=g)
+        big = 10 * torch.randn(B, Hh, N, d, device="cuda", generator=g)
+        return (x + big * (torch.rand(B, Hh, N, d, device="cuda", generator=g) < outliers)).to(getattr(torch, dtype))
+    return mk(), mk(), mk()
+
+
+def precompile():
+    """The fp8 kernels (default and other tiles) and rung 7's fp16 ping-pong ones, compiled in parallel threads."""
+    t = time.time()
+    cfgs = [fp8.fp8_config(d, c, x) for d in DIMS for c in (False, True) for x in (None,) + fp8.FP8_OTHER_TILES[d]]
+    r7 = [tma.fa3_config("float16", d, c) for d in DIMS for c in (False, True)]
+    with concurrent.futures.ThreadPoolExecutor(16) as ex:
+        list(ex.map(lambda c: fp8._launcher(0, c), cfgs))
+        list(ex.map(lambda c: tma._launcher(0, c), r7))
+    print(f"compiled in {time.time() - t:.1f} s", flush=True)
+
+
+def time_shape(d, N, causal, max_seconds):
+    """Rows {impl, ms, tflops, ...} for one shape: fa3_fp8 (tiles), rung 7 fp16, cuDNN fp16; and the host passes."""
+    import torch
+    from flashlib._arrays import to_cupy
+    from flashlib.bench.timing import compare
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    B = max(1, 16384 // N)
+    q, k, v = _inputs(B, H, N, d)
+    inp, v8 = fp8.quantize(q, k, v, hadamard=True), fp8.quantize_e4m3(v)[0]
+    qc, kc, vc = (to_cupy(t) for t in (q, k, v))
+    scale = d ** -0.5
+    fns = {f"fa3_fp8_{x[0]}x{x[1]}": (lambda x=x: fp8.forward_fp8_prepared(inp, causal, scale, tiles=x))
+           for x in (fp8.FP8_TILES[d],) + fp8.FP8_OTHER_TILES[d]}
+    fns["rung7_fp16"] = lambda: tma.forward_fa3(qc, kc, vc, causal, scale)
+    fns["sdpa_cudnn_fp16"] = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    contexts = {"sdpa_cudnn_fp16": lambda: sdpa_kernel(SDPBackend.CUDNN_ATTENTION)}
+    stats = compare(fns, host=False, min_rounds=5, max_rounds=12, max_seconds=max_seconds, contexts=contexts)
+    passes = {"quantize_hadamard": lambda: fp8.quantize(q, k, v, hadamard=True),
+              "quantize_plain": lambda: fp8.quantize(q, k, v, hadamard=False),
+              "transpose_v": lambda: fp8.transpose_v(v8)}
+    pstats = compare(passes, host=False, min_rounds=3, max_rounds=6, max_seconds=max_seconds / 2)
+    flops = 4 * B * H * N * N * d * (0.5 if causal else 1.0)
+    rows = [dict(kind="forward", d=d, n=N, B=B, H=H, causal=causal, impl=n, ms=st["median_ms"], spread=st["spread"],
+                 tflops=flops / (st["median_ms"] * 1e-3) / 1e12) for n, st in stats.items()]
+    rows += [dict(kind="host_pass", d=d, n=N, B=B, H=H, causal=causal, impl=n, ms=st["median_ms"], spread=st["spread"])
+             for n, st in pstats.items()]
+    print(f"d={d:3d} N={N:5d} causal={causal!s:5s}" + "".join(f" | {r['impl']} {r['tflops']:5.0f}" for r in rows
+                                                             if r["kind"] == "forward")
+          + "  TFLOP/s |" + "".join(f" {r['impl']} {r['ms']:.3f} ms" for r in rows if r["kind"] == "host_pass"),
+          flush=True)
+    return rows
+
+
+def _ref64(q, k, v, scale):
+    import torch
+    s = (q.double() @ k.double().transpose(-1, -2)) * scale
+    return torch.softmax(s, -1) @ v.double()
+
+
+def error_table(N=4096, Hh=4):
+    """Rows {kind='error', d, inputs, impl, rmse, rel_rmse}: rung 7 fp16, fa3_fp8 without / with the rotation."""
+    from flashlib._arrays import like, to_cupy
+    rows = []
+    for d in DIMS:
+        for name, frac in (("normal", 0.0), ("outliers_0.1%", 1e-3)):
+            q, k, v = _inputs(1, Hh, N, d, frac, seed=d)
+            scale = d ** -0.5
+            ref = _ref64(q, k, v, scale)
+            rms = float(ref.pow(2).mean().sqrt())
+            got = {"rung7_fp16": like(tma.forward_fa3(to_cupy(q), to_cupy(k), to_cupy(v), False, scale)[0], q,
+                                      "float16"),
+                   "fa3_fp8_plain": fp8.forward_fp8(q, k, v, scale=scale, hadamard=False)[0],
+                   "fa3_fp8_hadamard": fp8.forward_fp8(q, k, v, scale=scale, hadamard=True)[0]}
+            line = f"errors d={d} {name:14s}"
+            for impl, o in got.items():
+                e = float((o.double() - ref).pow(2).mean().sqrt())
+                rows.append(dict(kind="error", d=d, n=N, B=1, H=Hh, inputs=name, impl=impl, rmse=e, rel_rmse=e / rms))
+                line += f" | {impl} RMSE {e:.2e} ({e / rms:.1%} of rms O)"
+            print(line, flush=True)
+    return rows
+
+
+def main():
+    import torch
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out")
+    ap.add_argument("--max-seconds", type=float, default=2.5)
+    ap.add_argument("--sanitize", action="store_true")
+    a = ap.parse_args()
+    if a.sanitize:
+        q, k, v = _inputs(1, 4, 97, 128)
+        o, lse = fp8.forward_fp8(q, k[:, :2, :45], v[:, :2, :45], causal=True)
+        torch.cuda.synchronize()
+        print("sanitize call done", bool(torch.isfinite(o).all()))
+        return
+    precompile()
+    rows = error_table()
+    for d in DIMS:
+        for N in LENGTHS:
+            for causal in (False, True):
+                rows += time_shape(d, N, causal, a.max_seconds)
+    tag = bench.gpu_tag(torch.cuda.get_device_name())
+    path = bench.save(f"fp8_forward_{tag}", rows, directory=a.out, tiles=fp8.FP8_TILES,
+                      other_tiles=fp8.FP8_OTHER_TILES, flops="4*B*H*N^2*d, half when causal",
+                      timing="flashlib.bench.timing.compare, host=False; fa3_fp8 on pre-quantised inputs",
+                      error="RMSE of O against float64 attention, B=1, H=4, N=4096; outliers: 0.1% N(0, 100)")
+    print("saved", path)
+
+
+if __name__ == "__main__":
+    main()

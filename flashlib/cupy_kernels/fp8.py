@@ -1,0 +1,253 @@
+"""Rung 'fa3_fp8' (fa3_fp8.cu): an FP8 (e4m3) forward on Hopper, with its host side: per-(batch, head) quantisation,
+incoherent processing by a random Hadamard rotation, V transposed for the kernel, tensor maps, the launch.
+
+FlashAttention-3 (Shah et al. 2024, section 3.3) runs both products in FP8 at twice the fp16 Tensor Core rate.
+Two of its measures against FP8's 3 mantissa bits are here:
+  * block quantisation: one scale per (batch, head) for each of Q, K, V (amax / 448, 448 being e4m3's largest finite
+    value); the kernel takes the descale factors (q_descale, k_descale, v_descale) and folds q_descale * k_descale
+    into the softmax scale, v_descale into the epilogue;
+  * incoherent processing: Q and K multiplied by one random orthogonal matrix M = diag(s) H / sqrt(d) along d (H the
+    Sylvester Hadamard matrix, s random signs), which leaves Q K^T unchanged, (Q M)(K M)^T = Q M M^T K^T = Q K^T,
+    and spreads a few large entries (outliers) over all d columns before they are rounded. Here M is applied as a
+    float32 matrix product (a fused kernel would use the fast Walsh-Hadamard transform, d log d per row).
+The kernel reads V^T, made here by `transpose_v` (one extra pass over V, timed apart in benchmarks/fp8_bench.py),
+its keys permuted within each 32 as fa3_fp8.cu's header derives (`key_permutation`).
+
+Opt-in only: no default path runs FP8 (it changes the numbers). Entries: `forward_fp8(q, k, v, ...)` on 16-bit torch
+CUDA tensors (quantises inside), `forward_fp8_quantized(q8, k8, v8, q_descale, k_descale, v_descale, ...)` on e4m3
+tensors, and `forward_fp8_prepared(Fp8Inputs, ...)` on what `quantize` returns (the kernel alone).
+"""
+import ctypes
+import functools
+from collections import namedtuple
+
+import numpy as np
+
+from .._arrays import check_causal, check_scale
+from ..constants import SMEM_OPTIN_BYTES
+from .config import pair_grid
+
+E4M3_MAX = 448.0                 # the largest finite e4m3 value (OCP FP8 spec; torch.finfo(torch.float8_e4m3fn).max)
+FP8_HEAD_DIMS = (64, 128, 256)
+# (Bc keys per K/V tile, ring stages) per head dim; Br = 128 (two consumer warpgroups). Bc = 128 keeps V^T's rows
+# 128 bytes; d = 256 takes Bc = 64 so that O (128 fp32 registers a thread) and S fit in 240 registers. Ring depth:
+# 3 or 4 stages timed within 1 % of 2 on the H200 (record fp8_forward_h200). Not tried yet, the next steps towards
+# FlashAttention-3's speed: three consumer warpgroups at d = 64 (as rung 7), Bc > 128 (V^T rows of two 128-byte
+# blocks), the V transpose inside the kernel, a persistent grid; d = 256 is tested but not timed.
+FP8_TILES = {64: (128, 2), 128: (128, 2), 256: (64, 2)}
+FP8_OTHER_TILES = {64: ((128, 4),), 128: ((128, 3),), 256: ((64, 3),)}   # timed beside them by fp8_bench.py
+FP8_OUT = {"bfloat16": "__nv_bfloat16", "float16": "__half"}
+SIG_FP8 = "MMMPPPPPiifii"        # maps of q, k, v^T; o, lse, q/k/v descale; Nq, Nk, scale, BH, G
+Fp8Config = namedtuple("Fp8Config", "kernel Br Bc stages threads smem")
+Fp8Inputs = namedtuple("Fp8Inputs", "q8 k8 vt8 q_descale k_descale v_descale Nk")
+Fp8Inputs.__doc__ = """Kernel-ready FP8 inputs: q8 (B, H, Nq, d), k8 (B, H_kv, Nk, d) e4m3; vt8 (B, H_kv, d, Nk32)
+e4m3, V transposed with keys permuted in 32s (transpose_v); descales float32 (B, H) and (B, H_kv); Nk."""
+
+
+def smem_fp8(d, Bc, stages):
+    """Dynamic shared memory of fa3_fp8: 1 KB alignment slack, Q (128 x d bytes), `stages` K and V^T tiles (Bc x d
+    bytes each), 2 + 4 stages mbarriers."""
+    return 1024 + 128 * d + 2 * stages * Bc * d + 8 * (2 + 4 * stages)
+
+
+def fp8_config(d, causal, tiles=None, out="bfloat16"):
+    """Fp8Config of fa3_fp8 for head dim d in FP8_HEAD_DIMS, tiles (Bc, stages) (default FP8_TILES[d]), O's dtype
+    `out` (bfloat16 or float16)."""
+    if d not in FP8_HEAD_DIMS:
+        raise ValueError(f"fa3_fp8 takes head_dim in {FP8_HEAD_DIMS}, got {d!r}")
+    if out not in FP8_OUT:
+        raise ValueError(f"fa3_fp8 writes O as bfloat16 or float16, got {out!r}")
+    Bc, stages = tuple(tiles) if tiles is not None else FP8_TILES[d]
+    if Bc not in (64, 128) or stages < 2 or (d == 256 and Bc != 64):
+        raise ValueError(f"fa3_fp8 takes tiles (Bc 64 or 128, 64 at d = 256; stages >= 2), got {tiles} at d = {d}")
+    smem = smem_fp8(d, Bc, stages)
+    if smem > SMEM_OPTIN_BYTES[90]:
+        raise ValueError(f"tiles {tiles} at d = {d} need {smem} bytes of shared memory; Hopper allows "
+                         f"{SMEM_OPTIN_BYTES[90]}")
+    c = "true" if check_causal(causal) else "false"
+    return Fp8Config(f"fa3_fp8<{FP8_OUT[out]}, {d}, {Bc}, {stages}, {c}>", 128, Bc, stages, 384, smem)
+
+
+def fp8_instances():
+    """Kernel name expressions for the compile test: every head dim with its tiles and the other tiles, bf16 O
+    (and fp16 O at the default tiles), causal and not."""
+    out = [fp8_config(d, c, t, o).kernel for d in FP8_HEAD_DIMS for t in (None,) + FP8_OTHER_TILES[d]
+           for c in (False, True) for o in (("bfloat16", "float16") if t is None else ("bfloat16",))]
+    return out
+
+
+def key_permutation():
+    """perm (32 ints): K position p of a 32-key chunk of P V holds key perm[p] (fa3_fp8.cu's header): position
+    16 h + 4 t + i is key 16 h + 2 t + (i & 1) + 8 (i >> 1), the keys thread t of a quad holds in the S accumulator."""
+    p = np.arange(32)
+    h, t, i = p // 16, (p % 16) // 4, p % 4
+    return 16 * h + 2 * t + (i & 1) + 8 * (i >> 1)
+
+
+# ---------------------------------------------------------------- quantisation and the Hadamard rotation (torch)
+
+def sylvester(d):
+    """The d x d Sylvester Hadamard matrix (d a power of two) as a float64 NumPy array: entries +-1, H H^T = d I."""
+    if d < 1 or d & (d - 1):
+        raise ValueError(f"a Sylvester Hadamard matrix needs d a power of two, got {d}")
+    h = np.ones((1, 1))
+    while h.shape[0] < d:
+        h = np.block([[h, h], [h, -h]])
+    return h
+
+
+def random_hadamard(d, seed=0):
+    """M = diag(s) H / sqrt(d), s random signs drawn from `seed`: orthogonal (M M^T = I), float64 NumPy."""
+    s = np.random.default_rng(seed).choice((-1.0, 1.0), size=d)
+    return s[:, None] * sylvester(d) / np.sqrt(d)
+
+
+def quantize_e4m3(x):
+    """x (B, H, N, d) float tensor -> (x8 e4m3 of x / scale, descale = scale float32 (B, H)), one scale per (batch,
+    head): amax / 448, so that the largest |x| of each head maps to e4m3's largest finite value (1 where x is 0)."""
+    import torch
+    amax = x.detach().abs().float().amax(dim=(2, 3))
+    scale = torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))
+    x8 = (x.float() / scale[:, :, None, None]).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    return x8, scale.contiguous()
+
+
+def transpose_v(v8):
+    """v8 (B, H_kv, Nk, d) e4m3 -> V^T (B, H_kv, d, Nk32), Nk32 = Nk rounded up to 32 (zero keys), the keys of each
+    32 in key_permutation's order (column 32 c + p holds key 32 c + perm[p])."""
+    import torch
+    B, Hkv, Nk, d = v8.shape
+    n32 = -(-Nk // 32) * 32
+    u = torch.nn.functional.pad(v8.view(torch.uint8), (0, 0, 0, n32 - Nk))       # e4m3 0x00 is +0
+    perm = torch.as_tensor(key_permutation(), device=v8.device)
+    u = u.view(B, Hkv, n32 // 32, 32, d)[:, :, :, perm].reshape(B, Hkv, n32, d)
+    return u.transpose(2, 3).contiguous().view(torch.float8_e4m3fn)
+
+
+def rotate(x, m):
+    """x (..., d) times the d x d matrix m (NumPy), as float32 (quantised next: no rounding to x's dtype between)."""
+    import torch
+    mt = torch.as_tensor(m, dtype=torch.float32, device=x.device)
+    return x.float() @ mt
+
+
+def quantize(q, k, v, hadamard=True, seed=0):
+    """Fp8Inputs of 16-bit (or float32) q (B, H, Nq, d), k, v (B, H_kv, Nk, d): with hadamard, q and k rotated by
+    random_hadamard(d, seed) first; each of q, k, v quantised per (batch, head); V transposed (transpose_v)."""
+    if hadamard:
+        m = random_hadamard(q.shape[-1], seed)
+        q, k = rotate(q, m), rotate(k, m)
+    (q8, qd), (k8, kd), (v8, vd) = quantize_e4m3(q), quantize_e4m3(k), quantize_e4m3(v)
+    return Fp8Inputs(q8, k8, transpose_v(v8), qd, kd, vd, v.shape[2])
+
+
+# ---------------------------------------------------------------- tensor maps and the launch
+
+@functools.lru_cache(maxsize=1024)
+def map8(ptr, cols, rows, pairs, box_cols, box_rows):
+    """128 bytes of a CUtensorMap over a contiguous (pairs, rows, cols) byte tensor at ptr: dims (cols, rows, pairs)
+    innermost first, boxes (box_cols, box_rows, 1), box_cols = 64 or 128 bytes with the swizzle of that width,
+    out-of-range elements read as 0."""
+    from .tma import TensorMap, _encode_fn
+    if ptr % 16 or cols % 16:
+        raise ValueError(f"TMA needs 16-byte-aligned rows, got address {ptr:#x}, {cols} bytes a row")
+    m = TensorMap()
+    dims = (ctypes.c_uint64 * 3)(cols, rows, pairs)
+    strides = (ctypes.c_uint64 * 2)(cols, cols * rows)
+    box, one = (ctypes.c_uint32 * 3)(box_cols, box_rows, 1), (ctypes.c_uint32 * 3)(1, 1, 1)
+    swizzle = {64: 2, 128: 3}[box_cols]                 # CU_TENSOR_MAP_SWIZZLE_64B, _128B
+    rc = _encode_fn()(ctypes.addressof(m.arg), 0, 3, ctypes.c_void_p(ptr), dims, strides, box, one,  # 0: UINT8
+                      0, swizzle, 2, 0)                 # no interleave, L2 promotion 128B, OOB fill zero
+    if rc != 0:
+        raise RuntimeError(f"cuTensorMapEncodeTiled failed with CUresult {rc} (dims {(cols, rows, pairs)}, "
+                           f"box {(box_cols, box_rows, 1)})")
+    return ctypes.string_at(ctypes.addressof(m.arg), 128)
+
+
+def _launcher(device, cfg):
+    from .build import _kernel_on
+    return _kernel_on(device, "fa3_fp8.cu", cfg.kernel, cfg.smem, "sm_90a", SIG_FP8)
+
+
+def precompile(device=0, out="bfloat16", workers=8):
+    """Compile every default-tile fa3_fp8 kernel (each head dim, causal and not) in parallel threads."""
+    import concurrent.futures
+    cfgs = [fp8_config(d, c, None, out) for d in FP8_HEAD_DIMS for c in (False, True)]
+    with concurrent.futures.ThreadPoolExecutor(workers) as ex:
+        list(ex.map(lambda c: _launcher(device, c), cfgs))
+
+
+def _check(x, name, shape=None, dtypes=None):
+    import torch
+    if not isinstance(x, torch.Tensor) or not x.is_cuda:
+        raise TypeError(f"{name} must be a torch CUDA tensor, got {type(x).__name__}")
+    if dtypes is not None and x.dtype not in dtypes:
+        raise ValueError(f"{name} has dtype {x.dtype}; fa3_fp8 expects {' or '.join(map(str, dtypes))}")
+    if shape is not None and tuple(x.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(x.shape)}")
+
+
+def forward_fp8_prepared(inp, causal=False, scale=None, out="bfloat16", tiles=None, o=None, lse=None):
+    """fa3_fp8 on Fp8Inputs (`quantize`'s answer): returns o (B, H, Nq, d) in `out` (bfloat16 or float16) and lse
+    (B, H, Nq) float32 (natural log), on torch's current stream. scale: of the original (unquantised) scores.
+    o, lse: contiguous tensors of those shapes to write into (the tests pass NaN-filled ones), else new."""
+    import torch
+    q8, k8, vt8, qd, kd, vd, Nk = inp
+    e4m3 = (torch.float8_e4m3fn,)
+    _check(q8, "q8", dtypes=e4m3)
+    if q8.dim() != 4:
+        raise ValueError(f"q8 must be (B, H, Nq, d), got shape {tuple(q8.shape)}")
+    B, H, Nq, d = q8.shape
+    Hkv, n32 = k8.shape[1], -(-Nk // 32) * 32
+    _check(k8, "k8", (B, Hkv, Nk, d), e4m3)
+    _check(vt8, "vt8", (B, Hkv, d, n32), e4m3)
+    for name, x, h in (("q_descale", qd, H), ("k_descale", kd, Hkv), ("v_descale", vd, Hkv)):
+        _check(x, name, (B, h), (torch.float32,))
+    if Hkv == 0 or H % Hkv or Nq < 1 or Nk < 1:
+        raise ValueError(f"fa3_fp8 needs H_kv dividing H and Nq, Nk >= 1; got H={H}, H_kv={Hkv}, Nq={Nq}, Nk={Nk}")
+    if torch.cuda.get_device_capability(q8.device) != (9, 0):
+        raise ValueError("fa3_fp8 runs on Hopper (compute capability 9.0, sm_90a code) only")
+    cfg = fp8_config(d, causal, tiles, out)
+    scale = check_scale(scale, d)
+    q8, k8, vt8, qd, kd, vd = (x.contiguous() for x in (q8, k8, vt8, qd, kd, vd))
+    if o is None:
+        o = torch.empty(B, H, Nq, d, dtype=getattr(torch, out), device=q8.device)
+    if lse is None:
+        lse = torch.empty(B, H, Nq, dtype=torch.float32, device=q8.device)
+    _check(o, "o", (B, H, Nq, d), (getattr(torch, out),))
+    _check(lse, "lse", (B, H, Nq), (torch.float32,))
+    if not (o.is_contiguous() and lse.is_contiguous()):
+        raise ValueError("o and lse must be contiguous")
+    BH, BHkv, sw = B * H, B * Hkv, min(d, 128)
+    maps = (map8(q8.data_ptr(), d, Nq, BH, sw, cfg.Br), map8(k8.data_ptr(), d, Nk, BHkv, sw, cfg.Bc),
+            map8(vt8.data_ptr(), n32, d, BHkv, cfg.Bc, d))
+    args = maps + tuple(x.data_ptr() for x in (o, lse, qd, kd, vd)) + (Nq, Nk, scale, BH, H // Hkv)
+    dev = q8.device.index if q8.device.index is not None else torch.cuda.current_device()
+    _launcher(dev, cfg)(pair_grid(-(-Nq // cfg.Br), BH), (cfg.threads,), args, cfg.smem,
+                        torch.cuda.current_stream(q8.device).cuda_stream)
+    return o, lse
+
+
+def forward_fp8_quantized(q8, k8, v8, q_descale, k_descale, v_descale, causal=False, scale=None, out="bfloat16",
+                          tiles=None):
+    """fa3_fp8 on already-quantised e4m3 q8 (B, H, Nq, d), k8, v8 (B, H_kv, Nk, d) with float32 descale factors
+    (B, H), (B, H_kv), (B, H_kv): q = q8 * q_descale etc. V is transposed here (transpose_v, an extra pass)."""
+    import torch
+    _check(v8, "v8", k8.shape, (torch.float8_e4m3fn,))
+    return forward_fp8_prepared(Fp8Inputs(q8, k8, transpose_v(v8), q_descale, k_descale, v_descale, v8.shape[2]),
+                                causal, scale, out, tiles)
+
+
+def forward_fp8(q, k, v, causal=False, scale=None, hadamard=True, seed=0, out=None, tiles=None):
+    """FP8 attention forward of 16-bit torch CUDA tensors q (B, H, Nq, d), k, v (B, H_kv, Nk, d), d in
+    FP8_HEAD_DIMS: quantised per (batch, head) to e4m3, with hadamard (incoherent processing) q and k rotated by
+    random_hadamard(d, seed) first. Returns (o in q's dtype, or `out`; lse float32 (B, H, Nq))."""
+    import torch
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        _check(x, name, dtypes=(torch.float16, torch.bfloat16))
+        if x.dim() != 4:
+            raise ValueError(f"{name} must be (B, H, N, d), got shape {tuple(x.shape)}")
+    if k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3]:
+        raise ValueError(f"k and v must be (B, H_kv, Nk, d) like q's B and d, got {tuple(k.shape)}, {tuple(v.shape)}")
+    out = out or str(q.dtype).removeprefix("torch.")
+    return forward_fp8_prepared(quantize(q, k, v, hadamard, seed), causal, scale, out, tiles)
