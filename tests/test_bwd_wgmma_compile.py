@@ -1,19 +1,10 @@
 """The Hopper backward 'bwd_wgmma' (fa3_backward.cu) without a GPU: its configuration, and every instance (fp16 /
 bf16 x d = 64, 128 x causal) compiled by nvcc/ptxas for sm_90a with no spills, no stack frame and no ptxas warning
 (e.g. a serialised wgmma); skipped where nvcc is missing."""
-import concurrent.futures
-import os
-import re
-import shutil
-import subprocess
-import tempfile
-
 import pytest
 
 from flashlib import cupy_kernels as ck
-from tests.test_cupy_kernels import _parse_ptxas
-
-NVCC = shutil.which("nvcc")
+from tests.test_fa3_compile import NVCC, check_sm90a
 
 
 def test_bwd_wgmma_config():
@@ -41,35 +32,6 @@ def test_bwd_wgmma_refuses(args, match):
         ck.choose_config(*args, rung="bwd_wgmma")
 
 
-def _nvcc(name, tmp):
-    src = os.path.join(tmp, re.sub(r"\W+", "_", name) + ".cu")
-    with open(src, "w") as fh:  # taking the instance's address instantiates it, as NVRTC's name expressions do
-        fh.write(f'#include "fa3_backward.cu"\nvoid* flashlib_instance = (void*)&{name};\n')
-    cmd = [NVCC, "-std=c++17", "-arch=sm_90a", "-ftz=true", "-cubin", f"-I{ck.HERE}", "-Xptxas", "-v",
-           "-o", src + ".cubin", src]
-    out = subprocess.run(cmd, capture_output=True, text=True)
-    return name, out.returncode, out.stdout + out.stderr
-
-
 @pytest.mark.skipif(NVCC is None, reason="nvcc not found on PATH")
 def test_bwd_wgmma_compiles_without_spills():
-    with tempfile.TemporaryDirectory() as tmp, concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 2) as ex:
-        results = list(ex.map(lambda n: _nvcc(n, tmp), ck.bwd_wgmma_instances()))
-    failures, lines = [], []
-    for name, rc, log in results:
-        if rc != 0:
-            failures.append(f"{name}: nvcc failed\n{log[-3000:]}")
-            continue
-        if "warning" in log.lower() or "performance loss" in log.lower():
-            failures.append(f"{name}: ptxas warned\n{log[-2000:]}")
-        info = _parse_ptxas(log)
-        assert len(info) == 1, (name, info)
-        (regs, spill), = info.values()
-        if spill:
-            failures.append(f"{name}: {spill} bytes of stack frame / spills ({regs} registers)")
-        # the launch bound (1 block of 384 threads) caps the count ptxas reports at 168; the consumers take 240
-        # with setmaxnreg.inc, the producer 24
-        assert regs <= 168, (name, regs)
-        lines.append(f"{regs:4d} regs {spill:4d} B  {name}")
-    print("\n".join(lines))
-    assert not failures, "\n".join(failures)
+    check_sm90a([("fa3_backward.cu", n) for n in ck.bwd_wgmma_instances()])

@@ -75,29 +75,36 @@ def _nvcc(job, tmp):
     return f"{file}: {name}", out.returncode, out.stdout + out.stderr
 
 
-@pytest.mark.skipif(NVCC is None, reason="nvcc not found on PATH")
-def test_fa3_compiles_without_spills():
+def check_sm90a(jobs):
+    """Compile (file, instance) jobs for sm_90a with nvcc in parallel, print a line of registers and spill bytes per
+    instance, and fail on any nvcc error, ptxas warning (e.g. a serialised wgmma), spill or stack frame, or a
+    register count over 168: the launch bound (1 block of 384 or 512 threads) caps what ptxas reports at 168 or 128;
+    the consumers take 240 or 160 with setmaxnreg.inc, which ptxas allocates for. Rungs 7, 'bwd_wgmma' and
+    'fa3_fp8' are checked by it."""
     with tempfile.TemporaryDirectory() as tmp, concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 2) as ex:
-        jobs = [("fa3_forward.cu", n) for n in tma.fa3_instances()] + [("fa3_timeline.cu", n) for n in TIMELINE_INSTANCES]
         results = list(ex.map(lambda j: _nvcc(j, tmp), jobs))
     failures, lines = [], []
     for name, rc, log in results:
         if rc != 0:
             failures.append(f"{name}: nvcc failed\n{log[-3000:]}")
             continue
-        if "warning" in log.lower() or "performance loss" in log.lower():  # e.g. ptxas serialising the wgmma
+        if "warning" in log.lower() or "performance loss" in log.lower():
             failures.append(f"{name}: ptxas warned\n{log[-2000:]}")
         info = _parse_ptxas(log)
         assert len(info) == 1, (name, info)
         (regs, spill), = info.values()
         if spill:
             failures.append(f"{name}: {spill} bytes of stack frame / spills ({regs} registers)")
-        # the launch bound (1 block of 384 or 512 threads) caps the count ptxas reports at 168 or 128; the
-        # consumers take 240 or 160 with setmaxnreg.inc, which ptxas allocates for
         assert regs <= 168, (name, regs)
         lines.append(f"{regs:4d} regs {spill:4d} B  {name}")
     print("\n".join(lines))
     assert not failures, "\n".join(failures)
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc not found on PATH")
+def test_fa3_compiles_without_spills():
+    check_sm90a([("fa3_forward.cu", n) for n in tma.fa3_instances()] +
+                [("fa3_timeline.cu", n) for n in TIMELINE_INSTANCES])
 
 
 def test_tensor_map_buffer_is_aligned():

@@ -2,9 +2,7 @@
 rotation, quantisation, V's transpose, the tile-by-tile model of the kernel's arithmetic, the configuration, and
 every instance compiled by nvcc/ptxas for sm_90a with no spills (skipped where nvcc is missing)."""
 import collections
-import concurrent.futures
 import math
-import os
 import re
 
 import numpy as np
@@ -12,8 +10,7 @@ import pytest
 
 from flashlib import reference
 from flashlib.cupy_kernels import HERE, fp8, fp8_model
-from tests.test_fa3_compile import NVCC, _nvcc
-from tests.test_cupy_kernels import _parse_ptxas
+from tests.test_fa3_compile import NVCC, check_sm90a
 
 torch = pytest.importorskip("torch")
 
@@ -177,23 +174,8 @@ def test_entries_refuse_cpu_tensors():
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc not found on PATH")
-def test_fp8_compiles_without_spills(tmp_path):
-    jobs = [("fa3_fp8.cu", n) for n in fp8.fp8_instances()]
-    with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 2) as ex:
-        results = list(ex.map(lambda j: _nvcc(j, str(tmp_path)), jobs))
-    failures, lines = [], []
-    for name, rc, log in results:
-        if rc != 0:
-            failures.append(f"{name}: nvcc failed\n{log[-3000:]}")
-            continue
-        if "warning" in log.lower() or "performance loss" in log.lower():
-            failures.append(f"{name}: ptxas warned\n{log[-2000:]}")
-        (regs, spill), = _parse_ptxas(log).values()
-        if spill:
-            failures.append(f"{name}: {spill} bytes of stack frame / spills ({regs} registers)")
-        lines.append(f"{regs:4d} regs {spill:4d} B  {name}")
-    print("\n".join(lines))
-    assert not failures, "\n".join(failures)
+def test_fp8_compiles_without_spills():
+    check_sm90a([("fa3_fp8.cu", n) for n in fp8.fp8_instances()])
 
 
 def test_the_h200_record_holds_what_the_docstrings_say():
