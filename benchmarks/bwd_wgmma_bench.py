@@ -10,7 +10,6 @@ o, lse; SDPA flash: torch.autograd.grad of its output) at backward FLOPs = 2.5x 
 backward (rung 7 forward + each backward; SDPA flash forward + backward) at 3.5x (flashlib.constants). Saved through
 `flashlib.bench.save`. --sanitize: one small ragged call per instance (for compute-sanitizer). Neither: check, time.
 """
-import argparse
 import os
 import sys
 import zlib
@@ -19,7 +18,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from flashlib import bench, reference  # noqa: E402
+from flashlib import bench  # noqa: E402
 from flashlib import cupy_kernels as ck  # noqa: E402
 from flashlib.constants import attention_flops, backward_flops  # noqa: E402
 
@@ -168,19 +167,8 @@ def sanitize():
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--check", action="store_true")
-    p.add_argument("--time", action="store_true")
-    p.add_argument("--sanitize", action="store_true")
-    p.add_argument("--out", default=os.environ.get("FLASHLIB_RESULTS"))
-    a = p.parse_args()
-    if a.sanitize:
-        return sanitize()
-    both = not (a.check or a.time)
-    fails = check() if a.check or both else 0
-    if a.time or both:
-        print(time_all(a.out))
-    sys.exit(1 if fails else 0)
+    from fa3_bench import cli          # its sibling script's command line (this folder is sys.path[0])
+    cli(__doc__, check, time_all, sanitize)
 
 
 if __name__ == "__main__":

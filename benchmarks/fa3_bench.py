@@ -215,8 +215,10 @@ def sanitize():
                   f"{bool(cp.isfinite(lse).all())}", flush=True)
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def cli(doc, check, time_all, sanitize):
+    """The command line of a kernel benchmark (this one's and bwd_wgmma_bench.py's): --check, --time (neither: both),
+    --sanitize (only the small calls for compute-sanitizer), --out; exits 1 if a check failed."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
     p.add_argument("--check", action="store_true")
     p.add_argument("--time", action="store_true")
     p.add_argument("--sanitize", action="store_true", help="only the small calls for compute-sanitizer")
@@ -229,6 +231,10 @@ def main():
     if a.time or both:
         print(time_all(a.out))
     sys.exit(1 if fails else 0)
+
+
+def main():
+    cli(__doc__, check, time_all, sanitize)
 
 
 if __name__ == "__main__":
