@@ -5,7 +5,8 @@
 --check: one line per (dtype, d, causal, shape): the errors of dq, dk, dv against the float64 reference and the
 FlashAttention bound (3x naive attention's error in the same precision + atol), and where a failing one sits.
 --time: at d = 64, 128, N = 4096, 16384 (B = 16384 // N, H = 16), fp16 and bf16, causal and not, timed together by
-`flashlib.bench.timing.compare`: the backward alone (bwd_wgmma, bwd_tc: `cupy_kernels.backward` with the forward's
+`flashlib.bench.timing.compare`: the backward alone (bwd_wgmma, its first version bwd_wgmma_atomic that adds dQ
+with atomics, bwd_tc: `cupy_kernels.backward` with the forward's
 o, lse; SDPA flash: torch.autograd.grad of its output) at backward FLOPs = 2.5x the forward's, and forward +
 backward (rung 7 forward + each backward; SDPA flash forward + backward) at 3.5x (flashlib.constants). Saved through
 `flashlib.bench.save`. --sanitize: one small ragged call per instance (for compute-sanitizer). Neither: check, time.
@@ -39,10 +40,11 @@ def precompile():
     import concurrent.futures
     import time
     t = time.time()
-    jobs = [(x, r) for x in [(t_, d, c) for t_, d in KINDS for c in (False, True)] for r in ("bwd_wgmma", "bwd_tc")]
+    jobs = [(x, r, t_) for x in [(t_, d, c) for t_, d in KINDS for c in (False, True)]
+            for r, t_ in (("bwd_wgmma", None), ("bwd_wgmma", ("atomic",)), ("bwd_tc", None))]
     with concurrent.futures.ThreadPoolExecutor(8) as ex:
-        list(ex.map(lambda j: ck.backward_plan(*j[0], 0, j[1], None), jobs))
-        list(ex.map(lambda j: ck.forward_plan(*j[0], 0, None, None), jobs[::2]))
+        list(ex.map(lambda j: ck.backward_plan(*j[0], 0, j[1], j[2]), jobs))
+        list(ex.map(lambda j: ck.forward_plan(*j[0], 0, None, None), jobs[::3]))
     print(f"compiled in {time.time() - t:.1f} s", flush=True)
 
 
@@ -95,7 +97,8 @@ def _time_shape(d, N, dtype, causal, max_seconds):
     q, k, v, do = _inputs(B, H, H, N, N, d, dtype, grad=True)
     qd, kd, vd = q.detach(), k.detach(), v.detach()
     o, lse = ck.forward(qd, kd, vd, causal=causal, scale=scale, dtype=dtype)
-    bwd = lambda r: (lambda: ck.backward(qd, kd, vd, o, lse, do, causal=causal, scale=scale, dtype=dtype, rung=r))
+    bwd = lambda r, t=None: (lambda: ck.backward(qd, kd, vd, o, lse, do, causal=causal, scale=scale, dtype=dtype,
+                                                 rung=r, tiles=t))
 
     def fwd_bwd(r):
         def f():
@@ -110,7 +113,7 @@ def _time_shape(d, N, dtype, causal, max_seconds):
     def sdpa_fwd_bwd():
         o_ = sdpa(q, k, v, is_causal=causal, scale=scale)
         return torch.autograd.grad(o_, (q, k, v), do)
-    fns = {"bwd_wgmma": bwd("bwd_wgmma"), "bwd_tc": bwd("bwd_tc"),
+    fns = {"bwd_wgmma": bwd("bwd_wgmma"), "bwd_wgmma_atomic": bwd("bwd_wgmma", ("atomic",)), "bwd_tc": bwd("bwd_tc"),
            "sdpa_flash_bwd": lambda: torch.autograd.grad(out, (q, k, v), do, retain_graph=True),
            "fwdbwd_fa3+bwd_wgmma": fwd_bwd("bwd_wgmma"), "fwdbwd_fa3+bwd_tc": fwd_bwd("bwd_tc"),
            "fwdbwd_sdpa_flash": sdpa_fwd_bwd}
@@ -128,7 +131,8 @@ def _time_shape(d, N, dtype, causal, max_seconds):
                          spread=st["spread"], tflops=fl / (st["median_ms"] * 1e-3) / 1e12,
                          max_err_vs_flash=errs.get(name)))
     t = {r["impl"]: r["tflops"] for r in rows}
-    print(f"d={d:3d} N={N:5d} {dtype:8s} causal={causal!s:5s} bwd TFLOP/s: wgmma {t['bwd_wgmma']:5.0f} tc "
+    print(f"d={d:3d} N={N:5d} {dtype:8s} causal={causal!s:5s} bwd TFLOP/s: wgmma {t['bwd_wgmma']:5.0f} atomic "
+          f"{t['bwd_wgmma_atomic']:5.0f} tc "
           f"{t['bwd_tc']:5.0f} flash {t['sdpa_flash_bwd']:5.0f} | fwd+bwd: fa3+wgmma {t['fwdbwd_fa3+bwd_wgmma']:5.0f} "
           f"fa3+tc {t['fwdbwd_fa3+bwd_tc']:5.0f} flash {t['fwdbwd_sdpa_flash']:5.0f} "
           f"(x{t['fwdbwd_fa3+bwd_wgmma'] / t['fwdbwd_sdpa_flash']:.2f} vs flash) | max|d - flash| wgmma "

@@ -11,7 +11,7 @@ echo "commit ${FLASHLIB_COMMIT:-?}" | tee -a "$OUT/env.txt"
 for s in $STEPS; do case $s in
 check) timeout -k 5 60 python3 benchmarks/bwd_wgmma_bench.py --check > "$OUT/check.log" 2>&1
        echo "check rc=$?" | tee -a "$OUT/env.txt"; grep -v "^ok" "$OUT/check.log" | tail -30 ;;
-time)  timeout -k 5 100 python3 benchmarks/bwd_wgmma_bench.py --time --out "$OUT" > "$OUT/bench.log" 2>&1
+time)  timeout -k 5 170 python3 benchmarks/bwd_wgmma_bench.py --time --out "$OUT" > "$OUT/bench.log" 2>&1
        echo "bench rc=$?" | tee -a "$OUT/env.txt"; grep -v Warning "$OUT/bench.log" | tail -20 ;;
 pytest) timeout -k 5 100 python3 -m pytest -x -q -p no:cacheprovider tests/test_bwd_wgmma_gpu.py > "$OUT/pytest.log" 2>&1
        echo "pytest rc=$?" | tee -a "$OUT/env.txt"; tail -15 "$OUT/pytest.log" ;;

@@ -1,5 +1,5 @@
 """The Hopper backward 'bwd_wgmma' (fa3_backward.cu) without a GPU: its configuration, and every instance (fp16 /
-bf16 x d = 64, 128 x causal) compiled by nvcc/ptxas for sm_90a with no spills, no stack frame and no ptxas warning
+bf16 x d = 64, 128 x causal x dQ by TMA reductions or atomics) compiled by nvcc/ptxas for sm_90a with no spills, no stack frame and no ptxas warning
 (e.g. a serialised wgmma); skipped where nvcc is missing."""
 import pytest
 
@@ -9,14 +9,18 @@ from tests.test_fa3_compile import NVCC, check_sm90a
 
 def test_bwd_wgmma_config():
     cfg = ck.choose_config("bfloat16", 128, 90, causal=True, rung="bwd_wgmma")
-    assert cfg.kernel == "fa3_backward<__nv_bfloat16, 128, true>" and cfg.file == "fa3_backward.cu"
+    assert cfg.kernel == "fa3_backward<__nv_bfloat16, 128, true, true>" and cfg.file == "fa3_backward.cu"
     assert (cfg.Br, cfg.Bc, cfg.warps, cfg.arch) == (64, 128, 12, "sm_90a")
-    # K, V (128 rows), 2 x (Q, dO) (64 rows), 2 dS^T buffers, 2 x (Lb, delta), 5 mbarriers, 1 KB alignment slack
-    assert cfg.smem == 1024 + 2 * 128 * (2 * 128 + 4 * 64) + 2 * 2 * 128 * 64 + 4 * 4 * 64 + 40 <= ck.SMEM_LIMIT[90]
-    assert ck.choose_config("float16", 64, 90, rung="bwd_wgmma").kernel == "fa3_backward<__half, 64, false>"
+    # K, V (128 rows), 2 x (Q, dO) (64 rows), 2 dS^T buffers, 2 dQ staging tiles (64 x 64 fp32), 2 x (Lb, delta),
+    # 5 mbarriers, 1 KB alignment slack
+    assert cfg.smem == 1024 + 2 * 128 * (2 * 128 + 4 * 64) + 2 * 2 * 128 * 64 + 2 * 64 * 64 * 4 + 4 * 4 * 64 + 40
+    assert cfg.smem <= ck.SMEM_LIMIT[90]
+    assert ck.choose_config("float16", 64, 90, rung="bwd_wgmma").kernel == "fa3_backward<__half, 64, false, true>"
+    assert ck.choose_config("float16", 64, 90, rung="bwd_wgmma", tiles=("atomic",)).kernel == \
+        "fa3_backward<__half, 64, false, false>"
     assert ck.choose_config("float16", 50, 90, rung="bwd_wgmma").D == 64   # a head dim in the 64 bucket
     assert "bwd_wgmma" in ck.BACKWARD_RUNGS and ck.ARCH["fa3_backward.cu"] == "sm_90a"
-    assert len(set(ck.bwd_wgmma_instances())) == 8
+    assert len(set(ck.bwd_wgmma_instances())) == 16
     # the default backward on Hopper at d = 128 (97 ... 128: that bucket) after the H200 run; d = 64 stays on bwd_tc
     assert ck.default_rung("float16", 90, "backward", 128) == "bwd_wgmma" == ck.default_rung("bfloat16", 90, "backward", 100)
     assert ck.default_rung("float16", 90, "backward", 64) == "bwd_tc" == ck.default_rung("float16", 80, "backward", 128)

@@ -79,8 +79,12 @@ BWD_WGMMA_TILES = (64, 128)   # (Br, Bc), fixed by the kernel
 # bwd_wgmma_gpu_session_h200_3deeda5.txt, record bwd_wgmma_h200). At d = 64 it was slower without the causal mask
 # (267-293 against 283-296) and only 1-5 % faster with it, so bwd_tc stays the default there.
 BWD_WGMMA_DEFAULT_DIMS = (128,)
-# its parameters: tensor maps of q, k, v, do; lb, delta, dq_acc, dk, dv; Nq, Nk, scale, BH, G
-SIG_BWD_WGMMA = "MMMMPPPPPiifii"
+# how it adds each Q tile's dQ into the fp32 buffer: 'tma' (the default) stages the tile in shared memory and adds it
+# with TMA reductions (cp.reduce.async.bulk.tensor, FlashAttention-3's way), 'atomic' with red.global.add.v2.f32
+# from every thread (the first version; kept for the comparison in bwd_wgmma_bench.py)
+BWD_WGMMA_DQ = ("tma", "atomic")
+# its parameters: tensor maps of q, k, v, do, dq_acc; lb, delta, dq_acc, dk, dv; Nq, Nk, scale, BH, G
+SIG_BWD_WGMMA = "MMMMMPPPPPiifii"
 
 Config = namedtuple("Config", "rung file kernel Br Bc warps smem D arch dtype", defaults=(None, None, None))
 Config.__doc__ = """One kernel launch configuration: rung, .cu file, template instance, tiles Br x Bc, warps per
@@ -202,7 +206,7 @@ def choose_config(dtype, d, cc, causal=False, rung=None, tiles=None):
         if cc != 90:
             raise ValueError(f"rung 'bwd_wgmma' is Hopper's (compute capability 9.0, sm_90a code); this GPU is "
                              f"{cc / 10:.1f}: use 'bwd_tc'")
-        f = bwd_wgmma_config(dtype, d, causal)
+        f = bwd_wgmma_config(dtype, d, causal, *(tiles or ()))   # tiles: () or (dq,), one of BWD_WGMMA_DQ
         cfg = Config(rung, "fa3_backward.cu", f.kernel, f.Br, f.Bc, f.threads // 32, f.smem, D, "sm_90a", dtype)
     elif rung == "bwd_tc":
         if tiles is None:
@@ -295,32 +299,37 @@ def fa3_config(dtype, d, causal, tiles=None, variant="pingpong"):
                      64 * ncw, Bc, stages, 128 * (ncw + 1), smem, persist)
 
 
-def smem_bwd_wgmma(d, Br=64, Bc=128):
+def smem_bwd_wgmma(d, Br=64, Bc=128, dq="tma"):
     """Bytes of dynamic shared memory of fa3_backward: 1 KB of alignment slack, K and V (Bc rows), two stages of Q
-    and dO (Br rows), rows of d 16-bit values; two dS^T buffers (Bc x Br, 16-bit); two stages of Lb and delta (Br
-    floats each) and 5 mbarriers (8 bytes each)."""
-    return 1024 + 2 * d * (2 * Bc + 4 * Br) + 2 * 2 * Bc * Br + 4 * 4 * Br + 8 * 5
+    and dO (Br rows), rows of d 16-bit values; two dS^T buffers (Bc x Br, 16-bit); with dq 'tma' a dQ staging tile
+    (Br x 64 fp32) per consumer warpgroup; two stages of Lb and delta (Br floats each) and 5 mbarriers (8 bytes
+    each)."""
+    staging = 2 * Br * 64 * 4 if dq == "tma" else 0
+    return 1024 + 2 * d * (2 * Bc + 4 * Br) + 2 * 2 * Bc * Br + staging + 4 * 4 * Br + 8 * 5
 
 
 Fa3BwdConfig = namedtuple("Fa3BwdConfig", "kernel Br Bc threads smem")
 
 
-def bwd_wgmma_config(dtype, d, causal):
+def bwd_wgmma_config(dtype, d, causal, dq="tma"):
     """Fa3BwdConfig(kernel name expression, Br, Bc, threads, smem bytes) of the Hopper backward for dtype
-    float16/bfloat16 and head dim 64 or 128."""
+    float16/bfloat16, head dim 64 or 128 and dQ accumulation `dq` (one of BWD_WGMMA_DQ)."""
     if dtype not in ("float16", "bfloat16"):
         raise ValueError(f"rung 'bwd_wgmma' (fa3_backward) takes float16 or bfloat16, got {dtype!r}")
     if d not in BWD_WGMMA_HEAD_DIMS:
         raise ValueError(f"rung 'bwd_wgmma' takes head_dim in {BWD_WGMMA_HEAD_DIMS}, got {d!r}: use 'bwd_tc'")
+    if dq not in BWD_WGMMA_DQ:
+        raise ValueError(f"rung 'bwd_wgmma' accumulates dQ by one of {BWD_WGMMA_DQ}, got {dq!r}")
     Br, Bc = BWD_WGMMA_TILES
-    c = "true" if causal else "false"
-    return Fa3BwdConfig(f"fa3_backward<{CTYPE[dtype]}, {d}, {c}>", Br, Bc, 384, smem_bwd_wgmma(d, Br, Bc))
+    c, t = ("true" if causal else "false"), ("true" if dq == "tma" else "false")
+    return Fa3BwdConfig(f"fa3_backward<{CTYPE[dtype]}, {d}, {c}, {t}>", Br, Bc, 384, smem_bwd_wgmma(d, Br, Bc, dq))
 
 
 def bwd_wgmma_instances():
-    """Kernel name expressions of every fa3_backward instance (dtype x head dim x causal), for the compile test."""
-    return [bwd_wgmma_config(t, d, c).kernel for t in ("float16", "bfloat16") for d in BWD_WGMMA_HEAD_DIMS
-            for c in (False, True)]
+    """Kernel name expressions of every fa3_backward instance (dtype x head dim x causal x dQ accumulation), for the
+    compile test."""
+    return [bwd_wgmma_config(t, d, c, q).kernel for t in ("float16", "bfloat16") for d in BWD_WGMMA_HEAD_DIMS
+            for c in (False, True) for q in BWD_WGMMA_DQ]
 
 
 def fa3_instances(configs=False):

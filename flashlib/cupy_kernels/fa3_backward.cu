@@ -37,21 +37,38 @@
 #include "tma.cuh"
 #include "wgmma.cuh"
 
-template <typename T, int D, bool CAUSAL>
+// The m64n64 dQ accumulator (thread: rows 16w + g + 8h, columns 8n + 2t, +1), times scale, into a staging tile of
+// two TMA boxes of 32 fp32 columns x 64 rows, 128-byte rows in the TMA's 128-byte swizzle (16-byte chunk c of row r
+// at chunk c ^ (r % 8)): the layout the reduction reads; a warp's stores hit each bank twice (256 bytes: no conflict)
+__device__ __forceinline__ void stage_dq(unsigned char* tile, const float* dq, float scale, int w, int g, int t) {
+#pragma unroll
+    for (int n = 0; n < 8; n++)
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            const int r = 16 * w + g + 8 * h, chunk = 2 * (n & 3) + (t >> 1);  // r % 8 = g
+            *reinterpret_cast<float2*>(tile + (n >> 2) * 8192 + r * 128 + ((chunk ^ g) << 4) + (t & 1) * 8) =
+                make_float2(dq[4 * n + 2 * h] * scale, dq[4 * n + 2 * h + 1] * scale);
+        }
+}
+
+template <typename T, int D, bool CAUSAL, bool DQ_TMA>
 __global__ void __launch_bounds__(384, 1)
 fa3_backward(const __grid_constant__ TmaMap qmap, const __grid_constant__ TmaMap kmap,
              const __grid_constant__ TmaMap vmap, const __grid_constant__ TmaMap domap,
-             const float* __restrict__ Lb, const float* __restrict__ Dlt, float* __restrict__ dQacc,
+             const __grid_constant__ TmaMap dqmap, const float* __restrict__ Lb, const float* __restrict__ Dlt,
+             float* __restrict__ dQacc,
              T* __restrict__ dK, T* __restrict__ dV, int Nq, int Nk, float scale, int BH, int G) {
     static_assert(D == 64 || D == 128, "m64n64 / m64n128 wgmma");
-    constexpr int Bc = 128, Br = 64, KT = Bc * D * 2, QT = Br * D * 2, DST = Bc * Br * 2;
+    constexpr int Bc = 128, Br = 64, KT = Bc * D * 2, QT = Br * D * 2, DST = Bc * Br * 2, DQT = DQ_TMA ? Br * 64 * 4 : 0;
     constexpr bool KSPLIT = D == 64;  // dQ split over keys (d = 64) or over columns (d = 128)
     extern __shared__ __align__(128) unsigned char smem_raw[];
     unsigned char* base = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
     const u32 ks0 = smem_addr(base), vs0 = ks0 + KT, qs0 = vs0 + KT, dos0 = qs0 + 2 * QT, dss0 = dos0 + 2 * QT;
-    float* ls = reinterpret_cast<float*>(base + 2 * KT + 4 * QT + 2 * DST);  // 2 stages of Br: Lb * log2(e)
+    const u32 dqs0 = dss0 + 2 * DST;                                          // DQ_TMA: a dQ tile per warpgroup
+    float* ls = reinterpret_cast<float*>(base + 2 * KT + 4 * QT + 2 * DST + 2 * DQT);  // 2 stages of Br: Lb log2(e)
     float* dl = ls + 2 * Br;                                                 // 2 stages of Br: delta
     unsigned char* dss_p = base + 2 * KT + 4 * QT;
+    unsigned char* dqs_p = dss_p + 2 * DST;
     const u32 bar0 = smem_addr(dl + 2 * Br), kv_full = bar0;
     auto full = [&](int s) { return bar0 + 8 * (1 + s); };
     auto empty = [&](int s) { return bar0 + 8 * (3 + s); };
@@ -109,6 +126,7 @@ fa3_backward(const __grid_constant__ TmaMap qmap, const __grid_constant__ TmaMap
     // ---- consumers ----
     regs_inc<240>();
     const int cw = wg - 1, w = (tid >> 5) & 3, g = lane >> 2, t = lane & 3;
+    const bool leader = (tid & 127) == 0;  // issues the warpgroup's dQ reductions (DQ_TMA)
     const int kw0 = kv0 + 64 * cw;  // the warpgroup's first key
     const float sl = scale * LOG2E;
     float dk[D / 2], dv[D / 2];
@@ -212,6 +230,7 @@ fa3_backward(const __grid_constant__ TmaMap qmap, const __grid_constant__ TmaMap
         fence_regs<Br / 4>(&pds[0][0]);
         wgmma_fence();
         issue_dkdv(pa, pds, qs, dos);
+        if (DQ_TMA && leader) bulk_wait_read<0>();  // the last tile's dQ reduction has read the staging tile
         if (KSPLIT) bar_sync(1 + cw, 128);  // the warpgroup's dS^T rows are all written
         else bar_sync(1, 256);              // both warpgroups' rows
         float dq[32];
@@ -227,17 +246,30 @@ fa3_backward(const __grid_constant__ TmaMap qmap, const __grid_constant__ TmaMap
         if (lane == 0) mbar_arrive(empty(s));  // Q, dO, Lb, delta of stage s are read
         // dQ rows q0 + 16w + g + 8h, columns c0 + 8n + 2t, +1
         const int c0 = KSPLIT ? 0 : 64 * cw;
+        if constexpr (DQ_TMA) {  // to the staging tile, then one TMA reduction (fp32 add at the L2) per 32 columns
+            stage_dq(dqs_p + cw * DQT, dq, scale, w, g, t);
+            fence_proxy_async();
+            bar_sync(3 + cw, 128);
+            if (leader) {
+                tma_reduce_add_3d(&dqmap, dqs0 + cw * DQT, c0, q0, bh);
+                tma_reduce_add_3d(&dqmap, dqs0 + cw * DQT + DQT / 2, c0 + 32, q0, bh);
+                bulk_commit();
+            }
+        } else {  // red.global.add.v2.f32 from every thread
 #pragma unroll
-        for (int h = 0; h < 2; h++) {
-            const int row = q0 + 16 * w + g + 8 * h;
-            if (row < Nq) {
-                float* dst = dQacc + ((size_t)bh * Nq + row) * D + c0 + 2 * t;
+            for (int h = 0; h < 2; h++) {
+                const int row = q0 + 16 * w + g + 8 * h;
+                if (row < Nq) {
+                    float* dst = dQacc + ((size_t)bh * Nq + row) * D + c0 + 2 * t;
 #pragma unroll
-                for (int n = 0; n < 8; n++) atomic_add_f32x2(dst + 8 * n, dq[4 * n + 2 * h] * scale, dq[4 * n + 2 * h + 1] * scale);
+                    for (int n = 0; n < 8; n++)
+                        atomic_add_f32x2(dst + 8 * n, dq[4 * n + 2 * h] * scale, dq[4 * n + 2 * h + 1] * scale);
+                }
             }
         }
     }
 
+    if (DQ_TMA && leader) bulk_wait<0>();  // the staging tile is read before the block's shared memory goes
     // dK = scale dS^T Q, dV = P^T dO for the warpgroup's keys (rows kw0 + 16w + g + 8h; zero where no Q tile was seen)
 #pragma unroll
     for (int h = 0; h < 2; h++) {

@@ -88,7 +88,8 @@ def launch_backward(plan, q, k, v, o, lse, do, dq, dk, dv, dq_acc, delta, lb, B,
             qm, dom = ((_tensor_map(a, cfg.dtype, D, Nq, BH, cfg.Br) for a in (q, do)) if Nq else
                        (_tensor_map(k, cfg.dtype, D, Nk, BH // G, cfg.Br),) * 2)
             km, vm = (_tensor_map(a, cfg.dtype, D, Nk, BH // G, cfg.Bc) for a in (k, v))
-            plan.fn(grid, block, (qm, km, vm, dom) + args[4:], cfg.smem, stream)
+            dqm = _tensor_map(dq_acc, "float32", D, Nq, BH, cfg.Br) if Nq else km   # the dQ reductions' target
+            plan.fn(grid, block, (qm, km, vm, dom, dqm) + args[4:], cfg.smem, stream)
         elif cfg.rung == "bwd_tc":   # at d = 256 two launches of 128 output columns (bwd_columns)
             for c_out in range(0, D, bwd_columns(D)):
                 plan.fn(grid, block, args + (c_out,), cfg.smem, stream)

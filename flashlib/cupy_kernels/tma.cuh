@@ -3,7 +3,8 @@
 #pragma once
 #include "flash_common.cuh"
 
-// ---- mbarrier, TMA and register re-allocation (PTX ISA: "mbarrier", "cp.async.bulk.tensor", "setmaxnreg") ----
+// ---- mbarrier, TMA and register re-allocation (PTX ISA: "mbarrier", "cp.async.bulk.tensor",
+// "cp.reduce.async.bulk.tensor", "setmaxnreg") ----
 // a CUtensorMap: 128 opaque bytes, 64-byte aligned, passed by value as a __grid_constant__ kernel parameter
 struct __align__(64) TmaMap { unsigned long long bits[16]; };
 
@@ -29,6 +30,20 @@ __device__ __forceinline__ void tma_load_3d(u32 dst, const TmaMap* map, u32 bar,
     asm volatile("cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4, %5}], [%2];\n"
                  ::"r"(dst), "l"(reinterpret_cast<unsigned long long>(map)), "r"(bar), "r"(c), "r"(r), "r"(z) : "memory");
 }
+// the other direction, a reduction: the box at (c, r, z) added element-wise (fp32 add, done at the L2) from shared
+// memory src into global memory; out-of-range elements are skipped. Tracked by this thread's bulk groups:
+// bulk_commit closes a group, bulk_wait_read<N> waits until at most N groups still read shared memory (src may
+// then be overwritten), bulk_wait<N> until at most N are incomplete. The writes to src must be fenced for the
+// async proxy (fence_proxy_async) and synchronised with the issuing thread before the call.
+__device__ __forceinline__ void tma_reduce_add_3d(const TmaMap* map, u32 src, int c, int r, int z) {
+    asm volatile("cp.reduce.async.bulk.tensor.3d.global.shared::cta.add.tile.bulk_group [%0, {%2, %3, %4}], [%1];\n"
+                 ::"l"(reinterpret_cast<unsigned long long>(map)), "r"(src), "r"(c), "r"(r), "r"(z) : "memory");
+}
+__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
+template <int N> __device__ __forceinline__ void bulk_wait_read() {
+    asm volatile("cp.async.bulk.wait_group.read %0;\n" ::"n"(N) : "memory");
+}
+template <int N> __device__ __forceinline__ void bulk_wait() { asm volatile("cp.async.bulk.wait_group %0;\n" ::"n"(N) : "memory"); }
 __device__ __forceinline__ void tma_prefetch_map(const TmaMap* map) {
     asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<unsigned long long>(map)) : "memory");
 }

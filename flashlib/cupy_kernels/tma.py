@@ -22,7 +22,8 @@ from .config import (FA3_HEAD_DIMS, FA3_OTHER_TILES, FA3_TILES, FA3_VARIANTS, SI
                      fa3_config, fa3_grid, fa3_instances, pair_grid, smem_fa3)
 
 # cuda.h enums (CUtensorMapDataType, CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill)
-_TMA_DTYPE = {"float16": 6, "bfloat16": 9}
+_TMA_DTYPE = {"float16": 6, "bfloat16": 9, "float32": 7}
+_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
 _SWIZZLE_128B, _L2_PROMOTION_128B, _OOB_FILL_ZERO, _INTERLEAVE_NONE = 3, 2, 0, 0
 VARIANTS = FA3_VARIANTS
 
@@ -59,19 +60,22 @@ class TensorMap:
 
 
 def tensor_map_3d(ptr, dtype, d, n, pairs, box_rows):
-    """Tensor map of a contiguous (pairs, n, d) tensor of 16-bit `dtype` at device address ptr (16-byte aligned):
-    dims (d, n, pairs) innermost first, boxes of (64, box_rows, 1), 128-byte swizzle, out-of-range rows read as 0."""
+    """Tensor map of a contiguous (pairs, n, d) tensor of `dtype` (float16, bfloat16: boxes of 64 columns; float32,
+    the backward's dQ buffer: 32) at device address ptr (16-byte aligned): dims (d, n, pairs) innermost first, boxes
+    of (128 bytes of columns, box_rows, 1), 128-byte swizzle, out-of-range rows read as 0 (and skipped by stores)."""
     if ptr % 16:
         raise ValueError(f"TMA needs a 16-byte-aligned tensor, got address {ptr:#x}")
     m = TensorMap()
     dims = (ctypes.c_uint64 * 3)(d, n, pairs)
-    strides = (ctypes.c_uint64 * 2)(2 * d, 2 * d * n)          # bytes, of dims 1 and 2
-    box = (ctypes.c_uint32 * 3)(64, box_rows, 1)
+    size = _BYTES[dtype]
+    strides = (ctypes.c_uint64 * 2)(size * d, size * d * n)    # bytes, of dims 1 and 2
+    box = (ctypes.c_uint32 * 3)(128 // size, box_rows, 1)
     one = (ctypes.c_uint32 * 3)(1, 1, 1)
     rc = _encode_fn()(ctypes.addressof(m.arg), _TMA_DTYPE[dtype], 3, ctypes.c_void_p(ptr), dims, strides, box, one,
                       _INTERLEAVE_NONE, _SWIZZLE_128B, _L2_PROMOTION_128B, _OOB_FILL_ZERO)
     if rc != 0:
-        raise RuntimeError(f"cuTensorMapEncodeTiled failed with CUresult {rc} (dims {(d, n, pairs)}, box {(64, box_rows, 1)})")
+        raise RuntimeError(f"cuTensorMapEncodeTiled failed with CUresult {rc} (dims {(d, n, pairs)}, box "
+                           f"{tuple(box)})")
     return m
 
 
