@@ -21,9 +21,11 @@ def test_bwd_wgmma_config():
     assert ck.choose_config("float16", 50, 90, rung="bwd_wgmma").D == 64   # a head dim in the 64 bucket
     assert "bwd_wgmma" in ck.BACKWARD_RUNGS and ck.ARCH["fa3_backward.cu"] == "sm_90a"
     assert len(set(ck.bwd_wgmma_instances())) == 16
-    # the default backward on Hopper at d = 128 (97 ... 128: that bucket) after the H200 run; d = 64 stays on bwd_tc
+    # the default backward on Hopper at d = 64 and 128 (33 ... 128: those buckets) after the H200 runs; bwd_tc elsewhere
     assert ck.default_rung("float16", 90, "backward", 128) == "bwd_wgmma" == ck.default_rung("bfloat16", 90, "backward", 100)
-    assert ck.default_rung("float16", 90, "backward", 64) == "bwd_tc" == ck.default_rung("float16", 80, "backward", 128)
+    assert ck.default_rung("float16", 90, "backward", 64) == "bwd_wgmma" == ck.default_rung("bfloat16", 90, "backward", 40)
+    assert ck.default_rung("float16", 90, "backward", 256) == "bwd_tc" == ck.default_rung("float16", 80, "backward", 128)
+    assert ck.default_rung("float16", 90, "backward", 32) == "bwd_tc"
     assert ck.default_rung("float32", 90, "backward", 128) == "bwd_fp32"
     assert ck.choose_config("float16", 128, 90, rung=ck.default_rung("float16", 90, "backward", 128)).file == "fa3_backward.cu"
 

@@ -86,11 +86,16 @@ def test_backward_launches_pre_pass_kernel_and_conversion(fake_gpu, dtype):
     kernels = [c["kernel"] for c in log]
     T = ck.CTYPE[name]
     assert kernels[0] == f"bwd_dot_do_o<{T}, 64>"
-    assert kernels[1] == ck.choose_config(name, 64, 90, False, ck.default_rung(name, 90, "backward")).kernel
+    rung = ck.default_rung(name, 90, "backward", 64)
+    assert rung == ("bwd_fp32" if dtype == torch.float32 else "bwd_wgmma")
+    assert kernels[1] == ck.choose_config(name, 64, 90, False, rung).kernel
     assert kernels[2:] == ([] if dtype == torch.float32 else [f"bwd_convert_dq<{T}>"])
     pre, main = _ptrs(log[0]), _ptrs(log[1])
     assert pre[:2] == [do.data_ptr(), o.data_ptr()] and pre[2] == lse.data_ptr() and pre[-1] == 2 * 50
     delta, lb, dq_acc = pre[3], pre[4], pre[5]
+    if rung == "bwd_wgmma":   # tensor maps of q, k, v, dO, then of the fp32 dQ buffer: the TMA reductions' target
+        assert log[1]["args"][4] == ("map", dq_acc, "float32", 64, 50, 2, 64)   # (d, Nq, pairs), boxes of Br rows
+        main = main[:4] + main[5:]
     assert main[4:7] == [lb, delta, dq_acc]                                    # the kernel reads Lb, not lse
     assert main[7:9] == [dk.data_ptr(), dv.data_ptr()] and dk.shape == k.shape and dq.shape == q.shape
     if dtype == torch.float32:
@@ -111,9 +116,10 @@ def test_gqa_passes_G_and_sums_dk_dv_per_kv_head(fake_gpu):
     dq, dk, dv = ck.backward(q, k, v, o, lse, do, causal=False, scale=0.5, dtype="float16")
     names = [c["kernel"] for c in log]
     assert names[2:4] == ["bwd_sum_groups<__half>"] * 2 and dk.shape == dv.shape == k.shape
-    main = log[1]["args"]
-    assert [int(a) for a in main[12:14]] == [12, 3]
-    per_head = _ptrs(log[1])[7:9]                                                # dK, dV of each query head
+    main, x = log[1]["args"], int(log[1]["sig"].startswith("MMMMM"))           # bwd_wgmma: one more map, dQ's
+    assert names[1].startswith("fa3_backward") and x == 1                      # Hopper's default at d = 64
+    assert [int(a) for a in main[12 + x:14 + x]] == [12, 3]
+    per_head = _ptrs(log[1])[7 + x:9 + x]                                        # dK, dV of each query head
     for c, out, src in zip(log[2:4], (dk, dv), per_head):
         p = _ptrs(c)
         assert p[:2] == [src, out.data_ptr()] and int(c["args"][2]) == 3 and p[2:] == [20 * 64, 2 * 2 * 20 * 64]
@@ -240,7 +246,8 @@ def test_prepared_backward_launches_as_backward_does(fake_gpu, dtype):
     _same_launches(log[:n], log[n:])
     pre, main = _ptrs(log[n]), _ptrs(log[n + 1])
     assert pre[2] == lse.data_ptr() and pre[0] != do.data_ptr()               # dO (strided here) copied
-    assert main[:3] == [q.data_ptr(), k.data_ptr(), v.data_ptr()] and main[7:9] == [dk.data_ptr(), dv.data_ptr()]
+    x = int(log[n + 1]["sig"].startswith("MMMMM"))                             # bwd_wgmma: dQ's map too
+    assert main[:3] == [q.data_ptr(), k.data_ptr(), v.data_ptr()] and main[7 + x:9 + x] == [dk.data_ptr(), dv.data_ptr()]
     assert dq.shape == q.shape and dk.shape == k.shape and dq.dtype == dtype
 
 

@@ -74,11 +74,11 @@ SIG_FA3 = "MMMPPiifii"   # its parameters (build.Launcher): tensor maps of q, k,
 # Br = 64 rows, one producer warpgroup (384 threads); d = 64 and 128 (other head dims: bwd_tc).
 BWD_WGMMA_HEAD_DIMS = (64, 128)
 BWD_WGMMA_TILES = (64, 128)   # (Br, Bc), fixed by the kernel
-# the head dims (buckets) where it is the default backward on Hopper: d = 128, where the H200 timed it 1.5-1.6x
-# faster than bwd_tc in every shape (389-419 against 242-254 TFLOP/s, benchmarks/results/logs/
-# bwd_wgmma_gpu_session_h200_3deeda5.txt, record bwd_wgmma_h200). At d = 64 it was slower without the causal mask
-# (267-293 against 283-296) and only 1-5 % faster with it, so bwd_tc stays the default there.
-BWD_WGMMA_DEFAULT_DIMS = (128,)
+# the head dims (buckets) where it is the default backward on Hopper: both. With dQ added by TMA reductions the H200
+# timed it at 308-392 TFLOP/s at d = 64 (bwd_tc 230-296) and 414-512 at d = 128 (bwd_tc 216-252), fp16 and bf16,
+# N = 4096 and 16384, causal and not (benchmarks/results/logs/bwd_wgmma_gpu_session_h200_505b10e.txt, record
+# bwd_wgmma_h200). Its first version, which added dQ with atomics, was no faster than bwd_tc at d = 64 (266-293).
+BWD_WGMMA_DEFAULT_DIMS = (64, 128)
 # how it adds each Q tile's dQ into the fp32 buffer: 'tma' (the default) stages the tile in shared memory and adds it
 # with TMA reductions (cp.reduce.async.bulk.tensor, FlashAttention-3's way), 'atomic' with red.global.add.v2.f32
 # from every thread (the first version; kept for the comparison in bwd_wgmma_bench.py)
