@@ -3,7 +3,7 @@
 // bwd_tc (fa2_bwd_tc.cu), whose algorithm it keeps; the products run on wgmma (Shah et al. 2024, section 3 and
 // appendix B: the backward's warp specialisation and its five products per tile).
 //
-//   fa3_backward<T, D, CAUSAL>   T = __half or __nv_bfloat16, D = 64 or 128
+//   fa3_backward<T, D, CAUSAL, DQ_TMA>   T = __half or __nv_bfloat16, D = 64 or 128, DQ_TMA: how dQ is added (below)
 //
 // Grid (ceil(Nk/Bc), B*H pairs over y and z: pair_index), Bc = 128 keys a block; block 384 threads = 3 warpgroups:
 //  * warpgroup 0, the producer (setmaxnreg.dec): its first warp loads the block's K and V once and then, per Q tile
@@ -23,13 +23,25 @@
 //                                         barrier of the 256 consumer threads: both halves of dS^T are written); at
 //                                         d = 64 all 64 columns over its own 64 keys (its own barrier of 128), the
 //                                         two partial products both added
-//      added into the fp32 dQ buffer with red.global.add.v2.f32 (other key blocks add there too); the stage is
-//      released (one arrival per consumer warp on its empty barrier) once this tile's products are complete.
+//      added into the fp32 dQ buffer (other key blocks add there too); the stage is released (one arrival per
+//      consumer warp on its empty barrier) once this tile's products are complete. DQ_TMA (the default, as
+//      FlashAttention-3 does it): the warpgroup writes its 64 x 64 dQ tile into a staging tile in shared memory
+//      (stage_dq), fences it for the async proxy, meets at a named barrier, and one thread issues two TMA
+//      reductions (cp.reduce.async.bulk.tensor ... add, tma.cuh) through a tensor map of the fp32 dQ buffer; the
+//      additions happen at the L2 and rows past Nq are skipped by the TMA. That thread waits for the reduction to
+//      have read the staging tile (bulk_wait_read) before the next tile's barrier, so one staging tile a warpgroup
+//      suffices. !DQ_TMA (the first version, kept for the comparison): every thread adds its 32 values with
+//      red.global.add.v2.f32. Measured (H200, ncu at 5efc15d, d = 64, N = 4096): with the atomics the consumers'
+//      issue stalled on the load/store queue (lg_throttle, 1.2 warps per issue) and the L1's LSU data pipe was 57%
+//      busy, for a tensor pipe at 30% of its peak; in one timed run (bwd_wgmma_bench.py at 505b10e, record
+//      bwd_wgmma_h200) the TMA reductions took the backward from 266-293 to 308-392 TFLOP/s at d = 64 and from
+//      323-415 to 414-512 at d = 128 (fp16 and bf16, N = 4096 and 16384, causal and not).
 //    The two dS^T buffers let one warpgroup write tile i + 1's while the other still reads tile i's: a warpgroup
 //    passes tile i + 1's barrier only after the other has waited for its tile-i products.
 // Shared memory (dynamic, aligned here to 1024 bytes; sw128 layout, 64-column blocks): Ks, Vs (Bc x D), 2 stages
-//   of Qs, dOs (Br x D), 2 buffers of dS^T (Bc x Br), 2 stages of Lb*log2(e) and delta (Br floats), 5 mbarriers
-//   (kv_full, full[2], empty[2]).
+//   of Qs, dOs (Br x D), 2 buffers of dS^T (Bc x Br), DQ_TMA: a dQ staging tile (Br x 64 fp32, two 128-byte-swizzled
+//   boxes of 32 columns) per consumer warpgroup, 2 stages of Lb*log2(e) and delta (Br floats), 5 mbarriers
+//   (kv_full, full[2], empty[2]). Named barriers: 1 + cw or 1 (before dQ = dS K), 3 + cw (the staging tile written).
 // Grouped-query attention: K, V from kv pair bh / G; dK, dV per query head (bwd_sum_groups adds them). Rows past
 //   Nq read as zeros (TMA) with Lb = +inf, so P = 0; keys past Nk are masked and never written.
 #include "flash_common.cuh"
