@@ -49,6 +49,26 @@ def _encode_fn():
     return fn
 
 
+_INVALID_CONTEXT, _POINTER_ATTRIBUTE_CONTEXT = 201, 1     # CUDA_ERROR_INVALID_CONTEXT, CU_POINTER_ATTRIBUTE_CONTEXT
+
+
+def _in_context_of(ptr, call):
+    """call() with the CUDA context that owns device address ptr made current, the thread's own restored after:
+    PyTorch may run a backward pass on a thread of its own where no context is current, and the driver encodes a
+    tensor map only in one (CUDA Driver API: cuPointerGetAttribute, cuCtxGetCurrent, cuCtxSetCurrent)."""
+    lib = ctypes.CDLL("libcuda.so.1")
+    owner, here = ctypes.c_void_p(), ctypes.c_void_p()
+    rc = lib.cuPointerGetAttribute(ctypes.byref(owner), _POINTER_ATTRIBUTE_CONTEXT, ctypes.c_uint64(ptr))
+    if rc != 0 or not owner.value:
+        return _INVALID_CONTEXT
+    lib.cuCtxGetCurrent(ctypes.byref(here))
+    lib.cuCtxSetCurrent(owner)
+    try:
+        return call()
+    finally:
+        lib.cuCtxSetCurrent(here)
+
+
 class TensorMap:
     """A CUtensorMap in a 64-byte-aligned host buffer (the driver wants it so); `.arg` is its 128 bytes."""
     __slots__ = ("_buf", "arg")
@@ -71,8 +91,11 @@ def tensor_map_3d(ptr, dtype, d, n, pairs, box_rows):
     strides = (ctypes.c_uint64 * 2)(size * d, size * d * n)    # bytes, of dims 1 and 2
     box = (ctypes.c_uint32 * 3)(128 // size, box_rows, 1)
     one = (ctypes.c_uint32 * 3)(1, 1, 1)
-    rc = _encode_fn()(ctypes.addressof(m.arg), _TMA_DTYPE[dtype], 3, ctypes.c_void_p(ptr), dims, strides, box, one,
-                      _INTERLEAVE_NONE, _SWIZZLE_128B, _L2_PROMOTION_128B, _OOB_FILL_ZERO)
+    encode = lambda: _encode_fn()(ctypes.addressof(m.arg), _TMA_DTYPE[dtype], 3, ctypes.c_void_p(ptr), dims, strides,
+                                  box, one, _INTERLEAVE_NONE, _SWIZZLE_128B, _L2_PROMOTION_128B, _OOB_FILL_ZERO)
+    rc = encode()
+    if rc == _INVALID_CONTEXT:       # a thread with no current context: encode in the one that owns ptr
+        rc = _in_context_of(ptr, encode)
     if rc != 0:
         raise RuntimeError(f"cuTensorMapEncodeTiled failed with CUresult {rc} (dims {(d, n, pairs)}, box "
                            f"{tuple(box)})")
