@@ -31,9 +31,10 @@
 //      additions happen at the L2 and rows past Nq are skipped by the TMA. That thread waits for the reduction to
 //      have read the staging tile (bulk_wait_read) before the next tile's barrier, so one staging tile a warpgroup
 //      suffices. !DQ_TMA (the first version, kept for the comparison): every thread adds its 32 values with
-//      red.global.add.v2.f32. Measured (H200, ncu at 5efc15d, d = 64, N = 4096): with the atomics the consumers'
-//      issue stalled on the load/store queue (lg_throttle, 1.2 warps per issue) and the L1's LSU data pipe was 57%
-//      busy, for a tensor pipe at 30% of its peak; in one timed run (bwd_wgmma_bench.py at 505b10e, record
+//      red.global.add.v2.f32. Measured (H200, ncu at f5c32ac, d = 64, N = 4096,
+//      benchmarks/results/logs/ncu_bwd_wgmma_h200_f5c32ac.txt): with the atomics the consumers' issue stalled on
+//      the load/store queue (lg_throttle, 1.2 warps per issue; 0.06 with the TMA) and the L1's LSU data pipe was
+//      57% busy, for a tensor pipe at 30% of its peak (40% with the TMA); in one timed run (bwd_wgmma_bench.py at 505b10e, record
 //      bwd_wgmma_h200) the TMA reductions took the backward from 266-293 to 308-392 TFLOP/s at d = 64 and from
 //      323-415 to 414-512 at d = 128 (fp16 and bf16, N = 4096 and 16384, causal and not).
 //    The two dS^T buffers let one warpgroup write tile i + 1's while the other still reads tile i's: a warpgroup
