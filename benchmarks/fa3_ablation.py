@@ -3,6 +3,7 @@
 rung 7 beside the current default there (rung 3, 'tuned') and PyTorch's SDPA (cuDNN, flash).
 
     python benchmarks/fa3_ablation.py [--max-seconds S] [--out DIR] [--ncu [--ncu-out FILE]]
+    python benchmarks/fa3_ablation.py --schedulers [--max-seconds S] [--out DIR]
 
 Shapes: fp16, d = 64 and 128, N = 4096 and 16384, causal and not, H = 16, B = 16384 // N (d = 256: the same N).
 FLOPs = 4*B*H*N^2*d, half when causal. Each output is compared with SDPA flash's (max |o - flash|). At d = 256,
@@ -10,6 +11,8 @@ N = 16384 also rung 7's tile (FA3_TILES) beside FA3_OTHER_TILES (impl rung7_tile
 flashlib.bench.save as fa3_ablation_<gpu>. --ncu: after the timing, each of the four at d = 128, N = 16384, not
 causal, once under Nsight Compute (sections ComputeWorkloadAnalysis, SchedulerStats, WarpStateStats, raw page):
 tensor-pipe utilisation, issue-active share and the top warp stall reasons, a compact table (and the record).
+--schedulers: only SCHEDULERS (rung 7's grid, its persistent grid with the static order and with the dynamic
+scheduler), at d = 64, 128, 256, N = 4096, 16384, causal and not, timed together; saved as fa3_schedulers_<gpu>.
 """
 import argparse
 import csv
@@ -28,6 +31,7 @@ from flashlib.cupy_kernels import tma  # noqa: E402
 
 LADDER = ("rung6_wgmma", "rung7_plain", "rung7_pingpong", "rung7_persistent")
 D256 = ("rung3_tuned", "rung7_pingpong", "rung7_persistent", "sdpa_cudnn", "sdpa_flash")
+SCHEDULERS = ("rung7_pingpong", "rung7_persistent", "rung7_dynamic", "sdpa_cudnn")
 NCU_SECTIONS = ("ComputeWorkloadAnalysis", "SchedulerStats", "WarpStateStats")
 
 
@@ -203,6 +207,17 @@ def ncu_table(rows):
     return "\n".join(out)
 
 
+def schedulers(max_seconds, out):
+    """SCHEDULERS at every head dim, N = 4096 and 16384, causal and not, one record (fa3_schedulers_<gpu>)."""
+    import torch
+    rows = []
+    for d, N, causal in [(d, N, c) for d in tma.FA3_HEAD_DIMS for N in (4096, 16384) for c in (False, True)]:
+        rows += time_shape(SCHEDULERS, d, N, causal, max_seconds)
+    tag = bench.gpu_tag(torch.cuda.get_device_name())
+    print(bench.save(f"fa3_schedulers_{tag}", rows, directory=out, schedulers=SCHEDULERS, tiles=tma.FA3_TILES,
+                     flops="4*B*H*N^2*d, half when causal", timing="flashlib.bench.timing.compare, host=False"))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--max-seconds", type=float, default=2.5, help="timing budget per shape (compare)")
@@ -210,12 +225,15 @@ def main():
     p.add_argument("--ncu", action="store_true")
     p.add_argument("--ncu-out", default=None, help="where to write ncu's raw CSV")
     p.add_argument("--no-d256", action="store_true")
+    p.add_argument("--schedulers", action="store_true", help="time only SCHEDULERS (record fa3_schedulers_<gpu>)")
     p.add_argument("--ncu-case", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.ncu_case:
         return ncu_case()
     import torch
     precompile()
+    if a.schedulers:
+        return schedulers(a.max_seconds, a.out)
     rows = []
     for d, N, causal in [(d, N, c) for d in (64, 128) for N in (4096, 16384) for c in (False, True)]:
         rows += time_shape(LADDER, d, N, causal, a.max_seconds)

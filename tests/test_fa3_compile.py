@@ -33,6 +33,10 @@ def test_fa3_config():
     assert tma.fa3_grid(cfg, 1000, 7, 132) == (-(-1000 // 192) * 7, 1, 1) == (42, 1, 1)
     assert tma.fa3_grid(cfg, 16384, 16, 132) == (132, 1, 1)
     assert tma.fa3_grid(tma.fa3_config("float16", 64, True), 1000, 7, 132) == (6, 7, 1)
+    cfg = tma.fa3_config("float16", 128, True, variant="dynamic")   # the same grid, items from a global counter
+    assert cfg.kernel == "fa3_forward<__half, 128, 128, 2, 2, true, true, true, true>" and cfg.persistent and cfg.dynamic
+    assert cfg.smem == tma.fa3_config("float16", 128, True, variant="persistent").smem + 8   # the handed-over item
+    assert tma.fa3_grid(cfg, 16384, 16, 132) == (132, 1, 1)
     with pytest.raises(ValueError, match="variant"):
         tma.fa3_config("float16", 64, True, variant="pingpong-persistent")
     with pytest.raises(ValueError, match="shared memory"):

@@ -63,7 +63,7 @@ def test_forward_plan_built_once_and_launched_on_the_callers_stream(fake_gpu, dt
     assert type(o) is torch.Tensor and o.dtype == dtype and o.shape == q.shape and o.is_contiguous()
     assert lse.dtype == torch.float32 and lse.shape == (2, 3, 100)
     if rung == "fa3":      # q, k, v reach rung 7 as tensor maps: (d, N, pairs), boxes of Br (q) or Bc (k, v) rows
-        assert call["sig"] == "MMMPPiifii" and _ptrs(call)[3:] == [o.data_ptr(), lse.data_ptr()]
+        assert call["sig"] == "MMMPPiifiiP" and _ptrs(call)[3:] == [o.data_ptr(), lse.data_ptr(), 0]   # no counter
         qm, km, vm = call["args"][:3]
         assert qm[1] != q.data_ptr() and qm[2:] == (name, 64, 100, 6, cfg.Br)   # a contiguous copy of q was mapped
         assert km == ("map", k.data_ptr(), name, 64, 77, 6, cfg.Bc) and vm == km
@@ -72,7 +72,7 @@ def test_forward_plan_built_once_and_launched_on_the_callers_stream(fake_gpu, dt
         assert ptrs[1:] == [k.data_ptr(), v.data_ptr(), o.data_ptr(), lse.data_ptr()]
         assert ptrs[0] != q.data_ptr()                                         # a contiguous copy of q was passed
     assert list(call["args"][5:7]) == [100, 77] and call["args"][7] == 0.125
-    assert list(call["args"][8:]) == [6, 1]                                   # B*H pairs, G = 1 (no GQA)
+    assert list(call["args"][8:10]) == [6, 1]                                 # B*H pairs, G = 1 (no GQA)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
@@ -111,7 +111,7 @@ def test_gqa_passes_G_and_sums_dk_dv_per_kv_head(fake_gpu):
     k = v = torch.randn(2, 2, 20, 64).half()
     lse = torch.randn(2, 6, 30)
     ck.forward(q, k, v, causal=False, scale=0.5, dtype="float16")
-    assert [int(a) for a in log[-1]["args"][8:]] == [12, 3]                   # B*H = 12 pairs, G = 3
+    assert [int(a) for a in log[-1]["args"][8:10]] == [12, 3]                 # B*H = 12 pairs, G = 3
     log.clear()
     dq, dk, dv = ck.backward(q, k, v, o, lse, do, causal=False, scale=0.5, dtype="float16")
     names = [c["kernel"] for c in log]
@@ -179,7 +179,7 @@ def test_launcher_packs_each_argument_where_its_parameter_pointer_points():
     read = lambda c, p: ctypes.string_at(p, 128) if c == "M" else scalar[c].from_address(p).value   # noqa: E731
     for sig, args in (("PPPPPiifii", (1, 2, 3, 2**63, 5, -6, 7, 0.5, 9, 10)), ("PPiQQ", (11, 12, 3, 2**40, 5)),
                       ("PPPPPPPPPiifiii", tuple(range(9)) + (1, 2, 0.25, 3, 4, 128)),
-                      ("MMMPPiifii", (b"q" * 128, b"k" * 128, b"v" * 128, 7, 8, 1, 2, 0.5, 3, 4))):
+                      ("MMMPPiifiiP", (b"q" * 128, b"k" * 128, b"v" * 128, 7, 8, 1, 2, 0.5, 3, 4, 5))):
         L = Launcher(None, sig)
         L._fmt.pack_into(L._buf, L._at, *args)
         back = [read(c, p) for c, p in zip(sig, L._params)]
@@ -215,7 +215,7 @@ def test_prepared_forward_launches_as_forward_does(fake_gpu, dtype, pick):
     assert o1.data_ptr() != o2.data_ptr() and o1.shape == q.shape and o1.dtype == dtype and lse1.shape == (2, 4, 100)
     addr = lambda a: a[1] if isinstance(a, tuple) else a
     assert [addr(a) for a in log[1]["args"][:3]] == [q.data_ptr(), k.data_ptr(), v.data_ptr()]
-    assert list(log[1]["args"][3:5]) == [o1.data_ptr(), lse1.data_ptr()] and log[1]["args"][-1] == 2   # G = 2
+    assert list(log[1]["args"][3:5]) == [o1.data_ptr(), lse1.data_ptr()] and log[1]["args"][9] == 2    # G = 2
     qt = q.transpose(2, 3).contiguous().transpose(2, 3)                    # same signature, not contiguous
     run(qt, k, v)
     assert addr(log[-1]["args"][0]) not in (qt.data_ptr(), q.data_ptr())

@@ -66,9 +66,13 @@ FA3_DEFAULT_HEAD_DIMS = (64, 128, 256)
 # other tiles that benchmarks/fa3_bench.py times beside these and the tests check (three consumers: d = 64 only)
 FA3_OTHER_TILES = {64: ((128, 3, 2), (64, 4, 3), (64, 4, 2)), 128: ((128, 3, 2), (64, 3, 2)), 256: ((64, 2, 2),)}
 # the consumers' schedule: taking turns (PP, the default), or not; "persistent": ping-pong in a persistent grid (one
-# CTA per SM looping over (query tile, pair) work items, longest causal tiles first: fa3_grid)
-FA3_VARIANTS = ("pingpong", "plain", "persistent")
-SIG_FA3 = "MMMPPiifii"   # its parameters (build.Launcher): tensor maps of q, k, v; o, lse; Nq, Nk, scale, BH, G
+# CTA per SM looping over (query tile, pair) work items, longest causal tiles first: fa3_grid) with a static
+# schedule; "dynamic": the same grid, each CTA taking its next item from a global counter (FlashAttention-3's
+# dynamic persistent scheduler)
+FA3_VARIANTS = ("pingpong", "plain", "persistent", "dynamic")
+# its parameters (build.Launcher): tensor maps of q, k, v; o, lse; Nq, Nk, scale, BH, G; the dynamic scheduler's
+# counter (an int32 zeroed before the launch; 0 for the other variants)
+SIG_FA3 = "MMMPPiifiiP"
 
 # The Hopper backward 'bwd_wgmma' (fa3_backward.cu): Bc = 128 keys a block over two consumer warpgroups, Q tiles of
 # Br = 64 rows, one producer warpgroup (384 threads); d = 64 and 128 (other head dims: bwd_tc).
@@ -265,13 +269,15 @@ def smem_fa3(d, Bc, stages, ncw=2):
     return 1024 + 2 * d * (64 * ncw + 2 * stages * Bc) + 8 * (2 + 4 * stages)
 
 
-Fa3Config = namedtuple("Fa3Config", "kernel Br Bc stages threads smem persistent", defaults=(False,))
+Fa3Config = namedtuple("Fa3Config", "kernel Br Bc stages threads smem persistent dynamic", defaults=(False, False))
 
 
 def fa3_grid(cfg, Nq, BH, n_sm):
     """Launch grid of rung 7: one CTA per (query tile, pair) (pair_grid), or for a persistent cfg min(n_sm, work
     items) CTAs (one per SM: a CTA's shared memory leaves room for one), each looping over the work items."""
     n_qt = -(-Nq // cfg.Br)
+    if cfg.persistent and n_qt * BH >= 2 ** 31:
+        raise ValueError(f"the persistent grid counts work items in int32: {n_qt} query tiles x {BH} pairs is too many")
     return (max(1, min(n_sm, n_qt * BH)), 1, 1) if cfg.persistent else pair_grid(n_qt, BH)
 
 
@@ -294,9 +300,10 @@ def fa3_config(dtype, d, causal, tiles=None, variant="pingpong"):
     if variant not in FA3_VARIANTS:
         raise ValueError(f"rung 7 variant must be one of {FA3_VARIANTS}, got {variant!r}")
     c, pp = ("true" if causal else "false"), ("false" if variant == "plain" else "true")
-    persist = variant == "persistent"
-    return Fa3Config(f"fa3_forward<{CTYPE[dtype]}, {d}, {Bc}, {stages}, {ncw}, {pp}, {c}{', true' if persist else ''}>",
-                     64 * ncw, Bc, stages, 128 * (ncw + 1), smem, persist)
+    persist, dynamic = variant in ("persistent", "dynamic"), variant == "dynamic"
+    extra = ", true, true" if dynamic else ", true" if persist else ""
+    return Fa3Config(f"fa3_forward<{CTYPE[dtype]}, {d}, {Bc}, {stages}, {ncw}, {pp}, {c}{extra}>",
+                     64 * ncw, Bc, stages, 128 * (ncw + 1), smem + 8 * dynamic, persist, dynamic)
 
 
 def smem_bwd_wgmma(d, Br=64, Bc=128, dq="tma"):

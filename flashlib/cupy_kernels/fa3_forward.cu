@@ -86,13 +86,16 @@ struct Timeline {
 };
 #endif
 
-template <typename T, int D, int Bc, int STAGES, int NCW, bool PP, bool CAUSAL, bool PERSIST = false>
+template <typename T, int D, int Bc, int STAGES, int NCW, bool PP, bool CAUSAL, bool PERSIST = false,
+          bool DYNAMIC = false>
 __global__ void __launch_bounds__(128 * (NCW + 1), 1)
 fa3_forward(const __grid_constant__ TmaMap qmap, const __grid_constant__ TmaMap kmap, const __grid_constant__ TmaMap vmap,
-            T* __restrict__ O, float* __restrict__ L, int Nq, int Nk, float scale, int BH, int G FA3_TL_PARAM) {
+            T* __restrict__ O, float* __restrict__ L, int Nq, int Nk, float scale, int BH, int G,
+            int* __restrict__ next_item FA3_TL_PARAM) {
     static_assert((D == 64 || D == 128 || D == 256) && (Bc == 64 || Bc == 80 || Bc == 128) && STAGES >= 2,
                   "S: m64n64, m64n80 or m64n128; O: m64n64 or m64n128 wgmma per 128 columns");
     static_assert(NCW == 2 || (NCW == 3 && D == 64), "2 consumer warpgroups, or 3 at d = 64");
+    static_assert(PERSIST || !DYNAMIC, "the dynamic scheduler is the persistent grid's");
     constexpr int Br = 64 * NCW, TILE = Bc * D * 2, QTILE = Br * D * 2, DN = D < 128 ? D : 128;
     extern __shared__ __align__(128) unsigned char smem_raw[];
     unsigned char* Qs = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);  // 1024-aligned: swizzle atoms
@@ -103,6 +106,9 @@ fa3_forward(const __grid_constant__ TmaMap qmap, const __grid_constant__ TmaMap 
     auto v_full = [&](int s) { return bar0 + 8 * (2 + STAGES + s); };
     auto k_empty = [&](int s) { return bar0 + 8 * (2 + 2 * STAGES + s); };
     auto v_empty = [&](int s) { return bar0 + 8 * (2 + 3 * STAGES + s); };
+    // DYNAMIC: handed[0], the item after the current one, handed by the producer to the consumers with Q;
+    // handed[1], the producer's own copy of it
+    int* handed = reinterpret_cast<int*>(Qs + QTILE + 2 * STAGES * TILE + 8 * (2 + 4 * STAGES));
 
     const int tid = threadIdx.x, wg = tid >> 7;
     const u32 pair = blockIdx.y + gridDim.y * blockIdx.z;
@@ -110,9 +116,9 @@ fa3_forward(const __grid_constant__ TmaMap qmap, const __grid_constant__ TmaMap 
     // work items (query tile, pair): one per CTA, or (PERSIST) items blockIdx.x, + gridDim.x, ... of n_qt * BH in a
     // static order, causal: the longest tiles (highest index) of every pair first; else pair by pair
     const int n_qt = (Nq + Br - 1) / Br;
-    const long long total = PERSIST ? (long long)n_qt * BH : 1, step = PERSIST ? gridDim.x : 1;
-    const long long first = PERSIST ? blockIdx.x : 0;
-    auto item = [&](long long i, int& q0, int& bh) {
+    const int total = PERSIST ? n_qt * BH : 1, step = PERSIST ? gridDim.x : 1;  // (fa3_grid: n_qt * BH < 2^31)
+    const int first = PERSIST ? blockIdx.x : 0;
+    auto item = [&](int i, int& q0, int& bh) {
         int tile;
         if constexpr (PERSIST) {
             bh = (int)(CAUSAL ? i % BH : i / n_qt);
@@ -151,7 +157,22 @@ fa3_forward(const __grid_constant__ TmaMap qmap, const __grid_constant__ TmaMap 
             tma_prefetch_map(&vmap);
             u32 kv = 0;  // K/V tiles issued so far: the ring position, continued across work items
             int n = 0;
-            for (long long i = first; i < total; i += step, n++) {
+            // the item after this one: DYNAMIC, from the global counter, fetched one item ahead (FlashAttention-3's
+            // DynamicPersistentTileScheduler: atomicAdd + gridDim.x), else the static order. Kept in shared
+            // memory (handed[1], volatile): in a register it made ptxas spill the 24-register producer
+            int ahead_reg = 0;
+            auto set_ahead = [&](int i) {  // the successor of item i (total: none)
+                const int x = i >= total ? total : DYNAMIC ? atomicAdd(next_item, 1) + (int)gridDim.x : i + step;
+                if constexpr (DYNAMIC) *reinterpret_cast<volatile int*>(handed + 1) = x;
+                else ahead_reg = x;
+            };
+            auto ahead = [&]() {
+                if constexpr (DYNAMIC) return *reinterpret_cast<volatile int*>(handed + 1);
+                else return ahead_reg;
+            };
+            set_ahead(first);
+            for (int i = first; i < total; i = ahead(), set_ahead(i), n++) {
+                const int next = ahead();
                 int q0, bh;
                 item(i, q0, bh);
                 const int bkv = bh / G, n_tiles = tiles_of(q0);
@@ -160,6 +181,7 @@ fa3_forward(const __grid_constant__ TmaMap qmap, const __grid_constant__ TmaMap 
                     mbar_wait(q_empty, (n & 1) ^ 1);
                     tl.rec(TL_Q_WAIT, t);
                     t = tl.start();
+                    if (DYNAMIC) *handed = next;  // released by the arrive below, read after q_full's phase
                     mbar_arrive_expect_tx(q_full, QTILE);
                     tma_tile<D, Br>(qs0, &qmap, q_full, q0, bh);
                     tl.rec(TL_Q_ISSUE, t);
@@ -263,7 +285,8 @@ fa3_forward(const __grid_constant__ TmaMap qmap, const __grid_constant__ TmaMap 
     if (PP && cw == NCW - 1) bar_arrive(1, 256);  // consumer 0 takes the first turn
     u32 kv0 = 0;  // K/V ring tiles consumed before this item
     int n = 0;
-    for (long long i = first; i < total; i += step, n++) {
+    int next = total;  // the item after this one: static, or (DYNAMIC) handed over with Q
+    for (int i = first; i < total; i = next, n++) {
         int q0, bh;
         item(i, q0, bh);
         const int n_tiles = tiles_of(q0);
@@ -317,7 +340,10 @@ fa3_forward(const __grid_constant__ TmaMap qmap, const __grid_constant__ TmaMap 
             t0 = tl.start();
             arrive();
             issue_pv(kv);
-            if (cw != NCW - 1 || i + step < total) your_turn();  // the last turn of the last item: no one waits
+            // DYNAMIC: the producer writes the next item's successor only after every consumer warp released Qs
+            // (q_empty, after this item's epilogue), so *handed is still this item's successor here
+            next = DYNAMIC ? *handed : i + step;
+            if (cw != NCW - 1 || next < total) your_turn();  // the last turn of the last item: no one waits
             tl.rec(TL_ISSUE, t0);
             t0 = tl.start();
             wgmma_wait<0>();

@@ -61,8 +61,8 @@ def launch_forward(plan, q, k, v, o, lse, B, H, Nq, Nk, scale, G=1, stream=0):
     if cfg.rung == "fa3":   # rung 7 reads q, k, v through TMA tensor maps (d, N, pairs), boxes of Br or Bc rows
         q = _tensor_map(q, cfg.dtype, cfg.D, Nq, BH, cfg.Br)
         k, v = (_tensor_map(a, cfg.dtype, cfg.D, Nk, BH // G, cfg.Bc) for a in (k, v))
-    plan.fn(pair_grid(-(-Nq // cfg.Br), BH), (32 * cfg.warps,), (q, k, v, o, lse, Nq, Nk, scale, BH, G),
-            cfg.smem, stream)
+    args = (q, k, v, o, lse, Nq, Nk, scale, BH, G) + ((0,) if cfg.rung == "fa3" else ())   # fa3: no counter
+    plan.fn(pair_grid(-(-Nq // cfg.Br), BH), (32 * cfg.warps,), args, cfg.smem, stream)
 
 
 def _tensor_map(ptr, dtype, d, n, pairs, box_rows):
@@ -218,6 +218,7 @@ def prepare_forward(q, k, v, *, causal, scale, dtype, rung=None, tiles=None):
     launch, block, smem = plan.fn.launch, 32 * cfg.warps, cfg.smem
     contiguous, ptr, stream, empty_like = io.contiguous, io.ptr, io.stream, io.empty_like
     lse_like = io.f32_maker((B, H, Nq), q)
+    tail = (0,) if cfg.rung == "fa3" else ()   # rung 7's last parameter: no dynamic scheduler's counter
     if cfg.rung == "fa3":   # rung 7: tensor maps of q, k, v (remembered per address), 16-byte-aligned tensors
         qmap, kvmap = (lambda p: _tensor_map(p, dtype, d, Nq, BH, cfg.Br)), (lambda p: _tensor_map(p, dtype, d, Nk, BH // G, cfg.Bc))
 
@@ -230,7 +231,7 @@ def prepare_forward(q, k, v, *, causal, scale, dtype, rung=None, tiles=None):
         if cfg.rung == "fa3":
             pq, pk, pv = qmap(pq), kvmap(pk), kvmap(pv)
         o, lse = empty_like(q), lse_like()
-        launch(gx, gy, gz, block, 1, 1, smem, stream(dev), (pq, pk, pv, ptr(o), ptr(lse), Nq, Nk, scale, BH, G))
+        launch(gx, gy, gz, block, 1, 1, smem, stream(dev), (pq, pk, pv, ptr(o), ptr(lse), Nq, Nk, scale, BH, G) + tail)
         return o, lse
     return run
 

@@ -153,7 +153,8 @@ def forward_fa3(q, k, v, causal, scale, tiles=None, variant="pingpong", _debug=N
     BH = B * H       # the tensor maps: (d, N, pairs), boxes of Br rows (q) or Bc rows (k, v); rows past N read as 0
     maps = [map_bytes(a.data.ptr, dtype, d, n, pairs, rows) for a, n, pairs, rows in
             ((q, Nq, BH, cfg.Br), (k, Nk, BH // (H // Hkv), cfg.Bc), (v, Nk, BH // (H // Hkv), cfg.Bc))]
-    args = (*maps, o.data.ptr, lse.data.ptr, Nq, Nk, scale, BH, H // Hkv)
+    counter = cp.zeros(1, dtype=cp.int32) if cfg.dynamic else None    # the dynamic scheduler's next item - gridDim.x
+    args = (*maps, o.data.ptr, lse.data.ptr, Nq, Nk, scale, BH, H // Hkv, 0 if counter is None else counter.data.ptr)
     fn = _launcher(q.device.id, cfg) if _debug is None else _launcher(q.device.id, cfg, "fa3_timeline.cu", SIG_FA3 + "P")
     fn(fa3_grid(cfg, Nq, BH, sm_count(q.device.id)), (cfg.threads,), args + (() if _debug is None else (_debug,)),
        cfg.smem, cp.cuda.get_current_stream().ptr)
