@@ -1,8 +1,9 @@
 // fa3_forward.cu: rung 7 of the CuPy ladder, a FlashAttention-3-style forward on Hopper (sm_90a only).
 //
-//   fa3_forward<T, D, Bc, STAGES, NCW, PP, CAUSAL, PERSIST = false>   T = __half or __nv_bfloat16, D = 64, 128 or
-//       256, Bc = 64, 80 or 128 keys per K/V tile, STAGES slots in the K/V ring, NCW = 2 or 3 consumer warpgroups,
-//       PP: ping-pong between the consumers, PERSIST: a persistent grid with a static tile scheduler
+//   fa3_forward<T, D, Bc, STAGES, NCW, PP, CAUSAL, PERSIST = false, DYNAMIC = false>   T = __half or __nv_bfloat16,
+//       D = 64, 128 or 256, Bc = 64, 80 or 128 keys per K/V tile, STAGES slots in the K/V ring, NCW = 2 or 3
+//       consumer warpgroups, PP: ping-pong between the consumers, PERSIST: a persistent grid with a static tile
+//       scheduler, or with DYNAMIC a dynamic one
 //
 // Rung 6 (fa2_wgmma.cu) with FlashAttention-3's two Hopper-specific changes (Shah et al. 2024, sections 3.1-3.2):
 //  * TMA: Q, K and V tiles are copied by the Tensor Memory Accelerator (cp.async.bulk.tensor) from tensor maps that
@@ -24,10 +25,17 @@
 //   some CTAs get only the longest tiles. The ring's
 //   phases continue from item to item; Q of the next item is loaded once every consumer warp has released Qs
 //   (barrier q_empty, after its epilogue staged O there), K_0 of the next item before that.
+// DYNAMIC (FlashAttention-3's DynamicPersistentTileScheduler, hopper/tile_scheduler.hpp): the same items in the same
+//   order, but CTA c's first item is c and each later one comes from a global counter (next_item, zeroed by the
+//   host before the launch): atomicAdd(next_item, 1) + gridDim.x, so that a CTA that finishes early takes more.
+//   The producer fetches one item ahead and writes the successor of the item it loads Q for into shared memory
+//   (handed[0]) before the q_full arrival, whose release the consumers' wait acquires; they read it at the item's
+//   last turn (it is rewritten only after q_empty), to know whether to hand the last turn on.
 // Arguments: the tensor maps of Q (D, Nq, B*H), K and V (D, Nk, B*H/G) (dims innermost first; rows past Nq or Nk
-//   read as zeros), O and lse pointers, Nq, Nk, scale, BH, G: query head pair bh reads kv pair bh / G.
+//   read as zeros), O and lse pointers, Nq, Nk, scale, BH, G: query head pair bh reads kv pair bh / G; next_item
+//   (DYNAMIC: an int32 zeroed before the launch, else unused).
 // Shared memory (dynamic, aligned here to 1024 bytes): Qs (Br x D), STAGES slots of Ks (Bc x D), STAGES of Vs,
-//   then the mbarriers (8 bytes each). Every tile is cut into blocks of 64 columns (128 bytes a row, one TMA box
+//   then the mbarriers (8 bytes each), DYNAMIC: handed[2] (int32). Every tile is cut into blocks of 64 columns (128 bytes a row, one TMA box
 //   each), Bc (or Br) rows a block, 16-byte chunks swizzled by XOR with row % 8: rung 6's sw128 layout.
 // Barriers (PTX ISA, "mbarrier"): q_full (producer's expect_tx), q_empty (one arrival per consumer warp, PERSIST),
 //   k_full[s], v_full[s] (producer's expect_tx, one arrival), k_empty[s], v_empty[s] (one arrival per consumer
