@@ -160,9 +160,16 @@ def test_fp8_config():
         fp8.fp8_config(96, False)
     with pytest.raises(ValueError, match="tiles"):
         fp8.fp8_config(256, False, (128, 2))
+    for bad in ((96 + 16, 2), (32, 2), (288, 2), (256, 2), (128, 1)):    # not a multiple of 32, too small or large
+        with pytest.raises(ValueError, match=r"Bc in \(64, 96"):
+            fp8.fp8_config(128, False, bad)
+    cfg = fp8.fp8_config(128, False, (224, 2))                             # FlashAttention-3's FP8 tile at d = 128
+    assert cfg.kernel == "fa3_fp8<__nv_bfloat16, 128, 224, 2, false>" and cfg.smem == 1024 + 128 * 128 + 4 * 224 * 128 + 8 * 10
+    assert [fp8.block_bytes(x) for x in (64, 96, 128, 160, 192, 224, 256)] == [64, 32, 128, 32, 64, 32, 128]
     with pytest.raises(ValueError, match="bfloat16 or float16"):
         fp8.fp8_config(64, False, out="float32")
-    assert len(set(fp8.fp8_instances())) == len(fp8.fp8_instances()) == 3 * (2 * 2 + 2)  # d x (out x causal + other)
+    n_other = sum(map(len, fp8.FP8_OTHER_TILES.values()))                 # (d x out + other) x causal
+    assert len(set(fp8.fp8_instances())) == len(fp8.fp8_instances()) == (3 * 2 + n_other) * 2
 
 
 def test_entries_refuse_cpu_tensors():

@@ -43,20 +43,30 @@
 #include "tma.cuh"
 #include "wgmma.cuh"
 
-// wgmma descriptor of a K-major tile whose rows are SW = 64 or 128 bytes, swizzled by the same mode (PTX ISA,
-// "Matrix Descriptor Format": layout type 1 = 128B, 2 = 64B; SBO = 8 rows; LBO unused for swizzled K-major)
+// the block width of a tile row of X bytes (X a multiple of 32): 128 bytes where X is a multiple of 128, else 64
+// where it is a multiple of 64, else 32; each block is a swizzle span of that width (fp8.py's block_bytes)
+__host__ __device__ constexpr int block_bytes(int X) { return X % 128 == 0 ? 128 : X % 64 == 0 ? 64 : 32; }
+// wgmma descriptor of a K-major tile whose rows are SW = 32, 64 or 128 bytes, swizzled by the same mode (PTX ISA,
+// "Matrix Descriptor Format": layout type 1 = 128B, 2 = 64B, 3 = 32B; SBO = 8 rows; LBO unused for swizzled K-major
+// when one k32 step stays inside a row)
 template <int SW> __device__ __forceinline__ unsigned long long desc_k_major(u32 addr) {
-    static_assert(SW == 64 || SW == 128, "64B or 128B swizzle");
+    static_assert(SW == 32 || SW == 64 || SW == 128, "32B, 64B or 128B swizzle");
     return (unsigned long long)((addr & 0x3FFFF) >> 4) | (1ull << 16) | ((unsigned long long)(8 * SW >> 4) << 32) |
-           ((SW == 128 ? 1ull : 2ull) << 62);
+           ((SW == 128 ? 1ull : SW == 64 ? 2ull : 3ull) << 62);
 }
-// a tile of R rows and X bytes of K extent (blocks of SW = min(X, 128) bytes a row, R rows each, one TMA box a
+// a tile of R rows and X bytes of K extent (blocks of SW = block_bytes(X) bytes a row, R rows each, one TMA box a
 // block) at (K coordinate k0, row r0, pair z) into dst, arriving on bar
 template <int X, int R>
 __device__ __forceinline__ void tma_tile8(u32 dst, const TmaMap* map, u32 bar, int k0, int r0, int z) {
-    constexpr int SW = X < 128 ? X : 128;
+    constexpr int SW = block_bytes(X);
 #pragma unroll
     for (int b = 0; b < X / SW; b++) tma_load_3d(dst + b * R * SW, map, bar, k0 + SW * b, r0, z);
+}
+// the descriptor of 32-byte k32 step kk of a K-major tile of R rows and X bytes a row (blocks as in tma_tile8):
+// 32 bytes further along the row (kk % (SW / 32)) of block kk / (SW / 32)
+template <int X, int R> __device__ __forceinline__ unsigned long long desc_step(u32 tile, int kk) {
+    constexpr int SW = block_bytes(X), PER = SW / 32;
+    return desc_k_major<SW>(tile + (kk / PER) * (R * SW) + (kk % PER) * 32);
 }
 // four fp32 -> one register of four e4m3, a in the lowest byte (cvt puts its first source in the upper half)
 __device__ __forceinline__ u32 pack4_e4m3(float a, float b, float c, float d) {
@@ -84,10 +94,9 @@ __global__ void __launch_bounds__(384, 1)
 fa3_fp8(const __grid_constant__ TmaMap qmap, const __grid_constant__ TmaMap kmap, const __grid_constant__ TmaMap vmap,
         OUT* __restrict__ O, float* __restrict__ L, const float* __restrict__ qd, const float* __restrict__ kd,
         const float* __restrict__ vd, int Nq, int Nk, float scale, int BH, int G) {
-    static_assert((D == 64 || D == 128 || D == 256) && (Bc == 64 || Bc == 128) && STAGES >= 2,
-                  "S: m64n64 or m64n128; O: m64n64 or m64n128 per 128 columns");
+    static_assert((D == 64 || D == 128 || D == 256) && Bc % 32 == 0 && Bc >= 64 && Bc <= 256 && STAGES >= 2,
+                  "S: m64nBc, Bc a multiple of 32 from 64 to 256; O: m64n64 or m64n128 per 128 columns");
     constexpr int NCW = 2, Br = 128, TILE = Bc * D, QTILE = Br * D, DN = D < 128 ? D : 128;
-    constexpr int SWD = D < 128 ? D : 128, SWB = Bc;  // row bytes of the Q/K blocks and of V^T's
     extern __shared__ __align__(128) unsigned char smem_raw[];
     unsigned char* Qs = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
     const u32 qs0 = smem_addr(Qs), ks0 = qs0 + QTILE, vs0 = ks0 + STAGES * TILE, bar0 = vs0 + STAGES * TILE;
@@ -146,29 +155,26 @@ fa3_fp8(const __grid_constant__ TmaMap qmap, const __grid_constant__ TmaMap kmap
     u32 pa[Bc / 32][4];
     float s[Bc / 2], o[D / 2], m[2], l[2], alpha[2];
 
-    // S = Q K^T: per 32-byte k32 step kk of d, 32 bytes further along the row (kk % (SWD / 32)) of block
-    // kk / (SWD / 32)
+    // S = Q K^T: k32 steps along d of Q (Br rows) and K (Bc rows), D bytes a row
     auto issue_s = [&](int j) {
-        const u32 kst = ks0 + (j % STAGES) * TILE, qst = qs0 + 64 * cw * SWD;
-        constexpr int PER = SWD / 32;
+        const u32 kst = ks0 + (j % STAGES) * TILE, qst = qs0 + 64 * cw * block_bytes(D);
 #pragma unroll
         for (int kk = 0; kk < D / 32; kk++) {
-            const unsigned long long da = desc_k_major<SWD>(qst + (kk / PER) * (Br * SWD) + (kk % PER) * 32);
-            const unsigned long long db = desc_k_major<SWD>(kst + (kk / PER) * (Bc * SWD) + (kk % PER) * 32);
+            const unsigned long long da = desc_step<D, Br>(qst, kk), db = desc_step<D, Bc>(kst, kk);
             if (kk == 0) WgmmaE4m3::ss<Bc, 0>(s, da, db);
             else WgmmaE4m3::ss<Bc, 1>(s, da, db);
         }
         wgmma_commit();
     };
-    // O += P V: B = V^T (D rows of Bc bytes), per 32-key step kk 32 bytes along the row; at d = 256 two m64n128
-    // products per step, rows 0-127 and 128-255 of V^T
+    // O += P V: B = V^T (D rows of Bc bytes), k32 steps along the keys; at d = 256 two m64n128 products per step,
+    // rows 0-127 and 128-255 of V^T (h * DN rows further into the step's block)
     auto issue_pv = [&](int j) {
         const u32 vst = vs0 + (j % STAGES) * TILE;
 #pragma unroll
         for (int kk = 0; kk < Bc / 32; kk++)
 #pragma unroll
             for (int h = 0; h < D / DN; h++)
-                WgmmaE4m3::rs<DN, 1>(o + h * (DN / 2), pa[kk], desc_k_major<SWB>(vst + h * DN * SWB + kk * 32));
+                WgmmaE4m3::rs<DN, 1>(o + h * (DN / 2), pa[kk], desc_step<Bc, D>(vst + h * DN * block_bytes(Bc), kk));
         wgmma_commit();
     };
     auto arrive = [&]() {
