@@ -1,17 +1,19 @@
 // fa3_fp8.cu: rung 'fa3_fp8', rung 7's forward (fa3_forward.cu) with e4m3 inputs on Hopper (sm_90a only):
 // FlashAttention-3's FP8 path (Shah et al. 2024, section 3.3).
 //
-//   fa3_fp8<OUT, D, Bc, STAGES, CAUSAL>   OUT = __nv_bfloat16 or __half (O's type), D = 64, 128 or 256, Bc = 64 or
-//       128 keys per K/V tile, STAGES slots in the K/V ring; two consumer warpgroups, ping-pong, one CTA per
-//       (query tile of Br = 128 rows, pair)
+//   fa3_fp8<OUT, D, Bc, STAGES, CAUSAL>   OUT = __nv_bfloat16 or __half (O's type), D = 64, 128 or 256, Bc keys
+//       per K/V tile (a multiple of 32 from 64 to 256: S is m64nBc, Bc / 2 fp32 registers a thread), STAGES slots
+//       in the K/V ring; two consumer warpgroups, ping-pong, one CTA per (query tile of Br = 128 rows, pair)
 //
 // What changes from rung 7 (whose header describes the producer, the ring, its barriers and the ping-pong):
 //  * Operands are e4m3 (1 byte), products wgmma m64nNk32 e4m3 x e4m3 -> fp32 (WgmmaE4m3 in wgmma.cuh). PTX takes
 //    8-bit operands only K-major, so V arrives transposed: the host (fp8.py) writes V^T, (d, Nk32) per kv pair with
 //    Nk32 = Nk rounded up to 32 and zero keys beyond Nk, and the kernel reads it like K. (FlashAttention-3 transposes
 //    V in shared memory inside the kernel instead; here that is an extra pass on the host, timed separately.)
-//  * Shared-memory tiles: rows of 64 or 128 bytes (64B or 128B swizzle, the TMA's and wgmma's matching mode), a
-//    tile of K extent X bytes cut into blocks of SW = min(X, 128) bytes a row: Q (Br x D), K (Bc x D), V^T (D x Bc).
+//  * Shared-memory tiles: a tile of K extent X bytes is cut into blocks of SW = block_bytes(X) bytes a row (128
+//    where X is a multiple of 128, else 64, else 32), each swizzled by the TMA's and wgmma's mode of that width
+//    (128B, 64B, 32B), one TMA box a block: Q (Br x D), K (Bc x D), V^T (D x Bc: Bc = 192 in 64-byte blocks, 160
+//    and 224 in 32-byte ones). Every k32 step reads 32 bytes inside one block (desc_step).
 //  * P: the fp32 accumulator of S holds, in thread (warp w, g = lane / 4, t = lane % 4), rows g and g + 8, keys
 //    8n + 2t and 8n + 2t + 1. The k32 A fragment wants rows g and g + 8, K positions 4t ... 4t + 3 and 16 + 4t ...
 //    16 + 4t + 3 of each 32-key chunk (PTX ISA's register fragment figure for m64nNk32 8-bit A; CUTLASS's
@@ -29,11 +31,14 @@
 // FlashAttention-3 (hopper/ at 0251105) does it otherwise: V row-major is transposed in shared memory by LDSM.T and
 //   STSM, and with V column-major P's bytes are moved between the threads of a quad (byte_perm and shuffles,
 //   permute_Aregs_fp8 in hopper/utils.h); its softmax's Max_offset = 8 for FP8 is the 2^8 above.
-// Measured on the H200 (record fp8_forward_h200, benchmarks/fp8_bench.py at 2944140; H = 16, B = 16384 / N, kernel on
-//   pre-quantised inputs): d = 128 764-801 TFLOP/s against rung 7 fp16's 546-633 and cuDNN fp16's 566-648; d = 64
-//   389-477 against rung 7's 398-536, slower: there a 128 x 128 tile's exp2, conversions and rescale of O cost about
-//   what its two products do, so the softmax bounds the ping-pong (rung 7 takes three consumers at d = 64). The
-//   ring depth (2 against 3 or 4 stages) changed nothing (within 1 %). FlashAttention-3 reports about 1000-1200 at
+// Measured on the H200 (record fp8_forward_h200, benchmarks/fp8_bench.py at f1ca19b; H = 16, B = 16384 / N,
+//   N = 4096 and 16384, causal and not, kernel on pre-quantised inputs; each shape's numbers per tile in fp8.py's
+//   FP8_TILES comment): d = 128 at Bc = 224 (the default; FlashAttention-3's FP8 kBlockN there) 667-824 TFLOP/s,
+//   1.7-7 % above Bc = 128's 653-795, against rung 7 fp16's 542-642 and cuDNN fp16's 562-670 (N = 16384: 824
+//   non-causal, 814 causal); d = 64 at Bc = 256 416-538, 7-11 % above Bc = 128's 390-483, beside rung 7's 398-542
+//   (above it causal, 1-3 % below it non-causal). Larger key tiles spread the per-tile work (the row max and its
+//   shuffles, the rescale of O, the hand-off) over more keys, but a tile's exp2 on MUFU still costs about what its
+//   two products do at FP8 rate, so the softmax bounds the ping-pong. FlashAttention-3 reports about 1000-1200 at
 //   d = 128 on the H100; the 900 aimed at here is not reached (see fp8.py's FP8_TILES for what is left).
 // Arguments: tensor maps of Q (D, Nq, B*H), K (D, Nk, B*H/G) and V^T (Nk32, D, B*H/G), O and lse pointers, the
 //   descale pointers, Nq, Nk, scale, BH, G.

@@ -29,14 +29,22 @@ from .config import pair_grid
 
 E4M3_MAX = 448.0                 # the largest finite e4m3 value (OCP FP8 spec; torch.finfo(torch.float8_e4m3fn).max)
 FP8_HEAD_DIMS = (64, 128, 256)
-# (Bc keys per K/V tile, ring stages) per head dim; Br = 128 (two consumer warpgroups). Bc = 128 keeps V^T's rows
-# 128 bytes; d = 256 takes Bc = 64 so that O (128 fp32 registers a thread) and S fit in 240 registers. Ring depth:
-# 3 or 4 stages timed within 1 % of 2 on the H200 (record fp8_forward_h200). Not tried yet, the next steps towards
-# FlashAttention-3's speed: three consumer warpgroups at d = 64 (as rung 7), Bc > 128 (V^T rows of two 128-byte
-# blocks), the V transpose inside the kernel, a persistent grid; d = 256 is tested but not timed.
-FP8_TILES = {64: (128, 2), 128: (128, 2), 256: (64, 2)}
-FP8_OTHER_TILES = {64: ((160, 2), (192, 2), (256, 2)), 128: ((160, 2), (192, 2), (224, 2)),
-                   256: ((64, 3),)}   # timed beside them by fp8_bench.py
+# (Bc keys per K/V tile, ring stages) per head dim; Br = 128 (two consumer warpgroups). Bc is a multiple of 32 (the
+# key permutation's chunk) from 64 to 256; V^T's rows of Bc bytes are cut into 128-, 64- or 32-byte swizzled blocks
+# (block_bytes). Chosen from record fp8_forward_h200 (benchmarks/fp8_bench.py at f1ca19b, H200, H = 16,
+# B = 16384 / N, kernel on pre-quantised inputs; TFLOP/s at N = 4096 / 16384 non-causal, then the same causal):
+#   d = 128: Bc 128: 758 / 795, 653 / 760; 160: 746 / 791, 647 / 766; 192: 765 / 820, 662 / 796;
+#            224: 771 / 824, 667 / 814 (FlashAttention-3's kBlockN for FP8 at d = 128, hopper/tile_size.h at 0251105)
+#   d = 64:  Bc 128: 451 / 483, 390 / 466; 160: 456 / 494, 387 / 477; 192: 465 / 513, 402 / 499;
+#            256: 500 / 538, 416 / 517 (rung 7 fp16: 512 / 542, 398 / 489)
+# The largest tile is the fastest in every shape, causal or not, so one default per head dim. Bc = 256 at d = 128
+# spills (S 128 + O 64 + P 32 registers live at once; FP8_MAX_BC). d = 256 keeps Bc = 64 (O alone is 128
+# registers); it is tested, not timed. Ring depth: 3 or 4 stages were within 1 % of 2 at Bc = 128 (the record at
+# 2944140, superseded). Not tried yet towards FlashAttention-3's speed: the V transpose inside the kernel, a
+# persistent grid, three consumer warpgroups at d = 64, some exp2 on the FMA pipe instead of MUFU.
+FP8_TILES = {64: (256, 2), 128: (224, 2), 256: (64, 2)}
+FP8_OTHER_TILES = {64: ((128, 2), (192, 2)), 128: ((128, 2), (192, 2)), 256: ((64, 3),)}   # timed beside them
+FP8_BC = (64, 128, 160, 192, 224, 256)   # key tiles accepted: multiples of 32 (V^T's key permutation) the GPU checked
 FP8_MAX_BC = {64: 256, 128: 224, 256: 64}   # the largest Bc whose S, P and O fit the consumers' 240 registers
 FP8_OUT = {"bfloat16": "__nv_bfloat16", "float16": "__half"}
 SIG_FP8 = "MMMPPPPPiifii"        # maps of q, k, v^T; o, lse, q/k/v descale; Nq, Nk, scale, BH, G
@@ -44,9 +52,6 @@ Fp8Config = namedtuple("Fp8Config", "kernel Br Bc stages threads smem")
 Fp8Inputs = namedtuple("Fp8Inputs", "q8 k8 vt8 q_descale k_descale v_descale Nk")
 Fp8Inputs.__doc__ = """Kernel-ready FP8 inputs: q8 (B, H, Nq, d), k8 (B, H_kv, Nk, d) e4m3; vt8 (B, H_kv, d, Nk32)
 e4m3, V transposed with keys permuted in 32s (transpose_v); descales float32 (B, H) and (B, H_kv); Nk."""
-
-
-FP8_BC = (64, 96, 128, 160, 192, 224, 256)   # key tiles the kernel takes (multiples of 32: V^T's key permutation)
 
 
 def block_bytes(x):
