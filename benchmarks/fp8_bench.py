@@ -9,7 +9,7 @@ default and other tiles); the host passes (quantise with and without the Hadamar
 timed apart. Error table: RMSE of O against float64 attention (torch on the GPU) for standard normal Q, K, V and
 for the same plus 0.1 % outliers of standard deviation 10 (FlashAttention-3 section 4.3), B = 1, H = 4, N = 4096:
 rung 7 fp16, fa3_fp8 without and with the rotation. The record "fp8_forward_<gpu>" goes through flashlib.bench.save.
---sanitize: one small ragged call (for compute-sanitizer).
+--sanitize: small ragged calls at d = 128, default and other tiles (for compute-sanitizer).
 """
 import argparse
 import concurrent.futures
@@ -118,10 +118,12 @@ def main():
     ap.add_argument("--sanitize", action="store_true")
     a = ap.parse_args()
     if a.sanitize:
-        q, k, v = _inputs(1, 4, 97, 128)
-        o, lse = fp8.forward_fp8(q, k[:, :2, :45], v[:, :2, :45], causal=True)
-        torch.cuda.synchronize()
-        print("sanitize call done", bool(torch.isfinite(o).all()))
+        q, k, v = _inputs(1, 4, 517, 128)
+        for t in (None,) + fp8.FP8_OTHER_TILES[128]:    # Nk below one tile, and several tiles with a ragged last
+            o, lse = fp8.forward_fp8(q[:, :, :97], k[:, :2, :45], v[:, :2, :45], causal=True, tiles=t)
+            o2, _ = fp8.forward_fp8(q[:, :, :300], k[:, :2], v[:, :2], causal=False, tiles=t)
+            torch.cuda.synchronize()
+            print("sanitize calls done", t, bool(torch.isfinite(o).all() and torch.isfinite(o2).all()))
         return
     precompile()
     rows = error_table()

@@ -29,7 +29,7 @@ CASES = [(nq, nk, d, c) for (nq, nk), d, c in itertools.product(PAIRS, fp8.FP8_H
 def _precompiled():
     import torch
     if torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0):
-        fp8.precompile()
+        fp8.precompile(other_tiles=True)
         fp8.precompile(out="float16")
 
 
@@ -112,6 +112,20 @@ def test_fp8_gqa_fp16_out_no_hadamard_other_tiles(d, causal):
     _check(1, 4, 1, 200, 333, d, causal, hadamard=False)
     _check(2, 4, 2, 129, 77, d, causal, out="float16")
     _check(1, 2, 2, 300, 700, d, causal, tiles=fp8.FP8_OTHER_TILES[d][0])
+
+
+TILE_CASES = [(d, t, c) for d in fp8.FP8_HEAD_DIMS for t in fp8.FP8_OTHER_TILES[d] for c in (False, True)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d,tiles,causal", TILE_CASES, ids=str)
+def test_fp8_other_tiles_ragged(d, tiles, causal):
+    """Every other key tile (V^T rows of 32-, 64- or 128-byte blocks) at ragged shapes: Nk not a multiple of Bc or
+    32, Nq != Nk both ways, a query tile wider than the key tile and the reverse, GQA."""
+    _hopper()
+    for nq, nk in ((97, 1023), (1023, 97), (5, 250)):
+        _check(1, 2, 2, nq, nk, d, causal, tiles=tiles)
+    _check(1, 4, 2, 129, 449, d, causal, tiles=tiles, out="float16")
 
 
 @pytest.mark.gpu

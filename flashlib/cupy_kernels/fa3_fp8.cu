@@ -1,17 +1,19 @@
 // fa3_fp8.cu: rung 'fa3_fp8', rung 7's forward (fa3_forward.cu) with e4m3 inputs on Hopper (sm_90a only):
 // FlashAttention-3's FP8 path (Shah et al. 2024, section 3.3).
 //
-//   fa3_fp8<OUT, D, Bc, STAGES, CAUSAL>   OUT = __nv_bfloat16 or __half (O's type), D = 64, 128 or 256, Bc = 64 or
-//       128 keys per K/V tile, STAGES slots in the K/V ring; two consumer warpgroups, ping-pong, one CTA per
-//       (query tile of Br = 128 rows, pair)
+//   fa3_fp8<OUT, D, Bc, STAGES, CAUSAL>   OUT = __nv_bfloat16 or __half (O's type), D = 64, 128 or 256, Bc keys
+//       per K/V tile (a multiple of 32 from 64 to 256: S is m64nBc, Bc / 2 fp32 registers a thread), STAGES slots
+//       in the K/V ring; two consumer warpgroups, ping-pong, one CTA per (query tile of Br = 128 rows, pair)
 //
 // What changes from rung 7 (whose header describes the producer, the ring, its barriers and the ping-pong):
 //  * Operands are e4m3 (1 byte), products wgmma m64nNk32 e4m3 x e4m3 -> fp32 (WgmmaE4m3 in wgmma.cuh). PTX takes
 //    8-bit operands only K-major, so V arrives transposed: the host (fp8.py) writes V^T, (d, Nk32) per kv pair with
 //    Nk32 = Nk rounded up to 32 and zero keys beyond Nk, and the kernel reads it like K. (FlashAttention-3 transposes
 //    V in shared memory inside the kernel instead; here that is an extra pass on the host, timed separately.)
-//  * Shared-memory tiles: rows of 64 or 128 bytes (64B or 128B swizzle, the TMA's and wgmma's matching mode), a
-//    tile of K extent X bytes cut into blocks of SW = min(X, 128) bytes a row: Q (Br x D), K (Bc x D), V^T (D x Bc).
+//  * Shared-memory tiles: a tile of K extent X bytes is cut into blocks of SW = block_bytes(X) bytes a row (128
+//    where X is a multiple of 128, else 64, else 32), each swizzled by the TMA's and wgmma's mode of that width
+//    (128B, 64B, 32B), one TMA box a block: Q (Br x D), K (Bc x D), V^T (D x Bc: Bc = 192 in 64-byte blocks, 160
+//    and 224 in 32-byte ones). Every k32 step reads 32 bytes inside one block (desc_step).
 //  * P: the fp32 accumulator of S holds, in thread (warp w, g = lane / 4, t = lane % 4), rows g and g + 8, keys
 //    8n + 2t and 8n + 2t + 1. The k32 A fragment wants rows g and g + 8, K positions 4t ... 4t + 3 and 16 + 4t ...
 //    16 + 4t + 3 of each 32-key chunk (PTX ISA's register fragment figure for m64nNk32 8-bit A; CUTLASS's
@@ -29,11 +31,14 @@
 // FlashAttention-3 (hopper/ at 0251105) does it otherwise: V row-major is transposed in shared memory by LDSM.T and
 //   STSM, and with V column-major P's bytes are moved between the threads of a quad (byte_perm and shuffles,
 //   permute_Aregs_fp8 in hopper/utils.h); its softmax's Max_offset = 8 for FP8 is the 2^8 above.
-// Measured on the H200 (record fp8_forward_h200, benchmarks/fp8_bench.py at 2944140; H = 16, B = 16384 / N, kernel on
-//   pre-quantised inputs): d = 128 764-801 TFLOP/s against rung 7 fp16's 546-633 and cuDNN fp16's 566-648; d = 64
-//   389-477 against rung 7's 398-536, slower: there a 128 x 128 tile's exp2, conversions and rescale of O cost about
-//   what its two products do, so the softmax bounds the ping-pong (rung 7 takes three consumers at d = 64). The
-//   ring depth (2 against 3 or 4 stages) changed nothing (within 1 %). FlashAttention-3 reports about 1000-1200 at
+// Measured on the H200 (record fp8_forward_h200, benchmarks/fp8_bench.py at f1ca19b; H = 16, B = 16384 / N,
+//   N = 4096 and 16384, causal and not, kernel on pre-quantised inputs; each shape's numbers per tile in fp8.py's
+//   FP8_TILES comment): d = 128 at Bc = 224 (the default; FlashAttention-3's FP8 kBlockN there) 667-824 TFLOP/s,
+//   1.7-7 % above Bc = 128's 653-795, against rung 7 fp16's 542-642 and cuDNN fp16's 562-670 (N = 16384: 824
+//   non-causal, 814 causal); d = 64 at Bc = 256 416-538, 7-11 % above Bc = 128's 390-483, beside rung 7's 398-542
+//   (above it causal, 1-3 % below it non-causal). Larger key tiles spread the per-tile work (the row max and its
+//   shuffles, the rescale of O, the hand-off) over more keys, but a tile's exp2 on MUFU still costs about what its
+//   two products do at FP8 rate, so the softmax bounds the ping-pong. FlashAttention-3 reports about 1000-1200 at
 //   d = 128 on the H100; the 900 aimed at here is not reached (see fp8.py's FP8_TILES for what is left).
 // Arguments: tensor maps of Q (D, Nq, B*H), K (D, Nk, B*H/G) and V^T (Nk32, D, B*H/G), O and lse pointers, the
 //   descale pointers, Nq, Nk, scale, BH, G.
@@ -43,20 +48,30 @@
 #include "tma.cuh"
 #include "wgmma.cuh"
 
-// wgmma descriptor of a K-major tile whose rows are SW = 64 or 128 bytes, swizzled by the same mode (PTX ISA,
-// "Matrix Descriptor Format": layout type 1 = 128B, 2 = 64B; SBO = 8 rows; LBO unused for swizzled K-major)
+// the block width of a tile row of X bytes (X a multiple of 32): 128 bytes where X is a multiple of 128, else 64
+// where it is a multiple of 64, else 32; each block is a swizzle span of that width (fp8.py's block_bytes)
+__host__ __device__ constexpr int block_bytes(int X) { return X % 128 == 0 ? 128 : X % 64 == 0 ? 64 : 32; }
+// wgmma descriptor of a K-major tile whose rows are SW = 32, 64 or 128 bytes, swizzled by the same mode (PTX ISA,
+// "Matrix Descriptor Format": layout type 1 = 128B, 2 = 64B, 3 = 32B; SBO = 8 rows; LBO unused for swizzled K-major
+// when one k32 step stays inside a row)
 template <int SW> __device__ __forceinline__ unsigned long long desc_k_major(u32 addr) {
-    static_assert(SW == 64 || SW == 128, "64B or 128B swizzle");
+    static_assert(SW == 32 || SW == 64 || SW == 128, "32B, 64B or 128B swizzle");
     return (unsigned long long)((addr & 0x3FFFF) >> 4) | (1ull << 16) | ((unsigned long long)(8 * SW >> 4) << 32) |
-           ((SW == 128 ? 1ull : 2ull) << 62);
+           ((SW == 128 ? 1ull : SW == 64 ? 2ull : 3ull) << 62);
 }
-// a tile of R rows and X bytes of K extent (blocks of SW = min(X, 128) bytes a row, R rows each, one TMA box a
+// a tile of R rows and X bytes of K extent (blocks of SW = block_bytes(X) bytes a row, R rows each, one TMA box a
 // block) at (K coordinate k0, row r0, pair z) into dst, arriving on bar
 template <int X, int R>
 __device__ __forceinline__ void tma_tile8(u32 dst, const TmaMap* map, u32 bar, int k0, int r0, int z) {
-    constexpr int SW = X < 128 ? X : 128;
+    constexpr int SW = block_bytes(X);
 #pragma unroll
     for (int b = 0; b < X / SW; b++) tma_load_3d(dst + b * R * SW, map, bar, k0 + SW * b, r0, z);
+}
+// the descriptor of 32-byte k32 step kk of a K-major tile of R rows and X bytes a row (blocks as in tma_tile8):
+// 32 bytes further along the row (kk % (SW / 32)) of block kk / (SW / 32)
+template <int X, int R> __device__ __forceinline__ unsigned long long desc_step(u32 tile, int kk) {
+    constexpr int SW = block_bytes(X), PER = SW / 32;
+    return desc_k_major<SW>(tile + (kk / PER) * (R * SW) + (kk % PER) * 32);
 }
 // four fp32 -> one register of four e4m3, a in the lowest byte (cvt puts its first source in the upper half)
 __device__ __forceinline__ u32 pack4_e4m3(float a, float b, float c, float d) {
@@ -84,10 +99,9 @@ __global__ void __launch_bounds__(384, 1)
 fa3_fp8(const __grid_constant__ TmaMap qmap, const __grid_constant__ TmaMap kmap, const __grid_constant__ TmaMap vmap,
         OUT* __restrict__ O, float* __restrict__ L, const float* __restrict__ qd, const float* __restrict__ kd,
         const float* __restrict__ vd, int Nq, int Nk, float scale, int BH, int G) {
-    static_assert((D == 64 || D == 128 || D == 256) && (Bc == 64 || Bc == 128) && STAGES >= 2,
-                  "S: m64n64 or m64n128; O: m64n64 or m64n128 per 128 columns");
+    static_assert((D == 64 || D == 128 || D == 256) && Bc % 32 == 0 && Bc >= 64 && Bc <= 256 && STAGES >= 2,
+                  "S: m64nBc, Bc a multiple of 32 from 64 to 256; O: m64n64 or m64n128 per 128 columns");
     constexpr int NCW = 2, Br = 128, TILE = Bc * D, QTILE = Br * D, DN = D < 128 ? D : 128;
-    constexpr int SWD = D < 128 ? D : 128, SWB = Bc;  // row bytes of the Q/K blocks and of V^T's
     extern __shared__ __align__(128) unsigned char smem_raw[];
     unsigned char* Qs = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
     const u32 qs0 = smem_addr(Qs), ks0 = qs0 + QTILE, vs0 = ks0 + STAGES * TILE, bar0 = vs0 + STAGES * TILE;
@@ -146,29 +160,26 @@ fa3_fp8(const __grid_constant__ TmaMap qmap, const __grid_constant__ TmaMap kmap
     u32 pa[Bc / 32][4];
     float s[Bc / 2], o[D / 2], m[2], l[2], alpha[2];
 
-    // S = Q K^T: per 32-byte k32 step kk of d, 32 bytes further along the row (kk % (SWD / 32)) of block
-    // kk / (SWD / 32)
+    // S = Q K^T: k32 steps along d of Q (Br rows) and K (Bc rows), D bytes a row
     auto issue_s = [&](int j) {
-        const u32 kst = ks0 + (j % STAGES) * TILE, qst = qs0 + 64 * cw * SWD;
-        constexpr int PER = SWD / 32;
+        const u32 kst = ks0 + (j % STAGES) * TILE, qst = qs0 + 64 * cw * block_bytes(D);
 #pragma unroll
         for (int kk = 0; kk < D / 32; kk++) {
-            const unsigned long long da = desc_k_major<SWD>(qst + (kk / PER) * (Br * SWD) + (kk % PER) * 32);
-            const unsigned long long db = desc_k_major<SWD>(kst + (kk / PER) * (Bc * SWD) + (kk % PER) * 32);
+            const unsigned long long da = desc_step<D, Br>(qst, kk), db = desc_step<D, Bc>(kst, kk);
             if (kk == 0) WgmmaE4m3::ss<Bc, 0>(s, da, db);
             else WgmmaE4m3::ss<Bc, 1>(s, da, db);
         }
         wgmma_commit();
     };
-    // O += P V: B = V^T (D rows of Bc bytes), per 32-key step kk 32 bytes along the row; at d = 256 two m64n128
-    // products per step, rows 0-127 and 128-255 of V^T
+    // O += P V: B = V^T (D rows of Bc bytes), k32 steps along the keys; at d = 256 two m64n128 products per step,
+    // rows 0-127 and 128-255 of V^T (h * DN rows further into the step's block)
     auto issue_pv = [&](int j) {
         const u32 vst = vs0 + (j % STAGES) * TILE;
 #pragma unroll
         for (int kk = 0; kk < Bc / 32; kk++)
 #pragma unroll
             for (int h = 0; h < D / DN; h++)
-                WgmmaE4m3::rs<DN, 1>(o + h * (DN / 2), pa[kk], desc_k_major<SWB>(vst + h * DN * SWB + kk * 32));
+                WgmmaE4m3::rs<DN, 1>(o + h * (DN / 2), pa[kk], desc_step<Bc, D>(vst + h * DN * block_bytes(Bc), kk));
         wgmma_commit();
     };
     auto arrive = [&]() {

@@ -29,19 +29,35 @@ from .config import pair_grid
 
 E4M3_MAX = 448.0                 # the largest finite e4m3 value (OCP FP8 spec; torch.finfo(torch.float8_e4m3fn).max)
 FP8_HEAD_DIMS = (64, 128, 256)
-# (Bc keys per K/V tile, ring stages) per head dim; Br = 128 (two consumer warpgroups). Bc = 128 keeps V^T's rows
-# 128 bytes; d = 256 takes Bc = 64 so that O (128 fp32 registers a thread) and S fit in 240 registers. Ring depth:
-# 3 or 4 stages timed within 1 % of 2 on the H200 (record fp8_forward_h200). Not tried yet, the next steps towards
-# FlashAttention-3's speed: three consumer warpgroups at d = 64 (as rung 7), Bc > 128 (V^T rows of two 128-byte
-# blocks), the V transpose inside the kernel, a persistent grid; d = 256 is tested but not timed.
-FP8_TILES = {64: (128, 2), 128: (128, 2), 256: (64, 2)}
-FP8_OTHER_TILES = {64: ((128, 4),), 128: ((128, 3),), 256: ((64, 3),)}   # timed beside them by fp8_bench.py
+# (Bc keys per K/V tile, ring stages) per head dim; Br = 128 (two consumer warpgroups). Bc is a multiple of 32 (the
+# key permutation's chunk) from 64 to 256; V^T's rows of Bc bytes are cut into 128-, 64- or 32-byte swizzled blocks
+# (block_bytes). Chosen from record fp8_forward_h200 (benchmarks/fp8_bench.py at f1ca19b, H200, H = 16,
+# B = 16384 / N, kernel on pre-quantised inputs; TFLOP/s at N = 4096 / 16384 non-causal, then the same causal):
+#   d = 128: Bc 128: 758 / 795, 653 / 760; 160: 746 / 791, 647 / 766; 192: 765 / 820, 662 / 796;
+#            224: 771 / 824, 667 / 814 (FlashAttention-3's kBlockN for FP8 at d = 128, hopper/tile_size.h at 0251105)
+#   d = 64:  Bc 128: 451 / 483, 390 / 466; 160: 456 / 494, 387 / 477; 192: 465 / 513, 402 / 499;
+#            256: 500 / 538, 416 / 517 (rung 7 fp16: 512 / 542, 398 / 489)
+# The largest tile is the fastest in every shape, causal or not, so one default per head dim. Bc = 256 at d = 128
+# spills (S 128 + O 64 + P 32 registers live at once; FP8_MAX_BC). d = 256 keeps Bc = 64 (O alone is 128
+# registers); it is tested, not timed. Ring depth: 3 or 4 stages were within 1 % of 2 at Bc = 128 (the record at
+# 2944140, superseded). Not tried yet towards FlashAttention-3's speed: the V transpose inside the kernel, a
+# persistent grid, three consumer warpgroups at d = 64, some exp2 on the FMA pipe instead of MUFU.
+FP8_TILES = {64: (256, 2), 128: (224, 2), 256: (64, 2)}
+FP8_OTHER_TILES = {64: ((128, 2), (192, 2)), 128: ((128, 2), (192, 2)), 256: ((64, 3),)}   # timed beside them
+FP8_BC = (64, 128, 160, 192, 224, 256)   # key tiles accepted: multiples of 32 (V^T's key permutation) the GPU checked
+FP8_MAX_BC = {64: 256, 128: 224, 256: 64}   # the largest Bc whose S, P and O fit the consumers' 240 registers
 FP8_OUT = {"bfloat16": "__nv_bfloat16", "float16": "__half"}
 SIG_FP8 = "MMMPPPPPiifii"        # maps of q, k, v^T; o, lse, q/k/v descale; Nq, Nk, scale, BH, G
 Fp8Config = namedtuple("Fp8Config", "kernel Br Bc stages threads smem")
 Fp8Inputs = namedtuple("Fp8Inputs", "q8 k8 vt8 q_descale k_descale v_descale Nk")
 Fp8Inputs.__doc__ = """Kernel-ready FP8 inputs: q8 (B, H, Nq, d), k8 (B, H_kv, Nk, d) e4m3; vt8 (B, H_kv, d, Nk32)
 e4m3, V transposed with keys permuted in 32s (transpose_v); descales float32 (B, H) and (B, H_kv); Nk."""
+
+
+def block_bytes(x):
+    """Block width (bytes a row, the swizzle's) of a tile row of x bytes, x a multiple of 32: 128 where x is a
+    multiple of 128, else 64 where a multiple of 64, else 32 (fa3_fp8.cu's block_bytes)."""
+    return 128 if x % 128 == 0 else 64 if x % 64 == 0 else 32
 
 
 def smem_fp8(d, Bc, stages):
@@ -58,8 +74,9 @@ def fp8_config(d, causal, tiles=None, out="bfloat16"):
     if out not in FP8_OUT:
         raise ValueError(f"fa3_fp8 writes O as bfloat16 or float16, got {out!r}")
     Bc, stages = tuple(tiles) if tiles is not None else FP8_TILES[d]
-    if Bc not in (64, 128) or stages < 2 or (d == 256 and Bc != 64):
-        raise ValueError(f"fa3_fp8 takes tiles (Bc 64 or 128, 64 at d = 256; stages >= 2), got {tiles} at d = {d}")
+    if Bc not in FP8_BC or stages < 2 or Bc > FP8_MAX_BC[d]:
+        raise ValueError(f"fa3_fp8 takes tiles (Bc, stages): Bc in {FP8_BC} up to {FP8_MAX_BC[d]} at d = {d} "
+                         f"(the consumers' 240 registers), stages >= 2; got {tiles}")
     smem = smem_fp8(d, Bc, stages)
     if smem > SMEM_OPTIN_BYTES[90]:
         raise ValueError(f"tiles {tiles} at d = {d} need {smem} bytes of shared memory; Hopper allows "
@@ -146,7 +163,7 @@ def quantize(q, k, v, hadamard=True, seed=0):
 @functools.lru_cache(maxsize=1024)
 def map8(ptr, cols, rows, pairs, box_cols, box_rows):
     """128 bytes of a CUtensorMap over a contiguous (pairs, rows, cols) byte tensor at ptr: dims (cols, rows, pairs)
-    innermost first, boxes (box_cols, box_rows, 1), box_cols = 64 or 128 bytes with the swizzle of that width,
+    innermost first, boxes (box_cols, box_rows, 1), box_cols = 32, 64 or 128 bytes with the swizzle of that width,
     out-of-range elements read as 0."""
     from .tma import TensorMap, _encode_fn
     if ptr % 16 or cols % 16:
@@ -155,7 +172,7 @@ def map8(ptr, cols, rows, pairs, box_cols, box_rows):
     dims = (ctypes.c_uint64 * 3)(cols, rows, pairs)
     strides = (ctypes.c_uint64 * 2)(cols, cols * rows)
     box, one = (ctypes.c_uint32 * 3)(box_cols, box_rows, 1), (ctypes.c_uint32 * 3)(1, 1, 1)
-    swizzle = {64: 2, 128: 3}[box_cols]                 # CU_TENSOR_MAP_SWIZZLE_64B, _128B
+    swizzle = {32: 1, 64: 2, 128: 3}[box_cols]          # CU_TENSOR_MAP_SWIZZLE_32B, _64B, _128B
     rc = _encode_fn()(ctypes.addressof(m.arg), 0, 3, ctypes.c_void_p(ptr), dims, strides, box, one,  # 0: UINT8
                       0, swizzle, 2, 0)                 # no interleave, L2 promotion 128B, OOB fill zero
     if rc != 0:
@@ -169,10 +186,12 @@ def _launcher(device, cfg):
     return _kernel_on(device, "fa3_fp8.cu", cfg.kernel, cfg.smem, "sm_90a", SIG_FP8)
 
 
-def precompile(device=0, out="bfloat16", workers=8):
-    """Compile every default-tile fa3_fp8 kernel (each head dim, causal and not) in parallel threads."""
+def precompile(device=0, out="bfloat16", workers=8, other_tiles=False):
+    """Compile every default-tile fa3_fp8 kernel (each head dim, causal and not; with other_tiles FP8_OTHER_TILES'
+    too) in parallel threads."""
     import concurrent.futures
-    cfgs = [fp8_config(d, c, None, out) for d in FP8_HEAD_DIMS for c in (False, True)]
+    cfgs = [fp8_config(d, c, t, out) for d in FP8_HEAD_DIMS for c in (False, True)
+            for t in (None,) + (FP8_OTHER_TILES[d] if other_tiles else ())]
     with concurrent.futures.ThreadPoolExecutor(workers) as ex:
         list(ex.map(lambda c: _launcher(device, c), cfgs))
 
@@ -218,9 +237,9 @@ def forward_fp8_prepared(inp, causal=False, scale=None, out="bfloat16", tiles=No
     _check(lse, "lse", (B, H, Nq), (torch.float32,))
     if not (o.is_contiguous() and lse.is_contiguous()):
         raise ValueError("o and lse must be contiguous")
-    BH, BHkv, sw = B * H, B * Hkv, min(d, 128)
+    BH, BHkv, sw = B * H, B * Hkv, block_bytes(d)
     maps = (map8(q8.data_ptr(), d, Nq, BH, sw, cfg.Br), map8(k8.data_ptr(), d, Nk, BHkv, sw, cfg.Bc),
-            map8(vt8.data_ptr(), n32, d, BHkv, cfg.Bc, d))
+            map8(vt8.data_ptr(), n32, d, BHkv, block_bytes(cfg.Bc), d))
     args = maps + tuple(x.data_ptr() for x in (o, lse, qd, kd, vd)) + (Nq, Nk, scale, BH, H // Hkv)
     dev = q8.device.index if q8.device.index is not None else torch.cuda.current_device()
     _launcher(dev, cfg)(pair_grid(-(-Nq // cfg.Br), BH), (cfg.threads,), args, cfg.smem,

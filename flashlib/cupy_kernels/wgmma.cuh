@@ -1,7 +1,7 @@
 // wgmma.cuh: Hopper's warpgroup MMA (sm_90a) as inline PTX, shared by rung 6 (fa2_wgmma.cu), rung 7
-// (fa3_forward.cu) and the Hopper backward (fa3_backward.cu): fences, register pins, the shared-memory matrix
-// descriptor of the 128-byte swizzle, the m64nNk16 instructions with A from registers (rs) or shared memory (ss),
-// and the swizzled layout sw128.
+// (fa3_forward.cu), the Hopper backward (fa3_backward.cu) and the FP8 forward (fa3_fp8.cu): fences, register pins,
+// the shared-memory matrix descriptor of the 128-byte swizzle, the m64nNk16 instructions with A from registers (rs)
+// or shared memory (ss), the e4m3 m64nNk32 ones, the swizzled layout sw128 and the online softmax.
 #pragma once
 #include "flash_common.cuh"
 
@@ -54,6 +54,24 @@ __device__ __forceinline__ unsigned long long smem_desc_sw128(u32 addr, u32 lbo,
     "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), \
     "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), \
     "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+// Longer lists (the FP8 S accumulator of m64nNk32, N = 96 ... 256: N / 2 registers), built from decades: WG_DEC(t)
+// is operands t0 ... t9 (t = 1 ... 12), WG_O8(d, i) the eight outputs d[i] ... d[i + 7]
+#define WG_DEC(t) "%" #t "0, %" #t "1, %" #t "2, %" #t "3, %" #t "4, %" #t "5, %" #t "6, %" #t "7, %" #t "8, %" #t "9"
+#define WG_R0_39 "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, " WG_DEC(1) ", " WG_DEC(2) ", " WG_DEC(3)
+#define WG_R0_79 WG_R0_39 ", " WG_DEC(4) ", " WG_DEC(5) ", " WG_DEC(6) ", " WG_DEC(7)
+#define WG_ACC48 "{" WG_R0_39 ", %40, %41, %42, %43, %44, %45, %46, %47}"
+#define WG_ACC80 "{" WG_R0_79 "}"
+#define WG_ACC96 "{" WG_R0_79 ", " WG_DEC(8) ", %90, %91, %92, %93, %94, %95}"
+#define WG_ACC112 "{" WG_R0_79 ", " WG_DEC(8) ", " WG_DEC(9) ", " WG_DEC(10) ", %110, %111}"
+#define WG_ACC128 "{" WG_R0_79 ", " WG_DEC(8) ", " WG_DEC(9) ", " WG_DEC(10) ", " WG_DEC(11) \
+    ", %120, %121, %122, %123, %124, %125, %126, %127}"
+#define WG_O8(d, i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), \
+    "+f"(d[i + 6]), "+f"(d[i + 7])
+#define WG_OUT48(d) WG_OUT40(d), WG_O8(d, 40)
+#define WG_OUT80(d) WG_OUT64(d), WG_O8(d, 64), WG_O8(d, 72)
+#define WG_OUT96(d) WG_OUT80(d), WG_O8(d, 80), WG_O8(d, 88)
+#define WG_OUT112(d) WG_OUT96(d), WG_O8(d, 96), WG_O8(d, 104)
+#define WG_OUT128(d) WG_OUT112(d), WG_O8(d, 112), WG_O8(d, 120)
 // A in registers (RS): O += P V, V transposed (TB = 1); operands after the accumulators: a[4], desc, TB, ACC
 #define WG_RS(N, ACC_LIST, OUTS, A0, A1, A2, A3, DS, TBI, ACCI, TYPES) \
     asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %" ACCI ", 0;\n" \
@@ -99,14 +117,22 @@ WGMMA_FOR(__nv_bfloat16, "bf16.bf16")
     asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %" ACCI ", 0;\n" \
                  "wgmma.mma_async.sync.aligned.m64n" N "k32.f32.e4m3.e4m3 " ACC_LIST ", %" DA ", %" DB ", p, 1, 1;\n}\n" \
                  : OUTS(d) : "l"(da), "l"(db), "n"(ACC))
-// d (64 x N fp32) = A (64 x 32 e4m3) * B (32 x N e4m3) + (ACC ? d : 0), N = 64 or 128
+// d (64 x N fp32) = A (64 x 32 e4m3) * B (32 x N e4m3) + (ACC ? d : 0): rs N = 64 or 128 (O's columns), ss N a
+// multiple of 32 from 64 to 256 (S's keys, fa3_fp8's Bc)
 struct WgmmaE4m3 {
     template <int N, int ACC> static __device__ __forceinline__ void rs(float* d, const u32* a, unsigned long long desc) {
+        static_assert(N == 64 || N == 128, "rs: m64n64 or m64n128");
         if constexpr (N == 128) WG_RS8("128", WG_ACC64, WG_OUT64, "64", "65", "66", "67", "68", "69");
         else WG_RS8("64", WG_ACC32, WG_OUT32, "32", "33", "34", "35", "36", "37");
     }
     template <int N, int ACC> static __device__ __forceinline__ void ss(float* d, unsigned long long da, unsigned long long db) {
-        if constexpr (N == 128) WG_SS8("128", WG_ACC64, WG_OUT64, "64", "65", "66");
+        static_assert(N % 32 == 0 && N >= 64 && N <= 256, "ss: N a multiple of 32 from 64 to 256");
+        if constexpr (N == 256) WG_SS8("256", WG_ACC128, WG_OUT128, "128", "129", "130");
+        else if constexpr (N == 224) WG_SS8("224", WG_ACC112, WG_OUT112, "112", "113", "114");
+        else if constexpr (N == 192) WG_SS8("192", WG_ACC96, WG_OUT96, "96", "97", "98");
+        else if constexpr (N == 160) WG_SS8("160", WG_ACC80, WG_OUT80, "80", "81", "82");
+        else if constexpr (N == 128) WG_SS8("128", WG_ACC64, WG_OUT64, "64", "65", "66");
+        else if constexpr (N == 96) WG_SS8("96", WG_ACC48, WG_OUT48, "48", "49", "50");
         else WG_SS8("64", WG_ACC32, WG_OUT32, "32", "33", "34");
     }
 };
