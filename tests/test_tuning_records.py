@@ -66,3 +66,36 @@ def test_rung7_d256_tile_beat_the_other_it_compiles():
                if r["causal"] == causal}
         assert set(got) == {ck.FA3_TILES[256], *ck.config.FA3_OTHER_TILES[256]}
         assert max(got, key=got.get) == ck.FA3_TILES[256], (causal, got)
+
+
+def test_bwd_wgmma_is_the_default_where_the_record_times_it_faster():
+    """BWD_WGMMA_DEFAULT_DIMS holds the head dims where the H200 record times 'bwd_wgmma' (dQ by TMA reductions)
+    faster than 'bwd_tc' at every shape and dtype; its first version ('bwd_wgmma_atomic', timed in the same run)
+    stays slower than it everywhere; the gradients agree with SDPA flash's."""
+    from flashlib import bench
+    rows = bench.load("bwd_wgmma_h200")["rows"]
+    by = collections.defaultdict(dict)
+    for r in rows:
+        by[(r["dtype"], r["d"], r["n"], r["causal"])][r["impl"]] = r
+    faster = {d for d in ck.BWD_WGMMA_HEAD_DIMS
+              if all(v["bwd_wgmma"]["tflops"] > v["bwd_tc"]["tflops"] for k, v in by.items() if k[1] == d)}
+    assert faster == set(ck.config.BWD_WGMMA_DEFAULT_DIMS) == {64, 128}
+    for key, v in by.items():
+        assert v["bwd_wgmma"]["tflops"] > v["bwd_wgmma_atomic"]["tflops"], key
+        assert v["bwd_wgmma"]["max_err_vs_flash"] <= max(2e-2, 1.01 * v["bwd_tc"]["max_err_vs_flash"]), key
+    assert len(by) == 16                                  # fp16, bf16 x d = 64, 128 x N = 4096, 16384 x causal
+
+
+def test_the_dynamic_scheduler_is_measured_but_not_the_default():
+    """fa3_schedulers_h200 times rung 7's grid, static and dynamic persistent grids in one run at every head dim;
+    the dynamic one is faster than the grid at every causal d = 64 shape (what chapter 8 says), and none of the
+    persistent variants is a default (choose_config picks the grid)."""
+    from flashlib import bench
+    rows = bench.load("fa3_schedulers_h200")["rows"]
+    tf = {(r["d"], r["n"], r["causal"], r["impl"]): r["tflops"] for r in rows}
+    assert {k[0] for k in tf} == set(ck.FA3_HEAD_DIMS) and {k[3] for k in tf} >= {"rung7_pingpong", "rung7_dynamic"}
+    for n in (4096, 16384):
+        assert tf[(64, n, True, "rung7_dynamic")] > 1.05 * tf[(64, n, True, "rung7_pingpong")], n
+    for d in ck.FA3_HEAD_DIMS:     # the default kernel's template flags: PP and CAUSAL, no PERSIST, no DYNAMIC
+        assert ck.choose_config("float16", d, 90, causal=True).kernel.endswith(", true, true>"), d
+        assert ck.choose_config("float16", d, 90, causal=True).kernel.count("true") == 2, d
