@@ -178,6 +178,25 @@ def test_fp8_compiles_without_spills():
     check_sm90a([("fa3_fp8.cu", n) for n in fp8.fp8_instances()])
 
 
+@pytest.mark.skipif(NVCC is None, reason="nvcc not found on PATH")
+def test_fp8_quant_compiles_without_spills():
+    """fp8_quant.cu's passes (each 16-bit dtype and head dim) for sm_90a: no spills, no stack frame."""
+    check_sm90a([("fp8_quant.cu", n) for n in fp8.quant_instances()])
+
+
+def test_quantize_on_the_cpu_is_the_reference_and_the_fused_one_wants_cuda():
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, 2, n, 64, generator=g).half() for n in (33, 40, 40))
+    a, b = fp8.quantize(q, k, v, seed=4), fp8.quantize_reference(q, k, v, seed=4)
+    assert all(torch.equal(x.view(torch.uint8) if x.dtype == torch.float8_e4m3fn else x,
+                           y.view(torch.uint8) if y.dtype == torch.float8_e4m3fn else y)
+               for x, y in zip(a[:6], b[:6])) and a.Nk == b.Nk == 40
+    with pytest.raises(TypeError, match="CUDA"):
+        fp8.quantize_fused(q, k, v)
+    assert np.array_equal(fp8.random_hadamard(64, 4) * 8, fp8.hadamard_signs(64, 4)[:, None] * fp8.sylvester(64))
+    assert len(set(fp8.quant_instances())) == 2 * 2 * 3 and fp8.quant_rows(128) == 64
+
+
 def test_the_h200_record_holds_what_the_docstrings_say():
     """fp8_forward_h200 (benchmarks/fp8_bench.py at 2944140): at d = 128 fa3_fp8 beats rung 7 fp16 and cuDNN fp16
     in every shape; at d = 64 it does not beat rung 7 (fa3_fp8.cu's header says so); the other ring depths are
