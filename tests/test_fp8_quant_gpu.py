@@ -5,7 +5,7 @@ What may differ: with the rotation, fp8_quant.cu sums the fast Walsh-Hadamard tr
 float32 matmul, so the descales may differ by float32 rounding (relative 1e-5) and an e4m3 byte whose value lies
 within that rounding of a rounding boundary may round to the neighbouring e4m3 value: at least 99.9 % of the bytes
 must be equal and the rest one e4m3 step apart. Without the rotation the same bound applies (the numbers it
-measured are printed: expected all equal). V^T's padding keys (past Nk, up to Nk rounded to 32) must be exactly 0x00.
+measured are printed: expected all equal, the scale rule being the same multiply). V^T's padding keys (past Nk, up to Nk rounded to 32) must be exactly 0x00.
 Outputs are NaN-filled (0x7f) before the kernels write, so a byte left unwritten fails."""
 import itertools
 import zlib
@@ -94,8 +94,10 @@ def test_fused_quantize_matches_the_reference(shape, d, dtype, hadamard):
         assert torch.allclose(a, b, rtol=rtol, atol=0), (where, name, (a / b - 1).abs().max())
     assert float(got.q_descale[0, -1]) == 1.0, where                   # the all-zero head
     differ = [_compare_bytes(a, b, (where, name)) for name, a, b in zip(("q8", "k8", "vt8"), got[:3], want[:3])]
-    nk = shape[4]
-    assert (got.vt8[..., nk:].view(torch.uint8) == 0).all(), where      # padding keys: +0 exactly
+    col = torch.arange(got.vt8.shape[-1])
+    key = 32 * (col // 32) + torch.as_tensor(fp8.key_permutation())[col % 32]
+    pad = (key >= shape[4]).cuda()                                       # the columns of keys past Nk: +0 exactly
+    assert (got.vt8.view(torch.uint8)[..., pad] == 0).all() and int(pad.sum()) == col.numel() - shape[4], where
     print(where, "bytes that differ (q8, k8, vt8):", differ)
 
 

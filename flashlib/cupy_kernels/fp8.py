@@ -111,10 +111,11 @@ def random_hadamard(d, seed=0):
 
 
 def e4m3_scale(amax):
-    """The per-(batch, head) scale (= the descale factor) of float32 amax: amax / 448, 1 where amax is 0 (what
-    fp8_quant.cu's pair_scale computes)."""
+    """The per-(batch, head) scale (= the descale factor) of float32 amax: amax / 448 as amax times float32(1 / 448)
+    (what torch's CUDA division by a Python number computes, here on every device, and fp8_quant.cu's pair_scale),
+    1 where amax is 0."""
     import torch
-    return torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))
+    return torch.where(amax > 0, amax * (1.0 / E4M3_MAX), torch.ones_like(amax))
 
 
 def quantize_e4m3(x):
