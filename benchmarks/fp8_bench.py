@@ -1,15 +1,17 @@
 """Rung 'fa3_fp8' (fa3_fp8.cu, e4m3) beside rung 7 fp16 and cuDNN SDPA fp16: TFLOP/s, the quantisation pass, and
 the error table of FlashAttention-3's outlier experiment.
 
-    python benchmarks/fp8_bench.py [--out DIR] [--max-seconds S] [--sanitize]
+    python benchmarks/fp8_bench.py [--out DIR] [--max-seconds S] [--sanitize] [--quant]
 
 Timing (flashlib.bench.timing.compare, host=False): H = 16, B = 16384 // N, N = 4096 and 16384, d = 64 and 128,
 causal and not; FLOPs 4*B*H*N^2*d, half when causal. fa3_fp8 is timed on pre-quantised inputs (the kernel alone,
 default and other tiles); the host passes (quantise with and without the Hadamard rotation, V's transpose) are
-timed apart. Error table: RMSE of O against float64 attention (torch on the GPU) for standard normal Q, K, V and
-for the same plus 0.1 % outliers of standard deviation 10 (FlashAttention-3 section 4.3), B = 1, H = 4, N = 4096:
-rung 7 fp16, fa3_fp8 without and with the rotation. The record "fp8_forward_<gpu>" goes through flashlib.bench.save.
---sanitize: small ragged calls at d = 128, default and other tiles (for compute-sanitizer).
+timed apart, torch's (quantize_reference) beside the fused kernels' (fp8_quant.cu). --quant: only the record
+"fp8_quant_<gpu>": those host passes and the end-to-end forward (quantisation + kernel, fused and torch) against
+rung 7 fp16 (quant_main). Error table: RMSE of O against float64 attention (torch on the GPU) for standard normal
+Q, K, V and for the same plus 0.1 % outliers of standard deviation 10 (FlashAttention-3 section 4.3), B = 1, H = 4,
+N = 4096: rung 7 fp16, fa3_fp8 without and with the rotation. The record "fp8_forward_<gpu>" goes through
+flashlib.bench.save. --sanitize: small ragged calls at d = 128, default and other tiles (for compute-sanitizer).
 """
 import argparse
 import concurrent.futures
@@ -65,10 +67,7 @@ def time_shape(d, N, causal, max_seconds):
     fns["sdpa_cudnn_fp16"] = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
     contexts = {"sdpa_cudnn_fp16": lambda: sdpa_kernel(SDPBackend.CUDNN_ATTENTION)}
     stats = compare(fns, host=False, min_rounds=5, max_rounds=12, max_seconds=max_seconds, contexts=contexts)
-    passes = {"quantize_hadamard": lambda: fp8.quantize(q, k, v, hadamard=True),
-              "quantize_plain": lambda: fp8.quantize(q, k, v, hadamard=False),
-              "transpose_v": lambda: fp8.transpose_v(v8)}
-    pstats = compare(passes, host=False, min_rounds=3, max_rounds=6, max_seconds=max_seconds / 2)
+    pstats = compare(host_passes(q, k, v, v8), host=False, min_rounds=3, max_rounds=6, max_seconds=max_seconds / 2)
     flops = 4 * B * H * N * N * d * (0.5 if causal else 1.0)
     rows = [dict(kind="forward", d=d, n=N, B=B, H=H, causal=causal, impl=n, ms=st["median_ms"], spread=st["spread"],
                  tflops=flops / (st["median_ms"] * 1e-3) / 1e12) for n, st in stats.items()]
@@ -79,6 +78,72 @@ def time_shape(d, N, causal, max_seconds):
           + "  TFLOP/s |" + "".join(f" {r['impl']} {r['ms']:.3f} ms" for r in rows if r["kind"] == "host_pass"),
           flush=True)
     return rows
+
+
+def host_passes(q, k, v, v8):
+    """The host passes: torch's (quantize_reference with and without the rotation; transpose_v alone, of e4m3 V)
+    and the fused kernels' (fp8_quant.cu, both passes, V^T included)."""
+    return {"quantize_hadamard": lambda: fp8.quantize_reference(q, k, v, hadamard=True),
+            "quantize_plain": lambda: fp8.quantize_reference(q, k, v, hadamard=False),
+            "transpose_v": lambda: fp8.transpose_v(v8),
+            "quantize_fused_hadamard": lambda: fp8.quantize_fused(q, k, v, hadamard=True),
+            "quantize_fused_plain": lambda: fp8.quantize_fused(q, k, v, hadamard=False)}
+
+
+def quant_shape(d, N, max_seconds):
+    """Rows for the record fp8_quant_<gpu> at one shape (H = 16, B = 16384 // N): kind 'host_pass' (host_passes,
+    with bytes moved and the bandwidth of the fused pair: 16-bit Q, K, V read twice, e4m3 written once) and kind
+    'end_to_end', causal and not: forward_fp8 (fused quantisation + kernel, with the rotation), the same with torch's
+    quantisation, the kernel alone on prepared inputs, rung 7 fp16; ms, TFLOP/s of the attention's FLOPs."""
+    import torch
+    from flashlib._arrays import to_cupy
+    from flashlib.bench.timing import compare
+    B = max(1, 16384 // N)
+    q, k, v = _inputs(B, H, N, d)
+    v8 = fp8.quantize_e4m3(v)[0]
+    pstats = compare(host_passes(q, k, v, v8), host=False, min_rounds=5, max_rounds=12, max_seconds=max_seconds)
+    moved = 3 * q.numel() * (2 * 2 + 1)
+    rows = [dict(kind="host_pass", d=d, n=N, B=B, H=H, impl=n, ms=st["median_ms"], spread=st["spread"],
+                 gbps=moved / (st["median_ms"] * 1e-3) / 1e9 if "fused" in n else None) for n, st in pstats.items()]
+    print(f"d={d:3d} N={N:5d} host passes:" + "".join(f" {r['impl']} {r['ms']:.3f} ms" for r in rows)
+          + f" | fused pair at {rows[-2]['gbps']:.0f} / {rows[-1]['gbps']:.0f} GB/s", flush=True)
+    qc, kc, vc = (to_cupy(t) for t in (q, k, v))
+    inp, scale = fp8.quantize(q, k, v, hadamard=True), d ** -0.5
+    for causal in (False, True):
+        fns = {"forward_fp8": lambda: fp8.forward_fp8(q, k, v, causal, scale, hadamard=True),
+               "forward_fp8_torch_quant": lambda: fp8.forward_fp8_prepared(
+                   fp8.quantize_reference(q, k, v, hadamard=True), causal, scale, out="float16"),
+               "fa3_fp8_kernel": lambda: fp8.forward_fp8_prepared(inp, causal, scale, out="float16"),
+               "rung7_fp16": lambda: tma.forward_fa3(qc, kc, vc, causal, scale)}
+        stats = compare(fns, host=False, min_rounds=5, max_rounds=12, max_seconds=max_seconds)
+        flops = 4 * B * H * N * N * d * (0.5 if causal else 1.0)
+        e2e = [dict(kind="end_to_end", d=d, n=N, B=B, H=H, causal=causal, impl=n, ms=st["median_ms"],
+                    spread=st["spread"], tflops=flops / (st["median_ms"] * 1e-3) / 1e12) for n, st in stats.items()]
+        print(f"d={d:3d} N={N:5d} causal={causal!s:5s} end to end:"
+              + "".join(f" | {r['impl']} {r['ms']:.3f} ms ({r['tflops']:.0f})" for r in e2e), flush=True)
+        rows += e2e
+    torch.cuda.synchronize()
+    return rows
+
+
+def quant_main(out, max_seconds):
+    """--quant: the record fp8_quant_<gpu> (quant_shape at d = 64, 128 and N = 4096, 16384)."""
+    import torch
+    t = time.time()
+    cases = [(d, c) for d in DIMS for c in (False, True)]
+    jobs = [lambda d=d, c=c: fp8._launcher(0, fp8.fp8_config(d, c, None, "float16")) for d, c in cases]
+    jobs += [lambda d=d, c=c: tma._launcher(0, tma.fa3_config("float16", d, c)) for d, c in cases]
+    jobs += [lambda d=d: fp8._quant_launchers(0, "float16", d) for d in DIMS]
+    with concurrent.futures.ThreadPoolExecutor(16) as ex:
+        list(ex.map(lambda j: j(), jobs))
+    print(f"compiled in {time.time() - t:.1f} s", flush=True)
+    rows = [r for d in DIMS for N in LENGTHS for r in quant_shape(d, N, max_seconds)]
+    tag = bench.gpu_tag(torch.cuda.get_device_name())
+    path = bench.save(f"fp8_quant_{tag}", rows, directory=out, flops="4*B*H*N^2*d, half when causal",
+                      timing="flashlib.bench.timing.compare, host=False, candidates interleaved",
+                      inputs="standard normal float16, H=16, B=16384/N; forward_fp8 with the Hadamard rotation",
+                      bytes_moved="fused passes: 3 * B*H*N*d * (2 reads of 2 bytes + 1 write of 1 byte)")
+    print("saved", path)
 
 
 def _ref64(q, k, v, scale):
@@ -116,7 +181,10 @@ def main():
     ap.add_argument("--out")
     ap.add_argument("--max-seconds", type=float, default=2.5)
     ap.add_argument("--sanitize", action="store_true")
+    ap.add_argument("--quant", action="store_true", help="only the record fp8_quant_<gpu> (quant_main)")
     a = ap.parse_args()
+    if a.quant:
+        return quant_main(a.out, a.max_seconds)
     if a.sanitize:
         q, k, v = _inputs(1, 4, 517, 128)
         for t in (None,) + fp8.FP8_OTHER_TILES[128]:    # Nk below one tile, and several tiles with a ragged last

@@ -8,10 +8,22 @@ Two of its measures against FP8's 3 mantissa bits are here:
     into the softmax scale, v_descale into the epilogue;
   * incoherent processing: Q and K multiplied by one random orthogonal matrix M = diag(s) H / sqrt(d) along d (H the
     Sylvester Hadamard matrix, s random signs), which leaves Q K^T unchanged, (Q M)(K M)^T = Q M M^T K^T = Q K^T,
-    and spreads a few large entries (outliers) over all d columns before they are rounded. Here M is applied as a
-    float32 matrix product (a fused kernel would use the fast Walsh-Hadamard transform, d log d per row).
-The kernel reads V^T, made here by `transpose_v` (one extra pass over V, timed apart in benchmarks/fp8_bench.py),
-its keys permuted within each 32 as fa3_fp8.cu's header derives (`key_permutation`).
+    and spreads a few large entries (outliers) over all d columns before they are rounded.
+The kernel reads V^T, its keys permuted within each 32 as fa3_fp8.cu's header derives (`key_permutation`).
+
+Two implementations of that preparation, one answer (Fp8Inputs): `quantize_reference` in torch operations (M as a
+float32 matrix product, quantize_e4m3, transpose_v; any device and dtype: the tests' oracle), and for 16-bit CUDA
+tensors `quantize_fused` (fp8_quant.cu): pass 1 the amax per (batch, head), pass 2 the e4m3 bytes with V^T written
+directly, M applied in both as the fast Walsh-Hadamard transform (d log d adds a row, in registers and warp
+shuffles). `quantize` picks. They differ only in the rotation's rounding (summation order).
+Measured on the H200 (record fp8_quant_h200, benchmarks/fp8_bench.py --quant at d4cf313; H = 16, B = 16384 / N,
+float16): the fused pair takes 0.19 ms with the rotation and 0.14 ms without at d = 128 (torch's passes: 2.52 and
+1.98 ms, V's transpose alone 0.45 ms), 0.096 and 0.076 ms at d = 64 (torch's: 1.80 and 1.11 ms), the same at N = 4096
+and 16384: 2.6 and 3.6 TB/s counting 16-bit Q, K, V read twice and e4m3 written once (the rotation's shuffles cost
+the difference). End to end (forward_fp8 with the rotation, quantisation included) against rung 7 fp16 at d = 128:
+0.91 against 0.90 ms at N = 4096 (0.61 against 0.51 causal), 2.86 against 3.44 ms at N = 16384 (1.56 against
+1.75 causal); at d = 64 slower throughout (the kernel alone is, see FP8_TILES); with torch's quantisation it was
+1.5 to 5.8 times slower than rung 7.
 
 Opt-in only: no default path runs FP8 (it changes the numbers). Entries: `forward_fp8(q, k, v, ...)` on 16-bit torch
 CUDA tensors (quantises inside), `forward_fp8_quantized(q8, k8, v8, q_descale, k_descale, v_descale, ...)` on e4m3
@@ -101,7 +113,7 @@ def key_permutation():
     return 16 * h + 2 * t + (i & 1) + 8 * (i >> 1)
 
 
-# ---------------------------------------------------------------- quantisation and the Hadamard rotation (torch)
+# ---------------------------------------------------------------- quantisation and the Hadamard rotation
 
 def sylvester(d):
     """The d x d Sylvester Hadamard matrix (d a power of two) as a float64 NumPy array: entries +-1, H H^T = d I."""
@@ -113,18 +125,29 @@ def sylvester(d):
     return h
 
 
+def hadamard_signs(d, seed=0):
+    """s, the d random signs (+-1.0, float64 NumPy) of random_hadamard(d, seed), drawn from `seed`."""
+    return np.random.default_rng(seed).choice((-1.0, 1.0), size=d)
+
+
 def random_hadamard(d, seed=0):
-    """M = diag(s) H / sqrt(d), s random signs drawn from `seed`: orthogonal (M M^T = I), float64 NumPy."""
-    s = np.random.default_rng(seed).choice((-1.0, 1.0), size=d)
-    return s[:, None] * sylvester(d) / np.sqrt(d)
+    """M = diag(s) H / sqrt(d), s = hadamard_signs(d, seed): orthogonal (M M^T = I), float64 NumPy."""
+    return hadamard_signs(d, seed)[:, None] * sylvester(d) / np.sqrt(d)
+
+
+def e4m3_scale(amax):
+    """The per-(batch, head) scale (= the descale factor) of float32 amax: amax / 448 as amax times float32(1 / 448)
+    (what torch's CUDA division by a Python number computes, here on every device, and fp8_quant.cu's pair_scale),
+    1 where amax is 0."""
+    import torch
+    return torch.where(amax > 0, amax * (1.0 / E4M3_MAX), torch.ones_like(amax))
 
 
 def quantize_e4m3(x):
     """x (B, H, N, d) float tensor -> (x8 e4m3 of x / scale, descale = scale float32 (B, H)), one scale per (batch,
     head): amax / 448, so that the largest |x| of each head maps to e4m3's largest finite value (1 where x is 0)."""
     import torch
-    amax = x.detach().abs().float().amax(dim=(2, 3))
-    scale = torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))
+    scale = e4m3_scale(x.detach().abs().float().amax(dim=(2, 3)))
     x8 = (x.float() / scale[:, :, None, None]).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
     return x8, scale.contiguous()
 
@@ -148,14 +171,120 @@ def rotate(x, m):
     return x.float() @ mt
 
 
-def quantize(q, k, v, hadamard=True, seed=0):
-    """Fp8Inputs of 16-bit (or float32) q (B, H, Nq, d), k, v (B, H_kv, Nk, d): with hadamard, q and k rotated by
-    random_hadamard(d, seed) first; each of q, k, v quantised per (batch, head); V transposed (transpose_v)."""
+def quantize_reference(q, k, v, hadamard=True, seed=0):
+    """`quantize` in torch operations (any device, float32 too; the tests' oracle for the fused kernels): with
+    hadamard, q and k times random_hadamard(d, seed) as a float32 matmul; quantize_e4m3 each; transpose_v."""
     if hadamard:
         m = random_hadamard(q.shape[-1], seed)
         q, k = rotate(q, m), rotate(k, m)
     (q8, qd), (k8, kd), (v8, vd) = quantize_e4m3(q), quantize_e4m3(k), quantize_e4m3(v)
     return Fp8Inputs(q8, k8, transpose_v(v8), qd, kd, vd, v.shape[2])
+
+
+def quantize(q, k, v, hadamard=True, seed=0):
+    """Fp8Inputs of q (B, H, Nq, d), k, v (B, H_kv, Nk, d): with hadamard, q and k rotated by random_hadamard(d, seed)
+    first; each of q, k, v quantised per (batch, head) (quantize_e4m3's scale); V transposed (transpose_v's layout).
+    float16/bfloat16 torch CUDA tensors go to the fused kernels (quantize_fused: two passes, fp8_quant.cu) on GPUs
+    with e4m3 conversion (compute capability 8.9+); anything else (CPU, float32, older GPUs) to quantize_reference."""
+    import torch
+    fused = all(isinstance(x, torch.Tensor) and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
+                for x in (q, k, v))
+    if fused and torch.cuda.get_device_capability(q.device) >= (8, 9):
+        return quantize_fused(q, k, v, hadamard, seed)
+    return quantize_reference(q, k, v, hadamard, seed)
+
+
+# ---------------------------------------------------------------- the fused quantisation (fp8_quant.cu)
+
+QUANT_DTYPES = {"float16": "__half", "bfloat16": "__nv_bfloat16"}
+SIG_QUANT = {"fp8_amax": "PPPPPiiiii", "fp8_quant": "PPPPPPPPPiiiii"}   # q, k, v, signs, amax, [descale, q8, k8,
+QUANT_THREADS, VT_KEYS = 256, 128   # vt8], Nq, Nk, BH, BHkv, had; threads a block; keys of a V^T tile
+
+
+def quant_rows(d):
+    """Rows of Q or K a block of fp8_quant.cu takes: 4 steps of 256 threads, d / 8 threads a row (16 KB of input)."""
+    return 4 * QUANT_THREADS // (d // 8)
+
+
+def quant_instances():
+    """Kernel name expressions of fp8_quant.cu: both passes for each 16-bit dtype and head dim."""
+    return [f"{k}<{t}, {d}>" for k in SIG_QUANT for t in QUANT_DTYPES.values() for d in FP8_HEAD_DIMS]
+
+
+def _quant_launchers(device, dtype, d):
+    """(pass 1, pass 2) Launchers for torch dtype name `dtype`, head dim d, compiled for the GPU's own architecture."""
+    from .build import _kernel_on
+    return tuple(_kernel_on(device, "fp8_quant.cu", f"{k}<{QUANT_DTYPES[dtype]}, {d}>", 0, None, sig)
+                 for k, sig in SIG_QUANT.items())
+
+
+@functools.lru_cache(maxsize=64)
+def _signs_on(d, seed, device):
+    import torch
+    return torch.as_tensor(hadamard_signs(d, seed), dtype=torch.float32, device=device)
+
+
+def _quant_inputs(q, k, v):
+    """Checked, contiguous, 16-byte-aligned q, k, v and the dtype name; clear errors for what the kernels refuse."""
+    import torch
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        _check(x, name, dtypes=(torch.float16, torch.bfloat16))
+        if x.dim() != 4:
+            raise ValueError(f"{name} must be (B, H, N, d), got shape {tuple(x.shape)}")
+    if not (q.dtype == k.dtype == v.dtype and q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must share one dtype and device, got {q.dtype}/{k.dtype}/{v.dtype} on "
+                         f"{q.device}/{k.device}/{v.device}")
+    if k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3]:
+        raise ValueError(f"k and v must be (B, H_kv, Nk, d) like q's B and d, got {tuple(k.shape)}, {tuple(v.shape)}")
+    if q.shape[3] not in FP8_HEAD_DIMS:
+        raise ValueError(f"the fused FP8 quantisation takes head_dim in {FP8_HEAD_DIMS}, got {q.shape[3]}")
+    if min(q.shape[:3]) < 1 or min(k.shape[1:3]) < 1:
+        raise ValueError(f"empty q or k: shapes {tuple(q.shape)}, {tuple(k.shape)}")
+    if torch.cuda.get_device_capability(q.device) < (8, 9):
+        raise ValueError("the fused FP8 quantisation needs compute capability 8.9+ (e4m3 conversion); "
+                         "quantize_reference runs anywhere")
+    out = []
+    for x in (q, k, v):
+        x = x.contiguous()
+        out.append(x if x.data_ptr() % 16 == 0 else x.clone())   # 16-byte loads
+    return (*out, str(q.dtype).removeprefix("torch."))
+
+
+def quantize_fused(q, k, v, hadamard=True, seed=0, out=None):
+    """`quantize` of float16/bfloat16 torch CUDA tensors by fp8_quant.cu on torch's current stream: pass 1 the amax
+    per (batch, head) (of x M for q, k with hadamard, the rotation as a fast Walsh-Hadamard transform), pass 2 the
+    rotation again, x / scale to e4m3, V^T written directly. Same Fp8Inputs as quantize_reference, up to the
+    rotation's rounding (summation order). out: (q8, k8, vt8) contiguous e4m3 tensors to write into (the tests pass
+    NaN-filled ones), else new."""
+    import torch
+    q, k, v, dtype = _quant_inputs(q, k, v)
+    (B, H, Nq, d), (Hkv, Nk) = q.shape, k.shape[1:3]
+    n32, BH, BHkv, dev = -(-Nk // 32) * 32, B * H, B * Hkv, q.device
+    shapes = ((B, H, Nq, d), (B, Hkv, Nk, d), (B, Hkv, d, n32))
+    if out is None:
+        out = tuple(torch.empty(s, dtype=torch.float8_e4m3fn, device=dev) for s in shapes)
+    for name, x, s in zip(("q8", "k8", "vt8"), out, shapes):
+        _check(x, name, s, (torch.float8_e4m3fn,))
+        if not x.is_contiguous() or x.device != dev:
+            raise ValueError(f"{name} must be contiguous on {dev}")
+    nd = BH + 2 * BHkv
+    buf = torch.zeros(2 * nd, dtype=torch.float32, device=dev)     # amax (float bits, zeroed), then the descales
+    signs = _signs_on(d, int(seed), dev) if hadamard else buf      # not read without the rotation
+    r = quant_rows(d)
+    g1 = max(BH * -(-Nq // r), BHkv * -(-Nk // r))
+    g2 = max(g1, BHkv * -(-Nk // VT_KEYS))
+    if g2 >= 2 ** 31:
+        raise ValueError(f"too many blocks ({g2}) for one launch: B*H*N too large")
+    index = dev.index if dev.index is not None else torch.cuda.current_device()
+    amax_k, quant_k = _quant_launchers(index, dtype, d)
+    stream = torch.cuda.current_stream(dev).cuda_stream
+    xs = (q.data_ptr(), k.data_ptr(), v.data_ptr(), signs.data_ptr(), buf.data_ptr())
+    tail = (Nq, Nk, BH, BHkv, int(bool(hadamard)))
+    amax_k((g1, 3), (QUANT_THREADS,), xs + tail, 0, stream)
+    quant_k((g2, 3), (QUANT_THREADS,), xs + (buf.data_ptr() + 4 * nd,) + tuple(x.data_ptr() for x in out) + tail,
+            0, stream)
+    qd, kd, vd = buf[nd:].split((BH, BHkv, BHkv))
+    return Fp8Inputs(*out, qd.view(B, H), kd.view(B, Hkv), vd.view(B, Hkv), Nk)
 
 
 # ---------------------------------------------------------------- tensor maps and the launch
