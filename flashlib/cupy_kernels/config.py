@@ -26,9 +26,8 @@ SMEM_LIMIT = SMEM_OPTIN_BYTES   # opt-in dynamic shared memory per block by comp
 # {16, 32}, Q fragments kept in registers), so Br = RW*NW. d = 64 and 128: the winners of an H100 sweep
 # (benchmarks/results/logs/tuned_tiles_h100_sweep.txt), except d = 128 causal: (4, 48, 32, False), the best tile
 # without register spills on sm_90 once the mask moved into one branch per tile (logs/tuned_d128_causal_sweep_h200.txt,
-# tests/test_tuning_records.py). d = 32, 96, 256: not swept; at d = 256 16 rows per warp and Q re-read
-# from shared memory, so that O (128 fp32 registers) fits beside S. Every choice compiles without spills
-# (tests/test_cupy_kernels.py).
+# tests/test_tuning_records.py). d = 32, 96, 256: not swept; at d = 256 16 rows per warp and Q re-read from shared
+# memory, so that O (128 fp32 registers) fits beside S. Every choice compiles without spills (test_cupy_kernels.py).
 TUNED_TILES = {32: ((4, 64, 32, True),) * 2, 64: ((4, 128, 32, False), (4, 64, 32, False)),
                96: ((4, 32, 32, False),) * 2, 128: ((4, 64, 32, False), (4, 48, 32, False)),
                256: ((4, 32, 16, False),) * 2}
@@ -36,59 +35,49 @@ TUNED_TILES = {32: ((4, 64, 32, True),) * 2, 64: ((4, 128, 32, False), (4, 64, 3
 FALLBACK_TILES = {D: ((4, 32, 32, False), (4, 64, 16, True), (4, 32, 16, True)) for D in HEAD_DIMS[:-1]}
 FALLBACK_TILES[256] = ((4, 16, 16, False),)
 # Rung 5 Tensor Core backward, per head dim: (warps NW, key m-tiles per warp KW, so Bc = 16*KW*NW keys per block;
-# Br query rows per Q tile; BRC query rows per register chunk; KVREG: K/V fragments kept in registers). d = 64 and
-# 128 swept on an H100 (logs/tuned_tiles_h100_sweep.txt); d = 32, 96, 256 not swept (d = 256: two launches of 128
-# output columns, bwd_columns).
+# Br query rows per Q tile; BRC query rows per register chunk; KVREG: K/V fragments kept in registers). d = 64, 128
+# swept on an H100 (logs/tuned_tiles_h100_sweep.txt); 32, 96, 256 not (256: two launches of 128 columns, bwd_columns).
 BWD_TILES = {32: (8, 1, 64, 64, True), 64: (4, 2, 64, 32, False), 96: (8, 1, 64, 32, False), 128: (8, 1, 64, 64, False),
              256: (4, 1, 64, 32, False)}
 # less shared memory (sm_80 at d = 256: 163 KB; sm_86/89: 99 KB): the first that fits
 BWD_FALLBACK_TILES = ((4, 1, 64, 32, False), (4, 1, 32, 32, False), (2, 1, 16, 16, False))
 # Rung 6 tiles per head dim, (non-causal, causal), each (warpgroups NWG, keys per tile Bc), Br = 64*NWG: the winners
 # among one and two warpgroups on an H200 (logs/wgmma_explore_3_swizzled_h200.txt; tests/test_tuning_records.py).
-# Three warpgroups are refused: a thread of 384 is left 168 registers, fewer than the kernel needs (ptxas
-# serialises the wgmma), though that sweep timed (3, 64) fastest at d = 128 non-causal.
+# Three are refused: 168 registers a thread of 384 make ptxas serialise the wgmma (that sweep timed (3, 64) fastest).
 WGMMA_TILES = {64: ((2, 64), (2, 64)), 128: ((2, 128), (2, 128))}
 WGMMA_HEAD_DIMS = (64, 128)
 
 # Rung 7 (fa3_forward.cu, FlashAttention-3's TMA and warp specialisation) per head dim: (Bc keys per K/V tile, ring
-# stages, consumer warpgroups NCW); a block has 128 (NCW + 1) threads (one producer warpgroup), Br = 64 NCW query
-# rows. The winners of the H200 sweep in benchmarks/results/logs/fa3_gpu_session_h200_dee12ae.txt (fp16, N = 16384,
-# ping-pong): d = 64 (128, 2, 3), d = 128 (128, 2, 2). d = 256: FlashAttention-3's tile (Br = 128, Bc = 80, 2 stages;
-# Shah et al. 2024, hopper/), which fits 227 KB (Q 64 KB, K and V 40 KB a stage); not yet swept: timed only beside
-# (64, 2, 2), 685 and 666 TFLOP/s against 599 and 589 (N = 16384, not causal and causal; fa3_ablation_pair_major_h200).
+# stages, consumer warpgroups NCW); 128 (NCW + 1) threads a block (one producer warpgroup), Br = 64 NCW query rows.
+# The winners of the H200 sweep in logs/fa3_gpu_session_h200_dee12ae.txt (fp16, N = 16384, ping-pong): d = 64
+# (128, 2, 3), d = 128 (128, 2, 2). d = 256: FlashAttention-3's tile (Br = 128, Bc = 80, 2 stages; Shah et al. 2024,
+# hopper/; Q 64 KB, K and V 40 KB a stage), timed beside (64, 2, 2) only: 685 and 666 TFLOP/s against 599 and 589
+# (N = 16384, not causal and causal; fa3_ablation_pair_major_h200).
 FA3_TILES = {64: (128, 2, 3), 128: (128, 2, 2), 256: (80, 2, 2)}
 FA3_HEAD_DIMS = (64, 128, 256)
-# the head dims where rung 7 is the default on Hopper (default_rung): those the GPU has checked and timed faster
-# than the rung before. d = 256: 628-724 TFLOP/s against rung 3's 220-233 (fp16, N = 4096 and 16384, causal and
-# not; record fa3_ablation_h200, tests/test_tuning_records.py), the GPU tests passing (benchmarks/results/logs/
-# fa3_ablation_session_h200_b753eb0.txt; the default path at d = 256: ..._41a1755.txt)
+# where rung 7 is Hopper's default (default_rung): checked and timed faster than the rung before. d = 256: 628-724
+# TFLOP/s against rung 3's 220-233 (fp16, N = 4096, 16384, causal or not; record fa3_ablation_h200), the GPU tests
+# passing (logs/fa3_ablation_session_h200_b753eb0.txt; the default path at d = 256: ..._41a1755.txt)
 FA3_DEFAULT_HEAD_DIMS = (64, 128, 256)
 # other tiles that benchmarks/fa3_bench.py times beside these and the tests check (three consumers: d = 64 only)
 FA3_OTHER_TILES = {64: ((128, 3, 2), (64, 4, 3), (64, 4, 2)), 128: ((128, 3, 2), (64, 3, 2)), 256: ((64, 2, 2),)}
-# the consumers' schedule: taking turns (PP, the default), or not; "persistent": ping-pong in a persistent grid (one
-# CTA per SM looping over (query tile, pair) work items, longest causal tiles first: fa3_grid) with a static
-# schedule; "dynamic": the same grid, each CTA taking its next item from a global counter (FlashAttention-3's
-# dynamic persistent scheduler)
+# the consumers take turns (PP, the default) or not; "persistent": ping-pong in a grid of one CTA per SM looping over
+# work items in a static order (fa3_grid); "dynamic": each next item from a global counter (FlashAttention-3's)
 FA3_VARIANTS = ("pingpong", "plain", "persistent", "dynamic")
-# its parameters (build.Launcher): tensor maps of q, k, v; o, lse; Nq, Nk, scale, BH, G; the dynamic scheduler's
-# counter (an int32 zeroed before the launch; 0 for the other variants)
-SIG_FA3 = "MMMPPiifiiP"
+SIG_FA3 = "MMMPPiifiiP"   # maps of q, k, v; o, lse; Nq, Nk, scale, BH, G; "dynamic"'s zeroed int32 counter (else 0)
 
 # The Hopper backward 'bwd_wgmma' (fa3_backward.cu): Bc = 128 keys a block over two consumer warpgroups, Q tiles of
 # Br = 64 rows, one producer warpgroup (384 threads); d = 64 and 128 (other head dims: bwd_tc).
 BWD_WGMMA_HEAD_DIMS = (64, 128)
 BWD_WGMMA_TILES = (64, 128)   # (Br, Bc), fixed by the kernel
-# the head dims (buckets) where it is the default backward on Hopper: both. With dQ added by TMA reductions the H200
-# timed it at 308-392 TFLOP/s at d = 64 (bwd_tc 230-296) and 414-512 at d = 128 (bwd_tc 216-252), fp16 and bf16,
-# N = 4096 and 16384, causal and not (benchmarks/results/logs/bwd_wgmma_gpu_session_h200_505b10e.txt, record
-# bwd_wgmma_h200). Its first version, which added dQ with atomics, was no faster than bwd_tc at d = 64 (266-293).
+# where it is Hopper's default backward: both buckets. The H200 timed it at 308-392 TFLOP/s at d = 64 and 414-512 at
+# d = 128 against bwd_tc's 230-296 and 216-252 (fp16, bf16, N = 4096, 16384, causal or not; record bwd_wgmma_h200,
+# logs/bwd_wgmma_gpu_session_h200_505b10e.txt); its first version ('atomic' below) was not faster at d = 64
 BWD_WGMMA_DEFAULT_DIMS = (64, 128)
-# how it adds each Q tile's dQ into the fp32 buffer: 'tma' (the default) stages the tile in shared memory and adds it
-# with TMA reductions (cp.reduce.async.bulk.tensor, FlashAttention-3's way), 'atomic' with red.global.add.v2.f32
-# from every thread (the first version; kept for the comparison in bwd_wgmma_bench.py)
+# how each Q tile's dQ reaches the fp32 buffer: 'tma', staged in shared memory and added by TMA reductions
+# (FlashAttention-3's way), or 'atomic', red.global.add.v2.f32 from every thread (kept for bwd_wgmma_bench.py)
 BWD_WGMMA_DQ = ("tma", "atomic")
-# its parameters: tensor maps of q, k, v, do, dq_acc; lb, delta, dq_acc, dk, dv; Nq, Nk, scale, BH, G
-SIG_BWD_WGMMA = "MMMMMPPPPPiifii"
+SIG_BWD_WGMMA = "MMMMMPPPPPiifii"   # maps of q, k, v, do, dq_acc; lb, delta, dq_acc, dk, dv; Nq, Nk, scale, BH, G
 
 Config = namedtuple("Config", "rung file kernel Br Bc warps smem D arch dtype", defaults=(None, None, None))
 Config.__doc__ = """One kernel launch configuration: rung, .cu file, template instance, tiles Br x Bc, warps per
@@ -161,8 +150,8 @@ def choose_config(dtype, d, cc, causal=False, rung=None, tiles=None):
     Tensor Core forward rungs, (warpgroups, Bc) for wgmma, (warps, KW, Br, BRC, KVREG) as in BWD_TILES for bwd_tc.
     d may be any head dim 1 ... 256: the kernel is the one of its bucket D = head_bucket(d) (Config.D).
     Raises ValueError for what cannot run: unknown dtype or rung, a head dim outside 1 ... 256 (a bucket outside
-    WGMMA_HEAD_DIMS for wgmma), bf16 below sm_80, cc below 7.5, a sm_80 rung on sm_75, wgmma off Hopper, or tiles that do not fit.
-    """
+    WGMMA_HEAD_DIMS for wgmma), bf16 below sm_80, cc below 7.5, a sm_80 rung on sm_75, wgmma off Hopper, tiles that
+    do not fit."""
     cc = _cc_int(cc)
     if dtype not in DTYPES:
         raise ValueError(f"the cupy backend takes dtype float32, float16 or bfloat16, got {dtype!r}")
@@ -276,8 +265,8 @@ def fa3_grid(cfg, Nq, BH, n_sm):
     """Launch grid of rung 7: one CTA per (query tile, pair) (pair_grid), or for a persistent cfg min(n_sm, work
     items) CTAs (one per SM: a CTA's shared memory leaves room for one), each looping over the work items."""
     n_qt = -(-Nq // cfg.Br)
-    if cfg.persistent and n_qt * BH >= 2 ** 31:
-        raise ValueError(f"the persistent grid counts work items in int32: {n_qt} query tiles x {BH} pairs is too many")
+    if cfg.persistent and n_qt * BH >= 2 ** 31:   # the kernel counts work items in int32
+        raise ValueError(f"{n_qt} query tiles x {BH} pairs are too many work items for the persistent grid")
     return (max(1, min(n_sm, n_qt * BH)), 1, 1) if cfg.persistent else pair_grid(n_qt, BH)
 
 
@@ -307,10 +296,9 @@ def fa3_config(dtype, d, causal, tiles=None, variant="pingpong"):
 
 
 def smem_bwd_wgmma(d, Br=64, Bc=128, dq="tma"):
-    """Bytes of dynamic shared memory of fa3_backward: 1 KB of alignment slack, K and V (Bc rows), two stages of Q
-    and dO (Br rows), rows of d 16-bit values; two dS^T buffers (Bc x Br, 16-bit); with dq 'tma' a dQ staging tile
-    (Br x 64 fp32) per consumer warpgroup; two stages of Lb and delta (Br floats each) and 5 mbarriers (8 bytes
-    each)."""
+    """Bytes of dynamic shared memory of fa3_backward: 1 KB of alignment slack, K, V (Bc rows), 2 stages of Q, dO (Br
+    rows), rows of d 16-bit values; 2 dS^T buffers (Bc x Br, 16-bit); dq 'tma': a dQ staging tile (Br x 64 fp32) per
+    consumer warpgroup; 2 stages of Lb and delta (Br floats) and 5 mbarriers (8 bytes each)."""
     staging = 2 * Br * 64 * 4 if dq == "tma" else 0
     return 1024 + 2 * d * (2 * Bc + 4 * Br) + 2 * 2 * Bc * Br + staging + 4 * 4 * Br + 8 * 5
 
@@ -333,8 +321,7 @@ def bwd_wgmma_config(dtype, d, causal, dq="tma"):
 
 
 def bwd_wgmma_instances():
-    """Kernel name expressions of every fa3_backward instance (dtype x head dim x causal x dQ accumulation), for the
-    compile test."""
+    """Kernel name expressions of every fa3_backward instance (dtype x head dim x causal x dQ), for the compile test."""
     return [bwd_wgmma_config(t, d, c, q).kernel for t in ("float16", "bfloat16") for d in BWD_WGMMA_HEAD_DIMS
             for c in (False, True) for q in BWD_WGMMA_DQ]
 

@@ -3,9 +3,9 @@ incoherent processing by a random Hadamard rotation, V transposed for the kernel
 
 FlashAttention-3 (Shah et al. 2024, section 3.3) runs both products in FP8 at twice the fp16 Tensor Core rate.
 Two of its measures against FP8's 3 mantissa bits are here:
-  * block quantisation: one scale per (batch, head) for each of Q, K, V (amax / 448, 448 being e4m3's largest finite
-    value); the kernel takes the descale factors (q_descale, k_descale, v_descale) and folds q_descale * k_descale
-    into the softmax scale, v_descale into the epilogue;
+  * block quantisation: one scale per (batch, head) for each of Q, K, V (e4m3_scale: amax times float32(1 / 448),
+    448 being e4m3's largest finite value); the kernel takes the descale factors (q_descale, k_descale, v_descale),
+    folds q_descale * k_descale into the softmax scale and v_descale into the epilogue;
   * incoherent processing: Q and K multiplied by one random orthogonal matrix M = diag(s) H / sqrt(d) along d (H the
     Sylvester Hadamard matrix, s random signs), which leaves Q K^T unchanged, (Q M)(K M)^T = Q M M^T K^T = Q K^T,
     and spreads a few large entries (outliers) over all d columns before they are rounded.
@@ -20,10 +20,9 @@ Measured on the H200 (record fp8_quant_h200, benchmarks/fp8_bench.py --quant at 
 float16): the fused pair takes 0.19 ms with the rotation and 0.14 ms without at d = 128 (torch's passes: 2.52 and
 1.98 ms, V's transpose alone 0.45 ms), 0.096 and 0.076 ms at d = 64 (torch's: 1.80 and 1.11 ms), the same at N = 4096
 and 16384: 2.6 and 3.6 TB/s counting 16-bit Q, K, V read twice and e4m3 written once (the rotation's shuffles cost
-the difference). End to end (forward_fp8 with the rotation, quantisation included) against rung 7 fp16 at d = 128:
-0.91 against 0.90 ms at N = 4096 (0.61 against 0.51 causal), 2.86 against 3.44 ms at N = 16384 (1.56 against
-1.75 causal); at d = 64 slower throughout (the kernel alone is, see FP8_TILES); with torch's quantisation it was
-1.5 to 5.8 times slower than rung 7.
+the difference). End to end (forward_fp8 with the rotation, quantisation included, the kernel then at Bc = 128)
+against rung 7 fp16 at d = 128: 0.91 against 0.90 ms at N = 4096, 2.86 against 3.44 ms at N = 16384 (1.56 against
+1.75 causal); at d = 64 slower; with torch's quantisation 1.5 to 5.8 times slower than rung 7.
 
 Opt-in only: no default path runs FP8 (it changes the numbers). Entries: `forward_fp8(q, k, v, ...)` on 16-bit torch
 CUDA tensors (quantises inside), `forward_fp8_quantized(q8, k8, v8, q_descale, k_descale, v_descale, ...)` on e4m3
