@@ -287,3 +287,26 @@ def test_misaligned_inputs_are_copied_before_any_kernel_reads_them(fake_gpu, pic
     for call in log:
         addrs = [a[1] if isinstance(a, tuple) else a for a, c in zip(call["args"], call["sig"]) if c in "PM"]
         assert all(a % 16 == 0 for a in addrs), call["kernel"]
+
+
+def test_tensor_maps_are_encoded_in_the_pointers_context_where_the_thread_has_none(monkeypatch):
+    """tma.encode_tiled, the one call of cuTensorMapEncodeTiled (rung 7, bwd_wgmma, fa3_fp8): the driver's
+    arguments, a retry in the context that owns the pointer when the thread has none (CUresult 201), and an error
+    naming the sizes when the encode still fails. The driver is a recording fake here."""
+    from flashlib.cupy_kernels import fp8, tma
+    calls, answers, switched = [], [201, 0], []
+    monkeypatch.setattr(tma, "_encode_fn", lambda: lambda *a: calls.append(a) or answers.pop(0))
+    monkeypatch.setattr(tma, "_in_context_of", lambda ptr, call: switched.append(ptr) or call())
+    tma.map_bytes.cache_clear()
+    tma.map_bytes(0x1000, "float32", 64, 50, 2, 64)
+    assert switched == [0x1000] and len(calls) == 2              # 201: encoded again, in ptr's context
+    _, dtype, rank, ptr, dims, strides, box, _, inter, swizzle, l2, oob = calls[-1]
+    assert (dtype, rank, ptr.value, inter, swizzle, l2, oob) == (7, 3, 0x1000, 0, 3, 2, 0)   # FLOAT32, 128B swizzle
+    assert list(dims) == [64, 50, 2] and list(strides) == [256, 256 * 50] and list(box) == [32, 64, 1]
+    answers[:] = [1]
+    fp8.map8.cache_clear()
+    with pytest.raises(RuntimeError, match=r"CUresult 1 \(dims \(224, 97, 3\), box \(32, 224, 1\)\)"):
+        fp8.map8(0x2000, 224, 97, 3, 32, 224)
+    _, dtype, *_, swizzle, _, _ = calls[-1]
+    assert (dtype, swizzle) == (0, 1) and switched == [0x1000]   # UINT8, 32B swizzle; no retry for other errors
+    tma.map_bytes.cache_clear()

@@ -293,19 +293,15 @@ def map8(ptr, cols, rows, pairs, box_cols, box_rows):
     """128 bytes of a CUtensorMap over a contiguous (pairs, rows, cols) byte tensor at ptr: dims (cols, rows, pairs)
     innermost first, boxes (box_cols, box_rows, 1), box_cols = 32, 64 or 128 bytes with the swizzle of that width,
     out-of-range elements read as 0."""
-    from .tma import TensorMap, _encode_fn
+    from .tma import TensorMap, encode_tiled
     if ptr % 16 or cols % 16:
         raise ValueError(f"TMA needs 16-byte-aligned rows, got address {ptr:#x}, {cols} bytes a row")
     m = TensorMap()
     dims = (ctypes.c_uint64 * 3)(cols, rows, pairs)
     strides = (ctypes.c_uint64 * 2)(cols, cols * rows)
-    box, one = (ctypes.c_uint32 * 3)(box_cols, box_rows, 1), (ctypes.c_uint32 * 3)(1, 1, 1)
+    box = (ctypes.c_uint32 * 3)(box_cols, box_rows, 1)
     swizzle = {32: 1, 64: 2, 128: 3}[box_cols]          # CU_TENSOR_MAP_SWIZZLE_32B, _64B, _128B
-    rc = _encode_fn()(ctypes.addressof(m.arg), 0, 3, ctypes.c_void_p(ptr), dims, strides, box, one,  # 0: UINT8
-                      0, swizzle, 2, 0)                 # no interleave, L2 promotion 128B, OOB fill zero
-    if rc != 0:
-        raise RuntimeError(f"cuTensorMapEncodeTiled failed with CUresult {rc} (dims {(cols, rows, pairs)}, "
-                           f"box {(box_cols, box_rows, 1)})")
+    encode_tiled(m, 0, ptr, dims, strides, box, swizzle)    # 0: CU_TENSOR_MAP_DATA_TYPE_UINT8
     return ctypes.string_at(ctypes.addressof(m.arg), 128)
 
 

@@ -39,9 +39,13 @@ def precompile(device=0, workers=16):
 # ---------------------------------------------------------------- libcuda through ctypes
 
 @functools.lru_cache(maxsize=None)
+def _libcuda():
+    return ctypes.CDLL("libcuda.so.1")
+
+
+@functools.lru_cache(maxsize=None)
 def _encode_fn():
-    lib = ctypes.CDLL("libcuda.so.1")
-    fn = lib.cuTensorMapEncodeTiled
+    fn = _libcuda().cuTensorMapEncodeTiled
     u32, u64p, u32p = ctypes.c_uint32, ctypes.POINTER(ctypes.c_uint64), ctypes.POINTER(ctypes.c_uint32)
     fn.argtypes = [ctypes.c_void_p, ctypes.c_int, u32, ctypes.c_void_p, u64p, u64p, u32p, u32p,
                    ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int]
@@ -56,7 +60,7 @@ def _in_context_of(ptr, call):
     """call() with the CUDA context that owns device address ptr made current, the thread's own restored after:
     PyTorch may run a backward pass on a thread of its own where no context is current, and the driver encodes a
     tensor map only in one (CUDA Driver API: cuPointerGetAttribute, cuCtxGetCurrent, cuCtxSetCurrent)."""
-    lib = ctypes.CDLL("libcuda.so.1")
+    lib = _libcuda()
     owner, here = ctypes.c_void_p(), ctypes.c_void_p()
     rc = lib.cuPointerGetAttribute(ctypes.byref(owner), _POINTER_ATTRIBUTE_CONTEXT, ctypes.c_uint64(ptr))
     if rc != 0 or not owner.value:
@@ -67,6 +71,22 @@ def _in_context_of(ptr, call):
         return call()
     finally:
         lib.cuCtxSetCurrent(here)
+
+
+def encode_tiled(m, data_type, ptr, dims, strides, box, swizzle):
+    """cuTensorMapEncodeTiled into TensorMap m: a 3-D tensor at ptr (dims innermost first, strides of dims 1, 2 in
+    bytes, box), no interleave, the given swizzle, L2 promotion 128B, out-of-range elements read as 0. On a thread
+    with no current context, encoded in the one that owns ptr; a failure raises RuntimeError naming the sizes."""
+    one = (ctypes.c_uint32 * 3)(1, 1, 1)
+
+    def encode():
+        return _encode_fn()(ctypes.addressof(m.arg), data_type, 3, ctypes.c_void_p(ptr), dims, strides, box, one,
+                            _INTERLEAVE_NONE, swizzle, _L2_PROMOTION_128B, _OOB_FILL_ZERO)
+    rc = encode()
+    if rc == _INVALID_CONTEXT:
+        rc = _in_context_of(ptr, encode)
+    if rc != 0:
+        raise RuntimeError(f"cuTensorMapEncodeTiled failed with CUresult {rc} (dims {tuple(dims)}, box {tuple(box)})")
 
 
 class TensorMap:
@@ -90,15 +110,7 @@ def tensor_map_3d(ptr, dtype, d, n, pairs, box_rows):
     size = _BYTES[dtype]
     strides = (ctypes.c_uint64 * 2)(size * d, size * d * n)    # bytes, of dims 1 and 2
     box = (ctypes.c_uint32 * 3)(128 // size, box_rows, 1)
-    one = (ctypes.c_uint32 * 3)(1, 1, 1)
-    encode = lambda: _encode_fn()(ctypes.addressof(m.arg), _TMA_DTYPE[dtype], 3, ctypes.c_void_p(ptr), dims, strides,
-                                  box, one, _INTERLEAVE_NONE, _SWIZZLE_128B, _L2_PROMOTION_128B, _OOB_FILL_ZERO)
-    rc = encode()
-    if rc == _INVALID_CONTEXT:       # a thread with no current context: encode in the one that owns ptr
-        rc = _in_context_of(ptr, encode)
-    if rc != 0:
-        raise RuntimeError(f"cuTensorMapEncodeTiled failed with CUresult {rc} (dims {(d, n, pairs)}, box "
-                           f"{tuple(box)})")
+    encode_tiled(m, _TMA_DTYPE[dtype], ptr, dims, strides, box, _SWIZZLE_128B)
     return m
 
 
