@@ -102,6 +102,11 @@ def test_check_record_refuses_what_it_cannot_prove():
     bad = json.loads(json.dumps(good))
     bad["info"].update(flashlib_dirty=True, flashlib_dirty_files=["flashlib/tiled.py"])
     assert "dirty" in " ".join(records.check_record(bad))
+    label = json.loads(json.dumps(good))                              # only the device run's commit label
+    label["info"].update(flashlib_dirty=True, flashlib_dirty_files=[records.COMMIT_LABEL])
+    assert records.check_record(label) == []
+    bad["info"]["flashlib_dirty_files"].append(records.COMMIT_LABEL)
+    assert "dirty" in " ".join(records.check_record(bad))
     bad = json.loads(json.dumps(good))
     bad["info"]["flashlib_commit"] = "wip"
     assert "not a commit" in " ".join(records.check_record(bad))
