@@ -94,7 +94,7 @@ template <int Bc> __device__ __forceinline__ void pack_p_e4m3(u32 (*pa)[4], cons
 
 constexpr int P_SHIFT = 8;  // P rounded as P * 2^8
 
-template <typename OUT, int D, int Bc, int STAGES, bool CAUSAL>
+template <typename OUT, int D, int Bc, int STAGES, bool CAUSAL, int EMU>
 __global__ void __launch_bounds__(384, 1)
 fa3_fp8(const __grid_constant__ TmaMap qmap, const __grid_constant__ TmaMap kmap, const __grid_constant__ TmaMap vmap,
         OUT* __restrict__ O, float* __restrict__ L, const float* __restrict__ qd, const float* __restrict__ kd,
@@ -191,7 +191,7 @@ fa3_fp8(const __grid_constant__ TmaMap qmap, const __grid_constant__ TmaMap kmap
         __syncwarp();
         if (lane == 0) mbar_arrive(bar);
     };
-    auto softmax = [&](int j) { wg_softmax<Bc, CAUSAL, P_SHIFT>(s, m, l, alpha, j, n_full, Nk, qg, w, g, t, sl); };
+    auto softmax = [&](int j) { wg_softmax<Bc, CAUSAL, P_SHIFT, EMU>(s, m, l, alpha, j, n_full, Nk, qg, w, g, t, sl); };
     auto my_turn = [&]() { bar_sync(1 + cw, 256); };
     auto your_turn = [&]() { bar_arrive(1 + (cw + 1) % NCW, 256); };
     auto rescale_and_pack = [&]() {

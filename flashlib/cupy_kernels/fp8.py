@@ -84,16 +84,16 @@ def fp8_config(d, causal, tiles=None, out="bfloat16"):
         raise ValueError(f"fa3_fp8 takes head_dim in {FP8_HEAD_DIMS}, got {d!r}")
     if out not in FP8_OUT:
         raise ValueError(f"fa3_fp8 writes O as bfloat16 or float16, got {out!r}")
-    Bc, stages = tuple(tiles) if tiles is not None else FP8_TILES[d]
-    if Bc not in FP8_BC or stages < 2 or Bc > FP8_MAX_BC[d]:
-        raise ValueError(f"fa3_fp8 takes tiles (Bc, stages): Bc in {FP8_BC} up to {FP8_MAX_BC[d]} at d = {d} "
-                         f"(the consumers' 240 registers), stages >= 2; got {tiles}")
+    Bc, stages, emu = (tuple(tiles) if tiles is not None else FP8_TILES[d]) + (0,) * (tiles is None or len(tiles) == 2)
+    if Bc not in FP8_BC or stages < 2 or Bc > FP8_MAX_BC[d] or emu not in range(9):
+        raise ValueError(f"fa3_fp8 takes tiles (Bc, stages[, emu]): Bc in {FP8_BC} up to {FP8_MAX_BC[d]} at d = "
+                         f"{d} (the consumers' 240 registers), stages >= 2, emu 0 ... 8; got {tiles}")
     smem = smem_fp8(d, Bc, stages)
     if smem > SMEM_OPTIN_BYTES[90]:
         raise ValueError(f"tiles {tiles} at d = {d} need {smem} bytes of shared memory; Hopper allows "
                          f"{SMEM_OPTIN_BYTES[90]}")
     c = "true" if check_causal(causal) else "false"
-    return Fp8Config(f"fa3_fp8<{FP8_OUT[out]}, {d}, {Bc}, {stages}, {c}>", 128, Bc, stages, 384, smem)
+    return Fp8Config(f"fa3_fp8<{FP8_OUT[out]}, {d}, {Bc}, {stages}, {c}, {emu}>", 128, Bc, stages, 384, smem)
 
 
 def fp8_instances():
