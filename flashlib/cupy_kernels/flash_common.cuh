@@ -118,10 +118,11 @@ __device__ __forceinline__ float fast_exp2(float x) {  // ex2.approx: one MUFU o
 // 2^x on the FMA and integer pipes instead of MUFU (FlashAttention-4's software exp2, for a share of a tile's
 // exponentials): x = j + f with j = floor(x), found by adding 1.5 * 2^23 rounded down (j then sits in the low
 // mantissa bits); 2^f on [0, 1) by a degree-3 polynomial (relative error below 7.6e-5, fitted here); j added to the
-// exponent field. x is clamped at -127 (2^-127 is 0 after ftz, as exp2(-inf) is).
+// exponent field. x is clamped at -126: p(0) < 1 has exponent 126, so j = -127 would wrap into the sign bit (NaN);
+// 2^-126 is as good as exp2(-inf) = 0 here.
 __device__ __forceinline__ float exp2_fma(float x) {
     constexpr float MAGIC = 12582912.f;  // 1.5 * 2^23
-    x = fmaxf(x, -127.f);
+    x = fmaxf(x, -126.f);
     const float j = __fadd_rd(x, MAGIC), f = x - (j - MAGIC);
     const float p = fmaf(fmaf(fmaf(0.07802355f, f, 0.22606662f), f, 0.69583482f), f, 0.99992496f);
     return __int_as_float(__float_as_int(p) + (__float_as_int(j) << 23));

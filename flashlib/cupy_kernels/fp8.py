@@ -85,9 +85,9 @@ def fp8_config(d, causal, tiles=None, out="bfloat16"):
     if out not in FP8_OUT:
         raise ValueError(f"fa3_fp8 writes O as bfloat16 or float16, got {out!r}")
     Bc, stages, emu = (tuple(tiles) if tiles is not None else FP8_TILES[d]) + (0,) * (tiles is None or len(tiles) == 2)
-    if Bc not in FP8_BC or stages < 2 or Bc > FP8_MAX_BC[d] or emu not in range(9):
+    if Bc not in FP8_BC or stages < 2 or Bc > FP8_MAX_BC[d] or emu not in range(17):
         raise ValueError(f"fa3_fp8 takes tiles (Bc, stages[, emu]): Bc in {FP8_BC} up to {FP8_MAX_BC[d]} at d = "
-                         f"{d} (the consumers' 240 registers), stages >= 2, emu 0 ... 8; got {tiles}")
+                         f"{d} (the consumers' 240 registers), stages >= 2, emu 0 ... 16; got {tiles}")
     smem = smem_fp8(d, Bc, stages)
     if smem > SMEM_OPTIN_BYTES[90]:
         raise ValueError(f"tiles {tiles} at d = {d} need {smem} bytes of shared memory; Hopper allows "

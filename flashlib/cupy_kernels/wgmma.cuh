@@ -150,7 +150,7 @@ template <int R> __device__ __forceinline__ int sw128(int r, int c) {
 // on the tiles that need one (j >= n_full): P_j (fp32) in place of S_j, m and l updated, alpha the factor for the
 // old O. qg: the warpgroup's first query row; sl: the scale times log2(e). Rungs 6 and 7 share it.
 // SHIFT (FP8 only): P is computed as P * 2^SHIFT (the row sum l too), which moves small probabilities out of e4m3's
-// underflow range; the caller takes SHIFT * ln 2 off the lse. EMU (FP8 only): of each 8 exponentials a thread
+// underflow range; the caller takes SHIFT * ln 2 off the lse. EMU (FP8 only): of each 16 exponentials a thread
 // computes, EMU go to exp2_fma rather than MUFU.
 template <int Bc, bool CAUSAL, int SHIFT = 0, int EMU = 0>
 __device__ __forceinline__ void wg_softmax(float* s, float* m, float* l, float* alpha, int j, int n_full, int Nk,
@@ -186,7 +186,7 @@ __device__ __forceinline__ void wg_softmax(float* s, float* m, float* l, float* 
 #pragma unroll
     for (int i = 0; i < Bc / 2; i++) {
         const float x = fmaf(s[i], sl, -base[(i >> 1) & 1]);
-        s[i] = i % 8 < EMU ? exp2_fma(x) : fast_exp2(x);
+        s[i] = i % 16 < EMU ? exp2_fma(x) : fast_exp2(x);
         l[(i >> 1) & 1] += s[i];
     }
 }
