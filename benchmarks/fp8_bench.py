@@ -1,7 +1,7 @@
 """Rung 'fa3_fp8' (fa3_fp8.cu, e4m3) beside rung 7 fp16 and cuDNN SDPA fp16: TFLOP/s, the quantisation pass, and
 the error table of FlashAttention-3's outlier experiment.
 
-    python benchmarks/fp8_bench.py [--out DIR] [--max-seconds S] [--sanitize] [--quant]
+    python benchmarks/fp8_bench.py [--out DIR] [--max-seconds S] [--sanitize] [--quant | --emu]
 
 Timing (flashlib.bench.timing.compare, host=False): H = 16, B = 16384 // N, N = 4096 and 16384, d = 64 and 128,
 causal and not; FLOPs 4*B*H*N^2*d, half when causal. fa3_fp8 is timed on pre-quantised inputs (the kernel alone,
@@ -11,7 +11,9 @@ timed apart, torch's (quantize_reference) beside the fused kernels' (fp8_quant.c
 rung 7 fp16 (quant_main). Error table: RMSE of O against float64 attention (torch on the GPU) for standard normal
 Q, K, V and for the same plus 0.1 % outliers of standard deviation 10 (FlashAttention-3 section 4.3), B = 1, H = 4,
 N = 4096: rung 7 fp16, fa3_fp8 without and with the rotation. The record "fp8_forward_<gpu>" goes through
-flashlib.bench.save. --sanitize: small ragged calls at d = 128, default and other tiles (for compute-sanitizer).
+flashlib.bench.save. --emu: only the record "fp8_emu_<gpu>" (emu_main): the default tile at each share of
+exponentials on the FMA pipe (fp8.FP8_EMU), timed interleaved at the same shapes, their errors, and Nsight Compute's
+pipe counters at d = 128, N = 4096 (B = 4) for emu 0, 1, 2 (ncu_emu<e>.txt under --out). --sanitize: small ragged calls at d = 128, default and other tiles (for compute-sanitizer).
 """
 import argparse
 import concurrent.futures
@@ -61,7 +63,7 @@ def time_shape(d, N, causal, max_seconds):
     inp, v8 = fp8.quantize(q, k, v, hadamard=True), fp8.quantize_e4m3(v)[0]
     qc, kc, vc = (to_cupy(t) for t in (q, k, v))
     scale = d ** -0.5
-    fns = {f"fa3_fp8_{x[0]}x{x[1]}": (lambda x=x: fp8.forward_fp8_prepared(inp, causal, scale, tiles=x))
+    fns = {fp8.tile_name(x): (lambda x=x: fp8.forward_fp8_prepared(inp, causal, scale, tiles=x))
            for x in (fp8.FP8_TILES[d],) + fp8.FP8_OTHER_TILES[d]}
     fns["rung7_fp16"] = lambda: tma.forward_fa3(qc, kc, vc, causal, scale)
     fns["sdpa_cudnn_fp16"] = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
@@ -146,6 +148,81 @@ def quant_main(out, max_seconds):
     print("saved", path)
 
 
+NCU_METRICS = ("sm__pipe_tensor_cycles_active", "sm__inst_executed_pipe_xu", "sm__pipe_fma_cycles_active",
+               "sm__inst_executed_pipe_alu", "smsp__issue_active")
+
+
+def _emu_tiles(d, e):
+    return fp8.FP8_TILES[d][:2] + (e,)
+
+
+def emu_ncu(e, out=None):
+    """One fa3_fp8 launch at d = 128, N = 4096, B = 4, H = 16 with emu e between profiler marks (out=None: inside
+    ncu); else run ncu on it and keep its text as out/ncu_emu<e>.txt, returning {metric: value}."""
+    import subprocess
+    import torch
+    if out is None:
+        inp = fp8.quantize(*_inputs(4, 16, 4096, 128))
+        f = lambda: fp8.forward_fp8_prepared(inp, False, 128 ** -0.5, tiles=_emu_tiles(128, e))
+        f()
+        torch.cuda.synchronize()
+        torch.cuda.profiler.start()
+        f()
+        torch.cuda.synchronize()
+        return torch.cuda.profiler.stop()
+    mets = ",".join(m + ".avg.pct_of_peak_sustained_active" for m in NCU_METRICS) + ",gpu__time_duration.sum"
+    r = subprocess.run(["ncu", "--profile-from-start", "off", "--clock-control", "none", "-k", "regex:fa3_fp8",
+                        "--metrics", mets, sys.executable, os.path.abspath(__file__), "--ncu-case", str(e)],
+                       capture_output=True, text=True, timeout=150)
+    with open(os.path.join(out, f"ncu_emu{e}.txt"), "w") as fh:
+        fh.write(r.stdout + r.stderr[-2000:])
+    found = {ln.split()[0]: float(ln.split()[-1].replace(",", "")) for ln in r.stdout.splitlines()
+             if ln.strip().startswith(("sm", "gpu__")) and len(ln.split()) >= 3}
+    print(f"ncu emu {e}: " + ", ".join(f"{k.split('.')[0]} {v}" for k, v in found.items()), flush=True)
+    return found
+
+
+def emu_main(out, max_seconds):
+    """--emu: the record fp8_emu_<gpu>: at each d the default (Bc, stages) with every emu of fp8.FP8_EMU, errors
+    (relative RMSE against float64, normal and outlier inputs) and TFLOP/s, then emu_ncu for emu 0, 1, 2."""
+    import torch
+    from flashlib.bench.timing import compare
+    cfgs = [fp8.fp8_config(d, c, _emu_tiles(d, e)) for d in DIMS for c in (False, True) for e in fp8.FP8_EMU[d]]
+    with concurrent.futures.ThreadPoolExecutor(16) as ex:
+        list(ex.map(lambda c: fp8._launcher(0, c), cfgs))
+    rows = []
+    for d in DIMS:
+        for name, frac in (("normal", 0.0), ("outliers_0.1%", 1e-3)):
+            q, k, v = _inputs(1, 4, 4096, d, frac, seed=d)
+            ref = _ref64(q, k, v, d ** -0.5)
+            rms = float(ref.pow(2).mean().sqrt())
+            for e in fp8.FP8_EMU[d]:
+                o = fp8.forward_fp8(q, k, v, scale=d ** -0.5, tiles=_emu_tiles(d, e))[0]
+                rows.append(dict(kind="error", d=d, n=4096, inputs=name, emu=e,
+                                 rel_rmse=float((o.double() - ref).pow(2).mean().sqrt()) / rms))
+            print(f"errors d={d} {name}: " + " ".join(f"emu{r['emu']} {r['rel_rmse']:.4%}" for r in rows[-len(
+                fp8.FP8_EMU[d]):]), flush=True)
+        for N in LENGTHS:
+            for causal in (False, True):
+                B = 16384 // N
+                inp = fp8.quantize(*_inputs(B, H, N, d))
+                fns = {fp8.tile_name(_emu_tiles(d, e)): (lambda e=e: fp8.forward_fp8_prepared(
+                    inp, causal, d ** -0.5, tiles=_emu_tiles(d, e))) for e in fp8.FP8_EMU[d]}
+                stats = compare(fns, host=False, min_rounds=8, max_rounds=20, max_seconds=max_seconds)
+                flops = 4 * B * H * N * N * d * (0.5 if causal else 1.0)
+                rows += [dict(kind="forward", d=d, n=N, B=B, H=H, causal=causal, impl=n, emu=e, ms=st["median_ms"],
+                              spread=st["spread"], tflops=flops / (st["median_ms"] * 1e-3) / 1e12)
+                         for e, (n, st) in zip(fp8.FP8_EMU[d], stats.items())]
+                print(f"d={d:3d} N={N:5d} causal={causal!s:5s}" + "".join(
+                    f" | {r['impl']} {r['tflops']:5.0f}" for r in rows[-len(fns):]), flush=True)
+    for e in (0, 1, 2):
+        rows.append(dict(kind="ncu", d=128, n=4096, B=4, H=H, causal=False, emu=e, metrics=emu_ncu(e, out or ".")))
+    tag = bench.gpu_tag(torch.cuda.get_device_name())
+    print("saved", bench.save(f"fp8_emu_{tag}", rows, directory=out, emu=fp8.FP8_EMU, tiles=fp8.FP8_TILES,
+                              flops="4*B*H*N^2*d, half when causal", timing="flashlib.bench.timing.compare, host=False"
+                              ", candidates interleaved; pre-quantised inputs", ncu_metrics=NCU_METRICS))
+
+
 def _ref64(q, k, v, scale):
     import torch
     s = (q.double() @ k.double().transpose(-1, -2)) * scale
@@ -182,7 +259,13 @@ def main():
     ap.add_argument("--max-seconds", type=float, default=2.5)
     ap.add_argument("--sanitize", action="store_true")
     ap.add_argument("--quant", action="store_true", help="only the record fp8_quant_<gpu> (quant_main)")
+    ap.add_argument("--emu", action="store_true", help="only the record fp8_emu_<gpu> (emu_main)")
+    ap.add_argument("--ncu-case", type=int, help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.ncu_case is not None:
+        return emu_ncu(a.ncu_case)
+    if a.emu:
+        return emu_main(a.out, a.max_seconds)
     if a.quant:
         return quant_main(a.out, a.max_seconds)
     if a.sanitize:

@@ -150,11 +150,14 @@ def test_model_of_exact_inputs_is_exact_up_to_p_rounding():
 
 def test_fp8_config():
     cfg = fp8.fp8_config(128, True, (128, 2))
-    assert cfg.kernel == "fa3_fp8<__nv_bfloat16, 128, 128, 2, true>" and (cfg.Br, cfg.Bc, cfg.threads) == (128, 128, 384)
+    assert cfg.kernel == "fa3_fp8<__nv_bfloat16, 128, 128, 2, true, 0>" and (cfg.Br, cfg.Bc, cfg.threads) == (128, 128, 384)
     assert cfg.smem == 1024 + 128 * 128 + 4 * 128 * 128 + 8 * 10
-    assert fp8.fp8_config(64, False).kernel == "fa3_fp8<__nv_bfloat16, 64, 256, 2, false>"       # the defaults
-    assert fp8.fp8_config(128, True).kernel == "fa3_fp8<__nv_bfloat16, 128, 224, 2, true>"
-    assert fp8.fp8_config(256, False, out="float16").kernel == "fa3_fp8<__half, 256, 64, 2, false>"
+    assert fp8.fp8_config(64, False).kernel == "fa3_fp8<__nv_bfloat16, 64, 256, 2, false, 1>"    # the defaults
+    assert fp8.fp8_config(128, True).kernel == "fa3_fp8<__nv_bfloat16, 128, 224, 2, true, 2>"
+    assert fp8.fp8_config(256, False, out="float16").kernel == "fa3_fp8<__half, 256, 64, 2, false, 0>"
+    assert fp8.fp8_config(128, False, (192, 3, 16)).kernel == "fa3_fp8<__nv_bfloat16, 128, 192, 3, false, 16>"
+    assert [fp8.tile_name(t) for t in ((224, 2, 2), (224, 2, 0), (128, 2))] == [
+        "fa3_fp8_224x2e2", "fa3_fp8_224x2", "fa3_fp8_128x2"]
     for d in fp8.FP8_HEAD_DIMS:
         for t in (None,) + fp8.FP8_OTHER_TILES[d]:
             assert fp8.fp8_config(d, False, t).smem <= 227 * 1024
@@ -162,11 +165,12 @@ def test_fp8_config():
         fp8.fp8_config(96, False)
     with pytest.raises(ValueError, match="tiles"):
         fp8.fp8_config(256, False, (128, 2))
-    for bad in ((112, 2), (96, 2), (32, 2), (288, 2), (256, 2), (128, 1)):  # not accepted, too small or large
+    for bad in ((112, 2), (96, 2), (32, 2), (288, 2), (256, 2), (128, 1), (128, 2, 17), (128, 2, -1), (128,),
+                (128, 2, 1, 1)):                                       # not accepted, too small or large
         with pytest.raises(ValueError, match=r"Bc in \(64, 128, 160"):
             fp8.fp8_config(128, False, bad)
     cfg = fp8.fp8_config(128, False, (224, 2))                             # FlashAttention-3's FP8 tile at d = 128
-    assert cfg.kernel == "fa3_fp8<__nv_bfloat16, 128, 224, 2, false>" and cfg.smem == 1024 + 128 * 128 + 4 * 224 * 128 + 8 * 10
+    assert cfg.kernel == "fa3_fp8<__nv_bfloat16, 128, 224, 2, false, 0>" and cfg.smem == 1024 + 128 * 128 + 4 * 224 * 128 + 8 * 10
     assert [fp8.block_bytes(x) for x in (64, 96, 128, 160, 192, 224, 256)] == [64, 32, 128, 32, 64, 32, 128]
     with pytest.raises(ValueError, match="bfloat16 or float16"):
         fp8.fp8_config(64, False, out="float32")
@@ -210,6 +214,27 @@ def test_quantize_on_the_cpu_is_the_reference_and_the_fused_one_wants_cuda():
     assert [np.float32(x) for x in rs] == [np.float32(1 / np.sqrt(d)) for d in fp8.FP8_HEAD_DIMS]
 
 
+def test_exp2_fma_constants_give_exp2():
+    """flash_common.cuh's exp2_fma, its clamp and coefficients read from the source and run in float32 numpy the
+    same way (floor by the round-down add, the polynomial by fmaf, j added to the exponent bits): within 7.6e-5 of
+    2^x over [-120, 8] (x <= 8: P is scaled by 2^8), no NaN or negative result down to -inf (the masked keys)."""
+    src = (HERE / "flash_common.cuh").read_text()
+    body = src[src.index("float exp2_fma(float x)"):]
+    lo = np.float32(re.search(r"x = fmaxf\(x, (-[0-9.]+)f\);", body).group(1))
+    c = [np.float32(v) for v in re.search(r"fmaf\(fmaf\(fmaf\(([0-9.]+)f, f, ([0-9.]+)f\), f, ([0-9.]+)f\), f, "
+                                          r"([0-9.]+)f\)", body).groups()]
+    x = np.concatenate([np.linspace(-140, 8, 400001, dtype=np.float32), np.float32([-np.inf, -126.5, 0, 8])])
+    xc = np.maximum(x, lo)
+    magic = np.float32(1.5 * 2 ** 23)
+    j = magic + np.floor(xc)                                  # = __fadd_rd(x, MAGIC): exact below 2^22
+    f = xc - (j - magic)
+    p = np.float32(np.float32(np.float32(c[0] * f + c[1]) * f + c[2]) * f + c[3])
+    y = (p.view(np.int32) + (j.view(np.int32) << np.int32(23))).view(np.float32)
+    assert not np.isnan(y).any() and (y >= 0).all() and (y[x <= -126] < 2e-38).all()
+    ok = x >= -120
+    assert np.abs(y[ok] / np.exp2(x[ok].astype(np.float64)) - 1).max() < 7.6e-5
+
+
 def test_the_h200_record_holds_what_the_docstrings_say():
     """fp8_forward_h200 (benchmarks/fp8_bench.py at f1ca19b), as fp8.py's FP8_TILES comment and fa3_fp8.cu's header
     quote it: the default tile is the fastest fa3_fp8 tile timed in every shape (within 1 %), 1.5 % or more above
@@ -224,7 +249,7 @@ def test_the_h200_record_holds_what_the_docstrings_say():
             fwd[(r["d"], r["n"], r["causal"])][r["impl"]] = r["tflops"]
     assert len(fwd) == 8
     for (d, n, causal), t in fwd.items():
-        mine = t["fa3_fp8_" + "x".join(map(str, fp8.FP8_TILES[d]))]
+        mine = t[fp8.tile_name(fp8.FP8_TILES[d])]
         assert mine >= 0.99 * max(v for k, v in t.items() if k.startswith("fa3_fp8_")), (d, n, causal, t)
         assert mine >= (1.015 if d == 128 else 1.06) * t["fa3_fp8_128x2"], (d, n, causal, t)
         if d == 128:

@@ -118,6 +118,16 @@ TILE_CASES = [(d, t, c) for d in fp8.FP8_HEAD_DIMS for t in fp8.FP8_OTHER_TILES[
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("d", (64, 128))
+@pytest.mark.parametrize("causal", [False, True])
+def test_fp8_every_exponential_on_the_fma_pipe(d, causal):
+    """emu = 16: all of the softmax's exponentials by exp2_fma (the masked -inf ones too), at ragged shapes."""
+    _hopper()
+    for nq, nk in ((1, 1), (130, 77), (300, 1000)):
+        _check(1, 2, 2, nq, nk, d, causal, tiles=(128, 2, 16))
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("d,tiles,causal", TILE_CASES, ids=str)
 def test_fp8_other_tiles_ragged(d, tiles, causal):
     """Every other key tile (V^T rows of 32-, 64- or 128-byte blocks) at ragged shapes: Nk not a multiple of Bc or

@@ -16,13 +16,7 @@ float32 matrix product, quantize_e4m3, transpose_v; any device and dtype: the te
 tensors `quantize_fused` (fp8_quant.cu): pass 1 the amax per (batch, head), pass 2 the e4m3 bytes with V^T written
 directly, M applied in both as the fast Walsh-Hadamard transform (d log d adds a row, in registers and warp
 shuffles). `quantize` picks. They differ only in the rotation's rounding (summation order).
-Measured on the H200 (record fp8_quant_h200, benchmarks/fp8_bench.py --quant at d4cf313; H = 16, B = 16384 / N,
-float16): the fused pair takes 0.19 ms with the rotation and 0.14 ms without at d = 128 (torch's passes: 2.52 and
-1.98 ms, V's transpose alone 0.45 ms), 0.096 and 0.076 ms at d = 64 (torch's: 1.80 and 1.11 ms), the same at N = 4096
-and 16384: 2.6 and 3.6 TB/s counting 16-bit Q, K, V read twice and e4m3 written once (the rotation's shuffles cost
-the difference). End to end (forward_fp8 with the rotation, quantisation included, the kernel then at Bc = 128)
-against rung 7 fp16 at d = 128: 0.91 against 0.90 ms at N = 4096, 2.86 against 3.44 ms at N = 16384 (1.56 against
-1.75 causal); at d = 64 slower; with torch's quantisation 1.5 to 5.8 times slower than rung 7.
+Their speed: fp8_quant.cu's header (record fp8_quant_h200).
 
 Opt-in only: no default path runs FP8 (it changes the numbers). Entries: `forward_fp8(q, k, v, ...)` on 16-bit torch
 CUDA tensors (quantises inside), `forward_fp8_quantized(q8, k8, v8, q_descale, k_descale, v_descale, ...)` on e4m3
@@ -40,21 +34,18 @@ from .config import pair_grid
 
 E4M3_MAX = 448.0                 # the largest finite e4m3 value (OCP FP8 spec; torch.finfo(torch.float8_e4m3fn).max)
 FP8_HEAD_DIMS = (64, 128, 256)
-# (Bc keys per K/V tile, ring stages) per head dim; Br = 128 (two consumer warpgroups). Bc is a multiple of 32 (the
-# key permutation's chunk) from 64 to 256; V^T's rows of Bc bytes are cut into 128-, 64- or 32-byte swizzled blocks
-# (block_bytes). Chosen from record fp8_forward_h200 (benchmarks/fp8_bench.py at f1ca19b, H200, H = 16,
-# B = 16384 / N, kernel on pre-quantised inputs; TFLOP/s at N = 4096 / 16384 non-causal, then the same causal):
-#   d = 128: Bc 128: 758 / 795, 653 / 760; 160: 746 / 791, 647 / 766; 192: 765 / 820, 662 / 796;
-#            224: 771 / 824, 667 / 814 (FlashAttention-3's kBlockN for FP8 at d = 128, hopper/tile_size.h at 0251105)
-#   d = 64:  Bc 128: 451 / 483, 390 / 466; 160: 456 / 494, 387 / 477; 192: 465 / 513, 402 / 499;
-#            256: 500 / 538, 416 / 517 (rung 7 fp16: 512 / 542, 398 / 489)
-# The largest tile is the fastest in every shape, causal or not, so one default per head dim. Bc = 256 at d = 128
-# spills (S 128 + O 64 + P 32 registers live at once; FP8_MAX_BC). d = 256 keeps Bc = 64 (O alone is 128
-# registers); it is tested, not timed. Ring depth: 3 or 4 stages were within 1 % of 2 at Bc = 128 (the record at
-# 2944140, superseded). Not tried yet towards FlashAttention-3's speed: the V transpose inside the kernel, a
-# persistent grid, three consumer warpgroups at d = 64, some exp2 on the FMA pipe instead of MUFU.
-FP8_TILES = {64: (256, 2), 128: (224, 2), 256: (64, 2)}
-FP8_OTHER_TILES = {64: ((128, 2), (192, 2)), 128: ((128, 2), (192, 2)), 256: ((64, 3),)}   # timed beside them
+# (Bc keys per K/V tile, ring stages, emu) per head dim; Br = 128 (two consumer warpgroups). Bc is a multiple of 32
+# (the key permutation's chunk) from 64 to 256; V^T's rows of Bc bytes are cut into 128-, 64- or 32-byte swizzled
+# blocks (block_bytes). emu: of each 16 exponentials of the softmax, how many exp2_fma computes on the FMA pipe
+# rather than MUFU (flash_common.cuh). Tiles from record fp8_forward_h200 (benchmarks/fp8_bench.py; f1ca19b first):
+# the largest Bc that fits was the fastest at every shape, causal or not (d = 128: 224 against 128, 160, 192;
+# d = 64: 256 against 128, 160, 192); Bc = 256 at d = 128 spills (FP8_MAX_BC); d = 256 keeps Bc = 64 (O alone is 128
+# registers; tested, not timed); 3 or 4 stages were within 1 % of 2. emu from record fp8_emu_h200
+# (benchmarks/fp8_bench.py --emu): 2 of 16 at d = 128 and 1 of 16 at d = 64 were the fastest of 0 ... 4 (6 at d = 64).
+FP8_TILES = {64: (256, 2, 1), 128: (224, 2, 2), 256: (64, 2, 0)}
+FP8_OTHER_TILES = {64: ((256, 2, 0), (128, 2, 0), (192, 2, 0)), 128: ((224, 2, 0), (128, 2, 0), (192, 2, 0)),
+                   256: ((64, 3, 0),)}   # timed beside them
+FP8_EMU = {64: (0, 1, 2, 4, 6), 128: (0, 1, 2, 3, 4)}   # the shares fp8_bench.py --emu times at the default Bc
 FP8_BC = (64, 128, 160, 192, 224, 256)   # key tiles accepted: multiples of 32 (V^T's key permutation) the GPU checked
 FP8_MAX_BC = {64: 256, 128: 224, 256: 64}   # the largest Bc whose S, P and O fit the consumers' 240 registers
 FP8_OUT = {"bfloat16": "__nv_bfloat16", "float16": "__half"}
@@ -77,14 +68,20 @@ def smem_fp8(d, Bc, stages):
     return 1024 + 128 * d + 2 * stages * Bc * d + 8 * (2 + 4 * stages)
 
 
+def tile_name(tiles):
+    """The benchmark's name of fa3_fp8 at tiles (Bc, stages, emu): 'fa3_fp8_224x2', with 'e2' added if emu > 0."""
+    return f"fa3_fp8_{tiles[0]}x{tiles[1]}" + (f"e{tiles[2]}" if len(tiles) > 2 and tiles[2] else "")
+
+
 def fp8_config(d, causal, tiles=None, out="bfloat16"):
-    """Fp8Config of fa3_fp8 for head dim d in FP8_HEAD_DIMS, tiles (Bc, stages) (default FP8_TILES[d]), O's dtype
-    `out` (bfloat16 or float16)."""
+    """Fp8Config of fa3_fp8 for head dim d in FP8_HEAD_DIMS, tiles (Bc, stages, emu) or (Bc, stages) with emu 0
+    (default FP8_TILES[d]), O's dtype `out` (bfloat16 or float16)."""
     if d not in FP8_HEAD_DIMS:
         raise ValueError(f"fa3_fp8 takes head_dim in {FP8_HEAD_DIMS}, got {d!r}")
     if out not in FP8_OUT:
         raise ValueError(f"fa3_fp8 writes O as bfloat16 or float16, got {out!r}")
-    Bc, stages, emu = (tuple(tiles) if tiles is not None else FP8_TILES[d]) + (0,) * (tiles is None or len(tiles) == 2)
+    t = tuple(tiles) + (0,) * (len(tiles) == 2) if tiles is not None else FP8_TILES[d]
+    Bc, stages, emu = t if len(t) == 3 else (None, 0, 0)
     if Bc not in FP8_BC or stages < 2 or Bc > FP8_MAX_BC[d] or emu not in range(17):
         raise ValueError(f"fa3_fp8 takes tiles (Bc, stages[, emu]): Bc in {FP8_BC} up to {FP8_MAX_BC[d]} at d = "
                          f"{d} (the consumers' 240 registers), stages >= 2, emu 0 ... 16; got {tiles}")
