@@ -1,9 +1,10 @@
 // fa3_fp8.cu: rung 'fa3_fp8', rung 7's forward (fa3_forward.cu) with e4m3 inputs on Hopper (sm_90a only):
 // FlashAttention-3's FP8 path (Shah et al. 2024, section 3.3).
 //
-//   fa3_fp8<OUT, D, Bc, STAGES, CAUSAL>   OUT = __nv_bfloat16 or __half (O's type), D = 64, 128 or 256, Bc keys
-//       per K/V tile (a multiple of 32 from 64 to 256: S is m64nBc, Bc / 2 fp32 registers a thread), STAGES slots
-//       in the K/V ring; two consumer warpgroups, ping-pong, one CTA per (query tile of Br = 128 rows, pair)
+//   fa3_fp8<OUT, D, Bc, STAGES, CAUSAL, EMU>   OUT = __nv_bfloat16 or __half (O's type), D = 64, 128 or 256, Bc
+//       keys per K/V tile (a multiple of 32 from 64 to 256: S is m64nBc, Bc / 2 fp32 registers a thread), STAGES
+//       slots in the K/V ring, EMU of each 16 exponentials computed by exp2_fma on the FMA pipe instead of MUFU
+//       (flash_common.cuh); two consumer warpgroups, ping-pong, one CTA per (query tile of Br = 128 rows, pair)
 //
 // What changes from rung 7 (whose header describes the producer, the ring, its barriers and the ping-pong):
 //  * Operands are e4m3 (1 byte), products wgmma m64nNk32 e4m3 x e4m3 -> fp32 (WgmmaE4m3 in wgmma.cuh). PTX takes
@@ -31,15 +32,13 @@
 // FlashAttention-3 (hopper/ at 0251105) does it otherwise: V row-major is transposed in shared memory by LDSM.T and
 //   STSM, and with V column-major P's bytes are moved between the threads of a quad (byte_perm and shuffles,
 //   permute_Aregs_fp8 in hopper/utils.h); its softmax's Max_offset = 8 for FP8 is the 2^8 above.
-// Measured on the H200 (record fp8_forward_h200, benchmarks/fp8_bench.py at f1ca19b; H = 16, B = 16384 / N,
-//   N = 4096 and 16384, causal and not, kernel on pre-quantised inputs; each shape's numbers per tile in fp8.py's
-//   FP8_TILES comment): d = 128 at Bc = 224 (the default; FlashAttention-3's FP8 kBlockN there) 667-824 TFLOP/s,
-//   1.7-7 % above Bc = 128's 653-795, against rung 7 fp16's 542-642 and cuDNN fp16's 562-670 (N = 16384: 824
-//   non-causal, 814 causal); d = 64 at Bc = 256 416-538, 7-11 % above Bc = 128's 390-483, beside rung 7's 398-542
-//   (above it causal, 1-3 % below it non-causal). Larger key tiles spread the per-tile work (the row max and its
-//   shuffles, the rescale of O, the hand-off) over more keys, but a tile's exp2 on MUFU still costs about what its
-//   two products do at FP8 rate, so the softmax bounds the ping-pong. FlashAttention-3 reports about 1000-1200 at
-//   d = 128 on the H100; the 900 aimed at here is not reached (see fp8.py's FP8_TILES for what is left).
+//  * Exponentials: a tile's exp2 on MUFU (16 a clock per SM) costs about what its two products do at FP8 rate, and
+//    the softmax of one warpgroup must hide under the other's products. EMU of each 16 go to the FMA pipe
+//    (FlashAttention-4's software exp2, for Blackwell; here on Hopper): with 2 of 16 at d = 128 Nsight Compute saw
+//    the tensor pipe's share rise from 43 % to 49 % (record fp8_emu_h200; more than 2 was slower again).
+// Measured: records fp8_forward_h200 and fp8_emu_h200 (benchmarks/fp8_bench.py; the tile choices in fp8's
+//   FP8_TILES comment, the numbers in chapter 8's FP8 section). FlashAttention-3 reports about 1000-1200 TFLOP/s at
+//   d = 128 on the H100.
 // Arguments: tensor maps of Q (D, Nq, B*H), K (D, Nk, B*H/G) and V^T (Nk32, D, B*H/G), O and lse pointers, the
 //   descale pointers, Nq, Nk, scale, BH, G.
 // Shared memory: Qs, STAGES slots of Ks, STAGES of Vs (V^T tiles), then 2 + 4 STAGES mbarriers (rung 7's).
