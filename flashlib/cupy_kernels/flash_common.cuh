@@ -116,10 +116,10 @@ __device__ __forceinline__ float fast_exp2(float x) {  // ex2.approx: one MUFU o
     return y;
 }
 // 2^x on the FMA pipe instead of MUFU, for a share of a tile's exponentials (the method of FlashAttention-4's
-// ex2_emulation, flash-attention's flash_attn/cute/utils.py, written for Blackwell; its polynomial starts at 1.0): x = j + f with j = floor(x), found by adding 1.5 * 2^23 rounded down (j then sits in the low
-// mantissa bits); 2^f on [0, 1) by a degree-3 polynomial (relative error below 7.6e-5, fitted here); j added to the
-// exponent field. x is clamped at -126: p(0) < 1 has exponent 126, so j = -127 would wrap into the sign bit (NaN);
-// 2^-126 is as good as exp2(-inf) = 0 here.
+// ex2_emulation, flash-attention's flash_attn/cute/utils.py, written for Blackwell): x = j + f with j = floor(x),
+// found by adding 1.5 * 2^23 rounded down (j then sits in the low mantissa bits); 2^f on [0, 1) by a degree-3
+// polynomial (relative error below 7.6e-5, fitted here); j added to the exponent field. x is clamped at -126: p(0)
+// < 1 has exponent 126, so j = -127 would wrap into the sign bit (NaN); 2^-126 is as good as exp2(-inf) = 0 here.
 __device__ __forceinline__ float exp2_fma(float x) {
     constexpr float MAGIC = 12582912.f;  // 1.5 * 2^23
     x = fmaxf(x, -126.f);
