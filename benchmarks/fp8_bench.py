@@ -23,7 +23,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from flashlib import bench  # noqa: E402
-from flashlib.cupy_kernels import fp8, tma  # noqa: E402
+from flashlib.cupy_kernels import fp8, fp8_tiles, tma  # noqa: E402
 
 DIMS, LENGTHS, H = (64, 128), (4096, 16384), 16
 
@@ -42,7 +42,8 @@ def _inputs(B, Hh, N, d, outliers=0.0, seed=0, dtype="float16"):
 def precompile():
     """The fp8 kernels (default and other tiles) and rung 7's fp16 ping-pong ones, compiled in parallel threads."""
     t = time.time()
-    cfgs = [fp8.fp8_config(d, c, x) for d in DIMS for c in (False, True) for x in (None,) + fp8.FP8_OTHER_TILES[d]]
+    cfgs = [fp8_tiles.fp8_config(d, c, x) for d in DIMS for c in (False, True)
+            for x in (None,) + fp8_tiles.FP8_OTHER_TILES[d]]
     r7 = [tma.fa3_config("float16", d, c) for d in DIMS for c in (False, True)]
     with concurrent.futures.ThreadPoolExecutor(16) as ex:
         list(ex.map(lambda c: fp8._launcher(0, c), cfgs))
@@ -62,7 +63,7 @@ def time_shape(d, N, causal, max_seconds):
     qc, kc, vc = (to_cupy(t) for t in (q, k, v))
     scale = d ** -0.5
     fns = {f"fa3_fp8_{x[0]}x{x[1]}": (lambda x=x: fp8.forward_fp8_prepared(inp, causal, scale, tiles=x))
-           for x in (fp8.FP8_TILES[d],) + fp8.FP8_OTHER_TILES[d]}
+           for x in (fp8_tiles.FP8_TILES[d],) + fp8_tiles.FP8_OTHER_TILES[d]}
     fns["rung7_fp16"] = lambda: tma.forward_fa3(qc, kc, vc, causal, scale)
     fns["sdpa_cudnn_fp16"] = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
     contexts = {"sdpa_cudnn_fp16": lambda: sdpa_kernel(SDPBackend.CUDNN_ATTENTION)}
@@ -131,7 +132,7 @@ def quant_main(out, max_seconds):
     import torch
     t = time.time()
     cases = [(d, c) for d in DIMS for c in (False, True)]
-    jobs = [lambda d=d, c=c: fp8._launcher(0, fp8.fp8_config(d, c, None, "float16")) for d, c in cases]
+    jobs = [lambda d=d, c=c: fp8._launcher(0, fp8_tiles.fp8_config(d, c, None, "float16")) for d, c in cases]
     jobs += [lambda d=d, c=c: tma._launcher(0, tma.fa3_config("float16", d, c)) for d, c in cases]
     jobs += [lambda d=d: fp8._quant_launchers(0, "float16", d) for d in DIMS]
     with concurrent.futures.ThreadPoolExecutor(16) as ex:
@@ -187,7 +188,7 @@ def main():
         return quant_main(a.out, a.max_seconds)
     if a.sanitize:
         q, k, v = _inputs(1, 4, 517, 128)
-        for t in (None,) + fp8.FP8_OTHER_TILES[128]:    # Nk below one tile, and several tiles with a ragged last
+        for t in (None,) + fp8_tiles.FP8_OTHER_TILES[128]:    # Nk below one tile, and several tiles with a ragged last
             o, lse = fp8.forward_fp8(q[:, :, :97], k[:, :2, :45], v[:, :2, :45], causal=True, tiles=t)
             o2, _ = fp8.forward_fp8(q[:, :, :300], k[:, :2], v[:, :2], causal=False, tiles=t)
             torch.cuda.synchronize()
@@ -200,8 +201,8 @@ def main():
             for causal in (False, True):
                 rows += time_shape(d, N, causal, a.max_seconds)
     tag = bench.gpu_tag(torch.cuda.get_device_name())
-    path = bench.save(f"fp8_forward_{tag}", rows, directory=a.out, tiles=fp8.FP8_TILES,
-                      other_tiles=fp8.FP8_OTHER_TILES, flops="4*B*H*N^2*d, half when causal",
+    path = bench.save(f"fp8_forward_{tag}", rows, directory=a.out, tiles=fp8_tiles.FP8_TILES,
+                      other_tiles=fp8_tiles.FP8_OTHER_TILES, flops="4*B*H*N^2*d, half when causal",
                       timing="flashlib.bench.timing.compare, host=False; fa3_fp8 on pre-quantised inputs",
                       error="RMSE of O against float64 attention, B=1, H=4, N=4096; outliers: 0.1% N(0, 100)")
     print("saved", path)

@@ -32,14 +32,14 @@
 //   STSM, and with V column-major P's bytes are moved between the threads of a quad (byte_perm and shuffles,
 //   permute_Aregs_fp8 in hopper/utils.h); its softmax's Max_offset = 8 for FP8 is the 2^8 above.
 // Measured on the H200 (record fp8_forward_h200, benchmarks/fp8_bench.py at f1ca19b; H = 16, B = 16384 / N,
-//   N = 4096 and 16384, causal and not, kernel on pre-quantised inputs; each shape's numbers per tile in fp8.py's
+//   N = 4096 and 16384, causal and not, kernel on pre-quantised inputs; each shape's numbers per tile in fp8_tiles.py's
 //   FP8_TILES comment): d = 128 at Bc = 224 (the default; FlashAttention-3's FP8 kBlockN there) 667-824 TFLOP/s,
 //   1.7-7 % above Bc = 128's 653-795, against rung 7 fp16's 542-642 and cuDNN fp16's 562-670 (N = 16384: 824
 //   non-causal, 814 causal); d = 64 at Bc = 256 416-538, 7-11 % above Bc = 128's 390-483, beside rung 7's 398-542
 //   (above it causal, 1-3 % below it non-causal). Larger key tiles spread the per-tile work (the row max and its
 //   shuffles, the rescale of O, the hand-off) over more keys, but a tile's exp2 on MUFU still costs about what its
 //   two products do at FP8 rate, so the softmax bounds the ping-pong. FlashAttention-3 reports about 1000-1200 at
-//   d = 128 on the H100; the 900 aimed at here is not reached (see fp8.py's FP8_TILES for what is left).
+//   d = 128 on the H100; the 900 aimed at here is not reached (see fp8_tiles.py's FP8_TILES for what is left).
 // Arguments: tensor maps of Q (D, Nq, B*H), K (D, Nk, B*H/G) and V^T (Nk32, D, B*H/G), O and lse pointers, the
 //   descale pointers, Nq, Nk, scale, BH, G.
 // Shared memory: Qs, STAGES slots of Ks, STAGES of Vs (V^T tiles), then 2 + 4 STAGES mbarriers (rung 7's).
@@ -49,7 +49,7 @@
 #include "wgmma.cuh"
 
 // the block width of a tile row of X bytes (X a multiple of 32): 128 bytes where X is a multiple of 128, else 64
-// where it is a multiple of 64, else 32; each block is a swizzle span of that width (fp8.py's block_bytes)
+// where it is a multiple of 64, else 32; each block is a swizzle span of that width (fp8_tiles.py's block_bytes)
 __host__ __device__ constexpr int block_bytes(int X) { return X % 128 == 0 ? 128 : X % 64 == 0 ? 64 : 32; }
 // wgmma descriptor of a K-major tile whose rows are SW = 32, 64 or 128 bytes, swizzled by the same mode (PTX ISA,
 // "Matrix Descriptor Format": layout type 1 = 128B, 2 = 64B, 3 = 32B; SBO = 8 rows; LBO unused for swizzled K-major
