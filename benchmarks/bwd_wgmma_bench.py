@@ -148,7 +148,7 @@ def time_all(out, max_seconds=2.5):
                                 for c in (False, True)]:
         rows += _time_shape(d, N, dtype, causal, max_seconds)
     tag = bench.gpu_tag(torch.cuda.get_device_name())
-    return bench.save(f"bwd_wgmma_{tag}", rows, directory=out, tiles=ck.config.BWD_WGMMA_TILES,
+    return bench.save(f"bwd_wgmma_{tag}", rows, directory=out, tiles=ck.config_hopper.BWD_WGMMA_TILES,
                       flops="backward 2.5x, forward + backward 3.5x of 4*B*H*N^2*d, half when causal",
                       timing="flashlib.bench.timing.compare, host=False")
 

@@ -12,8 +12,9 @@ rung 7 fp16 (quant_main). Error table: RMSE of O against float64 attention (torc
 Q, K, V and for the same plus 0.1 % outliers of standard deviation 10 (FlashAttention-3 section 4.3), B = 1, H = 4,
 N = 4096: rung 7 fp16, fa3_fp8 without and with the rotation. The record "fp8_forward_<gpu>" goes through
 flashlib.bench.save. --emu: only the record "fp8_emu_<gpu>" (emu_main): the default tile at each share of
-exponentials on the FMA pipe (fp8.FP8_EMU), timed interleaved at the same shapes, their errors, and Nsight Compute's
-pipe counters at d = 128, N = 4096 (B = 4) for emu 0, 1, 2 (ncu_emu<e>.txt under --out). --sanitize: small ragged calls at d = 128, default and other tiles (for compute-sanitizer).
+exponentials on the FMA pipe (fp8_tiles.FP8_EMU), timed interleaved at the same shapes, their errors, and Nsight
+Compute's pipe counters at d = 128, N = 4096 (B = 4) for emu 0, 1, 2 (ncu_emu<e>.txt under --out). --sanitize: small
+ragged calls at d = 128, default and other tiles (for compute-sanitizer).
 """
 import argparse
 import concurrent.futures
@@ -25,7 +26,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from flashlib import bench  # noqa: E402
-from flashlib.cupy_kernels import fp8, tma  # noqa: E402
+from flashlib.cupy_kernels import fp8, fp8_tiles, tma  # noqa: E402
 
 DIMS, LENGTHS, H = (64, 128), (4096, 16384), 16
 
@@ -44,7 +45,8 @@ def _inputs(B, Hh, N, d, outliers=0.0, seed=0, dtype="float16"):
 def precompile():
     """The fp8 kernels (default and other tiles) and rung 7's fp16 ping-pong ones, compiled in parallel threads."""
     t = time.time()
-    cfgs = [fp8.fp8_config(d, c, x) for d in DIMS for c in (False, True) for x in (None,) + fp8.FP8_OTHER_TILES[d]]
+    cfgs = [fp8_tiles.fp8_config(d, c, x) for d in DIMS for c in (False, True)
+            for x in (None,) + fp8_tiles.FP8_OTHER_TILES[d]]
     r7 = [tma.fa3_config("float16", d, c) for d in DIMS for c in (False, True)]
     with concurrent.futures.ThreadPoolExecutor(16) as ex:
         list(ex.map(lambda c: fp8._launcher(0, c), cfgs))
@@ -63,8 +65,8 @@ def time_shape(d, N, causal, max_seconds):
     inp, v8 = fp8.quantize(q, k, v, hadamard=True), fp8.quantize_e4m3(v)[0]
     qc, kc, vc = (to_cupy(t) for t in (q, k, v))
     scale = d ** -0.5
-    fns = {fp8.tile_name(x): (lambda x=x: fp8.forward_fp8_prepared(inp, causal, scale, tiles=x))
-           for x in (fp8.FP8_TILES[d],) + fp8.FP8_OTHER_TILES[d]}
+    fns = {fp8_tiles.tile_name(x): (lambda x=x: fp8.forward_fp8_prepared(inp, causal, scale, tiles=x))
+           for x in (fp8_tiles.FP8_TILES[d],) + fp8_tiles.FP8_OTHER_TILES[d]}
     fns["rung7_fp16"] = lambda: tma.forward_fa3(qc, kc, vc, causal, scale)
     fns["sdpa_cudnn_fp16"] = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
     contexts = {"sdpa_cudnn_fp16": lambda: sdpa_kernel(SDPBackend.CUDNN_ATTENTION)}
@@ -133,7 +135,7 @@ def quant_main(out, max_seconds):
     import torch
     t = time.time()
     cases = [(d, c) for d in DIMS for c in (False, True)]
-    jobs = [lambda d=d, c=c: fp8._launcher(0, fp8.fp8_config(d, c, None, "float16")) for d, c in cases]
+    jobs = [lambda d=d, c=c: fp8._launcher(0, fp8_tiles.fp8_config(d, c, None, "float16")) for d, c in cases]
     jobs += [lambda d=d, c=c: tma._launcher(0, tma.fa3_config("float16", d, c)) for d, c in cases]
     jobs += [lambda d=d: fp8._quant_launchers(0, "float16", d) for d in DIMS]
     with concurrent.futures.ThreadPoolExecutor(16) as ex:
@@ -153,7 +155,7 @@ NCU_METRICS = ("sm__pipe_tensor_cycles_active", "sm__inst_executed_pipe_xu", "sm
 
 
 def _emu_tiles(d, e):
-    return fp8.FP8_TILES[d][:2] + (e,)
+    return fp8_tiles.FP8_TILES[d][:2] + (e,)
 
 
 def emu_ncu(e, out=None):
@@ -183,11 +185,12 @@ def emu_ncu(e, out=None):
 
 
 def emu_main(out, max_seconds):
-    """--emu: the record fp8_emu_<gpu>: at each d the default (Bc, stages) with every emu of fp8.FP8_EMU, errors
+    """--emu: the record fp8_emu_<gpu>: at each d the default (Bc, stages) with every emu of fp8_tiles.FP8_EMU, errors
     (relative RMSE against float64, normal and outlier inputs) and TFLOP/s, then emu_ncu for emu 0, 1, 2."""
     import torch
     from flashlib.bench.timing import compare
-    cfgs = [fp8.fp8_config(d, c, _emu_tiles(d, e)) for d in DIMS for c in (False, True) for e in fp8.FP8_EMU[d]]
+    cfgs = [fp8_tiles.fp8_config(d, c, _emu_tiles(d, e)) for d in DIMS for c in (False, True)
+            for e in fp8_tiles.FP8_EMU[d]]
     with concurrent.futures.ThreadPoolExecutor(16) as ex:
         list(ex.map(lambda c: fp8._launcher(0, c), cfgs))
     rows = []
@@ -196,29 +199,29 @@ def emu_main(out, max_seconds):
             q, k, v = _inputs(1, 4, 4096, d, frac, seed=d)
             ref = _ref64(q, k, v, d ** -0.5)
             rms = float(ref.pow(2).mean().sqrt())
-            for e in fp8.FP8_EMU[d]:
+            for e in fp8_tiles.FP8_EMU[d]:
                 o = fp8.forward_fp8(q, k, v, scale=d ** -0.5, tiles=_emu_tiles(d, e))[0]
                 rows.append(dict(kind="error", d=d, n=4096, inputs=name, emu=e,
                                  rel_rmse=float((o.double() - ref).pow(2).mean().sqrt()) / rms))
             print(f"errors d={d} {name}: " + " ".join(f"emu{r['emu']} {r['rel_rmse']:.4%}" for r in rows[-len(
-                fp8.FP8_EMU[d]):]), flush=True)
+                fp8_tiles.FP8_EMU[d]):]), flush=True)
         for N in LENGTHS:
             for causal in (False, True):
                 B = 16384 // N
                 inp = fp8.quantize(*_inputs(B, H, N, d))
-                fns = {fp8.tile_name(_emu_tiles(d, e)): (lambda e=e: fp8.forward_fp8_prepared(
-                    inp, causal, d ** -0.5, tiles=_emu_tiles(d, e))) for e in fp8.FP8_EMU[d]}
+                fns = {fp8_tiles.tile_name(_emu_tiles(d, e)): (lambda e=e: fp8.forward_fp8_prepared(
+                    inp, causal, d ** -0.5, tiles=_emu_tiles(d, e))) for e in fp8_tiles.FP8_EMU[d]}
                 stats = compare(fns, host=False, min_rounds=8, max_rounds=20, max_seconds=max_seconds)
                 flops = 4 * B * H * N * N * d * (0.5 if causal else 1.0)
                 rows += [dict(kind="forward", d=d, n=N, B=B, H=H, causal=causal, impl=n, emu=e, ms=st["median_ms"],
                               spread=st["spread"], tflops=flops / (st["median_ms"] * 1e-3) / 1e12)
-                         for e, (n, st) in zip(fp8.FP8_EMU[d], stats.items())]
+                         for e, (n, st) in zip(fp8_tiles.FP8_EMU[d], stats.items())]
                 print(f"d={d:3d} N={N:5d} causal={causal!s:5s}" + "".join(
                     f" | {r['impl']} {r['tflops']:5.0f}" for r in rows[-len(fns):]), flush=True)
     for e in (0, 1, 2):
         rows.append(dict(kind="ncu", d=128, n=4096, B=4, H=H, causal=False, emu=e, metrics=emu_ncu(e, out or ".")))
     tag = bench.gpu_tag(torch.cuda.get_device_name())
-    print("saved", bench.save(f"fp8_emu_{tag}", rows, directory=out, emu=fp8.FP8_EMU, tiles=fp8.FP8_TILES,
+    print("saved", bench.save(f"fp8_emu_{tag}", rows, directory=out, emu=fp8_tiles.FP8_EMU, tiles=fp8_tiles.FP8_TILES,
                               flops="4*B*H*N^2*d, half when causal", timing="flashlib.bench.timing.compare, host=False"
                               ", candidates interleaved; pre-quantised inputs", ncu_metrics=NCU_METRICS))
 
@@ -270,7 +273,7 @@ def main():
         return quant_main(a.out, a.max_seconds)
     if a.sanitize:
         q, k, v = _inputs(1, 4, 517, 128)
-        for t in (None,) + fp8.FP8_OTHER_TILES[128]:    # Nk below one tile, and several tiles with a ragged last
+        for t in (None,) + fp8_tiles.FP8_OTHER_TILES[128]:    # Nk below one tile, and several tiles with a ragged last
             o, lse = fp8.forward_fp8(q[:, :, :97], k[:, :2, :45], v[:, :2, :45], causal=True, tiles=t)
             o2, _ = fp8.forward_fp8(q[:, :, :300], k[:, :2], v[:, :2], causal=False, tiles=t)
             torch.cuda.synchronize()
@@ -283,8 +286,8 @@ def main():
             for causal in (False, True):
                 rows += time_shape(d, N, causal, a.max_seconds)
     tag = bench.gpu_tag(torch.cuda.get_device_name())
-    path = bench.save(f"fp8_forward_{tag}", rows, directory=a.out, tiles=fp8.FP8_TILES,
-                      other_tiles=fp8.FP8_OTHER_TILES, flops="4*B*H*N^2*d, half when causal",
+    path = bench.save(f"fp8_forward_{tag}", rows, directory=a.out, tiles=fp8_tiles.FP8_TILES,
+                      other_tiles=fp8_tiles.FP8_OTHER_TILES, flops="4*B*H*N^2*d, half when causal",
                       timing="flashlib.bench.timing.compare, host=False; fa3_fp8 on pre-quantised inputs",
                       error="RMSE of O against float64 attention, B=1, H=4, N=4096; outliers: 0.1% N(0, 100)")
     print("saved", path)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from flashlib import reference
-from flashlib.cupy_kernels import HERE, fp8, fp8_model
+from flashlib.cupy_kernels import HERE, fp8, fp8_model, fp8_tiles
 from tests.test_fa3_compile import NVCC, check_sm90a
 
 torch = pytest.importorskip("torch")
@@ -149,33 +149,33 @@ def test_model_of_exact_inputs_is_exact_up_to_p_rounding():
 
 
 def test_fp8_config():
-    cfg = fp8.fp8_config(128, True, (128, 2))
+    cfg = fp8_tiles.fp8_config(128, True, (128, 2))
     assert cfg.kernel == "fa3_fp8<__nv_bfloat16, 128, 128, 2, true, 0>" and (cfg.Br, cfg.Bc, cfg.threads) == (128, 128, 384)
     assert cfg.smem == 1024 + 128 * 128 + 4 * 128 * 128 + 8 * 10
-    assert fp8.fp8_config(64, False).kernel == "fa3_fp8<__nv_bfloat16, 64, 256, 2, false, 1>"    # the defaults
-    assert fp8.fp8_config(128, True).kernel == "fa3_fp8<__nv_bfloat16, 128, 224, 2, true, 2>"
-    assert fp8.fp8_config(256, False, out="float16").kernel == "fa3_fp8<__half, 256, 64, 2, false, 0>"
-    assert fp8.fp8_config(128, False, (192, 3, 16)).kernel == "fa3_fp8<__nv_bfloat16, 128, 192, 3, false, 16>"
-    assert [fp8.tile_name(t) for t in ((224, 2, 2), (224, 2, 0), (128, 2))] == [
+    assert fp8_tiles.fp8_config(64, False).kernel == "fa3_fp8<__nv_bfloat16, 64, 256, 2, false, 1>"    # the defaults
+    assert fp8_tiles.fp8_config(128, True).kernel == "fa3_fp8<__nv_bfloat16, 128, 224, 2, true, 2>"
+    assert fp8_tiles.fp8_config(256, False, out="float16").kernel == "fa3_fp8<__half, 256, 64, 2, false, 0>"
+    assert fp8_tiles.fp8_config(128, False, (192, 3, 16)).kernel == "fa3_fp8<__nv_bfloat16, 128, 192, 3, false, 16>"
+    assert [fp8_tiles.tile_name(t) for t in ((224, 2, 2), (224, 2, 0), (128, 2))] == [
         "fa3_fp8_224x2e2", "fa3_fp8_224x2", "fa3_fp8_128x2"]
-    for d in fp8.FP8_HEAD_DIMS:
-        for t in (None,) + fp8.FP8_OTHER_TILES[d]:
-            assert fp8.fp8_config(d, False, t).smem <= 227 * 1024
+    for d in fp8_tiles.FP8_HEAD_DIMS:
+        for t in (None,) + fp8_tiles.FP8_OTHER_TILES[d]:
+            assert fp8_tiles.fp8_config(d, False, t).smem <= 227 * 1024
     with pytest.raises(ValueError, match="head_dim"):
-        fp8.fp8_config(96, False)
+        fp8_tiles.fp8_config(96, False)
     with pytest.raises(ValueError, match="tiles"):
-        fp8.fp8_config(256, False, (128, 2))
+        fp8_tiles.fp8_config(256, False, (128, 2))
     for bad in ((112, 2), (96, 2), (32, 2), (288, 2), (256, 2), (128, 1), (128, 2, 17), (128, 2, -1), (128,),
                 (128, 2, 1, 1)):                                       # not accepted, too small or large
         with pytest.raises(ValueError, match=r"Bc in \(64, 128, 160"):
-            fp8.fp8_config(128, False, bad)
-    cfg = fp8.fp8_config(128, False, (224, 2))                             # FlashAttention-3's FP8 tile at d = 128
+            fp8_tiles.fp8_config(128, False, bad)
+    cfg = fp8_tiles.fp8_config(128, False, (224, 2))                             # FlashAttention-3's FP8 tile at d = 128
     assert cfg.kernel == "fa3_fp8<__nv_bfloat16, 128, 224, 2, false, 0>" and cfg.smem == 1024 + 128 * 128 + 4 * 224 * 128 + 8 * 10
-    assert [fp8.block_bytes(x) for x in (64, 96, 128, 160, 192, 224, 256)] == [64, 32, 128, 32, 64, 32, 128]
+    assert [fp8_tiles.block_bytes(x) for x in (64, 96, 128, 160, 192, 224, 256)] == [64, 32, 128, 32, 64, 32, 128]
     with pytest.raises(ValueError, match="bfloat16 or float16"):
-        fp8.fp8_config(64, False, out="float32")
-    n_other = sum(map(len, fp8.FP8_OTHER_TILES.values()))                 # (d x out + other) x causal
-    assert len(set(fp8.fp8_instances())) == len(fp8.fp8_instances()) == (3 * 2 + n_other) * 2
+        fp8_tiles.fp8_config(64, False, out="float32")
+    n_other = sum(map(len, fp8_tiles.FP8_OTHER_TILES.values()))                 # (d x out + other) x causal
+    assert len(set(fp8_tiles.fp8_instances())) == len(fp8_tiles.fp8_instances()) == (3 * 2 + n_other) * 2
 
 
 def test_entries_refuse_cpu_tensors():
@@ -188,7 +188,7 @@ def test_entries_refuse_cpu_tensors():
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc not found on PATH")
 def test_fp8_compiles_without_spills():
-    check_sm90a([("fa3_fp8.cu", n) for n in fp8.fp8_instances()])
+    check_sm90a([("fa3_fp8.cu", n) for n in fp8_tiles.fp8_instances()])
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc not found on PATH")
@@ -211,7 +211,7 @@ def test_quantize_on_the_cpu_is_the_reference_and_the_fused_one_wants_cuda():
     src = (HERE / "fp8_quant.cu").read_text()                 # its constants: E4M3_MAX and float32(1 / sqrt(d))
     assert float(re.search(r"constexpr float E4M3_MAX = ([0-9.]+)f;", src).group(1)) == fp8.E4M3_MAX
     rs = re.search(r"RS = D == 64 \? ([0-9.]+)f : D == 128 \? ([0-9.]+)f : ([0-9.]+)f;", src).groups()
-    assert [np.float32(x) for x in rs] == [np.float32(1 / np.sqrt(d)) for d in fp8.FP8_HEAD_DIMS]
+    assert [np.float32(x) for x in rs] == [np.float32(1 / np.sqrt(d)) for d in fp8_tiles.FP8_HEAD_DIMS]
 
 
 def test_exp2_fma_constants_give_exp2():
@@ -236,7 +236,7 @@ def test_exp2_fma_constants_give_exp2():
 
 
 def test_the_h200_record_holds_what_the_docstrings_say():
-    """fp8_forward_h200 (benchmarks/fp8_bench.py at f1ca19b), as fp8.py's FP8_TILES comment and fa3_fp8.cu's header
+    """fp8_forward_h200 (benchmarks/fp8_bench.py at f1ca19b), as fp8_tiles.py's FP8_TILES comment and fa3_fp8.cu's header
     quote it: the default tile is the fastest fa3_fp8 tile timed in every shape (within 1 %), 1.5 % or more above
     Bc = 128 at d = 128 and 6 % at d = 64; at d = 128 it beats rung 7 fp16 and cuDNN fp16 by 1.15x in every shape; at
     d = 64 it is within 3 % of rung 7 or above it. The error table: the rotation halves O's RMSE on inputs with
@@ -249,7 +249,7 @@ def test_the_h200_record_holds_what_the_docstrings_say():
             fwd[(r["d"], r["n"], r["causal"])][r["impl"]] = r["tflops"]
     assert len(fwd) == 8
     for (d, n, causal), t in fwd.items():
-        mine = t[fp8.tile_name(fp8.FP8_TILES[d])]
+        mine = t[fp8_tiles.tile_name(fp8_tiles.FP8_TILES[d])]
         assert mine >= 0.99 * max(v for k, v in t.items() if k.startswith("fa3_fp8_")), (d, n, causal, t)
         assert mine >= (1.015 if d == 128 else 1.06) * t["fa3_fp8_128x2"], (d, n, causal, t)
         if d == 128:

@@ -1,7 +1,7 @@
 """flashlib.numba_kernels: grouped-query attention, head dims up to 256, and B*H beyond grid.y.
 
 Simulator tests (tiny): GQA and head dims on the CUDA-core kernels, and the grid.z path of the (batch, head) pairs,
-exercised by lowering the grid limit (cupy_kernels.config.MAX_GRID_YZ, which pair_grid reads) so that a handful of pairs
+exercised by lowering the grid limit (cupy_kernels.shapes.MAX_GRID_YZ, which pair_grid reads) so that a handful of pairs
 spill onto grid.z. GPU tests: the Tensor Core kernels too, and B*H = 70000 on every Numba kernel.
 """
 import zlib
@@ -81,7 +81,7 @@ def test_head_dim_256_bucket_cuda_core(rng):
 def test_pairs_spill_onto_grid_z(rng, monkeypatch):
     """With grid.y capped at 3, B*H = 5 pairs run as grid (x, 3, 2): each kernel must find its pair at
     blockIdx.y + gridDim.y * blockIdx.z, and the sixth block row, past the last pair, must return."""
-    monkeypatch.setattr(ck.config, "MAX_GRID_YZ", 3)      # pair_grid reads its module's limit
+    monkeypatch.setattr(ck.shapes, "MAX_GRID_YZ", 3)      # pair_grid reads its module's limit
     assert ck.pair_grid(4, 5) == (4, 3, 2)
     q, k, v, do = inputs(rng, 1, 5, 5, 6, 7, 4)
     check(*run_cuda_core(q, k, v, do, True, sim=not HAS_GPU), gqa_reference(q, k, v, do, True))

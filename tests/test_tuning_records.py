@@ -64,7 +64,7 @@ def test_rung7_d256_tile_beat_the_other_it_compiles():
     for causal in (False, True):
         got = {tuple(int(x) for x in r["impl"].split("_")[-1].split("x")): r["tflops"] for r in rows
                if r["causal"] == causal}
-        assert set(got) == {ck.FA3_TILES[256], *ck.config.FA3_OTHER_TILES[256]}
+        assert set(got) == {ck.FA3_TILES[256], *ck.config_hopper.FA3_OTHER_TILES[256]}
         assert max(got, key=got.get) == ck.FA3_TILES[256], (causal, got)
 
 
@@ -79,7 +79,7 @@ def test_bwd_wgmma_is_the_default_where_the_record_times_it_faster():
         by[(r["dtype"], r["d"], r["n"], r["causal"])][r["impl"]] = r
     faster = {d for d in ck.BWD_WGMMA_HEAD_DIMS
               if all(v["bwd_wgmma"]["tflops"] > v["bwd_tc"]["tflops"] for k, v in by.items() if k[1] == d)}
-    assert faster == set(ck.config.BWD_WGMMA_DEFAULT_DIMS) == {64, 128}
+    assert faster == set(ck.config_hopper.BWD_WGMMA_DEFAULT_DIMS) == {64, 128}
     for key, v in by.items():
         assert v["bwd_wgmma"]["tflops"] > v["bwd_wgmma_atomic"]["tflops"], key
         assert v["bwd_wgmma"]["max_err_vs_flash"] <= max(2e-2, 1.01 * v["bwd_tc"]["max_err_vs_flash"]), key

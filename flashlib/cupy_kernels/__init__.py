@@ -21,11 +21,14 @@ The kernels form a numbered ladder (each .cu file's header says grid, block, and
                                     random Hadamard rotation of Q and K) and launches: forward_fp8. Never a default
 
 The package by concern:
-  config.py   the rung table and tile configuration, shape and grid rules (pure Python, no GPU needed)
+  shapes.py   the dtype, head-dim bucket, input-shape and grid rules every rung obeys (pure Python, no GPU needed)
+  config.py   the rung table, `choose_config` and the tiles of the rungs before Hopper (pure Python)
+  config_hopper.py  the Hopper rungs' tiles, signatures and instances: wgmma, fa3, bwd_wgmma (pure Python)
   build.py    NVRTC compilation per architecture, loading, and `Launcher` (cuLaunchKernel from a prepared block)
   launch.py   plans, the launch rule of each kernel, `forward` / `backward` on CuPy arrays or torch tensors
   tma.py      rung 7's tensor maps (cuTensorMapEncodeTiled through ctypes) and the rung on its own (forward_fa3)
   fp8.py      rung 'fa3_fp8': quantisation, the Hadamard rotation, V^T, its tensor maps and launch;
+              fp8_tiles.py its tile table and configuration (pure Python);
               fp8_model.py a torch model of its arithmetic (tests, error table)
   timeline.py rung 7's debug build (fa3_timeline.cu): each warpgroup's phases stamped, read back as records
   flash_common.cuh, wgmma.cuh   the CUDA helpers and constants the kernels share
@@ -38,13 +41,13 @@ its current stream. Any head dim 1 ... 256: kernels are compiled for the buckets
 them is zero-padded up to the next (zero columns change no score; the padded columns of O are dropped). CuPy is
 imported and the .cu files compiled only when a kernel is first launched.
 """
-from .config import (ARCH, BACKWARD_RUNGS, BWD_FALLBACK_TILES, BWD_TILES, BWD_WGMMA_HEAD_DIMS, bwd_wgmma_config,
-                     bwd_wgmma_instances, smem_bwd_wgmma, CTYPE, DTYPES, FA3_DEFAULT_HEAD_DIMS, FA3_HEAD_DIMS,
-                     FA3_TILES,
-                     FALLBACK_TILES, FORWARD_RUNGS,
-                     HEAD_DIMS, MAX_GRID_YZ, SMEM_LIMIT, TUNED_TILES, WGMMA_HEAD_DIMS, WGMMA_TILES, Config, _cc_int,
-                     bwd_columns, check_inputs, choose_config, default_rung, fp32_tiles, head_bucket, instances,
-                     pair_grid, smem_backward, smem_forward, smem_wgmma, sw128)
+from .shapes import CTYPE, DTYPES, HEAD_DIMS, MAX_GRID_YZ, check_inputs, head_bucket, pair_grid
+from .config import (BACKWARD_RUNGS, BWD_FALLBACK_TILES, BWD_TILES, FALLBACK_TILES, FORWARD_RUNGS, SMEM_LIMIT,
+                     TUNED_TILES, Config, _cc_int, bwd_columns, choose_config, default_rung, fp32_tiles, instances,
+                     smem_backward, smem_forward)
+from .config_hopper import (ARCH, BWD_WGMMA_HEAD_DIMS, FA3_DEFAULT_HEAD_DIMS, FA3_HEAD_DIMS, FA3_TILES,
+                            WGMMA_HEAD_DIMS, WGMMA_TILES, bwd_wgmma_config, bwd_wgmma_instances, smem_bwd_wgmma,
+                            smem_wgmma, sw128)
 from .build import HERE, Launcher, cuda_include_dirs, _kernel_on, _kernel_sm90a, compile_kernel, device_cc
 from .fp8 import forward_fp8, forward_fp8_prepared, forward_fp8_quantized, quantize as quantize_fp8
 from .launch import (Plan, backward, backward_plan, forward, forward_plan, launch_backward, launch_forward,

@@ -36,7 +36,7 @@
 //    the softmax of one warpgroup must hide under the other's products. EMU of each 16 go to the FMA pipe
 //    (FlashAttention-4's software exp2, for Blackwell; here on Hopper): with 2 of 16 at d = 128 Nsight Compute saw
 //    the tensor pipe's share rise from 43 % to 49 % (record fp8_emu_h200; more than 2 was slower again).
-// Measured: records fp8_forward_h200 and fp8_emu_h200 (benchmarks/fp8_bench.py; the tile choices in fp8's
+// Measured: records fp8_forward_h200 and fp8_emu_h200 (benchmarks/fp8_bench.py; the tile choices in fp8_tiles.py's
 //   FP8_TILES comment, the numbers in chapter 8's FP8 section). FlashAttention-3 reports about 1000-1200 TFLOP/s at
 //   d = 128 on the H100.
 // Arguments: tensor maps of Q (D, Nq, B*H), K (D, Nk, B*H/G) and V^T (Nk32, D, B*H/G), O and lse pointers, the
@@ -48,7 +48,7 @@
 #include "wgmma.cuh"
 
 // the block width of a tile row of X bytes (X a multiple of 32): 128 bytes where X is a multiple of 128, else 64
-// where it is a multiple of 64, else 32; each block is a swizzle span of that width (fp8.py's block_bytes)
+// where it is a multiple of 64, else 32; each block is a swizzle span of that width (fp8_tiles.py's block_bytes)
 __host__ __device__ constexpr int block_bytes(int X) { return X % 128 == 0 ? 128 : X % 64 == 0 ? 64 : 32; }
 // wgmma descriptor of a K-major tile whose rows are SW = 32, 64 or 128 bytes, swizzled by the same mode (PTX ISA,
 // "Matrix Descriptor Format": layout type 1 = 128B, 2 = 64B, 3 = 32B; SBO = 8 rows; LBO unused for swizzled K-major

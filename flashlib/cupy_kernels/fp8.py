@@ -28,77 +28,14 @@ from collections import namedtuple
 
 import numpy as np
 
-from .._arrays import check_causal, check_scale
-from ..constants import SMEM_OPTIN_BYTES
-from .config import pair_grid
+from .._arrays import check_scale
+from .fp8_tiles import FP8_HEAD_DIMS, FP8_OTHER_TILES, SIG_FP8, block_bytes, fp8_config
+from .shapes import pair_grid
 
 E4M3_MAX = 448.0                 # the largest finite e4m3 value (OCP FP8 spec; torch.finfo(torch.float8_e4m3fn).max)
-FP8_HEAD_DIMS = (64, 128, 256)
-# (Bc keys per K/V tile, ring stages, emu) per head dim; Br = 128 (two consumer warpgroups). Bc is a multiple of 32
-# (the key permutation's chunk) from 64 to 256; V^T's rows of Bc bytes are cut into 128-, 64- or 32-byte swizzled
-# blocks (block_bytes). emu: of each 16 exponentials of the softmax, how many exp2_fma computes on the FMA pipe
-# rather than MUFU (flash_common.cuh). Tiles from record fp8_forward_h200 (benchmarks/fp8_bench.py; f1ca19b first):
-# the largest Bc that fits was the fastest at every shape, causal or not (d = 128: 224 against 128, 160, 192;
-# d = 64: 256 against 128, 160, 192); Bc = 256 at d = 128 spills (FP8_MAX_BC); d = 256 keeps Bc = 64 (O alone is 128
-# registers; tested, not timed); 3 or 4 stages were within 1 % of 2. emu from record fp8_emu_h200
-# (benchmarks/fp8_bench.py --emu): 2 of 16 at d = 128 and 1 of 16 at d = 64 were the fastest of 0 ... 4 (6 at d = 64).
-FP8_TILES = {64: (256, 2, 1), 128: (224, 2, 2), 256: (64, 2, 0)}
-FP8_OTHER_TILES = {64: ((256, 2, 0), (128, 2, 0), (192, 2, 0)), 128: ((224, 2, 0), (128, 2, 0), (192, 2, 0)),
-                   256: ((64, 3, 0),)}   # timed beside them
-FP8_EMU = {64: (0, 1, 2, 4, 6), 128: (0, 1, 2, 3, 4)}   # the shares fp8_bench.py --emu times at the default Bc
-FP8_BC = (64, 128, 160, 192, 224, 256)   # key tiles accepted: multiples of 32 (V^T's key permutation) the GPU checked
-FP8_MAX_BC = {64: 256, 128: 224, 256: 64}   # the largest Bc whose S, P and O fit the consumers' 240 registers
-FP8_OUT = {"bfloat16": "__nv_bfloat16", "float16": "__half"}
-SIG_FP8 = "MMMPPPPPiifii"        # maps of q, k, v^T; o, lse, q/k/v descale; Nq, Nk, scale, BH, G
-Fp8Config = namedtuple("Fp8Config", "kernel Br Bc stages threads smem")
 Fp8Inputs = namedtuple("Fp8Inputs", "q8 k8 vt8 q_descale k_descale v_descale Nk")
 Fp8Inputs.__doc__ = """Kernel-ready FP8 inputs: q8 (B, H, Nq, d), k8 (B, H_kv, Nk, d) e4m3; vt8 (B, H_kv, d, Nk32)
 e4m3, V transposed with keys permuted in 32s (transpose_v); descales float32 (B, H) and (B, H_kv); Nk."""
-
-
-def block_bytes(x):
-    """Block width (bytes a row, the swizzle's) of a tile row of x bytes, x a multiple of 32: 128 where x is a
-    multiple of 128, else 64 where a multiple of 64, else 32 (fa3_fp8.cu's block_bytes)."""
-    return 128 if x % 128 == 0 else 64 if x % 64 == 0 else 32
-
-
-def smem_fp8(d, Bc, stages):
-    """Dynamic shared memory of fa3_fp8: 1 KB alignment slack, Q (128 x d bytes), `stages` K and V^T tiles (Bc x d
-    bytes each), 2 + 4 stages mbarriers."""
-    return 1024 + 128 * d + 2 * stages * Bc * d + 8 * (2 + 4 * stages)
-
-
-def tile_name(tiles):
-    """The benchmark's name of fa3_fp8 at tiles (Bc, stages, emu): 'fa3_fp8_224x2', with 'e2' added if emu > 0."""
-    return f"fa3_fp8_{tiles[0]}x{tiles[1]}" + (f"e{tiles[2]}" if len(tiles) > 2 and tiles[2] else "")
-
-
-def fp8_config(d, causal, tiles=None, out="bfloat16"):
-    """Fp8Config of fa3_fp8 for head dim d in FP8_HEAD_DIMS, tiles (Bc, stages, emu) or (Bc, stages) with emu 0
-    (default FP8_TILES[d]), O's dtype `out` (bfloat16 or float16)."""
-    if d not in FP8_HEAD_DIMS:
-        raise ValueError(f"fa3_fp8 takes head_dim in {FP8_HEAD_DIMS}, got {d!r}")
-    if out not in FP8_OUT:
-        raise ValueError(f"fa3_fp8 writes O as bfloat16 or float16, got {out!r}")
-    t = tuple(tiles) + (0,) * (len(tiles) == 2) if tiles is not None else FP8_TILES[d]
-    Bc, stages, emu = t if len(t) == 3 else (None, 0, 0)
-    if Bc not in FP8_BC or stages < 2 or Bc > FP8_MAX_BC[d] or emu not in range(17):
-        raise ValueError(f"fa3_fp8 takes tiles (Bc, stages[, emu]): Bc in {FP8_BC} up to {FP8_MAX_BC[d]} at d = "
-                         f"{d} (the consumers' 240 registers), stages >= 2, emu 0 ... 16; got {tiles}")
-    smem = smem_fp8(d, Bc, stages)
-    if smem > SMEM_OPTIN_BYTES[90]:
-        raise ValueError(f"tiles {tiles} at d = {d} need {smem} bytes of shared memory; Hopper allows "
-                         f"{SMEM_OPTIN_BYTES[90]}")
-    c = "true" if check_causal(causal) else "false"
-    return Fp8Config(f"fa3_fp8<{FP8_OUT[out]}, {d}, {Bc}, {stages}, {c}, {emu}>", 128, Bc, stages, 384, smem)
-
-
-def fp8_instances():
-    """Kernel name expressions for the compile test: every head dim with its tiles and the other tiles, bf16 O
-    (and fp16 O at the default tiles), causal and not."""
-    out = [fp8_config(d, c, t, o).kernel for d in FP8_HEAD_DIMS for t in (None,) + FP8_OTHER_TILES[d]
-           for c in (False, True) for o in (("bfloat16", "float16") if t is None else ("bfloat16",))]
-    return out
 
 
 def key_permutation():

@@ -10,7 +10,8 @@ import math
 
 import numpy as np
 
-from .fp8 import FP8_TILES, key_permutation
+from .fp8 import key_permutation
+from .fp8_tiles import FP8_TILES
 
 
 def untranspose_v(vt8, Nk):

@@ -14,8 +14,9 @@ import numpy as np
 
 from .._arrays import check_causal, check_scale
 from .build import _device_cc, _kernel_on
-from .config import CTYPE, SIG_BWD_WGMMA, SIG_FA3, bwd_columns, check_inputs, choose_config, default_rung, pair_grid, FORWARD_RUNGS, \
-    BACKWARD_RUNGS
+from .config import BACKWARD_RUNGS, FORWARD_RUNGS, bwd_columns, choose_config, default_rung
+from .config_hopper import SIG_BWD_WGMMA, SIG_FA3
+from .shapes import CTYPE, check_inputs, pair_grid
 
 Plan = namedtuple("Plan", "cfg d fn pre post sum")   # main kernel; backward's pre-pass, dQ conversion, group sum
 # the kernels' parameters, one letter each (build.Launcher): P pointer, Q uint64, i int32, f float32

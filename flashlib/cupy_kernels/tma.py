@@ -9,17 +9,17 @@ and reaches the kernel by value as a `const __grid_constant__` parameter: build.
 Every Q, K or V tensor is described in 3-D, innermost first: (d, N, pairs), so that a box of (64 columns, rows,
 1 pair) that runs past the sequence's end reads zeros instead of the next head's rows, and 64 columns of 16-bit
 values are one 128-byte swizzle row: the layout `sw128` of fa2_wgmma.cu / fa3_forward.cu.
-The tile configuration (`fa3_config`, `smem_fa3`) is config.py's, pure Python; CuPy and libcuda are loaded at the
-first launch. The launch layer (launch.py) runs rung 7 through `map_bytes` and build.Launcher; `forward_fa3` here is
-the rung on its own (its tests and benchmark time the variants).
+The tile configuration (`fa3_config`, `smem_fa3`) is config_hopper.py's, pure Python; CuPy and libcuda are loaded
+at the first launch. The launch layer (launch.py) runs rung 7 through `map_bytes` and build.Launcher; `forward_fa3`
+here is the rung on its own (its tests and benchmark time the variants).
 """
 import ctypes
 import functools
 
 from .._arrays import check_causal, check_scale
 from .build import _kernel_on
-from .config import (FA3_HEAD_DIMS, FA3_OTHER_TILES, FA3_TILES, FA3_VARIANTS, SIG_FA3, Fa3Config,  # noqa: F401
-                     fa3_config, fa3_grid, fa3_instances, pair_grid, smem_fa3)
+from .config_hopper import (FA3_HEAD_DIMS, FA3_OTHER_TILES, FA3_TILES, FA3_VARIANTS, SIG_FA3, Fa3Config,  # noqa: F401
+                            fa3_config, fa3_grid, fa3_instances, smem_fa3)
 
 # cuda.h enums (CUtensorMapDataType, CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill)
 _TMA_DTYPE = {"float16": 6, "bfloat16": 9, "float32": 7}

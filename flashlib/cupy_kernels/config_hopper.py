@@ -1,0 +1,146 @@
+"""The Hopper rungs' configuration (sm_90a): rung 6 'wgmma' (fa2_wgmma.cu), rung 7 'fa3' (fa3_forward.cu) and the
+backward 'bwd_wgmma' (fa3_backward.cu): their tile tables, kernel signatures, shared memory and template instances.
+Pure Python, testable without a GPU; config.choose_config dispatches to `fa3_config` and `bwd_wgmma_config`.
+"""
+from collections import namedtuple
+
+from ..constants import SMEM_OPTIN_BYTES
+from .shapes import CTYPE, pair_grid
+
+# files compiled for an architecture-specific target (wgmma, TMA and setmaxnreg exist only in sm_90a code)
+ARCH = {"fa2_wgmma.cu": "sm_90a", "fa3_forward.cu": "sm_90a", "fa3_backward.cu": "sm_90a",
+        "fa3_timeline.cu": "sm_90a"}
+
+# Rung 6 tiles per head dim, (non-causal, causal), each (warpgroups NWG, keys per tile Bc), Br = 64*NWG: the winners
+# among one and two warpgroups on an H200 (logs/wgmma_explore_3_swizzled_h200.txt; tests/test_tuning_records.py).
+# Three are refused: 168 registers a thread of 384 make ptxas serialise the wgmma (that sweep timed (3, 64) fastest).
+WGMMA_TILES = {64: ((2, 64), (2, 64)), 128: ((2, 128), (2, 128))}
+WGMMA_HEAD_DIMS = (64, 128)
+
+# Rung 7 (fa3_forward.cu, FlashAttention-3's TMA and warp specialisation) per head dim: (Bc keys per K/V tile, ring
+# stages, consumer warpgroups NCW); 128 (NCW + 1) threads a block (one producer warpgroup), Br = 64 NCW query rows.
+# The winners of the H200 sweep in logs/fa3_gpu_session_h200_dee12ae.txt (fp16, N = 16384, ping-pong): d = 64
+# (128, 2, 3), d = 128 (128, 2, 2). d = 256: FlashAttention-3's tile (Br = 128, Bc = 80, 2 stages; Shah et al. 2024,
+# hopper/; Q 64 KB, K and V 40 KB a stage), timed beside (64, 2, 2) only: 685 and 666 TFLOP/s against 599 and 589
+# (N = 16384, not causal and causal; fa3_ablation_pair_major_h200).
+FA3_TILES = {64: (128, 2, 3), 128: (128, 2, 2), 256: (80, 2, 2)}
+FA3_HEAD_DIMS = (64, 128, 256)
+# where rung 7 is Hopper's default (default_rung): checked and timed faster than the rung before. d = 256: 628-724
+# TFLOP/s against rung 3's 220-233 (fp16, N = 4096, 16384, causal or not; record fa3_ablation_h200), the GPU tests
+# passing (logs/fa3_ablation_session_h200_b753eb0.txt; the default path at d = 256: ..._41a1755.txt)
+FA3_DEFAULT_HEAD_DIMS = (64, 128, 256)
+# other tiles that benchmarks/fa3_bench.py times beside these and the tests check (three consumers: d = 64 only)
+FA3_OTHER_TILES = {64: ((128, 3, 2), (64, 4, 3), (64, 4, 2)), 128: ((128, 3, 2), (64, 3, 2)), 256: ((64, 2, 2),)}
+# the consumers take turns (PP, the default) or not; "persistent": ping-pong in a grid of one CTA per SM looping over
+# work items in a static order (fa3_grid); "dynamic": each next item from a global counter (FlashAttention-3's)
+FA3_VARIANTS = ("pingpong", "plain", "persistent", "dynamic")
+SIG_FA3 = "MMMPPiifiiP"   # maps of q, k, v; o, lse; Nq, Nk, scale, BH, G; "dynamic"'s zeroed int32 counter (else 0)
+
+# The Hopper backward 'bwd_wgmma' (fa3_backward.cu): Bc = 128 keys a block over two consumer warpgroups, Q tiles of
+# Br = 64 rows, one producer warpgroup (384 threads); d = 64 and 128 (other head dims: bwd_tc).
+BWD_WGMMA_HEAD_DIMS = (64, 128)
+BWD_WGMMA_TILES = (64, 128)   # (Br, Bc), fixed by the kernel
+# where it is Hopper's default backward: both buckets. The H200 timed it at 308-392 TFLOP/s at d = 64 and 414-512 at
+# d = 128 against bwd_tc's 230-296 and 216-252 (fp16, bf16, N = 4096, 16384, causal or not; record bwd_wgmma_h200,
+# logs/bwd_wgmma_gpu_session_h200_505b10e.txt); its first version ('atomic' below) was not faster at d = 64
+BWD_WGMMA_DEFAULT_DIMS = (64, 128)
+# how each Q tile's dQ reaches the fp32 buffer: 'tma', staged in shared memory and added by TMA reductions
+# (FlashAttention-3's way), or 'atomic', red.global.add.v2.f32 from every thread (kept for bwd_wgmma_bench.py)
+BWD_WGMMA_DQ = ("tma", "atomic")
+SIG_BWD_WGMMA = "MMMMMPPPPPiifii"   # maps of q, k, v, do, dq_acc; lb, delta, dq_acc, dk, dv; Nq, Nk, scale, BH, G
+
+
+def smem_wgmma(d, nwg, Bc):
+    """Bytes of dynamic shared memory of fa2_wgmma: the Q tile (64*nwg rows) and two stages of K and V (Bc rows),
+    rows of d elements (no padding: the swizzled layout has no bank conflicts), and 1 KB to align them to 1024."""
+    return 2 * d * (64 * nwg + 4 * Bc) + 1024
+
+
+def sw128(r, c, rows):
+    """Byte offset of element (r, c) of a 16-bit tile with `rows` rows in the 128-byte-swizzled shared-memory layout
+    of rung 6 (fa2_wgmma.cu's sw128, for c a multiple of 8): blocks of 64 columns, rows of 128 bytes, and within each
+    8-row atom the 16-byte chunk c//8 % 8 of row r stored at chunk position (c//8 % 8) ^ (r % 8)."""
+    return (c // 64) * rows * 128 + r * 128 + ((((c // 8) % 8) ^ (r % 8)) << 4)
+
+
+def smem_fa3(d, Bc, stages, ncw=2):
+    """Bytes of dynamic shared memory of fa3_forward: 1 KB of alignment slack, Q (Br = 64 ncw rows), `stages` K and
+    V tiles (Bc rows), rows of d 16-bit values, and the 2 + 4*stages mbarriers (8 bytes each)."""
+    return 1024 + 2 * d * (64 * ncw + 2 * stages * Bc) + 8 * (2 + 4 * stages)
+
+
+Fa3Config = namedtuple("Fa3Config", "kernel Br Bc stages threads smem persistent dynamic", defaults=(False, False))
+
+
+def fa3_grid(cfg, Nq, BH, n_sm):
+    """Launch grid of rung 7: one CTA per (query tile, pair) (pair_grid), or for a persistent cfg min(n_sm, work
+    items) CTAs (one per SM: a CTA's shared memory leaves room for one), each looping over the work items."""
+    n_qt = -(-Nq // cfg.Br)
+    if cfg.persistent and n_qt * BH >= 2 ** 31:   # the kernel counts work items in int32
+        raise ValueError(f"{n_qt} query tiles x {BH} pairs are too many work items for the persistent grid")
+    return (max(1, min(n_sm, n_qt * BH)), 1, 1) if cfg.persistent else pair_grid(n_qt, BH)
+
+
+def fa3_config(dtype, d, causal, tiles=None, variant="pingpong"):
+    """Fa3Config(kernel name expression, Br, Bc, stages, threads, smem bytes, persistent) of rung 7 for dtype
+    float16/bfloat16, head dim in FA3_HEAD_DIMS, tiles (Bc, stages[, consumer warpgroups]) (default FA3_TILES[d]),
+    variant in FA3_VARIANTS."""
+    if dtype not in ("float16", "bfloat16"):
+        raise ValueError(f"rung 7 (fa3_forward) takes float16 or bfloat16, got {dtype!r}")
+    if d not in FA3_HEAD_DIMS:
+        raise ValueError(f"rung 7 (fa3_forward) takes head_dim in {FA3_HEAD_DIMS}, got {d!r}: use 'tuned'")
+    Bc, stages, ncw = (tuple(tiles) + (2,))[:3] if tiles is not None else FA3_TILES[d]
+    if Bc not in (64, 80, 128) or stages < 2 or ncw not in (2, 3) or (ncw == 3 and d != 64):
+        raise ValueError(f"rung 7 takes tiles (Bc 64, 80 or 128, stages >= 2, consumer warpgroups 2, or 3 at d = 64), "
+                         f"got {tiles} at d = {d}")
+    smem = smem_fa3(d, Bc, stages, ncw)
+    if smem > SMEM_OPTIN_BYTES[90]:
+        raise ValueError(f"tiles {tiles} at d = {d} need {smem} bytes of shared memory; Hopper allows "
+                         f"{SMEM_OPTIN_BYTES[90]}")
+    if variant not in FA3_VARIANTS:
+        raise ValueError(f"rung 7 variant must be one of {FA3_VARIANTS}, got {variant!r}")
+    c, pp = ("true" if causal else "false"), ("false" if variant == "plain" else "true")
+    persist, dynamic = variant in ("persistent", "dynamic"), variant == "dynamic"
+    extra = ", true, true" if dynamic else ", true" if persist else ""
+    return Fa3Config(f"fa3_forward<{CTYPE[dtype]}, {d}, {Bc}, {stages}, {ncw}, {pp}, {c}{extra}>",
+                     64 * ncw, Bc, stages, 128 * (ncw + 1), smem + 8 * dynamic, persist, dynamic)
+
+
+def smem_bwd_wgmma(d, Br=64, Bc=128, dq="tma"):
+    """Bytes of dynamic shared memory of fa3_backward: 1 KB of alignment slack, K, V (Bc rows), 2 stages of Q, dO (Br
+    rows), rows of d 16-bit values; 2 dS^T buffers (Bc x Br, 16-bit); dq 'tma': a dQ staging tile (Br x 64 fp32) per
+    consumer warpgroup; 2 stages of Lb and delta (Br floats) and 5 mbarriers (8 bytes each)."""
+    staging = 2 * Br * 64 * 4 if dq == "tma" else 0
+    return 1024 + 2 * d * (2 * Bc + 4 * Br) + 2 * 2 * Bc * Br + staging + 4 * 4 * Br + 8 * 5
+
+
+Fa3BwdConfig = namedtuple("Fa3BwdConfig", "kernel Br Bc threads smem")
+
+
+def bwd_wgmma_config(dtype, d, causal, dq="tma"):
+    """Fa3BwdConfig(kernel name expression, Br, Bc, threads, smem bytes) of the Hopper backward for dtype
+    float16/bfloat16, head dim 64 or 128 and dQ accumulation `dq` (one of BWD_WGMMA_DQ)."""
+    if dtype not in ("float16", "bfloat16"):
+        raise ValueError(f"rung 'bwd_wgmma' (fa3_backward) takes float16 or bfloat16, got {dtype!r}")
+    if d not in BWD_WGMMA_HEAD_DIMS:
+        raise ValueError(f"rung 'bwd_wgmma' takes head_dim in {BWD_WGMMA_HEAD_DIMS}, got {d!r}: use 'bwd_tc'")
+    if dq not in BWD_WGMMA_DQ:
+        raise ValueError(f"rung 'bwd_wgmma' accumulates dQ by one of {BWD_WGMMA_DQ}, got {dq!r}")
+    Br, Bc = BWD_WGMMA_TILES
+    c, t = ("true" if causal else "false"), ("true" if dq == "tma" else "false")
+    return Fa3BwdConfig(f"fa3_backward<{CTYPE[dtype]}, {d}, {c}, {t}>", Br, Bc, 384, smem_bwd_wgmma(d, Br, Bc, dq))
+
+
+def bwd_wgmma_instances():
+    """Kernel name expressions of every fa3_backward instance (dtype x head dim x causal x dQ), for the compile test."""
+    return [bwd_wgmma_config(t, d, c, q).kernel for t in ("float16", "bfloat16") for d in BWD_WGMMA_HEAD_DIMS
+            for c in (False, True) for q in BWD_WGMMA_DQ]
+
+
+def fa3_instances(configs=False):
+    """Kernel name expressions (configs=True: their Fa3Config) for the compile test: every dtype with the default
+    tiles, fp16 with the other tiles (bf16 is the same code), each causal and not, each variant."""
+    tiles = [(t, d, None) for t in ("float16", "bfloat16") for d in FA3_HEAD_DIMS]
+    tiles += [("float16", d, x) for d in FA3_HEAD_DIMS for x in FA3_OTHER_TILES[d]]
+    out = [fa3_config(t, d, c, x, v) for t, d, x in tiles for c in (False, True) for v in FA3_VARIANTS]
+    return out if configs else [c.kernel for c in out]
