@@ -15,8 +15,10 @@ FP8_HEAD_DIMS = (64, 128, 256)
 # rather than MUFU (flash_common.cuh). Tiles from record fp8_forward_h200 (benchmarks/fp8_bench.py; f1ca19b first):
 # the largest Bc that fits was the fastest at every shape, causal or not (d = 128: 224 against 128, 160, 192;
 # d = 64: 256 against 128, 160, 192); Bc = 256 at d = 128 spills (FP8_MAX_BC); d = 256 keeps Bc = 64 (O alone is 128
-# registers; tested, not timed); 3 or 4 stages were within 1 % of 2. emu from record fp8_emu_h200
-# (benchmarks/fp8_bench.py --emu): 2 of 16 at d = 128 and 1 of 16 at d = 64 were the fastest of 0 ... 4 (6 at d = 64).
+# registers; tested, not timed); 3 or 4 stages were within 1 % of 2. emu from record fp8_emu_h200 (fp8_bench.py
+# --emu at 921a671; TFLOP/s at N = 4096 / 16384): d = 128: emu 2 the fastest causal (740 / 908, emu 0 670 / 818) and
+# within 0.5 % of emu 1 without the mask (869 / 922, emu 0 768 / 805); d = 64: emu 1 the fastest at every shape,
+# 3-6 % above emu 0. More than 2 of 16 was slower again: the FMA pipe's extra instructions then cost issue slots.
 FP8_TILES = {64: (256, 2, 1), 128: (224, 2, 2), 256: (64, 2, 0)}
 FP8_OTHER_TILES = {64: ((256, 2, 0), (128, 2, 0), (192, 2, 0)), 128: ((224, 2, 0), (128, 2, 0), (192, 2, 0)),
                    256: ((64, 3, 0),)}   # timed beside them
