@@ -18,7 +18,7 @@ FP8_HEAD_DIMS = (64, 128, 256)
 # registers; tested, not timed); 3 or 4 stages were within 1 % of 2. emu from record fp8_emu_h200 (fp8_bench.py
 # --emu at 921a671; TFLOP/s at N = 4096 / 16384): d = 128: emu 2 the fastest causal (740 / 908, emu 0 670 / 818) and
 # within 0.5 % of emu 1 without the mask (869 / 922, emu 0 768 / 805); d = 64: emu 1 the fastest at every shape,
-# 3-6 % above emu 0. More than 2 of 16 was slower again: the FMA pipe's extra instructions then cost issue slots.
+# 4-6 % above emu 0. More than 2 of 16 was slower again: the FMA pipe's extra instructions then cost issue slots.
 FP8_TILES = {64: (256, 2, 1), 128: (224, 2, 2), 256: (64, 2, 0)}
 FP8_OTHER_TILES = {64: ((256, 2, 0), (128, 2, 0), (192, 2, 0)), 128: ((224, 2, 0), (128, 2, 0), (192, 2, 0)),
                    256: ((64, 3, 0),)}   # timed beside them
