@@ -97,7 +97,7 @@ def test_one_counter_per_device_and_stream_and_one_per_captured_launch(fake_coun
 def test_counters_come_from_slabs_allocated_outside_captures(fake_counters, monkeypatch):
     slabs, capturing = fake_counters
     capturing.add(0xA)
-    with pytest.raises(RuntimeError, match="before a CUDA graph capture"):   # the first call inside a capture
+    with pytest.raises(RuntimeError, match="allocated outside CUDA graph captures"):   # the first call inside a capture
         tma.counter(0, 0xA, 1)
     assert slabs == []
     monkeypatch.setattr(tma, "SLAB", 2)
@@ -105,7 +105,7 @@ def test_counters_come_from_slabs_allocated_outside_captures(fake_counters, monk
     assert [tma.counter(0, s, 1) for s in (1, 2, 3)] == [0x10000, 0x10004, 0x20000]   # a used-up slab: a new one
     capturing.add(4)
     assert tma.counter(0, 4, 1) == 0x20004
-    with pytest.raises(RuntimeError, match="before a CUDA graph capture"):
+    with pytest.raises(RuntimeError, match="allocated outside CUDA graph captures"):
         tma.counter(0, 4, 1)
     assert slabs == [0, 0]
 

@@ -122,14 +122,36 @@ def test_cuda_graph_capture_and_replays():
             for (q, k, v), shape in zip(static, shapes):
                 for t, new in zip((q, k, v), _inputs(shape, "float16", seed)):
                     t.copy_(new)
-            for o, lse in outs:
-                o.fill_(float("nan")), lse.fill_(float("nan"))
+            for t in (t for pair in outs for t in pair):
+                t.fill_(float("nan"))
         graph.replay()
         eager = step()
         torch.cuda.synchronize()
         for (o, lse), (eo, else_), (q, k, v) in zip(outs, eager, static):
             assert torch.equal(o, eo) and torch.equal(lse, else_), seed
             _check(o, lse, q, _reference(q, k, v, "float16"), "float16", ("replay", seed))
+
+
+@pytest.mark.gpu
+def test_a_first_call_inside_a_capture_is_refused(monkeypatch):
+    """Where no counter was allocated yet (no slab: the first "dynamic" launch of the process), a call inside a CUDA
+    graph capture raises before it launches anything, the capture itself intact (it ends and replays)."""
+    _hopper()
+    import torch
+    q, k, v = _inputs((1, 2, 2, 97, 113, 64), "float16")
+    flashlib.attention(q, k, v, causal=True, backend="cupy")        # the route and its kernel, before the capture
+    torch.cuda.synchronize()
+    monkeypatch.setattr(tma, "_slabs", {})
+    monkeypatch.setattr(tma, "_counters", {})
+    x = torch.zeros(4, device="cuda")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        x.add_(1)
+        with pytest.raises(RuntimeError, match="allocated outside CUDA graph captures"):
+            flashlib.attention(q, k, v, causal=True, backend="cupy")
+    graph.replay()
+    torch.cuda.synchronize()
+    assert x.tolist() == [1.0] * 4 and tma._slabs == {}
 
 
 @pytest.mark.gpu

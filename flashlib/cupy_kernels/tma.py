@@ -174,19 +174,21 @@ def _take(device, capturing):
         slab = _slabs.get(device)
         if slab is None or slab[2] == SLAB:
             if capturing:
-                raise RuntimeError("rung 7's dynamic scheduler needs its counters allocated before a CUDA graph "
-                                   "capture: run the attention once outside the capture first")
+                raise RuntimeError(f"rung 7's dynamic scheduler takes its counters from a slab allocated outside CUDA "
+                                   f"graph captures, and none is left: run the attention once before the capture (a "
+                                   f"slab serves {SLAB} captured launches)")
             slab = _slabs[device] = [*_new_slab(device), 0]
         slab[2] += 1
         return slab[1] + 4 * (slab[2] - 1)
 
 
 def _new_slab(device):
-    """(owner, address) of SLAB zeroed int32 on GPU `device`, the zeros written before any stream reads them."""
+    """(owner, address) of SLAB zeroed int32 on GPU `device`, written (on CuPy's current stream, then waited for)
+    before any stream reads them."""
     import cupy as cp
     with cp.cuda.Device(device):
         buf = cp.zeros(SLAB, dtype=cp.int32)
-        cp.cuda.Device(device).synchronize()
+        cp.cuda.get_current_stream().synchronize()
     return buf, buf.data.ptr
 
 
