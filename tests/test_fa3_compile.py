@@ -42,7 +42,7 @@ def test_fa3_config():
     with pytest.raises(ValueError, match="shared memory"):
         tma.fa3_config("float16", 256, False, tiles=(128, 2))
     # rung 7 is the default only where the GPU checked it (FA3_DEFAULT_HEAD_DIMS), elsewhere on request
-    assert ck.choose_config("float16", 128, 90, rung="fa3").kernel == "fa3_forward<__half, 128, 128, 2, 2, true, false>"
+    assert ck.choose_config("float16", 64, 90, rung="fa3").kernel == "fa3_forward<__half, 64, 128, 2, 3, true, false>"
     # the default variant: "dynamic" at FA3_DYNAMIC's (d, causal) (tests/test_tuning_records.py), else ping-pong
     for d in tma.FA3_HEAD_DIMS:
         for causal in (False, True):

@@ -1,9 +1,10 @@
-"""Rung 7's "dynamic" variant (its default at config_hopper.FA3_DYNAMIC: causal d = 64, 128) through the launch
-paths on a Hopper GPU: each launch takes its work items from a counter that it sets back to 0 itself (tma.counter: one per
-stream, one per launch captured into a CUDA graph). A counter left non-zero by the launch before would skip work
-items, whose rows then keep the NaN they start with: CuPy outputs are poisoned (the `poisoned` fixture), a graph's
-outputs are filled with NaN before each replay. Calls in a row with changing shapes (from 2 work items, far fewer
-than the SMs, to 192), two streams at once, graph capture and replays, a grid with more CTAs than work items."""
+"""Rung 7's "dynamic" variant (the default at config_hopper.FA3_DYNAMIC, causal d = 64 and 128 among them) through the
+launch paths on a Hopper GPU: each launch takes its work items from a counter that it sets back to 0 itself
+(tma.counter: one per stream, one per launch captured into a CUDA graph). A counter left non-zero by the launch
+before would skip work items, whose rows then keep the NaN they start with: CuPy outputs are poisoned (the `poisoned`
+fixture), a graph's outputs are filled with NaN before each replay. Calls in a row with changing shapes (from 2 work
+items, far fewer than the SMs, to 192), two streams at once, graph capture and replays, a grid with more CTAs than
+work items."""
 import zlib
 
 import numpy as np

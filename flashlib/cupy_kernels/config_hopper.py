@@ -35,9 +35,9 @@ FA3_OTHER_TILES = {64: ((128, 3, 2), (64, 4, 3), (64, 4, 2)), 128: ((128, 3, 2),
 # a static order (fa3_grid); "dynamic": each next item from a global counter (FlashAttention-3's; tma.counter)
 FA3_VARIANTS = ("pingpong", "plain", "persistent", "dynamic")
 # the default variant: "dynamic" at these (head dim, causal), else "pingpong" (the grid): where the H200 timed it no
-# slower than the grid at any N, and 1.1x at d = 64 with the mask (record fa3_schedulers_h200; the rule and its
-# margins: tests/test_tuning_records.py). Not at d = 256 with the mask: faster at N = 16384, slower at 4096
-FA3_DYNAMIC = ((64, True), (128, True), (256, False))
+# slower than the grid at either N, and 1.1x at d = 64 with the mask (record fa3_schedulers_h200; the rule and its
+# margins: tests/test_tuning_records.py). Not at d = 64 without the mask, nor at d = 256 with it: slower at one N
+FA3_DYNAMIC = ((64, True), (128, False), (128, True), (256, False))
 SIG_FA3 = "MMMPPiifiiP"   # maps of q, k, v; o, lse; Nq, Nk, scale, BH, G; "dynamic"'s counter (tma.counter; else 0)
 
 # The Hopper backward 'bwd_wgmma' (fa3_backward.cu): Bc = 128 keys a block over two consumer warpgroups, Q tiles of
