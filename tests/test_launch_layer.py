@@ -191,13 +191,15 @@ def test_launcher_packs_each_argument_where_its_parameter_pointer_points():
     for sig, args in (("PPPPPiifii", (1, 2, 3, 2**63, 5, -6, 7, 0.5, 9, 10)), ("PPiQQ", (11, 12, 3, 2**40, 5)),
                       ("PPPPPPPPPiifiii", tuple(range(9)) + (1, 2, 0.25, 3, 4, 128)),
                       ("MMMPPiifiiP", (b"q" * 128, b"k" * 128, b"v" * 128, 7, 8, 1, 2, 0.5, 3, 4, 5))):
-        L = Launcher(None, sig)
+        L = Launcher(None, sig, 1)             # ctx: any non-NULL handle (nothing is launched)
         L._fmt.pack_into(L._buf, L._at, *args)
         back = [read(c, p) for c, p in zip(sig, L._params)]
         assert back == list(args), (sig, back)
         assert len(set(L._params)) == len(sig) and L._params[0] % 64 == 0       # a tensor map's 64-byte alignment
     with pytest.raises(TypeError, match="do not fit"):
-        Launcher(type("F", (), {"ptr": 0})(), "Pi")((1,), (32,), (1, 2**31))      # an int32 out of range
+        Launcher(type("F", (), {"ptr": 0})(), "Pi", 1)((1,), (32,), (1, 2**31))   # an int32 out of range
+    with pytest.raises(ValueError, match="context"):
+        Launcher(None, "Pi", 0)                                                  # no context: refused up front
 
 
 def _same_launches(a, b):
