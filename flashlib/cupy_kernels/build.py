@@ -149,14 +149,14 @@ def cuda_include_dirs():
 def _kernel_on(device, file, name, smem=0, arch=None, sig=""):
     """A Launcher of `file`'s instance `name`, compiled and loaded for GPU `device` (an ordinal)."""
     import cupy as cp
-    with cp.cuda.Device(device):
-        here = _driver().ctxGetCurrent()
-        ctx = _primary_context(device)
-        try:
+    here = _driver().ctxGetCurrent()
+    try:
+        with cp.cuda.Device(device):
+            ctx = _primary_context(device)          # first: loading a module needs a current context
             return Launcher(compile_kernel(file, name, smem, arch), sig, ctx)
-        finally:
-            if here != ctx:       # the thread's own context (or none) given back
-                _driver().ctxSetCurrent(here)
+    finally:
+        if _driver().ctxGetCurrent() != here:       # the thread's own context (or none) given back
+            _driver().ctxSetCurrent(here)
 
 
 def _primary_context(device):
