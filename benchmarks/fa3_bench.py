@@ -197,7 +197,8 @@ def time_all(out, max_seconds=4.0):
 
 def sanitize():
     """One small ragged call per variant and consumer count (for compute-sanitizer; CuPy only, no torch): GQA,
-    causal and not, Nq != Nk, both head dims, fp16 and bf16."""
+    causal and not, Nq != Nk, both head dims, fp16 and bf16; then three causal calls in a row through the default
+    launch path ("dynamic", its counter set back to 0 by each launch)."""
     import cupy as cp
     rng = cp.random.default_rng(0)
 
@@ -213,6 +214,12 @@ def sanitize():
             cp.cuda.Device().synchronize()
             print(f"sanitize {variant} {dtype} d={d} causal={causal} tiles={tiles}: lse finite "
                   f"{bool(cp.isfinite(lse).all())}", flush=True)
+    for B, H, Hkv, Nq, Nk, d in ((1, 4, 2, 97, 113, 64), (2, 8, 4, 1000, 900, 128), (1, 1, 1, 3, 50, 64)):
+        q, k, v = arr((B, H, Nq, d), "float16"), arr((B, Hkv, Nk, d), "float16"), arr((B, Hkv, Nk, d), "float16")
+        o, lse = ck.forward(q, k, v, causal=True, scale=None, dtype="float16")   # the default path: "dynamic"
+        cp.cuda.Device().synchronize()
+        print(f"sanitize default path causal d={d} {ck.forward_plan('float16', d, True, 0).cfg.kernel}: lse finite "
+              f"{bool(cp.isfinite(lse).all())}", flush=True)
 
 
 def cli(doc, check, time_all, sanitize):

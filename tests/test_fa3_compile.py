@@ -25,14 +25,14 @@ def test_fa3_config():
     cfg = tma.fa3_config("float16", 64, False, tiles=(64, 4, 3), variant="pingpong")
     assert cfg.kernel == "fa3_forward<__half, 64, 64, 4, 3, true, false>" and (cfg.Br, cfg.threads) == (192, 512)
     assert cfg.smem == tma.smem_fa3(64, 64, 4, 3) == 1024 + 2 * 64 * (192 + 8 * 64) + 8 * 18
-    cfg = tma.fa3_config("float16", 256, True)            # FlashAttention-3's d = 256 tile: Br 128, Bc 80, 2 stages
+    cfg = tma.fa3_config("float16", 256, True, variant="pingpong")   # FlashAttention-3's d = 256 tile: Br 128, Bc 80
     assert cfg.kernel == "fa3_forward<__half, 256, 80, 2, 2, true, true>" and (cfg.Br, cfg.Bc) == (128, 80)
     assert cfg.smem == 1024 + 2 * 256 * (128 + 4 * 80) + 8 * 10 <= ck.SMEM_LIMIT[90] and not cfg.persistent
     cfg = tma.fa3_config("bfloat16", 64, True, variant="persistent")   # ping-pong + the persistent grid
     assert cfg.kernel == "fa3_forward<__nv_bfloat16, 64, 128, 2, 3, true, true, true>" and cfg.persistent
     assert tma.fa3_grid(cfg, 1000, 7, 132) == (-(-1000 // 192) * 7, 1, 1) == (42, 1, 1)
     assert tma.fa3_grid(cfg, 16384, 16, 132) == (132, 1, 1)
-    assert tma.fa3_grid(tma.fa3_config("float16", 64, True), 1000, 7, 132) == (6, 7, 1)
+    assert tma.fa3_grid(tma.fa3_config("float16", 64, True, variant="pingpong"), 1000, 7, 132) == (6, 7, 1)
     cfg = tma.fa3_config("float16", 128, True, variant="dynamic")   # the same grid, items from a global counter
     assert cfg.kernel == "fa3_forward<__half, 128, 128, 2, 2, true, true, true, true>" and cfg.persistent and cfg.dynamic
     assert cfg.smem == tma.fa3_config("float16", 128, True, variant="persistent").smem + 8   # the handed-over item
@@ -42,7 +42,13 @@ def test_fa3_config():
     with pytest.raises(ValueError, match="shared memory"):
         tma.fa3_config("float16", 256, False, tiles=(128, 2))
     # rung 7 is the default only where the GPU checked it (FA3_DEFAULT_HEAD_DIMS), elsewhere on request
-    assert ck.choose_config("float16", 256, 90, rung="fa3").kernel == "fa3_forward<__half, 256, 80, 2, 2, true, false>"
+    assert ck.choose_config("float16", 64, 90, rung="fa3").kernel == "fa3_forward<__half, 64, 128, 2, 3, true, false>"
+    # the default variant: "dynamic" at FA3_DYNAMIC's (d, causal) (tests/test_tuning_records.py), else ping-pong
+    for d in tma.FA3_HEAD_DIMS:
+        for causal in (False, True):
+            want = "dynamic" if (d, causal) in ck.config_hopper.FA3_DYNAMIC else "pingpong"
+            assert tma.fa3_config("bfloat16", d, causal) == tma.fa3_config("bfloat16", d, causal, variant=want)
+            assert ck.choose_config("float16", d, 90, causal).fa3 == tma.fa3_config("float16", d, causal, variant=want)
     for d in (64, 128, 256):
         assert (ck.choose_config("float16", d, 90).rung == "fa3") == (d in ck.FA3_DEFAULT_HEAD_DIMS)
     for d in tma.FA3_HEAD_DIMS:
@@ -60,6 +66,47 @@ def test_fa3_config():
     n_other = sum(map(len, tma.FA3_OTHER_TILES.values()))
     n_dims, n_var = len(tma.FA3_HEAD_DIMS), len(tma.FA3_VARIANTS)
     assert len(set(tma.fa3_instances())) == (2 * n_dims + n_other) * 2 * n_var  # (dtype x d + other) x causal x variant
+
+
+@pytest.fixture
+def fake_counters(monkeypatch):
+    """tma.counter with a fake slab allocator (addresses 0x10000, 0x20000, ... a slab, recorded) and a switch for
+    whether the stream captures a CUDA graph."""
+    slabs, capturing = [], set()
+    monkeypatch.setattr(tma, "_slabs", {})
+    monkeypatch.setattr(tma, "_counters", {})
+    monkeypatch.setattr(tma, "_new_slab", lambda device: slabs.append(device) or (None, 0x10000 * len(slabs)))
+    monkeypatch.setattr(tma, "_capturing", lambda ctx, stream: stream in capturing)
+    return slabs, capturing
+
+
+def test_one_counter_per_device_and_stream_and_one_per_captured_launch(fake_counters):
+    slabs, capturing = fake_counters
+    a, b = tma.counter(0, 0xA, 1), tma.counter(0, 0xB, 1)
+    assert tma.counter(0, 0xA, 1) == a == 0x10000 and b == a + 4 and slabs == [0]   # one zeroed slab per device
+    c = tma.counter(1, 0xA, 2)
+    assert c == 0x20000 and slabs == [0, 1]
+    capturing.add(0xA)        # in a capture: a counter of its own per launch, the stream's own left for eager calls
+    got = [tma.counter(0, 0xA, 1) for _ in range(3)]
+    assert got == [a + 8, a + 12, a + 16]
+    capturing.clear()
+    assert tma.counter(0, 0xA, 1) == a and tma.counter(0, 0xB, 1) == b and tma.counter(0, 0xC, 1) == a + 20
+
+
+def test_counters_come_from_slabs_allocated_outside_captures(fake_counters, monkeypatch):
+    slabs, capturing = fake_counters
+    capturing.add(0xA)
+    with pytest.raises(RuntimeError, match="allocated outside CUDA graph captures"):   # the first call inside a capture
+        tma.counter(0, 0xA, 1)
+    assert slabs == []
+    monkeypatch.setattr(tma, "SLAB", 2)
+    capturing.clear()
+    assert [tma.counter(0, s, 1) for s in (1, 2, 3)] == [0x10000, 0x10004, 0x20000]   # a used-up slab: a new one
+    capturing.add(4)
+    assert tma.counter(0, 4, 1) == 0x20004
+    with pytest.raises(RuntimeError, match="allocated outside CUDA graph captures"):
+        tma.counter(0, 4, 1)
+    assert slabs == [0, 0]
 
 
 # the timeline's debug build (fa3_timeline.cu): the cases the book draws and tests/test_fa3_gpu.py's

@@ -10,6 +10,8 @@ from flashlib import cupy_kernels as ck
 
 class Recorder:
     """Stands in for build.Launcher: records each launch with the kernel's parameter signature."""
+    ctx = 0x77                                       # the CUDA context it was loaded in (build.Launcher.ctx)
+
     def __init__(self, name, sig, log):
         self.name, self.sig, self.log = name, sig, log
 
@@ -23,6 +25,9 @@ class Recorder:
         self((gx, gy, gz), (bx,), args, shared_mem, stream)
 
 
+COUNTERS = {}   # the fake tma.counter's answers: an address per (device, stream, context)
+
+
 @pytest.fixture
 def fake_gpu(monkeypatch):
     log, built = [], []
@@ -32,6 +37,10 @@ def fake_gpu(monkeypatch):
     monkeypatch.setattr(ck.launch, "_torch_stream", lambda dev: 0xABC)
     monkeypatch.setattr(ck.launch, "_torch_cuda_device", lambda t: 0)     # CPU tensors stand in for CUDA ones
     monkeypatch.setattr(ck.launch, "_tensor_map", lambda ptr, *dims: ("map", ptr) + dims)   # libcuda's encoder
+    monkeypatch.setattr(ck.launch, "_sm_count", lambda device: 132)
+    monkeypatch.setattr(ck.launch, "_counter", lambda device, stream, ctx: COUNTERS.setdefault((device, stream, ctx),
+                                                                                               0xC000 + 256 * len(COUNTERS)))
+    COUNTERS.clear()
     ck.forward_plan.cache_clear()
     ck.backward_plan.cache_clear()
     yield log, built
@@ -58,12 +67,14 @@ def test_forward_plan_built_once_and_launched_on_the_callers_stream(fake_gpu, dt
     cfg = ck.choose_config(name, 64, 90, True, pick)
     assert cfg.rung == rung and built[0] == cfg.kernel
     call = log[-1]
-    assert call["grid"] == (-(-100 // cfg.Br), 6, 1) and call["block"] == (32 * cfg.warps,) and call["smem"] == cfg.smem
+    grid = (6, 1, 1) if rung == "fa3" else (-(-100 // cfg.Br), 6, 1)        # fa3: "dynamic", 6 items on 132 SMs
+    assert call["grid"] == grid and call["block"] == (32 * cfg.warps,) and call["smem"] == cfg.smem
     assert call["stream"] == 0xABC
     assert type(o) is torch.Tensor and o.dtype == dtype and o.shape == q.shape and o.is_contiguous()
     assert lse.dtype == torch.float32 and lse.shape == (2, 3, 100)
     if rung == "fa3":      # q, k, v reach rung 7 as tensor maps: (d, N, pairs), boxes of Br (q) or Bc (k, v) rows
-        assert call["sig"] == "MMMPPiifiiP" and _ptrs(call)[3:] == [o.data_ptr(), lse.data_ptr(), 0]   # no counter
+        assert cfg.fa3.dynamic and call["sig"] == "MMMPPiifiiP"      # causal d = 64: the dynamic scheduler's counter
+        assert _ptrs(call)[3:] == [o.data_ptr(), lse.data_ptr(), COUNTERS[(0, 0xABC, Recorder.ctx)]]
         qm, km, vm = call["args"][:3]
         assert qm[1] != q.data_ptr() and qm[2:] == (name, 64, 100, 6, cfg.Br)   # a contiguous copy of q was mapped
         assert km == ("map", k.data_ptr(), name, 64, 77, 6, cfg.Bc) and vm == km
@@ -180,13 +191,15 @@ def test_launcher_packs_each_argument_where_its_parameter_pointer_points():
     for sig, args in (("PPPPPiifii", (1, 2, 3, 2**63, 5, -6, 7, 0.5, 9, 10)), ("PPiQQ", (11, 12, 3, 2**40, 5)),
                       ("PPPPPPPPPiifiii", tuple(range(9)) + (1, 2, 0.25, 3, 4, 128)),
                       ("MMMPPiifiiP", (b"q" * 128, b"k" * 128, b"v" * 128, 7, 8, 1, 2, 0.5, 3, 4, 5))):
-        L = Launcher(None, sig)
+        L = Launcher(None, sig, 1)             # ctx: any non-NULL handle (nothing is launched)
         L._fmt.pack_into(L._buf, L._at, *args)
         back = [read(c, p) for c, p in zip(sig, L._params)]
         assert back == list(args), (sig, back)
         assert len(set(L._params)) == len(sig) and L._params[0] % 64 == 0       # a tensor map's 64-byte alignment
     with pytest.raises(TypeError, match="do not fit"):
-        Launcher(type("F", (), {"ptr": 0})(), "Pi")((1,), (32,), (1, 2**31))      # an int32 out of range
+        Launcher(type("F", (), {"ptr": 0})(), "Pi", 1)((1,), (32,), (1, 2**31))   # an int32 out of range
+    with pytest.raises(ValueError, match="context"):
+        Launcher(None, "Pi", 0)                                                  # no context: refused up front
 
 
 def _same_launches(a, b):
@@ -219,6 +232,33 @@ def test_prepared_forward_launches_as_forward_does(fake_gpu, dtype, pick):
     qt = q.transpose(2, 3).contiguous().transpose(2, 3)                    # same signature, not contiguous
     run(qt, k, v)
     assert addr(log[-1]["args"][0]) not in (qt.data_ptr(), q.data_ptr())
+
+
+def test_rung7_launches_pass_the_counter_of_their_stream(fake_gpu, monkeypatch):
+    """Rung 7's default variant (config_hopper.FA3_DYNAMIC): "dynamic" (causal d = 64) launches a persistent grid,
+    min(SMs, work items) CTAs, with tma.counter's address for the launch's stream, in `forward` and the prepared call alike;
+    "pingpong" (d = 64 not causal) the grid of tiles and 0. The counter is asked for at each launch (the stream may
+    change between calls), for the device and the kernel's context."""
+    log, built = fake_gpu
+    streams = iter([0xA, 0xA, 0xB, 0xB, 0xA, 0xC])
+    monkeypatch.setattr(ck.launch, "_torch_stream", lambda dev: next(streams))
+    q, k = torch.randn(2, 8, 1000, 64).half(), torch.randn(2, 4, 900, 64).half()
+    run = ck.launch.prepare_forward(q, k, k, causal=True, scale=None, dtype="float16")
+    for call in (lambda: ck.forward(q, k, k, causal=True, scale=None, dtype="float16"), lambda: run(q, k, k)) * 3:
+        call()
+    cfg = ck.choose_config("float16", 64, 90, True).fa3
+    assert cfg.dynamic and len(built) == 1 and len(log) == 6
+    for c, stream in zip(log, (0xA, 0xA, 0xB, 0xB, 0xA, 0xC)):
+        assert c["stream"] == stream and c["args"][-1] == COUNTERS[(0, stream, Recorder.ctx)]
+        assert c["grid"] == (min(132, -(-1000 // cfg.Br) * 16), 1, 1) == (96, 1, 1)
+    assert len(set(COUNTERS.values())) == 3
+    monkeypatch.setattr(ck.launch, "_torch_stream", lambda dev: 0xA)
+    ck.forward(q, k, k, causal=False, scale=None, dtype="float16")
+    ck.launch.prepare_forward(q, k, k, causal=False, scale=None, dtype="float16")(q, k, k)
+    pp = ck.choose_config("float16", 64, 90, False)
+    assert not pp.fa3.persistent and "true, false>" in pp.kernel
+    for c in log[-2:]:
+        assert c["args"][-1] == 0 and c["grid"] == (-(-1000 // pp.Br), 16, 1)
 
 
 def test_prepared_routes_fall_back_where_the_general_path_is_needed(fake_gpu):

@@ -14,8 +14,8 @@ The kernels form a numbered ladder (each .cu file's header says grid, block, and
   rung 6  'wgmma'     fa2_wgmma.cu  Hopper only (sm_90a): the forward on warpgroup MMA, K and V read by the Tensor
                                     Cores straight from shared memory; d = 64 and 128
   rung 7  'fa3'       fa3_forward.cu  Hopper only: FlashAttention-3's TMA copies (tensor maps, mbarriers), a producer
-                                    warpgroup and two or three consumers (setmaxnreg), ping-pong (a persistent
-                                    variant beside it); d = 64, 128, 256, the default there
+                                    warpgroup and two or three consumers (setmaxnreg), ping-pong, a persistent grid
+                                    with FA3's dynamic scheduler (config_hopper.FA3_DYNAMIC); d = 64, 128, 256
   opt-in  'fa3_fp8'   fa3_fp8.cu    rung 7 with e4m3 Q, K, V (FlashAttention-3's FP8): per-head descale factors,
                                     V^T from the host, P rounded to e4m3; fp8.py quantises (optionally after a
                                     random Hadamard rotation of Q and K) and launches: forward_fp8. Never a default

@@ -36,7 +36,9 @@ class Launcher:
     gets it for the launch and its own back after."""
     __slots__ = ("fn", "sig", "ctx", "_fmt", "_buf", "_at", "_params", "_lock")
 
-    def __init__(self, fn, sig, ctx=0):
+    def __init__(self, fn, sig, ctx):
+        if not ctx:
+            raise ValueError("a Launcher needs the CUDA context its kernel was loaded in, got none (NULL)")
         self.fn, self.sig, self.ctx = fn, sig, ctx   # fn: cupy.cuda.function.Function (keeps its module loaded)
         fields = [_FORMAT[c] for c in sig]
         self._fmt = struct.Struct("@" + "".join(fields))
@@ -147,9 +149,29 @@ def cuda_include_dirs():
 def _kernel_on(device, file, name, smem=0, arch=None, sig=""):
     """A Launcher of `file`'s instance `name`, compiled and loaded for GPU `device` (an ordinal)."""
     import cupy as cp
-    with cp.cuda.Device(device):
-        fn = compile_kernel(file, name, smem, arch)
-        return Launcher(fn, sig, _driver().ctxGetCurrent())          # the context the module was loaded in
+    here = _driver().ctxGetCurrent()
+    try:
+        with cp.cuda.Device(device):
+            ctx = _primary_context(device)          # first: loading a module needs a current context
+            return Launcher(compile_kernel(file, name, smem, arch), sig, ctx)
+    finally:
+        if _driver().ctxGetCurrent() != here:       # the thread's own context (or none) given back
+            _driver().ctxSetCurrent(here)
+
+
+def _primary_context(device):
+    """The primary context of GPU `device` (where CuPy loads modules), made current on this thread. A thread that
+    has made no CUDA call has no current context, and `with cupy.cuda.Device(d)` does not bind one when d is
+    already the thread's device; cudaSetDevice does (CUDA 12 and later initialise the primary context there)."""
+    from cupy_backends.cuda.api import runtime
+    runtime.setDevice(device)
+    ctx = _driver().ctxGetCurrent()
+    if not ctx:      # a CUDA runtime before 12.0 binds it at the first call that needs a context
+        runtime.free(0)
+        ctx = _driver().ctxGetCurrent()
+    if not ctx:
+        raise RuntimeError(f"no CUDA context is current on GPU {device} after cudaSetDevice and cudaFree(0)")
+    return ctx
 
 
 @functools.lru_cache(maxsize=None)

@@ -38,10 +38,10 @@ BWD_TILES = {32: (8, 1, 64, 64, True), 64: (4, 2, 64, 32, False), 96: (8, 1, 64,
 # less shared memory (sm_80 at d = 256: 163 KB; sm_86/89: 99 KB): the first that fits
 BWD_FALLBACK_TILES = ((4, 1, 64, 32, False), (4, 1, 32, 32, False), (2, 1, 16, 16, False))
 
-Config = namedtuple("Config", "rung file kernel Br Bc warps smem D arch dtype", defaults=(None, None, None))
+Config = namedtuple("Config", "rung file kernel Br Bc warps smem D arch dtype fa3", defaults=(None,) * 4)
 Config.__doc__ = """One kernel launch configuration: rung, .cu file, template instance, tiles Br x Bc, warps per
 block, dynamic shared memory (bytes), the compiled head dim D, the target architecture (None: the GPU's own), the
-dtype name."""
+dtype name; rung 7: its Fa3Config (grid and counter)."""
 
 
 def bwd_columns(D):
@@ -125,7 +125,7 @@ def choose_config(dtype, d, cc, causal=False, rung=None, tiles=None):
             raise ValueError(f"rung 'fa3' is Hopper's (compute capability 9.0, sm_90a code); this GPU is {cc / 10:.1f}: "
                              "use 'tuned'")
         f = fa3_config(dtype, d, causal, tiles)
-        return Config(rung, "fa3_forward.cu", f.kernel, f.Br, f.Bc, f.threads // 32, f.smem, D, "sm_90a", dtype)
+        return Config(rung, "fa3_forward.cu", f.kernel, f.Br, f.Bc, f.threads // 32, f.smem, D, "sm_90a", dtype, f)
     if rung == "wgmma":
         if cc != 90:
             raise ValueError(f"rung 'wgmma' is Hopper's (compute capability 9.0, sm_90a code); this GPU is {cc / 10:.1f}: "

@@ -31,10 +31,14 @@ FA3_HEAD_DIMS = (64, 128, 256)
 FA3_DEFAULT_HEAD_DIMS = (64, 128, 256)
 # other tiles that benchmarks/fa3_bench.py times beside these and the tests check (three consumers: d = 64 only)
 FA3_OTHER_TILES = {64: ((128, 3, 2), (64, 4, 3), (64, 4, 2)), 128: ((128, 3, 2), (64, 3, 2)), 256: ((64, 2, 2),)}
-# the consumers take turns (PP, the default) or not; "persistent": ping-pong in a grid of one CTA per SM looping over
-# work items in a static order (fa3_grid); "dynamic": each next item from a global counter (FlashAttention-3's)
+# the consumers take turns (PP) or not; "persistent": ping-pong in a grid of one CTA per SM looping over work items in
+# a static order (fa3_grid); "dynamic": each next item from a global counter (FlashAttention-3's; tma.counter)
 FA3_VARIANTS = ("pingpong", "plain", "persistent", "dynamic")
-SIG_FA3 = "MMMPPiifiiP"   # maps of q, k, v; o, lse; Nq, Nk, scale, BH, G; "dynamic"'s zeroed int32 counter (else 0)
+# the default variant: "dynamic" at these (head dim, causal), else "pingpong" (the grid): where the H200 timed it no
+# slower than the grid at either N, and 1.1x at d = 64 with the mask (record fa3_schedulers_h200; the rule and its
+# margins: tests/test_tuning_records.py). Not at d = 64 without the mask, nor at d = 256 with it: slower at one N
+FA3_DYNAMIC = ((64, True), (128, False), (128, True), (256, False))
+SIG_FA3 = "MMMPPiifiiP"   # maps of q, k, v; o, lse; Nq, Nk, scale, BH, G; "dynamic"'s counter (tma.counter; else 0)
 
 # The Hopper backward 'bwd_wgmma' (fa3_backward.cu): Bc = 128 keys a block over two consumer warpgroups, Q tiles of
 # Br = 64 rows, one producer warpgroup (384 threads); d = 64 and 128 (other head dims: bwd_tc).
@@ -81,10 +85,10 @@ def fa3_grid(cfg, Nq, BH, n_sm):
     return (max(1, min(n_sm, n_qt * BH)), 1, 1) if cfg.persistent else pair_grid(n_qt, BH)
 
 
-def fa3_config(dtype, d, causal, tiles=None, variant="pingpong"):
-    """Fa3Config(kernel name expression, Br, Bc, stages, threads, smem bytes, persistent) of rung 7 for dtype
-    float16/bfloat16, head dim in FA3_HEAD_DIMS, tiles (Bc, stages[, consumer warpgroups]) (default FA3_TILES[d]),
-    variant in FA3_VARIANTS."""
+def fa3_config(dtype, d, causal, tiles=None, variant=None):
+    """Fa3Config(kernel name expression, Br, Bc, stages, threads, smem bytes, persistent, dynamic) of rung 7 for
+    dtype float16/bfloat16, head dim in FA3_HEAD_DIMS, tiles (Bc, stages[, consumer warpgroups]) (default
+    FA3_TILES[d]), variant in FA3_VARIANTS (default: "dynamic" at FA3_DYNAMIC, else "pingpong")."""
     if dtype not in ("float16", "bfloat16"):
         raise ValueError(f"rung 7 (fa3_forward) takes float16 or bfloat16, got {dtype!r}")
     if d not in FA3_HEAD_DIMS:
@@ -97,6 +101,7 @@ def fa3_config(dtype, d, causal, tiles=None, variant="pingpong"):
     if smem > SMEM_OPTIN_BYTES[90]:
         raise ValueError(f"tiles {tiles} at d = {d} need {smem} bytes of shared memory; Hopper allows "
                          f"{SMEM_OPTIN_BYTES[90]}")
+    variant = variant or ("dynamic" if (d, bool(causal)) in FA3_DYNAMIC else "pingpong")
     if variant not in FA3_VARIANTS:
         raise ValueError(f"rung 7 variant must be one of {FA3_VARIANTS}, got {variant!r}")
     c, pp = ("true" if causal else "false"), ("false" if variant == "plain" else "true")

@@ -26,14 +26,15 @@
 //   phases continue from item to item; Q of the next item is loaded once every consumer warp has released Qs
 //   (barrier q_empty, after its epilogue staged O there), K_0 of the next item before that.
 // DYNAMIC (FlashAttention-3's DynamicPersistentTileScheduler, hopper/tile_scheduler.hpp): the same items in the same
-//   order, but CTA c's first item is c and each later one comes from a global counter (next_item, zeroed by the
-//   host before the launch): atomicAdd(next_item, 1) + gridDim.x, so that a CTA that finishes early takes more.
+//   order, but CTA c's first item is c and each later one comes from a global counter (next_item, zero at the
+//   launch): atomicAdd(next_item, 1) + gridDim.x, so that a CTA that finishes early takes more. The launch sets it
+//   back to 0 itself (set_ahead below), so one counter serves every launch on a stream (tma.counter).
 //   The producer fetches one item ahead and writes the successor of the item it loads Q for into shared memory
 //   (handed[0]) before the q_full arrival, whose release the consumers' wait acquires; they read it at the item's
 //   last turn (it is rewritten only after q_empty), to know whether to hand the last turn on.
 // Arguments: the tensor maps of Q (D, Nq, B*H), K and V (D, Nk, B*H/G) (dims innermost first; rows past Nq or Nk
 //   read as zeros), O and lse pointers, Nq, Nk, scale, BH, G: query head pair bh reads kv pair bh / G; next_item
-//   (DYNAMIC: an int32 zeroed before the launch, else unused).
+//   (DYNAMIC: an int32 that is 0 at the launch and 0 again after it, else unused).
 // Shared memory (dynamic, aligned here to 1024 bytes): Qs (Br x D), STAGES slots of Ks (Bc x D), STAGES of Vs,
 //   then the mbarriers (8 bytes each), DYNAMIC: handed[2] (int32). Every tile is cut into blocks of 64 columns (128 bytes a row, one TMA box
 //   each), Bc (or Br) rows a block, 16-byte chunks swizzled by XOR with row % 8: rung 6's sw128 layout.
@@ -168,11 +169,25 @@ fa3_forward(const __grid_constant__ TmaMap qmap, const __grid_constant__ TmaMap 
             // the item after this one: DYNAMIC, from the global counter, fetched one item ahead (FlashAttention-3's
             // DynamicPersistentTileScheduler: atomicAdd + gridDim.x), else the static order. Kept in shared
             // memory (handed[1], volatile): in a register it made ptxas spill the 24-register producer
+            // The counter's invariant: a CTA with a first item (blockIdx.x < total) fetches until a fetch returns
+            // r >= total - gridDim.x (its terminal one, item total: none), a CTA without one fetches nothing. The
+            // non-terminal returns are 0 ... total - gridDim.x - 1 and each of the min(gridDim.x, total) CTAs ends
+            // with one terminal return, so a launch's fetches return exactly 0 ... total - 1, whatever the grid.
+            // The fetch that returns total - 1 is the launch's last: it stores 0 back, and the next launch on the
+            // stream (ordered after this one) finds the counter zero.
             int ahead_reg = 0;
             auto set_ahead = [&](int i) {  // the successor of item i (total: none)
-                const int x = i >= total ? total : DYNAMIC ? atomicAdd(next_item, 1) + (int)gridDim.x : i + step;
-                if constexpr (DYNAMIC) *reinterpret_cast<volatile int*>(handed + 1) = x;
-                else ahead_reg = x;
+                int x = i >= total ? total : i + step;
+                if constexpr (DYNAMIC) {
+                    if (i < total) {
+                        const int r = atomicAdd(next_item, 1);
+                        if (r == total - 1) atomicExch(next_item, 0);
+                        x = r < total - (int)gridDim.x ? r + (int)gridDim.x : total;  // (no int overflow near 2^31)
+                    }
+                    *reinterpret_cast<volatile int*>(handed + 1) = x;
+                } else {
+                    ahead_reg = x;
+                }
             };
             auto ahead = [&]() {
                 if constexpr (DYNAMIC) return *reinterpret_cast<volatile int*>(handed + 1);

@@ -15,10 +15,11 @@ import numpy as np
 from .._arrays import check_causal, check_scale
 from .build import _device_cc, _kernel_on
 from .config import BACKWARD_RUNGS, FORWARD_RUNGS, bwd_columns, choose_config, default_rung
-from .config_hopper import SIG_BWD_WGMMA, SIG_FA3
+from .config_hopper import SIG_BWD_WGMMA, SIG_FA3, fa3_grid
 from .shapes import CTYPE, check_inputs, pair_grid
+from .tma import counter as _counter, map_bytes as _tensor_map, sm_count as _sm_count   # rung 7's
 
-Plan = namedtuple("Plan", "cfg d fn pre post sum")   # main kernel; backward's pre-pass, dQ conversion, group sum
+Plan = namedtuple("Plan", "cfg d fn pre post sum device", defaults=(None,))   # backward: pre-pass, dQ conversion, sum
 # the kernels' parameters, one letter each (build.Launcher): P pointer, Q uint64, i int32, f float32
 SIG_FORWARD = "PPPPPiifii"                   # q, k, v, o, lse, Nq, Nk, scale, BH, G
 SIG_BACKWARD = "PPPPPPPPPiifii"              # q, k, v, do, lb, delta, dq_acc, dk, dv, Nq, Nk, scale, BH, G
@@ -32,7 +33,7 @@ def forward_plan(dtype, d, causal, device, rung=None, tiles=None):
     default."""
     cfg = choose_config(dtype, d, _device_cc(device), causal, rung or _rung_override("forward"), tiles)
     sig = SIG_FA3 if cfg.rung == "fa3" else SIG_FORWARD
-    return Plan(cfg, d, _kernel_on(device, cfg.file, cfg.kernel, cfg.smem, cfg.arch, sig), None, None, None)
+    return Plan(cfg, d, _kernel_on(device, cfg.file, cfg.kernel, cfg.smem, cfg.arch, sig), None, None, None, device)
 
 
 @functools.lru_cache(maxsize=None)
@@ -62,13 +63,20 @@ def launch_forward(plan, q, k, v, o, lse, B, H, Nq, Nk, scale, G=1, stream=0):
     if cfg.rung == "fa3":   # rung 7 reads q, k, v through TMA tensor maps (d, N, pairs), boxes of Br or Bc rows
         q = _tensor_map(q, cfg.dtype, cfg.D, Nq, BH, cfg.Br)
         k, v = (_tensor_map(a, cfg.dtype, cfg.D, Nk, BH // G, cfg.Bc) for a in (k, v))
-    args = (q, k, v, o, lse, Nq, Nk, scale, BH, G) + ((0,) if cfg.rung == "fa3" else ())   # fa3: no counter
-    plan.fn(pair_grid(-(-Nq // cfg.Br), BH), (32 * cfg.warps,), args, cfg.smem, stream)
+    args = (q, k, v, o, lse, Nq, Nk, scale, BH, G) + _fa3_tail(plan, stream)
+    plan.fn(_forward_grid(plan, Nq, BH), (32 * cfg.warps,), args, cfg.smem, stream)
 
 
-def _tensor_map(ptr, dtype, d, n, pairs, box_rows):
-    from .tma import map_bytes
-    return map_bytes(ptr, dtype, d, n, pairs, box_rows)
+def _forward_grid(plan, Nq, BH):
+    """The forward's grid: one CTA per (query tile, pair), or rung 7's persistent grid (fa3_grid)."""
+    f = plan.cfg.fa3
+    return pair_grid(-(-Nq // plan.cfg.Br), BH) if f is None else fa3_grid(f, Nq, BH, f.persistent and _sm_count(plan.device))
+
+
+def _fa3_tail(plan, stream):
+    """Rung 7's last parameter: the dynamic scheduler's counter for `stream` (tma.counter), else 0; () for others."""
+    f = plan.cfg.fa3
+    return () if f is None else (_counter(plan.device, stream, plan.fn.ctx) if f.dynamic else 0,)
 
 
 def launch_backward(plan, q, k, v, o, lse, do, dq, dk, dv, dq_acc, delta, lb, B, H, Nq, Nk, scale, G=1,
@@ -215,11 +223,10 @@ def prepare_forward(q, k, v, *, causal, scale, dtype, rung=None, tiles=None):
     if cfg.D != d or Nk == 0 or B * H * Nq == 0:
         return None
     BH = B * H
-    gx, gy, gz = pair_grid(-(-Nq // cfg.Br), BH)
+    gx, gy, gz = _forward_grid(plan, Nq, BH)
     launch, block, smem = plan.fn.launch, 32 * cfg.warps, cfg.smem
     contiguous, ptr, stream, empty_like = io.contiguous, io.ptr, io.stream, io.empty_like
     lse_like = io.f32_maker((B, H, Nq), q)
-    tail = (0,) if cfg.rung == "fa3" else ()   # rung 7's last parameter: no dynamic scheduler's counter
     if cfg.rung == "fa3":   # rung 7: tensor maps of q, k, v (remembered per address), 16-byte-aligned tensors
         qmap, kvmap = (lambda p: _tensor_map(p, dtype, d, Nq, BH, cfg.Br)), (lambda p: _tensor_map(p, dtype, d, Nk, BH // G, cfg.Bc))
 
@@ -232,7 +239,8 @@ def prepare_forward(q, k, v, *, causal, scale, dtype, rung=None, tiles=None):
         if cfg.rung == "fa3":
             pq, pk, pv = qmap(pq), kvmap(pk), kvmap(pv)
         o, lse = empty_like(q), lse_like()
-        launch(gx, gy, gz, block, 1, 1, smem, stream(dev), (pq, pk, pv, ptr(o), ptr(lse), Nq, Nk, scale, BH, G) + tail)
+        s = stream(dev)
+        launch(gx, gy, gz, block, 1, 1, smem, s, (pq, pk, pv, ptr(o), ptr(lse), Nq, Nk, scale, BH, G) + _fa3_tail(plan, s))
         return o, lse
     return run
 

@@ -15,6 +15,7 @@ here is the rung on its own (its tests and benchmark time the variants).
 """
 import ctypes
 import functools
+import threading
 
 from .._arrays import check_causal, check_scale
 from .build import _kernel_on
@@ -143,11 +144,74 @@ def sm_count(device):
     return int(cp.cuda.Device(device).attributes["MultiProcessorCount"])
 
 
-def forward_fa3(q, k, v, causal, scale, tiles=None, variant="pingpong", _debug=None):
+# ---------------------------------------------------------------- the dynamic scheduler's counters
+
+SLAB = 1 << 16      # int32 counters allocated at once per device (256 KB)
+_slabs = {}         # device -> [the slab (kept alive), its address, counters handed out]
+_counters = {}      # (device, stream) -> the address of that stream's counter
+_lock = threading.Lock()
+
+
+def counter(device, stream, ctx):
+    """Device address of a zero int32 for the "dynamic" variant's next_item on GPU `device`, for a launch on
+    `stream` (a cudaStream_t, int); ctx: the kernel's CUDA context (build.Launcher.ctx). A launch sets its counter
+    back to 0 (fa3_forward.cu), and launches on one stream run one after another, so each (device, stream) keeps
+    one counter, handed out once from a zeroed slab. Inside a CUDA graph capture each launch gets a counter of its
+    own instead: a graph keeps its counters, and its replays may run on any stream beside other work. The slab is
+    allocated at the first call, which must not be inside a capture (RuntimeError there: call once before, as
+    PyTorch's recipe warms up before capturing); a slab's counters are never handed out twice."""
+    if not _capturing(ctx, stream):
+        ptr = _counters.get((device, stream))
+        if ptr is None:
+            ptr = _counters.setdefault((device, stream), _take(device, False))
+        return ptr
+    return _take(device, True)
+
+
+def _take(device, capturing):
+    """The address of the next unused counter of `device`'s slab (a new slab when it is used up, not in a capture)."""
+    with _lock:
+        slab = _slabs.get(device)
+        if slab is None or slab[2] == SLAB:
+            if capturing:
+                raise RuntimeError(f"rung 7's dynamic scheduler takes its counters from a slab allocated outside CUDA "
+                                   f"graph captures, and none is left: run the attention once before the capture (a "
+                                   f"slab serves {SLAB} captured launches)")
+            slab = _slabs[device] = [*_new_slab(device), 0]
+        slab[2] += 1
+        return slab[1] + 4 * (slab[2] - 1)
+
+
+def _new_slab(device):
+    """(owner, address) of SLAB zeroed int32 on GPU `device`, written (on CuPy's current stream, then waited for)
+    before any stream reads them."""
+    import cupy as cp
+    with cp.cuda.Device(device):
+        buf = cp.zeros(SLAB, dtype=cp.int32)
+        cp.cuda.get_current_stream().synchronize()
+    return buf, buf.data.ptr
+
+
+def _capturing(ctx, stream):
+    """Whether `stream` is capturing a CUDA graph, asked in context ctx (a thread with another context current, or
+    none, keeps it: the runtime would bind its primary context to the thread)."""
+    from cupy_backends.cuda.api import driver, runtime
+    here = driver.ctxGetCurrent()
+    if here == ctx:
+        return runtime.streamIsCapturing(stream)
+    driver.ctxSetCurrent(ctx)
+    try:
+        return runtime.streamIsCapturing(stream)
+    finally:
+        driver.ctxSetCurrent(here)
+
+
+def forward_fa3(q, k, v, causal, scale, tiles=None, variant=None, _debug=None):
     """Rung 7 forward on CuPy arrays: q (B, H, Nq, d), k and v (B, H_kv, Nk, d), H_kv dividing H, d in
     FA3_HEAD_DIMS, float16 or bfloat16 (as int16 bits); Nq, Nk >= 1. Returns (o like q, lse (B, H, Nq) float32,
     natural log), computed on CuPy's current stream. tiles: (Bc, stages[, consumer warpgroups]), default
-    FA3_TILES[d]; variant: one of VARIANTS. _debug: a device pointer for the timeline build (timeline.py)."""
+    FA3_TILES[d]; variant: one of VARIANTS (default fa3_config's). _debug: a device pointer for the timeline build
+    (timeline.py)."""
     import cupy as cp
     dtype = _dtype_of(q)
     if len(q.shape) != 4 or len(k.shape) != 4 or k.shape != v.shape or q.dtype != k.dtype or k.dtype != v.dtype:
@@ -165,9 +229,9 @@ def forward_fa3(q, k, v, causal, scale, tiles=None, variant="pingpong", _debug=N
     BH = B * H       # the tensor maps: (d, N, pairs), boxes of Br rows (q) or Bc rows (k, v); rows past N read as 0
     maps = [map_bytes(a.data.ptr, dtype, d, n, pairs, rows) for a, n, pairs, rows in
             ((q, Nq, BH, cfg.Br), (k, Nk, BH // (H // Hkv), cfg.Bc), (v, Nk, BH // (H // Hkv), cfg.Bc))]
-    counter = cp.zeros(1, dtype=cp.int32) if cfg.dynamic else None    # the dynamic scheduler's next item - gridDim.x
-    args = (*maps, o.data.ptr, lse.data.ptr, Nq, Nk, scale, BH, H // Hkv, 0 if counter is None else counter.data.ptr)
-    fn = _launcher(q.device.id, cfg) if _debug is None else _launcher(q.device.id, cfg, "fa3_timeline.cu", SIG_FA3 + "P")
-    fn(fa3_grid(cfg, Nq, BH, sm_count(q.device.id)), (cfg.threads,), args + (() if _debug is None else (_debug,)),
-       cfg.smem, cp.cuda.get_current_stream().ptr)
+    dev, stream = q.device.id, cp.cuda.get_current_stream().ptr
+    fn = _launcher(dev, cfg) if _debug is None else _launcher(dev, cfg, "fa3_timeline.cu", SIG_FA3 + "P")
+    tail = (counter(dev, stream, fn.ctx) if cfg.dynamic else 0,) + (() if _debug is None else (_debug,))
+    fn(fa3_grid(cfg, Nq, BH, sm_count(dev)), (cfg.threads,),
+       (*maps, o.data.ptr, lse.data.ptr, Nq, Nk, scale, BH, H // Hkv) + tail, cfg.smem, stream)
     return o, lse
