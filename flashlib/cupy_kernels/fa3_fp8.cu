@@ -1,10 +1,11 @@
 // fa3_fp8.cu: rung 'fa3_fp8', rung 7's forward (fa3_forward.cu) with e4m3 inputs on Hopper (sm_90a only):
 // FlashAttention-3's FP8 path (Shah et al. 2024, section 3.3).
 //
-//   fa3_fp8<OUT, D, Bc, STAGES, CAUSAL, EMU>   OUT = __nv_bfloat16 or __half (O's type), D = 64, 128 or 256, Bc
-//       keys per K/V tile (a multiple of 32 from 64 to 256: S is m64nBc, Bc / 2 fp32 registers a thread), STAGES
-//       slots in the K/V ring, EMU of each 16 exponentials computed by exp2_fma on the FMA pipe instead of MUFU
-//       (flash_common.cuh); two consumer warpgroups, ping-pong, one CTA per (query tile of Br = 128 rows, pair)
+//   fa3_fp8<OUT, D, Bc, STAGES, CAUSAL, EMU, PERSIST = false>   OUT = __nv_bfloat16 or __half (O's type), D = 64,
+//       128 or 256, Bc keys per K/V tile (a multiple of 32 from 64 to 256: S is m64nBc, Bc / 2 fp32 registers a
+//       thread), STAGES slots in the K/V ring, EMU of each 16 exponentials computed by exp2_fma on the FMA pipe
+//       instead of MUFU (flash_common.cuh); two consumer warpgroups, ping-pong, one CTA per (query tile of Br = 128
+//       rows, pair), or with PERSIST a grid of one CTA per SM looping over those items
 //
 // What changes from rung 7 (whose header describes the producer, the ring, its barriers and the ping-pong):
 //  * Operands are e4m3 (1 byte), products wgmma m64nNk32 e4m3 x e4m3 -> fp32 (WgmmaE4m3 in wgmma.cuh). PTX takes
@@ -29,6 +30,9 @@
 //  * Descale factors (float32, FlashAttention-3's q_descale, k_descale, v_descale): qd per query pair (B*H), kd, vd
 //    per kv pair. The softmax scale becomes scale * qd * kd; O is multiplied by vd / l in the epilogue.
 //  * Epilogue: O (16-bit) is stored from registers (4 bytes a thread, rows g and g + 8): Qs is half O's size here.
+//  * PERSIST: rung 7's persistent grid and static order (tma.cuh's WorkItems), the ring's phases continued across
+//    items. As O needs no staging, each consumer warp releases Qs (q_empty) once the item's last S is done, so the
+//    producer's K_0 and Q of the next item overlap the last P V and the epilogue.
 // FlashAttention-3 (hopper/ at 0251105) does it otherwise: V row-major is transposed in shared memory by LDSM.T and
 //   STSM, and with V column-major P's bytes are moved between the threads of a quad (byte_perm and shuffles,
 //   permute_Aregs_fp8 in hopper/utils.h); its softmax's Max_offset = 8 for FP8 is the 2^8 above.
@@ -41,7 +45,8 @@
 //   d = 128 on the H100.
 // Arguments: tensor maps of Q (D, Nq, B*H), K (D, Nk, B*H/G) and V^T (Nk32, D, B*H/G), O and lse pointers, the
 //   descale pointers, Nq, Nk, scale, BH, G.
-// Shared memory: Qs, STAGES slots of Ks, STAGES of Vs (V^T tiles), then 2 + 4 STAGES mbarriers (rung 7's).
+// Shared memory: Qs, STAGES slots of Ks, STAGES of Vs (V^T tiles), then 2 + 4 STAGES mbarriers (rung 7's: q_full,
+//   q_empty (PERSIST), k_full[s], v_full[s], k_empty[s], v_empty[s]).
 #include "flash_common.cuh"
 
 #include "tma.cuh"
