@@ -319,3 +319,18 @@ def test_the_emu_record_holds_what_fp8_tiles_says():
     tensor, xu = "sm__pipe_tensor_cycles_active.avg.pct_of_peak_sustained_active", \
         "sm__inst_executed_pipe_xu.avg.pct_of_peak_sustained_active"
     assert ncu[2][tensor] > 1.1 * ncu[0][tensor] and ncu[2][xu] <= ncu[0][xu]
+
+
+def test_the_persist_record_sets_the_defaults():
+    """fp8_persist_h200 (benchmarks/fp8_bench.py --persist): the default tiles with and without the persistent grid
+    at d = 64, 128, N = 4096, 16384, causal and not, both giving the same bits at every shape; FP8_PERSIST is on
+    for (d, causal) exactly where the persistent grid's median was faster at both lengths (d = 256: not timed,
+    off)."""
+    from flashlib import bench
+    rows = bench.load("fp8_persist_h200")["rows"]
+    t = {(r["d"], r["n"], r["causal"], r["persist"]): r["tflops"] for r in rows if r["kind"] == "forward"}
+    assert len(t) == 16 and all(r["same_bits"] for r in rows)
+    for d in fp8_tiles.FP8_HEAD_DIMS:
+        for c in (False, True):
+            faster = all(t[(d, n, c, True)] > t[(d, n, c, False)] for n in (4096, 16384)) if d != 256 else False
+            assert fp8_tiles.FP8_PERSIST[d][c] == faster, (d, c, {k: v for k, v in t.items() if k[0] == d})
