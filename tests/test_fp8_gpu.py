@@ -111,9 +111,8 @@ def test_fp8_ragged(nq, nk, d, causal, persist):
 @pytest.mark.parametrize("causal", [False, True])
 def test_fp8_persistent_several_items_a_cta(d, causal):
     """The persistent grid with more items than SMs (8 query tiles x 24 and x 64 pairs: 1-2 and 3-4 items a CTA of
-    132; GQA, ragged Nq and Nk) and, causal, with several groups of pairs (fa3_fp8.cu: (4 << 20) / d / Nk pairs a
-    group; the last one smaller at d = 64, 256 with 4000 keys, at d = 256 with 333): within the bounds, and the same
-    bits as the grid of one CTA an item (the same arithmetic per item)."""
+    132; GQA, ragged Nq and Nk; and 3 tiles x 24 pairs with 4000 keys): within the bounds, and the same bits as the
+    grid of one CTA an item (the same arithmetic per item)."""
     import torch
     _hopper()
     for B, H, Hkv, nq, nk in ((3, 8, 2, 1000, 777), (1, 64, 8, 900, 333), (1, 24, 12, 300, 4000)):

@@ -30,8 +30,8 @@
 //  * Descale factors (float32, FlashAttention-3's q_descale, k_descale, v_descale): qd per query pair (B*H), kd, vd
 //    per kv pair. The softmax scale becomes scale * qd * kd; O is multiplied by vd / l in the epilogue.
 //  * Epilogue: O (16-bit) is stored from registers (4 bytes a thread, rows g and g + 8): Qs is half O's size here.
-//  * PERSIST: rung 7's persistent grid and static order (tma.cuh's WorkItems; causal over groups of pairs whose K
-//    and V take about 8 MB, for L2), the ring's phases continued across items. As O needs no staging, each consumer warp releases Qs (q_empty) once the item's last S is done, so the
+//  * PERSIST: rung 7's persistent grid and static order (tma.cuh's WorkItems), the ring's phases continued across
+//    items. As O needs no staging, each consumer warp releases Qs (q_empty) once the item's last S is done, so the
 //    producer's K_0 and Q of the next item overlap the last P V and the epilogue.
 // FlashAttention-3 (hopper/ at 0251105) does it otherwise: V row-major is transposed in shared memory by LDSM.T and
 //   STSM, and with V column-major P's bytes are moved between the threads of a quad (byte_perm and shuffles,
@@ -118,8 +118,7 @@ fa3_fp8(const __grid_constant__ TmaMap qmap, const __grid_constant__ TmaMap kmap
     const int tid = threadIdx.x, wg = tid >> 7;
     const u32 pair = blockIdx.y + gridDim.y * blockIdx.z;
     if (!PERSIST && pair >= (u32)BH) return;
-    // tma.cuh: one a CTA, or the static order, causal in groups of pairs whose K and V take about 8 MB
-    const WorkItems<PERSIST, CAUSAL, true> items((Nq + Br - 1) / Br, BH, pair, max(1, (4 << 20) / D / Nk));
+    const WorkItems<PERSIST, CAUSAL> items((Nq + Br - 1) / Br, BH, pair);  // tma.cuh: one a CTA, or the static order
     auto tiles_of = [&](int q0) { return ((CAUSAL ? min(Nk, q0 + Br) : Nk) + Bc - 1) / Bc; };  // >= 1
 
     if (tid == 0) {

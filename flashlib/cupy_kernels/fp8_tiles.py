@@ -22,7 +22,10 @@ FP8_HEAD_DIMS = (64, 128, 256)
 FP8_TILES = {64: (256, 2, 1), 128: (224, 2, 2), 256: (64, 2, 0)}
 # persist (a fourth tile entry): fa3_fp8's PERSIST instance, a grid of one CTA per SM over the (query tile, pair)
 # items in rung 7's static order (tma.cuh's WorkItems, config_hopper.fa3_grid). The default per head dim,
-# (not causal, causal): where record fp8_persist_h200 (fp8_bench.py --persist) timed it faster.
+# (not causal, causal): where record fp8_persist_h200 (fp8_bench.py --persist at 485380b) timed it faster at both
+# N = 4096 and 16384: nowhere. TFLOP/s, persistent against not, N = 4096 / 16384: d = 128 887 / 949 against 882 / 954,
+# causal 744 / 883 against 735 / 939; d = 64 517 / 547 against 515 / 555, causal 451 / 510 against 428 / 535. (Causal
+# over groups of pairs, for L2, was slower still: logs/persist_h200_d82ceff.txt.) d = 256: tested, not timed.
 FP8_PERSIST = {64: (False, False), 128: (False, False), 256: (False, False)}
 FP8_OTHER_TILES = {64: ((256, 2, 0), (128, 2, 0), (192, 2, 0)), 128: ((224, 2, 0), (128, 2, 0), (192, 2, 0)),
                    256: ((64, 3, 0),)}   # timed beside them

@@ -73,22 +73,16 @@ template <int NCW> struct Regs { static constexpr int producer = NCW == 2 ? 24 :
 // The forwards' work items (query tile of Br rows, pair) (fa3_forward.cu's header, PERSIST). Without PERSIST one a
 // CTA: tile blockIdx.x of `pair`, causal in reverse (the longest rows first). With PERSIST CTA blockIdx.x takes
 // items first, first + step, ... < total of n_qt * BH in a static order: causal by decreasing tile index over all
-// pairs (the longest tiles first), or with GROUPED over each group of `group` pairs in turn (the last one may be
-// smaller), so that the CTAs at work share fewer pairs' K and V in L2; else pair by pair. The host's fa3_grid
-// sizes the grid (n_qt * BH < 2^31).
-template <bool PERSIST, bool CAUSAL, bool GROUPED = false> struct WorkItems {
-    int n_qt, BH, total, first, step, group;
+// pairs (the longest tiles first), else pair by pair. The host's fa3_grid sizes the grid (n_qt * BH < 2^31).
+template <bool PERSIST, bool CAUSAL> struct WorkItems {
+    int n_qt, BH, total, first, step;
     u32 pair;
-    __device__ __forceinline__ WorkItems(int n_qt_, int BH_, u32 pair_, int group_ = 1)
+    __device__ __forceinline__ WorkItems(int n_qt_, int BH_, u32 pair_)
         : n_qt(n_qt_), BH(BH_), total(PERSIST ? n_qt_ * BH_ : 1), first(PERSIST ? blockIdx.x : 0),
-          step(PERSIST ? gridDim.x : 1), group(group_), pair(pair_) {}
+          step(PERSIST ? gridDim.x : 1), pair(pair_) {}
     // item i's query tile index, its pair in bh
     __device__ __forceinline__ int tile(int i, int& bh) const {
-        if constexpr (PERSIST && CAUSAL && GROUPED) {
-            const int g0 = i / (group * n_qt) * group, r = i - g0 * n_qt, np = min(group, BH - g0);
-            bh = g0 + r % np;
-            return n_qt - 1 - r / np;
-        } else if constexpr (PERSIST) {
+        if constexpr (PERSIST) {
             bh = CAUSAL ? i % BH : i / n_qt;
             return CAUSAL ? n_qt - 1 - i / BH : i % n_qt;
         } else {
