@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from flashlib import reference
-from flashlib.cupy_kernels import HERE, fp8, fp8_model, fp8_tiles
+from flashlib.cupy_kernels import HERE, fp8, fp8_model, fp8_tiles, tma
 from tests.test_fa3_compile import NVCC, check_sm90a
 
 torch = pytest.importorskip("torch")
@@ -174,8 +174,21 @@ def test_fp8_config():
     assert [fp8_tiles.block_bytes(x) for x in (64, 96, 128, 160, 192, 224, 256)] == [64, 32, 128, 32, 64, 32, 128]
     with pytest.raises(ValueError, match="bfloat16 or float16"):
         fp8_tiles.fp8_config(64, False, out="float32")
-    n_other = sum(map(len, fp8_tiles.FP8_OTHER_TILES.values()))                 # (d x out + other) x causal
-    assert len(set(fp8_tiles.fp8_instances())) == len(fp8_tiles.fp8_instances()) == (3 * 2 + n_other) * 2
+    cfg = fp8_tiles.fp8_config(128, True, (224, 2, 2, True))                     # the persistent grid
+    assert cfg.kernel == "fa3_fp8<__nv_bfloat16, 128, 224, 2, true, 2, true>" and cfg.persistent
+    assert cfg.smem == fp8_tiles.fp8_config(128, True, (224, 2, 2)).smem            # q_empty: a barrier slot unused before
+    assert not fp8_tiles.fp8_config(128, True, (224, 2, 2, False)).persistent
+    assert fp8_tiles.tile_name((224, 2, 2, True)) == "fa3_fp8_224x2e2p" and fp8_tiles.tile_name((224, 2, 0, True)) \
+        == "fa3_fp8_224x2p" and fp8_tiles.tile_name((224, 2, 2, False)) == "fa3_fp8_224x2e2"
+    assert tma.fa3_grid(cfg, 4096, 64, 132) == (132, 1, 1) and tma.fa3_grid(cfg, 300, 7, 132) == (21, 1, 1)
+    assert tma.fa3_grid(fp8_tiles.fp8_config(128, True, (224, 2, 2)), 300, 7, 132) == (3, 7, 1)
+    for d in fp8_tiles.FP8_HEAD_DIMS:                                            # the defaults: FP8_PERSIST's choice
+        for c in (False, True):
+            assert fp8_tiles.fp8_config(d, c).persistent == fp8_tiles.FP8_PERSIST[d][c]
+    with pytest.raises(ValueError, match="persist a bool"):
+        fp8_tiles.fp8_config(128, False, (224, 2, 2, 1))
+    n_other = sum(map(len, fp8_tiles.FP8_OTHER_TILES.values()))     # (d x out x persist + other) x causal
+    assert len(set(fp8_tiles.fp8_instances())) == len(fp8_tiles.fp8_instances()) == (3 * 2 * 2 + n_other) * 2
 
 
 def test_entries_refuse_cpu_tensors():
@@ -306,3 +319,18 @@ def test_the_emu_record_holds_what_fp8_tiles_says():
     tensor, xu = "sm__pipe_tensor_cycles_active.avg.pct_of_peak_sustained_active", \
         "sm__inst_executed_pipe_xu.avg.pct_of_peak_sustained_active"
     assert ncu[2][tensor] > 1.1 * ncu[0][tensor] and ncu[2][xu] <= ncu[0][xu]
+
+
+def test_the_persist_record_sets_the_defaults():
+    """fp8_persist_h200 (benchmarks/fp8_bench.py --persist): the default tiles with and without the persistent grid
+    at d = 64, 128, N = 4096, 16384, causal and not, both giving the same bits at every shape; FP8_PERSIST is on
+    for (d, causal) exactly where the persistent grid's median was faster at both lengths (d = 256: not timed,
+    off)."""
+    from flashlib import bench
+    rows = bench.load("fp8_persist_h200")["rows"]
+    t = {(r["d"], r["n"], r["causal"], r["persist"]): r["tflops"] for r in rows if r["kind"] == "forward"}
+    assert len(t) == 16 and all(r["same_bits"] for r in rows)
+    for d in fp8_tiles.FP8_HEAD_DIMS:
+        for c in (False, True):
+            faster = all(t[(d, n, c, True)] > t[(d, n, c, False)] for n in (4096, 16384)) if d != 256 else False
+            assert fp8_tiles.FP8_PERSIST[d][c] == faster, (d, c, {k: v for k, v in t.items() if k[0] == d})

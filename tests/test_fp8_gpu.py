@@ -98,10 +98,28 @@ def _check(B, H, Hkv, Nq, Nk, d, causal, hadamard=True, out="bfloat16", tiles=No
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("persist", [False, True])
 @pytest.mark.parametrize("nq,nk,d,causal", CASES, ids=str)
-def test_fp8_ragged(nq, nk, d, causal):
+def test_fp8_ragged(nq, nk, d, causal, persist):
+    """The default tiles (persist: the persistent grid's instance, one item a CTA at these shapes)."""
     _hopper()
-    _check(2, 2, 2, nq, nk, d, causal)
+    _check(2, 2, 2, nq, nk, d, causal, tiles=fp8.default_tiles(d, True) if persist else None)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d", fp8.FP8_HEAD_DIMS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_fp8_persistent_several_items_a_cta(d, causal):
+    """The persistent grid with more items than SMs (8 query tiles x 24 and x 64 pairs: 1-2 and 3-4 items a CTA of
+    132; GQA, ragged Nq and Nk; and 3 tiles x 24 pairs with 4000 keys): within the bounds, and the same bits as the
+    grid of one CTA an item (the same arithmetic per item)."""
+    import torch
+    _hopper()
+    for B, H, Hkv, nq, nk in ((3, 8, 2, 1000, 777), (1, 64, 8, 900, 333), (1, 24, 12, 300, 4000)):
+        _check(B, H, Hkv, nq, nk, d, causal, tiles=fp8.default_tiles(d, True))
+        inp = fp8.quantize(*_inputs(B, H, Hkv, nq, nk, d, "bfloat16", seed=d))
+        a, b = (_poisoned_run(inp, causal, 0.1, "bfloat16", fp8.default_tiles(d, p)) for p in (False, True))
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]), (B, H, Hkv, nq, nk, d, causal)
 
 
 @pytest.mark.gpu

@@ -77,8 +77,9 @@ Fa3Config = namedtuple("Fa3Config", "kernel Br Bc stages threads smem persistent
 
 
 def fa3_grid(cfg, Nq, BH, n_sm):
-    """Launch grid of rung 7: one CTA per (query tile, pair) (pair_grid), or for a persistent cfg min(n_sm, work
-    items) CTAs (one per SM: a CTA's shared memory leaves room for one), each looping over the work items."""
+    """Launch grid of rung 7 and of fa3_fp8 (cfg: a Fa3Config or Fp8Config): one CTA per (query tile, pair)
+    (pair_grid), or for a persistent cfg min(n_sm, work items) CTAs (one per SM: a CTA's shared memory or registers
+    leave room for one), each looping over the work items (tma.cuh's WorkItems)."""
     n_qt = -(-Nq // cfg.Br)
     if cfg.persistent and n_qt * BH >= 2 ** 31:   # the kernel counts work items in int32
         raise ValueError(f"{n_qt} query tiles x {BH} pairs are too many work items for the persistent grid")

@@ -17,8 +17,8 @@
 //   d = 256 (FlashAttention-3's tile: Br = 128, Bc = 80, 2 stages, 225 KB): S = Q K^T is m64n80 (40 registers),
 //   O = P V two m64n128 products per 16-key step (O is 128 registers a consumer thread).
 // PERSIST (FlashAttention-3 section 3 and its hopper/tile_scheduler.hpp, here a static schedule): a grid of one CTA
-//   per SM; CTA c takes work items c, c + gridDim.x, ... of ceil(Nq/Br) * BH (query tile, pair) items, causal
-//   in order of decreasing tile index (the longest rows first, over all pairs), else pair by pair. On the H200
+//   per SM; CTA c takes work items c, c + gridDim.x, ... of ceil(Nq/Br) * BH (query tile, pair) items (tma.cuh's
+//   WorkItems, shared with fa3_fp8.cu), causal in order of decreasing tile index (the longest rows first, over all pairs), else pair by pair. On the H200
 //   this causal order ran 0.87-1.02x the ping-pong grid's speed (record fa3_ablation_h200, at b753eb0); pair by
 //   pair with a pair's longest tiles first ran 0.62-0.97x (fa3_ablation_pair_major_h200, at 41a1755): when
 //   gridDim.x is a multiple of ceil(Nq/Br) (132 SMs, 22 tiles), a CTA gets the same tile index every time, so
@@ -122,22 +122,9 @@ fa3_forward(const __grid_constant__ TmaMap qmap, const __grid_constant__ TmaMap 
     const int tid = threadIdx.x, wg = tid >> 7;
     const u32 pair = blockIdx.y + gridDim.y * blockIdx.z;
     if (!PERSIST && pair >= (u32)BH) return;
-    // work items (query tile, pair): one per CTA, or (PERSIST) items blockIdx.x, + gridDim.x, ... of n_qt * BH in a
-    // static order, causal: the longest tiles (highest index) of every pair first; else pair by pair
-    const int n_qt = (Nq + Br - 1) / Br;
-    const int total = PERSIST ? n_qt * BH : 1, step = PERSIST ? gridDim.x : 1;  // (fa3_grid: n_qt * BH < 2^31)
-    const int first = PERSIST ? blockIdx.x : 0;
-    auto item = [&](int i, int& q0, int& bh) {
-        int tile;
-        if constexpr (PERSIST) {
-            bh = (int)(CAUSAL ? i % BH : i / n_qt);
-            tile = (int)(CAUSAL ? n_qt - 1 - i / BH : i % n_qt);
-        } else {
-            bh = (int)pair;
-            tile = CAUSAL ? gridDim.x - 1 - blockIdx.x : blockIdx.x;  // causal: the longest rows first
-        }
-        q0 = tile * Br;
-    };
+    const WorkItems<PERSIST, CAUSAL> items((Nq + Br - 1) / Br, BH, pair);  // tma.cuh (PERSIST: the static order)
+    const int total = items.total, step = items.step, first = items.first;
+    auto item = [&](int i, int& q0, int& bh) { q0 = items.tile(i, bh) * Br; };
     auto tiles_of = [&](int q0) { return ((CAUSAL ? min(Nk, q0 + Br) : Nk) + Bc - 1) / Bc; };  // >= 1
 
     Timeline tl;

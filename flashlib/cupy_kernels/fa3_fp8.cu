@@ -1,10 +1,11 @@
 // fa3_fp8.cu: rung 'fa3_fp8', rung 7's forward (fa3_forward.cu) with e4m3 inputs on Hopper (sm_90a only):
 // FlashAttention-3's FP8 path (Shah et al. 2024, section 3.3).
 //
-//   fa3_fp8<OUT, D, Bc, STAGES, CAUSAL, EMU>   OUT = __nv_bfloat16 or __half (O's type), D = 64, 128 or 256, Bc
-//       keys per K/V tile (a multiple of 32 from 64 to 256: S is m64nBc, Bc / 2 fp32 registers a thread), STAGES
-//       slots in the K/V ring, EMU of each 16 exponentials computed by exp2_fma on the FMA pipe instead of MUFU
-//       (flash_common.cuh); two consumer warpgroups, ping-pong, one CTA per (query tile of Br = 128 rows, pair)
+//   fa3_fp8<OUT, D, Bc, STAGES, CAUSAL, EMU, PERSIST = false>   OUT = __nv_bfloat16 or __half (O's type), D = 64,
+//       128 or 256, Bc keys per K/V tile (a multiple of 32 from 64 to 256: S is m64nBc, Bc / 2 fp32 registers a
+//       thread), STAGES slots in the K/V ring, EMU of each 16 exponentials computed by exp2_fma on the FMA pipe
+//       instead of MUFU (flash_common.cuh); two consumer warpgroups, ping-pong, one CTA per (query tile of Br = 128
+//       rows, pair), or with PERSIST a grid of one CTA per SM looping over those items
 //
 // What changes from rung 7 (whose header describes the producer, the ring, its barriers and the ping-pong):
 //  * Operands are e4m3 (1 byte), products wgmma m64nNk32 e4m3 x e4m3 -> fp32 (WgmmaE4m3 in wgmma.cuh). PTX takes
@@ -29,6 +30,9 @@
 //  * Descale factors (float32, FlashAttention-3's q_descale, k_descale, v_descale): qd per query pair (B*H), kd, vd
 //    per kv pair. The softmax scale becomes scale * qd * kd; O is multiplied by vd / l in the epilogue.
 //  * Epilogue: O (16-bit) is stored from registers (4 bytes a thread, rows g and g + 8): Qs is half O's size here.
+//  * PERSIST: rung 7's persistent grid and static order (tma.cuh's WorkItems), the ring's phases continued across
+//    items. As O needs no staging, each consumer warp releases Qs (q_empty) once the item's last S is done, so the
+//    producer's K_0 and Q of the next item overlap the last P V and the epilogue.
 // FlashAttention-3 (hopper/ at 0251105) does it otherwise: V row-major is transposed in shared memory by LDSM.T and
 //   STSM, and with V column-major P's bytes are moved between the threads of a quad (byte_perm and shuffles,
 //   permute_Aregs_fp8 in hopper/utils.h); its softmax's Max_offset = 8 for FP8 is the 2^8 above.
@@ -41,7 +45,8 @@
 //   d = 128 on the H100.
 // Arguments: tensor maps of Q (D, Nq, B*H), K (D, Nk, B*H/G) and V^T (Nk32, D, B*H/G), O and lse pointers, the
 //   descale pointers, Nq, Nk, scale, BH, G.
-// Shared memory: Qs, STAGES slots of Ks, STAGES of Vs (V^T tiles), then 2 + 4 STAGES mbarriers (rung 7's).
+// Shared memory: Qs, STAGES slots of Ks, STAGES of Vs (V^T tiles), then 2 + 4 STAGES mbarriers (rung 7's: q_full,
+//   q_empty (PERSIST), k_full[s], v_full[s], k_empty[s], v_empty[s]).
 #include "flash_common.cuh"
 
 #include "tma.cuh"
@@ -93,7 +98,7 @@ template <int Bc> __device__ __forceinline__ void pack_p_e4m3(u32 (*pa)[4], cons
 
 constexpr int P_SHIFT = 8;  // P rounded as P * 2^8
 
-template <typename OUT, int D, int Bc, int STAGES, bool CAUSAL, int EMU>
+template <typename OUT, int D, int Bc, int STAGES, bool CAUSAL, int EMU, bool PERSIST = false>
 __global__ void __launch_bounds__(384, 1)
 fa3_fp8(const __grid_constant__ TmaMap qmap, const __grid_constant__ TmaMap kmap, const __grid_constant__ TmaMap vmap,
         OUT* __restrict__ O, float* __restrict__ L, const float* __restrict__ qd, const float* __restrict__ kd,
@@ -104,20 +109,21 @@ fa3_fp8(const __grid_constant__ TmaMap qmap, const __grid_constant__ TmaMap kmap
     extern __shared__ __align__(128) unsigned char smem_raw[];
     unsigned char* Qs = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
     const u32 qs0 = smem_addr(Qs), ks0 = qs0 + QTILE, vs0 = ks0 + STAGES * TILE, bar0 = vs0 + STAGES * TILE;
-    const u32 q_full = bar0;
+    const u32 q_full = bar0, q_empty = bar0 + 8;
     auto k_full = [&](int s) { return bar0 + 8 * (2 + s); };
     auto v_full = [&](int s) { return bar0 + 8 * (2 + STAGES + s); };
     auto k_empty = [&](int s) { return bar0 + 8 * (2 + 2 * STAGES + s); };
     auto v_empty = [&](int s) { return bar0 + 8 * (2 + 3 * STAGES + s); };
 
     const int tid = threadIdx.x, wg = tid >> 7;
-    const int bh = blockIdx.y + gridDim.y * blockIdx.z;
-    if (bh >= BH) return;
-    const int bkv = bh / G, q0 = (CAUSAL ? gridDim.x - 1 - blockIdx.x : blockIdx.x) * Br;  // causal: longest first
-    const int n_tiles = ((CAUSAL ? min(Nk, q0 + Br) : Nk) + Bc - 1) / Bc;
+    const u32 pair = blockIdx.y + gridDim.y * blockIdx.z;
+    if (!PERSIST && pair >= (u32)BH) return;
+    const WorkItems<PERSIST, CAUSAL> items((Nq + Br - 1) / Br, BH, pair);  // tma.cuh: one a CTA, or the static order
+    auto tiles_of = [&](int q0) { return ((CAUSAL ? min(Nk, q0 + Br) : Nk) + Bc - 1) / Bc; };  // >= 1
 
     if (tid == 0) {
         mbar_init(q_full, 1);
+        mbar_init(q_empty, 4 * NCW);  // PERSIST: every consumer warp, once its last S of the item is done
         for (int s = 0; s < STAGES; s++) {
             mbar_init(k_full(s), 1);
             mbar_init(v_full(s), 1);
@@ -128,40 +134,50 @@ fa3_fp8(const __grid_constant__ TmaMap qmap, const __grid_constant__ TmaMap kmap
     }
     __syncthreads();
 
-    if (wg == 0) {  // ---- producer ----
+    if (wg == 0) {  // ---- producer: rung 7's, the ring position kv continued across items ----
         regs_dec<Regs<NCW>::producer>();
         if (tid == 0) {
             tma_prefetch_map(&kmap);
             tma_prefetch_map(&vmap);
-            mbar_arrive_expect_tx(q_full, QTILE);
-            tma_tile8<D, Br>(qs0, &qmap, q_full, 0, q0, bh);
-            for (int j = 0; j < n_tiles; j++) {
-                const int s = j % STAGES;
-                const u32 ph = ((j / STAGES) & 1) ^ 1;
-                mbar_wait(k_empty(s), ph);
-                mbar_arrive_expect_tx(k_full(s), TILE);
-                tma_tile8<D, Bc>(ks0 + s * TILE, &kmap, k_full(s), 0, j * Bc, bkv);
-                mbar_wait(v_empty(s), ph);
-                mbar_arrive_expect_tx(v_full(s), TILE);
-                tma_tile8<Bc, D>(vs0 + s * TILE, &vmap, v_full(s), j * Bc, 0, bkv);
+            u32 kv = 0;
+            int n = 0;
+            for (int i = items.first; i < items.total; i += items.step, n++) {
+                int bh;
+                const int q0 = items.tile(i, bh) * Br, bkv = bh / G, n_tiles = tiles_of(q0);
+                auto load_q = [&]() {  // once every consumer warp's last S of the previous item is done
+                    mbar_wait(q_empty, (n & 1) ^ 1);
+                    mbar_arrive_expect_tx(q_full, QTILE);
+                    tma_tile8<D, Br>(qs0, &qmap, q_full, 0, q0, bh);
+                };
+                if (!PERSIST) load_q();
+                for (int j = 0; j < n_tiles; j++, kv++) {
+                    const int s = kv % STAGES;
+                    const u32 ph = ((kv / STAGES) & 1) ^ 1;
+                    mbar_wait(k_empty(s), ph);
+                    mbar_arrive_expect_tx(k_full(s), TILE);
+                    tma_tile8<D, Bc>(ks0 + s * TILE, &kmap, k_full(s), 0, j * Bc, bkv);
+                    if (PERSIST && j == 0) load_q();  // K_0 goes ahead while the consumers finish the last item
+                    mbar_wait(v_empty(s), ph);
+                    mbar_arrive_expect_tx(v_full(s), TILE);
+                    tma_tile8<Bc, D>(vs0 + s * TILE, &vmap, v_full(s), j * Bc, 0, bkv);
+                }
             }
         }
         return;
     }
 
-    // ---- consumers: warpgroup cw owns query rows 64 cw ... 64 cw + 63 of the block ----
+    // ---- consumers: warpgroup cw owns query rows 64 cw ... 64 cw + 63 of the item's tile ----
     regs_inc<Regs<NCW>::consumer>();
     const int cw = wg - 1, lane = tid & 31, w = (tid >> 5) & 3, g = lane >> 2, t = lane & 3;
-    const float sl = scale * qd[bh] * kd[bkv] * LOG2E, v_scale = vd[bkv];
-    const int qg = q0 + 64 * cw;
-    const int n_full = min(Nk / Bc, CAUSAL ? (qg + 1) / Bc : n_tiles);
+    int qg = 0, n_full = 0;  // per item: the warpgroup's first query row, the tiles that need no mask in its rows
+    float sl = 0.f;          // per item: the softmax scale with the descales, in log2 units
 
     u32 pa[Bc / 32][4];
     float s[Bc / 2], o[D / 2], m[2], l[2], alpha[2];
 
-    // S = Q K^T: k32 steps along d of Q (Br rows) and K (Bc rows), D bytes a row
-    auto issue_s = [&](int j) {
-        const u32 kst = ks0 + (j % STAGES) * TILE, qst = qs0 + 64 * cw * block_bytes(D);
+    // S = Q K^T of ring tile kv: k32 steps along d of Q (Br rows) and K (Bc rows), D bytes a row
+    auto issue_s = [&](u32 kv) {
+        const u32 kst = ks0 + (kv % STAGES) * TILE, qst = qs0 + 64 * cw * block_bytes(D);
 #pragma unroll
         for (int kk = 0; kk < D / 32; kk++) {
             const unsigned long long da = desc_step<D, Br>(qst, kk), db = desc_step<D, Bc>(kst, kk);
@@ -172,8 +188,8 @@ fa3_fp8(const __grid_constant__ TmaMap qmap, const __grid_constant__ TmaMap kmap
     };
     // O += P V: B = V^T (D rows of Bc bytes), k32 steps along the keys; at d = 256 two m64n128 products per step,
     // rows 0-127 and 128-255 of V^T (h * DN rows further into the step's block)
-    auto issue_pv = [&](int j) {
-        const u32 vst = vs0 + (j % STAGES) * TILE;
+    auto issue_pv = [&](u32 kv) {
+        const u32 vst = vs0 + (kv % STAGES) * TILE;
 #pragma unroll
         for (int kk = 0; kk < Bc / 32; kk++)
 #pragma unroll
@@ -190,6 +206,9 @@ fa3_fp8(const __grid_constant__ TmaMap qmap, const __grid_constant__ TmaMap kmap
         __syncwarp();
         if (lane == 0) mbar_arrive(bar);
     };
+    auto release_q = [&]() {  // the item's last S is done: Qs is free for the next item's Q (O needs no staging)
+        if constexpr (PERSIST) release(q_empty);
+    };
     auto softmax = [&](int j) { wg_softmax<Bc, CAUSAL, P_SHIFT, EMU>(s, m, l, alpha, j, n_full, Nk, qg, w, g, t, sl); };
     auto my_turn = [&]() { bar_sync(1 + cw, 256); };
     auto your_turn = [&]() { bar_arrive(1 + (cw + 1) % NCW, 256); };
@@ -198,63 +217,79 @@ fa3_fp8(const __grid_constant__ TmaMap qmap, const __grid_constant__ TmaMap kmap
         for (int i = 0; i < D / 2; i++) o[i] *= alpha[(i >> 1) & 1];
         pack_p_e4m3<Bc>(pa, s);
     };
-    auto ring = [](int j) { return (u32)((j / STAGES) & 1); };
+    auto ring = [](u32 kv) { return (kv / STAGES) & 1; };
 
     if (cw == NCW - 1) bar_arrive(1, 256);  // consumer 0 takes the first turn
+    u32 kv0 = 0;  // K/V ring tiles consumed before this item
+    int n = 0;
+    for (int i = items.first; i < items.total; i += items.step, n++) {
+        int bh;
+        const int q0 = items.tile(i, bh) * Br, bkv = bh / G, n_tiles = tiles_of(q0);
+        sl = scale * qd[bh] * kd[bkv] * LOG2E;
+        qg = q0 + 64 * cw;
+        n_full = min(Nk / Bc, CAUSAL ? (qg + 1) / Bc : n_tiles);
 #pragma unroll
-    for (int h = 0; h < 2; h++) m[h] = NEG_INF, l[h] = 0.f;
+        for (int h = 0; h < 2; h++) m[h] = NEG_INF, l[h] = 0.f;
 #pragma unroll
-    for (int x = 0; x < D / 2; x++) o[x] = 0.f;
-    mbar_wait(q_full, 0);
-    mbar_wait(k_full(0), 0);
-    my_turn();
-    arrive();
-    issue_s(0);
-    your_turn();
-    wgmma_wait<0>();
-    release(k_empty(0));
-    softmax(0);
-    rescale_and_pack();
-    for (int j = 1; j < n_tiles; j++) {
-        mbar_wait(v_full((j - 1) % STAGES), ring(j - 1));
-        mbar_wait(k_full(j % STAGES), ring(j));
+        for (int x = 0; x < D / 2; x++) o[x] = 0.f;
+        mbar_wait(q_full, n & 1);
+        mbar_wait(k_full(kv0 % STAGES), ring(kv0));
         my_turn();
         arrive();
-        issue_s(j);
-        issue_pv(j - 1);
+        issue_s(kv0);
         your_turn();
-        wgmma_wait<1>();
-        release(k_empty(j % STAGES));
-        softmax(j);
         wgmma_wait<0>();
-        release(v_empty((j - 1) % STAGES));
-        fence_regs<D / 2>(o);
+        release(k_empty(kv0 % STAGES));
+        if (n_tiles == 1) release_q();
+        softmax(0);
         rescale_and_pack();
-    }
-    mbar_wait(v_full((n_tiles - 1) % STAGES), ring(n_tiles - 1));
-    my_turn();
-    arrive();
-    issue_pv(n_tiles - 1);
-    if (cw != NCW - 1) your_turn();  // the last consumer's last turn: no one waits for it
-    wgmma_wait<0>();
-    release(v_empty((n_tiles - 1) % STAGES));
-    fence_regs<D / 2>(o);
+        for (int j = 1; j < n_tiles; j++) {
+            const u32 kv = kv0 + j;
+            mbar_wait(v_full((kv - 1) % STAGES), ring(kv - 1));
+            mbar_wait(k_full(kv % STAGES), ring(kv));
+            my_turn();
+            arrive();
+            issue_s(kv);
+            issue_pv(kv - 1);
+            your_turn();
+            wgmma_wait<1>();
+            release(k_empty(kv % STAGES));
+            if (j == n_tiles - 1) release_q();
+            softmax(j);
+            wgmma_wait<0>();
+            release(v_empty((kv - 1) % STAGES));
+            fence_regs<D / 2>(o);
+            rescale_and_pack();
+        }
+        const u32 kv = kv0 + n_tiles - 1;
+        kv0 += n_tiles;
+        mbar_wait(v_full(kv % STAGES), ring(kv));
+        my_turn();
+        arrive();
+        issue_pv(kv);
+        if (cw != NCW - 1 || i + items.step < items.total) your_turn();  // the last turn of the last item: no one waits
+        wgmma_wait<0>();
+        release(v_empty(kv % STAGES));
+        fence_regs<D / 2>(o);
 
-    // epilogue: O * v_scale / l straight from registers, lse = m ln 2 + log l - 8 ln 2
+        // epilogue: O * v_scale / l straight from registers, lse = m ln 2 + log l - 8 ln 2 (PERSIST: the producer
+        // is already loading the next item's K_0 and Q)
+        const float v_scale = vd[bkv];
 #pragma unroll
-    for (int h = 0; h < 2; h++) {
-        l[h] += __shfl_xor_sync(0xffffffffu, l[h], 1);
-        l[h] += __shfl_xor_sync(0xffffffffu, l[h], 2);
-    }
+        for (int h = 0; h < 2; h++) {
+            l[h] += __shfl_xor_sync(0xffffffffu, l[h], 1);
+            l[h] += __shfl_xor_sync(0xffffffffu, l[h], 2);
+        }
 #pragma unroll
-    for (int h = 0; h < 2; h++) {
-        const int r = qg + 16 * w + g + 8 * h;
-        if (r >= Nq) continue;
-        const float f = l[h] > 0.f ? v_scale / l[h] : 0.f;
-        OUT* Or = O + ((size_t)bh * Nq + r) * D + 2 * t;
+        for (int h = 0; h < 2; h++) {
+            const int r = qg + 16 * w + g + 8 * h;
+            if (r >= Nq) continue;
+            const float f = l[h] > 0.f ? v_scale / l[h] : 0.f;
+            OUT* Or = O + ((size_t)bh * Nq + r) * D + 2 * t;
 #pragma unroll
-        for (int n = 0; n < D / 8; n++)
-            *reinterpret_cast<u32*>(Or + 8 * n) = pack2<OUT>(o[4 * n + 2 * h] * f, o[4 * n + 2 * h + 1] * f);
-        if (t == 0) L[(size_t)bh * Nq + r] = m[h] * LN2 + logf(l[h]) - P_SHIFT * LN2;
+            for (int x = 0; x < D / 8; x++)
+                *reinterpret_cast<u32*>(Or + 8 * x) = pack2<OUT>(o[4 * x + 2 * h] * f, o[4 * x + 2 * h + 1] * f);
+            if (t == 0) L[(size_t)bh * Nq + r] = m[h] * LN2 + logf(l[h]) - P_SHIFT * LN2;
+        }
     }
 }

@@ -29,8 +29,9 @@ from collections import namedtuple
 import numpy as np
 
 from .._arrays import check_scale
-from .fp8_tiles import FP8_HEAD_DIMS, FP8_OTHER_TILES, SIG_FP8, block_bytes, fp8_config
-from .shapes import pair_grid
+from .config_hopper import fa3_grid
+from .fp8_tiles import FP8_HEAD_DIMS, FP8_OTHER_TILES, SIG_FP8, block_bytes, default_tiles, fp8_config
+from .tma import sm_count
 
 E4M3_MAX = 448.0                 # the largest finite e4m3 value (OCP FP8 spec; torch.finfo(torch.float8_e4m3fn).max)
 Fp8Inputs = namedtuple("Fp8Inputs", "q8 k8 vt8 q_descale k_descale v_descale Nk")
@@ -245,11 +246,11 @@ def _launcher(device, cfg):
 
 
 def precompile(device=0, out="bfloat16", workers=8, other_tiles=False):
-    """Compile every default-tile fa3_fp8 kernel (each head dim, causal and not; with other_tiles FP8_OTHER_TILES'
-    too) in parallel threads."""
+    """Compile every default-tile fa3_fp8 kernel (each head dim, causal and not, persistent and not; with
+    other_tiles FP8_OTHER_TILES' too) in parallel threads."""
     import concurrent.futures
     cfgs = [fp8_config(d, c, t, out) for d in FP8_HEAD_DIMS for c in (False, True)
-            for t in (None,) + (FP8_OTHER_TILES[d] if other_tiles else ())]
+            for t in (default_tiles(d, False), default_tiles(d, True)) + (FP8_OTHER_TILES[d] if other_tiles else ())]
     with concurrent.futures.ThreadPoolExecutor(workers) as ex:
         list(ex.map(lambda c: _launcher(device, c), cfgs))
 
@@ -300,7 +301,7 @@ def forward_fp8_prepared(inp, causal=False, scale=None, out="bfloat16", tiles=No
             map8(vt8.data_ptr(), n32, d, BHkv, block_bytes(cfg.Bc), d))
     args = maps + tuple(x.data_ptr() for x in (o, lse, qd, kd, vd)) + (Nq, Nk, scale, BH, H // Hkv)
     dev = q8.device.index if q8.device.index is not None else torch.cuda.current_device()
-    _launcher(dev, cfg)(pair_grid(-(-Nq // cfg.Br), BH), (cfg.threads,), args, cfg.smem,
+    _launcher(dev, cfg)(fa3_grid(cfg, Nq, BH, sm_count(dev)), (cfg.threads,), args, cfg.smem,
                         torch.cuda.current_stream(q8.device).cuda_stream)
     return o, lse
 

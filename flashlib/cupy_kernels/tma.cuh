@@ -1,5 +1,6 @@
 // tma.cuh: the Tensor Memory Accelerator, mbarriers, named barriers and register re-allocation (sm_90a) as inline
-// PTX, shared by rung 7's forward (fa3_forward.cu) and the Hopper backward (fa3_backward.cu).
+// PTX, shared by rung 7's forward (fa3_forward.cu), the FP8 forward (fa3_fp8.cu) and the Hopper backward
+// (fa3_backward.cu); and the forwards' work items (query tile, pair), one a CTA or a persistent grid's (WorkItems).
 #pragma once
 #include "flash_common.cuh"
 
@@ -68,3 +69,25 @@ template <int NCW> struct Regs { static constexpr int producer = NCW == 2 ? 40 :
 #else
 template <int NCW> struct Regs { static constexpr int producer = NCW == 2 ? 24 : 32, consumer = NCW == 2 ? 240 : 160; };
 #endif
+
+// The forwards' work items (query tile of Br rows, pair) (fa3_forward.cu's header, PERSIST). Without PERSIST one a
+// CTA: tile blockIdx.x of `pair`, causal in reverse (the longest rows first). With PERSIST CTA blockIdx.x takes
+// items first, first + step, ... < total of n_qt * BH in a static order: causal by decreasing tile index over all
+// pairs (the longest tiles first), else pair by pair. The host's fa3_grid sizes the grid (n_qt * BH < 2^31).
+template <bool PERSIST, bool CAUSAL> struct WorkItems {
+    int n_qt, BH, total, first, step;
+    u32 pair;
+    __device__ __forceinline__ WorkItems(int n_qt_, int BH_, u32 pair_)
+        : n_qt(n_qt_), BH(BH_), total(PERSIST ? n_qt_ * BH_ : 1), first(PERSIST ? blockIdx.x : 0),
+          step(PERSIST ? gridDim.x : 1), pair(pair_) {}
+    // item i's query tile index, its pair in bh
+    __device__ __forceinline__ int tile(int i, int& bh) const {
+        if constexpr (PERSIST) {
+            bh = CAUSAL ? i % BH : i / n_qt;
+            return CAUSAL ? n_qt - 1 - i / BH : i % n_qt;
+        } else {
+            bh = (int)pair;
+            return CAUSAL ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
+        }
+    }
+};
