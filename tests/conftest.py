@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import flashlib
+from tests import jobs
 
 HAS_GPU = flashlib.setup(verbose=False)
 
@@ -25,6 +26,14 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def pytest_collection_finish(session):
+    jobs.start(session.items)   # the compile jobs of the selected tests, beside the tests
+
+
+def pytest_sessionfinish(session):
+    jobs.stop()
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(20221130)
@@ -35,13 +44,22 @@ def qkv(rng, B, H, Nq, Nk, d, dtype=np.float32, scale=1.0):
     return tuple((scale * rng.standard_normal((B, H, n, d))).astype(dtype) for n in (Nq, Nk, Nk))
 
 
-def ptx_script_rows(script):
-    """Run `script` (it prints JSON on its last line) in a subprocess without the simulator, where
-    cuda.compile_ptx works with no GPU; skip when ptxas (the CUDA toolkit) is not on PATH."""
+def ptx_script(script, cost):
+    """Job specs (tests/jobs.py) running `script` (it prints JSON on its last line) in a subprocess without the
+    simulator, where cuda.compile_ptx works with no GPU; none where ptxas (the CUDA toolkit) is not on PATH."""
     if shutil.which("ptxas") is None:
-        pytest.skip("ptxas is not on PATH (install the CUDA toolkit to check the PTX)")
+        return []
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}  # compile_ptx needs the real target
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=root)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    return [(("ptx", script), lambda: jobs.run([sys.executable, "-c", script], env=env, cwd=root), cost)]
+
+
+def ptx_script_rows(specs):
+    """The JSON each `ptx_script` job printed, in order (one spec: its JSON); skip when there are none."""
+    if not specs:
+        pytest.skip("ptxas is not on PATH (install the CUDA toolkit to check the PTX)")
+    rows = []
+    for r in jobs.results(specs):
+        assert r.returncode == 0, r.stderr[-3000:]
+        rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
+    return rows[0] if len(rows) == 1 else rows

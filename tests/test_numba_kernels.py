@@ -14,10 +14,11 @@ import pytest
 
 import flashlib
 from flashlib import reference, tiled
-from tests.conftest import HAS_GPU, qkv
+from tests.conftest import HAS_GPU, ptx_script, ptx_script_rows, qkv
 
 from numba import cuda  # noqa: E402  (after conftest chose the simulator or the GPU)
 from flashlib import numba_kernels as nk  # noqa: E402
+from flashlib.numba_kernels import ptx  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -183,15 +184,20 @@ def test_import_does_not_pull_numba_cuda():
 
 
 # ---------------------------------------------------------------- PTX: registers, shared memory, spills
+CORE_SCRIPT = "import json\nfrom flashlib.numba_kernels import ptx\nprint(json.dumps(ptx.core_report(ccs=({cc!r},))))"
+
+
+def ptxas_jobs():
+    """One job a compute capability: ptx.core_report's rows (the CUDA-core kernels) for it."""
+    return [s for cc in ptx.CCS for s in ptx_script(CORE_SCRIPT.format(cc=cc), 40)]
+
+
+BACKGROUND = {"test_ptx_resources": ptxas_jobs}   # compiled beside the other tests
+
+
 @pytest.fixture(scope="module")
 def ptxas_rows():
-    if shutil.which("ptxas") is None:
-        pytest.skip("ptxas is not on PATH (install the CUDA toolkit to check register and shared-memory use)")
-    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}  # compile_ptx needs the real target
-    r = subprocess.run([sys.executable, "-m", "flashlib.numba_kernels.ptx", "--json"], capture_output=True,
-                       text=True, env=env, cwd=ROOT)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    return [r for rows in ptx_script_rows(ptxas_jobs()) for r in rows]
 
 
 def test_ptx_resources(ptxas_rows):
