@@ -34,6 +34,11 @@ def pytest_sessionfinish(session):
     jobs.stop()
 
 
+def pytest_terminal_summary(terminalreporter):
+    if (line := jobs.summary()) is not None:
+        terminalreporter.write_line(line)
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(20221130)

@@ -9,11 +9,21 @@ import concurrent.futures
 import os
 import subprocess
 import threading
+import time
 
 _pool = concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 2, thread_name_prefix="job")
 _futures = {}
 _procs = set()
 _lock = threading.Lock()
+_times = {}   # key: (start, end) in time.monotonic() seconds
+
+
+def _timed(key, fn):
+    t0 = time.monotonic()
+    try:
+        return fn()
+    finally:
+        _times[key] = (t0, time.monotonic())
 
 
 def submit(specs):
@@ -21,7 +31,7 @@ def submit(specs):
     with _lock:
         for key, fn, _ in sorted(specs, key=lambda s: -s[2]):
             if key not in _futures:
-                _futures[key] = _pool.submit(fn)
+                _futures[key] = _pool.submit(_timed, key, fn)
 
 
 def results(specs):
@@ -60,3 +70,15 @@ def stop():
     with _lock:
         for p in list(_procs):
             p.kill()
+
+
+def summary():
+    """A line on the jobs run (none: None): how many, their seconds in all, and from the first start to the last end;
+    with the longest few."""
+    if not _times:
+        return None
+    spans = sorted(_times.items(), key=lambda kv: kv[1][0] - kv[1][1])
+    busy = sum(t1 - t0 for t0, t1 in _times.values())
+    wall = max(t1 for _, t1 in _times.values()) - min(t0 for t0, _ in _times.values())
+    top = ", ".join(f"{' '.join(map(str, k))[:50]!r} {t1 - t0:.0f} s" for k, (t0, t1) in spans[:3])
+    return f"{len(_times)} compile jobs on {_pool._max_workers} threads: {busy:.0f} s of work in {wall:.0f} s; longest: {top}"

@@ -3,9 +3,7 @@
 Simulator tests (run everywhere; tiny ragged shapes, small blocks), PTX/ptxas resource checks (a subprocess
 without the simulator), and `gpu` tests at real sizes on a CUDA GPU.
 """
-import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -18,7 +16,6 @@ from tests.conftest import HAS_GPU, ptx_script, ptx_script_rows, qkv
 
 from numba import cuda  # noqa: E402  (after conftest chose the simulator or the GPU)
 from flashlib import numba_kernels as nk  # noqa: E402
-from flashlib.numba_kernels import ptx  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -184,20 +181,13 @@ def test_import_does_not_pull_numba_cuda():
 
 
 # ---------------------------------------------------------------- PTX: registers, shared memory, spills
-CORE_SCRIPT = "import json\nfrom flashlib.numba_kernels import ptx\nprint(json.dumps(ptx.core_report(ccs=({cc!r},))))"
-
-
-def ptxas_jobs():
-    """One job a compute capability: ptx.core_report's rows (the CUDA-core kernels) for it."""
-    return [s for cc in ptx.CCS for s in ptx_script(CORE_SCRIPT.format(cc=cc), 40)]
-
-
-BACKGROUND = {"test_ptx_resources": ptxas_jobs}   # compiled beside the other tests
+CORE_SCRIPT = "import json\nfrom flashlib.numba_kernels import ptx\nprint(json.dumps(ptx.core_report()))"
+BACKGROUND = {"test_ptx_resources": lambda: ptx_script(CORE_SCRIPT, 110)}   # compiled beside the other tests
 
 
 @pytest.fixture(scope="module")
 def ptxas_rows():
-    return [r for rows in ptx_script_rows(ptxas_jobs()) for r in rows]
+    return ptx_script_rows(ptx_script(CORE_SCRIPT, 110))
 
 
 def test_ptx_resources(ptxas_rows):
