@@ -5,7 +5,6 @@ The simulator is chosen here, before any test imports numba.cuda, by the same ca
 import json
 import os
 import shutil
-import subprocess
 import sys
 
 import numpy as np
@@ -18,6 +17,7 @@ HAS_GPU = flashlib.setup(verbose=False)
 
 
 def pytest_collection_modifyitems(config, items):
+    items[:] = jobs.last(items)   # the tests that wait for compile jobs run after the others: those run meanwhile
     if HAS_GPU:
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (none here); runs on the device machine with -m gpu")
@@ -27,7 +27,10 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_collection_finish(session):
-    jobs.start(session.items)   # the compile jobs of the selected tests, beside the tests
+    # the compile jobs of the selected tests, beside the tests; an xdist worker collects every test but runs a
+    # share: there a test starts its own jobs when it runs
+    if not hasattr(session.config, "workerinput"):
+        jobs.start(session.items)
 
 
 def pytest_sessionfinish(session):
@@ -60,11 +63,9 @@ def ptx_script(script, cost):
 
 
 def ptx_script_rows(specs):
-    """The JSON each `ptx_script` job printed, in order (one spec: its JSON); skip when there are none."""
+    """The JSON the `ptx_script` job printed; skip when there is none."""
     if not specs:
         pytest.skip("ptxas is not on PATH (install the CUDA toolkit to check the PTX)")
-    rows = []
-    for r in jobs.results(specs):
-        assert r.returncode == 0, r.stderr[-3000:]
-        rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
-    return rows[0] if len(rows) == 1 else rows
+    (r,) = jobs.results(specs)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])

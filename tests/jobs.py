@@ -2,8 +2,9 @@
 
 A test module names its jobs in BACKGROUND = {test function name: function returning job specs}; a spec is
 (key, fn, cost), fn() the job, cost a rough number of seconds. When collection ends (tests/conftest.py) the specs of
-the selected tests are started, costliest first, on os.cpu_count() threads, while pytest runs the tests in order on
-its own; a test takes its results with `results(specs)`, which starts what has not been started and waits.
+the selected tests are started, costliest first, on os.cpu_count() threads, while pytest runs the other tests (the
+tests with jobs are moved to the end: on 2 cores the compilers take the time the tests leave); a test takes its
+results with `results(specs)`, which starts what has not been started and waits.
 """
 import concurrent.futures
 import os
@@ -11,7 +12,8 @@ import subprocess
 import threading
 import time
 
-_pool = concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 2, thread_name_prefix="job")
+WORKERS = os.cpu_count() or 2
+_pool = concurrent.futures.ThreadPoolExecutor(WORKERS, thread_name_prefix="job")
 _futures = {}
 _procs = set()
 _lock = threading.Lock()
@@ -40,11 +42,21 @@ def results(specs):
     return [_futures[key].result() for key, _, _ in specs]
 
 
+def _background(item):
+    """The BACKGROUND function of a test item, or None."""
+    return getattr(getattr(item, "module", None), "BACKGROUND", {}).get(getattr(item, "originalname", None))
+
+
+def last(items):
+    """items, those with BACKGROUND jobs moved to the end (each group in its order)."""
+    return [i for i in items if _background(i) is None] + [i for i in items if _background(i) is not None]
+
+
 def start(items):
     """Submit the specs of the test items that have BACKGROUND jobs (each function called once)."""
     seen, specs = set(), []
     for item in items:
-        fn = getattr(getattr(item, "module", None), "BACKGROUND", {}).get(getattr(item, "originalname", None))
+        fn = _background(item)
         if fn is not None and fn not in seen:
             seen.add(fn)
             specs += fn()
@@ -81,4 +93,4 @@ def summary():
     busy = sum(t1 - t0 for t0, t1 in _times.values())
     wall = max(t1 for _, t1 in _times.values()) - min(t0 for t0, _ in _times.values())
     top = ", ".join(f"{' '.join(map(str, k))[:50]!r} {t1 - t0:.0f} s" for k, (t0, t1) in spans[:3])
-    return f"{len(_times)} compile jobs on {_pool._max_workers} threads: {busy:.0f} s of work in {wall:.0f} s; longest: {top}"
+    return f"{len(_times)} compile jobs on {WORKERS} threads: {busy:.0f} s of work in {wall:.0f} s; longest: {top}"

@@ -182,12 +182,18 @@ def test_import_does_not_pull_numba_cuda():
 
 # ---------------------------------------------------------------- PTX: registers, shared memory, spills
 CORE_SCRIPT = "import json\nfrom flashlib.numba_kernels import ptx\nprint(json.dumps(ptx.core_report()))"
-BACKGROUND = {"test_ptx_resources": lambda: ptx_script(CORE_SCRIPT, 110)}   # compiled beside the other tests
+
+
+def ptxas_jobs():
+    return ptx_script(CORE_SCRIPT, 110)   # a rough number of seconds
+
+
+BACKGROUND = {"test_ptx_resources": ptxas_jobs}   # compiled beside the other tests
 
 
 @pytest.fixture(scope="module")
 def ptxas_rows():
-    return ptx_script_rows(ptx_script(CORE_SCRIPT, 110))
+    return ptx_script_rows(ptxas_jobs())
 
 
 def test_ptx_resources(ptxas_rows):

@@ -172,12 +172,16 @@ print(json.dumps(ptx.tf32_report(extra=extra)))
 """
 
 
-BACKGROUND = {"test_ptx_has_tf32_mma_and_no_local_memory": lambda: ptx_script(PTX_SCRIPT, 40)}   # compiled beside the other tests
+def ptx_jobs():
+    return ptx_script(PTX_SCRIPT, 40)   # a rough number of seconds
+
+
+BACKGROUND = {"test_ptx_has_tf32_mma_and_no_local_memory": ptx_jobs}   # compiled beside the other tests
 
 
 @pytest.fixture(scope="module")
 def ptx_rows():
-    return ptx_script_rows(ptx_script(PTX_SCRIPT, 40))
+    return ptx_script_rows(ptx_jobs())
 
 
 def test_ptx_has_tf32_mma_and_no_local_memory(ptx_rows):
