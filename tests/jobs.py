@@ -8,6 +8,7 @@ results with `results(specs)`, which starts what has not been started and waits.
 """
 import concurrent.futures
 import os
+import signal
 import subprocess
 import threading
 import time
@@ -16,6 +17,7 @@ WORKERS = os.cpu_count() or 2
 _pool = concurrent.futures.ThreadPoolExecutor(WORKERS, thread_name_prefix="job")
 _futures = {}
 _procs = set()
+_stopped = False
 _lock = threading.Lock()
 _times = {}   # key: (start, end) in time.monotonic() seconds
 
@@ -64,10 +66,15 @@ def start(items):
 
 
 def run(cmd, **kw):
-    """subprocess.run(cmd, capture_output=True, text=True, **kw), killed by `stop` if the session ends first."""
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw) as p:
-        with _lock:
-            _procs.add(p)
+    """subprocess.run(cmd, capture_output=True, text=True, **kw) in a process group of its own, killed by `stop` if
+    the session ends first (then, or after `stop`, it raises RuntimeError)."""
+    with _lock:
+        if _stopped:
+            raise RuntimeError("the test session has ended")
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                             **kw)
+        _procs.add(p)
+    with p:
         try:
             out, err = p.communicate()
         finally:
@@ -77,11 +84,16 @@ def run(cmd, **kw):
 
 
 def stop():
-    """Cancel the jobs not started and kill the running ones' subprocesses (a session ended early, e.g. by -x)."""
+    """Cancel the jobs not started and kill the running ones' process groups (a session ended early, e.g. by -x)."""
+    global _stopped
     _pool.shutdown(wait=False, cancel_futures=True)
     with _lock:
+        _stopped = True
         for p in list(_procs):
-            p.kill()
+            try:
+                os.killpg(p.pid, signal.SIGKILL)   # nvcc's cicc and ptxas, the scripts' ptxas too
+            except ProcessLookupError:
+                pass
 
 
 def summary():
