@@ -5,24 +5,41 @@ The simulator is chosen here, before any test imports numba.cuda, by the same ca
 import json
 import os
 import shutil
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 
 import flashlib
+from tests import jobs
 
 HAS_GPU = flashlib.setup(verbose=False)
 
 
 def pytest_collection_modifyitems(config, items):
+    items[:] = jobs.last(items)   # the tests that wait for compile jobs run after the others: those run meanwhile
     if HAS_GPU:
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (none here); runs on the device machine with -m gpu")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_collection_finish(session):
+    # the compile jobs of the selected tests, beside the tests; an xdist worker collects every test but runs a
+    # share: there a test starts its own jobs when it runs
+    if not hasattr(session.config, "workerinput"):
+        jobs.start(session.items)
+
+
+def pytest_sessionfinish(session):
+    jobs.stop()
+
+
+def pytest_terminal_summary(terminalreporter):
+    if (line := jobs.summary()) is not None:
+        terminalreporter.write_line(line)
 
 
 @pytest.fixture
@@ -35,13 +52,20 @@ def qkv(rng, B, H, Nq, Nk, d, dtype=np.float32, scale=1.0):
     return tuple((scale * rng.standard_normal((B, H, n, d))).astype(dtype) for n in (Nq, Nk, Nk))
 
 
-def ptx_script_rows(script):
-    """Run `script` (it prints JSON on its last line) in a subprocess without the simulator, where
-    cuda.compile_ptx works with no GPU; skip when ptxas (the CUDA toolkit) is not on PATH."""
+def ptx_script(script, cost):
+    """Job specs (tests/jobs.py) running `script` (it prints JSON on its last line) in a subprocess without the
+    simulator, where cuda.compile_ptx works with no GPU; none where ptxas (the CUDA toolkit) is not on PATH."""
     if shutil.which("ptxas") is None:
-        pytest.skip("ptxas is not on PATH (install the CUDA toolkit to check the PTX)")
+        return []
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}  # compile_ptx needs the real target
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=root)
+    return [(("ptx", script), lambda: jobs.run([sys.executable, "-c", script], env=env, cwd=root), cost)]
+
+
+def ptx_script_rows(specs):
+    """The JSON the `ptx_script` job printed; skip when there is none."""
+    if not specs:
+        pytest.skip("ptxas is not on PATH (install the CUDA toolkit to check the PTX)")
+    (r,) = jobs.results(specs)
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout.strip().splitlines()[-1])

@@ -1,10 +1,12 @@
-"""The Hopper backward 'bwd_wgmma' (fa3_backward.cu) without a GPU: its configuration, and every instance (fp16 /
-bf16 x d = 64, 128 x causal x dQ by TMA reductions or atomics) compiled by nvcc/ptxas for sm_90a with no spills, no stack frame and no ptxas warning
-(e.g. a serialised wgmma); skipped where nvcc is missing."""
+"""The Hopper backward 'bwd_wgmma' (fa3_backward.cu) without a GPU: its configuration, and its instances (bwd_sample:
+every one the library launches, fp16 / bf16 x d = 64, 128 x causal with dQ by TMA reductions, and in fp16 dQ by
+atomics) compiled by nvcc/ptxas for sm_90a with no spills, no stack frame and no ptxas warning (e.g. a serialised
+wgmma); skipped where nvcc is missing."""
 import pytest
 
 from flashlib import cupy_kernels as ck
-from tests.test_fa3_compile import NVCC, check_sm90a
+from flashlib.cupy_kernels.config_hopper import BWD_WGMMA_DQ
+from tests.compile_jobs import NVCC, check_sm90a, sm90a_jobs
 
 
 def test_bwd_wgmma_config():
@@ -38,6 +40,28 @@ def test_bwd_wgmma_refuses(args, match):
         ck.choose_config(*args, rung="bwd_wgmma")
 
 
+def bwd_sample():
+    """The instances compiled (of bwd_wgmma_instances' full product): every one the library launches (ck.instances:
+    both dtypes, dQ by TMA), and in fp16 (bf16 is the same code) the other dQ accumulation; each d, causal and not."""
+    other = [ck.bwd_wgmma_config("float16", d, c, q).kernel for d in ck.BWD_WGMMA_HEAD_DIMS for c in (False, True)
+             for q in BWD_WGMMA_DQ]
+    return list(dict.fromkeys(ck.instances(90)["fa3_backward.cu"] + other))
+
+
+def bwd_jobs():
+    return sm90a_jobs("fa3_backward.cu", bwd_sample())
+
+
+BACKGROUND = {"test_bwd_wgmma_compiles_without_spills": bwd_jobs}   # compiled beside the other tests
+
+
+def test_bwd_sample():
+    sample = bwd_sample()
+    assert len(set(sample)) == len(sample) and set(sample) <= set(ck.bwd_wgmma_instances())
+    assert len(sample) == 2 * 2 * 2 + 2 * 2 * (len(BWD_WGMMA_DQ) - 1)   # dtype x d x causal at TMA; fp16 atomic
+    assert all("__half" in n for n in sample if n.endswith("false>"))    # dQ by atomics: fp16 only
+
+
 @pytest.mark.skipif(NVCC is None, reason="nvcc not found on PATH")
 def test_bwd_wgmma_compiles_without_spills():
-    check_sm90a([("fa3_backward.cu", n) for n in ck.bwd_wgmma_instances()])
+    check_sm90a(bwd_jobs())

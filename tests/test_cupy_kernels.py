@@ -4,13 +4,9 @@ GPU tests follow FlashAttention's rule: the error against the float64 reference 
 (gradients) the error of naive attention computed in the same precision on the GPU (PyTorch), plus a tiny atol.
 Every CuPy allocation is filled with NaN bits first, so an output element a kernel forgets to write fails.
 """
-import concurrent.futures
 import os
-import re
-import shutil
 import subprocess
 import sys
-import tempfile
 import zlib
 
 import numpy as np
@@ -19,6 +15,8 @@ import pytest
 import flashlib
 from flashlib import cupy_kernels as ck
 from flashlib import reference
+from tests import jobs
+from tests.compile_jobs import NVCC, nvcc, parse_ptxas
 
 # ------------------------------------------------------------------ host logic, no GPU
 
@@ -220,14 +218,17 @@ def test_instances_per_architecture():
 
 # ------------------------------------------------------------------ nvcc / ptxas, no GPU
 
-NVCC = shutil.which("nvcc")
 # every instance for the archs we run on (sm_90) or most users have (sm_75 T4, sm_80 A100); the fp16 Tensor Core
 # kernels for sm_86 / sm_89 (bf16 is the same code), to keep the whole check to a couple of minutes on 2 cores
 ARCHS = (75, 80, 86, 89, 90)
+CHUNK = 12   # instances a nvcc run (about 5 s): jobs short enough to share out over the cores
 
 
 def _compile_jobs():
-    jobs = []
+    """Job specs (tests/jobs.py): (cc, file, instances) chunks, each compiled by nvcc with ptxas -v."""
+    if NVCC is None:
+        return []
+    specs = []
     for cc in ARCHS:
         for f, names in ck.instances(cc).items():
             if f in ("fa3_forward.cu", "fa3_backward.cu"):  # tests/test_fa3_compile.py, test_bwd_wgmma_compile.py
@@ -236,58 +237,31 @@ def _compile_jobs():
                 if f not in ("fa2_tc.cu", "fa2_bwd_tc.cu"):
                     continue
                 names = [n for n in names if "__half" in n]
-            jobs.append((cc, f, names))
-    return jobs
+            arch = ck.ARCH.get(f, f"sm_{cc}")  # wgmma exists only in sm_90a code
+            for i in range(0, len(names), CHUNK):
+                g = names[i:i + CHUNK]
+                specs.append(((cc, f, *g), lambda a=arch, f=f, g=g: nvcc(a, f, g), len(g) / 2))
+    return specs
 
 
-def _parse_ptxas(log):
-    """{mangled kernel name: (registers, spill bytes)} from `ptxas -v` output; a stack frame counts as spill too
-    (a register array indexed at run time lives there: local memory all the same)."""
-    res, cur = {}, None
-    for line in log.splitlines():
-        m = re.search(r"Function properties for (\S+)", line)
-        if m:
-            cur = m.group(1)
-            res[cur] = [None, 0]
-        m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
-        if m and cur:
-            res[cur][1] = int(m.group(1)) + int(m.group(2)) + int(m.group(3))
-        m = re.search(r"Compiling entry function '(\S+)'", line)
-        if m:
-            cur = m.group(1)
-            res.setdefault(cur, [None, 0])
-        m = re.search(r"Used (\d+) registers", line)
-        if m and cur:
-            res[cur][0] = int(m.group(1))
-    return res
-
-
-def _nvcc(job, tmp):
-    cc, f, names = job
-    src = os.path.join(tmp, f"sm{cc}_{f}")
-    with open(src, "w") as fh:  # taking each instance's address instantiates it, as NVRTC's name_expressions do
-        fh.write(f'#include "{f}"\nvoid* flashlib_instances[] = {{\n' + ",\n".join(f"  (void*)&{n}" for n in names) + "\n};\n")
-    arch = ck.ARCH.get(f, f"sm_{cc}")  # wgmma exists only in sm_90a code
-    cmd = [NVCC, "-std=c++17", f"-arch={arch}", "-cubin", f"-I{ck.HERE}", "-Xptxas", "-v", "-o", src + ".cubin", src]
-    out = subprocess.run(cmd, capture_output=True, text=True)
-    return job, out.returncode, out.stdout + out.stderr
+BACKGROUND = {"test_every_kernel_compiles_without_spills": _compile_jobs}   # compiled beside the other tests
 
 
 @pytest.fixture(scope="module")
 def compiled():
-    if NVCC is None:
+    specs = _compile_jobs()
+    if not specs:
         pytest.skip("nvcc not found on PATH")
-    with tempfile.TemporaryDirectory() as tmp, concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 2) as ex:
-        return list(ex.map(lambda j: _nvcc(j, tmp), _compile_jobs()))
+    return [(key, *res) for (key, _, _), res in zip(specs, jobs.results(specs))]
 
 
 def test_every_kernel_compiles_without_spills(compiled):
     lines, failures = [], []
-    for (cc, f, names), rc, log in compiled:
+    for (cc, f, *names), rc, log in compiled:
         if rc != 0:
             failures.append(f"sm_{cc} {f}: nvcc failed\n{log[-3000:]}")
             continue
-        info = _parse_ptxas(log)
+        info = parse_ptxas(log)
         assert len(info) >= len(names), f"sm_{cc} {f}: {len(info)} kernels in the cubin, {len(names)} asked for"
         for name, (regs, spill) in info.items():
             if spill:  # the Tensor Core kernels must not spill; the CUDA-core ones do not either

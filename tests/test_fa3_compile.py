@@ -1,19 +1,11 @@
-"""Rung 7 (fa3_forward.cu) without a GPU: host logic, and every instance compiled by nvcc/ptxas for sm_90a with no
-register spills and no stack frame (skipped where nvcc is missing)."""
-import concurrent.futures
-import os
-import re
-import shutil
-import subprocess
-import tempfile
-
+"""Rung 7 (fa3_forward.cu) without a GPU: host logic, and a sample of its instances (fa3_sample: every one the
+library launches, every other tile and every other variant) compiled by nvcc/ptxas for sm_90a with no register
+spills and no stack frame (skipped where nvcc is missing)."""
 import pytest
 
 from flashlib import cupy_kernels as ck
 from flashlib.cupy_kernels import timeline, tma
-from tests.test_cupy_kernels import _parse_ptxas
-
-NVCC = shutil.which("nvcc")
+from tests.compile_jobs import NVCC, check_sm90a, sm90a_jobs
 
 
 def test_fa3_config():
@@ -115,47 +107,36 @@ TIMELINE_INSTANCES = sorted({tma.fa3_config("float16", 128, c["causal"], variant
                                                                   for v in ("pingpong", "persistent"))})
 
 
-def _nvcc(job, tmp):
-    file, name = job
-    src = os.path.join(tmp, re.sub(r"\W+", "_", file + name) + ".cu")
-    with open(src, "w") as fh:  # taking the instance's address instantiates it, as NVRTC's name expressions do
-        fh.write(f'#include "{file}"\nvoid* flashlib_instance = (void*)&{name};\n')
-    cmd = [NVCC, "-std=c++17", "-arch=sm_90a", "-ftz=true", "-cubin", f"-I{ck.HERE}", "-Xptxas", "-v",
-           "-o", src + ".cubin", src]
-    out = subprocess.run(cmd, capture_output=True, text=True)
-    return f"{file}: {name}", out.returncode, out.stdout + out.stderr
+def fa3_sample():
+    """The rung 7 instances compiled (of fa3_instances' full product): every one the library launches (ck.instances: both
+    dtypes, the default tiles and variant), and in fp16 (bf16 is the same code) every other tile at the default
+    variant and every variant at the default tiles; each causal and not."""
+    dims, other = tma.FA3_HEAD_DIMS, tma.FA3_OTHER_TILES
+    tiles = [tma.fa3_config("float16", d, c, x).kernel for d in dims for x in other[d] for c in (False, True)]
+    variants = [tma.fa3_config("float16", d, c, variant=v).kernel for d in dims for v in tma.FA3_VARIANTS
+                for c in (False, True)]
+    return list(dict.fromkeys(ck.instances(90)["fa3_forward.cu"] + tiles + variants))
 
 
-def check_sm90a(jobs):
-    """Compile (file, instance) jobs for sm_90a with nvcc in parallel, print a line of registers and spill bytes per
-    instance, and fail on any nvcc error, ptxas warning (e.g. a serialised wgmma), spill or stack frame, or a
-    register count over 168: the launch bound (1 block of 384 or 512 threads) caps what ptxas reports at 168 or 128;
-    the consumers take 240 or 160 with setmaxnreg.inc, which ptxas allocates for. Rungs 7, 'bwd_wgmma' and
-    'fa3_fp8' are checked by it."""
-    with tempfile.TemporaryDirectory() as tmp, concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 2) as ex:
-        results = list(ex.map(lambda j: _nvcc(j, tmp), jobs))
-    failures, lines = [], []
-    for name, rc, log in results:
-        if rc != 0:
-            failures.append(f"{name}: nvcc failed\n{log[-3000:]}")
-            continue
-        if "warning" in log.lower() or "performance loss" in log.lower():
-            failures.append(f"{name}: ptxas warned\n{log[-2000:]}")
-        info = _parse_ptxas(log)
-        assert len(info) == 1, (name, info)
-        (regs, spill), = info.values()
-        if spill:
-            failures.append(f"{name}: {spill} bytes of stack frame / spills ({regs} registers)")
-        assert regs <= 168, (name, regs)
-        lines.append(f"{regs:4d} regs {spill:4d} B  {name}")
-    print("\n".join(lines))
-    assert not failures, "\n".join(failures)
+def fa3_jobs():
+    return sm90a_jobs("fa3_forward.cu", fa3_sample()) + sm90a_jobs("fa3_timeline.cu", TIMELINE_INSTANCES)
+
+
+BACKGROUND = {"test_fa3_compiles_without_spills": fa3_jobs}   # compiled beside the other tests
+
+
+def test_fa3_sample():
+    sample, every = fa3_sample(), tma.fa3_instances()
+    assert len(set(sample)) == len(sample) and set(sample) <= set(every)
+    n_other, n_dims, n_var = sum(map(len, tma.FA3_OTHER_TILES.values())), len(tma.FA3_HEAD_DIMS), len(tma.FA3_VARIANTS)
+    assert len(sample) == 2 * n_dims * 2 + n_other * 2 + n_dims * 2 * (n_var - 1)
+    assert {n for n in sample if n.startswith("fa3_forward<__nv_bfloat16")} == {
+        tma.fa3_config("bfloat16", d, c).kernel for d in tma.FA3_HEAD_DIMS for c in (False, True)}
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc not found on PATH")
 def test_fa3_compiles_without_spills():
-    check_sm90a([("fa3_forward.cu", n) for n in tma.fa3_instances()] +
-                [("fa3_timeline.cu", n) for n in TIMELINE_INSTANCES])
+    check_sm90a(fa3_jobs())
 
 
 def test_tensor_map_buffer_is_aligned():

@@ -10,7 +10,7 @@ import pytest
 
 from flashlib import reference
 from flashlib.cupy_kernels import HERE, fp8, fp8_model, fp8_tiles, tma
-from tests.test_fa3_compile import NVCC, check_sm90a
+from tests.compile_jobs import NVCC, check_sm90a, sm90a_jobs
 
 torch = pytest.importorskip("torch")
 
@@ -199,15 +199,27 @@ def test_entries_refuse_cpu_tensors():
     assert ck.forward_fp8 is fp8.forward_fp8 and ck.forward_fp8_quantized is fp8.forward_fp8_quantized
 
 
+def fp8_jobs():
+    return sm90a_jobs("fa3_fp8.cu", fp8_tiles.fp8_instances())
+
+
+def quant_jobs():
+    return sm90a_jobs("fp8_quant.cu", fp8.quant_instances())
+
+
+BACKGROUND = {"test_fp8_compiles_without_spills": fp8_jobs,    # compiled beside the other tests
+              "test_fp8_quant_compiles_without_spills": quant_jobs}
+
+
 @pytest.mark.skipif(NVCC is None, reason="nvcc not found on PATH")
 def test_fp8_compiles_without_spills():
-    check_sm90a([("fa3_fp8.cu", n) for n in fp8_tiles.fp8_instances()])
+    check_sm90a(fp8_jobs())
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc not found on PATH")
 def test_fp8_quant_compiles_without_spills():
     """fp8_quant.cu's passes (each 16-bit dtype and head dim) for sm_90a: no spills, no stack frame."""
-    check_sm90a([("fp8_quant.cu", n) for n in fp8.quant_instances()])
+    check_sm90a(quant_jobs())
 
 
 def test_quantize_on_the_cpu_is_the_reference_and_the_fused_one_wants_cuda():

@@ -3,9 +3,7 @@
 Simulator tests (run everywhere; tiny ragged shapes, small blocks), PTX/ptxas resource checks (a subprocess
 without the simulator), and `gpu` tests at real sizes on a CUDA GPU.
 """
-import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -14,7 +12,7 @@ import pytest
 
 import flashlib
 from flashlib import reference, tiled
-from tests.conftest import HAS_GPU, qkv
+from tests.conftest import HAS_GPU, ptx_script, ptx_script_rows, qkv
 
 from numba import cuda  # noqa: E402  (after conftest chose the simulator or the GPU)
 from flashlib import numba_kernels as nk  # noqa: E402
@@ -183,15 +181,19 @@ def test_import_does_not_pull_numba_cuda():
 
 
 # ---------------------------------------------------------------- PTX: registers, shared memory, spills
+CORE_SCRIPT = "import json\nfrom flashlib.numba_kernels import ptx\nprint(json.dumps(ptx.core_report()))"
+
+
+def ptxas_jobs():
+    return ptx_script(CORE_SCRIPT, 110)   # a rough number of seconds
+
+
+BACKGROUND = {"test_ptx_resources": ptxas_jobs}   # compiled beside the other tests
+
+
 @pytest.fixture(scope="module")
 def ptxas_rows():
-    if shutil.which("ptxas") is None:
-        pytest.skip("ptxas is not on PATH (install the CUDA toolkit to check register and shared-memory use)")
-    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}  # compile_ptx needs the real target
-    r = subprocess.run([sys.executable, "-m", "flashlib.numba_kernels.ptx", "--json"], capture_output=True,
-                       text=True, env=env, cwd=ROOT)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    return ptx_script_rows(ptxas_jobs())
 
 
 def test_ptx_resources(ptxas_rows):

@@ -19,7 +19,7 @@ import pytest
 
 from flashlib import reference
 from flashlib.constants import LOG2E
-from tests.conftest import HAS_GPU, ptx_script_rows, qkv
+from tests.conftest import HAS_GPU, ptx_script, ptx_script_rows, qkv
 
 from flashlib import numba_kernels as nk  # noqa: E402  (after conftest chose the simulator or the GPU)
 from flashlib.numba_kernels import fa2_tc, lanes, mma  # noqa: E402
@@ -347,9 +347,16 @@ print(json.dumps({"rows": rows, "k16_on_75": k16_on_75}))
 """
 
 
+def ptx_jobs():
+    return ptx_script(PTX_SCRIPT, 90)   # a rough number of seconds
+
+
+BACKGROUND = {"test_ptx_has_mma_and_no_local_memory": ptx_jobs}   # compiled beside the other tests
+
+
 @pytest.fixture(scope="module")
 def ptx_rows():
-    return ptx_script_rows(PTX_SCRIPT)
+    return ptx_script_rows(ptx_jobs())
 
 
 def test_ptx_has_mma_and_no_local_memory(ptx_rows):
