@@ -52,14 +52,15 @@ def qkv(rng, B, H, Nq, Nk, d, dtype=np.float32, scale=1.0):
     return tuple((scale * rng.standard_normal((B, H, n, d))).astype(dtype) for n in (Nq, Nk, Nk))
 
 
-def ptx_script(script, cost):
+def ptx_script(script, cost, name):
     """Job specs (tests/jobs.py) running `script` (it prints JSON on its last line) in a subprocess without the
-    simulator, where cuda.compile_ptx works with no GPU; none where ptxas (the CUDA toolkit) is not on PATH."""
+    simulator, where cuda.compile_ptx works with no GPU; none where ptxas (the CUDA toolkit) is not on PATH.
+    name: the job's label in the pool's summary."""
     if shutil.which("ptxas") is None:
         return []
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}  # compile_ptx needs the real target
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    return [(("ptx", script), lambda: jobs.run([sys.executable, "-c", script], env=env, cwd=root), cost)]
+    return [(("ptx", name, script), lambda: jobs.run([sys.executable, "-c", script], env=env, cwd=root), cost)]
 
 
 def ptx_script_rows(specs):

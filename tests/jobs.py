@@ -104,5 +104,5 @@ def summary():
     spans = sorted(_times.items(), key=lambda kv: kv[1][0] - kv[1][1])
     busy = sum(t1 - t0 for t0, t1 in _times.values())
     wall = max(t1 for _, t1 in _times.values()) - min(t0 for t0, _ in _times.values())
-    top = ", ".join(f"{' '.join(map(str, k))[:50]!r} {t1 - t0:.0f} s" for k, (t0, t1) in spans[:3])
+    top = ", ".join(f"{' '.join(str(x).split(chr(10))[0] for x in k)[:60]!r} {t1 - t0:.0f} s" for k, (t0, t1) in spans[:3])
     return f"{len(_times)} compile jobs on {WORKERS} threads: {busy:.0f} s of work in {wall:.0f} s; longest: {top}"

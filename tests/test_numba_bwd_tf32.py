@@ -197,7 +197,7 @@ print(json.dumps(ptx.bwd_tf32_report()))
 
 
 def ptx_jobs():
-    return ptx_script(PTX_SCRIPT, 35)   # a rough number of seconds
+    return ptx_script(PTX_SCRIPT, 35, "test_numba_bwd_tf32")   # a rough number of seconds
 
 
 BACKGROUND = {"test_ptx_has_tf32_mma_unrolled_and_no_local_memory": ptx_jobs}   # compiled beside the other tests

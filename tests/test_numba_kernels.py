@@ -185,7 +185,7 @@ CORE_SCRIPT = "import json\nfrom flashlib.numba_kernels import ptx\nprint(json.d
 
 
 def ptxas_jobs():
-    return ptx_script(CORE_SCRIPT, 110)   # a rough number of seconds
+    return ptx_script(CORE_SCRIPT, 110, "test_numba_kernels")   # a rough number of seconds
 
 
 BACKGROUND = {"test_ptx_resources": ptxas_jobs}   # compiled beside the other tests

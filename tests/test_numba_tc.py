@@ -348,7 +348,7 @@ print(json.dumps({"rows": rows, "k16_on_75": k16_on_75}))
 
 
 def ptx_jobs():
-    return ptx_script(PTX_SCRIPT, 90)   # a rough number of seconds
+    return ptx_script(PTX_SCRIPT, 90, "test_numba_tc")   # a rough number of seconds
 
 
 BACKGROUND = {"test_ptx_has_mma_and_no_local_memory": ptx_jobs}   # compiled beside the other tests

@@ -173,7 +173,7 @@ print(json.dumps(ptx.tf32_report(extra=extra)))
 
 
 def ptx_jobs():
-    return ptx_script(PTX_SCRIPT, 40)   # a rough number of seconds
+    return ptx_script(PTX_SCRIPT, 40, "test_numba_tf32")   # a rough number of seconds
 
 
 BACKGROUND = {"test_ptx_has_tf32_mma_and_no_local_memory": ptx_jobs}   # compiled beside the other tests
