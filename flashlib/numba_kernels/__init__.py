@@ -10,12 +10,15 @@ arrays (siblings: none imports another's kernel, fa2_bwd_tf32 reuses fa2_bwd's d
   fa2_bwd_tf32 fa2_backward_tf32: the same on Tensor Cores in float32 accuracy (3xTF32), sm_80+, a GPU only
   fa2_tc      fa2_forward_tc: FlashAttention-2 forward on Tensor Cores (mma.sync through inline PTX),
               float16 / bfloat16, sm_75+ (bf16: sm_80+); a GPU only (the simulator cannot run PTX)
+  fa2_wgmma   fa2_forward_wgmma: the same on Hopper's warpgroup MMA (wgmma.mma_async, B read from swizzled shared
+              memory by descriptor): CuPy rung 6 in Numba; fp16 / bf16, sm_90 only (variant "wgmma")
   fa2_tf32    fa2_forward_tf32: float32 FlashAttention-2 forward on TF32 Tensor Cores, 3xTF32 (float32 accuracy),
               sm_80+, head dims 32, 64, 96, 128: variant "tf32x3", the float32 default on such GPUs
 What the kernels share, one module each:
   host        argument checks, head-dim buckets, device arrays (contiguous, padded, new outputs, views), compute
               capability, launches, the grouped-query sum of dK, dV; float32 forms of flashlib.constants
   mma         inline-PTX intrinsics (mma.sync, ldmatrix, cp.async, the 3xTF32 split, ...) for the Tensor Core kernels
+  wgmma       inline-PTX intrinsics of Hopper's wgmma (fences, descriptors, m64nNk16) for fa2_wgmma (sm_90a)
   lanes       what each lane holds: fragment layouts, the kernels' index maps, a NumPy warp model (no Numba)
   warp        device code fa2_tc and fa2_tf32 share (the online-softmax step), compiled inline
   ptx         cuda.compile_ptx + ptxas -v of every kernel without a GPU: `python -m flashlib.numba_kernels.ptx`
@@ -32,6 +35,7 @@ from .fa2 import fa2_forward
 from .fa2_fast import fa2_forward_fast
 from .fa2_tc import fa2_forward_tc
 from .fa2_tf32 import fa2_forward_tf32
+from .fa2_wgmma import fa2_forward_wgmma
 from .matmul import matmul
 
 GQA = ("forward", "backward")   # every variant takes k, v with fewer heads than q (flashlib.api reads this)
@@ -52,19 +56,22 @@ def forward(q, k, v, *, causal=False, scale=None, dtype="float32", variant=None)
     q (B, H, Nq, d), k, v (B, H_kv, Nk, d) with H_kv dividing H (grouped-query attention: query head h uses kv head
     h // (H // H_kv)), d in 1 ... 256: Numba device arrays (any strides) of float32 for the variants in VARIANTS
     or "tf32x3" (float32 default on sm_80+ for head dims 32, 64, 96, 128; else "fa2_fast"), or for variant "tc"
-    (the default for those dtypes) of float16, or bfloat16 as int16/uint16 bits. In the simulator "fa2_fast" runs
-    its shuffle-free form (row maxima reduced through shared memory) with small blocks; "tc", "tf32x3" need a GPU.
+    (the default for those dtypes) or "wgmma" (Hopper only, d up to 128) of float16, or bfloat16 as int16/uint16
+    bits. In the simulator "fa2_fast" runs its shuffle-free form (row maxima reduced through shared memory) with
+    small blocks; "tc", "wgmma", "tf32x3" need a GPU.
     """
     causal, scale = check_causal(causal), check_scale(scale, q.shape[3])
     dtype = str(dtype)
     if variant is None:
         cc = None if simulated() else device_cc()
         variant = default_variant(dtype, q.shape[3], cc)
-    if variant not in ("tc", "tf32x3") and variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, tc, tf32x3, got {variant!r}")
+    if variant not in ("tc", "wgmma", "tf32x3") and variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, tc, wgmma, tf32x3, got {variant!r}")
     check_dtype(dtype, variant)
     if variant == "tc":
         return fa2_forward_tc(q, k, v, causal=causal, scale=scale, dtype=dtype)
+    if variant == "wgmma":
+        return fa2_forward_wgmma(q, k, v, causal=causal, scale=scale, dtype=dtype)
     if variant == "tf32x3":
         return fa2_forward_tf32(q, k, v, causal=causal, scale=scale)
     head_bucket(q.shape[3])
@@ -87,6 +94,6 @@ def backward(q, k, v, o, lse, do, *, causal=False, scale=None, dtype="float32"):
 
 
 __all__ = ["forward", "backward", "default_variant", "fa2_backward", "fa1_forward", "fa2_forward", "fa2_forward_fast",
-           "fa2_forward_tc", "fa2_forward_tf32",
+           "fa2_forward_tc", "fa2_forward_tf32", "fa2_forward_wgmma",
            "matmul", "VARIANTS",
            "HEAD_DIMS", "MAX_HEAD_DIM", "TF32_HEAD_DIMS", "head_bucket", "simulated"]

@@ -72,16 +72,18 @@ def head_bucket(d, dims=HEAD_DIMS, who="the numba kernels"):
     raise ValueError(f"head_dim {d} is not supported by {who}: head dims 1..{dims[-1]} are accepted")
 
 
-TC_DTYPES = ("float16", "bfloat16")                   # the Tensor Core variant 'tc' (fa2_tc.py) only
+TC_DTYPES = ("float16", "bfloat16")    # the 16-bit Tensor Core variants 'tc' (fa2_tc.py) and 'wgmma' (fa2_wgmma.py)
+TC_VARIANTS = ("tc", "wgmma")
 TF32_HEAD_DIMS = (32, 64, 96, 128)   # the head dims the 3xTF32 kernels (fa2_tf32, fa2_bwd_tf32) compile, unpadded
 
 
 def check_dtype(dtype, variant=None):
-    """float32 for every variant but 'tc', which takes float16 or bfloat16 (variant None: the float32 kernels)."""
+    """float32 for every variant but 'tc' and 'wgmma', which take float16 or bfloat16 (variant None: the float32
+    kernels)."""
     dtype = str(dtype)
-    if variant == "tc":
+    if variant in TC_VARIANTS:
         if dtype not in TC_DTYPES:
-            raise ValueError(f"the numba variant 'tc' (Tensor Cores) accepts float16 or bfloat16, got {dtype}; "
+            raise ValueError(f"the numba variant {variant!r} (Tensor Cores) accepts float16 or bfloat16, got {dtype}; "
                              "float32 runs on the other variants")
     elif dtype != "float32":
         where = "the numba backend" if variant is None else f"the numba variant {variant!r}"

@@ -2,9 +2,10 @@
 
 `cuda.compile_ptx` needs the real Numba-CUDA target (not the simulator): run this module in a process without
 NUMBA_ENABLE_CUDASIM:
-  python -m flashlib.numba_kernels.ptx [core|tc|tf32|bwd_tf32] [filter] [--json]
-core (the default): the CUDA-core rungs (a table; --json for JSON); tc, tf32, bwd_tf32: every instance of the Tensor
-Core kernels (fa2_tc, fa2_tf32, fa2_bwd_tf32) with instruction counts (JSON). filter: a substring of the names.
+  python -m flashlib.numba_kernels.ptx [core|tc|tf32|bwd_tf32|wgmma] [filter] [--json]
+core (the default): the CUDA-core rungs (a table; --json for JSON); tc, tf32, bwd_tf32, wgmma: every instance of the
+Tensor Core kernels (fa2_tc, fa2_tf32, fa2_bwd_tf32; fa2_wgmma for sm_90a) with instruction counts (JSON).
+filter: a substring of the names.
 """
 import json
 import re
@@ -49,19 +50,23 @@ def kernels():
 
 
 def ptxas(ptx, cc):
-    """{'registers', 'smem', 'stack', 'spill_stores', 'spill_loads'} from `ptxas -arch=sm_XY -v`."""
+    """{'registers', 'smem', 'stack', 'spill_stores', 'spill_loads', 'advisories'} from `ptxas -arch=sm_XY -v` (cc
+    (9, 0, "a"): sm_90a); advisories: ptxas's numbered performance notes, e.g. "(C7510) Potential Performance Loss:
+    wgmma.mma_async instructions are serialized" or "(C7519) warpgroup.arrive is injected"."""
+    arch = "sm_" + "".join(map(str, cc))
     with tempfile.TemporaryDirectory() as tmp:
         path = f"{tmp}/k.ptx"
         open(path, "w").write(ptx)
-        r = subprocess.run(["ptxas", f"-arch=sm_{cc[0]}{cc[1]}", "-v", path, "-o", f"{tmp}/k.cubin"],
+        r = subprocess.run(["ptxas", f"-arch={arch}", "-v", path, "-o", f"{tmp}/k.cubin"],
                            capture_output=True, text=True)
     if r.returncode != 0:
-        raise RuntimeError(f"ptxas failed for sm_{cc[0]}{cc[1]}: {r.stderr[-2000:]}")
+        raise RuntimeError(f"ptxas failed for {arch}: {r.stderr[-2000:]}")
     text = r.stderr + r.stdout
     num = lambda pat: int(m.group(1)) if (m := re.search(pat, text)) else 0
     return {"registers": num(r"Used (\d+) registers"), "smem": num(r"(\d+) bytes smem"),
             "stack": num(r"(\d+) bytes stack frame"), "spill_stores": num(r"(\d+) bytes spill stores"),
-            "spill_loads": num(r"(\d+) bytes spill loads")}
+            "spill_loads": num(r"(\d+) bytes spill loads"),
+            "advisories": re.findall(r"\((C7\d\d\d)\)", text)}
 
 
 def with_maxnreg(text, n):
@@ -185,7 +190,47 @@ def bwd_tf32_report(only=None):
     return rows
 
 
-REPORTS = {"core": core_report, "tc": tc_report, "tf32": tf32_report, "bwd_tf32": bwd_tf32_report}
+# ---------------------------------------------------------------- fa2_wgmma (Hopper's wgmma, sm_90a)
+def wgmma_instances():
+    """(name, make_fa2_wgmma arguments) of every kernel fa2_wgmma launches by default (TILES), fp16 and bf16."""
+    from . import fa2_wgmma
+    tiles = lambda D: sorted(set(fa2_wgmma.TILES[D]))          # noqa: E731  (causal or not)
+    return [(f"fa2_wgmma {dtype} D={D} tiles={t[0]}x{t[1]}", (D, *t, dtype))
+            for D in fa2_wgmma.HEAD_DIMS for t in tiles(D) for dtype in fa2_wgmma.DTYPES]
+
+
+def wgmma_ptx(args, cc=None):
+    """PTX text of make_fa2_wgmma(*args) for cc (default fa2_wgmma.CC, sm_90a)."""
+    from numba import cuda
+    from . import fa2_wgmma
+    kern = fa2_wgmma.make_fa2_wgmma(*args)[0]
+    return cuda.compile_ptx(kern.py_func, fa2_wgmma.SIG, cc=cc or fa2_wgmma.CC,
+                            launch_bounds=fa2_wgmma.launch_bounds(args[1]))[0]
+
+
+def wgmma_report(only=None):
+    """Rows {kernel, cc, threads, tiles, target, wgmma, wgmma_bf16, fence, commit, wait, fence_proxy, cp_async,
+    ldmatrix, shfl, dyn_smem, registers, smem, stack, spill_stores, spill_loads, advisories}."""
+    from . import fa2_wgmma
+    rows = []
+    for name, args in wgmma_instances():
+        if only and only not in name:
+            continue
+        text = wgmma_ptx(args)
+        count = text.count
+        rows.append({"kernel": name, "cc": "9.0a", "threads": 128 * args[1], "tiles": list(args[1:3]),
+                     "target": re.search(r"\.target (\S+)", text).group(1),
+                     "wgmma": count("wgmma.mma_async.sync.aligned"), "wgmma_bf16": count(".f32.bf16.bf16"),
+                     "fence": count("wgmma.fence.sync.aligned"), "commit": count("wgmma.commit_group.sync.aligned"),
+                     "wait": count("wgmma.wait_group.sync.aligned"), "fence_proxy": count("fence.proxy.async"),
+                     "cp_async": count("cp.async.cg.shared.global"), "ldmatrix": count("ldmatrix.sync.aligned"),
+                     "shfl": count("shfl.sync.bfly"), "dyn_smem": fa2_wgmma.smem_bytes(*args[:3]),
+                     **ptxas(text, fa2_wgmma.CC)})
+    return rows
+
+
+REPORTS = {"core": core_report, "tc": tc_report, "tf32": tf32_report, "bwd_tf32": bwd_tf32_report,
+           "wgmma": wgmma_report}
 
 
 def main(argv):

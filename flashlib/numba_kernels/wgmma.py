@@ -15,9 +15,11 @@ runs asynchronously: fence before, commit the group, wait for it before reading 
                                 compiler materialises registers a wgmma reads or writes (wgmma.cuh's fence_regs)
   desc_sw128(addr, lbo, sbo)    the shared-memory matrix descriptor (int64) of a tile in the 128-byte swizzle
   shared_base(a)                the .shared address (uint32) of a shared array's first element
+  sw128(r, c, R)                the byte offset of element (r, c) of an R-row tile in that swizzle (a device function)
   mma_rs(N, dtype)              the intrinsic acc <- A B (+ acc): m64nNk16, A = 4 uint32 registers (a 16-bit pair
                                 each), B by descriptor; (acc, a0, a1, a2, a3, desc, scale_d, trans_b)
   mma_ss(N, dtype)              the same with A by descriptor too; (acc, desc_a, desc_b, scale_d, trans_b)
+  make_probe(N, dtype, form, trans_b)   a one-warpgroup kernel out = A B (tests: the intrinsics alone)
                                 N = 64 or 128, dtype 'float16' or 'bfloat16', fp32 accumulators
 
 The accumulator `acc` is a local float32 array of N/2 elements (m64nN: N/2 registers a thread), read and written in
@@ -29,8 +31,8 @@ N/8 column chunks: acc[4n + i] is C register i of columns 8n..8n+7. scale_d (0 o
 contiguous: K for S = Q K^T), 1 "MN-major" (V for O += P V); 16-bit types only.
 
 Every function here needs the target sm_90a (the "a": architecture-specific features, PTX ISA section 5 / "Target
-ISA notes"); numba-cuda >= 0.23 compiles cuda.jit kernels for it on an sm_90 device and compile_ptx takes
-cc=(9, 0, "a") (fa2_wgmma.CC).
+ISA notes"). A numba-cuda with architecture-specific targets (NVIDIA/numba-cuda PR #549; 0.30.4 here) compiles
+cuda.jit kernels for it on an sm_90 device by itself, and compile_ptx takes cc=(9, 0, "a") (fa2_wgmma.CC).
 """
 try:
     from numba.cuda.extending import intrinsic
@@ -39,9 +41,10 @@ except ImportError:  # older numba-cuda
 import functools
 
 from llvmlite import ir
-from numba import types
+from numba import cuda, float32, types, uint32
 
-from .mma import _asm, _f32, _i32, _i64, _item_ptr, _shared_addr
+from ..cupy_kernels.config_hopper import sw128 as _sw128
+from .mma import _asm, _f32, _i32, _i64, _item_ptr, _shared_addr, ldmatrix_x4_at
 
 _WG = ".sync.aligned"
 
@@ -214,3 +217,73 @@ def mma_ss(N, dtype):
         return sig, _mma_codegen(N, dtype, 1, int(trans_b.literal_value), scale_d)
     mma.__name__ = f"wgmma_ss_m64n{N}k16_{dtype}"
     return intrinsic(mma)
+
+
+# Byte offset of element (r, c) (c a multiple of 8) of an R-row 16-bit tile in the 128-byte swizzle that desc_sw128
+# describes: rung 6's layout, one home (cupy_kernels.config_hopper.sw128, pure Python) compiled here as device code
+sw128 = cuda.jit(device=True, inline="always")(_sw128)
+
+
+def make_probe(N, dtype, form="ss", trans_b=0):
+    """probe[1, 128](a, b, out): out (64, N) float32 = A B for A (64 x 64: a, (64, 32) uint32 of 16-bit pairs) and
+    B given as b: (N, 32) words of B^T (trans_b = 0, K-major, as K in S = Q K^T) or (64, N/2) words of B (trans_b = 1,
+    MN-major, as V in O += P V). Four k16 steps of mma_ss (form 'ss') or mma_rs ('rs': A by ldmatrix into registers,
+    as fa2_wgmma loads Q). One warpgroup, the tiles staged swizzled in static shared memory."""
+    MMA = (mma_ss if form == "ss" else mma_rs)(N, dtype)
+    RB, WB = (64, N // 2) if trans_b else (N, 32)           # B's rows and 32-bit words a row in global memory
+    NB = 64 * 32 + RB * WB                                  # words of shared memory: A, then B
+    AB = 64 * 128                                           # bytes of A
+    TB, NA = trans_b, N // 2                               # NA: accumulator registers
+
+    if trans_b:   # B's k16 step kk: 16 rows of 128 bytes further; LBO: the stride between its 64-column blocks
+        @cuda.jit(device=True, inline="always")
+        def desc_b(base, kk):
+            return desc_sw128(base + AB + kk * 2048, RB * 128, 1024)
+    else:         # K-major: 32 bytes further in the row; SBO 1024: the next 8 rows
+        @cuda.jit(device=True, inline="always")
+        def desc_b(base, kk):
+            return desc_sw128(base + AB + kk * 32, 16, 1024)
+
+    if form == "ss":
+        @cuda.jit(device=True, inline="always")
+        def step(acc, base, qf, kk):
+            MMA(acc, desc_sw128(base + kk * 32, 16, 1024), desc_b(base, kk), kk, TB)
+    else:
+        @cuda.jit(device=True, inline="always")
+        def step(acc, base, qf, kk):
+            MMA(acc, qf[4 * kk], qf[4 * kk + 1], qf[4 * kk + 2], qf[4 * kk + 3], desc_b(base, kk), kk, TB)
+
+    @cuda.jit(device=True, inline="always")
+    def word(r, cw, R):                                     # the word of 16-bit columns 2cw, 2cw + 1 of row r
+        return (sw128(r, (2 * cw) & ~7, R) + 4 * (cw & 3)) >> 2
+
+    @cuda.jit
+    def probe(a, b, out):
+        sm = cuda.shared.array(NB, uint32, alignment=1024)
+        acc = cuda.local.array(NA, float32)
+        qf = cuda.local.array(16, uint32)
+        tid = cuda.threadIdx.x
+        for i in range(tid, 64 * 32, 128):
+            sm[word(i // 32, i % 32, 64)] = a[i // 32, i % 32]
+        for i in range(tid, RB * WB, 128):
+            sm[64 * 32 + word(i // WB, i % WB, RB)] = b[i // WB, i % WB]
+        fence_proxy_async()
+        cuda.syncthreads()
+        base = shared_base(sm)
+        lane, w = tid & 31, tid >> 5
+        for kk in range(4):
+            x = ldmatrix_x4_at(base + sw128(16 * w + (lane & 15), 16 * kk + 8 * (lane >> 4), 64))
+            for e in range(4):
+                qf[4 * kk + e] = x[e]
+        pin(qf, 16)
+        fence()
+        for kk in range(4):                                 # scale_d = kk: D = A B at kk = 0, then +=
+            step(acc, base, qf, kk)
+        commit()
+        wait(0)
+        pin(acc, NA)
+        g, t = lane >> 2, lane & 3
+        for n in range(N // 8):
+            for i in range(4):
+                out[16 * w + g + 8 * (i >> 1), 8 * n + 2 * t + (i & 1)] = acc[4 * n + i]
+    return probe
