@@ -57,7 +57,8 @@ try:
     sm90 = "accepted"
 except RuntimeError as e:
     sm90 = str(e)
-print(json.dumps({"rows": rows, "probes": probes, "control": control, "sm90": sm90}))
+print(json.dumps({"rows": rows, "probes": probes, "control": control, "sm90": sm90,
+                  "targets_sm90a": fa2_wgmma.numba_targets_sm90a()}))
 """ % (PROBES,)
 
 
@@ -101,6 +102,7 @@ def test_ptx_probes_and_the_target(ptx_rows):
         assert p["wgmma"] == 4 and p["advisories"] == [] and p["stack"] == 0, p
     assert "C7519" in ptx_rows["control"]["advisories"], ptx_rows["control"]   # the check sees an injected arrive
     assert "ptxas failed for sm_90" in ptx_rows["sm90"] and "not supported on .target 'sm_90'" in ptx_rows["sm90"]
+    assert ptx_rows["targets_sm90a"]            # this numba-cuda takes the suffix (the kernel's host check)
 
 
 # ---------------------------------------------------------------- Python-side checks
@@ -191,7 +193,7 @@ def test_gpu_forward_matches_reference(shape, dtype, causal):
 @pytest.mark.gpu
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("tiles", [(1, 64), (2, 64), (1, 128), (2, 128)])
+@pytest.mark.parametrize("tiles", [(1, 64), (2, 64), (1, 128), (2, 128)])   # the default and rung 6's among them
 def test_gpu_other_tiles(d, causal, tiles):
     _hopper()
     q, k, v = _torch_inputs((2, 2, 333, 517, d), "float16", seed=11)

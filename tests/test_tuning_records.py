@@ -108,3 +108,24 @@ def test_the_dynamic_scheduler_is_the_default_where_the_record_times_it_faster()
             assert min(s) < 1.01, (key, s)
     assert min(speedup[(64, True)]) > 1.05                 # what chapter 8 says: causal d = 64, 1.1x
     assert tma.fa3_config("float16", 64, True).dynamic and ck.choose_config("float16", 64, 90, True).fa3.dynamic
+
+
+def test_numba_wgmma_tiles_are_the_fastest_recorded():
+    """fa2_wgmma.TILES[d][causal] is, of the tiles the H200 timed (numba_wgmma: the record's default tiles, in its
+    info; numba_wgmma_<NWG>x<Bc>: the others), the fastest by mean TFLOP/s over the recorded N."""
+    from flashlib.bench import results
+    from flashlib.numba_kernels import fa2_wgmma
+    rec = results.load("numba_wgmma_h200_first_run")
+    timed = collections.defaultdict(lambda: collections.defaultdict(list))
+    for r in rec["rows"]:
+        if r["impl"] == "numba_wgmma":
+            tiles = tuple(rec["info"]["tiles"][str(r["d"])][r["causal"]])
+        elif r["impl"].startswith("numba_wgmma_") and r["impl"] != "numba_wgmma_kernel":
+            tiles = tuple(int(x) for x in r["impl"].rsplit("_", 1)[1].split("x"))
+        else:
+            continue
+        timed[(r["d"], r["causal"])][tiles].append(r["tflops"])
+    assert set(timed) == {(d, c) for d in fa2_wgmma.HEAD_DIMS for c in (False, True)}
+    for (d, causal), got in timed.items():
+        assert len(got) >= 3, (d, causal, got)
+        assert max(got, key=lambda t: _mean(got[t])) == fa2_wgmma.TILES[d][causal], (d, causal, dict(got))

@@ -24,6 +24,7 @@ O += P_{j-1} V_{j-1}; the softmax of S_j runs on the CUDA cores while the Tensor
 Loads run a step ahead: step j brings K_{j+1} and V_j. The first step (no P V) and the last (no S) are peeled off.
 """
 import functools
+import inspect
 import math
 
 from numba import cuda, float32, int32, uint32
@@ -38,8 +39,13 @@ from .wgmma import sw128
 CC = (9, 0, "a")                     # the target: wgmma exists in sm_90a code only
 HEAD_DIMS = (64, 128)
 DTYPES = ("float16", "bfloat16")
-# per head dim, (non-causal, causal) tiles (NWG warpgroups, Bc keys per tile): rung 6's, the H200's winners
-TILES = WGMMA_TILES
+# per head dim, (non-causal, causal) tiles (NWG warpgroups, Bc keys per tile): one warpgroup of 64 rows, 64 keys a
+# tile, two blocks an SM. The H200 timed it fastest of the four it ran at every shape (fp16, d = 64 and 128, N = 4096
+# and 16384, causal or not): 1.16-1.27x rung 6 (record numba_wgmma_h200_first_run, commit 5a14865; there the default
+# was rung 6's own winners, config_hopper.WGMMA_TILES: (2, 64) at d = 64 and (2, 128) at d = 128, 0.90-1.18x).
+# tests/test_tuning_records.py checks this table against the record.
+TILES = {64: ((1, 64), (1, 64)), 128: ((1, 64), (1, 64))}
+RUNG6_TILES = WGMMA_TILES
 SIG = fa2_tc.SIG                     # the same arguments as fa2_tc's kernel
 
 
@@ -47,6 +53,17 @@ def smem_bytes(D, NWG, Bc):
     """Dynamic shared memory: Q (64 NWG rows), 2 stages of K and of V (Bc rows), rows of D 16-bit values, and 1 KB
     of slack to align the base to 1024 bytes: rung 6's layout, so rung 6's formula."""
     return smem_wgmma(D, NWG, Bc)
+
+
+@functools.lru_cache(maxsize=1)
+def numba_targets_sm90a():
+    """True when this numba-cuda compiles for architecture-specific targets such as sm_90a (its get_arch_option takes
+    the suffix: NVIDIA/numba-cuda PR #549; 0.30.4 does). Without them no wgmma can be compiled."""
+    try:
+        from numba.cuda.cudadrv import nvrtc
+        return "arch" in inspect.signature(nvrtc.get_arch_option).parameters
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return False
 
 
 def launch_bounds(NWG):
@@ -284,6 +301,9 @@ def fa2_forward_wgmma(q, k, v, *, causal=False, scale=None, dtype="float16", til
         raise RuntimeError("the wgmma kernel runs PTX, which Numba's CUDA simulator cannot execute: it needs a Hopper "
                            "GPU; its checks without one are tests/test_numba_wgmma.py")
     check(D, dtype, host.device_cc())
+    if not numba_targets_sm90a():
+        raise RuntimeError("this numba-cuda cannot compile for sm_90a (architecture-specific targets came with "
+                           "NVIDIA/numba-cuda PR #549; 0.30.4 has them): upgrade numba-cuda, or use variant 'tc'")
     kern, NT, Br, nbytes = kernel(D, dtype, causal, tiles)
     launch = launcher(kern, pair_grid(-(-Nq // Br), B * H), NT, nbytes)
     sc = scale_of(scale, d)
