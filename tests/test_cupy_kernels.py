@@ -681,6 +681,19 @@ def test_kernels_loaded_on_a_thread_without_a_cuda_context_launch_anywhere(poiso
 
 
 @pytest.mark.gpu
+def test_a_plan_built_before_any_other_cuda_call_of_the_process():
+    """A process whose first CUDA call is a kernel's compile and load, on a pool's threads (fp8_bench.py's
+    precompile did this and failed with CUDA_ERROR_NOT_INITIALIZED): the driver is initialised there."""
+    import subprocess
+    import sys
+    code = ("import concurrent.futures as f; from flashlib.cupy_kernels import fp8, fp8_tiles\n"
+            "with f.ThreadPoolExecutor(2) as ex:\n"
+            "    print(all(ex.map(lambda c: fp8._launcher(0, fp8_tiles.fp8_config(64, c)), (False, True))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "True", out.stderr[-2000:]
+
+
+@pytest.mark.gpu
 def test_launch_from_a_thread_without_a_cuda_context(poisoned):
     """PyTorch runs backward passes on threads of its own, where no CUDA context need be current (a launch there
     failed with CUDA_ERROR_INVALID_CONTEXT): each launch runs in the context its kernel was loaded in."""

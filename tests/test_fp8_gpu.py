@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from flashlib import reference
-from flashlib.cupy_kernels import fp8, fp8_model
+from flashlib.cupy_kernels import fp8, fp8_model, fp8_tiles
 
 PAIRS = [(1, 3), (3, 1), (97, 1023), (1023, 97), (113, 257), (256, 128)]
 CASES = [(nq, nk, d, c) for (nq, nk), d, c in itertools.product(PAIRS, fp8.FP8_HEAD_DIMS, (False, True))]
@@ -120,7 +120,7 @@ def test_fp8_trim_at_every_width(d, causal):
     keys, 32 apart and either side of each multiple of 32), with several query tiles (the causal diagonal's width
     differs by warpgroup and tile), GQA and fp16 O."""
     _hopper()
-    Bc = fp8.FP8_TILES[d][0]
+    Bc = fp8_tiles.FP8_TILES[d][0]
     for r in sorted({1, Bc} | {w + e for w in range(32, Bc, 32) for e in (0, 1)}):
         _check(1, 2, 2, 300, 2 * Bc + r, d, causal, tiles=fp8.default_tiles(d, False, True))
     _check(2, 4, 2, 513, 3 * Bc + 45, d, causal, out="float16", tiles=fp8.default_tiles(d, False, True))

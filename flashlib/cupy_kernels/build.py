@@ -152,6 +152,7 @@ def cuda_include_dirs():
 def _kernel_on(device, file, name, smem=0, arch=None, sig=""):
     """A Launcher of `file`'s instance `name`, compiled and loaded for GPU `device` (an ordinal)."""
     import cupy as cp
+    cp.cuda.runtime.getDeviceCount()                # cuInit, where this is the process's first CUDA call
     here = _driver().ctxGetCurrent()
     try:
         with cp.cuda.Device(device):
