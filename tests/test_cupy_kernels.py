@@ -686,6 +686,9 @@ def test_a_plan_built_before_any_other_cuda_call_of_the_process():
     precompile did this and failed with CUDA_ERROR_NOT_INITIALIZED): the driver is initialised there."""
     import subprocess
     import sys
+    import torch
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("fa3_fp8 (the kernel built here) is Hopper's")
     code = ("import concurrent.futures as f; from flashlib.cupy_kernels import fp8, fp8_tiles\n"
             "with f.ThreadPoolExecutor(2) as ex:\n"
             "    print(all(ex.map(lambda c: fp8._launcher(0, fp8_tiles.fp8_config(64, c)), (False, True))))")
