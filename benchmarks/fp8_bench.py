@@ -1,7 +1,7 @@
 """Rung 'fa3_fp8' (fa3_fp8.cu, e4m3) beside rung 7 fp16 and cuDNN SDPA fp16: TFLOP/s, the quantisation pass, and
 the error table of FlashAttention-3's outlier experiment.
 
-    python benchmarks/fp8_bench.py [--out DIR] [--max-seconds S] [--sanitize] [--quant | --emu | --persist]
+    python benchmarks/fp8_bench.py [--out DIR] [--max-seconds S] [--sanitize] [--quant | --emu | --persist | --trim]
 
 Timing (flashlib.bench.timing.compare, host=False): H = 16, B = 16384 // N, N = 4096 and 16384, d = 64 and 128,
 causal and not; FLOPs 4*B*H*N^2*d, half when causal. fa3_fp8 is timed on pre-quantised inputs (the kernel alone,
@@ -14,9 +14,10 @@ N = 4096: rung 7 fp16, fa3_fp8 without and with the rotation. The record "fp8_fo
 flashlib.bench.save. --emu: only the record "fp8_emu_<gpu>" (emu_main): the default tile at each share of
 exponentials on the FMA pipe (fp8_tiles.FP8_EMU), timed interleaved at the same shapes, their errors, and Nsight
 Compute's pipe counters at d = 128, N = 4096 (B = 4) for emu 0, 1, 2 (ncu_emu<e>.txt under --out). --persist: only
-the record "fp8_persist_<gpu>" (persist_main): the default tiles with and without the persistent grid, interleaved at
-the same shapes. --sanitize: small ragged calls at d = 128, default and other tiles, and the persistent grid with
-several items a CTA (for compute-sanitizer).
+the record "fp8_persist_<gpu>" (grid_main): the default tiles with and without the persistent grid, interleaved at
+the same shapes; --trim: "fp8_trim_<gpu>", the same for the trimmed kernel (also at N = 8192). --sanitize: small
+ragged calls at d = 128, default and other tiles, the persistent grid with several items a CTA, and the trimmed
+kernel (for compute-sanitizer).
 """
 import argparse
 import concurrent.futures
@@ -228,39 +229,46 @@ def emu_main(out, max_seconds):
                               ", candidates interleaved; pre-quantised inputs", ncu_metrics=NCU_METRICS))
 
 
-def persist_main(out, max_seconds):
-    """--persist: the record fp8_persist_<gpu>: at each d the default tiles with and without the persistent grid
-    (fp8_tiles.default_tiles), timed interleaved at the same shapes (more rounds, 1 % tolerance), and whether both
-    give the same bits there."""
+GRIDS = {"persist": ((True, False), LENGTHS, "FP8_PERSIST"), "trim": ((False, True), (4096, 8192, 16384), "FP8_TRIM")}
+
+
+def grid_main(which, out, max_seconds):
+    """--persist / --trim: the record fp8_<which>_<gpu>: at each d the default tiles plain and persistent, or plain
+    and trimmed (fp8_tiles.default_tiles; GRIDS), timed interleaved at the same shapes (more rounds, 1 % tolerance),
+    and how far apart their outputs are (persistent: the same bits; trimmed: another order of the key tiles)."""
     import torch
     from flashlib.bench.timing import compare
-    cfgs = [fp8_tiles.fp8_config(d, c, fp8_tiles.default_tiles(d, p)) for d in DIMS for c in (False, True)
-            for p in (False, True)]
+    flags, lengths, table = GRIDS[which]
+    variants = [(False, False), flags]
+    cfgs = [fp8_tiles.fp8_config(d, c, fp8_tiles.default_tiles(d, *v)) for d in DIMS for c in (False, True)
+            for v in variants]
     with concurrent.futures.ThreadPoolExecutor(16) as ex:
         list(ex.map(lambda c: fp8._launcher(0, c), cfgs))
     rows = []
     for d in DIMS:
-        for N in LENGTHS:
-            B = 16384 // N
+        for N in lengths:
+            B = max(1, 16384 // N)
             inp = fp8.quantize(*_inputs(B, H, N, d))
             for causal in (False, True):
-                tiles = [fp8_tiles.default_tiles(d, p) for p in (False, True)]
+                tiles = [fp8_tiles.default_tiles(d, *v) for v in variants]
                 fns = {fp8_tiles.tile_name(t): (lambda t=t: fp8.forward_fp8_prepared(inp, causal, d ** -0.5, tiles=t))
                        for t in tiles}
                 (o0, l0), (o1, l1) = (f() for f in fns.values())
                 same = bool(torch.equal(o0, o1) and torch.equal(l0, l1))
+                diff = float((o1.float() - o0.float()).abs().max() / o0.float().abs().max())
                 stats = compare(fns, host=False, min_rounds=15, max_rounds=40, rel_tol=0.01, max_seconds=max_seconds)
                 flops = 4 * B * H * N * N * d * (0.5 if causal else 1.0)
-                rows += [dict(kind="forward", d=d, n=N, B=B, H=H, causal=causal, impl=n, persist=t[3],
+                rows += [dict(kind="forward", d=d, n=N, B=B, H=H, causal=causal, impl=n, persist=t[3], trim=t[4],
                               ms=st["median_ms"], q1_ms=st["q1_ms"], q3_ms=st["q3_ms"], spread=st["spread"],
-                              rounds=st["rounds"], tflops=flops / (st["median_ms"] * 1e-3) / 1e12, same_bits=same)
+                              rounds=st["rounds"], tflops=flops / (st["median_ms"] * 1e-3) / 1e12, same_bits=same,
+                              max_rel_diff=diff)
                          for t, (n, st) in zip(tiles, stats.items())]
                 print(f"d={d:3d} N={N:5d} causal={causal!s:5s}" + "".join(
                     f" | {r['impl']} {r['tflops']:5.0f} (spread {r['spread']:.1%})" for r in rows[-2:])
-                      + f" | same bits {same}", flush=True)
+                      + f" | same bits {same}, max diff {diff:.1e} of max |O|", flush=True)
     tag = bench.gpu_tag(torch.cuda.get_device_name())
-    print("saved", bench.save(f"fp8_persist_{tag}", rows, directory=out, tiles=fp8_tiles.FP8_TILES,
-                              persist=fp8_tiles.FP8_PERSIST, flops="4*B*H*N^2*d, half when causal",
+    print("saved", bench.save(f"fp8_{which}_{tag}", rows, directory=out, tiles=fp8_tiles.FP8_TILES,
+                              **{which: getattr(fp8_tiles, table)}, flops="4*B*H*N^2*d, half when causal",
                               timing="flashlib.bench.timing.compare, host=False, rel_tol 0.01, candidates "
                               "interleaved; pre-quantised inputs"))
 
@@ -302,7 +310,8 @@ def main():
     ap.add_argument("--sanitize", action="store_true")
     ap.add_argument("--quant", action="store_true", help="only the record fp8_quant_<gpu> (quant_main)")
     ap.add_argument("--emu", action="store_true", help="only the record fp8_emu_<gpu> (emu_main)")
-    ap.add_argument("--persist", action="store_true", help="only the record fp8_persist_<gpu> (persist_main)")
+    ap.add_argument("--persist", action="store_true", help="only the record fp8_persist_<gpu> (grid_main)")
+    ap.add_argument("--trim", action="store_true", help="only the record fp8_trim_<gpu> (grid_main)")
     ap.add_argument("--ncu-case", type=int, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.ncu_case is not None:
@@ -311,8 +320,8 @@ def main():
         return emu_main(a.out, a.max_seconds)
     if a.quant:
         return quant_main(a.out, a.max_seconds)
-    if a.persist:
-        return persist_main(a.out, a.max_seconds)
+    if a.persist or a.trim:
+        return grid_main("persist" if a.persist else "trim", a.out, a.max_seconds)
     if a.sanitize:
         q, k, v = _inputs(1, 4, 517, 128)
         for t in (None,) + fp8_tiles.FP8_OTHER_TILES[128]:    # Nk below one tile, and several tiles with a ragged last
@@ -325,6 +334,11 @@ def main():
             o, _ = fp8.forward_fp8(q, k[:, :8, :333], v[:, :8, :333], causal=c, tiles=fp8_tiles.default_tiles(128, True))
             torch.cuda.synchronize()
             print("sanitize persistent calls done", c, bool(torch.isfinite(o).all()))
+            for nk in (45, 333, 900):           # the trimmed kernel: one tile, a narrowed partial tile, several
+                o, _ = fp8.forward_fp8(q[:, :8], k[:, :8, :nk], v[:, :8, :nk], causal=c,
+                                       tiles=fp8_tiles.default_tiles(128, False, True))
+                torch.cuda.synchronize()
+                print("sanitize trimmed calls done", c, nk, bool(torch.isfinite(o).all()))
         return
     precompile()
     rows = error_table()

@@ -630,13 +630,34 @@ def test_rows_that_see_no_key(dtype, fwd, bwd, poisoned):
     assert o.shape == q.shape and (dk == 0).all() and (dv == 0).all()
 
 
+def _on_a_fresh_thread(work):
+    """(work()'s result, the current CUDA context before and after it) on a new thread, where no CUDA call has been
+    made yet; an exception in work is raised here, in the test's thread."""
+    import threading
+    from cupy_backends.cuda.api import driver
+    seen = {}
+
+    def run():
+        try:
+            seen["before"] = driver.ctxGetCurrent()
+            seen["result"] = work()
+            seen["after"] = driver.ctxGetCurrent()
+        except Exception as e:  # noqa: BLE001 (re-raised below)
+            seen["error"] = e
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    if "error" in seen:
+        raise seen["error"]
+    return seen["result"], seen["before"], seen["after"]
+
+
 @pytest.mark.gpu
 def test_kernels_loaded_on_a_thread_without_a_cuda_context_launch_anywhere(poisoned):
     """A kernel first asked for on a thread that has made no CUDA call (a pool compiling instances up front, as
     tests/test_bwd_wgmma_gpu.py does) when its module is already loaded: its Launcher must still record the primary
     context, not NULL (NULL failed the next launch with CUDA_ERROR_INVALID_CONTEXT), and the thread gets its own
     (none) back."""
-    import threading
     import torch
     from cupy_backends.cuda.api import driver
     from flashlib.cupy_kernels import build, launch
@@ -644,24 +665,13 @@ def test_kernels_loaded_on_a_thread_without_a_cuda_context_launch_anywhere(poiso
     o, lse = ck.forward(q, k, v, causal=True, scale=0.125, dtype="float16")        # modules loaded here
     grads = ck.backward(q, k, v, o, lse, do, causal=True, scale=0.125, dtype="float16")
     torch.cuda.synchronize()
-    seen = {}
-
-    def plans():
-        try:
-            seen["context before"] = driver.ctxGetCurrent()
-            seen["ctx"] = [f.ctx for p in (launch.forward_plan("float16", 64, True, 0),
-                                            launch.backward_plan("float16", 64, True, 0)) for f in p[2:5] if f]
-            seen["context after"] = driver.ctxGetCurrent()
-        except Exception as e:  # reported below, in the test's thread
-            seen["error"] = e
     for f in (build._kernel_on, launch.forward_plan, launch.backward_plan):
         f.cache_clear()      # Launchers made anew, from modules that _compiled keeps loaded
-    t = threading.Thread(target=plans)
-    t.start()
-    t.join()
-    assert "error" not in seen, seen.get("error")
-    assert seen["context before"] == 0 == seen["context after"]
-    assert len(seen["ctx"]) == 4 and all(c == driver.ctxGetCurrent() for c in seen["ctx"]), seen["ctx"]
+    ctx, before, after = _on_a_fresh_thread(lambda: [
+        f.ctx for p in (launch.forward_plan("float16", 64, True, 0), launch.backward_plan("float16", 64, True, 0))
+        for f in p[2:5] if f])
+    assert before == 0 == after
+    assert len(ctx) == 4 and all(c == driver.ctxGetCurrent() for c in ctx), ctx
     o2, lse2 = ck.forward(q, k, v, causal=True, scale=0.125, dtype="float16")     # those Launchers, here
     grads2 = ck.backward(q, k, v, o2, lse2, do, causal=True, scale=0.125, dtype="float16")
     torch.cuda.synchronize()
@@ -671,32 +681,35 @@ def test_kernels_loaded_on_a_thread_without_a_cuda_context_launch_anywhere(poiso
 
 
 @pytest.mark.gpu
+def test_a_plan_built_before_any_other_cuda_call_of_the_process():
+    """A process whose first CUDA call is a kernel's compile and load, on a pool's threads (fp8_bench.py's
+    precompile did this and failed with CUDA_ERROR_NOT_INITIALIZED): the driver is initialised there."""
+    import subprocess
+    import sys
+    import torch
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("fa3_fp8 (the kernel built here) is Hopper's")
+    code = ("import concurrent.futures as f; from flashlib.cupy_kernels import fp8, fp8_tiles\n"
+            "with f.ThreadPoolExecutor(2) as ex:\n"
+            "    print(all(ex.map(lambda c: fp8._launcher(0, fp8_tiles.fp8_config(64, c)), (False, True))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "True", out.stderr[-2000:]
+
+
+@pytest.mark.gpu
 def test_launch_from_a_thread_without_a_cuda_context(poisoned):
     """PyTorch runs backward passes on threads of its own, where no CUDA context need be current (a launch there
     failed with CUDA_ERROR_INVALID_CONTEXT): each launch runs in the context its kernel was loaded in."""
-    import threading
     import torch
-    from cupy_backends.cuda.api import driver
     q, k, v, do = _gqa_inputs(1, 4, 2, 70, 53, 64, "float16", 9)
     o, lse = ck.forward(q, k, v, causal=True, scale=0.125, dtype="float16")        # kernels loaded here
     grads = ck.backward(q, k, v, o, lse, do, causal=True, scale=0.125, dtype="float16")
     torch.cuda.synchronize()
-    seen = {}
-
-    def work():
-        try:
-            seen["context before"] = driver.ctxGetCurrent()
-            seen["out"] = ck.forward(q, k, v, causal=True, scale=0.125, dtype="float16")
-            seen["grads"] = ck.backward(q, k, v, o, lse, do, causal=True, scale=0.125, dtype="float16")
-            seen["context after"] = driver.ctxGetCurrent()
-        except Exception as e:  # reported below, in the test's thread
-            seen["error"] = e
-    t = threading.Thread(target=work)
-    t.start()
-    t.join()
-    assert "error" not in seen, seen.get("error")
-    assert seen["context before"] == 0 == seen["context after"]          # the thread's own (none) given back
+    (out, grads2), before, after = _on_a_fresh_thread(lambda: (
+        ck.forward(q, k, v, causal=True, scale=0.125, dtype="float16"),
+        ck.backward(q, k, v, o, lse, do, causal=True, scale=0.125, dtype="float16")))
+    assert before == 0 == after                                          # the thread's own (none) given back
     torch.cuda.synchronize()
-    assert torch.equal(seen["out"][0], o) and torch.equal(seen["out"][1], lse)
-    for a, b in zip(seen["grads"], grads):                              # dQ by atomics: equal to rounding
+    assert torch.equal(out[0], o) and torch.equal(out[1], lse)
+    for a, b in zip(grads2, grads):                                      # dQ by atomics: equal to rounding
         assert torch.allclose(a.float(), b.float(), rtol=1e-2, atol=1e-3)

@@ -116,6 +116,9 @@ def test_model_against_float64_reference(causal):
         errs[had] = _rmse(o, o_ref)
         assert errs[had] <= 0.1 * np.sqrt(np.mean(o_ref ** 2)), errs
         assert _rmse(o2, o.numpy()) <= 0.5 * errs[had]
+        o3, lse3 = fp8_model.emulate(inp, causal, Bc=32, reverse=True)     # the trimmed kernel's order
+        assert _rmse(o3, o2.numpy()) <= 0.5 * errs[had] and not torch.equal(o3, o2)
+        assert np.abs(lse3.numpy() - lse.numpy()).max() <= 1e-3
         assert np.abs(lse.numpy() - lse_ref).max() <= 0.25
 
 
@@ -185,10 +188,21 @@ def test_fp8_config():
     for d in fp8_tiles.FP8_HEAD_DIMS:                                            # the defaults: FP8_PERSIST's choice
         for c in (False, True):
             assert fp8_tiles.fp8_config(d, c).persistent == fp8_tiles.FP8_PERSIST[d][c]
-    with pytest.raises(ValueError, match="persist a bool"):
+    with pytest.raises(ValueError, match="persist and trim bools"):
         fp8_tiles.fp8_config(128, False, (224, 2, 2, 1))
-    n_other = sum(map(len, fp8_tiles.FP8_OTHER_TILES.values()))     # (d x out x persist + other) x causal
-    assert len(set(fp8_tiles.fp8_instances())) == len(fp8_tiles.fp8_instances()) == (3 * 2 * 2 + n_other) * 2
+    cfg = fp8_tiles.fp8_config(128, True, (224, 2, 2, False, True))              # the trimmed kernel
+    assert cfg.kernel == "fa3_fp8<__nv_bfloat16, 128, 224, 2, true, 2, false, true>" and cfg.trim
+    assert not cfg.persistent and cfg.smem == fp8_tiles.fp8_config(128, True, (224, 2, 2)).smem
+    assert fp8_tiles.tile_name((224, 2, 2, False, True)) == "fa3_fp8_224x2e2t"
+    assert fp8_tiles.default_tiles(128, False, True) == (224, 2, 2, False, True)
+    for bad in ((224, 2, 2, True, True), (224, 2, 2, False, 1), (224, 2, 2, False, True, 0)):
+        with pytest.raises(ValueError, match="not both True"):
+            fp8_tiles.fp8_config(128, False, bad)
+    for d in fp8_tiles.FP8_HEAD_DIMS:                                            # FP8_TRIM's choice
+        for c in (False, True):
+            assert fp8_tiles.fp8_config(d, c).trim == fp8_tiles.FP8_TRIM[d][c]
+    n_other = sum(map(len, fp8_tiles.FP8_OTHER_TILES.values()))     # (d x out x (plain, persist, trim) + other) x causal
+    assert len(set(fp8_tiles.fp8_instances())) == len(fp8_tiles.fp8_instances()) == (3 * 2 * 3 + n_other) * 2
 
 
 def test_entries_refuse_cpu_tensors():

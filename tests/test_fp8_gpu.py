@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from flashlib import reference
-from flashlib.cupy_kernels import fp8, fp8_model
+from flashlib.cupy_kernels import fp8, fp8_model, fp8_tiles
 
 PAIRS = [(1, 3), (3, 1), (97, 1023), (1023, 97), (113, 257), (256, 128)]
 CASES = [(nq, nk, d, c) for (nq, nk), d, c in itertools.product(PAIRS, fp8.FP8_HEAD_DIMS, (False, True))]
@@ -78,7 +78,8 @@ def _check(B, H, Hkv, Nq, Nk, d, causal, hadamard=True, out="bfloat16", tiles=No
     o_ref, lse_ref = reference.attention_forward(_f64(q), _f64(k.repeat_interleave(G, 1)),
                                                  _f64(v.repeat_interleave(G, 1)), causal, scale)
     inp = fp8.quantize(q, k, v, hadamard, seed=seed)
-    o_m, lse_m = fp8_model.emulate(inp, causal, scale, Bc=fp8.fp8_config(d, causal, tiles).Bc)
+    cfg = fp8.fp8_config(d, causal, tiles)
+    o_m, lse_m = fp8_model.emulate(inp, causal, scale, Bc=cfg.Bc, reverse=cfg.trim)
     o, lse = _poisoned_run(inp, causal, scale, out, tiles)
     torch.cuda.synchronize()
     where = (B, H, Hkv, Nq, Nk, d, causal, hadamard, out, tiles)
@@ -97,13 +98,32 @@ def _check(B, H, Hkv, Nq, Nk, d, causal, hadamard=True, out="bfloat16", tiles=No
     return e
 
 
+GRIDS = {"default": None, "plain": (False, False), "persist": (True, False), "trim": (False, True)}
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("persist", [False, True])
+@pytest.mark.parametrize("grid", list(GRIDS))
 @pytest.mark.parametrize("nq,nk,d,causal", CASES, ids=str)
-def test_fp8_ragged(nq, nk, d, causal, persist):
-    """The default tiles (persist: the persistent grid's instance, one item a CTA at these shapes)."""
+def test_fp8_ragged(nq, nk, d, causal, grid):
+    """The default tiles as FP8_PERSIST and FP8_TRIM choose, and plain, persistent (one item a CTA at these shapes)
+    and trimmed (the key tiles from the last down, the partial one narrowed) whatever they choose."""
     _hopper()
-    _check(2, 2, 2, nq, nk, d, causal, tiles=fp8.default_tiles(d, True) if persist else None)
+    g = GRIDS[grid]
+    _check(2, 2, 2, nq, nk, d, causal, tiles=None if g is None else fp8.default_tiles(d, *g))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d", fp8.FP8_HEAD_DIMS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_fp8_trim_at_every_width(d, causal):
+    """The trimmed kernel with the partial tile at every width at_width picks (Nk - (n_tiles - 1) Bc = 1 ... Bc
+    keys, 32 apart and either side of each multiple of 32), with several query tiles (the causal diagonal's width
+    differs by warpgroup and tile), GQA and fp16 O."""
+    _hopper()
+    Bc = fp8_tiles.FP8_TILES[d][0]
+    for r in sorted({1, Bc} | {w + e for w in range(32, Bc, 32) for e in (0, 1)}):
+        _check(1, 2, 2, 300, 2 * Bc + r, d, causal, tiles=fp8.default_tiles(d, False, True))
+    _check(2, 4, 2, 513, 3 * Bc + 45, d, causal, out="float16", tiles=fp8.default_tiles(d, False, True))
 
 
 @pytest.mark.gpu

@@ -102,7 +102,9 @@ def _compiled(device, file, name, smem, arch):
 
 def _kernel_arch(file, name, smem, arch):
     """Compile for an architecture-specific target (sm_90a: wgmma exists only there) with NVRTC directly: CuPy
-    adds its own -arch=sm_90 and NVRTC refuses two. Not cached on disk (a few seconds a kernel, once per process)."""
+    adds its own -arch=sm_90 and NVRTC refuses two. Not cached on disk (a few seconds a kernel, once per process).
+    -default-device: NVRTC takes an unannotated function for host code, and the generic lambdas of fa3_fp8's width
+    dispatch (at_width) have no annotation to give."""
     import cupy as cp
     from cupy_backends.cuda.libs import nvrtc
     prog = nvrtc.createProgram((HERE / file).read_text(), file, (), ())
@@ -110,7 +112,8 @@ def _kernel_arch(file, name, smem, arch):
     try:
         nvrtc.addNameExpression(prog, name)
         try:
-            nvrtc.compileProgram(prog, ("-std=c++17", f"-I{HERE}", *includes, f"-arch={arch}", "-ftz=true"))
+            nvrtc.compileProgram(prog, ("-std=c++17", f"-I{HERE}", *includes, f"-arch={arch}", "-ftz=true",
+                                         "-default-device"))
         except nvrtc.NVRTCError as e:
             raise RuntimeError(f"NVRTC failed on {name}:\n{nvrtc.getProgramLog(prog)}") from e
         cubin, lowered = nvrtc.getCUBIN(prog), nvrtc.getLoweredName(prog, name)
@@ -149,6 +152,7 @@ def cuda_include_dirs():
 def _kernel_on(device, file, name, smem=0, arch=None, sig=""):
     """A Launcher of `file`'s instance `name`, compiled and loaded for GPU `device` (an ordinal)."""
     import cupy as cp
+    cp.cuda.runtime.getDeviceCount()                # cuInit, where this is the process's first CUDA call
     here = _driver().ctxGetCurrent()
     try:
         with cp.cuda.Device(device):

@@ -1,11 +1,12 @@
 // fa3_fp8.cu: rung 'fa3_fp8', rung 7's forward (fa3_forward.cu) with e4m3 inputs on Hopper (sm_90a only):
 // FlashAttention-3's FP8 path (Shah et al. 2024, section 3.3).
 //
-//   fa3_fp8<OUT, D, Bc, STAGES, CAUSAL, EMU, PERSIST = false>   OUT = __nv_bfloat16 or __half (O's type), D = 64,
+//   fa3_fp8<OUT, D, Bc, STAGES, CAUSAL, EMU, PERSIST = false, TRIM = false>   OUT = __nv_bfloat16 or __half (O's type), D = 64,
 //       128 or 256, Bc keys per K/V tile (a multiple of 32 from 64 to 256: S is m64nBc, Bc / 2 fp32 registers a
 //       thread), STAGES slots in the K/V ring, EMU of each 16 exponentials computed by exp2_fma on the FMA pipe
 //       instead of MUFU (flash_common.cuh); two consumer warpgroups, ping-pong, one CTA per (query tile of Br = 128
-//       rows, pair), or with PERSIST a grid of one CTA per SM looping over those items
+//       rows, pair), or with PERSIST a grid of one CTA per SM looping over those items; TRIM (not with PERSIST)
+//       walks the key tiles from the last down and narrows the partial one (below)
 //
 // What changes from rung 7 (whose header describes the producer, the ring, its barriers and the ping-pong):
 //  * Operands are e4m3 (1 byte), products wgmma m64nNk32 e4m3 x e4m3 -> fp32 (WgmmaE4m3 in wgmma.cuh). PTX takes
@@ -33,6 +34,13 @@
 //  * PERSIST: rung 7's persistent grid and static order (tma.cuh's WorkItems), the ring's phases continued across
 //    items. As O needs no staging, each consumer warp releases Qs (q_empty) once the item's last S is done, so the
 //    producer's K_0 and Q of the next item overlap the last P V and the epilogue.
+//  * TRIM: where Nk is not a multiple of Bc, or on the causal diagonal, the last key tile a warpgroup's rows see is
+//    partly masked (at N = 4096 and Bc = 224, 64 of the 19th tile's 224 keys are real). The item's tiles are then
+//    walked from the last down (FlashAttention-3's order), so that the partial tile comes first, and its S, softmax
+//    and P V run over only W keys: the keys the warpgroup's rows see there rounded up to 32 (m64nWk32, W / 2
+//    registers, W / 32 k32 steps of P V). at_width turns the run-time count into one of Bc / 32 compiled widths.
+//    Two dispatches (the first S and softmax; then the P V under the next S), because ptxas serialises the wgmma
+//    when one spans both.
 // FlashAttention-3 (hopper/ at 0251105) does it otherwise: V row-major is transposed in shared memory by LDSM.T and
 //   STSM, and with V column-major P's bytes are moved between the threads of a quad (byte_perm and shuffles,
 //   permute_Aregs_fp8 in hopper/utils.h); its softmax's Max_offset = 8 for FP8 is the 2^8 above.
@@ -98,7 +106,16 @@ template <int Bc> __device__ __forceinline__ void pack_p_e4m3(u32 (*pa)[4], cons
 
 constexpr int P_SHIFT = 8;  // P rounded as P * 2^8
 
-template <typename OUT, int D, int Bc, int STAGES, bool CAUSAL, int EMU, bool PERSIST = false>
+template <int N> struct Width { static constexpr int value = N; };
+// f(Width<W>{}) for the least multiple of 32, W >= W0, with W >= keys (at least W0, at most Bc): a run-time key count
+// as a compile-time width (W0 = 32: W / 2 registers of S, W / 32 k32 steps of P V)
+template <int W, int Bc, typename F> __device__ __forceinline__ void at_width(int keys, F&& f) {
+    if constexpr (W >= Bc) f(Width<Bc>{});
+    else if (keys <= W) f(Width<W>{});
+    else at_width<W + 32, Bc>(keys, f);
+}
+
+template <typename OUT, int D, int Bc, int STAGES, bool CAUSAL, int EMU, bool PERSIST = false, bool TRIM = false>
 __global__ void __launch_bounds__(384, 1)
 fa3_fp8(const __grid_constant__ TmaMap qmap, const __grid_constant__ TmaMap kmap, const __grid_constant__ TmaMap vmap,
         OUT* __restrict__ O, float* __restrict__ L, const float* __restrict__ qd, const float* __restrict__ kd,
@@ -120,6 +137,9 @@ fa3_fp8(const __grid_constant__ TmaMap qmap, const __grid_constant__ TmaMap kmap
     if (!PERSIST && pair >= (u32)BH) return;
     const WorkItems<PERSIST, CAUSAL> items((Nq + Br - 1) / Br, BH, pair);  // tma.cuh: one a CTA, or the static order
     auto tiles_of = [&](int q0) { return ((CAUSAL ? min(Nk, q0 + Br) : Nk) + Bc - 1) / Bc; };  // >= 1
+    // the key tile of an item's step j: in order, or with TRIM from the last (partial, or causal diagonal) tile
+    // down, as FlashAttention-3 walks them
+    auto tile_at = [](int j, int n_tiles) { return TRIM ? n_tiles - 1 - j : j; };
 
     if (tid == 0) {
         mbar_init(q_full, 1);
@@ -155,11 +175,11 @@ fa3_fp8(const __grid_constant__ TmaMap qmap, const __grid_constant__ TmaMap kmap
                     const u32 ph = ((kv / STAGES) & 1) ^ 1;
                     mbar_wait(k_empty(s), ph);
                     mbar_arrive_expect_tx(k_full(s), TILE);
-                    tma_tile8<D, Bc>(ks0 + s * TILE, &kmap, k_full(s), 0, j * Bc, bkv);
+                    tma_tile8<D, Bc>(ks0 + s * TILE, &kmap, k_full(s), 0, tile_at(j, n_tiles) * Bc, bkv);
                     if (PERSIST && j == 0) load_q();  // K_0 goes ahead while the consumers finish the last item
                     mbar_wait(v_empty(s), ph);
                     mbar_arrive_expect_tx(v_full(s), TILE);
-                    tma_tile8<Bc, D>(vs0 + s * TILE, &vmap, v_full(s), j * Bc, 0, bkv);
+                    tma_tile8<Bc, D>(vs0 + s * TILE, &vmap, v_full(s), tile_at(j, n_tiles) * Bc, 0, bkv);
                 }
             }
         }
@@ -175,23 +195,26 @@ fa3_fp8(const __grid_constant__ TmaMap qmap, const __grid_constant__ TmaMap kmap
     u32 pa[Bc / 32][4];
     float s[Bc / 2], o[D / 2], m[2], l[2], alpha[2];
 
-    // S = Q K^T of ring tile kv: k32 steps along d of Q (Br rows) and K (Bc rows), D bytes a row
-    auto issue_s = [&](u32 kv) {
+    // S = Q K^T of ring tile kv: k32 steps along d of Q (Br rows) and K (Bc rows), D bytes a row; the tile's first
+    // W keys (width = Width<W>: W = Bc, or fewer on a trimmed last tile)
+    auto issue_s = [&](u32 kv, auto width) {
+        constexpr int W = decltype(width)::value;
         const u32 kst = ks0 + (kv % STAGES) * TILE, qst = qs0 + 64 * cw * block_bytes(D);
 #pragma unroll
         for (int kk = 0; kk < D / 32; kk++) {
             const unsigned long long da = desc_step<D, Br>(qst, kk), db = desc_step<D, Bc>(kst, kk);
-            if (kk == 0) WgmmaE4m3::ss<Bc, 0>(s, da, db);
-            else WgmmaE4m3::ss<Bc, 1>(s, da, db);
+            if (kk == 0) WgmmaE4m3::ss<W, 0>(s, da, db);
+            else WgmmaE4m3::ss<W, 1>(s, da, db);
         }
         wgmma_commit();
     };
-    // O += P V: B = V^T (D rows of Bc bytes), k32 steps along the keys; at d = 256 two m64n128 products per step,
-    // rows 0-127 and 128-255 of V^T (h * DN rows further into the step's block)
-    auto issue_pv = [&](u32 kv) {
+    // O += P V: B = V^T (D rows of Bc bytes), k32 steps along the tile's first W keys; at d = 256 two m64n128
+    // products per step, rows 0-127 and 128-255 of V^T (h * DN rows further into the step's block)
+    auto issue_pv = [&](u32 kv, auto width) {
+        constexpr int W = decltype(width)::value;
         const u32 vst = vs0 + (kv % STAGES) * TILE;
 #pragma unroll
-        for (int kk = 0; kk < Bc / 32; kk++)
+        for (int kk = 0; kk < W / 32; kk++)
 #pragma unroll
             for (int h = 0; h < D / DN; h++)
                 WgmmaE4m3::rs<DN, 1>(o + h * (DN / 2), pa[kk], desc_step<Bc, D>(vst + h * DN * block_bytes(Bc), kk));
@@ -209,15 +232,18 @@ fa3_fp8(const __grid_constant__ TmaMap qmap, const __grid_constant__ TmaMap kmap
     auto release_q = [&]() {  // the item's last S is done: Qs is free for the next item's Q (O needs no staging)
         if constexpr (PERSIST) release(q_empty);
     };
-    auto softmax = [&](int j) { wg_softmax<Bc, CAUSAL, P_SHIFT, EMU>(s, m, l, alpha, j, n_full, Nk, qg, w, g, t, sl); };
+    auto softmax = [&](int j, auto width) {
+        wg_softmax<Bc, CAUSAL, P_SHIFT, EMU, decltype(width)::value>(s, m, l, alpha, j, n_full, Nk, qg, w, g, t, sl);
+    };
     auto my_turn = [&]() { bar_sync(1 + cw, 256); };
     auto your_turn = [&]() { bar_arrive(1 + (cw + 1) % NCW, 256); };
-    auto rescale_and_pack = [&]() {
+    auto rescale_and_pack = [&](auto width) {
 #pragma unroll
         for (int i = 0; i < D / 2; i++) o[i] *= alpha[(i >> 1) & 1];
-        pack_p_e4m3<Bc>(pa, s);
+        pack_p_e4m3<decltype(width)::value>(pa, s);
     };
     auto ring = [](u32 kv) { return (kv / STAGES) & 1; };
+    constexpr Width<Bc> full{};
 
     if (cw == NCW - 1) bar_arrive(1, 256);  // consumer 0 takes the first turn
     u32 kv0 = 0;  // K/V ring tiles consumed before this item
@@ -233,44 +259,67 @@ fa3_fp8(const __grid_constant__ TmaMap qmap, const __grid_constant__ TmaMap kmap
 #pragma unroll
         for (int x = 0; x < D / 2; x++) o[x] = 0.f;
         mbar_wait(q_full, n & 1);
-        mbar_wait(k_full(kv0 % STAGES), ring(kv0));
-        my_turn();
-        arrive();
-        issue_s(kv0);
-        your_turn();
-        wgmma_wait<0>();
-        release(k_empty(kv0 % STAGES));
-        if (n_tiles == 1) release_q();
-        softmax(0);
-        rescale_and_pack();
-        for (int j = 1; j < n_tiles; j++) {
+        // step 0: S of the item's first tile (its first W keys) and its softmax
+        auto first = [&](auto width) {
+            mbar_wait(k_full(kv0 % STAGES), ring(kv0));
+            my_turn();
+            arrive();
+            issue_s(kv0, width);
+            your_turn();
+            wgmma_wait<0>();
+            release(k_empty(kv0 % STAGES));
+            if (n_tiles == 1) release_q();
+            softmax(tile_at(0, n_tiles), width);
+            rescale_and_pack(width);
+        };
+        // step j >= 1: S_j under P_{j-1} V_{j-1} (the first W keys of tile j - 1), then S_j's softmax
+        auto step = [&](int j, auto width) {
             const u32 kv = kv0 + j;
             mbar_wait(v_full((kv - 1) % STAGES), ring(kv - 1));
             mbar_wait(k_full(kv % STAGES), ring(kv));
             my_turn();
             arrive();
-            issue_s(kv);
-            issue_pv(kv - 1);
+            issue_s(kv, full);
+            issue_pv(kv - 1, width);
             your_turn();
             wgmma_wait<1>();
             release(k_empty(kv % STAGES));
             if (j == n_tiles - 1) release_q();
-            softmax(j);
+            softmax(tile_at(j, n_tiles), full);
             wgmma_wait<0>();
             release(v_empty((kv - 1) % STAGES));
             fence_regs<D / 2>(o);
-            rescale_and_pack();
+            rescale_and_pack(full);
+        };
+        // the last P V (the first W keys of the last tile); the last turn of the last item: no one waits
+        auto last_pv = [&](auto width) {
+            const u32 kv = kv0 + n_tiles - 1;
+            mbar_wait(v_full(kv % STAGES), ring(kv));
+            my_turn();
+            arrive();
+            issue_pv(kv, width);
+            if (cw != NCW - 1 || i + items.step < items.total) your_turn();
+            wgmma_wait<0>();
+            release(v_empty(kv % STAGES));
+            fence_regs<D / 2>(o);
+        };
+        if constexpr (TRIM) {
+            // the first tile is the partial one: S, softmax and P V over only the keys this warpgroup's rows see
+            // there, rounded up to 32 (two dispatches: one over both steps makes ptxas serialise the wgmma)
+            const int seen = (CAUSAL ? min(Nk, qg + 64) : Nk) - (n_tiles - 1) * Bc;
+            at_width<32, Bc>(seen, first);
+            at_width<32, Bc>(seen, [&](auto width) {
+                if (n_tiles > 1) step(1, width);
+                else last_pv(width);
+            });
+            for (int j = 2; j < n_tiles; j++) step(j, full);
+            if (n_tiles > 1) last_pv(full);
+        } else {
+            first(full);
+            for (int j = 1; j < n_tiles; j++) step(j, full);
+            last_pv(full);
         }
-        const u32 kv = kv0 + n_tiles - 1;
         kv0 += n_tiles;
-        mbar_wait(v_full(kv % STAGES), ring(kv));
-        my_turn();
-        arrive();
-        issue_pv(kv);
-        if (cw != NCW - 1 || i + items.step < items.total) your_turn();  // the last turn of the last item: no one waits
-        wgmma_wait<0>();
-        release(v_empty(kv % STAGES));
-        fence_regs<D / 2>(o);
 
         // epilogue: O * v_scale / l straight from registers, lse = m ln 2 + log l - 8 ln 2 (PERSIST: the producer
         // is already loading the next item's K_0 and Q)

@@ -246,11 +246,12 @@ def _launcher(device, cfg):
 
 
 def precompile(device=0, out="bfloat16", workers=8, other_tiles=False):
-    """Compile every default-tile fa3_fp8 kernel (each head dim, causal and not, persistent and not; with
+    """Compile every default-tile fa3_fp8 kernel (each head dim, causal and not; plain, persistent and trimmed; with
     other_tiles FP8_OTHER_TILES' too) in parallel threads."""
     import concurrent.futures
     cfgs = [fp8_config(d, c, t, out) for d in FP8_HEAD_DIMS for c in (False, True)
-            for t in (default_tiles(d, False), default_tiles(d, True)) + (FP8_OTHER_TILES[d] if other_tiles else ())]
+            for t in (default_tiles(d, False), default_tiles(d, True), default_tiles(d, False, True)) +
+            (FP8_OTHER_TILES[d] if other_tiles else ())]
     with concurrent.futures.ThreadPoolExecutor(workers) as ex:
         list(ex.map(lambda c: _launcher(device, c), cfgs))
 

@@ -30,9 +30,10 @@ def dequantize(inp):
     return (q8.float() * qd[:, :, None, None], k8.float() * kd[:, :, None, None], v8.float() * vd[:, :, None, None])
 
 
-def emulate(inp, causal=False, scale=None, Bc=None):
+def emulate(inp, causal=False, scale=None, Bc=None, reverse=False):
     """(o float32 (B, H, Nq, d), lse float32 (B, H, Nq)) as fa3_fp8 computes them from Fp8Inputs `inp`, keys in
-    tiles of Bc (default FP8_TILES[d][0])."""
+    tiles of Bc (default FP8_TILES[d][0]), walked from the last tile down where `reverse` (the trimmed kernel's
+    order; a tile a row sees none of changes nothing, so every row may walk them all)."""
     import torch
     q8, k8, vt8, qd, kd, vd, Nk = inp
     B, H, Nq, d = q8.shape
@@ -49,7 +50,8 @@ def emulate(inp, causal=False, scale=None, Bc=None):
     m = torch.full((B, H, Nq, 1), -math.inf, device=q8.device)
     l = torch.zeros_like(m)
     o = torch.zeros(B, H, Nq, d, device=q8.device)
-    for j in range(0, Nk, Bc):
+    starts = range(0, Nk, Bc)
+    for j in reversed(starts) if reverse else starts:
         s = s_all[..., j:j + Bc]
         m_new = torch.maximum(m, s.amax(-1, keepdim=True))
         base = torch.where(m_new == -math.inf, torch.zeros_like(m_new), m_new)

@@ -27,6 +27,11 @@ FP8_TILES = {64: (256, 2, 1), 128: (224, 2, 2), 256: (64, 2, 0)}
 # causal 744 / 883 against 735 / 939; d = 64 517 / 547 against 515 / 555, causal 451 / 510 against 428 / 535. (Causal
 # over groups of pairs, for L2, was slower still: logs/persist_h200_d82ceff.txt.) d = 256: tested, not timed.
 FP8_PERSIST = {64: (False, False), 128: (False, False), 256: (False, False)}
+# trim (a fifth entry): fa3_fp8's TRIM instance, which walks an item's key tiles from the last down (as
+# FlashAttention-3 does), so that the partial tile (ragged Nk, or the causal diagonal) comes first, and runs its S,
+# softmax and P V over only the keys the warpgroup's rows see there, rounded up to 32 (fa3_fp8.cu's at_width). Not
+# with persist (ptxas then serialises the wgmma at d = 128). The default per head dim, (not causal, causal):
+FP8_TRIM = {64: (False, False), 128: (False, False), 256: (False, False)}
 FP8_OTHER_TILES = {64: ((256, 2, 0), (128, 2, 0), (192, 2, 0)), 128: ((224, 2, 0), (128, 2, 0), (192, 2, 0)),
                    256: ((64, 3, 0),)}   # timed beside them
 FP8_EMU = {64: (0, 1, 2, 4, 6), 128: (0, 1, 2, 3, 4)}   # the shares fp8_bench.py --emu times at the default Bc
@@ -34,7 +39,15 @@ FP8_BC = (64, 128, 160, 192, 224, 256)   # key tiles accepted: multiples of 32 (
 FP8_MAX_BC = {64: 256, 128: 224, 256: 64}   # the largest Bc whose S, P and O fit the consumers' 240 registers
 FP8_OUT = {"bfloat16": "__nv_bfloat16", "float16": "__half"}
 SIG_FP8 = "MMMPPPPPiifii"        # maps of q, k, v^T; o, lse, q/k/v descale; Nq, Nk, scale, BH, G
-Fp8Config = namedtuple("Fp8Config", "kernel Br Bc stages threads smem persistent", defaults=(False,))
+Fp8Config = namedtuple("Fp8Config", "kernel Br Bc stages threads smem persistent trim", defaults=(False, False))
+TILE_DEFAULTS = (0, False, False)   # emu, persist, trim where a tiles tuple leaves them out
+
+
+def full_tiles(tiles):
+    """(Bc, stages, emu, persist, trim) of a tiles tuple of 2 to 5 entries, the missing ones from TILE_DEFAULTS
+    (None where the tuple has fewer than 2 or more than 5 entries)."""
+    t = tuple(tiles)
+    return t + TILE_DEFAULTS[len(t) - 2:] if 2 <= len(t) <= 5 else None
 
 
 def block_bytes(x):
@@ -50,47 +63,50 @@ def smem_fp8(d, Bc, stages):
 
 
 def tile_name(tiles):
-    """The benchmark's name of fa3_fp8 at tiles (Bc, stages[, emu[, persist]]): 'fa3_fp8_224x2', with 'e2' added if
-    emu > 0 and 'p' if persistent."""
-    t = tuple(tiles) + (0, False)[len(tiles) - 2:]
-    return f"fa3_fp8_{t[0]}x{t[1]}" + (f"e{t[2]}" if t[2] else "") + ("p" if t[3] is True else "")
+    """The benchmark's name of fa3_fp8 at tiles (Bc, stages[, emu[, persist[, trim]]]): 'fa3_fp8_224x2', with 'e2'
+    added if emu > 0, 'p' if persistent and 't' if trimmed."""
+    t = full_tiles(tiles)
+    return (f"fa3_fp8_{t[0]}x{t[1]}" + (f"e{t[2]}" if t[2] else "") + ("p" if t[3] is True else "") +
+            ("t" if t[4] is True else ""))
 
 
 def fp8_config(d, causal, tiles=None, out="bfloat16"):
-    """Fp8Config of fa3_fp8 for head dim d in FP8_HEAD_DIMS, tiles (Bc, stages, emu, persist), (Bc, stages, emu) or
-    (Bc, stages) with emu 0 and not persistent (default FP8_TILES[d] with FP8_PERSIST[d][causal]), O's dtype `out`
-    (bfloat16 or float16)."""
+    """Fp8Config of fa3_fp8 for head dim d in FP8_HEAD_DIMS, tiles (Bc, stages[, emu[, persist[, trim]]]), the
+    missing entries emu 0, not persistent, not trimmed (default: FP8_TILES[d] with FP8_PERSIST[d][causal] and
+    FP8_TRIM[d][causal]), O's dtype `out` (bfloat16 or float16)."""
     if d not in FP8_HEAD_DIMS:
         raise ValueError(f"fa3_fp8 takes head_dim in {FP8_HEAD_DIMS}, got {d!r}")
     if out not in FP8_OUT:
         raise ValueError(f"fa3_fp8 writes O as bfloat16 or float16, got {out!r}")
     causal = check_causal(causal)
-    t = tuple(tiles) if tiles is not None else FP8_TILES[d] + (FP8_PERSIST[d][causal],)
-    Bc, stages, emu, persist = t + (0, False)[len(t) - 2:] if len(t) in (2, 3, 4) else (None, 0, 0, False)
-    if Bc not in FP8_BC or stages < 2 or Bc > FP8_MAX_BC[d] or emu not in range(17) or type(persist) is not bool:
-        raise ValueError(f"fa3_fp8 takes tiles (Bc, stages[, emu[, persist]]): Bc in {FP8_BC} up to {FP8_MAX_BC[d]} "
-                         f"at d = {d} (the consumers' 240 registers), stages >= 2, emu 0 ... 16, persist a bool; "
-                         f"got {tiles}")
+    t = full_tiles(tiles) if tiles is not None else FP8_TILES[d] + (FP8_PERSIST[d][causal], FP8_TRIM[d][causal])
+    Bc, stages, emu, persist, trim = t or (None, 0, 0, False, False)
+    if (Bc not in FP8_BC or stages < 2 or Bc > FP8_MAX_BC[d] or emu not in range(17) or type(persist) is not bool
+            or type(trim) is not bool or (persist and trim)):
+        raise ValueError(f"fa3_fp8 takes tiles (Bc, stages[, emu[, persist[, trim]]]): Bc in {FP8_BC} up to "
+                         f"{FP8_MAX_BC[d]} at d = {d} (the consumers' 240 registers), stages >= 2, emu 0 ... 16, "
+                         f"persist and trim bools, not both True; got {tiles}")
     smem = smem_fp8(d, Bc, stages)
     if smem > SMEM_OPTIN_BYTES[90]:
         raise ValueError(f"tiles {tiles} at d = {d} need {smem} bytes of shared memory; Hopper allows "
                          f"{SMEM_OPTIN_BYTES[90]}")
-    c, p = ("true" if causal else "false"), (", true" if persist else "")
+    c, p = ("true" if causal else "false"), (", true" if persist else ", false, true" if trim else "")
     return Fp8Config(f"fa3_fp8<{FP8_OUT[out]}, {d}, {Bc}, {stages}, {c}, {emu}{p}>", 128, Bc, stages, 384, smem,
-                     persist)
+                     persist, trim)
 
 
-def default_tiles(d, persist):
-    """FP8_TILES[d] with persist as the fourth entry (fp8_bench.py --persist times both)."""
-    return FP8_TILES[d] + (persist,)
+def default_tiles(d, persist, trim=False):
+    """FP8_TILES[d] with persist and trim as the fourth and fifth entries (fp8_bench.py --persist and --trim time
+    them against the plain grid)."""
+    return FP8_TILES[d] + (persist, trim)
 
 
 def fp8_instances():
     """Kernel name expressions for the compile test: every head dim with its tiles and the other tiles, bf16 O
-    (and fp16 O at the default tiles), causal and not; the default tiles persistent and not."""
+    (and fp16 O at the default tiles), causal and not; the default tiles plain, persistent and trimmed."""
     outs = ("bfloat16", "float16")
     out = [fp8_config(d, c, t, o).kernel for d in FP8_HEAD_DIMS for t in FP8_OTHER_TILES[d]
            for c in (False, True) for o in outs[:1]]
-    out += [fp8_config(d, c, default_tiles(d, p), o).kernel for d in FP8_HEAD_DIMS for p in (False, True)
-            for c in (False, True) for o in outs]
+    out += [fp8_config(d, c, default_tiles(d, p, r), o).kernel for d in FP8_HEAD_DIMS
+            for p, r in ((False, False), (True, False), (False, True)) for c in (False, True) for o in outs]
     return out

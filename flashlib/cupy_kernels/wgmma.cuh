@@ -28,8 +28,9 @@ __device__ __forceinline__ unsigned long long smem_desc_sw128(u32 addr, u32 lbo,
            ((unsigned long long)(sbo >> 4) << 32) | (1ull << 62);
 }
 
-// the accumulator operand lists of m64n64k16 (32 registers a thread), m64n80k16 (40: rung 7's Bc = 80 at d = 256)
+// the accumulator operand lists of m64n32 (16 registers a thread: fa3_fp8's trimmed last tile), m64n64k16 (32), m64n80k16 (40: rung 7's Bc = 80 at d = 256)
 // and m64n128k16 (64)
+#define WG_ACC16 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}"
 #define WG_ACC32 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, " \
     "%21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
 #define WG_ACC40 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, " \
@@ -38,6 +39,8 @@ __device__ __forceinline__ unsigned long long smem_desc_sw128(u32 addr, u32 lbo,
     "%21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, " \
     "%40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, " \
     "%59, %60, %61, %62, %63}"
+#define WG_OUT16(d) "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
+    "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
 #define WG_OUT32(d) "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
     "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), \
     "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), \
@@ -118,7 +121,7 @@ WGMMA_FOR(__nv_bfloat16, "bf16.bf16")
                  "wgmma.mma_async.sync.aligned.m64n" N "k32.f32.e4m3.e4m3 " ACC_LIST ", %" DA ", %" DB ", p, 1, 1;\n}\n" \
                  : OUTS(d) : "l"(da), "l"(db), "n"(ACC))
 // d (64 x N fp32) = A (64 x 32 e4m3) * B (32 x N e4m3) + (ACC ? d : 0): rs N = 64 or 128 (O's columns), ss N a
-// multiple of 32 from 64 to 256 (S's keys, fa3_fp8's Bc)
+// multiple of 32 from 32 to 256 (S's keys: fa3_fp8's Bc, or fewer on a trimmed last tile)
 struct WgmmaE4m3 {
     template <int N, int ACC> static __device__ __forceinline__ void rs(float* d, const u32* a, unsigned long long desc) {
         static_assert(N == 64 || N == 128, "rs: m64n64 or m64n128");
@@ -126,14 +129,15 @@ struct WgmmaE4m3 {
         else WG_RS8("64", WG_ACC32, WG_OUT32, "32", "33", "34", "35", "36", "37");
     }
     template <int N, int ACC> static __device__ __forceinline__ void ss(float* d, unsigned long long da, unsigned long long db) {
-        static_assert(N % 32 == 0 && N >= 64 && N <= 256, "ss: N a multiple of 32 from 64 to 256");
+        static_assert(N % 32 == 0 && N >= 32 && N <= 256, "ss: N a multiple of 32 from 32 to 256");
         if constexpr (N == 256) WG_SS8("256", WG_ACC128, WG_OUT128, "128", "129", "130");
         else if constexpr (N == 224) WG_SS8("224", WG_ACC112, WG_OUT112, "112", "113", "114");
         else if constexpr (N == 192) WG_SS8("192", WG_ACC96, WG_OUT96, "96", "97", "98");
         else if constexpr (N == 160) WG_SS8("160", WG_ACC80, WG_OUT80, "80", "81", "82");
         else if constexpr (N == 128) WG_SS8("128", WG_ACC64, WG_OUT64, "64", "65", "66");
         else if constexpr (N == 96) WG_SS8("96", WG_ACC48, WG_OUT48, "48", "49", "50");
-        else WG_SS8("64", WG_ACC32, WG_OUT32, "32", "33", "34");
+        else if constexpr (N == 64) WG_SS8("64", WG_ACC32, WG_OUT32, "32", "33", "34");
+        else WG_SS8("32", WG_ACC16, WG_OUT16, "16", "17", "18");
     }
 };
 
@@ -151,18 +155,20 @@ template <int R> __device__ __forceinline__ int sw128(int r, int c) {
 // old O. qg: the warpgroup's first query row; sl: the scale times log2(e). Rungs 6 and 7 share it.
 // SHIFT (FP8 only): P is computed as P * 2^SHIFT (the row sum l too), which moves small probabilities out of e4m3's
 // underflow range; the caller takes SHIFT * ln 2 off the lse. EMU (FP8 only): of each 16 exponentials a thread
-// computes, EMU go to exp2_fma rather than MUFU.
-template <int Bc, bool CAUSAL, int SHIFT = 0, int EMU = 0>
+// computes, EMU go to exp2_fma rather than MUFU. W (FP8's trimmed last tile): only the tile's first W keys, the
+// others never reach P V (W a multiple of 32, at most Bc).
+template <int Bc, bool CAUSAL, int SHIFT = 0, int EMU = 0, int W = Bc>
 __device__ __forceinline__ void wg_softmax(float* s, float* m, float* l, float* alpha, int j, int n_full, int Nk,
                                            int qg, int w, int g, int t, float sl) {
-    fence_regs<Bc / 2>(s);
+    static_assert(W <= Bc && (W == Bc || W % 32 == 0), "W: the tile's first keys, a multiple of 32");
+    fence_regs<W / 2>(s);
     const int kv0 = j * Bc;
     if (j >= n_full) {
 #pragma unroll
         for (int h = 0; h < 2; h++) {
             const int lim = (CAUSAL ? min(Nk, qg + 16 * w + g + 8 * h + 1) : Nk) - kv0 - 2 * t;
 #pragma unroll
-            for (int n = 0; n < Bc / 8; n++) {
+            for (int n = 0; n < W / 8; n++) {
                 if (n * 8 >= lim) s[4 * n + 2 * h] = NEG_INF;
                 if (n * 8 + 1 >= lim) s[4 * n + 2 * h + 1] = NEG_INF;
             }
@@ -173,7 +179,7 @@ __device__ __forceinline__ void wg_softmax(float* s, float* m, float* l, float* 
     for (int h = 0; h < 2; h++) {
         float mx = NEG_INF;
 #pragma unroll
-        for (int n = 0; n < Bc / 8; n++) mx = fmaxf(mx, fmaxf(s[4 * n + 2 * h], s[4 * n + 2 * h + 1]));
+        for (int n = 0; n < W / 8; n++) mx = fmaxf(mx, fmaxf(s[4 * n + 2 * h], s[4 * n + 2 * h + 1]));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
         const float m_new = fmaxf(m[h], mx * sl);
@@ -184,7 +190,7 @@ __device__ __forceinline__ void wg_softmax(float* s, float* m, float* l, float* 
         if constexpr (SHIFT != 0) base[h] -= (float)SHIFT;
     }
 #pragma unroll
-    for (int i = 0; i < Bc / 2; i++) {
+    for (int i = 0; i < W / 2; i++) {
         const float x = fmaf(s[i], sl, -base[(i >> 1) & 1]);
         s[i] = i % 16 < EMU ? exp2_fma(x) : fast_exp2(x);
         l[(i >> 1) & 1] += s[i];
