@@ -347,6 +347,24 @@ def test_the_emu_record_holds_what_fp8_tiles_says():
     assert ncu[2][tensor] > 1.1 * ncu[0][tensor] and ncu[2][xu] <= ncu[0][xu]
 
 
+def test_the_trim_record_sets_the_defaults():
+    """fp8_trim_h200 (benchmarks/fp8_bench.py --trim): the default tiles with and without TRIM at d = 64, 128,
+    N = 4096, 8192, 16384, causal and not, agreeing to FP8's rounding; FP8_TRIM is on for (d, causal) exactly where
+    the trimmed kernel's median time was lower by more than both runs' spreads at every length (d = 256: not timed,
+    off)."""
+    from flashlib import bench
+    rows = [r for r in bench.load("fp8_trim_h200")["rows"] if r["kind"] == "forward"]
+    t = {(r["d"], r["n"], r["causal"], r["trim"]): r for r in rows}
+    assert len(t) == 24 and all(r["max_rel_diff"] < 0.05 for r in rows)
+    for d in fp8_tiles.FP8_HEAD_DIMS:
+        for c in (False, True):
+            def faster(n):
+                a, b = t[(d, n, c, False)], t[(d, n, c, True)]
+                return a["ms"] - b["ms"] > max(a["spread"], b["spread"]) * a["ms"]
+            on = d != 256 and all(faster(n) for n in (4096, 8192, 16384))
+            assert fp8_tiles.FP8_TRIM[d][c] == on, (d, c)
+
+
 def test_the_persist_record_sets_the_defaults():
     """fp8_persist_h200 (benchmarks/fp8_bench.py --persist): the default tiles with and without the persistent grid
     at d = 64, 128, N = 4096, 16384, causal and not, both giving the same bits at every shape; FP8_PERSIST is on

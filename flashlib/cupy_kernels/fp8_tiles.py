@@ -30,7 +30,10 @@ FP8_PERSIST = {64: (False, False), 128: (False, False), 256: (False, False)}
 # trim (a fifth entry): fa3_fp8's TRIM instance, which walks an item's key tiles from the last down (as
 # FlashAttention-3 does), so that the partial tile (ragged Nk, or the causal diagonal) comes first, and runs its S,
 # softmax and P V over only the keys the warpgroup's rows see there, rounded up to 32 (fa3_fp8.cu's at_width). Not
-# with persist (ptxas then serialises the wgmma at d = 128). The default per head dim, (not causal, causal):
+# with persist (ptxas then serialises the wgmma at d = 128). The default per head dim, (not causal, causal): where
+# record fp8_trim_h200 (fp8_bench.py --trim at 5e16e6e) timed it faster, beyond both spreads, at N = 4096, 8192 and
+# 16384: nowhere. TFLOP/s, trim against not, N = 4096 / 16384: d = 128 862 / 902 against 885 / 938, causal 687 / 833
+# against 733 / 869; d = 64 514 / 564 against 514 / 559, causal 431 / 540 against 430 / 539. d = 256: not timed.
 FP8_TRIM = {64: (False, False), 128: (False, False), 256: (False, False)}
 FP8_OTHER_TILES = {64: ((256, 2, 0), (128, 2, 0), (192, 2, 0)), 128: ((224, 2, 0), (128, 2, 0), (192, 2, 0)),
                    256: ((64, 3, 0),)}   # timed beside them
