@@ -1,7 +1,7 @@
 """Rung 'fa3_fp8' (fa3_fp8.cu, e4m3) beside rung 7 fp16 and cuDNN SDPA fp16: TFLOP/s, the quantisation pass, and
 the error table of FlashAttention-3's outlier experiment.
 
-    python benchmarks/fp8_bench.py [--out DIR] [--max-seconds S] [--sanitize] [--quant | --emu | --persist | --trim]
+    python benchmarks/fp8_bench.py [--out DIR] [--max-seconds S] [--sanitize] [--quant | --emu | --persist | --trim | --sweep]
 
 Timing (flashlib.bench.timing.compare, host=False): H = 16, B = 16384 // N, N = 4096 and 16384, d = 64 and 128,
 causal and not; FLOPs 4*B*H*N^2*d, half when causal. fa3_fp8 is timed on pre-quantised inputs (the kernel alone,
@@ -17,7 +17,8 @@ Compute's pipe counters at d = 128, N = 4096 (B = 4) for emu 0, 1, 2 (ncu_emu<e>
 the record "fp8_persist_<gpu>" (grid_main): the default tiles with and without the persistent grid, interleaved at
 the same shapes; --trim: "fp8_trim_<gpu>", the same for the trimmed kernel (also at N = 8192). --sanitize: small
 ragged calls at d = 128, default and other tiles, the persistent grid with several items a CTA, and the trimmed
-kernel (for compute-sanitizer).
+kernel (for compute-sanitizer). --sweep: "fp8_sweep_<gpu>" (sweep_main), other key tiles, stages and shares at
+d = 128.
 """
 import argparse
 import concurrent.futures
@@ -273,6 +274,46 @@ def grid_main(which, out, max_seconds):
                               "interleaved; pre-quantised inputs"))
 
 
+SWEEP = ((224, 2, 2, True), (192, 2, 2), (192, 3, 2), (160, 2, 2), (160, 3, 2), (160, 2, 1), (160, 2, 3),
+         (128, 2, 2), (128, 3, 2), (128, 4, 2), (128, 2, 1), (128, 2, 3), (160, 3, 2, True), (128, 3, 2, True))
+
+
+def sweep_main(out, max_seconds, d=128):
+    """--sweep: the record fp8_sweep_<gpu>: at d = 128, N = 4096 and 16384, causal and not, the default tiles beside
+    SWEEP (smaller key tiles waste fewer keys at N = 4096: 19 tiles of 224 compute 4256 keys), all interleaved in one
+    run, with each candidate's largest difference from the default's O over the largest |O|."""
+    import torch
+    from flashlib.bench.timing import compare
+    cands = (fp8_tiles.default_tiles(d, False),) + tuple(fp8_tiles.full_tiles(t) for t in SWEEP)
+    with concurrent.futures.ThreadPoolExecutor(16) as ex:
+        list(ex.map(lambda c: fp8._launcher(0, c), [fp8_tiles.fp8_config(d, c, t) for c in (False, True)
+                                                    for t in cands]))
+    rows = []
+    for N in LENGTHS:
+        B = max(1, 16384 // N)
+        inp = fp8.quantize(*_inputs(B, H, N, d))
+        for causal in (False, True):
+            fns = {fp8_tiles.tile_name(t): (lambda t=t: fp8.forward_fp8_prepared(inp, causal, d ** -0.5, tiles=t))
+                   for t in cands}
+            o0 = next(iter(fns.values()))()[0].float()
+            diffs = {n: float((f()[0].float() - o0).abs().max() / o0.abs().max()) for n, f in fns.items()}
+            stats = compare(fns, host=False, min_rounds=10, max_rounds=30, rel_tol=0.01, max_seconds=max_seconds)
+            flops = 4 * B * H * N * N * d * (0.5 if causal else 1.0)
+            rows += [dict(kind="forward", d=d, n=N, B=B, H=H, causal=causal, impl=n, tiles=list(t), ms=st["median_ms"],
+                          q1_ms=st["q1_ms"], q3_ms=st["q3_ms"], spread=st["spread"], rounds=st["rounds"],
+                          tflops=flops / (st["median_ms"] * 1e-3) / 1e12, max_rel_diff=diffs[n])
+                     for t, (n, st) in zip(cands, stats.items())]
+            best = max(rows[-len(cands):], key=lambda r: r["tflops"])
+            print(f"d={d} N={N:5d} causal={causal!s:5s} default {rows[-len(cands)]['tflops']:.0f} best "
+                  f"{best['impl']} {best['tflops']:.0f} |" + "".join(
+                      f" {r['impl']} {r['tflops']:.0f}" for r in rows[-len(cands):]), flush=True)
+    tag = bench.gpu_tag(torch.cuda.get_device_name())
+    print("saved", bench.save(f"fp8_sweep_{tag}", rows, directory=out, tiles=fp8_tiles.FP8_TILES,
+                              sweep=[list(t) for t in SWEEP], flops="4*B*H*N^2*d, half when causal",
+                              timing="flashlib.bench.timing.compare, host=False, rel_tol 0.01, candidates "
+                              "interleaved; pre-quantised inputs"))
+
+
 def _ref64(q, k, v, scale):
     import torch
     s = (q.double() @ k.double().transpose(-1, -2)) * scale
@@ -312,6 +353,7 @@ def main():
     ap.add_argument("--emu", action="store_true", help="only the record fp8_emu_<gpu> (emu_main)")
     ap.add_argument("--persist", action="store_true", help="only the record fp8_persist_<gpu> (grid_main)")
     ap.add_argument("--trim", action="store_true", help="only the record fp8_trim_<gpu> (grid_main)")
+    ap.add_argument("--sweep", action="store_true", help="only the record fp8_sweep_<gpu> (sweep_main)")
     ap.add_argument("--ncu-case", type=int, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.ncu_case is not None:
@@ -320,6 +362,8 @@ def main():
         return emu_main(a.out, a.max_seconds)
     if a.quant:
         return quant_main(a.out, a.max_seconds)
+    if a.sweep:
+        return sweep_main(a.out, a.max_seconds)
     if a.persist or a.trim:
         return grid_main("persist" if a.persist else "trim", a.out, a.max_seconds)
     if a.sanitize:
