@@ -365,6 +365,26 @@ def test_the_trim_record_sets_the_defaults():
             assert fp8_tiles.FP8_TRIM[d][c] == on, (d, c)
 
 
+def test_the_sweep_record_keeps_the_default_tiles():
+    """fp8_sweep_h200 (benchmarks/fp8_bench.py --sweep): at d = 128, N = 4096 and 16384, causal and not, every other
+    key tile, stage count and exp2 share of SWEEP beside FP8_TILES[128], interleaved; none is faster than the
+    default beyond both spreads at both lengths (a smaller tile wastes fewer keys at N = 4096 but runs slower), and
+    all agree with it to FP8's rounding."""
+    from flashlib import bench
+    rec = bench.load("fp8_sweep_h200")
+    rows = [r for r in rec["rows"] if r["kind"] == "forward"]
+    assert tuple(rec["info"]["tiles"]["128"]) == fp8_tiles.FP8_TILES[128]
+    assert len(rows) == 4 * (1 + len(rec["info"]["sweep"])) and all(r["max_rel_diff"] < 0.05 for r in rows)
+    t = {(r["n"], r["causal"], r["impl"]): r for r in rows}
+    default = fp8_tiles.tile_name(fp8_tiles.FP8_TILES[128])
+    for impl in {r["impl"] for r in rows} - {default}:
+        for c in (False, True):
+            wins = [t[(n, c, default)]["ms"] - t[(n, c, impl)]["ms"] >
+                    max(t[(n, c, default)]["spread"], t[(n, c, impl)]["spread"]) * t[(n, c, default)]["ms"]
+                    for n in (4096, 16384)]
+            assert not all(wins), (impl, c)
+
+
 def test_the_persist_record_sets_the_defaults():
     """fp8_persist_h200 (benchmarks/fp8_bench.py --persist): the default tiles with and without the persistent grid
     at d = 64, 128, N = 4096, 16384, causal and not, both giving the same bits at every shape; FP8_PERSIST is on
