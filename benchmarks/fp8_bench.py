@@ -17,8 +17,8 @@ Compute's pipe counters at d = 128, N = 4096 (B = 4) for emu 0, 1, 2 (ncu_emu<e>
 the record "fp8_persist_<gpu>" (grid_main): the default tiles with and without the persistent grid, interleaved at
 the same shapes; --trim: "fp8_trim_<gpu>", the same for the trimmed kernel (also at N = 8192). --sanitize: small
 ragged calls at d = 128, default and other tiles, the persistent grid with several items a CTA, and the trimmed
-kernel (for compute-sanitizer). --sweep: "fp8_sweep_<gpu>" (sweep_main), other key tiles, stages and shares at
-d = 128.
+kernel (for compute-sanitizer). --sweep [D]: "fp8_sweep_<gpu>" or "fp8_sweep_d256_<gpu>" (sweep_main), other key tiles,
+stages and shares at d = 128 or 256.
 """
 import argparse
 import concurrent.futures
@@ -274,17 +274,21 @@ def grid_main(which, out, max_seconds):
                               "interleaved; pre-quantised inputs"))
 
 
-SWEEP = ((224, 2, 2, True), (192, 2, 2), (192, 3, 2), (160, 2, 2), (160, 3, 2), (160, 2, 1), (160, 2, 3),
-         (128, 2, 2), (128, 3, 2), (128, 4, 2), (128, 2, 1), (128, 2, 3), (160, 3, 2, True), (128, 3, 2, True))
+SWEEP = {128: ((224, 2, 2, True), (192, 2, 2), (192, 3, 2), (160, 2, 2), (160, 3, 2), (160, 2, 1), (160, 2, 3),
+               (128, 2, 2), (128, 3, 2), (128, 4, 2), (128, 2, 1), (128, 2, 3), (160, 3, 2, True), (128, 3, 2, True)),
+         256: ((64, 2, 0, True), (64, 3, 0), (64, 4, 0), (64, 2, 1), (64, 2, 2), (64, 3, 1), (64, 3, 0, True))}
+SWEEP_RECORD = {128: "fp8_sweep", 256: "fp8_sweep_d256"}
 
 
 def sweep_main(out, max_seconds, d=128):
-    """--sweep: the record fp8_sweep_<gpu>: at d = 128, N = 4096 and 16384, causal and not, the default tiles beside
-    SWEEP (smaller key tiles waste fewer keys at N = 4096: 19 tiles of 224 compute 4256 keys), all interleaved in one
-    run, with each candidate's largest difference from the default's O over the largest |O|."""
+    """--sweep [D]: the record fp8_sweep_<gpu> (d = 128) or fp8_sweep_d256_<gpu>: at N = 4096 and 16384, causal and
+    not, the default tiles beside SWEEP[d] (at d = 128 smaller key tiles waste fewer keys at N = 4096: 19 tiles of
+    224 compute 4256 keys; at d = 256 the 64-key tile is the only one that fits, so stages, exp2 shares and the
+    persistent grid), all interleaved in one run, with each candidate's largest difference from the default's O over
+    the largest |O|."""
     import torch
     from flashlib.bench.timing import compare
-    cands = (fp8_tiles.default_tiles(d, False),) + tuple(fp8_tiles.full_tiles(t) for t in SWEEP)
+    cands = (fp8_tiles.default_tiles(d, False),) + tuple(fp8_tiles.full_tiles(t) for t in SWEEP[d])
     with concurrent.futures.ThreadPoolExecutor(16) as ex:
         list(ex.map(lambda c: fp8._launcher(0, c), [fp8_tiles.fp8_config(d, c, t) for c in (False, True)
                                                     for t in cands]))
@@ -308,8 +312,8 @@ def sweep_main(out, max_seconds, d=128):
                   f"{best['impl']} {best['tflops']:.0f} |" + "".join(
                       f" {r['impl']} {r['tflops']:.0f}" for r in rows[-len(cands):]), flush=True)
     tag = bench.gpu_tag(torch.cuda.get_device_name())
-    print("saved", bench.save(f"fp8_sweep_{tag}", rows, directory=out, tiles=fp8_tiles.FP8_TILES,
-                              sweep=[list(t) for t in SWEEP], flops="4*B*H*N^2*d, half when causal",
+    print("saved", bench.save(f"{SWEEP_RECORD[d]}_{tag}", rows, directory=out, tiles=fp8_tiles.FP8_TILES,
+                              sweep=[list(t) for t in SWEEP[d]], flops="4*B*H*N^2*d, half when causal",
                               timing="flashlib.bench.timing.compare, host=False, rel_tol 0.01, candidates "
                               "interleaved; pre-quantised inputs"))
 
@@ -353,7 +357,8 @@ def main():
     ap.add_argument("--emu", action="store_true", help="only the record fp8_emu_<gpu> (emu_main)")
     ap.add_argument("--persist", action="store_true", help="only the record fp8_persist_<gpu> (grid_main)")
     ap.add_argument("--trim", action="store_true", help="only the record fp8_trim_<gpu> (grid_main)")
-    ap.add_argument("--sweep", action="store_true", help="only the record fp8_sweep_<gpu> (sweep_main)")
+    ap.add_argument("--sweep", type=int, nargs="?", const=128, choices=sorted(SWEEP),
+                    help="only the record fp8_sweep[_d256]_<gpu> (sweep_main) at head dim SWEEP (default 128)")
     ap.add_argument("--ncu-case", type=int, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.ncu_case is not None:
@@ -363,7 +368,7 @@ def main():
     if a.quant:
         return quant_main(a.out, a.max_seconds)
     if a.sweep:
-        return sweep_main(a.out, a.max_seconds)
+        return sweep_main(a.out, a.max_seconds, a.sweep)
     if a.persist or a.trim:
         return grid_main("persist" if a.persist else "trim", a.out, a.max_seconds)
     if a.sanitize:
