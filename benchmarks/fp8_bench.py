@@ -284,33 +284,46 @@ def sweep_main(out, max_seconds, d=128):
     """--sweep [D]: the record fp8_sweep_<gpu> (d = 128) or fp8_sweep_d256_<gpu>: at N = 4096 and 16384, causal and
     not, the default tiles beside SWEEP[d] (at d = 128 smaller key tiles waste fewer keys at N = 4096: 19 tiles of
     224 compute 4256 keys; at d = 256 the 64-key tile is the only one that fits, so stages, exp2 shares and the
-    persistent grid), all interleaved in one run, with each candidate's largest difference from the default's O over
-    the largest |O|."""
+    persistent grid, with rung 7 and cuDNN in fp16 beside them), all interleaved in one run, with each FP8
+    candidate's largest difference from the default's O over the largest |O|."""
     import torch
+    import torch.nn.functional as F
+    from flashlib._arrays import to_cupy
     from flashlib.bench.timing import compare
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     cands = (fp8_tiles.default_tiles(d, False),) + tuple(fp8_tiles.full_tiles(t) for t in SWEEP[d])
     with concurrent.futures.ThreadPoolExecutor(16) as ex:
         list(ex.map(lambda c: fp8._launcher(0, c), [fp8_tiles.fp8_config(d, c, t) for c in (False, True)
                                                     for t in cands]))
+        if d == 256:
+            list(ex.map(lambda c: tma._launcher(0, tma.fa3_config("float16", d, c)), (False, True)))
     rows = []
     for N in LENGTHS:
         B = max(1, 16384 // N)
-        inp = fp8.quantize(*_inputs(B, H, N, d))
+        q, k, v = _inputs(B, H, N, d)
+        inp = fp8.quantize(q, k, v)
+        qc, kc, vc = (to_cupy(t) for t in (q, k, v))
         for causal in (False, True):
             fns = {fp8_tiles.tile_name(t): (lambda t=t: fp8.forward_fp8_prepared(inp, causal, d ** -0.5, tiles=t))
                    for t in cands}
             o0 = next(iter(fns.values()))()[0].float()
             diffs = {n: float((f()[0].float() - o0).abs().max() / o0.abs().max()) for n, f in fns.items()}
-            stats = compare(fns, host=False, min_rounds=10, max_rounds=30, rel_tol=0.01, max_seconds=max_seconds)
+            if d == 256:   # fp16 beside it: rung 7 and cuDNN (no max_rel_diff: FP8's own error is in it)
+                fns["rung7_fp16"] = lambda: tma.forward_fa3(qc, kc, vc, causal, d ** -0.5)
+                fns["sdpa_cudnn_fp16"] = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+            stats = compare(fns, host=False, min_rounds=10, max_rounds=30, rel_tol=0.01, max_seconds=max_seconds,
+                            contexts={"sdpa_cudnn_fp16": lambda: sdpa_kernel(SDPBackend.CUDNN_ATTENTION)})
             flops = 4 * B * H * N * N * d * (0.5 if causal else 1.0)
-            rows += [dict(kind="forward", d=d, n=N, B=B, H=H, causal=causal, impl=n, tiles=list(t), ms=st["median_ms"],
-                          q1_ms=st["q1_ms"], q3_ms=st["q3_ms"], spread=st["spread"], rounds=st["rounds"],
-                          tflops=flops / (st["median_ms"] * 1e-3) / 1e12, max_rel_diff=diffs[n])
-                     for t, (n, st) in zip(cands, stats.items())]
-            best = max(rows[-len(cands):], key=lambda r: r["tflops"])
-            print(f"d={d} N={N:5d} causal={causal!s:5s} default {rows[-len(cands)]['tflops']:.0f} best "
-                  f"{best['impl']} {best['tflops']:.0f} |" + "".join(
-                      f" {r['impl']} {r['tflops']:.0f}" for r in rows[-len(cands):]), flush=True)
+            new = [dict(kind="forward", d=d, n=N, B=B, H=H, causal=causal, impl=n,
+                        tiles=list(fp8_tiles.full_tiles(cands[i])) if i < len(cands) else None, ms=st["median_ms"],
+                        q1_ms=st["q1_ms"], q3_ms=st["q3_ms"], spread=st["spread"], rounds=st["rounds"],
+                        tflops=flops / (st["median_ms"] * 1e-3) / 1e12, max_rel_diff=diffs.get(n))
+                   for i, (n, st) in enumerate(stats.items())]
+            rows += new
+            best = max(new[:len(cands)], key=lambda r: r["tflops"])
+            print(f"d={d} N={N:5d} causal={causal!s:5s} default {new[0]['tflops']:.0f} best "
+                  f"{best['impl']} {best['tflops']:.0f} |" + "".join(f" {r['impl']} {r['tflops']:.0f}" for r in new),
+                  flush=True)
     tag = bench.gpu_tag(torch.cuda.get_device_name())
     print("saved", bench.save(f"{SWEEP_RECORD[d]}_{tag}", rows, directory=out, tiles=fp8_tiles.FP8_TILES,
                               sweep=[list(t) for t in SWEEP[d]], flops="4*B*H*N^2*d, half when causal",
