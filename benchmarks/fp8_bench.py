@@ -1,7 +1,8 @@
 """Rung 'fa3_fp8' (fa3_fp8.cu, e4m3) beside rung 7 fp16 and cuDNN SDPA fp16: TFLOP/s, the quantisation pass, and
 the error table of FlashAttention-3's outlier experiment.
 
-    python benchmarks/fp8_bench.py [--out DIR] [--max-seconds S] [--sanitize] [--quant | --emu | --persist | --trim | --sweep]
+    python benchmarks/fp8_bench.py [--out DIR] [--max-seconds S] [--sanitize]
+                                   [--quant | --emu | --persist | --trim | --sweep [D]]
 
 Timing (flashlib.bench.timing.compare, host=False): H = 16, B = 16384 // N, N = 4096 and 16384, d = 64 and 128,
 causal and not; FLOPs 4*B*H*N^2*d, half when causal. fa3_fp8 is timed on pre-quantised inputs (the kernel alone,
