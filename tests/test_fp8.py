@@ -157,7 +157,7 @@ def test_fp8_config():
     assert cfg.smem == 1024 + 128 * 128 + 4 * 128 * 128 + 8 * 10
     assert fp8_tiles.fp8_config(64, False).kernel == "fa3_fp8<__nv_bfloat16, 64, 256, 2, false, 1>"    # the defaults
     assert fp8_tiles.fp8_config(128, True).kernel == "fa3_fp8<__nv_bfloat16, 128, 224, 2, true, 2>"
-    assert fp8_tiles.fp8_config(256, False, out="float16").kernel == "fa3_fp8<__half, 256, 64, 2, false, 0>"
+    assert fp8_tiles.fp8_config(256, False, out="float16").kernel == "fa3_fp8<__half, 256, 64, 2, false, 0, true>"
     assert fp8_tiles.fp8_config(128, False, (192, 3, 16)).kernel == "fa3_fp8<__nv_bfloat16, 128, 192, 3, false, 16>"
     assert [fp8_tiles.tile_name(t) for t in ((224, 2, 2), (224, 2, 0), (128, 2))] == [
         "fa3_fp8_224x2e2", "fa3_fp8_224x2", "fa3_fp8_128x2"]
@@ -385,16 +385,46 @@ def test_the_sweep_record_keeps_the_default_tiles():
             assert not all(wins), (impl, c)
 
 
+def test_the_d256_sweep_keeps_the_default_tiles():
+    """fp8_sweep_d256_h200 (fp8_bench.py --sweep 256): 3 and 4 stages and exp2 shares 1 and 2, plain and
+    persistent, beside FP8_TILES[256], interleaved with rung 7 and cuDNN in fp16; no other (Bc, stages, emu), taken
+    with FP8_PERSIST's grid, is faster than the default beyond both spreads at all four shapes (N = 4096 and 16384,
+    causal and not); the FP8 ones agree with the default to FP8's rounding, and all are faster than fp16."""
+    from flashlib import bench
+    rec = bench.load("fp8_sweep_d256_h200")
+    assert tuple(rec["info"]["tiles"]["256"]) == fp8_tiles.FP8_TILES[256]
+    rows = {(r["n"], r["causal"], r["impl"]): r for r in rec["rows"] if r["kind"] == "forward"}
+    fp8_rows = [r for r in rows.values() if r["tiles"] is not None]
+    assert len(fp8_rows) == 4 * (1 + len(rec["info"]["sweep"])) and all(r["max_rel_diff"] < 0.05 for r in fp8_rows)
+    base = lambda r: tuple(r["tiles"][:3])
+    for b in {base(r) for r in fp8_rows} - {fp8_tiles.FP8_TILES[256]}:
+        wins = []
+        for n in (4096, 16384):
+            for c in (False, True):
+                p = fp8_tiles.FP8_PERSIST[256][c]
+                mine, other = (rows.get((n, c, fp8_tiles.tile_name(x + (p,)))) for x in (fp8_tiles.FP8_TILES[256], b))
+                wins.append(other is not None and                     # a grid the sweep did not time: no win
+                            mine["ms"] - other["ms"] > max(mine["spread"], other["spread"]) * mine["ms"])
+                assert mine["tflops"] > max(rows[(n, c, f)]["tflops"] for f in ("rung7_fp16", "sdpa_cudnn_fp16"))
+        assert not all(wins), b
+
+
 def test_the_persist_record_sets_the_defaults():
     """fp8_persist_h200 (benchmarks/fp8_bench.py --persist): the default tiles with and without the persistent grid
-    at d = 64, 128, N = 4096, 16384, causal and not, both giving the same bits at every shape; FP8_PERSIST is on
-    for (d, causal) exactly where the persistent grid's median was faster at both lengths (d = 256: not timed,
-    off)."""
+    at d = 64, 128, N = 4096, 16384, causal and not, both giving the same bits at every shape (d = 256: the two in
+    fp8_sweep_d256_h200); FP8_PERSIST is on for (d, causal) exactly where the persistent grid's median was faster
+    at both lengths."""
     from flashlib import bench
     rows = bench.load("fp8_persist_h200")["rows"]
     t = {(r["d"], r["n"], r["causal"], r["persist"]): r["tflops"] for r in rows if r["kind"] == "forward"}
     assert len(t) == 16 and all(r["same_bits"] for r in rows)
+    for r in bench.load("fp8_sweep_d256_h200")["rows"]:           # d = 256: the sweep's plain and persistent (64, 2, 0)
+        for p in (False, True):
+            if r["impl"] == fp8_tiles.tile_name(fp8_tiles.default_tiles(256, p)):
+                assert r["max_rel_diff"] == 0.0                 # the same bits
+                t[(256, r["n"], r["causal"], p)] = r["tflops"]
+    assert len(t) == 24
     for d in fp8_tiles.FP8_HEAD_DIMS:
         for c in (False, True):
-            faster = all(t[(d, n, c, True)] > t[(d, n, c, False)] for n in (4096, 16384)) if d != 256 else False
+            faster = all(t[(d, n, c, True)] > t[(d, n, c, False)] for n in (4096, 16384))
             assert fp8_tiles.FP8_PERSIST[d][c] == faster, (d, c, {k: v for k, v in t.items() if k[0] == d})

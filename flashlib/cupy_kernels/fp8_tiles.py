@@ -15,7 +15,9 @@ FP8_HEAD_DIMS = (64, 128, 256)
 # rather than MUFU (flash_common.cuh). Tiles from record fp8_forward_h200 (benchmarks/fp8_bench.py; f1ca19b first):
 # the largest Bc that fits was the fastest at every shape, causal or not (d = 128: 224 against 128, 160, 192;
 # d = 64: 256 against 128, 160, 192); Bc = 256 at d = 128 spills (FP8_MAX_BC); d = 256 keeps Bc = 64 (O alone is 128
-# registers; tested, not timed); 3 or 4 stages were within 1 % of 2. emu from record fp8_emu_h200 (fp8_bench.py
+# registers); 3 or 4 stages were within 1 % of 2. At d = 256, record fp8_sweep_d256_h200 (fp8_bench.py --sweep 256
+# at 6576757) timed 3 and 4 stages and exp2 shares 1 and 2, plain and persistent, beside (64, 2, 0): none faster at
+# all four shapes (N = 4096 / 16384, causal and not); (64, 2, 0): 919 / 965, causal 810 / 967 TFLOP/s. emu from record fp8_emu_h200 (fp8_bench.py
 # --emu at 921a671; TFLOP/s at N = 4096 / 16384): d = 128: emu 2 the fastest causal (740 / 908, emu 0 670 / 818) and
 # within 0.5 % of emu 1 without the mask (869 / 922, emu 0 768 / 805); d = 64: emu 1 the fastest at every shape,
 # 4-6 % above emu 0. More than 2 of 16 was slower again: the FMA pipe's extra instructions then cost issue slots.
@@ -25,8 +27,10 @@ FP8_TILES = {64: (256, 2, 1), 128: (224, 2, 2), 256: (64, 2, 0)}
 # (not causal, causal): where record fp8_persist_h200 (fp8_bench.py --persist at 485380b) timed it faster at both
 # N = 4096 and 16384: nowhere. TFLOP/s, persistent against not, N = 4096 / 16384: d = 128 887 / 949 against 882 / 954,
 # causal 744 / 883 against 735 / 939; d = 64 517 / 547 against 515 / 555, causal 451 / 510 against 428 / 535. (Causal
-# over groups of pairs, for L2, was slower still: logs/persist_h200_d82ceff.txt.) d = 256: tested, not timed.
-FP8_PERSIST = {64: (False, False), 128: (False, False), 256: (False, False)}
+# over groups of pairs, for L2, was slower still: logs/persist_h200_d82ceff.txt.) d = 256, from fp8_sweep_d256_h200:
+# without the mask, 939 / 970 against 919 / 965 (an earlier run, logs/fp8_sweep_d256_h200_51cd13b.txt: 944 / 959
+# against 927 / 948); causal 782 / 889 against 810 / 967.
+FP8_PERSIST = {64: (False, False), 128: (False, False), 256: (True, False)}
 # trim (a fifth entry): fa3_fp8's TRIM instance, which walks an item's key tiles from the last down (as
 # FlashAttention-3 does), so that the partial tile (ragged Nk, or the causal diagonal) comes first, and runs its S,
 # softmax and P V over only the keys the warpgroup's rows see there, rounded up to 32 (fa3_fp8.cu's at_width). Not
