@@ -347,6 +347,11 @@ def test_the_emu_record_holds_what_fp8_tiles_says():
     assert ncu[2][tensor] > 1.1 * ncu[0][tensor] and ncu[2][xu] <= ncu[0][xu]
 
 
+def _beats(fast, slow):
+    """True where record row `fast`'s median time is below `slow`'s by more than both rows' spreads (relative IQR)."""
+    return slow["ms"] - fast["ms"] > max(fast["spread"], slow["spread"]) * slow["ms"]
+
+
 def test_the_trim_record_sets_the_defaults():
     """fp8_trim_h200 (benchmarks/fp8_bench.py --trim): the default tiles with and without TRIM at d = 64, 128,
     N = 4096, 8192, 16384, causal and not, agreeing to FP8's rounding; FP8_TRIM is on for (d, causal) exactly where
@@ -358,10 +363,7 @@ def test_the_trim_record_sets_the_defaults():
     assert len(t) == 24 and all(r["max_rel_diff"] < 0.05 for r in rows)
     for d in fp8_tiles.FP8_HEAD_DIMS:
         for c in (False, True):
-            def faster(n):
-                a, b = t[(d, n, c, False)], t[(d, n, c, True)]
-                return a["ms"] - b["ms"] > max(a["spread"], b["spread"]) * a["ms"]
-            on = d != 256 and all(faster(n) for n in (4096, 8192, 16384))
+            on = d != 256 and all(_beats(t[(d, n, c, True)], t[(d, n, c, False)]) for n in (4096, 8192, 16384))
             assert fp8_tiles.FP8_TRIM[d][c] == on, (d, c)
 
 
@@ -379,9 +381,7 @@ def test_the_sweep_record_keeps_the_default_tiles():
     default = fp8_tiles.tile_name(fp8_tiles.FP8_TILES[128])
     for impl in {r["impl"] for r in rows} - {default}:
         for c in (False, True):
-            wins = [t[(n, c, default)]["ms"] - t[(n, c, impl)]["ms"] >
-                    max(t[(n, c, default)]["spread"], t[(n, c, impl)]["spread"]) * t[(n, c, default)]["ms"]
-                    for n in (4096, 16384)]
+            wins = [_beats(t[(n, c, impl)], t[(n, c, default)]) for n in (4096, 16384)]
             assert not all(wins), (impl, c)
 
 
@@ -403,8 +403,7 @@ def test_the_d256_sweep_keeps_the_default_tiles():
             for c in (False, True):
                 p = fp8_tiles.FP8_PERSIST[256][c]
                 mine, other = (rows.get((n, c, fp8_tiles.tile_name(x + (p,)))) for x in (fp8_tiles.FP8_TILES[256], b))
-                wins.append(other is not None and                     # a grid the sweep did not time: no win
-                            mine["ms"] - other["ms"] > max(mine["spread"], other["spread"]) * mine["ms"])
+                wins.append(other is not None and _beats(other, mine))   # a grid the sweep did not time: no win
                 assert mine["tflops"] > max(rows[(n, c, f)]["tflops"] for f in ("rung7_fp16", "sdpa_cudnn_fp16"))
         assert not all(wins), b
 
