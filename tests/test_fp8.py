@@ -166,11 +166,14 @@ def test_fp8_config():
             assert fp8_tiles.fp8_config(d, False, t).smem <= 227 * 1024
     with pytest.raises(ValueError, match="head_dim"):
         fp8_tiles.fp8_config(96, False)
-    with pytest.raises(ValueError, match="tiles"):
-        fp8_tiles.fp8_config(256, False, (128, 2))
-    for bad in ((112, 2), (96, 2), (32, 2), (288, 2), (256, 2), (128, 1), (128, 2, 17), (128, 2, -1), (128,),
+    for d, bc in ((256, 160), (128, 256)):                               # spills: FP8_MAX_BC
+        with pytest.raises(ValueError, match=f"up to {fp8_tiles.FP8_MAX_BC[d]} at d = {d}"):
+            fp8_tiles.fp8_config(d, False, (bc, 2))
+    assert fp8_tiles.fp8_config(256, False, (128, 2)).kernel == "fa3_fp8<__nv_bfloat16, 256, 128, 2, false, 0>"
+    assert fp8_tiles.fp8_config(256, True, (96, 3)).smem == 1024 + 128 * 256 + 6 * 96 * 256 + 8 * 14
+    for bad in ((112, 2), (80, 2), (32, 2), (288, 2), (256, 2), (128, 1), (128, 2, 17), (128, 2, -1), (128,),
                 (128, 2, 1, 1)):                                       # not accepted, too small or large
-        with pytest.raises(ValueError, match=r"Bc in \(64, 128, 160"):
+        with pytest.raises(ValueError, match=r"Bc in \(64, 96, 128, 160"):
             fp8_tiles.fp8_config(128, False, bad)
     cfg = fp8_tiles.fp8_config(128, False, (224, 2))                             # FlashAttention-3's FP8 tile at d = 128
     assert cfg.kernel == "fa3_fp8<__nv_bfloat16, 128, 224, 2, false, 0>" and cfg.smem == 1024 + 128 * 128 + 4 * 224 * 128 + 8 * 10

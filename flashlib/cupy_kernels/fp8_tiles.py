@@ -40,10 +40,13 @@ FP8_PERSIST = {64: (False, False), 128: (False, False), 256: (True, False)}
 # against 733 / 869; d = 64 514 / 564 against 514 / 559, causal 431 / 540 against 430 / 539. d = 256: not timed.
 FP8_TRIM = {64: (False, False), 128: (False, False), 256: (False, False)}
 FP8_OTHER_TILES = {64: ((256, 2, 0), (128, 2, 0), (192, 2, 0)), 128: ((224, 2, 0), (128, 2, 0), (192, 2, 0)),
-                   256: ((64, 3, 0),)}   # timed beside them
+                   256: ((64, 3, 0), (128, 2, 0), (96, 2, 0))}   # timed beside them
 FP8_EMU = {64: (0, 1, 2, 4, 6), 128: (0, 1, 2, 3, 4)}   # the shares fp8_bench.py --emu times at the default Bc
-FP8_BC = (64, 128, 160, 192, 224, 256)   # key tiles accepted: multiples of 32 (V^T's key permutation) the GPU checked
-FP8_MAX_BC = {64: 256, 128: 224, 256: 64}   # the largest Bc whose S, P and O fit the consumers' 240 registers
+FP8_BC = (64, 96, 128, 160, 192, 224, 256)   # key tiles accepted: multiples of 32 (V^T's key permutation) the GPU checked
+# the largest Bc whose S, P and O fit the consumers' 240 registers: ptxas -v (CUDA 13.0, sm_90a) spills 144-160
+# bytes at d = 128, Bc = 256 and 160-176 at d = 256, Bc = 160; none at d = 256, Bc = 128 (FlashAttention-3's FP8
+# tile there, hopper/tile_size.h: 128 x 128)
+FP8_MAX_BC = {64: 256, 128: 224, 256: 128}
 FP8_OUT = {"bfloat16": "__nv_bfloat16", "float16": "__half"}
 SIG_FP8 = "MMMPPPPPiifii"        # maps of q, k, v^T; o, lse, q/k/v descale; Nq, Nk, scale, BH, G
 Fp8Config = namedtuple("Fp8Config", "kernel Br Bc stages threads smem persistent trim", defaults=(False, False))
