@@ -2,7 +2,7 @@
 the error table of FlashAttention-3's outlier experiment.
 
     python benchmarks/fp8_bench.py [--out DIR] [--max-seconds S] [--sanitize]
-                                   [--quant | --emu | --persist | --trim | --sweep [D]]
+                                   [--quant | --emu | --persist | --trim | --narrow | --sweep [D]]
 
 Timing (flashlib.bench.timing.compare, host=False): H = 16, B = 16384 // N, N = 4096 and 16384, d = 64 and 128,
 causal and not; FLOPs 4*B*H*N^2*d, half when causal. fa3_fp8 is timed on pre-quantised inputs (the kernel alone,
@@ -16,9 +16,10 @@ flashlib.bench.save. --emu: only the record "fp8_emu_<gpu>" (emu_main): the defa
 exponentials on the FMA pipe (fp8_tiles.FP8_EMU), timed interleaved at the same shapes, their errors, and Nsight
 Compute's pipe counters at d = 128, N = 4096 (B = 4) for emu 0, 1, 2 (ncu_emu<e>.txt under --out). --persist: only
 the record "fp8_persist_<gpu>" (grid_main): the default tiles with and without the persistent grid, interleaved at
-the same shapes; --trim: "fp8_trim_<gpu>", the same for the trimmed kernel (also at N = 8192). --sanitize: small
-ragged calls at d = 128, default and other tiles, the persistent grid with several items a CTA, and the trimmed
-kernel (for compute-sanitizer). --sweep [D]: "fp8_sweep_<gpu>" or "fp8_sweep_d256_<gpu>" (sweep_main), other key tiles,
+the same shapes; --trim: "fp8_trim_<gpu>", the same for the trimmed kernel (also at N = 8192); --narrow:
+"fp8_narrow_<gpu>", the same for the narrow last key tile, without the mask. --sanitize: small ragged calls at
+d = 128, default and other tiles, the persistent grid with several items a CTA, and the trimmed and narrow kernels
+(for compute-sanitizer). --sweep [D]: "fp8_sweep_<gpu>" or "fp8_sweep_d256_<gpu>" (sweep_main), other key tiles,
 stages and shares at d = 128 or 256.
 """
 import argparse
@@ -232,19 +233,21 @@ def emu_main(out, max_seconds):
                               ", candidates interleaved; pre-quantised inputs", ncu_metrics=NCU_METRICS))
 
 
-GRIDS = {"persist": ((True, False), LENGTHS, "FP8_PERSIST"), "trim": ((False, True), (4096, 8192, 16384), "FP8_TRIM")}
+GRIDS = {"persist": ((True, False), LENGTHS, "FP8_PERSIST"), "trim": ((False, True), (4096, 8192, 16384), "FP8_TRIM"),
+         "narrow": ((False, False, True), (4096, 8192, 16384), "FP8_NARROW")}   # narrow: without the mask only
 
 
 def grid_main(which, out, max_seconds):
-    """--persist / --trim: the record fp8_<which>_<gpu>: at each d the default tiles plain and persistent, or plain
-    and trimmed (fp8_tiles.default_tiles; GRIDS), timed interleaved at the same shapes (more rounds, 1 % tolerance),
-    and how far apart their outputs are (persistent: the same bits; trimmed: another order of the key tiles)."""
+    """--persist / --trim / --narrow: the record fp8_<which>_<gpu>: at each d the default tiles plain and
+    persistent, plain and trimmed, or plain and with the narrow last tile (fp8_tiles.default_tiles; GRIDS; narrow
+    without the mask only), timed interleaved at the same shapes (more rounds, 1 % tolerance), and how far apart
+    their outputs are (persistent: the same bits; trimmed: another order of the key tiles)."""
     import torch
     from flashlib.bench.timing import compare
     flags, lengths, table = GRIDS[which]
-    variants = [(False, False), flags]
-    cfgs = [fp8_tiles.fp8_config(d, c, fp8_tiles.default_tiles(d, *v)) for d in DIMS for c in (False, True)
-            for v in variants]
+    variants, masks = [(False, False), flags], (False,) if which == "narrow" else (False, True)
+    cfgs = {fp8_tiles.fp8_config(d, c, fp8_tiles.default_tiles(d, *v), Nk=N) for d in DIMS for c in masks
+            for v in variants for N in lengths}
     with concurrent.futures.ThreadPoolExecutor(16) as ex:
         list(ex.map(lambda c: fp8._launcher(0, c), cfgs))
     rows = []
@@ -252,7 +255,7 @@ def grid_main(which, out, max_seconds):
         for N in lengths:
             B = max(1, 16384 // N)
             inp = fp8.quantize(*_inputs(B, H, N, d))
-            for causal in (False, True):
+            for causal in masks:
                 tiles = [fp8_tiles.default_tiles(d, *v) for v in variants]
                 fns = {fp8_tiles.tile_name(t): (lambda t=t: fp8.forward_fp8_prepared(inp, causal, d ** -0.5, tiles=t))
                        for t in tiles}
@@ -261,7 +264,7 @@ def grid_main(which, out, max_seconds):
                 diff = float((o1.float() - o0.float()).abs().max() / o0.float().abs().max())
                 stats = compare(fns, host=False, min_rounds=15, max_rounds=40, rel_tol=0.01, max_seconds=max_seconds)
                 flops = 4 * B * H * N * N * d * (0.5 if causal else 1.0)
-                rows += [dict(kind="forward", d=d, n=N, B=B, H=H, causal=causal, impl=n, persist=t[3], trim=t[4],
+                rows += [dict(kind="forward", d=d, n=N, B=B, H=H, causal=causal, impl=n, persist=t[3], trim=t[4], narrow=t[5],
                               ms=st["median_ms"], q1_ms=st["q1_ms"], q3_ms=st["q3_ms"], spread=st["spread"],
                               rounds=st["rounds"], tflops=flops / (st["median_ms"] * 1e-3) / 1e12, same_bits=same,
                               max_rel_diff=diff)
@@ -374,6 +377,7 @@ def main():
     ap.add_argument("--emu", action="store_true", help="only the record fp8_emu_<gpu> (emu_main)")
     ap.add_argument("--persist", action="store_true", help="only the record fp8_persist_<gpu> (grid_main)")
     ap.add_argument("--trim", action="store_true", help="only the record fp8_trim_<gpu> (grid_main)")
+    ap.add_argument("--narrow", action="store_true", help="only the record fp8_narrow_<gpu> (grid_main)")
     ap.add_argument("--sweep", type=int, nargs="?", const=128, choices=sorted(SWEEP),
                     help="only the record fp8_sweep[_d256]_<gpu> (sweep_main) at head dim SWEEP (default 128)")
     ap.add_argument("--ncu-case", type=int, help=argparse.SUPPRESS)
@@ -386,8 +390,8 @@ def main():
         return quant_main(a.out, a.max_seconds)
     if a.sweep:
         return sweep_main(a.out, a.max_seconds, a.sweep)
-    if a.persist or a.trim:
-        return grid_main("persist" if a.persist else "trim", a.out, a.max_seconds)
+    if a.persist or a.trim or a.narrow:
+        return grid_main("persist" if a.persist else "trim" if a.trim else "narrow", a.out, a.max_seconds)
     if a.sanitize:
         q, k, v = _inputs(1, 4, 517, 128)
         for t in (None,) + fp8_tiles.FP8_OTHER_TILES[128]:    # Nk below one tile, and several tiles with a ragged last
@@ -405,6 +409,11 @@ def main():
                                        tiles=fp8_tiles.default_tiles(128, False, True))
                 torch.cuda.synchronize()
                 print("sanitize trimmed calls done", c, nk, bool(torch.isfinite(o).all()))
+        for nk in (45, 333, 900):               # the narrow last tile: one tile, a partial tile, several
+            o, _ = fp8.forward_fp8(q[:, :8], k[:, :8, :nk], v[:, :8, :nk],
+                                   tiles=fp8_tiles.default_tiles(128, False, False, True))
+            torch.cuda.synchronize()
+            print("sanitize narrow calls done", nk, bool(torch.isfinite(o).all()))
         return
     precompile()
     rows = error_table()

@@ -3,7 +3,8 @@
 # (pytest -x), the benchmark and error table (record fp8_forward through flashlib.bench.save into $OUT), the host
 # passes and end to end (--quant: record fp8_quant), the exp2 shares with ncu (--emu: record fp8_emu), the persistent
 # grid against the other (--persist: record fp8_persist), the trimmed kernel against the plain one (--trim: record
-# fp8_trim), other key tiles at d = 128 (--sweep: record fp8_sweep; sweep256: fp8_sweep_d256); STEPS picks them (default "test bench quant emu"). With
+# fp8_trim), the narrow last tile (--narrow: record fp8_narrow), other key tiles at d = 128 (--sweep: record
+# fp8_sweep; sweep256: fp8_sweep_d256); STEPS picks them (default "test bench quant emu"). With
 # SANITIZE=1 compute-sanitizer memcheck on small ragged calls (the persistent grid's too), with SYNC=1 synccheck and
 # racecheck on them. Each step has its own time limit, so that a hang in one still leaves the others' logs under $OUT.
 cd "$(dirname "$0")/.."
@@ -24,6 +25,10 @@ fi
 if has trim; then
   timeout -k 5 ${T_TRIM:-150} python3 benchmarks/fp8_bench.py --trim --max-seconds 3 --out "$OUT" > "$OUT/trim.log" 2>&1
   echo "trim rc=$?" | tee -a "$OUT/env.txt"; grep -v Warning "$OUT/trim.log" | tail -14 | cut -c1-600
+fi
+if has narrow; then
+  timeout -k 5 ${T_NARROW:-120} python3 benchmarks/fp8_bench.py --narrow --max-seconds 3 --out "$OUT" > "$OUT/narrow.log" 2>&1
+  echo "narrow rc=$?" | tee -a "$OUT/env.txt"; grep -v Warning "$OUT/narrow.log" | tail -10 | cut -c1-600
 fi
 if has sweep; then
   timeout -k 5 ${T_SWEEP:-240} python3 benchmarks/fp8_bench.py --sweep --max-seconds 4 --out "$OUT" > "$OUT/sweep.log" 2>&1

@@ -191,21 +191,37 @@ def test_fp8_config():
     for d in fp8_tiles.FP8_HEAD_DIMS:                                            # the defaults: FP8_PERSIST's choice
         for c in (False, True):
             assert fp8_tiles.fp8_config(d, c).persistent == fp8_tiles.FP8_PERSIST[d][c]
-    with pytest.raises(ValueError, match="persist and trim bools"):
+    with pytest.raises(ValueError, match="persist, trim and narrow bools"):
         fp8_tiles.fp8_config(128, False, (224, 2, 2, 1))
     cfg = fp8_tiles.fp8_config(128, True, (224, 2, 2, False, True))              # the trimmed kernel
     assert cfg.kernel == "fa3_fp8<__nv_bfloat16, 128, 224, 2, true, 2, false, true>" and cfg.trim
     assert not cfg.persistent and cfg.smem == fp8_tiles.fp8_config(128, True, (224, 2, 2)).smem
     assert fp8_tiles.tile_name((224, 2, 2, False, True)) == "fa3_fp8_224x2e2t"
-    assert fp8_tiles.default_tiles(128, False, True) == (224, 2, 2, False, True)
-    for bad in ((224, 2, 2, True, True), (224, 2, 2, False, 1), (224, 2, 2, False, True, 0)):
-        with pytest.raises(ValueError, match="not both True"):
-            fp8_tiles.fp8_config(128, False, bad)
+    assert fp8_tiles.default_tiles(128, False, True) == (224, 2, 2, False, True, False)
+    for bad in ((224, 2, 2, True, True), (224, 2, 2, False, 1), (224, 2, 2, False, True, 0),
+                (224, 2, 2, False, True, True), (224, 2, 2, True, False, True), (224, 2, 2, False, False, 1),
+                (224, 2, 2, False, False, True, 0)):
+        with pytest.raises(ValueError, match="at most one of them True"):
+            fp8_tiles.fp8_config(128, False, bad, Nk=4096)
+    assert [fp8_tiles.narrow_width(n, 224) for n in (1, 32, 33, 224, 225, 4096, 8192, 16384)] == \
+        [32, 32, 64, 0, 32, 64, 128, 32]                                          # the narrow last key tile
+    cfg = fp8_tiles.fp8_config(128, False, (224, 2, 2, False, False, True), Nk=4096)
+    assert cfg.kernel == "fa3_fp8<__nv_bfloat16, 128, 224, 2, false, 2, false, false, 64>" and cfg.narrow == 64
+    assert fp8_tiles.fp8_config(128, False, (224, 2, 2, False, False, True), Nk=300, out="float16").kernel == \
+        "fa3_fp8<__half, 128, 224, 2, false, 2, false, false, 96>"
+    assert fp8_tiles.fp8_config(128, False, (224, 2, 2, False, False, True), Nk=448) == \
+        fp8_tiles.fp8_config(128, False, (224, 2, 2))                            # no partial tile: the plain kernel
+    assert fp8_tiles.tile_name((224, 2, 2, False, False, True)) == "fa3_fp8_224x2e2n"
+    for c, nk in ((True, 4096), (False, None), (False, 0), (False, 4096.0)):
+        with pytest.raises(ValueError, match="without the causal mask and needs Nk"):
+            fp8_tiles.fp8_config(128, c, (224, 2, 2, False, False, True), Nk=nk)
     for d in fp8_tiles.FP8_HEAD_DIMS:                                            # FP8_TRIM's choice
         for c in (False, True):
             assert fp8_tiles.fp8_config(d, c).trim == fp8_tiles.FP8_TRIM[d][c]
     n_other = sum(map(len, fp8_tiles.FP8_OTHER_TILES.values()))     # (d x out x (plain, persist, trim) + other) x causal
-    assert len(set(fp8_tiles.fp8_instances())) == len(fp8_tiles.fp8_instances()) == (3 * 2 * 3 + n_other) * 2
+    n_narrow = 2 * sum(fp8_tiles.narrow_width(4096, t[0]) > 0 for t in fp8_tiles.FP8_TILES.values())   # + narrow
+    assert n_narrow == 2 and len(set(fp8_tiles.fp8_instances())) == len(fp8_tiles.fp8_instances()) == \
+        (3 * 2 * 3 + n_other) * 2 + n_narrow
 
 
 def test_entries_refuse_cpu_tensors():

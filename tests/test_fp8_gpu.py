@@ -78,7 +78,7 @@ def _check(B, H, Hkv, Nq, Nk, d, causal, hadamard=True, out="bfloat16", tiles=No
     o_ref, lse_ref = reference.attention_forward(_f64(q), _f64(k.repeat_interleave(G, 1)),
                                                  _f64(v.repeat_interleave(G, 1)), causal, scale)
     inp = fp8.quantize(q, k, v, hadamard, seed=seed)
-    cfg = fp8.fp8_config(d, causal, tiles)
+    cfg = fp8.fp8_config(d, causal, tiles, Nk=Nk)
     o_m, lse_m = fp8_model.emulate(inp, causal, scale, Bc=cfg.Bc, reverse=cfg.trim)
     o, lse = _poisoned_run(inp, causal, scale, out, tiles)
     torch.cuda.synchronize()
@@ -124,6 +124,21 @@ def test_fp8_trim_at_every_width(d, causal):
     for r in sorted({1, Bc} | {w + e for w in range(32, Bc, 32) for e in (0, 1)}):
         _check(1, 2, 2, 300, 2 * Bc + r, d, causal, tiles=fp8.default_tiles(d, False, True))
     _check(2, 4, 2, 513, 3 * Bc + 45, d, causal, out="float16", tiles=fp8.default_tiles(d, False, True))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d", fp8.FP8_HEAD_DIMS)
+def test_fp8_narrow_at_every_width(d):
+    """The narrow last key tile (without the mask) at every width it takes (Nk - (n_tiles -
+    1) Bc = 1 ... Bc keys, either side of each multiple of 32, one tile and several), with several query tiles,
+    GQA and fp16 O."""
+    _hopper()
+    Bc = fp8_tiles.FP8_TILES[d][0]
+    tiles = fp8.default_tiles(d, False, False, True)
+    for r in sorted({1, Bc} | {w + e for w in range(32, Bc, 32) for e in (0, 1)}):
+        _check(1, 2, 2, 300, 2 * Bc + r, d, False, tiles=tiles)
+    _check(1, 2, 2, 129, 45, d, False, tiles=tiles)
+    _check(2, 4, 2, 513, 3 * Bc + 45, d, False, out="float16", tiles=tiles)
 
 
 @pytest.mark.gpu

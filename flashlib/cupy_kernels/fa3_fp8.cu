@@ -115,13 +115,16 @@ template <int W, int Bc, typename F> __device__ __forceinline__ void at_width(in
     else at_width<W + 32, Bc>(keys, f);
 }
 
-template <typename OUT, int D, int Bc, int STAGES, bool CAUSAL, int EMU, bool PERSIST = false, bool TRIM = false>
+template <typename OUT, int D, int Bc, int STAGES, bool CAUSAL, int EMU, bool PERSIST = false, bool TRIM = false,
+          int NARROW = 0>
 __global__ void __launch_bounds__(384, 1)
 fa3_fp8(const __grid_constant__ TmaMap qmap, const __grid_constant__ TmaMap kmap, const __grid_constant__ TmaMap vmap,
         OUT* __restrict__ O, float* __restrict__ L, const float* __restrict__ qd, const float* __restrict__ kd,
         const float* __restrict__ vd, int Nq, int Nk, float scale, int BH, int G) {
     static_assert((D == 64 || D == 128 || D == 256) && Bc % 32 == 0 && Bc >= 64 && Bc <= 256 && STAGES >= 2,
                   "S: m64nBc, Bc a multiple of 32 from 64 to 256; O: m64n64 or m64n128 per 128 columns");
+    static_assert(NARROW == 0 || (!CAUSAL && !PERSIST && !TRIM && NARROW % 32 == 0 && NARROW < Bc),
+                  "NARROW: the last key tile's width without the mask, a multiple of 32 below Bc");
     constexpr int NCW = 2, Br = 128, TILE = Bc * D, QTILE = Br * D, DN = D < 128 ? D : 128;
     extern __shared__ __align__(128) unsigned char smem_raw[];
     unsigned char* Qs = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
@@ -259,21 +262,24 @@ fa3_fp8(const __grid_constant__ TmaMap qmap, const __grid_constant__ TmaMap kmap
 #pragma unroll
         for (int x = 0; x < D / 2; x++) o[x] = 0.f;
         mbar_wait(q_full, n & 1);
-        // step 0: S of the item's first tile (its first W keys) and its softmax
-        auto first = [&](auto width) {
-            mbar_wait(k_full(kv0 % STAGES), ring(kv0));
+        // S of step j's tile (its first W keys) and its softmax, with no P V under it: step 0 (or with NARROW the
+        // last)
+        auto first = [&](auto width, int j) {
+            const u32 kv = kv0 + j;
+            mbar_wait(k_full(kv % STAGES), ring(kv));
             my_turn();
             arrive();
-            issue_s(kv0, width);
+            issue_s(kv, width);
             your_turn();
             wgmma_wait<0>();
-            release(k_empty(kv0 % STAGES));
-            if (n_tiles == 1) release_q();
-            softmax(tile_at(0, n_tiles), width);
+            release(k_empty(kv % STAGES));
+            if (j == n_tiles - 1) release_q();
+            softmax(tile_at(j, n_tiles), width);
             rescale_and_pack(width);
         };
-        // step j >= 1: S_j under P_{j-1} V_{j-1} (the first W keys of tile j - 1), then S_j's softmax
-        auto step = [&](int j, auto width) {
+        // step j >= 1: S_j under P_{j-1} V_{j-1} (the first W keys of tile j - 1), then S_j's softmax and P_j
+        // (over its first WP keys: pwidth, Bc or NARROW)
+        auto step = [&](int j, auto width, auto pwidth) {
             const u32 kv = kv0 + j;
             mbar_wait(v_full((kv - 1) % STAGES), ring(kv - 1));
             mbar_wait(k_full(kv % STAGES), ring(kv));
@@ -285,20 +291,21 @@ fa3_fp8(const __grid_constant__ TmaMap qmap, const __grid_constant__ TmaMap kmap
             wgmma_wait<1>();
             release(k_empty(kv % STAGES));
             if (j == n_tiles - 1) release_q();
-            softmax(tile_at(j, n_tiles), full);
+            softmax(tile_at(j, n_tiles), pwidth);
             wgmma_wait<0>();
             release(v_empty((kv - 1) % STAGES));
             fence_regs<D / 2>(o);
-            rescale_and_pack(full);
+            rescale_and_pack(pwidth);
         };
-        // the last P V (the first W keys of the last tile); the last turn of the last item: no one waits
-        auto last_pv = [&](auto width) {
-            const u32 kv = kv0 + n_tiles - 1;
+        // P V of step j's tile (its first W keys) with no S over it: the item's last (or with NARROW the one
+        // before); the last turn of the last item: no one waits
+        auto last_pv = [&](auto width, int j) {
+            const u32 kv = kv0 + j;
             mbar_wait(v_full(kv % STAGES), ring(kv));
             my_turn();
             arrive();
             issue_pv(kv, width);
-            if (cw != NCW - 1 || i + items.step < items.total) your_turn();
+            if (cw != NCW - 1 || j < n_tiles - 1 || i + items.step < items.total) your_turn();
             wgmma_wait<0>();
             release(v_empty(kv % STAGES));
             fence_regs<D / 2>(o);
@@ -307,17 +314,30 @@ fa3_fp8(const __grid_constant__ TmaMap qmap, const __grid_constant__ TmaMap kmap
             // the first tile is the partial one: S, softmax and P V over only the keys this warpgroup's rows see
             // there, rounded up to 32 (two dispatches: one over both steps makes ptxas serialise the wgmma)
             const int seen = (CAUSAL ? min(Nk, qg + 64) : Nk) - (n_tiles - 1) * Bc;
-            at_width<32, Bc>(seen, first);
+            at_width<32, Bc>(seen, [&](auto width) { first(width, 0); });
             at_width<32, Bc>(seen, [&](auto width) {
-                if (n_tiles > 1) step(1, width);
-                else last_pv(width);
+                if (n_tiles > 1) step(1, width, full);
+                else last_pv(width, 0);
             });
-            for (int j = 2; j < n_tiles; j++) step(j, full);
-            if (n_tiles > 1) last_pv(full);
+            for (int j = 2; j < n_tiles; j++) step(j, full, full);
+            if (n_tiles > 1) last_pv(full, n_tiles - 1);
+        } else if constexpr (NARROW > 0) {
+            // in order, the last tile (its Nk - (n_tiles - 1) Bc <= NARROW keys, the same for every item without
+            // the mask): its softmax and P V over NARROW keys rather than Bc (its S stays Bc wide: an S of another
+            // width makes ptxas serialise the wgmma)
+            constexpr Width<NARROW> narrow{};
+            if (n_tiles == 1) {
+                first(narrow, 0);
+            } else {
+                first(full, 0);
+                for (int j = 1; j < n_tiles - 1; j++) step(j, full, full);
+                step(n_tiles - 1, full, narrow);
+            }
+            last_pv(narrow, n_tiles - 1);
         } else {
-            first(full);
-            for (int j = 1; j < n_tiles; j++) step(j, full);
-            last_pv(full);
+            first(full, 0);
+            for (int j = 1; j < n_tiles; j++) step(j, full, full);
+            last_pv(full, n_tiles - 1);
         }
         kv0 += n_tiles;
 

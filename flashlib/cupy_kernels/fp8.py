@@ -286,7 +286,7 @@ def forward_fp8_prepared(inp, causal=False, scale=None, out="bfloat16", tiles=No
         raise ValueError(f"fa3_fp8 needs H_kv dividing H and Nq, Nk >= 1; got H={H}, H_kv={Hkv}, Nq={Nq}, Nk={Nk}")
     if torch.cuda.get_device_capability(q8.device) != (9, 0):
         raise ValueError("fa3_fp8 runs on Hopper (compute capability 9.0, sm_90a code) only")
-    cfg = fp8_config(d, causal, tiles, out)
+    cfg = fp8_config(d, causal, tiles, out, Nk)
     scale = check_scale(scale, d)
     q8, k8, vt8, qd, kd, vd = (x.contiguous() for x in (q8, k8, vt8, qd, kd, vd))
     if o is None:

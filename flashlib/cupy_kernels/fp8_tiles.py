@@ -39,6 +39,11 @@ FP8_PERSIST = {64: (False, False), 128: (False, False), 256: (True, False)}
 # 16384: nowhere. TFLOP/s, trim against not, N = 4096 / 16384: d = 128 862 / 902 against 885 / 938, causal 687 / 833
 # against 733 / 869; d = 64 514 / 564 against 514 / 559, causal 431 / 540 against 430 / 539. d = 256: not timed.
 FP8_TRIM = {64: (False, False), 128: (False, False), 256: (False, False)}
+# narrow (a sixth entry, not with the mask, nor with persist (ptxas then serialises the wgmma at d = 128) or trim):
+# the key tiles in order, and the last one, partial where Nk is not a multiple of Bc, run at width NARROW, its keys
+# rounded up to 32 (fa3_fp8.cu's NARROW template argument: one more instance per width, chosen here from Nk). The default per head dim, (not causal, causal):
+# off until a record (fp8_bench.py --narrow) times it faster.
+FP8_NARROW = {64: (False, False), 128: (False, False), 256: (False, False)}
 FP8_OTHER_TILES = {64: ((256, 2, 0), (128, 2, 0), (192, 2, 0)), 128: ((224, 2, 0), (128, 2, 0), (192, 2, 0)),
                    256: ((64, 3, 0), (128, 2, 0), (96, 2, 0))}   # timed beside them
 FP8_EMU = {64: (0, 1, 2, 4, 6), 128: (0, 1, 2, 3, 4)}   # the shares fp8_bench.py --emu times at the default Bc
@@ -49,15 +54,16 @@ FP8_BC = (64, 96, 128, 160, 192, 224, 256)   # key tiles accepted: multiples of 
 FP8_MAX_BC = {64: 256, 128: 224, 256: 128}
 FP8_OUT = {"bfloat16": "__nv_bfloat16", "float16": "__half"}
 SIG_FP8 = "MMMPPPPPiifii"        # maps of q, k, v^T; o, lse, q/k/v descale; Nq, Nk, scale, BH, G
-Fp8Config = namedtuple("Fp8Config", "kernel Br Bc stages threads smem persistent trim", defaults=(False, False))
-TILE_DEFAULTS = (0, False, False)   # emu, persist, trim where a tiles tuple leaves them out
+Fp8Config = namedtuple("Fp8Config", "kernel Br Bc stages threads smem persistent trim narrow",
+                       defaults=(False, False, 0))
+TILE_DEFAULTS = (0, False, False, False)   # emu, persist, trim, narrow where a tiles tuple leaves them out
 
 
 def full_tiles(tiles):
-    """(Bc, stages, emu, persist, trim) of a tiles tuple of 2 to 5 entries, the missing ones from TILE_DEFAULTS
-    (None where the tuple has fewer than 2 or more than 5 entries)."""
+    """(Bc, stages, emu, persist, trim, narrow) of a tiles tuple of 2 to 6 entries, the missing ones from
+    TILE_DEFAULTS (None where the tuple has fewer than 2 or more than 6 entries)."""
     t = tuple(tiles)
-    return t + TILE_DEFAULTS[len(t) - 2:] if 2 <= len(t) <= 5 else None
+    return t + TILE_DEFAULTS[len(t) - 2:] if 2 <= len(t) <= 6 else None
 
 
 def block_bytes(x):
@@ -73,50 +79,67 @@ def smem_fp8(d, Bc, stages):
 
 
 def tile_name(tiles):
-    """The benchmark's name of fa3_fp8 at tiles (Bc, stages[, emu[, persist[, trim]]]): 'fa3_fp8_224x2', with 'e2'
-    added if emu > 0, 'p' if persistent and 't' if trimmed."""
+    """The benchmark's name of fa3_fp8 at tiles (Bc, stages[, emu[, persist[, trim[, narrow]]]]): 'fa3_fp8_224x2',
+    with 'e2' added if emu > 0, 'p' if persistent, 't' if trimmed and 'n' if narrow."""
     t = full_tiles(tiles)
     return (f"fa3_fp8_{t[0]}x{t[1]}" + (f"e{t[2]}" if t[2] else "") + ("p" if t[3] is True else "") +
-            ("t" if t[4] is True else ""))
+            ("t" if t[4] is True else "") + ("n" if t[5] is True else ""))
 
 
-def fp8_config(d, causal, tiles=None, out="bfloat16"):
-    """Fp8Config of fa3_fp8 for head dim d in FP8_HEAD_DIMS, tiles (Bc, stages[, emu[, persist[, trim]]]), the
-    missing entries emu 0, not persistent, not trimmed (default: FP8_TILES[d] with FP8_PERSIST[d][causal] and
-    FP8_TRIM[d][causal]), O's dtype `out` (bfloat16 or float16)."""
+def narrow_width(Nk, Bc):
+    """The width fa3_fp8's NARROW gives the last of the ceil(Nk / Bc) key tiles: its Nk - (tiles - 1) Bc keys
+    rounded up to 32, or 0 (no narrow tile) where that is Bc."""
+    w = -(-(Nk - (-(-Nk // Bc) - 1) * Bc) // 32) * 32
+    return 0 if w >= Bc else w
+
+
+def fp8_config(d, causal, tiles=None, out="bfloat16", Nk=None):
+    """Fp8Config of fa3_fp8 for head dim d in FP8_HEAD_DIMS, tiles (Bc, stages[, emu[, persist[, trim[, narrow]]]]),
+    the missing entries emu 0, not persistent, not trimmed, not narrow (default: FP8_TILES[d] with
+    FP8_PERSIST[d][causal], FP8_TRIM[d][causal] and FP8_NARROW[d][causal]), O's dtype `out` (bfloat16 or float16);
+    Nk, the keys, only where narrow (its width: narrow_width)."""
     if d not in FP8_HEAD_DIMS:
         raise ValueError(f"fa3_fp8 takes head_dim in {FP8_HEAD_DIMS}, got {d!r}")
     if out not in FP8_OUT:
         raise ValueError(f"fa3_fp8 writes O as bfloat16 or float16, got {out!r}")
     causal = check_causal(causal)
-    t = full_tiles(tiles) if tiles is not None else FP8_TILES[d] + (FP8_PERSIST[d][causal], FP8_TRIM[d][causal])
-    Bc, stages, emu, persist, trim = t or (None, 0, 0, False, False)
-    if (Bc not in FP8_BC or stages < 2 or Bc > FP8_MAX_BC[d] or emu not in range(17) or type(persist) is not bool
-            or type(trim) is not bool or (persist and trim)):
-        raise ValueError(f"fa3_fp8 takes tiles (Bc, stages[, emu[, persist[, trim]]]): Bc in {FP8_BC} up to "
-                         f"{FP8_MAX_BC[d]} at d = {d} (the consumers' 240 registers), stages >= 2, emu 0 ... 16, "
-                         f"persist and trim bools, not both True; got {tiles}")
+    t = full_tiles(tiles) if tiles is not None else FP8_TILES[d] + (FP8_PERSIST[d][causal], FP8_TRIM[d][causal],
+                                                                    FP8_NARROW[d][causal])
+    Bc, stages, emu, persist, trim, narrow = t or (None, 0, 0, False, False, False)
+    if (Bc not in FP8_BC or stages < 2 or Bc > FP8_MAX_BC[d] or emu not in range(17) or
+            any(type(x) is not bool for x in (persist, trim, narrow)) or persist + trim + narrow > 1):
+        raise ValueError(f"fa3_fp8 takes tiles (Bc, stages[, emu[, persist[, trim[, narrow]]]]): Bc in {FP8_BC} up "
+                         f"to {FP8_MAX_BC[d]} at d = {d} (the consumers' 240 registers), stages >= 2, emu 0 ... 16, "
+                         f"persist, trim and narrow bools, at most one of them True; got {tiles}")
+    if narrow and (causal or not isinstance(Nk, int) or Nk < 1):
+        raise ValueError(f"fa3_fp8's narrow last key tile is for attention without the causal mask and needs Nk, "
+                         f"the number of keys (an int >= 1); got causal={causal}, Nk={Nk!r}")
+    width = narrow_width(Nk, Bc) if narrow else 0
     smem = smem_fp8(d, Bc, stages)
     if smem > SMEM_OPTIN_BYTES[90]:
         raise ValueError(f"tiles {tiles} at d = {d} need {smem} bytes of shared memory; Hopper allows "
                          f"{SMEM_OPTIN_BYTES[90]}")
-    c, p = ("true" if causal else "false"), (", true" if persist else ", false, true" if trim else "")
+    c = "true" if causal else "false"
+    p = f", false, false, {width}" if width else ", true" if persist else ", false, true" if trim else ""
     return Fp8Config(f"fa3_fp8<{FP8_OUT[out]}, {d}, {Bc}, {stages}, {c}, {emu}{p}>", 128, Bc, stages, 384, smem,
-                     persist, trim)
+                     persist, trim, width)
 
 
-def default_tiles(d, persist, trim=False):
-    """FP8_TILES[d] with persist and trim as the fourth and fifth entries (fp8_bench.py --persist and --trim time
-    them against the plain grid)."""
-    return FP8_TILES[d] + (persist, trim)
+def default_tiles(d, persist, trim=False, narrow=False):
+    """FP8_TILES[d] with persist, trim and narrow as the fourth to sixth entries (fp8_bench.py --persist, --trim and
+    --narrow time them against the plain grid)."""
+    return FP8_TILES[d] + (persist, trim, narrow)
 
 
 def fp8_instances():
     """Kernel name expressions for the compile test: every head dim with its tiles and the other tiles, bf16 O
-    (and fp16 O at the default tiles), causal and not; the default tiles plain, persistent and trimmed."""
+    (and fp16 O at the default tiles), causal and not; the default tiles plain, persistent and trimmed, and narrow
+    at Nk = 4096 where that leaves a partial key tile."""
     outs = ("bfloat16", "float16")
     out = [fp8_config(d, c, t, o).kernel for d in FP8_HEAD_DIMS for t in FP8_OTHER_TILES[d]
            for c in (False, True) for o in outs[:1]]
     out += [fp8_config(d, c, default_tiles(d, p, r), o).kernel for d in FP8_HEAD_DIMS
             for p, r in ((False, False), (True, False), (False, True)) for c in (False, True) for o in outs]
+    out += [fp8_config(d, False, default_tiles(d, False, False, True), o, Nk=4096).kernel for d in FP8_HEAD_DIMS
+            for o in outs if narrow_width(4096, FP8_TILES[d][0])]   # narrow where N = 4096 has a partial tile
     return out
