@@ -18,8 +18,8 @@ Compute's pipe counters at d = 128, N = 4096 (B = 4) for emu 0, 1, 2 (ncu_emu<e>
 the record "fp8_persist_<gpu>" (grid_main): the default tiles with and without the persistent grid, interleaved at
 the same shapes; --trim: "fp8_trim_<gpu>", the same for the trimmed kernel (also at N = 8192); --narrow:
 "fp8_narrow_<gpu>", the same for the narrow last key tile, without the mask. --sanitize: small ragged calls at
-d = 128, default and other tiles, the persistent grid with several items a CTA, and the trimmed and narrow kernels
-(for compute-sanitizer). --sweep [D]: "fp8_sweep_<gpu>" or "fp8_sweep_d256_<gpu>" (sweep_main), other key tiles,
+d = 128, default and other tiles, the persistent grid with several items a CTA, the trimmed and narrow kernels, and
+d = 256's defaults (for compute-sanitizer). --sweep [D]: "fp8_sweep_<gpu>" or "fp8_sweep_d256_<gpu>" (sweep_main), other key tiles,
 stages and shares at d = 128 or 256.
 """
 import argparse
@@ -142,7 +142,8 @@ def quant_main(out, max_seconds):
     import torch
     t = time.time()
     cases = [(d, c) for d in QUANT_DIMS for c in (False, True)]
-    jobs = [lambda d=d, c=c: fp8._launcher(0, fp8_tiles.fp8_config(d, c, None, "float16")) for d, c in cases]
+    cfgs = {fp8_tiles.fp8_config(d, c, None, "float16", Nk=N) for d, c in cases for N in LENGTHS}   # the defaults
+    jobs = [lambda cfg=cfg: fp8._launcher(0, cfg) for cfg in cfgs]
     jobs += [lambda d=d, c=c: tma._launcher(0, tma.fa3_config("float16", d, c)) for d, c in cases]
     jobs += [lambda d=d: fp8._quant_launchers(0, "float16", d) for d in QUANT_DIMS]
     with concurrent.futures.ThreadPoolExecutor(16) as ex:
@@ -282,17 +283,18 @@ def grid_main(which, out, max_seconds):
 SWEEP = {128: ((224, 2, 2, True), (192, 2, 2), (192, 3, 2), (160, 2, 2), (160, 3, 2), (160, 2, 1), (160, 2, 3),
                (128, 2, 2), (128, 3, 2), (128, 4, 2), (128, 2, 1), (128, 2, 3), (160, 3, 2, True), (128, 3, 2, True),
                (224, 3, 2), (224, 3, 2, True), (224, 2, 1, True), (224, 3, 1, True), (192, 4, 2, True)),
-         256: ((64, 2, 0, True), (96, 2, 0), (96, 2, 1), (96, 3, 0), (128, 2, 0), (128, 2, 1), (128, 2, 2),
-               (128, 3, 0), (128, 3, 1), (128, 2, 0, True), (128, 2, 1, True), (128, 3, 0, True))}
+         256: ((128, 2, 1, True), (64, 2, 0), (64, 2, 0, True), (96, 2, 0), (96, 2, 1), (96, 3, 0), (128, 2, 0),
+               (128, 2, 2), (128, 3, 0), (128, 3, 1), (128, 2, 0, True), (128, 3, 0, True), (128, 3, 1, True))}
 SWEEP_RECORD = {128: "fp8_sweep", 256: "fp8_sweep_d256"}
 
 
 def sweep_main(out, max_seconds, d=128):
     """--sweep [D]: the record fp8_sweep_<gpu> (d = 128) or fp8_sweep_d256_<gpu>: at N = 4096 and 16384, causal and
     not, the default tiles beside SWEEP[d] (at d = 128 smaller key tiles waste fewer keys at N = 4096: 19 tiles of
-    224 compute 4256 keys; at d = 256 the 64-key tile is the only one that fits, so stages, exp2 shares and the
-    persistent grid, with rung 7 and cuDNN in fp16 beside them), all interleaved in one run, with each FP8
-    candidate's largest difference from the default's O over the largest |O|."""
+    224 compute 4256 keys; at d = 256 key tiles of 64, 96 and 128, stages, exp2 shares and the persistent grid,
+    with rung 7 and cuDNN in fp16 beside them), all interleaved in one run, with each FP8 candidate's largest
+    difference from the default's O over the largest |O|. The default is the plain grid (FP8_TILES[d]; SWEEP has
+    its persistent twin) and is never narrow."""
     import torch
     import torch.nn.functional as F
     from flashlib._arrays import to_cupy
@@ -414,6 +416,11 @@ def main():
                                    tiles=fp8_tiles.default_tiles(128, False, False, True))
             torch.cuda.synchronize()
             print("sanitize narrow calls done", nk, bool(torch.isfinite(o).all()))
+        q, k, v = _inputs(1, 64, 700, 256)        # d = 256's defaults (persistent without the mask): ragged, 6 x 64 items
+        for c in (False, True):
+            o, _ = fp8.forward_fp8(q, k[:, :8, :333], v[:, :8, :333], causal=c)
+            torch.cuda.synchronize()
+            print("sanitize d = 256 calls done", c, bool(torch.isfinite(o).all()))
         return
     precompile()
     rows = error_table()

@@ -157,7 +157,9 @@ def test_fp8_config():
     assert cfg.smem == 1024 + 128 * 128 + 4 * 128 * 128 + 8 * 10
     assert fp8_tiles.fp8_config(64, False).kernel == "fa3_fp8<__nv_bfloat16, 64, 256, 2, false, 1>"    # the defaults
     assert fp8_tiles.fp8_config(128, True).kernel == "fa3_fp8<__nv_bfloat16, 128, 224, 2, true, 2>"
-    assert fp8_tiles.fp8_config(256, False, out="float16").kernel == "fa3_fp8<__half, 256, 64, 2, false, 0, true>"
+    assert fp8_tiles.fp8_config(256, False, out="float16").kernel == "fa3_fp8<__half, 256, 128, 2, false, 1, true>"
+    assert fp8_tiles.fp8_config(128, False, Nk=4096).narrow == 64 and fp8_tiles.fp8_config(128, False).narrow == 0
+    assert fp8_tiles.fp8_config(128, True, Nk=4096).narrow == 0           # FP8_NARROW's default, where Nk is given
     assert fp8_tiles.fp8_config(128, False, (192, 3, 16)).kernel == "fa3_fp8<__nv_bfloat16, 128, 192, 3, false, 16>"
     assert [fp8_tiles.tile_name(t) for t in ((224, 2, 2), (224, 2, 0), (128, 2))] == [
         "fa3_fp8_224x2e2", "fa3_fp8_224x2", "fa3_fp8_128x2"]
@@ -386,6 +388,21 @@ def test_the_trim_record_sets_the_defaults():
             assert fp8_tiles.FP8_TRIM[d][c] == on, (d, c)
 
 
+def test_the_narrow_record_sets_the_defaults():
+    """fp8_narrow_h200 (benchmarks/fp8_bench.py --narrow): the default tiles with and without the narrow last key
+    tile at d = 64, 128, N = 4096, 8192, 16384, without the mask, giving the same bits; FP8_NARROW is on for
+    (d, not causal) exactly where narrow was faster beyond both spreads at one length at least and slower beyond
+    them at none (never with the mask; d = 256: not timed, off)."""
+    from flashlib import bench
+    rows = [r for r in bench.load("fp8_narrow_h200")["rows"] if r["kind"] == "forward"]
+    t = {(r["d"], r["n"], r["narrow"]): r for r in rows}
+    assert len(t) == 12 and all(r["same_bits"] and not r["causal"] for r in rows)
+    for d in fp8_tiles.FP8_HEAD_DIMS:
+        on = d != 256 and any(_beats(t[(d, n, True)], t[(d, n, False)]) for n in (4096, 8192, 16384)) and \
+            not any(_beats(t[(d, n, False)], t[(d, n, True)]) for n in (4096, 8192, 16384))
+        assert fp8_tiles.FP8_NARROW[d] == (on, False), d
+
+
 def test_the_sweep_record_keeps_the_default_tiles():
     """fp8_sweep_h200 (benchmarks/fp8_bench.py --sweep): at d = 128, N = 4096 and 16384, causal and not, every other
     key tile, stage count and exp2 share of SWEEP beside FP8_TILES[128], interleaved; none is faster than the
@@ -405,7 +422,7 @@ def test_the_sweep_record_keeps_the_default_tiles():
 
 
 def test_the_d256_sweep_keeps_the_default_tiles():
-    """fp8_sweep_d256_h200 (fp8_bench.py --sweep 256): 3 and 4 stages and exp2 shares 1 and 2, plain and
+    """fp8_sweep_d256_h200 (fp8_bench.py --sweep 256): key tiles of 64, 96 and 128, stages and exp2 shares, plain and
     persistent, beside FP8_TILES[256], interleaved with rung 7 and cuDNN in fp16; no other (Bc, stages, emu), taken
     with FP8_PERSIST's grid, is faster than the default beyond both spreads at all four shapes (N = 4096 and 16384,
     causal and not); the FP8 ones agree with the default to FP8's rounding, and all are faster than fp16."""

@@ -14,14 +14,16 @@ FP8_HEAD_DIMS = (64, 128, 256)
 # blocks (block_bytes). emu: of each 16 exponentials of the softmax, how many exp2_fma computes on the FMA pipe
 # rather than MUFU (flash_common.cuh). Tiles from record fp8_forward_h200 (benchmarks/fp8_bench.py; f1ca19b first):
 # the largest Bc that fits was the fastest at every shape, causal or not (d = 128: 224 against 128, 160, 192;
-# d = 64: 256 against 128, 160, 192); Bc = 256 at d = 128 spills (FP8_MAX_BC); d = 256 keeps Bc = 64 (O alone is 128
-# registers); 3 or 4 stages were within 1 % of 2. At d = 256, record fp8_sweep_d256_h200 (fp8_bench.py --sweep 256
-# at 6576757) timed 3 and 4 stages and exp2 shares 1 and 2, plain and persistent, beside (64, 2, 0): none faster at
-# all four shapes (N = 4096 / 16384, causal and not); (64, 2, 0): 919 / 965, causal 810 / 967 TFLOP/s. emu from record fp8_emu_h200 (fp8_bench.py
+# d = 64: 256 against 128, 160, 192); Bc = 256 at d = 128 spills (FP8_MAX_BC); 3 or 4 stages were within 1 % of 2.
+# d = 256: Bc = 128, FlashAttention-3's tile, from the d = 256 sweep (fp8_bench.py --sweep 256; first at d9c787c,
+# logs/fp8_narrow_d256_tiles_h200_d9c787c.txt, TFLOP/s at N = 4096 / 16384): (128, 2, 1) persistent 1174 / 1171
+# without the mask, plain 984 / 1161 with it, against (64, 2, 0)'s 954 / 922 and 847 / 984 (the earlier default:
+# a 64-key tile was thought the only one to fit beside O's 128 registers; ptxas fits 96 and 128); Bc = 96 gave
+# 881-1093; the record fp8_sweep_d256_h200 is the run at the new defaultTFLOP/s. emu from record fp8_emu_h200 (fp8_bench.py
 # --emu at 921a671; TFLOP/s at N = 4096 / 16384): d = 128: emu 2 the fastest causal (740 / 908, emu 0 670 / 818) and
 # within 0.5 % of emu 1 without the mask (869 / 922, emu 0 768 / 805); d = 64: emu 1 the fastest at every shape,
 # 4-6 % above emu 0. More than 2 of 16 was slower again: the FMA pipe's extra instructions then cost issue slots.
-FP8_TILES = {64: (256, 2, 1), 128: (224, 2, 2), 256: (64, 2, 0)}
+FP8_TILES = {64: (256, 2, 1), 128: (224, 2, 2), 256: (128, 2, 1)}
 # persist (a fourth tile entry): fa3_fp8's PERSIST instance, a grid of one CTA per SM over the (query tile, pair)
 # items in rung 7's static order (tma.cuh's WorkItems, config_hopper.fa3_grid). The default per head dim,
 # (not causal, causal): where record fp8_persist_h200 (fp8_bench.py --persist at 485380b) timed it faster at both
@@ -29,7 +31,8 @@ FP8_TILES = {64: (256, 2, 1), 128: (224, 2, 2), 256: (64, 2, 0)}
 # causal 744 / 883 against 735 / 939; d = 64 517 / 547 against 515 / 555, causal 451 / 510 against 428 / 535. (Causal
 # over groups of pairs, for L2, was slower still: logs/persist_h200_d82ceff.txt.) d = 256, from fp8_sweep_d256_h200:
 # without the mask, 939 / 970 against 919 / 965 (an earlier run, logs/fp8_sweep_d256_h200_51cd13b.txt: 944 / 959
-# against 927 / 948); causal 782 / 889 against 810 / 967.
+# against 927 / 948); causal 782 / 889 against 810 / 967. At (128, 2, 1), in d9c787c's sweep: 1174 / 1171 against
+# 1126 / 1119, causal 942 / 1093 against 984 / 1161.
 FP8_PERSIST = {64: (False, False), 128: (False, False), 256: (True, False)}
 # trim (a fifth entry): fa3_fp8's TRIM instance, which walks an item's key tiles from the last down (as
 # FlashAttention-3 does), so that the partial tile (ragged Nk, or the causal diagonal) comes first, and runs its S,
@@ -40,10 +43,15 @@ FP8_PERSIST = {64: (False, False), 128: (False, False), 256: (True, False)}
 # against 733 / 869; d = 64 514 / 564 against 514 / 559, causal 431 / 540 against 430 / 539. d = 256: not timed.
 FP8_TRIM = {64: (False, False), 128: (False, False), 256: (False, False)}
 # narrow (a sixth entry, not with the mask, nor with persist (ptxas then serialises the wgmma at d = 128) or trim):
-# the key tiles in order, and the last one, partial where Nk is not a multiple of Bc, run at width NARROW, its keys
-# rounded up to 32 (fa3_fp8.cu's NARROW template argument: one more instance per width, chosen here from Nk). The default per head dim, (not causal, causal):
-# off until a record (fp8_bench.py --narrow) times it faster.
-FP8_NARROW = {64: (False, False), 128: (False, False), 256: (False, False)}
+# the key tiles in order, and the last one, partial where Nk is not a multiple of Bc, has its softmax and P V over
+# its keys rounded up to 32 (fa3_fp8.cu's NARROW template argument: one more instance per width, chosen from Nk;
+# its S stays Bc wide: a narrower S made ptxas serialise the wgmma), giving the same bits as without it. The default
+# per head dim, (not causal, causal), applied where fp8_config is given Nk: on where record fp8_narrow_h200
+# (fp8_bench.py --narrow at d9c787c; N = 4096, 8192, 16384) timed it faster beyond both spreads at one length and
+# slower beyond them at none: d = 128, 888 -> 907 TFLOP/s at N = 4096 (4096 = 18 x 224 + 64), 958 -> 959 and
+# 973 -> 970 (within the spreads) at 8192 and 16384; d = 64 (Bc = 256 divides all three): the same kernel;
+# d = 256: not timed.
+FP8_NARROW = {64: (False, False), 128: (True, False), 256: (False, False)}
 FP8_OTHER_TILES = {64: ((256, 2, 0), (128, 2, 0), (192, 2, 0)), 128: ((224, 2, 0), (128, 2, 0), (192, 2, 0)),
                    256: ((64, 3, 0), (128, 2, 0), (96, 2, 0))}   # timed beside them
 FP8_EMU = {64: (0, 1, 2, 4, 6), 128: (0, 1, 2, 3, 4)}   # the shares fp8_bench.py --emu times at the default Bc
@@ -96,15 +104,15 @@ def narrow_width(Nk, Bc):
 def fp8_config(d, causal, tiles=None, out="bfloat16", Nk=None):
     """Fp8Config of fa3_fp8 for head dim d in FP8_HEAD_DIMS, tiles (Bc, stages[, emu[, persist[, trim[, narrow]]]]),
     the missing entries emu 0, not persistent, not trimmed, not narrow (default: FP8_TILES[d] with
-    FP8_PERSIST[d][causal], FP8_TRIM[d][causal] and FP8_NARROW[d][causal]), O's dtype `out` (bfloat16 or float16);
-    Nk, the keys, only where narrow (its width: narrow_width)."""
+    FP8_PERSIST[d][causal], FP8_TRIM[d][causal], and FP8_NARROW[d][causal] where Nk is given), O's dtype `out`
+    (bfloat16 or float16); Nk, the number of keys, needed where narrow (its width: narrow_width)."""
     if d not in FP8_HEAD_DIMS:
         raise ValueError(f"fa3_fp8 takes head_dim in {FP8_HEAD_DIMS}, got {d!r}")
     if out not in FP8_OUT:
         raise ValueError(f"fa3_fp8 writes O as bfloat16 or float16, got {out!r}")
     causal = check_causal(causal)
     t = full_tiles(tiles) if tiles is not None else FP8_TILES[d] + (FP8_PERSIST[d][causal], FP8_TRIM[d][causal],
-                                                                    FP8_NARROW[d][causal])
+                                                                    FP8_NARROW[d][causal] and Nk is not None)
     Bc, stages, emu, persist, trim, narrow = t or (None, 0, 0, False, False, False)
     if (Bc not in FP8_BC or stages < 2 or Bc > FP8_MAX_BC[d] or emu not in range(17) or
             any(type(x) is not bool for x in (persist, trim, narrow)) or persist + trim + narrow > 1):
