@@ -1,12 +1,13 @@
 // fa3_fp8.cu: rung 'fa3_fp8', rung 7's forward (fa3_forward.cu) with e4m3 inputs on Hopper (sm_90a only):
 // FlashAttention-3's FP8 path (Shah et al. 2024, section 3.3).
 //
-//   fa3_fp8<OUT, D, Bc, STAGES, CAUSAL, EMU, PERSIST = false, TRIM = false>   OUT = __nv_bfloat16 or __half (O's type), D = 64,
+//   fa3_fp8<OUT, D, Bc, STAGES, CAUSAL, EMU, PERSIST = false, TRIM = false, NARROW = 0>   OUT = __nv_bfloat16 or __half (O's type), D = 64,
 //       128 or 256, Bc keys per K/V tile (a multiple of 32 from 64 to 256: S is m64nBc, Bc / 2 fp32 registers a
 //       thread), STAGES slots in the K/V ring, EMU of each 16 exponentials computed by exp2_fma on the FMA pipe
 //       instead of MUFU (flash_common.cuh); two consumer warpgroups, ping-pong, one CTA per (query tile of Br = 128
 //       rows, pair), or with PERSIST a grid of one CTA per SM looping over those items; TRIM (not with PERSIST)
-//       walks the key tiles from the last down and narrows the partial one (below)
+//       walks the key tiles from the last down and narrows the partial one; NARROW > 0 (without the mask, not with
+//       PERSIST or TRIM) runs the last tile's softmax and P V over its first NARROW keys (below)
 //
 // What changes from rung 7 (whose header describes the producer, the ring, its barriers and the ping-pong):
 //  * Operands are e4m3 (1 byte), products wgmma m64nNk32 e4m3 x e4m3 -> fp32 (WgmmaE4m3 in wgmma.cuh). PTX takes
@@ -41,6 +42,10 @@
 //    registers, W / 32 k32 steps of P V). at_width turns the run-time count into one of Bc / 32 compiled widths.
 //    Two dispatches (the first S and softmax; then the P V under the next S), because ptxas serialises the wgmma
 //    when one spans both.
+//  * NARROW: without the mask every item's last tile has the same Nk - (n_tiles - 1) Bc keys; the host passes them
+//    rounded up to 32 (fp8_tiles.narrow_width), and the tiles stay in order. The last S is still Bc wide (an S of
+//    another width under the P V before it, or alone after it, made ptxas serialise the wgmma: C7511), but its
+//    softmax, P and P V take only NARROW keys. The keys left out are masked otherwise, so O is the same bits.
 // FlashAttention-3 (hopper/ at 0251105) does it otherwise: V row-major is transposed in shared memory by LDSM.T and
 //   STSM, and with V column-major P's bytes are moved between the threads of a quad (byte_perm and shuffles,
 //   permute_Aregs_fp8 in hopper/utils.h); its softmax's Max_offset = 8 for FP8 is the 2^8 above.
@@ -48,9 +53,10 @@
 //    the softmax of one warpgroup must hide under the other's products. EMU of each 16 go to the FMA pipe
 //    (FlashAttention-4's software exp2, for Blackwell; here on Hopper): with 2 of 16 at d = 128 Nsight Compute saw
 //    the tensor pipe's share rise from 43 % to 49 % (record fp8_emu_h200; more than 2 was slower again).
-// Measured: records fp8_forward_h200 and fp8_emu_h200 (benchmarks/fp8_bench.py; the tile choices in fp8_tiles.py's
-//   FP8_TILES comment, the numbers in chapter 8's FP8 section). FlashAttention-3 reports about 1000-1200 TFLOP/s at
-//   d = 128 on the H100.
+// Measured: records fp8_forward_h200, fp8_emu_h200, fp8_narrow_h200 and fp8_sweep_d256_h200 (benchmarks/fp8_bench.py;
+//   the tile choices in fp8_tiles.py's comments, the numbers in chapter 8's FP8 section): on the H200 about 900-980
+//   TFLOP/s at d = 128 and 1150-1175 at d = 256 without the mask. FlashAttention-3 reports 1008 at d = 128 and up
+//   to 1171 at d = 256 on the H100.
 // Arguments: tensor maps of Q (D, Nq, B*H), K (D, Nk, B*H/G) and V^T (Nk32, D, B*H/G), O and lse pointers, the
 //   descale pointers, Nq, Nk, scale, BH, G.
 // Shared memory: Qs, STAGES slots of Ks, STAGES of Vs (V^T tiles), then 2 + 4 STAGES mbarriers (rung 7's: q_full,
