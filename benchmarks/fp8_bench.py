@@ -20,7 +20,7 @@ the same shapes; --trim: "fp8_trim_<gpu>", the same for the trimmed kernel (also
 "fp8_narrow_<gpu>", the same for the narrow last key tile, without the mask. --sanitize: small ragged calls at
 d = 128, default and other tiles, the persistent grid with several items a CTA, the trimmed and narrow kernels, and
 d = 256's defaults (for compute-sanitizer). --sweep [D]: "fp8_sweep_<gpu>" or "fp8_sweep_d256_<gpu>" (sweep_main), other key tiles,
-stages and shares at d = 128 or 256.
+stages and shares at d = 128 or 256, three consumer warpgroups at d = 64.
 """
 import argparse
 import concurrent.futures
@@ -280,19 +280,23 @@ def grid_main(which, out, max_seconds):
                               "interleaved; pre-quantised inputs"))
 
 
-SWEEP = {128: ((224, 2, 2, True), (192, 2, 2), (192, 3, 2), (160, 2, 2), (160, 3, 2), (160, 2, 1), (160, 2, 3),
+SWEEP = {64: ((256, 2, 1, True),) + tuple(t[:3] + (p, False, False, 3) for t, p in (
+                  ((128, 2, 1), False), ((128, 2, 0), False), ((160, 2, 1), False), ((160, 2, 0), False),
+                  ((160, 2, 2), False), ((160, 3, 1), False), ((160, 4, 1), False), ((128, 3, 1), False),
+                  ((160, 2, 1), True), ((128, 2, 1), True))),
+         128: ((224, 2, 2, True), (192, 2, 2), (192, 3, 2), (160, 2, 2), (160, 3, 2), (160, 2, 1), (160, 2, 3),
                (128, 2, 2), (128, 3, 2), (128, 4, 2), (128, 2, 1), (128, 2, 3), (160, 3, 2, True), (128, 3, 2, True),
                (224, 3, 2), (224, 3, 2, True), (224, 2, 1, True), (224, 3, 1, True), (192, 4, 2, True)),
          256: ((128, 2, 1, True), (64, 2, 0), (64, 2, 0, True), (96, 2, 0), (96, 2, 1), (96, 3, 0), (128, 2, 0),
                (128, 2, 2), (128, 3, 0), (128, 3, 1), (128, 2, 0, True), (128, 3, 0, True), (128, 3, 1, True))}
-SWEEP_RECORD = {128: "fp8_sweep", 256: "fp8_sweep_d256"}
+SWEEP_RECORD = {64: "fp8_sweep_d64", 128: "fp8_sweep", 256: "fp8_sweep_d256"}
 
 
 def sweep_main(out, max_seconds, d=128):
     """--sweep [D]: the record fp8_sweep_<gpu> (d = 128) or fp8_sweep_d256_<gpu>: at N = 4096 and 16384, causal and
     not, the default tiles beside SWEEP[d] (at d = 128 smaller key tiles waste fewer keys at N = 4096: 19 tiles of
-    224 compute 4256 keys; at d = 256 key tiles of 64, 96 and 128, stages, exp2 shares and the persistent grid,
-    with rung 7 and cuDNN in fp16 beside them), all interleaved in one run, with each FP8 candidate's largest
+    224 compute 4256 keys; at d = 256 key tiles of 64, 96 and 128, stages, exp2 shares and the persistent grid;
+    at d = 64 three consumer warpgroups; at d = 64 and 256 with rung 7 and cuDNN in fp16 beside them), all interleaved in one run, with each FP8 candidate's largest
     difference from the default's O over the largest |O|. The default is the plain grid (FP8_TILES[d]; SWEEP has
     its persistent twin) and is never narrow."""
     import torch
@@ -304,7 +308,7 @@ def sweep_main(out, max_seconds, d=128):
     with concurrent.futures.ThreadPoolExecutor(16) as ex:
         list(ex.map(lambda c: fp8._launcher(0, c), [fp8_tiles.fp8_config(d, c, t) for c in (False, True)
                                                     for t in cands]))
-        if d == 256:
+        if d != 128:
             list(ex.map(lambda c: tma._launcher(0, tma.fa3_config("float16", d, c)), (False, True)))
     rows = []
     for N in LENGTHS:
@@ -317,7 +321,7 @@ def sweep_main(out, max_seconds, d=128):
                    for t in cands}
             o0 = next(iter(fns.values()))()[0].float()
             diffs = {n: float((f()[0].float() - o0).abs().max() / o0.abs().max()) for n, f in fns.items()}
-            if d == 256:   # fp16 beside it: rung 7 and cuDNN (no max_rel_diff: FP8's own error is in it)
+            if d != 128:   # fp16 beside it: rung 7 and cuDNN (no max_rel_diff: FP8's own error is in it)
                 fns["rung7_fp16"] = lambda: tma.forward_fa3(qc, kc, vc, causal, d ** -0.5)
                 fns["sdpa_cudnn_fp16"] = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal)
             stats = compare(fns, host=False, min_rounds=10, max_rounds=30, rel_tol=0.01, max_seconds=max_seconds,

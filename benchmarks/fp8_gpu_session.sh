@@ -4,7 +4,7 @@
 # passes and end to end (--quant: record fp8_quant), the exp2 shares with ncu (--emu: record fp8_emu), the persistent
 # grid against the other (--persist: record fp8_persist), the trimmed kernel against the plain one (--trim: record
 # fp8_trim), the narrow last tile (--narrow: record fp8_narrow), other key tiles at d = 128 (--sweep: record
-# fp8_sweep; sweep256: fp8_sweep_d256); STEPS picks them (default "test bench quant emu"). With
+# fp8_sweep; sweep256: fp8_sweep_d256; sweep64: fp8_sweep_d64); STEPS picks them (default "test bench quant emu"). With
 # SANITIZE=1 compute-sanitizer memcheck on small ragged calls (the persistent grid's too), with SYNC=1 synccheck and
 # racecheck on them. Each step has its own time limit, so that a hang in one still leaves the others' logs under $OUT.
 cd "$(dirname "$0")/.."
@@ -37,6 +37,10 @@ fi
 if has sweep256; then
   timeout -k 5 ${T_SWEEP:-240} python3 benchmarks/fp8_bench.py --sweep 256 --max-seconds 4 --out "$OUT" > "$OUT/sweep256.log" 2>&1
   echo "sweep256 rc=$?" | tee -a "$OUT/env.txt"; grep -v Warning "$OUT/sweep256.log" | tail -8 | cut -c1-900
+fi
+if has sweep64; then
+  timeout -k 5 ${T_SWEEP:-240} python3 benchmarks/fp8_bench.py --sweep 64 --max-seconds 4 --out "$OUT" > "$OUT/sweep64.log" 2>&1
+  echo "sweep64 rc=$?" | tee -a "$OUT/env.txt"; grep -v Warning "$OUT/sweep64.log" | tail -8 | cut -c1-900
 fi
 if has bench; then
   timeout -k 5 ${T_BENCH:-95} python3 benchmarks/fp8_bench.py --out "$OUT" > "$OUT/bench.log" 2>&1

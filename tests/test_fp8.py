@@ -199,7 +199,7 @@ def test_fp8_config():
     assert cfg.kernel == "fa3_fp8<__nv_bfloat16, 128, 224, 2, true, 2, false, true>" and cfg.trim
     assert not cfg.persistent and cfg.smem == fp8_tiles.fp8_config(128, True, (224, 2, 2)).smem
     assert fp8_tiles.tile_name((224, 2, 2, False, True)) == "fa3_fp8_224x2e2t"
-    assert fp8_tiles.default_tiles(128, False, True) == (224, 2, 2, False, True, False)
+    assert fp8_tiles.default_tiles(128, False, True) == (224, 2, 2, False, True, False, 2)
     for bad in ((224, 2, 2, True, True), (224, 2, 2, False, 1), (224, 2, 2, False, True, 0),
                 (224, 2, 2, False, True, True), (224, 2, 2, True, False, True), (224, 2, 2, False, False, 1),
                 (224, 2, 2, False, False, True, 0)):
@@ -214,6 +214,17 @@ def test_fp8_config():
     assert fp8_tiles.fp8_config(128, False, (224, 2, 2, False, False, True), Nk=448) == \
         fp8_tiles.fp8_config(128, False, (224, 2, 2))                            # no partial tile: the plain kernel
     assert fp8_tiles.tile_name((224, 2, 2, False, False, True)) == "fa3_fp8_224x2e2n"
+    cfg = fp8_tiles.fp8_config(64, True, (160, 2, 1, True, False, False, 3))         # three consumer warpgroups
+    assert cfg.kernel == "fa3_fp8<__nv_bfloat16, 64, 160, 2, true, 1, true, false, 0, 3>"
+    assert (cfg.Br, cfg.threads, cfg.smem) == (192, 512, 1024 + 192 * 64 + 4 * 160 * 64 + 8 * 10)
+    assert tma.fa3_grid(cfg._replace(persistent=False), 385, 7, 132) == (3, 7, 1)   # ceil(385 / 192) query tiles
+    assert fp8_tiles.fp8_config(64, False, (160, 2, 1, False, False, True, 3), Nk=4128).kernel == \
+        "fa3_fp8<__nv_bfloat16, 64, 160, 2, false, 1, false, false, 128, 3>"
+    assert fp8_tiles.tile_name((160, 2, 1, True, False, False, 3)) == "fa3_fp8_160x2e1pw3"
+    for d, t in ((64, (192, 2, 1, False, False, False, 3)), (128, (128, 2, 1, False, False, False, 3)),
+                 (64, (128, 2, 1, False, False, False, 4)), (64, (128, 2, 1, False, False, False, 3, 0))):
+        with pytest.raises(ValueError, match=r"or with 3 \(160 each\) at d in \(64,\) up to \(160,\)"):
+            fp8_tiles.fp8_config(d, False, t)
     for c, nk in ((True, 4096), (False, None), (False, 0), (False, 4096.0)):
         with pytest.raises(ValueError, match="without the causal mask and needs Nk"):
             fp8_tiles.fp8_config(128, c, (224, 2, 2, False, False, True), Nk=nk)

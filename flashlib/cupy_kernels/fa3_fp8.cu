@@ -122,8 +122,8 @@ template <int W, int Bc, typename F> __device__ __forceinline__ void at_width(in
 }
 
 template <typename OUT, int D, int Bc, int STAGES, bool CAUSAL, int EMU, bool PERSIST = false, bool TRIM = false,
-          int NARROW = 0>
-__global__ void __launch_bounds__(384, 1)
+          int NARROW = 0, int NCW = 2>
+__global__ void __launch_bounds__(128 * (NCW + 1), 1)
 fa3_fp8(const __grid_constant__ TmaMap qmap, const __grid_constant__ TmaMap kmap, const __grid_constant__ TmaMap vmap,
         OUT* __restrict__ O, float* __restrict__ L, const float* __restrict__ qd, const float* __restrict__ kd,
         const float* __restrict__ vd, int Nq, int Nk, float scale, int BH, int G) {
@@ -131,7 +131,8 @@ fa3_fp8(const __grid_constant__ TmaMap qmap, const __grid_constant__ TmaMap kmap
                   "S: m64nBc, Bc a multiple of 32 from 64 to 256; O: m64n64 or m64n128 per 128 columns");
     static_assert(NARROW == 0 || (!CAUSAL && !PERSIST && !TRIM && NARROW % 32 == 0 && NARROW < Bc),
                   "NARROW: the last key tile's width without the mask, a multiple of 32 below Bc");
-    constexpr int NCW = 2, Br = 128, TILE = Bc * D, QTILE = Br * D, DN = D < 128 ? D : 128;
+    static_assert(NCW == 2 || NCW == 3, "two or three consumer warpgroups");
+    constexpr int Br = 64 * NCW, TILE = Bc * D, QTILE = Br * D, DN = D < 128 ? D : 128;
     extern __shared__ __align__(128) unsigned char smem_raw[];
     unsigned char* Qs = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
     const u32 qs0 = smem_addr(Qs), ks0 = qs0 + QTILE, vs0 = ks0 + STAGES * TILE, bar0 = vs0 + STAGES * TILE;

@@ -52,7 +52,12 @@ FP8_TRIM = {64: (False, False), 128: (False, False), 256: (False, False)}
 # 973 -> 970 (within the spreads) at 8192 and 16384; d = 64 (Bc = 256 divides all three): the same kernel;
 # d = 256: not timed.
 FP8_NARROW = {64: (False, False), 128: (True, False), 256: (False, False)}
-FP8_OTHER_TILES = {64: ((256, 2, 0), (128, 2, 0), (192, 2, 0)), 128: ((224, 2, 0), (128, 2, 0), (192, 2, 0)),
+# consumers (a seventh entry): two consumer warpgroups (Br = 128 query rows) or three (Br = 192, 160 registers each
+# rather than 240: d = 64 only, Bc up to FP8_MAX_BC3; FlashAttention-3's FP8 tile at d = 64 is 192 x 160,
+# hopper/tile_size.h). The default per head dim: two, until a record (fp8_bench.py --sweep 64) times three faster.
+FP8_CONSUMERS = {64: 2, 128: 2, 256: 2}
+FP8_MAX_BC3 = {64: 160}   # ptxas -v: none spilled at 96-160 keys; 192 spilled 208 bytes; 224 failed to assemble
+FP8_OTHER_TILES = {64: ((256, 2, 0), (128, 2, 0), (192, 2, 0), (160, 2, 1, False, False, False, 3)), 128: ((224, 2, 0), (128, 2, 0), (192, 2, 0)),
                    256: ((64, 3, 0), (128, 2, 0), (96, 2, 0))}   # timed beside them
 FP8_EMU = {64: (0, 1, 2, 4, 6), 128: (0, 1, 2, 3, 4)}   # the shares fp8_bench.py --emu times at the default Bc
 FP8_BC = (64, 96, 128, 160, 192, 224, 256)   # key tiles accepted: multiples of 32 (V^T's key permutation) the GPU checked
@@ -64,14 +69,14 @@ FP8_OUT = {"bfloat16": "__nv_bfloat16", "float16": "__half"}
 SIG_FP8 = "MMMPPPPPiifii"        # maps of q, k, v^T; o, lse, q/k/v descale; Nq, Nk, scale, BH, G
 Fp8Config = namedtuple("Fp8Config", "kernel Br Bc stages threads smem persistent trim narrow",
                        defaults=(False, False, 0))
-TILE_DEFAULTS = (0, False, False, False)   # emu, persist, trim, narrow where a tiles tuple leaves them out
+TILE_DEFAULTS = (0, False, False, False, 2)   # emu, persist, trim, narrow, consumers where a tiles tuple leaves them out
 
 
 def full_tiles(tiles):
-    """(Bc, stages, emu, persist, trim, narrow) of a tiles tuple of 2 to 6 entries, the missing ones from
-    TILE_DEFAULTS (None where the tuple has fewer than 2 or more than 6 entries)."""
+    """(Bc, stages, emu, persist, trim, narrow, consumers) of a tiles tuple of 2 to 7 entries, the missing ones from
+    TILE_DEFAULTS (None where the tuple has fewer than 2 or more than 7 entries)."""
     t = tuple(tiles)
-    return t + TILE_DEFAULTS[len(t) - 2:] if 2 <= len(t) <= 6 else None
+    return t + TILE_DEFAULTS[len(t) - 2:] if 2 <= len(t) <= 7 else None
 
 
 def block_bytes(x):
@@ -80,18 +85,19 @@ def block_bytes(x):
     return 128 if x % 128 == 0 else 64 if x % 64 == 0 else 32
 
 
-def smem_fp8(d, Bc, stages):
-    """Dynamic shared memory of fa3_fp8: 1 KB alignment slack, Q (128 x d bytes), `stages` K and V^T tiles (Bc x d
-    bytes each), 2 + 4 stages mbarriers."""
-    return 1024 + 128 * d + 2 * stages * Bc * d + 8 * (2 + 4 * stages)
+def smem_fp8(d, Bc, stages, ncw=2):
+    """Dynamic shared memory of fa3_fp8: 1 KB alignment slack, Q (Br = 64 ncw rows x d bytes), `stages` K and V^T
+    tiles (Bc x d bytes each), 2 + 4 stages mbarriers."""
+    return 1024 + 64 * ncw * d + 2 * stages * Bc * d + 8 * (2 + 4 * stages)
 
 
 def tile_name(tiles):
-    """The benchmark's name of fa3_fp8 at tiles (Bc, stages[, emu[, persist[, trim[, narrow]]]]): 'fa3_fp8_224x2',
-    with 'e2' added if emu > 0, 'p' if persistent, 't' if trimmed and 'n' if narrow."""
+    """The benchmark's name of fa3_fp8 at tiles (Bc, stages[, emu[, persist[, trim[, narrow[, consumers]]]]]):
+    'fa3_fp8_224x2', with 'e2' added if emu > 0, 'p' if persistent, 't' if trimmed, 'n' if narrow and 'w3' with
+    three consumer warpgroups."""
     t = full_tiles(tiles)
     return (f"fa3_fp8_{t[0]}x{t[1]}" + (f"e{t[2]}" if t[2] else "") + ("p" if t[3] is True else "") +
-            ("t" if t[4] is True else "") + ("n" if t[5] is True else ""))
+            ("t" if t[4] is True else "") + ("n" if t[5] is True else "") + (f"w{t[6]}" if t[6] != 2 else ""))
 
 
 def narrow_width(Nk, Bc):
@@ -102,41 +108,49 @@ def narrow_width(Nk, Bc):
 
 
 def fp8_config(d, causal, tiles=None, out="bfloat16", Nk=None):
-    """Fp8Config of fa3_fp8 for head dim d in FP8_HEAD_DIMS, tiles (Bc, stages[, emu[, persist[, trim[, narrow]]]]),
-    the missing entries emu 0, not persistent, not trimmed, not narrow (default: FP8_TILES[d] with
-    FP8_PERSIST[d][causal], FP8_TRIM[d][causal], and FP8_NARROW[d][causal] where Nk is given), O's dtype `out`
+    """Fp8Config of fa3_fp8 for head dim d in FP8_HEAD_DIMS, tiles (Bc, stages[, emu[, persist[, trim[, narrow[,
+    consumers]]]]]), the missing entries emu 0, not persistent, not trimmed, not narrow, two consumer warpgroups
+    (default: FP8_TILES[d] with
+    FP8_PERSIST[d][causal], FP8_TRIM[d][causal], FP8_NARROW[d][causal] where Nk is given, and FP8_CONSUMERS[d]), O's
+    dtype `out`
     (bfloat16 or float16); Nk, the number of keys, needed where narrow (its width: narrow_width)."""
     if d not in FP8_HEAD_DIMS:
         raise ValueError(f"fa3_fp8 takes head_dim in {FP8_HEAD_DIMS}, got {d!r}")
     if out not in FP8_OUT:
         raise ValueError(f"fa3_fp8 writes O as bfloat16 or float16, got {out!r}")
     causal = check_causal(causal)
-    t = full_tiles(tiles) if tiles is not None else FP8_TILES[d] + (FP8_PERSIST[d][causal], FP8_TRIM[d][causal],
-                                                                    FP8_NARROW[d][causal] and Nk is not None)
-    Bc, stages, emu, persist, trim, narrow = t or (None, 0, 0, False, False, False)
-    if (Bc not in FP8_BC or stages < 2 or Bc > FP8_MAX_BC[d] or emu not in range(17) or
+    t = full_tiles(tiles if tiles is not None else FP8_TILES[d] + (
+        FP8_PERSIST[d][causal], FP8_TRIM[d][causal], FP8_NARROW[d][causal] and Nk is not None, FP8_CONSUMERS[d]))
+    Bc, stages, emu, persist, trim, narrow, ncw = t or (None, 0, 0, False, False, False, 0)
+    max_bc = FP8_MAX_BC[d] if ncw == 2 else FP8_MAX_BC3.get(d, 0) if ncw == 3 else 0
+    if (Bc not in FP8_BC or stages < 2 or Bc > max_bc or emu not in range(17) or
             any(type(x) is not bool for x in (persist, trim, narrow)) or persist + trim + narrow > 1):
-        raise ValueError(f"fa3_fp8 takes tiles (Bc, stages[, emu[, persist[, trim[, narrow]]]]): Bc in {FP8_BC} up "
-                         f"to {FP8_MAX_BC[d]} at d = {d} (the consumers' 240 registers), stages >= 2, emu 0 ... 16, "
-                         f"persist, trim and narrow bools, at most one of them True; got {tiles}")
+        raise ValueError(f"fa3_fp8 takes tiles (Bc, stages[, emu[, persist[, trim[, narrow[, consumers]]]]]): Bc in "
+                         f"{FP8_BC} up to {FP8_MAX_BC[d]} at d = {d} with 2 consumer warpgroups (240 registers "
+                         f"each), or with 3 (160 each) at d in {tuple(FP8_MAX_BC3)} up to {tuple(FP8_MAX_BC3.values())}, "
+                         f"stages >= 2, emu 0 ... 16, persist, trim and "
+                         f"narrow bools, at most one of them True; got {tiles}")
     if narrow and (causal or not isinstance(Nk, int) or Nk < 1):
         raise ValueError(f"fa3_fp8's narrow last key tile is for attention without the causal mask and needs Nk, "
                          f"the number of keys (an int >= 1); got causal={causal}, Nk={Nk!r}")
     width = narrow_width(Nk, Bc) if narrow else 0
-    smem = smem_fp8(d, Bc, stages)
+    smem = smem_fp8(d, Bc, stages, ncw)
     if smem > SMEM_OPTIN_BYTES[90]:
         raise ValueError(f"tiles {tiles} at d = {d} need {smem} bytes of shared memory; Hopper allows "
                          f"{SMEM_OPTIN_BYTES[90]}")
     c = "true" if causal else "false"
-    p = f", false, false, {width}" if width else ", true" if persist else ", false, true" if trim else ""
-    return Fp8Config(f"fa3_fp8<{FP8_OUT[out]}, {d}, {Bc}, {stages}, {c}, {emu}{p}>", 128, Bc, stages, 384, smem,
-                     persist, trim, width)
+    if ncw != 2:
+        p = f", {str(persist).lower()}, {str(trim).lower()}, {width}, {ncw}"
+    else:
+        p = f", false, false, {width}" if width else ", true" if persist else ", false, true" if trim else ""
+    return Fp8Config(f"fa3_fp8<{FP8_OUT[out]}, {d}, {Bc}, {stages}, {c}, {emu}{p}>", 64 * ncw, Bc, stages,
+                     128 * (ncw + 1), smem, persist, trim, width)
 
 
 def default_tiles(d, persist, trim=False, narrow=False):
     """FP8_TILES[d] with persist, trim and narrow as the fourth to sixth entries (fp8_bench.py --persist, --trim and
-    --narrow time them against the plain grid)."""
-    return FP8_TILES[d] + (persist, trim, narrow)
+    --narrow time them against the plain grid) and FP8_CONSUMERS[d] as the seventh."""
+    return FP8_TILES[d] + (persist, trim, narrow, FP8_CONSUMERS[d])
 
 
 def fp8_instances():
