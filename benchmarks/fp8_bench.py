@@ -53,7 +53,7 @@ def precompile():
     """The fp8 kernels (default and other tiles) and rung 7's fp16 ping-pong ones, compiled in parallel threads."""
     t = time.time()
     cfgs = [fp8_tiles.fp8_config(d, c, x) for d in DIMS for c in (False, True)
-            for x in (None,) + fp8_tiles.FP8_OTHER_TILES[d]]
+            for x in (fp8_tiles.default_tiles(d, False),) + fp8_tiles.FP8_OTHER_TILES[d]]
     r7 = [tma.fa3_config("float16", d, c) for d in DIMS for c in (False, True)]
     with concurrent.futures.ThreadPoolExecutor(16) as ex:
         list(ex.map(lambda c: fp8._launcher(0, c), cfgs))
@@ -62,7 +62,8 @@ def precompile():
 
 
 def time_shape(d, N, causal, max_seconds):
-    """Rows {impl, ms, tflops, ...} for one shape: fa3_fp8 (tiles), rung 7 fp16, cuDNN fp16; and the host passes."""
+    """Rows {impl, ms, tflops, ...} for one shape: fa3_fp8 (the default tiles and consumers on the plain grid, and
+    the other tiles), rung 7 fp16, cuDNN fp16; and the host passes."""
     import torch
     from flashlib._arrays import to_cupy
     from flashlib.bench.timing import compare
@@ -73,7 +74,7 @@ def time_shape(d, N, causal, max_seconds):
     qc, kc, vc = (to_cupy(t) for t in (q, k, v))
     scale = d ** -0.5
     fns = {fp8_tiles.tile_name(x): (lambda x=x: fp8.forward_fp8_prepared(inp, causal, scale, tiles=x))
-           for x in (fp8_tiles.FP8_TILES[d],) + fp8_tiles.FP8_OTHER_TILES[d]}
+           for x in (fp8_tiles.default_tiles(d, False),) + fp8_tiles.FP8_OTHER_TILES[d]}
     fns["rung7_fp16"] = lambda: tma.forward_fa3(qc, kc, vc, causal, scale)
     fns["sdpa_cudnn_fp16"] = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
     contexts = {"sdpa_cudnn_fp16": lambda: sdpa_kernel(SDPBackend.CUDNN_ATTENTION)}

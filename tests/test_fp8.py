@@ -155,7 +155,8 @@ def test_fp8_config():
     cfg = fp8_tiles.fp8_config(128, True, (128, 2))
     assert cfg.kernel == "fa3_fp8<__nv_bfloat16, 128, 128, 2, true, 0>" and (cfg.Br, cfg.Bc, cfg.threads) == (128, 128, 384)
     assert cfg.smem == 1024 + 128 * 128 + 4 * 128 * 128 + 8 * 10
-    assert fp8_tiles.fp8_config(64, False).kernel == "fa3_fp8<__nv_bfloat16, 64, 256, 2, false, 1>"    # the defaults
+    assert fp8_tiles.fp8_config(64, False).kernel == \
+        "fa3_fp8<__nv_bfloat16, 64, 160, 2, false, 1, true, false, 0, 3>"                        # the defaults
     assert fp8_tiles.fp8_config(128, True).kernel == "fa3_fp8<__nv_bfloat16, 128, 224, 2, true, 2>"
     assert fp8_tiles.fp8_config(256, False, out="float16").kernel == "fa3_fp8<__half, 256, 128, 2, false, 1, true>"
     assert fp8_tiles.fp8_config(128, False, Nk=4096).narrow == 64 and fp8_tiles.fp8_config(128, False).narrow == 0
@@ -320,7 +321,7 @@ def test_the_h200_record_holds_what_the_docstrings_say():
             fwd[(r["d"], r["n"], r["causal"])][r["impl"]] = r["tflops"]
     assert len(fwd) == 8
     for (d, n, causal), t in fwd.items():
-        mine = t[fp8_tiles.tile_name(fp8_tiles.FP8_TILES[d])]
+        mine = t[fp8_tiles.tile_name(fp8_tiles.default_tiles(d, False))]
         assert mine >= 0.99 * max(v for k, v in t.items() if k.startswith("fa3_fp8_")), (d, n, causal, t)
         assert mine >= (1.015 if d == 128 else 1.06) * t["fa3_fp8_128x2"], (d, n, causal, t)
         if d == 128:
@@ -435,45 +436,58 @@ def test_the_sweep_record_keeps_the_default_tiles():
             assert not all(wins), (impl, c)
 
 
-def test_the_d256_sweep_keeps_the_default_tiles():
-    """fp8_sweep_d256_h200 (fp8_bench.py --sweep 256): key tiles of 64, 96 and 128, stages and exp2 shares, plain and
-    persistent, beside FP8_TILES[256], interleaved with rung 7 and cuDNN in fp16; no other (Bc, stages, emu), taken
-    with FP8_PERSIST's grid, is faster than the default beyond both spreads at all four shapes (N = 4096 and 16384,
-    causal and not); the FP8 ones agree with the default to FP8's rounding, and all are faster than fp16."""
+def _base(tiles):
+    """(Bc, stages, emu, consumers) of a record's tiles entry (records before the seventh entry: two consumers)."""
+    t = fp8_tiles.full_tiles(tiles)
+    return t[:3] + (t[6],)
+
+
+@pytest.mark.parametrize("d", (64, 256))
+def test_the_sweep_record_sets_the_default_tiles(d):
+    """fp8_sweep_d64_h200 and fp8_sweep_d256_h200 (fp8_bench.py --sweep 64 / 256): other key tiles, stages, exp2
+    shares and consumer warpgroups, plain and persistent, beside the default tiles, interleaved with rung 7 and
+    cuDNN in fp16; no other (Bc, stages, emu, consumers), taken with FP8_PERSIST's grid, is faster than the default
+    beyond both spreads at all four shapes (N = 4096 and 16384, causal and not); the FP8 ones agree with the default
+    to FP8's rounding, and the default is faster than both fp16 kernels everywhere."""
     from flashlib import bench
-    rec = bench.load("fp8_sweep_d256_h200")
-    assert tuple(rec["info"]["tiles"]["256"]) == fp8_tiles.FP8_TILES[256]
+    rec = bench.load(f"fp8_sweep_d{d}_h200")
+    mine = fp8_tiles.FP8_TILES[d] + (fp8_tiles.FP8_CONSUMERS[d],)
+    assert tuple(rec["info"]["tiles"][str(d)]) == fp8_tiles.FP8_TILES[d]
     rows = {(r["n"], r["causal"], r["impl"]): r for r in rec["rows"] if r["kind"] == "forward"}
     fp8_rows = [r for r in rows.values() if r["tiles"] is not None]
     assert len(fp8_rows) == 4 * (1 + len(rec["info"]["sweep"])) and all(r["max_rel_diff"] < 0.05 for r in fp8_rows)
-    base = lambda r: tuple(r["tiles"][:3])
-    for b in {base(r) for r in fp8_rows} - {fp8_tiles.FP8_TILES[256]}:
+    name = lambda b, p: fp8_tiles.tile_name(b[:3] + (p, False, False, b[3]))
+    for b in {_base(r["tiles"]) for r in fp8_rows} - {mine}:
         wins = []
         for n in (4096, 16384):
             for c in (False, True):
-                p = fp8_tiles.FP8_PERSIST[256][c]
-                mine, other = (rows.get((n, c, fp8_tiles.tile_name(x + (p,)))) for x in (fp8_tiles.FP8_TILES[256], b))
-                wins.append(other is not None and _beats(other, mine))   # a grid the sweep did not time: no win
-                assert mine["tflops"] > max(rows[(n, c, f)]["tflops"] for f in ("rung7_fp16", "sdpa_cudnn_fp16"))
+                p = fp8_tiles.FP8_PERSIST[d][c]
+                ours, other = rows[(n, c, name(mine, p))], rows.get((n, c, name(b, p)))
+                wins.append(other is not None and _beats(other, ours))   # a grid the sweep did not time: no win
+                assert ours["tflops"] > max(rows[(n, c, f)]["tflops"] for f in ("rung7_fp16", "sdpa_cudnn_fp16"))
         assert not all(wins), b
 
 
 def test_the_persist_record_sets_the_defaults():
-    """fp8_persist_h200 (benchmarks/fp8_bench.py --persist): the default tiles with and without the persistent grid
-    at d = 64, 128, N = 4096, 16384, causal and not, both giving the same bits at every shape (d = 256: the two in
-    fp8_sweep_d256_h200); FP8_PERSIST is on for (d, causal) exactly where the persistent grid's median was faster
-    at both lengths."""
+    """fp8_persist_h200 (benchmarks/fp8_bench.py --persist) at d = 128, and the sweeps' default tiles plain and
+    persistent at d = 64 and 256 (fp8_sweep_d64_h200, fp8_sweep_d256_h200), at N = 4096, 16384, causal and not,
+    both grids giving the same bits; FP8_PERSIST is on for (d, causal) exactly where the persistent grid's median
+    was faster at both lengths."""
     from flashlib import bench
     rows = bench.load("fp8_persist_h200")["rows"]
-    t = {(r["d"], r["n"], r["causal"], r["persist"]): r["tflops"] for r in rows if r["kind"] == "forward"}
-    assert len(t) == 16 and all(r["same_bits"] for r in rows)
-    for r in bench.load("fp8_sweep_d256_h200")["rows"]:           # d = 256: the sweep's plain and persistent (64, 2, 0)
-        for p in (False, True):
-            if r["impl"] == fp8_tiles.tile_name(fp8_tiles.default_tiles(256, p)):
-                assert r["max_rel_diff"] == 0.0                 # the same bits
-                t[(256, r["n"], r["causal"], p)] = r["tflops"]
+    t = {(r["d"], r["n"], r["causal"], r["persist"]): r["tflops"] for r in rows if r["kind"] == "forward" and
+         r["d"] == 128}
+    assert len(t) == 8 and all(r["same_bits"] for r in rows)
+    for d in (64, 256):                                          # the sweep's plain and persistent default
+        for r in bench.load(f"fp8_sweep_d{d}_h200")["rows"]:
+            for p in (False, True):
+                if r["impl"] == fp8_tiles.tile_name(fp8_tiles.default_tiles(d, p)):
+                    assert r["max_rel_diff"] == 0.0                 # the same bits as the plain default
+                    t[(d, r["n"], r["causal"], p)] = r["tflops"]
     assert len(t) == 24
     for d in fp8_tiles.FP8_HEAD_DIMS:
         for c in (False, True):
             faster = all(t[(d, n, c, True)] > t[(d, n, c, False)] for n in (4096, 16384))
             assert fp8_tiles.FP8_PERSIST[d][c] == faster, (d, c, {k: v for k, v in t.items() if k[0] == d})
+
+

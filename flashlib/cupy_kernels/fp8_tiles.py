@@ -23,7 +23,7 @@ FP8_HEAD_DIMS = (64, 128, 256)
 # --emu at 921a671; TFLOP/s at N = 4096 / 16384): d = 128: emu 2 the fastest causal (740 / 908, emu 0 670 / 818) and
 # within 0.5 % of emu 1 without the mask (869 / 922, emu 0 768 / 805); d = 64: emu 1 the fastest at every shape,
 # 4-6 % above emu 0. More than 2 of 16 was slower again: the FMA pipe's extra instructions then cost issue slots.
-FP8_TILES = {64: (256, 2, 1), 128: (224, 2, 2), 256: (128, 2, 1)}
+FP8_TILES = {64: (160, 2, 1), 128: (224, 2, 2), 256: (128, 2, 1)}
 # persist (a fourth tile entry): fa3_fp8's PERSIST instance, a grid of one CTA per SM over the (query tile, pair)
 # items in rung 7's static order (tma.cuh's WorkItems, config_hopper.fa3_grid). The default per head dim,
 # (not causal, causal): where record fp8_persist_h200 (fp8_bench.py --persist at 485380b) timed it faster at both
@@ -33,7 +33,7 @@ FP8_TILES = {64: (256, 2, 1), 128: (224, 2, 2), 256: (128, 2, 1)}
 # without the mask, 939 / 970 against 919 / 965 (an earlier run, logs/fp8_sweep_d256_h200_51cd13b.txt: 944 / 959
 # against 927 / 948); causal 782 / 889 against 810 / 967. At (128, 2, 1), in d9c787c's sweep: 1174 / 1171 against
 # 1126 / 1119, causal 942 / 1093 against 984 / 1161.
-FP8_PERSIST = {64: (False, False), 128: (False, False), 256: (True, False)}
+FP8_PERSIST = {64: (True, False), 128: (False, False), 256: (True, False)}
 # trim (a fifth entry): fa3_fp8's TRIM instance, which walks an item's key tiles from the last down (as
 # FlashAttention-3 does), so that the partial tile (ragged Nk, or the causal diagonal) comes first, and runs its S,
 # softmax and P V over only the keys the warpgroup's rows see there, rounded up to 32 (fa3_fp8.cu's at_width). Not
@@ -55,9 +55,10 @@ FP8_NARROW = {64: (False, False), 128: (True, False), 256: (False, False)}
 # consumers (a seventh entry): two consumer warpgroups (Br = 128 query rows) or three (Br = 192, 160 registers each
 # rather than 240: d = 64 only, Bc up to FP8_MAX_BC3; FlashAttention-3's FP8 tile at d = 64 is 192 x 160,
 # hopper/tile_size.h). The default per head dim: two, until a record (fp8_bench.py --sweep 64) times three faster.
-FP8_CONSUMERS = {64: 2, 128: 2, 256: 2}
+FP8_CONSUMERS = {64: 3, 128: 2, 256: 2}
 FP8_MAX_BC3 = {64: 160}   # ptxas -v: none spilled at 96-160 keys; 192 spilled 208 bytes; 224 failed to assemble
-FP8_OTHER_TILES = {64: ((256, 2, 0), (128, 2, 0), (192, 2, 0), (160, 2, 1, False, False, False, 3)), 128: ((224, 2, 0), (128, 2, 0), (192, 2, 0)),
+FP8_OTHER_TILES = {64: ((160, 2, 0, False, False, False, 3), (128, 2, 0), (256, 2, 1), (128, 2, 1, False, False, False, 3)),
+                   128: ((224, 2, 0), (128, 2, 0), (192, 2, 0)),
                    256: ((64, 3, 0), (128, 2, 0), (96, 2, 0))}   # timed beside them
 FP8_EMU = {64: (0, 1, 2, 4, 6), 128: (0, 1, 2, 3, 4)}   # the shares fp8_bench.py --emu times at the default Bc
 FP8_BC = (64, 96, 128, 160, 192, 224, 256)   # key tiles accepted: multiples of 32 (V^T's key permutation) the GPU checked
