@@ -234,7 +234,7 @@ def test_fp8_config():
             assert fp8_tiles.fp8_config(d, c).trim == fp8_tiles.FP8_TRIM[d][c]
     n_other = sum(map(len, fp8_tiles.FP8_OTHER_TILES.values()))     # (d x out x (plain, persist, trim) + other) x causal
     n_narrow = 2 * sum(fp8_tiles.narrow_width(4096, t[0]) > 0 for t in fp8_tiles.FP8_TILES.values())   # + narrow
-    assert n_narrow == 2 and len(set(fp8_tiles.fp8_instances())) == len(fp8_tiles.fp8_instances()) == \
+    assert n_narrow == 4 and len(set(fp8_tiles.fp8_instances())) == len(fp8_tiles.fp8_instances()) == \
         (3 * 2 * 3 + n_other) * 2 + n_narrow
 
 
