@@ -19,7 +19,7 @@ the record "fp8_persist_<gpu>" (grid_main): the default tiles with and without t
 the same shapes; --trim: "fp8_trim_<gpu>", the same for the trimmed kernel (also at N = 8192); --narrow:
 "fp8_narrow_<gpu>", the same for the narrow last key tile, without the mask. --sanitize: small ragged calls at
 d = 128, default and other tiles, the persistent grid with several items a CTA, the trimmed and narrow kernels, and
-d = 256's defaults (for compute-sanitizer). --sweep [D]: "fp8_sweep_<gpu>" or "fp8_sweep_d256_<gpu>" (sweep_main), other key tiles,
+d = 256's and d = 64's defaults (for compute-sanitizer). --sweep [D]: "fp8_sweep_<gpu>" or "fp8_sweep_d256_<gpu>" (sweep_main), other key tiles,
 stages and shares at d = 128 or 256, three consumer warpgroups at d = 64.
 """
 import argparse
@@ -421,11 +421,12 @@ def main():
                                    tiles=fp8_tiles.default_tiles(128, False, False, True))
             torch.cuda.synchronize()
             print("sanitize narrow calls done", nk, bool(torch.isfinite(o).all()))
-        q, k, v = _inputs(1, 64, 700, 256)        # d = 256's defaults (persistent without the mask): ragged, 6 x 64 items
-        for c in (False, True):
-            o, _ = fp8.forward_fp8(q, k[:, :8, :333], v[:, :8, :333], causal=c)
-            torch.cuda.synchronize()
-            print("sanitize d = 256 calls done", c, bool(torch.isfinite(o).all()))
+        for d in (256, 64):                       # d = 256's and 64's defaults (persistent without the mask; 64:
+            q, k, v = _inputs(1, 64, 700, d)      # three consumer warpgroups): ragged, 6 or 4 query tiles x 64 pairs
+            for c in (False, True):
+                o, _ = fp8.forward_fp8(q, k[:, :8, :333], v[:, :8, :333], causal=c)
+                torch.cuda.synchronize()
+                print(f"sanitize d = {d} calls done", c, bool(torch.isfinite(o).all()))
         return
     precompile()
     rows = error_table()
