@@ -19,8 +19,9 @@ the record "fp8_persist_<gpu>" (grid_main): the default tiles with and without t
 the same shapes; --trim: "fp8_trim_<gpu>", the same for the trimmed kernel (also at N = 8192); --narrow:
 "fp8_narrow_<gpu>", the same for the narrow last key tile, without the mask. --sanitize: small ragged calls at
 d = 128, default and other tiles, the persistent grid with several items a CTA, the trimmed and narrow kernels, and
-d = 256's and d = 64's defaults (for compute-sanitizer). --sweep [D]: "fp8_sweep_<gpu>" or "fp8_sweep_d256_<gpu>" (sweep_main), other key tiles,
-stages and shares at d = 128 or 256, three consumer warpgroups at d = 64.
+d = 256's and d = 64's defaults (for compute-sanitizer). --sweep [D]: "fp8_sweep_<gpu>", "fp8_sweep_d256_<gpu>" or
+"fp8_sweep_d64_<gpu>" (sweep_main), other key tiles, stages and shares at d = 128 or 256, three consumer warpgroups
+at d = 64.
 """
 import argparse
 import concurrent.futures
@@ -281,7 +282,7 @@ def grid_main(which, out, max_seconds):
                               "interleaved; pre-quantised inputs"))
 
 
-SWEEP = {64: ((256, 2, 1, True),) + tuple(t[:3] + (p, False, False, 3) for t, p in (
+SWEEP = {64: ((256, 2, 1), (256, 2, 1, True)) + tuple(t[:3] + (p, False, False, 3) for t, p in (
                   ((128, 2, 1), False), ((128, 2, 0), False), ((160, 2, 1), False), ((160, 2, 0), False),
                   ((160, 2, 2), False), ((160, 3, 1), False), ((160, 4, 1), False), ((128, 3, 1), False),
                   ((160, 2, 1), True), ((128, 2, 1), True))),
@@ -297,15 +298,16 @@ def sweep_main(out, max_seconds, d=128):
     """--sweep [D]: the record fp8_sweep_<gpu> (d = 128) or fp8_sweep_d256_<gpu>: at N = 4096 and 16384, causal and
     not, the default tiles beside SWEEP[d] (at d = 128 smaller key tiles waste fewer keys at N = 4096: 19 tiles of
     224 compute 4256 keys; at d = 256 key tiles of 64, 96 and 128, stages, exp2 shares and the persistent grid;
-    at d = 64 three consumer warpgroups; at d = 64 and 256 with rung 7 and cuDNN in fp16 beside them), all interleaved in one run, with each FP8 candidate's largest
-    difference from the default's O over the largest |O|. The default is the plain grid (FP8_TILES[d]; SWEEP has
-    its persistent twin) and is never narrow."""
+    at d = 64 three consumer warpgroups; at d = 64 and 256 with rung 7 and cuDNN in fp16 beside them), all
+    interleaved in one run, with each FP8 candidate's largest difference from the default's O over the largest |O|.
+    The default is the plain grid (default_tiles(d, False); SWEEP has its persistent twin) and is never narrow."""
     import torch
     import torch.nn.functional as F
     from flashlib._arrays import to_cupy
     from flashlib.bench.timing import compare
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    cands = (fp8_tiles.default_tiles(d, False),) + tuple(fp8_tiles.full_tiles(t) for t in SWEEP[d])
+    cands = {fp8_tiles.tile_name(t): fp8_tiles.full_tiles(t) for t in (fp8_tiles.default_tiles(d, False),) + SWEEP[d]}
+    cands = tuple(cands.values())   # by name: a SWEEP entry equal to the default is timed once
     with concurrent.futures.ThreadPoolExecutor(16) as ex:
         list(ex.map(lambda c: fp8._launcher(0, c), [fp8_tiles.fp8_config(d, c, t) for c in (False, True)
                                                     for t in cands]))
@@ -320,6 +322,7 @@ def sweep_main(out, max_seconds, d=128):
         for causal in (False, True):
             fns = {fp8_tiles.tile_name(t): (lambda t=t: fp8.forward_fp8_prepared(inp, causal, d ** -0.5, tiles=t))
                    for t in cands}
+            by_name = {fp8_tiles.tile_name(t): t for t in cands}
             o0 = next(iter(fns.values()))()[0].float()
             diffs = {n: float((f()[0].float() - o0).abs().max() / o0.abs().max()) for n, f in fns.items()}
             if d != 128:   # fp16 beside it: rung 7 and cuDNN (no max_rel_diff: FP8's own error is in it)
@@ -329,10 +332,10 @@ def sweep_main(out, max_seconds, d=128):
                             contexts={"sdpa_cudnn_fp16": lambda: sdpa_kernel(SDPBackend.CUDNN_ATTENTION)})
             flops = 4 * B * H * N * N * d * (0.5 if causal else 1.0)
             new = [dict(kind="forward", d=d, n=N, B=B, H=H, causal=causal, impl=n,
-                        tiles=list(fp8_tiles.full_tiles(cands[i])) if i < len(cands) else None, ms=st["median_ms"],
+                        tiles=list(by_name[n]) if n in by_name else None, ms=st["median_ms"],
                         q1_ms=st["q1_ms"], q3_ms=st["q3_ms"], spread=st["spread"], rounds=st["rounds"],
                         tflops=flops / (st["median_ms"] * 1e-3) / 1e12, max_rel_diff=diffs.get(n))
-                   for i, (n, st) in enumerate(stats.items())]
+                   for n, st in stats.items()]
             rows += new
             best = max(new[:len(cands)], key=lambda r: r["tflops"])
             print(f"d={d} N={N:5d} causal={causal!s:5s} default {new[0]['tflops']:.0f} best "

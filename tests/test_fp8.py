@@ -308,9 +308,11 @@ def test_exp2_fma_constants_give_exp2():
 
 
 def test_the_h200_record_holds_what_the_docstrings_say():
-    """fp8_forward_h200 (benchmarks/fp8_bench.py at 921a671), as fp8_tiles.py's FP8_TILES comment and chapter 8
-    quote it: the default tile is the fastest fa3_fp8 tile timed in every shape (within 1 %), 1.5 % or more above
-    Bc = 128 at d = 128 and 6 % at d = 64; at d = 128, N = 16384 it is over 900 TFLOP/s, causal or not; at d = 128 it beats rung 7 fp16 and cuDNN fp16 by 1.15x in every shape; at
+    """fp8_forward_h200 (benchmarks/fp8_bench.py at 1032231), as fp8_tiles.py's FP8_TILES comment and chapter 8
+    quote it: the default tile (on the plain grid) is the fastest fa3_fp8 tile timed in every shape, within 1 % at
+    d = 128 and 2 % at d = 64 (where 128 keys with three consumers lead by up to 1.6 % on the plain grid and trail
+    on the persistent one flashlib runs without the mask: fp8_sweep_d64_h200), 1.5 % or more above Bc = 128 (two
+    consumers) at d = 128 and 6 % at d = 64; at d = 128, N = 16384 it is over 900 TFLOP/s, causal or not; at d = 128 it beats rung 7 fp16 and cuDNN fp16 by 1.15x in every shape; at
     d = 64 it is within 3 % of rung 7 or above it. The error table: the rotation halves O's RMSE on inputs with
     outliers and changes it by under 3 % without; fp16 rung 7 is over 100x more accurate."""
     from flashlib import bench
@@ -322,7 +324,8 @@ def test_the_h200_record_holds_what_the_docstrings_say():
     assert len(fwd) == 8
     for (d, n, causal), t in fwd.items():
         mine = t[fp8_tiles.tile_name(fp8_tiles.default_tiles(d, False))]
-        assert mine >= 0.99 * max(v for k, v in t.items() if k.startswith("fa3_fp8_")), (d, n, causal, t)
+        assert mine >= (0.99 if d == 128 else 0.98) * max(v for k, v in t.items() if k.startswith("fa3_fp8_")), \
+            (d, n, causal, t)
         assert mine >= (1.015 if d == 128 else 1.06) * t["fa3_fp8_128x2"], (d, n, causal, t)
         if d == 128:
             assert mine > 1.15 * max(t["rung7_fp16"], t["sdpa_cudnn_fp16"]), (n, causal, t)
@@ -455,7 +458,9 @@ def test_the_sweep_record_sets_the_default_tiles(d):
     assert tuple(rec["info"]["tiles"][str(d)]) == fp8_tiles.FP8_TILES[d]
     rows = {(r["n"], r["causal"], r["impl"]): r for r in rec["rows"] if r["kind"] == "forward"}
     fp8_rows = [r for r in rows.values() if r["tiles"] is not None]
-    assert len(fp8_rows) == 4 * (1 + len(rec["info"]["sweep"])) and all(r["max_rel_diff"] < 0.05 for r in fp8_rows)
+    names = {fp8_tiles.tile_name(t) for t in rec["info"]["sweep"]} | {fp8_tiles.tile_name(fp8_tiles.default_tiles(d, False))}
+    assert {r["impl"] for r in fp8_rows} == names and len(fp8_rows) == 4 * len(names)   # the default timed once
+    assert all(r["max_rel_diff"] < 0.05 and fp8_tiles.tile_name(r["tiles"]) == r["impl"] for r in fp8_rows)
     name = lambda b, p: fp8_tiles.tile_name(b[:3] + (p, False, False, b[3]))
     for b in {_base(r["tiles"]) for r in fp8_rows} - {mine}:
         wins = []

@@ -9,30 +9,37 @@ from .._arrays import check_causal
 from ..constants import SMEM_OPTIN_BYTES
 
 FP8_HEAD_DIMS = (64, 128, 256)
-# (Bc keys per K/V tile, ring stages, emu) per head dim; Br = 128 (two consumer warpgroups). Bc is a multiple of 32
-# (the key permutation's chunk) from 64 to 256; V^T's rows of Bc bytes are cut into 128-, 64- or 32-byte swizzled
-# blocks (block_bytes). emu: of each 16 exponentials of the softmax, how many exp2_fma computes on the FMA pipe
-# rather than MUFU (flash_common.cuh). Tiles from record fp8_forward_h200 (benchmarks/fp8_bench.py; f1ca19b first):
-# the largest Bc that fits was the fastest at every shape, causal or not (d = 128: 224 against 128, 160, 192;
-# d = 64: 256 against 128, 160, 192); Bc = 256 at d = 128 spills (FP8_MAX_BC); 3 or 4 stages were within 1 % of 2.
-# d = 256: Bc = 128, FlashAttention-3's tile, from the d = 256 sweep (fp8_bench.py --sweep 256; first at d9c787c,
-# logs/fp8_narrow_d256_tiles_h200_d9c787c.txt, TFLOP/s at N = 4096 / 16384): (128, 2, 1) persistent 1174 / 1171
-# without the mask, plain 984 / 1161 with it, against (64, 2, 0)'s 954 / 922 and 847 / 984 (the earlier default:
+# (Bc keys per K/V tile, ring stages, emu) per head dim; Br = 64 query rows a consumer warpgroup (FP8_CONSUMERS). Bc
+# is a multiple of 32 (the key permutation's chunk) from 64 to 256; V^T's rows of Bc bytes are cut into 128-, 64- or
+# 32-byte swizzled blocks (block_bytes). emu: of each 16 exponentials of the softmax, how many exp2_fma computes on
+# the FMA pipe rather than MUFU (flash_common.cuh). Tiles from record fp8_forward_h200 (benchmarks/fp8_bench.py;
+# f1ca19b first): the largest Bc that fits was the fastest at every shape, causal or not (d = 128: 224 against 128,
+# 160, 192; d = 64: 256 against 128, 160, 192); Bc = 256 at d = 128 spills (FP8_MAX_BC); 3 or 4 stages were within 1 %
+# of 2. d = 256: Bc = 128, FlashAttention-3's tile, from the d = 256 sweep (fp8_bench.py --sweep 256; first at
+# d9c787c, logs/fp8_narrow_d256_tiles_h200_d9c787c.txt, TFLOP/s at N = 4096 / 16384): (128, 2, 1) persistent 1174 /
+# 1171 without the mask, plain 984 / 1161 with it, against (64, 2, 0)'s 954 / 922 and 847 / 984 (the earlier default:
 # a 64-key tile was thought the only one to fit beside O's 128 registers; ptxas fits 96 and 128); Bc = 96 gave
-# 881-1093; the record fp8_sweep_d256_h200 is the run at the new defaultTFLOP/s. emu from record fp8_emu_h200 (fp8_bench.py
-# --emu at 921a671; TFLOP/s at N = 4096 / 16384): d = 128: emu 2 the fastest causal (740 / 908, emu 0 670 / 818) and
-# within 0.5 % of emu 1 without the mask (869 / 922, emu 0 768 / 805); d = 64: emu 1 the fastest at every shape,
-# 4-6 % above emu 0. More than 2 of 16 was slower again: the FMA pipe's extra instructions then cost issue slots.
+# 881-1093; the record fp8_sweep_d256_h200 is the run at the new default. d = 64: (160, 2, 1) with three consumer
+# warpgroups (FP8_CONSUMERS), from record fp8_sweep_d64_h200 (fp8_bench.py --sweep 64 at 1032231; a first run,
+# logs/fp8_sweep_d64_h200_4fd1f14.txt, agrees): persistent 592 / 644 without the mask, plain 447 / 590 with it,
+# against two consumers' (256, 2, 1) at 516 / 549 persistent and 427 / 534 plain (fp8_forward_h200); 128 keys lead on
+# the plain grid by under 2 % without the mask and trail on the persistent one. emu from record fp8_emu_h200
+# (fp8_bench.py --emu at 921a671, two consumers at d = 64; TFLOP/s at N = 4096 / 16384): d = 128: emu 2 the fastest
+# causal (740 / 908, emu 0 670 / 818) and within 0.5 % of emu 1 without the mask (869 / 922, emu 0 768 / 805); d = 64:
+# emu 1 the fastest at every shape, 4-6 % above emu 0. More than 2 of 16 was slower again: the FMA pipe's extra
+# instructions then cost issue slots.
 FP8_TILES = {64: (160, 2, 1), 128: (224, 2, 2), 256: (128, 2, 1)}
 # persist (a fourth tile entry): fa3_fp8's PERSIST instance, a grid of one CTA per SM over the (query tile, pair)
 # items in rung 7's static order (tma.cuh's WorkItems, config_hopper.fa3_grid). The default per head dim,
-# (not causal, causal): where record fp8_persist_h200 (fp8_bench.py --persist at 485380b) timed it faster at both
-# N = 4096 and 16384: nowhere. TFLOP/s, persistent against not, N = 4096 / 16384: d = 128 887 / 949 against 882 / 954,
-# causal 744 / 883 against 735 / 939; d = 64 517 / 547 against 515 / 555, causal 451 / 510 against 428 / 535. (Causal
+# (not causal, causal): where record fp8_persist_h200 (fp8_bench.py --persist at 485380b; d = 64 and 256: the
+# sweeps' records) timed it faster at both N = 4096 and 16384: d = 64 and 256 without the mask. At 485380b,
+# TFLOP/s, persistent against not, N = 4096 / 16384: d = 128 887 / 949 against 882 / 954, causal 744 / 883 against
+# 735 / 939; d = 64 (two consumers, Bc = 256) 517 / 547 against 515 / 555, causal 451 / 510 against 428 / 535. (Causal
 # over groups of pairs, for L2, was slower still: logs/persist_h200_d82ceff.txt.) d = 256, from fp8_sweep_d256_h200:
 # without the mask, 939 / 970 against 919 / 965 (an earlier run, logs/fp8_sweep_d256_h200_51cd13b.txt: 944 / 959
 # against 927 / 948); causal 782 / 889 against 810 / 967. At (128, 2, 1), in d9c787c's sweep: 1174 / 1171 against
-# 1126 / 1119, causal 942 / 1093 against 984 / 1161.
+# 1126 / 1119, causal 942 / 1093 against 984 / 1161. d = 64 with three consumers, from fp8_sweep_d64_h200: 592 / 644
+# against 554 / 622, causal 481 / 579 against 447 / 590.
 FP8_PERSIST = {64: (True, False), 128: (False, False), 256: (True, False)}
 # trim (a fifth entry): fa3_fp8's TRIM instance, which walks an item's key tiles from the last down (as
 # FlashAttention-3 does), so that the partial tile (ragged Nk, or the causal diagonal) comes first, and runs its S,
@@ -54,10 +61,11 @@ FP8_TRIM = {64: (False, False), 128: (False, False), 256: (False, False)}
 FP8_NARROW = {64: (False, False), 128: (True, False), 256: (False, False)}
 # consumers (a seventh entry): two consumer warpgroups (Br = 128 query rows) or three (Br = 192, 160 registers each
 # rather than 240: d = 64 only, Bc up to FP8_MAX_BC3; FlashAttention-3's FP8 tile at d = 64 is 192 x 160,
-# hopper/tile_size.h). The default per head dim: two, until a record (fp8_bench.py --sweep 64) times three faster.
+# hopper/tile_size.h). The default per head dim: three at d = 64 (record fp8_sweep_d64_h200, FP8_TILES' comment).
 FP8_CONSUMERS = {64: 3, 128: 2, 256: 2}
 FP8_MAX_BC3 = {64: 160}   # ptxas -v: none spilled at 96-160 keys; 192 spilled 208 bytes; 224 failed to assemble
-FP8_OTHER_TILES = {64: ((160, 2, 0, False, False, False, 3), (128, 2, 0), (256, 2, 1), (128, 2, 1, False, False, False, 3)),
+FP8_OTHER_TILES = {64: ((160, 2, 0, False, False, False, 3), (128, 2, 0), (256, 2, 1),
+                        (128, 2, 1, False, False, False, 3)),
                    128: ((224, 2, 0), (128, 2, 0), (192, 2, 0)),
                    256: ((64, 3, 0), (128, 2, 0), (96, 2, 0))}   # timed beside them
 FP8_EMU = {64: (0, 1, 2, 4, 6), 128: (0, 1, 2, 3, 4)}   # the shares fp8_bench.py --emu times at the default Bc
@@ -128,7 +136,8 @@ def fp8_config(d, causal, tiles=None, out="bfloat16", Nk=None):
             any(type(x) is not bool for x in (persist, trim, narrow)) or persist + trim + narrow > 1):
         raise ValueError(f"fa3_fp8 takes tiles (Bc, stages[, emu[, persist[, trim[, narrow[, consumers]]]]]): Bc in "
                          f"{FP8_BC} up to {FP8_MAX_BC[d]} at d = {d} with 2 consumer warpgroups (240 registers "
-                         f"each), or with 3 (160 each) at d in {tuple(FP8_MAX_BC3)} up to {tuple(FP8_MAX_BC3.values())}, "
+                         f"each), or with 3 (160 each) at d in {tuple(FP8_MAX_BC3)} up to "
+                         f"{tuple(FP8_MAX_BC3.values())}, "
                          f"stages >= 2, emu 0 ... 16, persist, trim and "
                          f"narrow bools, at most one of them True; got {tiles}")
     if narrow and (causal or not isinstance(Nk, int) or Nk < 1):
