@@ -1,13 +1,15 @@
 // fa3_fp8.cu: rung 'fa3_fp8', rung 7's forward (fa3_forward.cu) with e4m3 inputs on Hopper (sm_90a only):
 // FlashAttention-3's FP8 path (Shah et al. 2024, section 3.3).
 //
-//   fa3_fp8<OUT, D, Bc, STAGES, CAUSAL, EMU, PERSIST = false, TRIM = false, NARROW = 0>   OUT = __nv_bfloat16 or __half (O's type), D = 64,
-//       128 or 256, Bc keys per K/V tile (a multiple of 32 from 64 to 256: S is m64nBc, Bc / 2 fp32 registers a
-//       thread), STAGES slots in the K/V ring, EMU of each 16 exponentials computed by exp2_fma on the FMA pipe
-//       instead of MUFU (flash_common.cuh); two consumer warpgroups, ping-pong, one CTA per (query tile of Br = 128
-//       rows, pair), or with PERSIST a grid of one CTA per SM looping over those items; TRIM (not with PERSIST)
-//       walks the key tiles from the last down and narrows the partial one; NARROW > 0 (without the mask, not with
-//       PERSIST or TRIM) runs the last tile's softmax and P V over its first NARROW keys (below)
+//   fa3_fp8<OUT, D, Bc, STAGES, CAUSAL, EMU, PERSIST = false, TRIM = false, NARROW = 0, NCW = 2>
+//       OUT = __nv_bfloat16 or __half (O's type), D = 64, 128 or 256, Bc keys per K/V tile (a multiple of 32 from 64
+//       to 256: S is m64nBc, Bc / 2 fp32 registers a thread), STAGES slots in the K/V ring, EMU of each 16
+//       exponentials computed by exp2_fma on the FMA pipe instead of MUFU (flash_common.cuh); NCW consumer
+//       warpgroups (2: 240 registers each; 3, as rung 7 at d = 64: 160 each) taking turns at the Tensor Cores
+//       (ping-pong), one CTA per (query tile of Br = 64 NCW rows, pair), or with PERSIST a grid of one CTA per SM
+//       looping over those items; TRIM (not with PERSIST) walks the key tiles from the last down and narrows the
+//       partial one; NARROW > 0 (without the mask, not with PERSIST or TRIM) runs the last tile's softmax and P V
+//       over its first NARROW keys (below)
 //
 // What changes from rung 7 (whose header describes the producer, the ring, its barriers and the ping-pong):
 //  * Operands are e4m3 (1 byte), products wgmma m64nNk32 e4m3 x e4m3 -> fp32 (WgmmaE4m3 in wgmma.cuh). PTX takes
