@@ -271,8 +271,7 @@ fa3_fp8(const __grid_constant__ TmaMap qmap, const __grid_constant__ TmaMap kmap
 #pragma unroll
         for (int x = 0; x < D / 2; x++) o[x] = 0.f;
         mbar_wait(q_full, n & 1);
-        // S of step j's tile (its first W keys) and its softmax, with no P V under it: step 0 (or with NARROW the
-        // last)
+        // S of step j's tile (its first W keys) and its softmax, with no P V under it (called for step 0)
         auto first = [&](auto width, int j) {
             const u32 kv = kv0 + j;
             mbar_wait(k_full(kv % STAGES), ring(kv));
@@ -306,8 +305,8 @@ fa3_fp8(const __grid_constant__ TmaMap qmap, const __grid_constant__ TmaMap kmap
             fence_regs<D / 2>(o);
             rescale_and_pack(pwidth);
         };
-        // P V of step j's tile (its first W keys) with no S over it: the item's last (or with NARROW the one
-        // before); the last turn of the last item: no one waits
+        // P V of step j's tile (its first W keys) with no S over it (called for the item's last); the last turn of
+        // the last item: no one waits
         auto last_pv = [&](auto width, int j) {
             const u32 kv = kv0 + j;
             mbar_wait(v_full(kv % STAGES), ring(kv));
@@ -332,8 +331,8 @@ fa3_fp8(const __grid_constant__ TmaMap qmap, const __grid_constant__ TmaMap kmap
             if (n_tiles > 1) last_pv(full, n_tiles - 1);
         } else if constexpr (NARROW > 0) {
             // in order, the last tile (its Nk - (n_tiles - 1) Bc <= NARROW keys, the same for every item without
-            // the mask): its softmax and P V over NARROW keys rather than Bc (its S stays Bc wide: an S of another
-            // width makes ptxas serialise the wgmma)
+            // the mask): its softmax and P V over NARROW keys rather than Bc (its S stays Bc wide after other tiles:
+            // an S of another width there makes ptxas serialise the wgmma)
             constexpr Width<NARROW> narrow{};
             if (n_tiles == 1) {
                 first(narrow, 0);
