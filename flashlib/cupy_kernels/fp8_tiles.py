@@ -119,10 +119,9 @@ def narrow_width(Nk, Bc):
 def fp8_config(d, causal, tiles=None, out="bfloat16", Nk=None):
     """Fp8Config of fa3_fp8 for head dim d in FP8_HEAD_DIMS, tiles (Bc, stages[, emu[, persist[, trim[, narrow[,
     consumers]]]]]), the missing entries emu 0, not persistent, not trimmed, not narrow, two consumer warpgroups
-    (default: FP8_TILES[d] with
-    FP8_PERSIST[d][causal], FP8_TRIM[d][causal], FP8_NARROW[d][causal] where Nk is given, and FP8_CONSUMERS[d]), O's
-    dtype `out`
-    (bfloat16 or float16); Nk, the number of keys, needed where narrow (its width: narrow_width)."""
+    (default: FP8_TILES[d] with FP8_PERSIST[d][causal], FP8_TRIM[d][causal], FP8_NARROW[d][causal] where Nk is
+    given, and FP8_CONSUMERS[d]), O's dtype `out` (bfloat16 or float16); Nk, the number of keys, needed where
+    narrow (its width: narrow_width)."""
     if d not in FP8_HEAD_DIMS:
         raise ValueError(f"fa3_fp8 takes head_dim in {FP8_HEAD_DIMS}, got {d!r}")
     if out not in FP8_OUT:
@@ -137,9 +136,8 @@ def fp8_config(d, causal, tiles=None, out="bfloat16", Nk=None):
         raise ValueError(f"fa3_fp8 takes tiles (Bc, stages[, emu[, persist[, trim[, narrow[, consumers]]]]]): Bc in "
                          f"{FP8_BC} up to {FP8_MAX_BC[d]} at d = {d} with 2 consumer warpgroups (240 registers "
                          f"each), or with 3 (160 each) at d in {tuple(FP8_MAX_BC3)} up to "
-                         f"{tuple(FP8_MAX_BC3.values())}, "
-                         f"stages >= 2, emu 0 ... 16, persist, trim and "
-                         f"narrow bools, at most one of them True; got {tiles}")
+                         f"{tuple(FP8_MAX_BC3.values())}, stages >= 2, emu 0 ... 16, persist, trim and narrow "
+                         f"bools, at most one of them True; got {tiles}")
     if narrow and (causal or not isinstance(Nk, int) or Nk < 1):
         raise ValueError(f"fa3_fp8's narrow last key tile is for attention without the causal mask and needs Nk, "
                          f"the number of keys (an int >= 1); got causal={causal}, Nk={Nk!r}")
