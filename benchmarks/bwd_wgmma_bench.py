@@ -4,11 +4,11 @@
 
 --check: one line per (dtype, d, causal, shape): the errors of dq, dk, dv against the float64 reference and the
 FlashAttention bound (3x naive attention's error in the same precision + atol), and where a failing one sits.
---time: at d = 64, 128, N = 4096, 16384 (B = 16384 // N, H = 16), fp16 and bf16, causal and not, timed together by
-`flashlib.bench.timing.compare`: the backward alone (bwd_wgmma, its first version bwd_wgmma_atomic that adds dQ
-with atomics, bwd_tc: `cupy_kernels.backward` with the forward's
+--time: at d = 64, 128 (or the head dims in $BWD_WGMMA_DIMS, e.g. "256": record bwd_wgmma_d256_<gpu>), N = 4096,
+16384 (B = 16384 // N, H = 16), fp16 and bf16, causal and not, timed together by `flashlib.bench.timing.compare`: the backward alone (bwd_wgmma, its first version bwd_wgmma_atomic that adds dQ
+with atomics (not at d = 256, where bwd_wgmma adds it so), bwd_tc: `cupy_kernels.backward` with the forward's
 o, lse; SDPA flash: torch.autograd.grad of its output) at backward FLOPs = 2.5x the forward's, and forward +
-backward (rung 7 forward + each backward; SDPA flash forward + backward) at 3.5x (flashlib.constants). Saved through
+backward (rung 7 forward + each backward; SDPA flash's and, where it runs the shape, cuDNN's forward + backward) at 3.5x (flashlib.constants). Saved through
 `flashlib.bench.save`. --sanitize: one small ragged call per instance (for compute-sanitizer). Neither: check, time.
 """
 import os
@@ -29,6 +29,11 @@ CHECKS = [(1, 2, 2, 1, 1), (1, 2, 2, 97, 113), (2, 3, 3, 128, 128), (1, 2, 2, 10
           (1, 4, 2, 97, 113)]   # (B, H, H_kv, Nq, Nk)
 
 
+def _dims(default="64 128 256"):
+    """The head dims to run: $BWD_WGMMA_DIMS (e.g. "256"), else `default`."""
+    return tuple(int(x) for x in os.environ.get("BWD_WGMMA_DIMS", default).split())
+
+
 def _inputs(B, H, Hkv, Nq, Nk, d, dtype, seed=0, grad=False):
     import torch
     g = torch.Generator(device="cuda").manual_seed(seed)
@@ -36,15 +41,16 @@ def _inputs(B, H, Hkv, Nq, Nk, d, dtype, seed=0, grad=False):
     return mk(H, Nq), mk(Hkv, Nk), mk(Hkv, Nk), mk(H, Nq).detach()
 
 
-def precompile():
+def precompile(dims=ck.BWD_WGMMA_HEAD_DIMS):
     import concurrent.futures
     import time
     t = time.time()
-    jobs = [(x, r, t_) for x in [(t_, d, c) for t_, d in KINDS for c in (False, True)]
-            for r, t_ in (("bwd_wgmma", None), ("bwd_wgmma", ("atomic",)), ("bwd_tc", None))]
+    kinds = [(t_, d, c) for t_, d in KINDS if d in dims for c in (False, True)]
+    jobs = [(x, r, t_) for x in kinds for r, t_ in (("bwd_wgmma", None), ("bwd_wgmma", ("atomic",)), ("bwd_tc", None))
+            if t_ is None or x[1] != 256]
     with concurrent.futures.ThreadPoolExecutor(8) as ex:
         list(ex.map(lambda j: ck.backward_plan(*j[0], 0, j[1], j[2]), jobs))
-        list(ex.map(lambda j: ck.forward_plan(*j[0], 0, None, None), jobs[::3]))
+        list(ex.map(lambda x: ck.forward_plan(*x, 0, None, None), kinds))
     print(f"compiled in {time.time() - t:.1f} s", flush=True)
 
 
@@ -58,9 +64,11 @@ def _where_bad(err, bound):
 def check():
     import torch
     from tests.test_cupy_kernels import _gqa_naive, _gqa_reference
-    precompile()
+    dims = _dims()
+    precompile(dims)
     fails = 0
-    for (dtype, d), causal, (B, H, Hkv, Nq, Nk) in [(k, c, s) for k in KINDS for c in (False, True) for s in CHECKS]:
+    for (dtype, d), causal, (B, H, Hkv, Nq, Nk) in [(k, c, s) for k in KINDS if k[1] in dims for c in (False, True)
+                                                    for s in CHECKS]:
         scale = d ** -0.5
         q, k, v, do = _inputs(B, H, Hkv, Nq, Nk, d, dtype, zlib.crc32(repr((B, H, Nq, Nk, d)).encode()))
         ref = _gqa_reference(q, k, v, do, causal, scale)
@@ -117,11 +125,20 @@ def _time_shape(d, N, dtype, causal, max_seconds):
            "sdpa_flash_bwd": lambda: torch.autograd.grad(out, (q, k, v), do, retain_graph=True),
            "fwdbwd_fa3+bwd_wgmma": fwd_bwd("bwd_wgmma"), "fwdbwd_fa3+bwd_tc": fwd_bwd("bwd_tc"),
            "fwdbwd_sdpa_flash": sdpa_fwd_bwd}
+    if d == 256:   # bwd_wgmma is the atomic version there
+        del fns["bwd_wgmma_atomic"]
     errs = {}
     for r in ("bwd_wgmma", "bwd_tc"):
         g = fns[r]()
         errs[r] = max(float((a.float() - b.float()).abs().max()) for a, b in zip(g, flash_grads))
     contexts = {"fwdbwd_sdpa_flash": lambda: sdpa_kernel(SDPBackend.FLASH_ATTENTION)}
+    try:   # cuDNN's SDPA, where this torch and GPU run the shape
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            sdpa_fwd_bwd()
+        fns["fwdbwd_sdpa_cudnn"] = sdpa_fwd_bwd
+        contexts["fwdbwd_sdpa_cudnn"] = lambda: sdpa_kernel(SDPBackend.CUDNN_ATTENTION)
+    except RuntimeError as e:
+        print(f"cuDNN SDPA skipped at d={d} N={N} {dtype} causal={causal}: {str(e).splitlines()[0][:120]}", flush=True)
     stats = compare(fns, host=False, min_rounds=5, max_rounds=12, max_seconds=max_seconds, contexts=contexts)
     rows = []
     for name, st in stats.items():
@@ -132,23 +149,26 @@ def _time_shape(d, N, dtype, causal, max_seconds):
                          max_err_vs_flash=errs.get(name)))
     t = {r["impl"]: r["tflops"] for r in rows}
     print(f"d={d:3d} N={N:5d} {dtype:8s} causal={causal!s:5s} bwd TFLOP/s: wgmma {t['bwd_wgmma']:5.0f} atomic "
-          f"{t['bwd_wgmma_atomic']:5.0f} tc "
+          f"{t.get('bwd_wgmma_atomic', float('nan')):5.0f} tc "
           f"{t['bwd_tc']:5.0f} flash {t['sdpa_flash_bwd']:5.0f} | fwd+bwd: fa3+wgmma {t['fwdbwd_fa3+bwd_wgmma']:5.0f} "
           f"fa3+tc {t['fwdbwd_fa3+bwd_tc']:5.0f} flash {t['fwdbwd_sdpa_flash']:5.0f} "
-          f"(x{t['fwdbwd_fa3+bwd_wgmma'] / t['fwdbwd_sdpa_flash']:.2f} vs flash) | max|d - flash| wgmma "
+          f"(x{t['fwdbwd_fa3+bwd_wgmma'] / t['fwdbwd_sdpa_flash']:.2f} vs flash) cudnn "
+          f"{t.get('fwdbwd_sdpa_cudnn', float('nan')):5.0f} | max|d - flash| wgmma "
           f"{errs['bwd_wgmma']:.1e} tc {errs['bwd_tc']:.1e}", flush=True)
     return rows
 
 
 def time_all(out, max_seconds=2.5):
     import torch
-    precompile()
+    dims = _dims("64 128")
+    precompile(dims)
     rows = []
-    for d, N, dtype, causal in [(d, N, t, c) for d in (64, 128) for N in (4096, 16384) for t in ("float16", "bfloat16")
+    for d, N, dtype, causal in [(d, N, t, c) for d in dims for N in (4096, 16384) for t in ("float16", "bfloat16")
                                 for c in (False, True)]:
         rows += _time_shape(d, N, dtype, causal, max_seconds)
     tag = bench.gpu_tag(torch.cuda.get_device_name())
-    return bench.save(f"bwd_wgmma_{tag}", rows, directory=out, tiles=ck.config_hopper.BWD_WGMMA_TILES,
+    name = "bwd_wgmma" if dims == (64, 128) else "bwd_wgmma_d" + "_".join(map(str, dims))
+    return bench.save(f"{name}_{tag}", rows, directory=out, tiles=ck.config_hopper.BWD_WGMMA_TILES,
                       flops="backward 2.5x, forward + backward 3.5x of 4*B*H*N^2*d, half when causal",
                       timing="flashlib.bench.timing.compare, host=False")
 
@@ -161,7 +181,8 @@ def sanitize():
     def arr(shape, dtype):
         x = rng.standard_normal(shape, dtype=cp.float32)
         return x.astype(cp.float16) if dtype == "float16" else (x.view(cp.uint32) >> 16).astype(cp.uint16).view(cp.int16)
-    for (dtype, d), causal in [(k, c) for k in KINDS for c in (False, True)]:
+    dims = _dims()
+    for (dtype, d), causal in [(k, c) for k in KINDS if k[1] in dims for c in (False, True)]:
         B, H, Hkv, Nq, Nk = 1, 4, 2, 97, 200
         q, k, v, do = arr((B, H, Nq, d), dtype), arr((B, Hkv, Nk, d), dtype), arr((B, Hkv, Nk, d), dtype), arr((B, H, Nq, d), dtype)
         o, lse = ck.forward(q, k, v, causal=causal, scale=None, dtype=dtype)

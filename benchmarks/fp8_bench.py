@@ -107,8 +107,10 @@ def quant_shape(d, N, max_seconds):
     """Rows for the record fp8_quant_<gpu> at one shape (H = 16, B = 16384 // N): kind 'host_pass' (host_passes,
     with bytes moved and the bandwidth of the fused pair: 16-bit Q, K, V read twice, e4m3 written once) and kind
     'end_to_end', causal and not: forward_fp8 (fused quantisation + kernel, with the rotation), the same with torch's
-    quantisation, the kernel alone on prepared inputs, rung 7 fp16; ms, TFLOP/s of the attention's FLOPs."""
+    quantisation, the kernel alone on prepared inputs, rung 7 fp16 and cuDNN's SDPA fp16, all in one run; ms, TFLOP/s
+    of the attention's FLOPs."""
     import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from flashlib._arrays import to_cupy
     from flashlib.bench.timing import compare
     B = max(1, 16384 // N)
@@ -127,8 +129,11 @@ def quant_shape(d, N, max_seconds):
                "forward_fp8_torch_quant": lambda: fp8.forward_fp8_prepared(
                    fp8.quantize_reference(q, k, v, hadamard=True), causal, scale, out="float16"),
                "fa3_fp8_kernel": lambda: fp8.forward_fp8_prepared(inp, causal, scale, out="float16"),
-               "rung7_fp16": lambda: tma.forward_fa3(qc, kc, vc, causal, scale)}
-        stats = compare(fns, host=False, min_rounds=5, max_rounds=12, max_seconds=max_seconds)
+               "rung7_fp16": lambda: tma.forward_fa3(qc, kc, vc, causal, scale),
+               "sdpa_cudnn_fp16": lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal,
+                                                                                           scale=scale)}
+        contexts = {"sdpa_cudnn_fp16": lambda: sdpa_kernel(SDPBackend.CUDNN_ATTENTION)}
+        stats = compare(fns, host=False, min_rounds=5, max_rounds=12, max_seconds=max_seconds, contexts=contexts)
         flops = 4 * B * H * N * N * d * (0.5 if causal else 1.0)
         e2e = [dict(kind="end_to_end", d=d, n=N, B=B, H=H, causal=causal, impl=n, ms=st["median_ms"],
                     spread=st["spread"], tflops=flops / (st["median_ms"] * 1e-3) / 1e12) for n, st in stats.items()]

@@ -3,13 +3,13 @@
 FlashAttention's rule, as tests/test_cupy_kernels.py: each of dq, dk, dv within 3x the error of naive attention in
 the same precision (PyTorch autograd on the GPU) plus a small atol. Every CuPy allocation (dq, dk, dv and the
 scratch buffers among them) starts as NaN bits, so a row the kernel forgets to write fails. Ragged lengths,
-Nq != Nk both ways, causal and not, grouped-query attention, a head dim padded into the 64 bucket."""
+Nq != Nk both ways, causal and not, grouped-query attention, head dims padded into the 64 and 256 buckets."""
 import pytest
 
 from flashlib import cupy_kernels as ck
 from tests.test_cupy_kernels import _check_gqa, poisoned  # noqa: F401 (poisoned: a fixture)
 
-KINDS = [("float16", 64), ("float16", 128), ("bfloat16", 64), ("bfloat16", 128)]
+KINDS = [(t, d) for t in ("float16", "bfloat16") for d in (64, 128, 256)]
 SHAPES = [(1, 2, 1, 1), (1, 2, 97, 113), (2, 3, 128, 128), (1, 2, 1023, 257), (1, 4, 300, 700), (1, 2, 257, 1023),
           (1, 1, 64, 4096)]                                   # (B, H, Nq, Nk)
 GQA = [(1, 4, 2, 97, 113), (1, 4, 2, 300, 700), (2, 4, 1, 129, 257)]   # (B, H, H_kv, Nq, Nk)
@@ -17,7 +17,7 @@ GQA = [(1, 4, 2, 97, 113), (1, 4, 2, 300, 700), (2, 4, 1, 129, 257)]   # (B, H, 
 
 @pytest.fixture(scope="module", autouse=True)
 def _precompiled():
-    """The eight instances compiled once, up front, in parallel threads (NVRTC releases the GIL)."""
+    """The twelve instances compiled once, up front, in parallel threads (NVRTC releases the GIL)."""
     import concurrent.futures
     if ck.device_cc() != 90:
         return
@@ -54,6 +54,7 @@ def test_bwd_wgmma_gqa_matches_reference(shape, dtype, d, causal, poisoned):
 def test_bwd_wgmma_padded_head_dim(causal, poisoned):
     _hopper()
     _check_gqa(1, 2, 1, 130, 77, 50, causal, "bfloat16", None, "bwd_wgmma")   # d = 50 runs as the 64 kernel
+    _check_gqa(1, 2, 2, 97, 200, 200, causal, "float16", None, "bwd_wgmma")   # d = 200 as fa3_backward_d256
 
 
 @pytest.mark.gpu

@@ -40,10 +40,11 @@ FA3_VARIANTS = ("pingpong", "plain", "persistent", "dynamic")
 FA3_DYNAMIC = ((64, True), (128, False), (128, True), (256, False))
 SIG_FA3 = "MMMPPiifiiP"   # maps of q, k, v; o, lse; Nq, Nk, scale, BH, G; "dynamic"'s counter (tma.counter; else 0)
 
-# The Hopper backward 'bwd_wgmma' (fa3_backward.cu): Bc = 128 keys a block over two consumer warpgroups, Q tiles of
-# Br = 64 rows, one producer warpgroup (384 threads); d = 64 and 128 (other head dims: bwd_tc).
-BWD_WGMMA_HEAD_DIMS = (64, 128)
-BWD_WGMMA_TILES = (64, 128)   # (Br, Bc), fixed by the kernel
+# The Hopper backward 'bwd_wgmma' (fa3_backward.cu): Q tiles of Br = 64 rows, one producer warpgroup and two consumer
+# warpgroups (384 threads). d = 64 and 128 (fa3_backward): Bc = 128 keys a block, 64 a warpgroup; d = 256
+# (fa3_backward_d256): Bc = 64 keys, the warpgroups split d. Other head dims: bwd_tc.
+BWD_WGMMA_HEAD_DIMS = (64, 128, 256)
+BWD_WGMMA_TILES = {64: (64, 128), 128: (64, 128), 256: (64, 64)}   # d: (Br, Bc), fixed by the kernels
 # where it is Hopper's default backward: both buckets. The H200 timed it at 308-392 TFLOP/s at d = 64 and 414-512 at
 # d = 128 against bwd_tc's 230-296 and 216-252 (fp16, bf16, N = 4096, 16384, causal or not; record bwd_wgmma_h200,
 # logs/bwd_wgmma_gpu_session_h200_505b10e.txt); its first version ('atomic' below) was not faster at d = 64
@@ -51,6 +52,7 @@ BWD_WGMMA_DEFAULT_DIMS = (64, 128)
 # how each Q tile's dQ reaches the fp32 buffer: 'tma', staged in shared memory and added by TMA reductions
 # (FlashAttention-3's way), or 'atomic', red.global.add.v2.f32 from every thread (kept for bwd_wgmma_bench.py)
 BWD_WGMMA_DQ = ("tma", "atomic")
+BWD_WGMMA_DQ_AT = {64: BWD_WGMMA_DQ, 128: BWD_WGMMA_DQ, 256: ("atomic",)}   # d = 256: no room for a staging tile
 SIG_BWD_WGMMA = "MMMMMPPPPPiifii"   # maps of q, k, v, do, dq_acc; lb, delta, dq_acc, dk, dv; Nq, Nk, scale, BH, G
 
 
@@ -113,34 +115,39 @@ def fa3_config(dtype, d, causal, tiles=None, variant=None):
 
 
 def smem_bwd_wgmma(d, Br=64, Bc=128, dq="tma"):
-    """Bytes of dynamic shared memory of fa3_backward: 1 KB of alignment slack, K, V (Bc rows), 2 stages of Q, dO (Br
-    rows), rows of d 16-bit values; 2 dS^T buffers (Bc x Br, 16-bit); dq 'tma': a dQ staging tile (Br x 64 fp32) per
-    consumer warpgroup; 2 stages of Lb and delta (Br floats) and 5 mbarriers (8 bytes each)."""
+    """Bytes of dynamic shared memory of fa3_backward (d = 64, 128) or fa3_backward_d256: 1 KB of alignment slack,
+    K, V (Bc rows), 2 stages of Q, dO (Br rows), rows of d 16-bit values; 2 dS^T buffers (Bc x Br, 16-bit), at
+    d = 256 2 P^T buffers too; dq 'tma': a dQ staging tile (Br x 64 fp32) per consumer warpgroup; 2 stages of Lb and
+    delta (Br floats) and 5 mbarriers (8 bytes each)."""
     staging = 2 * Br * 64 * 4 if dq == "tma" else 0
-    return 1024 + 2 * d * (2 * Bc + 4 * Br) + 2 * 2 * Bc * Br + staging + 4 * 4 * Br + 8 * 5
+    buffers = (4 if d == 256 else 2) * 2 * Bc * Br
+    return 1024 + 2 * d * (2 * Bc + 4 * Br) + buffers + staging + 4 * 4 * Br + 8 * 5
 
 
 Fa3BwdConfig = namedtuple("Fa3BwdConfig", "kernel Br Bc threads smem")
 
 
-def bwd_wgmma_config(dtype, d, causal, dq="tma"):
+def bwd_wgmma_config(dtype, d, causal, dq=None):
     """Fa3BwdConfig(kernel name expression, Br, Bc, threads, smem bytes) of the Hopper backward for dtype
-    float16/bfloat16, head dim 64 or 128 and dQ accumulation `dq` (one of BWD_WGMMA_DQ)."""
+    float16/bfloat16, head dim in BWD_WGMMA_HEAD_DIMS and dQ accumulation `dq`, one of BWD_WGMMA_DQ_AT[d] (None:
+    the first, 'tma' where the head dim has it)."""
     if dtype not in ("float16", "bfloat16"):
         raise ValueError(f"rung 'bwd_wgmma' (fa3_backward) takes float16 or bfloat16, got {dtype!r}")
     if d not in BWD_WGMMA_HEAD_DIMS:
         raise ValueError(f"rung 'bwd_wgmma' takes head_dim in {BWD_WGMMA_HEAD_DIMS}, got {d!r}: use 'bwd_tc'")
-    if dq not in BWD_WGMMA_DQ:
-        raise ValueError(f"rung 'bwd_wgmma' accumulates dQ by one of {BWD_WGMMA_DQ}, got {dq!r}")
-    Br, Bc = BWD_WGMMA_TILES
-    c, t = ("true" if causal else "false"), ("true" if dq == "tma" else "false")
-    return Fa3BwdConfig(f"fa3_backward<{CTYPE[dtype]}, {d}, {c}, {t}>", Br, Bc, 384, smem_bwd_wgmma(d, Br, Bc, dq))
+    dq = BWD_WGMMA_DQ_AT[d][0] if dq is None else dq
+    if dq not in BWD_WGMMA_DQ_AT[d]:
+        raise ValueError(f"rung 'bwd_wgmma' accumulates dQ at d = {d} by one of {BWD_WGMMA_DQ_AT[d]}, got {dq!r}")
+    (Br, Bc), c = BWD_WGMMA_TILES[d], ("true" if causal else "false")
+    kernel = (f"fa3_backward_d256<{CTYPE[dtype]}, {c}>" if d == 256 else
+              f"fa3_backward<{CTYPE[dtype]}, {d}, {c}, {'true' if dq == 'tma' else 'false'}>")
+    return Fa3BwdConfig(kernel, Br, Bc, 384, smem_bwd_wgmma(d, Br, Bc, dq))
 
 
 def bwd_wgmma_instances():
     """Kernel name expressions of every fa3_backward instance (dtype x head dim x causal x dQ), for the compile test."""
     return [bwd_wgmma_config(t, d, c, q).kernel for t in ("float16", "bfloat16") for d in BWD_WGMMA_HEAD_DIMS
-            for c in (False, True) for q in BWD_WGMMA_DQ]
+            for c in (False, True) for q in BWD_WGMMA_DQ_AT[d]]
 
 
 def fa3_instances(configs=False):

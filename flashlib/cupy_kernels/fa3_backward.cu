@@ -64,6 +64,42 @@ __device__ __forceinline__ void stage_dq(unsigned char* tile, const float* dq, f
         }
 }
 
+// The producer warp of both kernels below: the block's K and V (Bc rows each, at ks0 and ks0 + KT) once on the
+// mbarrier at bar0 (kv_full), then per Q tile i (stage s = i % 2) Q and dO by TMA and Lb * log2(e) and delta by plain
+// loads into the stage, once its empty barrier (bar0 + 8 (3 + s)) has seen the consumers done with tile i - 2; the
+// full barrier (bar0 + 8 (1 + s)) completes when the copy engine's bytes and the warp's 32 arrivals are in
+template <int D, int Bc, int Br>
+__device__ __forceinline__ void bwd_produce(const TmaMap* qmap, const TmaMap* kmap, const TmaMap* vmap,
+                                            const TmaMap* domap, const float* lb, const float* dt, float* ls, float* dl,
+                                            u32 ks0, u32 qs0, u32 dos0, u32 bar0, int kv0, int q_begin, int n_q,
+                                            int Nq, int bh, int bkv, int lane) {
+    constexpr int KT = Bc * D * 2, QT = Br * D * 2;
+    if (lane == 0) {
+        tma_prefetch_map(qmap);
+        tma_prefetch_map(domap);
+        mbar_arrive_expect_tx(bar0, 2 * KT);
+        tma_tile<D, Bc>(ks0, kmap, bar0, kv0, bkv);
+        tma_tile<D, Bc>(ks0 + KT, vmap, bar0, kv0, bkv);
+    }
+    for (int i = 0; i < n_q; i++) {
+        const int s = i & 1, q0 = q_begin + i * Br;
+        const u32 full = bar0 + 8 * (1 + s), empty = bar0 + 8 * (3 + s);
+        mbar_wait(empty, ((i >> 1) & 1) ^ 1);
+        if (lane == 0) {
+            mbar_arrive_expect_tx(full, 2 * QT);
+            tma_tile<D, Br>(qs0 + s * QT, qmap, full, q0, bh);
+            tma_tile<D, Br>(dos0 + s * QT, domap, full, q0, bh);
+        }
+#pragma unroll
+        for (int r = lane; r < Br; r += 32) {
+            const bool ok = q0 + r < Nq;
+            ls[s * Br + r] = ok ? lb[q0 + r] * LOG2E : -NEG_INF;  // +inf past Nq: P = 0
+            dl[s * Br + r] = ok ? dt[q0 + r] : 0.f;
+        }
+        mbar_arrive(full);  // release: the stores above are visible to whoever waits on the phase
+    }
+}
+
 template <typename T, int D, bool CAUSAL, bool DQ_TMA>
 __global__ void __launch_bounds__(384, 1)
 fa3_backward(const __grid_constant__ TmaMap qmap, const __grid_constant__ TmaMap kmap,
@@ -106,33 +142,9 @@ fa3_backward(const __grid_constant__ TmaMap qmap, const __grid_constant__ TmaMap
 
     if (wg == 0) {  // ---- producer: warp 0 ----
         regs_dec<24>();
-        if (tid < 32 && n_q > 0) {
-            if (lane == 0) {
-                tma_prefetch_map(&qmap);
-                tma_prefetch_map(&domap);
-                mbar_arrive_expect_tx(kv_full, 2 * KT);
-                tma_tile<D, Bc>(ks0, &kmap, kv_full, kv0, bkv);
-                tma_tile<D, Bc>(vs0, &vmap, kv_full, kv0, bkv);
-            }
-            const float* lb = Lb + (size_t)bh * Nq;
-            const float* dt = Dlt + (size_t)bh * Nq;
-            for (int i = 0; i < n_q; i++) {
-                const int s = i & 1, q0 = q_begin + i * Br;
-                mbar_wait(empty(s), ((i >> 1) & 1) ^ 1);
-                if (lane == 0) {
-                    mbar_arrive_expect_tx(full(s), 2 * QT);
-                    tma_tile<D, Br>(qs0 + s * QT, &qmap, full(s), q0, bh);
-                    tma_tile<D, Br>(dos0 + s * QT, &domap, full(s), q0, bh);
-                }
-#pragma unroll
-                for (int r = lane; r < Br; r += 32) {
-                    const bool ok = q0 + r < Nq;
-                    ls[s * Br + r] = ok ? lb[q0 + r] * LOG2E : -NEG_INF;  // +inf past Nq: P = 0
-                    dl[s * Br + r] = ok ? dt[q0 + r] : 0.f;
-                }
-                mbar_arrive(full(s));  // release: the stores above are visible to whoever waits on the phase
-            }
-        }
+        if (tid < 32 && n_q > 0)
+            bwd_produce<D, Bc, Br>(&qmap, &kmap, &vmap, &domap, Lb + (size_t)bh * Nq, Dlt + (size_t)bh * Nq, ls, dl,
+                                   ks0, qs0, dos0, bar0, kv0, q_begin, n_q, Nq, bh, bkv, lane);
         return;
     }
 
@@ -292,6 +304,204 @@ fa3_backward(const __grid_constant__ TmaMap qmap, const __grid_constant__ TmaMap
             T* v_out = dV + ((size_t)bh * Nk + row) * D + 2 * t;
 #pragma unroll
             for (int n = 0; n < D / 8; n++) {
+                *reinterpret_cast<u32*>(k_out + 8 * n) = pack2<T>(dk[4 * n + 2 * h] * scale, dk[4 * n + 2 * h + 1] * scale);
+                *reinterpret_cast<u32*>(v_out + 8 * n) = pack2<T>(dv[4 * n + 2 * h], dv[4 * n + 2 * h + 1]);
+            }
+        }
+    }
+}
+
+// d = 256 (FlashAttention-3's way at this head dim, Shah et al. 2024 and the repository's hopper/ kernels): a block's
+// dK and dV at 64 keys would take 2 x 128 fp32 registers a thread, more than a warpgroup has, so the two consumer
+// warpgroups share the block's Bc = 64 keys and split d instead: warpgroup cw keeps dK, dV columns 128 cw ... + 127.
+// Per Q tile of Br = 64 queries (stage s = tile % 2):
+//   S^T, dP^T for the warpgroup's 32 queries 32 cw ... + 31   m64n32k16 ss over all of d (A = K / V, B = Q / dO rows)
+//   P^T, dS^T as in fa3_backward, rounded to T into shared memory (buffers s: both warpgroups' halves make the tile)
+//   named barrier of the 256 consumer threads (both halves written)
+//   dV_w += P^T dO_w, dK_w += dS^T Q_w   m64n128k16 ss: A = P^T / dS^T (keys x queries, K-major), B = the
+//                                         warpgroup's 128 columns of dO / Q, MN-major
+//   dQ_w = dS K_w                         m64n128k16 ss, A = dS^T and B = K's 128 columns, both MN-major; added into
+//                                         the fp32 dQ buffer by red.global.add.v2.f32 (as FlashAttention-3 does at
+//                                         d = 256: shared memory has no room for a staging tile)
+// The two P^T, dS^T buffers work as fa3_backward's dS^T buffers. Shared memory: K, V (64 x 256), 2 stages of Q, dO
+// (64 x 256), 2 buffers each of dS^T and P^T (64 x 64): 224 KB, plus Lb, delta and the mbarriers.
+template <typename T, bool CAUSAL>
+__global__ void __launch_bounds__(384, 1)
+fa3_backward_d256(const __grid_constant__ TmaMap qmap, const __grid_constant__ TmaMap kmap,
+                  const __grid_constant__ TmaMap vmap, const __grid_constant__ TmaMap domap,
+                  const __grid_constant__ TmaMap dqmap, const float* __restrict__ Lb, const float* __restrict__ Dlt,
+                  float* __restrict__ dQacc, T* __restrict__ dK, T* __restrict__ dV, int Nq, int Nk, float scale,
+                  int BH, int G) {
+    constexpr int D = 256, Bc = 64, Br = 64, KT = Bc * D * 2, QT = Br * D * 2, PT = Bc * Br * 2;
+    extern __shared__ __align__(128) unsigned char smem_raw[];
+    unsigned char* base = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
+    const u32 ks0 = smem_addr(base), vs0 = ks0 + KT, qs0 = vs0 + KT, dos0 = qs0 + 2 * QT, dss0 = dos0 + 2 * QT;
+    const u32 pts0 = dss0 + 2 * PT;                                      // P^T buffers after the dS^T buffers
+    unsigned char* dss_p = base + 2 * KT + 4 * QT;
+    unsigned char* pts_p = dss_p + 2 * PT;
+    float* ls = reinterpret_cast<float*>(pts_p + 2 * PT);  // 2 stages of Br: Lb log2(e)
+    float* dl = ls + 2 * Br;                               // 2 stages of Br: delta
+    const u32 bar0 = smem_addr(dl + 2 * Br), kv_full = bar0;
+    auto full = [&](int s) { return bar0 + 8 * (1 + s); };
+    auto empty = [&](int s) { return bar0 + 8 * (3 + s); };
+
+    const int tid = threadIdx.x, wg = tid >> 7, lane = tid & 31;
+    const u32 pair = pair_index();
+    if (pair >= (u32)BH) return;
+    const int bh = (int)pair, bkv = (int)(pair / (u32)G);
+    const int kv0 = blockIdx.x * Bc;
+    const int q_begin = CAUSAL ? kv0 : 0;  // Br = Bc: the first Q tile with a query >= the block's first key
+    const int n_q = q_begin < Nq ? (Nq - q_begin + Br - 1) / Br : 0;
+
+    if (tid == 0) {
+        mbar_init(kv_full, 1);
+        for (int s = 0; s < 2; s++) {
+            mbar_init(full(s), 1 + 32);
+            mbar_init(empty(s), 8);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    __syncthreads();
+
+    if (wg == 0) {  // ---- producer: warp 0 ----
+        regs_dec<24>();
+        if (tid < 32 && n_q > 0)
+            bwd_produce<D, Bc, Br>(&qmap, &kmap, &vmap, &domap, Lb + (size_t)bh * Nq, Dlt + (size_t)bh * Nq, ls, dl,
+                                   ks0, qs0, dos0, bar0, kv0, q_begin, n_q, Nq, bh, bkv, lane);
+        return;
+    }
+
+    // ---- consumers ----
+    regs_inc<240>();
+    const int cw = wg - 1, w = (tid >> 5) & 3, g = lane >> 2, t = lane & 3;
+    const int c0 = 128 * cw, qw = 32 * cw;  // the warpgroup's columns of d and its queries in the Q tile
+    const float sl = scale * LOG2E;
+    float dk[64], dv[64];
+#pragma unroll
+    for (int i = 0; i < 64; i++) dk[i] = dv[i] = 0.f;
+
+    // S^T (dP^T) = K Q_w^T (V dO_w^T) per 16-column step kk of d; Q_w: rows qw ... qw + 31 of the Q (dO) tile
+    auto issue_sdp = [&](float* st, float* dpt, u32 qs, u32 dos) {
+#pragma unroll
+        for (int kk = 0; kk < D / 16; kk++) {
+            const u32 ka = (kk >> 2) * (Bc * 128) + (kk & 3) * 32, qb = (kk >> 2) * (Br * 128) + qw * 128 + (kk & 3) * 32;
+            const unsigned long long da = smem_desc_sw128(ks0 + ka, 16, 1024), db = smem_desc_sw128(qs + qb, 16, 1024);
+            if (kk == 0) Wgmma<T>::template ss<32, 0>(st, da, db);
+            else Wgmma<T>::template ss<32, 1>(st, da, db);
+        }
+        wgmma_commit();
+#pragma unroll
+        for (int kk = 0; kk < D / 16; kk++) {
+            const u32 ka = (kk >> 2) * (Bc * 128) + (kk & 3) * 32, qb = (kk >> 2) * (Br * 128) + qw * 128 + (kk & 3) * 32;
+            const unsigned long long da = smem_desc_sw128(vs0 + ka, 16, 1024), db = smem_desc_sw128(dos + qb, 16, 1024);
+            if (kk == 0) Wgmma<T>::template ss<32, 0>(dpt, da, db);
+            else Wgmma<T>::template ss<32, 1>(dpt, da, db);
+        }
+        wgmma_commit();
+    };
+    // dV_w += P^T dO_w, dK_w += dS^T Q_w, then dQ_w = dS K_w, per 16-row step kk (of queries, then of keys); dO_w,
+    // Q_w, K_w: the warpgroup's two 64-column blocks (LBO: the next block)
+    auto issue_products = [&](float* dq, u32 qs, u32 dos, u32 dss, u32 pts) {
+#pragma unroll
+        for (int kk = 0; kk < Br / 16; kk++)
+            Wgmma<T>::template ss<128, 1, 0, 1>(dv, smem_desc_sw128(pts + kk * 32, 16, 1024),
+                                                smem_desc_sw128(dos + 2 * cw * (Br * 128) + kk * 2048, Br * 128, 1024));
+#pragma unroll
+        for (int kk = 0; kk < Br / 16; kk++)
+            Wgmma<T>::template ss<128, 1, 0, 1>(dk, smem_desc_sw128(dss + kk * 32, 16, 1024),
+                                                smem_desc_sw128(qs + 2 * cw * (Br * 128) + kk * 2048, Br * 128, 1024));
+        wgmma_commit();
+#pragma unroll
+        for (int kk = 0; kk < Bc / 16; kk++) {
+            const unsigned long long da = smem_desc_sw128(dss + kk * 2048, Bc * 128, 1024);
+            const unsigned long long db = smem_desc_sw128(ks0 + 2 * cw * (Bc * 128) + kk * 2048, Bc * 128, 1024);
+            if (kk == 0) Wgmma<T>::template ss<128, 0, 1, 1>(dq, da, db);
+            else Wgmma<T>::template ss<128, 1, 1, 1>(dq, da, db);
+        }
+        wgmma_commit();
+    };
+
+    if (n_q > 0) mbar_wait(kv_full, 0);
+    for (int i = 0; i < n_q; i++) {
+        const int s = i & 1, q0 = q_begin + i * Br;
+        const u32 qs = qs0 + s * QT, dos = dos0 + s * QT;
+        mbar_wait(full(s), (i >> 1) & 1);
+        float st[16], dpt[16];
+        wgmma_fence();
+        issue_sdp(st, dpt, qs, dos);
+        // this thread's queries: qw + 8n + 2t + e of the tile, keys kv0 + 16w + g + 8h
+        const float* lst = ls + s * Br + qw;
+        const float* dlt = dl + s * Br + qw;
+        const bool need_mask = q0 + Br > Nq || kv0 + Bc > Nk || (CAUSAL && kv0 + Bc - 1 > q0 + qw);
+        wgmma_wait<1>();
+        fence_regs<16>(st);
+#pragma unroll
+        for (int n = 0; n < 4; n++) {
+            const float2 l2 = *reinterpret_cast<const float2*>(lst + 8 * n + 2 * t);
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                float p = fast_exp2(fmaf(st[4 * n + e], sl, -((e & 1) ? l2.y : l2.x)));
+                if (need_mask) {
+                    const int qc = q0 + qw + 8 * n + 2 * t + (e & 1), kr = kv0 + 16 * w + g + 8 * (e >> 1);
+                    if (qc >= Nq || kr >= Nk || (CAUSAL && kr > qc)) p = 0.f;
+                }
+                st[4 * n + e] = p;
+            }
+        }
+        wgmma_wait<0>();
+        fence_regs<16>(dpt);
+#pragma unroll
+        for (int n = 0; n < 4; n++) {
+            const float2 d2 = *reinterpret_cast<const float2*>(dlt + 8 * n + 2 * t);
+#pragma unroll
+            for (int e = 0; e < 4; e++) dpt[4 * n + e] = st[4 * n + e] * (dpt[4 * n + e] - ((e & 1) ? d2.y : d2.x));
+        }
+        // P^T, dS^T rows (keys) 16w + g + 8h of buffer s, query columns qw + 8n + 2t, +1
+        fence_proxy_async();  // the async proxy's reads of these buffers two tiles ago before these writes
+        const int rk = 16 * w + g;
+#pragma unroll
+        for (int n = 0; n < 4; n++)
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                const int off = s * PT + sw128<Bc>(rk + 8 * h, qw + 8 * n) + 4 * t;
+                *reinterpret_cast<u32*>(pts_p + off) = pack2<T>(st[4 * n + 2 * h], st[4 * n + 2 * h + 1]);
+                *reinterpret_cast<u32*>(dss_p + off) = pack2<T>(dpt[4 * n + 2 * h], dpt[4 * n + 2 * h + 1]);
+            }
+        fence_proxy_async();  // visible to wgmma (the async proxy)
+        bar_sync(1, 256);     // both warpgroups' halves
+        float dq[64];
+        fence_regs<64>(dv);
+        fence_regs<64>(dk);
+        wgmma_fence();
+        issue_products(dq, qs, dos, dss0 + s * PT, pts0 + s * PT);
+        wgmma_wait<0>();
+        fence_regs<64>(dv);
+        fence_regs<64>(dk);
+        fence_regs<64>(dq);
+        __syncwarp();
+        if (lane == 0) mbar_arrive(empty(s));  // Q, dO, Lb, delta of stage s are read
+        // dQ rows q0 + 16w + g + 8h, columns c0 + 8n + 2t, +1
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            const int row = q0 + 16 * w + g + 8 * h;
+            if (row < Nq) {
+                float* dst = dQacc + ((size_t)bh * Nq + row) * D + c0 + 2 * t;
+#pragma unroll
+                for (int n = 0; n < 16; n++)
+                    atomic_add_f32x2(dst + 8 * n, dq[4 * n + 2 * h] * scale, dq[4 * n + 2 * h + 1] * scale);
+            }
+        }
+    }
+
+    // dK = scale dS^T Q, dV = P^T dO: rows kv0 + 16w + g + 8h, the warpgroup's columns c0 + 8n + 2t, +1
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        const int row = kv0 + 16 * w + g + 8 * h;
+        if (row < Nk) {
+            T* k_out = dK + ((size_t)bh * Nk + row) * D + c0 + 2 * t;
+            T* v_out = dV + ((size_t)bh * Nk + row) * D + c0 + 2 * t;
+#pragma unroll
+            for (int n = 0; n < 16; n++) {
                 *reinterpret_cast<u32*>(k_out + 8 * n) = pack2<T>(dk[4 * n + 2 * h] * scale, dk[4 * n + 2 * h + 1] * scale);
                 *reinterpret_cast<u32*>(v_out + 8 * n) = pack2<T>(dv[4 * n + 2 * h], dv[4 * n + 2 * h + 1]);
             }

@@ -271,9 +271,9 @@ fa3_fp8(const __grid_constant__ TmaMap qmap, const __grid_constant__ TmaMap kmap
 #pragma unroll
         for (int x = 0; x < D / 2; x++) o[x] = 0.f;
         mbar_wait(q_full, n & 1);
-        // S of step j's tile (its first W keys) and its softmax, with no P V under it (called for step 0)
-        auto first = [&](auto width, int j) {
-            const u32 kv = kv0 + j;
+        // S of step 0's tile (its first W keys) and its softmax, with no P V under it
+        auto first = [&](auto width) {
+            const u32 kv = kv0;
             mbar_wait(k_full(kv % STAGES), ring(kv));
             my_turn();
             arrive();
@@ -281,8 +281,8 @@ fa3_fp8(const __grid_constant__ TmaMap qmap, const __grid_constant__ TmaMap kmap
             your_turn();
             wgmma_wait<0>();
             release(k_empty(kv % STAGES));
-            if (j == n_tiles - 1) release_q();
-            softmax(tile_at(j, n_tiles), width);
+            if (n_tiles == 1) release_q();
+            softmax(tile_at(0, n_tiles), width);
             rescale_and_pack(width);
         };
         // step j >= 1: S_j under P_{j-1} V_{j-1} (the first W keys of tile j - 1), then S_j's softmax and P_j
@@ -305,15 +305,15 @@ fa3_fp8(const __grid_constant__ TmaMap qmap, const __grid_constant__ TmaMap kmap
             fence_regs<D / 2>(o);
             rescale_and_pack(pwidth);
         };
-        // P V of step j's tile (its first W keys) with no S over it (called for the item's last); the last turn of
-        // the last item: no one waits
-        auto last_pv = [&](auto width, int j) {
-            const u32 kv = kv0 + j;
+        // P V of the item's last tile (its first W keys) with no S over it; the last turn of the last item: no one
+        // waits
+        auto last_pv = [&](auto width) {
+            const u32 kv = kv0 + n_tiles - 1;
             mbar_wait(v_full(kv % STAGES), ring(kv));
             my_turn();
             arrive();
             issue_pv(kv, width);
-            if (cw != NCW - 1 || j < n_tiles - 1 || i + items.step < items.total) your_turn();
+            if (cw != NCW - 1 || i + items.step < items.total) your_turn();
             wgmma_wait<0>();
             release(v_empty(kv % STAGES));
             fence_regs<D / 2>(o);
@@ -322,30 +322,30 @@ fa3_fp8(const __grid_constant__ TmaMap qmap, const __grid_constant__ TmaMap kmap
             // the first tile is the partial one: S, softmax and P V over only the keys this warpgroup's rows see
             // there, rounded up to 32 (two dispatches: one over both steps makes ptxas serialise the wgmma)
             const int seen = (CAUSAL ? min(Nk, qg + 64) : Nk) - (n_tiles - 1) * Bc;
-            at_width<32, Bc>(seen, [&](auto width) { first(width, 0); });
+            at_width<32, Bc>(seen, [&](auto width) { first(width); });
             at_width<32, Bc>(seen, [&](auto width) {
                 if (n_tiles > 1) step(1, width, full);
-                else last_pv(width, 0);
+                else last_pv(width);
             });
             for (int j = 2; j < n_tiles; j++) step(j, full, full);
-            if (n_tiles > 1) last_pv(full, n_tiles - 1);
+            if (n_tiles > 1) last_pv(full);
         } else if constexpr (NARROW > 0) {
             // in order, the last tile (its Nk - (n_tiles - 1) Bc <= NARROW keys, the same for every item without
             // the mask): its softmax and P V over NARROW keys rather than Bc (its S stays Bc wide after other tiles:
             // an S of another width there makes ptxas serialise the wgmma)
             constexpr Width<NARROW> narrow{};
             if (n_tiles == 1) {
-                first(narrow, 0);
+                first(narrow);
             } else {
-                first(full, 0);
+                first(full);
                 for (int j = 1; j < n_tiles - 1; j++) step(j, full, full);
                 step(n_tiles - 1, full, narrow);
             }
-            last_pv(narrow, n_tiles - 1);
+            last_pv(narrow);
         } else {
-            first(full, 0);
+            first(full);
             for (int j = 1; j < n_tiles; j++) step(j, full, full);
-            last_pv(full, n_tiles - 1);
+            last_pv(full);
         }
         kv0 += n_tiles;
 

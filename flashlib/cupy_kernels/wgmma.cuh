@@ -89,7 +89,8 @@ __device__ __forceinline__ unsigned long long smem_desc_sw128(u32 addr, u32 lbo,
                  ", p, 1, 1, %" TAI ", %" TBI ";\n}\n" \
                  : OUTS(d) : "l"(da), "l"(db), "n"(ACC), "n"(TA), "n"(TB))
 
-// d (64 x N fp32) = A (64 x 16) * B (16 x N) + (ACC ? d : 0), N = 64 or 128 (ss also 80)
+// d (64 x N fp32) = A (64 x 16) * B (16 x N) + (ACC ? d : 0), N = 64 or 128 (ss also 80, and 32: the d = 256
+// backward's S^T and dP^T slices)
 template <typename T> struct Wgmma;
 #define WGMMA_FOR(TY, TYPES) \
     template <> struct Wgmma<TY> { \
@@ -101,7 +102,8 @@ template <typename T> struct Wgmma;
         static __device__ __forceinline__ void ss(float* d, unsigned long long da, unsigned long long db) { \
             if constexpr (N == 128) WG_SS("128", WG_ACC64, WG_OUT64, "64", "65", "66", "67", "68", TYPES); \
             else if constexpr (N == 80) WG_SS("80", WG_ACC40, WG_OUT40, "40", "41", "42", "43", "44", TYPES); \
-            else WG_SS("64", WG_ACC32, WG_OUT32, "32", "33", "34", "35", "36", TYPES); \
+            else if constexpr (N == 64) WG_SS("64", WG_ACC32, WG_OUT32, "32", "33", "34", "35", "36", TYPES); \
+            else WG_SS("32", WG_ACC16, WG_OUT16, "16", "17", "18", "19", "20", TYPES); \
         } \
     };
 WGMMA_FOR(__half, "f16.f16")
