@@ -1,0 +1,52 @@
+"""Repeat the Hopper backward (or rung 7's forward) many times on small ragged shapes, synchronising after every
+launch, to find an intermittent fault and the kernel it is in (a sticky CUDA error ends the process: run one
+direction a process).
+
+    python benchmarks/bwd_wgmma_repeat.py {forward,backward} D DTYPE CAUSAL [REPEATS]
+
+backward: o and lse from torch in float32 (no flashlib forward), then ck.backward(rung='bwd_wgmma') REPEATS times a
+shape; forward: ck.forward (rung 7) REPEATS times a shape. Prints the first failing call, else one line a shape."""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+SHAPES = [(1, 2, 2, 97, 113), (2, 3, 3, 128, 128), (1, 2, 2, 1023, 257), (1, 4, 4, 300, 700), (1, 4, 2, 97, 113),
+          (1, 2, 2, 1, 1), (4, 8, 8, 512, 512)]   # (B, H, H_kv, Nq, Nk)
+
+
+def main():
+    import torch
+    from flashlib import cupy_kernels as ck
+    way, d, dtype, causal = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4] == "1"
+    reps = int(sys.argv[5]) if len(sys.argv) > 5 else 50
+    for B, H, Hkv, Nq, Nk in SHAPES:
+        g = torch.Generator(device="cuda").manual_seed(Nq * 7 + Nk)
+        mk = lambda h, n: torch.randn(B, h, n, d, device="cuda", generator=g).to(getattr(torch, dtype))
+        q, k, v, do = mk(H, Nq), mk(Hkv, Nk), mk(Hkv, Nk), mk(H, Nq)
+        scale = d ** -0.5
+        kk, vv = (x.float().repeat_interleave(H // Hkv, 1) for x in (k, v))
+        s = q.float() @ kk.transpose(-1, -2) * scale
+        if causal:
+            s = s.masked_fill(torch.ones(Nq, Nk, device="cuda", dtype=torch.bool).triu(1), float("-inf"))  # top-left
+        lse = torch.logsumexp(s, -1)
+        lse = torch.nan_to_num(lse, neginf=float("inf"))
+        o = torch.nan_to_num(torch.softmax(s, -1)) @ vv
+        o = o.to(q.dtype)
+        torch.cuda.synchronize()
+        for i in range(reps):
+            try:
+                if way == "backward":
+                    ck.backward(q, k, v, o, lse.contiguous(), do, causal=causal, scale=scale, dtype=dtype, rung="bwd_wgmma")
+                else:
+                    ck.forward(q, k, v, causal=causal, scale=scale, dtype=dtype)
+                torch.cuda.synchronize()
+            except Exception as e:  # noqa: BLE001
+                print(f"FAULT {way} d={d} {dtype} causal={causal} shape={(B, H, Hkv, Nq, Nk)} call {i}: {e!r}"[:400],
+                      flush=True)
+                sys.exit(1)
+        print(f"ok {way} d={d} {dtype} causal={causal} shape={(B, H, Hkv, Nq, Nk)} x{reps}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
