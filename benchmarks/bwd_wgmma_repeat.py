@@ -3,22 +3,46 @@ launch, to find an intermittent fault and the kernel it is in (a sticky CUDA err
 direction a process).
 
     python benchmarks/bwd_wgmma_repeat.py {forward,backward} D DTYPE CAUSAL [REPEATS]
+    python benchmarks/bwd_wgmma_repeat.py case D DTYPE CAUSAL B,H,H_kv,Nq,Nk
+
+case: bwd_wgmma_bench.py --check's inputs of one shape (its seed), rung 7's forward, then the backward, a sync after
+each, saying which one faulted (for compute-sanitizer).
 
 backward: o and lse from torch in float32 (no flashlib forward), then ck.backward(rung='bwd_wgmma') REPEATS times a
 shape; forward: ck.forward (rung 7) REPEATS times a shape. Prints the first failing call, else one line a shape."""
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # flashlib; this folder: sys.path[0]
 
 SHAPES = [(1, 2, 2, 97, 113), (2, 3, 3, 128, 128), (1, 2, 2, 1023, 257), (1, 4, 4, 300, 700), (1, 4, 2, 97, 113),
           (1, 2, 2, 1, 1), (4, 8, 8, 512, 512)]   # (B, H, H_kv, Nq, Nk)
+
+
+def case(d, dtype, causal, shape):
+    import zlib
+    import torch
+    from bwd_wgmma_bench import _inputs
+    from flashlib import cupy_kernels as ck
+    B, H, Hkv, Nq, Nk = shape
+    q, k, v, do = _inputs(B, H, Hkv, Nq, Nk, d, dtype, zlib.crc32(repr((B, H, Nq, Nk, d)).encode()))
+    scale = d ** -0.5
+    for name, call in (("forward", lambda: ck.forward(q, k, v, causal=causal, scale=scale, dtype=dtype)),):
+        o, lse = call()
+        torch.cuda.synchronize()
+        print(f"{name} done: o finite {bool(torch.isfinite(o).all())}, lse {lse.min().item():.3g} .. {lse.max().item():.3g}",
+              flush=True)
+    ck.backward(q, k, v, o, lse, do, causal=causal, scale=scale, dtype=dtype, rung="bwd_wgmma")
+    torch.cuda.synchronize()
+    print("backward done", flush=True)
 
 
 def main():
     import torch
     from flashlib import cupy_kernels as ck
     way, d, dtype, causal = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4] == "1"
+    if way == "case":
+        return case(d, dtype, causal, tuple(int(x) for x in sys.argv[5].split(",")))
     reps = int(sys.argv[5]) if len(sys.argv) > 5 else 50
     for B, H, Hkv, Nq, Nk in SHAPES:
         g = torch.Generator(device="cuda").manual_seed(Nq * 7 + Nk)
