@@ -37,10 +37,37 @@ def case(d, dtype, causal, shape):
     print("backward done", flush=True)
 
 
+def sequence(d, backward, precompile):
+    """bwd_wgmma_bench.py --check's calls at head dim d in its order (forward only unless `backward`), with or without
+    its precompile in threads first; a sync after each call."""
+    import zlib
+    import torch
+    import bwd_wgmma_bench as bb
+    from flashlib import cupy_kernels as ck
+    if precompile:
+        bb.precompile((d,))
+    for (dtype, _), causal, (B, H, Hkv, Nq, Nk) in [(k, c, s) for k in bb.KINDS if k[1] == d for c in (False, True)
+                                                    for s in bb.CHECKS]:
+        q, k, v, do = bb._inputs(B, H, Hkv, Nq, Nk, d, dtype, zlib.crc32(repr((B, H, Nq, Nk, d)).encode()))
+        where = f"{dtype} causal={causal} {(B, H, Hkv, Nq, Nk)} ptrs q {q.data_ptr():#x} k {k.data_ptr():#x} v {v.data_ptr():#x}"
+        try:
+            o, lse = ck.forward(q, k, v, causal=causal, scale=d ** -0.5, dtype=dtype)
+            torch.cuda.synchronize()
+            if backward:
+                ck.backward(q, k, v, o, lse, do, causal=causal, scale=d ** -0.5, dtype=dtype, rung="bwd_wgmma")
+                torch.cuda.synchronize()
+        except Exception as e:  # noqa: BLE001
+            print(f"FAULT {where}: {e!r}"[:300], flush=True)
+            sys.exit(1)
+        print(f"ok {where}", flush=True)
+
+
 def main():
     import torch
     from flashlib import cupy_kernels as ck
     way, d, dtype, causal = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4] == "1"
+    if way == "sequence":   # sequence D BACKWARD(0/1) PRECOMPILE(0/1)
+        return sequence(d, dtype == "1", causal)
     if way == "case":
         return case(d, dtype, causal, tuple(int(x) for x in sys.argv[5].split(",")))
     reps = int(sys.argv[5]) if len(sys.argv) > 5 else 50
