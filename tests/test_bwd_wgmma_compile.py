@@ -29,10 +29,12 @@ def test_bwd_wgmma_config():
     assert c256.kernel == "fa3_backward_d256<__half, true>" and (c256.Br, c256.Bc, c256.warps) == (64, 64, 12)
     assert c256.smem == 1024 + 2 * 256 * (2 * 64 + 4 * 64) + 4 * 2 * 64 * 64 + 4 * 4 * 64 + 40 <= ck.SMEM_LIMIT[90]
     assert ck.choose_config("bfloat16", 200, 90, rung="bwd_wgmma").kernel == "fa3_backward_d256<__nv_bfloat16, false>"
-    # the default backward on Hopper at d = 64 and 128 (33 ... 128: those buckets) after the H200 runs; bwd_tc elsewhere
+    # the default backward on Hopper at d = 64, 128 and 256 (33 ... 256: those buckets) after the H200 runs; bwd_tc
+    # elsewhere
     assert ck.default_rung("float16", 90, "backward", 128) == "bwd_wgmma" == ck.default_rung("bfloat16", 90, "backward", 100)
     assert ck.default_rung("float16", 90, "backward", 64) == "bwd_wgmma" == ck.default_rung("bfloat16", 90, "backward", 40)
-    assert ck.default_rung("float16", 90, "backward", 256) == "bwd_tc" == ck.default_rung("float16", 80, "backward", 128)
+    assert ck.default_rung("float16", 90, "backward", 256) == "bwd_wgmma" == ck.default_rung("bfloat16", 90, "backward", 160)
+    assert ck.default_rung("float16", 80, "backward", 128) == "bwd_tc"
     assert ck.default_rung("float16", 90, "backward", 32) == "bwd_tc"
     assert ck.default_rung("float32", 90, "backward", 128) == "bwd_fp32"
     assert ck.choose_config("float16", 128, 90, rung=ck.default_rung("float16", 90, "backward", 128)).file == "fa3_backward.cu"

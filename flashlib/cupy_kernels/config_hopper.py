@@ -45,10 +45,11 @@ SIG_FA3 = "MMMPPiifiiP"   # maps of q, k, v; o, lse; Nq, Nk, scale, BH, G; "dyna
 # (fa3_backward_d256): Bc = 64 keys, the warpgroups split d. Other head dims: bwd_tc.
 BWD_WGMMA_HEAD_DIMS = (64, 128, 256)
 BWD_WGMMA_TILES = {64: (64, 128), 128: (64, 128), 256: (64, 64)}   # d: (Br, Bc), fixed by the kernels
-# where it is Hopper's default backward: both buckets. The H200 timed it at 308-392 TFLOP/s at d = 64 and 414-512 at
+# where it is Hopper's default backward: every bucket. The H200 timed it at 308-392 TFLOP/s at d = 64 and 414-512 at
 # d = 128 against bwd_tc's 230-296 and 216-252 (fp16, bf16, N = 4096, 16384, causal or not; record bwd_wgmma_h200,
-# logs/bwd_wgmma_gpu_session_h200_505b10e.txt); its first version ('atomic' below) was not faster at d = 64
-BWD_WGMMA_DEFAULT_DIMS = (64, 128)
+# logs/bwd_wgmma_gpu_session_h200_505b10e.txt; its first version, 'atomic' below, was not faster at d = 64), and at
+# 263-296 at d = 256 against bwd_tc's 119-131 (record bwd_wgmma_d256_h200, logs/bwd_wgmma_d256_session_h200_4871c10.txt)
+BWD_WGMMA_DEFAULT_DIMS = (64, 128, 256)
 # how each Q tile's dQ reaches the fp32 buffer: 'tma', staged in shared memory and added by TMA reductions
 # (FlashAttention-3's way), or 'atomic', red.global.add.v2.f32 from every thread (kept for bwd_wgmma_bench.py)
 BWD_WGMMA_DQ = ("tma", "atomic")

@@ -174,8 +174,8 @@ def backward(q, k, v, o, lse, do, *, causal, scale, dtype, rung=None, tiles=None
     """FlashAttention-2 backward. q, o, do: (B, H, Nq, d), k, v: (B, H_kv, Nk, d), lse (B, H, Nq) float32, all CuPy
     arrays or all torch CUDA tensors. Returns dq, dk, dv in q's dtype, the caller's kind, on its current stream (dk,
     dv summed over the H // H_kv query heads that share a kv head). rung: 'bwd_tc' (fp16/bf16 on sm_80+, the default
-    there), 'bwd_wgmma' (Hopper, d = 64 and 128: fa3_backward.cu) or 'bwd_fp32'; tiles: bwd_tc's (warps, KW, Br,
-    BRC, KVREG), default BWD_TILES[d]."""
+    there), 'bwd_wgmma' (Hopper, d = 64, 128 and 256: fa3_backward.cu; the default there) or 'bwd_fp32'; tiles:
+    bwd_tc's (warps, KW, Br, BRC, KVREG), default BWD_TILES[d]."""
     B, H, Nq, Nk, d, dev = _checked(q, k, v, dtype)
     if o.shape != q.shape or do.shape != q.shape or tuple(lse.shape) != (B, H, Nq) or type(o) is not type(q) \
             or type(do) is not type(q) or type(lse) is not type(q):
