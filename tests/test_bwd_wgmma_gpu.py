@@ -17,13 +17,14 @@ GQA = [(1, 4, 2, 97, 113), (1, 4, 2, 300, 700), (2, 4, 1, 129, 257)]   # (B, H, 
 
 @pytest.fixture(scope="module", autouse=True)
 def _precompiled():
-    """The twelve instances compiled once, up front, in parallel threads (NVRTC releases the GIL)."""
+    """The sixteen instances compiled once, up front, in parallel threads (NVRTC releases the GIL)."""
     import concurrent.futures
     if ck.device_cc() != 90:
         return
-    jobs = [(t, d, c) for t, d in KINDS for c in (False, True)]
+    jobs = [(t, d, c, None) for t, d in KINDS for c in (False, True)]
+    jobs += [(t, 256, c, ("tma",)) for t in ("float16", "bfloat16") for c in (False, True)]
     with concurrent.futures.ThreadPoolExecutor(8) as ex:
-        list(ex.map(lambda j: ck.backward_plan(j[0], j[1], j[2], 0, "bwd_wgmma", None), jobs))
+        list(ex.map(lambda j: ck.backward_plan(j[0], j[1], j[2], 0, "bwd_wgmma", j[3]), jobs))
 
 
 def _hopper():
@@ -47,6 +48,16 @@ def test_bwd_wgmma_matches_reference(B, H, nq, nk, dtype, d, causal, poisoned):
 def test_bwd_wgmma_gqa_matches_reference(shape, dtype, d, causal, poisoned):
     _hopper()
     _check_gqa(*shape, d, causal, dtype, None, "bwd_wgmma")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("shape", [(B, H, H, nq, nk) for B, H, nq, nk in SHAPES] + GQA, ids=str)
+def test_bwd_wgmma_d256_tma_matches_reference(shape, dtype, causal, poisoned):
+    """fa3_backward_d256 with dQ added by TMA reductions (one dO buffer)."""
+    _hopper()
+    _check_gqa(*shape, 256, causal, dtype, None, "bwd_wgmma", bwd_tiles=("tma",))
 
 
 @pytest.mark.gpu

@@ -533,8 +533,9 @@ def _gqa_naive(q, k, v, do, causal, scale):
     return o.detach(), qn.grad, kn.grad, vn.grad
 
 
-def _check_gqa(B, H, Hkv, Nq, Nk, d, causal, dtype, fwd_rung=None, bwd_rung=None, backward=True):
-    """ck.forward (and ck.backward) against float64 with the FlashAttention rule (float32: a fixed relative bound)."""
+def _check_gqa(B, H, Hkv, Nq, Nk, d, causal, dtype, fwd_rung=None, bwd_rung=None, backward=True, bwd_tiles=None):
+    """ck.forward (and ck.backward, with bwd_tiles as its tiles) against float64 with the FlashAttention rule
+    (float32: a fixed relative bound)."""
     scale = 1 / np.sqrt(d)
     q, k, v, do = _gqa_inputs(B, H, Hkv, Nq, Nk, d, dtype, zlib.crc32(repr((B, H, Hkv, Nq, Nk, d, causal, dtype)).encode()))
     o, lse = _backend_call(ck.forward, (q, k, v), dtype, causal, scale, rung=fwd_rung)
@@ -548,7 +549,7 @@ def _check_gqa(B, H, Hkv, Nq, Nk, d, causal, dtype, fwd_rung=None, bwd_rung=None
     assert _err(lse, ref[1]) <= 2e-3, where
     if not backward:
         return
-    grads = _backend_call(ck.backward, (q, k, v, o, lse, do), dtype, causal, scale, rung=bwd_rung)
+    grads = _backend_call(ck.backward, (q, k, v, o, lse, do), dtype, causal, scale, rung=bwd_rung, tiles=bwd_tiles)
     for i, (name, got) in enumerate(zip(("dq", "dk", "dv"), grads), start=2):
         assert got.shape == (q, k, v)[i - 2].shape and got.dtype == q.dtype, (where, name)
         b = 1e-4 * max(1.0, np.abs(ref[i]).max()) if naive is None else bound(i)

@@ -53,7 +53,8 @@ BWD_WGMMA_DEFAULT_DIMS = (64, 128, 256)
 # how each Q tile's dQ reaches the fp32 buffer: 'tma', staged in shared memory and added by TMA reductions
 # (FlashAttention-3's way), or 'atomic', red.global.add.v2.f32 from every thread (kept for bwd_wgmma_bench.py)
 BWD_WGMMA_DQ = ("tma", "atomic")
-BWD_WGMMA_DQ_AT = {64: BWD_WGMMA_DQ, 128: BWD_WGMMA_DQ, 256: ("atomic",)}   # d = 256: no room for a staging tile
+# d = 256: 'atomic' first (the default): 'tma' finds room for its staging tiles only with one dO buffer
+BWD_WGMMA_DQ_AT = {64: BWD_WGMMA_DQ, 128: BWD_WGMMA_DQ, 256: ("atomic", "tma")}
 SIG_BWD_WGMMA = "MMMMMPPPPPiifii"   # maps of q, k, v, do, dq_acc; lb, delta, dq_acc, dk, dv; Nq, Nk, scale, BH, G
 
 
@@ -117,12 +118,13 @@ def fa3_config(dtype, d, causal, tiles=None, variant=None):
 
 def smem_bwd_wgmma(d, Br=64, Bc=128, dq="tma"):
     """Bytes of dynamic shared memory of fa3_backward (d = 64, 128) or fa3_backward_d256: 1 KB of alignment slack,
-    K, V (Bc rows), 2 stages of Q, dO (Br rows), rows of d 16-bit values; 2 dS^T buffers (Bc x Br, 16-bit), at
-    d = 256 2 P^T buffers too; dq 'tma': a dQ staging tile (Br x 64 fp32) per consumer warpgroup; 2 stages of Lb and
-    delta (Br floats) and 5 mbarriers (8 bytes each)."""
+    K, V (Bc rows), 2 stages of Q, dO (Br rows; at d = 256 with dq 'tma' one dO buffer), rows of d 16-bit values;
+    2 dS^T buffers (Bc x Br, 16-bit), at d = 256 2 P^T buffers too; dq 'tma': a dQ staging tile (Br x 64 fp32) per
+    consumer warpgroup; 2 stages of Lb and delta (Br floats) and 5 mbarriers (8 bytes each; 7 with one dO buffer)."""
     staging = 2 * Br * 64 * 4 if dq == "tma" else 0
     buffers = (4 if d == 256 else 2) * 2 * Bc * Br
-    return 1024 + 2 * d * (2 * Bc + 4 * Br) + buffers + staging + 4 * 4 * Br + 8 * 5
+    do1 = d == 256 and dq == "tma"
+    return 1024 + 2 * d * (2 * Bc + (3 if do1 else 4) * Br) + buffers + staging + 4 * 4 * Br + 8 * (7 if do1 else 5)
 
 
 Fa3BwdConfig = namedtuple("Fa3BwdConfig", "kernel Br Bc threads smem")
@@ -131,7 +133,7 @@ Fa3BwdConfig = namedtuple("Fa3BwdConfig", "kernel Br Bc threads smem")
 def bwd_wgmma_config(dtype, d, causal, dq=None):
     """Fa3BwdConfig(kernel name expression, Br, Bc, threads, smem bytes) of the Hopper backward for dtype
     float16/bfloat16, head dim in BWD_WGMMA_HEAD_DIMS and dQ accumulation `dq`, one of BWD_WGMMA_DQ_AT[d] (None:
-    the first, 'tma' where the head dim has it)."""
+    the first: 'tma' at d = 64, 128, 'atomic' at 256)."""
     if dtype not in ("float16", "bfloat16"):
         raise ValueError(f"rung 'bwd_wgmma' (fa3_backward) takes float16 or bfloat16, got {dtype!r}")
     if d not in BWD_WGMMA_HEAD_DIMS:
@@ -140,8 +142,8 @@ def bwd_wgmma_config(dtype, d, causal, dq=None):
     if dq not in BWD_WGMMA_DQ_AT[d]:
         raise ValueError(f"rung 'bwd_wgmma' accumulates dQ at d = {d} by one of {BWD_WGMMA_DQ_AT[d]}, got {dq!r}")
     (Br, Bc), c = BWD_WGMMA_TILES[d], ("true" if causal else "false")
-    kernel = (f"fa3_backward_d256<{CTYPE[dtype]}, {c}>" if d == 256 else
-              f"fa3_backward<{CTYPE[dtype]}, {d}, {c}, {'true' if dq == 'tma' else 'false'}>")
+    t = "true" if dq == "tma" else "false"
+    kernel = f"fa3_backward_d256<{CTYPE[dtype]}, {c}, {t}>" if d == 256 else f"fa3_backward<{CTYPE[dtype]}, {d}, {c}, {t}>"
     return Fa3BwdConfig(kernel, Br, Bc, 384, smem_bwd_wgmma(d, Br, Bc, dq))
 
 

@@ -67,8 +67,10 @@ __device__ __forceinline__ void stage_dq(unsigned char* tile, const float* dq, f
 // The producer warp of both kernels below: the block's K and V (Bc rows each, at ks0 and ks0 + KT) once on the
 // mbarrier at bar0 (kv_full), then per Q tile i (stage s = i % 2) Q and dO by TMA and Lb * log2(e) and delta by plain
 // loads into the stage, once its empty barrier (bar0 + 8 (3 + s)) has seen the consumers done with tile i - 2; the
-// full barrier (bar0 + 8 (1 + s)) completes when the copy engine's bytes and the warp's 32 arrivals are in
-template <int D, int Bc, int Br>
+// full barrier (bar0 + 8 (1 + s)) completes when the copy engine's bytes and the warp's 32 arrivals are in.
+// DO1 (fa3_backward_d256 with DQ_TMA): dO has one buffer of its own, filled for tile i once its empty barrier
+// (bar0 + 48) has seen the consumers done with tile i - 1's dO, completing its full barrier (bar0 + 40)
+template <int D, int Bc, int Br, bool DO1 = false>
 __device__ __forceinline__ void bwd_produce(const TmaMap* qmap, const TmaMap* kmap, const TmaMap* vmap,
                                             const TmaMap* domap, const float* lb, const float* dt, float* ls, float* dl,
                                             u32 ks0, u32 qs0, u32 dos0, u32 bar0, int kv0, int q_begin, int n_q,
@@ -86,9 +88,9 @@ __device__ __forceinline__ void bwd_produce(const TmaMap* qmap, const TmaMap* km
         const u32 full = bar0 + 8 * (1 + s), empty = bar0 + 8 * (3 + s);
         mbar_wait(empty, ((i >> 1) & 1) ^ 1);
         if (lane == 0) {
-            mbar_arrive_expect_tx(full, 2 * QT);
+            mbar_arrive_expect_tx(full, DO1 ? QT : 2 * QT);
             tma_tile<D, Br>(qs0 + s * QT, qmap, full, q0, bh);
-            tma_tile<D, Br>(dos0 + s * QT, domap, full, q0, bh);
+            if (!DO1) tma_tile<D, Br>(dos0 + s * QT, domap, full, q0, bh);
         }
 #pragma unroll
         for (int r = lane; r < Br; r += 32) {
@@ -97,6 +99,13 @@ __device__ __forceinline__ void bwd_produce(const TmaMap* qmap, const TmaMap* km
             dl[s * Br + r] = ok ? dt[q0 + r] : 0.f;
         }
         mbar_arrive(full);  // release: the stores above are visible to whoever waits on the phase
+        if constexpr (DO1) {
+            mbar_wait(bar0 + 48, (i & 1) ^ 1);
+            if (lane == 0) {
+                mbar_arrive_expect_tx(bar0 + 40, QT);
+                tma_tile<D, Br>(dos0, domap, bar0 + 40, q0, bh);
+            }
+        }
     }
 }
 
@@ -320,12 +329,17 @@ fa3_backward(const __grid_constant__ TmaMap qmap, const __grid_constant__ TmaMap
 //   named barrier of the 256 consumer threads (both halves written)
 //   dV_w += P^T dO_w, dK_w += dS^T Q_w   m64n128k16 ss: A = P^T / dS^T (keys x queries, K-major), B = the
 //                                         warpgroup's 128 columns of dO / Q, MN-major
-//   dQ_w = dS K_w                         m64n128k16 ss, A = dS^T and B = K's 128 columns, both MN-major; added into
-//                                         the fp32 dQ buffer by red.global.add.v2.f32 (as FlashAttention-3 does at
-//                                         d = 256: shared memory has no room for a staging tile)
-// The two P^T, dS^T buffers work as fa3_backward's dS^T buffers. Shared memory: K, V (64 x 256), 2 stages of Q, dO
-// (64 x 256), 2 buffers each of dS^T and P^T (64 x 64): 224 KB, plus Lb, delta and the mbarriers.
-template <typename T, bool CAUSAL>
+//   dQ_w = dS K_w                         m64n64k16 ss twice (the warpgroup's two 64-column halves), A = dS^T and B =
+//                                         K's columns, both MN-major, added into the fp32 dQ buffer:
+//     !DQ_TMA: by red.global.add.v2.f32 from every thread, as FlashAttention-3 does at d = 256
+//     DQ_TMA: each half staged (stage_dq) and added by two TMA reductions, as fa3_backward does. The 32 KB of its
+//             two staging tiles come from dO, which then has one buffer (not two stages): the producer refills it
+//             for the next tile once both warpgroups' dV products are done (a barrier of its own), while dK and dQ
+//             run
+// The two P^T, dS^T buffers work as fa3_backward's dS^T buffers. Shared memory: K, V (64 x 256), 2 stages of Q (64 x
+// 256), of dO 2 stages or (DQ_TMA) one buffer and 2 staging tiles (64 x 64 fp32), 2 buffers each of dS^T and P^T
+// (64 x 64): 224 KB, plus Lb, delta and the mbarriers.
+template <typename T, bool CAUSAL, bool DQ_TMA>
 __global__ void __launch_bounds__(384, 1)
 fa3_backward_d256(const __grid_constant__ TmaMap qmap, const __grid_constant__ TmaMap kmap,
                   const __grid_constant__ TmaMap vmap, const __grid_constant__ TmaMap domap,
@@ -333,17 +347,20 @@ fa3_backward_d256(const __grid_constant__ TmaMap qmap, const __grid_constant__ T
                   float* __restrict__ dQacc, T* __restrict__ dK, T* __restrict__ dV, int Nq, int Nk, float scale,
                   int BH, int G) {
     constexpr int D = 256, Bc = 64, Br = 64, KT = Bc * D * 2, QT = Br * D * 2, PT = Bc * Br * 2;
+    constexpr int DOS = DQ_TMA ? 1 : 2, DQT = Br * 64 * 4;  // dO buffers; a staging tile (DQ_TMA, per warpgroup)
     extern __shared__ __align__(128) unsigned char smem_raw[];
     unsigned char* base = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
-    const u32 ks0 = smem_addr(base), vs0 = ks0 + KT, qs0 = vs0 + KT, dos0 = qs0 + 2 * QT, dss0 = dos0 + 2 * QT;
-    const u32 pts0 = dss0 + 2 * PT;                                      // P^T buffers after the dS^T buffers
-    unsigned char* dss_p = base + 2 * KT + 4 * QT;
+    const u32 ks0 = smem_addr(base), vs0 = ks0 + KT, qs0 = vs0 + KT, dos0 = qs0 + 2 * QT, dss0 = dos0 + DOS * QT;
+    const u32 pts0 = dss0 + 2 * PT, dqs0 = pts0 + 2 * PT;  // P^T buffers after the dS^T buffers, then staging
+    unsigned char* dss_p = base + 2 * KT + (2 + DOS) * QT;
     unsigned char* pts_p = dss_p + 2 * PT;
-    float* ls = reinterpret_cast<float*>(pts_p + 2 * PT);  // 2 stages of Br: Lb log2(e)
-    float* dl = ls + 2 * Br;                               // 2 stages of Br: delta
+    unsigned char* dqs_p = pts_p + 2 * PT;
+    float* ls = reinterpret_cast<float*>(dqs_p + (DQ_TMA ? 2 * DQT : 0));  // 2 stages of Br: Lb log2(e)
+    float* dl = ls + 2 * Br;                                                // 2 stages of Br: delta
     const u32 bar0 = smem_addr(dl + 2 * Br), kv_full = bar0;
     auto full = [&](int s) { return bar0 + 8 * (1 + s); };
     auto empty = [&](int s) { return bar0 + 8 * (3 + s); };
+    const u32 do_full = bar0 + 40, do_empty = bar0 + 48;  // DQ_TMA: dO's one buffer
 
     const int tid = threadIdx.x, wg = tid >> 7, lane = tid & 31;
     const u32 pair = pair_index();
@@ -359,6 +376,7 @@ fa3_backward_d256(const __grid_constant__ TmaMap qmap, const __grid_constant__ T
             mbar_init(full(s), 1 + 32);
             mbar_init(empty(s), 8);
         }
+        if (DQ_TMA) mbar_init(do_full, 1), mbar_init(do_empty, 8);
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }
     __syncthreads();
@@ -366,7 +384,7 @@ fa3_backward_d256(const __grid_constant__ TmaMap qmap, const __grid_constant__ T
     if (wg == 0) {  // ---- producer: warp 0 ----
         regs_dec<24>();
         if (tid < 32 && n_q > 0)
-            bwd_produce<D, Bc, Br>(&qmap, &kmap, &vmap, &domap, Lb + (size_t)bh * Nq, Dlt + (size_t)bh * Nq, ls, dl,
+            bwd_produce<D, Bc, Br, DQ_TMA>(&qmap, &kmap, &vmap, &domap, Lb + (size_t)bh * Nq, Dlt + (size_t)bh * Nq, ls, dl,
                                    ks0, qs0, dos0, bar0, kv0, q_begin, n_q, Nq, bh, bkv, lane);
         return;
     }
@@ -375,6 +393,7 @@ fa3_backward_d256(const __grid_constant__ TmaMap qmap, const __grid_constant__ T
     regs_inc<240>();
     const int cw = wg - 1, w = (tid >> 5) & 3, g = lane >> 2, t = lane & 3;
     const int c0 = 128 * cw, qw = 32 * cw;  // the warpgroup's columns of d and its queries in the Q tile
+    const bool leader = (tid & 127) == 0;  // issues the warpgroup's dQ reductions (DQ_TMA)
     const float sl = scale * LOG2E;
     float dk[64], dv[64];
 #pragma unroll
@@ -399,9 +418,10 @@ fa3_backward_d256(const __grid_constant__ TmaMap qmap, const __grid_constant__ T
         }
         wgmma_commit();
     };
-    // dV_w += P^T dO_w, dK_w += dS^T Q_w, then dQ_w = dS K_w, per 16-row step kk (of queries, then of keys); dO_w,
-    // Q_w, K_w: the warpgroup's two 64-column blocks (LBO: the next block)
-    auto issue_products = [&](float* dq, u32 qs, u32 dos, u32 dss, u32 pts) {
+    // dV_w += P^T dO_w, dK_w += dS^T Q_w (one commit group), then dQ_w = dS K_w in two halves of 64 columns (a
+    // group each), per 16-row step kk (of queries, then of keys); dO_w, Q_w: the warpgroup's two 64-column blocks
+    // (LBO: the next block), K: block 2 cw + half
+    auto issue_products = [&](float* dq0, float* dq1, u32 qs, u32 dos, u32 dss, u32 pts) {
 #pragma unroll
         for (int kk = 0; kk < Br / 16; kk++)
             Wgmma<T>::template ss<128, 1, 0, 1>(dv, smem_desc_sw128(pts + kk * 32, 16, 1024),
@@ -412,20 +432,51 @@ fa3_backward_d256(const __grid_constant__ TmaMap qmap, const __grid_constant__ T
                                                 smem_desc_sw128(qs + 2 * cw * (Br * 128) + kk * 2048, Br * 128, 1024));
         wgmma_commit();
 #pragma unroll
-        for (int kk = 0; kk < Bc / 16; kk++) {
-            const unsigned long long da = smem_desc_sw128(dss + kk * 2048, Bc * 128, 1024);
-            const unsigned long long db = smem_desc_sw128(ks0 + 2 * cw * (Bc * 128) + kk * 2048, Bc * 128, 1024);
-            if (kk == 0) Wgmma<T>::template ss<128, 0, 1, 1>(dq, da, db);
-            else Wgmma<T>::template ss<128, 1, 1, 1>(dq, da, db);
+        for (int half = 0; half < 2; half++) {
+            float* dq = half ? dq1 : dq0;
+#pragma unroll
+            for (int kk = 0; kk < Bc / 16; kk++) {
+                const unsigned long long da = smem_desc_sw128(dss + kk * 2048, Bc * 128, 1024);
+                const unsigned long long db = smem_desc_sw128(ks0 + (2 * cw + half) * (Bc * 128) + kk * 2048, Bc * 128, 1024);
+                if (kk == 0) Wgmma<T>::template ss<64, 0, 1, 1>(dq, da, db);
+                else Wgmma<T>::template ss<64, 1, 1, 1>(dq, da, db);
+            }
+            wgmma_commit();
         }
-        wgmma_commit();
+    };
+    // a dQ half (columns c0 + 64 half ...; rows q0 + 16w + g + 8h, columns 8n + 2t, +1 of dq) into the fp32 buffer
+    auto add_dq = [&](const float* dq, int half, int q0) {
+        if constexpr (DQ_TMA) {  // staged, then two TMA reductions of 32 columns by the leader
+            if (leader) bulk_wait_read<0>();  // the staging tile's last reduction has read it
+            bar_sync(3 + cw, 128);
+            stage_dq(dqs_p + cw * DQT, dq, scale, w, g, t);
+            fence_proxy_async();
+            bar_sync(3 + cw, 128);
+            if (leader) {
+                tma_reduce_add_3d(&dqmap, dqs0 + cw * DQT, c0 + 64 * half, q0, bh);
+                tma_reduce_add_3d(&dqmap, dqs0 + cw * DQT + DQT / 2, c0 + 64 * half + 32, q0, bh);
+                bulk_commit();
+            }
+        } else {
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                const int row = q0 + 16 * w + g + 8 * h;
+                if (row < Nq) {
+                    float* dst = dQacc + ((size_t)bh * Nq + row) * D + c0 + 64 * half + 2 * t;
+#pragma unroll
+                    for (int n = 0; n < 8; n++)
+                        atomic_add_f32x2(dst + 8 * n, dq[4 * n + 2 * h] * scale, dq[4 * n + 2 * h + 1] * scale);
+                }
+            }
+        }
     };
 
     if (n_q > 0) mbar_wait(kv_full, 0);
     for (int i = 0; i < n_q; i++) {
         const int s = i & 1, q0 = q_begin + i * Br;
-        const u32 qs = qs0 + s * QT, dos = dos0 + s * QT;
+        const u32 qs = qs0 + s * QT, dos = dos0 + (DQ_TMA ? 0 : s * QT);
         mbar_wait(full(s), (i >> 1) & 1);
+        if (DQ_TMA) mbar_wait(do_full, i & 1);
         float st[16], dpt[16];
         wgmma_fence();
         issue_sdp(st, dpt, qs, dos);
@@ -469,29 +520,28 @@ fa3_backward_d256(const __grid_constant__ TmaMap qmap, const __grid_constant__ T
             }
         fence_proxy_async();  // visible to wgmma (the async proxy)
         bar_sync(1, 256);     // both warpgroups' halves
-        float dq[64];
+        float dq0[32], dq1[32];
         fence_regs<64>(dv);
         fence_regs<64>(dk);
         wgmma_fence();
-        issue_products(dq, qs, dos, dss0 + s * PT, pts0 + s * PT);
-        wgmma_wait<0>();
+        issue_products(dq0, dq1, qs, dos, dss0 + s * PT, pts0 + s * PT);
+        wgmma_wait<2>();
         fence_regs<64>(dv);
         fence_regs<64>(dk);
-        fence_regs<64>(dq);
-        __syncwarp();
-        if (lane == 0) mbar_arrive(empty(s));  // Q, dO, Lb, delta of stage s are read
-        // dQ rows q0 + 16w + g + 8h, columns c0 + 8n + 2t, +1
-#pragma unroll
-        for (int h = 0; h < 2; h++) {
-            const int row = q0 + 16 * w + g + 8 * h;
-            if (row < Nq) {
-                float* dst = dQacc + ((size_t)bh * Nq + row) * D + c0 + 2 * t;
-#pragma unroll
-                for (int n = 0; n < 16; n++)
-                    atomic_add_f32x2(dst + 8 * n, dq[4 * n + 2 * h] * scale, dq[4 * n + 2 * h + 1] * scale);
-            }
+        if constexpr (DQ_TMA) {
+            __syncwarp();
+            if (lane == 0) mbar_arrive(do_empty);  // dO is read (dP^T, dV): the producer may refill it
         }
+        wgmma_wait<1>();
+        fence_regs<32>(dq0);
+        add_dq(dq0, 0, q0);
+        wgmma_wait<0>();
+        fence_regs<32>(dq1);
+        __syncwarp();
+        if (lane == 0) mbar_arrive(empty(s));  // Q, dO (2 stages), Lb, delta of stage s are read
+        add_dq(dq1, 1, q0);
     }
+    if (DQ_TMA && leader) bulk_wait<0>();  // the staging tile is read before the block's shared memory goes
 
     // dK = scale dS^T Q, dV = P^T dO: rows kv0 + 16w + g + 8h, the warpgroup's columns c0 + 8n + 2t, +1
 #pragma unroll
