@@ -37,19 +37,31 @@ def case(d, dtype, causal, shape):
     print("backward done", flush=True)
 
 
-def sequence(d, backward, precompile):
+def sequence(d, backward, precompile, naive=False):
     """bwd_wgmma_bench.py --check's calls at head dim d in its order (forward only unless `backward`), with or without
-    its precompile in threads first; a sync after each call."""
+    its precompile in threads first, with or without its float64 and naive torch references (`naive`); a sync after
+    each call. Before each forward, q's cached tensor map (tma.map_bytes) is compared with a fresh encoding."""
+    import ctypes
     import zlib
     import torch
     import bwd_wgmma_bench as bb
     from flashlib import cupy_kernels as ck
+    from flashlib.cupy_kernels import tma
+    from tests.test_cupy_kernels import _gqa_naive, _gqa_reference
     if precompile:
         bb.precompile((d,))
     for (dtype, _), causal, (B, H, Hkv, Nq, Nk) in [(k, c, s) for k in bb.KINDS if k[1] == d for c in (False, True)
                                                     for s in bb.CHECKS]:
         q, k, v, do = bb._inputs(B, H, Hkv, Nq, Nk, d, dtype, zlib.crc32(repr((B, H, Nq, Nk, d)).encode()))
         where = f"{dtype} causal={causal} {(B, H, Hkv, Nq, Nk)} ptrs q {q.data_ptr():#x} k {k.data_ptr():#x} v {v.data_ptr():#x}"
+        if naive:
+            _gqa_reference(q, k, v, do, causal, d ** -0.5)
+            _gqa_naive(q, k, v, do, causal, d ** -0.5)
+        cfg = ck.choose_config(dtype, d, 90, causal)
+        key = (q.data_ptr(), dtype, d, Nq, B * H, cfg.Br)
+        fresh = ctypes.string_at(ctypes.addressof(tma.tensor_map_3d(*key).arg), 128)
+        if tma.map_bytes(*key) != fresh:
+            print(f"STALE MAP {where}", flush=True)
         try:
             o, lse = ck.forward(q, k, v, causal=causal, scale=d ** -0.5, dtype=dtype)
             torch.cuda.synchronize()
@@ -66,8 +78,8 @@ def main():
     import torch
     from flashlib import cupy_kernels as ck
     way, d, dtype, causal = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4] == "1"
-    if way == "sequence":   # sequence D BACKWARD(0/1) PRECOMPILE(0/1)
-        return sequence(d, dtype == "1", causal)
+    if way == "sequence":   # sequence D BACKWARD(0/1) PRECOMPILE(0/1) [NAIVE(0/1)]
+        return sequence(d, dtype == "1", causal, len(sys.argv) > 5 and sys.argv[5] == "1")
     if way == "case":
         return case(d, dtype, causal, tuple(int(x) for x in sys.argv[5].split(",")))
     reps = int(sys.argv[5]) if len(sys.argv) > 5 else 50
