@@ -1,6 +1,6 @@
 """The Hopper backward 'bwd_wgmma' (fa3_backward.cu) without a GPU: its configuration, and its instances (bwd_sample:
-every one the library launches, fp16 / bf16 x d = 64, 128 x causal with dQ by TMA reductions and d = 256 by atomics,
-and in fp16 the other dQ accumulation) compiled by nvcc/ptxas for sm_90a with no spills, no stack frame and no ptxas warning (e.g. a serialised
+every one the library launches, fp16 / bf16 x d = 64, 128, 256 x causal with dQ by TMA reductions, and in fp16 dQ by
+atomics) compiled by nvcc/ptxas for sm_90a with no spills, no stack frame and no ptxas warning (e.g. a serialised
 wgmma); skipped where nvcc is missing."""
 import pytest
 
@@ -25,16 +25,16 @@ def test_bwd_wgmma_config():
     assert len(set(ck.bwd_wgmma_instances())) == 24   # dtype x d = 64, 128, 256 x causal x dQ 'tma' / 'atomic'
     # d = 256: fa3_backward_d256, 64 keys a block; K, V, 2 x Q (64 rows), 2 x dO or ('tma') one dO buffer and 2 dQ
     # staging tiles (64 x 64 fp32), 2 buffers each of dS^T and P^T (64 x 64), 2 x (Lb, delta), 5 (7) mbarriers, 1 KB
-    # alignment slack: within Hopper's 227 KB; dQ by atomics unless asked
-    c256 = ck.choose_config("float16", 256, 90, causal=True, rung="bwd_wgmma")
+    # alignment slack: within Hopper's 227 KB; dQ by TMA reductions unless asked
+    c256 = ck.choose_config("float16", 256, 90, causal=True, rung="bwd_wgmma", tiles=("atomic",))
     assert c256.kernel == "fa3_backward_d256<__half, true, false>" and (c256.Br, c256.Bc, c256.warps) == (64, 64, 12)
     assert c256.smem == 1024 + 2 * 256 * (2 * 64 + 4 * 64) + 4 * 2 * 64 * 64 + 4 * 4 * 64 + 40 <= ck.SMEM_LIMIT[90]
-    t256 = ck.choose_config("float16", 256, 90, rung="bwd_wgmma", tiles=("tma",))
+    t256 = ck.choose_config("float16", 256, 90, rung="bwd_wgmma")
     assert t256.kernel == "fa3_backward_d256<__half, false, true>"
     assert t256.smem == 1024 + 2 * 256 * (2 * 64 + 3 * 64) + 4 * 2 * 64 * 64 + 2 * 64 * 64 * 4 + 4 * 4 * 64 + 56
     assert t256.smem <= ck.SMEM_LIMIT[90]
     assert ck.choose_config("bfloat16", 200, 90, rung="bwd_wgmma").kernel == \
-        "fa3_backward_d256<__nv_bfloat16, false, false>"
+        "fa3_backward_d256<__nv_bfloat16, false, true>"
     # the default backward on Hopper at d = 64, 128 and 256 (33 ... 256: those buckets) after the H200 runs; bwd_tc
     # elsewhere
     assert ck.default_rung("float16", 90, "backward", 128) == "bwd_wgmma" == ck.default_rung("bfloat16", 90, "backward", 100)
@@ -55,7 +55,7 @@ def test_bwd_wgmma_refuses(args, match):
 
 
 def test_bwd_wgmma_refuses_unknown_dq():
-    with pytest.raises(ValueError, match=r"at d = 256 by one of \('atomic', 'tma'\), got 'red'"):
+    with pytest.raises(ValueError, match=r"at d = 256 by one of \('tma', 'atomic'\), got 'red'"):
         ck.choose_config("float16", 256, 90, rung="bwd_wgmma", tiles=("red",))
 
 
@@ -78,8 +78,8 @@ BACKGROUND = {"test_bwd_wgmma_compiles_without_spills": bwd_jobs}   # compiled b
 def test_bwd_sample():
     sample = bwd_sample()
     assert len(set(sample)) == len(sample) and set(sample) <= set(ck.bwd_wgmma_instances())
-    assert len(sample) == 2 * 3 * 2 + 3 * 2   # dtype x d x causal as launched; fp16 the other dQ at each d
-    assert all("__half" in n for n in sample if n.endswith("false>") != ("d256" in n))  # the other dQ: fp16 only
+    assert len(sample) == 2 * 3 * 2 + 3 * 2   # dtype x d x causal at TMA; fp16 atomic
+    assert all("__half" in n for n in sample if n.endswith("false>"))    # dQ by atomics: fp16 only
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc not found on PATH")

@@ -22,7 +22,7 @@ def _precompiled():
     if ck.device_cc() != 90:
         return
     jobs = [(t, d, c, None) for t, d in KINDS for c in (False, True)]
-    jobs += [(t, 256, c, ("tma",)) for t in ("float16", "bfloat16") for c in (False, True)]
+    jobs += [(t, 256, c, ("atomic",)) for t in ("float16", "bfloat16") for c in (False, True)]
     with concurrent.futures.ThreadPoolExecutor(8) as ex:
         list(ex.map(lambda j: ck.backward_plan(j[0], j[1], j[2], 0, "bwd_wgmma", j[3]), jobs))
 
@@ -54,10 +54,10 @@ def test_bwd_wgmma_gqa_matches_reference(shape, dtype, d, causal, poisoned):
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("shape", [(B, H, H, nq, nk) for B, H, nq, nk in SHAPES] + GQA, ids=str)
-def test_bwd_wgmma_d256_tma_matches_reference(shape, dtype, causal, poisoned):
-    """fa3_backward_d256 with dQ added by TMA reductions (one dO buffer)."""
+def test_bwd_wgmma_d256_atomic_matches_reference(shape, dtype, causal, poisoned):
+    """fa3_backward_d256 with dQ added by atomics (two dO stages; the default adds it by TMA reductions)."""
     _hopper()
-    _check_gqa(*shape, 256, causal, dtype, None, "bwd_wgmma", bwd_tiles=("tma",))
+    _check_gqa(*shape, 256, causal, dtype, None, "bwd_wgmma", bwd_tiles=("atomic",))
 
 
 @pytest.mark.gpu
