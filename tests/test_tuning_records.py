@@ -69,10 +69,10 @@ def test_rung7_d256_tile_beat_the_other_it_compiles():
 
 
 def test_bwd_wgmma_is_the_default_where_the_record_times_it_faster():
-    """BWD_WGMMA_DEFAULT_DIMS holds the head dims where the H200 records time 'bwd_wgmma' faster than 'bwd_tc' at
-    every shape and dtype (bwd_wgmma_h200 at d = 64, 128, dQ by TMA reductions; bwd_wgmma_d256_h200 at d = 256, by
-    atomics); at d = 64, 128 its first version ('bwd_wgmma_atomic', timed in the same run) stays slower than it
-    everywhere; the gradients agree with SDPA flash's."""
+    """BWD_WGMMA_DEFAULT_DIMS holds the head dims where the H200 records time 'bwd_wgmma' (dQ by TMA reductions)
+    faster than 'bwd_tc' at every shape and dtype (bwd_wgmma_h200 at d = 64, 128; bwd_wgmma_d256_h200 at d = 256);
+    dQ by atomics ('bwd_wgmma_atomic', timed in the same runs) stays slower than it everywhere; the gradients agree
+    with SDPA flash's."""
     from flashlib import bench
     rows = bench.load("bwd_wgmma_h200")["rows"] + bench.load("bwd_wgmma_d256_h200")["rows"]
     by = collections.defaultdict(dict)
@@ -82,7 +82,7 @@ def test_bwd_wgmma_is_the_default_where_the_record_times_it_faster():
               if all(v["bwd_wgmma"]["tflops"] > v["bwd_tc"]["tflops"] for k, v in by.items() if k[1] == d)}
     assert faster == set(ck.config_hopper.BWD_WGMMA_DEFAULT_DIMS) == {64, 128, 256}
     for key, v in by.items():
-        assert key[1] == 256 or v["bwd_wgmma"]["tflops"] > v["bwd_wgmma_atomic"]["tflops"], key
+        assert v["bwd_wgmma"]["tflops"] > v["bwd_wgmma_atomic"]["tflops"], key
         assert v["bwd_wgmma"]["max_err_vs_flash"] <= max(2e-2, 1.01 * v["bwd_tc"]["max_err_vs_flash"]), key
     assert len(by) == 24       # fp16, bf16 x d = 64, 128, 256 x N = 4096, 16384 x causal
 

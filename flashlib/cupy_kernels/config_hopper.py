@@ -48,13 +48,13 @@ BWD_WGMMA_TILES = {64: (64, 128), 128: (64, 128), 256: (64, 64)}   # d: (Br, Bc)
 # where it is Hopper's default backward: every bucket. The H200 timed it at 308-392 TFLOP/s at d = 64 and 414-512 at
 # d = 128 against bwd_tc's 230-296 and 216-252 (fp16, bf16, N = 4096, 16384, causal or not; record bwd_wgmma_h200,
 # logs/bwd_wgmma_gpu_session_h200_505b10e.txt; its first version, 'atomic' below, was not faster at d = 64), and at
-# 325-357 at d = 256 against bwd_tc's 120-132 (record bwd_wgmma_d256_h200, logs/bwd_wgmma_d256_session_h200_4871c10.txt)
+# 324-365 at d = 256 against bwd_tc's 119-132 (record bwd_wgmma_d256_h200, logs/bwd_wgmma_d256_session_h200.txt)
 BWD_WGMMA_DEFAULT_DIMS = (64, 128, 256)
 # how each Q tile's dQ reaches the fp32 buffer: 'tma', staged in shared memory and added by TMA reductions
 # (FlashAttention-3's way), or 'atomic', red.global.add.v2.f32 from every thread (kept for bwd_wgmma_bench.py)
 BWD_WGMMA_DQ = ("tma", "atomic")
-# at d = 256 'tma' finds room for its staging tiles only with one dO buffer; it timed 325-357 TFLOP/s there against
-# 268-287 with atomics (record bwd_wgmma_d256_h200, logs/bwd_wgmma_d256_session_h200_4871c10.txt)
+# at d = 256 'tma' finds room for its staging tiles only with one dO buffer; it timed 324-365 TFLOP/s there against
+# 267-291 with atomics (record bwd_wgmma_d256_h200, logs/bwd_wgmma_d256_session_h200.txt)
 BWD_WGMMA_DQ_AT = {64: BWD_WGMMA_DQ, 128: BWD_WGMMA_DQ, 256: BWD_WGMMA_DQ}
 SIG_BWD_WGMMA = "MMMMMPPPPPiifii"   # maps of q, k, v, do, dq_acc; lb, delta, dq_acc, dk, dv; Nq, Nk, scale, BH, G
 
