@@ -4,6 +4,7 @@
 // appendix B: the backward's warp specialisation and its five products per tile).
 //
 //   fa3_backward<T, D, CAUSAL, DQ_TMA>   T = __half or __nv_bfloat16, D = 64 or 128, DQ_TMA: how dQ is added (below)
+//   fa3_backward_d256<T, CAUSAL, DQ_TMA> d = 256, where the two consumer warpgroups split d (after fa3_backward)
 //
 // Grid (ceil(Nk/Bc), B*H pairs over y and z: pair_index), Bc = 128 keys a block; block 384 threads = 3 warpgroups:
 //  * warpgroup 0, the producer (setmaxnreg.dec): its first warp loads the block's K and V once and then, per Q tile
@@ -335,7 +336,8 @@ fa3_backward(const __grid_constant__ TmaMap qmap, const __grid_constant__ TmaMap
 //     DQ_TMA: each half staged (stage_dq) and added by two TMA reductions, as fa3_backward does. The 32 KB of its
 //             two staging tiles come from dO, which then has one buffer (not two stages): the producer refills it
 //             for the next tile once both warpgroups' dV products are done (a barrier of its own), while dK and dQ
-//             run
+//             run. Measured (H200, record bwd_wgmma_d256_h200 at d498ddc, fp16 and bf16, N = 4096, 16384, causal
+//             and not): 324-365 TFLOP/s against 267-291 with atomics; it is the default
 // The two P^T, dS^T buffers work as fa3_backward's dS^T buffers. Shared memory: K, V (64 x 256), 2 stages of Q (64 x
 // 256), of dO 2 stages or (DQ_TMA) one buffer and 2 staging tiles (64 x 64 fp32), 2 buffers each of dS^T and P^T
 // (64 x 64): 224 KB, plus Lb, delta and the mbarriers.
