@@ -5,8 +5,8 @@
 --check: one line per (dtype, d, causal, shape): the errors of dq, dk, dv against the float64 reference and the
 FlashAttention bound (3x naive attention's error in the same precision + atol), and where a failing one sits.
 --time: at d = 64, 128 (or the head dims in $BWD_WGMMA_DIMS, e.g. "256": record bwd_wgmma_d256_<gpu>), N = 4096,
-16384 (B = 16384 // N, H = 16), fp16 and bf16, causal and not, timed together by `flashlib.bench.timing.compare`: the backward alone (bwd_wgmma; its other dQ accumulation: at d = 64, 128 its first
-version bwd_wgmma_atomic that adds dQ with atomics, at d = 256 bwd_wgmma_tma with TMA reductions; bwd_tc: `cupy_kernels.backward` with the forward's
+16384 (B = 16384 // N, H = 16), fp16 and bf16, causal and not, timed together by `flashlib.bench.timing.compare`: the backward alone (bwd_wgmma; bwd_wgmma_atomic, its first version, which adds dQ
+with atomics; bwd_tc: `cupy_kernels.backward` with the forward's
 o, lse; SDPA flash: torch.autograd.grad of its output) at backward FLOPs = 2.5x the forward's, and forward +
 backward (rung 7 forward + each backward; SDPA flash's and, where it runs the shape, cuDNN's forward + backward) at 3.5x (flashlib.constants). Saved through
 `flashlib.bench.save`. --sanitize: one small ragged call per instance (for compute-sanitizer). Neither: check, time.
@@ -29,11 +29,6 @@ CHECKS = [(1, 2, 2, 1, 1), (1, 2, 2, 97, 113), (2, 3, 3, 128, 128), (1, 2, 2, 10
           (1, 4, 2, 97, 113)]   # (B, H, H_kv, Nq, Nk)
 
 
-def _other_dq(d):
-    """bwd_wgmma's dQ accumulation that is not the default at head dim d."""
-    return ck.config_hopper.BWD_WGMMA_DQ_AT[d][1]
-
-
 def _dims(default="64 128 256"):
     """The head dims to run: $BWD_WGMMA_DIMS (e.g. "256"), else `default`."""
     return tuple(int(x) for x in os.environ.get("BWD_WGMMA_DIMS", default).split())
@@ -51,8 +46,7 @@ def precompile(dims=ck.BWD_WGMMA_HEAD_DIMS):
     import time
     t = time.time()
     kinds = [(t_, d, c) for t_, d in KINDS if d in dims for c in (False, True)]
-    jobs = [(x, r, t_) for x in kinds for r, t_ in (("bwd_wgmma", None), ("bwd_wgmma", (_other_dq(x[1]),)),
-                                                      ("bwd_tc", None))]
+    jobs = [(x, r, t_) for x in kinds for r, t_ in (("bwd_wgmma", None), ("bwd_wgmma", ("atomic",)), ("bwd_tc", None))]
     with concurrent.futures.ThreadPoolExecutor(8) as ex:
         list(ex.map(lambda j: ck.backward_plan(*j[0], 0, j[1], j[2]), jobs))
         list(ex.map(lambda x: ck.forward_plan(*x, 0, None, None), kinds))
@@ -126,13 +120,12 @@ def _time_shape(d, N, dtype, causal, max_seconds):
     def sdpa_fwd_bwd():
         o_ = sdpa(q, k, v, is_causal=causal, scale=scale)
         return torch.autograd.grad(o_, (q, k, v), do)
-    other = _other_dq(d)
-    fns = {"bwd_wgmma": bwd("bwd_wgmma"), f"bwd_wgmma_{other}": bwd("bwd_wgmma", (other,)), "bwd_tc": bwd("bwd_tc"),
+    fns = {"bwd_wgmma": bwd("bwd_wgmma"), "bwd_wgmma_atomic": bwd("bwd_wgmma", ("atomic",)), "bwd_tc": bwd("bwd_tc"),
            "sdpa_flash_bwd": lambda: torch.autograd.grad(out, (q, k, v), do, retain_graph=True),
            "fwdbwd_fa3+bwd_wgmma": fwd_bwd("bwd_wgmma"), "fwdbwd_fa3+bwd_tc": fwd_bwd("bwd_tc"),
            "fwdbwd_sdpa_flash": sdpa_fwd_bwd}
     errs = {}
-    for r in ("bwd_wgmma", f"bwd_wgmma_{other}", "bwd_tc"):
+    for r in ("bwd_wgmma", "bwd_wgmma_atomic", "bwd_tc"):
         g = fns[r]()
         errs[r] = max(float((a.float() - b.float()).abs().max()) for a, b in zip(g, flash_grads))
     contexts = {"fwdbwd_sdpa_flash": lambda: sdpa_kernel(SDPBackend.FLASH_ATTENTION)}
@@ -152,8 +145,8 @@ def _time_shape(d, N, dtype, causal, max_seconds):
                          spread=st["spread"], tflops=fl / (st["median_ms"] * 1e-3) / 1e12,
                          max_err_vs_flash=errs.get(name)))
     t = {r["impl"]: r["tflops"] for r in rows}
-    print(f"d={d:3d} N={N:5d} {dtype:8s} causal={causal!s:5s} bwd TFLOP/s: wgmma {t['bwd_wgmma']:5.0f} {other} "
-          f"{t[f'bwd_wgmma_{other}']:5.0f} tc "
+    print(f"d={d:3d} N={N:5d} {dtype:8s} causal={causal!s:5s} bwd TFLOP/s: wgmma {t['bwd_wgmma']:5.0f} atomic "
+          f"{t['bwd_wgmma_atomic']:5.0f} tc "
           f"{t['bwd_tc']:5.0f} flash {t['sdpa_flash_bwd']:5.0f} | fwd+bwd: fa3+wgmma {t['fwdbwd_fa3+bwd_wgmma']:5.0f} "
           f"fa3+tc {t['fwdbwd_fa3+bwd_tc']:5.0f} flash {t['fwdbwd_sdpa_flash']:5.0f} "
           f"(x{t['fwdbwd_fa3+bwd_wgmma'] / t['fwdbwd_sdpa_flash']:.2f} vs flash) cudnn "
@@ -190,7 +183,7 @@ def sanitize():
         B, H, Hkv, Nq, Nk = 1, 4, 2, 97, 200
         q, k, v, do = arr((B, H, Nq, d), dtype), arr((B, Hkv, Nk, d), dtype), arr((B, Hkv, Nk, d), dtype), arr((B, H, Nq, d), dtype)
         o, lse = ck.forward(q, k, v, causal=causal, scale=None, dtype=dtype)
-        for dq_way in ck.config_hopper.BWD_WGMMA_DQ_AT[d]:
+        for dq_way in ck.config_hopper.BWD_WGMMA_DQ:
             ck.backward(q, k, v, o, lse, do, causal=causal, scale=None, dtype=dtype, rung="bwd_wgmma", tiles=(dq_way,))
             cp.cuda.Device().synchronize()
         print(f"sanitize {dtype} d={d} causal={causal}: done", flush=True)

@@ -5,7 +5,7 @@ wgmma); skipped where nvcc is missing."""
 import pytest
 
 from flashlib import cupy_kernels as ck
-from flashlib.cupy_kernels.config_hopper import BWD_WGMMA_DQ_AT
+from flashlib.cupy_kernels.config_hopper import BWD_WGMMA_DQ
 from tests.compile_jobs import NVCC, check_sm90a, sm90a_jobs
 
 
@@ -55,7 +55,7 @@ def test_bwd_wgmma_refuses(args, match):
 
 
 def test_bwd_wgmma_refuses_unknown_dq():
-    with pytest.raises(ValueError, match=r"at d = 256 by one of \('tma', 'atomic'\), got 'red'"):
+    with pytest.raises(ValueError, match=r"dQ by one of \('tma', 'atomic'\), got 'red'"):
         ck.choose_config("float16", 256, 90, rung="bwd_wgmma", tiles=("red",))
 
 
@@ -64,7 +64,7 @@ def bwd_sample():
     both dtypes, dQ by TMA, at d = 256 by atomics), and in fp16 (bf16 is the same code) the other dQ accumulation;
     each d, causal and not."""
     other = [ck.bwd_wgmma_config("float16", d, c, q).kernel for d in ck.BWD_WGMMA_HEAD_DIMS for c in (False, True)
-             for q in BWD_WGMMA_DQ_AT[d]]
+             for q in BWD_WGMMA_DQ]
     return list(dict.fromkeys(ck.instances(90)["fa3_backward.cu"] + other))
 
 

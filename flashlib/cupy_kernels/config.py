@@ -141,7 +141,7 @@ def choose_config(dtype, d, cc, causal=False, rung=None, tiles=None):
         if cc != 90:
             raise ValueError(f"rung 'bwd_wgmma' is Hopper's (compute capability 9.0, sm_90a code); this GPU is "
                              f"{cc / 10:.1f}: use 'bwd_tc'")
-        f = bwd_wgmma_config(dtype, d, causal, *(tiles or ()))   # tiles: () or (dq,), one of BWD_WGMMA_DQ_AT[d]
+        f = bwd_wgmma_config(dtype, d, causal, *(tiles or ()))   # tiles: () or (dq,), one of BWD_WGMMA_DQ
         cfg = Config(rung, "fa3_backward.cu", f.kernel, f.Br, f.Bc, f.threads // 32, f.smem, D, "sm_90a", dtype)
     elif rung == "bwd_tc":
         if tiles is None:

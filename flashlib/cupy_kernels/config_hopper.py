@@ -50,12 +50,12 @@ BWD_WGMMA_TILES = {64: (64, 128), 128: (64, 128), 256: (64, 64)}   # d: (Br, Bc)
 # logs/bwd_wgmma_gpu_session_h200_505b10e.txt; its first version, 'atomic' below, was not faster at d = 64), and at
 # 324-365 at d = 256 against bwd_tc's 119-132 (record bwd_wgmma_d256_h200, logs/bwd_wgmma_d256_session_h200.txt)
 BWD_WGMMA_DEFAULT_DIMS = (64, 128, 256)
-# how each Q tile's dQ reaches the fp32 buffer: 'tma', staged in shared memory and added by TMA reductions
-# (FlashAttention-3's way), or 'atomic', red.global.add.v2.f32 from every thread (kept for bwd_wgmma_bench.py)
+# how each Q tile's dQ reaches the fp32 buffer: 'tma' (the default), staged in shared memory and added by TMA
+# reductions (FlashAttention-3's way at d = 64, 128), or 'atomic', red.global.add.v2.f32 from every thread (its way
+# at d = 256; kept for bwd_wgmma_bench.py). At d = 256 'tma' finds room for its staging tiles only with one dO
+# buffer; it timed 324-365 TFLOP/s there against 267-291 with atomics (record bwd_wgmma_d256_h200,
+# logs/bwd_wgmma_d256_session_h200.txt)
 BWD_WGMMA_DQ = ("tma", "atomic")
-# at d = 256 'tma' finds room for its staging tiles only with one dO buffer; it timed 324-365 TFLOP/s there against
-# 267-291 with atomics (record bwd_wgmma_d256_h200, logs/bwd_wgmma_d256_session_h200.txt)
-BWD_WGMMA_DQ_AT = {64: BWD_WGMMA_DQ, 128: BWD_WGMMA_DQ, 256: BWD_WGMMA_DQ}
 SIG_BWD_WGMMA = "MMMMMPPPPPiifii"   # maps of q, k, v, do, dq_acc; lb, delta, dq_acc, dk, dv; Nq, Nk, scale, BH, G
 
 
@@ -133,15 +133,14 @@ Fa3BwdConfig = namedtuple("Fa3BwdConfig", "kernel Br Bc threads smem")
 
 def bwd_wgmma_config(dtype, d, causal, dq=None):
     """Fa3BwdConfig(kernel name expression, Br, Bc, threads, smem bytes) of the Hopper backward for dtype
-    float16/bfloat16, head dim in BWD_WGMMA_HEAD_DIMS and dQ accumulation `dq`, one of BWD_WGMMA_DQ_AT[d] (None:
-    the first, 'tma')."""
+    float16/bfloat16, head dim in BWD_WGMMA_HEAD_DIMS and dQ accumulation `dq`, one of BWD_WGMMA_DQ (None: 'tma')."""
     if dtype not in ("float16", "bfloat16"):
         raise ValueError(f"rung 'bwd_wgmma' (fa3_backward) takes float16 or bfloat16, got {dtype!r}")
     if d not in BWD_WGMMA_HEAD_DIMS:
         raise ValueError(f"rung 'bwd_wgmma' takes head_dim in {BWD_WGMMA_HEAD_DIMS}, got {d!r}: use 'bwd_tc'")
-    dq = BWD_WGMMA_DQ_AT[d][0] if dq is None else dq
-    if dq not in BWD_WGMMA_DQ_AT[d]:
-        raise ValueError(f"rung 'bwd_wgmma' accumulates dQ at d = {d} by one of {BWD_WGMMA_DQ_AT[d]}, got {dq!r}")
+    dq = BWD_WGMMA_DQ[0] if dq is None else dq
+    if dq not in BWD_WGMMA_DQ:
+        raise ValueError(f"rung 'bwd_wgmma' accumulates dQ by one of {BWD_WGMMA_DQ}, got {dq!r}")
     (Br, Bc), c = BWD_WGMMA_TILES[d], ("true" if causal else "false")
     t = "true" if dq == "tma" else "false"
     kernel = f"fa3_backward_d256<{CTYPE[dtype]}, {c}, {t}>" if d == 256 else f"fa3_backward<{CTYPE[dtype]}, {d}, {c}, {t}>"
@@ -151,7 +150,7 @@ def bwd_wgmma_config(dtype, d, causal, dq=None):
 def bwd_wgmma_instances():
     """Kernel name expressions of every fa3_backward instance (dtype x head dim x causal x dQ), for the compile test."""
     return [bwd_wgmma_config(t, d, c, q).kernel for t in ("float16", "bfloat16") for d in BWD_WGMMA_HEAD_DIMS
-            for c in (False, True) for q in BWD_WGMMA_DQ_AT[d]]
+            for c in (False, True) for q in BWD_WGMMA_DQ]
 
 
 def fa3_instances(configs=False):
