@@ -153,7 +153,7 @@ def test_head_dim_padded_to_its_bucket_only_when_needed(fake_gpu):
 def test_d256_backward_is_two_launches_of_128_columns(fake_gpu):
     log, built = fake_gpu
     q = torch.randn(1, 1, 16, 256).half()
-    ck.backward(q, q, q, q, torch.randn(1, 1, 16), q, causal=True, scale=None, dtype="float16")
+    ck.backward(q, q, q, q, torch.randn(1, 1, 16), q, causal=True, scale=None, dtype="float16", rung="bwd_tc")
     main = [c for c in log if c["kernel"].startswith("fa2_bwd_tc")]
     assert [int(c["args"][-1]) for c in main] == [0, 128]
 
