@@ -132,3 +132,21 @@ def test_numba_wgmma_tiles_are_the_fastest_recorded(name):
     for (d, causal), got in timed.items():
         assert len(got) >= 3, (d, causal, got)
         assert max(got, key=lambda t: _mean(got[t])) == fa2_wgmma.TILES[d][causal], (d, causal, dict(got))
+
+
+def test_the_public_call_record_covers_hopper_and_costs_no_gpu_time():
+    """public_api_h200 (chapter 11's table) times the public call beside the direct launches and SDPA at every head
+    dim of the Hopper rungs, N = 1024, 4096 and 16384, fp16 and bf16, causal and not, and records the commit it ran.
+    The public call runs the direct launches' kernels: its GPU time is theirs within the rows' noise (6%), forward
+    and forward + backward."""
+    from flashlib import bench
+    rec = bench.load("public_api_h200")
+    assert rec["info"]["complete"] and rec["info"]["flashlib_commit"] and rec["info"]["kernel_sources"]
+    by = {(r["dtype"], r["d"], r["N"], r["causal"], r["backend"]): r for r in rec["rows"]}
+    cases = {k[:4] for k in by}
+    assert cases == {(t, d, n, c) for t in ("float16", "bfloat16") for d in ck.FA3_HEAD_DIMS
+                     for n in (1024, 4096, 16384) for c in (False, True)}
+    for case in cases:
+        for key in ("fwd_tflops", "fwdbwd_tflops"):
+            ratio = by[case + ("flashlib-cupy",)][key] / by[case + ("flashlib-cupy-direct",)][key]
+            assert abs(ratio - 1) < 0.06, (case, key, ratio)
