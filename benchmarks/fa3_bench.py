@@ -1,13 +1,15 @@
 """Rung 7 (fa3_forward.cu: TMA + warp specialisation; plain, ping-pong, persistent) against rung 6 and SDPA.
 
-    python benchmarks/fa3_bench.py [--check] [--time] [--out DIR]
+    python benchmarks/fa3_bench.py [--check] [--time] [--tiles] [--out DIR]
 
 --check: quick correctness on ragged shapes against the float64 reference (FlashAttention's rule, as the GPU
 tests), with where the error sits when it fails. --time: forward TFLOP/s of rung 7 (every variant), rung 6
 (`cupy_kernels.forward(..., rung="wgmma")`), SDPA flash and SDPA cuDNN at d = 64, 128, N = 4096, 16384, fp16 and
 bf16, causal and not, B = 16384 // N, H = 16, timed together by `flashlib.bench.timing.compare`; each rung 7 output
 is also compared with SDPA flash's. FLOPs = 4*B*H*N^2*d, half when causal. Results: `flashlib.bench.save` into
---out, else $FLASHLIB_RESULTS, else the package's results folder. Neither flag: both.
+--out, else $FLASHLIB_RESULTS, else the package's results folder. Neither flag: both. --tiles: the default tiles
+against each of FA3_OTHER_TILES at the head dims in $FA3_TILE_DIMS (default "128"), both in the default variant, with
+SDPA cuDNN, at N = 4096, 8192, 16384 (record fa3_tiles_d<dims>_<gpu>).
 """
 import argparse
 import os
@@ -181,6 +183,44 @@ def _time_shape(d, N, dtype, causal, max_seconds):
     return rows
 
 
+def tiles(out, max_seconds=4.0):
+    """Rung 7 at its default tiles against FA3_OTHER_TILES[d] (d in $FA3_TILE_DIMS), each in the default variant of
+    its (d, causal), with SDPA cuDNN, interleaved; fp16 and bf16, N = 4096, 8192, 16384, causal and not."""
+    import torch
+    from flashlib._arrays import to_cupy
+    from flashlib.bench.timing import compare
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    dims = tuple(int(x) for x in os.environ.get("FA3_TILE_DIMS", "128").split())
+    tma.precompile()
+    rows = []
+    for d, N, dtype, causal in [(d, N, t, c) for d in dims for N in (4096, 8192, 16384) for t in ("float16", "bfloat16")
+                                for c in (False, True)]:
+        H, B = 16, max(1, 16384 // N)
+        q, k, v = _inputs(B, H, H, N, N, d, dtype)
+        qc, kc, vc = (to_cupy(t) for t in (q, k, v))
+        with torch.no_grad():
+            o_flash = _sdpa("flash")(q, k, v, causal).float()
+        fns, errs = {}, {}
+        for t in (tma.FA3_TILES[d],) + tma.FA3_OTHER_TILES[d]:
+            name = "rung7_" + "x".join(map(str, t)) + ("_default" if t == tma.FA3_TILES[d] else "")
+            fns[name] = lambda t=t: tma.forward_fa3(qc, kc, vc, causal, None, tiles=t)
+            errs[name] = float((_fa3(q, k, v, causal, None, None, dtype, t)[0].float() - o_flash).abs().max())
+        fns["sdpa_cudnn"] = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        stats = compare(fns, host=False, min_rounds=5, max_rounds=15, max_seconds=max_seconds,
+                        contexts={"sdpa_cudnn": lambda: sdpa_kernel(SDPBackend.CUDNN_ATTENTION)})
+        flops = 4 * B * H * N * N * d * (0.5 if causal else 1.0)
+        rows += [dict(dtype=dtype, d=d, n=N, B=B, H=H, causal=causal, impl=name, ms=st["median_ms"],
+                      spread=st["spread"], tflops=flops / (st["median_ms"] * 1e-3) / 1e12, err_vs_flash=errs.get(name))
+                 for name, st in stats.items()]
+        print(f"tiles d={d:3d} N={N:5d} {dtype:8s} causal={causal!s:5s}" +
+              "".join(f" | {r['impl']} {r['tflops']:5.0f} ({100 * r['spread']:.1f}%)" for r in rows[-len(stats):]),
+              flush=True)
+    tag = bench.gpu_tag(torch.cuda.get_device_name())
+    return bench.save(f"fa3_tiles_d{'_'.join(map(str, dims))}_{tag}", rows, directory=out, tiles=tma.FA3_TILES,
+                      other_tiles=tma.FA3_OTHER_TILES, flops="4*B*H*N^2*d, half when causal",
+                      timing="flashlib.bench.timing.compare, host=False")
+
+
 def time_all(out, max_seconds=4.0):
     """Every shape of the table (and the tile sweep), saved through flashlib.bench.save; returns the path."""
     import torch
@@ -208,7 +248,9 @@ def sanitize():
     for variant in tma.VARIANTS:
         for dtype, d, causal, tiles, (B, H, Hkv, Nq, Nk) in (
                 ("float16", 64, True, None, (1, 4, 2, 97, 113)), ("bfloat16", 128, False, None, (2, 2, 1, 113, 300)),
-                ("float16", 64, False, (128, 2, 3), (1, 2, 1, 200, 77))):
+                ("float16", 64, False, (128, 2, 3), (1, 2, 1, 200, 77)),
+                ("bfloat16", 128, False, (176, 2, 2), (1, 2, 1, 300, 401)),
+                ("float16", 128, True, (176, 2, 2), (1, 4, 2, 353, 353))):
             q, k, v = arr((B, H, Nq, d), dtype), arr((B, Hkv, Nk, d), dtype), arr((B, Hkv, Nk, d), dtype)
             o, lse = tma.forward_fa3(q, k, v, causal, None, tiles, variant)
             cp.cuda.Device().synchronize()
@@ -222,10 +264,13 @@ def sanitize():
               f"{bool(cp.isfinite(lse).all())}", flush=True)
 
 
-def cli(doc, check, time_all, sanitize):
+def cli(doc, check, time_all, sanitize, extra=None):
     """The command line of a kernel benchmark (this one's and bwd_wgmma_bench.py's): --check, --time (neither: both),
-    --sanitize (only the small calls for compute-sanitizer), --out; exits 1 if a check failed."""
+    --sanitize (only the small calls for compute-sanitizer), --out, and a flag per entry of `extra` ({name: fn(out)},
+    run alone); exits 1 if a check failed."""
     p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    for name in extra or {}:
+        p.add_argument(f"--{name}", action="store_true")
     p.add_argument("--check", action="store_true")
     p.add_argument("--time", action="store_true")
     p.add_argument("--sanitize", action="store_true", help="only the small calls for compute-sanitizer")
@@ -233,6 +278,9 @@ def cli(doc, check, time_all, sanitize):
     a = p.parse_args()
     if a.sanitize:
         return sanitize()
+    for name, fn in (extra or {}).items():
+        if getattr(a, name):
+            return print(fn(a.out))
     both = not (a.check or a.time)
     fails = check() if a.check or both else 0
     if a.time or both:
@@ -241,7 +289,7 @@ def cli(doc, check, time_all, sanitize):
 
 
 def main():
-    cli(__doc__, check, time_all, sanitize)
+    cli(__doc__, check, time_all, sanitize, {"tiles": tiles})
 
 
 if __name__ == "__main__":

@@ -25,12 +25,15 @@ WGMMA_HEAD_DIMS = (64, 128)
 # (N = 16384, not causal and causal; fa3_ablation_pair_major_h200).
 FA3_TILES = {64: (128, 2, 3), 128: (128, 2, 2), 256: (80, 2, 2)}
 FA3_HEAD_DIMS = (64, 128, 256)
+FA3_BC = (64, 80, 128, 176)   # the key tiles fa3_forward compiles (S: m64nBc; wgmma.cuh's Wgmma::ss forms)
 # where rung 7 is Hopper's default (default_rung): checked and timed faster than the rung before. d = 256: 628-724
 # TFLOP/s against rung 3's 220-233 (fp16, N = 4096, 16384, causal or not; record fa3_ablation_h200), the GPU tests
 # passing (logs/fa3_ablation_session_h200_b753eb0.txt; the default path at d = 256: ..._41a1755.txt)
 FA3_DEFAULT_HEAD_DIMS = (64, 128, 256)
 # other tiles that benchmarks/fa3_bench.py times beside these and the tests check (three consumers: d = 64 only)
-FA3_OTHER_TILES = {64: ((128, 3, 2), (64, 4, 3), (64, 4, 2)), 128: ((128, 3, 2), (64, 3, 2)), 256: ((64, 2, 2),)}
+# (176, 2, 2): FlashAttention-3's non-causal tile at d = 128 (hopper/tile_size.h: 128 x 176; 128 x 128 with the mask)
+FA3_OTHER_TILES = {64: ((128, 3, 2), (64, 4, 3), (64, 4, 2)), 128: ((128, 3, 2), (64, 3, 2), (176, 2, 2)),
+                   256: ((64, 2, 2),)}
 # the consumers take turns (PP) or not; "persistent": ping-pong in a grid of one CTA per SM looping over work items in
 # a static order (fa3_grid); "dynamic": each next item from a global counter (FlashAttention-3's; tma.counter)
 FA3_VARIANTS = ("pingpong", "plain", "persistent", "dynamic")
@@ -100,8 +103,8 @@ def fa3_config(dtype, d, causal, tiles=None, variant=None):
     if d not in FA3_HEAD_DIMS:
         raise ValueError(f"rung 7 (fa3_forward) takes head_dim in {FA3_HEAD_DIMS}, got {d!r}: use 'tuned'")
     Bc, stages, ncw = (tuple(tiles) + (2,))[:3] if tiles is not None else FA3_TILES[d]
-    if Bc not in (64, 80, 128) or stages < 2 or ncw not in (2, 3) or (ncw == 3 and d != 64):
-        raise ValueError(f"rung 7 takes tiles (Bc 64, 80 or 128, stages >= 2, consumer warpgroups 2, or 3 at d = 64), "
+    if Bc not in FA3_BC or stages < 2 or ncw not in (2, 3) or (ncw == 3 and d != 64):
+        raise ValueError(f"rung 7 takes tiles (Bc in {FA3_BC}, stages >= 2, consumer warpgroups 2, or 3 at d = 64), "
                          f"got {tiles} at d = {d}")
     smem = smem_fa3(d, Bc, stages, ncw)
     if smem > SMEM_OPTIN_BYTES[90]:

@@ -1,7 +1,7 @@
 // fa3_forward.cu: rung 7 of the CuPy ladder, a FlashAttention-3-style forward on Hopper (sm_90a only).
 //
 //   fa3_forward<T, D, Bc, STAGES, NCW, PP, CAUSAL, PERSIST = false, DYNAMIC = false>   T = __half or __nv_bfloat16,
-//       D = 64, 128 or 256, Bc = 64, 80 or 128 keys per K/V tile, STAGES slots in the K/V ring, NCW = 2 or 3
+//       D = 64, 128 or 256, Bc = 64, 80, 128 or 176 keys per K/V tile, STAGES slots in the K/V ring, NCW = 2 or 3
 //       consumer warpgroups, PP: ping-pong between the consumers, PERSIST: a persistent grid with a static tile
 //       scheduler, or with DYNAMIC a dynamic one
 //
@@ -101,8 +101,8 @@ __global__ void __launch_bounds__(128 * (NCW + 1), 1)
 fa3_forward(const __grid_constant__ TmaMap qmap, const __grid_constant__ TmaMap kmap, const __grid_constant__ TmaMap vmap,
             T* __restrict__ O, float* __restrict__ L, int Nq, int Nk, float scale, int BH, int G,
             int* __restrict__ next_item FA3_TL_PARAM) {
-    static_assert((D == 64 || D == 128 || D == 256) && (Bc == 64 || Bc == 80 || Bc == 128) && STAGES >= 2,
-                  "S: m64n64, m64n80 or m64n128; O: m64n64 or m64n128 wgmma per 128 columns");
+    static_assert((D == 64 || D == 128 || D == 256) && (Bc == 64 || Bc == 80 || Bc == 128 || Bc == 176) && STAGES >= 2,
+                  "S: m64n64, m64n80, m64n128 or m64n176; O: m64n64 or m64n128 wgmma per 128 columns");
     static_assert(NCW == 2 || (NCW == 3 && D == 64), "2 consumer warpgroups, or 3 at d = 64");
     static_assert(PERSIST || !DYNAMIC, "the dynamic scheduler is the persistent grid's");
     constexpr int Br = 64 * NCW, TILE = Bc * D * 2, QTILE = Br * D * 2, DN = D < 128 ? D : 128;

@@ -64,6 +64,7 @@ __device__ __forceinline__ unsigned long long smem_desc_sw128(u32 addr, u32 lbo,
 #define WG_R0_79 WG_R0_39 ", " WG_DEC(4) ", " WG_DEC(5) ", " WG_DEC(6) ", " WG_DEC(7)
 #define WG_ACC48 "{" WG_R0_39 ", %40, %41, %42, %43, %44, %45, %46, %47}"
 #define WG_ACC80 "{" WG_R0_79 "}"
+#define WG_ACC88 "{" WG_R0_79 ", %80, %81, %82, %83, %84, %85, %86, %87}"
 #define WG_ACC96 "{" WG_R0_79 ", " WG_DEC(8) ", %90, %91, %92, %93, %94, %95}"
 #define WG_ACC112 "{" WG_R0_79 ", " WG_DEC(8) ", " WG_DEC(9) ", " WG_DEC(10) ", %110, %111}"
 #define WG_ACC128 "{" WG_R0_79 ", " WG_DEC(8) ", " WG_DEC(9) ", " WG_DEC(10) ", " WG_DEC(11) \
@@ -72,6 +73,7 @@ __device__ __forceinline__ unsigned long long smem_desc_sw128(u32 addr, u32 lbo,
     "+f"(d[i + 6]), "+f"(d[i + 7])
 #define WG_OUT48(d) WG_OUT40(d), WG_O8(d, 40)
 #define WG_OUT80(d) WG_OUT64(d), WG_O8(d, 64), WG_O8(d, 72)
+#define WG_OUT88(d) WG_OUT80(d), WG_O8(d, 80)
 #define WG_OUT96(d) WG_OUT80(d), WG_O8(d, 80), WG_O8(d, 88)
 #define WG_OUT112(d) WG_OUT96(d), WG_O8(d, 96), WG_O8(d, 104)
 #define WG_OUT128(d) WG_OUT112(d), WG_O8(d, 112), WG_O8(d, 120)
@@ -89,8 +91,8 @@ __device__ __forceinline__ unsigned long long smem_desc_sw128(u32 addr, u32 lbo,
                  ", p, 1, 1, %" TAI ", %" TBI ";\n}\n" \
                  : OUTS(d) : "l"(da), "l"(db), "n"(ACC), "n"(TA), "n"(TB))
 
-// d (64 x N fp32) = A (64 x 16) * B (16 x N) + (ACC ? d : 0), N = 64 or 128 (ss also 80, and 32: the d = 256
-// backward's S^T and dP^T slices)
+// d (64 x N fp32) = A (64 x 16) * B (16 x N) + (ACC ? d : 0), N = 64 or 128 (ss also 80 and 176: rung 7's key tiles
+// at d = 256 and d = 128 (FlashAttention-3's non-causal one), and 32: the d = 256 backward's S^T and dP^T slices)
 template <typename T> struct Wgmma;
 #define WGMMA_FOR(TY, TYPES) \
     template <> struct Wgmma<TY> { \
@@ -100,7 +102,8 @@ template <typename T> struct Wgmma;
         } \
         template <int N, int ACC, int TA = 0, int TB = 0> \
         static __device__ __forceinline__ void ss(float* d, unsigned long long da, unsigned long long db) { \
-            if constexpr (N == 128) WG_SS("128", WG_ACC64, WG_OUT64, "64", "65", "66", "67", "68", TYPES); \
+            if constexpr (N == 176) WG_SS("176", WG_ACC88, WG_OUT88, "88", "89", "90", "91", "92", TYPES); \
+            else if constexpr (N == 128) WG_SS("128", WG_ACC64, WG_OUT64, "64", "65", "66", "67", "68", TYPES); \
             else if constexpr (N == 80) WG_SS("80", WG_ACC40, WG_OUT40, "40", "41", "42", "43", "44", TYPES); \
             else if constexpr (N == 64) WG_SS("64", WG_ACC32, WG_OUT32, "32", "33", "34", "35", "36", TYPES); \
             else WG_SS("32", WG_ACC16, WG_OUT16, "16", "17", "18", "19", "20", TYPES); \
