@@ -93,7 +93,7 @@ def time_shape(names, d, N, causal, max_seconds):
 
 
 def time_tiles(d, N, causal, max_seconds):
-    """Rows of rung 7 (ping-pong) at FA3_TILES[d] and each of FA3_OTHER_TILES[d] (impl 'rung7_tiles_BcxSxNCW'),
+    """Rows of rung 7 (ping-pong) at fa3_tiles(d, causal) and each of the others (fa3_candidates) (impl 'rung7_tiles_BcxSxNCW'),
     with max |o - o at the default tiles|."""
     from flashlib._arrays import to_cupy
     from flashlib.bench.timing import compare
@@ -101,8 +101,8 @@ def time_tiles(d, N, causal, max_seconds):
     qc, kc, vc = (to_cupy(t) for t in _inputs(B, H, N, d))
     name = lambda t: "rung7_tiles_" + "x".join(map(str, t))
     fns = {name(t): (lambda t=t: tma.forward_fa3(qc, kc, vc, causal, None, tiles=t, variant="pingpong"))
-           for t in (tma.FA3_TILES[d],) + tma.FA3_OTHER_TILES[d]}
-    ref = fns[name(tma.FA3_TILES[d])]()[0].astype("float32")
+           for t in tma.fa3_candidates(d, causal)}
+    ref = fns[name(tma.fa3_tiles(d, causal))]()[0].astype("float32")
     errs = {n: float(abs(fn()[0].astype("float32") - ref).max()) for n, fn in fns.items()}
     stats = compare(fns, host=False, min_rounds=3, max_rounds=10, max_seconds=max_seconds)
     flops = 4 * B * H * N * N * d * (0.5 if causal else 1.0)

@@ -119,7 +119,7 @@ def sweep(N=16384, dtype="float16"):
     from flashlib._arrays import like, to_cupy
     from flashlib.bench.timing import compare
     rows = []
-    for d, extra in tma.FA3_OTHER_TILES.items():
+    for d in tma.FA3_OTHER_TILES:
         for causal in (False, True):
             H, B = 16, max(1, 16384 // N)
             q, k, v = _inputs(B, H, H, N, N, d, dtype)
@@ -127,7 +127,7 @@ def sweep(N=16384, dtype="float16"):
             flops = 4 * B * H * N * N * d * (0.5 if causal else 1.0)
             o_ref = like(tma.forward_fa3(qc, kc, vc, causal, None)[0], q, dtype).float()
             fns, errs = {}, {}
-            for tiles in (tma.FA3_TILES[d],) + extra:
+            for tiles in tma.fa3_candidates(d, causal):
                 for x in tma.VARIANTS:
                     name = f"rung7_{x}_" + "x".join(map(str, tiles))
                     fn = lambda x=x, tiles=tiles: tma.forward_fa3(qc, kc, vc, causal, None, tiles=tiles, variant=x)
@@ -184,7 +184,7 @@ def _time_shape(d, N, dtype, causal, max_seconds):
 
 
 def tiles(out, max_seconds=4.0):
-    """Rung 7 at its default tiles against FA3_OTHER_TILES[d] (d in $FA3_TILE_DIMS), each in the default variant of
+    """Rung 7 at its default tiles against the others (fa3_candidates) (d in $FA3_TILE_DIMS), each in the default variant of
     its (d, causal), with SDPA cuDNN, interleaved; fp16 and bf16, N = 4096, 8192, 16384, causal and not."""
     import torch
     from flashlib._arrays import to_cupy
@@ -201,8 +201,8 @@ def tiles(out, max_seconds=4.0):
         with torch.no_grad():
             o_flash = _sdpa("flash")(q, k, v, causal).float()
         fns, errs = {}, {}
-        for t in (tma.FA3_TILES[d],) + tma.FA3_OTHER_TILES[d]:
-            name = "rung7_" + "x".join(map(str, t)) + ("_default" if t == tma.FA3_TILES[d] else "")
+        for t in tma.fa3_candidates(d, causal):
+            name = "rung7_" + "x".join(map(str, t)) + ("_default" if t == tma.fa3_tiles(d, causal) else "")
             fns[name] = lambda t=t: tma.forward_fa3(qc, kc, vc, causal, None, tiles=t)
             errs[name] = float((_fa3(q, k, v, causal, None, None, dtype, t)[0].float() - o_flash).abs().max())
         fns["sdpa_cudnn"] = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)

@@ -9,10 +9,13 @@ from tests.compile_jobs import NVCC, check_sm90a, sm90a_jobs
 
 
 def test_fa3_config():
-    cfg = tma.fa3_config("bfloat16", 128, True, variant="plain")
-    assert cfg.kernel == "fa3_forward<__nv_bfloat16, 128, 128, 2, 2, false, true>"
-    assert (cfg.Br, cfg.Bc, cfg.stages, cfg.threads) == (128, 128, 2, 384)
-    assert cfg.smem == 1024 + 2 * 128 * (128 + 4 * 128) + 8 * 10 <= ck.SMEM_LIMIT[90]
+    cfg = tma.fa3_config("bfloat16", 128, True, variant="plain")   # with the mask: 3 stages of Bc = 128
+    assert cfg.kernel == "fa3_forward<__nv_bfloat16, 128, 128, 3, 2, false, true>"
+    assert (cfg.Br, cfg.Bc, cfg.stages, cfg.threads) == (128, 128, 3, 384)
+    assert cfg.smem == 1024 + 2 * 128 * (128 + 6 * 128) + 8 * 14 <= ck.SMEM_LIMIT[90]
+    cfg = tma.fa3_config("float16", 128, False, variant="pingpong")   # without: FlashAttention-3's 128 x 176
+    assert cfg.kernel == "fa3_forward<__half, 128, 176, 2, 2, true, false>" and (cfg.Br, cfg.Bc) == (128, 176)
+    assert cfg.smem == 1024 + 2 * 128 * (128 + 4 * 176) + 8 * 10 <= ck.SMEM_LIMIT[90]
     assert tma.fa3_config("float16", 64, False).kernel == "fa3_forward<__half, 64, 128, 2, 3, true, false>"  # default
     cfg = tma.fa3_config("float16", 64, False, tiles=(64, 4, 3), variant="pingpong")
     assert cfg.kernel == "fa3_forward<__half, 64, 64, 4, 3, true, false>" and (cfg.Br, cfg.threads) == (192, 512)
@@ -26,7 +29,7 @@ def test_fa3_config():
     assert tma.fa3_grid(cfg, 16384, 16, 132) == (132, 1, 1)
     assert tma.fa3_grid(tma.fa3_config("float16", 64, True, variant="pingpong"), 1000, 7, 132) == (6, 7, 1)
     cfg = tma.fa3_config("float16", 128, True, variant="dynamic")   # the same grid, items from a global counter
-    assert cfg.kernel == "fa3_forward<__half, 128, 128, 2, 2, true, true, true, true>" and cfg.persistent and cfg.dynamic
+    assert cfg.kernel == "fa3_forward<__half, 128, 128, 3, 2, true, true, true, true>" and cfg.persistent and cfg.dynamic
     assert cfg.smem == tma.fa3_config("float16", 128, True, variant="persistent").smem + 8   # the handed-over item
     assert tma.fa3_grid(cfg, 16384, 16, 132) == (132, 1, 1)
     with pytest.raises(ValueError, match="variant"):
@@ -55,9 +58,11 @@ def test_fa3_config():
         tma.fa3_config("float32", 64, False)
     with pytest.raises(ValueError, match="shared memory"):
         tma.fa3_config("float16", 128, False, tiles=(128, 4))
-    n_other = sum(map(len, tma.FA3_OTHER_TILES.values()))
+    n_other = sum(len(tma.fa3_candidates(d, c)) - 1 for d in tma.FA3_HEAD_DIMS for c in (False, True))
     n_dims, n_var = len(tma.FA3_HEAD_DIMS), len(tma.FA3_VARIANTS)
-    assert len(set(tma.fa3_instances())) == (2 * n_dims + n_other) * 2 * n_var  # (dtype x d + other) x causal x variant
+    every = tma.fa3_instances()
+    assert len(set(every)) == len(every) == (2 * n_dims * 2 + n_other) * n_var  # (dtype x d x causal + other) x variant
+    assert tma.fa3_config("float16", 128, False).Bc == 176 and tma.fa3_config("float16", 128, True).stages == 3
 
 
 @pytest.fixture
@@ -111,8 +116,9 @@ def fa3_sample():
     """The rung 7 instances compiled (of fa3_instances' full product): every one the library launches (ck.instances: both
     dtypes, the default tiles and variant), and in fp16 (bf16 is the same code) every other tile at the default
     variant and every variant at the default tiles; each causal and not."""
-    dims, other = tma.FA3_HEAD_DIMS, tma.FA3_OTHER_TILES
-    tiles = [tma.fa3_config("float16", d, c, x).kernel for d in dims for x in other[d] for c in (False, True)]
+    dims = tma.FA3_HEAD_DIMS
+    tiles = [tma.fa3_config("float16", d, c, x).kernel for d in dims for c in (False, True)
+             for x in tma.fa3_candidates(d, c)[1:]]
     variants = [tma.fa3_config("float16", d, c, variant=v).kernel for d in dims for v in tma.FA3_VARIANTS
                 for c in (False, True)]
     return list(dict.fromkeys(ck.instances(90)["fa3_forward.cu"] + tiles + variants))
@@ -128,8 +134,9 @@ BACKGROUND = {"test_fa3_compiles_without_spills": fa3_jobs}   # compiled beside 
 def test_fa3_sample():
     sample, every = fa3_sample(), tma.fa3_instances()
     assert len(set(sample)) == len(sample) and set(sample) <= set(every)
-    n_other, n_dims, n_var = sum(map(len, tma.FA3_OTHER_TILES.values())), len(tma.FA3_HEAD_DIMS), len(tma.FA3_VARIANTS)
-    assert len(sample) == 2 * n_dims * 2 + n_other * 2 + n_dims * 2 * (n_var - 1)
+    n_dims, n_var = len(tma.FA3_HEAD_DIMS), len(tma.FA3_VARIANTS)
+    n_other = sum(len(tma.fa3_candidates(d, c)) - 1 for d in tma.FA3_HEAD_DIMS for c in (False, True))
+    assert len(sample) == 2 * n_dims * 2 + n_other + n_dims * 2 * (n_var - 1)
     assert {n for n in sample if n.startswith("fa3_forward<__nv_bfloat16")} == {
         tma.fa3_config("bfloat16", d, c).kernel for d in tma.FA3_HEAD_DIMS for c in (False, True)}
 

@@ -64,8 +64,8 @@ def test_rung7_d256_tile_beat_the_other_it_compiles():
     for causal in (False, True):
         got = {tuple(int(x) for x in r["impl"].split("_")[-1].split("x")): r["tflops"] for r in rows
                if r["causal"] == causal}
-        assert set(got) == {ck.FA3_TILES[256], *ck.config_hopper.FA3_OTHER_TILES[256]}
-        assert max(got, key=got.get) == ck.FA3_TILES[256], (causal, got)
+        assert set(got) == set(ck.config_hopper.fa3_candidates(256, causal))
+        assert max(got, key=got.get) == ck.config_hopper.fa3_tiles(256, causal), (causal, got)
 
 
 def test_bwd_wgmma_is_the_default_where_the_record_times_it_faster():
@@ -150,3 +150,24 @@ def test_the_public_call_record_covers_hopper_and_costs_no_gpu_time():
         for key in ("fwd_tflops", "fwdbwd_tflops"):
             ratio = by[case + ("flashlib-cupy",)][key] / by[case + ("flashlib-cupy-direct",)][key]
             assert abs(ratio - 1) < 0.06, (case, key, ratio)
+
+
+def test_rung7_d128_tiles_replace_the_first_sweeps_where_faster_at_every_shape():
+    """fa3_tiles_d128_h200 (fa3_bench.py --tiles) times every candidate tile at d = 128 in the default variant, fp16 and
+    bf16, N = 4096, 8192, 16384. A tile replaces the first sweep's (128, 2, 2) with the mask or without where it is
+    faster at every one of those shapes; of several, the one whose slowest shape is nearest the fastest tile there."""
+    from flashlib import bench
+    from flashlib.cupy_kernels.config_hopper import fa3_tiles
+    timed = collections.defaultdict(lambda: collections.defaultdict(dict))   # causal -> tiles -> (dtype, N) -> TFLOP/s
+    for r in bench.load("fa3_tiles_d128_h200")["rows"]:
+        if r["impl"].startswith("rung7_"):
+            timed[r["causal"]][tuple(int(x) for x in r["impl"].split("_")[1].split("x"))][(r["dtype"], r["n"])] = r["tflops"]
+    first = (128, 2, 2)
+    for causal, by_tile in timed.items():
+        shapes = set(by_tile[first])
+        assert len(shapes) == 6 and all(set(v) == shapes for v in by_tile.values())
+        best = {s: max(v[s] for v in by_tile.values()) for s in shapes}
+        better = [t for t, v in by_tile.items() if t != first and all(v[s] > by_tile[first][s] for s in shapes)]
+        want = max(better, key=lambda t: min(by_tile[t][s] / best[s] for s in shapes)) if better else first
+        assert fa3_tiles(128, causal) == want, (causal, want)
+    assert set(timed) == {False, True}

@@ -17,23 +17,39 @@ ARCH = {"fa2_wgmma.cu": "sm_90a", "fa3_forward.cu": "sm_90a", "fa3_backward.cu":
 WGMMA_TILES = {64: ((2, 64), (2, 64)), 128: ((2, 128), (2, 128))}
 WGMMA_HEAD_DIMS = (64, 128)
 
-# Rung 7 (fa3_forward.cu, FlashAttention-3's TMA and warp specialisation) per head dim: (Bc keys per K/V tile, ring
-# stages, consumer warpgroups NCW); 128 (NCW + 1) threads a block (one producer warpgroup), Br = 64 NCW query rows.
-# The winners of the H200 sweep in logs/fa3_gpu_session_h200_dee12ae.txt (fp16, N = 16384, ping-pong): d = 64
-# (128, 2, 3), d = 128 (128, 2, 2). d = 256: FlashAttention-3's tile (Br = 128, Bc = 80, 2 stages; Shah et al. 2024,
-# hopper/; Q 64 KB, K and V 40 KB a stage), timed beside (64, 2, 2) only: 685 and 666 TFLOP/s against 599 and 589
-# (N = 16384, not causal and causal; fa3_ablation_pair_major_h200).
-FA3_TILES = {64: (128, 2, 3), 128: (128, 2, 2), 256: (80, 2, 2)}
+# Rung 7 (fa3_forward.cu, FlashAttention-3's TMA and warp specialisation) per head dim, (non-causal, causal): (Bc keys
+# per K/V tile, ring stages, consumer warpgroups NCW); 128 (NCW + 1) threads a block (one producer warpgroup), Br = 64
+# NCW query rows. d = 64: (128, 2, 3), the winner of the H200 sweep in logs/fa3_gpu_session_h200_dee12ae.txt (fp16,
+# N = 16384, ping-pong). d = 128: record fa3_tiles_d128_h200 (fa3_bench.py --tiles at d126e66: fp16 and bf16, N =
+# 4096, 8192, 16384, each tile in the default variant; the rule: tests/test_tuning_records.py): without the mask
+# FlashAttention-3's 128 x 176 tile (hopper/tile_size.h), 1.05-1.09x the (128, 2, 2) that the first sweep chose, level
+# with cuDNN at N >= 8192; with it (128, 3, 2), 1.01-1.04x (FlashAttention-3 keeps Bc = 128 there; Bc = 176 was
+# slower than (128, 2, 2) at N = 4096). d = 256: FlashAttention-3's tile (Br = 128, Bc = 80, 2 stages; Q 64 KB, K and
+# V 40 KB a stage), timed beside (64, 2, 2) only: 685 and 666 TFLOP/s against 599 and 589 (N = 16384, not causal and
+# causal; fa3_ablation_pair_major_h200).
+FA3_TILES = {64: ((128, 2, 3),) * 2, 128: ((176, 2, 2), (128, 3, 2)), 256: ((80, 2, 2),) * 2}
+
+
+def fa3_tiles(d, causal):
+    """Rung 7's default tiles (Bc, stages, NCW) at head dim d, with the causal mask or without (FA3_TILES)."""
+    return FA3_TILES[d][bool(causal)]
+
+
 FA3_HEAD_DIMS = (64, 128, 256)
 FA3_BC = (64, 80, 128, 176)   # the key tiles fa3_forward compiles (S: m64nBc; wgmma.cuh's Wgmma::ss forms)
 # where rung 7 is Hopper's default (default_rung): checked and timed faster than the rung before. d = 256: 628-724
 # TFLOP/s against rung 3's 220-233 (fp16, N = 4096, 16384, causal or not; record fa3_ablation_h200), the GPU tests
 # passing (logs/fa3_ablation_session_h200_b753eb0.txt; the default path at d = 256: ..._41a1755.txt)
 FA3_DEFAULT_HEAD_DIMS = (64, 128, 256)
-# other tiles that benchmarks/fa3_bench.py times beside these and the tests check (three consumers: d = 64 only)
-# (176, 2, 2): FlashAttention-3's non-causal tile at d = 128 (hopper/tile_size.h: 128 x 176; 128 x 128 with the mask)
-FA3_OTHER_TILES = {64: ((128, 3, 2), (64, 4, 3), (64, 4, 2)), 128: ((128, 3, 2), (64, 3, 2), (176, 2, 2)),
+# other tiles that benchmarks/fa3_bench.py times beside these and the tests check (three consumers: d = 64 only;
+# at d = 128 the other mask's default is timed too; (128, 2, 2): the first sweep's tile)
+FA3_OTHER_TILES = {64: ((128, 3, 2), (64, 4, 3), (64, 4, 2)), 128: ((128, 2, 2), (64, 3, 2), (128, 3, 2), (176, 2, 2)),
                    256: ((64, 2, 2),)}
+
+
+def fa3_candidates(d, causal):
+    """The tiles timed at (d, causal): the default first, then the others (FA3_OTHER_TILES[d] without it)."""
+    return (fa3_tiles(d, causal),) + tuple(t for t in FA3_OTHER_TILES[d] if t != fa3_tiles(d, causal))
 # the consumers take turns (PP) or not; "persistent": ping-pong in a grid of one CTA per SM looping over work items in
 # a static order (fa3_grid); "dynamic": each next item from a global counter (FlashAttention-3's; tma.counter)
 FA3_VARIANTS = ("pingpong", "plain", "persistent", "dynamic")
@@ -97,12 +113,12 @@ def fa3_grid(cfg, Nq, BH, n_sm):
 def fa3_config(dtype, d, causal, tiles=None, variant=None):
     """Fa3Config(kernel name expression, Br, Bc, stages, threads, smem bytes, persistent, dynamic) of rung 7 for
     dtype float16/bfloat16, head dim in FA3_HEAD_DIMS, tiles (Bc, stages[, consumer warpgroups]) (default
-    FA3_TILES[d]), variant in FA3_VARIANTS (default: "dynamic" at FA3_DYNAMIC, else "pingpong")."""
+    fa3_tiles(d, causal)), variant in FA3_VARIANTS (default: "dynamic" at FA3_DYNAMIC, else "pingpong")."""
     if dtype not in ("float16", "bfloat16"):
         raise ValueError(f"rung 7 (fa3_forward) takes float16 or bfloat16, got {dtype!r}")
     if d not in FA3_HEAD_DIMS:
         raise ValueError(f"rung 7 (fa3_forward) takes head_dim in {FA3_HEAD_DIMS}, got {d!r}: use 'tuned'")
-    Bc, stages, ncw = (tuple(tiles) + (2,))[:3] if tiles is not None else FA3_TILES[d]
+    Bc, stages, ncw = (tuple(tiles) + (2,))[:3] if tiles is not None else fa3_tiles(d, causal)
     if Bc not in FA3_BC or stages < 2 or ncw not in (2, 3) or (ncw == 3 and d != 64):
         raise ValueError(f"rung 7 takes tiles (Bc in {FA3_BC}, stages >= 2, consumer warpgroups 2, or 3 at d = 64), "
                          f"got {tiles} at d = {d}")
@@ -158,8 +174,9 @@ def bwd_wgmma_instances():
 
 def fa3_instances(configs=False):
     """Kernel name expressions (configs=True: their Fa3Config) for the compile test: every dtype with the default
-    tiles, fp16 with the other tiles (bf16 is the same code), each causal and not, each variant."""
+    tiles, fp16 with the other tiles (bf16 is the same code), each causal and not, each variant; no name twice."""
     tiles = [(t, d, None) for t in ("float16", "bfloat16") for d in FA3_HEAD_DIMS]
-    tiles += [("float16", d, x) for d in FA3_HEAD_DIMS for x in FA3_OTHER_TILES[d]]
     out = [fa3_config(t, d, c, x, v) for t, d, x in tiles for c in (False, True) for v in FA3_VARIANTS]
+    out += [fa3_config("float16", d, c, x, v) for d in FA3_HEAD_DIMS for c in (False, True)
+            for x in fa3_candidates(d, c)[1:] for v in FA3_VARIANTS]
     return out if configs else [c.kernel for c in out]

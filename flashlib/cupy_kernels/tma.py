@@ -20,7 +20,7 @@ import threading
 from .._arrays import check_causal, check_scale
 from .build import _kernel_on
 from .config_hopper import (FA3_HEAD_DIMS, FA3_OTHER_TILES, FA3_TILES, FA3_VARIANTS, SIG_FA3, Fa3Config,  # noqa: F401
-                            fa3_config, fa3_grid, fa3_instances, smem_fa3)
+                            fa3_candidates, fa3_config, fa3_grid, fa3_instances, fa3_tiles, smem_fa3)
 
 # cuda.h enums (CUtensorMapDataType, CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill)
 _TMA_DTYPE = {"float16": 6, "bfloat16": 9, "float32": 7}
@@ -210,7 +210,7 @@ def forward_fa3(q, k, v, causal, scale, tiles=None, variant=None, _debug=None):
     """Rung 7 forward on CuPy arrays: q (B, H, Nq, d), k and v (B, H_kv, Nk, d), H_kv dividing H, d in
     FA3_HEAD_DIMS, float16 or bfloat16 (as int16 bits); Nq, Nk >= 1. Returns (o like q, lse (B, H, Nq) float32,
     natural log), computed on CuPy's current stream. tiles: (Bc, stages[, consumer warpgroups]), default
-    FA3_TILES[d]; variant: one of VARIANTS (default fa3_config's). _debug: a device pointer for the timeline build
+    fa3_tiles(d, causal); variant: one of VARIANTS (default fa3_config's). _debug: a device pointer for the timeline build
     (timeline.py)."""
     import cupy as cp
     dtype = _dtype_of(q)
