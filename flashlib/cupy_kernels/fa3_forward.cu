@@ -24,14 +24,16 @@
 //   gridDim.x is a multiple of ceil(Nq/Br) (132 SMs, 22 tiles), a CTA gets the same tile index every time, so
 //   some CTAs get only the longest tiles. The ring's
 //   phases continue from item to item; Q of the next item is loaded once every consumer warp has released Qs
-//   (barrier q_empty, after its epilogue staged O there), K_0 of the next item before that.
+//   (barrier q_empty), K_0 of the next item before that. A warp releases Qs as soon as its last S of the item is done
+//   (as FlashAttention-3 does), and stores O straight from its registers rather than staging it in Qs, so that the
+//   next Q is copied under the item's last P V and its epilogue.
 // DYNAMIC (FlashAttention-3's DynamicPersistentTileScheduler, hopper/tile_scheduler.hpp): the same items in the same
 //   order, but CTA c's first item is c and each later one comes from a global counter (next_item, zero at the
 //   launch): atomicAdd(next_item, 1) + gridDim.x, so that a CTA that finishes early takes more. The launch sets it
 //   back to 0 itself (set_ahead below), so one counter serves every launch on a stream (tma.counter).
 //   The producer fetches one item ahead and writes the successor of the item it loads Q for into shared memory
-//   (handed[0]) before the q_full arrival, whose release the consumers' wait acquires; they read it at the item's
-//   last turn (it is rewritten only after q_empty), to know whether to hand the last turn on.
+//   (handed[0]) before the q_full arrival, whose release the consumers' wait acquires; they read it right after
+//   that wait (it is rewritten only after q_empty), to know whether to hand the last turn on.
 // Arguments: the tensor maps of Q (D, Nq, B*H), K and V (D, Nk, B*H/G) (dims innermost first; rows past Nq or Nk
 //   read as zeros), O and lse pointers, Nq, Nk, scale, BH, G: query head pair bh reads kv pair bh / G; next_item
 //   (DYNAMIC: an int32 that is 0 at the launch and 0 again after it, else unused).
@@ -291,6 +293,9 @@ fa3_forward(const __grid_constant__ TmaMap qmap, const __grid_constant__ TmaMap 
         tl.rec(TL_RESCALE, t0);
     };
     auto ring = [](u32 kv) { return (kv / STAGES) & 1; };  // the full phase of ring tile kv
+    auto release_q = [&]() {  // PERSIST: this warp's last S of the item is done, Qs is free for the next item's Q
+        if constexpr (PERSIST) release(q_empty);
+    };
 
     if (PP && cw == NCW - 1) bar_arrive(1, 256);  // consumer 0 takes the first turn
     u32 kv0 = 0;  // K/V ring tiles consumed before this item
@@ -307,6 +312,8 @@ fa3_forward(const __grid_constant__ TmaMap qmap, const __grid_constant__ TmaMap 
 #pragma unroll
         for (int x = 0; x < D / 2; x++) o[x] = 0.f;
         wait_full(q_full, n & 1, TL_WAIT_Q);
+        // DYNAMIC: *handed, written before q_full's arrival, holds this item's successor until q_empty
+        next = DYNAMIC ? *handed : i + step;
         wait_full(k_full(kv0 % STAGES), ring(kv0), TL_WAIT_K);
         my_turn();
         Stamp t0 = tl.start();
@@ -318,6 +325,7 @@ fa3_forward(const __grid_constant__ TmaMap qmap, const __grid_constant__ TmaMap 
         wgmma_wait<0>();
         tl.rec(TL_WAIT_S, t0);
         release(k_empty(kv0 % STAGES));
+        if (n_tiles == 1) release_q();
         softmax(0);
         rescale_and_pack();
         for (int j = 1; j < n_tiles; j++) {
@@ -335,6 +343,7 @@ fa3_forward(const __grid_constant__ TmaMap qmap, const __grid_constant__ TmaMap 
             wgmma_wait<1>();  // S_j done, P_{j-1} V_{j-1} may still run during the softmax
             tl.rec(TL_WAIT_S, t0);
             release(k_empty(kv % STAGES));
+            if (j == n_tiles - 1) release_q();
             softmax(j);
             t0 = tl.start();
             wgmma_wait<0>();
@@ -350,9 +359,6 @@ fa3_forward(const __grid_constant__ TmaMap qmap, const __grid_constant__ TmaMap 
             t0 = tl.start();
             arrive();
             issue_pv(kv);
-            // DYNAMIC: the producer writes the next item's successor only after every consumer warp released Qs
-            // (q_empty, after this item's epilogue), so *handed is still this item's successor here
-            next = DYNAMIC ? *handed : i + step;
             if (cw != NCW - 1 || next < total) your_turn();  // the last turn of the last item: no one waits
             tl.rec(TL_ISSUE, t0);
             t0 = tl.start();
@@ -363,8 +369,9 @@ fa3_forward(const __grid_constant__ TmaMap qmap, const __grid_constant__ TmaMap 
         }
         kv0 += n_tiles;
 
-        // epilogue (rung 6's): O / l staged in the warp's own 16 rows of Qs (its last reader, S, is done), 16-byte
-        // stores; then (PERSIST) the warp's rows of Qs are free for the next item's Q
+        // epilogue: O / l and the lse. PERSIST: straight from the registers (rows g and g + 8 of the warp's 16, 4 bytes
+        // a thread per 8 columns), Qs already holding the next item's Q; otherwise rung 6's: staged in the warp's own
+        // 16 rows of Qs (its last reader, S, is done), then 16-byte stores
         t0 = tl.start();
 #pragma unroll
         for (int h = 0; h < 2; h++) {
@@ -372,30 +379,34 @@ fa3_forward(const __grid_constant__ TmaMap qmap, const __grid_constant__ TmaMap 
             l[h] += __shfl_xor_sync(0xffffffffu, l[h], 2);
         }
         const int rw = 64 * cw + 16 * w;  // the warp's first row in the block
-        fence_proxy_async();  // Qs: wgmma's reads (async proxy) before our writes
+        if constexpr (!PERSIST) fence_proxy_async();  // Qs: wgmma's reads (async proxy) before our writes
 #pragma unroll
         for (int h = 0; h < 2; h++) {
             const int r = g + 8 * h;
             const float inv_l = l[h] > 0.f ? 1.f / l[h] : 0.f;
+            T* Or = O + ((size_t)bh * Nq + q0 + rw + r) * D + 2 * t;
 #pragma unroll
-            for (int x = 0; x < D / 8; x++)
-                *reinterpret_cast<u32*>(Qs + sw128<Br>(rw + r, 8 * x) + t * 4) =
-                    pack2<T>(o[4 * x + 2 * h] * inv_l, o[4 * x + 2 * h + 1] * inv_l);
+            for (int x = 0; x < D / 8; x++) {
+                const u32 packed = pack2<T>(o[4 * x + 2 * h] * inv_l, o[4 * x + 2 * h + 1] * inv_l);
+                if constexpr (PERSIST) {
+                    if (q0 + rw + r < Nq) *reinterpret_cast<u32*>(Or + 8 * x) = packed;
+                } else {
+                    *reinterpret_cast<u32*>(Qs + sw128<Br>(rw + r, 8 * x) + t * 4) = packed;
+                }
+            }
             if (t == 0 && q0 + rw + r < Nq)
                 L[(size_t)bh * Nq + q0 + rw + r] = m[h] * LN2 + logf(l[h]);
         }
-        __syncwarp();
-        T* Ob = O + ((size_t)bh * Nq + q0 + rw) * D;
-        constexpr int C = D / 8;
+        if constexpr (!PERSIST) {
+            __syncwarp();
+            T* Ob = O + ((size_t)bh * Nq + q0 + rw) * D;
+            constexpr int C = D / 8;
 #pragma unroll
-        for (int x = lane; x < 16 * C; x += 32) {
-            const int r = x / C, c = (x % C) * 8;
-            if (q0 + rw + r < Nq)
-                *reinterpret_cast<uint4*>(Ob + r * D + c) = *reinterpret_cast<const uint4*>(Qs + sw128<Br>(rw + r, c));
-        }
-        if constexpr (PERSIST) {
-            fence_proxy_async();  // our reads and writes of Qs before the copy engine's next Q
-            release(q_empty);
+            for (int x = lane; x < 16 * C; x += 32) {
+                const int r = x / C, c = (x % C) * 8;
+                if (q0 + rw + r < Nq)
+                    *reinterpret_cast<uint4*>(Ob + r * D + c) = *reinterpret_cast<const uint4*>(Qs + sw128<Br>(rw + r, c));
+            }
         }
         tl.rec(TL_EPILOGUE, t0);
     }
