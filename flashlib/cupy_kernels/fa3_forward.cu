@@ -24,9 +24,11 @@
 //   gridDim.x is a multiple of ceil(Nq/Br) (132 SMs, 22 tiles), a CTA gets the same tile index every time, so
 //   some CTAs get only the longest tiles. The ring's
 //   phases continue from item to item; Q of the next item is loaded once every consumer warp has released Qs
-//   (barrier q_empty), K_0 of the next item before that. A warp releases Qs as soon as its last S of the item is done
-//   (as FlashAttention-3 does), and stores O straight from its registers rather than staging it in Qs, so that the
-//   next Q is copied under the item's last P V and its epilogue.
+//   (barrier q_empty), K_0 of the next item before that. At d = 64 and 128 (EARLY_Q) a warp releases Qs as soon as
+//   its last S of the item is done (as FlashAttention-3 does) and stores O straight from its registers, so that the
+//   next Q is copied under the item's last P V and its epilogue: 1.00-1.04x at d = 64 and 128 on the H200, but
+//   0.97-0.98x at d = 256, where O (128 registers a thread) is staged in Qs for 16-byte stores and Qs released after
+//   the epilogue (record fa3_ab_h200, benchmarks/fa3_ab.py).
 // DYNAMIC (FlashAttention-3's DynamicPersistentTileScheduler, hopper/tile_scheduler.hpp): the same items in the same
 //   order, but CTA c's first item is c and each later one comes from a global counter (next_item, zero at the
 //   launch): atomicAdd(next_item, 1) + gridDim.x, so that a CTA that finishes early takes more. The launch sets it
@@ -108,6 +110,7 @@ fa3_forward(const __grid_constant__ TmaMap qmap, const __grid_constant__ TmaMap 
     static_assert(NCW == 2 || (NCW == 3 && D == 64), "2 consumer warpgroups, or 3 at d = 64");
     static_assert(PERSIST || !DYNAMIC, "the dynamic scheduler is the persistent grid's");
     constexpr int Br = 64 * NCW, TILE = Bc * D * 2, QTILE = Br * D * 2, DN = D < 128 ? D : 128;
+    constexpr bool EARLY_Q = PERSIST && D < 256;  // Qs released after the item's last S, O stored from registers
     extern __shared__ __align__(128) unsigned char smem_raw[];
     unsigned char* Qs = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);  // 1024-aligned: swizzle atoms
     const u32 qs0 = smem_addr(Qs), ks0 = qs0 + QTILE, vs0 = ks0 + STAGES * TILE, bar0 = vs0 + STAGES * TILE;
@@ -293,8 +296,8 @@ fa3_forward(const __grid_constant__ TmaMap qmap, const __grid_constant__ TmaMap 
         tl.rec(TL_RESCALE, t0);
     };
     auto ring = [](u32 kv) { return (kv / STAGES) & 1; };  // the full phase of ring tile kv
-    auto release_q = [&]() {  // PERSIST: this warp's last S of the item is done, Qs is free for the next item's Q
-        if constexpr (PERSIST) release(q_empty);
+    auto release_q = [&]() {  // EARLY_Q: this warp's last S of the item is done, Qs is free for the next item's Q
+        if constexpr (EARLY_Q) release(q_empty);
     };
 
     if (PP && cw == NCW - 1) bar_arrive(1, 256);  // consumer 0 takes the first turn
@@ -369,9 +372,9 @@ fa3_forward(const __grid_constant__ TmaMap qmap, const __grid_constant__ TmaMap 
         }
         kv0 += n_tiles;
 
-        // epilogue: O / l and the lse. PERSIST: straight from the registers (rows g and g + 8 of the warp's 16, 4 bytes
+        // epilogue: O / l and the lse. EARLY_Q: straight from the registers (rows g and g + 8 of the warp's 16, 4 bytes
         // a thread per 8 columns), Qs already holding the next item's Q; otherwise rung 6's: staged in the warp's own
-        // 16 rows of Qs (its last reader, S, is done), then 16-byte stores
+        // 16 rows of Qs (its last reader, S, is done), then 16-byte stores, and (PERSIST) Qs released
         t0 = tl.start();
 #pragma unroll
         for (int h = 0; h < 2; h++) {
@@ -379,7 +382,7 @@ fa3_forward(const __grid_constant__ TmaMap qmap, const __grid_constant__ TmaMap 
             l[h] += __shfl_xor_sync(0xffffffffu, l[h], 2);
         }
         const int rw = 64 * cw + 16 * w;  // the warp's first row in the block
-        if constexpr (!PERSIST) fence_proxy_async();  // Qs: wgmma's reads (async proxy) before our writes
+        if constexpr (!EARLY_Q) fence_proxy_async();  // Qs: wgmma's reads (async proxy) before our writes
 #pragma unroll
         for (int h = 0; h < 2; h++) {
             const int r = g + 8 * h;
@@ -388,7 +391,7 @@ fa3_forward(const __grid_constant__ TmaMap qmap, const __grid_constant__ TmaMap 
 #pragma unroll
             for (int x = 0; x < D / 8; x++) {
                 const u32 packed = pack2<T>(o[4 * x + 2 * h] * inv_l, o[4 * x + 2 * h + 1] * inv_l);
-                if constexpr (PERSIST) {
+                if constexpr (EARLY_Q) {
                     if (q0 + rw + r < Nq) *reinterpret_cast<u32*>(Or + 8 * x) = packed;
                 } else {
                     *reinterpret_cast<u32*>(Qs + sw128<Br>(rw + r, 8 * x) + t * 4) = packed;
@@ -397,7 +400,7 @@ fa3_forward(const __grid_constant__ TmaMap qmap, const __grid_constant__ TmaMap 
             if (t == 0 && q0 + rw + r < Nq)
                 L[(size_t)bh * Nq + q0 + rw + r] = m[h] * LN2 + logf(l[h]);
         }
-        if constexpr (!PERSIST) {
+        if constexpr (!EARLY_Q) {
             __syncwarp();
             T* Ob = O + ((size_t)bh * Nq + q0 + rw) * D;
             constexpr int C = D / 8;
@@ -406,6 +409,10 @@ fa3_forward(const __grid_constant__ TmaMap qmap, const __grid_constant__ TmaMap 
                 const int r = x / C, c = (x % C) * 8;
                 if (q0 + rw + r < Nq)
                     *reinterpret_cast<uint4*>(Ob + r * D + c) = *reinterpret_cast<const uint4*>(Qs + sw128<Br>(rw + r, c));
+            }
+            if constexpr (PERSIST) {
+                fence_proxy_async();  // our reads and writes of Qs before the copy engine's next Q
+                release(q_empty);
             }
         }
         tl.rec(TL_EPILOGUE, t0);
