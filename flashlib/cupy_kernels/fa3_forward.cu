@@ -24,11 +24,12 @@
 //   gridDim.x is a multiple of ceil(Nq/Br) (132 SMs, 22 tiles), a CTA gets the same tile index every time, so
 //   some CTAs get only the longest tiles. The ring's
 //   phases continue from item to item; Q of the next item is loaded once every consumer warp has released Qs
-//   (barrier q_empty), K_0 of the next item before that. At d = 64 and 128 (EARLY_Q) a warp releases Qs as soon as
-//   its last S of the item is done (as FlashAttention-3 does) and stores O straight from its registers, so that the
-//   next Q is copied under the item's last P V and its epilogue: 1.00-1.04x at d = 64 and 128 on the H200, but
-//   0.97-0.98x at d = 256, where O (128 registers a thread) is staged in Qs for 16-byte stores and Qs released after
-//   the epilogue (record fa3_ab_h200, benchmarks/fa3_ab.py).
+//   (barrier q_empty), K_0 of the next item before that. With EARLY_Q (d = 64, and d = 128 without the mask) a warp
+//   releases Qs as soon as its last S of the item is done (as FlashAttention-3 does) and stores O straight from its
+//   registers, so that the next Q is copied under the item's last P V and its epilogue. Two A/B runs on the H200
+//   (benchmarks/fa3_ab.py; logs/fa3_early_q_h200_94ee166.txt, record fa3_ab_h200) timed that 1.02-1.04x at d = 64
+//   with the mask (N = 4096) and 1.01-1.02x at d = 128 without it, but 0.98-0.99x at d = 128 with the mask (N =
+//   16384) and 0.97-0.98x at d = 256; there O is staged in Qs for 16-byte stores and Qs released after the epilogue.
 // DYNAMIC (FlashAttention-3's DynamicPersistentTileScheduler, hopper/tile_scheduler.hpp): the same items in the same
 //   order, but CTA c's first item is c and each later one comes from a global counter (next_item, zero at the
 //   launch): atomicAdd(next_item, 1) + gridDim.x, so that a CTA that finishes early takes more. The launch sets it
@@ -110,7 +111,7 @@ fa3_forward(const __grid_constant__ TmaMap qmap, const __grid_constant__ TmaMap 
     static_assert(NCW == 2 || (NCW == 3 && D == 64), "2 consumer warpgroups, or 3 at d = 64");
     static_assert(PERSIST || !DYNAMIC, "the dynamic scheduler is the persistent grid's");
     constexpr int Br = 64 * NCW, TILE = Bc * D * 2, QTILE = Br * D * 2, DN = D < 128 ? D : 128;
-    constexpr bool EARLY_Q = PERSIST && D < 256;  // Qs released after the item's last S, O stored from registers
+    constexpr bool EARLY_Q = PERSIST && (D == 64 || (D == 128 && !CAUSAL));  // Qs freed early, O from registers
     extern __shared__ __align__(128) unsigned char smem_raw[];
     unsigned char* Qs = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);  // 1024-aligned: swizzle atoms
     const u32 qs0 = smem_addr(Qs), ks0 = qs0 + QTILE, vs0 = ks0 + STAGES * TILE, bar0 = vs0 + STAGES * TILE;
