@@ -6,7 +6,8 @@ PREV.cu: the other fa3_forward.cu (e.g. `git show HEAD~1:flashlib/cupy_kernels/f
 compiled from its own path with the package's headers. At d = 64, 128, 256, N = 4096, 16384, fp16 and bf16, causal
 and not, each in the default tiles and variant, rung 7 ('new') and PREV ('prev') are timed with SDPA cuDNN by
 `flashlib.bench.timing.compare` (interleaved, host=False); the elements of o whose bits differ between the two and
-max |lse_new - lse_prev| are recorded (a change that keeps the arithmetic gives 0 and 0). Saved as NAME (default fa3_ab_<gpu>) with PREV's sha256.
+max |lse_new - lse_prev| are recorded (a change that keeps the arithmetic gives 0 and 0). Saved as NAME (default
+fa3_ab_<gpu>) with PREV's sha256.
 """
 import argparse
 import hashlib
@@ -62,7 +63,8 @@ def run(prev_path, max_seconds=3.0):
                       tflops=got[n], o_elements_differing=diff, max_lse_diff_new_prev=ldiff) for n, s in stats.items()]
         print(f"d={d:3d} N={N:5d} {dtype:8s} causal={causal!s:5s} new {got['new']:5.0f} prev {got['prev']:5.0f} "
               f"(x{got['new'] / got['prev']:.3f}) cudnn {got['sdpa_cudnn']:5.0f} | spread new "
-              f"{100 * stats['new']['spread']:.1f}% prev {100 * stats['prev']['spread']:.1f}% | o elements differing {diff} "
+              f"{100 * stats['new']['spread']:.1f}% prev {100 * stats['prev']['spread']:.1f}% | "
+              f"o elements differing {diff} "
               f"max lse diff {ldiff:g} | {tma.fa3_config(dtype, d, causal).kernel}", flush=True)
     return rows
 

@@ -8,8 +8,8 @@ tests), with where the error sits when it fails. --time: forward TFLOP/s of rung
 bf16, causal and not, B = 16384 // N, H = 16, timed together by `flashlib.bench.timing.compare`; each rung 7 output
 is also compared with SDPA flash's. FLOPs = 4*B*H*N^2*d, half when causal. Results: `flashlib.bench.save` into
 --out, else $FLASHLIB_RESULTS, else the package's results folder. Neither flag: both. --tiles: the default tiles
-against each of FA3_OTHER_TILES at the head dims in $FA3_TILE_DIMS (default "128"), both in the default variant, with
-SDPA cuDNN, at N = 4096, 8192, 16384 (record fa3_tiles_d<dims>_<gpu>).
+against the others (tma.fa3_candidates) at the head dims in $FA3_TILE_DIMS (default "128"), each in the default
+variant, with SDPA cuDNN, at N = 4096, 8192, 16384 (record fa3_tiles_d<dims>_<gpu>).
 """
 import argparse
 import os
@@ -184,8 +184,8 @@ def _time_shape(d, N, dtype, causal, max_seconds):
 
 
 def tiles(out, max_seconds=4.0):
-    """Rung 7 at its default tiles against the others (fa3_candidates) (d in $FA3_TILE_DIMS), each in the default variant of
-    its (d, causal), with SDPA cuDNN, interleaved; fp16 and bf16, N = 4096, 8192, 16384, causal and not."""
+    """Rung 7 at its default tiles against the others (fa3_candidates), d in $FA3_TILE_DIMS, each in the default
+    variant of its (d, causal), with SDPA cuDNN, interleaved; fp16 and bf16, N = 4096, 8192, 16384, causal and not."""
     import torch
     from flashlib._arrays import to_cupy
     from flashlib.bench.timing import compare

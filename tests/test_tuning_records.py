@@ -161,7 +161,8 @@ def test_rung7_d128_tiles_replace_the_first_sweeps_where_faster_at_every_shape()
     timed = collections.defaultdict(lambda: collections.defaultdict(dict))   # causal -> tiles -> (dtype, N) -> TFLOP/s
     for r in bench.load("fa3_tiles_d128_h200")["rows"]:
         if r["impl"].startswith("rung7_"):
-            timed[r["causal"]][tuple(int(x) for x in r["impl"].split("_")[1].split("x"))][(r["dtype"], r["n"])] = r["tflops"]
+            tiles = tuple(int(x) for x in r["impl"].split("_")[1].split("x"))
+            timed[r["causal"]][tiles][(r["dtype"], r["n"])] = r["tflops"]
     first = (128, 2, 2)
     for causal, by_tile in timed.items():
         shapes = set(by_tile[first])

@@ -50,6 +50,8 @@ FA3_OTHER_TILES = {64: ((128, 3, 2), (64, 4, 3), (64, 4, 2)), 128: ((128, 2, 2),
 def fa3_candidates(d, causal):
     """The tiles timed at (d, causal): the default first, then the others (FA3_OTHER_TILES[d] without it)."""
     return (fa3_tiles(d, causal),) + tuple(t for t in FA3_OTHER_TILES[d] if t != fa3_tiles(d, causal))
+
+
 # the consumers take turns (PP) or not; "persistent": ping-pong in a grid of one CTA per SM looping over work items in
 # a static order (fa3_grid); "dynamic": each next item from a global counter (FlashAttention-3's; tma.counter)
 FA3_VARIANTS = ("pingpong", "plain", "persistent", "dynamic")
