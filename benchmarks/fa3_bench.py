@@ -1,6 +1,6 @@
 """Rung 7 (fa3_forward.cu: TMA + warp specialisation; plain, ping-pong, persistent) against rung 6 and SDPA.
 
-    python benchmarks/fa3_bench.py [--check] [--time] [--tiles] [--out DIR]
+    python benchmarks/fa3_bench.py [--check] [--time] [--tiles] [--narrow] [--out DIR]
 
 --check: quick correctness on ragged shapes against the float64 reference (FlashAttention's rule, as the GPU
 tests), with where the error sits when it fails. --time: forward TFLOP/s of rung 7 (every variant), rung 6
@@ -9,7 +9,8 @@ bf16, causal and not, B = 16384 // N, H = 16, timed together by `flashlib.bench.
 is also compared with SDPA flash's. FLOPs = 4*B*H*N^2*d, half when causal. Results: `flashlib.bench.save` into
 --out, else $FLASHLIB_RESULTS, else the package's results folder. Neither flag: both. --tiles: the default tiles
 against the others (tma.fa3_candidates) at the head dims in $FA3_TILE_DIMS (default "128"), each in the default
-variant, with SDPA cuDNN, at N = 4096, 8192, 16384 (record fa3_tiles_d<dims>_<gpu>).
+variant, with SDPA cuDNN, at N = 4096, 8192, 16384 (record fa3_tiles_d<dims>_<gpu>). --narrow: the narrow last key
+tile against the full one without the mask (record fa3_narrow_<gpu>).
 """
 import argparse
 import os
@@ -42,9 +43,9 @@ def _naive(q, k, v, causal, scale):
     return torch.softmax(S, dim=-1) @ v
 
 
-def _fa3(q, k, v, causal, scale, variant, dtype, tiles=None):
+def _fa3(q, k, v, causal, scale, variant, dtype, tiles=None, narrow=None):
     from flashlib._arrays import like, to_cupy
-    o, lse = tma.forward_fa3(to_cupy(q), to_cupy(k), to_cupy(v), causal, scale, tiles, variant)
+    o, lse = tma.forward_fa3(to_cupy(q), to_cupy(k), to_cupy(v), causal, scale, tiles, variant, narrow=narrow)
     return like(o, q, dtype), like(lse, q, "float32")
 
 
@@ -80,8 +81,9 @@ def _verdict(o, lse, o_ref, lse_ref, bound):
 
 
 def check():
-    """Every (dtype, d, causal, variant) on CHECKS (fp16 on the first two also with FA3_OTHER_TILES); one line
-    each; returns the number of failures."""
+    """Every (dtype, d, causal, variant) on CHECKS (fp16 on the first two also with FA3_OTHER_TILES; without the
+    mask also with the narrow last tile switched from FA3_NARROW's default); one line each; returns the number of
+    failures."""
     import torch
     precompile()
     fails = 0
@@ -93,10 +95,13 @@ def check():
             o_ref, lse_ref = reference.attention_forward(_f64(q), _f64(kr), _f64(vr), causal, scale)
             bound = 2 * np.abs(_f64(_naive(q, kr, vr, causal, scale)) - o_ref).max() + ATOL[dtype]
             other = tma.FA3_OTHER_TILES[d] if i < 2 and dtype == "float16" else ()
-            for variant, tiles in [(x, t) for x in tma.VARIANTS for t in (None,) + other]:
-                where = f"{dtype} d={d} causal={causal} (B,H,Hkv,Nq,Nk)={(B, H, Hkv, Nq, Nk)} {variant} {tiles or 'default'}"
+            flip = () if causal else (not tma.FA3_NARROW[d],)   # the narrow last tile, on and off
+            for variant, tiles, nar in [(x, t, None) for x in tma.VARIANTS for t in (None,) + other] + \
+                    [(x, None, f) for x in tma.VARIANTS for f in flip]:
+                where = (f"{dtype} d={d} causal={causal} (B,H,Hkv,Nq,Nk)={(B, H, Hkv, Nq, Nk)} {variant} "
+                         f"{tiles or 'default'}" + ("" if nar is None else f" narrow={nar}"))
                 try:
-                    o, lse = _fa3(q, k, v, causal, scale, variant, dtype, tiles)
+                    o, lse = _fa3(q, k, v, causal, scale, variant, dtype, tiles, nar)
                     torch.cuda.synchronize()
                 except Exception as e:  # noqa: BLE001 (report and go on: one run on the GPU)
                     print(f"ERROR {where}: {e!r}", flush=True)
@@ -221,6 +226,48 @@ def tiles(out, max_seconds=4.0):
                       timing="flashlib.bench.timing.compare, host=False")
 
 
+NARROW_SHAPES = {128: (1024, 4096, 8192, 16384), 256: (1024, 4096, 8192, 16384)}
+
+
+def narrow(out, max_seconds=3.0):
+    """Rung 7 with a narrow last key tile (fa3_forward's NARROW) against without, each at the default tiles and
+    variant (d = 128 and 256: the persistent grid, "dynamic"), with SDPA cuDNN, interleaved; fp16 and bf16, without
+    the mask, N in NARROW_SHAPES[d]. Each row also counts the output elements whose bits differ between the
+    two (record fa3_narrow_<gpu>)."""
+    import torch
+    from flashlib._arrays import to_cupy
+    from flashlib.bench.timing import compare
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    import concurrent.futures
+    cases = [(d, N, t) for d, Ns in NARROW_SHAPES.items() for N in Ns for t in ("float16", "bfloat16")]
+    with concurrent.futures.ThreadPoolExecutor(16) as ex:   # the narrow instances, compiled before anything is timed
+        list(ex.map(lambda c: tma._launcher(0, tma.fa3_config(c[2], c[0], False, Nk=c[1], narrow=c[3])),
+                    [c + (x,) for c in cases for x in (True, False)]))
+    rows = []
+    for d, N, dtype in cases:
+        H, B = 16, max(1, 16384 // N)
+        q, k, v = _inputs(B, H, H, N, N, d, dtype)
+        qc, kc, vc = (to_cupy(t) for t in (q, k, v))
+        width = tma.fa3_config(dtype, d, False, Nk=N, narrow=True).narrow
+        fns = {f"rung7_narrow{width}": lambda: tma.forward_fa3(qc, kc, vc, False, None, narrow=True),
+               "rung7_full": lambda: tma.forward_fa3(qc, kc, vc, False, None, narrow=False)}
+        a, b = (f()[0] for f in fns.values())
+        differ = int((a.view("int16") != b.view("int16")).sum())
+        fns["sdpa_cudnn"] = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        stats = compare(fns, host=False, min_rounds=5, max_rounds=15, max_seconds=max_seconds,
+                        contexts={"sdpa_cudnn": lambda: sdpa_kernel(SDPBackend.CUDNN_ATTENTION)})
+        flops = 4 * B * H * N * N * d
+        rows += [dict(dtype=dtype, d=d, n=N, B=B, H=H, causal=False, impl=name, ms=st["median_ms"],
+                      spread=st["spread"], tflops=flops / (st["median_ms"] * 1e-3) / 1e12, narrow_width=width,
+                      elements_differing=differ) for name, st in stats.items()]
+        print(f"narrow d={d:3d} N={N:5d} {dtype:8s} width {width:3d} differing {differ}" +
+              "".join(f" | {r['impl']} {r['tflops']:5.0f} ({100 * r['spread']:.1f}%)" for r in rows[-len(stats):]),
+              flush=True)
+    tag = bench.gpu_tag(torch.cuda.get_device_name())
+    return bench.save(f"fa3_narrow_{tag}", rows, directory=out, tiles=tma.FA3_TILES, narrow_shapes=NARROW_SHAPES,
+                      flops="4*B*H*N^2*d", timing="flashlib.bench.timing.compare, host=False")
+
+
 def time_all(out, max_seconds=4.0):
     """Every shape of the table (and the tile sweep), saved through flashlib.bench.save; returns the path."""
     import torch
@@ -250,7 +297,8 @@ def sanitize():
                 ("float16", 64, True, None, (1, 4, 2, 97, 113)), ("bfloat16", 128, False, None, (2, 2, 1, 113, 300)),
                 ("float16", 64, False, (128, 2, 3), (1, 2, 1, 200, 77)),
                 ("bfloat16", 128, False, (176, 2, 2), (1, 2, 1, 300, 401)),
-                ("float16", 128, True, (176, 2, 2), (1, 4, 2, 353, 353))):
+                ("float16", 128, True, (176, 2, 2), (1, 4, 2, 353, 353)),
+                ("float16", 256, False, None, (1, 2, 2, 130, 250))):   # a narrow last tile of 16 keys
             q, k, v = arr((B, H, Nq, d), dtype), arr((B, Hkv, Nk, d), dtype), arr((B, Hkv, Nk, d), dtype)
             o, lse = tma.forward_fa3(q, k, v, causal, None, tiles, variant)
             cp.cuda.Device().synchronize()
@@ -289,7 +337,7 @@ def cli(doc, check, time_all, sanitize, extra=None):
 
 
 def main():
-    cli(__doc__, check, time_all, sanitize, {"tiles": tiles})
+    cli(__doc__, check, time_all, sanitize, {"tiles": tiles, "narrow": narrow})
 
 
 if __name__ == "__main__":

@@ -65,6 +65,31 @@ def test_fa3_config():
     assert tma.fa3_config("float16", 128, False).Bc == 176 and tma.fa3_config("float16", 128, True).stages == 3
 
 
+def test_fa3_narrow_last_tile():
+    # the last of ceil(Nk / Bc) tiles' keys rounded up to 16; none where they fill it or there is one tile
+    assert [tma.fa3_narrow_width(n, 176) for n in (4096, 8192, 16384, 1024, 176, 352, 100, 177)] == \
+        [48, 96, 16, 144, 0, 0, 0, 16]
+    assert [tma.fa3_narrow_width(n, 80) for n in (4096, 16384, 4000, 161)] == [16, 64, 0, 16]
+    cfg = tma.fa3_config("float16", 128, False, variant="dynamic", Nk=4096)   # the default at d = 128: narrowable
+    assert cfg.kernel == "fa3_forward<__half, 128, 176, 2, 2, true, false, true, true, 48>" and cfg.narrow == 48
+    assert tma.fa3_config("float16", 128, False, variant="persistent", Nk=4096).kernel == \
+        "fa3_forward<__half, 128, 176, 2, 2, true, false, true, false, 48>"
+    cfg = tma.fa3_config("bfloat16", 256, False, variant="dynamic", Nk=1000)   # 1000 = 12 x 80 + 40
+    assert cfg.kernel == "fa3_forward<__nv_bfloat16, 256, 80, 2, 2, true, false, true, true, 48>"
+    for v in ("plain", "pingpong"):   # not in the grid of one item a CTA
+        assert tma.fa3_config("float16", 128, False, variant=v, Nk=4096, narrow=True).narrow == 0
+    base = tma.fa3_config("float16", 128, False)
+    assert tma.fa3_config("float16", 128, False, Nk=4096 - 48) == base   # 23 full tiles
+    assert tma.fa3_config("float16", 128, False, Nk=4096, narrow=False) == base._replace(narrowable=False)
+    assert tma.fa3_narrowed(tma.fa3_narrowed(base, 4096), 1000).narrow == 48   # narrowed once
+    for d in tma.FA3_HEAD_DIMS:   # never with the mask; at d = 64 only on request (FA3_NARROW)
+        assert tma.fa3_config("float16", d, True, Nk=1000, narrow=True).narrow == 0
+        width = tma.fa3_narrow_width(1000, tma.fa3_tiles(d, False)[0])
+        assert tma.fa3_config("float16", d, False, Nk=1000).narrow == (tma.FA3_NARROW[d] and width)
+    cfg = tma.fa3_config("float16", 64, False, variant="persistent", Nk=1000, narrow=True)
+    assert cfg.narrow == 112   # 1000 = 7 x 128 + 104
+
+
 @pytest.fixture
 def fake_counters(monkeypatch):
     """tma.counter with a fake slab allocator (addresses 0x10000, 0x20000, ... a slab, recorded) and a switch for
@@ -124,8 +149,18 @@ def fa3_sample():
     return list(dict.fromkeys(ck.instances(90)["fa3_forward.cu"] + tiles + variants))
 
 
+def fa3_narrow_sample():
+    """Instances with a narrow last key tile (fp16, without the mask, asked for at every head dim): both persistent
+    variants at Nk = 1000 and at 4001 (two widths a head dim)."""
+    cfgs = [tma.fa3_config("float16", d, False, variant=v, Nk=n, narrow=True) for d in tma.FA3_HEAD_DIMS
+            for v in ("persistent", "dynamic") for n in (1000, 4001)]
+    assert all(c.narrow for c in cfgs)
+    return list(dict.fromkeys(c.kernel for c in cfgs))
+
+
 def fa3_jobs():
-    return sm90a_jobs("fa3_forward.cu", fa3_sample()) + sm90a_jobs("fa3_timeline.cu", TIMELINE_INSTANCES)
+    return (sm90a_jobs("fa3_forward.cu", fa3_sample() + fa3_narrow_sample()) +
+            sm90a_jobs("fa3_timeline.cu", TIMELINE_INSTANCES))
 
 
 BACKGROUND = {"test_fa3_compiles_without_spills": fa3_jobs}   # compiled beside the other tests

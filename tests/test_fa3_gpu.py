@@ -35,8 +35,9 @@ def _hopper():
         pytest.skip("rung 7 runs on Hopper (compute capability 9.0) only")
 
 
-def _check(B, H, Hkv, Nq, Nk, d, dtype, causal, tiles=None):
-    """Every variant (plain, ping-pong, persistent) on one set of random inputs against one float64 reference."""
+def _check(B, H, Hkv, Nq, Nk, d, dtype, causal, tiles=None, narrow=None):
+    """Every variant (plain, ping-pong, persistent) on one set of random inputs against one float64 reference;
+    returns their outputs (o, lse as CuPy arrays) by variant."""
     import torch
     from flashlib._arrays import like, to_cupy
     seed = zlib.crc32(repr((B, H, Hkv, Nq, Nk, d, dtype, causal, tiles)).encode())
@@ -48,13 +49,15 @@ def _check(B, H, Hkv, Nq, Nk, d, dtype, causal, tiles=None):
     k_rep, v_rep = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
     o_ref, lse_ref = reference.attention_forward(_f64(q), _f64(k_rep), _f64(v_rep), causal, scale)
     bound = 2 * _err(_naive(q, k_rep, v_rep, causal, scale), o_ref) + ATOL[dtype]
+    out = {}
     for variant in tma.VARIANTS:
-        o, lse = tma.forward_fa3(to_cupy(q), to_cupy(k), to_cupy(v), causal, scale, tiles, variant)
-        o, lse = like(o, q, dtype), like(lse, q, "float32")
-        where = (variant, tiles, B, H, Hkv, Nq, Nk, d, dtype, causal)
+        out[variant] = tma.forward_fa3(to_cupy(q), to_cupy(k), to_cupy(v), causal, scale, tiles, variant, narrow=narrow)
+        o, lse = like(out[variant][0], q, dtype), like(out[variant][1], q, "float32")
+        where = (variant, tiles, narrow, B, H, Hkv, Nq, Nk, d, dtype, causal)
         assert o.shape == q.shape and o.dtype == q.dtype
         assert _err(o, o_ref) <= bound, (where, _err(o, o_ref), bound)   # NaN (an unwritten row) fails too
         assert _err(lse, lse_ref) <= 2e-3, (where, _err(lse, lse_ref))
+    return out
 
 
 # d = 256 (its float64 reference costs most) on the pairs of lengths up to 1023 and two with 4096
@@ -77,6 +80,25 @@ def test_fa3_ragged_matches_reference(nq, nk, dtype, d, causal, poisoned):
 def test_fa3_gqa_matches_reference(nq, nk, dtype, d, causal, G, poisoned):
     _hopper()
     _check(1, 4, 4 // G, nq, nk, d, dtype, causal)
+
+
+# the narrow last key tile (fa3_forward's NARROW, without the mask) on and off at every head dim, at lengths whose
+# last tile is partial at the default Bc (64 and 128 keys at d = 64, 176 at d = 128, 80 at d = 256) and one with a
+# single tile: each against the reference, and on against off bit for bit (narrow only in the persistent variants)
+NARROW_NK = (97, 300, 1023, 4000)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,d", KINDS, ids=str)
+@pytest.mark.parametrize("nk", NARROW_NK)
+def test_fa3_narrow_last_tile_matches_reference_and_the_full_tile_bit_for_bit(nk, dtype, d, poisoned):
+    _hopper()
+    Bc = tma.fa3_tiles(d, False)[0]
+    assert tma.fa3_config(dtype, d, False, variant="dynamic", Nk=nk, narrow=True).narrow == tma.fa3_narrow_width(nk, Bc)
+    on, off = (_check(1, 4, 2, 131, nk, d, dtype, False, narrow=x) for x in (True, False))
+    for variant in tma.VARIANTS:
+        for a, b in zip(on[variant], off[variant]):
+            assert (a.view("int32") == b.view("int32")).all(), (variant, nk, dtype, d)
 
 
 OTHER = [(d, t) for d, ts in tma.FA3_OTHER_TILES.items() for t in ts]

@@ -99,7 +99,33 @@ def smem_fa3(d, Bc, stages, ncw=2):
     return 1024 + 2 * d * (64 * ncw + 2 * stages * Bc) + 8 * (2 + 4 * stages)
 
 
-Fa3Config = namedtuple("Fa3Config", "kernel Br Bc stages threads smem persistent dynamic", defaults=(False, False))
+# narrow (fa3_forward's NARROW, without the mask, in the persistent grid): where Nk is not a multiple of Bc, every
+# item's last key tile has the same Nk - (n_tiles - 1) Bc real keys (at N = 4096 and Bc = 176: 48); its softmax, P
+# and P V then run over them rounded up to 16 (its S stays Bc wide), one more instance per width, the same bits as
+# without it. Not in the grid of one item a CTA: there ptxas spilled at widths of 96 or more. On per head dim where
+# (measured below) the H200 timed it no slower
+FA3_NARROW = {64: False, 128: True, 256: True}
+
+Fa3Config = namedtuple("Fa3Config", "kernel Br Bc stages threads smem persistent dynamic narrowable narrow",
+                       defaults=(False, False, False, 0))
+
+
+def fa3_narrow_width(Nk, Bc):
+    """The width of the last of ceil(Nk / Bc) key tiles under fa3_forward's NARROW: its keys rounded up to 16, or 0
+    (no narrow tile) where that is Bc or there is only one tile."""
+    n = -(-Nk // Bc)
+    w = -(-(Nk - (n - 1) * Bc) // 16) * 16
+    return 0 if n < 2 or w >= Bc else w
+
+
+def fa3_narrowed(cfg, Nk):
+    """cfg for Nk keys: with a narrow last tile (NARROW = fa3_narrow_width) where cfg is narrowable and Nk leaves a
+    partial last tile, else cfg itself."""
+    w = fa3_narrow_width(Nk, cfg.Bc) if cfg.narrowable and not cfg.narrow else 0
+    if not w:
+        return cfg
+    tail = ("" if cfg.persistent else ", false") + ("" if cfg.dynamic else ", false") + f", {w}>"
+    return cfg._replace(kernel=cfg.kernel[:-1] + tail, narrow=w)
 
 
 def fa3_grid(cfg, Nq, BH, n_sm):
@@ -112,10 +138,12 @@ def fa3_grid(cfg, Nq, BH, n_sm):
     return (max(1, min(n_sm, n_qt * BH)), 1, 1) if cfg.persistent else pair_grid(n_qt, BH)
 
 
-def fa3_config(dtype, d, causal, tiles=None, variant=None):
-    """Fa3Config(kernel name expression, Br, Bc, stages, threads, smem bytes, persistent, dynamic) of rung 7 for
-    dtype float16/bfloat16, head dim in FA3_HEAD_DIMS, tiles (Bc, stages[, consumer warpgroups]) (default
-    fa3_tiles(d, causal)), variant in FA3_VARIANTS (default: "dynamic" at FA3_DYNAMIC, else "pingpong")."""
+def fa3_config(dtype, d, causal, tiles=None, variant=None, Nk=None, narrow=None):
+    """Fa3Config(kernel name expression, Br, Bc, stages, threads, smem bytes, persistent, dynamic, narrowable,
+    narrow) of rung 7 for dtype float16/bfloat16, head dim in FA3_HEAD_DIMS, tiles (Bc, stages[, consumer
+    warpgroups]) (default fa3_tiles(d, causal)), variant in FA3_VARIANTS (default: "dynamic" at FA3_DYNAMIC, else
+    "pingpong"). narrowable: in the persistent grid, without the mask, where narrow (None: FA3_NARROW[d]); given
+    Nk, the instance for Nk keys (fa3_narrowed; narrow: its width, 0 for none)."""
     if dtype not in ("float16", "bfloat16"):
         raise ValueError(f"rung 7 (fa3_forward) takes float16 or bfloat16, got {dtype!r}")
     if d not in FA3_HEAD_DIMS:
@@ -134,8 +162,10 @@ def fa3_config(dtype, d, causal, tiles=None, variant=None):
     c, pp = ("true" if causal else "false"), ("false" if variant == "plain" else "true")
     persist, dynamic = variant in ("persistent", "dynamic"), variant == "dynamic"
     extra = ", true, true" if dynamic else ", true" if persist else ""
-    return Fa3Config(f"fa3_forward<{CTYPE[dtype]}, {d}, {Bc}, {stages}, {ncw}, {pp}, {c}{extra}>",
-                     64 * ncw, Bc, stages, 128 * (ncw + 1), smem + 8 * dynamic, persist, dynamic)
+    narrowable = persist and not causal and (FA3_NARROW[d] if narrow is None else bool(narrow))
+    cfg = Fa3Config(f"fa3_forward<{CTYPE[dtype]}, {d}, {Bc}, {stages}, {ncw}, {pp}, {c}{extra}>",
+                    64 * ncw, Bc, stages, 128 * (ncw + 1), smem + 8 * dynamic, persist, dynamic, narrowable)
+    return cfg if Nk is None else fa3_narrowed(cfg, Nk)
 
 
 def smem_bwd_wgmma(d, Br=64, Bc=128, dq="tma"):

@@ -1,9 +1,10 @@
 // fa3_forward.cu: rung 7 of the CuPy ladder, a FlashAttention-3-style forward on Hopper (sm_90a only).
 //
-//   fa3_forward<T, D, Bc, STAGES, NCW, PP, CAUSAL, PERSIST = false, DYNAMIC = false>   T = __half or __nv_bfloat16,
-//       D = 64, 128 or 256, Bc = 64, 80, 128 or 176 keys per K/V tile, STAGES slots in the K/V ring, NCW = 2 or 3
-//       consumer warpgroups, PP: ping-pong between the consumers, PERSIST: a persistent grid with a static tile
-//       scheduler, or with DYNAMIC a dynamic one
+//   fa3_forward<T, D, Bc, STAGES, NCW, PP, CAUSAL, PERSIST = false, DYNAMIC = false, NARROW = 0>
+//       T = __half or __nv_bfloat16, D = 64, 128 or 256, Bc = 64, 80, 128 or 176 keys per K/V tile, STAGES slots in
+//       the K/V ring, NCW = 2 or 3 consumer warpgroups, PP: ping-pong between the consumers, PERSIST: a persistent
+//       grid with a static tile scheduler, or with DYNAMIC a dynamic one; NARROW > 0 (without the mask): the last
+//       key tile's softmax and P V over its first NARROW keys (below)
 //
 // Rung 6 (fa2_wgmma.cu) with FlashAttention-3's two Hopper-specific changes (Shah et al. 2024, sections 3.1-3.2):
 //  * TMA: Q, K and V tiles are copied by the Tensor Memory Accelerator (cp.async.bulk.tensor) from tensor maps that
@@ -37,6 +38,12 @@
 //   The producer fetches one item ahead and writes the successor of the item it loads Q for into shared memory
 //   (handed[0]) before the q_full arrival, whose release the consumers' wait acquires; they read it right after
 //   that wait (it is rewritten only after q_empty), to know whether to hand the last turn on.
+// NARROW (the host's fa3_narrowed, where Nk is not a multiple of Bc): without the mask every item's last key tile
+//   has the same Nk - (n_tiles - 1) Bc real keys, e.g. 48 of Bc = 176 at Nk = 4096. The host passes them rounded up
+//   to 16; that tile's softmax, P and P V then take NARROW keys rather than Bc (its S stays Bc wide, as in
+//   fa3_fp8.cu: S is issued under the previous P V), and the keys left out were masked to P = 0, so O is the same
+//   bits. Its S registers past NARROW are zeroed after the softmax: left holding a wgmma's output that nothing reads,
+//   they made ptxas serialise the persistent grid's wgmma (C7511).
 // Arguments: the tensor maps of Q (D, Nq, B*H), K and V (D, Nk, B*H/G) (dims innermost first; rows past Nq or Nk
 //   read as zeros), O and lse pointers, Nq, Nk, scale, BH, G: query head pair bh reads kv pair bh / G; next_item
 //   (DYNAMIC: an int32 that is 0 at the launch and 0 again after it, else unused).
@@ -101,7 +108,7 @@ struct Timeline {
 #endif
 
 template <typename T, int D, int Bc, int STAGES, int NCW, bool PP, bool CAUSAL, bool PERSIST = false,
-          bool DYNAMIC = false>
+          bool DYNAMIC = false, int NARROW = 0>
 __global__ void __launch_bounds__(128 * (NCW + 1), 1)
 fa3_forward(const __grid_constant__ TmaMap qmap, const __grid_constant__ TmaMap kmap, const __grid_constant__ TmaMap vmap,
             T* __restrict__ O, float* __restrict__ L, int Nq, int Nk, float scale, int BH, int G,
@@ -110,6 +117,8 @@ fa3_forward(const __grid_constant__ TmaMap qmap, const __grid_constant__ TmaMap 
                   "S: m64n64, m64n80, m64n128 or m64n176; O: m64n64 or m64n128 wgmma per 128 columns");
     static_assert(NCW == 2 || (NCW == 3 && D == 64), "2 consumer warpgroups, or 3 at d = 64");
     static_assert(PERSIST || !DYNAMIC, "the dynamic scheduler is the persistent grid's");
+    static_assert(NARROW == 0 || (!CAUSAL && NARROW % 16 == 0 && NARROW < Bc),
+                  "NARROW: the last key tile's width without the mask, a multiple of 16 below Bc");
     constexpr int Br = 64 * NCW, TILE = Bc * D * 2, QTILE = Br * D * 2, DN = D < 128 ? D : 128;
     constexpr bool EARLY_Q = PERSIST && (D == 64 || (D == 128 && !CAUSAL));  // Qs freed early, O from registers
     extern __shared__ __align__(128) unsigned char smem_raw[];
@@ -252,10 +261,10 @@ fa3_forward(const __grid_constant__ TmaMap qmap, const __grid_constant__ TmaMap 
     // O += P V of ring tile kv: per 16-key step, V MN-major (transposed), LBO = Bc * 128 (next 64 columns of d),
     // SBO = 1024 (next 8 rows); at d = 256 two m64n128 products per step, columns 0-127 and 128-255 (o[0 ... 63],
     // o[64 ... 127]: the accumulator layout continues)
-    auto issue_pv = [&](u32 kv) {
+    auto issue_pv = [&](u32 kv, auto width) {
         const u32 vst = vs0 + (kv % STAGES) * TILE;
 #pragma unroll
-        for (int kk = 0; kk < Bc / 16; kk++)
+        for (int kk = 0; kk < decltype(width)::value / 16; kk++)
 #pragma unroll
             for (int h = 0; h < D / DN; h++)
                 Wgmma<T>::template rs<DN, 1, 1>(o + h * (DN / 2), pa[kk],
@@ -271,9 +280,14 @@ fa3_forward(const __grid_constant__ TmaMap qmap, const __grid_constant__ TmaMap 
         __syncwarp();
         if (lane == 0) mbar_arrive(bar);
     };
-    auto softmax = [&](int j) {
+    auto softmax = [&](int j, auto width) {  // over the tile's first W keys
+        constexpr int W = decltype(width)::value;
         const Stamp t0 = tl.start();
-        wg_softmax<Bc, CAUSAL>(s, m, l, alpha, j, n_full, Nk, qg, w, g, t, sl);
+        wg_softmax<Bc, CAUSAL, 0, 0, W>(s, m, l, alpha, j, n_full, Nk, qg, w, g, t, sl);
+        // the S registers past W, which a wgmma wrote and nothing reads, zeroed: left so, ptxas serialises the
+        // wgmma of the persistent grid (C7511)
+#pragma unroll
+        for (int x = W / 2; x < Bc / 2; x++) s[x] = 0.f;
         tl.rec(TL_SOFTMAX, t0);
     };
     auto my_turn = [&]() {
@@ -291,15 +305,17 @@ fa3_forward(const __grid_constant__ TmaMap qmap, const __grid_constant__ TmaMap 
         mbar_wait(bar, parity);
         tl.rec(phase, t0);
     };
-    auto rescale_and_pack = [&]() {
+    auto rescale_and_pack = [&](auto width) {
         const Stamp t0 = tl.start();
-        wg_rescale_and_pack<T, D, Bc>(o, pa, s, alpha);
+        wg_rescale_and_pack<T, D, decltype(width)::value>(o, pa, s, alpha);
         tl.rec(TL_RESCALE, t0);
     };
     auto ring = [](u32 kv) { return (kv / STAGES) & 1; };  // the full phase of ring tile kv
     auto release_q = [&]() {  // EARLY_Q: this warp's last S of the item is done, Qs is free for the next item's Q
         if constexpr (EARLY_Q) release(q_empty);
     };
+    constexpr Width<Bc> full{};                        // all the tile's keys
+    constexpr Width<NARROW ? NARROW : Bc> narrow{};    // the last tile's first NARROW
 
     if (PP && cw == NCW - 1) bar_arrive(1, 256);  // consumer 0 takes the first turn
     u32 kv0 = 0;  // K/V ring tiles consumed before this item
@@ -318,29 +334,35 @@ fa3_forward(const __grid_constant__ TmaMap qmap, const __grid_constant__ TmaMap 
         wait_full(q_full, n & 1, TL_WAIT_Q);
         // DYNAMIC: *handed, written before q_full's arrival, holds this item's successor until q_empty
         next = DYNAMIC ? *handed : i + step;
-        wait_full(k_full(kv0 % STAGES), ring(kv0), TL_WAIT_K);
-        my_turn();
-        Stamp t0 = tl.start();
-        arrive();
-        issue_s(kv0);
-        your_turn();
-        tl.rec(TL_ISSUE, t0);
-        t0 = tl.start();
-        wgmma_wait<0>();
-        tl.rec(TL_WAIT_S, t0);
-        release(k_empty(kv0 % STAGES));
-        if (n_tiles == 1) release_q();
-        softmax(0);
-        rescale_and_pack();
-        for (int j = 1; j < n_tiles; j++) {
+        // S of the item's first tile and its softmax and P over its first WP keys (pwidth: Bc, or NARROW where it
+        // is also the last), with no P V under it
+        auto first_tile = [&](auto pwidth) {
+            wait_full(k_full(kv0 % STAGES), ring(kv0), TL_WAIT_K);
+            my_turn();
+            Stamp t0 = tl.start();
+            arrive();
+            issue_s(kv0);
+            your_turn();
+            tl.rec(TL_ISSUE, t0);
+            t0 = tl.start();
+            wgmma_wait<0>();
+            tl.rec(TL_WAIT_S, t0);
+            release(k_empty(kv0 % STAGES));
+            if (n_tiles == 1) release_q();
+            softmax(0, pwidth);
+            rescale_and_pack(pwidth);
+        };
+        // step j >= 1: S_j under P_{j-1} V_{j-1} (tile j - 1 is never the last: all Bc keys), then S_j's softmax
+        // and P_j over its first WP keys (pwidth: Bc, or NARROW on the last tile)
+        auto next_tile = [&](int j, auto pwidth) {
             const u32 kv = kv0 + j;
             wait_full(v_full((kv - 1) % STAGES), ring(kv - 1), TL_WAIT_V);  // V_{j-1} arrived before K_j
             wait_full(k_full(kv % STAGES), ring(kv), TL_WAIT_K);
             my_turn();
-            t0 = tl.start();
+            Stamp t0 = tl.start();
             arrive();
             issue_s(kv);
-            issue_pv(kv - 1);
+            issue_pv(kv - 1, full);
             your_turn();
             tl.rec(TL_ISSUE, t0);
             t0 = tl.start();
@@ -348,21 +370,22 @@ fa3_forward(const __grid_constant__ TmaMap qmap, const __grid_constant__ TmaMap 
             tl.rec(TL_WAIT_S, t0);
             release(k_empty(kv % STAGES));
             if (j == n_tiles - 1) release_q();
-            softmax(j);
+            softmax(j, pwidth);
             t0 = tl.start();
             wgmma_wait<0>();
             tl.rec(TL_WAIT_PV, t0);
             release(v_empty((kv - 1) % STAGES));
             fence_regs<D / 2>(o);
-            rescale_and_pack();
-        }
-        {
+            rescale_and_pack(pwidth);
+        };
+        // P V of the last tile (its first W keys) with no S over it
+        auto last_pv = [&](auto width) {
             const u32 kv = kv0 + n_tiles - 1;
             wait_full(v_full(kv % STAGES), ring(kv), TL_WAIT_V);
             my_turn();
-            t0 = tl.start();
+            Stamp t0 = tl.start();
             arrive();
-            issue_pv(kv);
+            issue_pv(kv, width);
             if (cw != NCW - 1 || next < total) your_turn();  // the last turn of the last item: no one waits
             tl.rec(TL_ISSUE, t0);
             t0 = tl.start();
@@ -370,13 +393,23 @@ fa3_forward(const __grid_constant__ TmaMap qmap, const __grid_constant__ TmaMap 
             tl.rec(TL_WAIT_PV, t0);
             release(v_empty(kv % STAGES));
             fence_regs<D / 2>(o);
+        };
+        if constexpr (NARROW == 0) {
+            first_tile(full);
+            for (int j = 1; j < n_tiles; j++) next_tile(j, full);
+            last_pv(full);
+        } else {  // the last tile's Nk - (n_tiles - 1) Bc <= NARROW keys: its softmax, P and P V over NARROW
+            first_tile(full);
+            for (int j = 1; j < n_tiles - 1; j++) next_tile(j, full);
+            next_tile(n_tiles - 1, narrow);
+            last_pv(narrow);
         }
         kv0 += n_tiles;
 
         // epilogue: O / l and the lse. EARLY_Q: straight from the registers (rows g and g + 8 of the warp's 16, 4 bytes
         // a thread per 8 columns), Qs already holding the next item's Q; otherwise rung 6's: staged in the warp's own
         // 16 rows of Qs (its last reader, S, is done), then 16-byte stores, and (PERSIST) Qs released
-        t0 = tl.start();
+        const Stamp t0 = tl.start();
 #pragma unroll
         for (int h = 0; h < 2; h++) {
             l[h] += __shfl_xor_sync(0xffffffffu, l[h], 1);

@@ -114,7 +114,6 @@ template <int Bc> __device__ __forceinline__ void pack_p_e4m3(u32 (*pa)[4], cons
 
 constexpr int P_SHIFT = 8;  // P rounded as P * 2^8
 
-template <int N> struct Width { static constexpr int value = N; };
 // f(Width<W>{}) for the least multiple of 32, W >= W0, with W >= keys (at least W0, at most Bc): a run-time key count
 // as a compile-time width (W0 = 32: W / 2 registers of S, W / 32 k32 steps of P V)
 template <int W, int Bc, typename F> __device__ __forceinline__ void at_width(int keys, F&& f) {

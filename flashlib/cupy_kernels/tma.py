@@ -19,8 +19,9 @@ import threading
 
 from .._arrays import check_causal, check_scale
 from .build import _kernel_on
-from .config_hopper import (FA3_HEAD_DIMS, FA3_OTHER_TILES, FA3_TILES, FA3_VARIANTS, SIG_FA3, Fa3Config,  # noqa: F401
-                            fa3_candidates, fa3_config, fa3_grid, fa3_instances, fa3_tiles, smem_fa3)
+from .config_hopper import (FA3_HEAD_DIMS, FA3_NARROW, FA3_OTHER_TILES, FA3_TILES, FA3_VARIANTS, SIG_FA3, Fa3Config,  # noqa: F401
+                            fa3_candidates, fa3_config, fa3_grid, fa3_instances, fa3_narrow_width, fa3_narrowed,
+                            fa3_tiles, smem_fa3)
 
 # cuda.h enums (CUtensorMapDataType, CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill)
 _TMA_DTYPE = {"float16": 6, "bfloat16": 9, "float32": 7}
@@ -206,11 +207,12 @@ def _capturing(ctx, stream):
         driver.ctxSetCurrent(here)
 
 
-def forward_fa3(q, k, v, causal, scale, tiles=None, variant=None, _debug=None):
+def forward_fa3(q, k, v, causal, scale, tiles=None, variant=None, _debug=None, narrow=None):
     """Rung 7 forward on CuPy arrays: q (B, H, Nq, d), k and v (B, H_kv, Nk, d), H_kv dividing H, d in
     FA3_HEAD_DIMS, float16 or bfloat16 (as int16 bits); Nq, Nk >= 1. Returns (o like q, lse (B, H, Nq) float32,
     natural log), computed on CuPy's current stream. tiles: (Bc, stages[, consumer warpgroups]), default
-    fa3_tiles(d, causal); variant: one of VARIANTS (default fa3_config's). _debug: a device pointer for the timeline build
+    fa3_tiles(d, causal); variant: one of VARIANTS (default fa3_config's); narrow: a narrow last key tile where Nk
+    leaves a partial one, without the mask (None: FA3_NARROW[d]). _debug: a device pointer for the timeline build
     (timeline.py)."""
     import cupy as cp
     dtype = _dtype_of(q)
@@ -223,7 +225,7 @@ def forward_fa3(q, k, v, causal, scale, tiles=None, variant=None, _debug=None):
     if Nq < 1 or Nk < 1 or B * H < 1:
         raise ValueError(f"forward_fa3 needs Nq, Nk, B*H >= 1, got Nq={Nq}, Nk={Nk}, B*H={B * H}")
     causal, scale = check_causal(causal), check_scale(scale, d)
-    cfg = fa3_config(dtype, d, causal, tiles, variant)
+    cfg = fa3_config(dtype, d, causal, tiles, variant, Nk, narrow)
     q, k, v = (cp.ascontiguousarray(a) for a in (q, k, v))
     o, lse = cp.empty_like(q), cp.empty((B, H, Nq), dtype=cp.float32)
     BH = B * H       # the tensor maps: (d, N, pairs), boxes of Br rows (q) or Bc rows (k, v); rows past N read as 0

@@ -154,18 +154,22 @@ template <int R> __device__ __forceinline__ int sw128(int r, int c) {
 }
 
 
+// a tile width as a type: a lambda's `auto width` argument makes its loops over the tile's keys compile-time
+// (rung 7's and fa3_fp8's narrow last tiles)
+template <int N> struct Width { static constexpr int value = N; };
+
 // The online softmax of one warpgroup's S_j (the m64nBc accumulator: this thread holds rows g and g + 8 of its warp
 // w's 16, keys 8n + 2t and 8n + 2t + 1) in base 2, with the mask of the ragged last tile and of the causal diagonal
 // on the tiles that need one (j >= n_full): P_j (fp32) in place of S_j, m and l updated, alpha the factor for the
 // old O. qg: the warpgroup's first query row; sl: the scale times log2(e). Rungs 6 and 7 share it.
 // SHIFT (FP8 only): P is computed as P * 2^SHIFT (the row sum l too), which moves small probabilities out of e4m3's
 // underflow range; the caller takes SHIFT * ln 2 off the lse. EMU (FP8 only): of each 16 exponentials a thread
-// computes, EMU go to exp2_fma rather than MUFU. W (FP8's trimmed last tile): only the tile's first W keys, the
-// others never reach P V (W a multiple of 32, at most Bc).
+// computes, EMU go to exp2_fma rather than MUFU. W (a narrowed or trimmed last tile): only the tile's first W keys,
+// the others never reach P V (W a multiple of 16, at most Bc; FP8's a multiple of 32).
 template <int Bc, bool CAUSAL, int SHIFT = 0, int EMU = 0, int W = Bc>
 __device__ __forceinline__ void wg_softmax(float* s, float* m, float* l, float* alpha, int j, int n_full, int Nk,
                                            int qg, int w, int g, int t, float sl) {
-    static_assert(W <= Bc && (W == Bc || W % 32 == 0), "W: the tile's first keys, a multiple of 32");
+    static_assert(W <= Bc && (W == Bc || W % 16 == 0), "W: the tile's first keys, a multiple of 16");
     fence_regs<W / 2>(s);
     const int kv0 = j * Bc;
     if (j >= n_full) {
