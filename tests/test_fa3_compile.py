@@ -70,16 +70,16 @@ def test_fa3_narrow_last_tile():
     assert [tma.fa3_narrow_width(n, 176) for n in (4096, 8192, 16384, 1024, 176, 352, 100, 177)] == \
         [48, 96, 16, 144, 0, 0, 0, 16]
     assert [tma.fa3_narrow_width(n, 80) for n in (4096, 16384, 4000, 161)] == [16, 64, 0, 16]
-    cfg = tma.fa3_config("float16", 128, False, variant="dynamic", Nk=4096)   # the default at d = 128: narrowable
+    cfg = tma.fa3_config("float16", 128, False, variant="dynamic", Nk=4096, narrow=True)
     assert cfg.kernel == "fa3_forward<__half, 128, 176, 2, 2, true, false, true, true, 48>" and cfg.narrow == 48
-    assert tma.fa3_config("float16", 128, False, variant="persistent", Nk=4096).kernel == \
+    assert tma.fa3_config("float16", 128, False, variant="persistent", Nk=4096, narrow=True).kernel == \
         "fa3_forward<__half, 128, 176, 2, 2, true, false, true, false, 48>"
-    cfg = tma.fa3_config("bfloat16", 256, False, variant="dynamic", Nk=1000)   # 1000 = 12 x 80 + 40
+    cfg = tma.fa3_config("bfloat16", 256, False, variant="dynamic", Nk=1000, narrow=True)   # 1000 = 12 x 80 + 40
     assert cfg.kernel == "fa3_forward<__nv_bfloat16, 256, 80, 2, 2, true, false, true, true, 48>"
     for v in ("plain", "pingpong"):   # not in the grid of one item a CTA
         assert tma.fa3_config("float16", 128, False, variant=v, Nk=4096, narrow=True).narrow == 0
-    base = tma.fa3_config("float16", 128, False)
-    assert tma.fa3_config("float16", 128, False, Nk=4096 - 48) == base   # 23 full tiles
+    base = tma.fa3_config("float16", 128, False, narrow=True)
+    assert tma.fa3_config("float16", 128, False, Nk=4096 - 48, narrow=True) == base   # 23 full tiles
     assert tma.fa3_config("float16", 128, False, Nk=4096, narrow=False) == base._replace(narrowable=False)
     assert tma.fa3_narrowed(tma.fa3_narrowed(base, 4096), 1000).narrow == 48   # narrowed once
     for d in tma.FA3_HEAD_DIMS:   # never with the mask; at d = 64 only on request (FA3_NARROW)

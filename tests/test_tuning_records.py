@@ -172,3 +172,21 @@ def test_rung7_d128_tiles_replace_the_first_sweeps_where_faster_at_every_shape()
         want = max(better, key=lambda t: min(by_tile[t][s] / best[s] for s in shapes)) if better else first
         assert fa3_tiles(128, causal) == want, (causal, want)
     assert set(timed) == {False, True}
+
+
+def test_rung7_narrow_last_tile_is_on_only_where_faster_at_every_length():
+    """fa3_narrow_h200 (fa3_bench.py --narrow) times rung 7 with a narrow last key tile against the full one, fp16 and
+    bf16, N = 1024 ... 16384, at d = 128 and 256. The outputs agree bit for bit in every row; FA3_NARROW is on at a
+    head dim only where the narrow tile was faster at every (dtype, N)."""
+    from flashlib import bench
+    from flashlib.cupy_kernels.config_hopper import FA3_NARROW
+    timed = collections.defaultdict(dict)   # (d, dtype, N) -> {"narrow" | "full": TFLOP/s}
+    for r in bench.load("fa3_narrow_h200")["rows"]:
+        assert r["elements_differing"] == 0, r
+        if r["impl"].startswith("rung7_"):
+            timed[(r["d"], r["dtype"], r["n"])]["full" if r["impl"] == "rung7_full" else "narrow"] = r["tflops"]
+    dims = {k[0] for k in timed}
+    assert dims == {128, 256} and all(len(v) == 2 for v in timed.values()) and len(timed) == 16
+    for d in dims:
+        faster = all(v["narrow"] > v["full"] for k, v in timed.items() if k[0] == d)
+        assert FA3_NARROW[d] == faster, d
