@@ -4,8 +4,8 @@ fa3_timeline_<gpu> (flashlib.viz.warp_timeline.draw_timeline draws them).
 
     python benchmarks/fa3_timeline.py [--out DIR] [--png FILE]
 
-Cases: d = 128, fp16, N = 1024 (8 K/V tiles a query tile), plain and ping-pong (one work item a CTA, B*H = 16),
-and persistent, causal, B*H = 48 (288 work items on the SMs: CTA 0 runs several, longest first). Each debug
+Cases: d = 128, fp16, N = 1024 (6 K/V tiles of 176 keys a query tile), plain and ping-pong (one work item a CTA,
+B*H = 16), and persistent, causal, B*H = 48 (288 work items on the SMs: CTA 0 runs several, longest first). Each debug
 output is compared with the plain build's on the same inputs.
 """
 import argparse

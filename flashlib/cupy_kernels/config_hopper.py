@@ -105,9 +105,9 @@ def smem_fa3(d, Bc, stages, ncw=2):
 # without it. Not in the grid of one item a CTA: there ptxas spilled at widths of 96 or more. On per head dim where
 # record fa3_narrow_h200 (fa3_bench.py --narrow at f0ae579: the default tiles and variant, fp16 and bf16, N = 1024,
 # 4096, 8192, 16384) timed it faster at every N: nowhere. Narrow against full: d = 128 1.006-1.009x at N = 1024 and
-# 8192 but 0.98x at 4096 and 0.97x at 16384, where the tile has only 16 real keys; d = 256 1.01x at N = 4096 and 8192,
-# 0.99x at 1024 and 16384. Less work ran slower: the narrow instance is another program for ptxas (3064 instructions
-# against 2768 at d = 128), scheduled differently throughout, not only in its last tile.
+# 8192 but 0.98x at 4096 and 0.97x at 16384, where the tile has only 16 real keys; d = 256 1.01x at N = 4096 and
+# 8192, 0.98-0.99x at 1024 and 16384. Less work ran slower: the narrow instance is another program for ptxas (3064
+# instructions against 2768 at d = 128), scheduled differently throughout, not only in its last tile.
 FA3_NARROW = {64: False, 128: False, 256: False}
 
 Fa3Config = namedtuple("Fa3Config", "kernel Br Bc stages threads smem persistent dynamic narrowable narrow",
