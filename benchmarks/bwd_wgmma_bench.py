@@ -171,7 +171,8 @@ def time_all(out, max_seconds=2.5):
 
 
 def sanitize():
-    """One small ragged call per instance (each dQ accumulation), CuPy only (for compute-sanitizer): GQA, Nq != Nk."""
+    """Two small ragged calls per instance (each dQ accumulation), CuPy only (for compute-sanitizer): GQA, Nq != Nk;
+    the second with 11 Q tiles (past d = 128's four named barriers of each warpgroup's lagged dQ)."""
     import cupy as cp
     rng = cp.random.default_rng(0)
 
@@ -179,14 +180,14 @@ def sanitize():
         x = rng.standard_normal(shape, dtype=cp.float32)
         return x.astype(cp.float16) if dtype == "float16" else (x.view(cp.uint32) >> 16).astype(cp.uint16).view(cp.int16)
     dims = _dims()
-    for (dtype, d), causal in [(k, c) for k in KINDS if k[1] in dims for c in (False, True)]:
-        B, H, Hkv, Nq, Nk = 1, 4, 2, 97, 200
+    for (dtype, d), causal, (B, H, Hkv, Nq, Nk) in [(k, c, s) for k in KINDS if k[1] in dims for c in (False, True)
+                                                    for s in ((1, 4, 2, 97, 200), (1, 2, 2, 700, 300))]:
         q, k, v, do = arr((B, H, Nq, d), dtype), arr((B, Hkv, Nk, d), dtype), arr((B, Hkv, Nk, d), dtype), arr((B, H, Nq, d), dtype)
         o, lse = ck.forward(q, k, v, causal=causal, scale=None, dtype=dtype)
         for dq_way in ck.config_hopper.BWD_WGMMA_DQ:
             ck.backward(q, k, v, o, lse, do, causal=causal, scale=None, dtype=dtype, rung="bwd_wgmma", tiles=(dq_way,))
             cp.cuda.Device().synchronize()
-        print(f"sanitize {dtype} d={d} causal={causal}: done", flush=True)
+        print(f"sanitize {dtype} d={d} causal={causal} Nq={Nq} Nk={Nk}: done", flush=True)
 
 
 def main():

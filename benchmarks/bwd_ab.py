@@ -1,0 +1,97 @@
+"""The Hopper backward (fa3_backward.cu) as this checkout builds it against another version of the file, in one run.
+
+    python benchmarks/bwd_ab.py PREV.cu [--name NAME] [--out DIR]
+
+PREV.cu: the other fa3_backward.cu, compiled from its own path with the package's headers (fa3_ab.py does the same
+for the forward). At d = 64, 128, N = 4096, 16384, fp16 and bf16, causal and not, the backward alone
+(`cupy_kernels.backward`, rung bwd_wgmma, the default dQ accumulation) of this checkout ('new') and of PREV ('prev')
+is timed with SDPA cuDNN's backward by `flashlib.bench.timing.compare` (interleaved, host=False) at backward FLOPs =
+2.5x the forward's. Each row records the elements of dK and dV whose bits differ between the two and max |dQ_new -
+dQ_prev| (dQ's additions at the L2 come in no fixed order). Saved as NAME (default bwd_ab_<gpu>) with PREV's sha256.
+"""
+import argparse
+import hashlib
+import os
+import pathlib
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from flashlib import bench  # noqa: E402
+from flashlib import cupy_kernels as ck  # noqa: E402
+from flashlib.constants import backward_flops  # noqa: E402
+
+
+def _prev(path):
+    """cupy_kernels.backward with the bwd_wgmma kernel compiled from `path` instead of the package's file."""
+    from flashlib.cupy_kernels import launch
+    from flashlib.cupy_kernels.build import _kernel_on
+    own = launch.backward_plan
+
+    def plan(*args, **kw):
+        p = own(*args, **kw)
+        return p._replace(fn=_kernel_on(args[3], str(path), p.cfg.kernel, p.cfg.smem, p.cfg.arch,
+                                        ck.config_hopper.SIG_BWD_WGMMA))   # args: dtype, d, causal, device, ...
+
+    def fn(*args, **kw):
+        launch.backward_plan = plan
+        try:
+            return ck.backward(*args, **kw)
+        finally:
+            launch.backward_plan = own
+    return fn
+
+
+def run(prev_path, max_seconds=3.0):
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from flashlib.bench.timing import compare
+    prev = _prev(prev_path)
+    rows = []
+    for d, N, dtype, causal in [(d, N, t, c) for d in (64, 128) for N in (4096, 16384) for t in ("float16", "bfloat16")
+                                for c in (False, True)]:
+        H, B = 16, max(1, 16384 // N)
+        g = torch.Generator(device="cuda").manual_seed(N + d)
+        q, k, v, do = (torch.randn(B, H, N, d, device="cuda", generator=g).to(getattr(torch, dtype)) for _ in range(4))
+        o, lse = ck.forward(q, k, v, causal=causal, scale=None, dtype=dtype)
+        kw = dict(causal=causal, scale=None, dtype=dtype, rung="bwd_wgmma")
+        new_fn = lambda: ck.backward(q, k, v, o, lse, do, **kw)
+        prev_fn = lambda: prev(q, k, v, o, lse, do, **kw)
+        a, b = new_fn(), prev_fn()
+        differ = sum(int((x.view(torch.int16) != y.view(torch.int16)).sum()) for x, y in zip(a[1:], b[1:]))
+        dq_diff = float((a[0].float() - b[0].float()).abs().max())
+        qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            out = torch.nn.functional.scaled_dot_product_attention(qg, kg, vg, is_causal=causal)
+        fns = {"new": new_fn, "prev": prev_fn,
+               "sdpa_cudnn_bwd": lambda: torch.autograd.grad(out, (qg, kg, vg), do, retain_graph=True)}
+        stats = compare(fns, host=False, min_rounds=5, max_rounds=15, max_seconds=max_seconds)
+        flops = backward_flops(B, H, N, d, causal)
+        got = {n: flops / (s["median_ms"] * 1e-3) / 1e12 for n, s in stats.items()}
+        rows += [dict(dtype=dtype, d=d, n=N, B=B, H=H, causal=causal, impl=n, ms=s["median_ms"], spread=s["spread"],
+                      tflops=got[n], dkdv_elements_differing=differ, max_dq_diff_new_prev=dq_diff)
+                 for n, s in stats.items()]
+        print(f"d={d:3d} N={N:5d} {dtype:8s} causal={causal!s:5s} new {got['new']:5.0f} prev {got['prev']:5.0f} "
+              f"(x{got['new'] / got['prev']:.3f}) cudnn bwd {got['sdpa_cudnn_bwd']:5.0f} | spread new "
+              f"{100 * stats['new']['spread']:.1f}% prev {100 * stats['prev']['spread']:.1f}% | dK, dV elements "
+              f"differing {differ}, max |dQ diff| {dq_diff:.1e}", flush=True)
+    return rows
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("prev", type=pathlib.Path)
+    p.add_argument("--name", default=None)
+    p.add_argument("--out", default=os.environ.get("FLASHLIB_RESULTS"))
+    a = p.parse_args()
+    import torch
+    rows = run(a.prev.resolve())
+    name = a.name or f"bwd_ab_{bench.gpu_tag(torch.cuda.get_device_name())}"
+    print(bench.save(name, rows, directory=a.out, prev_file=str(a.prev),
+                     prev_sha256=hashlib.sha256(a.prev.read_bytes()).hexdigest(),
+                     flops="backward: 2.5 x 4*B*H*N^2*d, half when causal",
+                     timing="flashlib.bench.timing.compare, host=False"))
+
+
+if __name__ == "__main__":
+    main()
