@@ -126,7 +126,7 @@ fa3_backward(const __grid_constant__ TmaMap qmap, const __grid_constant__ TmaMap
     static_assert(D == 64 || D == 128, "m64n64 / m64n128 wgmma");
     constexpr int Bc = 128, Br = 64, KT = Bc * D * 2, QT = Br * D * 2, DST = Bc * Br * 2, DQT = DQ_TMA ? Br * 64 * 4 : 0;
     constexpr bool KSPLIT = D == 64;  // dQ split over keys (d = 64) or over columns (d = 128)
-    constexpr bool LAG = !KSPLIT;     // d = 128: dQ of tile i - 1 issued under tile i's dK, dV (below)
+    constexpr bool LAG = false;       // EXPERIMENT
     constexpr int NDS = LAG ? 4 : 2;  // dS^T buffers
     extern __shared__ __align__(128) unsigned char smem_raw[];
     unsigned char* base = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
@@ -230,7 +230,8 @@ fa3_backward(const __grid_constant__ TmaMap qmap, const __grid_constant__ TmaMap
     auto issue_dq_of = [&](float* dq, int j) {
         if (DQ_TMA && leader) bulk_wait_read<0>();
         if constexpr (LAG) bar_sync(half_written(j, 1 - cw), 256);
-        else bar_sync(1 + cw, 128);
+        else if constexpr (KSPLIT) bar_sync(1 + cw, 128);
+        else bar_sync(1, 256);  // both warpgroups' rows of this tile
         wgmma_fence();
         issue_dq(dq, dss0 + (j % NDS) * DST);
     };
