@@ -80,12 +80,11 @@ def test_fa3_narrow_last_tile():
         assert tma.fa3_config("float16", 128, False, variant=v, Nk=4096, narrow=True).narrow == 0
     base = tma.fa3_config("float16", 128, False, narrow=True)
     assert tma.fa3_config("float16", 128, False, Nk=4096 - 48, narrow=True) == base   # 23 full tiles
-    assert tma.fa3_config("float16", 128, False, Nk=4096, narrow=False) == base._replace(narrowable=False)
+    assert tma.fa3_config("float16", 128, False, Nk=4096) == base._replace(narrowable=False)
     assert tma.fa3_narrowed(tma.fa3_narrowed(base, 4096), 1000).narrow == 48   # narrowed once
-    for d in tma.FA3_HEAD_DIMS:   # never with the mask; at d = 64 only on request (FA3_NARROW)
+    for d in tma.FA3_HEAD_DIMS:   # never with the mask, only on request
         assert tma.fa3_config("float16", d, True, Nk=1000, narrow=True).narrow == 0
-        width = tma.fa3_narrow_width(1000, tma.fa3_tiles(d, False)[0])
-        assert tma.fa3_config("float16", d, False, Nk=1000).narrow == (tma.FA3_NARROW[d] and width)
+        assert tma.fa3_config("float16", d, False, variant="dynamic", Nk=1000).narrow == 0
     cfg = tma.fa3_config("float16", 64, False, variant="persistent", Nk=1000, narrow=True)
     assert cfg.narrow == 112   # 1000 = 7 x 128 + 104
 

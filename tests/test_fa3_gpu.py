@@ -35,7 +35,7 @@ def _hopper():
         pytest.skip("rung 7 runs on Hopper (compute capability 9.0) only")
 
 
-def _check(B, H, Hkv, Nq, Nk, d, dtype, causal, tiles=None, narrow=None):
+def _check(B, H, Hkv, Nq, Nk, d, dtype, causal, tiles=None, narrow=False):
     """Every variant (plain, ping-pong, persistent) on one set of random inputs against one float64 reference;
     returns their outputs (o, lse as CuPy arrays) by variant."""
     import torch

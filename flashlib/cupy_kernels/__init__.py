@@ -50,7 +50,7 @@ from .config_hopper import (ARCH, BWD_WGMMA_HEAD_DIMS, FA3_DEFAULT_HEAD_DIMS, FA
                             smem_wgmma, sw128)
 from .build import HERE, Launcher, cuda_include_dirs, _kernel_on, _kernel_sm90a, compile_kernel, device_cc
 from .fp8 import forward_fp8, forward_fp8_prepared, forward_fp8_quantized, quantize as quantize_fp8
-from .launch import (Plan, backward, backward_plan, forward, forward_fn, forward_plan, launch_backward, launch_forward,
+from .launch import (Plan, backward, backward_plan, forward, forward_plan, launch_backward, launch_forward,
                      prepare_backward, prepare_forward)
 
 GQA = ("forward", "backward")   # the kernels take k, v with fewer heads than q (argument G; flashlib.api reads this)

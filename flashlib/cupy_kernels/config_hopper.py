@@ -99,17 +99,16 @@ def smem_fa3(d, Bc, stages, ncw=2):
     return 1024 + 2 * d * (64 * ncw + 2 * stages * Bc) + 8 * (2 + 4 * stages)
 
 
-# narrow (fa3_forward's NARROW, without the mask, in the persistent grid): where Nk is not a multiple of Bc, every
-# item's last key tile has the same Nk - (n_tiles - 1) Bc real keys (at N = 4096 and Bc = 176: 48); its softmax, P
-# and P V then run over them rounded up to 16 (its S stays Bc wide), one more instance per width, the same bits as
-# without it. Not in the grid of one item a CTA: there ptxas spilled at widths of 96 or more. On per head dim where
-# record fa3_narrow_h200 (fa3_bench.py --narrow at f0ae579: the default tiles and variant, fp16 and bf16, N = 1024,
-# 4096, 8192, 16384) timed it faster at every N: nowhere. Narrow against full: d = 128 1.006-1.009x at N = 1024 and
-# 8192 but 0.98x at 4096 and 0.97x at 16384, where the tile has only 16 real keys; d = 256 1.01x at N = 4096 and
-# 8192, 0.98-0.99x at 1024 and 16384. Less work ran slower: the narrow instance is another program for ptxas (3064
-# instructions against 2768 at d = 128), scheduled differently throughout, not only in its last tile.
-FA3_NARROW = {64: False, 128: False, 256: False}
-
+# narrow (fa3_forward's NARROW, without the mask, in the persistent grid; asked for: forward_fa3(..., narrow=True)):
+# where Nk is not a multiple of Bc, every item's last key tile has the same Nk - (n_tiles - 1) Bc real keys (at N =
+# 4096 and Bc = 176: 48); its softmax, P and P V then run over them rounded up to 16 (its S stays Bc wide), one more
+# instance per width, the same bits as without it. Not in the grid of one item a CTA: there ptxas spilled at widths
+# of 96 or more. Off by default: record fa3_narrow_h200 (fa3_bench.py --narrow at f0ae579: the default tiles and
+# variant, fp16 and bf16, N = 1024, 4096, 8192, 16384) timed it faster at every N at no head dim. Narrow against
+# full: d = 128 1.006-1.009x at N = 1024 and 8192 but 0.98x at 4096 and 0.97x at 16384, where the tile has only 16
+# real keys; d = 256 1.01x at N = 4096 and 8192, 0.98-0.99x at 1024 and 16384. Less work ran slower: the narrow
+# instance is another program for ptxas (3064 instructions against 2768 at d = 128), scheduled differently
+# throughout, not only in its last tile (tests/test_tuning_records.py ties the default to the record).
 Fa3Config = namedtuple("Fa3Config", "kernel Br Bc stages threads smem persistent dynamic narrowable narrow",
                        defaults=(False, False, False, 0))
 
@@ -142,12 +141,12 @@ def fa3_grid(cfg, Nq, BH, n_sm):
     return (max(1, min(n_sm, n_qt * BH)), 1, 1) if cfg.persistent else pair_grid(n_qt, BH)
 
 
-def fa3_config(dtype, d, causal, tiles=None, variant=None, Nk=None, narrow=None):
+def fa3_config(dtype, d, causal, tiles=None, variant=None, Nk=None, narrow=False):
     """Fa3Config(kernel name expression, Br, Bc, stages, threads, smem bytes, persistent, dynamic, narrowable,
     narrow) of rung 7 for dtype float16/bfloat16, head dim in FA3_HEAD_DIMS, tiles (Bc, stages[, consumer
     warpgroups]) (default fa3_tiles(d, causal)), variant in FA3_VARIANTS (default: "dynamic" at FA3_DYNAMIC, else
-    "pingpong"). narrowable: in the persistent grid, without the mask, where narrow (None: FA3_NARROW[d]); given
-    Nk, the instance for Nk keys (fa3_narrowed; narrow: its width, 0 for none)."""
+    "pingpong"). narrowable: asked for (narrow), in the persistent grid, without the mask; given Nk, the instance
+    for Nk keys (fa3_narrowed; its field narrow: the last tile's width, 0 for none)."""
     if dtype not in ("float16", "bfloat16"):
         raise ValueError(f"rung 7 (fa3_forward) takes float16 or bfloat16, got {dtype!r}")
     if d not in FA3_HEAD_DIMS:
@@ -166,7 +165,7 @@ def fa3_config(dtype, d, causal, tiles=None, variant=None, Nk=None, narrow=None)
     c, pp = ("true" if causal else "false"), ("false" if variant == "plain" else "true")
     persist, dynamic = variant in ("persistent", "dynamic"), variant == "dynamic"
     extra = ", true, true" if dynamic else ", true" if persist else ""
-    narrowable = persist and not causal and (FA3_NARROW[d] if narrow is None else bool(narrow))
+    narrowable = bool(narrow) and persist and not causal
     cfg = Fa3Config(f"fa3_forward<{CTYPE[dtype]}, {d}, {Bc}, {stages}, {ncw}, {pp}, {c}{extra}>",
                     64 * ncw, Bc, stages, 128 * (ncw + 1), smem + 8 * dynamic, persist, dynamic, narrowable)
     return cfg if Nk is None else fa3_narrowed(cfg, Nk)

@@ -20,8 +20,8 @@
 //                                         dO / Q MN-major (transposed), as the forward's O += P V reads V
 //      dS^T (rounded to T) -> shared memory (buffer tile % 2), then
 //      dQ_tile += scale dS K              m64n64k16 ss, A = dS^T and B = K both transposed: at d = 128 warpgroup cw
-//                                         takes dQ's columns 64 cw ... 64 cw + 63 over all Bc keys (once both
-//                                         halves of dS^T are written: a tile later, see LAG below); at
+//                                         takes dQ's columns 64 cw ... 64 cw + 63 over all Bc keys (after a named
+//                                         barrier of the 256 consumer threads: both halves of dS^T are written); at
 //                                         d = 64 all 64 columns over its own 64 keys (its own barrier of 128), the
 //                                         two partial products both added
 //      added into the fp32 dQ buffer (other key blocks add there too); the stage is released (one arrival per
@@ -38,18 +38,17 @@
 //      57% busy, for a tensor pipe at 30% of its peak (40% with the TMA); in one timed run (bwd_wgmma_bench.py at 505b10e, record
 //      bwd_wgmma_h200) the TMA reductions took the backward from 266-293 to 308-392 TFLOP/s at d = 64 and from
 //      323-415 to 414-512 at d = 128 (fp16 and bf16, N = 4096 and 16384, causal and not).
-//    d = 64: two dS^T buffers; a warpgroup's dQ reads only its own rows. d = 128 (LAG): dQ of tile i needs both
-//    warpgroups' halves of dS^T, and waiting for the other's at tile i held the two in step, each stalling for
-//    the slower. So dQ of tile i is issued a tile later, under tile i + 1's dK, dV products: each warpgroup
-//    arrives at a named barrier once its half of tile i is written and syncs on the other's before that dQ, by
-//    when it is long written. A warpgroup can then run up to a tile and a half ahead, so dS^T has four buffers
-//    (tile i's buffer is written again at tile i + 4, after the other warpgroup's dQ of tile i has completed) and
-//    the barriers four ids a warpgroup (half_written).
+//    The two dS^T buffers let one warpgroup write tile i + 1's while the other still reads tile i's: a warpgroup
+//    passes tile i + 1's barrier only after the other has waited for its tile-i products. Issuing dQ of tile i a
+//    tile later, under tile i + 1's dK, dV (so that the barrier before it waits for a half written long ago, with
+//    four dS^T buffers) timed the same without the mask and 0.95x with it at d = 128 (benchmarks/bwd_ab.py,
+//    logs/bwd_lag_ab_h200_9f6624a.txt), so dQ stays with its tile. The loop as it is now (dQ's issue and addition
+//    as lambdas, from that attempt) compiles to other code than before at d = 64 and ran 1.01-1.04x faster there
+//    with the mask, 1.00x elsewhere (logs/bwd_restructure_ab_h200_ad5b86e.txt).
 // Shared memory (dynamic, aligned here to 1024 bytes; sw128 layout, 64-column blocks): Ks, Vs (Bc x D), 2 stages
-//   of Qs, dOs (Br x D), 2 (d = 64) or 4 (d = 128) buffers of dS^T (Bc x Br), DQ_TMA: a dQ staging tile (Br x 64
-//   fp32, two 128-byte-swizzled boxes of 32 columns) per consumer warpgroup, 2 stages of Lb*log2(e) and delta (Br
-//   floats), 5 mbarriers (kv_full, full[2], empty[2]). Named barriers: 1 + cw (d = 64, before dQ = dS K), 5 ... 12
-//   (d = 128, half_written), 3 + cw (the staging tile written).
+//   of Qs, dOs (Br x D), 2 buffers of dS^T (Bc x Br), DQ_TMA: a dQ staging tile (Br x 64 fp32, two 128-byte-swizzled
+//   boxes of 32 columns) per consumer warpgroup, 2 stages of Lb*log2(e) and delta (Br floats), 5 mbarriers
+//   (kv_full, full[2], empty[2]). Named barriers: 1 + cw or 1 (before dQ = dS K), 3 + cw (the staging tile written).
 // Grouped-query attention: K, V from kv pair bh / G; dK, dV per query head (bwd_sum_groups adds them). Rows past
 //   Nq read as zeros (TMA) with Lb = +inf, so P = 0; keys past Nk are masked and never written.
 #include "flash_common.cuh"
@@ -126,16 +125,14 @@ fa3_backward(const __grid_constant__ TmaMap qmap, const __grid_constant__ TmaMap
     static_assert(D == 64 || D == 128, "m64n64 / m64n128 wgmma");
     constexpr int Bc = 128, Br = 64, KT = Bc * D * 2, QT = Br * D * 2, DST = Bc * Br * 2, DQT = DQ_TMA ? Br * 64 * 4 : 0;
     constexpr bool KSPLIT = D == 64;  // dQ split over keys (d = 64) or over columns (d = 128)
-    constexpr bool LAG = false;       // EXPERIMENT
-    constexpr int NDS = LAG ? 4 : 2;  // dS^T buffers
     extern __shared__ __align__(128) unsigned char smem_raw[];
     unsigned char* base = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
     const u32 ks0 = smem_addr(base), vs0 = ks0 + KT, qs0 = vs0 + KT, dos0 = qs0 + 2 * QT, dss0 = dos0 + 2 * QT;
-    const u32 dqs0 = dss0 + NDS * DST;                                        // DQ_TMA: a dQ tile per warpgroup
-    float* ls = reinterpret_cast<float*>(base + 2 * KT + 4 * QT + NDS * DST + 2 * DQT);  // 2 stages: Lb log2(e)
+    const u32 dqs0 = dss0 + 2 * DST;                                          // DQ_TMA: a dQ tile per warpgroup
+    float* ls = reinterpret_cast<float*>(base + 2 * KT + 4 * QT + 2 * DST + 2 * DQT);  // 2 stages of Br: Lb log2(e)
     float* dl = ls + 2 * Br;                                                 // 2 stages of Br: delta
     unsigned char* dss_p = base + 2 * KT + 4 * QT;
-    unsigned char* dqs_p = dss_p + NDS * DST;
+    unsigned char* dqs_p = dss_p + 2 * DST;
     const u32 bar0 = smem_addr(dl + 2 * Br), kv_full = bar0;
     auto full = [&](int s) { return bar0 + 8 * (1 + s); };
     auto empty = [&](int s) { return bar0 + 8 * (3 + s); };
@@ -220,20 +217,15 @@ fa3_backward(const __grid_constant__ TmaMap qmap, const __grid_constant__ TmaMap
         wgmma_commit();
     };
 
-    // LAG: named barrier 5 ... 12, on which warpgroup c arrives once its half of tile j's dS^T is written and the
-    // other syncs before its dQ of tile j; four of them a warpgroup, so that neither arrives twice on one before the
-    // other has synced (a warpgroup is at most a tile and a half ahead of the other)
-    auto half_written = [](int j, int c) { return 5 + 2 * (j & 3) + c; };
-    // dQ of tile j = dS K (dS^T from buffer j % NDS), once its rows are all written: d = 64, this warpgroup's (named
-    // barrier 1 + cw of its 128 threads); LAG, the other warpgroup's too (written a tile ago). First the last
-    // reduction has read the staging tile (DQ_TMA: its issuer waits before the barrier)
+    // dQ of tile j = dS K (dS^T from buffer j % 2), once its rows are all written: d = 64, this warpgroup's (named
+    // barrier 1 + cw of its 128 threads), d = 128 both warpgroups' (barrier 1 of 256). First the last reduction has
+    // read the staging tile (DQ_TMA: its issuer waits before the barrier)
     auto issue_dq_of = [&](float* dq, int j) {
         if (DQ_TMA && leader) bulk_wait_read<0>();
-        if constexpr (LAG) bar_sync(half_written(j, 1 - cw), 256);
-        else if constexpr (KSPLIT) bar_sync(1 + cw, 128);
-        else bar_sync(1, 256);  // both warpgroups' rows of this tile
+        if constexpr (KSPLIT) bar_sync(1 + cw, 128);
+        else bar_sync(1, 256);
         wgmma_fence();
-        issue_dq(dq, dss0 + (j % NDS) * DST);
+        issue_dq(dq, dss0 + (j & 1) * DST);
     };
     // the finished dQ of tile j (rows q0 + 16w + g + 8h, columns c0 + 8n + 2t, +1) into the fp32 buffer
     auto add_dq = [&](const float* dq, int j) {
@@ -262,12 +254,10 @@ fa3_backward(const __grid_constant__ TmaMap qmap, const __grid_constant__ TmaMap
     };
 
     if (n_q > 0) mbar_wait(kv_full, 0);
-    for (int i = 0; i < n_q + LAG; i++) {  // LAG: one more step, for the last tile's dQ
-        const int s = i & 1, q0 = q_begin + i * Br;
+    for (int i = 0; i < n_q; i++) {
+        const int s = i & 1, q0 = q_begin + i * Br;  // stage s, dS^T buffer s
         const u32 qs = qs0 + s * QT, dos = dos0 + s * QT;
-        const int b = i % NDS;  // tile i's dS^T buffer
         u32 pa[Br / 16][4], pds[Br / 16][4];
-        if (i < n_q) {
         mbar_wait(full(s), (i >> 1) & 1);
         float st[Br / 2], dpt[Br / 2];
         wgmma_fence();
@@ -302,41 +292,31 @@ fa3_backward(const __grid_constant__ TmaMap qmap, const __grid_constant__ TmaMap
         }
         wg_pack<T, Br>(pds, dpt);
         // dS^T rows kw0 - kv0 + 16w + g + 8h of the Bc-row buffer, query columns 8n + 2t, +1
-        fence_proxy_async();  // the async proxy's reads of this buffer NDS tiles ago before these writes
+        fence_proxy_async();  // the async proxy's reads of this buffer two tiles ago before these writes
         const int rk = 64 * cw + 16 * w + g;
 #pragma unroll
         for (int n = 0; n < Br / 8; n++) {
-            *reinterpret_cast<u32*>(dss_p + b * DST + sw128<Bc>(rk, 8 * n) + 4 * t) = pds[n / 2][2 * (n & 1)];
-            *reinterpret_cast<u32*>(dss_p + b * DST + sw128<Bc>(rk + 8, 8 * n) + 4 * t) = pds[n / 2][2 * (n & 1) + 1];
+            *reinterpret_cast<u32*>(dss_p + s * DST + sw128<Bc>(rk, 8 * n) + 4 * t) = pds[n / 2][2 * (n & 1)];
+            *reinterpret_cast<u32*>(dss_p + s * DST + sw128<Bc>(rk + 8, 8 * n) + 4 * t) = pds[n / 2][2 * (n & 1) + 1];
         }
         fence_proxy_async();  // visible to wgmma (the async proxy)
-        if (LAG) bar_arrive(half_written(i, cw), 256);  // for the other warpgroup's dQ of tile i, a tile later
         fence_regs<D / 2>(dv);
         fence_regs<D / 2>(dk);
         fence_regs<Br / 4>(&pa[0][0]);
         fence_regs<Br / 4>(&pds[0][0]);
         wgmma_fence();
         issue_dkdv(pa, pds, qs, dos);
-        }
-        const int jq = LAG ? i - 1 : i;  // the tile whose dQ runs under these products
-        auto done = [&]() {  // this step's products are complete: Q, dO, Lb, delta of stage s are read
-            wgmma_wait<0>();
-            fence_regs<D / 2>(dv);
-            fence_regs<D / 2>(dk);
-            fence_regs<Br / 4>(&pa[0][0]);
-            fence_regs<Br / 4>(&pds[0][0]);
-            __syncwarp();
-            if (i < n_q && lane == 0) mbar_arrive(empty(s));
-        };
-        if (jq >= 0) {
-            float dq[32];
-            issue_dq_of(dq, jq);
-            done();
-            fence_regs<32>(dq);
-            add_dq(dq, jq);
-        } else {
-            done();
-        }
+        float dq[32];
+        issue_dq_of(dq, i);
+        wgmma_wait<0>();  // this tile's products are complete: Q, dO, Lb, delta of stage s are read
+        fence_regs<D / 2>(dv);
+        fence_regs<D / 2>(dk);
+        fence_regs<Br / 4>(&pa[0][0]);
+        fence_regs<Br / 4>(&pds[0][0]);
+        __syncwarp();
+        if (lane == 0) mbar_arrive(empty(s));
+        fence_regs<32>(dq);
+        add_dq(dq, i);
     }
 
     if (DQ_TMA && leader) bulk_wait<0>();  // the staging tile is read before the block's shared memory goes

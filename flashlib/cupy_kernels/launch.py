@@ -15,7 +15,7 @@ import numpy as np
 from .._arrays import check_causal, check_scale
 from .build import _device_cc, _kernel_on
 from .config import BACKWARD_RUNGS, FORWARD_RUNGS, bwd_columns, choose_config, default_rung
-from .config_hopper import SIG_BWD_WGMMA, SIG_FA3, fa3_grid, fa3_narrowed
+from .config_hopper import SIG_BWD_WGMMA, SIG_FA3, fa3_grid
 from .shapes import CTYPE, check_inputs, pair_grid
 from .tma import counter as _counter, map_bytes as _tensor_map, sm_count as _sm_count   # rung 7's
 
@@ -64,27 +64,7 @@ def launch_forward(plan, q, k, v, o, lse, B, H, Nq, Nk, scale, G=1, stream=0):
         q = _tensor_map(q, cfg.dtype, cfg.D, Nq, BH, cfg.Br)
         k, v = (_tensor_map(a, cfg.dtype, cfg.D, Nk, BH // G, cfg.Bc) for a in (k, v))
     args = (q, k, v, o, lse, Nq, Nk, scale, BH, G) + _fa3_tail(plan, stream)
-    forward_fn(plan, Nk)(_forward_grid(plan, Nq, BH), (32 * cfg.warps,), args, cfg.smem, stream)
-
-
-_NARROW_FNS = {}   # (plan.fn, Nk): rung 7's launcher for Nk keys
-
-
-def forward_fn(plan, Nk):
-    """The forward's kernel for Nk keys: plan.fn, or for rung 7 where Nk leaves a partial last key tile and the
-    config is narrowable, the instance with a narrow last tile (config_hopper.fa3_narrowed; compiled at its first
-    use, then found by (plan.fn, Nk))."""
-    f = plan.cfg.fa3
-    if f is None or not f.narrowable:
-        return plan.fn
-    fn = _NARROW_FNS.get((plan.fn, Nk))
-    if fn is None:
-        n = fa3_narrowed(f, Nk)
-        fn = plan.fn if n is f else _kernel_on(plan.device, plan.cfg.file, n.kernel, n.smem, plan.cfg.arch, SIG_FA3)
-        if len(_NARROW_FNS) > 4096:   # a bound, as _CHECKED's
-            _NARROW_FNS.clear()
-        _NARROW_FNS[(plan.fn, Nk)] = fn
-    return fn
+    plan.fn(_forward_grid(plan, Nq, BH), (32 * cfg.warps,), args, cfg.smem, stream)
 
 
 def _forward_grid(plan, Nq, BH):
@@ -244,7 +224,7 @@ def prepare_forward(q, k, v, *, causal, scale, dtype, rung=None, tiles=None):
         return None
     BH = B * H
     gx, gy, gz = _forward_grid(plan, Nq, BH)
-    launch, block, smem = forward_fn(plan, Nk).launch, 32 * cfg.warps, cfg.smem
+    launch, block, smem = plan.fn.launch, 32 * cfg.warps, cfg.smem
     contiguous, ptr, stream, empty_like = io.contiguous, io.ptr, io.stream, io.empty_like
     lse_like = io.f32_maker((B, H, Nq), q)
     if cfg.rung == "fa3":   # rung 7: tensor maps of q, k, v (remembered per address), 16-byte-aligned tensors

@@ -19,7 +19,7 @@ import threading
 
 from .._arrays import check_causal, check_scale
 from .build import _kernel_on
-from .config_hopper import (FA3_HEAD_DIMS, FA3_NARROW, FA3_OTHER_TILES, FA3_TILES, FA3_VARIANTS, SIG_FA3, Fa3Config,  # noqa: F401
+from .config_hopper import (FA3_HEAD_DIMS, FA3_OTHER_TILES, FA3_TILES, FA3_VARIANTS, SIG_FA3, Fa3Config,  # noqa: F401
                             fa3_candidates, fa3_config, fa3_grid, fa3_instances, fa3_narrow_width, fa3_narrowed,
                             fa3_tiles, smem_fa3)
 
@@ -207,13 +207,13 @@ def _capturing(ctx, stream):
         driver.ctxSetCurrent(here)
 
 
-def forward_fa3(q, k, v, causal, scale, tiles=None, variant=None, _debug=None, narrow=None):
+def forward_fa3(q, k, v, causal, scale, tiles=None, variant=None, _debug=None, narrow=False):
     """Rung 7 forward on CuPy arrays: q (B, H, Nq, d), k and v (B, H_kv, Nk, d), H_kv dividing H, d in
     FA3_HEAD_DIMS, float16 or bfloat16 (as int16 bits); Nq, Nk >= 1. Returns (o like q, lse (B, H, Nq) float32,
     natural log), computed on CuPy's current stream. tiles: (Bc, stages[, consumer warpgroups]), default
     fa3_tiles(d, causal); variant: one of VARIANTS (default fa3_config's); narrow: a narrow last key tile where Nk
-    leaves a partial one, without the mask (None: FA3_NARROW[d]). _debug: a device pointer for the timeline build
-    (timeline.py)."""
+    leaves a partial one, in the persistent variants without the mask (config_hopper.fa3_narrowed; measured no
+    faster, so not the default). _debug: a device pointer for the timeline build (timeline.py)."""
     import cupy as cp
     dtype = _dtype_of(q)
     if len(q.shape) != 4 or len(k.shape) != 4 or k.shape != v.shape or q.dtype != k.dtype or k.dtype != v.dtype:
