@@ -9,15 +9,11 @@ is timed with SDPA cuDNN's backward by `flashlib.bench.timing.compare` (interlea
 2.5x the forward's. Each row records the elements of dK and dV whose bits differ between the two and max |dQ_new -
 dQ_prev| (dQ's additions at the L2 come in no fixed order). Saved as NAME (default bwd_ab_<gpu>) with PREV's sha256.
 """
-import argparse
-import hashlib
 import os
-import pathlib
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from flashlib import bench  # noqa: E402
 from flashlib import cupy_kernels as ck  # noqa: E402
 from flashlib.constants import backward_flops  # noqa: E402
 
@@ -79,18 +75,8 @@ def run(prev_path, max_seconds=3.0):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("prev", type=pathlib.Path)
-    p.add_argument("--name", default=None)
-    p.add_argument("--out", default=os.environ.get("FLASHLIB_RESULTS"))
-    a = p.parse_args()
-    import torch
-    rows = run(a.prev.resolve())
-    name = a.name or f"bwd_ab_{bench.gpu_tag(torch.cuda.get_device_name())}"
-    print(bench.save(name, rows, directory=a.out, prev_file=str(a.prev),
-                     prev_sha256=hashlib.sha256(a.prev.read_bytes()).hexdigest(),
-                     flops="backward: 2.5 x 4*B*H*N^2*d, half when causal",
-                     timing="flashlib.bench.timing.compare, host=False"))
+    from fa3_ab import cli          # its sibling script's command line (this folder is sys.path[0])
+    cli(__doc__, run, "bwd_ab", "backward: 2.5 x 4*B*H*N^2*d, half when causal")
 
 
 if __name__ == "__main__":

@@ -69,19 +69,27 @@ def run(prev_path, max_seconds=3.0):
     return rows
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def cli(doc, run, prefix, flops, before=None):
+    """The command line of an A/B against another kernel file (this one's and bwd_ab.py's): PREV.cu [--name]
+    [--out]; before(), then run(PREV's absolute path) -> rows, saved as NAME (default <prefix>_<gpu>) with PREV's
+    path and sha256."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
     p.add_argument("prev", type=pathlib.Path)
     p.add_argument("--name", default=None)
     p.add_argument("--out", default=os.environ.get("FLASHLIB_RESULTS"))
     a = p.parse_args()
     import torch
-    tma.precompile()
+    if before:
+        before()
     rows = run(a.prev.resolve())
-    name = a.name or f"fa3_ab_{bench.gpu_tag(torch.cuda.get_device_name())}"
+    name = a.name or f"{prefix}_{bench.gpu_tag(torch.cuda.get_device_name())}"
     print(bench.save(name, rows, directory=a.out, prev_file=str(a.prev),
-                     prev_sha256=hashlib.sha256(a.prev.read_bytes()).hexdigest(),
-                     flops="4*B*H*N^2*d, half when causal", timing="flashlib.bench.timing.compare, host=False"))
+                     prev_sha256=hashlib.sha256(a.prev.read_bytes()).hexdigest(), flops=flops,
+                     timing="flashlib.bench.timing.compare, host=False"))
+
+
+def main():
+    cli(__doc__, run, "fa3_ab", "4*B*H*N^2*d, half when causal", tma.precompile)
 
 
 if __name__ == "__main__":
