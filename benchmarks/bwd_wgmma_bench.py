@@ -172,7 +172,7 @@ def time_all(out, max_seconds=2.5):
 
 def sanitize():
     """Two small ragged calls per instance (each dQ accumulation), CuPy only (for compute-sanitizer): GQA, Nq != Nk;
-    the second with 11 Q tiles (past d = 128's four named barriers of each warpgroup's lagged dQ)."""
+    the second with 11 Q tiles, so that every stage and dS^T buffer is reused several times."""
     import cupy as cp
     rng = cp.random.default_rng(0)
 

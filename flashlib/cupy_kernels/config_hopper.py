@@ -174,11 +174,10 @@ def fa3_config(dtype, d, causal, tiles=None, variant=None, Nk=None, narrow=False
 def smem_bwd_wgmma(d, Br=64, Bc=128, dq="tma"):
     """Bytes of dynamic shared memory of fa3_backward (d = 64, 128) or fa3_backward_d256: 1 KB of alignment slack,
     K, V (Bc rows), 2 stages of Q, dO (Br rows; at d = 256 with dq 'tma' one dO buffer), rows of d 16-bit values;
-    dS^T buffers (Bc x Br, 16-bit: 4 at d = 128, where dQ lags a tile, else 2), at d = 256 2 P^T buffers too; dq
-    'tma': a dQ staging tile (Br x 64 fp32) per consumer warpgroup; 2 stages of Lb and delta (Br floats) and 5
-    mbarriers (8 bytes each; 7 with one dO buffer)."""
+    2 dS^T buffers (Bc x Br, 16-bit), at d = 256 2 P^T buffers too; dq 'tma': a dQ staging tile (Br x 64 fp32) per
+    consumer warpgroup; 2 stages of Lb and delta (Br floats) and 5 mbarriers (8 bytes each; 7 with one dO buffer)."""
     staging = 2 * Br * 64 * 4 if dq == "tma" else 0
-    buffers = (4 if d in (128, 256) else 2) * 2 * Bc * Br
+    buffers = (4 if d == 256 else 2) * 2 * Bc * Br
     do1 = d == 256 and dq == "tma"
     return 1024 + 2 * d * (2 * Bc + (3 if do1 else 4) * Br) + buffers + staging + 4 * 4 * Br + 8 * (7 if do1 else 5)
 
