@@ -20,22 +20,17 @@ from flashlib.constants import backward_flops  # noqa: E402
 
 def _prev(path):
     """cupy_kernels.backward with the bwd_wgmma kernel compiled from `path` instead of the package's file."""
+    from fa3_ab import swapped      # its sibling script's (this folder is sys.path[0])
     from flashlib.cupy_kernels import launch
     from flashlib.cupy_kernels.build import _kernel_on
-    own = launch.backward_plan
 
-    def plan(*args, **kw):
-        p = own(*args, **kw)
-        return p._replace(fn=_kernel_on(args[3], str(path), p.cfg.kernel, p.cfg.smem, p.cfg.arch,
-                                        ck.config_hopper.SIG_BWD_WGMMA))   # args: dtype, d, causal, device, ...
-
-    def fn(*args, **kw):
-        launch.backward_plan = plan
-        try:
-            return ck.backward(*args, **kw)
-        finally:
-            launch.backward_plan = own
-    return fn
+    def plan(own):
+        def fn(*args, **kw):   # args: dtype, d, causal, device, ...
+            p = own(*args, **kw)
+            return p._replace(fn=_kernel_on(args[3], str(path), p.cfg.kernel, p.cfg.smem, p.cfg.arch,
+                                            ck.config_hopper.SIG_BWD_WGMMA))
+        return fn
+    return swapped(ck.backward, launch, "backward_plan", plan)
 
 
 def run(prev_path, max_seconds=3.0):
@@ -75,7 +70,7 @@ def run(prev_path, max_seconds=3.0):
 
 
 def main():
-    from fa3_ab import cli          # its sibling script's command line (this folder is sys.path[0])
+    from fa3_ab import cli          # its sibling script's command line
     cli(__doc__, run, "bwd_ab", "backward: 2.5 x 4*B*H*N^2*d, half when causal")
 
 
