@@ -3,7 +3,7 @@
     python benchmarks/bwd_ab.py PREV.cu [--name NAME] [--out DIR]
 
 PREV.cu: the other fa3_backward.cu, compiled from its own path with the package's headers (fa3_ab.py does the same
-for the forward). At d = 64, 128, N = 4096, 16384, fp16 and bf16, causal and not, the backward alone
+for the forward). At d = 64, 128 (or $BWD_WGMMA_DIMS, e.g. "64 128 256"), N = 4096, 16384, fp16 and bf16, causal and not, the backward alone
 (`cupy_kernels.backward`, rung bwd_wgmma, the default dQ accumulation) of this checkout ('new') and of PREV ('prev')
 is timed with SDPA cuDNN's backward by `flashlib.bench.timing.compare` (interleaved, host=False) at backward FLOPs =
 2.5x the forward's. Each row records the elements of dK and dV whose bits differ between the two and max |dQ_new -
@@ -37,9 +37,10 @@ def run(prev_path, max_seconds=3.0):
     import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from flashlib.bench.timing import compare
+    from bwd_wgmma_bench import _dims
     prev = _prev(prev_path)
     rows = []
-    for d, N, dtype, causal in [(d, N, t, c) for d in (64, 128) for N in (4096, 16384) for t in ("float16", "bfloat16")
+    for d, N, dtype, causal in [(d, N, t, c) for d in _dims("64 128") for N in (4096, 16384) for t in ("float16", "bfloat16")
                                 for c in (False, True)]:
         H, B = 16, max(1, 16384 // N)
         g = torch.Generator(device="cuda").manual_seed(N + d)

@@ -40,7 +40,7 @@ def steps(out):
     q, k, v = (torch.randn(1, 1, 128, 64, device="cuda", dtype=torch.float16) for _ in range(3))
     o, lse = ck.forward(q, k, v, causal=False, scale=0.125, dtype="float16")
     plan = ck.forward_plan("float16", 64, False, 0)
-    io_ = launch._TorchIO
+    io_ = ck.callers.TorchIO
     p = [t.data_ptr() for t in (q, k, v, o, lse)]
     if plan.cfg.rung == "fa3":          # rung 7 takes tensor maps of q, k, v
         p[:3] = [launch._tensor_map(x, plan.cfg.dtype, 64, 128, 1, b) for x, b in zip(p[:3], (plan.cfg.Br,) + (plan.cfg.Bc,) * 2)]

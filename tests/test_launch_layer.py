@@ -1,6 +1,8 @@
 """The cupy backend's launch layer without a GPU: plans are built once per configuration, outputs are allocated by
 the caller's library (torch here), the grid rule and argument lists reach the kernel, and the launch goes to the
 stream the caller's library reports. A recording fake stands in for the compiled kernels."""
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -34,8 +36,8 @@ def fake_gpu(monkeypatch):
     monkeypatch.setattr(ck.launch, "_device_cc", lambda device: 90)
     monkeypatch.setattr(ck.launch, "_kernel_on", lambda device, file, name, smem=0, arch=None, sig="":
                         built.append(name) or Recorder(name, sig, log))
-    monkeypatch.setattr(ck.launch, "_torch_stream", lambda dev: 0xABC)
-    monkeypatch.setattr(ck.launch, "_torch_cuda_device", lambda t: 0)     # CPU tensors stand in for CUDA ones
+    monkeypatch.setattr(ck.callers, "_torch_stream", lambda dev: 0xABC)
+    monkeypatch.setattr(ck.callers, "_torch_cuda_device", lambda t: 0)     # CPU tensors stand in for CUDA ones
     monkeypatch.setattr(ck.launch, "_tensor_map", lambda ptr, *dims: ("map", ptr) + dims)   # libcuda's encoder
     monkeypatch.setattr(ck.launch, "_sm_count", lambda device: 132)
     monkeypatch.setattr(ck.launch, "_counter", lambda device, stream, ctx: COUNTERS.setdefault((device, stream, ctx),
@@ -102,8 +104,12 @@ def test_backward_launches_pre_pass_kernel_and_conversion(fake_gpu, dtype):
     assert kernels[1] == ck.choose_config(name, 64, 90, False, rung).kernel
     assert kernels[2:] == ([] if dtype == torch.float32 else [f"bwd_convert_dq<{T}>"])
     pre, main = _ptrs(log[0]), _ptrs(log[1])
-    assert pre[:2] == [do.data_ptr(), o.data_ptr()] and pre[2] == lse.data_ptr() and pre[-1] == 2 * 50
+    # delta, Lb: bwd_wgmma's rows padded to whole Q tiles (its producer copies a tile's in one piece), in log2 units
+    nqp, lscale = (64, math.log2(math.e)) if rung == "bwd_wgmma" else (50, 1.0)
+    assert pre[:2] == [do.data_ptr(), o.data_ptr()] and pre[2] == lse.data_ptr() and pre[-1] == 2 * nqp
+    assert list(log[0]["args"][-3:]) == [50, nqp, lscale]
     delta, lb, dq_acc = pre[3], pre[4], pre[5]
+    assert lb - delta == 4 * 2 * nqp and (delta % 16, lb % 16) == (0, 0)
     if rung == "bwd_wgmma":   # tensor maps of q, k, v, dO, then of the fp32 dQ buffer: the TMA reductions' target
         assert log[1]["args"][4] == ("map", dq_acc, "float32", 64, 50, 2, 64)   # (d, Nq, pairs), boxes of Br rows
         main = main[:4] + main[5:]
@@ -241,7 +247,7 @@ def test_rung7_launches_pass_the_counter_of_their_stream(fake_gpu, monkeypatch):
     change between calls), for the device and the kernel's context."""
     log, built = fake_gpu
     streams = iter([0xA, 0xA, 0xB, 0xB, 0xA, 0xC])
-    monkeypatch.setattr(ck.launch, "_torch_stream", lambda dev: next(streams))
+    monkeypatch.setattr(ck.callers, "_torch_stream", lambda dev: next(streams))
     q, k = torch.randn(2, 8, 1000, 64).half(), torch.randn(2, 4, 900, 64).half()
     run = ck.launch.prepare_forward(q, k, k, causal=True, scale=None, dtype="float16")
     for call in (lambda: ck.forward(q, k, k, causal=True, scale=None, dtype="float16"), lambda: run(q, k, k)) * 3:
@@ -252,7 +258,7 @@ def test_rung7_launches_pass_the_counter_of_their_stream(fake_gpu, monkeypatch):
         assert c["stream"] == stream and c["args"][-1] == COUNTERS[(0, stream, Recorder.ctx)]
         assert c["grid"] == (min(132, -(-1000 // cfg.Br) * 16), 1, 1) == (96, 1, 1)
     assert len(set(COUNTERS.values())) == 3
-    monkeypatch.setattr(ck.launch, "_torch_stream", lambda dev: 0xA)
+    monkeypatch.setattr(ck.callers, "_torch_stream", lambda dev: 0xA)
     ck.forward(q, k, k, causal=False, scale=None, dtype="float16")
     ck.launch.prepare_forward(q, k, k, causal=False, scale=None, dtype="float16")(q, k, k)
     pp = ck.choose_config("float16", 64, 90, False)

@@ -2,10 +2,12 @@
 //
 // Three kernels, launched in this order by flashlib/cupy_kernels/__init__.py:
 //   bwd_dot_do_o<T, D>         pre-pass: Dlt_i = rowsum(dO_i * O_i) in fp32, the row of the fp32 dQ buffer set
-//                              to zero (saves a memset), and the lse the kernels read, Lb_i = lse_i, or +inf where
-//                              lse_i = -inf (a row that sees no key: then P = exp(S - Lb) = 0 and the row adds
-//                              nothing to dQ, dK, dV). Grid ceil(rows/8), block 256, a warp per row. (D in the
-//                              paper; renamed so as not to clash with the head dim.)
+//                              to zero (saves a memset), and the lse the kernels read, Lb_i = lse_i * lscale, or
+//                              +inf where lse_i = -inf (a row that sees no key: then P = exp(S - Lb) = 0 and the row
+//                              adds nothing to dQ, dK, dV). Dlt and Lb have Nqp >= Nq rows a pair: rows past Nq get
+//                              0 and +inf (fa3_backward.cu copies whole tiles of them; lscale = log2(e) there, else
+//                              Nqp = Nq, lscale = 1). Grid ceil(rows/8), block 256, a warp per row of Dlt. (D in
+//                              the paper; renamed so as not to clash with the head dim.)
 //   fa2_bwd_fp32<T, D, BT, CAUSAL> the backward on CUDA cores, fp32 arithmetic for any storage type T (float, __half,
 //                              __nv_bfloat16): used for float32 and on sm_75; fa2_bwd_tc.cu is the Tensor Core one.
 //   bwd_convert_dq<T>          post-pass: dQ (accumulated in fp32 with atomics) -> T.
@@ -25,19 +27,26 @@
 template <typename T, int D>
 __global__ void __launch_bounds__(256) bwd_dot_do_o(const T* __restrict__ dO, const T* __restrict__ O,
                                                     const float* __restrict__ L, float* __restrict__ Dlt,
-                                                    float* __restrict__ Lb, float* __restrict__ dQacc, size_t rows) {
-    const size_t row = (size_t)blockIdx.x * 8 + (threadIdx.x >> 5);
+                                                    float* __restrict__ Lb, float* __restrict__ dQacc, size_t rows,
+                                                    int Nq, int Nqp, float lscale) {
+    const size_t row = (size_t)blockIdx.x * 8 + (threadIdx.x >> 5);  // of Dlt and Lb: (pairs, Nqp)
     const int lane = threadIdx.x & 31;
     if (row >= rows) return;
+    const size_t bh = row / (unsigned)Nqp, q = row - bh * Nqp;
+    if (q >= (size_t)Nq) {  // padding: a row past Nq adds nothing
+        if (lane == 0) Dlt[row] = 0.f, Lb[row] = -NEG_INF;
+        return;
+    }
+    const size_t src = bh * Nq + q;  // of dO, O, L, dQacc
     float acc = 0.f;
     for (int c = lane; c < D; c += 32) {
-        acc += to_f32(dO[(size_t)row * D + c]) * to_f32(O[(size_t)row * D + c]);
-        dQacc[(size_t)row * D + c] = 0.f;
+        acc += to_f32(dO[src * D + c]) * to_f32(O[src * D + c]);
+        dQacc[src * D + c] = 0.f;
     }
     for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
     if (lane == 0) {
         Dlt[row] = acc;
-        Lb[row] = L[row] == NEG_INF ? -NEG_INF : L[row];
+        Lb[row] = L[src] == NEG_INF ? -NEG_INF : L[src] * lscale;
     }
 }
 

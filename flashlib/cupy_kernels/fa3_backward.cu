@@ -7,10 +7,10 @@
 //   fa3_backward_d256<T, CAUSAL, DQ_TMA> d = 256, where the two consumer warpgroups split d (after fa3_backward)
 //
 // Grid (ceil(Nk/Bc), B*H pairs over y and z: pair_index), Bc = 128 keys a block; block 384 threads = 3 warpgroups:
-//  * warpgroup 0, the producer (setmaxnreg.dec): its first warp loads the block's K and V once and then, per Q tile
+//  * warpgroup 0, the producer (setmaxnreg.dec): its first thread loads the block's K and V once and then, per Q tile
 //    of Br = 64 query rows, Q and dO by TMA (rung 7's tensor maps and helpers, tma.cuh) and Lb * log2(e) and delta
-//    by plain loads into shared memory, into one of two stages; the stage's full barrier completes when the copy
-//    engine's bytes and the warp's 32 arrivals are in. Causal: only the Q tiles with a query >= the block's first key.
+//    by bulk copies into shared memory, into one of two stages; the stage's full barrier completes when the copy
+//    engine's bytes are in. Causal: only the Q tiles with a query >= the block's first key.
 //  * warpgroups 1 and 2, the consumers (setmaxnreg.inc), cw = 0, 1 owning keys kv0 + 64 cw ... + 63, and their
 //    dK, dV rows in fp32 registers for the whole kernel. Per Q tile (stage s = tile % 2):
 //      S^T = K_w Q^T, dP^T = V_w dO^T     m64n64k16 ss: A = K_w / V_w, B = Q / dO, all K-major in shared memory
@@ -50,7 +50,8 @@
 //   boxes of 32 columns) per consumer warpgroup, 2 stages of Lb*log2(e) and delta (Br floats), 5 mbarriers
 //   (kv_full, full[2], empty[2]). Named barriers: 1 + cw or 1 (before dQ = dS K), 3 + cw (the staging tile written).
 // Grouped-query attention: K, V from kv pair bh / G; dK, dV per query head (bwd_sum_groups adds them). Rows past
-//   Nq read as zeros (TMA) with Lb = +inf, so P = 0; keys past Nk are masked and never written.
+//   Nq read as zeros (TMA) with Lb = +inf (the pre-pass pads each pair's Lb and delta to whole Q tiles), so P = 0;
+//   keys past Nk are masked and never written.
 #include "flash_common.cuh"
 
 #include "tma.cuh"
@@ -70,47 +71,38 @@ __device__ __forceinline__ void stage_dq(unsigned char* tile, const float* dq, f
         }
 }
 
-// The producer warp of both kernels below: the block's K and V (Bc rows each, at ks0 and ks0 + KT) once on the
-// mbarrier at bar0 (kv_full), then per Q tile i (stage s = i % 2) Q and dO by TMA and Lb * log2(e) and delta by plain
-// loads into the stage, once its empty barrier (bar0 + 8 (3 + s)) has seen the consumers done with tile i - 2; the
-// full barrier (bar0 + 8 (1 + s)) completes when the copy engine's bytes and the warp's 32 arrivals are in.
+// The producer thread of both kernels below: the block's K and V (Bc rows each, at ks0 and ks0 + KT) once on the
+// mbarrier at bar0 (kv_full), then per Q tile i (stage s = i % 2) Q and dO by TMA and its Br values of Lb * log2(e)
+// and of delta by plain bulk copies (lb, dt: the pair's rows, padded by the pre-pass to whole tiles, so every copy is
+// 16-byte aligned) into the stage, once its empty barrier (bar0 + 8 (3 + s)) has seen the consumers done with tile
+// i - 2; the full barrier (bar0 + 8 (1 + s)) completes when all those bytes are in (the copy engine writes them:
+// the consumers' loads are ordered after its writes by their wait on the phase, as for the TMA tiles).
 // DO1 (fa3_backward_d256 with DQ_TMA): dO has one buffer of its own, filled for tile i once its empty barrier
 // (bar0 + 48) has seen the consumers done with tile i - 1's dO, completing its full barrier (bar0 + 40)
 template <int D, int Bc, int Br, bool DO1 = false>
 __device__ __forceinline__ void bwd_produce(const TmaMap* qmap, const TmaMap* kmap, const TmaMap* vmap,
-                                            const TmaMap* domap, const float* lb, const float* dt, float* ls, float* dl,
+                                            const TmaMap* domap, const float* lb, const float* dt, u32 ls, u32 dl,
                                             u32 ks0, u32 qs0, u32 dos0, u32 bar0, int kv0, int q_begin, int n_q,
-                                            int Nq, int bh, int bkv, int lane) {
-    constexpr int KT = Bc * D * 2, QT = Br * D * 2;
-    if (lane == 0) {
-        tma_prefetch_map(qmap);
-        tma_prefetch_map(domap);
-        mbar_arrive_expect_tx(bar0, 2 * KT);
-        tma_tile<D, Bc>(ks0, kmap, bar0, kv0, bkv);
-        tma_tile<D, Bc>(ks0 + KT, vmap, bar0, kv0, bkv);
-    }
+                                            int bh, int bkv) {
+    constexpr int KT = Bc * D * 2, QT = Br * D * 2, LT = Br * 4;
+    tma_prefetch_map(qmap);
+    tma_prefetch_map(domap);
+    mbar_arrive_expect_tx(bar0, 2 * KT);
+    tma_tile<D, Bc>(ks0, kmap, bar0, kv0, bkv);
+    tma_tile<D, Bc>(ks0 + KT, vmap, bar0, kv0, bkv);
     for (int i = 0; i < n_q; i++) {
         const int s = i & 1, q0 = q_begin + i * Br;
         const u32 full = bar0 + 8 * (1 + s), empty = bar0 + 8 * (3 + s);
         mbar_wait(empty, ((i >> 1) & 1) ^ 1);
-        if (lane == 0) {
-            mbar_arrive_expect_tx(full, DO1 ? QT : 2 * QT);
-            tma_tile<D, Br>(qs0 + s * QT, qmap, full, q0, bh);
-            if (!DO1) tma_tile<D, Br>(dos0 + s * QT, domap, full, q0, bh);
-        }
-#pragma unroll
-        for (int r = lane; r < Br; r += 32) {
-            const bool ok = q0 + r < Nq;
-            ls[s * Br + r] = ok ? lb[q0 + r] * LOG2E : -NEG_INF;  // +inf past Nq: P = 0
-            dl[s * Br + r] = ok ? dt[q0 + r] : 0.f;
-        }
-        mbar_arrive(full);  // release: the stores above are visible to whoever waits on the phase
+        mbar_arrive_expect_tx(full, (DO1 ? QT : 2 * QT) + 2 * LT);
+        tma_tile<D, Br>(qs0 + s * QT, qmap, full, q0, bh);
+        if (!DO1) tma_tile<D, Br>(dos0 + s * QT, domap, full, q0, bh);
+        bulk_load(ls + s * LT, lb + q0, LT, full);  // +inf past Nq: P = 0
+        bulk_load(dl + s * LT, dt + q0, LT, full);  // 0 past Nq
         if constexpr (DO1) {
             mbar_wait(bar0 + 48, (i & 1) ^ 1);
-            if (lane == 0) {
-                mbar_arrive_expect_tx(bar0 + 40, QT);
-                tma_tile<D, Br>(dos0, domap, bar0 + 40, q0, bh);
-            }
+            mbar_arrive_expect_tx(bar0 + 40, QT);
+            tma_tile<D, Br>(dos0, domap, bar0 + 40, q0, bh);
         }
     }
 }
@@ -144,22 +136,23 @@ fa3_backward(const __grid_constant__ TmaMap qmap, const __grid_constant__ TmaMap
     const int kv0 = blockIdx.x * Bc;
     const int q_begin = CAUSAL ? (kv0 / Br) * Br : 0;
     const int n_q = q_begin < Nq ? (Nq - q_begin + Br - 1) / Br : 0;  // Q tiles this block visits
+    const int nqp = (Nq + Br - 1) / Br * Br;
 
     if (tid == 0) {
         mbar_init(kv_full, 1);
         for (int s = 0; s < 2; s++) {
-            mbar_init(full(s), 1 + 32);  // the expect_tx arrival and the 32 lanes that stored Lb, delta
-            mbar_init(empty(s), 8);      // every consumer warp
+            mbar_init(full(s), 1);   // the producer's expect_tx arrival (the rest is bytes)
+            mbar_init(empty(s), 8);  // every consumer warp
         }
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }
     __syncthreads();
 
-    if (wg == 0) {  // ---- producer: warp 0 ----
+    if (wg == 0) {  // ---- producer: thread 0 ----
         regs_dec<24>();
-        if (tid < 32 && n_q > 0)
-            bwd_produce<D, Bc, Br>(&qmap, &kmap, &vmap, &domap, Lb + (size_t)bh * Nq, Dlt + (size_t)bh * Nq, ls, dl,
-                                   ks0, qs0, dos0, bar0, kv0, q_begin, n_q, Nq, bh, bkv, lane);
+        if (tid == 0 && n_q > 0)  // Lb, delta: (pairs, Nq rounded up to Br)
+            bwd_produce<D, Bc, Br>(&qmap, &kmap, &vmap, &domap, Lb + (size_t)bh * nqp, Dlt + (size_t)bh * nqp,
+                                   smem_addr(ls), smem_addr(dl), ks0, qs0, dos0, bar0, kv0, q_begin, n_q, bh, bkv);
         return;
     }
 
@@ -386,11 +379,12 @@ fa3_backward_d256(const __grid_constant__ TmaMap qmap, const __grid_constant__ T
     const int kv0 = blockIdx.x * Bc;
     const int q_begin = CAUSAL ? kv0 : 0;  // Br = Bc: the first Q tile with a query >= the block's first key
     const int n_q = q_begin < Nq ? (Nq - q_begin + Br - 1) / Br : 0;
+    const int nqp = (Nq + Br - 1) / Br * Br;
 
     if (tid == 0) {
         mbar_init(kv_full, 1);
         for (int s = 0; s < 2; s++) {
-            mbar_init(full(s), 1 + 32);
+            mbar_init(full(s), 1);
             mbar_init(empty(s), 8);
         }
         if (DQ_TMA) mbar_init(do_full, 1), mbar_init(do_empty, 8);
@@ -398,11 +392,11 @@ fa3_backward_d256(const __grid_constant__ TmaMap qmap, const __grid_constant__ T
     }
     __syncthreads();
 
-    if (wg == 0) {  // ---- producer: warp 0 ----
+    if (wg == 0) {  // ---- producer: thread 0 ----
         regs_dec<24>();
-        if (tid < 32 && n_q > 0)
-            bwd_produce<D, Bc, Br, DQ_TMA>(&qmap, &kmap, &vmap, &domap, Lb + (size_t)bh * Nq, Dlt + (size_t)bh * Nq, ls, dl,
-                                   ks0, qs0, dos0, bar0, kv0, q_begin, n_q, Nq, bh, bkv, lane);
+        if (tid == 0 && n_q > 0)  // Lb, delta: (pairs, Nq rounded up to Br)
+            bwd_produce<D, Bc, Br, DQ_TMA>(&qmap, &kmap, &vmap, &domap, Lb + (size_t)bh * nqp, Dlt + (size_t)bh * nqp,
+                                   smem_addr(ls), smem_addr(dl), ks0, qs0, dos0, bar0, kv0, q_begin, n_q, bh, bkv);
         return;
     }
 

@@ -8,12 +8,14 @@ sizes), whoever the caller is. Head dims that are not a bucket are zero-padded (
 attention is the kernels' argument G.
 """
 import functools
+import math
 from collections import namedtuple
 
 import numpy as np
 
 from .._arrays import check_causal, check_scale
 from .build import _device_cc, _kernel_on
+from .callers import io_of as _io
 from .config import BACKWARD_RUNGS, FORWARD_RUNGS, bwd_columns, choose_config, default_rung
 from .config_hopper import SIG_BWD_WGMMA, SIG_FA3, fa3_grid
 from .shapes import CTYPE, check_inputs, pair_grid
@@ -23,7 +25,8 @@ Plan = namedtuple("Plan", "cfg d fn pre post sum device", defaults=(None,))   # 
 # the kernels' parameters, one letter each (build.Launcher): P pointer, Q uint64, i int32, f float32
 SIG_FORWARD = "PPPPPiifii"                   # q, k, v, o, lse, Nq, Nk, scale, BH, G
 SIG_BACKWARD = "PPPPPPPPPiifii"              # q, k, v, do, lb, delta, dq_acc, dk, dv, Nq, Nk, scale, BH, G
-SIG_PRE, SIG_CONVERT, SIG_SUM = "PPPPPPQ", "PPQ", "PPiQQ"
+SIG_PRE, SIG_CONVERT, SIG_SUM = "PPPPPPQiif", "PPQ", "PPiQQ"
+LOG2E = math.log2(math.e)
 
 
 @functools.lru_cache(maxsize=None)
@@ -79,15 +82,22 @@ def _fa3_tail(plan, stream):
     return () if f is None else (_counter(plan.device, stream, plan.fn.ctx) if f.dynamic else 0,)
 
 
+def lse_rows(plan, Nq):
+    """Rows a pair of the backward's scratch delta and Lb: Nq, for bwd_wgmma rounded up to whole Q tiles (its
+    producer copies a tile's values in one 16-byte-aligned piece; the pre-pass pads them)."""
+    return -(-Nq // plan.cfg.Br) * plan.cfg.Br if plan.cfg.rung == "bwd_wgmma" else Nq
+
+
 def launch_backward(plan, q, k, v, o, lse, do, dq, dk, dv, dq_acc, delta, lb, B, H, Nq, Nk, scale, G=1,
                     dk_h=None, dv_h=None, stream=0):
     """Launch the backward's kernels; pointers as in launch_forward. dq_acc (float32, q's shape), delta and lb
-    (float32, (B, H, Nq)) are scratch; for float32 input dq_acc is dq itself. With G > 1, dk_h and dv_h (q's head
-    count, k's other sizes, k's dtype) take dK, dV per query head, which are then summed into dk, dv."""
+    (float32, (B, H, lse_rows(plan, Nq))) are scratch; for float32 input dq_acc is dq itself. With G > 1, dk_h and
+    dv_h (q's head count, k's other sizes, k's dtype) take dK, dV per query head, which are then summed into dk, dv."""
     cfg, BH, D = plan.cfg, B * H, plan.cfg.D
-    rows = BH * Nq
-    if rows:
-        plan.pre((-(-rows // 8),), (256,), (do, o, lse, delta, lb, dq_acc, rows), 0, stream)
+    rows, nqp = BH * Nq, lse_rows(plan, Nq)
+    if rows:   # bwd_wgmma reads Lb * log2(e)
+        plan.pre((-(-BH * nqp // 8),), (256,), (do, o, lse, delta, lb, dq_acc, BH * nqp, Nq, nqp,
+                                                  LOG2E if cfg.rung == "bwd_wgmma" else 1.0), 0, stream)
     kh, vh = (dk, dv) if G == 1 else (dk_h, dv_h)
     if BH * Nk:
         args = (q, k, v, do, lb, delta, dq_acc, kh, vh, Nq, Nk, scale, BH, G)
@@ -193,8 +203,8 @@ def backward(q, k, v, o, lse, do, *, causal, scale, dtype, rung=None, tiles=None
     rows = B * H * Nq
     # one float32 scratch buffer: dQ's accumulator (16-bit input; for float32 dQ accumulates in place, zeroed by the
     # pre-pass), then delta and Lb
-    acc = 0 if dtype == "float32" else rows * D
-    scratch = io.empty_f32((acc + 2 * rows,), q)
+    acc, lr = (0 if dtype == "float32" else rows * D), B * H * lse_rows(plan, Nq)
+    scratch = io.empty_f32((acc + 2 * lr,), q)
     base = io.ptr(scratch)
     dq, dk, dv = io.empty_like(q), io.empty_like(k), io.empty_like(v)
     dq_acc = base if acc else io.ptr(dq)
@@ -204,7 +214,7 @@ def backward(q, k, v, o, lse, do, *, causal, scale, dtype, rung=None, tiles=None
         dk_h = io.ptr(per)
         dv_h = dk_h + per.nbytes // 2
     launch_backward(plan, io.ptr(q), io.ptr(k), io.ptr(v), io.ptr(o), io.ptr(lse), io.ptr(do), io.ptr(dq),
-                    io.ptr(dk), io.ptr(dv), dq_acc, base + 4 * acc, base + 4 * (acc + rows), B, H, Nq, Nk, scale, G,
+                    io.ptr(dk), io.ptr(dv), dq_acc, base + 4 * acc, base + 4 * (acc + lr), B, H, Nq, Nk, scale, G,
                     dk_h, dv_h, io.stream(dev))
     if D != d:
         dq, dk, dv = (io.unpadded(a, d) for a in (dq, dk, dv))
@@ -255,8 +265,8 @@ def prepare_backward(q, k, v, *, causal, scale, dtype, rung=None, tiles=None):
     io, G, rows = _io(q), H // k.shape[1], B * H * Nq
     if plan.cfg.D != d or G > 1:
         return None
-    acc = 0 if dtype == "float32" else rows * d
-    scratch_like = io.f32_maker((acc + 2 * rows,), q)
+    acc, lr = (0 if dtype == "float32" else rows * d), B * H * lse_rows(plan, Nq)
+    scratch_like = io.f32_maker((acc + 2 * lr,), q)
     contiguous, ptr, stream, empty_like = io.contiguous, io.ptr, io.stream, io.empty_like
 
     def run(q, k, v, o, lse, do):
@@ -267,7 +277,7 @@ def prepare_backward(q, k, v, *, causal, scale, dtype, rung=None, tiles=None):
         base = ptr(scratch)
         dq, dk, dv = empty_like(q), empty_like(k), empty_like(v)
         launch_backward(plan, ptr(q), ptr(k), ptr(v), ptr(o), ptr(lse), ptr(do), ptr(dq), ptr(dk), ptr(dv),
-                        base if acc else ptr(dq), base + 4 * acc, base + 4 * (acc + rows), B, H, Nq, Nk, scale, 1,
+                        base if acc else ptr(dq), base + 4 * acc, base + 4 * (acc + lr), B, H, Nq, Nk, scale, 1,
                         None, None, stream(dev))
         return dq, dk, dv
     return run
@@ -289,112 +299,3 @@ def _rung_override(direction):
     if r and (r in FORWARD_RUNGS if direction == "forward" else r in BACKWARD_RUNGS):
         return r
     return None
-
-
-# ---- the caller's library: pointers, allocation, padding, device, stream
-
-@functools.lru_cache(maxsize=None)
-def _cp():
-    import cupy
-    return cupy
-
-
-def _cupy_contiguous(a):
-    """a itself when C-contiguous, else a contiguous copy (ndarray._c_contiguous: no Flags object built per call)."""
-    try:
-        if a._c_contiguous:
-            return a
-    except AttributeError:          # a CuPy without the attribute
-        if a.flags.c_contiguous:
-            return a
-    return _cp().ascontiguousarray(a)
-
-
-def _cupy_padded(a, D):
-    """a (..., d) zero-padded to (..., D), contiguous."""
-    out = _cp().zeros(a.shape[:-1] + (D,), a.dtype)
-    out[..., :a.shape[-1]] = a
-    return out
-
-
-def _one_device(get, arrays):
-    dev = get(arrays[0])
-    for a in arrays[1:]:
-        if get(a) != dev:
-            raise ValueError(f"all arrays must be on one GPU, got devices {[get(x) for x in arrays]}")
-    return dev
-
-
-class _CupyIO:
-    """CuPy callers: CuPy arrays, CuPy's current stream."""
-    contiguous = staticmethod(_cupy_contiguous)
-    copy = staticmethod(lambda a: a.copy(order="C"))
-    contiguous_f32 = staticmethod(lambda a: _cp().ascontiguousarray(a, dtype="float32"))
-    empty_like = staticmethod(lambda a: _cp().ndarray(a.shape, a.dtype))     # C order; faster than cupy.empty_like
-    empty = staticmethod(lambda shape, a: _cp().empty(shape, dtype=a.dtype))
-    empty_f32 = staticmethod(lambda shape, a: _cp().empty(shape, dtype="float32"))
-    zeros = staticmethod(lambda shape, a: _cp().zeros(shape, dtype=a.dtype))
-    full_f32 = staticmethod(lambda shape, value, a: _cp().full(shape, value, dtype="float32"))
-    f32_maker = staticmethod(lambda shape, a: functools.partial(_cp().ndarray, shape, np.dtype("float32")))
-    padded = staticmethod(_cupy_padded)
-    unpadded = staticmethod(lambda a, d: _cp().ascontiguousarray(a[..., :d]))
-    ptr = staticmethod(lambda a: a.data.ptr)
-    devices = staticmethod(lambda *arrays: tuple(a.data.device_id for a in arrays))
-    device = staticmethod(lambda *arrays: _one_device(lambda a: a.data.device_id, arrays))
-    stream = staticmethod(lambda dev: _cp().cuda.get_current_stream().ptr)
-
-
-class _TorchIO:
-    """torch callers: torch tensors allocated by PyTorch's caching allocator, torch's current stream (so CUDA graph
-    capture and torch.cuda.stream(...) contexts see the launches)."""
-    contiguous = staticmethod(lambda t: t.contiguous())
-    copy = staticmethod(lambda t: t.clone(memory_format=_torch().contiguous_format))
-    contiguous_f32 = staticmethod(lambda t: t.contiguous().float())
-    empty_like = staticmethod(lambda t: _torch().empty_like(t))
-    empty = staticmethod(lambda shape, t: t.new_empty(shape))
-    empty_f32 = staticmethod(lambda shape, t: _torch().empty_like(_f32_template(t.get_device(), shape)))
-    zeros = staticmethod(lambda shape, t: t.new_zeros(shape))
-    full_f32 = staticmethod(lambda shape, value, t: t.new_full(shape, value, dtype=_torch().float32))
-    f32_maker = staticmethod(lambda shape, t: functools.partial(_torch().empty_like, _f32_template(t.get_device(), shape)))
-    padded = staticmethod(lambda t, D: _torch().nn.functional.pad(t, (0, D - t.shape[-1])))
-    unpadded = staticmethod(lambda t, d: t[..., :d].contiguous())
-    ptr = staticmethod(lambda t: t.data_ptr())
-    devices = staticmethod(lambda *tensors: tuple(t.get_device() for t in tensors))
-    device = staticmethod(lambda *tensors: _one_device(_torch_cuda_device, tensors))
-    stream = staticmethod(lambda dev: _torch_stream(dev))
-
-
-@functools.lru_cache(maxsize=1024)
-def _f32_template(device, shape):
-    """A float32 tensor of `shape` on `device` that owns 4 bytes (a stride-0 view): torch.empty_like of it
-    allocates a contiguous tensor of that shape faster than torch.empty(shape, dtype=..., device=...) parses its
-    arguments."""
-    torch = _torch()
-    dev = torch.device("cuda", device) if device >= 0 else torch.device("cpu")
-    return torch.empty(1, dtype=torch.float32, device=dev).expand(shape)
-
-
-def _torch_cuda_device(t):
-    dev = t.get_device()
-    if dev < 0:
-        raise ValueError("the cupy backend takes CUDA tensors, got a CPU tensor")
-    return dev
-
-
-@functools.lru_cache(maxsize=None)
-def _torch():
-    import torch
-    return torch
-
-
-def _torch_stream(dev):
-    """torch's current stream on GPU `dev` as a cudaStream_t (int)."""
-    torch = _torch()
-    try:
-        return torch._C._cuda_getCurrentRawStream(dev)       # what torch.compile's generated code calls: cheap
-    except AttributeError:
-        return torch.cuda.current_stream(dev).cuda_stream
-
-
-def _io(x):
-    return _TorchIO if type(x).__module__.startswith("torch") else _CupyIO
