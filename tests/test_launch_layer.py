@@ -39,6 +39,7 @@ def fake_gpu(monkeypatch):
     monkeypatch.setattr(ck.callers, "_torch_stream", lambda dev: 0xABC)
     monkeypatch.setattr(ck.callers, "_torch_cuda_device", lambda t: 0)     # CPU tensors stand in for CUDA ones
     monkeypatch.setattr(ck.launch, "_tensor_map", lambda ptr, *dims: ("map", ptr) + dims)   # libcuda's encoder
+    monkeypatch.setattr(ck.launch, "_rows_map", lambda ptr, *dims: ("rows map", ptr) + dims)
     monkeypatch.setattr(ck.launch, "_sm_count", lambda device: 132)
     monkeypatch.setattr(ck.launch, "_counter", lambda device, stream, ctx: COUNTERS.setdefault((device, stream, ctx),
                                                                                                0xC000 + 256 * len(COUNTERS)))
@@ -112,8 +113,11 @@ def test_backward_launches_pre_pass_kernel_and_conversion(fake_gpu, dtype):
     assert lb - delta == 4 * 2 * nqp and (delta % 16, lb % 16) == (0, 0)
     if rung == "bwd_wgmma":   # tensor maps of q, k, v, dO, then of the fp32 dQ buffer: the TMA reductions' target
         assert log[1]["args"][4] == ("map", dq_acc, "float32", 64, 50, 2, 64)   # (d, Nq, pairs), boxes of Br rows
-        main = main[:4] + main[5:]
-    assert main[4:7] == [lb, delta, dq_acc]                                    # the kernel reads Lb, not lse
+        # and of delta and Lb (which follows it) as one (2 pairs, nqp) tensor, boxes of Br values
+        assert log[1]["args"][5] == ("rows map", delta, nqp, 2 * 2, 64)
+        assert main[6] == dq_acc
+    else:
+        assert main[4:7] == [lb, delta, dq_acc]                                # the kernel reads Lb, not lse
     assert main[7:9] == [dk.data_ptr(), dv.data_ptr()] and dk.shape == k.shape and dq.shape == q.shape
     if dtype == torch.float32:
         assert dq_acc == dq.data_ptr()                                         # float32: dQ accumulates in place
@@ -133,10 +137,10 @@ def test_gqa_passes_G_and_sums_dk_dv_per_kv_head(fake_gpu):
     dq, dk, dv = ck.backward(q, k, v, o, lse, do, causal=False, scale=0.5, dtype="float16")
     names = [c["kernel"] for c in log]
     assert names[2:4] == ["bwd_sum_groups<__half>"] * 2 and dk.shape == dv.shape == k.shape
-    main, x = log[1]["args"], int(log[1]["sig"].startswith("MMMMM"))           # bwd_wgmma: one more map, dQ's
-    assert names[1].startswith("fa3_backward") and x == 1                      # Hopper's default at d = 64
-    assert [int(a) for a in main[12 + x:14 + x]] == [12, 3]
-    per_head = _ptrs(log[1])[7 + x:9 + x]                                        # dK, dV of each query head
+    main = log[1]["args"]   # bwd_wgmma: maps of q, k, v, dO, dQ, (delta; Lb), then dQ's buffer, dK, dV as the others
+    assert names[1].startswith("fa3_backward") and log[1]["sig"].startswith("MMMMMMPPP")   # Hopper's default, d = 64
+    assert [int(a) for a in main[12:14]] == [12, 3]
+    per_head = _ptrs(log[1])[7:9]                                                # dK, dV of each query head
     for c, out, src in zip(log[2:4], (dk, dv), per_head):
         p = _ptrs(c)
         assert p[:2] == [src, out.data_ptr()] and int(c["args"][2]) == 3 and p[2:] == [20 * 64, 2 * 2 * 20 * 64]
@@ -292,8 +296,8 @@ def test_prepared_backward_launches_as_backward_does(fake_gpu, dtype):
     _same_launches(log[:n], log[n:])
     pre, main = _ptrs(log[n]), _ptrs(log[n + 1])
     assert pre[2] == lse.data_ptr() and pre[0] != do.data_ptr()               # dO (strided here) copied
-    x = int(log[n + 1]["sig"].startswith("MMMMM"))                             # bwd_wgmma: dQ's map too
-    assert main[:3] == [q.data_ptr(), k.data_ptr(), v.data_ptr()] and main[7 + x:9 + x] == [dk.data_ptr(), dv.data_ptr()]
+    # (bwd_wgmma: maps of q, k, v, dO, dQ, (delta; Lb) stand where the others take q, k, v, dO, Lb, delta)
+    assert main[:3] == [q.data_ptr(), k.data_ptr(), v.data_ptr()] and main[7:9] == [dk.data_ptr(), dv.data_ptr()]
     assert dq.shape == q.shape and dk.shape == k.shape and dq.dtype == dtype
 
 

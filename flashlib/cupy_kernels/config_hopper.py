@@ -77,7 +77,7 @@ BWD_WGMMA_DEFAULT_DIMS = (64, 128, 256)
 # buffer; it timed 324-365 TFLOP/s there against 267-291 with atomics (record bwd_wgmma_d256_h200,
 # logs/bwd_wgmma_d256_session_h200.txt)
 BWD_WGMMA_DQ = ("tma", "atomic")
-SIG_BWD_WGMMA = "MMMMMPPPPPiifii"   # maps of q, k, v, do, dq_acc; lb, delta, dq_acc, dk, dv; Nq, Nk, scale, BH, G
+SIG_BWD_WGMMA = "MMMMMMPPPiifii"   # maps of q, k, v, do, dq_acc, (delta; lb); dq_acc, dk, dv; Nq, Nk, scale, BH, G
 
 
 def smem_wgmma(d, nwg, Bc):

@@ -8,9 +8,9 @@
 //
 // Grid (ceil(Nk/Bc), B*H pairs over y and z: pair_index), Bc = 128 keys a block; block 384 threads = 3 warpgroups:
 //  * warpgroup 0, the producer (setmaxnreg.dec): its first thread loads the block's K and V once and then, per Q tile
-//    of Br = 64 query rows, Q and dO by TMA (rung 7's tensor maps and helpers, tma.cuh) and Lb * log2(e) and delta
-//    by bulk copies into shared memory, into one of two stages; the stage's full barrier completes when the copy
-//    engine's bytes are in. Causal: only the Q tiles with a query >= the block's first key.
+//    of Br = 64 query rows, Q, dO, Lb * log2(e) and delta by TMA (rung 7's tensor maps and helpers, tma.cuh) into
+//    shared memory, into one of two stages; the stage's full barrier completes when the copy engine's bytes are in.
+//    Causal: only the Q tiles with a query >= the block's first key.
 //  * warpgroups 1 and 2, the consumers (setmaxnreg.inc), cw = 0, 1 owning keys kv0 + 64 cw ... + 63, and their
 //    dK, dV rows in fp32 registers for the whole kernel. Per Q tile (stage s = tile % 2):
 //      S^T = K_w Q^T, dP^T = V_w dO^T     m64n64k16 ss: A = K_w / V_w, B = Q / dO, all K-major in shared memory
@@ -50,7 +50,7 @@
 //   boxes of 32 columns) per consumer warpgroup, 2 stages of Lb*log2(e) and delta (Br floats), 5 mbarriers
 //   (kv_full, full[2], empty[2]). Named barriers: 1 + cw or 1 (before dQ = dS K), 3 + cw (the staging tile written).
 // Grouped-query attention: K, V from kv pair bh / G; dK, dV per query head (bwd_sum_groups adds them). Rows past
-//   Nq read as zeros (TMA) with Lb = +inf (the pre-pass pads each pair's Lb and delta to whole Q tiles), so P = 0;
+//   Nq read as zeros (TMA) with Lb = +inf (the pre-pass pads each pair's delta and Lb to whole Q tiles), so P = 0;
 //   keys past Nk are masked and never written.
 #include "flash_common.cuh"
 
@@ -72,21 +72,21 @@ __device__ __forceinline__ void stage_dq(unsigned char* tile, const float* dq, f
 }
 
 // The producer thread of both kernels below: the block's K and V (Bc rows each, at ks0 and ks0 + KT) once on the
-// mbarrier at bar0 (kv_full), then per Q tile i (stage s = i % 2) Q and dO by TMA and its Br values of Lb * log2(e)
-// and of delta by plain bulk copies (lb, dt: the pair's rows, padded by the pre-pass to whole tiles, so every copy is
-// 16-byte aligned) into the stage, once its empty barrier (bar0 + 8 (3 + s)) has seen the consumers done with tile
-// i - 2; the full barrier (bar0 + 8 (1 + s)) completes when all those bytes are in (the copy engine writes them:
-// the consumers' loads are ordered after its writes by their wait on the phase, as for the TMA tiles).
+// mbarrier at bar0 (kv_full), then per Q tile i (stage s = i % 2) Q and dO, and the tile's Br values of delta and of
+// Lb * log2(e) (ldmap: rows bh and BH + bh of a (2 BH, Nq rounded up to Br) float32 tensor that the pre-pass fills,
+// +inf and 0 past Nq), all by TMA into the stage, once its empty barrier (bar0 + 8 (3 + s)) has seen the consumers
+// done with tile i - 2; the full barrier (bar0 + 8 (1 + s)) completes when all those bytes are in.
 // DO1 (fa3_backward_d256 with DQ_TMA): dO has one buffer of its own, filled for tile i once its empty barrier
 // (bar0 + 48) has seen the consumers done with tile i - 1's dO, completing its full barrier (bar0 + 40)
 template <int D, int Bc, int Br, bool DO1 = false>
 __device__ __forceinline__ void bwd_produce(const TmaMap* qmap, const TmaMap* kmap, const TmaMap* vmap,
-                                            const TmaMap* domap, const float* lb, const float* dt, u32 ls, u32 dl,
-                                            u32 ks0, u32 qs0, u32 dos0, u32 bar0, int kv0, int q_begin, int n_q,
-                                            int bh, int bkv) {
+                                            const TmaMap* domap, const TmaMap* ldmap, u32 ls, u32 dl, u32 ks0,
+                                            u32 qs0, u32 dos0, u32 bar0, int kv0, int q_begin, int n_q, int bh,
+                                            int bkv, int BH) {
     constexpr int KT = Bc * D * 2, QT = Br * D * 2, LT = Br * 4;
     tma_prefetch_map(qmap);
     tma_prefetch_map(domap);
+    tma_prefetch_map(ldmap);
     mbar_arrive_expect_tx(bar0, 2 * KT);
     tma_tile<D, Bc>(ks0, kmap, bar0, kv0, bkv);
     tma_tile<D, Bc>(ks0 + KT, vmap, bar0, kv0, bkv);
@@ -97,8 +97,8 @@ __device__ __forceinline__ void bwd_produce(const TmaMap* qmap, const TmaMap* km
         mbar_arrive_expect_tx(full, (DO1 ? QT : 2 * QT) + 2 * LT);
         tma_tile<D, Br>(qs0 + s * QT, qmap, full, q0, bh);
         if (!DO1) tma_tile<D, Br>(dos0 + s * QT, domap, full, q0, bh);
-        bulk_load(ls + s * LT, lb + q0, LT, full);  // +inf past Nq: P = 0
-        bulk_load(dl + s * LT, dt + q0, LT, full);  // 0 past Nq
+        tma_load_3d(dl + s * LT, ldmap, full, q0, bh, 0);
+        tma_load_3d(ls + s * LT, ldmap, full, q0, BH + bh, 0);
         if constexpr (DO1) {
             mbar_wait(bar0 + 48, (i & 1) ^ 1);
             mbar_arrive_expect_tx(bar0 + 40, QT);
@@ -111,8 +111,7 @@ template <typename T, int D, bool CAUSAL, bool DQ_TMA>
 __global__ void __launch_bounds__(384, 1)
 fa3_backward(const __grid_constant__ TmaMap qmap, const __grid_constant__ TmaMap kmap,
              const __grid_constant__ TmaMap vmap, const __grid_constant__ TmaMap domap,
-             const __grid_constant__ TmaMap dqmap, const float* __restrict__ Lb, const float* __restrict__ Dlt,
-             float* __restrict__ dQacc,
+             const __grid_constant__ TmaMap dqmap, const __grid_constant__ TmaMap ldmap, float* __restrict__ dQacc,
              T* __restrict__ dK, T* __restrict__ dV, int Nq, int Nk, float scale, int BH, int G) {
     static_assert(D == 64 || D == 128, "m64n64 / m64n128 wgmma");
     constexpr int Bc = 128, Br = 64, KT = Bc * D * 2, QT = Br * D * 2, DST = Bc * Br * 2, DQT = DQ_TMA ? Br * 64 * 4 : 0;
@@ -136,7 +135,6 @@ fa3_backward(const __grid_constant__ TmaMap qmap, const __grid_constant__ TmaMap
     const int kv0 = blockIdx.x * Bc;
     const int q_begin = CAUSAL ? (kv0 / Br) * Br : 0;
     const int n_q = q_begin < Nq ? (Nq - q_begin + Br - 1) / Br : 0;  // Q tiles this block visits
-    const int nqp = (Nq + Br - 1) / Br * Br;
 
     if (tid == 0) {
         mbar_init(kv_full, 1);
@@ -150,9 +148,9 @@ fa3_backward(const __grid_constant__ TmaMap qmap, const __grid_constant__ TmaMap
 
     if (wg == 0) {  // ---- producer: thread 0 ----
         regs_dec<24>();
-        if (tid == 0 && n_q > 0)  // Lb, delta: (pairs, Nq rounded up to Br)
-            bwd_produce<D, Bc, Br>(&qmap, &kmap, &vmap, &domap, Lb + (size_t)bh * nqp, Dlt + (size_t)bh * nqp,
-                                   smem_addr(ls), smem_addr(dl), ks0, qs0, dos0, bar0, kv0, q_begin, n_q, bh, bkv);
+        if (tid == 0 && n_q > 0)
+            bwd_produce<D, Bc, Br>(&qmap, &kmap, &vmap, &domap, &ldmap, smem_addr(ls), smem_addr(dl), ks0, qs0, dos0,
+                                   bar0, kv0, q_begin, n_q, bh, bkv, BH);
         return;
     }
 
@@ -353,9 +351,9 @@ template <typename T, bool CAUSAL, bool DQ_TMA>
 __global__ void __launch_bounds__(384, 1)
 fa3_backward_d256(const __grid_constant__ TmaMap qmap, const __grid_constant__ TmaMap kmap,
                   const __grid_constant__ TmaMap vmap, const __grid_constant__ TmaMap domap,
-                  const __grid_constant__ TmaMap dqmap, const float* __restrict__ Lb, const float* __restrict__ Dlt,
-                  float* __restrict__ dQacc, T* __restrict__ dK, T* __restrict__ dV, int Nq, int Nk, float scale,
-                  int BH, int G) {
+                  const __grid_constant__ TmaMap dqmap, const __grid_constant__ TmaMap ldmap,
+                  float* __restrict__ dQacc, T* __restrict__ dK, T* __restrict__ dV, int Nq, int Nk, float scale, int BH,
+                  int G) {
     constexpr int D = 256, Bc = 64, Br = 64, KT = Bc * D * 2, QT = Br * D * 2, PT = Bc * Br * 2;
     constexpr int DOS = DQ_TMA ? 1 : 2, DQT = Br * 64 * 4;  // dO buffers; a staging tile (DQ_TMA, per warpgroup)
     extern __shared__ __align__(128) unsigned char smem_raw[];
@@ -379,7 +377,6 @@ fa3_backward_d256(const __grid_constant__ TmaMap qmap, const __grid_constant__ T
     const int kv0 = blockIdx.x * Bc;
     const int q_begin = CAUSAL ? kv0 : 0;  // Br = Bc: the first Q tile with a query >= the block's first key
     const int n_q = q_begin < Nq ? (Nq - q_begin + Br - 1) / Br : 0;
-    const int nqp = (Nq + Br - 1) / Br * Br;
 
     if (tid == 0) {
         mbar_init(kv_full, 1);
@@ -394,9 +391,9 @@ fa3_backward_d256(const __grid_constant__ TmaMap qmap, const __grid_constant__ T
 
     if (wg == 0) {  // ---- producer: thread 0 ----
         regs_dec<24>();
-        if (tid == 0 && n_q > 0)  // Lb, delta: (pairs, Nq rounded up to Br)
-            bwd_produce<D, Bc, Br, DQ_TMA>(&qmap, &kmap, &vmap, &domap, Lb + (size_t)bh * nqp, Dlt + (size_t)bh * nqp,
-                                   smem_addr(ls), smem_addr(dl), ks0, qs0, dos0, bar0, kv0, q_begin, n_q, bh, bkv);
+        if (tid == 0 && n_q > 0)
+            bwd_produce<D, Bc, Br, DQ_TMA>(&qmap, &kmap, &vmap, &domap, &ldmap, smem_addr(ls), smem_addr(dl), ks0, qs0,
+                                           dos0, bar0, kv0, q_begin, n_q, bh, bkv, BH);
         return;
     }
 

@@ -19,7 +19,7 @@ from .callers import io_of as _io
 from .config import BACKWARD_RUNGS, FORWARD_RUNGS, bwd_columns, choose_config, default_rung
 from .config_hopper import SIG_BWD_WGMMA, SIG_FA3, fa3_grid
 from .shapes import CTYPE, check_inputs, pair_grid
-from .tma import counter as _counter, map_bytes as _tensor_map, sm_count as _sm_count   # rung 7's
+from .tma import counter as _counter, map_bytes as _tensor_map, rows_map_bytes as _rows_map, sm_count as _sm_count
 
 Plan = namedtuple("Plan", "cfg d fn pre post sum device", defaults=(None,))   # backward: pre-pass, dQ conversion, sum
 # the kernels' parameters, one letter each (build.Launcher): P pointer, Q uint64, i int32, f float32
@@ -108,7 +108,10 @@ def launch_backward(plan, q, k, v, o, lse, do, dq, dk, dv, dq_acc, delta, lb, B,
                        (_tensor_map(k, cfg.dtype, D, Nk, BH // G, cfg.Br),) * 2)
             km, vm = (_tensor_map(a, cfg.dtype, D, Nk, BH // G, cfg.Bc) for a in (k, v))
             dqm = _tensor_map(dq_acc, "float32", D, Nq, BH, cfg.Br) if Nq else km   # the dQ reductions' target
-            plan.fn(grid, block, (qm, km, vm, dom, dqm) + args[4:], cfg.smem, stream)
+            if Nq and lb != delta + 4 * BH * nqp:
+                raise ValueError("bwd_wgmma reads delta and lb as one (2 B H, lse_rows) tensor: lb must follow delta")
+            ldm = _rows_map(delta, nqp, 2 * BH, cfg.Br) if Nq else km
+            plan.fn(grid, block, (qm, km, vm, dom, dqm, ldm) + args[6:], cfg.smem, stream)
         elif cfg.rung == "bwd_tc":   # at d = 256 two launches of 128 output columns (bwd_columns)
             for c_out in range(0, D, bwd_columns(D)):
                 plan.fn(grid, block, args + (c_out,), cfg.smem, stream)

@@ -26,7 +26,7 @@ from .config_hopper import (FA3_HEAD_DIMS, FA3_OTHER_TILES, FA3_TILES, FA3_VARIA
 # cuda.h enums (CUtensorMapDataType, CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill)
 _TMA_DTYPE = {"float16": 6, "bfloat16": 9, "float32": 7}
 _BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
-_SWIZZLE_128B, _L2_PROMOTION_128B, _OOB_FILL_ZERO, _INTERLEAVE_NONE = 3, 2, 0, 0
+_SWIZZLE_NONE, _SWIZZLE_128B, _L2_PROMOTION_128B, _OOB_FILL_ZERO, _INTERLEAVE_NONE = 0, 3, 2, 0, 0
 VARIANTS = FA3_VARIANTS
 
 
@@ -121,6 +121,18 @@ def map_bytes(ptr, dtype, d, n, pairs, box_rows):
     """The 128 bytes of tensor_map_3d(...): a pure function of its arguments, so remembered (a caching allocator
     hands the same addresses out again; encoding costs microseconds of ctypes)."""
     return ctypes.string_at(ctypes.addressof(tensor_map_3d(ptr, dtype, d, n, pairs, box_rows).arg), 128)
+
+
+@functools.lru_cache(maxsize=1024)
+def rows_map_bytes(ptr, n, rows, box):
+    """The 128 bytes of a tensor map of a contiguous (rows, n) float32 array at ptr (16-byte aligned, n a multiple
+    of 4): dims (n, rows, 1), boxes of (box, 1, 1) elements, no swizzle; the Hopper backward's delta and Lb."""
+    if ptr % 16 or n % 4:
+        raise ValueError(f"TMA needs 16-byte-aligned rows, got address {ptr:#x} and rows of {n} floats")
+    m = TensorMap()
+    dims, strides = (ctypes.c_uint64 * 3)(n, rows, 1), (ctypes.c_uint64 * 2)(4 * n, 4 * n * rows)
+    encode_tiled(m, _TMA_DTYPE["float32"], ptr, dims, strides, (ctypes.c_uint32 * 3)(box, 1, 1), _SWIZZLE_NONE)
+    return ctypes.string_at(ctypes.addressof(m.arg), 128)
 
 
 def _dtype_of(a):
