@@ -3,9 +3,10 @@
     python benchmarks/bwd_ab.py PREV.cu [--name NAME] [--out DIR]
 
 PREV.cu: the other fa3_backward.cu, compiled from its own path with the package's headers (fa3_ab.py does the same
-for the forward). At d = 64, 128 (or $BWD_WGMMA_DIMS, e.g. "64 128 256"), N = 4096, 16384, fp16 and bf16, causal and not, the backward alone
-(`cupy_kernels.backward`, rung bwd_wgmma, the default dQ accumulation) of this checkout ('new') and of PREV ('prev')
-is timed with SDPA cuDNN's backward by `flashlib.bench.timing.compare` (interleaved, host=False) at backward FLOPs =
+for the forward; $BWD_AB_PREV_ARGS, one of PREV_ARGS: PREV takes other parameters, e.g. those before bc7a6a6).
+At d = 64, 128 (or $BWD_WGMMA_DIMS, e.g. "64 128 256"), N = 4096, 16384, fp16 and bf16, causal and not, the
+backward alone (`cupy_kernels.backward`, rung bwd_wgmma, the default dQ accumulation) of this checkout ('new') and
+of PREV ('prev') is timed with SDPA cuDNN's backward by `flashlib.bench.timing.compare` (interleaved, host=False) at backward FLOPs =
 2.5x the forward's. Each row records the elements of dK and dV whose bits differ between the two and max |dQ_new -
 dQ_prev| (dQ's additions at the L2 come in no fixed order). Saved as NAME (default bwd_ab_<gpu>) with PREV's sha256.
 """
@@ -18,19 +19,40 @@ from flashlib import cupy_kernels as ck  # noqa: E402
 from flashlib.constants import backward_flops  # noqa: E402
 
 
-def _prev(path):
-    """cupy_kernels.backward with the bwd_wgmma kernel compiled from `path` instead of the package's file."""
+def _prev(path, how=None):
+    """cupy_kernels.backward with the bwd_wgmma kernel compiled from `path` instead of the package's file; how:
+    None (PREV takes this checkout's parameters) or a key of PREV_ARGS, how PREV's differ."""
     from fa3_ab import swapped      # its sibling script's (this folder is sys.path[0])
     from flashlib.cupy_kernels import launch
     from flashlib.cupy_kernels.build import _kernel_on
 
     def plan(own):
-        def fn(*args, **kw):   # args: dtype, d, causal, device, ...
-            p = own(*args, **kw)
-            return p._replace(fn=_kernel_on(args[3], str(path), p.cfg.kernel, p.cfg.smem, p.cfg.arch,
-                                            ck.config_hopper.SIG_BWD_WGMMA))
+        def fn(*kw_args, **kw):   # kw_args: dtype, d, causal, device, ...
+            p = own(*kw_args, **kw)
+            sig, convert = PREV_ARGS.get(how, (ck.config_hopper.SIG_BWD_WGMMA, None))
+            k = _kernel_on(kw_args[3], str(path), p.cfg.kernel, p.cfg.smem, p.cfg.arch, sig)
+            return p._replace(fn=k if convert is None else _converted(k, convert, p.cfg.D, p.cfg.Br))
         return fn
     return swapped(ck.backward, launch, "backward_plan", plan)
+
+
+def _pointers(a, D, Br):
+    """The parameters before bc7a6a6: pointers to Lb and delta where the (delta; Lb) map is now; found where
+    launch.backward puts them for 16-bit inputs (after the fp32 dQ buffer, Nq padded to Br rows a pair, delta first)."""
+    qm, km, vm, dom, dqm, _, dq_acc, dk, dv, Nq, Nk, scale, BH, G = a
+    delta = dq_acc + 4 * BH * Nq * D
+    return (qm, km, vm, dom, dqm, delta + 4 * BH * (-(-Nq // Br) * Br), delta, dq_acc, dk, dv, Nq, Nk, scale, BH, G)
+
+
+# how PREV's parameters may differ from this checkout's: its signature and the conversion of today's arguments
+PREV_ARGS = {"pointers": ("MMMMMPPPPPiifii", _pointers),
+             "map_last": ("MMMMMPPPiifiiM", lambda a, D, Br: a[:5] + a[6:] + a[5:6]),   # the (delta; Lb) map last
+             "pointers_map": ("MMMMMPPPPPiifiiM", lambda a, D, Br: _pointers(a, D, Br) + a[5:6]),   # and the map
+             "pointers_map6": ("MMMMMMPPPPPiifii", lambda a, D, Br: a[:6] + _pointers(a, D, Br)[5:])}   # map 6th
+
+
+def _converted(k, convert, D, Br):
+    return lambda grid, block, args, smem, stream: k(grid, block, convert(args, D, Br), smem, stream)
 
 
 def run(prev_path, max_seconds=3.0):
@@ -38,7 +60,7 @@ def run(prev_path, max_seconds=3.0):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from flashlib.bench.timing import compare
     from bwd_wgmma_bench import _dims
-    prev = _prev(prev_path)
+    prev = _prev(prev_path, os.environ.get("BWD_AB_PREV_ARGS"))
     rows = []
     for d, N, dtype, causal in [(d, N, t, c) for d in _dims("64 128") for N in (4096, 16384) for t in ("float16", "bfloat16")
                                 for c in (False, True)]:

@@ -7,7 +7,7 @@
 //   fa3_backward_d256<T, CAUSAL, DQ_TMA> d = 256, where the two consumer warpgroups split d (after fa3_backward)
 //
 // Grid (ceil(Nk/Bc), B*H pairs over y and z: pair_index), Bc = 128 keys a block; block 384 threads = 3 warpgroups:
-//  * warpgroup 0, the producer (setmaxnreg.dec): its first thread loads the block's K and V once and then, per Q tile
+//  * warpgroup 0, the producer (setmaxnreg.dec): its first warp loads the block's K and V once and then, per Q tile
 //    of Br = 64 query rows, Q, dO, Lb * log2(e) and delta by TMA (rung 7's tensor maps and helpers, tma.cuh) into
 //    shared memory, into one of two stages; the stage's full barrier completes when the copy engine's bytes are in.
 //    Causal: only the Q tiles with a query >= the block's first key.
@@ -71,11 +71,15 @@ __device__ __forceinline__ void stage_dq(unsigned char* tile, const float* dq, f
         }
 }
 
-// The producer thread of both kernels below: the block's K and V (Bc rows each, at ks0 and ks0 + KT) once on the
-// mbarrier at bar0 (kv_full), then per Q tile i (stage s = i % 2) Q and dO, and the tile's Br values of delta and of
+// The producer warp of both kernels below (lane 0 issues, the whole warp waits): the block's K and V (Bc rows each,
+// at ks0 and ks0 + KT) once on the mbarrier at bar0 (kv_full), then per Q tile i (stage s = i % 2) Q and dO, and the tile's Br values of delta and of
 // Lb * log2(e) (ldmap: rows bh and BH + bh of a (2 BH, Nq rounded up to Br) float32 tensor that the pre-pass fills,
 // +inf and 0 past Nq), all by TMA into the stage, once its empty barrier (bar0 + 8 (3 + s)) has seen the consumers
-// done with tile i - 2; the full barrier (bar0 + 8 (1 + s)) completes when all those bytes are in.
+// done with tile i - 2; the full barrier (bar0 + 8 (1 + s)) completes when all those bytes are in. (Thread 0 alone
+// in place of the warp timed 0.92-0.93x at d = 64 without the mask and 0.97-1.00x with it, H200:
+// logs/bwd_ldtma_h200.txt.) Lb and delta came first by the warp's plain loads and stores, then by a plain bulk copy
+// (cp.async.bulk): compute-sanitizer's racecheck took both writes for races with the consumers' loads (it does not
+// see them ordered by the full barrier's phase); a tensor TMA's writes it attributes to no thread, and reports none.
 // DO1 (fa3_backward_d256 with DQ_TMA): dO has one buffer of its own, filled for tile i once its empty barrier
 // (bar0 + 48) has seen the consumers done with tile i - 1's dO, completing its full barrier (bar0 + 40)
 template <int D, int Bc, int Br, bool DO1 = false>
@@ -84,25 +88,32 @@ __device__ __forceinline__ void bwd_produce(const TmaMap* qmap, const TmaMap* km
                                             u32 qs0, u32 dos0, u32 bar0, int kv0, int q_begin, int n_q, int bh,
                                             int bkv, int BH) {
     constexpr int KT = Bc * D * 2, QT = Br * D * 2, LT = Br * 4;
-    tma_prefetch_map(qmap);
-    tma_prefetch_map(domap);
-    tma_prefetch_map(ldmap);
-    mbar_arrive_expect_tx(bar0, 2 * KT);
-    tma_tile<D, Bc>(ks0, kmap, bar0, kv0, bkv);
-    tma_tile<D, Bc>(ks0 + KT, vmap, bar0, kv0, bkv);
+    const bool one = (threadIdx.x & 31) == 0;  // the lane that issues
+    if (one) {
+        tma_prefetch_map(qmap);
+        tma_prefetch_map(domap);
+        tma_prefetch_map(ldmap);
+        mbar_arrive_expect_tx(bar0, 2 * KT);
+        tma_tile<D, Bc>(ks0, kmap, bar0, kv0, bkv);
+        tma_tile<D, Bc>(ks0 + KT, vmap, bar0, kv0, bkv);
+    }
     for (int i = 0; i < n_q; i++) {
         const int s = i & 1, q0 = q_begin + i * Br;
         const u32 full = bar0 + 8 * (1 + s), empty = bar0 + 8 * (3 + s);
         mbar_wait(empty, ((i >> 1) & 1) ^ 1);
-        mbar_arrive_expect_tx(full, (DO1 ? QT : 2 * QT) + 2 * LT);
-        tma_tile<D, Br>(qs0 + s * QT, qmap, full, q0, bh);
-        if (!DO1) tma_tile<D, Br>(dos0 + s * QT, domap, full, q0, bh);
-        tma_load_3d(dl + s * LT, ldmap, full, q0, bh, 0);
-        tma_load_3d(ls + s * LT, ldmap, full, q0, BH + bh, 0);
+        if (one) {
+            mbar_arrive_expect_tx(full, (DO1 ? QT : 2 * QT) + 2 * LT);
+            tma_tile<D, Br>(qs0 + s * QT, qmap, full, q0, bh);
+            if (!DO1) tma_tile<D, Br>(dos0 + s * QT, domap, full, q0, bh);
+            tma_load_3d(dl + s * LT, ldmap, full, q0, bh, 0);
+            tma_load_3d(ls + s * LT, ldmap, full, q0, BH + bh, 0);
+        }
         if constexpr (DO1) {
             mbar_wait(bar0 + 48, (i & 1) ^ 1);
-            mbar_arrive_expect_tx(bar0 + 40, QT);
-            tma_tile<D, Br>(dos0, domap, bar0 + 40, q0, bh);
+            if (one) {
+                mbar_arrive_expect_tx(bar0 + 40, QT);
+                tma_tile<D, Br>(dos0, domap, bar0 + 40, q0, bh);
+            }
         }
     }
 }
@@ -146,9 +157,9 @@ fa3_backward(const __grid_constant__ TmaMap qmap, const __grid_constant__ TmaMap
     }
     __syncthreads();
 
-    if (wg == 0) {  // ---- producer: thread 0 ----
+    if (wg == 0) {  // ---- producer: warp 0 ----
         regs_dec<24>();
-        if (tid == 0 && n_q > 0)
+        if (tid < 32 && n_q > 0)
             bwd_produce<D, Bc, Br>(&qmap, &kmap, &vmap, &domap, &ldmap, smem_addr(ls), smem_addr(dl), ks0, qs0, dos0,
                                    bar0, kv0, q_begin, n_q, bh, bkv, BH);
         return;
@@ -389,9 +400,9 @@ fa3_backward_d256(const __grid_constant__ TmaMap qmap, const __grid_constant__ T
     }
     __syncthreads();
 
-    if (wg == 0) {  // ---- producer: thread 0 ----
+    if (wg == 0) {  // ---- producer: warp 0 ----
         regs_dec<24>();
-        if (tid == 0 && n_q > 0)
+        if (tid < 32 && n_q > 0)
             bwd_produce<D, Bc, Br, DQ_TMA>(&qmap, &kmap, &vmap, &domap, &ldmap, smem_addr(ls), smem_addr(dl), ks0, qs0,
                                            dos0, bar0, kv0, q_begin, n_q, bh, bkv, BH);
         return;
