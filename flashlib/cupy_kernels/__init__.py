@@ -10,7 +10,7 @@ The kernels form a numbered ladder (each .cu file's header says grid, block, and
   rung 5  'bwd_fp32'  fa2_bwd.cu    backward on CUDA cores in fp32 arithmetic (any input dtype; float32, sm_75)
           'bwd_tc'    fa2_bwd_tc.cu backward on Tensor Cores, fp16/bf16, sm_80+, dQ by fp32 atomics
           'bwd_wgmma' fa3_backward.cu Hopper only: the backward on wgmma, TMA and a producer warpgroup (FA3's);
-                                    d = 64 and 128
+                                    d = 64, 128 and 256
   rung 6  'wgmma'     fa2_wgmma.cu  Hopper only (sm_90a): the forward on warpgroup MMA, K and V read by the Tensor
                                     Cores straight from shared memory; d = 64 and 128
   rung 7  'fa3'       fa3_forward.cu  Hopper only: FlashAttention-3's TMA copies (tensor maps, mbarriers), a producer
@@ -26,6 +26,7 @@ The package by concern:
   config_hopper.py  the Hopper rungs' tiles, signatures and instances: wgmma, fa3, bwd_wgmma (pure Python)
   build.py    NVRTC compilation per architecture, loading, and `Launcher` (cuLaunchKernel from a prepared block)
   launch.py   plans, the launch rule of each kernel, `forward` / `backward` on CuPy arrays or torch tensors
+  callers.py  what launch.py needs of the caller's arrays (CuPy or torch): pointers, allocation, padding, stream
   tma.py      rung 7's tensor maps (cuTensorMapEncodeTiled through ctypes) and the rung on its own (forward_fa3)
   fp8.py      rung 'fa3_fp8': quantisation, the Hadamard rotation, V^T, its tensor maps and launch;
               fp8_tiles.py its tile table and configuration (pure Python);
