@@ -418,22 +418,15 @@ fa3_backward_d256(const __grid_constant__ TmaMap qmap, const __grid_constant__ T
 #pragma unroll
     for (int i = 0; i < 64; i++) dk[i] = dv[i] = 0.f;
 
-    // S^T (dP^T) = K Q_w^T (V dO_w^T) per 16-column step kk of d; Q_w: rows qw ... qw + 31 of the Q (dO) tile
-    auto issue_sdp = [&](float* st, float* dpt, u32 qs, u32 dos) {
+    // S^T = K Q_w^T (dP^T = V dO_w^T: kv = vs0, q = dos) per 16-column step kk of d, a commit group; Q_w: rows
+    // qw ... qw + 31 of the Q (dO) tile
+    auto issue_kq = [&](float* acc, u32 kv, u32 q) {
 #pragma unroll
         for (int kk = 0; kk < D / 16; kk++) {
             const u32 ka = (kk >> 2) * (Bc * 128) + (kk & 3) * 32, qb = (kk >> 2) * (Br * 128) + qw * 128 + (kk & 3) * 32;
-            const unsigned long long da = smem_desc_sw128(ks0 + ka, 16, 1024), db = smem_desc_sw128(qs + qb, 16, 1024);
-            if (kk == 0) Wgmma<T>::template ss<32, 0>(st, da, db);
-            else Wgmma<T>::template ss<32, 1>(st, da, db);
-        }
-        wgmma_commit();
-#pragma unroll
-        for (int kk = 0; kk < D / 16; kk++) {
-            const u32 ka = (kk >> 2) * (Bc * 128) + (kk & 3) * 32, qb = (kk >> 2) * (Br * 128) + qw * 128 + (kk & 3) * 32;
-            const unsigned long long da = smem_desc_sw128(vs0 + ka, 16, 1024), db = smem_desc_sw128(dos + qb, 16, 1024);
-            if (kk == 0) Wgmma<T>::template ss<32, 0>(dpt, da, db);
-            else Wgmma<T>::template ss<32, 1>(dpt, da, db);
+            const unsigned long long da = smem_desc_sw128(kv + ka, 16, 1024), db = smem_desc_sw128(q + qb, 16, 1024);
+            if (kk == 0) Wgmma<T>::template ss<32, 0>(acc, da, db);
+            else Wgmma<T>::template ss<32, 1>(acc, da, db);
         }
         wgmma_commit();
     };
@@ -495,10 +488,12 @@ fa3_backward_d256(const __grid_constant__ TmaMap qmap, const __grid_constant__ T
         const int s = i & 1, q0 = q_begin + i * Br;
         const u32 qs = qs0 + s * QT, dos = dos0 + (DQ_TMA ? 0 : s * QT);
         mbar_wait(full(s), (i >> 1) & 1);
-        if (DQ_TMA) mbar_wait(do_full, i & 1);
         float st[16], dpt[16];
         wgmma_fence();
-        issue_sdp(st, dpt, qs, dos);
+        issue_kq(st, ks0, qs);                         // S^T needs Q only: issued before dO's buffer is refilled
+        if (DQ_TMA) mbar_wait(do_full, i & 1);
+        wgmma_fence();
+        issue_kq(dpt, vs0, dos);
         // this thread's queries: qw + 8n + 2t + e of the tile, keys kv0 + 16w + g + 8h
         const float* lst = ls + s * Br + qw;
         const float* dlt = dl + s * Br + qw;
