@@ -354,7 +354,9 @@ fa3_backward(const __grid_constant__ TmaMap qmap, const __grid_constant__ TmaMap
 //             two staging tiles come from dO, which then has one buffer (not two stages): the producer refills it
 //             for the next tile once both warpgroups' dV products are done (a barrier of its own), while dK and dQ
 //             run. Measured (H200, record bwd_wgmma_d256_h200 at d498ddc, fp16 and bf16, N = 4096, 16384, causal
-//             and not): 324-365 TFLOP/s against 267-291 with atomics; it is the default
+//             and not): 324-365 TFLOP/s against 267-291 with atomics; it is the default. S^T needs Q only, so it
+//             is issued before the wait for dO's refill (timed 0.99-1.02x of waiting first, within the spread:
+//             logs/bwd_d256_sfirst_h200_b17a071.txt)
 // The two P^T, dS^T buffers work as fa3_backward's dS^T buffers. Shared memory: K, V (64 x 256), 2 stages of Q (64 x
 // 256), of dO 2 stages or (DQ_TMA) one buffer and 2 staging tiles (64 x 64 fp32), 2 buffers each of dS^T and P^T
 // (64 x 64): 224 KB, plus Lb, delta and the mbarriers.
