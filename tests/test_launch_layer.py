@@ -360,3 +360,35 @@ def test_tensor_maps_are_encoded_in_the_pointers_context_where_the_thread_has_no
     _, dtype, *_, swizzle, _, _ = calls[-1]
     assert (dtype, swizzle) == (0, 1) and switched == [0x1000]   # UINT8, 32B swizzle; no retry for other errors
     tma.map_bytes.cache_clear()
+
+
+def test_the_backwards_delta_and_lb_map_is_one_unswizzled_float32_tensor(monkeypatch):
+    """tma.rows_map_bytes, the map of bwd_wgmma's (delta; Lb): a (rows, n) float32 tensor, dims (n, rows, 1), boxes
+    of (box, 1, 1) with no swizzle (the consumers read it as plain floats); rows of n floats must be 16-byte aligned,
+    as the TMA needs, else a ValueError before the driver is asked. The driver is a recording fake here."""
+    from flashlib.cupy_kernels import tma
+    calls = []
+    monkeypatch.setattr(tma, "_encode_fn", lambda: lambda *a: calls.append(a) or 0)
+    tma.rows_map_bytes.cache_clear()
+    tma.rows_map_bytes(0x4000, 128, 2 * 6, 64)
+    _, dtype, rank, ptr, dims, strides, box, _, inter, swizzle, l2, oob = calls[-1]
+    assert (dtype, rank, ptr.value, inter, swizzle, oob) == (7, 3, 0x4000, 0, 0, 0)      # FLOAT32, no swizzle
+    assert list(dims) == [128, 12, 1] and list(strides) == [512, 512 * 12] and list(box) == [64, 1, 1]
+    for ptr, n in ((0x4008, 128), (0x4000, 50)):
+        with pytest.raises(ValueError, match="16-byte-aligned rows"):
+            tma.rows_map_bytes(ptr, n, 12, 64)
+    assert len(calls) == 1
+    tma.rows_map_bytes.cache_clear()
+
+
+def test_lse_rows_are_padded_to_whole_q_tiles_for_bwd_wgmma_only(fake_gpu):
+    """bwd_wgmma's producer copies a Q tile's delta and Lb in one TMA box: the scratch rows per pair are Nq rounded
+    up to Br there, Nq for the other backward rungs; launch_backward refuses an Lb that does not follow delta."""
+    wg = ck.backward_plan("float16", 64, False, 0, "bwd_wgmma")
+    assert [ck.launch.lse_rows(wg, n) for n in (1, 64, 65, 700)] == [64, 64, 128, 704]
+    tc = ck.backward_plan("float16", 64, False, 0, "bwd_tc")
+    assert [ck.launch.lse_rows(tc, n) for n in (1, 65, 700)] == [1, 65, 700]
+    log, _ = fake_gpu
+    with pytest.raises(ValueError, match="lb must follow delta"):
+        ck.launch_backward(wg, *range(16, 176, 16), 0x10000, 0x10000 + 4 * 64, 1, 2, 50, 40, 0.5)
+    assert log == []                                                          # before any launch

@@ -95,6 +95,8 @@ def launch_backward(plan, q, k, v, o, lse, do, dq, dk, dv, dq_acc, delta, lb, B,
     dv_h (q's head count, k's other sizes, k's dtype) take dK, dV per query head, which are then summed into dk, dv."""
     cfg, BH, D = plan.cfg, B * H, plan.cfg.D
     rows, nqp = BH * Nq, lse_rows(plan, Nq)
+    if cfg.rung == "bwd_wgmma" and rows and lb != delta + 4 * BH * nqp:
+        raise ValueError("bwd_wgmma reads delta and lb as one (2 B H, lse_rows) tensor: lb must follow delta")
     if rows:   # bwd_wgmma reads Lb * log2(e)
         plan.pre((-(-BH * nqp // 8),), (256,), (do, o, lse, delta, lb, dq_acc, BH * nqp, Nq, nqp,
                                                   LOG2E if cfg.rung == "bwd_wgmma" else 1.0), 0, stream)
@@ -108,8 +110,6 @@ def launch_backward(plan, q, k, v, o, lse, do, dq, dk, dv, dq_acc, delta, lb, B,
                        (_tensor_map(k, cfg.dtype, D, Nk, BH // G, cfg.Br),) * 2)
             km, vm = (_tensor_map(a, cfg.dtype, D, Nk, BH // G, cfg.Bc) for a in (k, v))
             dqm = _tensor_map(dq_acc, "float32", D, Nq, BH, cfg.Br) if Nq else km   # the dQ reductions' target
-            if Nq and lb != delta + 4 * BH * nqp:
-                raise ValueError("bwd_wgmma reads delta and lb as one (2 B H, lse_rows) tensor: lb must follow delta")
             ldm = _rows_map(delta, nqp, 2 * BH, cfg.Br) if Nq else km
             plan.fn(grid, block, (qm, km, vm, dom, dqm, ldm) + args[6:], cfg.smem, stream)
         elif cfg.rung == "bwd_tc":   # at d = 256 two launches of 128 output columns (bwd_columns)
