@@ -72,14 +72,15 @@ __device__ __forceinline__ void stage_dq(unsigned char* tile, const float* dq, f
 }
 
 // The producer warp of both kernels below (lane 0 issues, the whole warp waits): the block's K and V (Bc rows each,
-// at ks0 and ks0 + KT) once on the mbarrier at bar0 (kv_full), then per Q tile i (stage s = i % 2) Q and dO, and the tile's Br values of delta and of
-// Lb * log2(e) (ldmap: rows bh and BH + bh of a (2 BH, Nq rounded up to Br) float32 tensor that the pre-pass fills,
-// +inf and 0 past Nq), all by TMA into the stage, once its empty barrier (bar0 + 8 (3 + s)) has seen the consumers
-// done with tile i - 2; the full barrier (bar0 + 8 (1 + s)) completes when all those bytes are in. (Thread 0 alone
-// in place of the warp timed 0.92-0.93x at d = 64 without the mask and 0.97-1.00x with it, H200:
-// logs/bwd_ldtma_h200.txt.) Lb and delta came first by the warp's plain loads and stores, then by a plain bulk copy
-// (cp.async.bulk): compute-sanitizer's racecheck took both writes for races with the consumers' loads (it does not
-// see them ordered by the full barrier's phase); a tensor TMA's writes it attributes to no thread, and reports none.
+// at ks0 and ks0 + KT) once on the mbarrier at bar0 (kv_full), then per Q tile i (stage s = i % 2) Q and dO, and
+// the tile's Br values of delta and of Lb * log2(e) (ldmap: rows bh and BH + bh of a (2 BH, Nq rounded up to Br)
+// float32 tensor that the pre-pass fills, 0 and +inf past Nq), all by TMA into the stage, once its empty barrier
+// (bar0 + 8 (3 + s)) has seen the consumers done with tile i - 2; the full barrier (bar0 + 8 (1 + s)) completes
+// when all those bytes are in. (Thread 0 alone in place of the warp timed 0.92-0.93x at d = 64 without the mask and
+// 0.97-1.00x with it, H200: logs/bwd_ldtma_h200.txt.) Lb and delta came first by the warp's plain loads and stores,
+// then by a plain bulk copy (cp.async.bulk): compute-sanitizer's racecheck took both writes for races with the
+// consumers' loads (it does not see them ordered by the full barrier's phase); a tensor TMA's writes it attributes
+// to no thread, and it reports none.
 // DO1 (fa3_backward_d256 with DQ_TMA): dO has one buffer of its own, filled for tile i once its empty barrier
 // (bar0 + 48) has seen the consumers done with tile i - 1's dO, completing its full barrier (bar0 + 40)
 template <int D, int Bc, int Br, bool DO1 = false>
