@@ -6,8 +6,8 @@ PREV.cu: the other fa3_backward.cu, compiled from its own path with the package'
 for the forward; $BWD_AB_PREV_ARGS, one of PREV_ARGS: PREV takes other parameters, e.g. those before bc7a6a6).
 At d = 64, 128 (or $BWD_WGMMA_DIMS, e.g. "64 128 256"), N = 4096, 16384, fp16 and bf16, causal and not, the
 backward alone (`cupy_kernels.backward`, rung bwd_wgmma, the default dQ accumulation) of this checkout ('new') and
-of PREV ('prev') is timed with SDPA cuDNN's backward by `flashlib.bench.timing.compare` (interleaved, host=False) at backward FLOPs =
-2.5x the forward's. Each row records the elements of dK and dV whose bits differ between the two and max |dQ_new -
+of PREV ('prev') is timed with SDPA cuDNN's backward by `flashlib.bench.timing.compare` (interleaved, host=False)
+at backward FLOPs = 2.5x the forward's. Each row records the elements of dK and dV whose bits differ between the two and max |dQ_new -
 dQ_prev| (dQ's additions at the L2 come in no fixed order). Saved as NAME (default bwd_ab_<gpu>) with PREV's sha256.
 """
 import os
@@ -62,8 +62,8 @@ def run(prev_path, max_seconds=3.0):
     from bwd_wgmma_bench import _dims
     prev = _prev(prev_path, os.environ.get("BWD_AB_PREV_ARGS"))
     rows = []
-    for d, N, dtype, causal in [(d, N, t, c) for d in _dims("64 128") for N in (4096, 16384) for t in ("float16", "bfloat16")
-                                for c in (False, True)]:
+    for d, N, dtype, causal in [(d, N, t, c) for d in _dims("64 128") for N in (4096, 16384)
+                                for t in ("float16", "bfloat16") for c in (False, True)]:
         H, B = 16, max(1, 16384 // N)
         g = torch.Generator(device="cuda").manual_seed(N + d)
         q, k, v, do = (torch.randn(B, H, N, d, device="cuda", generator=g).to(getattr(torch, dtype)) for _ in range(4))

@@ -34,7 +34,10 @@ __global__ void __launch_bounds__(256) bwd_dot_do_o(const T* __restrict__ dO, co
     if (row >= rows) return;
     const size_t bh = row / (unsigned)Nqp, q = row - bh * Nqp;
     if (q >= (size_t)Nq) {  // padding: a row past Nq adds nothing
-        if (lane == 0) Dlt[row] = 0.f, Lb[row] = -NEG_INF;
+        if (lane == 0) {
+            Dlt[row] = 0.f;
+            Lb[row] = -NEG_INF;
+        }
         return;
     }
     const size_t src = bh * Nq + q;  // of dO, O, L, dQacc

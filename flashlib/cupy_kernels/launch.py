@@ -84,7 +84,7 @@ def _fa3_tail(plan, stream):
 
 def lse_rows(plan, Nq):
     """Rows a pair of the backward's scratch delta and Lb: Nq, for bwd_wgmma rounded up to whole Q tiles (its
-    producer copies a tile's values in one 16-byte-aligned piece; the pre-pass pads them)."""
+    producer copies a tile's values as one TMA box; the pre-pass pads them)."""
     return -(-Nq // plan.cfg.Br) * plan.cfg.Br if plan.cfg.rung == "bwd_wgmma" else Nq
 
 
